@@ -1,0 +1,607 @@
+//! The AMQP bus on lapin: connect with backoff, reconnect after broker restarts, declare the
+//! topology idempotently, publish with confirms, consume with manual acks, dead-letter with a reason,
+//! request/reply, and graceful shutdown.
+//!
+//! Only this module touches lapin; components see [`Bus`], [`Incoming`] and [`Outcome`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{oneshot, Mutex, Semaphore};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::event::{CloudEvent, CONTENT_TYPE};
+use crate::message::{AgentKind, Notification, Task};
+use crate::topology;
+
+/// How long publishing keeps retrying through broker outages before it gives up.
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(60);
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("broker unreachable at {url}: {source}")]
+    Unreachable { url: String, source: lapin::Error },
+    #[error("amqp error: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("broker refused (nacked) the message published to {exchange}/{routing_key}")]
+    Nacked { exchange: String, routing_key: String },
+    #[error("no reply to the request on {routing_key} within {timeout:?}")]
+    ReplyTimeout { routing_key: String, timeout: Duration },
+    #[error("gave up publishing to {exchange}/{routing_key} after {attempts} attempts: {last_error}")]
+    PublishFailed { exchange: String, routing_key: String, attempts: u32, last_error: String },
+}
+
+pub type Result<T, E = BusError> = std::result::Result<T, E>;
+
+/// Connection settings for the bus.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub url: String,
+    /// Name shown in the broker's management UI.
+    pub connection_name: String,
+    /// How long [`Bus::connect`] keeps retrying before it fails.
+    pub connect_timeout: Duration,
+}
+
+impl BusConfig {
+    pub fn new(url: &str, connection_name: &str) -> BusConfig {
+        BusConfig { url: url.to_owned(), connection_name: connection_name.to_owned(), connect_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub redelivered: bool,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+    pub headers: HashMap<String, String>,
+}
+
+/// What a handler decided about a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done (or nothing to do): acknowledge.
+    Ack,
+    /// A passing failure: requeue; the queue's delivery limit stops it cycling forever.
+    Retry,
+    /// The message can never succeed: move it to the dead-letter queue with this reason.
+    DeadLetter(String),
+}
+
+/// What a consumer reads and how.
+#[derive(Debug, Clone)]
+pub struct ConsumeSpec {
+    pub queue: String,
+    /// Unacknowledged deliveries the broker may hand out at once.
+    pub prefetch: u16,
+    /// Messages handled at the same time (at most `prefetch`).
+    pub concurrency: usize,
+}
+
+impl ConsumeSpec {
+    pub fn new(queue: &str, prefetch: u16) -> ConsumeSpec {
+        ConsumeSpec { queue: queue.to_owned(), prefetch, concurrency: usize::from(prefetch.max(1)) }
+    }
+}
+
+struct Link {
+    connection: Connection,
+    publisher: Channel,
+}
+
+type PendingReplies = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
+
+/// A cheaply cloneable handle on one broker connection that heals itself.
+#[derive(Clone)]
+pub struct Bus {
+    config: Arc<BusConfig>,
+    link: Arc<Mutex<Option<Link>>>,
+    replies: Arc<Mutex<Option<(Channel, PendingReplies)>>>,
+}
+
+impl Bus {
+    /// Connects, retrying with exponential backoff until `config.connect_timeout`.
+    pub async fn connect(config: BusConfig) -> Result<Bus> {
+        let bus = Bus { config: Arc::new(config), link: Arc::new(Mutex::new(None)), replies: Arc::new(Mutex::new(None)) };
+        bus.publisher().await?;
+        Ok(bus)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.config.url
+    }
+
+    /// Is the broker reachable right now?
+    pub async fn is_connected(&self) -> bool {
+        matches!(&*self.link.lock().await, Some(link) if link.connection.status().connected())
+    }
+
+    async fn open_connection(&self) -> Result<Connection> {
+        let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
+        let mut backoff = BACKOFF_START;
+        loop {
+            let properties = ConnectionProperties::default().with_connection_name(self.config.connection_name.clone().into());
+            match Connection::connect(&self.config.url, properties).await {
+                Ok(connection) => return Ok(connection),
+                Err(source) if tokio::time::Instant::now() >= deadline => {
+                    return Err(BusError::Unreachable { url: redact(&self.config.url), source })
+                }
+                Err(error) => {
+                    tracing::warn!(url = %redact(&self.config.url), %error, retry_in = ?backoff, "broker not reachable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// The shared publishing channel (confirm mode), reconnecting when the connection is gone.
+    async fn publisher(&self) -> Result<Channel> {
+        let mut link = self.link.lock().await;
+        if let Some(existing) = link.as_ref() {
+            if existing.connection.status().connected() && existing.publisher.status().connected() {
+                return Ok(existing.publisher.clone());
+            }
+        }
+        let connection = match link.take() {
+            Some(existing) if existing.connection.status().connected() => existing.connection,
+            _ => self.open_connection().await?,
+        };
+        let publisher = connection.create_channel().await?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+        *link = Some(Link { connection, publisher: publisher.clone() });
+        Ok(publisher)
+    }
+
+    /// A fresh channel on the shared connection (for consumers and declarations).
+    pub async fn channel(&self) -> Result<Channel> {
+        self.publisher().await?;
+        let link = self.link.lock().await;
+        match link.as_ref() {
+            Some(link) => Ok(link.connection.create_channel().await?),
+            None => Err(BusError::Amqp(lapin::Error::InvalidConnectionState(lapin::ConnectionState::Closed))),
+        }
+    }
+
+    async fn forget_link(&self) {
+        self.link.lock().await.take();
+    }
+
+    /// Publishes one persistent message and waits for the broker's confirm, retrying through
+    /// connection loss until [`PUBLISH_DEADLINE`].
+    pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + PUBLISH_DEADLINE;
+        let mut backoff = BACKOFF_START;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let error = match self.publish_once(exchange, routing_key, body, properties.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(error @ BusError::Nacked { .. }) => error,
+                Err(error) => {
+                    self.forget_link().await;
+                    error
+                }
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BusError::PublishFailed {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                    attempts,
+                    last_error: error.to_string(),
+                });
+            }
+            tracing::warn!(exchange, routing_key, %error, retry_in = ?backoff, "publish failed, retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn publish_once(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
+        let channel = self.publisher().await?;
+        let confirmation = channel
+            .basic_publish(exchange, routing_key, BasicPublishOptions::default(), body, properties.with_delivery_mode(2))
+            .await?
+            .await?;
+        match confirmation {
+            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Nack(_) => Err(BusError::Nacked { exchange: exchange.to_owned(), routing_key: routing_key.to_owned() }),
+        }
+    }
+
+    /// Publishes an event on `berth.events` with its type as routing key.
+    pub async fn publish_event(&self, event: &CloudEvent) -> Result<()> {
+        let properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_message_id(event.id.clone().into());
+        self.publish(topology::EVENTS_EXCHANGE, &event.event_type, &event.to_bytes(), properties).await
+    }
+
+    /// Publishes a task on `berth.tasks` to its agent's queue.
+    pub async fn publish_task(&self, task: &Task) -> Result<()> {
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(task.id.to_string().into());
+        self.publish(topology::TASKS_EXCHANGE, task.agent.as_str(), &task.to_bytes(), properties).await
+    }
+
+    /// Publishes a notification on `berth.notify` for its user.
+    pub async fn publish_notification(&self, notification: &Notification) -> Result<()> {
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(notification.id.to_string().into());
+        self.publish(topology::NOTIFY_EXCHANGE, &notification.routing_key(), &notification.to_bytes(), properties).await
+    }
+
+    /// Moves a message to the dead-letter queue with the reason it can never succeed.
+    pub async fn dead_letter(&self, origin_queue: &str, message: &Incoming, reason: &str) -> Result<()> {
+        let mut headers = FieldTable::default();
+        headers.insert(topology::REASON_HEADER.into(), AMQPValue::LongString(LongString::from(reason.to_owned())));
+        headers.insert(topology::ORIGIN_HEADER.into(), AMQPValue::LongString(LongString::from(origin_queue.to_owned())));
+        for (name, value) in &message.headers {
+            if name != topology::REASON_HEADER && name != topology::ORIGIN_HEADER {
+                headers.insert(name.clone().into(), AMQPValue::LongString(LongString::from(value.clone())));
+            }
+        }
+        let properties = BasicProperties::default().with_headers(headers);
+        self.publish(topology::DEAD_EXCHANGE, &message.routing_key, &message.body, properties).await
+    }
+
+    /// Answers a request received with `reply_to` and `correlation_id`.
+    pub async fn reply(&self, request: &Incoming, body: &[u8]) -> Result<()> {
+        let Some(reply_to) = &request.reply_to else { return Ok(()) };
+        let mut properties = BasicProperties::default().with_content_type("application/json".into());
+        if let Some(correlation_id) = &request.correlation_id {
+            properties = properties.with_correlation_id(correlation_id.clone().into());
+        }
+        // Replies are transient: the requester is waiting now or never.
+        let channel = self.publisher().await?;
+        channel.basic_publish("", reply_to, BasicPublishOptions::default(), body, properties).await?.await?;
+        Ok(())
+    }
+
+    /// Sends a request to `exchange`/`routing_key` and waits for the reply (RabbitMQ direct reply-to).
+    pub async fn request(&self, exchange: &str, routing_key: &str, body: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+        let (channel, pending) = self.reply_channel().await?;
+        let correlation_id = Uuid::now_v7().to_string();
+        let (sender, receiver) = oneshot::channel();
+        lock_pending(&pending).insert(correlation_id.clone(), sender);
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_reply_to(DIRECT_REPLY_TO.into())
+            .with_correlation_id(correlation_id.clone().into());
+        let published = async {
+            channel.basic_publish(exchange, routing_key, BasicPublishOptions::default(), body, properties).await?.await?;
+            Ok::<_, BusError>(())
+        }
+        .await;
+        if let Err(error) = published {
+            lock_pending(&pending).remove(&correlation_id);
+            self.replies.lock().await.take();
+            return Err(error);
+        }
+        match tokio::time::timeout(timeout, receiver).await {
+            Ok(Ok(reply)) => Ok(reply),
+            _ => {
+                lock_pending(&pending).remove(&correlation_id);
+                Err(BusError::ReplyTimeout { routing_key: routing_key.to_owned(), timeout })
+            }
+        }
+    }
+
+    async fn reply_channel(&self) -> Result<(Channel, PendingReplies)> {
+        let mut replies = self.replies.lock().await;
+        if let Some((channel, pending)) = replies.as_ref() {
+            if channel.status().connected() {
+                return Ok((channel.clone(), pending.clone()));
+            }
+        }
+        let channel = self.channel().await?;
+        let mut consumer = channel
+            .basic_consume(DIRECT_REPLY_TO, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .await?;
+        let pending: PendingReplies = Arc::default();
+        let routed = pending.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let Some(correlation_id) = delivery.properties.correlation_id().as_ref().map(|id| id.to_string()) else { continue };
+                if let Some(sender) = lock_pending(&routed).remove(&correlation_id) {
+                    let _ = sender.send(delivery.data);
+                }
+            }
+        });
+        *replies = Some((channel.clone(), pending.clone()));
+        Ok((channel, pending))
+    }
+
+    /// Declares Berth's whole topology. Idempotent: every component calls it at start.
+    pub async fn declare_topology(&self) -> Result<()> {
+        let channel = self.channel().await?;
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        for (name, kind) in [
+            (topology::EVENTS_EXCHANGE, ExchangeKind::Topic),
+            (topology::TASKS_EXCHANGE, ExchangeKind::Direct),
+            (topology::NOTIFY_EXCHANGE, ExchangeKind::Topic),
+            (topology::DEAD_EXCHANGE, ExchangeKind::Fanout),
+        ] {
+            channel.exchange_declare(name, kind, durable, FieldTable::default()).await?;
+        }
+        let mut dead_letter_arguments = FieldTable::default();
+        dead_letter_arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        declare_queue(&channel, topology::DEAD_LETTER_QUEUE, dead_letter_arguments).await?;
+        channel
+            .queue_bind(topology::DEAD_LETTER_QUEUE, topology::DEAD_EXCHANGE, "", QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        declare_queue(&channel, topology::ENGINE_QUEUE, work_queue_arguments()).await?;
+        channel
+            .queue_bind(topology::ENGINE_QUEUE, topology::EVENTS_EXCHANGE, "#", QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        for kind in AgentKind::ALL {
+            let queue = topology::agent_queue(kind);
+            declare_queue(&channel, &queue, work_queue_arguments()).await?;
+            channel
+                .queue_bind(&queue, topology::TASKS_EXCHANGE, kind.as_str(), QueueBindOptions::default(), FieldTable::default())
+                .await?;
+        }
+        let _ = channel.close(200, "topology declared").await;
+        Ok(())
+    }
+
+    /// Declares a private, self-deleting queue bound to `exchange` with the given keys; used by
+    /// session-agent instances and by `berth tail`. Returns its server-assigned name.
+    pub async fn declare_private_queue(&self, exchange: &str, binding_keys: &[String]) -> Result<String> {
+        let channel = self.channel().await?;
+        let options = QueueDeclareOptions { exclusive: false, auto_delete: true, durable: false, ..Default::default() };
+        let mut arguments = FieldTable::default();
+        // Expire the queue a while after its consumer is gone, even if it is never deleted.
+        arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
+        let queue = channel.queue_declare("", options, arguments).await?;
+        let name = queue.name().to_string();
+        for key in binding_keys {
+            channel.queue_bind(&name, exchange, key, QueueBindOptions::default(), FieldTable::default()).await?;
+        }
+        let _ = channel.close(200, "queue declared").await;
+        Ok(name)
+    }
+
+    /// Binds or unbinds one routing key of a queue at run time.
+    pub async fn set_binding(&self, queue: &str, exchange: &str, routing_key: &str, bound: Binding) -> Result<()> {
+        let channel = self.channel().await?;
+        match bound {
+            Binding::Bind => channel.queue_bind(queue, exchange, routing_key, QueueBindOptions::default(), FieldTable::default()).await?,
+            Binding::Unbind => channel.queue_unbind(queue, exchange, routing_key, FieldTable::default()).await?,
+        }
+        let _ = channel.close(200, "binding changed").await;
+        Ok(())
+    }
+
+    /// Deletes a queue (tests and private queues).
+    pub async fn delete_queue(&self, queue: &str) -> Result<()> {
+        let channel = self.channel().await?;
+        channel.queue_delete(queue, QueueDeleteOptions::default()).await?;
+        let _ = channel.close(200, "queue deleted").await;
+        Ok(())
+    }
+
+    /// Consumes `spec.queue` until `shutdown` completes, handing each message to `handler`.
+    ///
+    /// A message is acked only after its handler returned; [`Outcome::DeadLetter`] republishes it to
+    /// the dead-letter exchange with the reason before acking. When the broker goes away the consumer
+    /// reconnects with backoff and resumes. On shutdown it cancels the consumer, lets in-flight
+    /// handlers finish and settles their messages, then returns.
+    pub async fn consume<H, F>(&self, spec: ConsumeSpec, handler: H, shutdown: impl Future<Output = ()>) -> Result<()>
+    where
+        H: Fn(Incoming) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Outcome> + Send + 'static,
+    {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = BACKOFF_START;
+        loop {
+            let session = self.consume_session(&spec, handler.clone(), shutdown.as_mut()).await;
+            match session {
+                Ok(ConsumerEnd::Shutdown) => return Ok(()),
+                Ok(ConsumerEnd::Interrupted) => tracing::warn!(queue = %spec.queue, "consumer interrupted, reconnecting"),
+                Err(error) => tracing::warn!(queue = %spec.queue, %error, retry_in = ?backoff, "consumer failed, reconnecting"),
+            }
+            self.forget_link().await;
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.as_mut() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn consume_session<H, F>(
+        &self,
+        spec: &ConsumeSpec,
+        handler: H,
+        mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<ConsumerEnd>
+    where
+        H: Fn(Incoming) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Outcome> + Send + 'static,
+    {
+        let channel = self.channel().await?;
+        channel.basic_qos(spec.prefetch, BasicQosOptions::default()).await?;
+        let consumer_tag = format!("berth-{}", Uuid::now_v7());
+        let mut consumer = channel
+            .basic_consume(&spec.queue, &consumer_tag, BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        tracing::info!(queue = %spec.queue, prefetch = spec.prefetch, "consuming");
+        let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+        let mut in_flight = JoinSet::new();
+        let end = loop {
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.map_err(|_| BusError::Amqp(lapin::Error::ChannelsLimitReached))?,
+                () = shutdown.as_mut() => break ConsumerEnd::Shutdown,
+            };
+            let delivery = tokio::select! {
+                next = consumer.next() => next,
+                () = shutdown.as_mut() => break ConsumerEnd::Shutdown,
+            };
+            let delivery = match delivery {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => {
+                    tracing::warn!(queue = %spec.queue, %error, "delivery error");
+                    break ConsumerEnd::Interrupted;
+                }
+                None => break ConsumerEnd::Interrupted,
+            };
+            let incoming = incoming_from(&delivery);
+            let handler = handler.clone();
+            let bus = self.clone();
+            let queue = spec.queue.clone();
+            in_flight.spawn(async move {
+                let outcome = handler(incoming.clone()).await;
+                settle(&bus, &queue, &delivery.acker, &incoming, outcome).await;
+                drop(permit);
+            });
+            while in_flight.try_join_next().is_some() {}
+        };
+        if end == ConsumerEnd::Shutdown {
+            let _ = channel.basic_cancel(&consumer_tag, BasicCancelOptions::default()).await;
+        }
+        while in_flight.join_next().await.is_some() {}
+        if end == ConsumerEnd::Shutdown {
+            let _ = channel.close(200, "shutting down").await;
+        }
+        Ok(end)
+    }
+
+    /// Closes the connection (after consumers returned).
+    pub async fn close(&self) {
+        if let Some(link) = self.link.lock().await.take() {
+            let _ = link.connection.close(200, "bye").await;
+        }
+    }
+}
+
+/// Whether [`Bus::set_binding`] adds or removes a binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    Bind,
+    Unbind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConsumerEnd {
+    Shutdown,
+    Interrupted,
+}
+
+async fn settle(bus: &Bus, queue: &str, acker: &lapin::acker::Acker, incoming: &Incoming, outcome: Outcome) {
+    let settled = match &outcome {
+        Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
+        Outcome::Retry => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
+        Outcome::DeadLetter(reason) => {
+            tracing::warn!(queue, reason = %reason, "dead-lettering message");
+            match bus.dead_letter(queue, incoming, reason).await {
+                Ok(()) => acker.ack(BasicAckOptions::default()).await,
+                // Could not park it: leave it to the broker's redelivery and delivery limit.
+                Err(error) => {
+                    tracing::error!(queue, %error, "could not dead-letter message; requeueing");
+                    acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+                }
+            }
+        }
+    };
+    if let Err(error) = settled {
+        // The channel is gone; the broker redelivers the message to the next consumer.
+        tracing::warn!(queue, %error, ?outcome, "could not settle message; it will be redelivered");
+    }
+}
+
+fn incoming_from(delivery: &lapin::message::Delivery) -> Incoming {
+    let properties = &delivery.properties;
+    let headers = properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(name, value)| amqp_value_text(value).map(|text| (name.to_string(), text)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Incoming {
+        body: delivery.data.clone(),
+        routing_key: delivery.routing_key.to_string(),
+        redelivered: delivery.redelivered,
+        reply_to: properties.reply_to().as_ref().map(ShortString::to_string),
+        correlation_id: properties.correlation_id().as_ref().map(ShortString::to_string),
+        headers,
+    }
+}
+
+fn amqp_value_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.to_string()),
+        AMQPValue::LongInt(number) => Some(number.to_string()),
+        AMQPValue::LongLongInt(number) => Some(number.to_string()),
+        AMQPValue::LongUInt(number) => Some(number.to_string()),
+        AMQPValue::ShortInt(number) => Some(number.to_string()),
+        AMQPValue::Boolean(flag) => Some(flag.to_string()),
+        _ => None,
+    }
+}
+
+fn work_queue_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(topology::DEAD_EXCHANGE.into()));
+    arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(topology::DELIVERY_LIMIT));
+    arguments
+}
+
+async fn declare_queue(channel: &Channel, name: &str, arguments: FieldTable) -> Result<()> {
+    channel.queue_declare(name, QueueDeclareOptions { durable: true, ..Default::default() }, arguments).await?;
+    Ok(())
+}
+
+fn lock_pending(pending: &PendingReplies) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Vec<u8>>>> {
+    pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(super::redact("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(super::redact("amqp://host"), "amqp://host");
+    }
+}

@@ -1,0 +1,16 @@
+//! Berth's wire contracts and the plumbing every component shares: CloudEvents, tasks and
+//! notifications, the broker topology, the AMQP bus, run-profiles and logging set-up.
+//!
+//! Only this crate knows the wire format; components convert at this edge.
+
+pub mod bus;
+pub mod event;
+pub mod message;
+pub mod profile;
+pub mod telemetry;
+pub mod topology;
+
+pub use bus::{Bus, BusConfig, ConsumeSpec, Incoming, Outcome};
+pub use event::{CloudEvent, EnvelopeError};
+pub use message::{AgentKind, Notification, Task};
+pub use profile::Profile;

@@ -1,0 +1,345 @@
+//! Run-profiles: one TOML file per deployment (`run-profiles/<name>/profile.toml`) with environment
+//! overrides for the service addresses. Strict: unknown keys are refused with their name, and
+//! `validate` refuses what Berth never does (privileged containers, the Docker socket in a workspace).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The only profile format version this build reads.
+pub const PROFILE_VERSION: u32 = 1;
+/// Where profiles live unless `BERTH_PROFILES_DIR` says otherwise.
+pub const DEFAULT_PROFILES_DIR: &str = "run-profiles";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("cannot read profile {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("profile {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("profile {path}: `{field}`: {reason}")]
+    Invalid { path: PathBuf, field: String, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub version: u32,
+    pub name: String,
+    /// Pattern names (files `patterns/<name>.json`) this profile runs.
+    pub patterns: Vec<String>,
+    pub services: Services,
+    pub container: ContainerSettings,
+    pub workspace: WorkspaceSettings,
+    pub timers: Timers,
+    pub session: SessionSettings,
+    #[serde(default)]
+    pub users: Vec<SeedUser>,
+    /// Where the file was read from (not part of the file).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// Addresses of the services; each can be overridden from the environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Services {
+    /// `BERTH_AMQP_URL`
+    pub amqp_url: String,
+    /// `BERTH_REDIS_URL`
+    pub redis_url: String,
+    /// `BERTH_STORE_URL`: `sqlite://path` or `mongodb://…`
+    pub store_url: String,
+    /// `BERTH_OBJECT_STORE_URL`: `file:///dir`, `s3://bucket/prefix`, `az://…`, `gs://…`
+    pub object_store_url: String,
+    /// `BERTH_WORKSPACE_ROOT`: host directory holding one folder per session.
+    pub workspace_root: PathBuf,
+    /// `BERTH_SESSION_ADDR`: where the session agent listens.
+    pub session_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSettings {
+    pub image: String,
+    pub memory_mib: u64,
+    /// CPUs as a fraction (0.5 = half a core), applied as nano-CPUs.
+    pub cpus: f64,
+    pub pids_limit: i64,
+    /// Capabilities added back after dropping ALL.
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    #[serde(default)]
+    pub read_only_root: bool,
+    /// `uid[:gid]` to run as; absent = the image's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Where the workspace directory is mounted inside the container.
+    pub workspace_mount: String,
+    pub tmpfs_size_mib: u64,
+    /// The port the workspace serves on inside the container.
+    pub service_port: u16,
+    pub health: HealthCheck,
+    pub ready_timeout_secs: u64,
+    /// Bridge network (created with inter-container traffic disabled).
+    pub network: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Extra bind mounts `host:container[:ro]`. The Docker socket is refused.
+    #[serde(default)]
+    pub mounts: Vec<String>,
+    /// Present only so that a profile asking for it is refused by name.
+    #[serde(default)]
+    pub privileged: bool,
+}
+
+/// How readiness is decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// An HTTP GET of this path on the service port answers 2xx/3xx.
+    Http(String),
+    /// The service port accepts a TCP connection.
+    Tcp,
+    /// The image's own HEALTHCHECK reports healthy.
+    Docker,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceSettings {
+    /// Object-store prefix template; `{profile}`, `{user}` and `{workspace}` are substituted.
+    pub prefix: String,
+    /// Folders created in every new workspace.
+    #[serde(default)]
+    pub skeleton: Vec<String>,
+    /// Files at least this large stream in after `workspace.materialized`.
+    pub large_file_threshold_kib: u64,
+    /// Downloads or uploads at the same time.
+    pub parallelism: usize,
+    pub quota_mib: u64,
+}
+
+/// Session timers, all in seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timers {
+    /// Pause after this long without activity.
+    pub idle_after_secs: u64,
+    /// Stop after this long idle.
+    pub stop_after_idle_secs: u64,
+    /// Hard cap on a session's age.
+    pub max_age_secs: u64,
+    /// Autosave interval while running (0 = off).
+    pub autosave_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Expected `aud` of user tokens.
+    pub jwt_audience: String,
+    /// Name of the environment variable holding the HS256 secret or a PEM public key.
+    pub jwt_key_env: String,
+    /// At most one `session.activity` per session per this many seconds.
+    pub activity_debounce_secs: u64,
+    pub max_frame_bytes: usize,
+    pub max_messages_per_second: u32,
+    pub max_connections_per_user: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedUser {
+    pub id: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// Environment variables that override `[services]`, with the field each one sets.
+pub const SERVICE_OVERRIDES: [(&str, &str); 6] = [
+    ("BERTH_AMQP_URL", "amqp_url"),
+    ("BERTH_REDIS_URL", "redis_url"),
+    ("BERTH_STORE_URL", "store_url"),
+    ("BERTH_OBJECT_STORE_URL", "object_store_url"),
+    ("BERTH_WORKSPACE_ROOT", "workspace_root"),
+    ("BERTH_SESSION_ADDR", "session_addr"),
+];
+
+impl Profile {
+    /// Loads `<profiles dir>/<name>/profile.toml`, applies environment overrides and validates.
+    pub fn load_named(name: &str) -> Result<Profile, ProfileError> {
+        Profile::load(&profiles_dir().join(name).join("profile.toml"))
+    }
+
+    /// Loads a profile file, applies environment overrides and validates.
+    pub fn load(path: &Path) -> Result<Profile, ProfileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read { path: path.to_owned(), source })?;
+        let mut profile = Profile::parse(&text, path)?;
+        profile.apply_overrides(|name| std::env::var(name).ok());
+        Ok(profile)
+    }
+
+    /// Parses and validates profile text (no environment).
+    pub fn parse(text: &str, path: &Path) -> Result<Profile, ProfileError> {
+        let mut profile: Profile =
+            toml::from_str(text).map_err(|error| ProfileError::Parse { path: path.to_owned(), message: error.to_string() })?;
+        profile.path = path.to_owned();
+        profile.validate()?;
+        Ok(profile)
+    }
+
+    /// Applies `BERTH_*` overrides from `lookup` (the environment, or a table in tests).
+    pub fn apply_overrides(&mut self, lookup: impl Fn(&str) -> Option<String>) {
+        let services = &mut self.services;
+        for (variable, field) in SERVICE_OVERRIDES {
+            let Some(value) = lookup(variable) else { continue };
+            match field {
+                "amqp_url" => services.amqp_url = value,
+                "redis_url" => services.redis_url = value,
+                "store_url" => services.store_url = value,
+                "object_store_url" => services.object_store_url = value,
+                "workspace_root" => services.workspace_root = PathBuf::from(value),
+                "session_addr" => services.session_addr = value,
+                _ => unreachable!("SERVICE_OVERRIDES names only known fields"),
+            }
+        }
+    }
+
+    fn invalid(&self, field: &str, reason: impl Into<String>) -> ProfileError {
+        ProfileError::Invalid { path: self.path.clone(), field: field.to_owned(), reason: reason.into() }
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ProfileError> {
+        if self.version != PROFILE_VERSION {
+            return Err(self.invalid("version", format!("this build reads version {PROFILE_VERSION}, got {}", self.version)));
+        }
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(self.invalid("name", "must be letters, digits, `-` or `_`"));
+        }
+        let container = &self.container;
+        if container.privileged {
+            return Err(self.invalid("container.privileged", "privileged workspace containers are never allowed"));
+        }
+        for mount in &container.mounts {
+            if mount.contains("docker.sock") || mount.split(':').next().is_some_and(|host| host == "/var/run" || host == "/run") {
+                return Err(self.invalid("container.mounts", format!("mounting the Docker socket is never allowed ({mount})")));
+            }
+            if mount.split(':').count() < 2 {
+                return Err(self.invalid("container.mounts", format!("expected host:container[:ro], got {mount:?}")));
+            }
+        }
+        for capability in &container.cap_add {
+            if matches!(capability.trim_start_matches("CAP_"), "SYS_ADMIN" | "ALL" | "SYS_MODULE" | "SYS_PTRACE" | "NET_ADMIN") {
+                return Err(self.invalid("container.cap_add", format!("{capability} would break the workspace's isolation")));
+            }
+        }
+        if container.memory_mib < 6 {
+            return Err(self.invalid("container.memory_mib", "must be at least 6 (Docker's minimum)"));
+        }
+        if !(container.cpus > 0.0 && container.cpus <= 64.0) {
+            return Err(self.invalid("container.cpus", "must be more than 0 and at most 64"));
+        }
+        if container.pids_limit <= 0 {
+            return Err(self.invalid("container.pids_limit", "must be positive: a workspace always has a pids limit"));
+        }
+        if !container.workspace_mount.starts_with('/') {
+            return Err(self.invalid("container.workspace_mount", "must be an absolute path"));
+        }
+        if let HealthCheck::Http(path) = &container.health {
+            if !path.starts_with('/') {
+                return Err(self.invalid("container.health.http", "must be a path starting with `/`"));
+            }
+        }
+        if container.ready_timeout_secs == 0 {
+            return Err(self.invalid("container.ready_timeout_secs", "must be positive"));
+        }
+        for folder in &self.workspace.skeleton {
+            let path = Path::new(folder);
+            if folder.is_empty() || path.is_absolute() || path.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                return Err(self.invalid("workspace.skeleton", format!("{folder:?} must be a relative path inside the workspace")));
+            }
+        }
+        if !self.workspace.prefix.contains("{user}") || !self.workspace.prefix.contains("{workspace}") {
+            return Err(self.invalid("workspace.prefix", "must contain {user} and {workspace} so users never share a prefix"));
+        }
+        if self.workspace.parallelism == 0 {
+            return Err(self.invalid("workspace.parallelism", "must be positive"));
+        }
+        if self.timers.idle_after_secs == 0 || self.timers.stop_after_idle_secs == 0 || self.timers.max_age_secs == 0 {
+            return Err(self.invalid("timers", "idle_after_secs, stop_after_idle_secs and max_age_secs must be positive"));
+        }
+        if self.session.max_frame_bytes == 0 || self.session.max_messages_per_second == 0 || self.session.max_connections_per_user == 0 {
+            return Err(self.invalid("session", "frame size, message rate and connections per user must be positive"));
+        }
+        if self.patterns.is_empty() {
+            return Err(self.invalid("patterns", "a profile runs at least one pattern"));
+        }
+        Ok(())
+    }
+
+    /// The object-store prefix of one user's workspace.
+    pub fn workspace_prefix(&self, user: &str, workspace: &str) -> String {
+        self.workspace.prefix.replace("{profile}", &self.name).replace("{user}", user).replace("{workspace}", workspace)
+    }
+
+    /// The host directory of one session's workspace.
+    pub fn session_dir(&self, session: &str) -> PathBuf {
+        self.services.workspace_root.join(session)
+    }
+}
+
+/// The directory holding run-profiles: `BERTH_PROFILES_DIR`, else `./run-profiles`.
+pub fn profiles_dir() -> PathBuf {
+    std::env::var_os("BERTH_PROFILES_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_PROFILES_DIR))
+}
+
+/// The directory holding patterns: `BERTH_PATTERNS_DIR`, else `./patterns`.
+pub fn patterns_dir() -> PathBuf {
+    std::env::var_os("BERTH_PATTERNS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("patterns"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev_text() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../run-profiles/dev/profile.toml")).unwrap()
+    }
+
+    #[track_caller]
+    fn check(edit: impl Fn(String) -> String, expected: Result<(), &str>) {
+        let outcome = Profile::parse(&edit(dev_text()), Path::new("p.toml")).map(|_| ()).map_err(|e| e.to_string());
+        match (outcome, expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(actual), Err(fragment)) => assert!(actual.contains(fragment), "{actual:?} does not contain {fragment:?}"),
+            (actual, expected) => panic!("got {actual:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn profile_validation_table() {
+        check(|text| text, Ok(()));
+        check(|text| format!("bogus = 1\n{text}"), Err("unknown field `bogus`"));
+        check(|text| text.replace("version = 1", "version = 2"), Err("`version`: this build reads version 1, got 2"));
+        check(|text| text.replace("[container]", "[container]\nprivileged = true"), Err("`container.privileged`"));
+        check(
+            |text| text.replace("[container]", "[container]\nmounts = [\"/var/run/docker.sock:/var/run/docker.sock\"]"),
+            Err("mounting the Docker socket is never allowed"),
+        );
+        check(|text| text.replace("cap_add = []", "cap_add = [\"SYS_ADMIN\"]"), Err("`container.cap_add`"));
+        check(|text| text.replace("[container]", "[container]\nshiny = true"), Err("unknown field `shiny`"));
+    }
+
+    #[test]
+    fn overrides_and_derived_paths() {
+        let mut profile = Profile::parse(&dev_text(), Path::new("p.toml")).unwrap();
+        profile.apply_overrides(|name| (name == "BERTH_AMQP_URL").then(|| "amqp://elsewhere".to_owned()));
+        assert_eq!(profile.services.amqp_url, "amqp://elsewhere");
+        assert!(profile.workspace_prefix("alice", "w1").contains("alice/w1"));
+    }
+}

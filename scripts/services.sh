@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs (from Debian's and PyPI's packages) and starts every service the tests need, reusing
+# whatever already runs. Safe to run again: each step checks before it acts.
+set -euo pipefail
+
+log() { printf 'services: %s\n' "$*" >&2; }
+here=$(cd "$(dirname "$0")/.." && pwd)
+state_dir=${BERTH_SERVICES_DIR:-/tmp/berth-services}
+mkdir -p "$state_dir"
+
+apt_updated=0
+need_packages=()
+command -v rabbitmq-server >/dev/null || need_packages+=(rabbitmq-server)
+command -v redis-server >/dev/null || need_packages+=(redis-server)
+command -v dockerd >/dev/null || need_packages+=(docker.io)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx sh && ldd /bin/busybox 2>&1 | grep -q 'not a dynamic' \
+  || need_packages+=(busybox-static)
+command -v docker-compose >/dev/null || need_packages+=(docker-compose)
+if [ ${#need_packages[@]} -gt 0 ]; then
+  log "installing ${need_packages[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt_updated=1
+  apt-get install -y -qq --no-install-recommends "${need_packages[@]}" >"$state_dir/apt.log" 2>&1 \
+    || { cat "$state_dir/apt.log" >&2; exit 1; }
+fi
+
+wait_for() { # wait_for <what> <seconds> <command...>
+  local what=$1 seconds=$2; shift 2
+  for _ in $(seq 1 "$seconds"); do "$@" >/dev/null 2>&1 && return 0; sleep 1; done
+  log "$what did not come up in ${seconds}s"; return 1
+}
+
+# RabbitMQ on 127.0.0.1:5672, guest/guest.
+if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+  log "starting rabbitmq"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  wait_for rabbitmq 120 rabbitmq-diagnostics -q check_port_connectivity
+fi
+
+# Redis on 6379, no persistence. The engine sets notify-keyspace-events itself.
+if ! redis-cli -p 6379 ping >/dev/null 2>&1; then
+  log "starting redis"
+  redis-server --daemonize yes --port 6379 --save "" >/dev/null
+  wait_for redis 30 redis-cli -p 6379 ping
+fi
+
+# Docker engine with its defaults (iptables on: that is what isolates session containers).
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd"
+  nohup dockerd >"$state_dir/dockerd.log" 2>&1 &
+  wait_for dockerd 60 docker info || { tail -n 30 "$state_dir/dockerd.log" >&2; exit 1; }
+fi
+
+# Test images, FROM scratch with a static busybox: no image can be pulled here.
+"$here/scripts/test-images.sh"
+
+# S3-compatible server: moto in server mode on 127.0.0.1:9000.
+if ! curl -fsS -o /dev/null http://127.0.0.1:9000/moto-api/ 2>/dev/null; then
+  if ! python3 -c 'import moto.server' 2>/dev/null; then
+    log "installing moto[server]"
+    python3 -m pip install -q 'moto[server]' >"$state_dir/pip.log" 2>&1 || { cat "$state_dir/pip.log" >&2; exit 1; }
+  fi
+  log "starting moto s3 server"
+  nohup python3 -m moto.server -H 127.0.0.1 -p 9000 >"$state_dir/moto.log" 2>&1 &
+  echo $! >"$state_dir/moto.pid"
+  wait_for moto 60 curl -fsS -o /dev/null http://127.0.0.1:9000/moto-api/
+fi
+log "all services up"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds the test images FROM scratch with Debian's static busybox (no image can be pulled here).
+# berth-test/busybox:  a workspace that serves HTTP on 8080 from /workspace (httpd).
+# berth-test/unhealthy: a workspace whose service never answers (for the failure path).
+set -euo pipefail
+busybox=/bin/busybox
+ctx=$(mktemp -d)
+trap 'rm -rf "$ctx"' EXIT
+cp "$busybox" "$ctx/busybox"
+cat >"$ctx/Dockerfile" <<'DOCKER'
+FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+RUN ["/bin/sh", "-c", "mkdir -p /tmp /workspace /etc && echo 'root:x:0:0:root:/root:/bin/sh' > /etc/passwd && echo 'user:x:1000:1000:user:/workspace:/bin/sh' >> /etc/passwd && echo 'root:x:0:' > /etc/group && echo 'user:x:1000:' >> /etc/group"]
+ENV PATH=/bin
+EXPOSE 8080
+CMD ["/bin/httpd", "-f", "-p", "8080", "-h", "/workspace"]
+DOCKER
+if ! docker image inspect berth-test/busybox:latest >/dev/null 2>&1; then
+  docker build -q -t berth-test/busybox:latest "$ctx" >/dev/null
+fi
+if ! docker image inspect berth-test/unhealthy:latest >/dev/null 2>&1; then
+  printf 'FROM berth-test/busybox:latest\nCMD ["/bin/sleep", "3600"]\n' | docker build -q -t berth-test/unhealthy:latest - >/dev/null
+fi

@@ -1,0 +1,151 @@
+//! `berth`: one binary for every Berth component and tool.
+
+mod client;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use protocol::telemetry::{self, LogFormat};
+use protocol::{AgentKind, Profile};
+
+#[derive(Parser)]
+#[command(name = "berth", version, about = "Isolated workspace containers on demand")]
+struct Cli {
+    /// Run-profile to use (a folder under BERTH_PROFILES_DIR, default ./run-profiles).
+    #[arg(long, global = true, env = "BERTH_PROFILE", default_value = "dev")]
+    profile: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine: consume events, step patterns, emit tasks, fire timers.
+    Engine,
+    /// Run one agent.
+    Agent {
+        #[arg(value_parser = parse_agent_kind)]
+        kind: AgentKind,
+    },
+    /// Declare the topology, load patterns and seed users for a profile (idempotent).
+    Bootstrap {
+        /// Drop stored records first. Destroys data; never implied.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Engine and all agents in one process on embedded defaults.
+    Dev,
+    /// Publish one event to `berth.events` and wait for the broker's confirm.
+    Publish(client::PublishArgs),
+    /// Print events flowing on `berth.events`, one JSON per line.
+    Tail(client::TailArgs),
+    /// Work with pattern files.
+    Patterns {
+        #[command(subcommand)]
+        command: PatternsCommand,
+    },
+    /// Mint a user token for development (printed alone on the last line).
+    Token {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        role: Vec<String>,
+        /// Lifetime, e.g. 30m, 1h, 2d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Measure a component against a baseline taken in the same run.
+    Bench {
+        #[arg(value_parser = ["engine", "provision", "workspace", "store", "session", "e2e"])]
+        what: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PatternsCommand {
+    /// Validate pattern files; exits non-zero naming file, state and field of each error.
+    Check { files: Vec<PathBuf> },
+}
+
+fn parse_agent_kind(text: &str) -> Result<AgentKind, String> {
+    text.parse()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(LogFormat::from_env());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let load_profile = || Profile::load_named(&cli.profile);
+    match cli.command {
+        Command::Publish(args) => return client::publish(args, &cli.profile).await,
+        Command::Tail(args) => client::tail(args, &cli.profile, shutdown_signal()).await?,
+        Command::Patterns { command: PatternsCommand::Check { files } } => return Ok(engine::check_files_cli(&files)),
+        Command::Token { user, role, ttl } => {
+            let profile = load_profile()?;
+            let token = session::mint_token(&profile, &user, &role, &ttl)?;
+            println!("{token}");
+        }
+        Command::Engine => engine::run(load_profile()?, shutdown_signal()).await?,
+        Command::Agent { kind: AgentKind::Container } => container::run(load_profile()?, shutdown_signal()).await?,
+        Command::Agent { kind: AgentKind::Workspace } => workspace::run(load_profile()?, shutdown_signal()).await?,
+        Command::Agent { kind: AgentKind::Persistence } => persistence::run(load_profile()?, shutdown_signal()).await?,
+        Command::Agent { kind: AgentKind::Session } => session::run(load_profile()?, shutdown_signal()).await?,
+        Command::Bootstrap { reset } => {
+            let reset = if reset { bootstrap::Reset::DropRecords } else { bootstrap::Reset::Keep };
+            bootstrap::run(&load_profile()?, reset).await?;
+        }
+        Command::Dev => bootstrap::dev(load_profile()?, shutdown_signal()).await?,
+        Command::Bench { what } => {
+            let profile = load_profile()?;
+            match what.as_str() {
+                "engine" => engine::bench(profile).await?,
+                "provision" => container::bench(profile).await?,
+                "workspace" => workspace::bench(profile).await?,
+                "store" => persistence::bench(profile).await?,
+                "session" => session::bench(profile).await?,
+                "e2e" => bootstrap::bench(profile).await?,
+                other => anyhow::bail!("unknown benchmark {other}"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutdown requested");
+}
