@@ -1,0 +1,96 @@
+//! A broker restart (`rabbitmqctl stop_app` / `start_app`) in the middle of a stream of 1,000
+//! confirmed events loses none: the publisher retries until confirmed and the consumer reconnects.
+//!
+//! This is its own test binary because it takes the broker away from everything else for a moment.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{amqp_url, wait_until};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use protocol::event::DEFAULT_MAX_EVENT_BYTES;
+use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome};
+use serde_json::json;
+
+const EVENTS: usize = 1_000;
+
+fn rabbitmqctl(action: &str) {
+    let status = Command::new("rabbitmqctl").arg(action).status().expect("rabbitmqctl runs");
+    assert!(status.success(), "rabbitmqctl {action} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_during_a_stream_loses_no_confirmed_event() {
+    let bus = Bus::connect(BusConfig::new(&amqp_url(), "test-restart")).await.expect("broker reachable");
+    bus.declare_topology().await.expect("topology");
+    // A durable quorum queue: a queue that survives the restart, like every work queue of Berth.
+    let event_type = format!("test.restart{}", uuid::Uuid::new_v4().simple());
+    let queue = format!("test.restart.{}", uuid::Uuid::new_v4());
+    let channel = bus.channel().await.expect("channel");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    channel.queue_declare(&queue, QueueDeclareOptions { durable: true, ..Default::default() }, arguments).await.expect("declare");
+    channel
+        .queue_bind(&queue, topology::EVENTS_EXCHANGE, &event_type, QueueBindOptions::default(), FieldTable::default())
+        .await
+        .expect("bind");
+    let _ = channel.close(200, "declared").await;
+
+    let received = Arc::new(Mutex::new(HashSet::new()));
+    let recorder = received.clone();
+    let handler = move |incoming: protocol::Incoming| {
+        let recorder = recorder.clone();
+        async move {
+            match CloudEvent::parse(&incoming.body, DEFAULT_MAX_EVENT_BYTES) {
+                Ok(event) => {
+                    recorder.lock().unwrap().insert(event.id);
+                    Outcome::Ack
+                }
+                Err(error) => Outcome::DeadLetter(error.to_string()),
+            }
+        }
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer_bus = Bus::connect(BusConfig::new(&amqp_url(), "test-restart-consumer")).await.expect("broker");
+    let consumer_queue = queue.clone();
+    let consumer = tokio::spawn(async move {
+        consumer_bus.consume(ConsumeSpec::new(&consumer_queue, 50), handler, async { stopped.await.ok(); }).await
+    });
+
+    let publisher_bus = bus.clone();
+    let publisher_type = event_type.clone();
+    let publisher = tokio::spawn(async move {
+        let mut confirmed = Vec::with_capacity(EVENTS);
+        for index in 0..EVENTS {
+            let event = CloudEvent::new(&publisher_type, "/tests", None, json!({"index": index}));
+            publisher_bus.publish_event(&event).await.expect("publish eventually confirmed");
+            confirmed.push(event.id);
+        }
+        confirmed
+    });
+
+    // Restart the broker once a few hundred events are through.
+    wait_until(Duration::from_secs(60), || received.lock().unwrap().len() >= 200).await;
+    tokio::task::spawn_blocking(|| {
+        rabbitmqctl("stop_app");
+        std::thread::sleep(Duration::from_secs(2));
+        rabbitmqctl("start_app");
+    })
+    .await
+    .expect("restart");
+
+    let confirmed = publisher.await.expect("publisher task");
+    wait_until(Duration::from_secs(120), || received.lock().unwrap().len() >= EVENTS).await;
+    stop.send(()).ok();
+    consumer.await.expect("consumer").expect("clean end");
+    let received = received.lock().unwrap().clone();
+    let missing: Vec<&String> = confirmed.iter().filter(|id| !received.contains(*id)).collect();
+    assert!(missing.is_empty(), "{} confirmed events lost, e.g. {:?}", missing.len(), missing.first());
+    bus.delete_queue(&queue).await.ok();
+    bus.close().await;
+}
