@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one test command: sets up every real service the tests need (installing what is missing), then
+# runs the whole test suite and ends with one summary line `tests: N passed, N failed, N skipped`.
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+"$here/scripts/services.sh" || { echo "tests: 0 passed, 1 failed (services did not start)"; exit 1; }
+
+# The S3-compatible test server (moto, started by services.sh) and its dummy credentials.
+export AWS_ENDPOINT_URL=${AWS_ENDPOINT_URL:-http://127.0.0.1:9000}
+export AWS_ALLOW_HTTP=${AWS_ALLOW_HTTP:-true}
+export AWS_REGION=${AWS_REGION:-us-east-1}
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-berth-test}
+export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-berth-test}
+export BERTH_AMQP_URL=${BERTH_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export BERTH_REDIS_URL=${BERTH_REDIS_URL:-redis://127.0.0.1:6379/0}
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+
+if [ -z "${BERTH_TEST_MONGODB_URL:-}" ]; then
+  echo "note: BERTH_TEST_MONGODB_URL is not set: the MongoDB backend's conformance run is SKIPPED (SQLite runs)"
+fi
+
+log=$(mktemp)
+# Test binaries run one after another (tests inside one run in parallel): the broker-restart test
+# must not share the broker with other binaries' tests.
+cargo test --workspace --all-targets --no-fail-fast "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+
+if [ -x "$here/scripts/compose-check.sh" ]; then
+  if "$here/scripts/compose-check.sh"; then compose_failed=0; else compose_failed=1; status=1; fi
+else
+  compose_failed=0
+fi
+
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+ignored=$(grep -Eo '([0-9]+) ignored' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$((failed + compose_failed))
+if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi  # a build failure counts
+rm -f "$log"
+echo "tests: $passed passed, $failed failed, $ignored skipped"
+exit "$status"
