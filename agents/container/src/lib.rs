@@ -1,17 +1,80 @@
 //! The container agent: hardened, limited workspace containers through Docker.
+//!
+//! `berth agent container` consumes `berth.agent.container` ([`run`]); each task goes to
+//! [`Agent::handle`], which answers with events on `berth.events`. Alongside, the agent watches
+//! Docker's event stream (exits and OOM kills become `container.exited`) and publishes
+//! `container.inventory` at start and periodically, so the engine can adopt the living and have
+//! orphans removed. Nothing is kept in memory that a restart would need: containers are found again
+//! by name and label, and their ports are read back from Docker.
+
+mod agent;
+mod bench;
+pub mod error;
+pub mod probe;
+pub mod spec;
+pub mod stats;
+mod watcher;
 
 use std::future::Future;
 
-use protocol::Profile;
+use protocol::{AgentKind, Bus, BusConfig, ConsumeSpec, Profile};
+
+pub use agent::{connect_docker, Agent, AgentSettings, InventoryEntry, ReadyContainer, EVENT_SOURCE};
+pub use error::{Error, Result};
+pub use spec::SessionIdentity;
 
 /// Runs `berth agent container` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let _ = (profile, shutdown);
-    anyhow::bail!("`berth agent container` is not built yet")
+    spec::check_container_hardening(&profile)?;
+    let docker = connect_docker().await?;
+    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-agent-container")).await?;
+    bus.declare_topology().await?;
+    let agent = Agent::new(profile, bus.clone(), docker)?;
+    let queue = protocol::topology::agent_queue(AgentKind::Container);
+    agent.serve(&queue, shutdown).await?;
+    bus.close().await;
+    Ok(())
+}
+
+impl Agent {
+    /// Consumes tasks from `queue` until `shutdown`, with the Docker-event watcher and the periodic
+    /// inventory running alongside. In-flight tasks finish before it returns.
+    pub async fn serve(&self, queue: &str, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let watcher = tokio::spawn(watcher::watch_docker_events(self.clone()));
+        let inventory = tokio::spawn(publish_inventory_periodically(self.clone()));
+        let mut spec = ConsumeSpec::new(queue, self.settings().concurrency);
+        spec.concurrency = usize::from(self.settings().concurrency.max(1));
+        let handler_agent = self.clone();
+        let consumed = self
+            .bus()
+            .consume(
+                spec,
+                move |incoming| {
+                    let agent = handler_agent.clone();
+                    async move { agent.handle_delivery(&incoming.body).await }
+                },
+                shutdown,
+            )
+            .await;
+        watcher.abort();
+        inventory.abort();
+        consumed?;
+        Ok(())
+    }
+}
+
+async fn publish_inventory_periodically(agent: Agent) {
+    let mut ticker = tokio::time::interval(agent.settings().inventory_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(error) = agent.publish_inventory().await {
+            tracing::warn!(%error, "could not publish the container inventory");
+        }
+    }
 }
 
 /// `berth bench provision`.
 pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    let _ = profile;
-    anyhow::bail!("`berth bench provision` is not built yet")
+    bench::run(profile).await
 }

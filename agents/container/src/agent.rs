@@ -1,0 +1,891 @@
+//! The container agent's handler: one task in, Docker work done, answer events out.
+//!
+//! Every action is idempotent: the container of a session is found by its name `berth-<session>`,
+//! so a redelivered or repeated task finds the work already done and answers the same way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bollard::container::{
+    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions, StatsOptions,
+    StopContainerOptions,
+};
+use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum};
+use bollard::network::{CreateNetworkOptions, InspectNetworkOptions};
+use bollard::Docker;
+use futures::StreamExt;
+use protocol::profile::HealthCheck;
+use protocol::{Bus, CloudEvent, Outcome, Profile, Task};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use crate::error::{docker_status, is_docker_answer, Error, Result};
+use crate::spec::{self, SessionIdentity};
+use crate::{probe, stats};
+
+/// The CloudEvents `source` of everything this agent publishes.
+pub const EVENT_SOURCE: &str = "/berth/agent/container";
+/// How often readiness is probed while a container starts.
+const READINESS_POLL: Duration = Duration::from_millis(20);
+/// How long an exit the agent caused itself is remembered, so the event watcher does not report it.
+const EXPECTED_EXIT_MEMORY: Duration = Duration::from_secs(300);
+
+/// Tunables of one agent instance (no `Default`: callers say what they want).
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// Labels added to everything this agent creates. When not empty, the event watcher and the
+    /// inventory only look at containers that carry them too (tests and benchmarks use this to
+    /// stay apart from each other and from a real deployment on the same Docker engine).
+    pub extra_labels: BTreeMap<String, String>,
+    /// How often `container.inventory` is published while serving.
+    pub inventory_interval: Duration,
+    /// A `remove` naming a container id (an orphan) leaves containers younger than this alone, so
+    /// a container being provisioned right now is never taken for an orphan.
+    pub orphan_grace: Duration,
+    /// Seconds Docker waits after SIGTERM before it kills, on `stop`.
+    pub stop_timeout_secs: i64,
+    /// Tasks handled at the same time.
+    pub concurrency: u16,
+}
+
+impl AgentSettings {
+    /// The settings of `berth agent container`.
+    pub fn production() -> AgentSettings {
+        AgentSettings {
+            extra_labels: BTreeMap::new(),
+            inventory_interval: Duration::from_secs(60),
+            orphan_grace: Duration::from_secs(120),
+            stop_timeout_secs: 5,
+            concurrency: 16,
+        }
+    }
+}
+
+/// Connects to the local Docker engine (`DOCKER_HOST` or the default socket) at the highest API
+/// version both sides speak.
+pub async fn connect_docker() -> Result<Docker> {
+    let docker = Docker::connect_with_local_defaults().map_err(Error::DockerUnreachable)?;
+    docker.negotiate_version().await.map_err(Error::DockerUnreachable)
+}
+
+/// What a task asks for, decoded and validated at the edge.
+#[derive(Debug, Clone, PartialEq)]
+enum Action {
+    Provision { user: String, workspace: String },
+    Pause,
+    Resume,
+    Stop,
+    Remove { container_id: Option<String> },
+    Stats,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProvisionArgs {
+    user: String,
+    workspace: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct RemoveArgs {
+    #[serde(default)]
+    container_id: Option<String>,
+}
+
+/// A failure of the container work itself: answered with `container.failed`, not retried.
+#[derive(Debug)]
+struct Refusal(String);
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Refusal {
+        Refusal(reason)
+    }
+}
+
+/// Either Docker said no (answered with an event) or it could not be asked (retried).
+enum Failure {
+    Refused(Refusal),
+    Unreachable(bollard::errors::Error),
+}
+
+impl From<bollard::errors::Error> for Failure {
+    fn from(error: bollard::errors::Error) -> Failure {
+        if is_docker_answer(&error) {
+            Failure::Refused(Refusal(docker_message(&error)))
+        } else {
+            Failure::Unreachable(error)
+        }
+    }
+}
+
+impl From<Refusal> for Failure {
+    fn from(refusal: Refusal) -> Failure {
+        Failure::Refused(refusal)
+    }
+}
+
+fn docker_message(error: &bollard::errors::Error) -> String {
+    match error {
+        bollard::errors::Error::DockerResponseServerError { status_code, message } => {
+            format!("docker answered {status_code}: {message}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A container that answers its health check.
+#[derive(Debug, Clone)]
+pub struct ReadyContainer {
+    pub container_id: String,
+    pub host: String,
+    pub port: u16,
+    pub create_ms: u64,
+    pub start_ms: u64,
+    pub ready_ms: u64,
+    /// The container existed already (a repeated task, or one found again after a restart).
+    pub adopted: bool,
+}
+
+/// One labelled container, as `container.inventory` reports it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct InventoryEntry {
+    pub session: String,
+    pub container_id: String,
+    pub state: String,
+    pub host_port: Option<u16>,
+    /// RFC 3339.
+    pub created: String,
+}
+
+/// The container agent. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    profile: Profile,
+    bus: Bus,
+    docker: Docker,
+    settings: AgentSettings,
+    /// Serialises the tasks of one session inside this process.
+    session_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    network_checked: tokio::sync::OnceCell<()>,
+    /// Containers this agent is stopping or removing on purpose, by id.
+    expected_exits: std::sync::Mutex<HashMap<String, Instant>>,
+}
+
+impl Agent {
+    /// An agent with production settings. Refuses an unsafe profile.
+    pub fn new(profile: Profile, bus: Bus, docker: Docker) -> Result<Agent> {
+        Agent::with_settings(profile, bus, docker, AgentSettings::production())
+    }
+
+    /// An agent with explicit settings. Refuses an unsafe profile.
+    pub fn with_settings(profile: Profile, bus: Bus, docker: Docker, settings: AgentSettings) -> Result<Agent> {
+        spec::check_container_hardening(&profile)?;
+        Ok(Agent {
+            inner: Arc::new(Inner {
+                profile,
+                bus,
+                docker,
+                settings,
+                session_locks: Mutex::new(HashMap::new()),
+                network_checked: tokio::sync::OnceCell::new(),
+                expected_exits: std::sync::Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn profile(&self) -> &Profile {
+        &self.inner.profile
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.inner.bus
+    }
+
+    pub fn docker(&self) -> &Docker {
+        &self.inner.docker
+    }
+
+    pub fn settings(&self) -> &AgentSettings {
+        &self.inner.settings
+    }
+
+    /// Decodes one delivery and handles it; the answer for the consumer.
+    pub async fn handle_delivery(&self, body: &[u8]) -> Outcome {
+        let task = match Task::decode(body) {
+            Ok(task) => task,
+            Err(error) => return Outcome::DeadLetter(format!("not a task: {error}")),
+        };
+        match self.handle(&task).await {
+            Ok(_) => Outcome::Ack,
+            Err(error) => {
+                tracing::warn!(task_id = %task.id, action = %task.action, %error, "task failed");
+                error.outcome()
+            }
+        }
+    }
+
+    /// Does what `task` asks and publishes the answer events, which it also returns.
+    pub async fn handle(&self, task: &Task) -> Result<Vec<CloudEvent>> {
+        let (session, action) = parse_task(task)?;
+        let lock = self.session_lock(&session).await;
+        let guard = lock.lock().await;
+        tracing::info!(task_id = %task.id, session_id = %session, action = %task.action, "handling task");
+        let answered = self.perform(task, &session, action).await;
+        drop(guard);
+        self.release_session_lock(&session, lock).await;
+        let events = answered?;
+        for event in &events {
+            self.inner.bus.publish_event(event).await?;
+        }
+        Ok(events)
+    }
+
+    async fn perform(&self, task: &Task, session: &str, action: Action) -> Result<Vec<CloudEvent>> {
+        let event = match action {
+            Action::Provision { user, workspace } => {
+                let identity = SessionIdentity { session: session.to_owned(), user, workspace, thred: task.thred.clone() };
+                self.provision_answer(task, &identity).await?
+            }
+            Action::Pause => self.pause_answer(task, session).await?,
+            Action::Resume => self.resume_answer(task, session).await?,
+            Action::Stop => self.stop_answer(task, session).await?,
+            Action::Remove { container_id } => self.remove_answer(task, session, container_id.as_deref()).await?,
+            Action::Stats => self.stats_answer(task, session).await?,
+        };
+        Ok(vec![event])
+    }
+
+    async fn session_lock(&self, session: &str) -> Arc<Mutex<()>> {
+        self.inner.session_locks.lock().await.entry(session.to_owned()).or_default().clone()
+    }
+
+    async fn release_session_lock(&self, session: &str, lock: Arc<Mutex<()>>) {
+        let mut locks = self.inner.session_locks.lock().await;
+        drop(lock);
+        // Only the map holds it now: nobody waits, so the entry can go.
+        if locks.get(session).is_some_and(|held| Arc::strong_count(held) == 1) {
+            locks.remove(session);
+        }
+    }
+
+    // ---------------------------------------------------------------- provision
+
+    async fn provision_answer(&self, task: &Task, identity: &SessionIdentity) -> Result<CloudEvent> {
+        let name = spec::container_name(&identity.session);
+        match self.provision(identity).await {
+            Ok(ready) => {
+                tracing::info!(session_id = %identity.session, container_id = %ready.container_id, port = ready.port,
+                    adopted = ready.adopted, ready_ms = ready.ready_ms, "container ready");
+                Ok(answer(
+                    task,
+                    "container.ready",
+                    json!({
+                        "container_id": ready.container_id,
+                        "host": ready.host,
+                        "port": ready.port,
+                        "adopted": ready.adopted,
+                        "timings_ms": {"create": ready.create_ms, "start": ready.start_ms, "ready": ready.ready_ms},
+                    }),
+                ))
+            }
+            Err(Failure::Unreachable(error)) => Err(Error::DockerUnreachable(error)),
+            Err(Failure::Refused(Refusal(reason))) => {
+                tracing::warn!(session_id = %identity.session, %reason, "provision failed, removing the container");
+                if let Err(error) = self.remove_by_name(&name).await {
+                    tracing::warn!(session_id = %identity.session, %error, "could not remove the failed container");
+                }
+                Ok(answer(task, "container.failed", json!({"action": "provision", "error": reason})))
+            }
+        }
+    }
+
+    /// Creates (or finds again) the session's container, starts it and waits until it is ready.
+    pub async fn provision_container(&self, identity: &SessionIdentity) -> Result<ReadyContainer, String> {
+        self.provision(identity).await.map_err(|failure| match failure {
+            Failure::Refused(Refusal(reason)) => reason,
+            Failure::Unreachable(error) => error.to_string(),
+        })
+    }
+
+    async fn provision(&self, identity: &SessionIdentity) -> Result<ReadyContainer, Failure> {
+        let began = Instant::now();
+        let deadline = began + Duration::from_secs(self.inner.profile.container.ready_timeout_secs);
+        self.ensure_network().await?;
+        let session_dir = self.inner.profile.session_dir(&identity.session);
+        ensure_session_dir(&session_dir).await?;
+        let name = spec::container_name(&identity.session);
+        let mut create_ms = 0;
+        let mut adopted = true;
+        // A few rounds at most: another replica may create or remove the container between our calls.
+        for _round in 0..4 {
+            let existing = match self.inner.docker.inspect_container(&name, None).await {
+                Ok(existing) => Some(existing),
+                Err(error) if docker_status(&error) == Some(404) => None,
+                Err(error) => return Err(error.into()),
+            };
+            let Some(existing) = existing else {
+                let created_at = Instant::now();
+                let config = spec::container_config(&self.inner.profile, identity, &session_dir, &self.inner.settings.extra_labels);
+                let options = CreateContainerOptions { name: name.clone(), platform: None };
+                match self.inner.docker.create_container(Some(options), config).await {
+                    Ok(_) => {
+                        create_ms = elapsed_ms(created_at);
+                        adopted = false;
+                    }
+                    // Someone else created it first: find it again on the next round.
+                    Err(error) if docker_status(&error) == Some(409) => {}
+                    Err(error) if docker_status(&error) == Some(404) => {
+                        return Err(Refusal(format!(
+                            "image {} is not available on this Docker engine ({})",
+                            self.inner.profile.container.image,
+                            docker_message(&error)
+                        ))
+                        .into())
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+                continue;
+            };
+            check_ownership(&existing, identity, &self.inner.profile)?;
+            let status = existing.state.as_ref().and_then(|state| state.status).unwrap_or(ContainerStateStatusEnum::EMPTY);
+            let started_at = Instant::now();
+            match status {
+                ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING => {}
+                ContainerStateStatusEnum::PAUSED => self.inner.docker.unpause_container(&name).await?,
+                ContainerStateStatusEnum::CREATED => {
+                    match self.inner.docker.start_container(&name, None::<StartContainerOptions<String>>).await {
+                        Ok(()) => {}
+                        // 304: already started by a concurrent task.
+                        Err(error) if docker_status(&error) == Some(304) => {}
+                        Err(error) => return Err(Refusal(format!("start failed: {}", docker_message(&error))).into()),
+                    }
+                }
+                ContainerStateStatusEnum::EXITED
+                | ContainerStateStatusEnum::DEAD
+                | ContainerStateStatusEnum::REMOVING
+                | ContainerStateStatusEnum::EMPTY => {
+                    // A dead container is no use to a new session start: replace it.
+                    self.remove_by_name(&name).await?;
+                    continue;
+                }
+            }
+            let start_ms = elapsed_ms(started_at);
+            let ready_began = Instant::now();
+            let (container_id, port) = self.wait_until_ready(&name, deadline).await?;
+            return Ok(ReadyContainer {
+                container_id,
+                host: spec::PUBLISH_HOST.to_owned(),
+                port,
+                create_ms,
+                start_ms,
+                ready_ms: elapsed_ms(ready_began),
+                adopted,
+            });
+        }
+        Err(Refusal(format!("container {name} kept changing under us; giving up")).into())
+    }
+
+    /// Makes sure the session network exists with inter-container traffic disabled.
+    async fn ensure_network(&self) -> Result<(), Failure> {
+        if self.inner.network_checked.initialized() {
+            return Ok(());
+        }
+        let network_name = self.inner.profile.container.network.clone();
+        let docker = &self.inner.docker;
+        let network = match docker.inspect_network(&network_name, None::<InspectNetworkOptions<String>>).await {
+            Ok(network) => Some(network),
+            Err(error) if docker_status(&error) == Some(404) => None,
+            Err(error) => return Err(error.into()),
+        };
+        match network {
+            Some(network) => {
+                let icc = network.options.as_ref().and_then(|options| options.get(spec::ICC_OPTION)).map(String::as_str);
+                if icc != Some("false") {
+                    return Err(Refusal(format!(
+                        "network {network_name} exists without {}=false: session containers could reach each other",
+                        spec::ICC_OPTION
+                    ))
+                    .into());
+                }
+            }
+            None => {
+                let mut labels: HashMap<String, String> =
+                    self.inner.settings.extra_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                labels.insert(spec::MANAGED_LABEL.to_owned(), "true".to_owned());
+                labels.insert(spec::PROFILE_LABEL.to_owned(), self.inner.profile.name.clone());
+                let options = CreateNetworkOptions {
+                    name: network_name.clone(),
+                    check_duplicate: true,
+                    driver: "bridge".to_owned(),
+                    options: HashMap::from([(spec::ICC_OPTION.to_owned(), "false".to_owned())]),
+                    labels,
+                    ..Default::default()
+                };
+                match docker.create_network(options).await {
+                    Ok(_) => tracing::info!(network = %network_name, "created the session network"),
+                    Err(error) if docker_status(&error) == Some(409) => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+        let _ = self.inner.network_checked.set(());
+        Ok(())
+    }
+
+    /// Polls until the container answers its health check; returns its id and host port.
+    async fn wait_until_ready(&self, name: &str, deadline: Instant) -> Result<(String, u16), Failure> {
+        let settings = &self.inner.profile.container;
+        let port_key = spec::service_port_key(settings);
+        let mut inspected = self.inner.docker.inspect_container(name, None).await?;
+        let container_id = inspected.id.clone().unwrap_or_default();
+        let port = loop {
+            if let Some(port) = published_port(&inspected, &port_key) {
+                break port;
+            }
+            check_still_running(&inspected)?;
+            if Instant::now() >= deadline {
+                return Err(Refusal(format!("port {port_key} was never published")).into());
+            }
+            tokio::time::sleep(READINESS_POLL).await;
+            inspected = self.inner.docker.inspect_container(name, None).await?;
+        };
+        loop {
+            let answered = match &settings.health {
+                HealthCheck::Http(path) => probe::http_ready(spec::PUBLISH_HOST, port, path).await,
+                HealthCheck::Tcp => probe::tcp_ready(spec::PUBLISH_HOST, port).await,
+                HealthCheck::Docker => docker_health(&inspected)?,
+            };
+            if answered {
+                return Ok((container_id, port));
+            }
+            inspected = self.inner.docker.inspect_container(name, None).await?;
+            check_still_running(&inspected)?;
+            if Instant::now() >= deadline {
+                return Err(Refusal(format!(
+                    "not ready within {} s (health check {:?} never answered)",
+                    settings.ready_timeout_secs, settings.health
+                ))
+                .into());
+            }
+            tokio::time::sleep(READINESS_POLL).await;
+        }
+    }
+
+    // ---------------------------------------------------------------- lifecycle
+
+    async fn pause_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
+        let name = spec::container_name(session);
+        let Some(inspected) = self.inspect_owned(&name).await? else {
+            return Ok(failed(task, "pause", format!("no container for session {session}")));
+        };
+        let id = inspected.id.clone().unwrap_or_default();
+        match container_status(&inspected) {
+            ContainerStateStatusEnum::PAUSED => {}
+            ContainerStateStatusEnum::RUNNING => {
+                if let Err(error) = self.inner.docker.pause_container(&name).await {
+                    return self.docker_failure(task, "pause", error);
+                }
+            }
+            other => return Ok(failed(task, "pause", format!("container is {other}, only a running container can be paused"))),
+        }
+        Ok(answer(task, "container.paused", json!({"container_id": id})))
+    }
+
+    async fn resume_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
+        let name = spec::container_name(session);
+        let Some(inspected) = self.inspect_owned(&name).await? else {
+            return Ok(failed(task, "resume", format!("no container for session {session}")));
+        };
+        let id = inspected.id.clone().unwrap_or_default();
+        match container_status(&inspected) {
+            ContainerStateStatusEnum::RUNNING => {}
+            ContainerStateStatusEnum::PAUSED => {
+                if let Err(error) = self.inner.docker.unpause_container(&name).await {
+                    return self.docker_failure(task, "resume", error);
+                }
+            }
+            other => return Ok(failed(task, "resume", format!("container is {other}, only a paused container can be resumed"))),
+        }
+        Ok(answer(task, "container.resumed", json!({"container_id": id})))
+    }
+
+    async fn stop_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
+        let name = spec::container_name(session);
+        let Some(inspected) = self.inspect_owned(&name).await? else {
+            // Nothing left to stop is what `stop` wants.
+            return Ok(answer(task, "container.stopped", json!({"container_id": Value::Null})));
+        };
+        let id = inspected.id.clone().unwrap_or_default();
+        self.expect_exit(&id);
+        let options = StopContainerOptions { t: self.inner.settings.stop_timeout_secs };
+        match self.inner.docker.stop_container(&name, Some(options)).await {
+            Ok(()) => {}
+            Err(error) if matches!(docker_status(&error), Some(304) | Some(404)) => {}
+            Err(error) => return self.docker_failure(task, "stop", error),
+        }
+        Ok(answer(task, "container.stopped", json!({"container_id": id})))
+    }
+
+    async fn remove_answer(&self, task: &Task, session: &str, container_id: Option<&str>) -> Result<CloudEvent> {
+        let target = container_id.map_or_else(|| spec::container_name(session), str::to_owned);
+        let inspected = match self.inner.docker.inspect_container(&target, None).await {
+            Ok(inspected) => inspected,
+            Err(error) if docker_status(&error) == Some(404) => {
+                return Ok(answer(task, "container.removed", json!({"container_id": container_id})));
+            }
+            Err(error) if is_docker_answer(&error) => return self.docker_failure(task, "remove", error),
+            Err(error) => return Err(Error::DockerUnreachable(error)),
+        };
+        let labels = container_labels(&inspected);
+        let id = inspected.id.clone().unwrap_or_default();
+        if labels.get(spec::MANAGED_LABEL).map(String::as_str) != Some("true")
+            || labels.get(spec::PROFILE_LABEL) != Some(&self.inner.profile.name)
+        {
+            return Ok(failed(task, "remove", format!("container {target} is not a session container of profile {}", self.inner.profile.name)));
+        }
+        if container_id.is_some() {
+            let age = container_age(&inspected);
+            if age.is_some_and(|age| age < self.inner.settings.orphan_grace) {
+                return Ok(failed(
+                    task,
+                    "remove",
+                    format!("kept container {id}: created {:?} ago, within the orphan grace period", age.unwrap_or_default()),
+                ));
+            }
+        }
+        self.expect_exit(&id);
+        match self.inner.docker.remove_container(&id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
+            Ok(()) => {}
+            Err(error) if docker_status(&error) == Some(404) => {}
+            Err(error) => return self.docker_failure(task, "remove", error),
+        }
+        tracing::info!(container_id = %id, session_id = %session, "container removed");
+        Ok(answer(task, "container.removed", json!({"container_id": id})))
+    }
+
+    async fn stats_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
+        let name = spec::container_name(session);
+        if self.inspect_owned(&name).await?.is_none() {
+            return Ok(failed(task, "stats", format!("no container for session {session}")));
+        }
+        let options = StatsOptions { stream: false, one_shot: false };
+        let sample = self.inner.docker.stats(&name, Some(options)).next().await;
+        match sample {
+            Some(Ok(sample)) => Ok(answer(task, "container.stats", serde_json::to_value(stats::compute(&sample)).unwrap_or_default())),
+            Some(Err(error)) if is_docker_answer(&error) => self.docker_failure(task, "stats", error),
+            Some(Err(error)) => Err(Error::DockerUnreachable(error)),
+            None => Ok(failed(task, "stats", "docker returned no statistics".to_owned())),
+        }
+    }
+
+    /// Inspects a session container; `None` when it does not exist. Refuses to act on a
+    /// container that carries the name but not our labels.
+    async fn inspect_owned(&self, name: &str) -> Result<Option<ContainerInspectResponse>> {
+        match self.inner.docker.inspect_container(name, None).await {
+            Ok(inspected) => {
+                let labels = container_labels(&inspected);
+                if labels.get(spec::MANAGED_LABEL).map(String::as_str) != Some("true") {
+                    return Ok(None);
+                }
+                Ok(Some(inspected))
+            }
+            Err(error) if docker_status(&error) == Some(404) => Ok(None),
+            Err(error) if is_docker_answer(&error) => Ok(None),
+            Err(error) => Err(Error::DockerUnreachable(error)),
+        }
+    }
+
+    fn docker_failure(&self, task: &Task, action: &str, error: bollard::errors::Error) -> Result<CloudEvent> {
+        if is_docker_answer(&error) {
+            Ok(failed(task, action, docker_message(&error)))
+        } else {
+            Err(Error::DockerUnreachable(error))
+        }
+    }
+
+    /// Force-removes a container by name or id; gone already is fine.
+    async fn remove_by_name(&self, name: &str) -> Result<(), bollard::errors::Error> {
+        if let Ok(inspected) = self.inner.docker.inspect_container(name, None).await {
+            self.expect_exit(inspected.id.as_deref().unwrap_or_default());
+        }
+        match self.inner.docker.remove_container(name, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
+            Ok(()) => Ok(()),
+            Err(error) if docker_status(&error) == Some(404) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn expect_exit(&self, container_id: &str) {
+        if container_id.is_empty() {
+            return;
+        }
+        let mut expected = self.inner.expected_exits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        expected.retain(|_, since| since.elapsed() < EXPECTED_EXIT_MEMORY);
+        expected.insert(container_id.to_owned(), Instant::now());
+    }
+
+    /// Was this exit caused by the agent itself (stop, remove, failed provision)?
+    pub(crate) fn take_expected_exit(&self, container_id: &str) -> bool {
+        let mut expected = self.inner.expected_exits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        expected.remove(container_id).is_some()
+    }
+
+    // ---------------------------------------------------------------- inventory
+
+    /// Docker label filters selecting this agent's containers (profile, plus the extra labels).
+    pub(crate) fn label_filters(&self) -> Vec<String> {
+        let mut filters = vec![
+            format!("{}=true", spec::MANAGED_LABEL),
+            format!("{}={}", spec::PROFILE_LABEL, self.inner.profile.name),
+        ];
+        filters.extend(self.inner.settings.extra_labels.iter().map(|(name, value)| format!("{name}={value}")));
+        filters
+    }
+
+    /// Every labelled session container of this profile, whatever its state.
+    pub async fn inventory(&self) -> Result<Vec<InventoryEntry>> {
+        let options = ListContainersOptions {
+            all: true,
+            filters: HashMap::from([("label".to_owned(), self.label_filters())]),
+            ..Default::default()
+        };
+        let containers = self.inner.docker.list_containers(Some(options)).await.map_err(Error::DockerUnreachable)?;
+        let service_port = self.inner.profile.container.service_port;
+        let mut entries: Vec<InventoryEntry> = containers
+            .into_iter()
+            .map(|summary| {
+                let labels = summary.labels.unwrap_or_default();
+                let host_port = summary
+                    .ports
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|port| port.private_port == service_port && port.public_port.is_some())
+                    .and_then(|port| port.public_port);
+                InventoryEntry {
+                    session: labels.get(spec::SESSION_LABEL).cloned().unwrap_or_default(),
+                    container_id: summary.id.unwrap_or_default(),
+                    state: summary.state.unwrap_or_default(),
+                    host_port,
+                    created: summary
+                        .created
+                        .and_then(|seconds| chrono::DateTime::from_timestamp(seconds, 0))
+                        .map(|time| time.to_rfc3339())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        entries.sort_by(|left, right| left.session.cmp(&right.session));
+        Ok(entries)
+    }
+
+    /// Publishes `container.inventory` (no subject: it is about every session).
+    pub async fn publish_inventory(&self) -> Result<CloudEvent> {
+        let entries = self.inventory().await?;
+        let event = CloudEvent::new(EVENT_SOURCE_INVENTORY, EVENT_SOURCE, None, json!({"containers": entries}));
+        self.inner.bus.publish_event(&event).await?;
+        tracing::debug!(containers = entries.len(), "inventory published");
+        Ok(event)
+    }
+}
+
+const EVENT_SOURCE_INVENTORY: &str = "container.inventory";
+
+fn parse_task(task: &Task) -> Result<(String, Action)> {
+    let bad = |reason: String| Error::BadTask { task_id: task.id.to_string(), reason };
+    if task.agent != protocol::AgentKind::Container {
+        return Err(bad(format!("task for the {} agent reached the container agent", task.agent)));
+    }
+    let session = task.session.clone().ok_or_else(|| bad("container tasks need a `session`".to_owned()))?;
+    spec::validate_session_id(&session).map_err(bad)?;
+    let args = if task.args.is_null() { json!({}) } else { task.args.clone() };
+    let action = match task.action.as_str() {
+        "provision" => {
+            let parsed: ProvisionArgs =
+                serde_json::from_value(args).map_err(|error| bad(format!("provision args: {error}")))?;
+            spec::validate_label_value("user", &parsed.user).map_err(bad)?;
+            spec::validate_label_value("workspace", &parsed.workspace).map_err(bad)?;
+            Action::Provision { user: parsed.user, workspace: parsed.workspace }
+        }
+        "pause" => Action::Pause,
+        "resume" => Action::Resume,
+        "stop" => Action::Stop,
+        "remove" => {
+            let parsed: RemoveArgs = serde_json::from_value(args).map_err(|error| bad(format!("remove args: {error}")))?;
+            if let Some(id) = &parsed.container_id {
+                if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(bad(format!("remove args: container_id {id:?} is not a container id")));
+                }
+            }
+            Action::Remove { container_id: parsed.container_id }
+        }
+        "stats" => Action::Stats,
+        other => {
+            return Err(bad(format!("unknown action {other:?} (expected provision, pause, resume, stop, remove or stats)")))
+        }
+    };
+    Ok((session, action))
+}
+
+/// An answer event bound to the task's session, thred and id.
+fn answer(task: &Task, event_type: &str, data: Value) -> CloudEvent {
+    let mut event = CloudEvent::new(event_type, EVENT_SOURCE, task.session.as_deref(), data).with_extension("taskid", task.id.to_string());
+    if let Some(thred) = &task.thred {
+        event = event.with_extension("thredid", thred.clone());
+    }
+    event
+}
+
+fn failed(task: &Task, action: &str, error: String) -> CloudEvent {
+    tracing::warn!(task_id = %task.id, action, %error, "container action failed");
+    answer(task, "container.failed", json!({"action": action, "error": error}))
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn ensure_session_dir(session_dir: &Path) -> Result<(), Refusal> {
+    if tokio::fs::metadata(session_dir).await.is_ok_and(|metadata| metadata.is_dir()) {
+        return Ok(());
+    }
+    tokio::fs::create_dir_all(session_dir)
+        .await
+        .map_err(|error| Refusal(format!("cannot create workspace directory {}: {error}", session_dir.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tokio::fs::set_permissions(session_dir, std::fs::Permissions::from_mode(0o755))
+            .await
+            .map_err(|error| Refusal(format!("cannot set permissions on {}: {error}", session_dir.display())))?;
+    }
+    Ok(())
+}
+
+fn container_labels(inspected: &ContainerInspectResponse) -> HashMap<String, String> {
+    inspected.config.as_ref().and_then(|config| config.labels.clone()).unwrap_or_default()
+}
+
+fn container_status(inspected: &ContainerInspectResponse) -> ContainerStateStatusEnum {
+    inspected.state.as_ref().and_then(|state| state.status).unwrap_or(ContainerStateStatusEnum::EMPTY)
+}
+
+/// A container named like ours must also be labelled as ours, for this very session.
+fn check_ownership(inspected: &ContainerInspectResponse, identity: &SessionIdentity, profile: &Profile) -> Result<(), Refusal> {
+    let labels = container_labels(inspected);
+    let ours = labels.get(spec::MANAGED_LABEL).map(String::as_str) == Some("true")
+        && labels.get(spec::SESSION_LABEL) == Some(&identity.session)
+        && labels.get(spec::PROFILE_LABEL) == Some(&profile.name);
+    if !ours {
+        return Err(Refusal(format!(
+            "a container named {} exists but is not this session's Berth container",
+            spec::container_name(&identity.session)
+        )));
+    }
+    if labels.get(spec::USER_LABEL) != Some(&identity.user) {
+        return Err(Refusal(format!("the container of session {} belongs to another user", identity.session)));
+    }
+    Ok(())
+}
+
+fn published_port(inspected: &ContainerInspectResponse, port_key: &str) -> Option<u16> {
+    inspected
+        .network_settings
+        .as_ref()?
+        .ports
+        .as_ref()?
+        .get(port_key)?
+        .as_ref()?
+        .iter()
+        .filter(|binding| binding.host_ip.as_deref().is_none_or(|ip| ip == spec::PUBLISH_HOST))
+        .find_map(|binding| binding.host_port.as_deref()?.parse().ok())
+}
+
+fn check_still_running(inspected: &ContainerInspectResponse) -> Result<(), Refusal> {
+    let Some(state) = &inspected.state else { return Ok(()) };
+    match state.status {
+        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD) => Err(Refusal(format!(
+            "container exited before it was ready (exit code {}, oom_killed {}{})",
+            state.exit_code.unwrap_or(-1),
+            state.oom_killed.unwrap_or(false),
+            state.error.as_deref().filter(|text| !text.is_empty()).map(|text| format!(", {text}")).unwrap_or_default()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn docker_health(inspected: &ContainerInspectResponse) -> Result<bool, Refusal> {
+    let health = inspected.state.as_ref().and_then(|state| state.health.as_ref()).and_then(|health| health.status);
+    match health {
+        Some(HealthStatusEnum::HEALTHY) => Ok(true),
+        Some(HealthStatusEnum::UNHEALTHY) => Err(Refusal("docker reports the container unhealthy".to_owned())),
+        Some(HealthStatusEnum::STARTING) => Ok(false),
+        Some(HealthStatusEnum::NONE | HealthStatusEnum::EMPTY) | None => {
+            Err(Refusal("the profile asks for Docker's health check but the image has no HEALTHCHECK".to_owned()))
+        }
+    }
+}
+
+fn container_age(inspected: &ContainerInspectResponse) -> Option<Duration> {
+    let created = chrono::DateTime::parse_from_rfc3339(inspected.created.as_deref()?).ok()?;
+    (chrono::Utc::now() - created.with_timezone(&chrono::Utc)).to_std().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(action: &str, session: Option<&str>, args: Value) -> Task {
+        Task {
+            id: uuid::Uuid::now_v7(),
+            agent: protocol::AgentKind::Container,
+            action: action.to_owned(),
+            session: session.map(str::to_owned),
+            thred: None,
+            cause: None,
+            args,
+        }
+    }
+
+    #[track_caller]
+    fn check(task: Task, expected: Result<Action, &str>) {
+        match (parse_task(&task), expected) {
+            (Ok((_, action)), Ok(expected)) => assert_eq!(action, expected),
+            (Err(error), Err(fragment)) => assert!(error.to_string().contains(fragment), "{error} lacks {fragment:?}"),
+            (actual, expected) => panic!("got {actual:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn tasks_are_validated_at_the_edge() {
+        check(
+            task("provision", Some("s-1"), json!({"user": "alice", "workspace": "w"})),
+            Ok(Action::Provision { user: "alice".into(), workspace: "w".into() }),
+        );
+        check(task("provision", Some("s-1"), json!({"user": "alice"})), Err("missing field `workspace`"));
+        check(task("provision", None, json!({"user": "a", "workspace": "w"})), Err("need a `session`"));
+        check(task("provision", Some("../x"), json!({"user": "a", "workspace": "w"})), Err("session id"));
+        check(task("provision", Some("s"), json!({"user": "a\n", "workspace": "w"})), Err("`user`"));
+        check(task("pause", Some("s"), Value::Null), Ok(Action::Pause));
+        check(task("remove", Some("s"), json!({})), Ok(Action::Remove { container_id: None }));
+        check(task("remove", Some("s"), json!({"container_id": "abc123"})), Ok(Action::Remove { container_id: Some("abc123".into()) }));
+        check(task("remove", Some("s"), json!({"container_id": "../x"})), Err("not a container id"));
+        check(task("explode", Some("s"), json!({})), Err("unknown action \"explode\""));
+        let mut wrong_agent = task("pause", Some("s"), json!({}));
+        wrong_agent.agent = protocol::AgentKind::Workspace;
+        check(wrong_agent, Err("workspace agent"));
+    }
+
+    #[test]
+    fn bad_tasks_are_dead_lettered_and_outages_retried() {
+        let bad = parse_task(&task("explode", Some("s"), json!({}))).unwrap_err();
+        assert!(matches!(bad.outcome(), Outcome::DeadLetter(reason) if reason.contains("explode")));
+        let outage = Error::DockerUnreachable(bollard::errors::Error::RequestTimeoutError);
+        assert_eq!(outage.outcome(), Outcome::Retry);
+    }
+}

@@ -1,0 +1,295 @@
+//! Pure translation of a run-profile and a session into Docker's container and network settings,
+//! plus the hardening checks a profile must pass before any container is made from it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use bollard::container::{Config, NetworkingConfig};
+use bollard::models::{EndpointSettings, HostConfig, PortBinding};
+use protocol::profile::{ContainerSettings, HealthCheck};
+use protocol::Profile;
+
+use crate::error::{Error, Result};
+
+/// Label present on everything Berth creates in Docker.
+pub const MANAGED_LABEL: &str = "berth.managed";
+pub const SESSION_LABEL: &str = "berth.session";
+pub const USER_LABEL: &str = "berth.user";
+pub const PROFILE_LABEL: &str = "berth.profile";
+pub const WORKSPACE_LABEL: &str = "berth.workspace";
+/// The thred that provisioned the container, so Docker's own events can be routed back to it.
+pub const THRED_LABEL: &str = "berth.thred";
+
+/// Host address the service port is published on: never reachable from outside the machine.
+pub const PUBLISH_HOST: &str = "127.0.0.1";
+/// Docker's option that stops containers on one bridge from talking to each other.
+pub const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+
+/// Who a container is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionIdentity {
+    pub session: String,
+    pub user: String,
+    pub workspace: String,
+    pub thred: Option<String>,
+}
+
+/// The Docker name of a session's container: one name per session makes provisioning idempotent.
+pub fn container_name(session: &str) -> String {
+    format!("berth-{session}")
+}
+
+/// Session ids become container names and directory names, so they must be safe as both.
+pub fn validate_session_id(session: &str) -> Result<(), String> {
+    let first_is_alphanumeric = session.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let all_allowed = session.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if session.len() > 120 || !first_is_alphanumeric || !all_allowed {
+        return Err(format!(
+            "session id {session:?} must be 1-120 characters of letters, digits, `-`, `_` or `.`, starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// User and workspace names travel as labels and environment values: printable, bounded.
+pub fn validate_label_value(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > 200 || value.chars().any(char::is_control) {
+        return Err(format!("`{field}` must be 1-200 printable characters, got {value:?}"));
+    }
+    Ok(())
+}
+
+/// Checks a profile's container settings beyond `Profile::validate` (which already refuses
+/// privileged containers and the Docker socket by name): a profile built in code skips loading, and
+/// a socket can hide behind another name.
+pub fn check_container_hardening(profile: &Profile) -> Result<()> {
+    let refuse = |field: &str, reason: String| Error::UnsafeProfile { field: field.to_owned(), reason };
+    profile.validate().map_err(|error| refuse("profile", error.to_string()))?;
+    let container = &profile.container;
+    if container.privileged {
+        return Err(refuse("container.privileged", "privileged workspace containers are never allowed".to_owned()));
+    }
+    for mount in &container.mounts {
+        let host_path = mount.split(':').next().unwrap_or_default();
+        if !host_path.starts_with('/') {
+            return Err(refuse("container.mounts", format!("{mount:?}: the host side must be an absolute path")));
+        }
+        if is_forbidden_host_path(Path::new(host_path)) {
+            return Err(refuse("container.mounts", format!("{mount:?} would expose the host or the Docker socket")));
+        }
+    }
+    if let Some(user) = &container.user {
+        let name = user.split(':').next().unwrap_or_default();
+        if name == "0" || name == "root" {
+            return Err(refuse("container.user", "when a user is named it must not be root".to_owned()));
+        }
+    }
+    let network = container.network.as_str();
+    if matches!(network, "host" | "none" | "bridge" | "default") || network.starts_with("container:") || network.is_empty() {
+        return Err(refuse(
+            "container.network",
+            format!("{network:?}: sessions need their own bridge network with inter-container traffic disabled"),
+        ));
+    }
+    Ok(())
+}
+
+/// The Docker socket (under any name, through symlinks) and the host's system trees.
+fn is_forbidden_host_path(host_path: &Path) -> bool {
+    const SYSTEM_TREES: [&str; 8] = ["/", "/proc", "/sys", "/dev", "/etc", "/var/run", "/run", "/var/lib/docker"];
+    let resolved = std::fs::canonicalize(host_path).unwrap_or_else(|_| host_path.to_owned());
+    for candidate in [host_path, resolved.as_path()] {
+        let text = candidate.to_string_lossy();
+        if text.contains("docker.sock") || SYSTEM_TREES.iter().any(|tree| candidate == Path::new(tree)) {
+            return true;
+        }
+        if candidate.starts_with("/var/lib/docker") || candidate.starts_with("/proc") || candidate.starts_with("/sys") {
+            return true;
+        }
+    }
+    is_unix_socket(&resolved)
+}
+
+#[cfg(unix)]
+fn is_unix_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|metadata| metadata.file_type().is_socket())
+}
+
+#[cfg(not(unix))]
+fn is_unix_socket(_path: &Path) -> bool {
+    false
+}
+
+/// The labels put on a session's container.
+pub fn session_labels(
+    profile: &Profile,
+    identity: &SessionIdentity,
+    extra_labels: &BTreeMap<String, String>,
+) -> HashMap<String, String> {
+    let mut labels: HashMap<String, String> = extra_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    labels.insert(MANAGED_LABEL.to_owned(), "true".to_owned());
+    labels.insert(SESSION_LABEL.to_owned(), identity.session.clone());
+    labels.insert(USER_LABEL.to_owned(), identity.user.clone());
+    labels.insert(PROFILE_LABEL.to_owned(), profile.name.clone());
+    labels.insert(WORKSPACE_LABEL.to_owned(), identity.workspace.clone());
+    if let Some(thred) = &identity.thred {
+        labels.insert(THRED_LABEL.to_owned(), thred.clone());
+    }
+    labels
+}
+
+/// `8080/tcp`: the key Docker uses for a container port.
+pub fn service_port_key(settings: &ContainerSettings) -> String {
+    format!("{}/tcp", settings.service_port)
+}
+
+/// The whole create request for a session's container.
+pub fn container_config(
+    profile: &Profile,
+    identity: &SessionIdentity,
+    session_dir: &Path,
+    extra_labels: &BTreeMap<String, String>,
+) -> Config<String> {
+    let settings = &profile.container;
+    // The session's identity is written last so that a profile cannot impersonate another session.
+    let mut environment: BTreeMap<String, String> = settings.env.clone();
+    environment.insert("BERTH_SESSION".to_owned(), identity.session.clone());
+    environment.insert("BERTH_USER".to_owned(), identity.user.clone());
+    environment.insert("BERTH_WORKSPACE".to_owned(), identity.workspace.clone());
+    environment.insert("BERTH_PROFILE".to_owned(), profile.name.clone());
+    let port_key = service_port_key(settings);
+    let memory_bytes = i64::try_from(settings.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+    let mut binds = vec![format!("{}:{}:rw", session_dir.display(), settings.workspace_mount)];
+    binds.extend(settings.mounts.iter().cloned());
+    let host_config = HostConfig {
+        memory: Some(memory_bytes),
+        // Equal to memory: no swap, so the memory limit is a real limit and OOM is visible.
+        memory_swap: Some(memory_bytes),
+        nano_cpus: Some((settings.cpus * 1e9).round() as i64),
+        pids_limit: Some(settings.pids_limit),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        cap_add: Some(settings.cap_add.clone()),
+        security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+        tmpfs: Some(HashMap::from([(
+            "/tmp".to_owned(),
+            format!("rw,noexec,nosuid,nodev,size={}m", settings.tmpfs_size_mib),
+        )])),
+        readonly_rootfs: Some(settings.read_only_root),
+        binds: Some(binds),
+        network_mode: Some(settings.network.clone()),
+        port_bindings: Some(HashMap::from([(
+            port_key.clone(),
+            // No host port: Docker picks a free one, and we read it back after start.
+            Some(vec![PortBinding { host_ip: Some(PUBLISH_HOST.to_owned()), host_port: None }]),
+        )])),
+        ipc_mode: Some("private".to_owned()),
+        privileged: Some(false),
+        publish_all_ports: Some(false),
+        ..Default::default()
+    };
+    Config {
+        image: Some(settings.image.clone()),
+        user: settings.user.clone(),
+        env: Some(environment.into_iter().map(|(name, value)| format!("{name}={value}")).collect()),
+        exposed_ports: Some(HashMap::from([(port_key, HashMap::new())])),
+        labels: Some(session_labels(profile, identity, extra_labels)),
+        host_config: Some(host_config),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: HashMap::from([(settings.network.clone(), EndpointSettings::default())]),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Whether readiness needs the image's own HEALTHCHECK.
+pub fn uses_docker_health(settings: &ContainerSettings) -> bool {
+    settings.health == HealthCheck::Docker
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev_profile() -> Profile {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../run-profiles/dev/profile.toml"));
+        Profile::parse(&std::fs::read_to_string(path).unwrap(), path).unwrap()
+    }
+
+    fn identity() -> SessionIdentity {
+        SessionIdentity { session: "s-1".into(), user: "alice".into(), workspace: "w1".into(), thred: Some("t-1".into()) }
+    }
+
+    #[track_caller]
+    fn check_session(session: &str, accepted: bool) {
+        assert_eq!(validate_session_id(session).is_ok(), accepted, "{session:?}");
+    }
+
+    #[test]
+    fn session_ids_are_safe_names() {
+        check_session("s-1", true);
+        check_session("0193a1b2-aaaa-7bbb-8ccc-123456789abc", true);
+        check_session("", false);
+        check_session("..", false);
+        check_session("../etc", false);
+        check_session("a/b", false);
+        check_session("-rm", false);
+        check_session(&"a".repeat(121), false);
+    }
+
+    #[track_caller]
+    fn check_hardening(edit: impl FnOnce(&mut Profile), fragment: Option<&str>) {
+        let mut profile = dev_profile();
+        edit(&mut profile);
+        match (check_container_hardening(&profile), fragment) {
+            (Ok(()), None) => {}
+            (Err(error), Some(fragment)) => assert!(error.to_string().contains(fragment), "{error} lacks {fragment:?}"),
+            (outcome, expected) => panic!("got {outcome:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_profiles_are_refused() {
+        check_hardening(|_| {}, None);
+        check_hardening(|p| p.container.privileged = true, Some("privileged"));
+        check_hardening(|p| p.container.mounts = vec!["/var/run/docker.sock:/var/run/docker.sock".into()], Some("Docker socket"));
+        check_hardening(|p| p.container.mounts = vec!["/run:/host-run".into()], Some("container.mounts"));
+        check_hardening(|p| p.container.mounts = vec!["/:/host".into()], Some("container.mounts"));
+        check_hardening(|p| p.container.mounts = vec!["/proc/1:/p".into()], Some("container.mounts"));
+        check_hardening(|p| p.container.mounts = vec!["relative:/x".into()], Some("absolute"));
+        check_hardening(|p| p.container.user = Some("0:0".into()), Some("container.user"));
+        check_hardening(|p| p.container.network = "host".into(), Some("container.network"));
+        check_hardening(|p| p.container.cap_add = vec!["SYS_ADMIN".into()], Some("cap_add"));
+    }
+
+    #[test]
+    fn container_config_sets_every_limit() {
+        let profile = dev_profile();
+        let extra = BTreeMap::from([("berth.test".to_owned(), "x".to_owned())]);
+        let config = container_config(&profile, &identity(), Path::new("/tmp/ws/s-1"), &extra);
+        let host = config.host_config.as_ref().unwrap();
+        assert_eq!(host.memory, Some(128 * 1024 * 1024));
+        assert_eq!(host.memory_swap, host.memory);
+        assert_eq!(host.nano_cpus, Some(500_000_000));
+        assert_eq!(host.pids_limit, Some(64));
+        assert_eq!(host.cap_drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        assert_eq!(host.tmpfs.as_ref().unwrap()["/tmp"], "rw,noexec,nosuid,nodev,size=16m");
+        assert_eq!(host.binds.as_ref().unwrap()[0], "/tmp/ws/s-1:/workspace:rw");
+        let labels = config.labels.as_ref().unwrap();
+        assert_eq!(labels[MANAGED_LABEL], "true");
+        assert_eq!(labels[THRED_LABEL], "t-1");
+        assert_eq!(labels["berth.test"], "x");
+        let env = config.env.as_ref().unwrap();
+        assert!(env.contains(&"BERTH_SESSION=s-1".to_owned()), "{env:?}");
+    }
+
+    #[test]
+    fn profile_env_cannot_spoof_the_session() {
+        let mut profile = dev_profile();
+        profile.container.env.insert("BERTH_SESSION".into(), "someone-else".into());
+        let config = container_config(&profile, &identity(), Path::new("/w"), &BTreeMap::new());
+        let env = config.env.unwrap();
+        assert!(env.contains(&"BERTH_SESSION=s-1".to_owned()));
+        assert!(!env.iter().any(|entry| entry.contains("someone-else")));
+    }
+}

@@ -1,0 +1,102 @@
+//! Docker's event stream turned into `container.exited`: a session container that exits, dies or
+//! is OOM-killed without the agent asking for it is reported, so the session's pattern can react.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bollard::models::{EventMessage, EventMessageTypeEnum};
+use bollard::system::EventsOptions;
+use futures::StreamExt;
+use protocol::CloudEvent;
+use serde_json::json;
+
+use crate::agent::{Agent, EVENT_SOURCE};
+use crate::error::docker_status;
+use crate::spec;
+
+const RECONNECT_START: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Watches Docker's events forever, reconnecting when the stream ends (a Docker restart).
+pub async fn watch_docker_events(agent: Agent) {
+    let mut backoff = RECONNECT_START;
+    loop {
+        match watch_once(&agent).await {
+            Ok(()) => tracing::warn!("docker event stream ended, reconnecting"),
+            Err(error) => tracing::warn!(%error, retry_in = ?backoff, "docker event stream failed, reconnecting"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+}
+
+async fn watch_once(agent: &Agent) -> Result<(), bollard::errors::Error> {
+    let filters = HashMap::from([
+        ("type".to_owned(), vec!["container".to_owned()]),
+        ("event".to_owned(), vec!["die".to_owned(), "oom".to_owned()]),
+        ("label".to_owned(), agent.label_filters()),
+    ]);
+    let options = EventsOptions::<String> { since: None, until: None, filters };
+    let mut stream = agent.docker().events(Some(options));
+    // Docker reports `oom` just before `die`; remember it for the exit that follows.
+    let mut out_of_memory: HashSet<String> = HashSet::new();
+    tracing::info!("watching docker events");
+    while let Some(message) = stream.next().await {
+        let message = message?;
+        if let Some(event) = exit_event(agent, &message, &mut out_of_memory).await {
+            if let Err(error) = agent.bus().publish_event(&event).await {
+                tracing::error!(%error, session_id = ?event.subject, "could not publish container.exited");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn exit_event(agent: &Agent, message: &EventMessage, out_of_memory: &mut HashSet<String>) -> Option<CloudEvent> {
+    if message.typ != Some(EventMessageTypeEnum::CONTAINER) {
+        return None;
+    }
+    let actor = message.actor.as_ref()?;
+    let container_id = actor.id.clone()?;
+    let attributes = actor.attributes.clone().unwrap_or_default();
+    match message.action.as_deref()? {
+        "oom" => {
+            out_of_memory.insert(container_id);
+            None
+        }
+        "die" => {
+            let oom_reported = out_of_memory.remove(&container_id);
+            if agent.take_expected_exit(&container_id) {
+                tracing::debug!(container_id = %container_id, "exit caused by the agent itself");
+                return None;
+            }
+            let exit_code: i64 = attributes.get("exitCode").and_then(|code| code.parse().ok()).unwrap_or(-1);
+            let oom_killed = oom_reported || inspected_oom_killed(agent, &container_id).await;
+            let session = attributes.get(spec::SESSION_LABEL).cloned();
+            tracing::info!(container_id = %container_id, session_id = ?session, exit_code, oom_killed, "session container exited");
+            let mut event = CloudEvent::new(
+                "container.exited",
+                EVENT_SOURCE,
+                session.as_deref(),
+                json!({"container_id": container_id, "exit_code": exit_code, "oom_killed": oom_killed}),
+            );
+            if let Some(thred) = attributes.get(spec::THRED_LABEL) {
+                event = event.with_extension("thredid", thred.clone());
+            }
+            Some(event)
+        }
+        _ => None,
+    }
+}
+
+async fn inspected_oom_killed(agent: &Agent, container_id: &str) -> bool {
+    match agent.docker().inspect_container(container_id, None).await {
+        Ok(inspected) => inspected.state.and_then(|state| state.oom_killed).unwrap_or(false),
+        Err(error) => {
+            if docker_status(&error) != Some(404) {
+                tracing::warn!(container_id, %error, "could not inspect the exited container");
+            }
+            false
+        }
+    }
+}
