@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# Validates the compose stack and its Dockerfile without pulling or building an image (our machines
+# cannot pull): `docker-compose config` renders the file, then structural checks on the rendered
+# stack, the run-profiles it names and the Dockerfile. Prints one line per problem; exits non-zero
+# when there is any.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+compose_file="$here/compose/docker-compose.yml"
+problems=0
+fail() { printf 'compose-check: FAIL: %s\n' "$*" >&2; problems=$((problems + 1)); }
+note() { printf 'compose-check: %s\n' "$*" >&2; }
+
+if command -v docker-compose >/dev/null 2>&1; then
+  compose=(docker-compose)
+elif docker compose version >/dev/null 2>&1; then
+  compose=(docker compose)
+else
+  fail "neither docker-compose nor the docker compose plugin is installed (apt-get install docker-compose)"
+  exit 1
+fi
+# A placeholder for the one variable the stack requires; never a real secret.
+placeholder_secret=compose-check-placeholder
+
+# 1. The file renders.
+if ! render_errors=$(BERTH_JWT_SECRET=$placeholder_secret "${compose[@]}" -f "$compose_file" config -q 2>&1); then
+  fail "docker-compose config refuses $compose_file: $render_errors"
+  exit 1
+fi
+
+# 2. It refuses to render without the token secret: the session agent must never start without one.
+if env -u BERTH_JWT_SECRET "${compose[@]}" -f "$compose_file" config -q >/dev/null 2>&1; then
+  fail "the stack renders without BERTH_JWT_SECRET; it must require it (\${BERTH_JWT_SECRET:?...})"
+fi
+
+# 3. It renders with every shipped profile selected.
+for profile_dir in "$here"/run-profiles/*/; do
+  profile=$(basename "$profile_dir")
+  if ! errors=$(BERTH_PROFILE=$profile BERTH_JWT_SECRET=$placeholder_secret "${compose[@]}" -f "$compose_file" config -q 2>&1); then
+    fail "does not render with BERTH_PROFILE=$profile: $errors"
+  fi
+done
+
+# 4. Structure of the rendered stack, the profiles it names and the Dockerfile.
+rendered=$(mktemp)
+trap 'rm -f "$rendered"' EXIT
+BERTH_JWT_SECRET=$placeholder_secret "${compose[@]}" -f "$compose_file" config >"$rendered"
+
+highest_dependency_rust_version=""
+# Linux packages only: the image is built for Linux, and other platforms' crates are never downloaded.
+host_target=$(rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+if metadata=$(cd "$here" && cargo metadata --format-version 1 --locked --offline --filter-platform "${host_target:-x86_64-unknown-linux-gnu}" 2>/dev/null); then
+  highest_dependency_rust_version=$(printf '%s' "$metadata" | python3 -c '
+import json, sys
+versions = [tuple(int(part) for part in package["rust_version"].split(".")) + (0,) * (3 - len(package["rust_version"].split(".")))
+            for package in json.load(sys.stdin)["packages"] if package.get("rust_version")]
+print(".".join(map(str, max(versions))) if versions else "")')
+else
+  note "cargo metadata --offline unavailable (no registry cache yet): the Rust version check is skipped"
+fi
+
+if ! python3 - "$here" "$rendered" "$highest_dependency_rust_version" <<'PYTHON'
+import pathlib, re, sys, tomllib
+import yaml
+
+root = pathlib.Path(sys.argv[1])
+stack = yaml.safe_load(pathlib.Path(sys.argv[2]).read_text())
+highest_dependency_rust_version = sys.argv[3]
+services = stack.get("services", {})
+problems = []
+fail = problems.append
+
+def environment(service):
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return env
+
+def command(service):
+    value = service.get("command") or []
+    return value.split() if isinstance(value, str) else [str(part) for part in value]
+
+def mounts(service):
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, dict):
+            yield str(volume.get("source", "")), str(volume.get("target", ""))
+        else:
+            parts = str(volume).split(":")
+            yield parts[0], parts[1] if len(parts) > 1 else parts[0]
+
+def version_tuple(text):
+    parts = [int(part) for part in text.split(".")]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+# The Berth services are the ones built from compose/Dockerfile.
+berth = {name: service for name, service in services.items()
+         if str((service.get("build") or {}).get("dockerfile", "")).endswith("Dockerfile")}
+if not berth:
+    fail("no service is built from compose/Dockerfile")
+images = {service.get("image") for service in berth.values()}
+if len(images) != 1:
+    fail(f"the Berth services must share one image, got {sorted(map(str, images))}")
+one_shot = {name for name, service in services.items() if str(service.get("restart", "no")) == "no"}
+long_running_berth = {name: service for name, service in berth.items() if name not in one_shot}
+
+# Every profile the stack names exists.
+named_profiles = set()
+for name, service in services.items():
+    if environment(service).get("BERTH_PROFILE"):
+        named_profiles.add(environment(service)["BERTH_PROFILE"])
+    arguments = command(service)
+    for index, argument in enumerate(arguments):
+        if argument == "--profile" and index + 1 < len(arguments):
+            named_profiles.add(arguments[index + 1])
+        elif argument.startswith("--profile="):
+            named_profiles.add(argument.split("=", 1)[1])
+named_profiles |= set(re.findall(r"\$\{BERTH_PROFILE:-([^}]+)\}", (root / "compose/docker-compose.yml").read_text()))
+if not named_profiles:
+    fail("no service names a run-profile (BERTH_PROFILE)")
+profiles = {}
+for profile in sorted(named_profiles):
+    path = root / "run-profiles" / profile / "profile.toml"
+    if not path.is_file():
+        fail(f"profile {profile!r} is named in the compose file but {path.relative_to(root)} does not exist")
+for path in sorted((root / "run-profiles").glob("*/profile.toml")):
+    try:
+        profiles[path.parent.name] = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        fail(f"{path.relative_to(root)} is not TOML: {error}")
+
+# Bootstrap: one shot, after healthy infrastructure, never dropping data by default.
+bootstrap = services.get("bootstrap")
+if bootstrap is None:
+    fail("no bootstrap service")
+else:
+    if str(bootstrap.get("restart")) != "no":
+        fail('bootstrap must have restart: "no"')
+    if command(bootstrap)[:1] != ["bootstrap"]:
+        fail(f"bootstrap runs {command(bootstrap)}, expected `bootstrap`")
+    if "--reset" in command(bootstrap):
+        fail("bootstrap must not pass --reset: that drops stored records on every start")
+    for infrastructure in ("mongo", "redis", "rabbitmq"):
+        if (bootstrap.get("depends_on") or {}).get(infrastructure, {}).get("condition") != "service_healthy":
+            fail(f"bootstrap must wait for {infrastructure} to be healthy")
+
+# The engine and one service per agent kind.
+commands = {" ".join(command(service)): name for name, service in long_running_berth.items()}
+for expected in ("engine", "agent container", "agent workspace", "agent persistence", "agent session"):
+    if expected not in commands:
+        fail(f"no long-running service runs `berth {expected}`")
+
+# Long-running Berth services: after bootstrap, health-checked, limited, configured, not root.
+for name, service in long_running_berth.items():
+    if (service.get("depends_on") or {}).get("bootstrap", {}).get("condition") != "service_completed_successfully":
+        fail(f"{name} must depend on bootstrap with condition service_completed_successfully")
+    if not (service.get("healthcheck") or {}).get("test"):
+        fail(f"{name} has no healthcheck")
+    env = environment(service)
+    for variable in ("BERTH_PROFILE", "BERTH_AMQP_URL", "BERTH_REDIS_URL", "BERTH_STORE_URL", "BERTH_OBJECT_STORE_URL"):
+        if not env.get(variable):
+            fail(f"{name} does not set {variable}")
+    if not str(env.get("BERTH_STORE_URL", "")).startswith("mongodb://"):
+        fail(f"{name}: BERTH_STORE_URL must be the stack's MongoDB, got {env.get('BERTH_STORE_URL')!r}")
+    if str(service.get("user", "")).split(":")[0] in ("0", "root"):
+        fail(f"{name} runs as root")
+
+# Resource limits on everything that keeps running.
+for name, service in services.items():
+    if name in one_shot:
+        continue
+    limits = ((service.get("deploy") or {}).get("resources") or {}).get("limits") or {}
+    if not (limits.get("memory") or service.get("mem_limit")) or not (limits.get("cpus") or service.get("cpus")):
+        fail(f"{name} has no memory and CPU limits")
+
+# Only the orchestrator gets the Docker socket.
+for name, service in services.items():
+    for source, target in mounts(service):
+        if "docker.sock" in source or "docker.sock" in target:
+            if commands.get("agent container") != name:
+                fail(f"{name} mounts the Docker socket; only the container agent may")
+
+# The workspace root is mounted at the same path as on the host, where it is used.
+for kind in ("agent container", "agent workspace"):
+    name = commands.get(kind)
+    if name is None:
+        continue
+    workspace_root = environment(services[name]).get("BERTH_WORKSPACE_ROOT")
+    if not workspace_root:
+        fail(f"{name} does not set BERTH_WORKSPACE_ROOT")
+    elif (workspace_root, workspace_root) not in set(mounts(services[name])):
+        fail(f"{name} must mount {workspace_root} at the same path inside (bind mounts name host paths)")
+
+# The session agent: the secret every profile names, published, health-checked on /healthz.
+session_name = commands.get("agent session")
+if session_name:
+    session = services[session_name]
+    env = environment(session)
+    for profile_name, profile in profiles.items():
+        key_variable = profile.get("session", {}).get("jwt_key_env")
+        if key_variable and not env.get(key_variable):
+            fail(f"{session_name} does not set {key_variable}, which profile {profile_name} reads user-token keys from")
+    port = str(env.get("BERTH_SESSION_ADDR", "")).rsplit(":", 1)[-1]
+    if not port.isdigit():
+        fail(f"{session_name} must set BERTH_SESSION_ADDR to a listen address with a port")
+    else:
+        published = [str(mapping.get("target")) if isinstance(mapping, dict) else str(mapping).rsplit(":", 1)[-1].split("/")[0]
+                     for mapping in session.get("ports") or []]
+        if port not in published:
+            fail(f"{session_name} does not publish its port {port}")
+        test = " ".join(map(str, (session.get("healthcheck") or {}).get("test") or []))
+        if "/healthz" not in test or port not in test:
+            fail(f"{session_name}'s healthcheck must GET /healthz on port {port}")
+
+# Infrastructure as the design needs it.
+mongo, redis, rabbitmq = services.get("mongo"), services.get("redis"), services.get("rabbitmq")
+if mongo is None or "--replSet" not in command(mongo) or "rs.initiate" not in str((mongo.get("healthcheck") or {}).get("test")):
+    fail("mongo must run as a replica set (--replSet) with a healthcheck that initiates it")
+if redis is None:
+    fail("no redis service")
+else:
+    redis_command = command(redis)
+    if "--appendonly" not in redis_command or redis_command[redis_command.index("--appendonly") + 1] != "yes":
+        fail("redis must run with --appendonly yes")
+    if "--notify-keyspace-events" not in redis_command:
+        fail("redis must enable keyspace notifications (--notify-keyspace-events)")
+    else:
+        flags = redis_command[redis_command.index("--notify-keyspace-events") + 1]
+        if "x" not in flags or not ("E" in flags or "K" in flags):
+            fail(f"redis keyspace notifications {flags!r} do not include expiry events (Ex)")
+if rabbitmq is None or "management" not in str(rabbitmq.get("image")) or not rabbitmq.get("healthcheck"):
+    fail("rabbitmq must use a management image and have a healthcheck")
+for name in ("mongo", "redis", "rabbitmq"):
+    if name in services and not services[name].get("healthcheck"):
+        fail(f"{name} has no healthcheck")
+
+# The Dockerfile: multi-stage, every workspace crate known to the dependency-cache stage, non-root,
+# only the binary, patterns and profiles in the final image, a Rust new enough for the lockfile.
+dockerfile_path = root / "compose/Dockerfile"
+dockerfile = dockerfile_path.read_text()
+if len(re.findall(r"^FROM ", dockerfile, re.M)) < 2:
+    fail("compose/Dockerfile must be multi-stage")
+manifest = tomllib.loads((root / "Cargo.toml").read_text())
+for member in manifest["workspace"]["members"]:
+    if f"COPY {member}/Cargo.toml {member}/" not in dockerfile:
+        fail(f"compose/Dockerfile does not copy {member}/Cargo.toml into its dependency-cache stage")
+    if not re.search(rf"for crate in [^;]*\b{re.escape(member)}\b", dockerfile):
+        fail(f"compose/Dockerfile creates no placeholder source for {member}")
+    if not (root / member / "src/lib.rs").is_file():
+        fail(f"{member} has no src/lib.rs: the Dockerfile's placeholder stage assumes library crates")
+final_stage = dockerfile.rsplit("\nFROM ", 1)[-1]
+users = re.findall(r"^USER\s+(\S+)", final_stage, re.M)
+if not users or users[-1].split(":")[0] in ("0", "root"):
+    fail("the final image must run as a non-root USER")
+for required in ("COPY patterns/", "COPY run-profiles/", "COPY --from=build /out/berth"):
+    if required not in final_stage:
+        fail(f"the final image lacks `{required}`")
+rust_version = re.search(r"^ARG RUST_VERSION=(\S+)", dockerfile, re.M)
+if not rust_version:
+    fail("compose/Dockerfile must pin ARG RUST_VERSION")
+else:
+    needed = [manifest.get("workspace", {}).get("package", {}).get("rust-version", "1.0")]
+    if highest_dependency_rust_version:
+        needed.append(highest_dependency_rust_version)
+    for version in needed:
+        if version_tuple(rust_version.group(1)) < version_tuple(version):
+            fail(f"RUST_VERSION {rust_version.group(1)} is older than the {version} the workspace's crates need")
+dockerignore = root / "compose/Dockerfile.dockerignore"
+if not dockerignore.is_file() or "target" not in dockerignore.read_text():
+    fail("compose/Dockerfile.dockerignore must exist and exclude target/")
+
+for problem in problems:
+    print(f"compose-check: FAIL: {problem}", file=sys.stderr)
+print(f"compose-check: {len(services)} services, profiles named: {', '.join(sorted(named_profiles))}", file=sys.stderr)
+sys.exit(1 if problems else 0)
+PYTHON
+then
+  problems=$((problems + 1))
+fi
+
+if [ "$problems" -gt 0 ]; then
+  note "$problems problem(s) in compose/"
+  exit 1
+fi
+note "ok: compose/docker-compose.yml and compose/Dockerfile pass every check"
