@@ -1,23 +1,70 @@
-//! The session agent: authenticated WebSockets for users.
+//! The session agent: the users' door. Authenticated WebSockets (JWT verified before the upgrade)
+//! carrying live session status, commands (open, close, activity, subscribe) and a small HTTP API
+//! (`/healthz`, `/readyz`, `/metrics`, `/api/sessions`). See the crate's README for the protocol.
+
+pub mod auth;
+mod bench;
+pub mod config;
+pub mod error;
+pub mod frames;
+pub mod hub;
+pub mod metrics;
+pub mod notify;
+pub mod server;
+mod socket;
+pub mod store;
+pub mod throttle;
 
 use std::future::Future;
 
-use protocol::Profile;
+use protocol::{Bus, BusConfig, Profile};
 
-/// Runs `berth agent session` until `shutdown` completes.
+pub use auth::{Identity, KeyMaterial, TokenAuthority};
+pub use config::{SessionConfig, StoreRoute};
+pub use error::{Error, Result};
+pub use server::{serve, start, InstanceHandle};
+
+/// Runs `berth agent session` until `shutdown` completes: listens on `services.session_addr`
+/// (`BERTH_SESSION_ADDR`) with the key and limits of the profile.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let _ = (profile, shutdown);
-    anyhow::bail!("`berth agent session` is not built yet")
+    let config = SessionConfig::from_profile(&profile)?;
+    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-session")).await?;
+    bus.declare_topology().await?;
+    let address = &profile.services.session_addr;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::Listen { address: address.clone(), source })?;
+    // The HTTP server wants a `'static` shutdown future; relay the caller's through a channel.
+    let (trigger, triggered) = tokio::sync::oneshot::channel::<()>();
+    let serving = serve(config, bus.clone(), listener, async move {
+        let _ = triggered.await;
+    });
+    let mut serving = std::pin::pin!(serving);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut trigger = Some(trigger);
+    let served = loop {
+        tokio::select! {
+            served = &mut serving => break served,
+            () = &mut shutdown, if trigger.is_some() => {
+                if let Some(trigger) = trigger.take() {
+                    let _ = trigger.send(());
+                }
+            }
+        }
+    };
+    bus.close().await;
+    Ok(served?)
 }
 
-/// `berth bench session`.
+/// `berth bench session`: notification fan-out latency and connections held per GiB.
 pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    let _ = profile;
-    anyhow::bail!("`berth bench session` is not built yet")
+    bench::run(profile).await
 }
 
-/// `berth token`: mints a development token for `user`.
+/// `berth token`: mints a development token for `user` with the profile's key and audience.
 pub fn mint_token(profile: &Profile, user: &str, roles: &[String], ttl: &str) -> anyhow::Result<String> {
-    let _ = (profile, user, roles, ttl);
-    anyhow::bail!("`berth token` is not built yet")
+    let key = KeyMaterial::from_profile(profile)?;
+    let authority = TokenAuthority::new(&key, &profile.session.jwt_audience)?;
+    let ttl = auth::parse_ttl(ttl)?;
+    Ok(authority.mint(user, roles, ttl)?)
 }

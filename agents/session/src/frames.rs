@@ -1,0 +1,302 @@
+//! The WebSocket protocol: JSON text frames from the client (requests) and from the server
+//! (replies, status pushes, the snapshot on connect). Parsing never fails silently: every request,
+//! even an unreadable one, gets an `ok` or an `error` reply naming what was wrong.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A validated client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRequest {
+    /// Start a workspace session; answered with the new session id.
+    Open { workspace: String, profile: String },
+    /// Close one of the caller's sessions.
+    Close { session: String, reason: Option<String> },
+    /// The user did something in the session's UI (keystroke, click, scroll).
+    Activity { session: String },
+    /// Send the current status of a session now and its status pushes from now on.
+    Subscribe { session: String },
+    /// Application-level liveness check for clients that cannot send WebSocket pings.
+    Ping,
+}
+
+/// One client frame: the request id to echo (if any) and the request or why it was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedFrame {
+    pub request_id: Option<String>,
+    pub request: Result<ClientRequest, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenBody {
+    workspace: String,
+    profile: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseBody {
+    session: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionBody {
+    session: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+/// Parses one text frame. The request id is recovered even when the rest is wrong, so the error
+/// reply can be matched to its request.
+pub fn parse_client_frame(text: &str) -> ParsedFrame {
+    let value: Value = match serde_json::from_str(text) {
+        Ok(value) => value,
+        Err(error) => return ParsedFrame { request_id: None, request: Err(format!("frame is not valid JSON: {error}")) },
+    };
+    let Value::Object(mut object) = value else {
+        return ParsedFrame { request_id: None, request: Err("frame must be a JSON object".to_owned()) };
+    };
+    let request_id = match object.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) if !id.is_empty() && id.len() <= 128 => Some(id),
+        Some(_) => return ParsedFrame { request_id: None, request: Err("`id` must be a string of 1 to 128 characters".to_owned()) },
+    };
+    let request = parse_request(object);
+    ParsedFrame { request_id, request }
+}
+
+fn parse_request(mut object: Map<String, Value>) -> Result<ClientRequest, String> {
+    let frame_type = match object.remove("type") {
+        Some(Value::String(frame_type)) => frame_type,
+        Some(_) => return Err("`type` must be a string".to_owned()),
+        None => return Err("`type` is missing (open, close, activity, subscribe or ping)".to_owned()),
+    };
+    let body = Value::Object(object);
+    let field_error = |error: serde_json::Error| format!("`{frame_type}` frame: {error}");
+    match frame_type.as_str() {
+        "open" => {
+            let open: OpenBody = serde_json::from_value(body).map_err(field_error)?;
+            validate_workspace_id(&open.workspace)?;
+            Ok(ClientRequest::Open { workspace: open.workspace, profile: open.profile })
+        }
+        "close" => {
+            let close: CloseBody = serde_json::from_value(body).map_err(field_error)?;
+            validate_session_id(&close.session)?;
+            if close.reason.as_ref().is_some_and(|reason| reason.len() > 256) {
+                return Err("`reason` is longer than 256 characters".to_owned());
+            }
+            Ok(ClientRequest::Close { session: close.session, reason: close.reason })
+        }
+        "activity" => {
+            let activity: SessionBody = serde_json::from_value(body).map_err(field_error)?;
+            validate_session_id(&activity.session)?;
+            Ok(ClientRequest::Activity { session: activity.session })
+        }
+        "subscribe" => {
+            let subscribe: SessionBody = serde_json::from_value(body).map_err(field_error)?;
+            validate_session_id(&subscribe.session)?;
+            Ok(ClientRequest::Subscribe { session: subscribe.session })
+        }
+        "ping" => {
+            let _: EmptyBody = serde_json::from_value(body).map_err(field_error)?;
+            Ok(ClientRequest::Ping)
+        }
+        other => Err(format!("unknown frame type {other:?} (expected open, close, activity, subscribe or ping)")),
+    }
+}
+
+/// Workspace ids become part of object-store prefixes: keep them to one safe path segment.
+fn validate_workspace_id(workspace: &str) -> Result<(), String> {
+    let well_formed = !workspace.is_empty()
+        && workspace.len() <= 128
+        && !workspace.starts_with('.')
+        && workspace.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if well_formed {
+        Ok(())
+    } else {
+        Err(format!("`workspace` {workspace:?} must be 1-128 letters, digits, `-`, `_` or `.`, not starting with `.`"))
+    }
+}
+
+/// Session ids are UUIDs chosen by this agent; anything else cannot name a session.
+fn validate_session_id(session: &str) -> Result<(), String> {
+    uuid::Uuid::parse_str(session).map(|_| ()).map_err(|_| format!("`session` must be a session id (a UUID), got {session:?}"))
+}
+
+/// Why a request was refused: a closed set clients can switch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is malformed or names something invalid.
+    BadRequest,
+    /// The frame is over `max_frame_bytes`.
+    FrameTooLarge,
+    /// Over `max_messages_per_second`; the frame was not processed.
+    RateLimited,
+    /// No such session among those the caller may see (another user's session looks the same).
+    NotFound,
+    /// The broker or the store did not answer; retry later.
+    Unavailable,
+}
+
+/// The state of one session as clients see it, from a notification or a stored record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SessionStatus {
+    pub session: String,
+    pub user: String,
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+    #[serde(skip_serializing_if = "Value::is_null")]
+    pub detail: Value,
+}
+
+impl SessionStatus {
+    /// From an engine notification: host, port, progress and error are lifted out of `detail`.
+    pub fn from_notification(notification: &protocol::Notification) -> Option<SessionStatus> {
+        let session = notification.session.clone()?;
+        let lift = |name: &str| notification.detail.get(name).filter(|value| !value.is_null()).cloned();
+        Some(SessionStatus {
+            session,
+            user: notification.user.clone(),
+            state: notification.state.clone(),
+            workspace: lift("workspace").and_then(|value| value.as_str().map(str::to_owned)),
+            progress: lift("progress"),
+            host: lift("host"),
+            port: lift("port"),
+            error: lift("error"),
+            detail: notification.detail.clone(),
+        })
+    }
+
+    /// From a `sessions` record of the store.
+    pub fn from_record(record: &Value) -> Option<SessionStatus> {
+        let text = |name: &str| record.get(name).and_then(Value::as_str).map(str::to_owned);
+        let lift = |name: &str| record.get(name).filter(|value| !value.is_null()).cloned();
+        Some(SessionStatus {
+            session: text("id")?,
+            user: text("user")?,
+            state: text("state").unwrap_or_else(|| "unknown".to_owned()),
+            workspace: text("workspace"),
+            progress: lift("progress"),
+            host: lift("host"),
+            port: lift("port"),
+            error: lift("error"),
+            detail: Value::Null,
+        })
+    }
+}
+
+/// Everything the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The request succeeded. `session` names the new session after `open`; `status` comes with
+    /// `subscribe`; `debounced` tells whether an `activity` was folded into an earlier event.
+    Ok {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<SessionStatus>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        debounced: Option<bool>,
+    },
+    /// The request was refused.
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        code: ErrorCode,
+        message: String,
+    },
+    /// A session changed state.
+    Status(SessionStatus),
+    /// Sent once right after the connection is accepted: who you are and the current state of your
+    /// sessions (`sessions` is absent and `error` set when the store could not be reached).
+    Snapshot {
+        user: String,
+        roles: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sessions: Option<Vec<SessionStatus>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+impl ServerFrame {
+    pub fn ok(id: Option<String>) -> ServerFrame {
+        ServerFrame::Ok { id, session: None, status: None, debounced: None }
+    }
+
+    pub fn error(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+        ServerFrame::Error { id, code, message: message.into() }
+    }
+
+    pub fn to_text(&self) -> String {
+        // A tree of strings and JSON values always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SESSION: &str = "01936f0e-7d3a-7c4e-9a51-3d2a1b0c9e8f";
+
+    #[track_caller]
+    fn check(text: &str, expected_id: Option<&str>, expected: Result<ClientRequest, &str>) {
+        let parsed = parse_client_frame(text);
+        assert_eq!(parsed.request_id.as_deref(), expected_id, "{text}");
+        match (parsed.request, expected) {
+            (Ok(actual), Ok(expected)) => assert_eq!(actual, expected),
+            (Err(actual), Err(fragment)) => assert!(actual.contains(fragment), "{actual:?} lacks {fragment:?}"),
+            (actual, expected) => panic!("{text}: got {actual:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn client_frame_table() {
+        check(r#"{"type":"open","id":"r1","workspace":"w1","profile":"dev"}"#, Some("r1"),
+              Ok(ClientRequest::Open { workspace: "w1".into(), profile: "dev".into() }));
+        check(&format!(r#"{{"type":"close","session":"{SESSION}"}}"#), None,
+              Ok(ClientRequest::Close { session: SESSION.into(), reason: None }));
+        check(&format!(r#"{{"type":"activity","id":"a","session":"{SESSION}"}}"#), Some("a"),
+              Ok(ClientRequest::Activity { session: SESSION.into() }));
+        check(&format!(r#"{{"type":"subscribe","id":"s","session":"{SESSION}"}}"#), Some("s"),
+              Ok(ClientRequest::Subscribe { session: SESSION.into() }));
+        check(r#"{"type":"ping","id":"p"}"#, Some("p"), Ok(ClientRequest::Ping));
+        check("{", None, Err("not valid JSON"));
+        check("[1]", None, Err("must be a JSON object"));
+        check(r#"{"id":"x"}"#, Some("x"), Err("`type` is missing"));
+        check(r#"{"id":"x","type":"dance"}"#, Some("x"), Err("unknown frame type \"dance\""));
+        check(r#"{"id":"x","type":"open","workspace":"w1"}"#, Some("x"), Err("missing field `profile`"));
+        check(r#"{"id":"x","type":"open","workspace":"../etc","profile":"dev"}"#, Some("x"), Err("`workspace`"));
+        check(r#"{"id":"x","type":"open","workspace":"w","profile":"dev","user":"bob"}"#, Some("x"), Err("unknown field `user`"));
+        check(r#"{"id":"x","type":"close","session":"nope"}"#, Some("x"), Err("must be a session id"));
+        check(r#"{"id":7,"type":"ping"}"#, None, Err("`id` must be a string"));
+    }
+
+    #[test]
+    fn server_frames_are_tagged() {
+        let text = ServerFrame::error(Some("r1".into()), ErrorCode::NotFound, "no such session").to_text();
+        assert_eq!(text, r#"{"type":"error","id":"r1","code":"not_found","message":"no such session"}"#);
+        let text = ServerFrame::Ok { id: Some("r2".into()), session: Some("s".into()), status: None, debounced: None }.to_text();
+        assert_eq!(text, r#"{"type":"ok","id":"r2","session":"s"}"#);
+    }
+}

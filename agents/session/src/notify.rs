@@ -1,0 +1,101 @@
+//! Consumes this instance's private queue on `berth.notify` and hands each notification to the
+//! hub. When the broker connection is lost the queue goes with it, so the loop declares a fresh
+//! queue, rebinds every connected user and consumes again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+use protocol::Bus;
+use tokio::sync::watch;
+
+use crate::error::Result;
+use crate::hub::Hub;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A consumer whose queue is declared, bound and consuming.
+pub struct NotificationConsumer {
+    queue: String,
+    channel: lapin::Channel,
+    consumer: lapin::Consumer,
+    consumer_tag: String,
+}
+
+/// Whether the notification consumer is currently consuming (for `/readyz`).
+pub type ConsumerReady = Arc<AtomicBool>;
+
+impl NotificationConsumer {
+    /// Declares a private queue, binds the users the hub needs, and starts consuming.
+    pub async fn start(bus: &Bus, hub: &Hub) -> Result<NotificationConsumer> {
+        let queue = bus.declare_private_queue(protocol::topology::NOTIFY_EXCHANGE, &[]).await?;
+        hub.install_queue(&queue).await?;
+        let channel = bus.channel().await?;
+        let consumer_tag = format!("berth-session-{}", uuid::Uuid::now_v7());
+        // Notifications are fire-and-forget: a socket that misses one resyncs from the store on
+        // reconnect, so there is nothing to gain from acknowledging them one by one.
+        let options = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
+        let consumer = channel.basic_consume(&queue, &consumer_tag, options, FieldTable::default()).await.map_err(protocol::bus::BusError::from)?;
+        tracing::info!(queue = %queue, "consuming notifications");
+        Ok(NotificationConsumer { queue, channel, consumer, consumer_tag })
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Runs until `stop` turns true, restarting on a fresh queue whenever the broker drops it.
+    pub async fn run(self, bus: Bus, hub: Arc<Hub>, ready: ConsumerReady, mut stop: watch::Receiver<bool>) {
+        let mut current = Some(self);
+        let mut backoff = BACKOFF_START;
+        loop {
+            if let Some(mut consumer) = current.take() {
+                ready.store(true, Ordering::Relaxed);
+                backoff = BACKOFF_START;
+                let stopped = consumer.pump(&hub, &mut stop).await;
+                ready.store(false, Ordering::Relaxed);
+                if stopped {
+                    let _ = consumer.channel.basic_cancel(&consumer.consumer_tag, BasicCancelOptions::default()).await;
+                    let _ = consumer.channel.close(200, "shutting down").await;
+                    let _ = bus.delete_queue(&consumer.queue).await;
+                    return;
+                }
+                tracing::warn!(queue = %consumer.queue, "notification consumer interrupted; starting a new queue");
+                hub.forget_queue().await;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            match NotificationConsumer::start(&bus, &hub).await {
+                Ok(consumer) => current = Some(consumer),
+                Err(error) => tracing::warn!(%error, retry_in = ?backoff, "cannot restart the notification consumer"),
+            }
+        }
+    }
+
+    /// Delivers until the stream ends (false) or `stop` turns true (true).
+    async fn pump(&mut self, hub: &Hub, stop: &mut watch::Receiver<bool>) -> bool {
+        loop {
+            let delivery = tokio::select! {
+                delivery = self.consumer.next() => delivery,
+                _ = stop.wait_for(|stopped| *stopped) => return true,
+            };
+            match delivery {
+                Some(Ok(delivery)) => {
+                    hub.deliver(delivery.routing_key.as_str(), &delivery.data);
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "notification delivery error");
+                    return false;
+                }
+                None => return false,
+            }
+        }
+    }
+}

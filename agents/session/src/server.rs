@@ -1,0 +1,221 @@
+//! The HTTP side: routes, authentication at the door, and `serve`, which runs one instance on a
+//! listener until shutdown.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use protocol::Bus;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::{token_from_request, AuthFailure, Identity};
+use crate::config::SessionConfig;
+use crate::error::{Error, Result};
+use crate::frames::SessionStatus;
+use crate::hub::Hub;
+use crate::metrics::{bump, Metrics};
+use crate::notify::{ConsumerReady, NotificationConsumer};
+use crate::store::SessionStore;
+use crate::throttle::ActivityDebouncer;
+
+/// The WebSocket subprotocol the server selects when a browser offers one.
+pub const SUBPROTOCOL: &str = "berth.v1";
+/// How long shutdown waits for sockets to say goodbye.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every handler shares.
+pub struct AppState {
+    pub config: SessionConfig,
+    pub bus: Bus,
+    pub hub: Arc<Hub>,
+    pub store: SessionStore,
+    pub metrics: Arc<Metrics>,
+    pub consumer_ready: ConsumerReady,
+    /// Turns true when the instance shuts down.
+    pub stop: watch::Receiver<bool>,
+    debouncer: Mutex<ActivityDebouncer>,
+}
+
+impl AppState {
+    pub fn debouncer(&self) -> MutexGuard<'_, ActivityDebouncer> {
+        self.debouncer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running instance's handles, for tests and the benchmark.
+#[derive(Clone)]
+pub struct InstanceHandle {
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
+}
+
+/// Serves users on `listener` until `shutdown` completes: stops accepting, closes every socket
+/// with 1001 (going away), removes the private queue, returns.
+pub async fn serve(config: SessionConfig, bus: Bus, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    let (handle, running) = start(config, bus, listener, shutdown).await?;
+    drop(handle);
+    running.await
+}
+
+/// Like [`serve`], but returns once the instance is ready (queue bound, listening) with its
+/// handles and the future that runs it.
+pub async fn start(
+    config: SessionConfig,
+    bus: Bus,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(InstanceHandle, impl Future<Output = Result<()>> + Send)> {
+    config.validate()?;
+    let metrics = Arc::new(Metrics::default());
+    let hub = Hub::new(bus.clone(), metrics.clone(), config.max_connections_per_user);
+    let consumer = NotificationConsumer::start(&bus, &hub).await?;
+    let (stop_sender, stop) = watch::channel(false);
+    let consumer_ready = ConsumerReady::default();
+    let consumer_task = tokio::spawn(consumer.run(bus.clone(), hub.clone(), consumer_ready.clone(), stop.clone()));
+    let store = SessionStore::new(bus.clone(), config.store.clone());
+    let debouncer = Mutex::new(ActivityDebouncer::new(config.activity_debounce));
+    let address = listener.local_addr().map(|address| address.to_string()).unwrap_or_default();
+    let state = Arc::new(AppState { config, bus, hub: hub.clone(), store, metrics: metrics.clone(), consumer_ready, stop, debouncer });
+    let router = router(state.clone());
+    let handle = InstanceHandle { metrics: metrics.clone(), hub: hub.clone() };
+    let running = async move {
+        tracing::info!(%address, "session agent listening");
+        let graceful = async move {
+            shutdown.await;
+            let _ = stop_sender.send(true);
+            // Keep the sender alive until serving ends so sockets see `true`, not a closed channel.
+            std::future::pending::<()>().await;
+        };
+        let served = axum::serve(listener, router).with_graceful_shutdown(async move {
+            tokio::select! {
+                () = graceful => {}
+                _ = wait_stopped(state.stop.clone()) => {}
+            }
+        });
+        let outcome = served.await.map_err(Error::Serve);
+        // Upgraded sockets run outside the HTTP server; give them a moment to close cleanly.
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = consumer_task.await;
+        tracing::info!(%address, "session agent stopped");
+        outcome
+    };
+    Ok((handle, running))
+}
+
+async fn wait_stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/sessions", get(list_sessions))
+        .route("/ws", get(websocket))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let broker = state.bus.is_connected().await;
+    let consuming = state.consumer_ready.load(Ordering::Relaxed);
+    let status = if broker && consuming { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"broker": broker, "notifications": consuming}))).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+}
+
+/// `?access_token=` from a raw query string (JWTs need no percent-decoding).
+fn query_parameter<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| pair.split_once('=').filter(|(key, _)| *key == name).map(|(_, value)| value))
+}
+
+fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Result<Identity, Response> {
+    let header_text = |name| headers.get(name).and_then(|value| value.to_str().ok());
+    let token = token_from_request(header_text(header::AUTHORIZATION), header_text(header::SEC_WEBSOCKET_PROTOCOL), query_parameter(query, "access_token"));
+    let outcome = match token {
+        Some(token) => state.config.authority.verify(token),
+        None => Err(AuthFailure::MissingToken),
+    };
+    outcome.map_err(|failure| {
+        bump(&state.metrics.auth_failures);
+        tracing::info!(reason = failure.label(), "refused an unauthenticated request");
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(json!({"error": "unauthorized", "reason": failure.label(), "message": failure.to_string()})),
+        )
+            .into_response()
+    })
+}
+
+/// `GET /ws`: authenticate first; only a verified caller gets an upgrade.
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let identity = match authenticate(&state, &headers, query.as_deref()) {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal,
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let slot = match state.hub.reserve_slot(&identity.user) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            bump(&state.metrics.connections_refused_limit);
+            let message = format!("at most {} connections per user", limit.limit);
+            return (StatusCode::TOO_MANY_REQUESTS, Json(json!({"error": "too_many_connections", "message": message}))).into_response();
+        }
+    };
+    let hard_limit = state.config.hard_frame_limit_bytes;
+    upgrade
+        .protocols([SUBPROTOCOL])
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
+        .on_upgrade(move |socket| crate::socket::serve_socket(socket, state, identity, slot))
+}
+
+/// `GET /api/sessions`: the caller's sessions; an admin may add `?user=<id>` or `?all=true`.
+async fn list_sessions(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    let identity = match authenticate(&state, &headers, query.as_deref()) {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal,
+    };
+    let requested_user = query_parameter(query.as_deref(), "user");
+    let everyone = query_parameter(query.as_deref(), "all") == Some("true");
+    let asks_for_others = everyone || requested_user.is_some_and(|user| user != identity.user);
+    if asks_for_others && !identity.is_admin() {
+        return (StatusCode::FORBIDDEN, Json(json!({"error": "forbidden", "message": "only admins see other users' sessions"}))).into_response();
+    }
+    let filter_user = if everyone { None } else { Some(requested_user.unwrap_or(&identity.user)) };
+    match state.store.sessions_of(filter_user).await {
+        Ok(records) => {
+            let sessions: Vec<SessionStatus> = records.iter().filter_map(SessionStatus::from_record).collect();
+            Json(json!({"sessions": sessions})).into_response()
+        }
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "unavailable", "message": error.to_string()}))).into_response(),
+    }
+}

@@ -1,0 +1,338 @@
+//! One WebSocket connection after authentication: the snapshot, then one loop over everything
+//! that can happen to it (a client frame, a status to push, a heartbeat tick, shutdown).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use protocol::CloudEvent;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::auth::Identity;
+use crate::frames::{parse_client_frame, ClientRequest, ErrorCode, ServerFrame, SessionStatus};
+use crate::hub::{ConnectionId, ConnectionSlot};
+use crate::metrics::bump;
+use crate::server::AppState;
+use crate::throttle::RateLimiter;
+
+/// How long a request waits for the broker to confirm its event before answering `unavailable`.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// WebSocket close codes (RFC 6455 §7.4.1).
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+
+/// What can happen to a connection; handled in one exhaustive match.
+enum Input {
+    FromClient(Option<Result<Message, axum::Error>>),
+    ToClient(Option<Utf8Bytes>),
+    HeartbeatTick,
+    Shutdown,
+}
+
+/// The state of one authenticated connection.
+struct Connection {
+    state: Arc<AppState>,
+    identity: Identity,
+    connection_id: ConnectionId,
+    socket: WebSocket,
+    rate_limiter: RateLimiter,
+    /// Sessions this connection has been allowed to act on, with their owners, so that repeated
+    /// activity does not ask the store every time.
+    authorized_sessions: HashMap<String, String>,
+    last_heard: Instant,
+}
+
+/// Serves one upgraded socket until it closes. The slot is held for the connection's lifetime.
+pub async fn serve_socket(socket: WebSocket, state: Arc<AppState>, identity: Identity, slot: ConnectionSlot) {
+    let metrics = state.metrics.clone();
+    metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+    bump(&metrics.connections_total);
+    let mut socket = socket;
+    match state.hub.attach(&identity.user).await {
+        Ok((connection_id, outbound)) => {
+            tracing::debug!(user = %identity.user, connection_id, "socket connected");
+            let now = Instant::now();
+            let rate_limiter = RateLimiter::new(state.config.max_messages_per_second, now);
+            let mut connection =
+                Connection { state: state.clone(), identity, connection_id, socket, rate_limiter, authorized_sessions: HashMap::new(), last_heard: now };
+            connection.run(outbound).await;
+            state.hub.detach(connection_id).await;
+            tracing::debug!(user = %connection.identity.user, connection_id, "socket closed");
+        }
+        Err(error) => {
+            tracing::warn!(user = %identity.user, %error, "cannot route notifications for a new socket; closing it");
+            let _ = socket.send(close_message(CLOSE_TRY_AGAIN_LATER, "notifications unavailable, retry")).await;
+        }
+    }
+    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+    drop(slot);
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }))
+}
+
+impl Connection {
+    async fn run(&mut self, mut outbound: tokio::sync::mpsc::Receiver<Utf8Bytes>) {
+        // The user's key is bound before the snapshot is read, so no status can fall between them.
+        self.send_snapshot().await;
+        let mut stop = self.state.stop.clone();
+        let mut heartbeat = tokio::time::interval(self.state.config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        loop {
+            let input = tokio::select! {
+                message = self.socket.recv() => Input::FromClient(message),
+                frame = outbound.recv() => Input::ToClient(frame),
+                _ = heartbeat.tick() => Input::HeartbeatTick,
+                _ = stop.wait_for(|stopped| *stopped) => Input::Shutdown,
+            };
+            let keep_going = match input {
+                Input::FromClient(None) => false,
+                Input::FromClient(Some(Err(error))) => {
+                    self.close_after_read_error(&error).await;
+                    false
+                }
+                Input::FromClient(Some(Ok(message))) => {
+                    self.last_heard = Instant::now();
+                    self.on_client_message(message).await
+                }
+                Input::ToClient(Some(text)) => self.send_text(text).await,
+                Input::ToClient(None) => {
+                    let _ = self.socket.send(close_message(CLOSE_TRY_AGAIN_LATER, "fell behind; reconnect to resync")).await;
+                    false
+                }
+                Input::HeartbeatTick => self.on_heartbeat().await,
+                Input::Shutdown => {
+                    let _ = self.socket.send(close_message(CLOSE_GOING_AWAY, "server shutting down")).await;
+                    false
+                }
+            };
+            if !keep_going {
+                return;
+            }
+        }
+    }
+
+    async fn send_snapshot(&mut self) {
+        let frame = match self.state.store.sessions_of(Some(&self.identity.user)).await {
+            Ok(records) => {
+                let sessions: Vec<SessionStatus> = records.iter().filter_map(SessionStatus::from_record).collect();
+                for status in &sessions {
+                    self.authorized_sessions.insert(status.session.clone(), status.user.clone());
+                }
+                ServerFrame::Snapshot { user: self.identity.user.clone(), roles: self.identity.roles.clone(), sessions: Some(sessions), error: None }
+            }
+            Err(error) => {
+                tracing::warn!(user = %self.identity.user, %error, "no snapshot for a new socket");
+                ServerFrame::Snapshot {
+                    user: self.identity.user.clone(),
+                    roles: self.identity.roles.clone(),
+                    sessions: None,
+                    error: Some(format!("current state unavailable: {error}")),
+                }
+            }
+        };
+        self.send_frame(&frame).await;
+    }
+
+    async fn send_text(&mut self, text: Utf8Bytes) -> bool {
+        match self.socket.send(Message::Text(text)).await {
+            Ok(()) => {
+                bump(&self.state.metrics.frames_sent);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn send_frame(&mut self, frame: &ServerFrame) -> bool {
+        if matches!(frame, ServerFrame::Error { .. }) {
+            bump(&self.state.metrics.frames_refused);
+        }
+        self.send_text(Utf8Bytes::from(frame.to_text())).await
+    }
+
+    /// A frame over the hard limit cannot be read at all; say why before closing.
+    async fn close_after_read_error(&mut self, error: &axum::Error) {
+        let text = error.to_string();
+        // tungstenite reports an oversized message as a capacity error ("Space limit exceeded").
+        let too_big = text.contains("Space limit") || text.contains("too long") || text.contains("too big");
+        let code = if too_big { CLOSE_TOO_BIG } else { CLOSE_PROTOCOL_ERROR };
+        tracing::debug!(user = %self.identity.user, %error, "closing after a read error");
+        if too_big {
+            bump(&self.state.metrics.frames_refused);
+        }
+        let _ = self.socket.send(close_message(code, if too_big { "frame too large" } else { "protocol error" })).await;
+    }
+
+    async fn on_heartbeat(&mut self) -> bool {
+        if self.last_heard.elapsed() > self.state.config.heartbeat_timeout {
+            tracing::info!(user = %self.identity.user, connection_id = self.connection_id, "no pong in time; dropping socket");
+            bump(&self.state.metrics.sockets_dropped_heartbeat);
+            let _ = self.socket.send(close_message(CLOSE_GOING_AWAY, "heartbeat timeout")).await;
+            return false;
+        }
+        self.socket.send(Message::Ping(axum::body::Bytes::from_static(b"berth"))).await.is_ok()
+    }
+
+    async fn on_client_message(&mut self, message: Message) -> bool {
+        match message {
+            Message::Text(text) => {
+                bump(&self.state.metrics.frames_received);
+                let reply = self.on_text(text.as_str()).await;
+                self.send_frame(&reply).await
+            }
+            Message::Binary(_) => {
+                bump(&self.state.metrics.frames_received);
+                self.send_frame(&ServerFrame::error(None, ErrorCode::BadRequest, "binary frames are not accepted; send JSON text")).await
+            }
+            Message::Ping(_) | Message::Pong(_) => true,
+            Message::Close(_) => false,
+        }
+    }
+
+    /// Answers one text frame. Every path returns a reply.
+    async fn on_text(&mut self, text: &str) -> ServerFrame {
+        let limits = &self.state.config;
+        if text.len() > limits.max_frame_bytes {
+            return ServerFrame::error(None, ErrorCode::FrameTooLarge, format!("frame is {} bytes; the limit is {}", text.len(), limits.max_frame_bytes));
+        }
+        if !self.rate_limiter.try_acquire(Instant::now()) {
+            return ServerFrame::error(
+                None,
+                ErrorCode::RateLimited,
+                format!("more than {} frames per second; this one was not processed", limits.max_messages_per_second),
+            );
+        }
+        let parsed = parse_client_frame(text);
+        let id = parsed.request_id;
+        let request = match parsed.request {
+            Ok(request) => request,
+            Err(message) => return ServerFrame::error(id, ErrorCode::BadRequest, message),
+        };
+        match request {
+            ClientRequest::Open { workspace, profile } => self.open(id, &workspace, &profile).await,
+            ClientRequest::Close { session, reason } => self.close(id, &session, reason).await,
+            ClientRequest::Activity { session } => self.activity(id, &session).await,
+            ClientRequest::Subscribe { session } => self.subscribe(id, &session).await,
+            ClientRequest::Ping => ServerFrame::ok(id),
+        }
+    }
+
+    async fn open(&mut self, id: Option<String>, workspace: &str, profile: &str) -> ServerFrame {
+        if profile != self.state.config.profile_name {
+            return ServerFrame::error(id, ErrorCode::BadRequest, format!("this deployment runs profile {:?}, not {profile:?}", self.state.config.profile_name));
+        }
+        let session = uuid::Uuid::now_v7().to_string();
+        let data = json!({"user": self.identity.user, "workspace": workspace, "profile": profile});
+        if let Err(frame) = self.publish("session.open", &session, data, id.clone()).await {
+            return frame;
+        }
+        tracing::info!(user = %self.identity.user, session_id = %session, workspace, "session opened");
+        self.authorized_sessions.insert(session.clone(), self.identity.user.clone());
+        ServerFrame::Ok { id, session: Some(session), status: None, debounced: None }
+    }
+
+    async fn close(&mut self, id: Option<String>, session: &str, reason: Option<String>) -> ServerFrame {
+        if let Err(frame) = self.authorize(id.clone(), session).await {
+            return frame;
+        }
+        let data = match reason {
+            Some(reason) => json!({"reason": reason}),
+            None => json!({}),
+        };
+        if let Err(frame) = self.publish("session.close", session, data, id.clone()).await {
+            return frame;
+        }
+        tracing::info!(user = %self.identity.user, session_id = %session, "session close requested");
+        ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: None }
+    }
+
+    async fn activity(&mut self, id: Option<String>, session: &str) -> ServerFrame {
+        if let Err(frame) = self.authorize(id.clone(), session).await {
+            return frame;
+        }
+        let admitted = self.state.debouncer().admit(session, Instant::now());
+        if !admitted {
+            bump(&self.state.metrics.activity_debounced);
+            return ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(true) };
+        }
+        if let Err(frame) = self.publish("session.activity", session, json!({"source": "websocket"}), id.clone()).await {
+            self.state.debouncer().forget(session);
+            return frame;
+        }
+        bump(&self.state.metrics.activity_events_published);
+        ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(false) }
+    }
+
+    async fn subscribe(&mut self, id: Option<String>, session: &str) -> ServerFrame {
+        let record = match self.state.store.session(session).await {
+            Ok(record) => record,
+            Err(error) => return ServerFrame::error(id, ErrorCode::Unavailable, format!("cannot read the session: {error}")),
+        };
+        let status = record.as_ref().and_then(SessionStatus::from_record);
+        let owner = match (&status, self.authorized_sessions.get(session)) {
+            (Some(status), _) => status.user.clone(),
+            // Opened on this connection but not yet recorded by the store.
+            (None, Some(owner)) => owner.clone(),
+            (None, None) => return not_found(id, session),
+        };
+        if owner != self.identity.user && !self.identity.is_admin() {
+            return not_found(id, session);
+        }
+        if owner != self.identity.user {
+            if let Err(error) = self.state.hub.watch(self.connection_id, session, &owner).await {
+                return ServerFrame::error(id, ErrorCode::Unavailable, format!("cannot subscribe: {error}"));
+            }
+        }
+        self.authorized_sessions.insert(session.to_owned(), owner);
+        ServerFrame::Ok { id, session: Some(session.to_owned()), status, debounced: None }
+    }
+
+    /// The caller may act on `session` if it is theirs, or if they are an admin. Someone else's
+    /// session is answered exactly like a missing one, so ids cannot be probed.
+    async fn authorize(&mut self, id: Option<String>, session: &str) -> Result<String, ServerFrame> {
+        if let Some(owner) = self.authorized_sessions.get(session) {
+            return Ok(owner.clone());
+        }
+        let record = match self.state.store.session(session).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return Err(not_found(id, session)),
+            Err(error) => return Err(ServerFrame::error(id, ErrorCode::Unavailable, format!("cannot check the session's owner: {error}"))),
+        };
+        let Some(owner) = record.get("user").and_then(Value::as_str).map(str::to_owned) else {
+            return Err(not_found(id, session));
+        };
+        if owner != self.identity.user && !self.identity.is_admin() {
+            tracing::info!(user = %self.identity.user, session_id = %session, "refused access to another user's session");
+            return Err(not_found(id, session));
+        }
+        self.authorized_sessions.insert(session.to_owned(), owner.clone());
+        Ok(owner)
+    }
+
+    /// Publishes an event about `session` carrying the token's user, never the frame's.
+    async fn publish(&mut self, event_type: &str, session: &str, data: Value, id: Option<String>) -> Result<(), ServerFrame> {
+        publish_for_user(&self.state, &self.identity.user, event_type, session, data, id).await
+    }
+}
+
+async fn publish_for_user(state: &AppState, user: &str, event_type: &str, session: &str, data: Value, id: Option<String>) -> Result<(), ServerFrame> {
+    let event = CloudEvent::new(event_type, &state.config.event_source, Some(session), data).with_extension("userid", user);
+    match tokio::time::timeout(PUBLISH_TIMEOUT, state.bus.publish_event(&event)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(ServerFrame::error(id, ErrorCode::Unavailable, format!("could not publish {event_type}: {error}"))),
+        Err(_) => Err(ServerFrame::error(id, ErrorCode::Unavailable, format!("the broker did not confirm {event_type} in time"))),
+    }
+}
+
+fn not_found(id: Option<String>, session: &str) -> ServerFrame {
+    ServerFrame::error(id, ErrorCode::NotFound, format!("no session {session} among yours"))
+}
