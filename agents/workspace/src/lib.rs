@@ -1,17 +1,66 @@
-//! The workspace agent: materializes workspaces from object storage and syncs them back, verified.
+//! The workspace agent: materializes workspaces from object storage into a session's host
+//! directory and syncs them back, verified, so that no file is ever lost.
+//!
+//! `berth agent workspace` consumes `berth.agent.workspace` ([`run`]); [`WorkspaceAgent`] is the
+//! handler (tests call it directly); [`bench`] is `berth bench workspace`.
+//!
+//! Where things live: the workspace is `Profile::session_dir(session)` (bind-mounted into the
+//! container); its manifest is `<workspace_root>/.berth-manifests/<session>.json` and downloads are
+//! staged in `<workspace_root>/.berth-staging/<session>/`, both outside what the container sees.
+
+mod agent;
+mod bench;
+mod error;
+mod events;
+mod fsops;
+mod keys;
+mod manifest;
+mod store;
 
 use std::future::Future;
+use std::sync::Arc;
 
-use protocol::Profile;
+use protocol::{topology, AgentKind, Bus, BusConfig, ConsumeSpec, Profile};
+
+pub use agent::{error_policy, read_manifest, session_directory, AgentSettings, SyncKind, SyncReport, WorkspaceAgent};
+pub use error::{Error, Result};
+pub use events::{BusEvents, CollectedEvents, EventSink, Reply, EVENT_SOURCE};
+pub use fsops::Ownership;
+pub use keys::WorkspacePath;
+pub use manifest::{FileEntry, FinalSync, Manifest, Phase, MANIFESTS_DIR, STAGING_DIR};
+pub use store::{open as open_store, OpenedStore, StoreSettings};
+
+/// Consumes `queue` with `agent` until `shutdown` completes.
+pub async fn serve(agent: Arc<WorkspaceAgent>, bus: &Bus, queue: &str, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let prefetch = u16::try_from(agent.profile().workspace.parallelism.clamp(1, 64)).unwrap_or(8);
+    let spec = ConsumeSpec::new(queue, prefetch);
+    bus.consume(
+        spec,
+        move |incoming| {
+            let agent = agent.clone();
+            async move { agent.handle_message(&incoming.body).await }
+        },
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
 
 /// Runs `berth agent workspace` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let _ = (profile, shutdown);
-    anyhow::bail!("`berth agent workspace` is not built yet")
+    let store = store::open(&profile.services.object_store_url, &StoreSettings::from_env())?;
+    tokio::fs::create_dir_all(&profile.services.workspace_root).await?;
+    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-agent-workspace")).await?;
+    bus.declare_topology().await?;
+    tracing::info!(store = %store.url, root = %profile.services.workspace_root.display(), "workspace agent starting");
+    let events = Arc::new(BusEvents { bus: bus.clone() });
+    let agent = Arc::new(WorkspaceAgent::new(profile, store, events, AgentSettings::standard()));
+    let served = serve(agent, &bus, &topology::agent_queue(AgentKind::Workspace), shutdown).await;
+    bus.close().await;
+    served
 }
 
 /// `berth bench workspace`.
 pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    let _ = profile;
-    anyhow::bail!("`berth bench workspace` is not built yet")
+    bench::run(profile).await
 }
