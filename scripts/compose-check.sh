@@ -155,9 +155,12 @@ for name, service in long_running_berth.items():
     if not (service.get("healthcheck") or {}).get("test"):
         fail(f"{name} has no healthcheck")
     env = environment(service)
-    for variable in ("BERTH_PROFILE", "BERTH_AMQP_URL", "BERTH_REDIS_URL", "BERTH_STORE_URL", "BERTH_OBJECT_STORE_URL"):
+    for variable in ("BERTH_PROFILE", "BERTH_AMQP_URL", "BERTH_REDIS_URL", "BERTH_STORE_URL"):
         if not env.get(variable):
             fail(f"{name} does not set {variable}")
+    # Passed through from the shell when set; otherwise the profile's own store applies.
+    if "BERTH_OBJECT_STORE_URL" not in env:
+        fail(f"{name} does not pass BERTH_OBJECT_STORE_URL through")
     if not str(env.get("BERTH_STORE_URL", "")).startswith("mongodb://"):
         fail(f"{name}: BERTH_STORE_URL must be the stack's MongoDB, got {env.get('BERTH_STORE_URL')!r}")
     if str(service.get("user", "")).split(":")[0] in ("0", "root"):
@@ -189,7 +192,7 @@ for kind in ("agent container", "agent workspace"):
     elif (workspace_root, workspace_root) not in set(mounts(services[name])):
         fail(f"{name} must mount {workspace_root} at the same path inside (bind mounts name host paths)")
 
-# The session agent: the secret every profile names, published, health-checked on /healthz.
+# The session agent: the secret every profile names, published, health-checked over HTTP.
 session_name = commands.get("agent session")
 if session_name:
     session = services[session_name]
@@ -207,8 +210,8 @@ if session_name:
         if port not in published:
             fail(f"{session_name} does not publish its port {port}")
         test = " ".join(map(str, (session.get("healthcheck") or {}).get("test") or []))
-        if "/healthz" not in test or port not in test:
-            fail(f"{session_name}'s healthcheck must GET /healthz on port {port}")
+        if not ("/healthz" in test or "/readyz" in test) or port not in test:
+            fail(f"{session_name}'s healthcheck must GET /healthz or /readyz on port {port}")
 
 # Infrastructure as the design needs it.
 mongo, redis, rabbitmq = services.get("mongo"), services.get("redis"), services.get("rabbitmq")
