@@ -1,0 +1,761 @@
+//! End-to-end tests of the session agent: real RabbitMQ, real WebSocket clients over TCP, and a
+//! small persistence responder on the broker serving a test table of sessions.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::{SinkExt, StreamExt};
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
+use protocol::{Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, Outcome, Profile, Task};
+use serde_json::{json, Value};
+use session::{InstanceHandle, KeyMaterial, SessionConfig, StoreRoute};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const WAIT: Duration = Duration::from_secs(10);
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn new_session_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn dev_profile() -> Profile {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../run-profiles/dev/profile.toml");
+    let text = std::fs::read_to_string(path).expect("dev profile");
+    Profile::parse(&text, std::path::Path::new(path)).expect("dev profile parses")
+}
+
+/// The sessions table the test responder serves, keyed by session id.
+type Table = Arc<Mutex<HashMap<String, Value>>>;
+
+/// A broker connection, a persistence responder on a private queue, and a secret for tokens.
+struct World {
+    bus: Bus,
+    table: Table,
+    store_queue: String,
+    secret: String,
+    stop_responder: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl World {
+    async fn new() -> Result<World> {
+        let bus = Bus::connect(BusConfig::new(AMQP_URL, "session-tests")).await?;
+        bus.declare_topology().await?;
+        let store_queue = bus.declare_private_queue(protocol::topology::TASKS_EXCHANGE, &[]).await?;
+        let table: Table = Arc::default();
+        let (stop_responder, stopped) = tokio::sync::oneshot::channel::<()>();
+        let responder_bus = bus.clone();
+        let responder_table = table.clone();
+        let queue = store_queue.clone();
+        tokio::spawn(async move {
+            let handler = move |incoming: protocol::Incoming| {
+                let bus = responder_bus.clone();
+                let table = responder_table.clone();
+                async move {
+                    let reply = answer_store_request(&table, &incoming.body);
+                    let _ = bus.reply(&incoming, &serde_json::to_vec(&reply).unwrap_or_default()).await;
+                    Outcome::Ack
+                }
+            };
+            let _ = bus_consume(&queue, handler, stopped).await;
+        });
+        let secret = format!("test-secret-{}", uuid::Uuid::new_v4().simple());
+        Ok(World { bus, table, store_queue, secret, stop_responder: Some(stop_responder) })
+    }
+
+    fn config(&self) -> SessionConfig {
+        let mut config = SessionConfig::with_key(&dev_profile(), &KeyMaterial::inline(&self.secret)).expect("config");
+        config.store = StoreRoute { exchange: String::new(), routing_key: self.store_queue.clone(), timeout: Duration::from_secs(5) };
+        config.activity_debounce = Duration::from_secs(1);
+        config.max_messages_per_second = 1000;
+        config
+    }
+
+    fn token(&self, user: &str, roles: &[&str]) -> String {
+        let roles: Vec<String> = roles.iter().map(|role| role.to_string()).collect();
+        session::TokenAuthority::new(&KeyMaterial::inline(&self.secret), "berth")
+            .expect("authority")
+            .mint(user, &roles, Duration::from_secs(600))
+            .expect("token")
+    }
+
+    fn put_session(&self, session: &str, user: &str, state: &str, extra: Value) {
+        let mut record = json!({"id": session, "user": user, "state": state, "workspace": "w1", "profile": "dev",
+                                "created": chrono::Utc::now().to_rfc3339()});
+        if let (Value::Object(record), Value::Object(extra)) = (&mut record, extra) {
+            record.extend(extra);
+        }
+        self.table.lock().expect("table").insert(session.to_owned(), record);
+    }
+
+    async fn instance(&self, config: SessionConfig) -> Result<Instance> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (handle, running) = session::start(config, self.bus.clone(), listener, async move {
+            let _ = stopped.await;
+        })
+        .await?;
+        let task = tokio::spawn(running);
+        Ok(Instance { address, handle, stop: Some(stop), task: Some(task) })
+    }
+
+    async fn finish(mut self) {
+        if let Some(stop) = self.stop_responder.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = self.bus.delete_queue(&self.store_queue).await;
+        self.bus.close().await;
+    }
+}
+
+async fn bus_consume<H, F>(queue: &str, handler: H, stopped: tokio::sync::oneshot::Receiver<()>) -> Result<()>
+where
+    H: Fn(protocol::Incoming) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let bus = Bus::connect(BusConfig::new(AMQP_URL, "session-tests-store")).await?;
+    bus.consume(ConsumeSpec::new(queue, 16), handler, async move {
+        let _ = stopped.await;
+    })
+    .await?;
+    bus.close().await;
+    Ok(())
+}
+
+/// Serves `get` and `find` (with a `user` eq filter or none) from the table, in the persistence
+/// agent's reply shape.
+fn answer_store_request(table: &Table, body: &[u8]) -> Value {
+    let Ok(task) = Task::decode(body) else {
+        return json!({"ok": false, "error": {"kind": "bad_request", "message": "not a task"}});
+    };
+    let table = table.lock().expect("table");
+    match task.action.as_str() {
+        "get" => {
+            let id = task.args.get("id").and_then(Value::as_str).unwrap_or_default();
+            match table.get(id) {
+                Some(record) => json!({"ok": true, "result": record}),
+                None => json!({"ok": false, "error": {"kind": "not_found", "message": "no such record"}}),
+            }
+        }
+        "find" => {
+            let user = task.args.pointer("/filter/user/eq").and_then(Value::as_str);
+            let records: Vec<&Value> = table
+                .values()
+                .filter(|record| user.is_none_or(|user| record.get("user").and_then(Value::as_str) == Some(user)))
+                .collect();
+            json!({"ok": true, "result": records})
+        }
+        other => json!({"ok": false, "error": {"kind": "bad_request", "message": format!("unexpected {other}")}}),
+    }
+}
+
+struct Instance {
+    address: SocketAddr,
+    handle: InstanceHandle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<session::Result<()>>>,
+}
+
+impl Instance {
+    async fn shutdown(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task).await.context("instance did not stop")???;
+        }
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws", self.address)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Where the token goes in the upgrade request.
+enum TokenIn<'a> {
+    Header(&'a str),
+    Subprotocol(&'a str),
+    Query(&'a str),
+    Nowhere,
+}
+
+async fn try_connect(instance: &Instance, token: TokenIn<'_>) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+    let url = match &token {
+        TokenIn::Query(token) => format!("{}?access_token={token}", instance.url()),
+        _ => instance.url(),
+    };
+    let mut request = url.into_client_request()?;
+    match token {
+        TokenIn::Header(token) => {
+            request.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).expect("header"));
+        }
+        TokenIn::Subprotocol(token) => {
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", HeaderValue::from_str(&format!("berth.v1, bearer.{token}")).expect("header"));
+        }
+        TokenIn::Query(_) | TokenIn::Nowhere => {}
+    }
+    let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+    Ok(socket)
+}
+
+/// Connects and reads the snapshot frame.
+async fn connect(instance: &Instance, token: &str) -> Result<(Socket, Value)> {
+    let mut socket = try_connect(instance, TokenIn::Header(token)).await?;
+    let snapshot = next_frame(&mut socket).await?;
+    if snapshot["type"] != "snapshot" {
+        bail!("expected a snapshot first, got {snapshot}");
+    }
+    Ok((socket, snapshot))
+}
+
+fn status_of_refused_upgrade(error: &tokio_tungstenite::tungstenite::Error) -> Option<u16> {
+    match error {
+        tokio_tungstenite::tungstenite::Error::Http(response) => Some(response.status().as_u16()),
+        _ => None,
+    }
+}
+
+/// The next JSON text frame (pings and pongs are skipped).
+async fn next_frame(socket: &mut Socket) -> Result<Value> {
+    loop {
+        let message = tokio::time::timeout(WAIT, socket.next()).await.context("no frame in time")?.context("socket ended")??;
+        match message {
+            Message::Text(text) => return Ok(serde_json::from_str(text.as_str())?),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => bail!("unexpected message {other:?}"),
+        }
+    }
+}
+
+/// The next frame if one arrives within `window`.
+async fn frame_within(socket: &mut Socket, window: Duration) -> Option<Value> {
+    tokio::time::timeout(window, next_frame(socket)).await.ok().and_then(Result::ok)
+}
+
+async fn request(socket: &mut Socket, frame: Value) -> Result<Value> {
+    socket.send(Message::Text(frame.to_string().into())).await?;
+    next_frame(socket).await
+}
+
+/// Session events on `berth.events`, for checking what the agent published.
+struct EventTap {
+    bus: Bus,
+    queue: String,
+    events: tokio::sync::mpsc::UnboundedReceiver<CloudEvent>,
+}
+
+impl EventTap {
+    async fn new(bus: &Bus) -> Result<EventTap> {
+        let keys = ["session.open", "session.close", "session.activity"].map(str::to_owned);
+        let queue = bus.declare_private_queue(protocol::topology::EVENTS_EXCHANGE, &keys).await?;
+        let channel = bus.channel().await?;
+        let mut consumer = channel
+            .basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .await?;
+        let (sender, events) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let _channel = channel;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                if let Ok(event) = CloudEvent::parse(&delivery.data, 1 << 20) {
+                    if sender.send(event).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(EventTap { bus: bus.clone(), queue, events })
+    }
+
+    /// Every event about `session` seen within `window`.
+    async fn collect(&mut self, session: &str, window: Duration) -> Vec<CloudEvent> {
+        let deadline = tokio::time::Instant::now() + window;
+        let mut seen = Vec::new();
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if event.subject.as_deref() == Some(session) {
+                seen.push(event);
+            }
+        }
+        seen
+    }
+
+    /// The first event about `session` of `event_type`.
+    async fn expect(&mut self, session: &str, event_type: &str) -> Result<CloudEvent> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.events.recv()).await.context("event not seen in time")?.context("tap ended")?;
+            if event.subject.as_deref() == Some(session) && event.event_type == event_type {
+                return Ok(event);
+            }
+        }
+    }
+
+    async fn finish(self) {
+        let _ = self.bus.delete_queue(&self.queue).await;
+    }
+}
+
+/// A minimal HTTP/1.1 GET returning status and body.
+async fn http_get(address: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(address).await?;
+    let authorization = token.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{authorization}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await??;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status: u16 = text.split(' ').nth(1).context("no status")?.parse()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn notification(user: &str, session: &str, state: &str, detail: Value) -> Notification {
+    Notification { id: uuid::Uuid::now_v7(), user: user.to_owned(), session: Some(session.to_owned()), state: state.to_owned(), detail }
+}
+
+#[tokio::test]
+async fn unauthenticated_requests_get_401_and_no_upgrade() -> Result<()> {
+    let world = World::new().await?;
+    let instance = world.instance(world.config()).await?;
+    let alice = unique("alice");
+
+    let no_token = try_connect(&instance, TokenIn::Nowhere).await.expect_err("no token must be refused");
+    assert_eq!(status_of_refused_upgrade(&no_token), Some(401));
+
+    let forged = session::TokenAuthority::new(&KeyMaterial::inline("some-other-secret-0123456789"), "berth")?.mint(&alice, &[], Duration::from_secs(600))?;
+    let bad_signature = try_connect(&instance, TokenIn::Header(&forged)).await.expect_err("forged token must be refused");
+    assert_eq!(status_of_refused_upgrade(&bad_signature), Some(401));
+
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let sign = |claims: Value| {
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(world.secret.as_bytes())).expect("sign")
+    };
+    let expired = sign(json!({"sub": alice, "aud": "berth", "exp": now - 3600, "iat": now - 7200}));
+    let error = try_connect(&instance, TokenIn::Header(&expired)).await.expect_err("expired token must be refused");
+    assert_eq!(status_of_refused_upgrade(&error), Some(401));
+
+    let wrong_audience = sign(json!({"sub": alice, "aud": "someone-else", "exp": now + 600}));
+    let error = try_connect(&instance, TokenIn::Header(&wrong_audience)).await.expect_err("wrong audience must be refused");
+    assert_eq!(status_of_refused_upgrade(&error), Some(401));
+
+    // A subject that would be a routing wildcard must never bind `user.#`.
+    let wildcard = sign(json!({"sub": "#", "aud": "berth", "exp": now + 600}));
+    let error = try_connect(&instance, TokenIn::Header(&wildcard)).await.expect_err("wildcard subject must be refused");
+    assert_eq!(status_of_refused_upgrade(&error), Some(401));
+
+    let (status, body) = http_get(instance.address, "/api/sessions", None).await?;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = http_get(instance.address, "/api/sessions", Some(&expired)).await?;
+    assert_eq!(status, 401);
+    assert_eq!(instance.handle.metrics.auth_failures.load(Ordering::Relaxed), 7);
+    assert_eq!(instance.handle.metrics.connections_total.load(Ordering::Relaxed), 0, "nothing was upgraded");
+
+    // The same token is accepted from each place a client can put it.
+    let token = world.token(&alice, &[]);
+    for place in [TokenIn::Header(&token), TokenIn::Subprotocol(&token), TokenIn::Query(&token)] {
+        let mut socket = try_connect(&instance, place).await?;
+        let snapshot = next_frame(&mut socket).await?;
+        assert_eq!(snapshot["type"], "snapshot");
+        assert_eq!(snapshot["user"], Value::String(alice.clone()));
+        socket.close(None).await?;
+    }
+
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn users_see_and_control_only_their_own_sessions() -> Result<()> {
+    let world = World::new().await?;
+    let instance = world.instance(world.config()).await?;
+    let mut tap = EventTap::new(&world.bus).await?;
+    let (alice, bob, admin) = (unique("alice"), unique("bob"), unique("admin"));
+    let (alices_session, bobs_session) = (new_session_id(), new_session_id());
+    world.put_session(&alices_session, &alice, "running", json!({"host": "127.0.0.1", "port": 40001}));
+    world.put_session(&bobs_session, &bob, "running", json!({}));
+
+    let (mut alice_socket, snapshot) = connect(&instance, &world.token(&alice, &[])).await?;
+    let listed: Vec<&str> = snapshot["sessions"].as_array().context("sessions")?.iter().filter_map(|s| s["session"].as_str()).collect();
+    assert_eq!(listed, [alices_session.as_str()], "alice's snapshot lists exactly her session");
+
+    for frame_type in ["close", "activity", "subscribe"] {
+        let reply = request(&mut alice_socket, json!({"type": frame_type, "id": frame_type, "session": bobs_session})).await?;
+        assert_eq!(reply["type"], "error", "{frame_type}: {reply}");
+        assert_eq!(reply["code"], "not_found", "{frame_type}: {reply}");
+        assert_eq!(reply["id"], frame_type);
+    }
+    // A session id nobody has looks exactly the same.
+    let reply = request(&mut alice_socket, json!({"type": "close", "id": "x", "session": new_session_id()})).await?;
+    assert_eq!(reply["code"], "not_found");
+    assert!(tap.collect(&bobs_session, Duration::from_millis(500)).await.is_empty(), "nothing was published about bob's session");
+
+    // Her own session: allowed, and the event carries the token's user.
+    let reply = request(&mut alice_socket, json!({"type": "close", "id": "mine", "session": alices_session, "reason": "done"})).await?;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    let closed = tap.expect(&alices_session, "session.close").await?;
+    assert_eq!(closed.extension("userid"), Some(alice.as_str()));
+    assert_eq!(closed.data, json!({"reason": "done"}));
+
+    // The HTTP API agrees.
+    let alice_token = world.token(&alice, &[]);
+    let (status, body) = http_get(instance.address, "/api/sessions", Some(&alice_token)).await?;
+    assert_eq!(status, 200);
+    let body: Value = serde_json::from_str(&body)?;
+    assert_eq!(body["sessions"].as_array().map(Vec::len), Some(1));
+    assert_eq!(body["sessions"][0]["session"], Value::String(alices_session.clone()));
+    let (status, _) = http_get(instance.address, &format!("/api/sessions?user={bob}"), Some(&alice_token)).await?;
+    assert_eq!(status, 403);
+
+    // An admin sees and controls everyone's sessions, and the event names the admin.
+    let admin_token = world.token(&admin, &["admin"]);
+    let (status, body) = http_get(instance.address, &format!("/api/sessions?user={bob}"), Some(&admin_token)).await?;
+    assert_eq!(status, 200);
+    assert!(body.contains(&bobs_session));
+    let (mut admin_socket, _) = connect(&instance, &admin_token).await?;
+    let reply = request(&mut admin_socket, json!({"type": "subscribe", "id": "s", "session": bobs_session})).await?;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    assert_eq!(reply["status"]["state"], "running");
+    world.bus.publish_notification(&notification(&bob, &bobs_session, "idle", json!({}))).await?;
+    let pushed = next_frame(&mut admin_socket).await?;
+    assert_eq!((pushed["type"].as_str(), pushed["session"].as_str(), pushed["state"].as_str()), (Some("status"), Some(bobs_session.as_str()), Some("idle")));
+    let reply = request(&mut admin_socket, json!({"type": "close", "id": "c", "session": bobs_session})).await?;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    let closed = tap.expect(&bobs_session, "session.close").await?;
+    assert_eq!(closed.extension("userid"), Some(admin.as_str()));
+
+    tap.finish().await;
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn open_publishes_with_the_token_user_and_a_new_session_id() -> Result<()> {
+    let world = World::new().await?;
+    let instance = world.instance(world.config()).await?;
+    let mut tap = EventTap::new(&world.bus).await?;
+    let alice = unique("alice");
+    let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
+
+    let reply = request(&mut socket, json!({"type": "open", "id": "o1", "workspace": "thesis", "profile": "dev"})).await?;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    let session = reply["session"].as_str().context("session id in the reply")?.to_owned();
+    assert_eq!(uuid::Uuid::parse_str(&session)?.get_version_num(), 7);
+    let opened = tap.expect(&session, "session.open").await?;
+    assert_eq!(opened.extension("userid"), Some(alice.as_str()));
+    assert_eq!(opened.data, json!({"user": alice, "workspace": "thesis", "profile": "dev"}));
+
+    // The frame cannot choose the user, nor another deployment's profile.
+    let reply = request(&mut socket, json!({"type": "open", "id": "o2", "workspace": "w", "profile": "dev", "user": "bob"})).await?;
+    assert_eq!((reply["type"].as_str(), reply["code"].as_str()), (Some("error"), Some("bad_request")), "{reply}");
+    let reply = request(&mut socket, json!({"type": "open", "id": "o3", "workspace": "w", "profile": "prod"})).await?;
+    assert_eq!(reply["code"], "bad_request", "{reply}");
+
+    // The session opened on this socket can be acted on before the store knows it.
+    let reply = request(&mut socket, json!({"type": "activity", "id": "a", "session": session})).await?;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    let activity = tap.expect(&session, "session.activity").await?;
+    assert_eq!(activity.extension("userid"), Some(alice.as_str()));
+    assert_eq!(activity.data, json!({"source": "websocket"}));
+
+    tap.finish().await;
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_reaches_only_the_owners_sockets_across_two_instances() -> Result<()> {
+    let world = World::new().await?;
+    let first = world.instance(world.config()).await?;
+    let second = world.instance(world.config()).await?;
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let (alices_session, bobs_session) = (new_session_id(), new_session_id());
+    let (mut alice_on_first, _) = connect(&first, &world.token(&alice, &[])).await?;
+    let (mut alice_on_second, _) = connect(&second, &world.token(&alice, &[])).await?;
+    let (mut bob_on_second, _) = connect(&second, &world.token(&bob, &[])).await?;
+
+    let detail = json!({"host": "127.0.0.1", "port": 41234, "progress": {"files_done": 3, "files_total": 3}});
+    world.bus.publish_notification(&notification(&alice, &alices_session, "running", detail)).await?;
+    for socket in [&mut alice_on_first, &mut alice_on_second] {
+        let status = next_frame(socket).await?;
+        assert_eq!(status["type"], "status");
+        assert_eq!(status["session"], Value::String(alices_session.clone()));
+        assert_eq!(status["state"], "running");
+        assert_eq!(status["host"], "127.0.0.1");
+        assert_eq!(status["port"], 41234);
+        assert_eq!(status["progress"]["files_done"], 3);
+    }
+    world.bus.publish_notification(&notification(&bob, &bobs_session, "idle", json!({}))).await?;
+    let status = next_frame(&mut bob_on_second).await?;
+    assert_eq!(status["session"], Value::String(bobs_session.clone()), "bob's first status is his own, not alice's");
+    for socket in [&mut alice_on_first, &mut alice_on_second] {
+        assert_eq!(frame_within(socket, Duration::from_millis(300)).await, None, "alice must not see bob's status");
+    }
+    assert_eq!(first.handle.metrics.notifications_delivered.load(Ordering::Relaxed), 1);
+    assert_eq!(second.handle.metrics.notifications_delivered.load(Ordering::Relaxed), 2);
+
+    // Once alice leaves the first instance, it no longer receives her notifications at all.
+    alice_on_first.close(None).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while first.handle.hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let received_before = first.handle.metrics.notifications_received.load(Ordering::Relaxed);
+    world.bus.publish_notification(&notification(&alice, &alices_session, "idle", json!({}))).await?;
+    assert_eq!(next_frame(&mut alice_on_second).await?["state"], "idle");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(first.handle.metrics.notifications_received.load(Ordering::Relaxed), received_before, "unbound on last disconnect");
+
+    first.shutdown().await?;
+    second.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn reconnecting_gets_the_current_state() -> Result<()> {
+    let world = World::new().await?;
+    let instance = world.instance(world.config()).await?;
+    let alice = unique("alice");
+    let session = new_session_id();
+    world.put_session(&session, &alice, "provisioning", json!({}));
+    let token = world.token(&alice, &[]);
+
+    let (mut socket, snapshot) = connect(&instance, &token).await?;
+    assert_eq!(snapshot["sessions"][0]["state"], "provisioning");
+    socket.close(None).await?;
+
+    // While the browser is away the session becomes ready.
+    world.put_session(&session, &alice, "running", json!({"host": "127.0.0.1", "port": 40999}));
+    world.bus.publish_notification(&notification(&alice, &session, "running", json!({"host": "127.0.0.1", "port": 40999}))).await?;
+
+    let (_socket, snapshot) = connect(&instance, &token).await?;
+    let current = &snapshot["sessions"][0];
+    assert_eq!(current["session"], Value::String(session.clone()));
+    assert_eq!(current["state"], "running");
+    assert_eq!(current["port"], 40999);
+
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_frames_get_errors() -> Result<()> {
+    let world = World::new().await?;
+    let mut config = world.config();
+    config.max_frame_bytes = 1024;
+    config.hard_frame_limit_bytes = 8192;
+    let instance = world.instance(config).await?;
+    let (mut socket, _) = connect(&instance, &world.token(&unique("alice"), &[])).await?;
+
+    let cases: [(Message, &str); 6] = [
+        (Message::Text("{".into()), "bad_request"),
+        (Message::Text("[1,2]".into()), "bad_request"),
+        (Message::Text(r#"{"type":"dance","id":"d"}"#.into()), "bad_request"),
+        (Message::Text(r#"{"type":"close","id":"c","session":"not-a-uuid"}"#.into()), "bad_request"),
+        (Message::Binary(vec![1, 2, 3].into()), "bad_request"),
+        (Message::Text(format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(2000)).into()), "frame_too_large"),
+    ];
+    for (message, code) in cases {
+        let shown = format!("{message:?}");
+        socket.send(message).await?;
+        let reply = next_frame(&mut socket).await?;
+        assert_eq!((reply["type"].as_str(), reply["code"].as_str()), (Some("error"), Some(code)), "{shown}: {reply}");
+    }
+    let reply = request(&mut socket, json!({"type": "dance", "id": "keeps-id"})).await?;
+    assert_eq!(reply["id"], "keeps-id", "the request id is echoed even on errors");
+    let reply = request(&mut socket, json!({"type": "ping", "id": "alive"})).await?;
+    assert_eq!((reply["type"].as_str(), reply["id"].as_str()), (Some("ok"), Some("alive")), "the connection survived");
+
+    // Beyond the hard limit the frame cannot even be read: the server closes with 1009.
+    socket.send(Message::Text("y".repeat(20_000).into())).await?;
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|frame| u16::from(frame.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await?;
+    assert!(ended.is_none_or(|code| code == 1009), "closed with {ended:?}");
+    assert!(instance.handle.metrics.frames_refused.load(Ordering::Relaxed) >= 7);
+
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn activity_is_debounced_into_one_event_per_interval() -> Result<()> {
+    let world = World::new().await?;
+    let instance = world.instance(world.config()).await?;
+    let mut tap = EventTap::new(&world.bus).await?;
+    let alice = unique("alice");
+    let session = new_session_id();
+    world.put_session(&session, &alice, "running", json!({}));
+    let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
+
+    let mut debounced = Vec::new();
+    for index in 0..10 {
+        let reply = request(&mut socket, json!({"type": "activity", "id": format!("a{index}"), "session": session})).await?;
+        assert_eq!(reply["type"], "ok", "{reply}");
+        debounced.push(reply["debounced"].as_bool().context("debounced flag")?);
+    }
+    assert!(!debounced[0], "the first activity is published at once");
+    assert_eq!(debounced.iter().filter(|folded| !**folded).count(), 1, "{debounced:?}");
+    let first_burst = tap.collect(&session, Duration::from_millis(900)).await;
+    assert_eq!(first_burst.len(), 1, "one event for the burst");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for index in 0..5 {
+        request(&mut socket, json!({"type": "activity", "id": format!("b{index}"), "session": session})).await?;
+    }
+    let second_burst = tap.collect(&session, Duration::from_millis(1500)).await;
+    assert_eq!(second_burst.len(), 1, "one more event after the interval");
+    assert!(second_burst.iter().chain(&first_burst).all(|event| event.event_type == "session.activity"));
+
+    // A socket that merely stays open publishes nothing.
+    let quiet = tap.collect(&session, Duration::from_millis(1500)).await;
+    assert!(quiet.is_empty(), "an open socket is not activity");
+
+    tap.finish().await;
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn rate_and_connection_limits_refuse_cleanly() -> Result<()> {
+    let world = World::new().await?;
+    let mut config = world.config();
+    config.max_messages_per_second = 5;
+    config.max_connections_per_user = 2;
+    let instance = world.instance(config).await?;
+    let alice = unique("alice");
+    let token = world.token(&alice, &[]);
+    let (mut socket, _) = connect(&instance, &token).await?;
+
+    for index in 0..20 {
+        socket.send(Message::Text(json!({"type": "ping", "id": format!("p{index}")}).to_string().into())).await?;
+    }
+    let mut codes = HashMap::<String, usize>::new();
+    for _ in 0..20 {
+        let reply = next_frame(&mut socket).await?;
+        let label = reply["code"].as_str().unwrap_or("ok").to_owned();
+        *codes.entry(label).or_default() += 1;
+    }
+    assert!(codes.get("rate_limited").copied().unwrap_or(0) >= 10, "{codes:?}");
+    assert!(codes.get("ok").copied().unwrap_or(0) >= 5, "{codes:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(request(&mut socket, json!({"type": "ping", "id": "later"})).await?["type"], "ok", "the budget refills");
+
+    let (_second, _) = connect(&instance, &token).await?;
+    let refused = try_connect(&instance, TokenIn::Header(&token)).await.expect_err("a third connection is over the limit");
+    assert_eq!(status_of_refused_upgrade(&refused), Some(429));
+    socket.close(None).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let third = loop {
+        match try_connect(&instance, TokenIn::Header(&token)).await {
+            Ok(socket) => break socket,
+            Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(error) => bail!("slot was not given back: {error}"),
+        }
+    };
+    drop(third);
+
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn heartbeats_drop_dead_sockets_and_keep_live_ones() -> Result<()> {
+    let world = World::new().await?;
+    let mut config = world.config();
+    config.heartbeat_interval = Duration::from_millis(150);
+    config.heartbeat_timeout = Duration::from_millis(600);
+    let instance = world.instance(config).await?;
+    let (mut live, _) = connect(&instance, &world.token(&unique("alice"), &[])).await?;
+    let (_dead, _) = connect(&instance, &world.token(&unique("bob"), &[])).await?;
+
+    // The live client keeps reading (and so answers pings); the dead one never polls its socket.
+    let reader = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, live.next()).await {}
+        live
+    });
+    let mut live = reader.await?;
+    assert_eq!(instance.handle.hub.connection_count(), 1, "only the dead socket was dropped");
+    assert_eq!(instance.handle.metrics.sockets_dropped_heartbeat.load(Ordering::Relaxed), 1);
+    assert_eq!(request(&mut live, json!({"type": "ping", "id": "still"})).await?["type"], "ok");
+
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn http_endpoints_and_shutdown() -> Result<()> {
+    let world = World::new().await?;
+    let instance = world.instance(world.config()).await?;
+    let alice = unique("alice");
+
+    assert_eq!(http_get(instance.address, "/healthz", None).await?.0, 200);
+    let (status, body) = http_get(instance.address, "/readyz", None).await?;
+    assert_eq!(status, 200, "{body}");
+    let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
+    let (status, metrics) = http_get(instance.address, "/metrics", None).await?;
+    assert_eq!(status, 200);
+    for line in ["berth_session_connections 1", "berth_session_connections_total 1", "berth_session_auth_failures_total 0"] {
+        assert!(metrics.lines().any(|candidate| candidate == line), "missing {line:?} in\n{metrics}");
+    }
+    assert!(metrics.contains("# TYPE berth_session_notifications_delivered_total counter"));
+
+    // Shutdown says goodbye to connected sockets with 1001.
+    instance.shutdown().await?;
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|frame| u16::from(frame.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await?;
+    assert_eq!(closed, Some(1001));
+    world.finish().await;
+    Ok(())
+}
