@@ -1,24 +1,97 @@
 //! The engine: data-defined patterns, a pure state-machine core, threds and timers in Redis.
+//!
+//! - [`pattern`]: the pattern file format, its JSON Schema and validation into compiled patterns.
+//! - [`expr`]: CEL guards and values.
+//! - [`core`]: the pure `start`/`step` functions (no IO, no clock).
+//! - [`service`]: `berth engine`: consume, bind, step, commit (outbox) in Redis, publish, ack.
+//! - [`timers`]: timers as Redis keys with a TTL plus a swept deadline index.
+
+pub mod core;
+pub mod expr;
+pub mod metrics;
+pub mod pattern;
+pub mod service;
+pub mod timers;
+mod bench;
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use protocol::Profile;
 
+pub use crate::core::{start, step, Disposition, Effect, EventInput, Step, StepError, Thred};
+pub use crate::metrics::{Metrics, MetricsSnapshot};
+pub use crate::pattern::{load_pattern_file, parse_pattern, Pattern, PatternError};
+pub use crate::service::{Engine, EngineConfig};
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    #[error("profile `{profile}` runs pattern `{pattern}` but {file} names itself `{found}`")]
+    PatternName { profile: String, pattern: String, file: PathBuf, found: String },
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("bus: {0}")]
+    Bus(#[from] protocol::bus::BusError),
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("corrupt record in redis at {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("thred {thred} changed under us (another engine committed first)")]
+    Conflict { thred: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Loads and validates the patterns a profile runs: `patterns_dir()/<name>.json`.
+pub fn load_profile_patterns(profile: &Profile) -> Result<Vec<Pattern>> {
+    let directory = protocol::profile::patterns_dir();
+    let mut patterns = Vec::new();
+    for name in &profile.patterns {
+        let file = directory.join(format!("{name}.json"));
+        let pattern = load_pattern_file(&file)?;
+        if &pattern.name != name {
+            return Err(Error::PatternName { profile: profile.name.clone(), pattern: name.clone(), file, found: pattern.name });
+        }
+        patterns.push(pattern);
+    }
+    Ok(patterns)
+}
+
 /// Runs `berth engine` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let _ = (profile, shutdown);
-    anyhow::bail!("`berth engine` is not built yet")
+    let patterns = load_profile_patterns(&profile)?;
+    service::run_engine(profile, patterns, EngineConfig::standard(), shutdown).await?;
+    Ok(())
 }
 
 /// `berth bench engine`.
 pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    let _ = profile;
-    anyhow::bail!("`berth bench engine` is not built yet")
+    bench::run(profile).await
 }
 
 /// `berth patterns check`: validates files, prints every error, returns the exit code.
-pub fn check_files_cli(files: &[std::path::PathBuf]) -> std::process::ExitCode {
-    let _ = files;
-    eprintln!("error: `berth patterns check` is not built yet");
-    std::process::ExitCode::FAILURE
+pub fn check_files_cli(files: &[PathBuf]) -> ExitCode {
+    if files.is_empty() {
+        eprintln!("error: name at least one pattern file");
+        return ExitCode::FAILURE;
+    }
+    let mut failed = false;
+    for file in files {
+        match load_pattern_file(file) {
+            Ok(pattern) => println!("ok: {}: {pattern}", file.display()),
+            Err(error) => {
+                failed = true;
+                eprintln!("error: {error}");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

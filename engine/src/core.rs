@@ -1,0 +1,744 @@
+//! The pure core: `start` and `step` apply a pattern to a thred and an event and return the new
+//! thred and the effects to carry out. No IO, no clock: time comes in as `now_ms`.
+
+use std::collections::BTreeMap;
+
+use protocol::AgentKind;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::expr::{Expression, Scope};
+use crate::pattern::{EffectTemplate, Pattern, PersistOperation, Transition, STATE_TIMEOUT_TIMER, TIMER_FIRED};
+
+/// Collection of the audit trail: one record per state change.
+pub const AUDIT_COLLECTION: &str = "events";
+
+/// A running instance of a pattern.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Thred {
+    pub id: String,
+    pub pattern: String,
+    /// What identifies "the same session": events bind to the thred by `subject` = key.
+    pub key: String,
+    pub state: String,
+    pub context: Map<String, Value>,
+    /// Running timers by name.
+    #[serde(default)]
+    pub timers: BTreeMap<String, RunningTimer>,
+    /// Generations only grow, so a superseded timer's late firing is recognised and dropped.
+    #[serde(default)]
+    pub last_timer_generation: u64,
+    /// Bumped by the store at every commit (optimistic concurrency).
+    #[serde(default)]
+    pub version: u64,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// In a terminal state.
+    #[serde(default)]
+    pub ended: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningTimer {
+    pub generation: u64,
+    pub deadline_ms: i64,
+}
+
+/// An event as the core sees it (converted from the CloudEvent at the edge).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventInput {
+    pub id: String,
+    pub event_type: String,
+    pub source: String,
+    pub subject: Option<String>,
+    pub data: Value,
+    /// Extension attributes (`thredid`, `taskid`, `userid`, …).
+    pub extensions: BTreeMap<String, Value>,
+}
+
+impl EventInput {
+    fn as_value(&self) -> Value {
+        json!({
+            "id": self.id,
+            "type": self.event_type,
+            "source": self.source,
+            "subject": self.subject,
+            "data": self.data,
+            "extensions": self.extensions,
+        })
+    }
+
+    /// For `timer.fired`: the timer's name and generation.
+    fn timer(&self) -> Option<(&str, u64)> {
+        Some((self.data.get("timer")?.as_str()?, self.data.get("generation")?.as_u64()?))
+    }
+}
+
+/// What the core asks the service to do. Indexes in the returned list give stable task ids.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Task { agent: AgentKind, action: String, args: Value },
+    /// To `user` (from `ctx.user`, absent when the context has none); `state` after the step.
+    Notify { user: Option<String>, state: String, detail: Value },
+    Persist { operation: PersistOperation, collection: String, id: Option<String>, doc: Value },
+    StartTimer { timer: String, generation: u64, deadline_ms: i64 },
+    CancelTimer { timer: String, generation: u64 },
+}
+
+/// What became of the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// The thred moved (possibly re-entering the same state).
+    Transitioned { from: String, to: String },
+    /// A transition without a target ran: the state is the same, effects may have run.
+    Stayed,
+    /// The state ignores this event type on purpose.
+    Ignored,
+    /// A timer that was cancelled or superseded fired late: dropped.
+    StaleTimer,
+    /// The state does not expect this event (logged and counted, never retried).
+    Rejected(String),
+}
+
+/// The result of one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub thred: Thred,
+    pub effects: Vec<Effect>,
+    pub disposition: Disposition,
+}
+
+/// Why a step could not run: a pattern expression failed, or a starting event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    #[error("pattern `{pattern}`: {message}")]
+    Expression { pattern: String, message: String },
+    #[error("pattern `{pattern}` refuses the starting event: {reason}")]
+    InvalidStart { pattern: String, reason: String },
+    #[error("pattern `{pattern}` has no state `{state}` (the thred was written by another pattern version)")]
+    UnknownState { pattern: String, state: String },
+}
+
+/// Creates a thred for a starting event and applies the event to it.
+///
+/// `seed` is the service's initial context (event data, profile timers, …); the pattern's
+/// `start.context` values are evaluated over it, then the key.
+pub fn start(pattern: &Pattern, thred_id: &str, seed: Map<String, Value>, event: &EventInput, now_ms: i64) -> Result<Step, StepError> {
+    let expression_error = |message: String| StepError::Expression { pattern: pattern.name.clone(), message };
+    let event_value = event.as_value();
+    let mut thred = Thred {
+        id: thred_id.to_owned(),
+        pattern: pattern.name.clone(),
+        key: String::new(),
+        state: pattern.initial.clone(),
+        context: seed,
+        timers: BTreeMap::new(),
+        last_timer_generation: 0,
+        version: 0,
+        created_ms: now_ms,
+        updated_ms: now_ms,
+        ended: false,
+    };
+    if let Some(validate) = &pattern.start.validate {
+        let scope = Scope { ctx: &thred.context, event: &event_value, thred: &thred_value(&thred), now_ms };
+        let valid = validate.evaluate_bool(&scope).map_err(|reason| StepError::InvalidStart { pattern: pattern.name.clone(), reason })?;
+        if !valid {
+            return Err(StepError::InvalidStart {
+                pattern: pattern.name.clone(),
+                reason: format!("`start.validate` ({}) is false", validate.source()),
+            });
+        }
+    }
+    for (name, expression) in &pattern.start.context {
+        let scope = Scope { ctx: &thred.context, event: &event_value, thred: &thred_value(&thred), now_ms };
+        let value = expression.evaluate(&scope).map_err(expression_error)?;
+        thred.context.insert(name.clone(), value);
+    }
+    let scope = Scope { ctx: &thred.context, event: &event_value, thred: &thred_value(&thred), now_ms };
+    thred.key = match pattern.start.key.evaluate(&scope).map_err(expression_error)? {
+        Value::String(key) if !key.is_empty() => key,
+        other => {
+            return Err(StepError::InvalidStart {
+                pattern: pattern.name.clone(),
+                reason: format!("`start.key` ({}) must give a non-empty string, gave {other}", pattern.start.key.source()),
+            })
+        }
+    };
+    step(pattern, &thred, event, now_ms)
+}
+
+/// Applies one event to a thred.
+pub fn step(pattern: &Pattern, thred: &Thred, event: &EventInput, now_ms: i64) -> Result<Step, StepError> {
+    let Some(state) = pattern.state(&thred.state) else {
+        return Err(StepError::UnknownState { pattern: pattern.name.clone(), state: thred.state.clone() });
+    };
+    let unchanged = |disposition| Ok(Step { thred: thred.clone(), effects: Vec::new(), disposition });
+    if thred.ended {
+        return unchanged(Disposition::Rejected(format!("thred ended in `{}`", thred.state)));
+    }
+    let mut run = Run { pattern, thred: thred.clone(), effects: Vec::new(), event: event.as_value(), now_ms };
+
+    // A timer only counts if it is the generation still running; anything else was cancelled or
+    // superseded and must never fire.
+    let mut fired_timer = None;
+    if event.event_type == TIMER_FIRED {
+        let Some((timer, generation)) = event.timer() else {
+            return unchanged(Disposition::Rejected("timer.fired without timer and generation".to_owned()));
+        };
+        match run.thred.timers.get(timer) {
+            Some(running) if running.generation == generation => {
+                run.thred.timers.remove(timer);
+                fired_timer = Some(timer.to_owned());
+            }
+            _ => return unchanged(Disposition::StaleTimer),
+        }
+    }
+
+    if fired_timer.as_deref() == Some(STATE_TIMEOUT_TIMER) {
+        let Some(timeout) = &state.timeout else {
+            return unchanged(Disposition::StaleTimer);
+        };
+        run.effects_from(&timeout.effects)?;
+        run.enter(&timeout.target)?;
+        return run.finish(Some(state.name.clone()));
+    }
+
+    let candidates = state.on.iter().chain(pattern.any_state.iter());
+    let mut chosen: Option<&Transition> = None;
+    let mut any_matched_event = false;
+    for transition in candidates {
+        if transition.event != event.event_type || transition.timer.as_deref() != fired_timer.as_deref() {
+            continue;
+        }
+        any_matched_event = true;
+        let holds = match &transition.guard {
+            None => true,
+            Some(guard) => run.evaluate_guard(guard)?,
+        };
+        if holds {
+            chosen = Some(transition);
+            break;
+        }
+    }
+    let Some(transition) = chosen else {
+        if state.ignore.contains(&event.event_type) || pattern.ignore_everywhere.contains(&event.event_type) {
+            return unchanged_with_timers(run.thred, Disposition::Ignored);
+        }
+        let reason = if any_matched_event {
+            format!("no guard of state `{}` holds for `{}`", state.name, event.event_type)
+        } else {
+            format!("state `{}` does not handle `{}`", state.name, event.event_type)
+        };
+        return unchanged_with_timers(run.thred, Disposition::Rejected(reason));
+    };
+    run.effects_from(&transition.effects)?;
+    match &transition.target {
+        Some(target) => {
+            run.enter(target)?;
+            run.finish(Some(state.name.clone()))
+        }
+        None => run.finish(None),
+    }
+}
+
+/// A fired timer is consumed even when nothing handles it, so the thred no longer lists it.
+fn unchanged_with_timers(thred: Thred, disposition: Disposition) -> Result<Step, StepError> {
+    Ok(Step { thred, effects: Vec::new(), disposition })
+}
+
+fn thred_value(thred: &Thred) -> Value {
+    json!({"id": thred.id, "key": thred.key, "state": thred.state, "pattern": thred.pattern, "created_ms": thred.created_ms})
+}
+
+/// One step in progress.
+struct Run<'a> {
+    pattern: &'a Pattern,
+    thred: Thred,
+    effects: Vec<Effect>,
+    event: Value,
+    now_ms: i64,
+}
+
+impl Run<'_> {
+
+    fn error(&self, message: String) -> StepError {
+        StepError::Expression { pattern: self.pattern.name.clone(), message }
+    }
+
+    fn evaluate(&self, expression: &Expression) -> Result<Value, StepError> {
+        let thred = thred_value(&self.thred);
+        let scope = Scope { ctx: &self.thred.context, event: &self.event, thred: &thred, now_ms: self.now_ms };
+        expression.evaluate(&scope).map_err(|message| self.error(message))
+    }
+
+    fn evaluate_guard(&self, guard: &Expression) -> Result<bool, StepError> {
+        let thred = thred_value(&self.thred);
+        let scope = Scope { ctx: &self.thred.context, event: &self.event, thred: &thred, now_ms: self.now_ms };
+        guard.evaluate_bool(&scope).map_err(|message| self.error(message))
+    }
+
+    fn evaluate_seconds(&self, expression: &Expression) -> Result<f64, StepError> {
+        match self.evaluate(expression)? {
+            Value::Number(number) => Ok(number.as_f64().unwrap_or(0.0)),
+            other => Err(self.error(format!("{}: {:?} must give seconds (a number), gave {other}", expression.location(), expression.source()))),
+        }
+    }
+
+    fn effects_from(&mut self, templates: &[EffectTemplate]) -> Result<(), StepError> {
+        for template in templates {
+            self.effect(template)?;
+        }
+        Ok(())
+    }
+
+    fn effect(&mut self, template: &EffectTemplate) -> Result<(), StepError> {
+        match template {
+            EffectTemplate::Task { agent, action, args } => {
+                let mut values = Map::new();
+                for (name, expression) in args {
+                    values.insert(name.clone(), self.evaluate(expression)?);
+                }
+                self.effects.push(Effect::Task { agent: *agent, action: action.clone(), args: Value::Object(values) });
+            }
+            EffectTemplate::Notify { detail } => {
+                let detail = match detail {
+                    Some(expression) => self.evaluate(expression)?,
+                    None => Value::Object(Map::new()),
+                };
+                // The state is filled in by `finish`, once the step knows where it ends.
+                self.effects.push(Effect::Notify { user: None, state: String::new(), detail });
+            }
+            EffectTemplate::Persist { operation, collection, id, doc } => {
+                let id = match id {
+                    Some(expression) => match self.evaluate(expression)? {
+                        Value::String(text) => Some(text),
+                        other => Some(other.to_string()),
+                    },
+                    None => None,
+                };
+                let doc = self.evaluate(doc)?;
+                if !doc.is_object() {
+                    return Err(self.error(format!("a persisted document must be a map, got {doc}")));
+                }
+                self.effects.push(Effect::Persist { operation: *operation, collection: collection.clone(), id, doc });
+            }
+            EffectTemplate::StartTimer { timer, after_secs } => {
+                let seconds = self.evaluate_seconds(after_secs)?;
+                self.start_timer(timer, seconds);
+            }
+            EffectTemplate::CancelTimer { timer } => self.cancel_timer(timer),
+            EffectTemplate::Set(values) => {
+                for (name, expression) in values {
+                    let value = self.evaluate(expression)?;
+                    self.thred.context.insert(name.clone(), value);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_timer(&mut self, timer: &str, seconds: f64) {
+        // Starting a timer supersedes the running one of the same name.
+        self.cancel_timer(timer);
+        if seconds <= 0.0 || !seconds.is_finite() {
+            return;
+        }
+        self.thred.last_timer_generation += 1;
+        let generation = self.thred.last_timer_generation;
+        let deadline_ms = self.now_ms + (seconds * 1000.0).round() as i64;
+        self.thred.timers.insert(timer.to_owned(), RunningTimer { generation, deadline_ms });
+        self.effects.push(Effect::StartTimer { timer: timer.to_owned(), generation, deadline_ms });
+    }
+
+    fn cancel_timer(&mut self, timer: &str) {
+        if let Some(running) = self.thred.timers.remove(timer) {
+            self.effects.push(Effect::CancelTimer { timer: timer.to_owned(), generation: running.generation });
+        }
+    }
+
+    /// Leaves the current state and enters `target`.
+    fn enter(&mut self, target: &str) -> Result<(), StepError> {
+        self.cancel_timer(STATE_TIMEOUT_TIMER);
+        self.thred.state = target.to_owned();
+        let pattern = self.pattern;
+        let Some(state) = pattern.state(target) else {
+            return Err(StepError::UnknownState { pattern: pattern.name.clone(), state: target.to_owned() });
+        };
+        self.effects_from(&state.on_enter)?;
+        if let Some(timeout) = &state.timeout {
+            let seconds = self.evaluate_seconds(&timeout.after_secs)?;
+            self.start_timer(STATE_TIMEOUT_TIMER, seconds);
+        }
+        if state.terminal {
+            let running: Vec<String> = self.thred.timers.keys().cloned().collect();
+            for timer in running {
+                self.cancel_timer(&timer);
+            }
+            self.thred.ended = true;
+        }
+        Ok(())
+    }
+
+    /// Completes the step: notifications learn the final state, state changes are recorded.
+    fn finish(mut self, left_state: Option<String>) -> Result<Step, StepError> {
+        let user = self.thred.context.get("user").and_then(Value::as_str).map(str::to_owned);
+        for effect in &mut self.effects {
+            if let Effect::Notify { user: notify_user, state, .. } = effect {
+                *notify_user = user.clone();
+                *state = self.thred.state.clone();
+            }
+        }
+        self.thred.updated_ms = self.now_ms;
+        let disposition = match left_state {
+            Some(from) => {
+                self.record_transition(&from);
+                Disposition::Transitioned { from, to: self.thred.state.clone() }
+            }
+            None => Disposition::Stayed,
+        };
+        Ok(Step { thred: self.thred, effects: self.effects, disposition })
+    }
+
+    fn record_transition(&mut self, from: &str) {
+        if let Some(record) = &self.pattern.record {
+            let mut doc = Map::new();
+            doc.insert("state".to_owned(), json!(self.thred.state));
+            doc.insert("thred".to_owned(), json!(self.thred.id));
+            doc.insert("pattern".to_owned(), json!(self.thred.pattern));
+            for field in &record.fields {
+                if let Some(value) = self.thred.context.get(field) {
+                    doc.insert(field.clone(), value.clone());
+                }
+            }
+            self.effects.push(Effect::Persist {
+                operation: PersistOperation::Upsert,
+                collection: record.collection.clone(),
+                id: Some(self.thred.key.clone()),
+                doc: Value::Object(doc),
+            });
+        }
+        let at = chrono::DateTime::from_timestamp_millis(self.now_ms).map(|time| time.to_rfc3339()).unwrap_or_default();
+        self.effects.push(Effect::Persist {
+            operation: PersistOperation::Put,
+            collection: AUDIT_COLLECTION.to_owned(),
+            id: None,
+            doc: json!({
+                "session": self.thred.key,
+                "thred": self.thred.id,
+                "from": from,
+                "to": self.thred.state,
+                "event_type": self.event.get("type"),
+                "event_id": self.event.get("id"),
+                "at": at,
+            }),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::pattern::load_pattern_file;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn session_pattern() -> Pattern {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../patterns/workspace-session.json");
+        load_pattern_file(&file).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    fn event(event_type: &str, data: Value) -> EventInput {
+        EventInput {
+            id: format!("e-{event_type}"),
+            event_type: event_type.to_owned(),
+            source: "/test".to_owned(),
+            subject: Some("s-1".to_owned()),
+            data,
+            extensions: BTreeMap::new(),
+        }
+    }
+
+    fn timer(name: &str, generation: u64) -> EventInput {
+        event(TIMER_FIRED, json!({"timer": name, "generation": generation}))
+    }
+
+    fn seed() -> Map<String, Value> {
+        json!({
+            "session": "s-1", "user": "alice", "workspace": "w1", "profile": "dev",
+            "timers": {"idle_after_secs": 60, "stop_after_idle_secs": 300, "max_age_secs": 3600, "autosave_secs": 60, "ready_timeout_secs": 20}
+        })
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+    }
+
+    /// A thred in `state` as the pattern would have left it: counters set, container known, and
+    /// the timers that state runs (max_age 1, idle 2, autosave 3, stop 4, state_timeout 5).
+    fn thred_in(state: &str) -> Thred {
+        let mut context = seed();
+        for (name, value) in [
+            ("provision_attempts", json!(1)),
+            ("materialize_attempts", json!(1)),
+            ("sync_attempts", json!(1)),
+            ("activity_count", json!(0)),
+            ("close_requested", json!(false)),
+            ("stop_reason", json!("")),
+            ("error", json!("")),
+            ("container_id", json!("c-1")),
+            ("host", json!("127.0.0.1")),
+            ("port", json!(32768)),
+        ] {
+            context.insert(name.to_owned(), value);
+        }
+        let mut timers = BTreeMap::new();
+        let mut add = |name: &str, generation: u64| {
+            timers.insert(name.to_owned(), RunningTimer { generation, deadline_ms: NOW });
+        };
+        if !matches!(state, "open" | "stopping" | "sync_backoff" | "removing_container" | "removing_workspace") {
+            add("max_age", 1);
+        }
+        match state {
+            "running" => {
+                add("idle", 2);
+                add("autosave", 3);
+            }
+            "idle" => add("stop", 4),
+            _ => {}
+        }
+        if session_pattern().state(state).is_some_and(|s| s.timeout.is_some()) {
+            add(STATE_TIMEOUT_TIMER, 5);
+        }
+        Thred {
+            id: "t-1".to_owned(),
+            pattern: "workspace-session".to_owned(),
+            key: "s-1".to_owned(),
+            state: state.to_owned(),
+            context,
+            timers,
+            last_timer_generation: 5,
+            version: 3,
+            created_ms: NOW - 1000,
+            updated_ms: NOW - 1000,
+            ended: matches!(state, "failed" | "stopped" | "closed"),
+        }
+    }
+
+    fn summary(step: &Step) -> (String, Vec<String>) {
+        let outcome = match &step.disposition {
+            Disposition::Transitioned { to, .. } => format!("-> {to}"),
+            Disposition::Stayed => "stay".to_owned(),
+            Disposition::Ignored => "ignored".to_owned(),
+            Disposition::StaleTimer => "stale".to_owned(),
+            Disposition::Rejected(_) => "rejected".to_owned(),
+        };
+        let tasks = step
+            .effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Task { agent, action, .. } => Some(format!("{agent}.{action}")),
+                _ => None,
+            })
+            .collect();
+        (outcome, tasks)
+    }
+
+    /// One row: a thred in `state` gets `input`; it must end as `outcome` having emitted exactly
+    /// `tasks` (agent.action, in order).
+    #[track_caller]
+    fn check(state: &str, input: EventInput, outcome: &str, tasks: &[&str]) {
+        let pattern = session_pattern();
+        let step = step(&pattern, &thred_in(state), &input, NOW).unwrap_or_else(|error| panic!("{state} + {}: {error}", input.event_type));
+        let (actual_outcome, actual_tasks) = summary(&step);
+        assert_eq!(
+            (actual_outcome.as_str(), actual_tasks.iter().map(String::as_str).collect::<Vec<_>>()),
+            (outcome, tasks.to_vec()),
+            "state `{state}` + `{}` {}",
+            input.event_type,
+            input.data
+        );
+    }
+
+    #[test]
+    fn workspace_session_table() {
+        let synced_final = || event("workspace.synced", json!({"final": true}));
+        // open
+        check("open", event("session.open", json!({"user": "alice", "workspace": "w1"})), "-> materializing", &["workspace.materialize"]);
+        check("open", event("session.open", json!({"profile": "dev"})), "-> materializing", &["workspace.materialize"]);
+        check("open", event("session.open", json!({"profile": "prod"})), "-> closed", &[]);
+        check("open", event("session.close", json!({})), "-> stopping", &["workspace.sync"]);
+        check("open", event("container.ready", json!({})), "rejected", &[]);
+        // materializing
+        check("materializing", event("workspace.materialized", json!({"files": 3})), "-> provisioning", &["container.provision"]);
+        check("materializing", event("workspace.failed", json!({"stage": "download", "error": "store down"})), "-> materialize_backoff", &[]);
+        check("materializing", event("workspace.failed", json!({"stage": "quota", "error": "too big"})), "-> failed", &["container.remove"]);
+        check("materializing", timer(STATE_TIMEOUT_TIMER, 5), "-> failed", &["container.remove"]);
+        check("materializing", timer(STATE_TIMEOUT_TIMER, 4), "stale", &[]);
+        check("materializing", timer("max_age", 1), "-> stopping", &["workspace.sync"]);
+        check("materializing", event("workspace.progress", json!({})), "ignored", &[]);
+        check("materializing", event("session.activity", json!({})), "ignored", &[]);
+        check("materializing", event("container.ready", json!({})), "rejected", &[]);
+        check("materializing", event("session.close", json!({})), "-> stopping", &["workspace.sync"]);
+        // materialize_backoff
+        check("materialize_backoff", timer(STATE_TIMEOUT_TIMER, 5), "-> materializing", &["workspace.materialize"]);
+        check("materialize_backoff", event("workspace.materialized", json!({})), "rejected", &[]);
+        // provisioning
+        check("provisioning", event("container.ready", json!({"container_id": "c-9", "host": "127.0.0.1", "port": 4000})), "-> running", &[]);
+        check("provisioning", event("container.failed", json!({"error": "boom"})), "-> provision_backoff", &[]);
+        check("provisioning", timer(STATE_TIMEOUT_TIMER, 5), "-> failed", &["container.remove"]);
+        check("provisioning", event("workspace.synced", json!({})), "ignored", &[]);
+        check("provisioning", event("container.paused", json!({})), "rejected", &[]);
+        // provision_backoff
+        check("provision_backoff", timer(STATE_TIMEOUT_TIMER, 5), "-> provisioning", &["container.provision"]);
+        check("provision_backoff", event("session.close", json!({})), "-> stopping", &["workspace.sync"]);
+        // running
+        check("running", event("session.activity", json!({"source": "websocket"})), "stay", &[]);
+        check("running", timer("idle", 2), "-> idle", &["container.pause"]);
+        check("running", timer("idle", 1), "stale", &[]);
+        check("running", timer("autosave", 3), "stay", &["workspace.sync"]);
+        check("running", timer("max_age", 1), "-> stopping", &["workspace.sync"]);
+        check("running", event("container.exited", json!({"exit_code": 137, "oom_killed": true})), "-> failed", &["container.remove"]);
+        check("running", event("session.close", json!({})), "-> stopping", &["workspace.sync"]);
+        check("running", event("container.stats", json!({})), "ignored", &[]);
+        check("running", event("workspace.synced", json!({"final": false})), "ignored", &[]);
+        check("running", event("workspace.materialized", json!({})), "rejected", &[]);
+        // idle
+        check("idle", event("session.activity", json!({"source": "terminal"})), "-> running", &["container.resume"]);
+        check("idle", timer("stop", 4), "-> stopping", &["workspace.sync"]);
+        check("idle", timer("idle", 2), "stale", &[]);
+        check("idle", event("container.paused", json!({})), "ignored", &[]);
+        check("idle", event("container.exited", json!({})), "-> failed", &["container.remove"]);
+        check("idle", event("container.ready", json!({})), "rejected", &[]);
+        // stopping
+        check("stopping", synced_final(), "-> removing_container", &["container.remove"]);
+        check("stopping", event("workspace.synced", json!({"final": false})), "rejected", &[]);
+        check("stopping", event("workspace.sync_failed", json!({"final": true, "error": "s3 down"})), "-> sync_backoff", &[]);
+        check("stopping", event("session.close", json!({})), "stay", &[]);
+        check("stopping", event("container.exited", json!({})), "ignored", &[]);
+        check("stopping", timer(STATE_TIMEOUT_TIMER, 5), "-> failed", &["container.remove"]);
+        // sync_backoff
+        check("sync_backoff", timer(STATE_TIMEOUT_TIMER, 5), "-> stopping", &["workspace.sync"]);
+        check("sync_backoff", event("session.close", json!({})), "stay", &[]);
+        check("sync_backoff", event("workspace.synced", json!({"final": true})), "rejected", &[]);
+        // removing
+        check("removing_container", event("container.removed", json!({})), "-> removing_workspace", &["workspace.remove"]);
+        check("removing_container", event("container.failed", json!({"error": "gone"})), "-> removing_workspace", &["workspace.remove"]);
+        check("removing_container", event("container.exited", json!({})), "ignored", &[]);
+        check("removing_workspace", event("workspace.removed", json!({})), "-> stopped", &[]);
+        check("removing_workspace", event("container.removed", json!({})), "ignored", &[]);
+        // terminal states take nothing
+        for terminal in ["failed", "stopped", "closed"] {
+            check(terminal, event("session.activity", json!({})), "rejected", &[]);
+            check(terminal, event("workspace.removed", json!({})), "rejected", &[]);
+            check(terminal, timer("max_age", 1), "rejected", &[]);
+        }
+    }
+
+    #[test]
+    fn closing_leads_to_closed_and_idling_to_stopped() {
+        let pattern = session_pattern();
+        let mut thred = thred_in("stopping");
+        thred.context.insert("close_requested".to_owned(), json!(true));
+        thred.state = "removing_workspace".to_owned();
+        let step = step(&pattern, &thred, &event("workspace.removed", json!({})), NOW).unwrap();
+        assert_eq!(step.disposition, Disposition::Transitioned { from: "removing_workspace".into(), to: "closed".into() });
+        assert!(step.thred.ended);
+        assert!(step.thred.timers.is_empty(), "a terminal thred runs no timers: {:?}", step.thred.timers);
+    }
+
+    #[test]
+    fn start_builds_the_context_and_starts_max_age() {
+        let pattern = session_pattern();
+        let mut seed = seed();
+        seed.remove("session");
+        let step = start(&pattern, "t-9", seed, &event("session.open", json!({"user": "alice", "workspace": "w1"})), NOW).unwrap();
+        assert_eq!(step.thred.key, "s-1");
+        assert_eq!(step.thred.state, "materializing");
+        assert_eq!(step.thred.context["provision_attempts"], json!(0));
+        assert_eq!(step.thred.timers["max_age"].deadline_ms, NOW + 3_600_000);
+        assert_eq!(step.thred.timers[STATE_TIMEOUT_TIMER].deadline_ms, NOW + 600_000);
+        let task_args: Vec<&Value> = step.effects.iter().filter_map(|e| match e {
+            Effect::Task { args, .. } => Some(args),
+            _ => None,
+        }).collect();
+        assert_eq!(task_args, vec![&json!({"user": "alice", "workspace": "w1"})]);
+        let notified: Vec<(&Option<String>, &str)> = step.effects.iter().filter_map(|e| match e {
+            Effect::Notify { user, state, .. } => Some((user, state.as_str())),
+            _ => None,
+        }).collect();
+        assert_eq!(notified, vec![(&Some("alice".to_owned()), "materializing")]);
+        let persisted: Vec<(&str, &Option<String>)> = step.effects.iter().filter_map(|e| match e {
+            Effect::Persist { collection, id, .. } => Some((collection.as_str(), id)),
+            _ => None,
+        }).collect();
+        assert_eq!(persisted, vec![("sessions", &Some("s-1".to_owned())), ("events", &None)]);
+    }
+
+    #[test]
+    fn starting_events_are_validated() {
+        let pattern = session_pattern();
+        let mut seed = seed();
+        seed.remove("user");
+        let refused = start(&pattern, "t-9", seed, &event("session.open", json!({"workspace": "w1"})), NOW).unwrap_err();
+        assert!(matches!(refused, StepError::InvalidStart { .. }), "{refused}");
+        let mut no_subject = event("session.open", json!({"workspace": "w1"}));
+        no_subject.subject = None;
+        assert!(matches!(start(&pattern, "t-9", seed_without_session(), &no_subject, NOW), Err(StepError::InvalidStart { .. })));
+    }
+
+    fn seed_without_session() -> Map<String, Value> {
+        let mut seed = seed();
+        seed.remove("session");
+        seed
+    }
+
+    #[test]
+    fn restarting_a_timer_supersedes_it_and_activity_counts() {
+        let pattern = session_pattern();
+        let step = step(&pattern, &thred_in("running"), &event("session.activity", json!({})), NOW + 5).unwrap();
+        assert_eq!(step.thred.timers["idle"], RunningTimer { generation: 6, deadline_ms: NOW + 5 + 60_000 });
+        assert_eq!(step.thred.context["activity_count"], json!(1));
+        assert_eq!(
+            step.effects,
+            vec![
+                Effect::CancelTimer { timer: "idle".into(), generation: 2 },
+                Effect::StartTimer { timer: "idle".into(), generation: 6, deadline_ms: NOW + 5 + 60_000 },
+            ]
+        );
+        // The superseded generation firing late changes nothing.
+        let late = super::step(&pattern, &step.thred, &timer("idle", 2), NOW + 10).unwrap();
+        assert_eq!(late.disposition, Disposition::StaleTimer);
+        assert_eq!(late.thred, step.thred);
+    }
+
+    #[test]
+    fn backoff_grows() {
+        let pattern = session_pattern();
+        let mut thred = thred_in("provisioning");
+        thred.context.insert("provision_attempts".to_owned(), json!(0));
+        let first = step(&pattern, &thred, &event("container.failed", json!({"error": "x"})), NOW).unwrap();
+        assert_eq!(first.thred.timers[STATE_TIMEOUT_TIMER].deadline_ms, NOW + 2000);
+        let mut again = thred.clone();
+        again.context.insert("provision_attempts".to_owned(), json!(1));
+        let second = step(&pattern, &again, &event("container.failed", json!({"error": "x"})), NOW).unwrap();
+        assert_eq!(second.thred.timers[STATE_TIMEOUT_TIMER].deadline_ms, NOW + 4000);
+        let mut exhausted = thred;
+        exhausted.context.insert("provision_attempts".to_owned(), json!(2));
+        let third = step(&pattern, &exhausted, &event("container.failed", json!({"error": "x"})), NOW).unwrap();
+        assert_eq!(third.thred.state, "failed");
+        assert_eq!(third.thred.context["error"], json!("x"));
+    }
+
+    #[test]
+    fn autosave_off_starts_no_timer() {
+        let pattern = session_pattern();
+        let mut thred = thred_in("provisioning");
+        thred.context["timers"]["autosave_secs"] = json!(0);
+        let step = step(&pattern, &thred, &event("container.ready", json!({"container_id": "c", "host": "h", "port": 1})), NOW).unwrap();
+        assert!(step.thred.timers.contains_key("idle"));
+        assert!(!step.thred.timers.contains_key("autosave"));
+    }
+}

@@ -1,0 +1,178 @@
+//! CEL expressions in patterns: compiled once when a pattern loads, evaluated by the pure core
+//! against the thred's context, the event and the step's time (passed in, never read from a clock).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use cel_interpreter::objects::{Key, Map as CelMap};
+use cel_interpreter::{Context, Program, Value as CelValue};
+use serde_json::{Map, Number, Value};
+
+/// A compiled CEL expression together with its source, for error messages.
+pub struct Expression {
+    source: String,
+    /// Where the expression sits in its pattern (`state "running", on[0].guard`), for errors.
+    location: String,
+    program: Program,
+}
+
+impl fmt::Debug for Expression {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "Expression({:?})", self.source)
+    }
+}
+
+/// The variables an expression can read: `ctx`, `event`, `thred` and `now` (epoch milliseconds).
+pub struct Scope<'a> {
+    pub ctx: &'a Map<String, Value>,
+    pub event: &'a Value,
+    pub thred: &'a Value,
+    pub now_ms: i64,
+}
+
+impl Expression {
+    /// Compiles `source`; the error is the parser's message.
+    pub fn compile(source: &str) -> Result<Expression, String> {
+        Expression::compile_at(source, "")
+    }
+
+    /// Compiles `source` found at `location` in a pattern.
+    pub fn compile_at(source: &str, location: &str) -> Result<Expression, String> {
+        if source.trim().is_empty() {
+            return Err("expression is empty".to_owned());
+        }
+        // The parser of cel-interpreter 0.10 panics on a few malformed inputs; a pattern file is
+        // outside input, so a panic is turned into an error instead of taking the process down.
+        let compiled = std::panic::catch_unwind(|| Program::compile(source));
+        match compiled {
+            Ok(Ok(program)) => Ok(Expression { source: source.to_owned(), location: location.to_owned(), program }),
+            Ok(Err(errors)) => Err(format!("CEL syntax error in {source:?}: {errors}")),
+            Err(_) => Err(format!("CEL syntax error in {source:?}")),
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Names of the top-level variables the expression reads.
+    pub fn variables(&self) -> Vec<String> {
+        self.program.references().variables().into_iter().map(str::to_owned).collect()
+    }
+
+    /// Evaluates to a JSON value.
+    pub fn evaluate(&self, scope: &Scope<'_>) -> Result<Value, String> {
+        let mut context = Context::default();
+        context.add_variable_from_value("ctx", json_to_cel(&Value::Object(scope.ctx.clone())));
+        context.add_variable_from_value("event", json_to_cel(scope.event));
+        context.add_variable_from_value("thred", json_to_cel(scope.thred));
+        context.add_variable_from_value("now", CelValue::Int(scope.now_ms));
+        let value = self.program.execute(&context).map_err(|error| format!("{}{:?} failed: {error}", self.prefix(), self.source))?;
+        cel_to_json(&value).map_err(|reason| format!("{}{:?} gave {reason}", self.prefix(), self.source))
+    }
+
+    fn prefix(&self) -> String {
+        if self.location.is_empty() {
+            String::new()
+        } else {
+            format!("{}: ", self.location)
+        }
+    }
+
+    /// Evaluates a guard: it must give a boolean.
+    pub fn evaluate_bool(&self, scope: &Scope<'_>) -> Result<bool, String> {
+        match self.evaluate(scope)? {
+            Value::Bool(flag) => Ok(flag),
+            other => Err(format!("{}{:?} must give a boolean, gave {other}", self.prefix(), self.source)),
+        }
+    }
+}
+
+/// JSON into CEL: integers stay integers so that `ctx.attempts + 1` type-checks.
+pub fn json_to_cel(value: &Value) -> CelValue {
+    match value {
+        Value::Null => CelValue::Null,
+        Value::Bool(flag) => CelValue::Bool(*flag),
+        Value::Number(number) => match (number.as_i64(), number.as_u64()) {
+            (Some(integer), _) => CelValue::Int(integer),
+            (None, Some(unsigned)) => CelValue::UInt(unsigned),
+            _ => CelValue::Float(number.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(text) => CelValue::String(Arc::new(text.clone())),
+        Value::Array(items) => CelValue::List(Arc::new(items.iter().map(json_to_cel).collect())),
+        Value::Object(object) => {
+            let map: HashMap<Key, CelValue> =
+                object.iter().map(|(name, item)| (Key::String(Arc::new(name.clone())), json_to_cel(item))).collect();
+            CelValue::Map(CelMap { map: Arc::new(map) })
+        }
+    }
+}
+
+/// CEL back into JSON; functions, bytes, durations and timestamps have no place in a thred.
+pub fn cel_to_json(value: &CelValue) -> Result<Value, String> {
+    Ok(match value {
+        CelValue::Null => Value::Null,
+        CelValue::Bool(flag) => Value::Bool(*flag),
+        CelValue::Int(integer) => Value::Number(Number::from(*integer)),
+        CelValue::UInt(unsigned) => Value::Number(Number::from(*unsigned)),
+        CelValue::Float(float) => {
+            Number::from_f64(*float).map(Value::Number).ok_or_else(|| format!("a non-finite number ({float})"))?
+        }
+        CelValue::String(text) => Value::String(text.to_string()),
+        CelValue::List(items) => Value::Array(items.iter().map(cel_to_json).collect::<Result<_, _>>()?),
+        CelValue::Map(map) => {
+            let mut object = Map::new();
+            for (key, item) in map.map.iter() {
+                let name = match key {
+                    Key::String(text) => text.to_string(),
+                    Key::Int(integer) => integer.to_string(),
+                    Key::Uint(unsigned) => unsigned.to_string(),
+                    Key::Bool(flag) => flag.to_string(),
+                };
+                object.insert(name, cel_to_json(item)?);
+            }
+            Value::Object(object)
+        }
+        other => return Err(format!("a value JSON cannot hold ({:?})", other.type_of())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[track_caller]
+    fn check(source: &str, expected: Result<Value, &str>) {
+        let ctx = json!({"user": "alice", "attempts": 2, "timers": {"idle_after_secs": 60}});
+        let event = json!({"type": "session.open", "data": {"profile": "dev"}});
+        let scope = Scope { ctx: ctx.as_object().unwrap(), event: &event, thred: &json!({"state": "open"}), now_ms: 1000 };
+        let outcome = Expression::compile(source).and_then(|expression| expression.evaluate(&scope));
+        match (outcome, expected) {
+            (Ok(actual), Ok(expected)) => assert_eq!(actual, expected, "{source}"),
+            (Err(actual), Err(fragment)) => assert!(actual.contains(fragment), "{actual:?} lacks {fragment:?}"),
+            (actual, expected) => panic!("{source}: got {actual:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn expressions_table() {
+        check("ctx.user", Ok(json!("alice")));
+        check("ctx.attempts + 1", Ok(json!(3)));
+        check("ctx.attempts < 3 && event.data.profile == 'dev'", Ok(json!(true)));
+        check("has(event.data.missing)", Ok(json!(false)));
+        check("has(event.data.profile) ? event.data.profile : 'none'", Ok(json!("dev")));
+        check("ctx.timers.idle_after_secs * 1000 + now", Ok(json!(61000)));
+        check("{'a': ctx.user, 'b': [1, 2]}", Ok(json!({"a": "alice", "b": [1, 2]})));
+        check("[1, 2, 4, 8][ctx.attempts]", Ok(json!(4)));
+        check("ctx.nope", Err("failed"));
+        check("ctx.user +", Err("CEL syntax error"));
+        check("", Err("expression is empty"));
+    }
+}

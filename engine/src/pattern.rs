@@ -1,0 +1,782 @@
+//! The pattern model: the strict, versioned JSON file format (`PatternSpec`, from which the JSON
+//! Schema in `patterns/pattern.schema.json` is generated) and its validation into a compiled
+//! [`Pattern`] whose guards and values are ready-to-run CEL programs.
+//!
+//! Every error names the file, the state (when there is one) and the field at fault.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use protocol::AgentKind;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::expr::Expression;
+
+/// The only pattern format version this build reads.
+pub const PATTERN_VERSION: u32 = 1;
+/// The timer a state's `timeout` runs on; pattern timers may not use this name.
+pub const STATE_TIMEOUT_TIMER: &str = "state_timeout";
+/// The event type the engine publishes when a timer fires.
+pub const TIMER_FIRED: &str = "timer.fired";
+/// Variables an expression may read.
+const EXPRESSION_VARIABLES: [&str; 4] = ["ctx", "event", "thred", "now"];
+
+// ---------------------------------------------------------------------------------------------
+// The file format.
+
+/// A pattern file: a state machine that threds run.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatternSpec {
+    /// Optional pointer to the schema, for editors.
+    #[serde(rename = "$schema", default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// Format version; this build reads 1.
+    pub version: u32,
+    /// Pattern name: lowercase letters, digits, `-` and `_` (the file is `<name>.json`).
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// How an event that belongs to no thred starts one.
+    pub start: StartSpec,
+    /// The state a new thred is created in; the starting event is then applied to it.
+    pub initial: String,
+    /// A record upserted after every state change (e.g. the `sessions` collection).
+    #[serde(default)]
+    pub record: Option<RecordSpec>,
+    /// Transitions every non-terminal state has, tried after the state's own `on`.
+    #[serde(default)]
+    pub any_state: Vec<TransitionSpec>,
+    /// Event types every state ignores quietly unless it handles them.
+    #[serde(default)]
+    pub ignore_everywhere: Vec<String>,
+    pub states: BTreeMap<String, StateSpec>,
+}
+
+/// Which events start a thred and what identifies "the same session".
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartSpec {
+    /// Event types that start a thred when none is live for their key.
+    pub events: Vec<String>,
+    /// CEL: the thred key (e.g. `event.subject`). Later events bind by `subject` = key.
+    pub key: String,
+    /// At most this many live threds per key; further starting events go to the newest one.
+    #[serde(default = "one")]
+    pub max_live_per_key: u32,
+    /// CEL guard over the starting event; false sends the event to the dead-letter queue.
+    #[serde(default)]
+    pub validate: Option<String>,
+    /// CEL values set in the new thred's context, in order (they may read `ctx`).
+    #[serde(default)]
+    pub context: BTreeMap<String, String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A record kept up to date with the thred's state.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecordSpec {
+    pub collection: String,
+    /// Context fields copied into the record when present (besides `state`, `thred`, `pattern`).
+    #[serde(default)]
+    pub fields: Vec<String>,
+}
+
+/// One state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateSpec {
+    #[serde(default)]
+    pub description: String,
+    /// A terminal state ends the thred: it has no transitions and no timeout.
+    #[serde(default)]
+    pub terminal: bool,
+    /// Effects of entering the state (also on re-entry through a transition targeting it).
+    #[serde(default)]
+    pub on_enter: Vec<EffectSpec>,
+    /// Transitions, tried in order; the first whose event (and timer) matches and guard holds wins.
+    #[serde(default)]
+    pub on: Vec<TransitionSpec>,
+    /// Event types this state ignores quietly (anything else unhandled is logged as rejected).
+    #[serde(default)]
+    pub ignore: Vec<String>,
+    /// Leave the state when it has lasted this long.
+    #[serde(default)]
+    pub timeout: Option<TimeoutSpec>,
+}
+
+/// A transition.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransitionSpec {
+    /// The event type (`timer.fired` together with `timer`).
+    pub event: String,
+    /// For `timer.fired`: the timer's name.
+    #[serde(default)]
+    pub timer: Option<String>,
+    /// CEL guard; absent = always.
+    #[serde(default)]
+    pub guard: Option<String>,
+    /// The next state; absent = stay (no exit, no entry effects). Naming the current state re-enters it.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Effects of the transition, run before the target's `on_enter`.
+    #[serde(default)]
+    pub effects: Vec<EffectSpec>,
+}
+
+/// A state timeout.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutSpec {
+    /// CEL: seconds (a number); zero or less means no timeout this time.
+    pub after_secs: String,
+    pub target: String,
+    #[serde(default)]
+    pub effects: Vec<EffectSpec>,
+}
+
+/// An effect; exactly one key.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum EffectSpec {
+    /// A task for an agent.
+    Task(TaskSpec),
+    /// A notification to the thred's user (`ctx.user`) with the state after the transition.
+    Notify(NotifySpec),
+    /// A persistence operation.
+    Persist(PersistSpec),
+    /// Starts (or restarts, superseding the previous one) a named timer.
+    StartTimer(StartTimerSpec),
+    /// Cancels a named timer; cancelling a timer that is not running does nothing.
+    CancelTimer(CancelTimerSpec),
+    /// Sets context values (CEL each), in order; later effects see them.
+    Set(BTreeMap<String, String>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub agent: AgentName,
+    pub action: String,
+    /// Argument name → CEL value.
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+}
+
+/// The agent a task goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentName {
+    Container,
+    Workspace,
+    Persistence,
+    Session,
+}
+
+impl AgentName {
+    pub fn kind(self) -> AgentKind {
+        match self {
+            AgentName::Container => AgentKind::Container,
+            AgentName::Workspace => AgentKind::Workspace,
+            AgentName::Persistence => AgentKind::Persistence,
+            AgentName::Session => AgentKind::Session,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    /// CEL: the notification's `detail`.
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PersistSpec {
+    pub operation: PersistOperation,
+    pub collection: String,
+    /// CEL: the record id; absent = the task id.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// CEL: the document (a map).
+    pub doc: String,
+}
+
+/// Fire-and-forget persistence operations a pattern may emit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PersistOperation {
+    Put,
+    Upsert,
+}
+
+impl PersistOperation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PersistOperation::Put => "put",
+            PersistOperation::Upsert => "upsert",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartTimerSpec {
+    pub timer: String,
+    /// CEL: seconds (a number); zero or less starts nothing (e.g. autosave switched off).
+    pub after_secs: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelTimerSpec {
+    pub timer: String,
+}
+
+/// The JSON Schema of pattern files, as committed in `patterns/pattern.schema.json`.
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(PatternSpec);
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+
+/// Why a pattern file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PatternError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{file}: line {line}, column {column}: {message}")]
+    Syntax { file: PathBuf, line: usize, column: usize, message: String },
+    #[error("{file}: {}field `{field}`: {reason}", state_prefix(.state))]
+    Invalid { file: PathBuf, state: Option<String>, field: String, reason: String },
+}
+
+fn state_prefix(state: &Option<String>) -> String {
+    match state {
+        Some(state) => format!("state `{state}`: "),
+        None => String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compiled model.
+
+/// A validated pattern, its expressions compiled.
+#[derive(Debug)]
+pub struct Pattern {
+    pub name: String,
+    pub version: u32,
+    pub file: PathBuf,
+    pub start: Start,
+    pub initial: String,
+    pub record: Option<RecordSpec>,
+    pub any_state: Vec<Transition>,
+    pub ignore_everywhere: BTreeSet<String>,
+    pub states: BTreeMap<String, State>,
+    /// Every event type the pattern mentions: an event type no pattern knows is dead-lettered.
+    pub event_types: BTreeSet<String>,
+    /// The specification it was compiled from.
+    pub spec: PatternSpec,
+}
+
+#[derive(Debug)]
+pub struct Start {
+    pub events: BTreeSet<String>,
+    pub key: Expression,
+    pub max_live_per_key: u32,
+    pub validate: Option<Expression>,
+    pub context: Vec<(String, Expression)>,
+}
+
+#[derive(Debug)]
+pub struct State {
+    pub name: String,
+    pub terminal: bool,
+    pub on_enter: Vec<EffectTemplate>,
+    pub on: Vec<Transition>,
+    pub ignore: BTreeSet<String>,
+    pub timeout: Option<Timeout>,
+}
+
+#[derive(Debug)]
+pub struct Transition {
+    pub event: String,
+    pub timer: Option<String>,
+    pub guard: Option<Expression>,
+    pub target: Option<String>,
+    pub effects: Vec<EffectTemplate>,
+}
+
+#[derive(Debug)]
+pub struct Timeout {
+    pub after_secs: Expression,
+    pub target: String,
+    pub effects: Vec<EffectTemplate>,
+}
+
+/// An effect whose values are still expressions.
+#[derive(Debug)]
+pub enum EffectTemplate {
+    Task { agent: AgentKind, action: String, args: Vec<(String, Expression)> },
+    Notify { detail: Option<Expression> },
+    Persist { operation: PersistOperation, collection: String, id: Option<Expression>, doc: Expression },
+    StartTimer { timer: String, after_secs: Expression },
+    CancelTimer { timer: String },
+    Set(Vec<(String, Expression)>),
+}
+
+impl Pattern {
+    pub fn state(&self, name: &str) -> Option<&State> {
+        self.states.get(name)
+    }
+
+    /// Does this pattern know the event type at all?
+    pub fn knows(&self, event_type: &str) -> bool {
+        self.event_types.contains(event_type)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading and validation.
+
+/// Reads, parses and validates one pattern file.
+pub fn load_pattern_file(path: &Path) -> Result<Pattern, PatternError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PatternError::Read { file: path.to_owned(), source })?;
+    parse_pattern(&text, path)
+}
+
+/// Parses and validates pattern text; `file` names it in errors.
+pub fn parse_pattern(text: &str, file: &Path) -> Result<Pattern, PatternError> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let spec: PatternSpec = match serde_path_to_error::deserialize(&mut deserializer) {
+        Ok(spec) => spec,
+        Err(error) => {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                return Err(PatternError::Syntax {
+                    file: file.to_owned(),
+                    line: inner.line(),
+                    column: inner.column(),
+                    message: strip_position(&inner.to_string()),
+                });
+            }
+            let (state, field) = split_state_path(&path);
+            return Err(PatternError::Invalid { file: file.to_owned(), state, field, reason: strip_position(&inner.to_string()) });
+        }
+    };
+    if let Err(error) = deserializer.end() {
+        return Err(PatternError::Syntax {
+            file: file.to_owned(),
+            line: error.line(),
+            column: error.column(),
+            message: strip_position(&error.to_string()),
+        });
+    }
+    Validator::new(file).compile(spec)
+}
+
+/// serde_json appends " at line L column C"; the error already says where.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(index) => message[..index].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// `states.running.on[0].gaurd` → (Some("running"), "on[0].gaurd").
+fn split_state_path(path: &str) -> (Option<String>, String) {
+    let Some(rest) = path.strip_prefix("states.") else { return (None, path.to_owned()) };
+    match rest.split_once('.') {
+        Some((state, field)) => (Some(state.to_owned()), field.to_owned()),
+        None => (Some(rest.to_owned()), "(state)".to_owned()),
+    }
+}
+
+struct Validator {
+    file: PathBuf,
+    /// Timers some effect starts; transitions and cancels must name one of them.
+    started_timers: BTreeSet<String>,
+}
+
+fn is_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn is_event_type(text: &str) -> bool {
+    text.split('.').count() >= 2
+        && text.split('.').all(|part| {
+            !part.is_empty() && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        })
+}
+
+fn is_identifier(text: &str) -> bool {
+    let mut chars = text.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl Validator {
+    fn new(file: &Path) -> Validator {
+        Validator { file: file.to_owned(), started_timers: BTreeSet::new() }
+    }
+
+    fn error(&self, state: Option<&str>, field: &str, reason: impl Into<String>) -> PatternError {
+        PatternError::Invalid {
+            file: self.file.clone(),
+            state: state.map(str::to_owned),
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    fn expression(&self, state: Option<&str>, field: &str, source: &str) -> Result<Expression, PatternError> {
+        let location = match state {
+            Some(state) => format!("state `{state}`: `{field}`"),
+            None => format!("`{field}`"),
+        };
+        let expression = Expression::compile_at(source, &location).map_err(|reason| self.error(state, field, reason))?;
+        for variable in expression.variables() {
+            if !EXPRESSION_VARIABLES.contains(&variable.as_str()) {
+                return Err(self.error(
+                    state,
+                    field,
+                    format!("unknown variable `{variable}` (expressions read ctx, event, thred and now)"),
+                ));
+            }
+        }
+        Ok(expression)
+    }
+
+    fn event_type(&self, state: Option<&str>, field: &str, event_type: &str) -> Result<(), PatternError> {
+        if is_event_type(event_type) {
+            Ok(())
+        } else {
+            Err(self.error(state, field, format!("{event_type:?} is not an event type (dotted lowercase words like `session.open`)")))
+        }
+    }
+
+    fn collect_started_timers(&mut self, spec: &PatternSpec) {
+        let mut lists: Vec<&Vec<EffectSpec>> = Vec::new();
+        for transition in &spec.any_state {
+            lists.push(&transition.effects);
+        }
+        for state in spec.states.values() {
+            lists.push(&state.on_enter);
+            for transition in &state.on {
+                lists.push(&transition.effects);
+            }
+            if let Some(timeout) = &state.timeout {
+                lists.push(&timeout.effects);
+            }
+        }
+        for effects in lists {
+            for effect in effects {
+                if let EffectSpec::StartTimer(start) = effect {
+                    self.started_timers.insert(start.timer.clone());
+                }
+            }
+        }
+    }
+
+    fn compile(mut self, spec: PatternSpec) -> Result<Pattern, PatternError> {
+        if spec.version != PATTERN_VERSION {
+            return Err(self.error(None, "version", format!("this build reads version {PATTERN_VERSION}, got {}", spec.version)));
+        }
+        if !is_name(&spec.name) {
+            return Err(self.error(None, "name", format!("{:?} must be lowercase letters, digits, `-` or `_`", spec.name)));
+        }
+        if spec.states.is_empty() {
+            return Err(self.error(None, "states", "a pattern has at least one state"));
+        }
+        self.collect_started_timers(&spec);
+        let start = self.compile_start(&spec.start)?;
+        if !spec.states.contains_key(&spec.initial) {
+            return Err(self.error(None, "initial", format!("no state named `{}`", spec.initial)));
+        }
+        if spec.states[&spec.initial].terminal {
+            return Err(self.error(None, "initial", "the initial state cannot be terminal"));
+        }
+        if let Some(record) = &spec.record {
+            if !is_name(&record.collection) {
+                return Err(self.error(None, "record.collection", "must be lowercase letters, digits, `-` or `_`"));
+            }
+            for (index, field) in record.fields.iter().enumerate() {
+                if !is_identifier(field) {
+                    return Err(self.error(None, &format!("record.fields[{index}]"), format!("{field:?} is not a context field name")));
+                }
+            }
+        }
+        let mut event_types: BTreeSet<String> = start.events.clone();
+        event_types.insert(TIMER_FIRED.to_owned());
+        let mut any_state = Vec::new();
+        for (index, transition) in spec.any_state.iter().enumerate() {
+            let compiled = self.compile_transition(&spec, None, &format!("any_state[{index}]"), transition)?;
+            event_types.insert(compiled.event.clone());
+            any_state.push(compiled);
+        }
+        let mut ignore_everywhere = BTreeSet::new();
+        for (index, event_type) in spec.ignore_everywhere.iter().enumerate() {
+            self.event_type(None, &format!("ignore_everywhere[{index}]"), event_type)?;
+            ignore_everywhere.insert(event_type.clone());
+            event_types.insert(event_type.clone());
+        }
+        let mut states = BTreeMap::new();
+        for (name, state_spec) in &spec.states {
+            let state = self.compile_state(&spec, name, state_spec)?;
+            for transition in &state.on {
+                event_types.insert(transition.event.clone());
+            }
+            event_types.extend(state.ignore.iter().cloned());
+            states.insert(name.clone(), state);
+        }
+        self.check_reachable(&spec)?;
+        Ok(Pattern {
+            name: spec.name.clone(),
+            version: spec.version,
+            file: self.file.clone(),
+            start,
+            initial: spec.initial.clone(),
+            record: spec.record.clone(),
+            any_state,
+            ignore_everywhere,
+            states,
+            event_types,
+            spec,
+        })
+    }
+
+    fn compile_start(&self, start: &StartSpec) -> Result<Start, PatternError> {
+        if start.events.is_empty() {
+            return Err(self.error(None, "start.events", "name at least one event type that starts a thred"));
+        }
+        let mut events = BTreeSet::new();
+        for (index, event_type) in start.events.iter().enumerate() {
+            self.event_type(None, &format!("start.events[{index}]"), event_type)?;
+            events.insert(event_type.clone());
+        }
+        if start.max_live_per_key == 0 {
+            return Err(self.error(None, "start.max_live_per_key", "must be at least 1"));
+        }
+        let key = self.expression(None, "start.key", &start.key)?;
+        let validate = match &start.validate {
+            Some(source) => Some(self.expression(None, "start.validate", source)?),
+            None => None,
+        };
+        let mut context = Vec::new();
+        for (name, source) in &start.context {
+            let field = format!("start.context.{name}");
+            if !is_identifier(name) {
+                return Err(self.error(None, &field, "context names are identifiers"));
+            }
+            context.push((name.clone(), self.expression(None, &field, source)?));
+        }
+        Ok(Start { events, key, max_live_per_key: start.max_live_per_key, validate, context })
+    }
+
+    fn compile_state(&self, spec: &PatternSpec, name: &str, state: &StateSpec) -> Result<State, PatternError> {
+        let here = Some(name);
+        if !is_name(name) {
+            return Err(self.error(here, "(state)", "state names are lowercase letters, digits, `-` or `_`"));
+        }
+        if state.terminal && !state.on.is_empty() {
+            return Err(self.error(here, "on", "a terminal state has no transitions"));
+        }
+        if state.terminal && state.timeout.is_some() {
+            return Err(self.error(here, "timeout", "a terminal state has no timeout"));
+        }
+        let on_enter = self.compile_effects(here, "on_enter", &state.on_enter)?;
+        let mut on = Vec::new();
+        for (index, transition) in state.on.iter().enumerate() {
+            on.push(self.compile_transition(spec, here, &format!("on[{index}]"), transition)?);
+        }
+        let mut ignore = BTreeSet::new();
+        for (index, event_type) in state.ignore.iter().enumerate() {
+            let field = format!("ignore[{index}]");
+            self.event_type(here, &field, event_type)?;
+            if on.iter().any(|transition| &transition.event == event_type) {
+                return Err(self.error(here, &field, format!("`{event_type}` is both handled and ignored")));
+            }
+            ignore.insert(event_type.clone());
+        }
+        let timeout = match &state.timeout {
+            None => None,
+            Some(timeout) => {
+                if !spec.states.contains_key(&timeout.target) {
+                    return Err(self.error(here, "timeout.target", format!("no state named `{}`", timeout.target)));
+                }
+                Some(Timeout {
+                    after_secs: self.expression(here, "timeout.after_secs", &timeout.after_secs)?,
+                    target: timeout.target.clone(),
+                    effects: self.compile_effects(here, "timeout.effects", &timeout.effects)?,
+                })
+            }
+        };
+        Ok(State { name: name.to_owned(), terminal: state.terminal, on_enter, on, ignore, timeout })
+    }
+
+    fn compile_transition(
+        &self,
+        spec: &PatternSpec,
+        state: Option<&str>,
+        field: &str,
+        transition: &TransitionSpec,
+    ) -> Result<Transition, PatternError> {
+        self.event_type(state, &format!("{field}.event"), &transition.event)?;
+        match (&transition.timer, transition.event == TIMER_FIRED) {
+            (None, true) => return Err(self.error(state, &format!("{field}.timer"), "a `timer.fired` transition names its timer")),
+            (Some(_), false) => {
+                return Err(self.error(state, &format!("{field}.timer"), "only `timer.fired` transitions name a timer"))
+            }
+            (Some(timer), true) if !self.started_timers.contains(timer) => {
+                return Err(self.error(state, &format!("{field}.timer"), format!("no effect ever starts timer `{timer}`")))
+            }
+            _ => {}
+        }
+        if let Some(target) = &transition.target {
+            if !spec.states.contains_key(target) {
+                return Err(self.error(state, &format!("{field}.target"), format!("no state named `{target}`")));
+            }
+        }
+        let guard = match &transition.guard {
+            Some(source) => Some(self.expression(state, &format!("{field}.guard"), source)?),
+            None => None,
+        };
+        Ok(Transition {
+            event: transition.event.clone(),
+            timer: transition.timer.clone(),
+            guard,
+            target: transition.target.clone(),
+            effects: self.compile_effects(state, &format!("{field}.effects"), &transition.effects)?,
+        })
+    }
+
+    fn compile_effects(&self, state: Option<&str>, field: &str, effects: &[EffectSpec]) -> Result<Vec<EffectTemplate>, PatternError> {
+        let mut compiled = Vec::new();
+        for (index, effect) in effects.iter().enumerate() {
+            let at = format!("{field}[{index}]");
+            compiled.push(self.compile_effect(state, &at, effect)?);
+        }
+        Ok(compiled)
+    }
+
+    fn timer_name(&self, state: Option<&str>, field: &str, timer: &str) -> Result<(), PatternError> {
+        if !is_identifier(timer) || timer.chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(self.error(state, field, format!("{timer:?} is not a timer name (lowercase identifier)")));
+        }
+        if timer == STATE_TIMEOUT_TIMER {
+            return Err(self.error(state, field, format!("`{STATE_TIMEOUT_TIMER}` is reserved for state timeouts")));
+        }
+        Ok(())
+    }
+
+    fn compile_effect(&self, state: Option<&str>, at: &str, effect: &EffectSpec) -> Result<EffectTemplate, PatternError> {
+        Ok(match effect {
+            EffectSpec::Task(task) => {
+                if !is_name(&task.action) {
+                    return Err(self.error(state, &format!("{at}.task.action"), "actions are lowercase words"));
+                }
+                let mut args = Vec::new();
+                for (name, source) in &task.args {
+                    args.push((name.clone(), self.expression(state, &format!("{at}.task.args.{name}"), source)?));
+                }
+                EffectTemplate::Task { agent: task.agent.kind(), action: task.action.clone(), args }
+            }
+            EffectSpec::Notify(notify) => EffectTemplate::Notify {
+                detail: match &notify.detail {
+                    Some(source) => Some(self.expression(state, &format!("{at}.notify.detail"), source)?),
+                    None => None,
+                },
+            },
+            EffectSpec::Persist(persist) => {
+                if !is_name(&persist.collection) {
+                    return Err(self.error(state, &format!("{at}.persist.collection"), "collections are lowercase words"));
+                }
+                EffectTemplate::Persist {
+                    operation: persist.operation,
+                    collection: persist.collection.clone(),
+                    id: match &persist.id {
+                        Some(source) => Some(self.expression(state, &format!("{at}.persist.id"), source)?),
+                        None => None,
+                    },
+                    doc: self.expression(state, &format!("{at}.persist.doc"), &persist.doc)?,
+                }
+            }
+            EffectSpec::StartTimer(start) => {
+                self.timer_name(state, &format!("{at}.start_timer.timer"), &start.timer)?;
+                EffectTemplate::StartTimer {
+                    timer: start.timer.clone(),
+                    after_secs: self.expression(state, &format!("{at}.start_timer.after_secs"), &start.after_secs)?,
+                }
+            }
+            EffectSpec::CancelTimer(cancel) => {
+                let field = format!("{at}.cancel_timer.timer");
+                self.timer_name(state, &field, &cancel.timer)?;
+                if !self.started_timers.contains(&cancel.timer) {
+                    return Err(self.error(state, &field, format!("no effect ever starts timer `{}`", cancel.timer)));
+                }
+                EffectTemplate::CancelTimer { timer: cancel.timer.clone() }
+            }
+            EffectSpec::Set(values) => {
+                if values.is_empty() {
+                    return Err(self.error(state, &format!("{at}.set"), "sets at least one value"));
+                }
+                let mut compiled = Vec::new();
+                for (name, source) in values {
+                    let field = format!("{at}.set.{name}");
+                    if !is_identifier(name) {
+                        return Err(self.error(state, &field, "context names are identifiers"));
+                    }
+                    compiled.push((name.clone(), self.expression(state, &field, source)?));
+                }
+                EffectTemplate::Set(compiled)
+            }
+        })
+    }
+
+    /// Every state must be reachable from the initial one: an unreachable state is a typo.
+    fn check_reachable(&self, spec: &PatternSpec) -> Result<(), PatternError> {
+        let mut reached = BTreeSet::new();
+        let mut frontier = vec![spec.initial.clone()];
+        let global_targets: Vec<&String> = spec.any_state.iter().filter_map(|t| t.target.as_ref()).collect();
+        while let Some(name) = frontier.pop() {
+            if !reached.insert(name.clone()) {
+                continue;
+            }
+            let Some(state) = spec.states.get(&name) else { continue };
+            let mut targets: Vec<&String> = state.on.iter().filter_map(|t| t.target.as_ref()).collect();
+            if let Some(timeout) = &state.timeout {
+                targets.push(&timeout.target);
+            }
+            if !state.terminal {
+                targets.extend(global_targets.iter().copied());
+            }
+            frontier.extend(targets.into_iter().cloned());
+        }
+        match spec.states.keys().find(|name| !reached.contains(*name)) {
+            Some(unreached) => Err(self.error(Some(unreached), "(state)", format!("unreachable from the initial state `{}`", spec.initial))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{} v{} ({} states)", self.name, self.version, self.states.len())
+    }
+}

@@ -1,0 +1,835 @@
+//! `berth engine`: the service around the pure core.
+//!
+//! For each event: parse and validate it, bind it to a thred (by `thredid`, else by subject, else
+//! start one), step the pattern, then commit the new thred, the dedupe marker, the timers and the
+//! outbox of messages in ONE Redis script (optimistic version check, so replicas never interleave
+//! one thred's transitions), publish the outbox with confirms, delete it, and only then ack.
+//! A crash after the commit leaves the outbox, which start-up (or the event's redelivery) publishes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, ExchangeKind};
+use protocol::event::DEFAULT_MAX_EVENT_BYTES;
+use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Incoming, Notification, Outcome, Profile, Task};
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::core::{self, Disposition, Effect, EventInput, Step, StepError, Thred};
+use crate::metrics::Metrics;
+use crate::pattern::Pattern;
+use crate::timers::{self, TimerMember};
+use crate::{Error, Result};
+
+/// The event type of the container agent's periodic inventory (reconciliation).
+pub const CONTAINER_INVENTORY: &str = "container.inventory";
+/// How long a dedupe marker lives: far longer than any redelivery.
+const SEEN_TTL_SECS: u64 = 7 * 24 * 3600;
+/// How long an ended thred stays readable, so late answers are recognised as late.
+const ENDED_THRED_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Optimistic-commit attempts before the event is requeued.
+const COMMIT_ATTEMPTS: usize = 50;
+/// Per-key locks inside one engine (striped: no map to grow or clean).
+const LOCK_STRIPES: usize = 1024;
+
+/// Where the engine reads and writes. `standard()` is production; `isolated()` gives unique names
+/// so tests and the bench never touch the real queues or keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    pub queue: String,
+    pub events_exchange: String,
+    pub tasks_exchange: String,
+    pub notify_exchange: String,
+    pub dead_exchange: String,
+    /// Every Redis key starts with this.
+    pub redis_prefix: String,
+    pub prefetch: u16,
+    /// Containers younger than this are never reconciled away (their session may be starting).
+    pub orphan_grace_secs: u64,
+    /// How often the deadline index is swept for timers whose notification was missed.
+    pub sweep_interval_ms: u64,
+    /// Fault injection for crash tests: after committing, stop before publishing and wait
+    /// forever (the test then kills the process). Never set in production.
+    #[serde(default)]
+    pub halt_after_commit: bool,
+}
+
+impl EngineConfig {
+    /// The production names: `berth.engine`, `berth.events`, … and keys under `berth:engine`.
+    pub fn standard() -> EngineConfig {
+        EngineConfig {
+            queue: topology::ENGINE_QUEUE.to_owned(),
+            events_exchange: topology::EVENTS_EXCHANGE.to_owned(),
+            tasks_exchange: topology::TASKS_EXCHANGE.to_owned(),
+            notify_exchange: topology::NOTIFY_EXCHANGE.to_owned(),
+            dead_exchange: topology::DEAD_EXCHANGE.to_owned(),
+            redis_prefix: "berth:engine".to_owned(),
+            prefetch: 256,
+            orphan_grace_secs: 60,
+            sweep_interval_ms: 1000,
+            halt_after_commit: false,
+        }
+    }
+
+    /// Private exchanges, queue and key prefix named after `tag`.
+    pub fn isolated(tag: &str) -> EngineConfig {
+        EngineConfig {
+            queue: format!("berth-test.{tag}.engine"),
+            events_exchange: format!("berth-test.{tag}.events"),
+            tasks_exchange: format!("berth-test.{tag}.tasks"),
+            notify_exchange: format!("berth-test.{tag}.notify"),
+            dead_exchange: format!("berth-test.{tag}.dead"),
+            redis_prefix: format!("berth-test:{tag}"),
+            ..EngineConfig::standard()
+        }
+    }
+
+    fn is_standard(&self) -> bool {
+        self.queue == topology::ENGINE_QUEUE
+    }
+}
+
+/// Declares what the engine needs: the standard topology, or the isolated exchanges and queue.
+pub async fn declare(bus: &Bus, config: &EngineConfig) -> Result<()> {
+    if config.is_standard() {
+        bus.declare_topology().await?;
+        return Ok(());
+    }
+    let channel = bus.channel().await?;
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    for (name, kind) in [
+        (&config.events_exchange, ExchangeKind::Topic),
+        (&config.tasks_exchange, ExchangeKind::Direct),
+        (&config.notify_exchange, ExchangeKind::Topic),
+        (&config.dead_exchange, ExchangeKind::Fanout),
+    ] {
+        channel.exchange_declare(name, kind, durable, FieldTable::default()).await?;
+    }
+    channel.queue_declare(&config.queue, QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await?;
+    channel
+        .queue_bind(&config.queue, &config.events_exchange, "#", QueueBindOptions::default(), FieldTable::default())
+        .await?;
+    let _ = channel.close(200, "declared").await;
+    Ok(())
+}
+
+/// Deletes the isolated exchanges and queue and every Redis key under the prefix.
+pub async fn teardown(bus: &Bus, redis_url: &str, config: &EngineConfig) -> Result<()> {
+    if config.is_standard() {
+        return Ok(());
+    }
+    bus.delete_queue(&config.queue).await?;
+    let channel = bus.channel().await?;
+    for exchange in [&config.events_exchange, &config.tasks_exchange, &config.notify_exchange, &config.dead_exchange] {
+        channel.exchange_delete(exchange, ExchangeDeleteOptions::default()).await?;
+    }
+    let _ = channel.close(200, "deleted").await;
+    let client = redis::Client::open(redis_url)?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = connection.keys(format!("{}:*", config.redis_prefix)).await?;
+    for chunk in keys.chunks(500) {
+        let _: () = connection.del(chunk).await?;
+    }
+    Ok(())
+}
+
+/// Redis key names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys { prefix: prefix.to_owned() }
+    }
+    pub fn thred(&self, thred_id: &str) -> String {
+        format!("{}:thred:{thred_id}", self.prefix)
+    }
+    pub fn live(&self, key: &str) -> String {
+        format!("{}:live:{key}", self.prefix)
+    }
+    pub fn seen(&self, event_id: &str) -> String {
+        format!("{}:seen:{event_id}", self.prefix)
+    }
+    pub fn outbox(&self, event_id: &str) -> String {
+        format!("{}:outbox:{event_id}", self.prefix)
+    }
+    pub fn outboxes(&self) -> String {
+        format!("{}:outboxes", self.prefix)
+    }
+    pub fn deadlines(&self) -> String {
+        format!("{}:deadlines", self.prefix)
+    }
+    pub fn timer_prefix(&self) -> String {
+        format!("{}:timer:", self.prefix)
+    }
+}
+
+/// One message waiting in an outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxMessage {
+    pub exchange: String,
+    pub routing_key: String,
+    pub message_id: String,
+    pub body: String,
+}
+
+/// The commit: new thred state, dedupe marker, live-key index, timers and outbox in one step.
+const COMMIT_SCRIPT: &str = r#"
+-- KEYS: 1 thred, 2 seen, 3 outbox, 4 outbox index, 5 live index, 6 deadlines
+-- ARGV: 1 expected version, 2 thred json, 3 new version, 4 ended, 5 thred id, 6 max live (0 = not new),
+--       7 seen ttl, 8 ended ttl, 9 outbox json, 10 timer key prefix, then the timers to start
+--       (count, then member, deadline ms, ttl ms each) and to cancel (count, then members)
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'duplicate' end
+local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if version ~= tonumber(ARGV[1]) then return 'conflict' end
+local max_live = tonumber(ARGV[6])
+if max_live > 0 and redis.call('SCARD', KEYS[5]) >= max_live then return 'conflict' end
+redis.call('HSET', KEYS[1], 'v', ARGV[3], 'json', ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('SREM', KEYS[5], ARGV[5])
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+else
+  redis.call('SADD', KEYS[5], ARGV[5])
+end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[7])
+if ARGV[9] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[9])
+  redis.call('SADD', KEYS[4], KEYS[3])
+end
+local i = 11
+local starts = tonumber(ARGV[i]); i = i + 1
+for _ = 1, starts do
+  redis.call('SET', ARGV[10] .. ARGV[i], '1', 'PX', ARGV[i + 2])
+  redis.call('ZADD', KEYS[6], ARGV[i + 1], ARGV[i])
+  i = i + 3
+end
+local cancels = tonumber(ARGV[i]); i = i + 1
+for _ = 1, cancels do
+  redis.call('DEL', ARGV[10] .. ARGV[i])
+  redis.call('ZREM', KEYS[6], ARGV[i])
+  i = i + 1
+end
+return 'ok'
+"#;
+
+enum CommitResult {
+    Committed,
+    Duplicate,
+    Conflict,
+}
+
+/// How an event was bound.
+enum Binding<'a> {
+    Existing(&'a Pattern, Thred),
+    Start(&'a Pattern),
+    Orphan,
+}
+
+struct Inner {
+    profile: Profile,
+    patterns: Vec<Pattern>,
+    config: EngineConfig,
+    bus: Bus,
+    redis: ConnectionManager,
+    redis_client: redis::Client,
+    keys: Keys,
+    metrics: Arc<Metrics>,
+    locks: Vec<tokio::sync::Mutex<()>>,
+    commit: redis::Script,
+}
+
+/// A running engine (cheap to clone).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Runs an engine until `shutdown` completes.
+pub async fn run_engine(
+    profile: Profile,
+    patterns: Vec<Pattern>,
+    config: EngineConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let engine = Engine::connect(profile, patterns, config).await?;
+    engine.serve(shutdown).await
+}
+
+impl Engine {
+    /// Connects to the broker and Redis and declares the topology; does not consume yet.
+    pub async fn connect(profile: Profile, patterns: Vec<Pattern>, config: EngineConfig) -> Result<Engine> {
+        let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-engine")).await?;
+        declare(&bus, &config).await?;
+        let redis_client = redis::Client::open(profile.services.redis_url.as_str())?;
+        let redis = redis_client.get_connection_manager().await?;
+        let keys = Keys::new(&config.redis_prefix);
+        tracing::info!(patterns = ?patterns.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), queue = %config.queue, "engine connected");
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                profile,
+                patterns,
+                config,
+                bus,
+                redis,
+                redis_client,
+                keys,
+                metrics: Arc::new(Metrics::default()),
+                locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+                commit: redis::Script::new(COMMIT_SCRIPT),
+            }),
+        })
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.inner.bus
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// Replays leftover outboxes, starts the timer listener and sweeper, and consumes until
+    /// `shutdown` completes.
+    pub async fn serve(&self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let inner = &self.inner;
+        let replayed = self.replay_outboxes().await?;
+        if replayed > 0 {
+            tracing::warn!(outboxes = replayed, "published outboxes left by an earlier crash");
+        }
+        let timer_service = timers::TimerService::new(
+            inner.redis_client.clone(),
+            inner.redis.clone(),
+            inner.bus.clone(),
+            inner.keys.clone(),
+            inner.config.events_exchange.clone(),
+            inner.metrics.clone(),
+        );
+        timer_service.enable_notifications().await?;
+        let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
+        let listener = tokio::spawn(timer_service.clone().listen(stop_receiver.clone()));
+        let sweeper = tokio::spawn(timer_service.sweep_forever(Duration::from_millis(inner.config.sweep_interval_ms), stop_receiver.clone()));
+        let reporter = tokio::spawn(report_metrics(inner.metrics.clone(), stop_receiver));
+        let engine = self.clone();
+        let handler = move |incoming: Incoming| {
+            let engine = engine.clone();
+            async move { engine.handle(incoming).await }
+        };
+        let spec = ConsumeSpec::new(&inner.config.queue, inner.config.prefetch);
+        let consumed = inner.bus.consume(spec, handler, shutdown).await;
+        let _ = stop_sender.send(true);
+        let _ = listener.await;
+        let _ = sweeper.await;
+        let _ = reporter.await;
+        tracing::info!(metrics = ?inner.metrics.snapshot(), "engine stopped");
+        consumed?;
+        Ok(())
+    }
+
+    /// Publishes every outbox a crash left behind.
+    pub async fn replay_outboxes(&self) -> Result<usize> {
+        let mut redis = self.inner.redis.clone();
+        let outboxes: Vec<String> = redis.smembers(self.inner.keys.outboxes()).await?;
+        for outbox_key in &outboxes {
+            self.publish_outbox_at(outbox_key).await?;
+            Metrics::count(&self.inner.metrics.outboxes_replayed);
+        }
+        Ok(outboxes.len())
+    }
+
+    async fn publish_outbox_at(&self, outbox_key: &str) -> Result<()> {
+        let mut redis = self.inner.redis.clone();
+        let stored: Option<String> = redis.get(outbox_key).await?;
+        if let Some(text) = stored {
+            let messages: Vec<OutboxMessage> =
+                serde_json::from_str(&text).map_err(|error| Error::Corrupt { key: outbox_key.to_owned(), reason: error.to_string() })?;
+            self.publish_messages(&messages).await?;
+        }
+        let mut pipeline = redis::pipe();
+        pipeline.del(outbox_key).ignore().srem(self.inner.keys.outboxes(), outbox_key).ignore();
+        let _: () = pipeline.query_async(&mut redis).await?;
+        Ok(())
+    }
+
+    async fn publish_messages(&self, messages: &[OutboxMessage]) -> Result<()> {
+        let bus = &self.inner.bus;
+        let publishes = messages.iter().map(|message| {
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_message_id(message.message_id.clone().into());
+            bus.publish(&message.exchange, &message.routing_key, message.body.as_bytes(), properties)
+        });
+        for published in futures::future::join_all(publishes).await {
+            published?;
+        }
+        Ok(())
+    }
+
+    /// Handles one delivery and decides its fate.
+    pub async fn handle(&self, incoming: Incoming) -> Outcome {
+        let metrics = &self.inner.metrics;
+        let event = match CloudEvent::parse(&incoming.body, DEFAULT_MAX_EVENT_BYTES) {
+            Ok(event) => event,
+            Err(error) => return self.dead_letter(&incoming, &format!("invalid event: {error}")).await,
+        };
+        Metrics::count(&metrics.events_handled);
+        if let Some(time) = event.time {
+            metrics.observe_lag((chrono::Utc::now() - time).num_milliseconds());
+        }
+        let outcome = if event.event_type == CONTAINER_INVENTORY {
+            self.reconcile(&event).await
+        } else if !self.inner.patterns.iter().any(|pattern| pattern.knows(&event.event_type)) {
+            return self.dead_letter(&incoming, &format!("unknown event type `{}`: no pattern handles it", event.event_type)).await;
+        } else {
+            self.handle_event(&event).await
+        };
+        match outcome {
+            Ok(EventFate::Done) => Outcome::Ack,
+            Ok(EventFate::Refused(reason)) => self.dead_letter(&incoming, &reason).await,
+            Err(error) => {
+                tracing::warn!(event_id = %event.id, event_type = %event.event_type, %error, "event failed, requeueing");
+                Outcome::Retry
+            }
+        }
+    }
+
+    async fn dead_letter(&self, incoming: &Incoming, reason: &str) -> Outcome {
+        Metrics::count(&self.inner.metrics.dead_lettered);
+        tracing::warn!(routing_key = %incoming.routing_key, reason, "dead-lettering event");
+        let mut headers = FieldTable::default();
+        headers.insert(topology::REASON_HEADER.into(), lapin::types::AMQPValue::LongString(reason.to_owned().into()));
+        headers.insert(topology::ORIGIN_HEADER.into(), lapin::types::AMQPValue::LongString(self.inner.config.queue.clone().into()));
+        let properties = BasicProperties::default().with_headers(headers);
+        match self.inner.bus.publish(&self.inner.config.dead_exchange, &incoming.routing_key, &incoming.body, properties).await {
+            Ok(()) => Outcome::Ack,
+            Err(error) => {
+                tracing::error!(%error, "could not dead-letter an event; requeueing it");
+                Outcome::Retry
+            }
+        }
+    }
+
+    fn lock_for(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        &self.inner.locks[(hasher.finish() as usize) % LOCK_STRIPES]
+    }
+
+    async fn handle_event(&self, event: &CloudEvent) -> Result<EventFate> {
+        let lock_key = event.subject.clone().or_else(|| event.extension("thredid").map(str::to_owned)).unwrap_or_default();
+        let _guard = self.lock_for(&lock_key).lock().await;
+        let input = event_input(event);
+        let keys = &self.inner.keys;
+        for _ in 0..COMMIT_ATTEMPTS {
+            let mut redis = self.inner.redis.clone();
+            let seen: bool = redis.exists(keys.seen(&event.id)).await?;
+            if seen {
+                return self.finish_duplicate(event).await;
+            }
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let binding = self.bind(event).await?;
+            let (pattern, previous, stepped) = match binding {
+                Binding::Orphan => {
+                    Metrics::count(&self.inner.metrics.orphans);
+                    tracing::info!(event_id = %event.id, event_type = %event.event_type, subject = ?event.subject, "orphan event: no thred and starts none");
+                    return Ok(EventFate::Done);
+                }
+                Binding::Existing(pattern, thred) => {
+                    let stepped = core::step(pattern, &thred, &input, now_ms);
+                    (pattern, Some(thred), stepped)
+                }
+                Binding::Start(pattern) => {
+                    let thred_id = Uuid::now_v7().to_string();
+                    let stepped = core::start(pattern, &thred_id, self.seed_context(event), &input, now_ms);
+                    (pattern, None, stepped)
+                }
+            };
+            let step = match stepped {
+                Ok(step) => step,
+                Err(error @ (StepError::InvalidStart { .. } | StepError::Expression { .. } | StepError::UnknownState { .. })) => {
+                    return Ok(EventFate::Refused(error.to_string()))
+                }
+            };
+            self.log_disposition(event, &step, pattern);
+            let changed = previous.as_ref() != Some(&step.thred);
+            if !changed && step.effects.is_empty() {
+                return Ok(EventFate::Done);
+            }
+            let messages = self.outbox_messages(event, &step);
+            match self.commit(previous.as_ref().map(|loaded| loaded.version), &step, pattern, event, &messages).await? {
+                CommitResult::Conflict => {
+                    Metrics::count(&self.inner.metrics.conflicts);
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                CommitResult::Duplicate => return self.finish_duplicate(event).await,
+                CommitResult::Committed => {}
+            }
+            if let Disposition::Transitioned { .. } = step.disposition {
+                Metrics::count(&self.inner.metrics.transitions);
+            }
+            if self.inner.config.halt_after_commit {
+                tracing::warn!(event_id = %event.id, "halting after commit (fault injection)");
+                println!("halted-after-commit {}", event.id);
+                std::future::pending::<()>().await;
+            }
+            if !messages.is_empty() {
+                self.publish_messages(&messages).await?;
+                let tasks = messages.iter().filter(|message| message.exchange == self.inner.config.tasks_exchange).count();
+                self.inner.metrics.tasks_published.fetch_add(tasks as u64, std::sync::atomic::Ordering::Relaxed);
+                let mut pipeline = redis::pipe();
+                pipeline.del(keys.outbox(&event.id)).ignore().srem(keys.outboxes(), keys.outbox(&event.id)).ignore();
+                let _: () = pipeline.query_async(&mut redis).await?;
+            }
+            return Ok(EventFate::Done);
+        }
+        Err(Error::Conflict { thred: lock_key })
+    }
+
+    /// A redelivered event: its commit happened, but its outbox may not have been published.
+    async fn finish_duplicate(&self, event: &CloudEvent) -> Result<EventFate> {
+        Metrics::count(&self.inner.metrics.duplicates);
+        tracing::debug!(event_id = %event.id, "duplicate event");
+        self.publish_outbox_at(&self.inner.keys.outbox(&event.id)).await?;
+        Ok(EventFate::Done)
+    }
+
+    fn log_disposition(&self, event: &CloudEvent, step: &Step, pattern: &Pattern) {
+        let thred = &step.thred;
+        match &step.disposition {
+            Disposition::Transitioned { from, to } => {
+                tracing::info!(thred = %thred.id, key = %thred.key, pattern = %pattern.name, event_type = %event.event_type, from = %from, to = %to, "transition")
+            }
+            Disposition::Stayed => tracing::debug!(thred = %thred.id, event_type = %event.event_type, state = %thred.state, "handled"),
+            Disposition::Ignored => tracing::debug!(thred = %thred.id, event_type = %event.event_type, state = %thred.state, "ignored"),
+            Disposition::StaleTimer => {
+                Metrics::count(&self.inner.metrics.stale_timers);
+                tracing::debug!(thred = %thred.id, data = %event.data, "stale timer dropped")
+            }
+            Disposition::Rejected(reason) => {
+                Metrics::count(&self.inner.metrics.rejected);
+                tracing::info!(thred = %thred.id, event_id = %event.id, event_type = %event.event_type, reason = %reason, "event rejected")
+            }
+        }
+    }
+
+    async fn load_thred(&self, thred_id: &str) -> Result<Option<Thred>> {
+        let mut redis = self.inner.redis.clone();
+        let key = self.inner.keys.thred(thred_id);
+        let stored: Option<String> = redis.hget(&key, "json").await?;
+        let Some(text) = stored else { return Ok(None) };
+        let thred: Thred = serde_json::from_str(&text).map_err(|error| Error::Corrupt { key, reason: error.to_string() })?;
+        Ok(Some(thred))
+    }
+
+    /// Live threds of a key, newest first.
+    pub async fn live_threds(&self, key: &str) -> Result<Vec<Thred>> {
+        let mut redis = self.inner.redis.clone();
+        let ids: Vec<String> = redis.smembers(self.inner.keys.live(key)).await?;
+        let mut threds = Vec::new();
+        for id in ids {
+            if let Some(thred) = self.load_thred(&id).await? {
+                threds.push(thred);
+            }
+        }
+        threds.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| b.id.cmp(&a.id)));
+        Ok(threds)
+    }
+
+    /// Reads one thred (tests and tools).
+    pub async fn thred(&self, thred_id: &str) -> Result<Option<Thred>> {
+        self.load_thred(thred_id).await
+    }
+
+    fn pattern_named(&self, name: &str) -> Option<&Pattern> {
+        self.inner.patterns.iter().find(|pattern| pattern.name == name)
+    }
+
+    async fn bind(&self, event: &CloudEvent) -> Result<Binding<'_>> {
+        if let Some(thred_id) = event.extension("thredid") {
+            if let Some(thred) = self.load_thred(thred_id).await? {
+                if let Some(pattern) = self.pattern_named(&thred.pattern) {
+                    return Ok(Binding::Existing(pattern, thred));
+                }
+            }
+        }
+        let live = match &event.subject {
+            Some(subject) => self.live_threds(subject).await?,
+            None => Vec::new(),
+        };
+        for pattern in &self.inner.patterns {
+            if !pattern.start.events.contains(&event.event_type) {
+                continue;
+            }
+            let live_of_pattern = live.iter().filter(|thred| thred.pattern == pattern.name).count();
+            if live_of_pattern < pattern.start.max_live_per_key as usize {
+                return Ok(Binding::Start(pattern));
+            }
+        }
+        for thred in live {
+            if let Some(pattern) = self.pattern_named(&thred.pattern) {
+                if pattern.knows(&event.event_type) {
+                    return Ok(Binding::Existing(pattern, thred));
+                }
+            }
+        }
+        Ok(Binding::Orphan)
+    }
+
+    /// The context a new thred starts with: the event's data, the session, user, workspace and
+    /// profile, and the profile's timers (seconds), from which the pattern computes durations.
+    fn seed_context(&self, event: &CloudEvent) -> Map<String, Value> {
+        let mut context = match &event.data {
+            Value::Object(data) => data.clone(),
+            _ => Map::new(),
+        };
+        if let Some(subject) = &event.subject {
+            context.insert("session".to_owned(), json!(subject));
+        }
+        if let Some(user) = event.extension("userid") {
+            context.insert("user".to_owned(), json!(user));
+        }
+        let profile = &self.inner.profile;
+        context.insert("profile".to_owned(), json!(profile.name));
+        context.insert(
+            "timers".to_owned(),
+            json!({
+                "idle_after_secs": profile.timers.idle_after_secs,
+                "stop_after_idle_secs": profile.timers.stop_after_idle_secs,
+                "max_age_secs": profile.timers.max_age_secs,
+                "autosave_secs": profile.timers.autosave_secs,
+                "ready_timeout_secs": profile.container.ready_timeout_secs,
+            }),
+        );
+        context
+    }
+
+    /// Turns effects into wire messages; timers are handled by the commit itself.
+    fn outbox_messages(&self, event: &CloudEvent, step: &Step) -> Vec<OutboxMessage> {
+        let config = &self.inner.config;
+        let thred = &step.thred;
+        let mut messages = Vec::new();
+        for (index, effect) in step.effects.iter().enumerate() {
+            let id = Task::stable_id(&event.id, index);
+            match effect {
+                Effect::Task { agent, action, args } => {
+                    let task = Task {
+                        id,
+                        agent: *agent,
+                        action: action.clone(),
+                        session: Some(thred.key.clone()),
+                        thred: Some(thred.id.clone()),
+                        cause: Some(event.id.clone()),
+                        args: args.clone(),
+                    };
+                    messages.push(task_message(config, &task));
+                }
+                Effect::Persist { operation, collection, id: record_id, doc } => {
+                    let record_id = record_id.clone().unwrap_or_else(|| id.to_string());
+                    let task = Task {
+                        id,
+                        agent: AgentKind::Persistence,
+                        action: operation.as_str().to_owned(),
+                        session: Some(thred.key.clone()),
+                        thred: Some(thred.id.clone()),
+                        cause: Some(event.id.clone()),
+                        args: json!({"collection": collection, "id": record_id, "doc": doc}),
+                    };
+                    messages.push(task_message(config, &task));
+                }
+                Effect::Notify { user, state, detail } => {
+                    let Some(user) = user else {
+                        tracing::warn!(thred = %thred.id, "notification without a user in the thred context; dropped");
+                        continue;
+                    };
+                    let notification =
+                        Notification { id, user: user.clone(), session: Some(thred.key.clone()), state: state.clone(), detail: detail.clone() };
+                    messages.push(OutboxMessage {
+                        exchange: config.notify_exchange.clone(),
+                        routing_key: notification.routing_key(),
+                        message_id: id.to_string(),
+                        body: String::from_utf8_lossy(&notification.to_bytes()).into_owned(),
+                    });
+                }
+                Effect::StartTimer { .. } | Effect::CancelTimer { .. } => {}
+            }
+        }
+        messages
+    }
+
+    async fn commit(
+        &self,
+        expected_version: Option<u64>,
+        step: &Step,
+        pattern: &Pattern,
+        event: &CloudEvent,
+        messages: &[OutboxMessage],
+    ) -> Result<CommitResult> {
+        let keys = &self.inner.keys;
+        let mut thred = step.thred.clone();
+        let expected = expected_version.unwrap_or(0);
+        thred.version = expected + 1;
+        let thred_json = serde_json::to_string(&thred).unwrap_or_default();
+        let outbox_json = if messages.is_empty() { String::new() } else { serde_json::to_string(messages).unwrap_or_default() };
+        let max_live = if expected_version.is_none() { pattern.start.max_live_per_key } else { 0 };
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut invocation = self.inner.commit.prepare_invoke();
+        invocation
+            .key(keys.thred(&thred.id))
+            .key(keys.seen(&event.id))
+            .key(keys.outbox(&event.id))
+            .key(keys.outboxes())
+            .key(keys.live(&thred.key))
+            .key(keys.deadlines())
+            .arg(expected)
+            .arg(&thred_json)
+            .arg(thred.version)
+            .arg(if thred.ended { "1" } else { "0" })
+            .arg(&thred.id)
+            .arg(max_live)
+            .arg(SEEN_TTL_SECS)
+            .arg(ENDED_THRED_TTL_SECS)
+            .arg(&outbox_json)
+            .arg(keys.timer_prefix());
+        let starts: Vec<(String, i64)> = step
+            .effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::StartTimer { timer, generation, deadline_ms } => {
+                    Some((TimerMember::new(&thred.id, *generation, timer, &thred.key).encode(), *deadline_ms))
+                }
+                _ => None,
+            })
+            .collect();
+        let cancels: Vec<String> = step
+            .effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::CancelTimer { timer, generation } => Some(TimerMember::new(&thred.id, *generation, timer, &thred.key).encode()),
+                _ => None,
+            })
+            .collect();
+        invocation.arg(starts.len());
+        for (member, deadline_ms) in &starts {
+            invocation.arg(member).arg(deadline_ms).arg((deadline_ms - now_ms).max(1));
+        }
+        invocation.arg(cancels.len());
+        for member in &cancels {
+            invocation.arg(member);
+        }
+        let mut redis = self.inner.redis.clone();
+        let result: String = invocation.invoke_async(&mut redis).await?;
+        Ok(match result.as_str() {
+            "ok" => CommitResult::Committed,
+            "duplicate" => CommitResult::Duplicate,
+            _ => CommitResult::Conflict,
+        })
+    }
+
+    /// `container.inventory`: every listed container whose session has no live thred and that is
+    /// older than the grace period gets a `remove` task; living ones are kept.
+    async fn reconcile(&self, event: &CloudEvent) -> Result<EventFate> {
+        let Some(containers) = event.data.get("containers").and_then(Value::as_array) else {
+            return Ok(EventFate::Refused("container.inventory without a `containers` list".to_owned()));
+        };
+        let mut redis = self.inner.redis.clone();
+        let seen: bool = redis.exists(self.inner.keys.seen(&event.id)).await?;
+        if seen {
+            return self.finish_duplicate(event).await;
+        }
+        let now = chrono::Utc::now();
+        let grace = chrono::Duration::seconds(self.inner.config.orphan_grace_secs as i64);
+        let mut messages = Vec::new();
+        for (index, container) in containers.iter().enumerate() {
+            let (Some(session), Some(container_id)) =
+                (container.get("session").and_then(Value::as_str), container.get("container_id").and_then(Value::as_str))
+            else {
+                continue;
+            };
+            let created = container.get("created").and_then(created_time);
+            let old_enough = created.is_none_or(|created| now - created >= grace);
+            if !old_enough {
+                continue;
+            }
+            let live: usize = redis.scard(self.inner.keys.live(session)).await?;
+            if live > 0 {
+                continue;
+            }
+            tracing::info!(session, container_id, "orphan container: its session has no live thred; removing");
+            let task = Task {
+                id: Task::stable_id(&event.id, index),
+                agent: AgentKind::Container,
+                action: "remove".to_owned(),
+                session: Some(session.to_owned()),
+                thred: None,
+                cause: Some(event.id.clone()),
+                args: json!({"container_id": container_id}),
+            };
+            messages.push(task_message(&self.inner.config, &task));
+        }
+        self.publish_messages(&messages).await?;
+        let _: () = redis.set_ex(self.inner.keys.seen(&event.id), "1", SEEN_TTL_SECS).await?;
+        Ok(EventFate::Done)
+    }
+}
+
+fn created_time(value: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
+    match value {
+        Value::String(text) => chrono::DateTime::parse_from_rfc3339(text).ok().map(|time| time.with_timezone(&chrono::Utc)),
+        Value::Number(number) => chrono::DateTime::from_timestamp(number.as_i64()?, 0),
+        _ => None,
+    }
+}
+
+fn task_message(config: &EngineConfig, task: &Task) -> OutboxMessage {
+    OutboxMessage {
+        exchange: config.tasks_exchange.clone(),
+        routing_key: task.agent.as_str().to_owned(),
+        message_id: task.id.to_string(),
+        body: String::from_utf8_lossy(&task.to_bytes()).into_owned(),
+    }
+}
+
+/// What became of an event the engine could read.
+enum EventFate {
+    Done,
+    /// The event can never succeed: dead-letter it with this reason.
+    Refused(String),
+}
+
+/// The core's view of a CloudEvent.
+pub fn event_input(event: &CloudEvent) -> EventInput {
+    EventInput {
+        id: event.id.clone(),
+        event_type: event.event_type.clone(),
+        source: event.source.clone(),
+        subject: event.subject.clone(),
+        data: event.data.clone(),
+        extensions: event.extensions.iter().map(|(name, value)| (name.clone(), value.clone())).collect::<BTreeMap<_, _>>(),
+    }
+}
+
+async fn report_metrics(metrics: Arc<Metrics>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(60));
+    interval.tick().await;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => tracing::info!(metrics = ?metrics.snapshot(), "engine metrics"),
+            _ = stop.changed() => return,
+        }
+    }
+}

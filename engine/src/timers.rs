@@ -1,0 +1,212 @@
+//! Timers: a Redis key with a TTL per timer (`<prefix>:timer:<member>`) and a durable deadline
+//! index (sorted set `<prefix>:deadlines`, score = deadline in ms), both written by the commit.
+//!
+//! The `expired` keyspace notification fires a timer on time; because notifications are
+//! fire-and-forget, the index is also swept at start-up and every second. Firing = publishing a
+//! `timer.fired` event whose id is derived from the timer, then removing it from the index: a
+//! timer fired twice (a sweep racing a notification, a crash in between) yields the same event
+//! id, which the engine's dedupe absorbs. A cancelled timer is no longer in the index, and the
+//! core drops any generation that is not the thred's current one, so it never fires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::BasicProperties;
+use protocol::event::CONTENT_TYPE;
+use protocol::{Bus, CloudEvent};
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::metrics::Metrics;
+use crate::pattern::TIMER_FIRED;
+use crate::service::Keys;
+use crate::Result;
+
+/// Timers fired per sweep round at most (the next round takes the rest).
+const SWEEP_BATCH: isize = 1000;
+
+/// One timer as stored in Redis: `<thred id>|<generation>|<timer>|<thred key>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimerMember {
+    pub thred_id: String,
+    pub generation: u64,
+    pub timer: String,
+    pub thred_key: String,
+}
+
+impl TimerMember {
+    pub fn new(thred_id: &str, generation: u64, timer: &str, thred_key: &str) -> TimerMember {
+        TimerMember { thred_id: thred_id.to_owned(), generation, timer: timer.to_owned(), thred_key: thred_key.to_owned() }
+    }
+
+    pub fn encode(&self) -> String {
+        format!("{}|{}|{}|{}", self.thred_id, self.generation, self.timer, self.thred_key)
+    }
+
+    /// The key comes last because only it may contain `|`.
+    pub fn decode(text: &str) -> Option<TimerMember> {
+        let mut parts = text.splitn(4, '|');
+        let thred_id = parts.next()?;
+        let generation = parts.next()?.parse().ok()?;
+        let timer = parts.next()?;
+        let thred_key = parts.next()?;
+        Some(TimerMember::new(thred_id, generation, timer, thred_key))
+    }
+
+    /// The `timer.fired` event; its id depends only on the timer, so firing twice is one event.
+    pub fn fired_event(&self, key_prefix: &str, deadline_ms: i64) -> CloudEvent {
+        let mut event = CloudEvent::new(
+            TIMER_FIRED,
+            "/berth/engine/timers",
+            Some(&self.thred_key),
+            json!({"timer": self.timer, "generation": self.generation, "deadline_ms": deadline_ms}),
+        )
+        .with_extension("thredid", self.thred_id.clone());
+        event.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-timer/{key_prefix}/{}", self.encode()).as_bytes()).to_string();
+        event
+    }
+}
+
+/// Listens for expiries and sweeps the deadline index.
+#[derive(Clone)]
+pub struct TimerService {
+    client: redis::Client,
+    redis: ConnectionManager,
+    bus: Bus,
+    keys: Keys,
+    events_exchange: String,
+    metrics: Arc<Metrics>,
+}
+
+impl TimerService {
+    pub fn new(
+        client: redis::Client,
+        redis: ConnectionManager,
+        bus: Bus,
+        keys: Keys,
+        events_exchange: String,
+        metrics: Arc<Metrics>,
+    ) -> TimerService {
+        TimerService { client, redis, bus, keys, events_exchange, metrics }
+    }
+
+    /// Adds `E` (keyevent) and `x` (expired) to `notify-keyspace-events`, keeping other flags.
+    pub async fn enable_notifications(&self) -> Result<()> {
+        let mut redis = self.redis.clone();
+        let current: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(&mut redis).await?;
+        let mut flags = current.get(1).cloned().unwrap_or_default();
+        let has_expired = flags.contains('x') || flags.contains('A');
+        for (flag, present) in [('E', flags.contains('E')), ('x', has_expired)] {
+            if !present {
+                flags.push(flag);
+            }
+        }
+        let _: () = redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg(&flags).query_async(&mut redis).await?;
+        Ok(())
+    }
+
+    /// Subscribes to `__keyevent@<db>__:expired` and fires our timers as their keys expire.
+    /// Reconnects after errors; the sweep covers whatever expired in between.
+    pub async fn listen(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let database = self.client.get_connection_info().redis.db;
+        let channel = format!("__keyevent@{database}__:expired");
+        let timer_prefix = self.keys.timer_prefix();
+        loop {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            }
+            .await;
+            let pubsub = match subscribed {
+                Ok(pubsub) => pubsub,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot subscribe to expiry notifications; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            };
+            let mut messages = pubsub.into_on_message();
+            loop {
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    _ = stop.changed() => return,
+                };
+                let Some(message) = message else { break };
+                let Ok(expired_key) = message.get_payload::<String>() else { continue };
+                let Some(member) = expired_key.strip_prefix(&timer_prefix) else { continue };
+                if let Err(error) = self.fire(member).await {
+                    tracing::warn!(%error, member, "could not fire timer; the sweep will retry");
+                }
+            }
+            tracing::warn!("expiry notification stream ended; resubscribing");
+        }
+    }
+
+    /// Sweeps now and then every `interval` until stopped.
+    pub async fn sweep_forever(self, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if let Err(error) = self.sweep().await {
+                tracing::warn!(%error, "timer sweep failed");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Fires every timer whose deadline has passed. Returns how many it fired.
+    pub async fn sweep(&self) -> Result<usize> {
+        let mut redis = self.redis.clone();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let due: Vec<String> = redis.zrangebyscore_limit(self.keys.deadlines(), "-inf", now_ms, 0, SWEEP_BATCH).await?;
+        let mut fired = 0;
+        for member in &due {
+            if self.fire(member).await? {
+                fired += 1;
+            }
+        }
+        Ok(fired)
+    }
+
+    /// Publishes `timer.fired` for a timer still in the index, then removes it from the index.
+    async fn fire(&self, member_text: &str) -> Result<bool> {
+        let mut redis = self.redis.clone();
+        let deadline: Option<f64> = redis.zscore(self.keys.deadlines(), member_text).await?;
+        let Some(deadline) = deadline else { return Ok(false) };
+        let Some(member) = TimerMember::decode(member_text) else {
+            tracing::warn!(member = member_text, "malformed timer in the deadline index; dropped");
+            let _: () = redis.zrem(self.keys.deadlines(), member_text).await?;
+            return Ok(false);
+        };
+        let event = member.fired_event(&self.keys.timer_prefix(), deadline as i64);
+        let properties = BasicProperties::default().with_content_type(CONTENT_TYPE.into()).with_message_id(event.id.clone().into());
+        self.bus.publish(&self.events_exchange, TIMER_FIRED, &event.to_bytes(), properties).await?;
+        let removed: usize = redis.zrem(self.keys.deadlines(), member_text).await?;
+        if removed > 0 {
+            Metrics::count(&self.metrics.timers_fired);
+            tracing::debug!(thred = %member.thred_id, timer = %member.timer, generation = member.generation, late_ms = chrono::Utc::now().timestamp_millis() - deadline as i64, "timer fired");
+        }
+        Ok(removed > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_round_trip_even_with_bars_in_the_key() {
+        let member = TimerMember::new("t-1", 7, "idle", "session|with|bars");
+        assert_eq!(TimerMember::decode(&member.encode()), Some(member.clone()));
+        assert_eq!(member.fired_event("p", 1).id, member.fired_event("p", 1).id);
+        assert_ne!(member.fired_event("p", 1).id, TimerMember::new("t-1", 8, "idle", "k").fired_event("p", 1).id);
+        assert_eq!(TimerMember::decode("no-bars"), None);
+    }
+}
