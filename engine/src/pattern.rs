@@ -780,3 +780,99 @@ impl fmt::Display for Pattern {
         write!(formatter, "{} v{} ({} states)", self.name, self.version, self.states.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session_text() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../patterns/workspace-session.json")).unwrap()
+    }
+
+    /// Edits the workspace-session pattern as JSON and expects exactly `expected` back.
+    #[track_caller]
+    fn check(edit: impl FnOnce(&mut serde_json::Value), expected: Result<(), &str>) {
+        let mut value: serde_json::Value = serde_json::from_str(&session_text()).unwrap();
+        edit(&mut value);
+        let text = serde_json::to_string_pretty(&value).unwrap();
+        let outcome = parse_pattern(&text, Path::new("patterns/p.json")).map(|_| ()).map_err(|error| error.to_string());
+        assert_eq!(outcome, expected.map_err(str::to_owned));
+    }
+
+    #[test]
+    fn the_shipped_pattern_is_valid() {
+        check(|_| {}, Ok(()));
+    }
+
+    #[test]
+    fn malformed_patterns_are_rejected_with_file_state_and_field() {
+        use serde_json::json;
+        check(|p| p["version"] = json!(2), Err("patterns/p.json: field `version`: this build reads version 1, got 2"));
+        check(|p| p["colour"] = json!("red"), Err("patterns/p.json: field `colour`: unknown field `colour`, expected one of `$schema`, `version`, `name`, `description`, `start`, `initial`, `record`, `any_state`, `ignore_everywhere`, `states`"));
+        check(
+            |p| p["states"]["running"]["on"][0]["gaurd"] = json!("true"),
+            Err("patterns/p.json: state `running`: field `on[0].gaurd`: unknown field `gaurd`, expected one of `event`, `timer`, `guard`, `target`, `effects`"),
+        );
+        check(
+            |p| p["states"]["idle"]["on"][1]["target"] = json!("stoping"),
+            Err("patterns/p.json: state `idle`: field `on[1].target`: no state named `stoping`"),
+        );
+        check(
+            |p| p["states"]["provisioning"]["on"][1]["guard"] = json!("ctx.provision_attempts <"),
+            Err("patterns/p.json: state `provisioning`: field `on[1].guard`: CEL syntax error in \"ctx.provision_attempts <\""),
+        );
+        check(
+            |p| p["states"]["running"]["on_enter"][0]["start_timer"]["after_secs"] = json!("context.timers.idle_after_secs"),
+            Err("patterns/p.json: state `running`: field `on_enter[0].start_timer.after_secs`: unknown variable `context` (expressions read ctx, event, thred and now)"),
+        );
+        check(
+            |p| p["states"]["running"]["on_enter"][0] = json!({"task": {"agent": "docker", "action": "x"}}),
+            Err("patterns/p.json: state `running`: field `on_enter[0].task.agent`: unknown variant `docker`, expected one of `container`, `workspace`, `persistence`, `session`"),
+        );
+        check(
+            |p| p["states"]["running"]["on_enter"][0] = json!({"launch": {}}),
+            Err("patterns/p.json: state `running`: field `on_enter[0]`: unknown variant `launch`, expected one of `task`, `notify`, `persist`, `start_timer`, `cancel_timer`, `set`"),
+        );
+        check(
+            |p| p["states"]["running"]["on"][1]["timer"] = json!("idel"),
+            Err("patterns/p.json: state `running`: field `on[1].timer`: no effect ever starts timer `idel`"),
+        );
+        check(
+            |p| p["states"]["stopped"]["on"] = json!([{"event": "session.open", "target": "open"}]),
+            Err("patterns/p.json: state `stopped`: field `on`: a terminal state has no transitions"),
+        );
+        check(|p| p["initial"] = json!("opening"), Err("patterns/p.json: field `initial`: no state named `opening`"));
+        check(
+            |p| p["states"]["orphaned"] = json!({"terminal": true}),
+            Err("patterns/p.json: state `orphaned`: field `(state)`: unreachable from the initial state `open`"),
+        );
+        check(
+            |p| p["states"]["idle"]["ignore"][0] = json!("session.activity"),
+            Err("patterns/p.json: state `idle`: field `ignore[0]`: `session.activity` is both handled and ignored"),
+        );
+        check(
+            |p| p["start"]["events"] = json!(["Session.Open"]),
+            Err("patterns/p.json: field `start.events[0]`: \"Session.Open\" is not an event type (dotted lowercase words like `session.open`)"),
+        );
+        check(|p| p["states"]["idle"]["on"][0]["event"] = json!(5), Err("patterns/p.json: state `idle`: field `on[0].event`: invalid type: integer `5`, expected a string"));
+    }
+
+    #[test]
+    fn syntax_errors_name_line_and_column() {
+        let error = parse_pattern("{\n  \"version\": 1,\n  oops\n}", Path::new("x.json")).unwrap_err().to_string();
+        assert_eq!(error, "x.json: line 3, column 3: key must be a string");
+    }
+
+    /// The committed schema is the one the types generate. Regenerate with
+    /// `BERTH_WRITE_SCHEMA=1 cargo test -p engine --lib committed_schema`.
+    #[test]
+    fn committed_schema_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../patterns/pattern.schema.json");
+        let generated = json_schema();
+        if std::env::var_os("BERTH_WRITE_SCHEMA").is_some() {
+            std::fs::write(path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(committed == generated, "patterns/pattern.schema.json is stale: regenerate it (see this test's doc)");
+    }
+}
