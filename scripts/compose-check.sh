@@ -45,17 +45,48 @@ rendered=$(mktemp)
 trap 'rm -f "$rendered"' EXIT
 BERTH_JWT_SECRET=$placeholder_secret "${compose[@]}" -f "$compose_file" config >"$rendered"
 
-highest_dependency_rust_version=""
-# Linux packages only: the image is built for Linux, and other platforms' crates are never downloaded.
+# The highest `rust-version` among the locked crates, read from the sources cargo has downloaded
+# (no cargo call: that could rewrite Cargo.lock). Crates never downloaded (other platforms') are skipped.
+highest_dependency_rust_version=$(python3 - "$here/Cargo.lock" "${CARGO_HOME:-$HOME/.cargo}/registry/src" <<'PYTHON'
+import pathlib, re, sys, tomllib
+lock = tomllib.loads(pathlib.Path(sys.argv[1]).read_text())
+registries = [path for path in pathlib.Path(sys.argv[2]).glob("*") if path.is_dir()]
+highest = None
+for package in lock.get("package", []):
+    if "registry" not in package.get("source", ""):
+        continue
+    for registry in registries:
+        manifest = registry / f"{package['name']}-{package['version']}" / "Cargo.toml"
+        if manifest.is_file():
+            found = re.search(r'^rust-version\s*=\s*"([0-9.]+)"', manifest.read_text(), re.M)
+            if found:
+                version = tuple(int(part) for part in found.group(1).split(".")) + (0, 0)
+                highest = max(highest or version[:3], version[:3])
+            break
+print(".".join(map(str, highest)) if highest else "")
+PYTHON
+)
+if [ -z "$highest_dependency_rust_version" ]; then
+  note "no downloaded crate sources (run a cargo build first): the Rust version check is skipped"
+fi
 host_target=$(rustc -vV 2>/dev/null | sed -n 's/^host: //p')
-if metadata=$(cd "$here" && cargo metadata --format-version 1 --locked --offline --filter-platform "${host_target:-x86_64-unknown-linux-gnu}" 2>/dev/null); then
-  highest_dependency_rust_version=$(printf '%s' "$metadata" | python3 -c '
-import json, sys
-versions = [tuple(int(part) for part in package["rust_version"].split(".")) + (0,) * (3 - len(package["rust_version"].split(".")))
-            for package in json.load(sys.stdin)["packages"] if package.get("rust_version")]
-print(".".join(map(str, max(versions))) if versions else "")')
-else
-  note "cargo metadata --offline unavailable (no registry cache yet): the Rust version check is skipped"
+
+# 4a. The Dockerfile's dependency-cache stage, replayed without Docker: only the manifests it
+# copies, the placeholder sources it creates, then what cargo would resolve from them. A new crate
+# or an explicit target the placeholders lack shows up here instead of in a user's `docker build`.
+if command -v cargo >/dev/null 2>&1 && [ -n "$highest_dependency_rust_version" ]; then  # crates downloaded: --offline works
+  stage=$(mktemp -d)
+  trap 'rm -f "$rendered"; rm -rf "$stage"' EXIT
+  manifests=$(sed -n 's/^COPY \(\([a-z_/-]*\/\)\?Cargo\.toml\)\( Cargo\.lock\)\? .*/\1\3/p' "$here/compose/Dockerfile")
+  for manifest in $manifests; do
+    mkdir -p "$stage/$(dirname "$manifest")" && cp "$here/$manifest" "$stage/$manifest"
+  done
+  placeholder_crates=$(sed -n 's/^RUN for crate in \(.*\); do.*/\1/p' "$here/compose/Dockerfile")
+  for crate in $placeholder_crates; do mkdir -p "$stage/$crate/src" && touch "$stage/$crate/src/lib.rs"; done
+  mkdir -p "$stage/src" && echo 'fn main() {}' >"$stage/src/main.rs"
+  if ! errors=$(cd "$stage" && cargo metadata --format-version 1 --locked --offline --filter-platform "${host_target:-x86_64-unknown-linux-gnu}" 2>&1 >/dev/null); then
+    fail "the Dockerfile's dependency stage does not resolve from the manifests it copies: $(printf '%s' "$errors" | tail -n 3)"
+  fi
 fi
 
 if ! python3 - "$here" "$rendered" "$highest_dependency_rust_version" <<'PYTHON'
