@@ -1,0 +1,855 @@
+//! The workspace agent against real object stores: the moto S3 server on 127.0.0.1:9000 (plus a
+//! private moto process for the outage test) and the local file-system backend, and once through
+//! the real RabbitMQ broker.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult,
+};
+use protocol::{AgentKind, CloudEvent, Outcome, Profile, Task};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+use workspace::{AgentSettings, CollectedEvents, OpenedStore, StoreSettings, WorkspaceAgent};
+
+const MOTO: &str = "127.0.0.1:9000";
+const LARGE_THRESHOLD_KIB: u64 = 64;
+
+// ----- backends ------------------------------------------------------------------------------------
+
+/// An object store for one test, removed at the end.
+struct Backend {
+    url: String,
+    settings: StoreSettings,
+    kind: BackendKind,
+}
+
+enum BackendKind {
+    S3 { address: String, bucket: String },
+    File { directory: PathBuf },
+}
+
+impl Backend {
+    async fn s3_at(address: &str) -> anyhow::Result<Backend> {
+        let bucket = format!("berth-ws-{}", Uuid::new_v4().simple());
+        let status = raw_http(address, "PUT", &format!("/{bucket}"), b"").await?;
+        ensure!(status == 200, "creating bucket {bucket} answered {status}");
+        Ok(Backend {
+            url: format!("s3://{bucket}/tests"),
+            settings: StoreSettings::s3_compatible(&format!("http://{address}")),
+            kind: BackendKind::S3 { address: address.to_owned(), bucket },
+        })
+    }
+
+    async fn s3() -> anyhow::Result<Backend> {
+        Backend::s3_at(MOTO).await
+    }
+
+    fn file() -> Backend {
+        let directory = std::env::temp_dir().join(format!("berth-ws-objects-{}", Uuid::new_v4()));
+        Backend { url: format!("file://{}", directory.display()), settings: StoreSettings::default(), kind: BackendKind::File { directory } }
+    }
+
+    fn open(&self) -> OpenedStore {
+        workspace::open_store(&self.url, &self.settings).expect("store opens")
+    }
+
+    async fn cleanup(self) {
+        match self.kind {
+            BackendKind::S3 { address, bucket } => {
+                let store = workspace::open_store(&self.url.replace("/tests", ""), &self.settings).expect("store opens");
+                let keys: Vec<ObjectPath> = store.store.list(None).map_ok(|meta| meta.location).try_collect().await.unwrap_or_default();
+                for key in keys {
+                    let _ = store.store.delete(&key).await;
+                }
+                let _ = raw_http(&address, "DELETE", &format!("/{bucket}"), b"").await;
+            }
+            BackendKind::File { directory } => {
+                let _ = std::fs::remove_dir_all(directory);
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request over TCP, for what `object_store` can't do (create buckets, write
+/// keys it would refuse). Returns the status code.
+async fn raw_http(address: &str, method: &str, path: &str, body: &[u8]) -> anyhow::Result<u16> {
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split_whitespace().nth(1).context("no status line")?.parse()?;
+    Ok(status)
+}
+
+/// Counts writes that reach the store, to prove what a sync uploads.
+#[derive(Debug)]
+struct CountingStore {
+    inner: Arc<dyn ObjectStore>,
+    puts: AtomicUsize,
+    deletes: AtomicUsize,
+}
+
+impl std::fmt::Display for CountingStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "Counting({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for CountingStore {
+    async fn put_opts(&self, location: &ObjectPath, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+        self.puts.fetch_add(1, Ordering::SeqCst);
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(&self, location: &ObjectPath, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.puts.fetch_add(1, Ordering::SeqCst);
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(&self, location: &ObjectPath, options: GetOptions) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    async fn delete(&self, location: &ObjectPath) -> object_store::Result<()> {
+        self.deletes.fetch_add(1, Ordering::SeqCst);
+        self.inner.delete(location).await
+    }
+    fn list(&self, prefix: Option<&ObjectPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(&self, prefix: Option<&ObjectPath>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy(&self, from: &ObjectPath, to: &ObjectPath) -> object_store::Result<()> {
+        self.inner.copy(from, to).await
+    }
+    async fn copy_if_not_exists(&self, from: &ObjectPath, to: &ObjectPath) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+// ----- fixtures --------------------------------------------------------------------------------------
+
+/// One test's agent, profile, store and collected events, with its own temporary workspace root.
+struct Harness {
+    profile: Profile,
+    store: OpenedStore,
+    counting: Arc<CountingStore>,
+    events: Arc<CollectedEvents>,
+    agent: Arc<WorkspaceAgent>,
+    session: String,
+    user: String,
+    workspace: String,
+    scratch: PathBuf,
+}
+
+fn test_profile(backend_url: &str, scratch: &Path) -> Profile {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../run-profiles/dev/profile.toml")).expect("dev profile");
+    let mut profile = Profile::parse(&text, Path::new("dev/profile.toml")).expect("dev profile parses");
+    profile.services.object_store_url = backend_url.to_owned();
+    profile.services.workspace_root = scratch.join("workspaces");
+    profile.workspace.skeleton = vec!["pleadings".into(), "motions".into(), "discovery".into(), "correspondence/outgoing".into()];
+    profile.workspace.large_file_threshold_kib = LARGE_THRESHOLD_KIB;
+    profile.workspace.parallelism = 8;
+    profile.container.user = Some("1000:1000".into());
+    profile
+}
+
+fn quick_settings() -> AgentSettings {
+    AgentSettings { final_sync_attempts: 3, final_sync_backoff_start: Duration::from_millis(100), final_sync_backoff_max: Duration::from_millis(400) }
+}
+
+impl Harness {
+    fn new(backend: &Backend, events: CollectedEvents, settings: AgentSettings) -> Harness {
+        let scratch = std::env::temp_dir().join(format!("berth-ws-test-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&scratch).expect("scratch dir");
+        let profile = test_profile(&backend.url, &scratch);
+        let opened = backend.open();
+        let counting = Arc::new(CountingStore { inner: opened.store.clone(), puts: AtomicUsize::new(0), deletes: AtomicUsize::new(0) });
+        let store = OpenedStore { store: counting.clone(), root: opened.root.clone(), url: opened.url.clone() };
+        let events = Arc::new(events);
+        let agent = Arc::new(WorkspaceAgent::new(profile.clone(), store.clone(), events.clone(), settings));
+        let id = Uuid::new_v4().simple().to_string();
+        Harness {
+            profile,
+            store,
+            counting,
+            events,
+            agent,
+            session: format!("s-{id}"),
+            user: format!("u-{}", &id[..8]),
+            workspace: "case-1".to_owned(),
+            scratch,
+        }
+    }
+
+    fn directory(&self) -> PathBuf {
+        self.profile.session_dir(&self.session)
+    }
+
+    fn prefix(&self) -> ObjectPath {
+        let relative = ObjectPath::parse(self.profile.workspace_prefix(&self.user, &self.workspace)).expect("prefix");
+        self.store.root.parts().chain(relative.parts()).collect()
+    }
+
+    fn key(&self, relative: &str) -> ObjectPath {
+        let mut parts: Vec<_> = self.prefix().parts().map(|part| part.as_ref().to_owned()).collect();
+        parts.extend(relative.split('/').map(str::to_owned));
+        ObjectPath::parse(parts.join("/")).expect("key")
+    }
+
+    fn task(&self, action: &str, args: Value) -> Task {
+        Task {
+            id: Uuid::now_v7(),
+            agent: AgentKind::Workspace,
+            action: action.to_owned(),
+            session: Some(self.session.clone()),
+            thred: Some(format!("thred-{}", self.session)),
+            cause: None,
+            args,
+        }
+    }
+
+    fn materialize_task(&self) -> Task {
+        self.task("materialize", json!({"user": self.user, "workspace": self.workspace}))
+    }
+
+    fn sync_task(&self, final_sync: bool) -> Task {
+        self.task("sync", json!({"user": self.user, "workspace": self.workspace, "final": final_sync}))
+    }
+
+    async fn run(&self, task: &Task) -> Outcome {
+        self.agent.handle(task).await.expect("task answered")
+    }
+
+    async fn seed(&self, files: &BTreeMap<String, Vec<u8>>) {
+        let writes = futures::stream::iter(files.iter().map(|(path, content)| {
+            let key = self.key(path);
+            let store = self.store.store.clone();
+            let content = Bytes::from(content.clone());
+            async move { store.put(&key, PutPayload::from(content)).await }
+        }))
+        .buffer_unordered(16);
+        writes.try_collect::<Vec<_>>().await.expect("fixture uploaded");
+        self.counting.puts.store(0, Ordering::SeqCst);
+    }
+
+    async fn remote(&self) -> BTreeMap<String, Vec<u8>> {
+        let prefix = self.prefix();
+        let metas: Vec<ObjectMeta> = self.store.store.list(Some(&prefix)).try_collect().await.expect("list");
+        let mut objects = BTreeMap::new();
+        for meta in metas {
+            let relative: Vec<_> = meta.location.prefix_match(&prefix).expect("under prefix").map(|part| part.as_ref().to_owned()).collect();
+            let content = self.store.store.get(&meta.location).await.expect("get").bytes().await.expect("bytes");
+            objects.insert(relative.join("/"), content.to_vec());
+        }
+        objects
+    }
+
+    fn events_of(&self, event_type: &str) -> Vec<CloudEvent> {
+        self.events.events().into_iter().filter(|event| event.event_type == event_type).collect()
+    }
+
+    fn last(&self, event_type: &str) -> CloudEvent {
+        self.events_of(event_type).pop().unwrap_or_else(|| panic!("no {event_type} among {:?}", self.event_types()))
+    }
+
+    fn event_types(&self) -> Vec<String> {
+        self.events.events().into_iter().map(|event| event.event_type).collect()
+    }
+
+    fn cleanup(self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// Deterministic pseudo-random content.
+fn content(seed: u64, size: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// `count` files in nested folders, the last `large` of them above the large-file threshold.
+fn fixture(count: usize, large: usize) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    for index in 0..count {
+        let size = if index >= count - large { 150 * 1024 + index * 977 } else { (index * 131) % 6000 };
+        let path = match index % 5 {
+            0 => format!("pleadings/{index:04} complaint.txt"),
+            1 => format!("discovery/set-{}/exhibit-{index}.bin", index % 3),
+            2 => format!("notes/{index}-100% done.md"),
+            3 => format!("motions/Ünïcode-{index}.pdf"),
+            _ => format!("f{index}"),
+        };
+        files.insert(path, content(index as u64, size));
+    }
+    files
+}
+
+fn local_files(directory: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, folder: &Path, files: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(folder).expect("read dir") {
+            let entry = entry.expect("entry");
+            let file_type = entry.file_type().expect("type");
+            if file_type.is_dir() {
+                walk(root, &entry.path(), files);
+            } else if file_type.is_file() {
+                let relative = entry.path().strip_prefix(root).expect("under root").to_string_lossy().into_owned();
+                files.insert(relative, std::fs::read(entry.path()).expect("read"));
+            }
+        }
+    }
+    let mut files = BTreeMap::new();
+    walk(directory, directory, &mut files);
+    files
+}
+
+fn number(event: &CloudEvent, field: &str) -> u64 {
+    event.data[field].as_u64().unwrap_or_else(|| panic!("{field} missing in {}", event.data))
+}
+
+/// Sets a file's mtime to the Unix epoch + `seconds` (touching the content stays the same).
+fn set_mtime(path: &Path, seconds: i64) {
+    let time = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).expect("positive"));
+    let file = std::fs::File::options().write(true).open(path).expect("open");
+    file.set_modified(time).expect("set mtime");
+}
+
+// ----- the suite, run on both backends ---------------------------------------------------------------
+
+async fn materializes_byte_for_byte_small_first(backend: Backend) {
+    // What the directory held at the moment `workspace.materialized` was sent.
+    let seen_at_materialized: Arc<Mutex<Option<(usize, usize, usize)>>> = Arc::default();
+    let files = fixture(500, 5);
+    let large: Vec<String> = files.iter().filter(|(_, c)| c.len() as u64 >= LARGE_THRESHOLD_KIB * 1024).map(|(p, _)| p.clone()).collect();
+    let small: Vec<String> = files.iter().filter(|(_, c)| (c.len() as u64) < LARGE_THRESHOLD_KIB * 1024).map(|(p, _)| p.clone()).collect();
+    assert_eq!(large.len(), 5);
+    let directory_slot: Arc<Mutex<Option<PathBuf>>> = Arc::default();
+    let events = {
+        let seen = seen_at_materialized.clone();
+        let directory_slot = directory_slot.clone();
+        let (small, large) = (small.clone(), large.clone());
+        CollectedEvents::inspecting(move |event| {
+            if event.event_type != "workspace.materialized" {
+                return;
+            }
+            let directory = directory_slot.lock().unwrap().clone().expect("directory known");
+            let small_present = small.iter().filter(|path| directory.join(path).is_file()).count();
+            let large_present = large.iter().filter(|path| directory.join(path).exists()).count();
+            let staged = std::fs::read_dir(directory.parent().unwrap().join(workspace::STAGING_DIR)).map(|entries| entries.count()).unwrap_or(0);
+            *seen.lock().unwrap() = Some((small_present, large_present, staged));
+        })
+    };
+    let harness = Harness::new(&backend, events, quick_settings());
+    *directory_slot.lock().unwrap() = Some(harness.directory());
+    harness.seed(&files).await;
+
+    let task = harness.materialize_task();
+    assert_eq!(harness.run(&task).await, Outcome::Ack);
+
+    let (small_present, large_present, _) = seen_at_materialized.lock().unwrap().expect("materialized was sent");
+    assert_eq!(small_present, small.len(), "every small file is in place when the container may start");
+    assert_eq!(large_present, 0, "large files stream in afterwards, and no stub stands in for them");
+    let types = harness.event_types();
+    let materialized_at = types.iter().position(|t| t == "workspace.materialized").expect("materialized");
+    let complete_at = types.iter().position(|t| t == "workspace.complete").expect("complete");
+    assert!(materialized_at < complete_at, "{types:?}");
+    assert!(types[materialized_at..complete_at].iter().filter(|t| *t == "workspace.progress").count() >= large.len(), "{types:?}");
+    let materialized = harness.last("workspace.materialized");
+    assert_eq!(number(&materialized, "files"), small.len() as u64);
+    assert_eq!(number(&materialized, "pending_large_files"), 5);
+    let large_bytes: usize = large.iter().map(|path| files[path].len()).sum();
+    assert_eq!(number(&materialized, "pending_large_bytes"), large_bytes as u64);
+    let complete = harness.last("workspace.complete");
+    assert_eq!(number(&complete, "files"), 500);
+    let total: usize = files.values().map(Vec::len).sum();
+    assert_eq!(number(&complete, "bytes"), total as u64);
+    assert_eq!(materialized.subject.as_deref(), Some(harness.session.as_str()));
+    assert_eq!(materialized.extension("taskid"), Some(task.id.to_string().as_str()));
+    assert_eq!(materialized.extension("thredid"), Some(format!("thred-{}", harness.session).as_str()));
+
+    // Byte for byte, nothing more, nothing less; the skeleton is there; the user owns it all.
+    assert_eq!(local_files(&harness.directory()), files);
+    for folder in ["pleadings", "motions", "discovery", "correspondence/outgoing"] {
+        assert!(harness.directory().join(folder).is_dir(), "skeleton folder {folder}");
+    }
+    let owner = std::fs::metadata(harness.directory().join(&large[0])).unwrap();
+    let folder_owner = std::fs::metadata(harness.directory().join("correspondence/outgoing")).unwrap();
+    if nix_is_root() {
+        assert_eq!((owner.uid(), owner.gid()), (1000, 1000));
+        assert_eq!(folder_owner.uid(), 1000);
+    }
+    let manifest = workspace::read_manifest(&harness.profile, &harness.session).unwrap().expect("manifest");
+    assert_eq!(manifest.files.len(), 500);
+    assert_eq!(manifest.phase, workspace::Phase::Complete);
+    let entry = &manifest.files[&large[0]];
+    assert_eq!(entry.size, files[&large[0]].len() as u64);
+    assert!(entry.e_tag.is_some(), "the manifest keeps the ETag");
+    assert_eq!(entry.sha256.len(), 64);
+    assert!(!harness.directory().join(".berth-manifests").exists(), "the manifest is not inside the workspace");
+
+    // A redelivered materialize announces again and leaves the user's edits alone.
+    std::fs::write(harness.directory().join(&small[3]), b"edited by the user").unwrap();
+    harness.events.take();
+    assert_eq!(harness.run(&task).await, Outcome::Ack);
+    assert_eq!(harness.event_types(), vec!["workspace.materialized", "workspace.complete"]);
+    assert_eq!(std::fs::read(harness.directory().join(&small[3])).unwrap(), b"edited by the user");
+
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|meta| meta.uid() == 0).unwrap_or(false)
+}
+
+async fn incremental_sync_uploads_exactly_the_changes(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    let files = fixture(40, 2);
+    harness.seed(&files).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    let paths: Vec<String> = files.keys().cloned().collect();
+    let directory = harness.directory();
+
+    // Nothing changed: nothing is written.
+    assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!((number(&synced, "uploaded"), number(&synced, "deleted"), number(&synced, "unchanged")), (0, 0, 40));
+    assert_eq!(harness.counting.puts.load(Ordering::SeqCst), 0);
+
+    // Two edits (one keeps its size), one new file, one deletion, one touch without a change.
+    std::fs::write(directory.join(&paths[0]), b"a different content").unwrap();
+    let same_size_edit = content(999, files[&paths[1]].len());
+    std::fs::write(directory.join(&paths[1]), &same_size_edit).unwrap();
+    std::fs::write(directory.join("pleadings/new filing.txt"), b"new").unwrap();
+    std::fs::remove_file(directory.join(&paths[2])).unwrap();
+    set_mtime(&directory.join(&paths[3]), 1_000_000_000);
+    assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
+
+    let synced = harness.last("workspace.synced");
+    assert_eq!(synced.data["final"], json!(false));
+    assert_eq!(number(&synced, "uploaded"), 3, "{}", synced.data);
+    assert_eq!(number(&synced, "deleted"), 1);
+    assert_eq!(number(&synced, "unchanged"), 37);
+    assert_eq!(number(&synced, "bytes_uploaded"), (19 + same_size_edit.len() + 3) as u64);
+    assert_eq!(harness.counting.puts.load(Ordering::SeqCst), 3, "exactly the changed files are PUT");
+    assert_eq!(harness.counting.deletes.load(Ordering::SeqCst), 1);
+    let remote = harness.remote().await;
+    assert_eq!(remote, local_files(&directory), "the store holds exactly the workspace");
+    assert!(!remote.contains_key(&paths[2]), "deletion propagated");
+
+    // And a sync right after does nothing again.
+    harness.counting.puts.store(0, Ordering::SeqCst);
+    assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
+    assert_eq!(number(&harness.last("workspace.synced"), "uploaded"), 0);
+    assert_eq!(harness.counting.puts.load(Ordering::SeqCst), 0);
+
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+async fn hostile_keys_are_refused_and_nothing_is_written(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(5, 0)).await;
+    // Keys object_store accepts but that mean `..` or a separator to anything that decodes them.
+    for hostile in ["a\\..\\..\\escaped.txt", "%2E%2E/escaped.txt", "notes/x%2Fy"] {
+        let key = ObjectPath::parse(format!("{}/{hostile}", harness.prefix())).expect("object_store accepts the key");
+        harness.store.store.put(&key, PutPayload::from_static(b"evil")).await.expect("hostile object written");
+    }
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    let failed = harness.last("workspace.failed");
+    assert_eq!(failed.data["stage"], json!("validate"), "{}", failed.data);
+    let error = failed.data["error"].as_str().unwrap();
+    assert!(error.contains("escaped.txt") && error.contains("x%2Fy"), "{error}");
+    assert!(harness.events_of("workspace.materialized").is_empty());
+    assert!(!harness.directory().exists(), "nothing was written");
+    assert!(local_files(&harness.scratch).is_empty(), "no file anywhere under the workspace root");
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+async fn symlinks_and_special_files_are_never_uploaded(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(6, 0)).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    let directory = harness.directory();
+    // A host file the user must never be able to exfiltrate, and a host folder.
+    let secret = harness.scratch.join("host-secret.txt");
+    std::fs::write(&secret, b"root:$6$secret").unwrap();
+    let host_folder = harness.scratch.join("host-folder");
+    std::fs::create_dir_all(&host_folder).unwrap();
+    std::fs::write(host_folder.join("inside.txt"), b"host data").unwrap();
+    std::os::unix::fs::symlink(&secret, directory.join("pleadings/shadow")).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", directory.join("etc-shadow")).unwrap();
+    std::os::unix::fs::symlink(&host_folder, directory.join("linked-folder")).unwrap();
+    let fifo = std::process::Command::new("mkfifo").arg(directory.join("pipe")).status().expect("mkfifo runs");
+    assert!(fifo.success());
+    std::fs::write(directory.join("motions/real.txt"), b"real").unwrap();
+
+    assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!(number(&synced, "uploaded"), 1, "{}", synced.data);
+    let skipped: Vec<String> = synced.data["skipped"].as_array().unwrap().iter().map(|s| s["path"].as_str().unwrap().to_owned()).collect();
+    for expected in ["pleadings/shadow", "etc-shadow", "linked-folder", "pipe"] {
+        assert!(skipped.iter().any(|path| path == expected), "{expected} not reported in {skipped:?}");
+    }
+    let remote = harness.remote().await;
+    assert!(remote.keys().all(|key| !key.contains("shadow") && !key.contains("linked-folder") && key != "pipe"), "{:?}", remote.keys());
+    assert!(remote.values().all(|content| content != b"root:$6$secret" && content != b"host data"));
+    assert_eq!(remote["motions/real.txt"], b"real");
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+async fn remove_only_after_a_confirmed_final_sync(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(12, 1)).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    let directory = harness.directory();
+    let remove = harness.task("remove", json!({}));
+
+    // No final sync yet: refused, everything kept.
+    assert_eq!(harness.run(&remove).await, Outcome::Ack);
+    let refused = harness.last("workspace.sync_failed");
+    assert_eq!(refused.data["action"], json!("remove"));
+    assert!(directory.is_dir());
+
+    // A confirmed final sync, then a change: refused again.
+    std::fs::write(directory.join("discovery/late.txt"), b"late").unwrap();
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!(synced.data["final"], json!(true));
+    assert_eq!(number(&synced, "uploaded"), 1);
+    assert!(workspace::read_manifest(&harness.profile, &harness.session).unwrap().unwrap().final_sync.unwrap().confirmed);
+    std::fs::write(directory.join("discovery/later.txt"), b"later").unwrap();
+    harness.events.take();
+    assert_eq!(harness.run(&remove).await, Outcome::Ack);
+    assert_eq!(harness.event_types(), vec!["workspace.sync_failed"]);
+    assert!(directory.join("discovery/later.txt").is_file());
+
+    // Final sync again: now the directory goes, and a repeated remove says so again.
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    assert_eq!(harness.run(&remove).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.removed").data, json!({}));
+    assert!(!directory.exists());
+    assert!(harness.remote().await.contains_key("discovery/later.txt"));
+    harness.events.take();
+    assert_eq!(harness.run(&remove).await, Outcome::Ack);
+    assert_eq!(harness.event_types(), vec!["workspace.removed"]);
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+async fn tasks_for_one_workspace_never_overlap(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(60, 4)).await;
+    let materialize = harness.materialize_task();
+    let sync = harness.sync_task(false);
+    let (first, second) = tokio::join!(harness.run(&materialize), async {
+        // Let the materialize take the lock first.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        harness.run(&sync).await
+    });
+    assert_eq!((first, second), (Outcome::Ack, Outcome::Ack));
+    let types = harness.event_types();
+    let complete_at = types.iter().position(|t| t == "workspace.complete").expect("complete");
+    let synced_at = types.iter().position(|t| t == "workspace.synced").expect("synced");
+    assert!(complete_at < synced_at, "the sync waited for the materialize: {types:?}");
+    assert_eq!(number(&harness.last("workspace.synced"), "uploaded"), 0);
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+async fn bad_tasks_get_clear_answers(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    let mut no_session = harness.materialize_task();
+    no_session.session = None;
+    assert!(matches!(harness.run(&no_session).await, Outcome::DeadLetter(reason) if reason.contains("no session")));
+    let unknown = harness.task("explode", json!({}));
+    assert!(matches!(harness.run(&unknown).await, Outcome::DeadLetter(reason) if reason.contains("unknown action")));
+    let traversal = harness.task("materialize", json!({"user": "../../etc", "workspace": "w"}));
+    assert!(matches!(harness.run(&traversal).await, Outcome::DeadLetter(_)));
+    let failed = harness.last("workspace.failed");
+    assert!(failed.data["error"].as_str().unwrap().contains("user"), "{}", failed.data);
+    let bad_args = harness.task("sync", json!({"user": "a"}));
+    assert!(matches!(harness.run(&bad_args).await, Outcome::DeadLetter(reason) if reason.contains("workspace")));
+    let never = harness.sync_task(false);
+    assert!(matches!(harness.run(&never).await, Outcome::DeadLetter(reason) if reason.contains("never materialized")));
+    assert!(matches!(harness.agent.handle_message(b"{not json").await, Outcome::DeadLetter(reason) if reason.starts_with("undecodable task")));
+    // The workspace quota is enforced before anything is written.
+    let mut profile = harness.profile.clone();
+    profile.workspace.quota_mib = 0;
+    let tight = WorkspaceAgent::new(profile, harness.store.clone(), harness.events.clone(), quick_settings());
+    harness.seed(&fixture(3, 0)).await;
+    assert_eq!(tight.handle(&harness.materialize_task()).await.unwrap(), Outcome::Ack);
+    assert_eq!(harness.last("workspace.failed").data["stage"], json!("quota"));
+    assert!(!harness.directory().exists());
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+macro_rules! on_both_backends {
+    ($($suite:ident),* $(,)?) => {
+        mod on_s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $suite() {
+                    super::$suite(super::Backend::s3().await.expect("moto S3 server on 127.0.0.1:9000")).await;
+                }
+            )*
+        }
+        mod on_file {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $suite() {
+                    super::$suite(super::Backend::file()).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    materializes_byte_for_byte_small_first,
+    incremental_sync_uploads_exactly_the_changes,
+    hostile_keys_are_refused_and_nothing_is_written,
+    symlinks_and_special_files_are_never_uploaded,
+    remove_only_after_a_confirmed_final_sync,
+    tasks_for_one_workspace_never_overlap,
+    bad_tasks_get_clear_answers,
+);
+
+// ----- S3 only ---------------------------------------------------------------------------------------
+
+/// A literal `..` key can't even be listed by `object_store`; the agent reports it as unsafe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_literal_dot_dot_key_is_refused() {
+    let backend = Backend::s3().await.expect("moto");
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(3, 0)).await;
+    let BackendKind::S3 { bucket, .. } = &backend.kind else { unreachable!() };
+    let status = raw_http(MOTO, "PUT", &format!("/{bucket}/{}/../../escaped.txt", harness.prefix()), b"evil").await.unwrap();
+    assert_eq!(status, 200);
+    let listed: Vec<String> = harness.store.store.list(None).map_ok(|meta| meta.location.to_string()).try_collect().await.unwrap_or_default();
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    let failed = harness.last("workspace.failed");
+    assert_eq!(failed.data["stage"], json!("validate"), "{} (store listed {listed:?})", failed.data);
+    assert!(!harness.directory().exists());
+    assert!(!harness.scratch.join("escaped.txt").exists());
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+/// A moto server of our own that we can stop and start.
+struct PrivateMoto {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateMoto {
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    async fn start(port: u16) -> PrivateMoto {
+        let child = std::process::Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto starts");
+        let moto = PrivateMoto { port, child: Some(child) };
+        for _ in 0..200 {
+            if raw_http(&moto.address(), "GET", "/", b"").await.is_ok() {
+                return moto;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("moto did not come up on port {port}");
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateMoto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The store is down when the final sync starts; it retries with backoff, nothing is removed in
+/// the meantime, and once the store is back (empty: moto keeps objects in memory) every object is
+/// written again and confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_sync_rides_out_a_store_outage() {
+    let port = PrivateMoto::free_port();
+    let mut moto = PrivateMoto::start(port).await;
+    let backend = Backend::s3_at(&moto.address()).await.expect("bucket");
+    let settings = AgentSettings { final_sync_attempts: 30, final_sync_backoff_start: Duration::from_millis(200), final_sync_backoff_max: Duration::from_secs(1) };
+    let harness = Arc::new(Harness::new(&backend, CollectedEvents::new(), settings));
+    let files = fixture(20, 1);
+    harness.seed(&files).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    std::fs::write(harness.directory().join("pleadings/final words.txt"), b"saved at the last moment").unwrap();
+
+    moto.stop();
+    let syncing = {
+        let harness = harness.clone();
+        tokio::spawn(async move { harness.run(&harness.sync_task(true)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!syncing.is_finished(), "the final sync is still retrying");
+    assert!(harness.events_of("workspace.synced").is_empty() && harness.events_of("workspace.sync_failed").is_empty());
+    assert!(harness.directory().join("pleadings/final words.txt").is_file(), "nothing removed while the store is down");
+
+    let moto = PrivateMoto::start(port).await;
+    let BackendKind::S3 { bucket, .. } = &backend.kind else { unreachable!() };
+    assert_eq!(raw_http(&moto.address(), "PUT", &format!("/{bucket}"), b"").await.unwrap(), 200);
+    assert_eq!(tokio::time::timeout(Duration::from_secs(60), syncing).await.expect("final sync ends").unwrap(), Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!(synced.data["final"], json!(true), "{}", synced.data);
+    assert_eq!(harness.remote().await, local_files(&harness.directory()), "every object written again and confirmed");
+    assert_eq!(harness.remote().await.len(), 21);
+
+    assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
+    assert!(!harness.directory().exists());
+    let harness = Arc::try_unwrap(harness).ok().expect("only owner");
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+/// A final sync that never gets through says so, keeps the directory, and `remove` refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_final_sync_keeps_everything() {
+    let port = PrivateMoto::free_port();
+    let mut moto = PrivateMoto::start(port).await;
+    let backend = Backend::s3_at(&moto.address()).await.expect("bucket");
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(4, 0)).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    std::fs::write(harness.directory().join("unsaved.txt"), b"unsaved").unwrap();
+    moto.stop();
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    let failed = harness.last("workspace.sync_failed");
+    assert_eq!(failed.data["final"], json!(true));
+    assert!(!failed.data["error"].as_str().unwrap().is_empty());
+    assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.sync_failed").data["action"], json!("remove"));
+    assert!(harness.directory().join("unsaved.txt").is_file());
+    harness.cleanup();
+}
+
+// ----- through the real broker -----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_tasks_from_the_broker() {
+    let backend = Backend::file();
+    let scratch = std::env::temp_dir().join(format!("berth-ws-test-{}", Uuid::new_v4()));
+    let profile = test_profile(&backend.url, &scratch);
+    let bus = protocol::Bus::connect(protocol::BusConfig::new(&profile.services.amqp_url, "workspace-tests")).await.expect("broker");
+    bus.declare_topology().await.expect("topology");
+    // A private task queue (fed directly, so the shared agent queue is untouched) and a private
+    // queue that sees every workspace event.
+    let task_queue = bus.declare_private_queue(protocol::topology::TASKS_EXCHANGE, &[]).await.unwrap();
+    let event_queue = bus.declare_private_queue(protocol::topology::EVENTS_EXCHANGE, &["workspace.*".to_owned()]).await.unwrap();
+    let events = Arc::new(workspace::BusEvents { bus: bus.clone() });
+    let agent = Arc::new(WorkspaceAgent::new(profile.clone(), backend.open(), events, quick_settings()));
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn({
+        let bus = bus.clone();
+        let task_queue = task_queue.clone();
+        async move { workspace::serve(agent, &bus, &task_queue, async { let _ = agent_stopped.await; }).await }
+    });
+
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(8, 1)).await;
+    let session = harness.session.clone();
+    let task = Task {
+        id: Uuid::now_v7(),
+        agent: AgentKind::Workspace,
+        action: "materialize".into(),
+        session: Some(session.clone()),
+        thred: Some("thred-broker".into()),
+        cause: None,
+        args: json!({"user": harness.user, "workspace": harness.workspace}),
+    };
+    bus.publish("", &task_queue, &task.to_bytes(), Default::default()).await.expect("task published");
+
+    let (seen, mut received) = tokio::sync::mpsc::unbounded_channel::<CloudEvent>();
+    let (stop_events, events_stopped) = tokio::sync::oneshot::channel::<()>();
+    let listening = tokio::spawn({
+        let bus = bus.clone();
+        let event_queue = event_queue.clone();
+        async move {
+            bus.consume(
+                protocol::ConsumeSpec::new(&event_queue, 16),
+                move |incoming| {
+                    let seen = seen.clone();
+                    async move {
+                        if let Ok(event) = CloudEvent::parse(&incoming.body, 1 << 20) {
+                            let _ = seen.send(event);
+                        }
+                        Outcome::Ack
+                    }
+                },
+                async { let _ = events_stopped.await; },
+            )
+            .await
+        }
+    });
+    let mut types = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !types.iter().any(|t| t == "workspace.complete") {
+        let event = tokio::time::timeout_at(deadline, received.recv()).await.expect("answers arrive").expect("channel open");
+        if event.subject.as_deref() != Some(session.as_str()) {
+            continue;
+        }
+        assert_eq!(event.extension("thredid"), Some("thred-broker"));
+        assert_eq!(event.extension("taskid"), Some(task.id.to_string().as_str()));
+        types.push(event.event_type);
+    }
+    assert_eq!(types.first().map(String::as_str), Some("workspace.materialized"), "{types:?}");
+    let profile_dir = profile.session_dir(&session);
+    assert_eq!(local_files(&profile_dir).len(), 8);
+
+    let _ = stop_agent.send(());
+    let _ = stop_events.send(());
+    serving.await.unwrap().unwrap();
+    listening.await.unwrap().unwrap();
+    let _ = bus.delete_queue(&task_queue).await;
+    let _ = bus.delete_queue(&event_queue).await;
+    bus.close().await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    harness.cleanup();
+    backend.cleanup().await;
+}
