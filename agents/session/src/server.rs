@@ -29,6 +29,8 @@ use crate::throttle::ActivityDebouncer;
 
 /// The WebSocket subprotocol the server selects when a browser offers one.
 pub const SUBPROTOCOL: &str = "berth.v1";
+/// Initial read buffer of each socket.
+const SOCKET_READ_BUFFER_BYTES: usize = 4096;
 /// How long shutdown waits for sockets to say goodbye.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -95,6 +97,10 @@ pub async fn start(
             // Keep the sender alive until serving ends so sockets see `true`, not a closed channel.
             std::future::pending::<()>().await;
         };
+        // Status frames are small and latency matters more than packet count.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+            let _ = stream.set_nodelay(true);
+        });
         let served = axum::serve(listener, router).with_graceful_shutdown(async move {
             tokio::select! {
                 () = graceful => {}
@@ -193,6 +199,9 @@ async fn websocket(
     let hard_limit = state.config.hard_frame_limit_bytes;
     upgrade
         .protocols([SUBPROTOCOL])
+        // Frames are small JSON; tungstenite's default 128 KiB read buffer per socket would cost
+        // more memory than everything else a connection holds. The buffer grows for larger frames.
+        .read_buffer_size(SOCKET_READ_BUFFER_BYTES)
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| crate::socket::serve_socket(socket, state, identity, slot))
