@@ -1,0 +1,608 @@
+//! The engine against the real RabbitMQ and Redis: every test runs on its own exchanges, queue and
+//! Redis key prefix (`EngineConfig::isolated`) and removes them at the end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::pattern::{load_pattern_file, parse_pattern};
+use engine::service::{self, Engine};
+use engine::{EngineConfig, Pattern};
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use protocol::{Bus, BusConfig, CloudEvent, Notification, Profile, Task};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn dev_profile() -> Profile {
+    Profile::load(&repository().join("run-profiles/dev/profile.toml")).expect("dev profile")
+}
+
+fn session_pattern() -> Pattern {
+    load_pattern_file(&repository().join("patterns/workspace-session.json")).expect("workspace-session pattern")
+}
+
+/// A message seen on one of the test's private queues.
+#[derive(Debug, Clone)]
+struct Seen {
+    routing_key: String,
+    body: Vec<u8>,
+    headers: BTreeMap<String, String>,
+}
+
+/// Reads a private queue bound to `exchange` into a channel.
+async fn collect(bus: &Bus, exchange: &str, keys: &[&str]) -> mpsc::UnboundedReceiver<Seen> {
+    let keys: Vec<String> = keys.iter().map(|key| (*key).to_owned()).collect();
+    let queue = bus.declare_private_queue(exchange, &keys).await.expect("private queue");
+    let channel = bus.channel().await.expect("channel");
+    let mut consumer = channel
+        .basic_consume(&queue, "", BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume");
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _channel = channel;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let headers = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .map(|table| {
+                    table
+                        .inner()
+                        .iter()
+                        .filter_map(|(name, value)| match value {
+                            lapin::types::AMQPValue::LongString(text) => {
+                                Some((name.to_string(), String::from_utf8_lossy(text.as_bytes()).into_owned()))
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            let seen = Seen { routing_key: delivery.routing_key.to_string(), body: delivery.data, headers };
+            if sender.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+/// One test's world: isolated names, collectors on tasks, notifications and dead letters.
+struct Harness {
+    profile: Profile,
+    config: EngineConfig,
+    bus: Bus,
+    tasks: mpsc::UnboundedReceiver<Seen>,
+    notifications: mpsc::UnboundedReceiver<Seen>,
+    dead: mpsc::UnboundedReceiver<Seen>,
+    /// Tasks read while waiting for another one.
+    task_backlog: Vec<Task>,
+    notification_backlog: Vec<Notification>,
+}
+
+struct Running {
+    engine: Engine,
+    stop: oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<engine::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.handle.await.expect("engine task").expect("engine ran");
+    }
+}
+
+impl Harness {
+    async fn new(profile: Profile) -> Harness {
+        protocol::telemetry::init(protocol::telemetry::LogFormat::Pretty);
+        let tag = Uuid::now_v7().simple().to_string();
+        let config = EngineConfig::isolated(&tag);
+        let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "engine-test")).await.expect("broker");
+        service::declare(&bus, &config).await.expect("declare");
+        let tasks = collect(&bus, &config.tasks_exchange, &["container", "workspace", "persistence", "session"]).await;
+        let notifications = collect(&bus, &config.notify_exchange, &["#"]).await;
+        let dead = collect(&bus, &config.dead_exchange, &[""]).await;
+        Harness { profile, config, bus, tasks, notifications, dead, task_backlog: Vec::new(), notification_backlog: Vec::new() }
+    }
+
+    async fn start(&self, patterns: Vec<Pattern>) -> Running {
+        self.start_with(patterns, self.config.clone()).await
+    }
+
+    async fn start_with(&self, patterns: Vec<Pattern>, config: EngineConfig) -> Running {
+        let engine = Engine::connect(self.profile.clone(), patterns, config).await.expect("engine connects");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = engine.clone();
+        let handle = tokio::spawn(async move {
+            serving
+                .serve(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Running { engine, stop, handle }
+    }
+
+    async fn publish(&self, event: &CloudEvent) {
+        let properties = BasicProperties::default().with_content_type("application/cloudevents+json".into());
+        self.bus.publish(&self.config.events_exchange, &event.event_type, &event.to_bytes(), properties).await.expect("publish");
+    }
+
+    async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        self.bus.publish(&self.config.events_exchange, routing_key, body, BasicProperties::default()).await.expect("publish");
+    }
+
+    /// Waits for the next task of `session` for `agent`.`action`, keeping others for later.
+    async fn task(&mut self, session: &str, agent: &str, action: &str) -> Task {
+        let matches = |task: &Task| task.session.as_deref() == Some(session) && task.agent.as_str() == agent && task.action == action;
+        if let Some(index) = self.task_backlog.iter().position(matches) {
+            return self.task_backlog.remove(index);
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let seen = tokio::time::timeout_at(deadline, self.tasks.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {agent}.{action} task for {session} within {WAIT:?}; backlog {:?}", self.task_summaries()))
+                .expect("task stream");
+            let task = Task::decode(&seen.body).expect("a task");
+            if matches(&task) {
+                return task;
+            }
+            self.task_backlog.push(task);
+        }
+    }
+
+    fn task_summaries(&self) -> Vec<String> {
+        self.task_backlog.iter().map(|task| format!("{}.{}({:?})", task.agent, task.action, task.session)).collect()
+    }
+
+    /// Every task that arrives within `window`, added to the backlog and returned.
+    async fn drain_tasks(&mut self, window: Duration) -> Vec<Task> {
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(Some(seen)) = tokio::time::timeout_at(deadline, self.tasks.recv()).await {
+            self.task_backlog.push(Task::decode(&seen.body).expect("a task"));
+        }
+        self.task_backlog.clone()
+    }
+
+    async fn notification(&mut self, session: &str, state: &str) -> Notification {
+        let matches = |n: &Notification| n.session.as_deref() == Some(session) && n.state == state;
+        if let Some(index) = self.notification_backlog.iter().position(matches) {
+            return self.notification_backlog.remove(index);
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let seen = tokio::time::timeout_at(deadline, self.notifications.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no `{state}` notification for {session}"))
+                .expect("notification stream");
+            let notification = Notification::decode(&seen.body).expect("a notification");
+            assert_eq!(seen.routing_key, format!("user.{}", notification.user));
+            if matches(&notification) {
+                return notification;
+            }
+            self.notification_backlog.push(notification);
+        }
+    }
+
+    async fn dead_letter(&mut self) -> Seen {
+        tokio::time::timeout(WAIT, self.dead.recv()).await.expect("a dead letter in time").expect("dead-letter stream")
+    }
+
+    async fn cleanup(self) {
+        service::teardown(&self.bus, &self.profile.services.redis_url, &self.config).await.expect("teardown");
+        self.bus.close().await;
+    }
+}
+
+fn open_event(session: &str, user: &str) -> CloudEvent {
+    CloudEvent::new("session.open", "/test", Some(session), json!({"user": user, "workspace": "w1"}))
+}
+
+/// An agent's answer to `task`, bound the way agents bind it.
+fn answer(task: &Task, event_type: &str, data: Value) -> CloudEvent {
+    CloudEvent::new(event_type, "/test/agent", task.session.as_deref(), data)
+        .with_extension("thredid", task.thred.clone().unwrap_or_default())
+        .with_extension("taskid", task.id.to_string())
+}
+
+async fn live_thred(engine: &Engine, session: &str) -> Option<engine::Thred> {
+    engine.live_threds(session).await.expect("redis").into_iter().next()
+}
+
+async fn wait_for_state(engine: &Engine, thred_id: &str, state: &str) -> engine::Thred {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let thred = engine.thred(thred_id).await.expect("redis").expect("thred exists");
+        if thred.state == state {
+            return thred;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "thred stuck in {} (waiting for {state})", thred.state);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Drives a new session up to `running`; returns the provision task (it carries the thred id).
+async fn open_until_running(harness: &mut Harness, session: &str) -> Task {
+    harness.publish(&open_event(session, "alice")).await;
+    let materialize = harness.task(session, "workspace", "materialize").await;
+    harness.publish(&answer(&materialize, "workspace.materialized", json!({"files": 1, "bytes": 3, "pending_large_files": 0, "pending_large_bytes": 0}))).await;
+    let provision = harness.task(session, "container", "provision").await;
+    harness
+        .publish(&answer(&provision, "container.ready", json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000, "timings_ms": {}})))
+        .await;
+    harness.notification(session, "running").await;
+    provision
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_session_lifecycle_driven_by_events() {
+    let mut harness = Harness::new(dev_profile()).await;
+    let running = harness.start(vec![session_pattern()]).await;
+    let session = format!("s-{}", Uuid::now_v7());
+
+    harness.publish(&open_event(&session, "alice")).await;
+    let materialize = harness.task(&session, "workspace", "materialize").await;
+    assert_eq!(materialize.args, json!({"user": "alice", "workspace": "w1"}));
+    let thred_id = materialize.thred.clone().expect("task names its thred");
+    assert_eq!(harness.notification(&session, "materializing").await.user, "alice");
+
+    harness.publish(&answer(&materialize, "workspace.progress", json!({"files_done": 1, "files_total": 2}))).await;
+    harness.publish(&answer(&materialize, "workspace.materialized", json!({"files": 2, "bytes": 10}))).await;
+    let provision = harness.task(&session, "container", "provision").await;
+    assert_eq!(provision.args, json!({"user": "alice", "workspace": "w1"}));
+    assert_eq!(provision.thred.as_deref(), Some(thred_id.as_str()));
+
+    harness
+        .publish(&answer(&provision, "container.ready", json!({"container_id": "c-42", "host": "127.0.0.1", "port": 41234})))
+        .await;
+    let running_notification = harness.notification(&session, "running").await;
+    assert_eq!(running_notification.detail["port"], json!(41234));
+    harness.publish(&CloudEvent::new("session.activity", "/test", Some(&session), json!({"source": "websocket"}))).await;
+
+    harness.publish(&CloudEvent::new("session.close", "/test", Some(&session), json!({"reason": "done"}))).await;
+    let sync = harness.task(&session, "workspace", "sync").await;
+    assert_eq!(sync.args["final"], json!(true));
+    harness.notification(&session, "stopping").await;
+    harness.publish(&answer(&sync, "workspace.synced", json!({"final": true, "uploaded": 1, "deleted": 0, "unchanged": 1, "bytes_uploaded": 3}))).await;
+    let remove_container = harness.task(&session, "container", "remove").await;
+    harness.publish(&answer(&remove_container, "container.removed", json!({"container_id": "c-42"}))).await;
+    let remove_workspace = harness.task(&session, "workspace", "remove").await;
+    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    harness.notification(&session, "closed").await;
+
+    let thred = wait_for_state(&running.engine, &thred_id, "closed").await;
+    assert!(thred.ended && thred.timers.is_empty());
+    assert_eq!(thred.context["activity_count"], json!(1));
+    assert!(live_thred(&running.engine, &session).await.is_none(), "an ended thred is no longer live");
+
+    // The sessions record followed every state, and the audit trail has every transition.
+    let tasks = harness.drain_tasks(Duration::from_millis(500)).await;
+    let states: Vec<&str> = tasks
+        .iter()
+        .filter(|task| task.action == "upsert" && task.args["collection"] == "sessions")
+        .map(|task| task.args["doc"]["state"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(states, ["materializing", "provisioning", "running", "stopping", "removing_container", "removing_workspace", "closed"]);
+    let audit: Vec<(String, String)> = tasks
+        .iter()
+        .filter(|task| task.action == "put" && task.args["collection"] == "events")
+        .map(|task| (task.args["doc"]["from"].as_str().unwrap_or_default().to_owned(), task.args["doc"]["to"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    assert_eq!(audit.first(), Some(&("open".to_owned(), "materializing".to_owned())));
+    assert_eq!(audit.last(), Some(&("removing_workspace".to_owned(), "closed".to_owned())));
+    let record = tasks.iter().rev().find(|task| task.action == "upsert").expect("a record");
+    assert_eq!(record.args["id"], json!(session));
+    assert_eq!(record.args["doc"]["container_id"], json!("c-42"));
+
+    // A late answer to an ended thred changes nothing and is not an orphan.
+    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    let snapshot_before = running.engine.metrics().snapshot();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let snapshot = running.engine.metrics().snapshot();
+    assert!(snapshot.rejected >= 1 && snapshot.orphans == snapshot_before.orphans, "{snapshot:?}");
+
+    running.stop().await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_stop_timers_fire_through_keyspace_notifications() {
+    let mut profile = dev_profile();
+    profile.timers.idle_after_secs = 1;
+    profile.timers.stop_after_idle_secs = 1;
+    profile.timers.autosave_secs = 0;
+    let mut harness = Harness::new(profile).await;
+    // No periodic sweep during the test: only the expiry notifications can fire these timers.
+    let mut config = harness.config.clone();
+    config.sweep_interval_ms = 3_600_000;
+    let running = harness.start_with(vec![session_pattern()], config).await;
+    let session = format!("s-{}", Uuid::now_v7());
+
+    open_until_running(&mut harness, &session).await;
+    let pause = harness.task(&session, "container", "pause").await;
+    harness.notification(&session, "idle").await;
+    harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1"}))).await;
+    let sync = harness.task(&session, "workspace", "sync").await;
+    assert_eq!(sync.args["final"], json!(true));
+    let stopping = harness.notification(&session, "stopping").await;
+    assert_eq!(stopping.detail["reason"], json!("idle"));
+    assert!(running.engine.metrics().snapshot().timers_fired >= 2);
+
+    // Activity while idle wakes the session, and the cancelled stop timer never fires.
+    let other = format!("s-{}", Uuid::now_v7());
+    open_until_running(&mut harness, &other).await;
+    harness.task(&other, "container", "pause").await;
+    harness.publish(&CloudEvent::new("session.activity", "/test", Some(&other), json!({"source": "terminal"}))).await;
+    harness.task(&other, "container", "resume").await;
+    // Keep it busy for longer than idle + stop: it must never stop.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        harness.publish(&CloudEvent::new("session.activity", "/test", Some(&other), json!({"source": "api"}))).await;
+    }
+    let tasks = harness.drain_tasks(Duration::from_millis(300)).await;
+    assert!(
+        !tasks.iter().any(|task| task.session.as_deref() == Some(other.as_str()) && task.action == "sync"),
+        "an active session was stopped"
+    );
+    let thred = live_thred(&running.engine, &other).await.expect("live");
+    assert_eq!(thred.state, "running");
+
+    running.stop().await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_due_while_the_engine_is_down_fires_after_restart() {
+    let mut profile = dev_profile();
+    profile.timers.idle_after_secs = 2;
+    profile.timers.autosave_secs = 0;
+    let mut harness = Harness::new(profile).await;
+    let first = harness.start(vec![session_pattern()]).await;
+    let session = format!("s-{}", Uuid::now_v7());
+    open_until_running(&mut harness, &session).await;
+    let thred = live_thred(&first.engine, &session).await.expect("live thred");
+    first.stop().await;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let meanwhile = harness.drain_tasks(Duration::from_millis(100)).await;
+    assert!(!meanwhile.iter().any(|task| task.action == "pause"), "nothing runs while the engine is down");
+
+    let second = harness.start(vec![session_pattern()]).await;
+    let pause = harness.task(&session, "container", "pause").await;
+    assert_eq!(pause.thred.as_deref(), Some(thred.id.as_str()));
+    wait_for_state(&second.engine, &thred.id, "idle").await;
+    // Fired once: no second pause.
+    let later = harness.drain_tasks(Duration::from_millis(1500)).await;
+    assert_eq!(later.iter().filter(|task| task.action == "pause").count(), 0, "{later:?}");
+    second.stop().await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_commit_and_publish_loses_and_duplicates_nothing() {
+    let mut harness = Harness::new(dev_profile()).await;
+    let session = format!("s-{}", Uuid::now_v7());
+    let worker = find_example("engine_worker");
+    let mut crashing_config = harness.config.clone();
+    crashing_config.halt_after_commit = true;
+    let mut child = tokio::process::Command::new(&worker)
+        .env("BERTH_ENGINE_CONFIG", serde_json::to_string(&crashing_config).expect("config json"))
+        .env("BERTH_ENGINE_PROFILE", repository().join("run-profiles/dev/profile.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {}: {error}", worker.display()));
+    let open = open_event(&session, "alice");
+    harness.publish(&open).await;
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let halted = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.starts_with("halted-after-commit") {
+                return line;
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("the worker committed");
+    assert_eq!(halted, format!("halted-after-commit {}", open.id));
+    child.kill().await.expect("SIGKILL");
+    let _ = child.wait().await;
+
+    // Committed but never published.
+    assert!(harness.drain_tasks(Duration::from_millis(500)).await.is_empty(), "nothing was published before the kill");
+
+    // A fresh engine publishes the outbox at start-up; the redelivered event is a duplicate.
+    let running = harness.start(vec![session_pattern()]).await;
+    let materialize = harness.task(&session, "workspace", "materialize").await;
+    assert_eq!(materialize.cause.as_deref(), Some(open.id.as_str()));
+    assert!((0..8).any(|index| materialize.id == Task::stable_id(&open.id, index)), "the task id is derived from its event");
+    let tasks = harness.drain_tasks(Duration::from_secs(2)).await;
+    let mut by_id: HashMap<Uuid, Vec<&Task>> = HashMap::new();
+    for task in &tasks {
+        by_id.entry(task.id).or_default().push(task);
+    }
+    by_id.entry(materialize.id).or_default().push(&materialize);
+    for (id, copies) in &by_id {
+        assert!(copies.windows(2).all(|pair| pair[0] == pair[1]), "task {id} differs between copies");
+    }
+    let kinds: Vec<String> = tasks.iter().map(|task| format!("{}.{}", task.agent, task.action)).collect();
+    assert_eq!(kinds.iter().filter(|kind| *kind == "workspace.materialize").count(), 0, "materialize published twice: {kinds:?}");
+    assert_eq!(kinds.iter().filter(|kind| *kind == "persistence.upsert").count(), 1, "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|kind| *kind == "persistence.put").count(), 1, "{kinds:?}");
+    let snapshot = running.engine.metrics().snapshot();
+    assert_eq!(snapshot.outboxes_replayed, 1, "{snapshot:?}");
+    let thred = live_thred(&running.engine, &session).await.expect("one live thred");
+    assert_eq!((thred.state.as_str(), thred.version), ("materializing", 1));
+    running.stop().await;
+    harness.cleanup().await;
+}
+
+/// `cargo test` builds the examples next to the test binary's directory.
+fn find_example(name: &str) -> PathBuf {
+    let test_binary = std::env::current_exe().expect("current exe");
+    let profile_dir = test_binary.parent().and_then(Path::parent).expect("target profile dir");
+    profile_dir.join("examples").join(name)
+}
+
+const COUNTER_PATTERN: &str = r#"{
+  "version": 1,
+  "name": "counter",
+  "start": {"events": ["count.inc"], "key": "event.subject", "context": {"n": "0"}},
+  "initial": "even",
+  "states": {
+    "even": {"on": [{"event": "count.inc", "target": "odd", "effects": [{"set": {"n": "ctx.n + 1"}}]}]},
+    "odd": {"on": [{"event": "count.inc", "target": "even", "effects": [{"set": {"n": "ctx.n + 1"}}]}]}
+  }
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_leave_every_thred_as_one_engine_would() {
+    const THREDS: usize = 50;
+    const EVENTS_PER_THRED: usize = 20;
+    let harness = Harness::new(dev_profile()).await;
+    let counter = || parse_pattern(COUNTER_PATTERN, Path::new("counter.json")).expect("counter pattern");
+    let first = harness.start(vec![counter()]).await;
+    let second = harness.start(vec![counter()]).await;
+    let keys: Vec<String> = (0..THREDS).map(|index| format!("k-{index}-{}", Uuid::now_v7())).collect();
+    let events: Vec<CloudEvent> = (0..EVENTS_PER_THRED)
+        .flat_map(|_| keys.iter().map(|key| CloudEvent::new("count.inc", "/test", Some(key), json!({}))))
+        .collect();
+    let harness = Arc::new(harness);
+    let mut publishers = Vec::new();
+    for chunk in events.chunks(100) {
+        let chunk = chunk.to_vec();
+        let harness = harness.clone();
+        publishers.push(tokio::spawn(async move {
+            for event in chunk {
+                harness.publish(&event).await;
+            }
+        }));
+    }
+    for publisher in publishers {
+        publisher.await.expect("publisher");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    for key in &keys {
+        loop {
+            let threds = first.engine.live_threds(key).await.expect("redis");
+            let done = threds.first().is_some_and(|thred| thred.context["n"] == json!(EVENTS_PER_THRED));
+            if done {
+                assert_eq!(threds.len(), 1, "one thred per key, even when both replicas saw the first event");
+                let thred = &threds[0];
+                assert_eq!(thred.state, if EVENTS_PER_THRED % 2 == 0 { "even" } else { "odd" });
+                assert_eq!(thred.version, EVENTS_PER_THRED as u64, "one commit per event");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "thred {key} stuck at {:?}", threds.first().map(|t| &t.context["n"]));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (one, two) = (first.engine.metrics().snapshot(), second.engine.metrics().snapshot());
+    assert_eq!(one.transitions + two.transitions, (THREDS * EVENTS_PER_THRED) as u64, "{one:?} {two:?}");
+    assert!(one.events_handled > 0 && two.events_handled > 0, "both replicas took part: {one:?} {two:?}");
+    first.stop().await;
+    second.stop().await;
+    match Arc::try_unwrap(harness) {
+        Ok(harness) => harness.cleanup().await,
+        Err(_) => panic!("harness still shared"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_are_dead_lettered_while_others_flow() {
+    let mut harness = Harness::new(dev_profile()).await;
+    let running = harness.start(vec![session_pattern()]).await;
+    let session = format!("s-{}", Uuid::now_v7());
+
+    harness.publish_raw("session.open", b"{not json").await;
+    let reason = harness.dead_letter().await;
+    assert!(reason.headers["x-berth-reason"].starts_with("invalid event: event is not valid JSON"), "{reason:?}");
+
+    harness.publish(&CloudEvent::new("shipment.sent", "/test", Some(&session), json!({}))).await;
+    let unknown = harness.dead_letter().await;
+    assert_eq!(unknown.headers["x-berth-reason"], "unknown event type `shipment.sent`: no pattern handles it");
+    assert_eq!(unknown.routing_key, "shipment.sent");
+
+    let no_workspace = CloudEvent::new("session.open", "/test", Some(&session), json!({"user": "alice"}));
+    harness.publish(&no_workspace).await;
+    let invalid = harness.dead_letter().await;
+    assert!(invalid.headers["x-berth-reason"].contains("refuses the starting event"), "{invalid:?}");
+
+    harness.publish(&open_event(&session, "alice")).await;
+    harness.task(&session, "workspace", "materialize").await;
+
+    // An answer for a session nobody runs is an orphan: counted, acked, not dead-lettered.
+    let stray = CloudEvent::new("container.ready", "/test", Some("s-nobody"), json!({"container_id": "x"}));
+    harness.publish(&stray).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while running.engine.metrics().snapshot().orphans == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "orphan not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let snapshot = running.engine.metrics().snapshot();
+    assert_eq!(snapshot.dead_lettered, 3, "{snapshot:?}");
+    assert!(harness.dead.try_recv().is_err(), "the orphan was not dead-lettered");
+    running.stop().await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_removes_only_old_containers_of_sessions_without_a_live_thred() {
+    let mut harness = Harness::new(dev_profile()).await;
+    let running = harness.start(vec![session_pattern()]).await;
+    let live_session = format!("s-{}", Uuid::now_v7());
+    harness.publish(&open_event(&live_session, "alice")).await;
+    harness.task(&live_session, "workspace", "materialize").await;
+
+    let old = (chrono::Utc::now() - chrono::Duration::minutes(10)).to_rfc3339();
+    let young = chrono::Utc::now().to_rfc3339();
+    let (orphan, newborn) = (format!("s-{}", Uuid::now_v7()), format!("s-{}", Uuid::now_v7()));
+    let inventory = CloudEvent::new(
+        "container.inventory",
+        "/test/container",
+        None,
+        json!({"containers": [
+            {"session": live_session, "container_id": "c-live", "state": "running", "host_port": 1, "created": old},
+            {"session": orphan, "container_id": "c-orphan", "state": "running", "host_port": 2, "created": old},
+            {"session": newborn, "container_id": "c-new", "state": "running", "host_port": 3, "created": young},
+        ]}),
+    );
+    harness.publish(&inventory).await;
+    let remove = harness.task(&orphan, "container", "remove").await;
+    assert_eq!(remove.args, json!({"container_id": "c-orphan"}));
+    let rest = harness.drain_tasks(Duration::from_millis(700)).await;
+    assert!(!rest.iter().any(|task| task.action == "remove"), "only the old orphan goes: {rest:?}");
+    running.stop().await;
+    harness.cleanup().await;
+}
+
+#[test]
+fn patterns_check_cli_reports_bad_files() {
+    let directory = std::env::temp_dir().join(format!("berth-patterns-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&directory).expect("temp dir");
+    let bad = directory.join("bad.json");
+    std::fs::write(&bad, r#"{"version": 1, "name": "bad", "start": {"events": ["a.b"], "key": "event.subject"}, "initial": "x", "states": {}}"#)
+        .expect("write");
+    let good = repository().join("patterns/workspace-session.json");
+    assert_eq!(format!("{:?}", engine::check_files_cli(&[good.clone()])), format!("{:?}", std::process::ExitCode::SUCCESS));
+    assert_eq!(format!("{:?}", engine::check_files_cli(&[good, bad])), format!("{:?}", std::process::ExitCode::FAILURE));
+    std::fs::remove_dir_all(&directory).expect("cleanup");
+}
