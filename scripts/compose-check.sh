@@ -301,6 +301,27 @@ dockerignore = root / "compose/Dockerfile.dockerignore"
 if not dockerignore.is_file() or "target" not in dockerignore.read_text():
     fail("compose/Dockerfile.dockerignore must exist and exclude target/")
 
+# The documentation stays true: every variable the stack reads is in compose/README.md, and every
+# setting of compose/example.env is one the stack reads.
+compose_text = (root / "compose/docker-compose.yml").read_text()
+readme_text = (root / "compose/README.md").read_text()
+# `$${NAME}` is the container's own shell variable, not a substitution.
+substituted = set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", compose_text))
+passed_through = set(re.findall(r"^\s+([A-Z_][A-Z0-9_]*):\s*$", compose_text, re.M))
+for variable in sorted(substituted | passed_through):
+    if f"`{variable}`" not in readme_text:
+        fail(f"compose/README.md does not document {variable}, which the stack reads")
+example = root / "compose/example.env"
+if example.is_file():
+    for line in example.read_text().splitlines():
+        setting = re.match(r"^#?\s*([A-Z_][A-Z0-9_]*)=", line)
+        if setting and setting.group(1) not in substituted | passed_through:
+            fail(f"compose/example.env sets {setting.group(1)}, which the stack never reads")
+        if setting and setting.group(1) == "BERTH_PROFILE":
+            example_profile = line.split("=", 1)[1].strip()
+            if not (root / "run-profiles" / example_profile / "profile.toml").is_file():
+                fail(f"compose/example.env names profile {example_profile!r}, which does not exist")
+
 for problem in problems:
     print(f"compose-check: FAIL: {problem}", file=sys.stderr)
 print(f"compose-check: {len(services)} services, profiles named: {', '.join(sorted(named_profiles))}", file=sys.stderr)
