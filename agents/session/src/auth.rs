@@ -356,4 +356,54 @@ mod tests {
         assert!(TokenAuthority::new(&KeyMaterial::inline("short"), "berth").is_err());
         assert!(authority.mint("#", &[], Duration::from_secs(60)).is_err());
     }
+
+    fn sign_with_private_pem(algorithm: Algorithm, private_pem: &str, audience: &str) -> String {
+        let key = match algorithm {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(private_pem.as_bytes()).unwrap(),
+            _ => EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap(),
+        };
+        let claims = Claims { sub: "carol".into(), aud: audience.into(), exp: unix_now() + 60, iat: unix_now(), roles: vec![] };
+        jsonwebtoken::encode(&Header::new(algorithm), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn public_keys_verify_rs256_and_es256_and_refuse_algorithm_confusion() {
+        let cases = [
+            (Algorithm::RS256, include_str!("../tests/keys/rsa-private.pem"), include_str!("../tests/keys/rsa-public.pem")),
+            (Algorithm::ES256, include_str!("../tests/keys/ec-private.pem"), include_str!("../tests/keys/ec-public.pem")),
+        ];
+        for (algorithm, private_pem, public_pem) in cases {
+            let authority = TokenAuthority::new(&KeyMaterial::inline(public_pem), "berth").unwrap();
+            assert_eq!(authority.algorithm(), algorithm);
+            let token = sign_with_private_pem(algorithm, private_pem, "berth");
+            assert_eq!(authority.verify(&token).unwrap().user, "carol");
+            assert_eq!(authority.verify(&sign_with_private_pem(algorithm, private_pem, "other")), Err(AuthFailure::WrongAudience));
+            // An attacker who knows the public key must not pass it off as an HS256 secret.
+            let confused = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &Claims { sub: "mallory".into(), aud: "berth".into(), exp: unix_now() + 60, iat: 0, roles: vec!["admin".into()] },
+                &EncodingKey::from_secret(public_pem.trim().as_bytes()),
+            )
+            .unwrap();
+            assert_eq!(authority.verify(&confused), Err(AuthFailure::BadSignature));
+            assert!(authority.mint("carol", &[], Duration::from_secs(60)).is_err(), "a public key cannot mint");
+        }
+        assert!(TokenAuthority::new(&KeyMaterial::inline("-----BEGIN PUBLIC KEY-----\ngarbage\n-----END PUBLIC KEY-----"), "berth").is_err());
+    }
+
+    #[test]
+    fn secret_file_is_created_once_with_mode_0600() {
+        let directory = std::env::temp_dir().join(format!("berth-session-secret-{}", uuid::Uuid::new_v4().simple()));
+        let path = directory.join("jwt-secret");
+        let first = read_or_create_secret_file(&path).unwrap();
+        let second = read_or_create_secret_file(&path).unwrap();
+        assert_eq!(first, second);
+        assert!(first.len() >= MIN_SECRET_BYTES);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
 }

@@ -759,3 +759,60 @@ async fn http_endpoints_and_shutdown() -> Result<()> {
     world.finish().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn berth_token_and_the_agent_agree_through_the_machine_secret_file() -> Result<()> {
+    let world = World::new().await?;
+    let root = std::env::temp_dir().join(unique("berth-session-profile"));
+    let mut profile = dev_profile();
+    profile.services.workspace_root = root.join("workspaces");
+    // A variable nobody sets, so the key comes from `<parent of workspace_root>/jwt-secret`.
+    profile.session.jwt_key_env = format!("BERTH_TEST_UNSET_{}", uuid::Uuid::new_v4().simple()).to_uppercase();
+    let alice = unique("alice");
+
+    let token = session::mint_token(&profile, &alice, &["admin".to_owned()], "1h")?;
+    assert!(!token.contains(char::is_whitespace));
+    assert!(root.join("jwt-secret").exists(), "the secret file was created next to the workspace root");
+    let mut config = SessionConfig::from_profile(&profile)?;
+    config.store = world.config().store;
+    let identity = config.authority.verify(&token)?;
+    assert!(identity.is_admin());
+    let instance = world.instance(config).await?;
+    let (_socket, snapshot) = connect(&instance, &token).await?;
+    assert_eq!(snapshot["roles"], json!(["admin"]));
+    assert!(session::mint_token(&profile, &alice, &[], "forever").is_err(), "a bad ttl is refused");
+
+    instance.shutdown().await?;
+    std::fs::remove_dir_all(&root)?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_public_key_verifies_es256_tokens_and_refuses_algorithm_confusion() -> Result<()> {
+    let world = World::new().await?;
+    let public_pem = include_str!("keys/ec-public.pem");
+    let mut config = SessionConfig::with_key(&dev_profile(), &KeyMaterial::inline(public_pem))?;
+    config.store = world.config().store;
+    let instance = world.instance(config).await?;
+    let carol = unique("carol");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let claims = json!({"sub": carol, "aud": "berth", "exp": now + 600, "roles": ["admin"]});
+
+    let private_key = jsonwebtoken::EncodingKey::from_ec_pem(include_str!("keys/ec-private.pem").as_bytes())?;
+    let signed = jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256), &claims, &private_key)?;
+    let (_socket, snapshot) = connect(&instance, &signed).await?;
+    assert_eq!(snapshot["user"], Value::String(carol.clone()));
+
+    let confused = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(public_pem.trim().as_bytes()),
+    )?;
+    let refused = try_connect(&instance, TokenIn::Header(&confused)).await.expect_err("HS256 signed with the public key");
+    assert_eq!(status_of_refused_upgrade(&refused), Some(401));
+
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
