@@ -46,6 +46,18 @@ fn every_profile_folder_loads_and_the_shipped_ones_are_there() {
 }
 
 #[test]
+fn every_pattern_a_profile_runs_is_a_pattern_file_of_that_name() {
+    for (name, profile) in load_every_profile() {
+        for pattern_name in &profile.patterns {
+            let path = repository_root().join("patterns").join(format!("{pattern_name}.json"));
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{name}: pattern {pattern_name}: {}: {error}", path.display()));
+            let pattern: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            assert_eq!(pattern["name"], pattern_name.as_str(), "{}: a pattern file is named after its pattern", path.display());
+        }
+    }
+}
+
+#[test]
 fn each_profile_carries_the_figures_it_promises() {
     let profiles = load_every_profile();
 
