@@ -24,7 +24,10 @@ fn load_every_profile() -> BTreeMap<String, Profile> {
     for entry in entries {
         let entry = entry.expect("directory entry");
         let folder = entry.path();
-        assert!(folder.is_dir(), "{} is not a profile folder: run-profiles/ holds only folders", folder.display());
+        if folder.extension().is_some_and(|extension| extension == "md") {
+            continue; // documentation of the profiles
+        }
+        assert!(folder.is_dir(), "{} is not a profile folder: run-profiles/ holds folders and their README", folder.display());
         let folder_name = entry.file_name().into_string().expect("profile folder names are UTF-8");
         let profile = Profile::load(&folder.join("profile.toml")).unwrap_or_else(|error| panic!("{folder_name}: {error}"));
         assert_eq!(profile.name, folder_name, "a profile is named after its folder, as `--profile <name>` finds it");
