@@ -154,23 +154,27 @@ fn query_parameter<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?.split('&').find_map(|pair| pair.split_once('=').filter(|(key, _)| *key == name).map(|(_, value)| value))
 }
 
-fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Result<Identity, Response> {
+fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Result<Identity, AuthFailure> {
     let header_text = |name| headers.get(name).and_then(|value| value.to_str().ok());
     let token = token_from_request(header_text(header::AUTHORIZATION), header_text(header::SEC_WEBSOCKET_PROTOCOL), query_parameter(query, "access_token"));
     let outcome = match token {
         Some(token) => state.config.authority.verify(token),
         None => Err(AuthFailure::MissingToken),
     };
-    outcome.map_err(|failure| {
+    if let Err(failure) = &outcome {
         bump(&state.metrics.auth_failures);
         tracing::info!(reason = failure.label(), "refused an unauthenticated request");
-        (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            Json(json!({"error": "unauthorized", "reason": failure.label(), "message": failure.to_string()})),
-        )
-            .into_response()
-    })
+    }
+    outcome
+}
+
+fn unauthorized(failure: &AuthFailure) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(json!({"error": "unauthorized", "reason": failure.label(), "message": failure.to_string()})),
+    )
+        .into_response()
 }
 
 /// `GET /ws`: authenticate first; only a verified caller gets an upgrade.
@@ -182,7 +186,7 @@ async fn websocket(
 ) -> Response {
     let identity = match authenticate(&state, &headers, query.as_deref()) {
         Ok(identity) => identity,
-        Err(refusal) => return refusal,
+        Err(failure) => return unauthorized(&failure),
     };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
@@ -211,7 +215,7 @@ async fn websocket(
 async fn list_sessions(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
     let identity = match authenticate(&state, &headers, query.as_deref()) {
         Ok(identity) => identity,
-        Err(refusal) => return refusal,
+        Err(failure) => return unauthorized(&failure),
     };
     let requested_user = query_parameter(query.as_deref(), "user");
     let everyone = query_parameter(query.as_deref(), "all") == Some("true");
