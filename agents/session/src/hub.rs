@@ -270,6 +270,11 @@ impl Hub {
         }
     }
 
+    /// The private queue notifications currently arrive on, if the consumer is running.
+    pub async fn current_queue(&self) -> Option<String> {
+        self.bindings.lock().await.queue.clone()
+    }
+
     /// Connections currently registered (for draining on shutdown and for tests).
     pub fn connection_count(&self) -> usize {
         self.routes().connections.len()

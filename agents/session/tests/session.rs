@@ -816,3 +816,39 @@ async fn a_public_key_verifies_es256_tokens_and_refuses_algorithm_confusion() ->
     world.finish().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn losing_the_notification_queue_recovers_with_a_new_one() -> Result<()> {
+    let world = World::new().await?;
+    let instance = world.instance(world.config()).await?;
+    let alice = unique("alice");
+    let session = new_session_id();
+    let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
+    let original_queue = instance.handle.hub.current_queue().await.context("a queue is installed")?;
+
+    // The broker drops the queue (as after a broker restart): the consumer must start over.
+    world.bus.delete_queue(&original_queue).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let replacement = loop {
+        match instance.handle.hub.current_queue().await {
+            Some(queue) if queue != original_queue => break queue,
+            _ if tokio::time::Instant::now() > deadline => bail!("no replacement queue"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_ne!(replacement, original_queue);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(instance.address, "/readyz", None).await?.0 != 200 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The connected user was rebound to the new queue.
+    world.bus.publish_notification(&notification(&alice, &session, "running", json!({}))).await?;
+    let status = next_frame(&mut socket).await?;
+    assert_eq!((status["type"].as_str(), status["session"].as_str()), (Some("status"), Some(session.as_str())));
+
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
