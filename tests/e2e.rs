@@ -1,0 +1,412 @@
+//! The whole lifecycle end to end, through the real `berth dev` binary against the real RabbitMQ,
+//! Redis, Docker engine and S3-compatible server:
+//!
+//! open over AMQP → files materialized from S3 → container running with its limits → `running` with
+//! the port pushed to the user → the workspace answers on it → a file written inside the container →
+//! idle timeout pauses the container → activity resumes it → close → final sync puts the new file in
+//! the object store → container and directory removed → session record `closed` with its history.
+//! The same through the WebSocket, and the failure path: an image that never gets healthy ends
+//! `failed`, cleaned up, and the user is told why.
+//!
+//! Each run gets its own RabbitMQ vhost, Redis database, bucket, workspace root and store, so it
+//! neither sees nor leaves anything of other runs.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use protocol::store::StoreClient;
+use protocol::{topology, Bus, BusConfig, CloudEvent, Notification};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const S3_ENDPOINT: &str = "http://127.0.0.1:9000";
+const JWT_SECRET: &str = "e2e-secret-that-is-long-enough-for-hs256";
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything one run owns, removed on drop.
+struct Environment {
+    vhost: String,
+    redis_db: u32,
+    bucket: String,
+    root: PathBuf,
+    session_port: u16,
+}
+
+impl Environment {
+    fn new() -> Environment {
+        let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let vhost = format!("berth-e2e-{run}");
+        run_ok("rabbitmqctl", &["add_vhost", &vhost]);
+        run_ok("rabbitmqctl", &["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        let bucket = format!("berth-e2e-{run}");
+        run_ok("curl", &["-fsS", "-X", "PUT", &format!("{S3_ENDPOINT}/{bucket}")]);
+        let root = std::env::temp_dir().join(format!("berth-e2e-{run}"));
+        std::fs::create_dir_all(&root).expect("temp root");
+        let session_port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        // Databases 10-15 are left to end-to-end runs; the engine's timers use the db's own channel.
+        let redis_db = 10 + (u32::from_str_radix(&run[..4], 16).unwrap_or(0) % 6);
+        Environment { vhost, redis_db, bucket, root, session_port }
+    }
+
+    fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.vhost)
+    }
+
+    fn workspace_root(&self) -> PathBuf {
+        self.root.join("workspaces")
+    }
+
+    fn put_object(&self, key: &str, body: &[u8]) {
+        let path = self.root.join("upload.tmp");
+        std::fs::write(&path, body).expect("write upload");
+        let url = format!("{S3_ENDPOINT}/{}/{key}", self.bucket);
+        run_ok("curl", &["-fsS", "-X", "PUT", "--data-binary", &format!("@{}", path.display()), &url]);
+    }
+
+    fn get_object(&self, key: &str) -> Option<Vec<u8>> {
+        let output = Command::new("curl")
+            .args(["-fsS", &format!("{S3_ENDPOINT}/{}/{key}", self.bucket)])
+            .output()
+            .expect("curl runs");
+        output.status.success().then_some(output.stdout)
+    }
+
+    /// Starts `berth dev` on `profile` (a folder under tests/profiles).
+    fn start_berth(&self, profile: &str) -> Berth {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let log_path = self.root.join(format!("berth-{profile}.log"));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["--profile", profile, "dev"])
+            .env("BERTH_PROFILES_DIR", manifest.join("tests/profiles"))
+            .env("BERTH_PATTERNS_DIR", manifest.join("patterns"))
+            .env("BERTH_AMQP_URL", self.amqp_url())
+            .env("BERTH_REDIS_URL", format!("redis://127.0.0.1:6379/{}", self.redis_db))
+            .env("BERTH_STORE_URL", format!("sqlite://{}", self.root.join("store.sqlite").display()))
+            .env("BERTH_OBJECT_STORE_URL", format!("s3://{}", self.bucket))
+            .env("BERTH_WORKSPACE_ROOT", self.workspace_root())
+            .env("BERTH_SESSION_ADDR", format!("127.0.0.1:{}", self.session_port))
+            .env("BERTH_JWT_SECRET", JWT_SECRET)
+            .env("AWS_ENDPOINT_URL", S3_ENDPOINT)
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "berth-test")
+            .env("AWS_SECRET_ACCESS_KEY", "berth-test")
+            .env("RUST_LOG", "info,lapin=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("berth dev starts");
+        Berth { child, log_path, session_port: self.session_port }
+    }
+}
+
+impl Drop for Environment {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.vhost]).output();
+        let _ = Command::new("redis-cli").args(["-n", &self.redis_db.to_string(), "FLUSHDB"]).output();
+        let _ = std::fs::remove_dir_all(&self.root);
+        // Containers of this run carry its sessions' names; remove any a failed assertion left.
+        let listed = Command::new("docker")
+            .args(["ps", "-aq", "--filter", "label=berth.profile=e2e", "--filter", "label=berth.managed=true"])
+            .output();
+        if let Ok(listed) = listed {
+            for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["rm", "-f", id]).output();
+            }
+        }
+    }
+}
+
+/// A running `berth dev`, stopped with SIGTERM on drop.
+struct Berth {
+    child: Child,
+    log_path: PathBuf,
+    session_port: u16,
+}
+
+impl Berth {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll berth") {
+                panic!("berth dev exited early ({status}):\n{}", self.log());
+            }
+            if http_get(self.session_port, "/readyz").is_some_and(|(status, _)| status == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "berth dev not ready:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run_ok(program: &str, arguments: &[&str]) {
+    let output = Command::new(program).args(arguments).output().unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    assert!(output.status.success(), "{program} {arguments:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1; `(status, body)`, or None when nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let split = response.windows(4).position(|window| window == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&response[..split]);
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, response[split + 4..].to_vec()))
+}
+
+fn docker_inspect(container: &str, format: &str) -> Option<String> {
+    let output = Command::new("docker").args(["inspect", "-f", format, container]).output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// Reads notifications for one user from a private queue on `berth.notify`.
+struct Inbox {
+    receiver: tokio::sync::mpsc::UnboundedReceiver<Notification>,
+    seen: Vec<Notification>,
+}
+
+impl Inbox {
+    async fn open(bus: &Bus, user: &str) -> Inbox {
+        let queue = bus
+            .declare_private_queue(topology::NOTIFY_EXCHANGE, &[topology::user_routing_key(user)])
+            .await
+            .expect("notify queue");
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let consumer_bus = bus.clone();
+        tokio::spawn(async move {
+            let handler = move |incoming: protocol::Incoming| {
+                let sender = sender.clone();
+                async move {
+                    if let Ok(notification) = Notification::decode(&incoming.body) {
+                        let _ = sender.send(notification);
+                    }
+                    protocol::Outcome::Ack
+                }
+            };
+            let _ = consumer_bus.consume(protocol::ConsumeSpec::new(&queue, 50), handler, std::future::pending()).await;
+        });
+        Inbox { receiver, seen: Vec::new() }
+    }
+
+    /// Waits for `session` to reach `state`; returns that notification.
+    async fn wait_for(&mut self, session: &str, state: &str, berth: &Berth) -> Notification {
+        if let Some(found) = self.seen.iter().find(|n| n.session.as_deref() == Some(session) && n.state == state) {
+            return found.clone();
+        }
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.receiver.recv()).await;
+            let Ok(Some(notification)) = next else {
+                let states: Vec<_> = self.seen.iter().map(|n| n.state.as_str()).collect();
+                panic!("session {session} never reached {state}; saw {states:?}\n--- berth log ---\n{}", berth.log());
+            };
+            self.seen.push(notification.clone());
+            if notification.session.as_deref() == Some(session) && notification.state == state {
+                return notification;
+            }
+        }
+    }
+}
+
+fn port_of(notification: &Notification) -> u16 {
+    let port = &notification.detail["port"];
+    port.as_u64().or_else(|| port.as_str().and_then(|text| text.parse().ok())).expect("running carries the port") as u16
+}
+
+async fn publish(bus: &Bus, event_type: &str, session: &str, user: &str, data: Value) {
+    let event = CloudEvent::new(event_type, "/tests/e2e", Some(session), data).with_extension("userid", user);
+    bus.publish_event(&event).await.expect("published");
+}
+
+async fn wait_for_condition(what: &str, berth: &Berth, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what} did not happen\n--- berth log ---\n{}", berth.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
+    let environment = Environment::new();
+    let user = format!("alice-{}", &environment.bucket[10..18]);
+    environment.put_object(&format!("e2e/{user}/w1/hello.txt"), b"hello from object storage\n");
+    environment.put_object(&format!("e2e/{user}/w1/src/main.rs"), b"fn main() {}\n");
+    environment.put_object(&format!("e2e/{user}/w2/readme.md"), b"# w2\n");
+
+    let mut berth = environment.start_berth("e2e");
+    berth.wait_ready().await;
+    let bus = Bus::connect(BusConfig::new(&environment.amqp_url(), "e2e-client")).await.expect("broker");
+    let mut inbox = Inbox::open(&bus, &user).await;
+
+    // --- open over AMQP ---
+    let session = uuid::Uuid::now_v7().to_string();
+    publish(&bus, "session.open", &session, &user, json!({"user": user, "workspace": "w1"})).await;
+    let running = inbox.wait_for(&session, "running", &berth).await;
+    let port = port_of(&running);
+    let container = format!("berth-{session}");
+
+    // The workspace answers on its port with the materialized file.
+    let (status, body) = http_get(port, "/hello.txt").expect("workspace answers");
+    assert_eq!(status, 200);
+    assert_eq!(body, b"hello from object storage\n");
+    assert_eq!(std::fs::read(environment.workspace_root().join(&session).join("src/main.rs")).expect("file on host"), b"fn main() {}\n");
+
+    // The container runs with its limits and hardening.
+    assert_eq!(docker_inspect(&container, "{{.HostConfig.Memory}}").as_deref(), Some("134217728"));
+    assert_eq!(docker_inspect(&container, "{{.HostConfig.NanoCpus}}").as_deref(), Some("500000000"));
+    assert_eq!(docker_inspect(&container, "{{.HostConfig.PidsLimit}}").as_deref(), Some("64"));
+    assert_eq!(docker_inspect(&container, "{{.HostConfig.CapDrop}}").as_deref(), Some("[ALL]"));
+    assert_eq!(docker_inspect(&container, "{{.HostConfig.ReadonlyRootfs}}").as_deref(), Some("true"));
+
+    // A file written inside the container.
+    run_ok("docker", &["exec", &container, "sh", "-c", "echo written inside > /workspace/new.txt"]);
+
+    // Idle timeout pauses the container; activity resumes it.
+    inbox.wait_for(&session, "idle", &berth).await;
+    assert_eq!(docker_inspect(&container, "{{.State.Paused}}").as_deref(), Some("true"));
+    publish(&bus, "session.activity", &session, &user, json!({"source": "api"})).await;
+    let resumed_after = inbox.seen.len();
+    wait_for_condition("resume after activity", &berth, || {
+        docker_inspect(&container, "{{.State.Paused}}").as_deref() == Some("false")
+    })
+    .await;
+    assert!(inbox.seen.len() >= resumed_after);
+
+    // Close: final sync, then container and directory removed, record closed with its history.
+    publish(&bus, "session.close", &session, &user, json!({"reason": "done"})).await;
+    inbox.wait_for(&session, "closed", &berth).await;
+    assert_eq!(
+        environment.get_object(&format!("e2e/{user}/w1/new.txt")).as_deref(),
+        Some(&b"written inside\n"[..]),
+        "the final sync put the new file in the object store"
+    );
+    assert!(docker_inspect(&container, "{{.Id}}").is_none(), "container removed");
+    assert!(!environment.workspace_root().join(&session).exists(), "workspace directory removed");
+    let store = StoreClient::new(bus.clone());
+    let record = store.get(protocol::store::collections::SESSIONS, &session).await.expect("store answers");
+    let record = record.expect("session record exists");
+    assert_eq!(record["state"], "closed", "{record}");
+    let history = store
+        .find(protocol::store::FindArgs::new(
+            protocol::store::collections::EVENTS,
+            serde_json::from_value(json!({"session": {"eq": session}})).expect("filter"),
+        ))
+        .await
+        .expect("history");
+    let targets: Vec<&str> = history.iter().filter_map(|entry| entry["to"].as_str()).collect();
+    for state in ["materializing", "provisioning", "running", "idle", "stopping", "closed"] {
+        assert!(targets.contains(&state), "history {targets:?} lacks {state}");
+    }
+
+    // --- open through the WebSocket ---
+    let token = mint_token(&user);
+    let request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://127.0.0.1:{}/ws?token={token}",
+        environment.session_port
+    ))
+    .expect("request");
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("websocket connects");
+    let snapshot = next_frame(&mut socket, |frame| frame["type"] == "snapshot").await;
+    assert_eq!(snapshot["user"], user.as_str());
+    socket
+        .send(Message::text(json!({"type": "open", "id": "o1", "workspace": "w2", "profile": "e2e"}).to_string()))
+        .await
+        .expect("send open");
+    let opened = next_frame(&mut socket, |frame| frame["type"] == "ok" && frame["id"] == "o1").await;
+    let web_session = opened["session"].as_str().expect("open names the session").to_owned();
+    let ready = next_frame(&mut socket, |frame| frame["type"] == "status" && frame["state"] == "running").await;
+    assert_eq!(ready["session"], web_session.as_str());
+    let web_port = ready["port"].as_u64().or_else(|| ready["detail"]["port"].as_u64()).expect("status carries the port") as u16;
+    assert_eq!(http_get(web_port, "/readme.md").map(|(_, body)| body), Some(b"# w2\n".to_vec()));
+    socket
+        .send(Message::text(json!({"type": "close", "id": "c1", "session": web_session}).to_string()))
+        .await
+        .expect("send close");
+    next_frame(&mut socket, |frame| frame["type"] == "ok" && frame["id"] == "c1").await;
+    next_frame(&mut socket, |frame| frame["type"] == "status" && frame["state"] == "closed").await;
+    drop(socket);
+    berth.stop();
+
+    // --- the failure path: an image that never answers its health check ---
+    let mut broken = environment.start_berth("e2e-broken");
+    broken.wait_ready().await;
+    let failing = uuid::Uuid::now_v7().to_string();
+    publish(&bus, "session.open", &failing, &user, json!({"user": user, "workspace": "w1"})).await;
+    let failed = inbox.wait_for(&failing, "failed", &broken).await;
+    let reason = failed.detail["error"].as_str().unwrap_or_default().to_owned();
+    assert!(!reason.is_empty(), "the user is told why: {failed:?}");
+    wait_for_condition("failed container removed", &broken, || docker_inspect(&format!("berth-{failing}"), "{{.Id}}").is_none()).await;
+    let failed_record = StoreClient::new(bus.clone())
+        .get(protocol::store::collections::SESSIONS, &failing)
+        .await
+        .expect("store answers")
+        .expect("record exists");
+    assert_eq!(failed_record["state"], "failed");
+    assert_eq!(
+        environment.get_object(&format!("e2e/{user}/w1/hello.txt")).as_deref(),
+        Some(&b"hello from object storage\n"[..]),
+        "storage is kept on failure"
+    );
+    bus.close().await;
+}
+
+fn mint_token(user: &str) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["--profile", "e2e", "token", "--user", user])
+        .env("BERTH_PROFILES_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/tests/profiles"))
+        .env("BERTH_JWT_SECRET", JWT_SECRET)
+        .output()
+        .expect("berth token runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).lines().last().expect("token line").trim().to_owned()
+}
+
+async fn next_frame<S>(socket: &mut S, matches: impl Fn(&Value) -> bool) -> Value
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        let message = tokio::time::timeout_at(deadline, socket.next()).await.expect("frame within the timeout");
+        let text = match message {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(_)) => continue,
+            other => panic!("socket ended while waiting for a frame: {other:?}"),
+        };
+        let frame: Value = serde_json::from_str(&text).expect("server frames are JSON");
+        if matches(&frame) {
+            return frame;
+        }
+    }
+}
