@@ -1,8 +1,242 @@
-//! `berth bench engine`.
+//! `berth bench engine`: the engine's sustained rate (consume → step → commit → publish → ack) for
+//! 10,000 threds next to the raw broker's consume-and-ack rate for the same messages, publish-to-task
+//! latency, and timer precision for 1,000 timers. Runs on isolated names and cleans up after itself.
 
-use protocol::Profile;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use protocol::{Bus, BusConfig, CloudEvent, Profile, Task};
+use serde_json::json;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::service::{self, Engine, Keys};
+use crate::timers::TimerMember;
+use crate::EngineConfig;
+
+const THREDS: usize = 10_000;
+const TIMERS: usize = 1_000;
+const PUBLISH_PARALLELISM: usize = 64;
 
 pub async fn run(profile: Profile) -> anyhow::Result<()> {
-    let _ = profile;
-    anyhow::bail!("`berth bench engine` is not built yet")
+    let patterns = crate::load_profile_patterns(&profile)?;
+    let tag = format!("bench-{}", Uuid::now_v7().simple());
+    let config = EngineConfig::isolated(&tag);
+    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench")).await?;
+    service::declare(&bus, &config).await?;
+    let outcome = measure(&profile, patterns, &config, &bus).await;
+    service::teardown(&bus, &profile.services.redis_url, &config).await?;
+    bus.close().await;
+    outcome
+}
+
+fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+async fn publish_all(bus: &Bus, exchange: &str, messages: Vec<(String, Vec<u8>)>) -> anyhow::Result<()> {
+    let stream = futures::stream::iter(messages.into_iter().map(|(routing_key, body)| {
+        let bus = bus.clone();
+        let exchange = exchange.to_owned();
+        async move {
+            let properties = BasicProperties::default().with_content_type(protocol::event::CONTENT_TYPE.into());
+            bus.publish(&exchange, &routing_key, &body, properties).await
+        }
+    }));
+    let results: Vec<_> = stream.buffered(PUBLISH_PARALLELISM).collect().await;
+    for result in results {
+        result?;
+    }
+    Ok(())
+}
+
+/// A private queue bound to `exchange` whose deliveries (receipt instant, body) arrive on a channel.
+async fn listen(bus: &Bus, exchange: &str, keys: &[&str]) -> anyhow::Result<mpsc::UnboundedReceiver<(Instant, Vec<u8>)>> {
+    let keys: Vec<String> = keys.iter().map(|key| (*key).to_owned()).collect();
+    let queue = bus.declare_private_queue(exchange, &keys).await?;
+    let channel = bus.channel().await?;
+    channel.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut consumer = channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _channel = channel;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            if sender.send((Instant::now(), delivery.data)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(receiver)
+}
+
+/// The raw broker: the same bodies through a plain queue, consumed and acked one by one.
+async fn raw_broker_rate(bus: &Bus, bodies: &[Vec<u8>], prefetch: u16) -> anyhow::Result<f64> {
+    let queue = bus.declare_private_queue("amq.direct", &[]).await?;
+    publish_all(bus, "", bodies.iter().map(|body| (queue.clone(), body.clone())).collect()).await?;
+    let channel = bus.channel().await?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = channel.basic_consume(&queue, "", BasicConsumeOptions::default(), FieldTable::default()).await?;
+    let started = Instant::now();
+    let mut received = 0;
+    while received < bodies.len() {
+        let Some(delivery) = consumer.next().await else { anyhow::bail!("raw consumer ended") };
+        let delivery = delivery?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        received += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = channel.close(200, "bench done").await;
+    bus.delete_queue(&queue).await?;
+    Ok(bodies.len() as f64 / elapsed)
+}
+
+async fn wait_handled(engine: &Engine, target: u64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let metrics = engine.metrics();
+    while metrics.events_handled.load(Ordering::Relaxed) < target {
+        if Instant::now() > deadline {
+            anyhow::bail!("engine handled {} of {target} events in {timeout:?}", metrics.events_handled.load(Ordering::Relaxed));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &EngineConfig, bus: &Bus) -> anyhow::Result<()> {
+    let sessions: Vec<String> = (0..THREDS).map(|index| format!("bench-{index}-{}", Uuid::now_v7())).collect();
+    let opens: Vec<CloudEvent> = sessions
+        .iter()
+        .map(|session| CloudEvent::new("session.open", "/bench", Some(session), json!({"user": "bench", "workspace": "w"})))
+        .collect();
+    let bodies: Vec<Vec<u8>> = opens.iter().map(CloudEvent::to_bytes).collect();
+
+    println!("berth bench engine: {THREDS} threds, prefetch {}", config.prefetch);
+    let raw_rate = raw_broker_rate(bus, &bodies, config.prefetch).await?;
+    println!("  raw broker consume+ack:            {raw_rate:>9.0} msg/s");
+
+    // Phase 1: a backlog of 10,000 session.open, drained by the engine (each creates a thred and
+    // emits a task, a notification and two persistence records).
+    publish_all(bus, &config.events_exchange, opens.iter().map(|event| (event.event_type.clone(), event.to_bytes())).collect()).await?;
+    let engine = Engine::connect(profile.clone(), patterns, config.clone()).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = engine.clone();
+    let served = tokio::spawn(async move {
+        serving
+            .serve(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let started = Instant::now();
+    wait_handled(&engine, THREDS as u64, Duration::from_secs(600)).await?;
+    let open_rate = THREDS as f64 / started.elapsed().as_secs_f64();
+    println!("  engine, backlog of session.open:   {open_rate:>9.0} events/s  ({:.0}% of raw)", 100.0 * open_rate / raw_rate);
+
+    // Phase 2: live traffic, one workspace.materialized per thred published while the engine
+    // runs; latency = publish → the resulting provision task on the tasks exchange.
+    let mut tasks = listen(bus, &config.tasks_exchange, &["container"]).await?;
+    let answers: Vec<CloudEvent> = sessions
+        .iter()
+        .map(|session| CloudEvent::new("workspace.materialized", "/bench", Some(session), json!({"files": 1, "bytes": 1})))
+        .collect();
+    let mut published_at: HashMap<String, Instant> = HashMap::with_capacity(THREDS);
+    let started = Instant::now();
+    let publisher = {
+        let bus = bus.clone();
+        let exchange = config.events_exchange.clone();
+        let answers = answers.clone();
+        let (sender, mut receiver) = mpsc::unbounded_channel::<(String, Instant)>();
+        let handle = tokio::spawn(async move {
+            let stream = futures::stream::iter(answers.into_iter().map(|event| {
+                let bus = bus.clone();
+                let exchange = exchange.clone();
+                let sender = sender.clone();
+                async move {
+                    let at = Instant::now();
+                    let _ = sender.send((event.id.clone(), at));
+                    let properties = BasicProperties::default().with_content_type(protocol::event::CONTENT_TYPE.into());
+                    bus.publish(&exchange, &event.event_type, &event.to_bytes(), properties).await
+                }
+            }));
+            let results: Vec<_> = stream.buffered(PUBLISH_PARALLELISM).collect().await;
+            results.into_iter().collect::<Result<Vec<()>, _>>()
+        });
+        let mut latencies = Vec::with_capacity(THREDS);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while latencies.len() < THREDS && Instant::now() < deadline {
+            while let Ok((id, at)) = receiver.try_recv() {
+                published_at.insert(id, at);
+            }
+            let Ok(Some((received_at, body))) = tokio::time::timeout(Duration::from_secs(30), tasks.recv()).await else { break };
+            while let Ok((id, at)) = receiver.try_recv() {
+                published_at.insert(id, at);
+            }
+            let Ok(task) = Task::decode(&body) else { continue };
+            if task.action != "provision" {
+                continue;
+            }
+            if let Some(at) = task.cause.as_ref().and_then(|cause| published_at.get(cause)) {
+                latencies.push(received_at.duration_since(*at).as_secs_f64() * 1000.0);
+            }
+        }
+        handle.await??;
+        latencies
+    };
+    let live_rate = publisher.len() as f64 / started.elapsed().as_secs_f64();
+    let mut latencies = publisher;
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "  engine, live workspace.materialized: {live_rate:>7.0} events/s  ({:.0}% of raw); publish→task p50 {:.1} ms, p99 {:.1} ms ({} tasks)",
+        100.0 * live_rate / raw_rate,
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.len()
+    );
+
+    // Phase 3: timer precision for 1,000 timers due 1–3 s from now.
+    let mut fired = listen(bus, &config.events_exchange, &["timer.fired"]).await?;
+    let keys = Keys::new(&config.redis_prefix);
+    let client = redis::Client::open(profile.services.redis_url.as_str())?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut pipeline = redis::pipe();
+    for index in 0..TIMERS {
+        let delay_ms = 1000 + (index as i64 * 2000) / TIMERS as i64;
+        let member = TimerMember::new(&Uuid::now_v7().to_string(), 1, "bench", &format!("bench-timer-{index}")).encode();
+        pipeline.cmd("SET").arg(format!("{}{member}", keys.timer_prefix())).arg(1).arg("PX").arg(delay_ms).ignore();
+        pipeline.zadd(keys.deadlines(), &member, now_ms + delay_ms).ignore();
+    }
+    let _: () = pipeline.query_async(&mut redis).await?;
+    let mut lateness = Vec::with_capacity(TIMERS);
+    while lateness.len() < TIMERS {
+        let Ok(Some((_, body))) = tokio::time::timeout(Duration::from_secs(10), fired.recv()).await else { break };
+        let received_ms = chrono::Utc::now().timestamp_millis();
+        let Ok(event) = CloudEvent::parse(&body, protocol::event::DEFAULT_MAX_EVENT_BYTES) else { continue };
+        if let Some(deadline) = event.data.get("deadline_ms").and_then(serde_json::Value::as_i64) {
+            lateness.push((received_ms - deadline) as f64);
+        }
+    }
+    lateness.sort_by(f64::total_cmp);
+    println!(
+        "  timers: {} of {TIMERS} fired; fired − deadline p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        lateness.len(),
+        percentile(&lateness, 0.50),
+        percentile(&lateness, 0.99),
+        lateness.last().copied().unwrap_or(f64::NAN)
+    );
+
+    let snapshot = engine.metrics().snapshot();
+    println!("  engine metrics: {}", serde_json::to_string(&snapshot)?);
+    let _ = stop.send(());
+    served.await??;
+    Ok(())
 }

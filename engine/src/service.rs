@@ -436,12 +436,15 @@ impl Engine {
         let keys = &self.inner.keys;
         for _ in 0..COMMIT_ATTEMPTS {
             let mut redis = self.inner.redis.clone();
-            let seen: bool = redis.exists(keys.seen(&event.id)).await?;
+            // One round trip for the dedupe marker and the subject's live threds.
+            let subject_key = keys.live(event.subject.as_deref().unwrap_or_default());
+            let (seen, live_ids): (bool, Vec<String>) =
+                redis::pipe().exists(keys.seen(&event.id)).smembers(&subject_key).query_async(&mut redis).await?;
             if seen {
                 return self.finish_duplicate(event).await;
             }
             let now_ms = chrono::Utc::now().timestamp_millis();
-            let binding = self.bind(event).await?;
+            let binding = self.bind(event, &live_ids).await?;
             let (pattern, previous, stepped) = match binding {
                 Binding::Orphan => {
                     Metrics::count(&self.inner.metrics.orphans);
@@ -540,11 +543,26 @@ impl Engine {
     pub async fn live_threds(&self, key: &str) -> Result<Vec<Thred>> {
         let mut redis = self.inner.redis.clone();
         let ids: Vec<String> = redis.smembers(self.inner.keys.live(key)).await?;
-        let mut threds = Vec::new();
+        self.load_threds(&ids).await
+    }
+
+    /// Threds by id in one round trip, newest first; ids without a record are skipped.
+    async fn load_threds(&self, ids: &[String]) -> Result<Vec<Thred>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipeline = redis::pipe();
         for id in ids {
-            if let Some(thred) = self.load_thred(&id).await? {
-                threds.push(thred);
-            }
+            pipeline.hget(self.inner.keys.thred(id), "json");
+        }
+        let mut redis = self.inner.redis.clone();
+        let stored: Vec<Option<String>> = pipeline.query_async(&mut redis).await?;
+        let mut threds = Vec::new();
+        for (id, text) in ids.iter().zip(stored) {
+            let Some(text) = text else { continue };
+            let thred: Thred = serde_json::from_str(&text)
+                .map_err(|error| Error::Corrupt { key: self.inner.keys.thred(id), reason: error.to_string() })?;
+            threds.push(thred);
         }
         threds.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| b.id.cmp(&a.id)));
         Ok(threds)
@@ -559,7 +577,7 @@ impl Engine {
         self.inner.patterns.iter().find(|pattern| pattern.name == name)
     }
 
-    async fn bind(&self, event: &CloudEvent) -> Result<Binding<'_>> {
+    async fn bind(&self, event: &CloudEvent, live_ids: &[String]) -> Result<Binding<'_>> {
         if let Some(thred_id) = event.extension("thredid") {
             if let Some(thred) = self.load_thred(thred_id).await? {
                 if let Some(pattern) = self.pattern_named(&thred.pattern) {
@@ -567,10 +585,7 @@ impl Engine {
                 }
             }
         }
-        let live = match &event.subject {
-            Some(subject) => self.live_threds(subject).await?,
-            None => Vec::new(),
-        };
+        let live = self.load_threds(live_ids).await?;
         for pattern in &self.inner.patterns {
             if !pattern.start.events.contains(&event.event_type) {
                 continue;

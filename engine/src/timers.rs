@@ -27,6 +27,9 @@ use crate::Result;
 
 /// Timers fired per sweep round at most (the next round takes the rest).
 const SWEEP_BATCH: isize = 1000;
+/// Timers being fired at once: each firing waits for a broker confirm, so firing one after the
+/// other would make a burst of due timers late.
+const FIRING_CONCURRENCY: usize = 64;
 
 /// One timer as stored in Redis: `<thred id>|<generation>|<timer>|<thred key>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +135,8 @@ impl TimerService {
                 }
             };
             let mut messages = pubsub.into_on_message();
+            let slots = Arc::new(tokio::sync::Semaphore::new(FIRING_CONCURRENCY));
+            let mut firing = tokio::task::JoinSet::new();
             loop {
                 let message = tokio::select! {
                     message = messages.next() => message,
@@ -140,9 +145,16 @@ impl TimerService {
                 let Some(message) = message else { break };
                 let Ok(expired_key) = message.get_payload::<String>() else { continue };
                 let Some(member) = expired_key.strip_prefix(&timer_prefix) else { continue };
-                if let Err(error) = self.fire(member).await {
-                    tracing::warn!(%error, member, "could not fire timer; the sweep will retry");
-                }
+                let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                let service = self.clone();
+                let member = member.to_owned();
+                firing.spawn(async move {
+                    if let Err(error) = service.fire(&member).await {
+                        tracing::warn!(%error, member, "could not fire timer; the sweep will retry");
+                    }
+                    drop(permit);
+                });
+                while firing.try_join_next().is_some() {}
             }
             tracing::warn!("expiry notification stream ended; resubscribing");
         }
@@ -166,13 +178,31 @@ impl TimerService {
         let mut redis = self.redis.clone();
         let now_ms = chrono::Utc::now().timestamp_millis();
         let due: Vec<String> = redis.zrangebyscore_limit(self.keys.deadlines(), "-inf", now_ms, 0, SWEEP_BATCH).await?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(FIRING_CONCURRENCY));
+        let mut firing = tokio::task::JoinSet::new();
+        for member in due {
+            let Ok(permit) = slots.clone().acquire_owned().await else { break };
+            let service = self.clone();
+            firing.spawn(async move {
+                let outcome = service.fire(&member).await;
+                drop(permit);
+                outcome
+            });
+        }
         let mut fired = 0;
-        for member in &due {
-            if self.fire(member).await? {
-                fired += 1;
+        let mut first_error = None;
+        while let Some(joined) = firing.join_next().await {
+            match joined {
+                Ok(Ok(true)) => fired += 1,
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => first_error = first_error.or(Some(error)),
+                Err(join_error) => tracing::warn!(%join_error, "timer firing task failed"),
             }
         }
-        Ok(fired)
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(fired),
+        }
     }
 
     /// Publishes `timer.fired` for a timer still in the index, then removes it from the index.
