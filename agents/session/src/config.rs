@@ -33,8 +33,11 @@ pub struct SessionConfig {
     /// The deployment's profile name: `open` frames must name it.
     pub profile_name: String,
     pub authority: TokenAuthority,
-    /// At most one `session.activity` per session per this interval (per instance).
+    /// At most one `session.activity` per session per this interval.
     pub activity_debounce: Duration,
+    /// Redis shared by the instances so the debounce interval holds across all of them; `None`
+    /// (or Redis unreachable at start) debounces per instance.
+    pub activity_redis_url: Option<String>,
     /// Text frames above this size are refused with an error; the connection stays.
     pub max_frame_bytes: usize,
     /// Frames above this size cannot even be read: the connection is closed with 1009.
@@ -65,6 +68,7 @@ impl SessionConfig {
             profile_name: profile.name.clone(),
             authority: TokenAuthority::new(key, &settings.jwt_audience)?,
             activity_debounce: Duration::from_secs(settings.activity_debounce_secs),
+            activity_redis_url: Some(profile.services.redis_url.clone()),
             max_frame_bytes: settings.max_frame_bytes,
             hard_frame_limit_bytes: settings.max_frame_bytes.saturating_mul(4).max(4096),
             max_messages_per_second: settings.max_messages_per_second,

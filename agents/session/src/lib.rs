@@ -4,6 +4,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod activity;
 pub mod auth;
 mod bench;
 pub mod config;

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::activity::ActivityGate;
 use crate::auth::{token_from_request, AuthFailure, Identity};
 use crate::config::SessionConfig;
 use crate::error::{Error, Result};
@@ -25,7 +26,6 @@ use crate::hub::Hub;
 use crate::metrics::{bump, Metrics};
 use crate::notify::{ConsumerReady, NotificationConsumer};
 use crate::store::SessionStore;
-use crate::throttle::ActivityDebouncer;
 
 /// The WebSocket subprotocol the server selects when a browser offers one.
 pub const SUBPROTOCOL: &str = "berth.v1";
@@ -44,13 +44,7 @@ pub struct AppState {
     pub consumer_ready: ConsumerReady,
     /// Turns true when the instance shuts down.
     pub stop: watch::Receiver<bool>,
-    debouncer: Mutex<ActivityDebouncer>,
-}
-
-impl AppState {
-    pub fn debouncer(&self) -> MutexGuard<'_, ActivityDebouncer> {
-        self.debouncer.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+    pub activity: ActivityGate,
 }
 
 /// A running instance's handles, for tests and the benchmark.
@@ -84,9 +78,9 @@ pub async fn start(
     let consumer_ready = ConsumerReady::default();
     let consumer_task = tokio::spawn(consumer.run(bus.clone(), hub.clone(), consumer_ready.clone(), stop.clone()));
     let store = SessionStore::new(bus.clone(), config.store.clone());
-    let debouncer = Mutex::new(ActivityDebouncer::new(config.activity_debounce));
+    let activity = ActivityGate::new(config.activity_debounce, config.activity_redis_url.as_deref()).await;
     let address = listener.local_addr().map(|address| address.to_string()).unwrap_or_default();
-    let state = Arc::new(AppState { config, bus, hub: hub.clone(), store, metrics: metrics.clone(), consumer_ready, stop, debouncer });
+    let state = Arc::new(AppState { config, bus, hub: hub.clone(), store, metrics: metrics.clone(), consumer_ready, stop, activity });
     let router = router(state.clone());
     let handle = InstanceHandle { metrics: metrics.clone(), hub: hub.clone() };
     let running = async move {

@@ -11,6 +11,7 @@ use protocol::CloudEvent;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use crate::activity::Admission;
 use crate::auth::Identity;
 use crate::frames::{parse_client_frame, ClientRequest, ErrorCode, ServerFrame, SessionStatus};
 use crate::hub::{ConnectionId, ConnectionSlot};
@@ -259,13 +260,12 @@ impl Connection {
         if let Err(frame) = self.authorize(id.clone(), session).await {
             return frame;
         }
-        let admitted = self.state.debouncer().admit(session, Instant::now());
-        if !admitted {
+        if self.state.activity.admit(session).await == Admission::Debounced {
             bump(&self.state.metrics.activity_debounced);
             return ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(true) };
         }
         if let Err(frame) = self.publish("session.activity", session, json!({"source": "websocket"}), id.clone()).await {
-            self.state.debouncer().forget(session);
+            self.state.activity.forget(session).await;
             return frame;
         }
         bump(&self.state.metrics.activity_events_published);

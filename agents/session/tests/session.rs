@@ -852,3 +852,32 @@ async fn losing_the_notification_queue_recovers_with_a_new_one() -> Result<()> {
     world.finish().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn activity_debouncing_holds_across_instances() -> Result<()> {
+    let world = World::new().await?;
+    let first = world.instance(world.config()).await?;
+    let second = world.instance(world.config()).await?;
+    let mut tap = EventTap::new(&world.bus).await?;
+    let alice = unique("alice");
+    let session = new_session_id();
+    world.put_session(&session, &alice, "running", json!({}));
+    let token = world.token(&alice, &[]);
+    let (mut on_first, _) = connect(&first, &token).await?;
+    let (mut on_second, _) = connect(&second, &token).await?;
+
+    let mut folded = Vec::new();
+    for index in 0..4 {
+        let socket = if index % 2 == 0 { &mut on_first } else { &mut on_second };
+        let reply = request(socket, json!({"type": "activity", "id": format!("a{index}"), "session": session})).await?;
+        folded.push(reply["debounced"].as_bool().context("debounced flag")?);
+    }
+    assert_eq!(folded, [false, true, true, true], "the second instance folds into the first one's event");
+    assert_eq!(tap.collect(&session, Duration::from_millis(900)).await.len(), 1);
+
+    tap.finish().await;
+    first.shutdown().await?;
+    second.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
