@@ -41,11 +41,18 @@ pub struct Claims {
 pub struct Identity {
     pub user: String,
     pub roles: Vec<String>,
+    /// The token's `exp` (Unix seconds): a socket authenticated with it is closed then.
+    pub expires_at: u64,
 }
 
 impl Identity {
     pub fn is_admin(&self) -> bool {
         self.roles.iter().any(|role| role == ADMIN_ROLE)
+    }
+
+    /// How long the token stays valid from now.
+    pub fn remaining_validity(&self) -> Duration {
+        Duration::from_secs(self.expires_at.saturating_sub(unix_now()))
     }
 }
 
@@ -223,7 +230,7 @@ impl TokenAuthority {
         if !is_valid_user_id(&claims.sub) {
             return Err(AuthFailure::BadSubject);
         }
-        Ok(Identity { user: claims.sub, roles: claims.roles })
+        Ok(Identity { user: claims.sub, roles: claims.roles, expires_at: claims.exp })
     }
 
     /// Signs a token for `user` valid for `ttl` (HS256 keys only).

@@ -25,6 +25,7 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// WebSocket close codes (RFC 6455 §7.4.1).
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+const CLOSE_POLICY_VIOLATION: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
@@ -33,6 +34,7 @@ enum Input {
     FromClient(Option<Result<Message, axum::Error>>),
     ToClient(Option<Utf8Bytes>),
     HeartbeatTick,
+    TokenExpired,
     Shutdown,
 }
 
@@ -87,11 +89,16 @@ impl Connection {
         let mut heartbeat = tokio::time::interval(self.state.config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.tick().await;
+        // A socket lives no longer than the token that opened it; the client reconnects with a
+        // fresh one (and gets a fresh snapshot).
+        let token_expiry = tokio::time::sleep(self.identity.remaining_validity());
+        tokio::pin!(token_expiry);
         loop {
             let input = tokio::select! {
                 message = self.socket.recv() => Input::FromClient(message),
                 frame = outbound.recv() => Input::ToClient(frame),
                 _ = heartbeat.tick() => Input::HeartbeatTick,
+                () = &mut token_expiry => Input::TokenExpired,
                 _ = stop.wait_for(|stopped| *stopped) => Input::Shutdown,
             };
             let keep_going = match input {
@@ -110,6 +117,11 @@ impl Connection {
                     false
                 }
                 Input::HeartbeatTick => self.on_heartbeat().await,
+                Input::TokenExpired => {
+                    tracing::info!(user = %self.identity.user, connection_id = self.connection_id, "token expired; closing socket");
+                    let _ = self.socket.send(close_message(CLOSE_POLICY_VIOLATION, "token expired")).await;
+                    false
+                }
                 Input::Shutdown => {
                     let _ = self.socket.send(close_message(CLOSE_GOING_AWAY, "server shutting down")).await;
                     false

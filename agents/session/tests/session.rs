@@ -881,3 +881,27 @@ async fn activity_debouncing_holds_across_instances() -> Result<()> {
     world.finish().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_socket_is_closed_when_its_token_expires() -> Result<()> {
+    let world = World::new().await?;
+    let instance = world.instance(world.config()).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let claims = json!({"sub": unique("alice"), "aud": "berth", "exp": now + 2});
+    let short_lived = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(world.secret.as_bytes()))?;
+    let (mut socket, _) = connect(&instance, &short_lived).await?;
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|frame| (u16::from(frame.code), frame.reason.to_string())),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await?;
+    assert_eq!(closed, Some((1008, "token expired".to_owned())));
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
