@@ -31,10 +31,14 @@ use crate::{Error, Result};
 
 /// The event type of the container agent's periodic inventory (reconciliation).
 pub const CONTAINER_INVENTORY: &str = "container.inventory";
-/// How long a dedupe marker lives: far longer than any redelivery.
-const SEEN_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Dedupe markers live in one set per day (checked: today's and yesterday's), so an event id is
+/// recognised for at least a day. One set per day rather than one key per event with its own TTL:
+/// thousands of keys with a TTL slow down Redis's expiry of the timer keys, whose notifications
+/// must come on time.
+const SEEN_BUCKET_MS: i64 = 24 * 3600 * 1000;
+const SEEN_BUCKET_TTL_SECS: u64 = 3 * 24 * 3600;
 /// How long an ended thred stays readable, so late answers are recognised as late.
-const ENDED_THRED_TTL_SECS: u64 = 7 * 24 * 3600;
+pub const ENDED_THRED_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Optimistic-commit attempts before the event is requeued.
 const COMMIT_ATTEMPTS: usize = 50;
 /// Per-key locks inside one engine (striped: no map to grow or clean).
@@ -55,7 +59,8 @@ pub struct EngineConfig {
     pub prefetch: u16,
     /// Containers younger than this are never reconciled away (their session may be starting).
     pub orphan_grace_secs: u64,
-    /// How often the deadline index is swept for timers whose notification was missed.
+    /// The deadline index is swept at start-up, at the earliest deadline and at least this often,
+    /// for timers whose notification was missed or comes late. 0 = at start-up only (tests).
     pub sweep_interval_ms: u64,
     /// Fault injection for crash tests: after committing, stop before publishing and wait
     /// forever (the test then kills the process). Never set in production.
@@ -158,8 +163,14 @@ impl Keys {
     pub fn live(&self, key: &str) -> String {
         format!("{}:live:{key}", self.prefix)
     }
-    pub fn seen(&self, event_id: &str) -> String {
-        format!("{}:seen:{event_id}", self.prefix)
+    /// The dedupe sets to check at `now_ms`: today's (written) and yesterday's.
+    pub fn seen(&self, now_ms: i64) -> (String, String) {
+        let day = now_ms.div_euclid(SEEN_BUCKET_MS);
+        (format!("{}:seen:{day}", self.prefix), format!("{}:seen:{}", self.prefix, day - 1))
+    }
+    /// Ended threds by end time, purged after [`ENDED_THRED_RETENTION_MS`].
+    pub fn ended(&self) -> String {
+        format!("{}:ended", self.prefix)
     }
     pub fn outbox(&self, event_id: &str) -> String {
         format!("{}:outbox:{event_id}", self.prefix)
@@ -186,38 +197,42 @@ pub struct OutboxMessage {
 
 /// The commit: new thred state, dedupe marker, live-key index, timers and outbox in one step.
 const COMMIT_SCRIPT: &str = r#"
--- KEYS: 1 thred, 2 seen, 3 outbox, 4 outbox index, 5 live index, 6 deadlines
+-- KEYS: 1 thred, 2 seen today, 3 seen yesterday, 4 outbox, 5 outbox index, 6 live index, 7 deadlines,
+--       8 ended index
 -- ARGV: 1 expected version, 2 thred json, 3 new version, 4 ended, 5 thred id, 6 max live (0 = not new),
---       7 seen ttl, 8 ended ttl, 9 outbox json, 10 timer key prefix, then the timers to start
---       (count, then member, deadline ms, ttl ms each) and to cancel (count, then members)
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'duplicate' end
+--       7 event id, 8 seen set ttl, 9 outbox json, 10 timer key prefix, 11 now ms, then the timers to
+--       start (count, then member, deadline ms, ttl ms each) and to cancel (count, then members)
+if redis.call('SISMEMBER', KEYS[2], ARGV[7]) == 1 or redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 1 then
+  return 'duplicate'
+end
 local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if version ~= tonumber(ARGV[1]) then return 'conflict' end
 local max_live = tonumber(ARGV[6])
-if max_live > 0 and redis.call('SCARD', KEYS[5]) >= max_live then return 'conflict' end
+if max_live > 0 and redis.call('SCARD', KEYS[6]) >= max_live then return 'conflict' end
 redis.call('HSET', KEYS[1], 'v', ARGV[3], 'json', ARGV[2])
 if ARGV[4] == '1' then
-  redis.call('SREM', KEYS[5], ARGV[5])
-  redis.call('EXPIRE', KEYS[1], ARGV[8])
+  redis.call('SREM', KEYS[6], ARGV[5])
+  redis.call('ZADD', KEYS[8], ARGV[11], ARGV[5])
 else
-  redis.call('SADD', KEYS[5], ARGV[5])
+  redis.call('SADD', KEYS[6], ARGV[5])
 end
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[7])
+redis.call('SADD', KEYS[2], ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
 if ARGV[9] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[9])
-  redis.call('SADD', KEYS[4], KEYS[3])
+  redis.call('SET', KEYS[4], ARGV[9])
+  redis.call('SADD', KEYS[5], KEYS[4])
 end
-local i = 11
+local i = 12
 local starts = tonumber(ARGV[i]); i = i + 1
 for _ = 1, starts do
   redis.call('SET', ARGV[10] .. ARGV[i], '1', 'PX', ARGV[i + 2])
-  redis.call('ZADD', KEYS[6], ARGV[i + 1], ARGV[i])
+  redis.call('ZADD', KEYS[7], ARGV[i + 1], ARGV[i])
   i = i + 3
 end
 local cancels = tonumber(ARGV[i]); i = i + 1
 for _ = 1, cancels do
   redis.call('DEL', ARGV[10] .. ARGV[i])
-  redis.call('ZREM', KEYS[6], ARGV[i])
+  redis.call('ZREM', KEYS[7], ARGV[i])
   i = i + 1
 end
 return 'ok'
@@ -247,6 +262,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     locks: Vec<tokio::sync::Mutex<()>>,
     commit: redis::Script,
+    /// Wakes the timer sweeper after a commit started a timer.
+    timer_wake: Arc<tokio::sync::Notify>,
 }
 
 /// A running engine (cheap to clone).
@@ -287,6 +304,7 @@ impl Engine {
                 metrics: Arc::new(Metrics::default()),
                 locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
                 commit: redis::Script::new(COMMIT_SCRIPT),
+                timer_wake: Arc::new(tokio::sync::Notify::new()),
             }),
         })
     }
@@ -318,6 +336,7 @@ impl Engine {
             inner.keys.clone(),
             inner.config.events_exchange.clone(),
             inner.metrics.clone(),
+            inner.timer_wake.clone(),
         );
         timer_service.enable_notifications().await?;
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
@@ -438,9 +457,14 @@ impl Engine {
             let mut redis = self.inner.redis.clone();
             // One round trip for the dedupe marker and the subject's live threds.
             let subject_key = keys.live(event.subject.as_deref().unwrap_or_default());
-            let (seen, live_ids): (bool, Vec<String>) =
-                redis::pipe().exists(keys.seen(&event.id)).smembers(&subject_key).query_async(&mut redis).await?;
-            if seen {
+            let (seen_today, seen_yesterday) = keys.seen(chrono::Utc::now().timestamp_millis());
+            let (seen_recently, seen_before, live_ids): (bool, bool, Vec<String>) = redis::pipe()
+                .sismember(&seen_today, &event.id)
+                .sismember(&seen_yesterday, &event.id)
+                .smembers(&subject_key)
+                .query_async(&mut redis)
+                .await?;
+            if seen_recently || seen_before {
                 return self.finish_duplicate(event).await;
             }
             let now_ms = chrono::Utc::now().timestamp_millis();
@@ -702,24 +726,28 @@ impl Engine {
         let outbox_json = if messages.is_empty() { String::new() } else { serde_json::to_string(messages).unwrap_or_default() };
         let max_live = if expected_version.is_none() { pattern.start.max_live_per_key } else { 0 };
         let now_ms = chrono::Utc::now().timestamp_millis();
+        let (seen_today, seen_yesterday) = keys.seen(now_ms);
         let mut invocation = self.inner.commit.prepare_invoke();
         invocation
             .key(keys.thred(&thred.id))
-            .key(keys.seen(&event.id))
+            .key(&seen_today)
+            .key(&seen_yesterday)
             .key(keys.outbox(&event.id))
             .key(keys.outboxes())
             .key(keys.live(&thred.key))
             .key(keys.deadlines())
+            .key(keys.ended())
             .arg(expected)
             .arg(&thred_json)
             .arg(thred.version)
             .arg(if thred.ended { "1" } else { "0" })
             .arg(&thred.id)
             .arg(max_live)
-            .arg(SEEN_TTL_SECS)
-            .arg(ENDED_THRED_TTL_SECS)
+            .arg(&event.id)
+            .arg(SEEN_BUCKET_TTL_SECS)
             .arg(&outbox_json)
-            .arg(keys.timer_prefix());
+            .arg(keys.timer_prefix())
+            .arg(now_ms);
         let starts: Vec<(String, i64)> = step
             .effects
             .iter()
@@ -748,6 +776,9 @@ impl Engine {
         }
         let mut redis = self.inner.redis.clone();
         let result: String = invocation.invoke_async(&mut redis).await?;
+        if result == "ok" && !starts.is_empty() {
+            self.inner.timer_wake.notify_one();
+        }
         Ok(match result.as_str() {
             "ok" => CommitResult::Committed,
             "duplicate" => CommitResult::Duplicate,
@@ -762,8 +793,10 @@ impl Engine {
             return Ok(EventFate::Refused("container.inventory without a `containers` list".to_owned()));
         };
         let mut redis = self.inner.redis.clone();
-        let seen: bool = redis.exists(self.inner.keys.seen(&event.id)).await?;
-        if seen {
+        let (seen_today, seen_yesterday) = self.inner.keys.seen(chrono::Utc::now().timestamp_millis());
+        let (seen_recently, seen_before): (bool, bool) =
+            redis::pipe().sismember(&seen_today, &event.id).sismember(&seen_yesterday, &event.id).query_async(&mut redis).await?;
+        if seen_recently || seen_before {
             return self.finish_duplicate(event).await;
         }
         let now = chrono::Utc::now();
@@ -797,7 +830,13 @@ impl Engine {
             messages.push(task_message(&self.inner.config, &task));
         }
         self.publish_messages(&messages).await?;
-        let _: () = redis.set_ex(self.inner.keys.seen(&event.id), "1", SEEN_TTL_SECS).await?;
+        let _: () = redis::pipe()
+            .sadd(&seen_today, &event.id)
+            .ignore()
+            .expire(&seen_today, SEEN_BUCKET_TTL_SECS as i64)
+            .ignore()
+            .query_async(&mut redis)
+            .await?;
         Ok(EventFate::Done)
     }
 }

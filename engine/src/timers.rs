@@ -30,6 +30,8 @@ const SWEEP_BATCH: isize = 1000;
 /// Timers being fired at once: each firing waits for a broker confirm, so firing one after the
 /// other would make a burst of due timers late.
 const FIRING_CONCURRENCY: usize = 64;
+/// How often ended threds past their retention are deleted.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One timer as stored in Redis: `<thred id>|<generation>|<timer>|<thred key>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +75,13 @@ impl TimerMember {
     }
 }
 
+/// What noticed that a timer was due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FiredBy {
+    Notification,
+    Sweep,
+}
+
 /// Listens for expiries and sweeps the deadline index.
 #[derive(Clone)]
 pub struct TimerService {
@@ -82,6 +91,8 @@ pub struct TimerService {
     keys: Keys,
     events_exchange: String,
     metrics: Arc<Metrics>,
+    /// Poked when a commit starts a timer, so the sweeper can wake for an earlier deadline.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl TimerService {
@@ -92,8 +103,9 @@ impl TimerService {
         keys: Keys,
         events_exchange: String,
         metrics: Arc<Metrics>,
+        wake: Arc<tokio::sync::Notify>,
     ) -> TimerService {
-        TimerService { client, redis, bus, keys, events_exchange, metrics }
+        TimerService { client, redis, bus, keys, events_exchange, metrics, wake }
     }
 
     /// Adds `E` (keyevent) and `x` (expired) to `notify-keyspace-events`, keeping other flags.
@@ -149,7 +161,7 @@ impl TimerService {
                 let service = self.clone();
                 let member = member.to_owned();
                 firing.spawn(async move {
-                    if let Err(error) = service.fire(&member).await {
+                    if let Err(error) = service.fire(&member, FiredBy::Notification).await {
                         tracing::warn!(%error, member, "could not fire timer; the sweep will retry");
                     }
                     drop(permit);
@@ -160,17 +172,67 @@ impl TimerService {
         }
     }
 
-    /// Sweeps now and then every `interval` until stopped.
+    /// Sweeps now, then again at the earliest deadline in the index (at most `interval` later),
+    /// until stopped. Waking for the next deadline keeps timers on time even when Redis expires
+    /// keys late, which it does when many keys carry a TTL.
     pub async fn sweep_forever(self, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut last_purge = tokio::time::Instant::now();
         loop {
+            if interval.is_zero() {
+                // Start-up sweep only (tests use this to prove the notifications alone fire timers).
+                if let Err(error) = self.sweep().await {
+                    tracing::warn!(%error, "timer sweep failed");
+                }
+                return;
+            }
             if let Err(error) = self.sweep().await {
                 tracing::warn!(%error, "timer sweep failed");
             }
+            if last_purge.elapsed() >= PURGE_INTERVAL {
+                last_purge = tokio::time::Instant::now();
+                if let Err(error) = self.purge_ended().await {
+                    tracing::warn!(%error, "purging ended threds failed");
+                }
+            }
+            let wait = match self.next_deadline_ms().await {
+                Ok(Some(deadline_ms)) => {
+                    let until = (deadline_ms - chrono::Utc::now().timestamp_millis()).max(0) as u64;
+                    Duration::from_millis(until).min(interval)
+                }
+                Ok(None) => interval,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the next timer deadline");
+                    interval
+                }
+            };
             tokio::select! {
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(wait) => {}
+                () = self.wake.notified() => {}
                 _ = stop.changed() => return,
             }
         }
+    }
+
+    async fn next_deadline_ms(&self) -> Result<Option<i64>> {
+        let mut redis = self.redis.clone();
+        let first: Vec<(String, f64)> = redis.zrange_withscores(self.keys.deadlines(), 0, 0).await?;
+        Ok(first.first().map(|(_, score)| *score as i64))
+    }
+
+    /// Deletes threds that ended longer ago than the retention.
+    pub async fn purge_ended(&self) -> Result<usize> {
+        let mut redis = self.redis.clone();
+        let cutoff = chrono::Utc::now().timestamp_millis() - crate::service::ENDED_THRED_RETENTION_MS;
+        let expired: Vec<String> = redis.zrangebyscore_limit(self.keys.ended(), "-inf", cutoff, 0, SWEEP_BATCH).await?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut pipeline = redis::pipe();
+        for thred_id in &expired {
+            pipeline.del(self.keys.thred(thred_id)).ignore().zrem(self.keys.ended(), thred_id).ignore();
+        }
+        let _: () = pipeline.query_async(&mut redis).await?;
+        Ok(expired.len())
     }
 
     /// Fires every timer whose deadline has passed. Returns how many it fired.
@@ -184,7 +246,7 @@ impl TimerService {
             let Ok(permit) = slots.clone().acquire_owned().await else { break };
             let service = self.clone();
             firing.spawn(async move {
-                let outcome = service.fire(&member).await;
+                let outcome = service.fire(&member, FiredBy::Sweep).await;
                 drop(permit);
                 outcome
             });
@@ -206,7 +268,7 @@ impl TimerService {
     }
 
     /// Publishes `timer.fired` for a timer still in the index, then removes it from the index.
-    async fn fire(&self, member_text: &str) -> Result<bool> {
+    async fn fire(&self, member_text: &str, fired_by: FiredBy) -> Result<bool> {
         let mut redis = self.redis.clone();
         let deadline: Option<f64> = redis.zscore(self.keys.deadlines(), member_text).await?;
         let Some(deadline) = deadline else { return Ok(false) };
@@ -221,6 +283,10 @@ impl TimerService {
         let removed: usize = redis.zrem(self.keys.deadlines(), member_text).await?;
         if removed > 0 {
             Metrics::count(&self.metrics.timers_fired);
+            match fired_by {
+                FiredBy::Notification => Metrics::count(&self.metrics.timers_fired_by_notification),
+                FiredBy::Sweep => Metrics::count(&self.metrics.timers_fired_by_sweep),
+            }
             tracing::debug!(thred = %member.thred_id, timer = %member.timer, generation = member.generation, late_ms = chrono::Utc::now().timestamp_millis() - deadline as i64, "timer fired");
         }
         Ok(removed > 0)

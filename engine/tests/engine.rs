@@ -327,9 +327,9 @@ async fn idle_and_stop_timers_fire_through_keyspace_notifications() {
     profile.timers.stop_after_idle_secs = 1;
     profile.timers.autosave_secs = 0;
     let mut harness = Harness::new(profile).await;
-    // No periodic sweep during the test: only the expiry notifications can fire these timers.
+    // No sweep after start-up: only the expiry notifications can fire these timers.
     let mut config = harness.config.clone();
-    config.sweep_interval_ms = 3_600_000;
+    config.sweep_interval_ms = 0;
     let running = harness.start_with(vec![session_pattern()], config).await;
     let session = format!("s-{}", Uuid::now_v7());
 
@@ -341,7 +341,8 @@ async fn idle_and_stop_timers_fire_through_keyspace_notifications() {
     assert_eq!(sync.args["final"], json!(true));
     let stopping = harness.notification(&session, "stopping").await;
     assert_eq!(stopping.detail["reason"], json!("idle"));
-    assert!(running.engine.metrics().snapshot().timers_fired >= 2);
+    let snapshot = running.engine.metrics().snapshot();
+    assert!(snapshot.timers_fired_by_notification >= 2 && snapshot.timers_fired_by_sweep == 0, "{snapshot:?}");
 
     // Activity while idle wakes the session, and the cancelled stop timer never fires.
     let other = format!("s-{}", Uuid::now_v7());
@@ -386,6 +387,7 @@ async fn a_timer_due_while_the_engine_is_down_fires_after_restart() {
     let pause = harness.task(&session, "container", "pause").await;
     assert_eq!(pause.thred.as_deref(), Some(thred.id.as_str()));
     wait_for_state(&second.engine, &thred.id, "idle").await;
+    assert!(second.engine.metrics().snapshot().timers_fired_by_sweep >= 1, "the start-up sweep fired it");
     // Fired once: no second pause.
     let later = harness.drain_tasks(Duration::from_millis(1500)).await;
     assert_eq!(later.iter().filter(|task| task.action == "pause").count(), 0, "{later:?}");
