@@ -144,13 +144,43 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `?access_token=` from a raw query string (JWTs need no percent-decoding).
-fn query_parameter<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?.split('&').find_map(|pair| pair.split_once('=').filter(|(key, _)| *key == name).map(|(_, value)| value))
+fn query_parameter(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| pair.split_once('=').filter(|(key, _)| *key == name).map(|(_, value)| percent_decode(value)))
+}
+
+/// Decodes `%XX` escapes (and `+` as space) of a query value; malformed escapes stay as they are.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = (bytes[index] == b'%')
+            .then(|| bytes.get(index + 1..index + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (bytes[index], escaped) {
+            (_, Some(byte)) => {
+                decoded.push(byte);
+                index += 3;
+            }
+            (b'+', None) => {
+                decoded.push(b' ');
+                index += 1;
+            }
+            (byte, None) => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Result<Identity, AuthFailure> {
     let header_text = |name| headers.get(name).and_then(|value| value.to_str().ok());
-    let token = token_from_request(header_text(header::AUTHORIZATION), header_text(header::SEC_WEBSOCKET_PROTOCOL), query_parameter(query, "access_token"));
+    let query_token = query_parameter(query, "access_token");
+    let token = token_from_request(header_text(header::AUTHORIZATION), header_text(header::SEC_WEBSOCKET_PROTOCOL), query_token.as_deref());
     let outcome = match token {
         Some(token) => state.config.authority.verify(token),
         None => Err(AuthFailure::MissingToken),
@@ -212,17 +242,32 @@ async fn list_sessions(State(state): State<Arc<AppState>>, headers: HeaderMap, R
         Err(failure) => return unauthorized(&failure),
     };
     let requested_user = query_parameter(query.as_deref(), "user");
-    let everyone = query_parameter(query.as_deref(), "all") == Some("true");
-    let asks_for_others = everyone || requested_user.is_some_and(|user| user != identity.user);
+    let everyone = query_parameter(query.as_deref(), "all").as_deref() == Some("true");
+    let asks_for_others = everyone || requested_user.as_ref().is_some_and(|user| *user != identity.user);
     if asks_for_others && !identity.is_admin() {
         return (StatusCode::FORBIDDEN, Json(json!({"error": "forbidden", "message": "only admins see other users' sessions"}))).into_response();
     }
-    let filter_user = if everyone { None } else { Some(requested_user.unwrap_or(&identity.user)) };
+    let filter_user = if everyone { None } else { Some(requested_user.as_deref().unwrap_or(&identity.user)) };
     match state.store.sessions_of(filter_user).await {
         Ok(records) => {
             let sessions: Vec<SessionStatus> = records.iter().filter_map(SessionStatus::from_record).collect();
             Json(json!({"sessions": sessions})).into_response()
         }
         Err(error) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "unavailable", "message": error.to_string()}))).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_found_and_decoded() {
+        assert_eq!(query_parameter(Some("user=alice%40example.org&all=true"), "user").as_deref(), Some("alice@example.org"));
+        assert_eq!(query_parameter(Some("user=alice%40example.org&all=true"), "all").as_deref(), Some("true"));
+        assert_eq!(query_parameter(Some("access_token=a.b.c"), "access_token").as_deref(), Some("a.b.c"));
+        assert_eq!(query_parameter(Some("x=1"), "user"), None);
+        assert_eq!(query_parameter(None, "user"), None);
+        assert_eq!(percent_decode("a+b%2"), "a b%2");
     }
 }

@@ -217,15 +217,17 @@ impl Connection {
         if text.len() > limits.max_frame_bytes {
             return ServerFrame::error(None, ErrorCode::FrameTooLarge, format!("frame is {} bytes; the limit is {}", text.len(), limits.max_frame_bytes));
         }
+        // Parsing a frame within the size limit costs microseconds; doing it before the rate check
+        // lets even a refused request be matched to its reply by id.
+        let parsed = parse_client_frame(text);
+        let id = parsed.request_id;
         if !self.rate_limiter.try_acquire(Instant::now()) {
             return ServerFrame::error(
-                None,
+                id,
                 ErrorCode::RateLimited,
                 format!("more than {} frames per second; this one was not processed", limits.max_messages_per_second),
             );
         }
-        let parsed = parse_client_frame(text);
-        let id = parsed.request_id;
         let request = match parsed.request {
             Ok(request) => request,
             Err(message) => return ServerFrame::error(id, ErrorCode::BadRequest, message),

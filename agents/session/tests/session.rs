@@ -671,11 +671,15 @@ async fn rate_and_connection_limits_refuse_cleanly() -> Result<()> {
         socket.send(Message::Text(json!({"type": "ping", "id": format!("p{index}")}).to_string().into())).await?;
     }
     let mut codes = HashMap::<String, usize>::new();
+    let mut reply_ids = Vec::new();
     for _ in 0..20 {
         let reply = next_frame(&mut socket).await?;
         let label = reply["code"].as_str().unwrap_or("ok").to_owned();
         *codes.entry(label).or_default() += 1;
+        reply_ids.push(reply["id"].as_str().unwrap_or_default().to_owned());
     }
+    let expected_ids: Vec<String> = (0..20).map(|index| format!("p{index}")).collect();
+    assert_eq!(reply_ids, expected_ids, "one reply per request, in order, refused ones included");
     assert!(codes.get("rate_limited").copied().unwrap_or(0) >= 10, "{codes:?}");
     assert!(codes.get("ok").copied().unwrap_or(0) >= 5, "{codes:?}");
     tokio::time::sleep(Duration::from_millis(1100)).await;
