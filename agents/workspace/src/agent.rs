@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectMeta, PutPayload, WriteMultipart};
+use object_store::{GetResultPayload, ObjectMeta, PutPayload, WriteMultipart};
 use protocol::{AgentKind, Outcome, Profile, Task};
 use serde::Deserialize;
 use serde_json::json;
@@ -27,6 +27,8 @@ use crate::store::OpenedStore;
 
 /// Objects up to this size are fetched in one response and written in one blocking call.
 const WHOLE_OBJECT_BYTES: u64 = 4 * 1024 * 1024;
+/// Reads and writes of downloaded content happen in pieces of this size.
+const COPY_BUFFER_BYTES: usize = 1024 * 1024;
 /// Files above this size are uploaded in parts.
 const MULTIPART_BYTES: u64 = 16 * 1024 * 1024;
 const MULTIPART_CHUNK_BYTES: usize = 8 * 1024 * 1024;
@@ -338,7 +340,6 @@ impl WorkspaceAgent {
             _ => Manifest::new(&target.session, &target.user, &target.workspace, &target.prefix_text),
         };
         // If large files were already streaming, the container may be running: keep the user's files.
-        let late_placement = Placement::KeepExisting;
         let early_placement = if manifest.phase == Phase::Streaming { Placement::KeepExisting } else { Placement::ReplaceExisting };
         manifest.final_sync = None;
 
@@ -413,7 +414,7 @@ impl WorkspaceAgent {
         // Objects gone from the store since an interrupted run are no longer part of the workspace.
         small.sort_by_key(|(_, meta)| meta.size);
         large.sort_by_key(|(_, meta)| meta.size);
-        let mut progress = Progress {
+        let progress = Progress {
             files_total: present_files + small.len() + large.len(),
             bytes_total: total_bytes,
             files_done: present_files,
@@ -421,20 +422,26 @@ impl WorkspaceAgent {
             last_sent: Instant::now(),
         };
 
-        let parallelism = self.profile.workspace.parallelism.max(1);
-        let outcome = self.download_all(target, &confined, small, early_placement, &mut manifest, &mut progress, reply, ProgressEvents::Throttled).await;
-        manifest = self.checkpoint(target, manifest, outcome).await?;
-        manifest.phase = Phase::Streaming;
-        manifest = manifest::save(target.manifest_path.clone(), manifest).await?;
+        let pending_large_files = large.len();
         let pending_large_bytes: u64 = large.iter().map(|(_, meta)| meta.size).sum();
-        let data = json!({
-            "files": progress.files_done, "bytes": progress.bytes_done,
-            "pending_large_files": large.len(), "pending_large_bytes": pending_large_bytes,
-        });
-        tracing::info!(session = %target.session, files = progress.files_done, pending_large_files = large.len(), parallelism, "workspace materialized");
-        self.events.emit(reply.event("workspace.materialized", data)).await?;
-
-        let outcome = self.download_all(target, &confined, large, late_placement, &mut manifest, &mut progress, reply, ProgressEvents::EveryFile).await;
+        let work: Vec<(WorkspacePath, ObjectMeta, FileClass)> = small
+            .into_iter()
+            .map(|(path, meta)| (path, meta, FileClass::Small))
+            .chain(large.into_iter().map(|(path, meta)| (path, meta, FileClass::Large)))
+            .collect();
+        let mut pipeline = Pipeline {
+            target,
+            confined: &confined,
+            reply,
+            manifest,
+            progress,
+            early_placement,
+            announced: false,
+            pending_large_files,
+            pending_large_bytes,
+        };
+        let outcome = self.fetch_all(&mut pipeline, work).await;
+        let Pipeline { mut manifest, progress, .. } = pipeline;
         manifest = self.checkpoint(target, manifest, outcome).await?;
         manifest.phase = Phase::Complete;
         manifest.final_sync = None;
@@ -451,59 +458,62 @@ impl WorkspaceAgent {
         outcome.map(|()| manifest)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn download_all(
-        &self,
-        target: &Target,
-        confined: &Arc<Confined>,
-        files: Vec<(WorkspacePath, ObjectMeta)>,
-        placement: Placement,
-        manifest: &mut Manifest,
-        progress: &mut Progress,
-        reply: &Reply,
-        progress_events: ProgressEvents,
-    ) -> Result<()> {
+    /// One pool of downloads, small files first. Small files are linked into place as they arrive;
+    /// large ones may download meanwhile but wait in the staging folder until every small file is
+    /// in place and `workspace.materialized` is sent, so the container starts as early as possible
+    /// while the network stays busy.
+    async fn fetch_all(&self, pipeline: &mut Pipeline<'_>, work: Vec<(WorkspacePath, ObjectMeta, FileClass)>) -> Result<()> {
         let parallelism = self.profile.workspace.parallelism.max(1);
-        let mut downloads = futures::stream::iter(files)
-            .map(|(path, meta)| {
+        let mut small_left = work.iter().filter(|(_, _, class)| *class == FileClass::Small).count();
+        if small_left == 0 {
+            self.announce(pipeline).await?;
+        }
+        let early_placement = pipeline.early_placement;
+        let confined = pipeline.confined.clone();
+        let staging = pipeline.target.staging.clone();
+        let mut fetches = futures::stream::iter(work)
+            .map(|(path, meta, class)| {
                 let confined = confined.clone();
+                let staging = staging.clone();
                 async move {
-                    let placed = self.download(target, &confined, &path, &meta, placement).await;
-                    (path, meta, placed)
+                    let fetched = self.fetch(&staging, &confined, &path, &meta, class, early_placement).await;
+                    (path, meta, fetched)
                 }
             })
             .buffer_unordered(parallelism);
+        let mut held: Vec<(WorkspacePath, StagedObject)> = Vec::new();
         let mut first_error = None;
-        while let Some((path, meta, placed)) = downloads.next().await {
-            match placed {
-                Ok(Some(entry)) => {
-                    progress.files_done += 1;
-                    progress.bytes_done += entry.size;
-                    manifest.files.insert(path.as_str().to_owned(), entry);
-                }
-                Ok(None) => {
-                    // The user created this file meanwhile: theirs is newer; the next sync uploads it.
-                    progress.files_done += 1;
-                    progress.bytes_done += meta.size;
-                }
+        while let Some((path, meta, fetched)) = fetches.next().await {
+            match fetched {
                 Err(error) => {
-                    tracing::warn!(session = %target.session, path = %path, %error, "download failed");
+                    tracing::warn!(session = %pipeline.target.session, path = %path, %error, "download failed");
                     first_error.get_or_insert(error);
-                    continue;
+                    if !pipeline.announced {
+                        // The container must not start on a workspace with holes: stop here.
+                        break;
+                    }
+                }
+                Ok(Fetched::Placed(entry)) => {
+                    small_left -= 1;
+                    self.record(pipeline, &path, meta.size, entry);
+                    if pipeline.progress.last_sent.elapsed() >= PROGRESS_INTERVAL {
+                        pipeline.progress.last_sent = Instant::now();
+                        self.events.emit(pipeline.reply.event("workspace.progress", pipeline.progress.data())).await?;
+                    }
+                }
+                Ok(Fetched::Staged(staged)) if !pipeline.announced => held.push((path, staged)),
+                Ok(Fetched::Staged(staged)) => self.place_large(pipeline, &path, staged).await?,
+            }
+            if !pipeline.announced && small_left == 0 {
+                self.announce(pipeline).await?;
+                for (path, staged) in std::mem::take(&mut held) {
+                    self.place_large(pipeline, &path, staged).await?;
                 }
             }
-            let due = match progress_events {
-                ProgressEvents::EveryFile => true,
-                ProgressEvents::Throttled => progress.last_sent.elapsed() >= PROGRESS_INTERVAL,
-            };
-            if due {
-                progress.last_sent = Instant::now();
-                self.events.emit(reply.event("workspace.progress", progress.data())).await?;
-                if progress_events == ProgressEvents::EveryFile {
-                    // Each large file is worth remembering at once: a restart won't fetch it again.
-                    *manifest = manifest::save(target.manifest_path.clone(), manifest.clone()).await?;
-                }
-            }
+        }
+        drop(fetches);
+        for (_, staged) in held {
+            let _ = tokio::fs::remove_file(&staged.content.path).await;
         }
         match first_error {
             Some(error) => Err(error),
@@ -511,66 +521,54 @@ impl WorkspaceAgent {
         }
     }
 
-    /// Downloads one object into the staging folder, then links it into place. `None` when the
-    /// user's own file at that path was kept.
-    async fn download(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath, meta: &ObjectMeta, placement: Placement) -> Result<Option<FileEntry>> {
-        let result = self.store.store.get(&meta.location).await?;
-        let e_tag = result.meta.e_tag.clone();
-        let version = result.meta.version.clone();
-        let expected_size = result.meta.size;
-        let staging = target.staging.clone();
-        let owner = self.ownership;
-        let staged = if expected_size <= WHOLE_OBJECT_BYTES {
-            let content = result.bytes().await?;
-            blocking(move || {
-                let mut staged = StagedFile::create(&staging)?;
-                staged.write(&content)?;
-                staged.finish(owner)
-            })
-            .await?
-        } else {
-            // Stream: chunks go to one blocking writer through a small channel (bounded memory).
-            let (sender, mut receiver) = tokio::sync::mpsc::channel::<Bytes>(4);
-            let writer = tokio::task::spawn_blocking(move || -> Result<fsops::StagedContent> {
-                let mut staged = StagedFile::create(&staging)?;
-                while let Some(chunk) = receiver.blocking_recv() {
-                    if let Err(error) = staged.write(&chunk) {
-                        staged.discard();
-                        return Err(error);
-                    }
-                }
-                staged.finish(owner)
-            });
-            let mut stream = result.into_stream();
-            let mut stream_error = None;
-            while let Some(chunk) = stream.next().await {
-                match chunk {
-                    Ok(chunk) => {
-                        if sender.send(chunk).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(error) => {
-                        stream_error = Some(error);
-                        break;
-                    }
-                }
-            }
-            drop(sender);
-            let staged = writer.await??;
-            if let Some(error) = stream_error {
-                let _ = tokio::fs::remove_file(&staged.path).await;
-                return Err(Error::Store(error));
-            }
-            staged
-        };
-        if staged.size != expected_size {
-            let _ = tokio::fs::remove_file(&staged.path).await;
-            return Err(Error::Unconfirmed(format!("{path}: got {} bytes, the store said {expected_size}", staged.size)));
+    fn record(&self, pipeline: &mut Pipeline<'_>, path: &WorkspacePath, object_size: u64, entry: Option<FileEntry>) {
+        pipeline.progress.files_done += 1;
+        pipeline.progress.bytes_done += object_size;
+        // `None`: the user created this file meanwhile; theirs is newer and the next sync uploads it.
+        if let Some(entry) = entry {
+            pipeline.manifest.files.insert(path.as_str().to_owned(), entry);
         }
+    }
+
+    /// Every small file is in place: remember that, then tell the engine the container may start.
+    async fn announce(&self, pipeline: &mut Pipeline<'_>) -> Result<()> {
+        pipeline.manifest.phase = Phase::Streaming;
+        pipeline.manifest = manifest::save(pipeline.target.manifest_path.clone(), pipeline.manifest.clone()).await?;
+        pipeline.announced = true;
+        let data = json!({
+            "files": pipeline.progress.files_done, "bytes": pipeline.progress.bytes_done,
+            "pending_large_files": pipeline.pending_large_files, "pending_large_bytes": pipeline.pending_large_bytes,
+        });
+        tracing::info!(session = %pipeline.target.session, files = pipeline.progress.files_done, pending_large_files = pipeline.pending_large_files, "workspace materialized");
+        self.events.emit(pipeline.reply.event("workspace.materialized", data)).await
+    }
+
+    /// Links a downloaded large file into the (possibly running) workspace, never over a user's file.
+    async fn place_large(&self, pipeline: &mut Pipeline<'_>, path: &WorkspacePath, staged: StagedObject) -> Result<()> {
+        let size = staged.content.size;
+        let entry = self.place(pipeline.confined, path, staged, Placement::KeepExisting).await?;
+        self.record(pipeline, path, size, entry);
+        pipeline.progress.last_sent = Instant::now();
+        // Each large file is worth remembering at once: a restart won't fetch it again.
+        pipeline.manifest = manifest::save(pipeline.target.manifest_path.clone(), pipeline.manifest.clone()).await?;
+        self.events.emit(pipeline.reply.event("workspace.progress", pipeline.progress.data())).await
+    }
+
+    /// Downloads one object; small ones are placed at once, large ones stay staged.
+    async fn fetch(&self, staging: &std::path::Path, confined: &Arc<Confined>, path: &WorkspacePath, meta: &ObjectMeta, class: FileClass, placement: Placement) -> Result<Fetched> {
+        let staged = self.fetch_to_staging(staging, path, meta).await?;
+        match class {
+            FileClass::Small => Ok(Fetched::Placed(self.place(confined, path, staged, placement).await?)),
+            FileClass::Large => Ok(Fetched::Staged(staged)),
+        }
+    }
+
+    /// Links a staged file into place. `None` when the user's own file at that path was kept.
+    async fn place(&self, confined: &Arc<Confined>, path: &WorkspacePath, staged: StagedObject, placement: Placement) -> Result<Option<FileEntry>> {
         let confined = confined.clone();
         let placed_path = path.clone();
-        let staged_path = staged.path.clone();
+        let staged_path = staged.content.path.clone();
+        let owner = self.ownership;
         let placed = blocking(move || {
             let placed = confined.place(&staged_path, &placed_path, placement, owner);
             if placed.is_err() {
@@ -579,10 +577,115 @@ impl WorkspaceAgent {
             placed
         })
         .await?;
+        let StagedObject { content, e_tag, version } = staged;
         Ok(match placed {
-            Placed::Placed => Some(FileEntry { size: staged.size, mtime_ns: staged.mtime_ns, sha256: staged.sha256, e_tag, version }),
+            Placed::Placed => Some(FileEntry { size: content.size, mtime_ns: content.mtime_ns, sha256: content.sha256, e_tag, version }),
             Placed::KeptExisting => None,
         })
+    }
+
+    /// Downloads one object into the staging folder, hashing as it goes.
+    async fn fetch_to_staging(&self, staging: &std::path::Path, path: &WorkspacePath, meta: &ObjectMeta) -> Result<StagedObject> {
+        let result = self.store.store.get(&meta.location).await?;
+        let e_tag = result.meta.e_tag.clone();
+        let version = result.meta.version.clone();
+        let expected_size = result.meta.size;
+        let range = result.range.clone();
+        let staging = staging.to_path_buf();
+        let owner = self.ownership;
+        let content = match result.payload {
+            // The local backend hands over an open file: copy it in one blocking call.
+            GetResultPayload::File(mut file, _) => {
+                blocking(move || {
+                    use std::io::{Read, Seek, SeekFrom};
+                    let mut staged = StagedFile::create(&staging)?;
+                    let copied = (|| -> std::io::Result<()> {
+                        file.seek(SeekFrom::Start(range.start))?;
+                        let mut remaining = range.end - range.start;
+                        let mut buffer = vec![0u8; COPY_BUFFER_BYTES.min(usize::try_from(remaining).unwrap_or(COPY_BUFFER_BYTES)).max(1)];
+                        while remaining > 0 {
+                            let want = buffer.len().min(usize::try_from(remaining).unwrap_or(buffer.len()));
+                            let read = file.read(&mut buffer[..want])?;
+                            if read == 0 {
+                                break;
+                            }
+                            staged.write(&buffer[..read]).map_err(std::io::Error::other)?;
+                            remaining -= read as u64;
+                        }
+                        Ok(())
+                    })();
+                    match copied {
+                        Ok(()) => staged.finish(owner),
+                        Err(source) => {
+                            staged.discard();
+                            Err(Error::io("copying object", PathBuf::from(path_text(&range)), source))
+                        }
+                    }
+                })
+                .await?
+            }
+            GetResultPayload::Stream(stream) if expected_size <= WHOLE_OBJECT_BYTES => {
+                let chunks: Vec<Bytes> = stream.try_collect().await?;
+                blocking(move || {
+                    let mut staged = StagedFile::create(&staging)?;
+                    for chunk in &chunks {
+                        staged.write(chunk)?;
+                    }
+                    staged.finish(owner)
+                })
+                .await?
+            }
+            GetResultPayload::Stream(mut stream) => {
+                // Stream into one blocking writer through a small channel (bounded memory); network
+                // chunks are small, so they are gathered into larger writes first.
+                let (sender, mut receiver) = tokio::sync::mpsc::channel::<Bytes>(4);
+                let writer = tokio::task::spawn_blocking(move || -> Result<fsops::StagedContent> {
+                    let mut staged = StagedFile::create(&staging)?;
+                    while let Some(chunk) = receiver.blocking_recv() {
+                        if let Err(error) = staged.write(&chunk) {
+                            staged.discard();
+                            return Err(error);
+                        }
+                    }
+                    staged.finish(owner)
+                });
+                let mut stream_error = None;
+                let mut gathered = bytes::BytesMut::with_capacity(COPY_BUFFER_BYTES);
+                loop {
+                    match stream.next().await {
+                        Some(Ok(chunk)) => {
+                            gathered.extend_from_slice(&chunk);
+                            if gathered.len() < COPY_BUFFER_BYTES {
+                                continue;
+                            }
+                        }
+                        Some(Err(error)) => {
+                            stream_error = Some(error);
+                            break;
+                        }
+                        None => break,
+                    }
+                    if sender.send(gathered.split().freeze()).await.is_err() {
+                        break;
+                    }
+                }
+                if stream_error.is_none() && !gathered.is_empty() {
+                    let _ = sender.send(gathered.split().freeze()).await;
+                }
+                drop(sender);
+                let staged = writer.await??;
+                if let Some(error) = stream_error {
+                    let _ = tokio::fs::remove_file(&staged.path).await;
+                    return Err(Error::Store(error));
+                }
+                staged
+            }
+        };
+        if content.size != expected_size {
+            let _ = tokio::fs::remove_file(&content.path).await;
+            return Err(Error::Unconfirmed(format!("{path}: got {} bytes, the store said {expected_size}", content.size)));
+        }
+        Ok(StagedObject { content, e_tag, version })
     }
 
     // ----- sync ----------------------------------------------------------------------------------
@@ -909,10 +1012,40 @@ impl WorkspaceAgent {
     }
 }
 
+/// Small files are in place before `workspace.materialized`; large ones stream in after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ProgressEvents {
-    Throttled,
-    EveryFile,
+enum FileClass {
+    Small,
+    Large,
+}
+
+enum Fetched {
+    Placed(Option<FileEntry>),
+    Staged(StagedObject),
+}
+
+/// A downloaded object waiting in the staging folder.
+struct StagedObject {
+    content: fsops::StagedContent,
+    e_tag: Option<String>,
+    version: Option<String>,
+}
+
+/// The state of one materialization, threaded through the download loop.
+struct Pipeline<'a> {
+    target: &'a Target,
+    confined: &'a Arc<Confined>,
+    reply: &'a Reply,
+    manifest: Manifest,
+    progress: Progress,
+    early_placement: Placement,
+    announced: bool,
+    pending_large_files: usize,
+    pending_large_bytes: u64,
+}
+
+fn path_text(range: &std::ops::Range<u64>) -> String {
+    format!("(object bytes {}..{})", range.start, range.end)
 }
 
 /// Where the session's directory is, for callers that only know the profile.
@@ -923,10 +1056,4 @@ pub fn session_directory(profile: &Profile, session: &str) -> PathBuf {
 /// The manifest of a session, for tests and tools.
 pub fn read_manifest(profile: &Profile, session: &str) -> Result<Option<Manifest>> {
     manifest::load_blocking(&manifest::manifest_path(&profile.services.workspace_root, session))
-}
-
-#[allow(dead_code)]
-fn _assert_send(agent: &WorkspaceAgent, task: &Task) {
-    fn is_send<T: Send>(_: T) {}
-    is_send(agent.handle(task));
 }

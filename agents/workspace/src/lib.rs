@@ -23,6 +23,7 @@ use std::sync::Arc;
 use protocol::{topology, AgentKind, Bus, BusConfig, ConsumeSpec, Profile};
 
 pub use agent::{error_policy, read_manifest, session_directory, AgentSettings, SyncKind, SyncReport, WorkspaceAgent};
+pub use bench::{run_with as bench_with_settings, BenchReport};
 pub use error::{Error, Result};
 pub use events::{BusEvents, CollectedEvents, EventSink, Reply, EVENT_SOURCE};
 pub use fsops::Ownership;

@@ -609,6 +609,34 @@ async fn bad_tasks_get_clear_answers(backend: Backend) {
     backend.cleanup().await;
 }
 
+/// Files above the multipart threshold go up in parts and come back down streamed; the final sync
+/// confirms them by ETag like any other.
+async fn large_files_go_up_in_parts_and_come_back_streamed(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(3, 0)).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    let big = content(77, 17 * 1024 * 1024 + 333);
+    std::fs::write(harness.directory().join("discovery/recording.wav"), &big).unwrap();
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!((synced.data["final"].clone(), number(&synced, "uploaded")), (json!(true), 1), "{}", synced.data);
+    assert_eq!(harness.remote().await["discovery/recording.wav"], big);
+    let manifest = workspace::read_manifest(&harness.profile, &harness.session).unwrap().unwrap();
+    let expected_hash: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&big).iter().map(|byte| format!("{byte:02x}")).collect()
+    };
+    assert_eq!(manifest.files["discovery/recording.wav"].sha256, expected_hash);
+
+    // A new session of the same workspace streams it back in.
+    let second = Harness { session: format!("{}-again", harness.session), ..harness };
+    assert_eq!(second.run(&second.materialize_task()).await, Outcome::Ack);
+    assert_eq!(number(&second.last("workspace.materialized"), "pending_large_files"), 1);
+    assert_eq!(std::fs::read(second.directory().join("discovery/recording.wav")).unwrap(), big);
+    second.cleanup();
+    backend.cleanup().await;
+}
+
 macro_rules! on_both_backends {
     ($($suite:ident),* $(,)?) => {
         mod on_s3 {
@@ -638,6 +666,7 @@ on_both_backends!(
     remove_only_after_a_confirmed_final_sync,
     tasks_for_one_workspace_never_overlap,
     bad_tasks_get_clear_answers,
+    large_files_go_up_in_parts_and_come_back_streamed,
 );
 
 // ----- S3 only ---------------------------------------------------------------------------------------
@@ -852,4 +881,29 @@ async fn answers_tasks_from_the_broker() {
     let _ = std::fs::remove_dir_all(&scratch);
     harness.cleanup();
     backend.cleanup().await;
+}
+
+// ----- benchmark (run by hand: `cargo test -p workspace --release --test workspace -- --ignored --nocapture`)
+
+async fn bench_on(backend: Backend) {
+    let scratch = std::env::temp_dir().join(format!("berth-ws-test-{}", Uuid::new_v4()));
+    let mut profile = test_profile(&backend.url, &scratch);
+    profile.workspace.large_file_threshold_kib = 1024;
+    let report = workspace::bench_with_settings(profile, &backend.settings).await.expect("benchmark runs");
+    println!("{} {}", backend.url, serde_json::to_string_pretty(&report).unwrap());
+    assert!(report.materialize_mb_per_s > 0.0 && report.sync_one_change_ms_best > 0.0);
+    let _ = std::fs::remove_dir_all(&scratch);
+    backend.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: minutes of IO"]
+async fn bench_workspace_on_s3() {
+    bench_on(Backend::s3().await.expect("moto")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: minutes of IO"]
+async fn bench_workspace_on_file() {
+    bench_on(Backend::file()).await;
 }
