@@ -22,6 +22,9 @@ use crate::throttle::RateLimiter;
 /// How long a request waits for the broker to confirm its event before answering `unavailable`.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long one write to a socket may take before the client counts as gone.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// WebSocket close codes (RFC 6455 §7.4.1).
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_PROTOCOL_ERROR: u16 = 1002;
@@ -70,12 +73,24 @@ pub async fn serve_socket(socket: WebSocket, state: Arc<AppState>, identity: Ide
         }
         Err(error) => {
             tracing::warn!(user = %identity.user, %error, "cannot route notifications for a new socket; closing it");
-            let _ = socket.send(close_message(CLOSE_TRY_AGAIN_LATER, "notifications unavailable, retry")).await;
+            let _ = send_bounded(&mut socket, close_message(CLOSE_TRY_AGAIN_LATER, "notifications unavailable, retry")).await;
         }
     }
     metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
     drop(slot);
 }
+
+/// A write that a client which stopped reading cannot block forever: without the bound, a full
+/// TCP buffer would stall the connection's loop, and with it the heartbeat that should drop it.
+async fn send_bounded(socket: &mut WebSocket, message: Message) -> Result<(), SocketGone> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(SocketGone),
+    }
+}
+
+/// The client closed, broke the connection, or stopped reading.
+struct SocketGone;
 
 fn close_message(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }))
@@ -113,17 +128,17 @@ impl Connection {
                 }
                 Input::ToClient(Some(text)) => self.send_text(text).await,
                 Input::ToClient(None) => {
-                    let _ = self.socket.send(close_message(CLOSE_TRY_AGAIN_LATER, "fell behind; reconnect to resync")).await;
+                    let _ = send_bounded(&mut self.socket, close_message(CLOSE_TRY_AGAIN_LATER, "fell behind; reconnect to resync")).await;
                     false
                 }
                 Input::HeartbeatTick => self.on_heartbeat().await,
                 Input::TokenExpired => {
                     tracing::info!(user = %self.identity.user, connection_id = self.connection_id, "token expired; closing socket");
-                    let _ = self.socket.send(close_message(CLOSE_POLICY_VIOLATION, "token expired")).await;
+                    let _ = send_bounded(&mut self.socket, close_message(CLOSE_POLICY_VIOLATION, "token expired")).await;
                     false
                 }
                 Input::Shutdown => {
-                    let _ = self.socket.send(close_message(CLOSE_GOING_AWAY, "server shutting down")).await;
+                    let _ = send_bounded(&mut self.socket, close_message(CLOSE_GOING_AWAY, "server shutting down")).await;
                     false
                 }
             };
@@ -156,7 +171,7 @@ impl Connection {
     }
 
     async fn send_text(&mut self, text: Utf8Bytes) -> bool {
-        match self.socket.send(Message::Text(text)).await {
+        match send_bounded(&mut self.socket, Message::Text(text)).await {
             Ok(()) => {
                 bump(&self.state.metrics.frames_sent);
                 true
@@ -182,17 +197,17 @@ impl Connection {
         if too_big {
             bump(&self.state.metrics.frames_refused);
         }
-        let _ = self.socket.send(close_message(code, if too_big { "frame too large" } else { "protocol error" })).await;
+        let _ = send_bounded(&mut self.socket, close_message(code, if too_big { "frame too large" } else { "protocol error" })).await;
     }
 
     async fn on_heartbeat(&mut self) -> bool {
         if self.last_heard.elapsed() > self.state.config.heartbeat_timeout {
             tracing::info!(user = %self.identity.user, connection_id = self.connection_id, "no pong in time; dropping socket");
             bump(&self.state.metrics.sockets_dropped_heartbeat);
-            let _ = self.socket.send(close_message(CLOSE_GOING_AWAY, "heartbeat timeout")).await;
+            let _ = send_bounded(&mut self.socket, close_message(CLOSE_GOING_AWAY, "heartbeat timeout")).await;
             return false;
         }
-        self.socket.send(Message::Ping(axum::body::Bytes::from_static(b"berth"))).await.is_ok()
+        send_bounded(&mut self.socket, Message::Ping(axum::body::Bytes::from_static(b"berth"))).await.is_ok()
     }
 
     async fn on_client_message(&mut self, message: Message) -> bool {

@@ -909,3 +909,38 @@ async fn a_socket_is_closed_when_its_token_expires() -> Result<()> {
     world.finish().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_hub_routes_by_user_and_evicts_a_socket_that_falls_behind() -> Result<()> {
+    let world = World::new().await?;
+    let metrics = Arc::new(session::metrics::Metrics::default());
+    // No queue is installed, so attaching makes no broker calls: this exercises routing alone.
+    let hub = session::hub::Hub::new(world.bus.clone(), metrics.clone(), 4);
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let (_alice_connection, mut alice_frames) = hub.attach(&alice).await?;
+    let (_bob_connection, mut bob_frames) = hub.attach(&bob).await?;
+    let session = new_session_id();
+    let for_alice = notification(&alice, &session, "running", json!({}));
+
+    assert_eq!(hub.deliver(&for_alice.routing_key(), &for_alice.to_bytes()), 1);
+    assert!(alice_frames.try_recv().is_ok());
+    assert!(bob_frames.try_recv().is_err(), "bob gets nothing of alice's");
+    // A body naming alice that arrived under bob's key is dropped, not delivered to either.
+    assert_eq!(hub.deliver(&protocol::topology::user_routing_key(&bob), &for_alice.to_bytes()), 0);
+    assert_eq!(hub.deliver(&for_alice.routing_key(), b"not json"), 0);
+
+    // Alice stops reading: after the queue fills, her socket is told to close instead of going stale.
+    let delivered: usize = (0..300).map(|_| hub.deliver(&for_alice.routing_key(), &for_alice.to_bytes())).sum();
+    assert_eq!(delivered, 256);
+    assert_eq!(metrics.notifications_dropped.load(Ordering::Relaxed), 1);
+    let mut drained = 0;
+    while alice_frames.recv().await.is_some() {
+        drained += 1;
+    }
+    assert_eq!(drained, 256, "everything queued is still sent, then the channel ends");
+    let for_bob = notification(&bob, &session, "idle", json!({}));
+    assert_eq!(hub.deliver(&for_bob.routing_key(), &for_bob.to_bytes()), 1, "bob is unaffected");
+
+    world.finish().await;
+    Ok(())
+}
