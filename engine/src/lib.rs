@@ -61,6 +61,14 @@ pub fn load_profile_patterns(profile: &Profile) -> Result<Vec<Pattern>> {
     Ok(patterns)
 }
 
+/// Turns on the Redis keyspace notifications timers rely on (`notify-keyspace-events` gains `E`
+/// and `x`, other flags kept). The engine does this itself at start; bootstrap may call it too.
+pub async fn configure_redis(profile: &Profile) -> Result<()> {
+    let client = redis::Client::open(profile.services.redis_url.as_str())?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    timers::enable_keyspace_notifications(&mut connection).await
+}
+
 /// Runs `berth engine` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let patterns = load_profile_patterns(&profile)?;

@@ -75,6 +75,25 @@ impl TimerMember {
     }
 }
 
+/// Adds `E` (keyevent) and `x` (expired) to `notify-keyspace-events`, keeping other flags.
+pub async fn enable_keyspace_notifications(redis: &mut impl redis::aio::ConnectionLike) -> Result<()> {
+    let current: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(redis).await?;
+    let mut flags = current.get(1).cloned().unwrap_or_default();
+    let has_keyevent = flags.contains('E');
+    let has_expired = flags.contains('x') || flags.contains('A');
+    if has_keyevent && has_expired {
+        return Ok(());
+    }
+    if !has_keyevent {
+        flags.push('E');
+    }
+    if !has_expired {
+        flags.push('x');
+    }
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg(&flags).query_async(redis).await?;
+    Ok(())
+}
+
 /// What noticed that a timer was due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FiredBy {
@@ -111,16 +130,7 @@ impl TimerService {
     /// Adds `E` (keyevent) and `x` (expired) to `notify-keyspace-events`, keeping other flags.
     pub async fn enable_notifications(&self) -> Result<()> {
         let mut redis = self.redis.clone();
-        let current: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(&mut redis).await?;
-        let mut flags = current.get(1).cloned().unwrap_or_default();
-        let has_expired = flags.contains('x') || flags.contains('A');
-        for (flag, present) in [('E', flags.contains('E')), ('x', has_expired)] {
-            if !present {
-                flags.push(flag);
-            }
-        }
-        let _: () = redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg(&flags).query_async(&mut redis).await?;
-        Ok(())
+        enable_keyspace_notifications(&mut redis).await
     }
 
     /// Subscribes to `__keyevent@<db>__:expired` and fires our timers as their keys expire.
