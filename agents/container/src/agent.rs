@@ -107,6 +107,8 @@ impl From<String> for Refusal {
 /// Either Docker said no (answered with an event) or it could not be asked (retried).
 enum Failure {
     Refused(Refusal),
+    /// A container with the session's name belongs to someone else: refuse, and leave it alone.
+    NotOurs(Refusal),
     Unreachable(bollard::errors::Error),
 }
 
@@ -295,6 +297,9 @@ impl Agent {
                 ))
             }
             Err(Failure::Unreachable(error)) => Err(Error::DockerUnreachable(error)),
+            Err(Failure::NotOurs(Refusal(reason))) => {
+                Ok(answer(task, "container.failed", json!({"action": "provision", "error": reason})))
+            }
             Err(Failure::Refused(Refusal(reason))) => {
                 tracing::warn!(session_id = %identity.session, %reason, "provision failed, removing the container");
                 if let Err(error) = self.remove_by_name(&name).await {
@@ -308,7 +313,7 @@ impl Agent {
     /// Creates (or finds again) the session's container, starts it and waits until it is ready.
     pub async fn provision_container(&self, identity: &SessionIdentity) -> Result<ReadyContainer, String> {
         self.provision(identity).await.map_err(|failure| match failure {
-            Failure::Refused(Refusal(reason)) => reason,
+            Failure::Refused(Refusal(reason)) | Failure::NotOurs(Refusal(reason)) => reason,
             Failure::Unreachable(error) => error.to_string(),
         })
     }
@@ -352,7 +357,7 @@ impl Agent {
                 }
                 continue;
             };
-            check_ownership(&existing, identity, &self.inner.profile)?;
+            check_ownership(&existing, identity, &self.inner.profile).map_err(Failure::NotOurs)?;
             let status = existing.state.as_ref().and_then(|state| state.status).unwrap_or(ContainerStateStatusEnum::EMPTY);
             let started_at = Instant::now();
             match status {

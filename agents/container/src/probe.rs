@@ -12,13 +12,18 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// means something really listens.
 const TCP_SETTLE: Duration = Duration::from_millis(150);
 
-/// Does `GET path` on `host:port` answer with a 2xx or 3xx status?
+/// Does `GET path` on `host:port` get an answer from a service that is up?
+///
+/// Any status below 500 counts: a 404 or 401 proves the service is listening and handling
+/// requests (the dev image, busybox httpd, answers 404 for `/` until the workspace has an index),
+/// while servers that are still starting answer 502/503, and a proxy with nothing behind it
+/// closes the connection without a status.
 pub async fn http_ready(host: &str, port: u16, path: &str) -> bool {
     tokio::time::timeout(ATTEMPT_TIMEOUT, http_status(host, port, path))
         .await
         .ok()
         .flatten()
-        .is_some_and(|status| (200..400).contains(&status))
+        .is_some_and(|status| (100..500).contains(&status))
 }
 
 /// The status code of `GET path`, if an HTTP answer came.
@@ -86,14 +91,14 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buffer = [0_u8; 256];
                     if let Ok(read) = socket.read(&mut buffer).await {
-                        let status = if buffer[..read].starts_with(b"GET /missing") { "404 Not Found" } else { "200 OK" };
+                        let status = if buffer[..read].starts_with(b"GET /starting") { "503 Service Unavailable" } else { "200 OK" };
                         let _ = socket.write_all(format!("HTTP/1.1 {status}\r\n\r\n").as_bytes()).await;
                     }
                 });
             }
         });
         assert!(http_ready("127.0.0.1", port, "/").await);
-        assert!(!http_ready("127.0.0.1", port, "/missing").await);
+        assert!(!http_ready("127.0.0.1", port, "/starting").await);
         assert!(tcp_ready("127.0.0.1", port).await);
         server.abort();
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,603 @@
+//! The container agent against the real Docker engine and the real broker.
+//!
+//! Every test works on its own network, its own workspace root and its own `berth.test=<uuid>`
+//! label, and a guard removes everything carrying that label when the test ends, even on panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bollard::container::{Config, CreateContainerOptions, ListContainersOptions, StartContainerOptions};
+use bollard::Docker;
+use container::{connect_docker, spec, Agent, AgentSettings, SessionIdentity};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use protocol::event::DEFAULT_MAX_EVENT_BYTES;
+use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Task};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+const TEST_LABEL: &str = "berth.test";
+
+fn amqp_url() -> String {
+    std::env::var("BERTH_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn dev_profile_text() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../run-profiles/dev/profile.toml")).expect("dev profile")
+}
+
+/// Removes every container and network carrying the test's label, and its workspace root.
+struct Cleanup {
+    test_id: String,
+    network: String,
+    workspace_root: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let filter = format!("label={TEST_LABEL}={}", self.test_id);
+        if let Ok(listed) = Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output() {
+            for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["rm", "-f", id]).output();
+            }
+        }
+        let _ = Command::new("docker").args(["network", "rm", &self.network]).output();
+        let _ = std::fs::remove_dir_all(&self.workspace_root);
+    }
+}
+
+struct Fixture {
+    test_id: String,
+    profile: Profile,
+    bus: Bus,
+    docker: Docker,
+    settings: AgentSettings,
+    // Dropped last: removes what the test created.
+    _cleanup: Cleanup,
+}
+
+impl Fixture {
+    async fn new(edit: impl FnOnce(&mut Profile)) -> Fixture {
+        let test_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let mut profile = Profile::parse(&dev_profile_text(), std::path::Path::new("dev/profile.toml")).expect("dev profile parses");
+        profile.container.network = format!("berth-test-{test_id}");
+        profile.services.workspace_root = std::env::temp_dir().join(format!("berth-container-test-{test_id}"));
+        profile.services.amqp_url = amqp_url();
+        edit(&mut profile);
+        let cleanup = Cleanup {
+            test_id: test_id.clone(),
+            network: profile.container.network.clone(),
+            workspace_root: profile.services.workspace_root.clone(),
+        };
+        let bus = Bus::connect(BusConfig::new(&amqp_url(), &format!("container-test-{test_id}"))).await.expect("broker");
+        bus.declare_topology().await.expect("topology");
+        let docker = connect_docker().await.expect("docker engine");
+        let mut settings = AgentSettings::production();
+        settings.extra_labels = BTreeMap::from([(TEST_LABEL.to_owned(), test_id.clone())]);
+        settings.stop_timeout_secs = 1;
+        Fixture { test_id, profile, bus, docker, settings, _cleanup: cleanup }
+    }
+
+    fn agent(&self) -> Agent {
+        Agent::with_settings(self.profile.clone(), self.bus.clone(), self.docker.clone(), self.settings.clone()).expect("safe profile")
+    }
+
+    fn session(&self, name: &str) -> String {
+        format!("t{}-{name}", self.test_id)
+    }
+
+    /// Containers carrying this test's label, optionally for one session.
+    async fn containers(&self, session: Option<&str>) -> Vec<bollard::models::ContainerSummary> {
+        let mut labels = vec![format!("{TEST_LABEL}={}", self.test_id)];
+        if let Some(session) = session {
+            labels.push(format!("{}={session}", spec::SESSION_LABEL));
+        }
+        let options = ListContainersOptions { all: true, filters: HashMap::from([("label".to_owned(), labels)]), ..Default::default() };
+        self.docker.list_containers(Some(options)).await.expect("list containers")
+    }
+}
+
+fn task(session: &str, action: &str, args: Value) -> Task {
+    Task {
+        id: Uuid::now_v7(),
+        agent: AgentKind::Container,
+        action: action.to_owned(),
+        session: Some(session.to_owned()),
+        thred: Some(format!("thred-{session}")),
+        cause: None,
+        args,
+    }
+}
+
+fn provision(session: &str) -> Task {
+    task(session, "provision", json!({"user": "alice", "workspace": "w1"}))
+}
+
+/// Handles a task directly and returns its single answer.
+async fn answer(agent: &Agent, task: &Task) -> CloudEvent {
+    let mut events = agent.handle(task).await.expect("task handled");
+    assert_eq!(events.len(), 1, "{events:?}");
+    let event = events.remove(0);
+    assert_eq!(event.subject.as_deref(), task.session.as_deref());
+    assert_eq!(event.extension("taskid"), Some(task.id.to_string().as_str()));
+    assert_eq!(event.extension("thredid"), task.thred.as_deref());
+    event
+}
+
+#[track_caller]
+fn expect_type(event: &CloudEvent, event_type: &str) {
+    assert_eq!(event.event_type, event_type, "unexpected answer: {}", event.data);
+}
+
+fn port_of(event: &CloudEvent) -> u16 {
+    event.data["port"].as_u64().and_then(|port| u16::try_from(port).ok()).expect("port in container.ready")
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(3), stream.read_to_string(&mut body)).await.ok()?.ok()?;
+    Some(body)
+}
+
+/// Events from the real broker, bound to the given routing keys.
+struct EventTap {
+    events: mpsc::UnboundedReceiver<CloudEvent>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl EventTap {
+    async fn open(bus: &Bus, keys: &[&str]) -> EventTap {
+        let keys: Vec<String> = keys.iter().map(|key| (*key).to_owned()).collect();
+        let queue = bus.declare_private_queue(topology::EVENTS_EXCHANGE, &keys).await.expect("tap queue");
+        let (sender, events) = mpsc::unbounded_channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let consumer_bus = bus.clone();
+        tokio::spawn(async move {
+            let handler = move |incoming: protocol::Incoming| {
+                let sender = sender.clone();
+                async move {
+                    if let Ok(event) = CloudEvent::parse(&incoming.body, DEFAULT_MAX_EVENT_BYTES) {
+                        let _ = sender.send(event);
+                    }
+                    Outcome::Ack
+                }
+            };
+            let _ = consumer_bus.consume(ConsumeSpec::new(&queue, 64), handler, async { stopped.await.ok(); }).await;
+        });
+        EventTap { events, _stop: stop }
+    }
+
+    async fn next_matching(&mut self, what: &str, timeout: Duration, predicate: impl Fn(&CloudEvent) -> bool) -> CloudEvent {
+        match self.try_next_matching(timeout, predicate).await {
+            Some(event) => event,
+            None => panic!("no {what} within {timeout:?}"),
+        }
+    }
+
+    async fn try_next_matching(&mut self, timeout: Duration, predicate: impl Fn(&CloudEvent) -> bool) -> Option<CloudEvent> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(event)) if predicate(&event) => return Some(event),
+                Ok(Some(_other)) => {}
+                Ok(None) => panic!("event tap closed"),
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// A unique, non-auto-deleting task queue: tasks reach it through the broker's default exchange,
+/// so the test's agent never takes tasks meant for a real deployment, and the queue survives an
+/// agent that dies with unacknowledged tasks.
+async fn task_queue(bus: &Bus, test_id: &str) -> String {
+    let queue = format!("berth.test.container.{test_id}");
+    let channel = bus.channel().await.expect("channel");
+    channel.queue_declare(&queue, QueueDeclareOptions::default(), FieldTable::default()).await.expect("declare task queue");
+    let _ = channel.close(200, "declared").await;
+    queue
+}
+
+async fn send_task(bus: &Bus, queue: &str, task: &Task) {
+    bus.publish("", queue, &task.to_bytes(), BasicProperties::default()).await.expect("task published");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_sets_every_limit_and_hardening_option_and_is_idempotent() {
+    let fixture = Fixture::new(|_| {}).await;
+    let agent = fixture.agent();
+    let session = fixture.session("limits");
+    let session_dir = fixture.profile.session_dir(&session);
+    std::fs::create_dir_all(&session_dir).unwrap();
+    std::fs::write(session_dir.join("hello.txt"), "hello from the workspace").unwrap();
+
+    let ready = answer(&agent, &provision(&session)).await;
+    expect_type(&ready, "container.ready");
+    assert_eq!(ready.data["host"], "127.0.0.1");
+    let port = port_of(&ready);
+    let body = http_get(port, "/hello.txt").await.expect("published port answers");
+    assert!(body.contains("hello from the workspace"), "{body}");
+
+    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+    let inspected = fixture.docker.inspect_container(&container_id, None).await.unwrap();
+    assert_eq!(inspected.name.as_deref(), Some(format!("/berth-{session}").as_str()));
+    let host = inspected.host_config.clone().unwrap();
+    assert_eq!(host.memory, Some(128 * 1024 * 1024));
+    assert_eq!(host.memory_swap, Some(128 * 1024 * 1024), "swap disabled");
+    assert_eq!(host.nano_cpus, Some(500_000_000));
+    assert_eq!(host.pids_limit, Some(64));
+    assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+    assert!(host.cap_add.unwrap_or_default().is_empty());
+    assert!(host.security_opt.unwrap_or_default().iter().any(|option| option.starts_with("no-new-privileges")));
+    let tmp_options = host.tmpfs.unwrap_or_default().remove("/tmp").expect("tmpfs /tmp");
+    for option in ["noexec", "nosuid", "size=16m"] {
+        assert!(tmp_options.contains(option), "{tmp_options}");
+    }
+    assert_eq!(host.readonly_rootfs, Some(true));
+    assert_eq!(host.privileged, Some(false));
+    assert_eq!(host.network_mode.as_deref(), Some(fixture.profile.container.network.as_str()));
+    let bindings = host.port_bindings.unwrap_or_default().remove("8080/tcp").flatten().expect("port binding");
+    assert_eq!(bindings[0].host_ip.as_deref(), Some("127.0.0.1"));
+    assert!(host.binds.unwrap_or_default().contains(&format!("{}:/workspace:rw", session_dir.display())));
+    let config = inspected.config.clone().unwrap();
+    assert_eq!(config.user.as_deref(), Some("1000:1000"));
+    let labels = config.labels.unwrap_or_default();
+    assert_eq!(labels.get("berth.managed").map(String::as_str), Some("true"));
+    assert_eq!(labels.get("berth.session"), Some(&session));
+    assert_eq!(labels.get("berth.user").map(String::as_str), Some("alice"));
+    assert_eq!(labels.get("berth.profile").map(String::as_str), Some("dev"));
+    let env = config.env.unwrap_or_default();
+    assert!(env.contains(&format!("BERTH_SESSION={session}")), "{env:?}");
+    assert!(env.contains(&"BERTH_USER=alice".to_owned()), "{env:?}");
+    // The workspace directory is 0755, and the process inside really runs as uid 1000.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&session_dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+    }
+    let ids = docker_exec(&container_id, &["id", "-u"]).await;
+    assert_eq!(ids.trim(), "1000");
+    // The kernel agrees about the limits and the hardening.
+    let status = docker_exec(&container_id, &["cat", "/proc/self/status"]).await;
+    assert!(status.lines().any(|line| line.starts_with("NoNewPrivs:") && line.ends_with('1')), "{status}");
+    assert!(status.lines().any(|line| line.starts_with("CapEff:") && line.ends_with("0000000000000000")), "{status}");
+    let mounts = docker_exec(&container_id, &["cat", "/proc/mounts"]).await;
+    let root = mounts.lines().find(|line| line.split_whitespace().nth(1) == Some("/")).expect("root mount");
+    assert!(root.split_whitespace().nth(3).is_some_and(|options| options.split(',').any(|option| option == "ro")), "{root}");
+    let tmp = mounts.lines().find(|line| line.split_whitespace().nth(1) == Some("/tmp")).expect("tmp mount");
+    assert!(tmp.starts_with("tmpfs") && tmp.contains("noexec") && tmp.contains("nosuid"), "{tmp}");
+    let network = fixture.docker.inspect_network::<String>(&fixture.profile.container.network, None).await.unwrap();
+    assert_eq!(network.options.unwrap_or_default().get(spec::ICC_OPTION).map(String::as_str), Some("false"));
+    assert_eq!(network.labels.unwrap_or_default().get("berth.managed").map(String::as_str), Some("true"));
+
+    // Provisioning again (a repeated or redelivered task) finds the same container and port.
+    let again = answer(&agent, &provision(&session)).await;
+    expect_type(&again, "container.ready");
+    assert_eq!(again.data["container_id"], ready.data["container_id"]);
+    assert_eq!(port_of(&again), port);
+    assert_eq!(again.data["adopted"], true);
+    assert_eq!(fixture.containers(Some(&session)).await.len(), 1);
+
+    // Another user asking for the same session id gets nothing of it.
+    let intruder = task(&session, "provision", json!({"user": "mallory", "workspace": "w1"}));
+    let refused = agent.handle(&intruder).await.unwrap();
+    expect_type(&refused[0], "container.failed");
+
+    let stats = answer(&agent, &task(&session, "stats", json!({}))).await;
+    expect_type(&stats, "container.stats");
+    assert_eq!(stats.data["memory_limit"], 128 * 1024 * 1024);
+    assert!(stats.data["memory_used"].as_u64().unwrap() > 0, "{}", stats.data);
+    assert!(stats.data["cpu_percent"].as_f64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_tasks_are_idempotent_and_pause_resume_round_trips() {
+    let fixture = Fixture::new(|_| {}).await;
+    let agent = fixture.agent();
+    let session = fixture.session("life");
+    let ready = answer(&agent, &provision(&session)).await;
+    expect_type(&ready, "container.ready");
+    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+    let port = port_of(&ready);
+
+    for _ in 0..2 {
+        expect_type(&answer(&agent, &task(&session, "pause", json!({}))).await, "container.paused");
+        let state = fixture.docker.inspect_container(&container_id, None).await.unwrap().state.unwrap();
+        assert_eq!(state.paused, Some(true));
+    }
+    assert!(
+        !container::probe::http_ready("127.0.0.1", port, "/").await,
+        "a paused container must not answer"
+    );
+    for _ in 0..2 {
+        let resumed = answer(&agent, &task(&session, "resume", json!({}))).await;
+        expect_type(&resumed, "container.resumed");
+        assert_eq!(resumed.data["container_id"], container_id.as_str());
+    }
+    assert!(container::probe::http_ready("127.0.0.1", port, "/").await, "resumed container answers");
+
+    for _ in 0..2 {
+        expect_type(&answer(&agent, &task(&session, "stop", json!({}))).await, "container.stopped");
+    }
+    let state = fixture.docker.inspect_container(&container_id, None).await.unwrap().state.unwrap();
+    assert_eq!(state.running, Some(false));
+    expect_type(&answer(&agent, &task(&session, "resume", json!({}))).await, "container.failed");
+
+    for _ in 0..2 {
+        expect_type(&answer(&agent, &task(&session, "remove", json!({}))).await, "container.removed");
+    }
+    assert!(fixture.containers(Some(&session)).await.is_empty());
+    expect_type(&answer(&agent, &task(&session, "pause", json!({}))).await, "container.failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_containers_cannot_reach_each_other_while_both_ports_answer() {
+    let fixture = Fixture::new(|_| {}).await;
+    let agent = fixture.agent();
+    let session_a = fixture.session("a");
+    let session_b = fixture.session("b");
+    for session in [&session_a, &session_b] {
+        let session_dir = fixture.profile.session_dir(session);
+        std::fs::create_dir_all(&session_dir).unwrap();
+        std::fs::write(session_dir.join("index.html"), format!("this is {session}")).unwrap();
+    }
+    let ready_a = answer(&agent, &provision(&session_a)).await;
+    let ready_b = answer(&agent, &provision(&session_b)).await;
+    expect_type(&ready_a, "container.ready");
+    expect_type(&ready_b, "container.ready");
+    assert_ne!(port_of(&ready_a), port_of(&ready_b));
+    let body_a = http_get(port_of(&ready_a), "/").await.unwrap_or_default();
+    let body_b = http_get(port_of(&ready_b), "/").await.unwrap_or_default();
+    assert!(body_a.contains(&format!("this is {session_a}")), "{body_a}");
+    assert!(body_b.contains(&format!("this is {session_b}")), "{body_b}");
+
+    let id_a = ready_a.data["container_id"].as_str().unwrap();
+    let id_b = ready_b.data["container_id"].as_str().unwrap();
+    let inspected_b = fixture.docker.inspect_container(id_b, None).await.unwrap();
+    let address_b = inspected_b.network_settings.unwrap().networks.unwrap()[&fixture.profile.container.network]
+        .ip_address
+        .clone()
+        .expect("b has an address");
+    // busybox-static's wget crashes on this image, so a raw request goes through nc.
+    let fetch = |address: &str| format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {address} 8080");
+    // The control: the same request works inside a, against a itself.
+    let own = docker_exec(id_a, &["sh", "-c", &fetch("127.0.0.1")]).await;
+    assert!(own.contains(&format!("this is {session_a}")), "{own}");
+    let attempt = docker_exec_output(id_a, &["sh", "-c", &fetch(&address_b)]).await;
+    let answered = String::from_utf8_lossy(&attempt.stdout).into_owned();
+    assert!(!attempt.status.success() && answered.is_empty(), "container a reached container b at {address_b}: {answered}");
+    // And from the host, b still answers.
+    assert!(http_get(port_of(&ready_b), "/").await.is_some_and(|body| body.contains(&format!("this is {session_b}"))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_timeout_fails_and_removes_the_container() {
+    let fixture = Fixture::new(|profile| {
+        profile.container.image = "berth-test/unhealthy:latest".to_owned();
+        profile.container.ready_timeout_secs = 2;
+    })
+    .await;
+    let agent = fixture.agent();
+    let session = fixture.session("slow");
+    let began = Instant::now();
+    let failed = answer(&agent, &provision(&session)).await;
+    expect_type(&failed, "container.failed");
+    assert_eq!(failed.data["action"], "provision");
+    assert!(failed.data["error"].as_str().unwrap().contains("not ready within 2 s"), "{}", failed.data);
+    assert!(began.elapsed() >= Duration::from_secs(2));
+    assert!(fixture.containers(Some(&session)).await.is_empty(), "the failed container was removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_fails_fast_and_clearly() {
+    let fixture = Fixture::new(|profile| {
+        profile.container.image = "berth-test/no-such-image:latest".to_owned();
+        profile.container.ready_timeout_secs = 60;
+    })
+    .await;
+    let agent = fixture.agent();
+    let session = fixture.session("noimage");
+    let began = Instant::now();
+    let failed = answer(&agent, &provision(&session)).await;
+    expect_type(&failed, "container.failed");
+    let error = failed.data["error"].as_str().unwrap();
+    assert!(error.contains("berth-test/no-such-image:latest") && error.contains("not available"), "{error}");
+    assert!(began.elapsed() < Duration::from_secs(30), "no hang on a missing image");
+    assert!(fixture.containers(Some(&session)).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oom_killed_session_container_is_reported_through_the_broker() {
+    let fixture = Fixture::new(|profile| profile.container.memory_mib = 16).await;
+    let agent = fixture.agent();
+    let queue = task_queue(&fixture.bus, &fixture.test_id).await;
+    let mut tap = EventTap::open(&fixture.bus, &["container.exited"]).await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving_agent = agent.clone();
+    let serving_queue = queue.clone();
+    let server = tokio::spawn(async move { serving_agent.serve(&serving_queue, async { stopped.await.ok(); }).await });
+    // Give the watcher a moment to subscribe to Docker's events.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A session container built by the crate's own spec, whose process eats memory until killed.
+    let session = fixture.session("oom");
+    let identity = SessionIdentity { session: session.clone(), user: "alice".into(), workspace: "w1".into(), thred: Some("thred-oom".into()) };
+    // The network is the agent's; provisioning an ordinary session makes it exist.
+    expect_type(&answer(&agent, &provision(&fixture.session("other"))).await, "container.ready");
+    let mut config: Config<String> =
+        spec::container_config(&fixture.profile, &identity, &fixture.profile.session_dir(&session), &fixture.settings.extra_labels);
+    config.cmd = Some(vec!["sh".into(), "-c".into(), "x=a; while true; do x=$x$x; done".into()]);
+    let created = fixture
+        .docker
+        .create_container(Some(CreateContainerOptions { name: spec::container_name(&session), platform: None }), config)
+        .await
+        .expect("create the memory eater");
+    fixture.docker.start_container(&created.id, None::<StartContainerOptions<String>>).await.expect("start");
+
+    let exited = tap
+        .next_matching("container.exited for the memory eater", Duration::from_secs(60), |event| {
+            event.subject.as_deref() == Some(session.as_str())
+        })
+        .await;
+    assert_eq!(exited.data["oom_killed"], true, "{}", exited.data);
+    assert_eq!(exited.data["container_id"], created.id.as_str());
+    assert_eq!(exited.data["exit_code"], 137);
+    assert_eq!(exited.extension("thredid"), Some("thred-oom"));
+
+    // A stop the agent was asked for is not reported as an unexpected exit.
+    let other = fixture.session("other");
+    expect_type(&answer(&agent, &task(&other, "stop", json!({}))).await, "container.stopped");
+    let reported = tap.try_next_matching(Duration::from_secs(3), |event| event.subject.as_deref() == Some(other.as_str())).await;
+    assert!(reported.is_none(), "a requested stop must not yield container.exited: {reported:?}");
+
+    let _ = stop.send(());
+    server.await.unwrap().expect("serve ends cleanly");
+    fixture.bus.delete_queue(&queue).await.expect("delete task queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_removes_orphans() {
+    let mut fixture = Fixture::new(|_| {}).await;
+    fixture.settings.inventory_interval = Duration::from_millis(500);
+    fixture.settings.orphan_grace = Duration::ZERO;
+    let queue = task_queue(&fixture.bus, &fixture.test_id).await;
+    let mut tap = EventTap::open(&fixture.bus, &["container.ready", "container.removed", "container.inventory"]).await;
+    let session = fixture.session("survivor");
+
+    // First life: an agent on its own connection takes the task, and dies before answering.
+    let first_bus = Bus::connect(BusConfig::new(&amqp_url(), "container-test-first-life")).await.expect("broker");
+    let first_agent = Agent::with_settings(fixture.profile.clone(), first_bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap();
+    let first_queue = queue.clone();
+    let first_life = tokio::spawn(async move { first_agent.serve(&first_queue, std::future::pending::<()>()).await });
+    send_task(&fixture.bus, &queue, &provision(&session)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fixture.containers(Some(&session)).await.is_empty() {
+        assert!(Instant::now() < deadline, "the first agent never created the container");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first_life.abort();
+    first_bus.close().await;
+    let state_at_death = fixture.containers(Some(&session)).await[0].state.clone();
+    eprintln!("the first agent died with the container {state_at_death:?}");
+
+    // Second life: the unacknowledged task comes back and finds the container again.
+    let second_bus = Bus::connect(BusConfig::new(&amqp_url(), "container-test-second-life")).await.expect("broker");
+    let second_agent = Agent::with_settings(fixture.profile.clone(), second_bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let second_queue = queue.clone();
+    let serving_agent = second_agent.clone();
+    let second_life = tokio::spawn(async move { serving_agent.serve(&second_queue, async { stopped.await.ok(); }).await });
+    let ready = tap
+        .next_matching("container.ready after the restart", Duration::from_secs(60), |event| {
+            event.event_type == "container.ready" && event.subject.as_deref() == Some(session.as_str())
+        })
+        .await;
+    let containers = fixture.containers(Some(&session)).await;
+    assert_eq!(containers.len(), 1, "no duplicate container");
+    assert_eq!(ready.data["container_id"], containers[0].id.as_deref().unwrap());
+    assert!(http_get(port_of(&ready), "/").await.is_some(), "the adopted container answers on its port");
+
+    // An orphan: a container whose session the engine no longer knows.
+    let orphan = fixture.session("orphan");
+    expect_type(&answer(&second_agent, &provision(&orphan)).await, "container.ready");
+
+    // A careful agent keeps young containers even when told they are orphans.
+    let mut careful_settings = fixture.settings.clone();
+    careful_settings.orphan_grace = Duration::from_secs(3600);
+    let careful = Agent::with_settings(fixture.profile.clone(), fixture.bus.clone(), fixture.docker.clone(), careful_settings).unwrap();
+    let orphan_id = fixture.containers(Some(&orphan)).await[0].id.clone().unwrap();
+    let kept = answer(&careful, &task(&orphan, "remove", json!({"container_id": orphan_id}))).await;
+    expect_type(&kept, "container.failed");
+    assert!(kept.data["error"].as_str().unwrap().contains("grace"), "{}", kept.data);
+    assert_eq!(fixture.containers(Some(&orphan)).await.len(), 1);
+
+    // The test plays the engine: it reads an inventory listing both, and answers with removals
+    // for every session that is not alive.
+    let alive = [session.clone()];
+    let inventory = tap
+        .next_matching("an inventory listing both sessions", Duration::from_secs(30), |event| {
+            let listed = |wanted: &str| {
+                event.data["containers"].as_array().is_some_and(|entries| entries.iter().any(|entry| entry["session"] == wanted))
+            };
+            event.event_type == "container.inventory" && listed(&session) && listed(&orphan)
+        })
+        .await;
+    let entries = inventory.data["containers"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let survivor_entry = entries.iter().find(|entry| entry["session"] == session.as_str()).unwrap();
+    assert_eq!(survivor_entry["host_port"], ready.data["port"], "inventory carries the port read back from Docker");
+    assert_eq!(survivor_entry["state"], "running");
+    for entry in entries.iter().filter(|entry| !alive.iter().any(|session| entry["session"] == session.as_str())) {
+        let session_of_orphan = entry["session"].as_str().unwrap();
+        send_task(&fixture.bus, &queue, &task(session_of_orphan, "remove", json!({"container_id": entry["container_id"]}))).await;
+    }
+    tap.next_matching("container.removed for the orphan", Duration::from_secs(30), |event| {
+        event.event_type == "container.removed" && event.subject.as_deref() == Some(orphan.as_str())
+    })
+    .await;
+    let left: Vec<String> = fixture.containers(None).await.into_iter().filter_map(|summary| summary.labels?.get("berth.session").cloned()).collect();
+    assert_eq!(left, vec![session.clone()], "only the living session's container is left");
+
+    let _ = stop.send(());
+    second_life.await.unwrap().expect("serve ends cleanly");
+    second_bus.close().await;
+    fixture.bus.delete_queue(&queue).await.expect("delete task queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_profiles_are_refused_before_any_container_exists() {
+    let fixture = Fixture::new(|_| {}).await;
+    let text = dev_profile_text();
+    let path = std::path::Path::new("hostile/profile.toml");
+    let privileged = Profile::parse(&text.replace("[container]", "[container]\nprivileged = true"), path).unwrap_err();
+    assert!(privileged.to_string().contains("privileged"), "{privileged}");
+    let socket = Profile::parse(&text.replace("[container]", "[container]\nmounts = [\"/var/run/docker.sock:/var/run/docker.sock\"]"), path)
+        .unwrap_err();
+    assert!(socket.to_string().contains("Docker socket"), "{socket}");
+
+    // Profiles built in code skip loading; the agent checks again, and sees through symlinks.
+    let mut hostile = fixture.profile.clone();
+    hostile.container.privileged = true;
+    let refused = Agent::new(hostile.clone(), fixture.bus.clone(), fixture.docker.clone()).err().expect("refused");
+    assert!(refused.to_string().contains("privileged"), "{refused}");
+    let run_refused = container::run(hostile, std::future::pending()).await.unwrap_err();
+    assert!(run_refused.to_string().contains("privileged"), "{run_refused}");
+
+    let disguise_dir = fixture.profile.services.workspace_root.join("disguise");
+    std::fs::create_dir_all(&disguise_dir).unwrap();
+    let disguised_socket = disguise_dir.join("innocent");
+    std::os::unix::fs::symlink("/var/run/docker.sock", &disguised_socket).unwrap();
+    let mut disguised = fixture.profile.clone();
+    disguised.container.mounts = vec![format!("{}:/var/tools", disguised_socket.display())];
+    let refused = Agent::new(disguised, fixture.bus.clone(), fixture.docker.clone()).err().expect("refused");
+    assert!(refused.to_string().contains("container.mounts"), "{refused}");
+    assert!(fixture.containers(None).await.is_empty());
+}
+
+async fn docker_exec_output(container_id: &str, command: &[&str]) -> std::process::Output {
+    tokio::process::Command::new("docker")
+        .arg("exec")
+        .arg(container_id)
+        .args(command)
+        .output()
+        .await
+        .expect("docker cli runs")
+}
+
+async fn docker_exec(container_id: &str, command: &[&str]) -> String {
+    let output = docker_exec_output(container_id, command).await;
+    assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn docker_exec_status(container_id: &str, command: &[&str]) -> bool {
+    docker_exec_output(container_id, command).await.status.success()
+}
