@@ -597,7 +597,3 @@ async fn docker_exec(container_id: &str, command: &[&str]) -> String {
     assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
-
-async fn docker_exec_status(container_id: &str, command: &[&str]) -> bool {
-    docker_exec_output(container_id, command).await.status.success()
-}
