@@ -51,6 +51,9 @@ pub struct SessionConfig {
     pub store: StoreRoute,
     /// CloudEvents `source` of the events this instance publishes.
     pub event_source: String,
+    /// Where events go: `berth.events` in a deployment; tests use their own exchange so that
+    /// their events never reach a real engine's queue.
+    pub events_exchange: String,
 }
 
 impl SessionConfig {
@@ -77,6 +80,7 @@ impl SessionConfig {
             heartbeat_timeout: Duration::from_secs(60),
             store: StoreRoute::persistence_agent(),
             event_source: "/berth/session".to_owned(),
+            events_exchange: protocol::topology::EVENTS_EXCHANGE.to_owned(),
         };
         config.validate()?;
         Ok(config)

@@ -46,6 +46,8 @@ type Table = Arc<Mutex<HashMap<String, Value>>>;
 /// A broker connection, a persistence responder on a private queue, and a secret for tokens.
 struct World {
     bus: Bus,
+    /// This test's own events exchange, so its events never reach the real engine queue.
+    events_exchange: String,
     table: Table,
     store_queue: String,
     secret: String,
@@ -75,12 +77,19 @@ impl World {
             let _ = bus_consume(&queue, handler, stopped).await;
         });
         let secret = format!("test-secret-{}", uuid::Uuid::new_v4().simple());
-        Ok(World { bus, table, store_queue, secret, stop_responder: Some(stop_responder) })
+        let events_exchange = unique("berth.test.session-events");
+        let channel = bus.channel().await?;
+        channel
+            .exchange_declare(&events_exchange, lapin::ExchangeKind::Topic, lapin::options::ExchangeDeclareOptions::default(), FieldTable::default())
+            .await?;
+        let _ = channel.close(200, "declared").await;
+        Ok(World { bus, events_exchange, table, store_queue, secret, stop_responder: Some(stop_responder) })
     }
 
     fn config(&self) -> SessionConfig {
         let mut config = SessionConfig::with_key(&dev_profile(), &KeyMaterial::inline(&self.secret)).expect("config");
         config.store = StoreRoute { exchange: String::new(), routing_key: self.store_queue.clone(), timeout: Duration::from_secs(5) };
+        config.events_exchange = self.events_exchange.clone();
         config.activity_debounce = Duration::from_secs(1);
         config.max_messages_per_second = 1000;
         config
@@ -121,6 +130,10 @@ impl World {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         let _ = self.bus.delete_queue(&self.store_queue).await;
+        if let Ok(channel) = self.bus.channel().await {
+            let _ = channel.exchange_delete(&self.events_exchange, lapin::options::ExchangeDeleteOptions::default()).await;
+            let _ = channel.close(200, "deleted").await;
+        }
         self.bus.close().await;
     }
 }
@@ -273,9 +286,10 @@ struct EventTap {
 }
 
 impl EventTap {
-    async fn new(bus: &Bus) -> Result<EventTap> {
+    async fn new(world: &World) -> Result<EventTap> {
+        let bus = &world.bus;
         let keys = ["session.open", "session.close", "session.activity"].map(str::to_owned);
-        let queue = bus.declare_private_queue(protocol::topology::EVENTS_EXCHANGE, &keys).await?;
+        let queue = bus.declare_private_queue(&world.events_exchange, &keys).await?;
         let channel = bus.channel().await?;
         let mut consumer = channel
             .basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
@@ -396,7 +410,7 @@ async fn unauthenticated_requests_get_401_and_no_upgrade() -> Result<()> {
 async fn users_see_and_control_only_their_own_sessions() -> Result<()> {
     let world = World::new().await?;
     let instance = world.instance(world.config()).await?;
-    let mut tap = EventTap::new(&world.bus).await?;
+    let mut tap = EventTap::new(&world).await?;
     let (alice, bob, admin) = (unique("alice"), unique("bob"), unique("admin"));
     let (alices_session, bobs_session) = (new_session_id(), new_session_id());
     world.put_session(&alices_session, &alice, "running", json!({"host": "127.0.0.1", "port": 40001}));
@@ -461,7 +475,7 @@ async fn users_see_and_control_only_their_own_sessions() -> Result<()> {
 async fn open_publishes_with_the_token_user_and_a_new_session_id() -> Result<()> {
     let world = World::new().await?;
     let instance = world.instance(world.config()).await?;
-    let mut tap = EventTap::new(&world.bus).await?;
+    let mut tap = EventTap::new(&world).await?;
     let alice = unique("alice");
     let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
 
@@ -624,7 +638,7 @@ async fn activity_is_debounced_into_one_event_per_interval() -> Result<()> {
     let mut config = world.config();
     config.activity_debounce = interval;
     let instance = world.instance(config).await?;
-    let mut tap = EventTap::new(&world.bus).await?;
+    let mut tap = EventTap::new(&world).await?;
     let alice = unique("alice");
     let session = new_session_id();
     world.put_session(&session, &alice, "running", json!({}));
@@ -784,6 +798,7 @@ async fn berth_token_and_the_agent_agree_through_the_machine_secret_file() -> Re
     assert!(root.join("jwt-secret").exists(), "the secret file was created next to the workspace root");
     let mut config = SessionConfig::from_profile(&profile)?;
     config.store = world.config().store;
+    config.events_exchange = world.events_exchange.clone();
     let identity = config.authority.verify(&token)?;
     assert!(identity.is_admin());
     let instance = world.instance(config).await?;
@@ -803,6 +818,7 @@ async fn a_public_key_verifies_es256_tokens_and_refuses_algorithm_confusion() ->
     let public_pem = include_str!("keys/ec-public.pem");
     let mut config = SessionConfig::with_key(&dev_profile(), &KeyMaterial::inline(public_pem))?;
     config.store = world.config().store;
+    config.events_exchange = world.events_exchange.clone();
     let instance = world.instance(config).await?;
     let carol = unique("carol");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
@@ -869,7 +885,7 @@ async fn activity_debouncing_holds_across_instances() -> Result<()> {
     config.activity_debounce = Duration::from_secs(5);
     let first = world.instance(config.clone()).await?;
     let second = world.instance(config).await?;
-    let mut tap = EventTap::new(&world.bus).await?;
+    let mut tap = EventTap::new(&world).await?;
     let alice = unique("alice");
     let session = new_session_id();
     world.put_session(&session, &alice, "running", json!({}));
