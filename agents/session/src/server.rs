@@ -85,22 +85,16 @@ pub async fn start(
     let handle = InstanceHandle { metrics: metrics.clone(), hub: hub.clone() };
     let running = async move {
         tracing::info!(%address, "session agent listening");
+        // Sockets and the consumer watch the value, which stays `true` after the sender is gone.
         let graceful = async move {
             shutdown.await;
             let _ = stop_sender.send(true);
-            // Keep the sender alive until serving ends so sockets see `true`, not a closed channel.
-            std::future::pending::<()>().await;
         };
         // Status frames are small and latency matters more than packet count.
         let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
             let _ = stream.set_nodelay(true);
         });
-        let served = axum::serve(listener, router).with_graceful_shutdown(async move {
-            tokio::select! {
-                () = graceful => {}
-                _ = wait_stopped(state.stop.clone()) => {}
-            }
-        });
+        let served = axum::serve(listener, router).with_graceful_shutdown(graceful);
         let outcome = served.await.map_err(Error::Serve);
         // Upgraded sockets run outside the HTTP server; give them a moment to close cleanly.
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
@@ -112,10 +106,6 @@ pub async fn start(
         outcome
     };
     Ok((handle, running))
-}
-
-async fn wait_stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
 fn router(state: Arc<AppState>) -> Router {
