@@ -116,6 +116,7 @@ fn percent_decode_lossy(text: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

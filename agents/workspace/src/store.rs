@@ -124,6 +124,7 @@ pub fn open(url: &str, settings: &StoreSettings) -> Result<OpenedStore> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
