@@ -396,11 +396,15 @@ impl Agent {
         Err(Refusal(format!("container {name} kept changing under us; giving up")).into())
     }
 
-    /// Makes sure the session network exists with inter-container traffic disabled.
+    /// Makes sure the session network exists with inter-container traffic disabled. Checked once
+    /// per process, and by one task at a time: Docker's duplicate check is racy, and two networks
+    /// with one name would make the name ambiguous.
     async fn ensure_network(&self) -> Result<(), Failure> {
-        if self.inner.network_checked.initialized() {
-            return Ok(());
-        }
+        self.inner.network_checked.get_or_try_init(|| self.check_or_create_network()).await?;
+        Ok(())
+    }
+
+    async fn check_or_create_network(&self) -> Result<(), Failure> {
         let network_name = self.inner.profile.container.network.clone();
         let docker = &self.inner.docker;
         let network = match docker.inspect_network(&network_name, None::<InspectNetworkOptions<String>>).await {
@@ -439,7 +443,6 @@ impl Agent {
                 }
             }
         }
-        let _ = self.inner.network_checked.set(());
         Ok(())
     }
 
@@ -553,6 +556,9 @@ impl Agent {
             || labels.get(spec::PROFILE_LABEL) != Some(&self.inner.profile.name)
         {
             return Ok(failed(task, "remove", format!("container {target} is not a session container of profile {}", self.inner.profile.name)));
+        }
+        if labels.get(spec::SESSION_LABEL).is_some_and(|owner| owner != session) {
+            return Ok(failed(task, "remove", format!("container {target} belongs to another session, not {session}")));
         }
         if container_id.is_some() {
             let age = container_age(&inspected);
@@ -842,6 +848,7 @@ fn container_age(inspected: &ContainerInspectResponse) -> Option<Duration> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a clear test failure
 mod tests {
     use super::*;
 

@@ -62,10 +62,11 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
 
     let bench = Bench { profile, bus: bus.clone(), agent, bench_id, task_queue, waiters };
     let measured = bench.measure_everything().await;
-    bench.clean_up().await;
+    // Stop serving first, so that removing the benchmark's containers is not reported as exits.
     let _ = stop.send(true);
     let _ = server.await;
     let _ = tap.await;
+    bench.clean_up().await;
     bus.close().await;
     measured?.print();
     Ok(())
@@ -361,6 +362,7 @@ impl Figures {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a clear test failure
 mod tests {
     use super::*;
 

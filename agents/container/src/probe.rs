@@ -70,6 +70,7 @@ pub async fn tcp_ready(host: &str, port: u16) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a clear test failure
 mod tests {
     use super::*;
 

@@ -208,6 +208,7 @@ pub fn uses_docker_health(settings: &ContainerSettings) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a clear test failure
 mod tests {
     use super::*;
 

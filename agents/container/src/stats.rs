@@ -57,6 +57,7 @@ pub fn compute(stats: &Stats) -> ContainerStats {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a clear test failure
 mod tests {
     use super::*;
 

@@ -18,15 +18,26 @@ const RECONNECT_START: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// Watches Docker's events forever, reconnecting when the stream ends (a Docker restart).
+///
+/// Exits that happen while the stream is down are not replayed; instead, a fresh
+/// `container.inventory` goes out after every reconnection, so the engine sees the exited
+/// containers' states from Docker itself rather than from a guess.
 pub async fn watch_docker_events(agent: Agent) {
     let mut backoff = RECONNECT_START;
     loop {
+        let began = tokio::time::Instant::now();
         match watch_once(&agent).await {
             Ok(()) => tracing::warn!("docker event stream ended, reconnecting"),
             Err(error) => tracing::warn!(%error, retry_in = ?backoff, "docker event stream failed, reconnecting"),
         }
+        if began.elapsed() > RECONNECT_MAX {
+            backoff = RECONNECT_START;
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(RECONNECT_MAX);
+        if let Err(error) = agent.publish_inventory().await {
+            tracing::warn!(%error, "could not publish the inventory after reconnecting to docker");
+        }
     }
 }
 

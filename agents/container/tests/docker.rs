@@ -3,6 +3,8 @@
 //! Every test works on its own network, its own workspace root and its own `berth.test=<uuid>`
 //! label, and a guard removes everything carrying that label when the test ends, even on panic.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a clear test failure
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Command;
@@ -331,6 +333,10 @@ async fn lifecycle_tasks_are_idempotent_and_pause_resume_round_trips() {
     assert_eq!(state.running, Some(false));
     expect_type(&answer(&agent, &task(&session, "resume", json!({}))).await, "container.failed");
 
+    // A removal naming this container under another session's name is refused.
+    let confused = task(&fixture.session("someone-else"), "remove", json!({"container_id": container_id}));
+    expect_type(&answer(&agent, &confused).await, "container.failed");
+    assert_eq!(fixture.containers(Some(&session)).await.len(), 1);
     for _ in 0..2 {
         expect_type(&answer(&agent, &task(&session, "remove", json!({}))).await, "container.removed");
     }
