@@ -71,3 +71,14 @@ pub fn mint_token(profile: &Profile, user: &str, roles: &[String], ttl: &str) ->
     let ttl = auth::parse_ttl(ttl)?;
     Ok(authority.mint(user, roles, ttl)?)
 }
+
+#[cfg(test)]
+mod tests {
+    /// `berth dev` spawns `run` on the multi-threaded runtime: its future must be `Send`.
+    #[allow(dead_code)]
+    fn run_future_is_send(profile: protocol::Profile) {
+        fn assert_send<T: Send>(_: &T) {}
+        let running = super::run(profile, async {});
+        assert_send(&running);
+    }
+}

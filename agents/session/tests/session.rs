@@ -967,3 +967,11 @@ async fn the_hub_routes_by_user_and_evicts_a_socket_that_falls_behind() -> Resul
     world.finish().await;
     Ok(())
 }
+
+/// `berth bench session` without building the whole binary:
+/// `cargo test -p session --test session -- --ignored --nocapture bench`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run explicitly"]
+async fn bench_session_fan_out() -> Result<()> {
+    session::bench(dev_profile()).await
+}
