@@ -623,6 +623,8 @@ async fn malformed_and_oversized_frames_get_errors() -> Result<()> {
         }
     })
     .await?;
+    // Usually the close frame with 1009 arrives; the rest of the unread payload can make the
+    // server's kernel reset the connection first, which is also a clean end, never a hang.
     assert!(ended.is_none_or(|code| code == 1009), "closed with {ended:?}");
     assert!(instance.handle.metrics.frames_refused.load(Ordering::Relaxed) >= 7);
 
