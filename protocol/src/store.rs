@@ -727,11 +727,17 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct StoreClient {
     bus: Bus,
     timeout: Duration,
+    routing_key: String,
 }
 
 impl StoreClient {
     pub fn new(bus: Bus) -> StoreClient {
-        StoreClient { bus, timeout: DEFAULT_REQUEST_TIMEOUT }
+        StoreClient { bus, timeout: DEFAULT_REQUEST_TIMEOUT, routing_key: AgentKind::Persistence.as_str().to_owned() }
+    }
+
+    /// Sends to another routing key on `berth.tasks` (tests run their own agent on a private queue).
+    pub fn with_routing_key(self, routing_key: &str) -> StoreClient {
+        StoreClient { routing_key: routing_key.to_owned(), ..self }
     }
 
     pub fn with_timeout(self, timeout: Duration) -> StoreClient {
@@ -748,8 +754,7 @@ impl StoreClient {
     pub async fn request_with_id(&self, task_id: Uuid, operation: &Operation) -> Result<Value, StoreClientError> {
         let action = operation.action();
         let task = operation.to_task(task_id);
-        let routing_key = AgentKind::Persistence.as_str();
-        let bytes = self.bus.request(topology::TASKS_EXCHANGE, routing_key, &task.to_bytes(), self.timeout).await?;
+        let bytes = self.bus.request(topology::TASKS_EXCHANGE, &self.routing_key, &task.to_bytes(), self.timeout).await?;
         match Reply::decode(&bytes) {
             Ok(Reply::Ok(result)) => Ok(result),
             Ok(Reply::Err(ReplyError { kind, message })) => Err(StoreClientError::Refused { action, kind, message }),
@@ -759,7 +764,10 @@ impl StoreClient {
 
     /// Publishes the operation as a task (with confirms) without waiting for it to be applied.
     pub async fn send(&self, task_id: Uuid, operation: &Operation) -> Result<(), StoreClientError> {
-        self.bus.publish_task(&operation.to_task(task_id)).await?;
+        let properties = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(task_id.to_string().into());
+        self.bus.publish(topology::TASKS_EXCHANGE, &self.routing_key, &operation.to_task(task_id).to_bytes(), properties).await?;
         Ok(())
     }
 

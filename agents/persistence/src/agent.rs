@@ -1,0 +1,139 @@
+//! The agent around a [`Store`]: consumes persistence tasks, answers requests that carry
+//! `reply_to`, and maps failures of fire-and-forget tasks to retry or dead-letter.
+//!
+//! Handler contract: [`Agent::handle`] executes one task; [`error_policy`] decides what a failure
+//! means for the message. Writes are idempotent by task id (the store keeps the first answer).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::store::{ErrorKind, Operation, Reply, MAX_DOCUMENT_BYTES};
+use protocol::{topology, AgentKind, Bus, BusConfig, ConsumeSpec, Incoming, Outcome, Profile, Task};
+use serde_json::Value;
+
+use crate::{open_store, Error, Result, Store, APPLIED_TASK_RETENTION};
+
+/// Room for the task envelope around the largest document.
+const MAX_TASK_BYTES: usize = MAX_DOCUMENT_BYTES + 64 * 1024;
+/// Unacknowledged deliveries and concurrent handlers.
+const PREFETCH: u16 = 64;
+const CONCURRENCY: usize = 16;
+/// A pause before a passing failure is requeued, so that a redelivery does not spin.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// The persistence agent: a store and the bus it answers on.
+#[derive(Clone)]
+pub struct Agent {
+    store: Arc<dyn Store>,
+    bus: Bus,
+}
+
+impl Agent {
+    pub fn new(store: Arc<dyn Store>, bus: Bus) -> Agent {
+        Agent { store, bus }
+    }
+
+    /// Executes one task.
+    pub async fn handle(&self, task: &Task) -> Result<Value> {
+        if task.agent != AgentKind::Persistence {
+            return Err(Error::BadRequest(format!("a task for the {} agent reached the persistence agent", task.agent)));
+        }
+        let operation = Operation::from_task(task).map_err(Error::BadRequest)?;
+        self.store.execute(Some(task.id), operation).await
+    }
+
+    /// Handles one delivery: a request gets a reply (success or error) and is acked; a
+    /// fire-and-forget task is acked, retried or dead-lettered by [`error_policy`].
+    pub async fn handle_delivery(&self, incoming: Incoming) -> Outcome {
+        let outcome = self.decode_and_handle(&incoming).await;
+        if incoming.reply_to.is_some() {
+            let reply = match &outcome {
+                Ok(result) => Reply::Ok(result.clone()),
+                Err(error) => Reply::error(error.kind(), error.to_string()),
+            };
+            return match self.bus.reply(&incoming, &reply.to_bytes()).await {
+                Ok(()) => Outcome::Ack,
+                Err(error) => {
+                    // Applied writes are deduplicated: the redelivery answers from the record.
+                    tracing::warn!(%error, "could not send a reply; requeueing the request");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    Outcome::Retry
+                }
+            };
+        }
+        match outcome {
+            Ok(_) => Outcome::Ack,
+            Err(error) => {
+                let decision = error_policy(&error);
+                if decision == Outcome::Retry {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                decision
+            }
+        }
+    }
+
+    async fn decode_and_handle(&self, incoming: &Incoming) -> Result<Value> {
+        if incoming.body.len() > MAX_TASK_BYTES {
+            return Err(Error::BadRequest(format!("a task of {} bytes is larger than the {MAX_TASK_BYTES}-byte limit", incoming.body.len())));
+        }
+        let task = Task::decode(&incoming.body).map_err(|error| Error::BadRequest(format!("not a task: {error}")))?;
+        let started = std::time::Instant::now();
+        let outcome = self.handle(&task).await;
+        match &outcome {
+            Ok(_) => tracing::debug!(task_id = %task.id, action = %task.action, elapsed = ?started.elapsed(), "task applied"),
+            Err(error) => tracing::warn!(task_id = %task.id, action = %task.action, kind = %error.kind(), %error, "task failed"),
+        }
+        outcome
+    }
+
+    /// Consumes `queue` until `shutdown` completes.
+    pub async fn consume(&self, queue: &str, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let agent = self.clone();
+        let handler = move |incoming: Incoming| {
+            let agent = agent.clone();
+            async move { agent.handle_delivery(incoming).await }
+        };
+        let spec = ConsumeSpec { queue: queue.to_owned(), prefetch: PREFETCH, concurrency: CONCURRENCY };
+        self.bus.consume(spec, handler, shutdown).await?;
+        Ok(())
+    }
+}
+
+/// What a failed fire-and-forget task becomes: a store that is down is retried (the queue's
+/// delivery limit bounds it); anything else can never succeed and is dead-lettered with the reason.
+pub fn error_policy(error: &Error) -> Outcome {
+    match error.kind() {
+        ErrorKind::Unavailable => Outcome::Retry,
+        ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::Conflict => Outcome::DeadLetter(format!("{}: {error}", error.kind())),
+    }
+}
+
+/// `berth agent persistence`: open the store, create indexes, consume until shutdown.
+pub async fn run(profile: &Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let store: Arc<dyn Store> = Arc::from(open_store(&profile.services.store_url).await?);
+    store.ensure_indexes().await?;
+    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-agent-persistence")).await?;
+    bus.declare_topology().await?;
+    let pruning = tokio::spawn(prune_periodically(store.clone()));
+    tracing::info!(store = %protocol::bus::redact(&profile.services.store_url), backend = ?store.backend(), "persistence agent started");
+    let agent = Agent::new(store, bus.clone());
+    let consumed = agent.consume(&topology::agent_queue(AgentKind::Persistence), shutdown).await;
+    pruning.abort();
+    bus.close().await;
+    consumed?;
+    tracing::info!("persistence agent stopped");
+    Ok(())
+}
+
+async fn prune_periodically(store: Arc<dyn Store>) {
+    loop {
+        match store.prune_applied_tasks(APPLIED_TASK_RETENTION).await {
+            Ok(forgotten) => tracing::debug!(forgotten, "pruned old task records"),
+            Err(error) => tracing::warn!(%error, "could not prune old task records"),
+        }
+        tokio::time::sleep(PRUNE_EVERY).await;
+    }
+}
