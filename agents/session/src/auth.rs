@@ -64,6 +64,8 @@ pub enum AuthFailure {
     MissingToken,
     #[error("token expired")]
     Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
     #[error("token is for another audience")]
     WrongAudience,
     #[error("token signature is invalid")]
@@ -80,6 +82,7 @@ impl AuthFailure {
         match self {
             AuthFailure::MissingToken => "missing",
             AuthFailure::Expired => "expired",
+            AuthFailure::NotYetValid => "not_yet_valid",
             AuthFailure::WrongAudience => "audience",
             AuthFailure::BadSignature => "signature",
             AuthFailure::Malformed(_) => "malformed",
@@ -217,10 +220,13 @@ impl TokenAuthority {
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "aud", "sub"]);
         validation.leeway = CLOCK_LEEWAY_SECS;
+        // A token that says it is not valid yet is not valid yet.
+        validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding_key, &validation).map_err(|error| {
             use jsonwebtoken::errors::ErrorKind;
             match error.kind() {
                 ErrorKind::ExpiredSignature => AuthFailure::Expired,
+                ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
                 ErrorKind::InvalidAudience => AuthFailure::WrongAudience,
                 ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm => AuthFailure::BadSignature,
                 _ => AuthFailure::Malformed(error.to_string()),
@@ -360,6 +366,10 @@ mod tests {
         let other_key = TokenAuthority::new(&KeyMaterial::inline("fedcba9876543210fedcba9876543210"), "berth").unwrap();
         assert_eq!(other_key.verify(&token), Err(AuthFailure::BadSignature));
         assert!(matches!(authority.verify("not-a-token"), Err(AuthFailure::Malformed(_))));
+        let secret = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let not_yet = serde_json::json!({"sub": "alice", "aud": "berth", "exp": unix_now() + 7200, "nbf": unix_now() + 3600});
+        let not_yet = jsonwebtoken::encode(&Header::default(), &not_yet, &secret).unwrap();
+        assert_eq!(authority.verify(&not_yet), Err(AuthFailure::NotYetValid));
         assert!(TokenAuthority::new(&KeyMaterial::inline("short"), "berth").is_err());
         assert!(authority.mint("#", &[], Duration::from_secs(60)).is_err());
     }
