@@ -63,29 +63,51 @@ pub fn mtime_ns(metadata: &Metadata) -> i64 {
 
 /// Walks `root` without following symlinks. Symlinks, sockets, FIFOs and devices are skipped and
 /// reported; names that are not valid UTF-8 or not safe as object keys are skipped and reported.
+///
+/// Folders are opened relative to their already opened parent with `O_NOFOLLOW`, so a folder
+/// swapped for a symlink during the walk is reported, not entered.
 pub fn scan(root: &Path) -> Result<Scan> {
+    enum Pending {
+        Root(File),
+        Child { parent: std::sync::Arc<File>, name: String, relative: String },
+    }
     let mut scan = Scan::default();
-    let mut folders = vec![(root.to_path_buf(), String::new())];
-    while let Some((folder, relative_folder)) = folders.pop() {
-        let entries = std::fs::read_dir(&folder).map_err(|source| Error::io("listing", &folder, source))?;
+    let root_folder = open_folder_nofollow(root).map_err(|source| Error::io("opening workspace", root, source))?;
+    let mut folders = vec![Pending::Root(root_folder)];
+    while let Some(pending) = folders.pop() {
+        let (folder, relative_folder) = match pending {
+            Pending::Root(folder) => (folder, String::new()),
+            Pending::Child { parent, name, relative } => match open_folder_nofollow(&proc_path(&parent, &name)) {
+                Ok(folder) => (folder, format!("{relative}/")),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) if matches!(error.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
+                    scan.skipped.push(Skipped { path: relative, reason: "folder replaced by a symlink or file during the walk".to_owned() });
+                    continue;
+                }
+                Err(source) => return Err(Error::io("opening folder", root.join(&relative), source)),
+            },
+        };
+        let folder = std::sync::Arc::new(folder);
+        let listing_error = |source| Error::io("listing", root.join(&relative_folder), source);
+        let entries = std::fs::read_dir(proc_path(&folder, "")).map_err(listing_error)?;
         for entry in entries {
-            let entry = entry.map_err(|source| Error::io("listing", &folder, source))?;
+            let entry = entry.map_err(listing_error)?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else {
                 scan.skipped.push(Skipped { path: format!("{relative_folder}{}", name.to_string_lossy()), reason: "name is not UTF-8".to_owned() });
                 continue;
             };
             let relative = format!("{relative_folder}{name}");
-            // `DirEntry::file_type` does not follow symlinks.
+            // `DirEntry::file_type` and `DirEntry::metadata` do not follow symlinks.
             let file_type = match entry.file_type() {
                 Ok(file_type) => file_type,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(Error::io("inspecting", entry.path(), source)),
+                Err(source) => return Err(Error::io("inspecting", root.join(&relative), source)),
             };
             if file_type.is_symlink() {
                 scan.skipped.push(Skipped { path: relative, reason: "symlink (never followed)".to_owned() });
             } else if file_type.is_dir() {
-                folders.push((entry.path(), format!("{relative}/")));
+                folders.push(Pending::Child { parent: folder.clone(), name: name.to_owned(), relative });
             } else if file_type.is_file() {
                 let path = match WorkspacePath::parse(&relative) {
                     Ok(path) => path,
@@ -97,7 +119,7 @@ pub fn scan(root: &Path) -> Result<Scan> {
                 let metadata = match entry.metadata() {
                     Ok(metadata) => metadata,
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(source) => return Err(Error::io("inspecting", entry.path(), source)),
+                    Err(source) => return Err(Error::io("inspecting", root.join(&relative), source)),
                 };
                 scan.files.push(LocalFile { path, size: metadata.len(), mtime_ns: mtime_ns(&metadata) });
             } else {
@@ -314,4 +336,74 @@ pub fn hex(bytes: &[u8]) -> String {
         let _ = write!(text, "{byte:02x}");
     }
     text
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn scratch() -> PathBuf {
+        let directory = std::env::temp_dir().join(format!("berth-fsops-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(directory.join("workspace/a")).unwrap();
+        std::fs::create_dir_all(directory.join("outside")).unwrap();
+        std::fs::write(directory.join("outside/file"), b"host secret").unwrap();
+        std::fs::write(directory.join("workspace/a/file"), b"mine").unwrap();
+        directory
+    }
+
+    /// A folder swapped for a symlink after the walk can't lead a read or a write outside.
+    #[test]
+    fn a_folder_swapped_for_a_symlink_leads_nowhere() {
+        let directory = scratch();
+        let workspace = directory.join("workspace");
+        let confined = Confined::open(&workspace).unwrap();
+        let path = WorkspacePath::parse("a/file").unwrap();
+        assert_eq!(read_and_hash(confined.open_file(&path).unwrap().0, 4).unwrap().0, b"mine");
+
+        std::fs::remove_dir_all(workspace.join("a")).unwrap();
+        std::os::unix::fs::symlink(directory.join("outside"), workspace.join("a")).unwrap();
+        let refused = confined.open_file(&path).unwrap_err();
+        assert!(matches!(refused, Error::UnsafeNames(_)), "{refused}");
+        let mut staged = StagedFile::create(&directory.join("staging")).unwrap();
+        staged.write(b"downloaded").unwrap();
+        let staged = staged.finish(None).unwrap();
+        let refused = confined.place(&staged.path, &WorkspacePath::parse("a/new").unwrap(), Placement::KeepExisting, None).unwrap_err();
+        assert!(matches!(refused, Error::UnsafeNames(_)), "{refused}");
+        assert!(!directory.join("outside/new").exists());
+        assert_eq!(std::fs::read(directory.join("outside/file")).unwrap(), b"host secret");
+
+        let scan = scan(&workspace).unwrap();
+        assert!(scan.files.is_empty());
+        assert_eq!(scan.skipped.len(), 1);
+        assert_eq!(scan.skipped[0].path, "a");
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    /// Placing never replaces a file the user created meanwhile, unless told to.
+    #[test]
+    fn placement_keeps_or_replaces_existing_files() {
+        let directory = scratch();
+        let workspace = directory.join("workspace");
+        let confined = Confined::open(&workspace).unwrap();
+        let path = WorkspacePath::parse("a/file").unwrap();
+        for (placement, expected, content) in [
+            (Placement::KeepExisting, Placed::KeptExisting, b"mine".as_slice()),
+            (Placement::ReplaceExisting, Placed::Placed, b"from the store".as_slice()),
+        ] {
+            let mut staged = StagedFile::create(&directory.join("staging")).unwrap();
+            staged.write(b"from the store").unwrap();
+            let staged = staged.finish(None).unwrap();
+            assert_eq!(confined.place(&staged.path, &path, placement, None).unwrap(), expected);
+            assert_eq!(std::fs::read(workspace.join("a/file")).unwrap(), content);
+            assert!(!staged.path.exists(), "the staged copy is gone either way");
+        }
+        let nested = WorkspacePath::parse("b/c/d.txt").unwrap();
+        let mut staged = StagedFile::create(&directory.join("staging")).unwrap();
+        staged.write(b"deep").unwrap();
+        let staged = staged.finish(None).unwrap();
+        assert_eq!(confined.place(&staged.path, &nested, Placement::KeepExisting, None).unwrap(), Placed::Placed);
+        assert_eq!(std::fs::read(workspace.join("b/c/d.txt")).unwrap(), b"deep");
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
 }
