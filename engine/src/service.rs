@@ -41,6 +41,8 @@ const SEEN_BUCKET_TTL_SECS: u64 = 3 * 24 * 3600;
 pub const ENDED_THRED_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Optimistic-commit attempts before the event is requeued.
 const COMMIT_ATTEMPTS: usize = 50;
+/// An isolated queue left behind by a crashed test disappears after this long unused.
+const ISOLATED_QUEUE_EXPIRY_MS: i32 = 15 * 60 * 1000;
 /// Per-key locks inside one engine (striped: no map to grow or clean).
 const LOCK_STRIPES: usize = 1024;
 
@@ -110,16 +112,20 @@ pub async fn declare(bus: &Bus, config: &EngineConfig) -> Result<()> {
         return Ok(());
     }
     let channel = bus.channel().await?;
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    // Isolated names belong to tests and benchmarks: if one dies before `teardown`, the queue
+    // expires once unused and the exchanges go with their last binding.
+    let temporary = ExchangeDeclareOptions { durable: true, auto_delete: true, ..Default::default() };
     for (name, kind) in [
         (&config.events_exchange, ExchangeKind::Topic),
         (&config.tasks_exchange, ExchangeKind::Direct),
         (&config.notify_exchange, ExchangeKind::Topic),
         (&config.dead_exchange, ExchangeKind::Fanout),
     ] {
-        channel.exchange_declare(name, kind, durable, FieldTable::default()).await?;
+        channel.exchange_declare(name, kind, temporary, FieldTable::default()).await?;
     }
-    channel.queue_declare(&config.queue, QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-expires".into(), lapin::types::AMQPValue::LongInt(ISOLATED_QUEUE_EXPIRY_MS));
+    channel.queue_declare(&config.queue, QueueDeclareOptions { durable: true, ..Default::default() }, arguments).await?;
     channel
         .queue_bind(&config.queue, &config.events_exchange, "#", QueueBindOptions::default(), FieldTable::default())
         .await?;
@@ -255,7 +261,12 @@ struct Inner {
     profile: Profile,
     patterns: Vec<Pattern>,
     config: EngineConfig,
+    /// Consumes (and dead-letters).
     bus: Bus,
+    /// Publishes outboxes and timers on a connection of its own: lapin drives each connection
+    /// from one I/O thread, and an event's several publishes and confirms would otherwise queue
+    /// behind the deliveries and acks.
+    publisher: Bus,
     redis: ConnectionManager,
     redis_client: redis::Client,
     keys: Keys,
@@ -287,6 +298,7 @@ impl Engine {
     /// Connects to the broker and Redis and declares the topology; does not consume yet.
     pub async fn connect(profile: Profile, patterns: Vec<Pattern>, config: EngineConfig) -> Result<Engine> {
         let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-engine")).await?;
+        let publisher = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-engine-publisher")).await?;
         declare(&bus, &config).await?;
         let redis_client = redis::Client::open(profile.services.redis_url.as_str())?;
         let redis = redis_client.get_connection_manager().await?;
@@ -298,6 +310,7 @@ impl Engine {
                 patterns,
                 config,
                 bus,
+                publisher,
                 redis,
                 redis_client,
                 keys,
@@ -332,7 +345,7 @@ impl Engine {
         let timer_service = timers::TimerService::new(
             inner.redis_client.clone(),
             inner.redis.clone(),
-            inner.bus.clone(),
+            inner.publisher.clone(),
             inner.keys.clone(),
             inner.config.events_exchange.clone(),
             inner.metrics.clone(),
@@ -354,6 +367,7 @@ impl Engine {
         let _ = listener.await;
         let _ = sweeper.await;
         let _ = reporter.await;
+        inner.publisher.close().await;
         tracing::info!(metrics = ?inner.metrics.snapshot(), "engine stopped");
         consumed?;
         Ok(())
@@ -385,7 +399,7 @@ impl Engine {
     }
 
     async fn publish_messages(&self, messages: &[OutboxMessage]) -> Result<()> {
-        let bus = &self.inner.bus;
+        let bus = &self.inner.publisher;
         let publishes = messages.iter().map(|message| {
             let properties = BasicProperties::default()
                 .with_content_type("application/json".into())
@@ -662,6 +676,7 @@ impl Engine {
         let config = &self.inner.config;
         let thred = &step.thred;
         let mut messages = Vec::new();
+        let mut persist_operations: Vec<(usize, Value)> = Vec::new();
         for (index, effect) in step.effects.iter().enumerate() {
             let id = Task::stable_id(&event.id, index);
             match effect {
@@ -679,16 +694,10 @@ impl Engine {
                 }
                 Effect::Persist { operation, collection, id: record_id, doc } => {
                     let record_id = record_id.clone().unwrap_or_else(|| id.to_string());
-                    let task = Task {
-                        id,
-                        agent: AgentKind::Persistence,
-                        action: operation.as_str().to_owned(),
-                        session: Some(thred.key.clone()),
-                        thred: Some(thred.id.clone()),
-                        cause: Some(event.id.clone()),
-                        args: json!({"collection": collection, "id": record_id, "doc": doc}),
-                    };
-                    messages.push(task_message(config, &task));
+                    persist_operations.push((
+                        index,
+                        json!({"action": operation.as_str(), "args": {"collection": collection, "id": record_id, "doc": doc}}),
+                    ));
                 }
                 Effect::Notify { user, state, detail } => {
                     let Some(user) = user else {
@@ -706,6 +715,27 @@ impl Engine {
                 }
                 Effect::StartTimer { .. } | Effect::CancelTimer { .. } => {}
             }
+        }
+        // A step's records (typically the session upsert and the audit put) travel as one
+        // all-or-nothing `group`: one message instead of several, and never half applied.
+        if let Some((first_index, _)) = persist_operations.first() {
+            let (action, args) = if persist_operations.len() == 1 {
+                let operation = &persist_operations[0].1;
+                (operation["action"].as_str().unwrap_or_default().to_owned(), operation["args"].clone())
+            } else {
+                let operations: Vec<Value> = persist_operations.iter().map(|(_, operation)| operation.clone()).collect();
+                ("group".to_owned(), json!({"operations": operations}))
+            };
+            let task = Task {
+                id: Task::stable_id(&event.id, *first_index),
+                agent: AgentKind::Persistence,
+                action,
+                session: Some(thred.key.clone()),
+                thred: Some(thred.id.clone()),
+                cause: Some(event.id.clone()),
+                args,
+            };
+            messages.push(task_message(config, &task));
         }
         messages
     }
