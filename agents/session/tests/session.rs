@@ -977,3 +977,32 @@ async fn the_hub_routes_by_user_and_evicts_a_socket_that_falls_behind() -> Resul
 async fn bench_session_fan_out() -> Result<()> {
     session::bench(dev_profile()).await
 }
+
+#[tokio::test]
+async fn a_store_outage_is_reported_and_the_socket_keeps_working() -> Result<()> {
+    let world = World::new().await?;
+    let mut config = world.config();
+    // Nobody consumes this routing key: every store request times out.
+    config.store = StoreRoute { exchange: String::new(), routing_key: unique("nobody-home"), timeout: Duration::from_millis(300) };
+    let instance = world.instance(config).await?;
+    let alice = unique("alice");
+    let token = world.token(&alice, &[]);
+
+    let (mut socket, snapshot) = connect(&instance, &token).await?;
+    assert!(snapshot.get("sessions").is_none(), "{snapshot}");
+    assert!(snapshot["error"].as_str().is_some_and(|error| error.contains("unavailable")), "{snapshot}");
+    let reply = request(&mut socket, json!({"type": "close", "id": "c", "session": new_session_id()})).await?;
+    assert_eq!((reply["code"].as_str(), reply["id"].as_str()), (Some("unavailable"), Some("c")), "{reply}");
+    let (status, _) = http_get(instance.address, "/api/sessions", Some(&token)).await?;
+    assert_eq!(status, 503);
+
+    // Live status still flows, and the socket still answers.
+    let session = new_session_id();
+    world.bus.publish_notification(&notification(&alice, &session, "running", json!({}))).await?;
+    assert_eq!(next_frame(&mut socket).await?["session"], Value::String(session));
+    assert_eq!(request(&mut socket, json!({"type": "ping", "id": "p"})).await?["type"], "ok");
+
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
