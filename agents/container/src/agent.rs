@@ -177,6 +177,10 @@ struct Inner {
     network_checked: tokio::sync::OnceCell<()>,
     /// Containers this agent is stopping or removing on purpose, by id.
     expected_exits: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Session → id of the container last seen to be that session's. Only a shortcut for pause and
+    /// resume (a container id is never reused, so a stale entry just fails over to the careful
+    /// path); a restart loses nothing by forgetting it.
+    known_containers: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl Agent {
@@ -197,6 +201,7 @@ impl Agent {
                 session_locks: Mutex::new(HashMap::new()),
                 network_checked: tokio::sync::OnceCell::new(),
                 expected_exits: std::sync::Mutex::new(HashMap::new()),
+                known_containers: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -235,16 +240,21 @@ impl Agent {
     /// Does what `task` asks and publishes the answer events, which it also returns.
     pub async fn handle(&self, task: &Task) -> Result<Vec<CloudEvent>> {
         let (session, action) = parse_task(task)?;
+        let began = Instant::now();
         let lock = self.session_lock(&session).await;
         let guard = lock.lock().await;
-        tracing::info!(task_id = %task.id, session_id = %session, action = %task.action, "handling task");
+        tracing::debug!(task_id = %task.id, session_id = %session, action = %task.action, "handling task");
         let answered = self.perform(task, &session, action).await;
         drop(guard);
         self.release_session_lock(&session, lock).await;
         let events = answered?;
+        let worked_ms = elapsed_ms(began);
         for event in &events {
             self.inner.bus.publish_event(event).await?;
         }
+        tracing::info!(task_id = %task.id, session_id = %session, action = %task.action,
+            answer = %events.iter().map(|event| event.event_type.as_str()).collect::<Vec<_>>().join(","),
+            worked_ms, published_ms = elapsed_ms(began) - worked_ms, "task answered");
         Ok(events)
     }
 
@@ -282,6 +292,7 @@ impl Agent {
         let name = spec::container_name(&identity.session);
         match self.provision(identity).await {
             Ok(ready) => {
+                self.remember_container(&identity.session, &ready.container_id);
                 tracing::info!(session_id = %identity.session, container_id = %ready.container_id, port = ready.port,
                     adopted = ready.adopted, ready_ms = ready.ready_ms, "container ready");
                 Ok(answer(
@@ -301,6 +312,7 @@ impl Agent {
                 Ok(answer(task, "container.failed", json!({"action": "provision", "error": reason})))
             }
             Err(Failure::Refused(Refusal(reason))) => {
+                self.forget_container(&identity.session);
                 tracing::warn!(session_id = %identity.session, %reason, "provision failed, removing the container");
                 if let Err(error) = self.remove_by_name(&name).await {
                     tracing::warn!(session_id = %identity.session, %error, "could not remove the failed container");
@@ -488,6 +500,11 @@ impl Agent {
     // ---------------------------------------------------------------- lifecycle
 
     async fn pause_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
+        if let Some(id) = self.known_container(session) {
+            if self.inner.docker.pause_container(&id).await.is_ok() {
+                return Ok(answer(task, "container.paused", json!({"container_id": id})));
+            }
+        }
         let name = spec::container_name(session);
         let Some(inspected) = self.inspect_owned(&name).await? else {
             return Ok(failed(task, "pause", format!("no container for session {session}")));
@@ -506,6 +523,12 @@ impl Agent {
     }
 
     async fn resume_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
+        // Waking is on the user's critical path: skip the inspect when the container is known.
+        if let Some(id) = self.known_container(session) {
+            if self.inner.docker.unpause_container(&id).await.is_ok() {
+                return Ok(answer(task, "container.resumed", json!({"container_id": id})));
+            }
+        }
         let name = spec::container_name(session);
         let Some(inspected) = self.inspect_owned(&name).await? else {
             return Ok(failed(task, "resume", format!("no container for session {session}")));
@@ -571,6 +594,7 @@ impl Agent {
             }
         }
         self.expect_exit(&id);
+        self.forget_container(session);
         match self.inner.docker.remove_container(&id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
             Ok(()) => {}
             Err(error) if docker_status(&error) == Some(404) => {}
@@ -604,9 +628,17 @@ impl Agent {
                 if labels.get(spec::MANAGED_LABEL).map(String::as_str) != Some("true") {
                     return Ok(None);
                 }
+                if let (Some(session), Some(id)) = (labels.get(spec::SESSION_LABEL), inspected.id.as_ref()) {
+                    self.remember_container(session, id);
+                }
                 Ok(Some(inspected))
             }
-            Err(error) if docker_status(&error) == Some(404) => Ok(None),
+            Err(error) if docker_status(&error) == Some(404) => {
+                if let Some(session) = name.strip_prefix("berth-") {
+                    self.forget_container(session);
+                }
+                Ok(None)
+            }
             Err(error) if is_docker_answer(&error) => Ok(None),
             Err(error) => Err(Error::DockerUnreachable(error)),
         }
@@ -630,6 +662,19 @@ impl Agent {
             Err(error) if docker_status(&error) == Some(404) => Ok(()),
             Err(error) => Err(error),
         }
+    }
+
+    fn known_container(&self, session: &str) -> Option<String> {
+        self.inner.known_containers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(session).cloned()
+    }
+
+    fn remember_container(&self, session: &str, container_id: &str) {
+        let mut known = self.inner.known_containers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        known.insert(session.to_owned(), container_id.to_owned());
+    }
+
+    fn forget_container(&self, session: &str) {
+        self.inner.known_containers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(session);
     }
 
     fn expect_exit(&self, container_id: &str) {
