@@ -1,7 +1,9 @@
 //! Counters for `GET /metrics`, rendered in the Prometheus text exposition format.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 /// One instance's counters. Cheap to bump from any task.
 #[derive(Debug, Default)]
@@ -19,6 +21,8 @@ pub struct Metrics {
     pub activity_events_published: AtomicU64,
     pub activity_debounced: AtomicU64,
     pub sockets_dropped_heartbeat: AtomicU64,
+    /// Authentication failures by reason (`expired`, `signature`, …).
+    auth_failures_by_reason: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -26,6 +30,12 @@ pub(crate) fn bump(counter: &AtomicU64) {
 }
 
 impl Metrics {
+    /// Counts one refused authentication.
+    pub fn record_auth_failure(&self, reason: &'static str) {
+        bump(&self.auth_failures);
+        *self.auth_failures_by_reason.lock().unwrap_or_else(PoisonError::into_inner).entry(reason).or_insert(0) += 1;
+    }
+
     pub fn render(&self) -> String {
         let mut text = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
@@ -52,6 +62,14 @@ impl Metrics {
         counter("berth_session_activity_events_total", "session.activity events published.", load(&self.activity_events_published));
         counter("berth_session_activity_debounced_total", "Activity folded into an earlier event.", load(&self.activity_debounced));
         counter("berth_session_heartbeat_drops_total", "Sockets dropped for missing heartbeats.", load(&self.sockets_dropped_heartbeat));
+        let by_reason = self.auth_failures_by_reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let _ = writeln!(
+            text,
+            "# HELP berth_session_auth_failures_by_reason_total Requests refused with 401, by reason.\n# TYPE berth_session_auth_failures_by_reason_total counter"
+        );
+        for (reason, count) in by_reason {
+            let _ = writeln!(text, "berth_session_auth_failures_by_reason_total{{reason=\"{reason}\"}} {count}");
+        }
         let open = self.connections_open.load(Ordering::Relaxed);
         let _ = writeln!(
             text,

@@ -176,7 +176,7 @@ fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> R
         None => Err(AuthFailure::MissingToken),
     };
     if let Err(failure) = &outcome {
-        bump(&state.metrics.auth_failures);
+        state.metrics.record_auth_failure(failure.label());
         tracing::info!(reason = failure.label(), "refused an unauthenticated request");
     }
     outcome

@@ -389,6 +389,17 @@ async fn unauthenticated_requests_get_401_and_no_upgrade() -> Result<()> {
     let (status, _) = http_get(instance.address, "/api/sessions", Some(&expired)).await?;
     assert_eq!(status, 401);
     assert_eq!(instance.handle.metrics.auth_failures.load(Ordering::Relaxed), 7);
+    let (_, metrics) = http_get(instance.address, "/metrics", None).await?;
+    for line in [
+        "berth_session_auth_failures_total 7",
+        r#"berth_session_auth_failures_by_reason_total{reason="missing"} 2"#,
+        r#"berth_session_auth_failures_by_reason_total{reason="signature"} 1"#,
+        r#"berth_session_auth_failures_by_reason_total{reason="expired"} 2"#,
+        r#"berth_session_auth_failures_by_reason_total{reason="audience"} 1"#,
+        r#"berth_session_auth_failures_by_reason_total{reason="subject"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|candidate| candidate == line), "missing {line:?} in\n{metrics}");
+    }
     assert_eq!(instance.handle.metrics.connections_total.load(Ordering::Relaxed), 0, "nothing was upgraded");
 
     // The same token is accepted from each place a client can put it.
