@@ -30,7 +30,9 @@ pub use server::{serve, start, InstanceHandle};
 /// Runs `berth agent session` until `shutdown` completes: listens on `services.session_addr`
 /// (`BERTH_SESSION_ADDR`) with the key and limits of the profile.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let config = SessionConfig::from_profile(&profile)?;
+    let key = KeyMaterial::from_profile(&profile)?;
+    let config = SessionConfig::with_key(&profile, &key)?;
+    tracing::info!(key_from = %key.origin, algorithm = ?config.authority.algorithm(), audience = %profile.session.jwt_audience, "verifying user tokens");
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-session")).await?;
     bus.declare_topology().await?;
     let address = &profile.services.session_addr;
