@@ -30,6 +30,8 @@ use crate::{probe, stats};
 pub const EVENT_SOURCE: &str = "/berth/agent/container";
 /// How often readiness is probed while a container starts.
 const READINESS_POLL: Duration = Duration::from_millis(20);
+/// How often the container's state is checked while its health check does not answer yet.
+const STATE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// How long an exit the agent caused itself is remembered, so the event watcher does not report it.
 const EXPECTED_EXIT_MEMORY: Duration = Duration::from_secs(300);
 
@@ -346,31 +348,37 @@ impl Agent {
                 Err(error) if docker_status(&error) == Some(404) => None,
                 Err(error) => return Err(error.into()),
             };
-            let Some(existing) = existing else {
-                let created_at = Instant::now();
-                let config = spec::container_config(&self.inner.profile, identity, &session_dir, &self.inner.settings.extra_labels);
-                let options = CreateContainerOptions { name: name.clone(), platform: None };
-                match self.inner.docker.create_container(Some(options), config).await {
-                    Ok(_) => {
-                        create_ms = elapsed_ms(created_at);
-                        adopted = false;
-                    }
-                    // Someone else created it first: find it again on the next round.
-                    Err(error) if docker_status(&error) == Some(409) => {}
-                    Err(error) if docker_status(&error) == Some(404) => {
-                        return Err(Refusal(format!(
-                            "image {} is not available on this Docker engine ({})",
-                            self.inner.profile.container.image,
-                            docker_message(&error)
-                        ))
-                        .into())
-                    }
-                    Err(error) => return Err(error.into()),
+            let status = match existing {
+                Some(existing) => {
+                    check_ownership(&existing, identity, &self.inner.profile).map_err(Failure::NotOurs)?;
+                    existing.state.as_ref().and_then(|state| state.status).unwrap_or(ContainerStateStatusEnum::EMPTY)
                 }
-                continue;
+                None => {
+                    let created_at = Instant::now();
+                    let config =
+                        spec::container_config(&self.inner.profile, identity, &session_dir, &self.inner.settings.extra_labels);
+                    let options = CreateContainerOptions { name: name.clone(), platform: None };
+                    match self.inner.docker.create_container(Some(options), config).await {
+                        // Ours and fresh: start it without asking Docker again.
+                        Ok(_) => {
+                            create_ms = elapsed_ms(created_at);
+                            adopted = false;
+                            ContainerStateStatusEnum::CREATED
+                        }
+                        // Someone else created it first: find it again on the next round.
+                        Err(error) if docker_status(&error) == Some(409) => continue,
+                        Err(error) if docker_status(&error) == Some(404) => {
+                            return Err(Refusal(format!(
+                                "image {} is not available on this Docker engine ({})",
+                                self.inner.profile.container.image,
+                                docker_message(&error)
+                            ))
+                            .into())
+                        }
+                        Err(error) => return Err(error.into()),
+                    }
+                }
             };
-            check_ownership(&existing, identity, &self.inner.profile).map_err(Failure::NotOurs)?;
-            let status = existing.state.as_ref().and_then(|state| state.status).unwrap_or(ContainerStateStatusEnum::EMPTY);
             let started_at = Instant::now();
             match status {
                 ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING => {}
@@ -475,6 +483,7 @@ impl Agent {
             tokio::time::sleep(READINESS_POLL).await;
             inspected = self.inner.docker.inspect_container(name, None).await?;
         };
+        let mut last_inspection = Instant::now();
         loop {
             let answered = match &settings.health {
                 HealthCheck::Http(path) => probe::http_ready(spec::PUBLISH_HOST, port, path).await,
@@ -484,8 +493,13 @@ impl Agent {
             if answered {
                 return Ok((container_id, port));
             }
-            inspected = self.inner.docker.inspect_container(name, None).await?;
-            check_still_running(&inspected)?;
+            // Asking Docker every round would load it while many sessions start at once; a dead
+            // container is noticed within the interval anyway.
+            if last_inspection.elapsed() >= STATE_CHECK_INTERVAL || settings.health == HealthCheck::Docker {
+                inspected = self.inner.docker.inspect_container(name, None).await?;
+                last_inspection = Instant::now();
+                check_still_running(&inspected)?;
+            }
             if Instant::now() >= deadline {
                 return Err(Refusal(format!(
                     "not ready within {} s (health check {:?} never answered)",
