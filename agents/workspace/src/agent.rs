@@ -394,6 +394,11 @@ impl WorkspaceAgent {
             .await?,
         );
 
+        // An object gone from the store since an interrupted run leaves the manifest, so the next
+        // sync uploads the local copy again instead of trusting a stale entry.
+        let listed: BTreeSet<&str> = wanted.iter().map(|(path, _)| path.as_str()).collect();
+        manifest.files.retain(|path, _| listed.contains(path.as_str()));
+        drop(listed);
         // Files already in place from an interrupted run are kept when they still match.
         let threshold = self.profile.workspace.large_file_threshold_kib * 1024;
         let mut small = Vec::new();
@@ -411,7 +416,6 @@ impl WorkspaceAgent {
                 small.push((path, meta));
             }
         }
-        // Objects gone from the store since an interrupted run are no longer part of the workspace.
         small.sort_by_key(|(_, meta)| meta.size);
         large.sort_by_key(|(_, meta)| meta.size);
         let progress = Progress {
@@ -477,19 +481,20 @@ impl WorkspaceAgent {
                 let staging = staging.clone();
                 async move {
                     let fetched = self.fetch(&staging, &confined, &path, &meta, class, early_placement).await;
-                    (path, meta, fetched)
+                    (path, meta, class, fetched)
                 }
             })
             .buffer_unordered(parallelism);
         let mut held: Vec<(WorkspacePath, StagedObject)> = Vec::new();
         let mut first_error = None;
-        while let Some((path, meta, fetched)) = fetches.next().await {
+        while let Some((path, meta, class, fetched)) = fetches.next().await {
             match fetched {
                 Err(error) => {
                     tracing::warn!(session = %pipeline.target.session, path = %path, %error, "download failed");
                     first_error.get_or_insert(error);
-                    if !pipeline.announced {
-                        // The container must not start on a workspace with holes: stop here.
+                    if class == FileClass::Small {
+                        // The container must not start on a workspace missing a small file: stop here.
+                        // A large file that fails is reported after the others are in place.
                         break;
                     }
                 }

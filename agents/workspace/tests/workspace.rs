@@ -105,6 +105,9 @@ struct CountingStore {
     inner: Arc<dyn ObjectStore>,
     puts: AtomicUsize,
     deletes: AtomicUsize,
+    gets: AtomicUsize,
+    /// Reads of keys containing this text fail, as if the store broke down mid-way.
+    failing_reads: Mutex<Option<String>>,
 }
 
 impl std::fmt::Display for CountingStore {
@@ -124,6 +127,11 @@ impl ObjectStore for CountingStore {
         self.inner.put_multipart_opts(location, opts).await
     }
     async fn get_opts(&self, location: &ObjectPath, options: GetOptions) -> object_store::Result<GetResult> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        let failing = self.failing_reads.lock().unwrap().clone();
+        if failing.is_some_and(|text| location.as_ref().contains(&text)) {
+            return Err(object_store::Error::Generic { store: "test", source: "injected read failure".into() });
+        }
         self.inner.get_opts(location, options).await
     }
     async fn delete(&self, location: &ObjectPath) -> object_store::Result<()> {
@@ -181,7 +189,13 @@ impl Harness {
         std::fs::create_dir_all(&scratch).expect("scratch dir");
         let profile = test_profile(&backend.url, &scratch);
         let opened = backend.open();
-        let counting = Arc::new(CountingStore { inner: opened.store.clone(), puts: AtomicUsize::new(0), deletes: AtomicUsize::new(0) });
+        let counting = Arc::new(CountingStore {
+            inner: opened.store.clone(),
+            puts: AtomicUsize::new(0),
+            deletes: AtomicUsize::new(0),
+            gets: AtomicUsize::new(0),
+            failing_reads: Mutex::new(None),
+        });
         let store = OpenedStore { store: counting.clone(), root: opened.root.clone(), url: opened.url.clone() };
         let events = Arc::new(events);
         let agent = Arc::new(WorkspaceAgent::new(profile.clone(), store.clone(), events.clone(), settings));
@@ -638,6 +652,35 @@ async fn large_files_go_up_in_parts_and_come_back_streamed(backend: Backend) {
     backend.cleanup().await;
 }
 
+/// A materialize that breaks down after `workspace.materialized` reports it; the next one picks up
+/// where it stopped without fetching again what is already in place.
+async fn an_interrupted_materialize_resumes(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    let mut files = fixture(30, 0);
+    files.insert("discovery/huge-video.bin".into(), content(5, 300 * 1024));
+    harness.seed(&files).await;
+    *harness.counting.failing_reads.lock().unwrap() = Some("huge-video".into());
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    assert_eq!(number(&harness.last("workspace.materialized"), "pending_large_files"), 1);
+    let failed = harness.last("workspace.failed");
+    assert_eq!(failed.data["stage"], json!("download"), "{}", failed.data);
+    assert!(harness.events_of("workspace.complete").is_empty());
+    assert!(!harness.directory().join("discovery/huge-video.bin").exists(), "no stub for the missing file");
+    // A sync meanwhile must not delete the object that never arrived.
+    assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
+    assert_eq!(number(&harness.last("workspace.synced"), "deleted"), 0);
+
+    *harness.counting.failing_reads.lock().unwrap() = None;
+    harness.counting.gets.store(0, Ordering::SeqCst);
+    harness.events.take();
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    assert_eq!(number(&harness.last("workspace.complete"), "files"), 31);
+    assert_eq!(harness.counting.gets.load(Ordering::SeqCst), 1, "only the missing file is fetched again");
+    assert_eq!(local_files(&harness.directory()), files);
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
 macro_rules! on_both_backends {
     ($($suite:ident),* $(,)?) => {
         mod on_s3 {
@@ -668,6 +711,7 @@ on_both_backends!(
     tasks_for_one_workspace_never_overlap,
     bad_tasks_get_clear_answers,
     large_files_go_up_in_parts_and_come_back_streamed,
+    an_interrupted_materialize_resumes,
 );
 
 // ----- S3 only ---------------------------------------------------------------------------------------
