@@ -462,10 +462,10 @@ impl WorkspaceAgent {
         outcome.map(|()| manifest)
     }
 
-    /// One pool of downloads, small files first. Small files are linked into place as they arrive;
-    /// large ones may download meanwhile but wait in the staging folder until every small file is
-    /// in place and `workspace.materialized` is sent, so the container starts as early as possible
-    /// while the network stays busy.
+    /// Downloads with bounded parallelism, smallest first. Small files are linked into place as they
+    /// arrive; large ones download meanwhile in their own lanes but wait in the staging folder until
+    /// every small file is in place and `workspace.materialized` is sent, so the container starts
+    /// as early as possible while the network stays busy.
     async fn fetch_all(&self, pipeline: &mut Pipeline<'_>, work: Vec<(WorkspacePath, ObjectMeta, FileClass)>) -> Result<()> {
         let parallelism = self.profile.workspace.parallelism.max(1);
         let mut small_left = work.iter().filter(|(_, _, class)| *class == FileClass::Small).count();
@@ -475,16 +475,26 @@ impl WorkspaceAgent {
         let early_placement = pipeline.early_placement;
         let confined = pipeline.confined.clone();
         let staging = pipeline.target.staging.clone();
-        let mut fetches = futures::stream::iter(work)
-            .map(|(path, meta, class)| {
-                let confined = confined.clone();
-                let staging = staging.clone();
-                async move {
-                    let fetched = self.fetch(&staging, &confined, &path, &meta, class, early_placement).await;
-                    (path, meta, class, fetched)
-                }
-            })
-            .buffer_unordered(parallelism);
+        // Large files get a quarter of the lanes from the start, so their long transfers overlap the
+        // small files instead of trailing after them; the small files keep most of the bandwidth.
+        let (small_work, large_work): (Vec<_>, Vec<_>) = work.into_iter().partition(|(_, _, class)| *class == FileClass::Small);
+        let large_lanes = match (small_work.is_empty(), large_work.is_empty()) {
+            (true, _) => parallelism,
+            (false, true) => 0,
+            (false, false) => (parallelism / 4).max(1),
+        };
+        let small_lanes = parallelism.saturating_sub(large_lanes).max(1);
+        let fetch_one = |(path, meta, class): (WorkspacePath, ObjectMeta, FileClass)| {
+            let confined = confined.clone();
+            let staging = staging.clone();
+            async move {
+                let fetched = self.fetch(&staging, &confined, &path, &meta, class, early_placement).await;
+                (path, meta, class, fetched)
+            }
+        };
+        let small_fetches = futures::stream::iter(small_work).map(fetch_one).buffer_unordered(small_lanes);
+        let large_fetches = futures::stream::iter(large_work).map(fetch_one).buffer_unordered(large_lanes.max(1));
+        let mut fetches = futures::stream::select(small_fetches, large_fetches);
         let mut held: Vec<(WorkspacePath, StagedObject)> = Vec::new();
         let mut first_error = None;
         while let Some((path, meta, class, fetched)) = fetches.next().await {

@@ -24,7 +24,7 @@ const THROUGHPUT_FILES: usize = 500;
 const THROUGHPUT_LARGE_FILES: usize = 5;
 const THROUGHPUT_BYTES: usize = 50 * 1000 * 1000;
 const SYNC_FILES: usize = 10_000;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const SYNC_ROUNDS: usize = 5;
 
 /// The figures one run measured.
