@@ -585,6 +585,39 @@ impl Operation {
     }
 }
 
+/// One transition of a session as the audit trail (`events`) keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransitionRecord {
+    pub session: String,
+    pub thred: String,
+    pub from: String,
+    pub to: String,
+    /// The type and id of the event that caused the transition.
+    pub event_type: String,
+    pub event_id: String,
+    /// When the engine applied it (RFC 3339).
+    pub at: String,
+}
+
+impl Operation {
+    /// Appends a transition to `events`. The record's id is the task's id, so a redelivered task
+    /// appends it once.
+    pub fn record_transition(record: &TransitionRecord) -> Operation {
+        let doc = match serde_json::to_value(record) {
+            Ok(Value::Object(doc)) => doc,
+            _ => Map::new(),
+        };
+        Operation::Put(PutArgs { collection: collections::EVENTS.to_owned(), id: None, doc })
+    }
+
+    /// Sets fields of a session record (state, user, container id, host, port, error, …),
+    /// creating the record if absent.
+    pub fn record_session(session: &str, fields: Map<String, Value>) -> Operation {
+        Operation::Upsert(UpsertArgs { collection: collections::SESSIONS.to_owned(), id: session.to_owned(), doc: fields })
+    }
+}
+
 /// Whether one dotted path is the other or lies inside it.
 pub fn overlaps(first: &str, second: &str) -> bool {
     let inside = |outer: &str, inner: &str| inner.len() > outer.len() && inner.starts_with(outer) && inner.as_bytes()[outer.len()] == b'.';
@@ -900,6 +933,28 @@ mod tests {
         assert_eq!(task.action, "get");
         assert_eq!(task.args, json!({"collection": "sessions", "id": "s1"}));
         assert_eq!(Operation::from_task(&task).unwrap(), operation);
+    }
+
+    #[test]
+    fn berth_records_are_valid_operations() {
+        let record = TransitionRecord {
+            session: "s1".into(),
+            thred: "t1".into(),
+            from: "open".into(),
+            to: "materializing".into(),
+            event_type: "session.open".into(),
+            event_id: "e1".into(),
+            at: "2026-01-01T00:00:00Z".into(),
+        };
+        let task = Operation::record_transition(&record).to_task(Uuid::now_v7());
+        assert_eq!((task.action.as_str(), task.args["collection"].as_str()), ("put", Some("events")));
+        assert_eq!(task.args["doc"]["to"], "materializing");
+        Operation::from_task(&task).unwrap();
+        let fields = json!({"state": "running", "port": 32768});
+        let Value::Object(fields) = fields else { unreachable!() };
+        let task = Operation::record_session("s1", fields).to_task(Uuid::now_v7());
+        assert_eq!(task.args, json!({"collection": "sessions", "id": "s1", "doc": {"state": "running", "port": 32768}}));
+        Operation::from_task(&task).unwrap();
     }
 
     #[test]

@@ -82,7 +82,19 @@ impl MongoStore {
         };
         if let Some(task_id) = task_id {
             let record = doc! {"_id": task_id.to_string(), "reply": result.to_string(), "at": bson::DateTime::now()};
-            applied.insert_one(record).session(&mut session).await?;
+            match applied.insert_one(record).session(&mut session).await {
+                Ok(_) => {}
+                // Without transactions a concurrent copy of the task may have recorded it first.
+                Err(error) if !self.transactions && error_kind(&error) == ErrorKind::Conflict => {
+                    tracing::warn!(%task_id, "task applied by two deliveries at once on a standalone server");
+                }
+                Err(error) => {
+                    if self.transactions {
+                        let _ = session.abort_transaction().await;
+                    }
+                    return Err(error.into());
+                }
+            }
         }
         if self.transactions {
             session.commit_transaction().await?;
