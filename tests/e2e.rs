@@ -24,6 +24,20 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 const S3_ENDPOINT: &str = "http://127.0.0.1:9000";
+/// curl signs its S3 requests (the test server refuses anonymous reads) with these.
+const SIGNED: [&str; 4] = ["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "berth-test:berth-test"];
+
+/// curl with S3 signing, then `arguments`.
+fn s3_curl(arguments: &[&str]) -> Command {
+    let mut command = Command::new("curl");
+    command.args(SIGNED).args(arguments);
+    command
+}
+
+fn s3_curl_ok(arguments: &[&str]) {
+    let output = s3_curl(arguments).output().expect("curl runs");
+    assert!(output.status.success(), "curl {arguments:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+}
 const JWT_SECRET: &str = "e2e-secret-that-is-long-enough-for-hs256";
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -43,7 +57,7 @@ impl Environment {
         run_ok("rabbitmqctl", &["add_vhost", &vhost]);
         run_ok("rabbitmqctl", &["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
         let bucket = format!("berth-e2e-{run}");
-        run_ok("curl", &["-fsS", "-X", "PUT", &format!("{S3_ENDPOINT}/{bucket}")]);
+        s3_curl_ok(&["-fsS", "-X", "PUT", &format!("{S3_ENDPOINT}/{bucket}")]);
         let root = std::env::temp_dir().join(format!("berth-e2e-{run}"));
         std::fs::create_dir_all(&root).expect("temp root");
         let session_port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
@@ -64,12 +78,12 @@ impl Environment {
         let path = self.root.join("upload.tmp");
         std::fs::write(&path, body).expect("write upload");
         let url = format!("{S3_ENDPOINT}/{}/{key}", self.bucket);
-        run_ok("curl", &["-fsS", "-X", "PUT", "--data-binary", &format!("@{}", path.display()), &url]);
+        let file = format!("@{}", path.display());
+        s3_curl_ok(&["-fsS", "-X", "PUT", "-H", "Content-Type: application/octet-stream", "--data-binary", &file, &url]);
     }
 
     fn get_object(&self, key: &str) -> Option<Vec<u8>> {
-        let output = Command::new("curl")
-            .args(["-fsS", &format!("{S3_ENDPOINT}/{}/{key}", self.bucket)])
+        let output = s3_curl(&["-fsS", &format!("{S3_ENDPOINT}/{}/{key}", self.bucket)])
             .output()
             .expect("curl runs");
         output.status.success().then_some(output.stdout)
@@ -150,6 +164,9 @@ impl Berth {
     }
 
     fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
@@ -332,7 +349,7 @@ async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
     // --- open through the WebSocket ---
     let token = mint_token(&user);
     let request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "ws://127.0.0.1:{}/ws?token={token}",
+        "ws://127.0.0.1:{}/ws?access_token={token}",
         environment.session_port
     ))
     .expect("request");

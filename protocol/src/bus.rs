@@ -287,7 +287,9 @@ impl Bus {
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_reply_to(DIRECT_REPLY_TO.into())
-            .with_correlation_id(correlation_id.clone().into());
+            .with_correlation_id(correlation_id.clone().into())
+            // Nobody waits for the answer after the timeout: don't let the request outlive it.
+            .with_expiration(timeout.as_millis().to_string().into());
         let published = async {
             channel.basic_publish(exchange, routing_key, BasicPublishOptions::default(), body, properties).await?.await?;
             Ok::<_, BusError>(())
