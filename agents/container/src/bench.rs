@@ -32,6 +32,8 @@ struct Bench {
     bench_id: String,
     task_queue: String,
     waiters: Waiters,
+    /// Per provision: create, start, ready (as the agent measured them) and everything else.
+    stages: Mutex<Vec<[Duration; 4]>>,
 }
 
 pub async fn run(profile: Profile) -> anyhow::Result<()> {
@@ -60,7 +62,7 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
         serving_agent.serve(&serving_queue, async move { let _ = serve_stopped.wait_for(|stop| *stop).await; }).await
     });
 
-    let bench = Bench { profile, bus: bus.clone(), agent, bench_id, task_queue, waiters };
+    let bench = Bench { profile, bus: bus.clone(), agent, bench_id, task_queue, waiters, stages: Mutex::default() };
     let measured = bench.measure_everything().await;
     // Stop serving first, so that removing the benchmark's containers is not reported as exits.
     let _ = stop.send(true);
@@ -77,8 +79,11 @@ struct Figures {
     agent_concurrent: Vec<Duration>,
     docker_sequential: Vec<Duration>,
     docker_concurrent: Vec<Duration>,
+    api_sequential: Vec<Duration>,
+    api_concurrent: Vec<Duration>,
     resume_answer: Vec<Duration>,
     resume_first_http: Vec<Duration>,
+    stages: Vec<[Duration; 4]>,
     image: String,
 }
 
@@ -104,14 +109,25 @@ impl Bench {
             (0..CONCURRENT_SESSIONS).map(|index| self.docker_run_until_healthy_owned(format!("con{index}"))),
         )
         .await?;
+        let mut api_sequential = Vec::new();
+        for index in 0..SEQUENTIAL_SESSIONS {
+            api_sequential.push(self.docker_api_until_healthy(format!("apiseq{index}")).await?);
+        }
+        let api_concurrent = futures::future::try_join_all(
+            (0..CONCURRENT_SESSIONS).map(|index| self.docker_api_until_healthy(format!("apicon{index}"))),
+        )
+        .await?;
         let (resume_answer, resume_first_http) = self.resume_rounds().await?;
         Ok(Figures {
             agent_sequential,
             agent_concurrent,
             docker_sequential,
             docker_concurrent,
+            api_sequential,
+            api_concurrent,
             resume_answer,
             resume_first_http,
+            stages: self.stages.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
             image: self.profile.container.image.clone(),
         })
     }
@@ -130,6 +146,14 @@ impl Bench {
         let task = self.task(&session, "provision", json!({"user": "bench", "workspace": name}));
         let (event, elapsed) = self.send_and_wait(&task, "container.ready").await?;
         anyhow::ensure!(event.event_type == "container.ready", "provision of {session} failed: {}", event.data);
+        let stage = |name: &str| Duration::from_millis(event.data["timings_ms"][name].as_u64().unwrap_or(0));
+        let docker_part = stage("create") + stage("start") + stage("ready");
+        self.stages.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push([
+            stage("create"),
+            stage("start"),
+            stage("ready"),
+            elapsed.saturating_sub(docker_part),
+        ]);
         Ok(elapsed)
     }
 
@@ -238,6 +262,42 @@ impl Bench {
         }
     }
 
+    /// The same container through Docker's API directly (create, start, health): the floor under
+    /// both the agent and the CLI, without a broker, a CLI process or any checks.
+    async fn docker_api_until_healthy(&self, name: String) -> anyhow::Result<Duration> {
+        let docker = self.agent.docker();
+        let settings = &self.profile.container;
+        let session = format!("berth-bench-{}-api-{name}", self.bench_id);
+        let identity = spec::SessionIdentity { session: session.clone(), user: "bench".into(), workspace: name, thred: None };
+        let workspace = self.profile.session_dir(&session);
+        tokio::fs::create_dir_all(&workspace).await?;
+        let labels = BTreeMap::from([(BENCH_LABEL.to_owned(), self.bench_id.clone())]);
+        let config = spec::container_config(&self.profile, &identity, &workspace, &labels);
+        let began = Instant::now();
+        let options = bollard::container::CreateContainerOptions { name: spec::container_name(&session), platform: None };
+        let created = docker.create_container(Some(options), config).await?;
+        docker.start_container(&created.id, None::<bollard::container::StartContainerOptions<String>>).await?;
+        let inspected = docker.inspect_container(&created.id, None).await?;
+        let port = inspected
+            .network_settings
+            .and_then(|network| network.ports)
+            .and_then(|ports| ports.get(&spec::service_port_key(settings)).cloned().flatten())
+            .and_then(|bindings| bindings.iter().find_map(|binding| binding.host_port.as_deref()?.parse::<u16>().ok()))
+            .ok_or_else(|| anyhow::anyhow!("{session}: no published port"))?;
+        let deadline = began + Duration::from_secs(settings.ready_timeout_secs);
+        loop {
+            let healthy = match &settings.health {
+                HealthCheck::Http(path) => probe::http_ready(spec::PUBLISH_HOST, port, path).await,
+                HealthCheck::Tcp | HealthCheck::Docker => probe::tcp_ready(spec::PUBLISH_HOST, port).await,
+            };
+            if healthy {
+                return Ok(began.elapsed());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{session} never answered its health check");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Pause, then time resume → `container.resumed`, and resume → first HTTP answer.
     async fn resume_rounds(&self) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
         let session = self.session("seq0");
@@ -280,6 +340,7 @@ impl Bench {
         }
         let root = self.profile.services.workspace_root.clone();
         let prefixes = [format!("bench{}-", self.bench_id), format!("berth-bench-{}-", self.bench_id)];
+        // The bench's containers are all labelled; their directories all carry the bench id.
         if let Ok(mut entries) = tokio::fs::read_dir(&root).await {
             while let Ok(Some(entry)) = entries.next_entry().await {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -339,20 +400,38 @@ impl Figures {
             (format!("docker run, {SEQUENTIAL_SESSIONS} sequential (→health)"), &self.docker_sequential),
             (format!("agent, {CONCURRENT_SESSIONS} concurrent"), &self.agent_concurrent),
             (format!("docker run, {CONCURRENT_SESSIONS} concurrent"), &self.docker_concurrent),
+            (format!("docker API, {SEQUENTIAL_SESSIONS} sequential"), &self.api_sequential),
+            (format!("docker API, {CONCURRENT_SESSIONS} concurrent"), &self.api_concurrent),
             (format!("resume, {RESUME_ROUNDS}× (publish→resumed)"), &self.resume_answer),
             (format!("resume, {RESUME_ROUNDS}× (publish→first HTTP)"), &self.resume_first_http),
         ];
         for (label, samples) in rows {
             println!("{label:<34} {:>9.1} {:>9.1}", milliseconds(percentile(samples, 0.5)), milliseconds(percentile(samples, 0.95)));
         }
+        let stage = |index: usize| {
+            let samples: Vec<Duration> = self.stages.iter().map(|stages| stages[index]).collect();
+            milliseconds(percentile(&samples, 0.5))
+        };
+        println!(
+            "agent stages, p50 ms: create {:.0}, start {:.0}, until healthy {:.0}, broker and bookkeeping {:.0}",
+            stage(0),
+            stage(1),
+            stage(2),
+            stage(3)
+        );
         let overhead = |ours: &[Duration], docker: &[Duration]| {
             let docker_p50 = milliseconds(percentile(docker, 0.5));
             (milliseconds(percentile(ours, 0.5)) - docker_p50) / docker_p50 * 100.0
         };
         println!(
-            "overhead at p50: sequential {:+.1}%, concurrent {:+.1}% (goal: under 15%)",
+            "overhead at p50 vs docker run: sequential {:+.1}%, concurrent {:+.1}% (goal: under 15%)",
             overhead(&self.agent_sequential, &self.docker_sequential),
             overhead(&self.agent_concurrent, &self.docker_concurrent)
+        );
+        println!(
+            "overhead at p50 vs the bare API: sequential {:+.1}%, concurrent {:+.1}%",
+            overhead(&self.agent_sequential, &self.api_sequential),
+            overhead(&self.agent_concurrent, &self.api_concurrent)
         );
         println!(
             "resume p50: {:.1} ms to container.resumed (goal: under 50 ms)",
