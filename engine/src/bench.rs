@@ -120,6 +120,21 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
     let bodies: Vec<Vec<u8>> = opens.iter().map(CloudEvent::to_bytes).collect();
 
     println!("berth bench engine: {THREDS} threds, prefetch {}", config.prefetch);
+    // The pure core alone: start a thred and apply the next event, no IO.
+    if let Some(pattern) = patterns.iter().find(|pattern| pattern.start.events.contains("session.open")) {
+        let started = Instant::now();
+        for event in &opens {
+            let input = service::event_input(event);
+            let seed = json!({"session": event.subject, "user": "bench", "workspace": "w", "profile": profile.name,
+                              "timers": {"idle_after_secs": 60, "stop_after_idle_secs": 60, "max_age_secs": 60, "autosave_secs": 60, "ready_timeout_secs": 20}});
+            let seed = seed.as_object().cloned().unwrap_or_default();
+            let step = crate::core::start(pattern, &event.id, seed, &input, 0)?;
+            let next = CloudEvent::new("workspace.materialized", "/bench", event.subject.as_deref(), json!({}));
+            crate::core::step(pattern, &step.thred, &service::event_input(&next), 1)?;
+        }
+        let rate = (2 * THREDS) as f64 / started.elapsed().as_secs_f64();
+        println!("  pure core (start + step):          {rate:>9.0} steps/s");
+    }
     let raw_rate = raw_broker_rate(bus, &bodies, config.prefetch).await?;
     println!("  raw broker consume+ack:            {raw_rate:>9.0} msg/s");
 

@@ -7,7 +7,7 @@ use protocol::AgentKind;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::expr::{Expression, Scope};
+use crate::expr::{json_object_to_cel, json_to_cel, CelScope, Expression, Scope};
 use crate::pattern::{EffectTemplate, Pattern, PersistOperation, Transition, STATE_TIMEOUT_TIMER, TIMER_FIRED};
 
 /// Collection of the audit trail: one record per state change.
@@ -139,9 +139,11 @@ pub fn start(pattern: &Pattern, thred_id: &str, seed: Map<String, Value>, event:
         updated_ms: now_ms,
         ended: false,
     };
+    // Validation and the context values see the seed; the key sees the finished context.
+    let seed_scope = Scope { ctx: &thred.context, event: &event_value, thred: &thred_value(&thred), now_ms }.to_cel();
     if let Some(validate) = &pattern.start.validate {
-        let scope = Scope { ctx: &thred.context, event: &event_value, thred: &thred_value(&thred), now_ms };
-        let valid = validate.evaluate_bool(&scope).map_err(|reason| StepError::InvalidStart { pattern: pattern.name.clone(), reason })?;
+        let valid =
+            validate.evaluate_bool_cel(&seed_scope).map_err(|reason| StepError::InvalidStart { pattern: pattern.name.clone(), reason })?;
         if !valid {
             return Err(StepError::InvalidStart {
                 pattern: pattern.name.clone(),
@@ -150,12 +152,11 @@ pub fn start(pattern: &Pattern, thred_id: &str, seed: Map<String, Value>, event:
         }
     }
     for (name, expression) in &pattern.start.context {
-        let scope = Scope { ctx: &thred.context, event: &event_value, thred: &thred_value(&thred), now_ms };
-        let value = expression.evaluate(&scope).map_err(expression_error)?;
+        let value = expression.evaluate_cel(&seed_scope).map_err(expression_error)?;
         thred.context.insert(name.clone(), value);
     }
-    let scope = Scope { ctx: &thred.context, event: &event_value, thred: &thred_value(&thred), now_ms };
-    thred.key = match pattern.start.key.evaluate(&scope).map_err(expression_error)? {
+    let key_scope = CelScope { ctx: json_object_to_cel(&thred.context), ..seed_scope };
+    thred.key = match pattern.start.key.evaluate_cel(&key_scope).map_err(expression_error)? {
         Value::String(key) if !key.is_empty() => key,
         other => {
             return Err(StepError::InvalidStart {
@@ -176,7 +177,9 @@ pub fn step(pattern: &Pattern, thred: &Thred, event: &EventInput, now_ms: i64) -
     if thred.ended {
         return unchanged(Disposition::Rejected(format!("thred ended in `{}`", thred.state)));
     }
-    let mut run = Run { pattern, thred: thred.clone(), effects: Vec::new(), event: event.as_value(), now_ms };
+    let event_value = event.as_value();
+    let event_cel = json_to_cel(&event_value);
+    let mut run = Run { pattern, thred: thred.clone(), effects: Vec::new(), event: event_value, event_cel, scope: None, now_ms };
 
     // A timer only counts if it is the generation still running; anything else was cancelled or
     // superseded and must never fire.
@@ -256,6 +259,9 @@ struct Run<'a> {
     thred: Thred,
     effects: Vec<Effect>,
     event: Value,
+    event_cel: cel_interpreter::Value,
+    /// The variables in CEL form, rebuilt only after the context or the state changed.
+    scope: Option<CelScope>,
     now_ms: i64,
 }
 
@@ -265,19 +271,27 @@ impl Run<'_> {
         StepError::Expression { pattern: self.pattern.name.clone(), message }
     }
 
-    fn evaluate(&self, expression: &Expression) -> Result<Value, StepError> {
-        let thred = thred_value(&self.thred);
-        let scope = Scope { ctx: &self.thred.context, event: &self.event, thred: &thred, now_ms: self.now_ms };
-        expression.evaluate(&scope).map_err(|message| self.error(message))
+    fn scope(&mut self) -> &CelScope {
+        let Run { scope, thred, event_cel, now_ms, .. } = self;
+        scope.get_or_insert_with(|| CelScope {
+            ctx: json_object_to_cel(&thred.context),
+            event: event_cel.clone(),
+            thred: json_to_cel(&thred_value(thred)),
+            now_ms: *now_ms,
+        })
     }
 
-    fn evaluate_guard(&self, guard: &Expression) -> Result<bool, StepError> {
-        let thred = thred_value(&self.thred);
-        let scope = Scope { ctx: &self.thred.context, event: &self.event, thred: &thred, now_ms: self.now_ms };
-        guard.evaluate_bool(&scope).map_err(|message| self.error(message))
+    fn evaluate(&mut self, expression: &Expression) -> Result<Value, StepError> {
+        let outcome = expression.evaluate_cel(self.scope());
+        outcome.map_err(|message| self.error(message))
     }
 
-    fn evaluate_seconds(&self, expression: &Expression) -> Result<f64, StepError> {
+    fn evaluate_guard(&mut self, guard: &Expression) -> Result<bool, StepError> {
+        let outcome = guard.evaluate_bool_cel(self.scope());
+        outcome.map_err(|message| self.error(message))
+    }
+
+    fn evaluate_seconds(&mut self, expression: &Expression) -> Result<f64, StepError> {
         match self.evaluate(expression)? {
             Value::Number(number) => Ok(number.as_f64().unwrap_or(0.0)),
             other => Err(self.error(format!("{}: {:?} must give seconds (a number), gave {other}", expression.location(), expression.source()))),
@@ -331,6 +345,7 @@ impl Run<'_> {
                 for (name, expression) in values {
                     let value = self.evaluate(expression)?;
                     self.thred.context.insert(name.clone(), value);
+                    self.scope = None;
                 }
             }
         }
@@ -360,6 +375,7 @@ impl Run<'_> {
     fn enter(&mut self, target: &str) -> Result<(), StepError> {
         self.cancel_timer(STATE_TIMEOUT_TIMER);
         self.thred.state = target.to_owned();
+        self.scope = None;
         let pattern = self.pattern;
         let Some(state) = pattern.state(target) else {
             return Err(StepError::UnknownState { pattern: pattern.name.clone(), state: target.to_owned() });

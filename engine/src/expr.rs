@@ -31,6 +31,27 @@ pub struct Scope<'a> {
     pub now_ms: i64,
 }
 
+/// The same variables already converted to CEL. Converting JSON to CEL dominates the cost of an
+/// evaluation, so a step converts once and reuses the result until the context changes.
+#[derive(Debug, Clone)]
+pub struct CelScope {
+    pub ctx: CelValue,
+    pub event: CelValue,
+    pub thred: CelValue,
+    pub now_ms: i64,
+}
+
+impl Scope<'_> {
+    pub fn to_cel(&self) -> CelScope {
+        CelScope {
+            ctx: json_object_to_cel(self.ctx),
+            event: json_to_cel(self.event),
+            thred: json_to_cel(self.thred),
+            now_ms: self.now_ms,
+        }
+    }
+}
+
 impl Expression {
     /// Compiles `source`; the error is the parser's message.
     pub fn compile(source: &str) -> Result<Expression, String> {
@@ -67,10 +88,15 @@ impl Expression {
 
     /// Evaluates to a JSON value.
     pub fn evaluate(&self, scope: &Scope<'_>) -> Result<Value, String> {
+        self.evaluate_cel(&scope.to_cel())
+    }
+
+    /// Evaluates over already-converted variables.
+    pub fn evaluate_cel(&self, scope: &CelScope) -> Result<Value, String> {
         let mut context = base_context().new_inner_scope();
-        context.add_variable_from_value("ctx", json_to_cel(&Value::Object(scope.ctx.clone())));
-        context.add_variable_from_value("event", json_to_cel(scope.event));
-        context.add_variable_from_value("thred", json_to_cel(scope.thred));
+        context.add_variable_from_value("ctx", scope.ctx.clone());
+        context.add_variable_from_value("event", scope.event.clone());
+        context.add_variable_from_value("thred", scope.thred.clone());
         context.add_variable_from_value("now", CelValue::Int(scope.now_ms));
         let value = self.program.execute(&context).map_err(|error| format!("{}{:?} failed: {error}", self.prefix(), self.source))?;
         cel_to_json(&value).map_err(|reason| format!("{}{:?} gave {reason}", self.prefix(), self.source))
@@ -86,7 +112,12 @@ impl Expression {
 
     /// Evaluates a guard: it must give a boolean.
     pub fn evaluate_bool(&self, scope: &Scope<'_>) -> Result<bool, String> {
-        match self.evaluate(scope)? {
+        self.evaluate_bool_cel(&scope.to_cel())
+    }
+
+    /// Evaluates a guard over already-converted variables.
+    pub fn evaluate_bool_cel(&self, scope: &CelScope) -> Result<bool, String> {
+        match self.evaluate_cel(scope)? {
             Value::Bool(flag) => Ok(flag),
             other => Err(format!("{}{:?} must give a boolean, gave {other}", self.prefix(), self.source)),
         }
@@ -112,12 +143,15 @@ pub fn json_to_cel(value: &Value) -> CelValue {
         },
         Value::String(text) => CelValue::String(Arc::new(text.clone())),
         Value::Array(items) => CelValue::List(Arc::new(items.iter().map(json_to_cel).collect())),
-        Value::Object(object) => {
-            let map: HashMap<Key, CelValue> =
-                object.iter().map(|(name, item)| (Key::String(Arc::new(name.clone())), json_to_cel(item))).collect();
-            CelValue::Map(CelMap { map: Arc::new(map) })
-        }
+        Value::Object(object) => json_object_to_cel(object),
     }
+}
+
+/// A JSON object into a CEL map.
+pub fn json_object_to_cel(object: &Map<String, Value>) -> CelValue {
+    let map: HashMap<Key, CelValue> =
+        object.iter().map(|(name, item)| (Key::String(Arc::new(name.clone())), json_to_cel(item))).collect();
+    CelValue::Map(CelMap { map: Arc::new(map) })
 }
 
 /// CEL back into JSON; functions, bytes, durations and timestamps have no place in a thred.
