@@ -614,3 +614,21 @@ async fn bench_provision() {
     profile.apply_overrides(|name| std::env::var(name).ok());
     container::bench(profile).await.expect("benchmark runs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_health_is_not_fooled_by_the_port_proxy() {
+    // Docker's port proxy accepts on the host port even when nothing listens in the container.
+    let silent = Fixture::new(|profile| {
+        profile.container.image = "berth-test/unhealthy:latest".to_owned();
+        profile.container.health = protocol::profile::HealthCheck::Tcp;
+        profile.container.ready_timeout_secs = 2;
+    })
+    .await;
+    let failed = answer(&silent.agent(), &provision(&silent.session("silent"))).await;
+    expect_type(&failed, "container.failed");
+    assert!(silent.containers(None).await.is_empty());
+
+    let listening = Fixture::new(|profile| profile.container.health = protocol::profile::HealthCheck::Tcp).await;
+    let ready = answer(&listening.agent(), &provision(&listening.session("listening"))).await;
+    expect_type(&ready, "container.ready");
+}
