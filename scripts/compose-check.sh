@@ -297,6 +297,20 @@ else:
     for version in needed:
         if version_tuple(rust_version.group(1)) < version_tuple(version):
             fail(f"RUST_VERSION {rust_version.group(1)} is older than the {version} the workspace's crates need")
+# One owner for workspace files: the image's user, the owner the workspace-root job sets, and the
+# user every profile runs workspaces as are the same uid.
+image_uid = re.search(r"^ARG BERTH_UID=(\d+)", dockerfile, re.M)
+if not image_uid:
+    fail("compose/Dockerfile must set the image user's uid with ARG BERTH_UID")
+else:
+    uid = image_uid.group(1)
+    workspace_root_job = services.get("workspace-root")
+    if workspace_root_job is None or f"chown {uid}:" not in " ".join(command(workspace_root_job)):
+        fail(f"the workspace-root job must hand the workspace root to uid {uid}, the image's user")
+    for profile_name, profile in profiles.items():
+        profile_user = str(profile.get("container", {}).get("user", ""))
+        if profile_user.split(":")[0] != uid:
+            fail(f"profile {profile_name} runs workspaces as {profile_user or 'the image user'}, not uid {uid} which owns the workspace files")
 dockerignore = root / "compose/Dockerfile.dockerignore"
 if not dockerignore.is_file() or "target" not in dockerignore.read_text():
     fail("compose/Dockerfile.dockerignore must exist and exclude target/")
