@@ -17,32 +17,53 @@ fn stop_signal(receiver: &watch::Receiver<bool>) -> impl Future<Output = ()> + S
     }
 }
 
+/// The components `berth dev` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Components {
+    /// Engine and all four agents.
+    All,
+    /// Everything but the session agent (benchmarks that watch notifications themselves).
+    Headless,
+}
+
+/// Spawns the engine and the agents, each on its own task; they stop when `stopping` turns true.
+pub fn spawn_components(
+    profile: &Profile,
+    which: Components,
+    stopping: &watch::Receiver<bool>,
+) -> JoinSet<(&'static str, anyhow::Result<()>)> {
+    let mut components = JoinSet::new();
+    components.spawn({
+        let (profile, stopped) = (profile.clone(), stop_signal(stopping));
+        async move { ("engine", engine::run(profile, stopped).await) }
+    });
+    components.spawn({
+        let (profile, stopped) = (profile.clone(), stop_signal(stopping));
+        async move { ("container agent", container::run(profile, stopped).await) }
+    });
+    components.spawn({
+        let (profile, stopped) = (profile.clone(), stop_signal(stopping));
+        async move { ("workspace agent", workspace::run(profile, stopped).await) }
+    });
+    components.spawn({
+        let (profile, stopped) = (profile.clone(), stop_signal(stopping));
+        async move { ("persistence agent", persistence::run(profile, stopped).await) }
+    });
+    if which == Components::All {
+        components.spawn({
+            let (profile, stopped) = (profile.clone(), stop_signal(stopping));
+            async move { ("session agent", session::run(profile, stopped).await) }
+        });
+    }
+    components
+}
+
 /// Runs every component until `shutdown` completes or one of them fails.
 pub async fn dev(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let report = bootstrap(&profile, Reset::Keep).await?;
     tracing::info!(%report, "bootstrapped");
     let (stop, stopping) = watch::channel(false);
-    let mut components: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-    components.spawn({
-        let (profile, stopped) = (profile.clone(), stop_signal(&stopping));
-        async move { ("engine", engine::run(profile, stopped).await) }
-    });
-    components.spawn({
-        let (profile, stopped) = (profile.clone(), stop_signal(&stopping));
-        async move { ("container agent", container::run(profile, stopped).await) }
-    });
-    components.spawn({
-        let (profile, stopped) = (profile.clone(), stop_signal(&stopping));
-        async move { ("workspace agent", workspace::run(profile, stopped).await) }
-    });
-    components.spawn({
-        let (profile, stopped) = (profile.clone(), stop_signal(&stopping));
-        async move { ("persistence agent", persistence::run(profile, stopped).await) }
-    });
-    components.spawn({
-        let (profile, stopped) = (profile.clone(), stop_signal(&stopping));
-        async move { ("session agent", session::run(profile, stopped).await) }
-    });
+    let mut components = spawn_components(&profile, Components::All, &stopping);
     print_welcome(&profile);
 
     let mut shutdown = std::pin::pin!(shutdown);

@@ -13,7 +13,7 @@ use protocol::{Bus, BusConfig, Profile};
 use serde_json::{Map, Value};
 
 pub use crate::bench::bench;
-pub use crate::dev::dev;
+pub use crate::dev::{dev, spawn_components, Components};
 
 /// Whether bootstrap may destroy stored records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
