@@ -59,7 +59,7 @@ impl AgentSettings {
         AgentSettings {
             extra_labels: BTreeMap::new(),
             inventory_interval: Duration::from_secs(60),
-            orphan_grace: Duration::from_secs(120),
+            orphan_grace: Duration::from_secs(60),
             stop_timeout_secs: 5,
             concurrency: 16,
         }
