@@ -196,6 +196,7 @@ fn remove_path(object: &mut Map<String, Value>, path: &str) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;

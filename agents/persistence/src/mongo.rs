@@ -415,6 +415,7 @@ pub fn projection_to_bson(fields: &[String]) -> Document {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;

@@ -1,6 +1,7 @@
 //! The store conformance suite, run against SQLite always and against MongoDB when
 //! `BERTH_TEST_MONGODB_URL` is set; then the agent through the real broker (request/reply,
 //! fire-and-forget, redelivery, bad input).
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
