@@ -235,11 +235,16 @@ impl Inbox {
         Inbox { receiver, seen: Vec::new() }
     }
 
-    /// Waits for `session` to reach `state`; returns that notification.
+    /// Waits for `session` to reach `state` (now or earlier); returns that notification.
     async fn wait_for(&mut self, session: &str, state: &str, berth: &Berth) -> Notification {
         if let Some(found) = self.seen.iter().find(|n| n.session.as_deref() == Some(session) && n.state == state) {
             return found.clone();
         }
+        self.wait_for_next(session, state, berth).await
+    }
+
+    /// Waits for a notification of `session` reaching `state` that has not arrived yet.
+    async fn wait_for_next(&mut self, session: &str, state: &str, berth: &Berth) -> Notification {
         let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
         loop {
             let next = tokio::time::timeout_at(deadline, self.receiver.recv()).await;
@@ -311,14 +316,17 @@ async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
 
     // Idle timeout pauses the container; activity resumes it.
     inbox.wait_for(&session, "idle", &berth).await;
-    assert_eq!(docker_inspect(&container, "{{.State.Paused}}").as_deref(), Some("true"));
+    // Entering `idle` sends the pause task; the container agent pauses right after.
+    wait_for_condition("pause after idle", &berth, || {
+        docker_inspect(&container, "{{.State.Paused}}").as_deref() == Some("true")
+    })
+    .await;
     publish(&bus, "session.activity", &session, &user, json!({"source": "api"})).await;
-    let resumed_after = inbox.seen.len();
     wait_for_condition("resume after activity", &berth, || {
         docker_inspect(&container, "{{.State.Paused}}").as_deref() == Some("false")
     })
     .await;
-    assert!(inbox.seen.len() >= resumed_after);
+    inbox.wait_for_next(&session, "running", &berth).await;
 
     // Close: final sync, then container and directory removed, record closed with its history.
     publish(&bus, "session.close", &session, &user, json!({"reason": "done"})).await;
