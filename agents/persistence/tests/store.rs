@@ -536,6 +536,80 @@ async fn redelivered_tasks_are_applied_once_through_the_broker() {
     agent.stop().await;
 }
 
+/// Removes this test's copies from the shared `berth.dead-letter` queue, putting back anyone else's.
+async fn remove_own_dead_letters(bus: &Bus, own_bodies: &[Vec<u8>]) {
+    use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+    let channel = bus.channel().await.unwrap();
+    let mut others = Vec::new();
+    let mut removed = 0;
+    for _ in 0..10_000 {
+        let Some(message) = channel.basic_get(topology::DEAD_LETTER_QUEUE, BasicGetOptions::default()).await.unwrap() else { break };
+        if own_bodies.contains(&message.delivery.data) {
+            message.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+            removed += 1;
+            if removed == own_bodies.len() {
+                break;
+            }
+        } else {
+            others.push(message.delivery.acker);
+        }
+    }
+    for acker in others {
+        acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+    }
+    let _ = channel.close(200, "dead letters tidied").await;
+}
+
+#[tokio::test]
+async fn bad_fire_and_forget_tasks_reach_the_dead_letter_exchange_through_the_broker() {
+    let agent = RunningAgent::start().await;
+    // A private queue on the fanout dead-letter exchange sees every dead letter without taking
+    // them from the shared queue.
+    let watch = agent.bus.declare_private_queue(topology::DEAD_EXCHANGE, &[String::new()]).await.unwrap();
+    let (seen_sender, mut seen) = tokio::sync::mpsc::unbounded_channel::<Incoming>();
+    let (stop_watch, watch_stopped) = tokio::sync::oneshot::channel::<()>();
+    let watch_bus = agent.bus.clone();
+    let watched_queue = watch.clone();
+    let watcher = tokio::spawn(async move {
+        let handler = move |message: Incoming| {
+            let seen_sender = seen_sender.clone();
+            async move {
+                let _ = seen_sender.send(message);
+                Outcome::Ack
+            }
+        };
+        watch_bus.consume(protocol::ConsumeSpec::new(&watched_queue, 8), handler, async { watch_stopped.await.unwrap_or(()) }).await.unwrap();
+    });
+
+    let bad = operation("update", json!({"collection": "sessions", "filter": {}, "update": {"inc": {"count": 1}}}));
+    let mut bad_task = bad.to_task(Uuid::now_v7());
+    bad_task.args["update"]["inc"]["count"] = json!("one");
+    let bad_body = bad_task.to_bytes();
+    agent.bus.publish(topology::TASKS_EXCHANGE, &agent.routing_key, &bad_body, lapin::BasicProperties::default()).await.unwrap();
+
+    let dead = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let message = seen.recv().await.expect("the watcher runs");
+            if message.body == bad_body {
+                return message;
+            }
+        }
+    })
+    .await
+    .expect("the bad task is dead-lettered");
+    let reason = dead.headers.get(topology::REASON_HEADER).cloned().unwrap_or_default();
+    assert!(reason.contains("bad_request") && reason.contains("needs a number"), "{reason:?}");
+    assert_eq!(dead.headers.get(topology::ORIGIN_HEADER), Some(&agent.queue));
+    // The agent keeps working after it.
+    assert_eq!(agent.client().count(collections::SESSIONS, Filter::all()).await.unwrap(), 0);
+
+    let _ = stop_watch.send(());
+    watcher.await.unwrap();
+    agent.bus.delete_queue(&watch).await.unwrap();
+    remove_own_dead_letters(&agent.bus, &[bad_body]).await;
+    agent.stop().await;
+}
+
 fn incoming(body: Vec<u8>) -> Incoming {
     Incoming { body, routing_key: "persistence".into(), redelivered: false, reply_to: None, correlation_id: None, headers: Default::default() }
 }
