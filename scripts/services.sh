@@ -47,6 +47,10 @@ fi
 # Docker engine with its defaults (iptables on: that is what isolates session containers).
 if ! docker info >/dev/null 2>&1; then
   log "starting dockerd"
+  # A dockerd that was killed leaves pid files behind that stop the next one from starting.
+  for pid_file in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
+    if [ -f "$pid_file" ] && ! kill -0 "$(cat "$pid_file")" 2>/dev/null; then rm -f "$pid_file"; fi
+  done
   nohup dockerd >"$state_dir/dockerd.log" 2>&1 &
   wait_for dockerd 60 docker info || { tail -n 30 "$state_dir/dockerd.log" >&2; exit 1; }
 fi
