@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::events::{EventSink, Reply};
 use crate::fsops::{self, Confined, Ownership, Placed, Placement, Scan, StagedFile};
 use crate::keys::WorkspacePath;
-use crate::manifest::{self, FileEntry, FinalSync, Manifest, Phase};
+use crate::manifest::{self, Durability, FileEntry, FinalSync, Manifest, Phase};
 use crate::store::OpenedStore;
 
 /// Objects up to this size are fetched in one response and written in one blocking call.
@@ -449,7 +449,7 @@ impl WorkspaceAgent {
         manifest = self.checkpoint(target, manifest, outcome).await?;
         manifest.phase = Phase::Complete;
         manifest.final_sync = None;
-        let manifest = manifest::save(target.manifest_path.clone(), manifest).await?;
+        let manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Flushed).await?;
         self.events.emit(reply.event("workspace.progress", progress.data())).await?;
         let data = json!({"files": manifest.files.len(), "bytes": manifest.total_bytes()});
         tracing::info!(session = %target.session, files = manifest.files.len(), bytes = manifest.total_bytes(), "workspace complete");
@@ -458,7 +458,7 @@ impl WorkspaceAgent {
 
     /// Saves what was done so far; then passes on the error, if any.
     async fn checkpoint(&self, target: &Target, manifest: Manifest, outcome: Result<()>) -> Result<Manifest> {
-        let manifest = manifest::save(target.manifest_path.clone(), manifest).await?;
+        let manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
         outcome.map(|()| manifest)
     }
 
@@ -548,7 +548,9 @@ impl WorkspaceAgent {
     /// Every small file is in place: remember that, then tell the engine the container may start.
     async fn announce(&self, pipeline: &mut Pipeline<'_>) -> Result<()> {
         pipeline.manifest.phase = Phase::Streaming;
-        pipeline.manifest = manifest::save(pipeline.target.manifest_path.clone(), pipeline.manifest.clone()).await?;
+        // Flushed: after this the container may run, and a resumed materialize must know not to
+        // overwrite what the user writes.
+        pipeline.manifest = manifest::save(pipeline.target.manifest_path.clone(), pipeline.manifest.clone(), Durability::Flushed).await?;
         pipeline.announced = true;
         let data = json!({
             "files": pipeline.progress.files_done, "bytes": pipeline.progress.bytes_done,
@@ -565,7 +567,7 @@ impl WorkspaceAgent {
         self.record(pipeline, path, size, entry);
         pipeline.progress.last_sent = Instant::now();
         // Each large file is worth remembering at once: a restart won't fetch it again.
-        pipeline.manifest = manifest::save(pipeline.target.manifest_path.clone(), pipeline.manifest.clone()).await?;
+        pipeline.manifest = manifest::save(pipeline.target.manifest_path.clone(), pipeline.manifest.clone(), Durability::Ordered).await?;
         self.events.emit(pipeline.reply.event("workspace.progress", pipeline.progress.data())).await
     }
 
@@ -751,7 +753,7 @@ impl WorkspaceAgent {
     async fn record_final_sync(&self, target: &Target, task: &Task, confirmed: bool) -> Result<()> {
         let Some(mut manifest) = self.load_manifest(target).await? else { return Ok(()) };
         manifest.final_sync = Some(FinalSync { task: task.id, confirmed, at: chrono::Utc::now() });
-        manifest::save(target.manifest_path.clone(), manifest).await.map(drop)
+        manifest::save(target.manifest_path.clone(), manifest, Durability::Flushed).await.map(drop)
     }
 
     /// Uploads what changed since the manifest and deletes what was removed.
@@ -780,6 +782,7 @@ impl WorkspaceAgent {
         let mut to_upload = Vec::new();
         let mut to_hash = Vec::new();
         let mut unchanged = 0;
+        let mut refreshed_entries = 0;
         for file in &files {
             match manifest.files.get(file.path.as_str()) {
                 Some(entry) if entry.size == file.size && entry.mtime_ns == file.mtime_ns => unchanged += 1,
@@ -810,6 +813,7 @@ impl WorkspaceAgent {
                     unchanged += 1;
                     if let Some(entry) = manifest.files.get_mut(file.path.as_str()) {
                         entry.mtime_ns = mtime_ns;
+                        refreshed_entries += 1;
                     }
                 }
                 Ok(_) => to_upload.push(file),
@@ -867,8 +871,11 @@ impl WorkspaceAgent {
                 }
             }
         }
-        // Whatever got through is recorded, so a retry does not redo it.
-        manifest::save(target.manifest_path.clone(), manifest).await?;
+        // Whatever got through is recorded, so a retry does not redo it; an autosave that found
+        // nothing to do writes nothing.
+        if report.uploaded > 0 || report.deleted > 0 || refreshed_entries > 0 {
+            manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
+        }
         if let Some(error) = first_error {
             return Err(error);
         }
@@ -973,7 +980,7 @@ impl WorkspaceAgent {
         if problems.is_empty() {
             return Ok(());
         }
-        manifest::save(target.manifest_path.clone(), manifest).await?;
+        manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
         let shown: Vec<_> = problems.iter().take(5).cloned().collect();
         Err(Error::Unconfirmed(format!("{} object(s) not as written: {}", problems.len(), shown.join("; "))))
     }
@@ -1021,7 +1028,7 @@ impl WorkspaceAgent {
         .await?;
         manifest.phase = Phase::Removed;
         manifest.files.clear();
-        manifest::save(manifest_path, manifest).await?;
+        manifest::save(manifest_path, manifest, Durability::Flushed).await?;
         tracing::info!(session, "workspace directory removed after a confirmed final sync");
         Ok(())
     }

@@ -5,7 +5,8 @@
 //! It lives at `<workspace_root>/.berth-manifests/<session>.json`, outside the directory that is
 //! mounted into the container, so a user can neither read nor forge it (a forged "confirmed" flag
 //! would let `remove` delete unsaved work). Session ids never start with a dot, so it can't collide
-//! with a session directory. Writes are atomic (temporary file + fsync + rename).
+//! with a session directory. Writes are atomic (temporary file + rename), flushed when they
+//! record something deletions depend on.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -133,8 +134,19 @@ pub fn load_blocking(path: &Path) -> Result<Option<Manifest>> {
     Ok(Some(manifest))
 }
 
+/// How hard a save insists that the manifest is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync before the rename: for records that decide deletions (a confirmed final sync, removal,
+    /// a complete materialization).
+    Flushed,
+    /// Atomic rename only. A crash may bring back the previous manifest, which costs a redundant
+    /// upload or hash on the next sync, never a file: routine syncs and progress checkpoints.
+    Ordered,
+}
+
 /// Writes a manifest atomically. Blocking: call from `spawn_blocking`.
-pub fn save_blocking(path: &Path, manifest: &Manifest) -> Result<()> {
+pub fn save_blocking(path: &Path, manifest: &Manifest, durability: Durability) -> Result<()> {
     let directory = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(directory).map_err(|source| Error::io("creating manifest folder", directory, source))?;
     let temporary = directory.join(format!(".{}.tmp", Uuid::new_v4()));
@@ -142,7 +154,9 @@ pub fn save_blocking(path: &Path, manifest: &Manifest) -> Result<()> {
     let written = (|| {
         let mut file = std::fs::File::create(&temporary)?;
         file.write_all(&bytes)?;
-        file.sync_all()?;
+        if durability == Durability::Flushed {
+            file.sync_all()?;
+        }
         std::fs::rename(&temporary, path)
     })();
     if let Err(source) = written {
@@ -156,6 +170,6 @@ pub async fn load(path: PathBuf) -> Result<Option<Manifest>> {
     tokio::task::spawn_blocking(move || load_blocking(&path)).await?
 }
 
-pub async fn save(path: PathBuf, manifest: Manifest) -> Result<Manifest> {
-    tokio::task::spawn_blocking(move || save_blocking(&path, &manifest).map(|()| manifest)).await?
+pub async fn save(path: PathBuf, manifest: Manifest, durability: Durability) -> Result<Manifest> {
+    tokio::task::spawn_blocking(move || save_blocking(&path, &manifest, durability).map(|()| manifest)).await?
 }
