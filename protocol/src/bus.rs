@@ -468,7 +468,7 @@ impl Bus {
                 }
                 None => break ConsumerEnd::Interrupted,
             };
-            let incoming = incoming_from(&delivery);
+            let incoming = Incoming::from_delivery(&delivery);
             let handler = handler.clone();
             let bus = self.clone();
             let queue = spec.queue.clone();
@@ -532,26 +532,29 @@ async fn settle(bus: &Bus, queue: &str, acker: &lapin::acker::Acker, incoming: &
     }
 }
 
-fn incoming_from(delivery: &lapin::message::Delivery) -> Incoming {
-    let properties = &delivery.properties;
-    let headers = properties
-        .headers()
-        .as_ref()
-        .map(|table| {
-            table
-                .inner()
-                .iter()
-                .filter_map(|(name, value)| amqp_value_text(value).map(|text| (name.to_string(), text)))
-                .collect()
-        })
-        .unwrap_or_default();
-    Incoming {
-        body: delivery.data.clone(),
-        routing_key: delivery.routing_key.to_string(),
-        redelivered: delivery.redelivered,
-        reply_to: properties.reply_to().as_ref().map(ShortString::to_string),
-        correlation_id: properties.correlation_id().as_ref().map(ShortString::to_string),
-        headers,
+impl Incoming {
+    /// The message of a raw lapin delivery (for code that consumes with lapin directly).
+    pub fn from_delivery(delivery: &lapin::message::Delivery) -> Incoming {
+        let properties = &delivery.properties;
+        let headers = properties
+            .headers()
+            .as_ref()
+            .map(|table| {
+                table
+                    .inner()
+                    .iter()
+                    .filter_map(|(name, value)| amqp_value_text(value).map(|text| (name.to_string(), text)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Incoming {
+            body: delivery.data.clone(),
+            routing_key: delivery.routing_key.to_string(),
+            redelivered: delivery.redelivered,
+            reply_to: properties.reply_to().as_ref().map(ShortString::to_string),
+            correlation_id: properties.correlation_id().as_ref().map(ShortString::to_string),
+            headers,
+        }
     }
 }
 

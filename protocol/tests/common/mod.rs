@@ -33,23 +33,7 @@ pub async fn collect_messages(bus: &Bus, queue: &str, count: usize, timeout: Dur
             panic!("got {} of {count} messages from {queue} before the timeout", messages.len());
         };
         delivery.ack(BasicAckOptions::default()).await.expect("ack");
-        let headers = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .map(|table| {
-                table
-                    .inner()
-                    .iter()
-                    .filter_map(|(name, value)| match value {
-                        lapin::types::AMQPValue::LongString(text) => {
-                            Some((name.to_string(), String::from_utf8_lossy(text.as_bytes()).into_owned()))
-                        }
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = protocol::Incoming::from_delivery(&delivery).headers;
         messages.push((delivery.data, headers));
     }
     let _ = channel.close(200, "done").await;
