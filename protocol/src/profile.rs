@@ -98,7 +98,8 @@ pub struct ContainerSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "lowercase")]
 pub enum HealthCheck {
-    /// An HTTP GET of this path on the service port answers 2xx/3xx.
+    /// An HTTP GET of this path on the service port gets any answer below 500 (a 404 from a
+    /// server that is up still means up; 5xx means the service is not ready).
     Http(String),
     /// The service port accepts a TCP connection.
     Tcp,
