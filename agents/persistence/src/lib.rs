@@ -93,6 +93,12 @@ pub const APPLIED_TASK_RETENTION: std::time::Duration = std::time::Duration::fro
 pub trait Store: Send + Sync {
     fn backend(&self) -> Backend;
 
+    /// Whether a `group` is applied all or nothing (false only on a standalone MongoDB server,
+    /// where groups that replay safely are applied in order and completed by redelivery).
+    fn groups_are_atomic(&self) -> bool {
+        true
+    }
+
     /// Executes one operation. `task_id` deduplicates writes and is the default id of a `put`.
     async fn execute(&self, task_id: Option<Uuid>, operation: Operation) -> Result<Value>;
 

@@ -3,9 +3,10 @@
 //! without a server.
 //!
 //! Ids live in `_id` (always a string). Writes and their deduplication record share a transaction
-//! when the deployment supports transactions (a replica set or sharded cluster); on a standalone
-//! server the record is written after the operation, and a `group` is refused as `unavailable`
-//! rather than applied without its all-or-nothing guarantee.
+//! when the deployment supports transactions (a replica set or sharded cluster). On a standalone
+//! server the record is written after the operation; a `group` whose members replay safely (no
+//! `inc`, no `push`) is applied in order, completed by redelivery if it stops half-way, and any
+//! other group is refused as `unavailable` rather than risk applying part of it twice.
 
 use std::time::Duration;
 
@@ -54,8 +55,12 @@ impl MongoStore {
     }
 
     async fn execute_write(&self, task_id: Option<Uuid>, operation: &Operation, now: &str) -> Result<Value> {
-        if matches!(operation, Operation::Group(_)) && !self.transactions {
-            return Err(Error::Unavailable("a group needs transactions; this MongoDB deployment is a standalone server".to_owned()));
+        if let Operation::Group(group) = operation {
+            if !self.transactions && !group.operations.iter().all(replays_safely) {
+                return Err(Error::Unavailable(
+                    "a group with inc or push needs transactions; this MongoDB deployment is a standalone server".to_owned(),
+                ));
+            }
         }
         let mut session = self.client.start_session().await?;
         if self.transactions {
@@ -196,6 +201,10 @@ impl Store for MongoStore {
         Backend::MongoDb
     }
 
+    fn groups_are_atomic(&self) -> bool {
+        self.transactions
+    }
+
     async fn execute(&self, task_id: Option<Uuid>, operation: Operation) -> Result<Value> {
         check_operation(&operation)?;
         let now = timestamp(Utc::now());
@@ -247,6 +256,18 @@ impl Store for MongoStore {
         let cutoff = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - retention.as_millis() as i64);
         let outcome = self.collection(APPLIED_TASKS_COLLECTION).delete_many(doc! {"at": {"$lt": cutoff}}).await?;
         Ok(outcome.deleted_count)
+    }
+}
+
+/// Whether applying an operation again after a partial failure gives the same state. On a
+/// standalone server (no transactions) a group of such operations is applied in order instead of
+/// refused: if it stops half-way, the redelivered task completes it, as earlier members are no-ops.
+pub fn replays_safely(operation: &Operation) -> bool {
+    match operation {
+        Operation::Update(args) => args.update.inc.is_empty() && args.update.push.is_empty(),
+        Operation::Group(group) => group.operations.iter().all(replays_safely),
+        Operation::Put(_) | Operation::Upsert(_) | Operation::Replace(_) | Operation::Delete(_) => true,
+        Operation::Get(_) | Operation::Find(_) | Operation::Count(_) => true,
     }
 }
 
@@ -477,6 +498,17 @@ mod tests {
         assert_eq!(back.get("a"), stored.get("a"));
         assert_eq!(back.get("big"), Some(&json!(u64::MAX as f64)));
         assert_eq!(bson_to_json(Bson::DateTime(bson::DateTime::from_millis(0))), json!("1970-01-01T00:00:00.000000Z"));
+    }
+
+    #[test]
+    fn groups_that_replay_safely() {
+        let group = |members: Value| -> Operation { serde_json::from_value(json!({"action": "group", "args": {"operations": members}})).unwrap() };
+        let upsert = json!({"action": "upsert", "args": {"collection": "sessions", "id": "s", "doc": {"state": "running"}}});
+        let put = json!({"action": "put", "args": {"collection": "events", "doc": {"to": "running"}}});
+        let set = json!({"action": "update", "args": {"collection": "s", "update": {"set": {"a": 1}, "add_to_set": {"t": 1}}}});
+        let inc = json!({"action": "update", "args": {"collection": "s", "update": {"inc": {"n": 1}}}});
+        assert!(replays_safely(&group(json!([upsert, put, set]))));
+        assert!(!replays_safely(&group(json!([upsert, inc]))));
     }
 
     #[test]
