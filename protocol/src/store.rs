@@ -542,6 +542,10 @@ impl Operation {
             }
             Operation::Find(args) => {
                 validate_filter_and_collection(&args.collection, &args.filter)?;
+                if args.limit == Some(0) {
+                    // MongoDB reads 0 as "no limit", SQLite as "no rows": refuse the ambiguity.
+                    return Err("limit must be at least 1; leave it out for no limit".to_owned());
+                }
                 for key in &args.sort {
                     validate_field_path(&key.field)?;
                 }
@@ -902,6 +906,7 @@ mod tests {
         check("find", json!({"collection": "s", "filter": {"a": {}}}), Err("empty matcher"));
         check("find", json!({"collection": "s", "filter": [1]}), Err("a filter is an object"));
         check("find", json!({"collection": "s", "projection": ["a", "a.b"]}), Err("overlap"));
+        check("find", json!({"collection": "s", "limit": 0}), Err("limit must be at least 1"));
         check("get", json!({"collection": "Bad Name", "id": "x"}), Err("collection name"));
         check("get", json!({"collection": "s", "id": ""}), Err("id \"\""));
         check("get", json!({"collection": "s", "id": 7}), Err("invalid type"));

@@ -231,6 +231,8 @@ async fn sort_skip_limit_projection(store: &dyn Store) {
     // Equal sort keys fall back to the id, so pages are stable.
     let page = json!({"collection": collection, "sort": [{"field": "rank"}], "skip": 1, "limit": 2});
     assert_eq!(ids(run(store, None, "find", page).await.unwrap()), ["r", "s"]);
+    let past_the_end = json!({"collection": collection, "sort": [{"field": "rank"}], "skip": 10});
+    assert_eq!(run(store, None, "find", past_the_end).await.unwrap(), json!([]));
     let projected = json!({"collection": collection, "filter": {"id": "p"}, "projection": ["word", "meta.len"]});
     assert_eq!(run(store, None, "find", projected).await.unwrap(), json!([{"id": "p", "word": "pear", "meta": {"len": 4}}]));
     store.drop_collection(&collection).await.unwrap();
