@@ -142,7 +142,10 @@ impl MongoStore {
             Operation::Get(args) => Ok(self.load(session, &args.collection, &args.id).await?.map_or(Value::Null, |stored| presented(&args.id, stored))),
             Operation::Find(args) => {
                 let collection = self.collection(&args.collection);
-                let mut find = collection.find(filter_to_bson(&args.filter)).sort(sort_to_bson(&args.sort)).skip(args.skip);
+                let mut find = collection.find(filter_to_bson(&args.filter)).skip(args.skip);
+                if !args.sort.is_empty() {
+                    find = find.sort(sort_to_bson(&args.sort));
+                }
                 if let Some(limit) = args.limit {
                     find = find.limit(i64::try_from(limit).unwrap_or(i64::MAX));
                 }
@@ -418,9 +421,12 @@ pub fn upsert_to_bson(body: &Map<String, Value>, now: &str) -> Document {
     doc! {"$set": set, "$setOnInsert": {CREATED_FIELD: now}}
 }
 
-/// A sort with `_id` as the final tie-breaker (SQLite gets the same).
+/// A sort with `_id` as the final tie-breaker (SQLite gets the same); none without sort keys.
 pub fn sort_to_bson(sort: &[SortKey]) -> Document {
     let mut translated = Document::new();
+    if sort.is_empty() {
+        return translated;
+    }
     for key in sort {
         translated.insert(mongo_field(&key.field), if key.order == SortOrder::Desc { -1 } else { 1 });
     }
@@ -489,7 +495,7 @@ mod tests {
     fn sorts_projections_and_documents_translate() {
         let sort = vec![SortKey { field: "created".into(), order: SortOrder::Desc }, SortKey { field: "id".into(), order: SortOrder::Asc }];
         assert_eq!(sort_to_bson(&sort), doc! {"created": -1, "_id": 1});
-        assert_eq!(sort_to_bson(&[]), doc! {"_id": 1});
+        assert_eq!(sort_to_bson(&[]), Document::new());
         assert_eq!(projection_to_bson(&["state".into(), "a.b".into()]), doc! {"state": 1, "a.b": 1});
         let stored: Map<String, Value> = serde_json::from_value(json!({"a": {"b": [1, 2.5, "x", null, true]}, "big": u64::MAX})).unwrap();
         let document = stored_document("d1", &stored);

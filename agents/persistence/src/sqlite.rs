@@ -449,8 +449,13 @@ pub fn value_expression(field: &str) -> String {
     format!("json_extract(doc, {})", json_path(field))
 }
 
-/// `ORDER BY` for sort keys, with the id as the final tie-breaker (MongoDB gets the same).
+/// `ORDER BY` for sort keys, with the id as the final tie-breaker so that pages are stable
+/// (MongoDB gets the same). Without sort keys the order is unspecified and nothing is sorted, so
+/// that a limited lookup stops at its limit.
 pub fn order_clause(sort: &[SortKey]) -> String {
+    if sort.is_empty() {
+        return String::new();
+    }
     let mut terms: Vec<String> = sort
         .iter()
         .map(|key| format!("{} {}", value_expression(&key.field), if key.order == SortOrder::Desc { "DESC" } else { "ASC" }))
@@ -639,5 +644,6 @@ mod tests {
     fn order_has_a_tie_breaker() {
         let sort = vec![SortKey { field: "a.b".into(), order: SortOrder::Desc }];
         assert_eq!(order_clause(&sort), "ORDER BY json_extract(doc, '$.\"a\".\"b\"') DESC, id ASC");
+        assert_eq!(order_clause(&[]), "");
     }
 }
