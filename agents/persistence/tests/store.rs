@@ -345,6 +345,16 @@ async fn sqlite_file_conformance() {
     store.ensure_indexes().await.unwrap();
     conformance(store.as_ref()).await;
     assert!(database.directory.join("nested/store.sqlite").exists());
+
+    // `bootstrap --reset`: everything goes, including the records of applied tasks.
+    let task_id = Uuid::now_v7();
+    let put = json!({"collection": "users", "id": "alice", "doc": {"roles": ["user"]}});
+    run(store.as_ref(), Some(task_id), "put", put.clone()).await.unwrap();
+    store.drop_all().await.unwrap();
+    assert_eq!(run(store.as_ref(), None, "count", json!({"collection": "users"})).await.unwrap(), json!(0));
+    store.ensure_indexes().await.unwrap();
+    run(store.as_ref(), Some(task_id), "put", put).await.unwrap();
+    assert_eq!(run(store.as_ref(), None, "count", json!({"collection": "users"})).await.unwrap(), json!(1), "the task applies afresh");
 }
 
 #[tokio::test]
