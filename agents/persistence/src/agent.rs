@@ -16,9 +16,12 @@ use crate::{open_store, Error, Result, Store, APPLIED_TASK_RETENTION};
 
 /// Room for the task envelope around the largest document.
 const MAX_TASK_BYTES: usize = MAX_DOCUMENT_BYTES + 64 * 1024;
-/// Unacknowledged deliveries and concurrent handlers.
+/// Unacknowledged deliveries: keeps the pipe from the broker full.
 const PREFETCH: u16 = 64;
-const CONCURRENCY: usize = 16;
+/// Tasks are applied one at a time, in queue order: the engine publishes a session's record
+/// upserts in transition order, and applying two of them concurrently could leave the older state
+/// as the "current" one. Writes are serialised by the store anyway.
+const CONCURRENCY: usize = 1;
 /// A pause before a passing failure is requeued, so that a redelivery does not spin.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);

@@ -549,6 +549,26 @@ async fn redelivered_tasks_are_applied_once_through_the_broker() {
     agent.stop().await;
 }
 
+#[tokio::test]
+async fn session_records_are_applied_in_queue_order() {
+    let agent = RunningAgent::start().await;
+    let client = agent.client();
+    let steps = 200;
+    for step in 0..steps {
+        let fields = object(json!({"state": format!("state-{step}"), "step": step}));
+        client.send(Uuid::now_v7(), &Operation::record_session("ordered", fields)).await.unwrap();
+        let trail = json!({"collection": "sessions", "filter": {"id": "ordered"}, "update": {"push": {"applied": step}}});
+        client.send(Uuid::now_v7(), &operation("update", trail)).await.unwrap();
+    }
+    // A request queued behind the tasks is answered after all of them were applied.
+    let record = client.get(collections::SESSIONS, "ordered").await.unwrap().unwrap();
+    assert_eq!(record["step"], json!(steps - 1), "the last transition wins: {record}");
+    assert_eq!(record["state"], format!("state-{}", steps - 1));
+    let applied: Vec<u64> = record["applied"].as_array().unwrap().iter().map(|step| step.as_u64().unwrap()).collect();
+    assert_eq!(applied, (0..steps).collect::<Vec<u64>>(), "tasks are applied in the order they were queued");
+    agent.stop().await;
+}
+
 /// Removes this test's copies from the shared `berth.dead-letter` queue, putting back anyone else's.
 async fn remove_own_dead_letters(bus: &Bus, own_bodies: &[Vec<u8>]) {
     use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
