@@ -199,9 +199,14 @@ impl WorkspaceAgent {
             Err(Error::BadTask(reason)) => {
                 // Tell the thred (when there is one) and park the message for an operator.
                 if reply.session.is_some() {
+                    let error = format!("bad task: {reason}");
                     let failure = match task.action.as_str() {
-                        "sync" | "remove" => reply.event("workspace.sync_failed", json!({"final": false, "error": format!("bad task: {reason}")})),
-                        _ => reply.event("workspace.failed", json!({"stage": "task", "error": format!("bad task: {reason}")})),
+                        "sync" => {
+                            let final_sync = task.args.get("final").and_then(serde_json::Value::as_bool).unwrap_or(false);
+                            reply.event("workspace.sync_failed", json!({"final": final_sync, "error": error}))
+                        }
+                        "remove" => reply.event("workspace.sync_failed", json!({"final": true, "action": "remove", "error": error})),
+                        _ => reply.event("workspace.failed", json!({"stage": "task", "error": error})),
                     };
                     self.events.emit(failure).await?;
                 }
@@ -449,7 +454,7 @@ impl WorkspaceAgent {
         manifest = self.checkpoint(target, manifest, outcome).await?;
         manifest.phase = Phase::Complete;
         manifest.final_sync = None;
-        let manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Flushed).await?;
+        let manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
         self.events.emit(reply.event("workspace.progress", progress.data())).await?;
         let data = json!({"files": manifest.files.len(), "bytes": manifest.total_bytes()});
         tracing::info!(session = %target.session, files = manifest.files.len(), bytes = manifest.total_bytes(), "workspace complete");
@@ -548,9 +553,10 @@ impl WorkspaceAgent {
     /// Every small file is in place: remember that, then tell the engine the container may start.
     async fn announce(&self, pipeline: &mut Pipeline<'_>) -> Result<()> {
         pipeline.manifest.phase = Phase::Streaming;
-        // Flushed: after this the container may run, and a resumed materialize must know not to
-        // overwrite what the user writes.
-        pipeline.manifest = manifest::save(pipeline.target.manifest_path.clone(), pipeline.manifest.clone(), Durability::Flushed).await?;
+        // Not flushed: an fsync here would also force out every file just written (ext4 ordered
+        // mode). A process crash keeps the renamed manifest; after a host crash the container is
+        // gone too, so a resumed materialize can't overwrite a running user's files.
+        pipeline.manifest = manifest::save(pipeline.target.manifest_path.clone(), pipeline.manifest.clone(), Durability::Ordered).await?;
         pipeline.announced = true;
         let data = json!({
             "files": pipeline.progress.files_done, "bytes": pipeline.progress.bytes_done,

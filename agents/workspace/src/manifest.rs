@@ -137,11 +137,10 @@ pub fn load_blocking(path: &Path) -> Result<Option<Manifest>> {
 /// How hard a save insists that the manifest is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// fsync before the rename: for records that decide deletions (a confirmed final sync, removal,
-    /// a complete materialization).
+    /// fsync before the rename: for the records that decide deletions (a final sync, a removal).
     Flushed,
-    /// Atomic rename only. A crash may bring back the previous manifest, which costs a redundant
-    /// upload or hash on the next sync, never a file: routine syncs and progress checkpoints.
+    /// Atomic rename only. A host crash may bring back the previous manifest, which costs a
+    /// redundant download, upload or hash later, never a file: materialization and routine syncs.
     Ordered,
 }
 
