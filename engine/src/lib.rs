@@ -89,6 +89,11 @@ pub fn check_files_cli(files: &[PathBuf]) -> ExitCode {
     }
     let mut failed = false;
     for file in files {
+        // `berth patterns check patterns/*.json` also matches the schema, which is no pattern.
+        if file.file_name().is_some_and(|name| name.to_string_lossy().ends_with(".schema.json")) {
+            println!("skipped: {} (a JSON Schema, not a pattern)", file.display());
+            continue;
+        }
         match load_pattern_file(file) {
             Ok(pattern) => println!("ok: {}: {pattern}", file.display()),
             Err(error) => {

@@ -628,7 +628,8 @@ fn patterns_check_cli_reports_bad_files() {
     std::fs::write(&bad, r#"{"version": 1, "name": "bad", "start": {"events": ["a.b"], "key": "event.subject"}, "initial": "x", "states": {}}"#)
         .expect("write");
     let good = repository().join("patterns/workspace-session.json");
-    assert_eq!(format!("{:?}", engine::check_files_cli(&[good.clone()])), format!("{:?}", std::process::ExitCode::SUCCESS));
+    let schema = repository().join("patterns/pattern.schema.json");
+    assert_eq!(format!("{:?}", engine::check_files_cli(&[good.clone(), schema])), format!("{:?}", std::process::ExitCode::SUCCESS));
     assert_eq!(format!("{:?}", engine::check_files_cli(&[good, bad])), format!("{:?}", std::process::ExitCode::FAILURE));
     std::fs::remove_dir_all(&directory).expect("cleanup");
 }
