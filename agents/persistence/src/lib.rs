@@ -164,6 +164,17 @@ pub fn grouped_task_id(task_id: Uuid, index: usize) -> Uuid {
     Uuid::new_v5(&task_id, format!("group/{index}").as_bytes())
 }
 
+/// Names the group member an error came from.
+pub(crate) fn in_group(index: usize, member: &Operation, error: Error) -> Error {
+    let context = |message: String| format!("group operation {index} ({}): {message}", member.action());
+    match error {
+        Error::BadRequest(message) => Error::BadRequest(context(message)),
+        Error::NotFound(message) => Error::NotFound(context(message)),
+        Error::Conflict(message) => Error::Conflict(context(message)),
+        other => other,
+    }
+}
+
 /// Runs `berth agent persistence` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     agent::run(&profile, shutdown).await

@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::document::{body_of, json_equal, presented, stamped, timestamp};
-use crate::{check_operation, grouped_task_id, Backend, Error, Result, Store};
+use crate::{check_operation, grouped_task_id, in_group, Backend, Error, Result, Store};
 
 const APPLIED_TASKS_COLLECTION: &str = "_berth_applied_tasks";
 const DEFAULT_DATABASE: &str = "berth";
@@ -190,7 +190,8 @@ impl MongoStore {
                 let mut results = Vec::with_capacity(group.operations.len());
                 for (index, member) in group.operations.iter().enumerate() {
                     let member_task_id = task_id.map(|task_id| grouped_task_id(task_id, index));
-                    results.push(Box::pin(self.apply(session, member_task_id, member, now)).await?);
+                    let result = Box::pin(self.apply(session, member_task_id, member, now)).await;
+                    results.push(result.map_err(|error| in_group(index, member, error))?);
                 }
                 Ok(Value::Array(results))
             }

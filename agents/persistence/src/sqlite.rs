@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::document::{apply_update, body_of, json_equal, presented, project, stamped, timestamp};
-use crate::{check_operation, grouped_task_id, Backend, Error, Result, Store};
+use crate::{check_operation, grouped_task_id, in_group, Backend, Error, Result, Store};
 
 const APPLIED_TASKS_TABLE: &str = "berth_applied_tasks";
 const READER_CONNECTIONS: usize = 3;
@@ -403,15 +403,6 @@ fn apply(connection: &Connection, task_id: Option<Uuid>, operation: &Operation, 
     }
 }
 
-fn in_group(index: usize, member: &Operation, error: Error) -> Error {
-    let context = |message: String| format!("group operation {index} ({}): {message}", member.action());
-    match error {
-        Error::BadRequest(message) => Error::BadRequest(context(message)),
-        Error::NotFound(message) => Error::NotFound(context(message)),
-        Error::Conflict(message) => Error::Conflict(context(message)),
-        other => other,
-    }
-}
 
 /// What `SQLITE_*` failures mean to a client.
 pub fn error_kind(error: &rusqlite::Error) -> protocol::store::ErrorKind {
