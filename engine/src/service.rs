@@ -250,6 +250,33 @@ enum CommitResult {
     Conflict,
 }
 
+/// What binding read from Redis.
+struct BindingRead {
+    /// The thred the event's `thredid` names, if it exists.
+    named: Option<Thred>,
+    /// The live threds of the event's subject, newest first.
+    live: Vec<Thred>,
+}
+
+/// Reads what binding needs in one round trip.
+const BIND_READ_SCRIPT: &str = r#"
+-- KEYS: 1 seen today, 2 seen yesterday, 3 live index of the subject
+-- ARGV: 1 event id, 2 thred key prefix, 3 thred id from the event ('' = none)
+-- Reply: '1' if seen; else '0', the named thred's json (or ''), the live threds' json.
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 or redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
+  return {'1'}
+end
+local reply = {'0', ''}
+if ARGV[3] ~= '' then
+  reply[2] = redis.call('HGET', ARGV[2] .. ARGV[3], 'json') or ''
+end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local json = redis.call('HGET', ARGV[2] .. id, 'json')
+  if json then table.insert(reply, json) end
+end
+return reply
+"#;
+
 /// How an event was bound.
 enum Binding<'a> {
     Existing(&'a Pattern, Thred),
@@ -273,6 +300,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     locks: Vec<tokio::sync::Mutex<()>>,
     commit: redis::Script,
+    bind_read: redis::Script,
     /// Wakes the timer sweeper after a commit started a timer.
     timer_wake: Arc<tokio::sync::Notify>,
 }
@@ -317,6 +345,7 @@ impl Engine {
                 metrics: Arc::new(Metrics::default()),
                 locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
                 commit: redis::Script::new(COMMIT_SCRIPT),
+                bind_read: redis::Script::new(BIND_READ_SCRIPT),
                 timer_wake: Arc::new(tokio::sync::Notify::new()),
             }),
         })
@@ -469,20 +498,11 @@ impl Engine {
         let keys = &self.inner.keys;
         for _ in 0..COMMIT_ATTEMPTS {
             let mut redis = self.inner.redis.clone();
-            // One round trip for the dedupe marker and the subject's live threds.
-            let subject_key = keys.live(event.subject.as_deref().unwrap_or_default());
-            let (seen_today, seen_yesterday) = keys.seen(chrono::Utc::now().timestamp_millis());
-            let (seen_recently, seen_before, live_ids): (bool, bool, Vec<String>) = redis::pipe()
-                .sismember(&seen_today, &event.id)
-                .sismember(&seen_yesterday, &event.id)
-                .smembers(&subject_key)
-                .query_async(&mut redis)
-                .await?;
-            if seen_recently || seen_before {
+            let Some(read) = self.read_for_binding(event).await? else {
                 return self.finish_duplicate(event).await;
-            }
+            };
             let now_ms = chrono::Utc::now().timestamp_millis();
-            let binding = self.bind(event, &live_ids).await?;
+            let binding = self.bind(event, read)?;
             let (pattern, previous, stepped) = match binding {
                 Binding::Orphan => {
                     Metrics::count(&self.inner.metrics.orphans);
@@ -615,15 +635,53 @@ impl Engine {
         self.inner.patterns.iter().find(|pattern| pattern.name == name)
     }
 
-    async fn bind(&self, event: &CloudEvent, live_ids: &[String]) -> Result<Binding<'_>> {
-        if let Some(thred_id) = event.extension("thredid") {
-            if let Some(thred) = self.load_thred(thred_id).await? {
-                if let Some(pattern) = self.pattern_named(&thred.pattern) {
-                    return Ok(Binding::Existing(pattern, thred));
-                }
+    /// One round trip (a read-only script) for everything binding needs: whether the event was
+    /// seen, the thred its `thredid` names, and the live threds of its subject. `None` = seen.
+    async fn read_for_binding(&self, event: &CloudEvent) -> Result<Option<BindingRead>> {
+        let keys = &self.inner.keys;
+        let (seen_today, seen_yesterday) = keys.seen(chrono::Utc::now().timestamp_millis());
+        let mut invocation = self.inner.bind_read.prepare_invoke();
+        invocation
+            .key(&seen_today)
+            .key(&seen_yesterday)
+            .key(keys.live(event.subject.as_deref().unwrap_or_default()))
+            .arg(&event.id)
+            .arg(keys.thred(""))
+            .arg(event.extension("thredid").unwrap_or_default());
+        let mut redis = self.inner.redis.clone();
+        let reply: Vec<String> = invocation.invoke_async(&mut redis).await?;
+        if reply.first().map(String::as_str) != Some("0") {
+            return Ok(None);
+        }
+        let parse = |text: &String| -> Result<Option<Thred>> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            serde_json::from_str(text)
+                .map(Some)
+                .map_err(|error| Error::Corrupt { key: keys.thred("?"), reason: error.to_string() })
+        };
+        let named = match reply.get(1) {
+            Some(text) => parse(text)?,
+            None => None,
+        };
+        let mut live = Vec::new();
+        for text in reply.iter().skip(2) {
+            if let Some(thred) = parse(text)? {
+                live.push(thred);
             }
         }
-        let live = self.load_threds(live_ids).await?;
+        live.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| b.id.cmp(&a.id)));
+        Ok(Some(BindingRead { named, live }))
+    }
+
+    fn bind(&self, event: &CloudEvent, read: BindingRead) -> Result<Binding<'_>> {
+        if let Some(thred) = read.named {
+            if let Some(pattern) = self.pattern_named(&thred.pattern) {
+                return Ok(Binding::Existing(pattern, thred));
+            }
+        }
+        let live = read.live;
         for pattern in &self.inner.patterns {
             if !pattern.start.events.contains(&event.event_type) {
                 continue;
