@@ -301,6 +301,9 @@ struct Inner {
     locks: Vec<tokio::sync::Mutex<()>>,
     commit: redis::Script,
     bind_read: redis::Script,
+    /// Outboxes published and waiting to be deleted, in batches, by the flusher.
+    published_outboxes: tokio::sync::mpsc::UnboundedSender<String>,
+    published_outboxes_receiver: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     /// Wakes the timer sweeper after a commit started a timer.
     timer_wake: Arc<tokio::sync::Notify>,
 }
@@ -331,6 +334,7 @@ impl Engine {
         let redis_client = redis::Client::open(profile.services.redis_url.as_str())?;
         let redis = redis_client.get_connection_manager().await?;
         let keys = Keys::new(&config.redis_prefix);
+        let (published_outboxes, published_outboxes_receiver) = tokio::sync::mpsc::unbounded_channel();
         tracing::info!(patterns = ?patterns.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), queue = %config.queue, "engine connected");
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -346,6 +350,8 @@ impl Engine {
                 locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
                 commit: redis::Script::new(COMMIT_SCRIPT),
                 bind_read: redis::Script::new(BIND_READ_SCRIPT),
+                published_outboxes,
+                published_outboxes_receiver: std::sync::Mutex::new(Some(published_outboxes_receiver)),
                 timer_wake: Arc::new(tokio::sync::Notify::new()),
             }),
         })
@@ -384,7 +390,9 @@ impl Engine {
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
         let listener = tokio::spawn(timer_service.clone().listen(stop_receiver.clone()));
         let sweeper = tokio::spawn(timer_service.sweep_forever(Duration::from_millis(inner.config.sweep_interval_ms), stop_receiver.clone()));
-        let reporter = tokio::spawn(report_metrics(inner.metrics.clone(), stop_receiver));
+        let reporter = tokio::spawn(report_metrics(inner.metrics.clone(), stop_receiver.clone()));
+        let receiver = inner.published_outboxes_receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let flusher = receiver.map(|receiver| tokio::spawn(delete_published_outboxes(inner.redis.clone(), inner.keys.clone(), receiver, stop_receiver)));
         let engine = self.clone();
         let handler = move |incoming: Incoming| {
             let engine = engine.clone();
@@ -396,6 +404,9 @@ impl Engine {
         let _ = listener.await;
         let _ = sweeper.await;
         let _ = reporter.await;
+        if let Some(flusher) = flusher {
+            let _ = flusher.await;
+        }
         inner.publisher.close().await;
         tracing::info!(metrics = ?inner.metrics.snapshot(), "engine stopped");
         consumed?;
@@ -497,7 +508,6 @@ impl Engine {
         let input = event_input(event);
         let keys = &self.inner.keys;
         for _ in 0..COMMIT_ATTEMPTS {
-            let mut redis = self.inner.redis.clone();
             let Some(read) = self.read_for_binding(event).await? else {
                 return self.finish_duplicate(event).await;
             };
@@ -552,9 +562,9 @@ impl Engine {
                 self.publish_messages(&messages).await?;
                 let tasks = messages.iter().filter(|message| message.exchange == self.inner.config.tasks_exchange).count();
                 self.inner.metrics.tasks_published.fetch_add(tasks as u64, std::sync::atomic::Ordering::Relaxed);
-                let mut pipeline = redis::pipe();
-                pipeline.del(keys.outbox(&event.id)).ignore().srem(keys.outboxes(), keys.outbox(&event.id)).ignore();
-                let _: () = pipeline.query_async(&mut redis).await?;
+                // Deleted in batches: should the engine die first, start-up publishes the same
+                // messages again, which agents absorb by task id.
+                let _ = self.inner.published_outboxes.send(keys.outbox(&event.id));
             }
             return Ok(EventFate::Done);
         }
@@ -962,6 +972,47 @@ pub fn event_input(event: &CloudEvent) -> EventInput {
         subject: event.subject.clone(),
         data: event.data.clone(),
         extensions: event.extensions.iter().map(|(name, value)| (name.clone(), value.clone())).collect::<BTreeMap<_, _>>(),
+    }
+}
+
+/// Deletes published outboxes in batches until stopped, then deletes the rest.
+async fn delete_published_outboxes(
+    mut redis: ConnectionManager,
+    keys: Keys,
+    mut published: tokio::sync::mpsc::UnboundedReceiver<String>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut stopping = false;
+    loop {
+        let first = if stopping {
+            match published.try_recv() {
+                Ok(key) => key,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                key = published.recv() => match key {
+                    Some(key) => key,
+                    None => return,
+                },
+                _ = stop.changed() => {
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < 500 {
+            match published.try_recv() {
+                Ok(key) => batch.push(key),
+                Err(_) => break,
+            }
+        }
+        let mut pipeline = redis::pipe();
+        pipeline.del(&batch).ignore().srem(keys.outboxes(), &batch).ignore();
+        if let Err(error) = pipeline.query_async::<()>(&mut redis).await {
+            tracing::warn!(%error, outboxes = batch.len(), "could not delete published outboxes; a restart will publish them again");
+        }
     }
 }
 

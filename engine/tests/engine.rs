@@ -335,6 +335,12 @@ async fn full_session_lifecycle_driven_by_events() {
     assert!(snapshot.rejected >= 1 && snapshot.orphans == snapshot_before.orphans, "{snapshot:?}");
 
     running.stop().await;
+    // Every published outbox was deleted by the time the engine stopped.
+    let client = redis::Client::open(harness.profile.services.redis_url.as_str()).expect("redis url");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("redis");
+    let left: usize =
+        redis::cmd("SCARD").arg(format!("{}:outboxes", harness.config.redis_prefix)).query_async(&mut connection).await.expect("scard");
+    assert_eq!(left, 0, "outboxes left after a clean stop");
     harness.cleanup().await;
 }
 
