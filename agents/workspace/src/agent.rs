@@ -480,26 +480,40 @@ impl WorkspaceAgent {
         let early_placement = pipeline.early_placement;
         let confined = pipeline.confined.clone();
         let staging = pipeline.target.staging.clone();
-        // Large files get a quarter of the lanes from the start, so their long transfers overlap the
-        // small files instead of trailing after them; the small files keep most of the bandwidth.
+        // One pool of `parallelism` lanes. Whenever a lane frees up it takes the next large file if
+        // fewer than a quarter of the lanes hold one, else the next small file (smallest first): the
+        // long transfers overlap the small files instead of trailing after them, the small files
+        // keep most of the bandwidth, and no lane sits idle while work is left.
         let (small_work, large_work): (Vec<_>, Vec<_>) = work.into_iter().partition(|(_, _, class)| *class == FileClass::Small);
-        let large_lanes = match (small_work.is_empty(), large_work.is_empty()) {
-            (true, _) => parallelism,
-            (false, true) => 0,
-            (false, false) => (parallelism / 4).max(1),
+        let mut small_queue: std::collections::VecDeque<_> = small_work.into();
+        let mut large_queue: std::collections::VecDeque<_> = large_work.into();
+        let large_lane_limit = (parallelism / 4).max(1);
+        let large_running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let next_work = {
+            let large_running = large_running.clone();
+            futures::stream::poll_fn(move |_| {
+                let large_has_room = large_running.load(std::sync::atomic::Ordering::SeqCst) < large_lane_limit;
+                let next = if large_has_room || small_queue.is_empty() { large_queue.pop_front().or_else(|| small_queue.pop_front()) } else { small_queue.pop_front() };
+                if let Some((_, _, FileClass::Large)) = &next {
+                    large_running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                std::task::Poll::Ready(next)
+            })
         };
-        let small_lanes = parallelism.saturating_sub(large_lanes).max(1);
-        let fetch_one = |(path, meta, class): (WorkspacePath, ObjectMeta, FileClass)| {
-            let confined = confined.clone();
-            let staging = staging.clone();
-            async move {
-                let fetched = self.fetch(&staging, &confined, &path, &meta, class, early_placement).await;
-                (path, meta, class, fetched)
-            }
-        };
-        let small_fetches = futures::stream::iter(small_work).map(fetch_one).buffer_unordered(small_lanes);
-        let large_fetches = futures::stream::iter(large_work).map(fetch_one).buffer_unordered(large_lanes.max(1));
-        let mut fetches = futures::stream::select(small_fetches, large_fetches);
+        let mut fetches = next_work
+            .map(|(path, meta, class)| {
+                let confined = confined.clone();
+                let staging = staging.clone();
+                let large_running = large_running.clone();
+                async move {
+                    let fetched = self.fetch(&staging, &confined, &path, &meta, class, early_placement).await;
+                    if class == FileClass::Large {
+                        large_running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    (path, meta, class, fetched)
+                }
+            })
+            .buffer_unordered(parallelism);
         let mut held: Vec<(WorkspacePath, StagedObject)> = Vec::new();
         let mut first_error = None;
         while let Some((path, meta, class, fetched)) = fetches.next().await {
