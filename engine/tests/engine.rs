@@ -639,3 +639,27 @@ fn patterns_check_cli_reports_bad_files() {
     assert_eq!(format!("{:?}", engine::check_files_cli(&[good, bad])), format!("{:?}", std::process::ExitCode::FAILURE));
     std::fs::remove_dir_all(&directory).expect("cleanup");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_user_wins_and_a_foreign_profile_is_refused() {
+    let mut harness = Harness::new(dev_profile()).await;
+    let running = harness.start(vec![session_pattern()]).await;
+
+    let session = format!("s-{}", Uuid::now_v7());
+    let open = CloudEvent::new("session.open", "/test", Some(&session), json!({"user": "mallory", "workspace": "w1"}))
+        .with_extension("userid", "bob");
+    harness.publish(&open).await;
+    let materialize = harness.task(&session, "workspace", "materialize").await;
+    assert_eq!(materialize.args["user"], json!("bob"));
+    assert_eq!(harness.notification(&session, "materializing").await.user, "bob");
+
+    let foreign = format!("s-{}", Uuid::now_v7());
+    harness
+        .publish(&CloudEvent::new("session.open", "/test", Some(&foreign), json!({"user": "alice", "workspace": "w1", "profile": "prod"})))
+        .await;
+    let closed = harness.notification(&foreign, "closed").await;
+    assert_eq!(closed.detail["error"], json!("profile prod is not this deployment (dev)"));
+    assert!(live_thred(&running.engine, &foreign).await.is_none());
+    running.stop().await;
+    harness.cleanup().await;
+}
