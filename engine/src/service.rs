@@ -332,7 +332,7 @@ impl Engine {
         let publisher = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-engine-publisher")).await?;
         declare(&bus, &config).await?;
         let redis_client = redis::Client::open(profile.services.redis_url.as_str())?;
-        let redis = redis_client.get_connection_manager().await?;
+        let redis = connect_redis(&redis_client).await?;
         let keys = Keys::new(&config.redis_prefix);
         let (published_outboxes, published_outboxes_receiver) = tokio::sync::mpsc::unbounded_channel();
         tracing::info!(patterns = ?patterns.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), queue = %config.queue, "engine connected");
@@ -972,6 +972,23 @@ pub fn event_input(event: &CloudEvent) -> EventInput {
         subject: event.subject.clone(),
         data: event.data.clone(),
         extensions: event.extensions.iter().map(|(name, value)| (name.clone(), value.clone())).collect::<BTreeMap<_, _>>(),
+    }
+}
+
+/// Connects to Redis, retrying with backoff for a minute: in a compose stack Redis may start later.
+async fn connect_redis(client: &redis::Client) -> Result<ConnectionManager> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match client.get_connection_manager().await {
+            Ok(connection) => return Ok(connection),
+            Err(error) if tokio::time::Instant::now() >= deadline => return Err(error.into()),
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "redis not reachable");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }
 
