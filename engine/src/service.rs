@@ -535,13 +535,13 @@ impl Engine {
                     return Ok(EventFate::Refused(error.to_string()))
                 }
             };
-            self.log_disposition(event, &step, pattern);
             let changed = previous.as_ref() != Some(&step.thred);
             if !changed && step.effects.is_empty() {
+                self.log_disposition(event, &step, pattern);
                 return Ok(EventFate::Done);
             }
             let messages = self.outbox_messages(event, &step);
-            match self.commit(previous.as_ref().map(|loaded| loaded.version), &step, pattern, event, &messages).await? {
+            match self.commit(previous.as_ref().map(|thred| thred.version), &step, pattern, event, &messages).await? {
                 CommitResult::Conflict => {
                     Metrics::count(&self.inner.metrics.conflicts);
                     tokio::task::yield_now().await;
@@ -550,6 +550,8 @@ impl Engine {
                 CommitResult::Duplicate => return self.finish_duplicate(event).await,
                 CommitResult::Committed => {}
             }
+            // Logged (and counted) once it holds: a conflict above steps the event again.
+            self.log_disposition(event, &step, pattern);
             if let Disposition::Transitioned { .. } = step.disposition {
                 Metrics::count(&self.inner.metrics.transitions);
             }
