@@ -184,6 +184,7 @@ pub fn cel_to_json(value: &CelValue) -> Result<Value, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use serde_json::json;
 

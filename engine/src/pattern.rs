@@ -782,6 +782,7 @@ impl fmt::Display for Pattern {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -539,7 +539,7 @@ async fn two_replicas_racing_leave_every_thred_as_one_engine_would() {
             if done {
                 assert_eq!(threds.len(), 1, "one thred per key, even when both replicas saw the first event");
                 let thred = &threds[0];
-                assert_eq!(thred.state, if EVENTS_PER_THRED % 2 == 0 { "even" } else { "odd" });
+                assert_eq!(thred.state, ["even", "odd"][EVENTS_PER_THRED % 2]);
                 assert_eq!(thred.version, EVENTS_PER_THRED as u64, "one commit per event");
                 break;
             }
