@@ -1,9 +1,215 @@
-//! `berth bench e2e`: open-to-ready of whole sessions next to Docker's and the object store's own time.
+//! `berth bench e2e`: open-to-ready of whole sessions (50 MB in 500 files, cold) through the engine
+//! and the agents, next to what the same work costs Docker and the object store alone, measured in
+//! the same run: `docker run` to the first health answer, plus a raw download of the same objects.
 
-use protocol::Profile;
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, Outcome, Profile};
+use serde_json::json;
+use tokio::sync::{oneshot, watch};
+
+use crate::dev::{spawn_components, Components};
+use crate::{bootstrap, Reset};
+
+const SEQUENTIAL_SESSIONS: usize = 20;
+const CONCURRENT_SESSIONS: usize = 10;
+const FIXTURE_FILES: usize = 500;
+const FIXTURE_BYTES: usize = 50 * 1000 * 1000;
+const LARGE_FILES: usize = 5;
+const BENCH_WORKSPACE: &str = "e2e-bench";
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+type Waiters = Arc<Mutex<HashMap<(String, String), oneshot::Sender<Instant>>>>;
 
 /// `berth bench e2e`.
 pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    let _ = profile;
-    anyhow::bail!("`berth bench e2e` is not built yet")
+    bootstrap(&profile, Reset::Keep).await?;
+    let user = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let store = workspace::open_store(&profile.services.object_store_url, &workspace::StoreSettings::from_env())?;
+    let prefix = workspace::fixture::object_prefix(&profile, &store, &user, BENCH_WORKSPACE)?;
+    eprintln!("seeding {FIXTURE_FILES} objects ({} MB) under {prefix} ...", FIXTURE_BYTES / 1_000_000);
+    workspace::fixture::seed(&store, &prefix, workspace::fixture::layout(&profile, FIXTURE_FILES, LARGE_FILES, FIXTURE_BYTES)).await?;
+
+    let (stop, stopping) = watch::channel(false);
+    let mut components = spawn_components(&profile, Components::Headless, &stopping);
+    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-e2e")).await?;
+    let waiters: Waiters = Arc::default();
+    listen_for_states(&bus, &user, waiters.clone(), stopping.clone()).await?;
+
+    let outcome = measure(&profile, &bus, &store, &prefix, &user, &waiters).await;
+    let _ = stop.send(true);
+    while components.join_next().await.is_some() {}
+    workspace::fixture::delete_prefix(&store, &prefix).await;
+    bus.close().await;
+    outcome
 }
+
+async fn measure(
+    profile: &Profile,
+    bus: &Bus,
+    store: &workspace::OpenedStore,
+    prefix: &object_store::path::Path,
+    user: &str,
+    waiters: &Waiters,
+) -> anyhow::Result<()> {
+    // Baselines, measured in this run on this machine.
+    let mut docker_times = Vec::new();
+    let mut download_times = Vec::new();
+    for _ in 0..5 {
+        docker_times.push(docker_run_to_health(profile).await?);
+        download_times.push(workspace::fixture::raw_download(store, prefix, profile.workspace.parallelism).await?.0);
+    }
+    let baseline = percentile(&docker_times, 0.5) + percentile(&download_times, 0.5);
+
+    let mut sequential = Vec::new();
+    for _ in 0..SEQUENTIAL_SESSIONS {
+        sequential.push(open_until_running(bus, user, waiters).await?);
+    }
+    let concurrent: Vec<(String, Duration)> =
+        futures::future::try_join_all((0..CONCURRENT_SESSIONS).map(|_| open_until_running(bus, user, waiters))).await?;
+    let sessions: Vec<String> = sequential.iter().chain(&concurrent).map(|(session, _)| session.clone()).collect();
+    let sequential: Vec<Duration> = sequential.into_iter().map(|(_, elapsed)| elapsed).collect();
+    let concurrent: Vec<Duration> = concurrent.into_iter().map(|(_, elapsed)| elapsed).collect();
+
+    println!("berth bench e2e: open-to-ready, {FIXTURE_FILES} files / {} MB, cold", FIXTURE_BYTES / 1_000_000);
+    println!(
+        "  baseline  docker run→health p50 {:>8.1} ms + raw download p50 {:>8.1} ms = {:>8.1} ms",
+        millis(percentile(&docker_times, 0.5)),
+        millis(percentile(&download_times, 0.5)),
+        millis(baseline)
+    );
+    for (label, samples) in [("sequential x20", &sequential), ("concurrent x10", &concurrent)] {
+        let p50 = percentile(samples, 0.5);
+        println!(
+            "  {label}  p50 {:>8.1} ms  p95 {:>8.1} ms  (p50 = {:.2}× the baseline)",
+            millis(p50),
+            millis(percentile(samples, 0.95)),
+            p50.as_secs_f64() / baseline.as_secs_f64()
+        );
+    }
+
+    eprintln!("closing {} sessions ...", sessions.len());
+    let closes = sessions.iter().map(|session| async move {
+        let closed = expect_state(waiters, session, "closed");
+        publish(bus, "session.close", session, user, json!({"reason": "bench"})).await?;
+        tokio::time::timeout(STEP_TIMEOUT, closed).await??;
+        Ok::<_, anyhow::Error>(())
+    });
+    futures::future::try_join_all(closes).await?;
+    Ok(())
+}
+
+/// Opens one session and waits until it runs; returns its id and the open-to-ready time.
+async fn open_until_running(bus: &Bus, user: &str, waiters: &Waiters) -> anyhow::Result<(String, Duration)> {
+    let session = uuid::Uuid::now_v7().to_string();
+    let running = expect_state(waiters, &session, "running");
+    let started = Instant::now();
+    publish(bus, "session.open", &session, user, json!({"user": user, "workspace": BENCH_WORKSPACE})).await?;
+    let ready_at = tokio::time::timeout(STEP_TIMEOUT, running)
+        .await
+        .map_err(|_| anyhow::anyhow!("session {session} not running within {STEP_TIMEOUT:?}"))??;
+    Ok((session, ready_at - started))
+}
+
+fn expect_state(waiters: &Waiters, session: &str, state: &str) -> oneshot::Receiver<Instant> {
+    let (sender, receiver) = oneshot::channel();
+    lock(waiters).insert((session.to_owned(), state.to_owned()), sender);
+    receiver
+}
+
+async fn publish(bus: &Bus, event_type: &str, session: &str, user: &str, data: serde_json::Value) -> anyhow::Result<()> {
+    let event = CloudEvent::new(event_type, "/berth/bench", Some(session), data).with_extension("userid", user);
+    bus.publish_event(&event).await?;
+    Ok(())
+}
+
+/// Routes the bench user's notifications to whoever waits for a session's state; a `failed`
+/// state fails the waiter's whole run, since the measurement would be meaningless.
+async fn listen_for_states(bus: &Bus, user: &str, waiters: Waiters, stopping: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let queue = bus.declare_private_queue(topology::NOTIFY_EXCHANGE, &[topology::user_routing_key(user)]).await?;
+    let consumer = bus.clone();
+    tokio::spawn(async move {
+        let handler = move |incoming: protocol::Incoming| {
+            let waiters = waiters.clone();
+            async move {
+                let arrived = Instant::now();
+                if let Ok(notification) = Notification::decode(&incoming.body) {
+                    let Notification { session, state, detail, .. } = notification;
+                    let session = session.unwrap_or_default();
+                    if state == "failed" {
+                        eprintln!("session {session} failed: {detail}");
+                    }
+                    if let Some(waiter) = lock(&waiters).remove(&(session, state)) {
+                        let _ = waiter.send(arrived);
+                    }
+                }
+                Outcome::Ack
+            }
+        };
+        let mut stopping = stopping;
+        let stopped = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        let _ = consumer.consume(ConsumeSpec::new(&queue, 100), handler, stopped).await;
+    });
+    Ok(())
+}
+
+/// `docker run` of the profile's image with its port published, until the health path answers.
+async fn docker_run_to_health(profile: &Profile) -> anyhow::Result<Duration> {
+    let container = &profile.container;
+    let name = format!("berth-bench-baseline-{}", uuid::Uuid::new_v4().simple());
+    let started = Instant::now();
+    let publish = format!("127.0.0.1::{}", container.service_port);
+    let run = Command::new("docker").args(["run", "-d", "--rm", "--name", &name, "-p", &publish, &container.image]).output()?;
+    anyhow::ensure!(run.status.success(), "docker run failed: {}", String::from_utf8_lossy(&run.stderr));
+    let port_output = Command::new("docker").args(["port", &name, &container.service_port.to_string()]).output()?;
+    let mapping = String::from_utf8_lossy(&port_output.stdout).lines().next().unwrap_or_default().to_owned();
+    let port: u16 = mapping.rsplit(':').next().unwrap_or_default().trim().parse()?;
+    let path = match &container.health {
+        protocol::profile::HealthCheck::Http(path) => path.clone(),
+        _ => "/".to_owned(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(container.ready_timeout_secs);
+    let elapsed = loop {
+        if http_answers(port, &path).await {
+            break started.elapsed();
+        }
+        if Instant::now() > deadline {
+            let _ = Command::new("docker").args(["rm", "-f", &name]).output();
+            anyhow::bail!("baseline container never answered on {path}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let _ = Command::new("docker").args(["rm", "-f", &name]).output();
+    Ok(elapsed)
+}
+
+async fn http_answers(port: u16, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return false };
+    if stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0_u8; 12];
+    matches!(stream.read_exact(&mut head).await, Ok(_) if head.starts_with(b"HTTP/1.") && matches!(head[9], b'2' | b'3'))
+}
+
+fn percentile(samples: &[Duration], fraction: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted.get(index).copied().unwrap_or_default()
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn lock(waiters: &Waiters) -> std::sync::MutexGuard<'_, HashMap<(String, String), oneshot::Sender<Instant>>> {
+    waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+

@@ -8,16 +8,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectMeta, PutPayload};
 use protocol::{AgentKind, Outcome, Profile, Task};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::agent::{AgentSettings, WorkspaceAgent};
 use crate::events::CollectedEvents;
+use crate::fixture;
 use crate::store::{self, OpenedStore, StoreSettings};
 
 const THROUGHPUT_FILES: usize = 500;
@@ -80,14 +78,7 @@ pub async fn run_with(mut profile: Profile, settings: &StoreSettings) -> anyhow:
         // Everything under the bench user's folder (the prefix minus its workspace segment).
         store.root.parts().chain(parts[..parts.len().saturating_sub(1)].iter().cloned()).collect()
     };
-    let keys: Vec<ObjectPath> = store.store.list(Some(&prefix)).map_ok(|meta| meta.location).try_collect().await.unwrap_or_default();
-    futures::stream::iter(keys).for_each_concurrent(16, |key| {
-        let store = store.store.clone();
-        async move {
-            let _ = store.delete(&key).await;
-        }
-    })
-    .await;
+    fixture::delete_prefix(&store, &prefix).await;
     let _ = tokio::fs::remove_dir_all(&scratch).await;
     outcome
 }
@@ -96,67 +87,13 @@ fn task(action: &str, session: &str, args: serde_json::Value) -> Task {
     Task { id: Uuid::now_v7(), agent: AgentKind::Workspace, action: action.to_owned(), session: Some(session.to_owned()), thred: None, cause: None, args }
 }
 
-fn full_prefix(profile: &Profile, store: &OpenedStore, user: &str, workspace: &str) -> anyhow::Result<ObjectPath> {
-    let relative = ObjectPath::parse(profile.workspace_prefix(user, workspace))?;
-    Ok(store.root.parts().chain(relative.parts()).collect())
-}
-
-async fn seed(store: &OpenedStore, prefix: &ObjectPath, files: Vec<(String, usize)>) -> anyhow::Result<()> {
-    futures::stream::iter(files.into_iter().enumerate())
-        .map(|(index, (name, size))| {
-            let key: ObjectPath = prefix.parts().chain(ObjectPath::from(name.as_str()).parts()).collect();
-            let content = Bytes::from(filler(index as u64, size));
-            let store = store.store.clone();
-            async move { store.put(&key, PutPayload::from(content)).await }
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<_>>()
-        .await?;
-    Ok(())
-}
-
-fn filler(seed: u64, size: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut content = Vec::with_capacity(size);
-    while content.len() < size {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        content.extend_from_slice(&state.to_le_bytes());
-    }
-    content.truncate(size);
-    content
-}
-
-async fn raw_download(store: &OpenedStore, prefix: &ObjectPath, parallelism: usize) -> anyhow::Result<(Duration, u64)> {
-    let started = Instant::now();
-    let listing: Vec<ObjectMeta> = store.store.list(Some(prefix)).try_collect().await?;
-    let sizes: Vec<u64> = futures::stream::iter(listing)
-        .map(|meta| {
-            let store = store.store.clone();
-            async move { Ok::<_, object_store::Error>(store.get(&meta.location).await?.bytes().await?.len() as u64) }
-        })
-        .buffer_unordered(parallelism)
-        .try_collect()
-        .await?;
-    Ok((started.elapsed(), sizes.iter().sum()))
-}
-
 async fn measure(profile: &Profile, store: &OpenedStore, user: &str) -> anyhow::Result<BenchReport> {
     let parallelism = profile.workspace.parallelism.max(1);
-    let threshold = usize::try_from(profile.workspace.large_file_threshold_kib * 1024)?;
     // 50 MB in 500 files: a few above the large-file threshold, the rest equal small files.
-    let large_size = (THROUGHPUT_BYTES / 2 / THROUGHPUT_LARGE_FILES).max(threshold + 1);
-    let small_size = (THROUGHPUT_BYTES - large_size * THROUGHPUT_LARGE_FILES) / (THROUGHPUT_FILES - THROUGHPUT_LARGE_FILES);
-    let files: Vec<(String, usize)> = (0..THROUGHPUT_FILES)
-        .map(|index| {
-            let size = if index < THROUGHPUT_LARGE_FILES { large_size } else { small_size.min(threshold.saturating_sub(1)) };
-            (format!("folder-{}/file-{index:04}.bin", index % 10), size)
-        })
-        .collect();
-    let prefix = full_prefix(profile, store, user, "throughput")?;
+    let files = fixture::layout(profile, THROUGHPUT_FILES, THROUGHPUT_LARGE_FILES, THROUGHPUT_BYTES);
+    let prefix = fixture::object_prefix(profile, store, user, "throughput")?;
     eprintln!("seeding {} objects ...", files.len());
-    seed(store, &prefix, files).await?;
+    fixture::seed(store, &prefix, files).await?;
 
     let events = Arc::new(CollectedEvents::new());
     let agent = WorkspaceAgent::new(profile.clone(), store.clone(), events.clone(), AgentSettings::standard());
@@ -166,7 +103,7 @@ async fn measure(profile: &Profile, store: &OpenedStore, user: &str) -> anyhow::
     let mut total_bytes = 0;
     let mut round_ratios = Vec::new();
     for round in 0..ROUNDS {
-        let (raw, bytes) = raw_download(store, &prefix, parallelism).await?;
+        let (raw, bytes) = fixture::raw_download(store, &prefix, parallelism).await?;
         best_raw = best_raw.min(raw);
         total_bytes = bytes;
         let session = format!("bench-{round}-{}", Uuid::new_v4().simple());
@@ -194,9 +131,9 @@ async fn measure(profile: &Profile, store: &OpenedStore, user: &str) -> anyhow::
     }
 
     // Incremental sync in a 10,000-file workspace.
-    let sync_prefix = full_prefix(profile, store, user, "sync")?;
+    let sync_prefix = fixture::object_prefix(profile, store, user, "sync")?;
     eprintln!("seeding {SYNC_FILES} objects ...");
-    seed(store, &sync_prefix, (0..SYNC_FILES).map(|index| (format!("d{:02}/f{index:05}.txt", index % 50), 512)).collect()).await?;
+    fixture::seed(store, &sync_prefix, (0..SYNC_FILES).map(|index| (format!("d{:02}/f{index:05}.txt", index % 50), 512)).collect()).await?;
     let session = format!("bench-sync-{}", Uuid::new_v4().simple());
     let outcome = agent.handle(&task("materialize", &session, json!({"user": user, "workspace": "sync"}))).await?;
     anyhow::ensure!(outcome == Outcome::Ack, "materialize of the sync workspace failed");

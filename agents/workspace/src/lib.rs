@@ -10,6 +10,7 @@
 
 mod agent;
 mod bench;
+pub mod fixture;
 mod error;
 mod events;
 mod fsops;
