@@ -22,6 +22,8 @@ if [ -z "${BERTH_TEST_MONGODB_URL:-}" ]; then
 fi
 
 log=$(mktemp)
+# The engine's crash test runs a separate engine process built from an example.
+cargo build --workspace --examples 2>&1 | tail -n 3
 # Test binaries run one after another (tests inside one run in parallel): the broker-restart test
 # must not share the broker with other binaries' tests.
 cargo test --workspace --all-targets --no-fail-fast "$@" 2>&1 | tee "$log"

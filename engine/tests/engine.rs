@@ -491,7 +491,13 @@ async fn sigkill_between_commit_and_publish_loses_and_duplicates_nothing() {
 fn find_example(name: &str) -> PathBuf {
     let test_binary = std::env::current_exe().expect("current exe");
     let profile_dir = test_binary.parent().and_then(Path::parent).expect("target profile dir");
-    profile_dir.join("examples").join(name)
+    let example = profile_dir.join("examples").join(name);
+    assert!(
+        example.exists(),
+        "{} is missing: build it first with `cargo build -p engine --examples` (scripts/test.sh does)",
+        example.display()
+    );
+    example
 }
 
 const COUNTER_PATTERN: &str = r#"{
