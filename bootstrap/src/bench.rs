@@ -175,7 +175,8 @@ async fn docker_run_to_health(profile: &Profile) -> anyhow::Result<Duration> {
     };
     let deadline = Instant::now() + Duration::from_secs(container.ready_timeout_secs);
     let elapsed = loop {
-        if http_answers(port, &path).await {
+        // The same readiness rule the container agent applies.
+        if container::probe::http_ready("127.0.0.1", port, &path).await {
             break started.elapsed();
         }
         if Instant::now() > deadline {
@@ -186,16 +187,6 @@ async fn docker_run_to_health(profile: &Profile) -> anyhow::Result<Duration> {
     };
     let _ = Command::new("docker").args(["rm", "-f", &name]).output();
     Ok(elapsed)
-}
-
-async fn http_answers(port: u16, path: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return false };
-    if stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut head = [0_u8; 12];
-    matches!(stream.read_exact(&mut head).await, Ok(_) if head.starts_with(b"HTTP/1.") && matches!(head[9], b'2' | b'3'))
 }
 
 fn percentile(samples: &[Duration], fraction: f64) -> Duration {
