@@ -483,11 +483,8 @@ impl Engine {
     async fn dead_letter(&self, incoming: &Incoming, reason: &str) -> Outcome {
         Metrics::count(&self.inner.metrics.dead_lettered);
         tracing::warn!(routing_key = %incoming.routing_key, reason, "dead-lettering event");
-        let mut headers = FieldTable::default();
-        headers.insert(topology::REASON_HEADER.into(), lapin::types::AMQPValue::LongString(reason.to_owned().into()));
-        headers.insert(topology::ORIGIN_HEADER.into(), lapin::types::AMQPValue::LongString(self.inner.config.queue.clone().into()));
-        let properties = BasicProperties::default().with_headers(headers);
-        match self.inner.bus.publish(&self.inner.config.dead_exchange, &incoming.routing_key, &incoming.body, properties).await {
+        let config = &self.inner.config;
+        match self.inner.bus.dead_letter_to(&config.dead_exchange, &config.queue, incoming, reason).await {
             Ok(()) => Outcome::Ack,
             Err(error) => {
                 tracing::error!(%error, "could not dead-letter an event; requeueing it");

@@ -229,10 +229,15 @@ impl Bus {
 
     /// Publishes an event on `berth.events` with its type as routing key.
     pub async fn publish_event(&self, event: &CloudEvent) -> Result<()> {
+        self.publish_event_to(topology::EVENTS_EXCHANGE, event).await
+    }
+
+    /// Publishes an event on another topic exchange (tests isolate themselves this way).
+    pub async fn publish_event_to(&self, exchange: &str, event: &CloudEvent) -> Result<()> {
         let properties = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_message_id(event.id.clone().into());
-        self.publish(topology::EVENTS_EXCHANGE, &event.event_type, &event.to_bytes(), properties).await
+        self.publish(exchange, &event.event_type, &event.to_bytes(), properties).await
     }
 
     /// Publishes a task on `berth.tasks` to its agent's queue.
@@ -253,6 +258,11 @@ impl Bus {
 
     /// Moves a message to the dead-letter queue with the reason it can never succeed.
     pub async fn dead_letter(&self, origin_queue: &str, message: &Incoming, reason: &str) -> Result<()> {
+        self.dead_letter_to(topology::DEAD_EXCHANGE, origin_queue, message, reason).await
+    }
+
+    /// [`Bus::dead_letter`] through another dead-letter exchange (tests isolate themselves this way).
+    pub async fn dead_letter_to(&self, dead_exchange: &str, origin_queue: &str, message: &Incoming, reason: &str) -> Result<()> {
         let mut headers = FieldTable::default();
         headers.insert(topology::REASON_HEADER.into(), AMQPValue::LongString(LongString::from(reason.to_owned())));
         headers.insert(topology::ORIGIN_HEADER.into(), AMQPValue::LongString(LongString::from(origin_queue.to_owned())));
@@ -262,7 +272,7 @@ impl Bus {
             }
         }
         let properties = BasicProperties::default().with_headers(headers);
-        self.publish(topology::DEAD_EXCHANGE, &message.routing_key, &message.body, properties).await
+        self.publish(dead_exchange, &message.routing_key, &message.body, properties).await
     }
 
     /// Answers a request received with `reply_to` and `correlation_id`.

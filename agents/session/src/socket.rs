@@ -355,11 +355,7 @@ impl Connection {
 
 async fn publish_for_user(state: &AppState, user: &str, event_type: &str, session: &str, data: Value, id: Option<String>) -> Result<(), ServerFrame> {
     let event = CloudEvent::new(event_type, &state.config.event_source, Some(session), data).with_extension("userid", user);
-    let properties = lapin::BasicProperties::default()
-        .with_content_type(protocol::event::CONTENT_TYPE.into())
-        .with_message_id(event.id.clone().into());
-    let body = event.to_bytes();
-    let published = state.bus.publish(&state.config.events_exchange, &event.event_type, &body, properties);
+    let published = state.bus.publish_event_to(&state.config.events_exchange, &event);
     match tokio::time::timeout(PUBLISH_TIMEOUT, published).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(ServerFrame::error(id, ErrorCode::Unavailable, format!("could not publish {event_type}: {error}"))),
