@@ -53,23 +53,7 @@ async fn collect(bus: &Bus, exchange: &str, keys: &[&str]) -> mpsc::UnboundedRec
     tokio::spawn(async move {
         let _channel = channel;
         while let Some(Ok(delivery)) = consumer.next().await {
-            let headers = delivery
-                .properties
-                .headers()
-                .as_ref()
-                .map(|table| {
-                    table
-                        .inner()
-                        .iter()
-                        .filter_map(|(name, value)| match value {
-                            lapin::types::AMQPValue::LongString(text) => {
-                                Some((name.to_string(), String::from_utf8_lossy(text.as_bytes()).into_owned()))
-                            }
-                            _ => None,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let headers = protocol::Incoming::from_delivery(&delivery).headers.into_iter().collect();
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             let seen = Seen { routing_key: delivery.routing_key.to_string(), body: delivery.data, headers };
             if sender.send(seen).is_err() {
