@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use protocol::stats::{milliseconds, percentile};
 use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, Outcome, Profile};
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
@@ -77,16 +78,16 @@ async fn measure(
     println!("berth bench e2e: open-to-ready, {FIXTURE_FILES} files / {} MB, cold", FIXTURE_BYTES / 1_000_000);
     println!(
         "  baseline  docker run→health p50 {:>8.1} ms + raw download p50 {:>8.1} ms = {:>8.1} ms",
-        millis(percentile(&docker_times, 0.5)),
-        millis(percentile(&download_times, 0.5)),
-        millis(baseline)
+        milliseconds(percentile(&docker_times, 0.5)),
+        milliseconds(percentile(&download_times, 0.5)),
+        milliseconds(baseline)
     );
     for (label, samples) in [("sequential x20", &sequential), ("concurrent x10", &concurrent)] {
         let p50 = percentile(samples, 0.5);
         println!(
             "  {label}  p50 {:>8.1} ms  p95 {:>8.1} ms  (p50 = {:.2}× the baseline)",
-            millis(p50),
-            millis(percentile(samples, 0.95)),
+            milliseconds(p50),
+            milliseconds(percentile(samples, 0.95)),
             p50.as_secs_f64() / baseline.as_secs_f64()
         );
     }
@@ -187,17 +188,6 @@ async fn docker_run_to_health(profile: &Profile) -> anyhow::Result<Duration> {
     };
     let _ = Command::new("docker").args(["rm", "-f", &name]).output();
     Ok(elapsed)
-}
-
-fn percentile(samples: &[Duration], fraction: f64) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
-    sorted.get(index).copied().unwrap_or_default()
-}
-
-fn millis(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }
 
 fn lock(waiters: &Waiters) -> std::sync::MutexGuard<'_, HashMap<(String, String), oneshot::Sender<Instant>>> {

@@ -7,6 +7,7 @@ pub mod bus;
 pub mod event;
 pub mod message;
 pub mod profile;
+pub mod stats;
 pub mod store;
 pub mod telemetry;
 pub mod topology;

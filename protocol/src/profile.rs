@@ -160,14 +160,14 @@ pub struct SeedUser {
     pub groups: Vec<String>,
 }
 
-/// Environment variables that override `[services]`, with the field each one sets.
-pub const SERVICE_OVERRIDES: [(&str, &str); 6] = [
-    ("BERTH_AMQP_URL", "amqp_url"),
-    ("BERTH_REDIS_URL", "redis_url"),
-    ("BERTH_STORE_URL", "store_url"),
-    ("BERTH_OBJECT_STORE_URL", "object_store_url"),
-    ("BERTH_WORKSPACE_ROOT", "workspace_root"),
-    ("BERTH_SESSION_ADDR", "session_addr"),
+/// Environment variables that override `[services]`, each with how it sets its field.
+pub const SERVICE_OVERRIDES: [(&str, fn(&mut Services, String)); 6] = [
+    ("BERTH_AMQP_URL", |services, value| services.amqp_url = value),
+    ("BERTH_REDIS_URL", |services, value| services.redis_url = value),
+    ("BERTH_STORE_URL", |services, value| services.store_url = value),
+    ("BERTH_OBJECT_STORE_URL", |services, value| services.object_store_url = value),
+    ("BERTH_WORKSPACE_ROOT", |services, value| services.workspace_root = PathBuf::from(value)),
+    ("BERTH_SESSION_ADDR", |services, value| services.session_addr = value),
 ];
 
 impl Profile {
@@ -195,17 +195,9 @@ impl Profile {
 
     /// Applies `BERTH_*` overrides from `lookup` (the environment, or a table in tests).
     pub fn apply_overrides(&mut self, lookup: impl Fn(&str) -> Option<String>) {
-        let services = &mut self.services;
-        for (variable, field) in SERVICE_OVERRIDES {
-            let Some(value) = lookup(variable) else { continue };
-            match field {
-                "amqp_url" => services.amqp_url = value,
-                "redis_url" => services.redis_url = value,
-                "store_url" => services.store_url = value,
-                "object_store_url" => services.object_store_url = value,
-                "workspace_root" => services.workspace_root = PathBuf::from(value),
-                "session_addr" => services.session_addr = value,
-                _ => unreachable!("SERVICE_OVERRIDES names only known fields"),
+        for (variable, set_field) in SERVICE_OVERRIDES {
+            if let Some(value) = lookup(variable) {
+                set_field(&mut self.services, value);
             }
         }
     }

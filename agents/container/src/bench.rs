@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bollard::container::{ListContainersOptions, RemoveContainerOptions};
+use protocol::stats::{milliseconds, percentile};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::profile::HealthCheck;
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Task};
@@ -377,20 +378,6 @@ async fn route_answers(bus: Bus, queue: String, waiters: Waiters, mut stopped: t
     }
 }
 
-fn percentile(samples: &[Duration], fraction: f64) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((fraction * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-fn milliseconds(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
-
 impl Figures {
     fn print(&self) {
         println!("berth bench provision — image {}", self.image);
@@ -437,19 +424,5 @@ impl Figures {
             "resume p50: {:.1} ms to container.resumed (goal: under 50 ms)",
             milliseconds(percentile(&self.resume_answer, 0.5))
         );
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a clear test failure
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_use_the_nearest_rank() {
-        let samples: Vec<Duration> = (1..=20).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&samples, 0.5), Duration::from_millis(10));
-        assert_eq!(percentile(&samples, 0.95), Duration::from_millis(19));
-        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
     }
 }
