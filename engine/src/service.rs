@@ -772,7 +772,7 @@ impl Engine {
                         continue;
                     };
                     let notification =
-                        Notification { id, user: user.clone(), session: Some(thred.key.clone()), state: state.clone(), detail: detail.clone() };
+                        Notification { id, user: user.clone(), session: Some(thred.key.clone()), state: state.clone(), detail: detail.clone(), cause: Some(event.id.clone()) };
                     messages.push(OutboxMessage {
                         exchange: config.notify_exchange.clone(),
                         routing_key: notification.routing_key(),

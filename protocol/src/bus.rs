@@ -80,8 +80,12 @@ pub struct Incoming {
 pub enum Outcome {
     /// Done (or nothing to do): acknowledge.
     Ack,
-    /// A passing failure: requeue; the queue's delivery limit stops it cycling forever.
+    /// A failure that may pass: retried after a delay; after a bounded number of attempts it is
+    /// dead-lettered.
     Retry,
+    /// A dependency is unavailable (Redis, Docker, the object store, the store, the broker):
+    /// retried after a delay, and an outage never counts against the attempt limit.
+    RetryUnavailable,
     /// The message can never succeed: move it to the dead-letter queue with this reason.
     DeadLetter(String),
 }
@@ -523,7 +527,7 @@ enum ConsumerEnd {
 async fn settle(bus: &Bus, queue: &str, acker: &lapin::acker::Acker, incoming: &Incoming, outcome: Outcome) {
     let settled = match &outcome {
         Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
-        Outcome::Retry => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
+        Outcome::Retry | Outcome::RetryUnavailable => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
         Outcome::DeadLetter(reason) => {
             tracing::warn!(queue, reason = %reason, "dead-lettering message");
             match bus.dead_letter(queue, incoming, reason).await {

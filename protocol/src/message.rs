@@ -98,6 +98,10 @@ pub struct Notification {
     /// Anything else the pattern chose to tell: progress, host and port, error.
     #[serde(default)]
     pub detail: Value,
+    /// The id of the event whose handling produced this notification, so whoever published that
+    /// event (the session agent answering an `open`) can tell which session it ended up in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 impl Notification {

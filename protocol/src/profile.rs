@@ -57,6 +57,12 @@ pub struct Services {
     pub workspace_root: PathBuf,
     /// `BERTH_SESSION_ADDR`: where the session agent listens.
     pub session_addr: String,
+    /// `BERTH_DEPLOYMENT`: the id every container, network, directory and private queue of this
+    /// deployment carries, so two deployments sharing a Docker engine or a host never touch each
+    /// other's. Absent: derived from the broker vhost and the Redis database (see
+    /// [`Profile::deployment`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,13 +167,14 @@ pub struct SeedUser {
 }
 
 /// Environment variables that override `[services]`, each with how it sets its field.
-pub const SERVICE_OVERRIDES: [(&str, fn(&mut Services, String)); 6] = [
+pub const SERVICE_OVERRIDES: [(&str, fn(&mut Services, String)); 7] = [
     ("BERTH_AMQP_URL", |services, value| services.amqp_url = value),
     ("BERTH_REDIS_URL", |services, value| services.redis_url = value),
     ("BERTH_STORE_URL", |services, value| services.store_url = value),
     ("BERTH_OBJECT_STORE_URL", |services, value| services.object_store_url = value),
     ("BERTH_WORKSPACE_ROOT", |services, value| services.workspace_root = PathBuf::from(value)),
     ("BERTH_SESSION_ADDR", |services, value| services.session_addr = value),
+    ("BERTH_DEPLOYMENT", |services, value| services.deployment = Some(value)),
 ];
 
 impl Profile {
@@ -272,7 +279,28 @@ impl Profile {
         if self.patterns.is_empty() {
             return Err(self.invalid("patterns", "a profile runs at least one pattern"));
         }
+        if let Some(deployment) = &self.services.deployment {
+            if !is_deployment_id(deployment) {
+                return Err(self.invalid("services.deployment", "must be 1-40 lowercase letters, digits or `-`, starting with a letter or digit"));
+            }
+        }
         Ok(())
+    }
+
+    /// This deployment's id: `services.deployment` (`BERTH_DEPLOYMENT`) when set, else derived from
+    /// the broker's vhost and the Redis database, which two deployments never share
+    /// (`root-0` for vhost `/` and database 0; `staging-3` for vhost `staging` and database 3).
+    pub fn deployment(&self) -> String {
+        if let Some(deployment) = &self.services.deployment {
+            return deployment.clone();
+        }
+        derived_deployment(&self.services.amqp_url, &self.services.redis_url)
+    }
+
+    /// The host directory holding everything of this deployment: one folder per session, and the
+    /// agents' bookkeeping next to them (`.berth-manifests`, `.berth-staging`, …).
+    pub fn deployment_root(&self) -> PathBuf {
+        self.services.workspace_root.join(self.deployment())
     }
 
     /// The object-store prefix of one user's workspace.
@@ -282,8 +310,36 @@ impl Profile {
 
     /// The host directory of one session's workspace.
     pub fn session_dir(&self, session: &str) -> PathBuf {
-        self.services.workspace_root.join(session)
+        self.deployment_root().join(session)
     }
+}
+
+/// Whether `text` can be a deployment id: it appears in Docker labels, network and directory names.
+pub fn is_deployment_id(text: &str) -> bool {
+    let first_ok = text.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    first_ok && text.len() <= 40 && text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// `<vhost>-<redis db>`, lowercased, with anything else replaced by `-`; vhost `/` is `root`.
+fn derived_deployment(amqp_url: &str, redis_url: &str) -> String {
+    let after_scheme = amqp_url.split_once("://").map_or(amqp_url, |(_, rest)| rest);
+    let vhost_encoded = after_scheme.split_once('/').map_or("", |(_, path)| path);
+    let vhost = vhost_encoded.replace("%2f", "/").replace("%2F", "/");
+    let vhost = if vhost.is_empty() || vhost == "/" { "root".to_owned() } else { vhost };
+    let redis_after_scheme = redis_url.split_once("://").map_or(redis_url, |(_, rest)| rest);
+    let database = redis_after_scheme
+        .split_once('/')
+        .map(|(_, path)| path.split('?').next().unwrap_or_default())
+        .filter(|path| !path.is_empty())
+        .unwrap_or("0");
+    let raw = format!("{vhost}-{database}").to_ascii_lowercase();
+    let cleaned: String = raw.chars().map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' }).collect();
+    let trimmed = cleaned.trim_matches('-');
+    let mut id: String = trimmed.chars().take(40).collect();
+    if id.is_empty() {
+        id = "root-0".to_owned();
+    }
+    id
 }
 
 /// The directory holding run-profiles: `BERTH_PROFILES_DIR`, else `./run-profiles`.
@@ -326,6 +382,25 @@ mod tests {
         );
         check(|text| text.replace("cap_add = []", "cap_add = [\"SYS_ADMIN\"]"), Err("`container.cap_add`"));
         check(|text| text.replace("[container]", "[container]\nshiny = true"), Err("unknown field `shiny`"));
+        check(|text| text.replace("[services]", "[services]\ndeployment = \"staging\""), Ok(()));
+        check(|text| text.replace("[services]", "[services]\ndeployment = \"Staging/1\""), Err("`services.deployment`"));
+    }
+
+    #[test]
+    fn deployment_ids_derive_from_vhost_and_redis_database() {
+        let derive = |amqp: &str, redis: &str| derived_deployment(amqp, redis);
+        assert_eq!(derive("amqp://guest:guest@127.0.0.1:5672/%2f", "redis://127.0.0.1:6379/0"), "root-0");
+        assert_eq!(derive("amqp://u:p@h:5672/staging", "redis://h:6379/3"), "staging-3");
+        assert_eq!(derive("amqp://h", "redis://h"), "root-0");
+        assert_eq!(derive("amqp://h/Team_A", "redis://h:6379/12?protocol=resp3"), "team-a-12");
+        for id in ["root-0", "staging-3", "team-a-12"] {
+            assert!(is_deployment_id(id), "{id}");
+        }
+        let mut profile = Profile::parse(&dev_text(), Path::new("p.toml")).unwrap();
+        assert_eq!(profile.deployment(), "root-0");
+        assert_eq!(profile.session_dir("s1"), PathBuf::from("/tmp/berth/dev/workspaces/root-0/s1"));
+        profile.apply_overrides(|name| (name == "BERTH_DEPLOYMENT").then(|| "prod".to_owned()));
+        assert_eq!(profile.deployment(), "prod");
     }
 
     #[test]

@@ -128,6 +128,7 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
             session: Some(format!("bench-session-{user}")),
             state: "running".to_owned(),
             detail: json!({"sequence": sequence}),
+            cause: None,
         };
         if let Ok(mut sent_at) = sent_at.lock() {
             sent_at.insert(sequence, Instant::now());
@@ -196,7 +197,7 @@ async fn baseline_latencies(bus: &Bus, run_id: &str) -> anyhow::Result<Vec<Durat
         .await?;
     let mut latencies = Vec::with_capacity(SEQUENTIAL_ROUNDS);
     for _ in 0..SEQUENTIAL_ROUNDS {
-        let notification = Notification { id: uuid::Uuid::now_v7(), user: user.clone(), session: None, state: "running".to_owned(), detail: json!({}) };
+        let notification = Notification { id: uuid::Uuid::now_v7(), user: user.clone(), session: None, state: "running".to_owned(), detail: json!({}), cause: None };
         let sent = Instant::now();
         bus.publish_notification(&notification).await?;
         let delivery = tokio::time::timeout(RECEIPT_TIMEOUT, consumer.next()).await.context("baseline consumer got nothing")?;

@@ -351,7 +351,7 @@ async fn http_get(address: SocketAddr, path: &str, token: Option<&str>) -> Resul
 }
 
 fn notification(user: &str, session: &str, state: &str, detail: Value) -> Notification {
-    Notification { id: uuid::Uuid::now_v7(), user: user.to_owned(), session: Some(session.to_owned()), state: state.to_owned(), detail }
+    Notification { id: uuid::Uuid::now_v7(), user: user.to_owned(), session: Some(session.to_owned()), state: state.to_owned(), detail, cause: None }
 }
 
 #[tokio::test]
