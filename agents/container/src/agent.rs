@@ -69,8 +69,8 @@ impl AgentSettings {
 /// Connects to the local Docker engine (`DOCKER_HOST` or the default socket) at the highest API
 /// version both sides speak.
 pub async fn connect_docker() -> Result<Docker> {
-    let docker = Docker::connect_with_local_defaults().map_err(Error::DockerUnreachable)?;
-    docker.negotiate_version().await.map_err(Error::DockerUnreachable)
+    let docker = Docker::connect_with_local_defaults().map_err(Error::from_docker)?;
+    docker.negotiate_version().await.map_err(Error::from_docker)
 }
 
 /// What a task asks for, decoded and validated at the edge.
@@ -111,7 +111,7 @@ enum Failure {
     Refused(Refusal),
     /// A container with the session's name belongs to someone else: refuse, and leave it alone.
     NotOurs(Refusal),
-    Unreachable(bollard::errors::Error),
+    Unanswered(bollard::errors::Error),
 }
 
 impl From<bollard::errors::Error> for Failure {
@@ -119,7 +119,7 @@ impl From<bollard::errors::Error> for Failure {
         if is_docker_answer(&error) {
             Failure::Refused(Refusal(docker_message(&error)))
         } else {
-            Failure::Unreachable(error)
+            Failure::Unanswered(error)
         }
     }
 }
@@ -156,6 +156,9 @@ pub struct ReadyContainer {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct InventoryEntry {
     pub session: String,
+    /// From the container's labels, so the engine can recover an orphan's workspace.
+    pub user: String,
+    pub workspace: String,
     pub container_id: String,
     pub state: String,
     pub host_port: Option<u16>,
@@ -309,7 +312,7 @@ impl Agent {
                     }),
                 ))
             }
-            Err(Failure::Unreachable(error)) => Err(Error::DockerUnreachable(error)),
+            Err(Failure::Unanswered(error)) => Err(Error::from_docker(error)),
             Err(Failure::NotOurs(Refusal(reason))) => {
                 Ok(answer(task, "container.failed", json!({"action": "provision", "error": reason})))
             }
@@ -328,7 +331,7 @@ impl Agent {
     pub async fn provision_container(&self, identity: &SessionIdentity) -> Result<ReadyContainer, String> {
         self.provision(identity).await.map_err(|failure| match failure {
             Failure::Refused(Refusal(reason)) | Failure::NotOurs(Refusal(reason)) => reason,
-            Failure::Unreachable(error) => error.to_string(),
+            Failure::Unanswered(error) => error.to_string(),
         })
     }
 
@@ -425,7 +428,8 @@ impl Agent {
     }
 
     async fn check_or_create_network(&self) -> Result<(), Failure> {
-        let network_name = self.inner.profile.container.network.clone();
+        let network_name = spec::network_name(&self.inner.profile);
+        let deployment = self.inner.profile.deployment();
         let docker = &self.inner.docker;
         let network = match docker.inspect_network(&network_name, None::<InspectNetworkOptions<String>>).await {
             Ok(network) => Some(network),
@@ -442,12 +446,21 @@ impl Agent {
                     ))
                     .into());
                 }
+                let owner = network.labels.as_ref().and_then(|labels| labels.get(spec::DEPLOYMENT_LABEL));
+                if owner.is_some_and(|owner| *owner != deployment) {
+                    return Err(Refusal(format!(
+                        "network {network_name} belongs to deployment {}, not {deployment}",
+                        owner.map(String::as_str).unwrap_or_default()
+                    ))
+                    .into());
+                }
             }
             None => {
                 let mut labels: HashMap<String, String> =
                     self.inner.settings.extra_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 labels.insert(spec::MANAGED_LABEL.to_owned(), "true".to_owned());
                 labels.insert(spec::PROFILE_LABEL.to_owned(), self.inner.profile.name.clone());
+                labels.insert(spec::DEPLOYMENT_LABEL.to_owned(), deployment.clone());
                 let options = CreateNetworkOptions {
                     name: network_name.clone(),
                     check_duplicate: true,
@@ -513,27 +526,38 @@ impl Agent {
 
     // ---------------------------------------------------------------- lifecycle
 
+    /// Freezes the session's container. The engine pauses before every final sync, so this never
+    /// fails for a container that has nothing left to freeze: already paused, exited (or never
+    /// started), or gone are all answered `container.paused` with that `state`.
     async fn pause_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
         if let Some(id) = self.known_container(session) {
             if self.inner.docker.pause_container(&id).await.is_ok() {
-                return Ok(answer(task, "container.paused", json!({"container_id": id})));
+                return Ok(paused(task, Some(&id), FrozenState::Paused));
             }
         }
         let name = spec::container_name(session);
         let Some(inspected) = self.inspect_owned(&name).await? else {
-            return Ok(failed(task, "pause", format!("no container for session {session}")));
+            return Ok(paused(task, None, FrozenState::Missing));
         };
         let id = inspected.id.clone().unwrap_or_default();
-        match container_status(&inspected) {
-            ContainerStateStatusEnum::PAUSED => {}
-            ContainerStateStatusEnum::RUNNING => {
-                if let Err(error) = self.inner.docker.pause_container(&name).await {
-                    return self.docker_failure(task, "pause", error);
-                }
-            }
-            other => return Ok(failed(task, "pause", format!("container is {other}, only a running container can be paused"))),
+        let pause_error = match frozen_state(container_status(&inspected)) {
+            Some(state) => return Ok(paused(task, Some(&id), state)),
+            None => match self.inner.docker.pause_container(&id).await {
+                Ok(()) => return Ok(paused(task, Some(&id), FrozenState::Paused)),
+                Err(error) => error,
+            },
+        };
+        if !is_docker_answer(&pause_error) {
+            return Err(Error::from_docker(pause_error));
         }
-        Ok(answer(task, "container.paused", json!({"container_id": id})))
+        // Docker refused: the container may have exited or gone in between. Look once more.
+        let Some(inspected) = self.inspect_owned(&name).await? else {
+            return Ok(paused(task, None, FrozenState::Missing));
+        };
+        match frozen_state(container_status(&inspected)) {
+            Some(state) => Ok(paused(task, Some(&id), state)),
+            None => self.docker_failure(task, "pause", pause_error),
+        }
     }
 
     async fn resume_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
@@ -582,17 +606,30 @@ impl Agent {
         let inspected = match self.inner.docker.inspect_container(&target, None).await {
             Ok(inspected) => inspected,
             Err(error) if docker_status(&error) == Some(404) => {
+                self.forget_container(session);
                 return Ok(answer(task, "container.removed", json!({"container_id": container_id})));
             }
             Err(error) if is_docker_answer(&error) => return self.docker_failure(task, "remove", error),
-            Err(error) => return Err(Error::DockerUnreachable(error)),
+            Err(error) => return Err(Error::from_docker(error)),
         };
         let labels = container_labels(&inspected);
         let id = inspected.id.clone().unwrap_or_default();
-        if labels.get(spec::MANAGED_LABEL).map(String::as_str) != Some("true")
-            || labels.get(spec::PROFILE_LABEL) != Some(&self.inner.profile.name)
-        {
-            return Ok(failed(task, "remove", format!("container {target} is not a session container of profile {}", self.inner.profile.name)));
+        if !spec::is_deployment_container(&labels, &self.inner.profile) {
+            let profile = &self.inner.profile;
+            let refusal = format!(
+                "container {target} is not a session container of profile {} in deployment {} (it is labelled deployment {:?}); left alone",
+                profile.name,
+                profile.deployment(),
+                labels.get(spec::DEPLOYMENT_LABEL).map(String::as_str).unwrap_or("none")
+            );
+            if container_id.is_some() {
+                return Ok(failed(task, "remove", refusal));
+            }
+            // Docker names are unique: another deployment's container under this name means this
+            // deployment's does not exist, and that is what `remove` wants.
+            tracing::warn!(session_id = %session, %refusal, "remove by name found a foreign container");
+            self.forget_container(session);
+            return Ok(answer(task, "container.removed", json!({"container_id": Value::Null})));
         }
         if labels.get(spec::SESSION_LABEL).is_some_and(|owner| owner != session) {
             return Ok(failed(task, "remove", format!("container {target} belongs to another session, not {session}")));
@@ -628,18 +665,19 @@ impl Agent {
         match sample {
             Some(Ok(sample)) => Ok(answer(task, "container.stats", serde_json::to_value(stats::compute(&sample)).unwrap_or_default())),
             Some(Err(error)) if is_docker_answer(&error) => self.docker_failure(task, "stats", error),
-            Some(Err(error)) => Err(Error::DockerUnreachable(error)),
+            Some(Err(error)) => Err(Error::from_docker(error)),
             None => Ok(failed(task, "stats", "docker returned no statistics".to_owned())),
         }
     }
 
-    /// Inspects a session container; `None` when it does not exist. Refuses to act on a
-    /// container that carries the name but not our labels.
+    /// Inspects a session container; `None` when it does not exist. A container that carries the
+    /// name but not this deployment's labels counts as missing, and is never acted on.
     async fn inspect_owned(&self, name: &str) -> Result<Option<ContainerInspectResponse>> {
         match self.inner.docker.inspect_container(name, None).await {
             Ok(inspected) => {
                 let labels = container_labels(&inspected);
-                if labels.get(spec::MANAGED_LABEL).map(String::as_str) != Some("true") {
+                if !spec::is_deployment_container(&labels, &self.inner.profile) {
+                    // Someone else's container under the session's name: ours does not exist.
                     return Ok(None);
                 }
                 if let (Some(session), Some(id)) = (labels.get(spec::SESSION_LABEL), inspected.id.as_ref()) {
@@ -654,7 +692,7 @@ impl Agent {
                 Ok(None)
             }
             Err(error) if is_docker_answer(&error) => Ok(None),
-            Err(error) => Err(Error::DockerUnreachable(error)),
+            Err(error) => Err(Error::from_docker(error)),
         }
     }
 
@@ -662,16 +700,25 @@ impl Agent {
         if is_docker_answer(&error) {
             Ok(failed(task, action, docker_message(&error)))
         } else {
-            Err(Error::DockerUnreachable(error))
+            Err(Error::from_docker(error))
         }
     }
 
-    /// Force-removes a container by name or id; gone already is fine.
+    /// Force-removes this deployment's container of that name; gone already is fine, and a
+    /// container that is not this deployment's is left alone.
     async fn remove_by_name(&self, name: &str) -> Result<(), bollard::errors::Error> {
-        if let Ok(inspected) = self.inner.docker.inspect_container(name, None).await {
-            self.expect_exit(inspected.id.as_deref().unwrap_or_default());
+        let inspected = match self.inner.docker.inspect_container(name, None).await {
+            Ok(inspected) => inspected,
+            Err(error) if docker_status(&error) == Some(404) => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        if !spec::is_deployment_container(&container_labels(&inspected), &self.inner.profile) {
+            tracing::warn!(container = name, "not removing a container that is not this deployment's");
+            return Ok(());
         }
-        match self.inner.docker.remove_container(name, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
+        let id = inspected.id.unwrap_or_default();
+        self.expect_exit(&id);
+        match self.inner.docker.remove_container(&id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
             Ok(()) => Ok(()),
             Err(error) if docker_status(&error) == Some(404) => Ok(()),
             Err(error) => Err(error),
@@ -708,27 +755,32 @@ impl Agent {
 
     // ---------------------------------------------------------------- inventory
 
-    /// Docker label filters selecting this agent's containers (profile, plus the extra labels).
+    /// Docker label filters selecting this agent's containers (profile and deployment, plus the
+    /// extra labels). Docker ANDs them.
     pub(crate) fn label_filters(&self) -> Vec<String> {
         let mut filters = vec![
             format!("{}=true", spec::MANAGED_LABEL),
             format!("{}={}", spec::PROFILE_LABEL, self.inner.profile.name),
+            format!("{}={}", spec::DEPLOYMENT_LABEL, self.inner.profile.deployment()),
         ];
         filters.extend(self.inner.settings.extra_labels.iter().map(|(name, value)| format!("{name}={value}")));
         filters
     }
 
-    /// Every labelled session container of this profile, whatever its state.
+    /// Every labelled session container of this profile and deployment, whatever its state.
     pub async fn inventory(&self) -> Result<Vec<InventoryEntry>> {
         let options = ListContainersOptions {
             all: true,
             filters: HashMap::from([("label".to_owned(), self.label_filters())]),
             ..Default::default()
         };
-        let containers = self.inner.docker.list_containers(Some(options)).await.map_err(Error::DockerUnreachable)?;
+        let containers = self.inner.docker.list_containers(Some(options)).await.map_err(Error::from_docker)?;
         let service_port = self.inner.profile.container.service_port;
         let mut entries: Vec<InventoryEntry> = containers
             .into_iter()
+            // Docker filtered by label already; checking again costs nothing and keeps another
+            // deployment's containers out even if a filter were ever dropped.
+            .filter(|summary| summary.labels.as_ref().is_some_and(|labels| spec::is_deployment_container(labels, &self.inner.profile)))
             .map(|summary| {
                 let labels = summary.labels.unwrap_or_default();
                 let host_port = summary
@@ -739,6 +791,8 @@ impl Agent {
                     .and_then(|port| port.public_port);
                 InventoryEntry {
                     session: labels.get(spec::SESSION_LABEL).cloned().unwrap_or_default(),
+                    user: labels.get(spec::USER_LABEL).cloned().unwrap_or_default(),
+                    workspace: labels.get(spec::WORKSPACE_LABEL).cloned().unwrap_or_default(),
                     container_id: summary.id.unwrap_or_default(),
                     state: summary.state.unwrap_or_default(),
                     host_port,
@@ -816,6 +870,42 @@ fn failed(task: &Task, action: &str, error: String) -> CloudEvent {
     answer(task, "container.failed", json!({"action": action, "error": error}))
 }
 
+/// What `pause` found: frozen now, or nothing left running to freeze.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrozenState {
+    Paused,
+    Exited,
+    Missing,
+}
+
+impl FrozenState {
+    fn as_str(self) -> &'static str {
+        match self {
+            FrozenState::Paused => "paused",
+            FrozenState::Exited => "exited",
+            FrozenState::Missing => "missing",
+        }
+    }
+}
+
+/// `None` while the container runs (it has to be paused); otherwise what it already is.
+fn frozen_state(status: ContainerStateStatusEnum) -> Option<FrozenState> {
+    match status {
+        ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING => None,
+        ContainerStateStatusEnum::PAUSED => Some(FrozenState::Paused),
+        // Never started, stopped, dead or being removed: no process can change the workspace.
+        ContainerStateStatusEnum::CREATED
+        | ContainerStateStatusEnum::EXITED
+        | ContainerStateStatusEnum::DEAD
+        | ContainerStateStatusEnum::REMOVING
+        | ContainerStateStatusEnum::EMPTY => Some(FrozenState::Exited),
+    }
+}
+
+fn paused(task: &Task, container_id: Option<&str>, state: FrozenState) -> CloudEvent {
+    answer(task, "container.paused", json!({"container_id": container_id, "state": state.as_str()}))
+}
+
 fn elapsed_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -848,13 +938,12 @@ fn container_status(inspected: &ContainerInspectResponse) -> ContainerStateStatu
 /// A container named like ours must also be labelled as ours, for this very session.
 fn check_ownership(inspected: &ContainerInspectResponse, identity: &SessionIdentity, profile: &Profile) -> Result<(), Refusal> {
     let labels = container_labels(inspected);
-    let ours = labels.get(spec::MANAGED_LABEL).map(String::as_str) == Some("true")
-        && labels.get(spec::SESSION_LABEL) == Some(&identity.session)
-        && labels.get(spec::PROFILE_LABEL) == Some(&profile.name);
+    let ours = spec::is_deployment_container(&labels, profile) && labels.get(spec::SESSION_LABEL) == Some(&identity.session);
     if !ours {
         return Err(Refusal(format!(
-            "a container named {} exists but is not this session's Berth container",
-            spec::container_name(&identity.session)
+            "a container named {} exists but is not this session's Berth container in deployment {}",
+            spec::container_name(&identity.session),
+            profile.deployment()
         )));
     }
     if labels.get(spec::USER_LABEL) != Some(&identity.user) {
@@ -956,7 +1045,22 @@ mod tests {
     fn bad_tasks_are_dead_lettered_and_outages_retried() {
         let bad = parse_task(&task("explode", Some("s"), json!({}))).unwrap_err();
         assert!(matches!(bad.outcome(), Outcome::DeadLetter(reason) if reason.contains("explode")));
-        let outage = Error::DockerUnreachable(bollard::errors::Error::RequestTimeoutError);
-        assert_eq!(outage.outcome(), Outcome::Retry);
+        let outage = Error::from_docker(bollard::errors::Error::RequestTimeoutError);
+        assert_eq!(outage.outcome(), Outcome::RetryUnavailable);
+        let no_socket = Error::from_docker(bollard::errors::Error::SocketNotFoundError("/var/run/docker.sock".into()));
+        assert_eq!(no_socket.outcome(), Outcome::RetryUnavailable);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(Error::from_docker(refused.into()).outcome(), Outcome::RetryUnavailable);
+        let garbled = Error::from_docker(bollard::errors::Error::DockerStreamError { error: "broken stream".into() });
+        assert_eq!(garbled.outcome(), Outcome::Retry);
+    }
+
+    #[test]
+    fn pause_never_fails_for_a_container_with_nothing_to_freeze() {
+        assert_eq!(frozen_state(ContainerStateStatusEnum::RUNNING), None);
+        assert_eq!(frozen_state(ContainerStateStatusEnum::PAUSED), Some(FrozenState::Paused));
+        for status in [ContainerStateStatusEnum::EXITED, ContainerStateStatusEnum::CREATED, ContainerStateStatusEnum::DEAD] {
+            assert_eq!(frozen_state(status), Some(FrozenState::Exited), "{status}");
+        }
     }
 }

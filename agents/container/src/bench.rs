@@ -205,12 +205,13 @@ impl Bench {
     async fn docker_run_until_healthy(&self, name: &str) -> anyhow::Result<Duration> {
         let settings = &self.profile.container;
         let name = format!("berth-bench-{}-docker-{name}", self.bench_id);
+        let network = spec::network_name(&self.profile);
         let workspace = self.profile.session_dir(&name);
         tokio::fs::create_dir_all(&workspace).await?;
         let mut arguments: Vec<String> = [
             "run", "-d", "--name", &name,
             "--label", &format!("{BENCH_LABEL}={}", self.bench_id),
-            "--network", &settings.network,
+            "--network", &network,
             "-p", &format!("{}::{}", spec::PUBLISH_HOST, settings.service_port),
             "--memory", &format!("{}m", settings.memory_mib),
             "--memory-swap", &format!("{}m", settings.memory_mib),

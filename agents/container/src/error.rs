@@ -15,9 +15,14 @@ pub enum Error {
     /// The run-profile asks for something a workspace container must never have.
     #[error("unsafe container profile: `{field}`: {reason}")]
     UnsafeProfile { field: String, reason: String },
-    /// The Docker engine could not be reached (not an answer from it, which becomes an event).
+    /// The Docker engine could not be reached: the socket is gone, the connection was refused or
+    /// broke, a request timed out (not an answer from it, which becomes an event).
     #[error("docker engine unreachable: {0}")]
     DockerUnreachable(#[source] bollard::errors::Error),
+    /// Talking to Docker went wrong in a way that is neither an answer nor an outage (an
+    /// unreadable reply, a broken stream): worth a bounded number of retries.
+    #[error("docker request failed: {0}")]
+    Docker(#[source] bollard::errors::Error),
     /// The broker refused or lost an answer event.
     #[error("could not publish the answer: {0}")]
     Publish(#[from] protocol::bus::BusError),
@@ -29,14 +34,38 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// A failed Docker call that is not an answer from Docker, sorted into outage or transient.
+    pub fn from_docker(error: bollard::errors::Error) -> Error {
+        if is_docker_outage(&error) {
+            Error::DockerUnreachable(error)
+        } else {
+            Error::Docker(error)
+        }
+    }
+
     /// What the consumer does with a task whose handler failed with this error.
     pub fn outcome(&self) -> Outcome {
         match self {
             Error::BadTask { .. } | Error::UnsafeProfile { .. } => Outcome::DeadLetter(self.to_string()),
-            // Passing trouble: the queue redelivers, and its delivery limit stops endless cycling.
-            Error::DockerUnreachable(_) | Error::Publish(_) | Error::WorkspaceDirectory { .. } => Outcome::Retry,
+            // A dependency is down: wait for it without burning the task's attempts.
+            Error::DockerUnreachable(_) | Error::Publish(_) => Outcome::RetryUnavailable,
+            // Passing trouble: retried after a delay, a bounded number of times.
+            Error::Docker(_) | Error::WorkspaceDirectory { .. } => Outcome::Retry,
         }
     }
+}
+
+/// Docker could not be asked at all: no socket, no connection, no answer in time.
+pub(crate) fn is_docker_outage(error: &bollard::errors::Error) -> bool {
+    use bollard::errors::Error as Docker;
+    matches!(
+        error,
+        Docker::SocketNotFoundError(_)
+            | Docker::IOError { .. }
+            | Docker::RequestTimeoutError
+            | Docker::HyperResponseError { .. }
+            | Docker::HyperLegacyError { .. }
+    )
 }
 
 /// Docker answered with this HTTP status (404 gone, 409 conflict, 304 not modified, …).

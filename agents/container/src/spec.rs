@@ -19,6 +19,9 @@ pub const PROFILE_LABEL: &str = "berth.profile";
 pub const WORKSPACE_LABEL: &str = "berth.workspace";
 /// The thred that provisioned the container, so Docker's own events can be routed back to it.
 pub const THRED_LABEL: &str = "berth.thred";
+/// The deployment (`Profile::deployment`) that owns a container or network: two deployments with
+/// the same profile name may share one Docker engine, and each acts only on what carries its own.
+pub const DEPLOYMENT_LABEL: &str = "berth.deployment";
 
 /// Host address the service port is published on: never reachable from outside the machine.
 pub const PUBLISH_HOST: &str = "127.0.0.1";
@@ -37,6 +40,19 @@ pub struct SessionIdentity {
 /// The Docker name of a session's container: one name per session makes provisioning idempotent.
 pub fn container_name(session: &str) -> String {
     format!("berth-{session}")
+}
+
+/// The deployment's session network: the profile's `container.network` plus the deployment id,
+/// so two deployments on one Docker engine never share a bridge.
+pub fn network_name(profile: &Profile) -> String {
+    format!("{}-{}", profile.container.network, profile.deployment())
+}
+
+/// Whether labels say "a Berth container of this profile and this deployment".
+pub fn is_deployment_container(labels: &HashMap<String, String>, profile: &Profile) -> bool {
+    labels.get(MANAGED_LABEL).map(String::as_str) == Some("true")
+        && labels.get(PROFILE_LABEL) == Some(&profile.name)
+        && labels.get(DEPLOYMENT_LABEL) == Some(&profile.deployment())
 }
 
 /// Session ids become container names and directory names, so they must be safe as both.
@@ -133,6 +149,7 @@ pub fn session_labels(
     labels.insert(USER_LABEL.to_owned(), identity.user.clone());
     labels.insert(PROFILE_LABEL.to_owned(), profile.name.clone());
     labels.insert(WORKSPACE_LABEL.to_owned(), identity.workspace.clone());
+    labels.insert(DEPLOYMENT_LABEL.to_owned(), profile.deployment());
     if let Some(thred) = &identity.thred {
         labels.insert(THRED_LABEL.to_owned(), thred.clone());
     }
@@ -159,6 +176,7 @@ pub fn container_config(
     environment.insert("BERTH_WORKSPACE".to_owned(), identity.workspace.clone());
     environment.insert("BERTH_PROFILE".to_owned(), profile.name.clone());
     let port_key = service_port_key(settings);
+    let network = network_name(profile);
     let memory_bytes = i64::try_from(settings.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
     let mut binds = vec![format!("{}:{}:rw", session_dir.display(), settings.workspace_mount)];
     binds.extend(settings.mounts.iter().cloned());
@@ -177,7 +195,7 @@ pub fn container_config(
         )])),
         readonly_rootfs: Some(settings.read_only_root),
         binds: Some(binds),
-        network_mode: Some(settings.network.clone()),
+        network_mode: Some(network.clone()),
         port_bindings: Some(HashMap::from([(
             port_key.clone(),
             // No host port: Docker picks a free one, and we read it back after start.
@@ -196,7 +214,7 @@ pub fn container_config(
         labels: Some(session_labels(profile, identity, extra_labels)),
         host_config: Some(host_config),
         networking_config: Some(NetworkingConfig {
-            endpoints_config: HashMap::from([(settings.network.clone(), EndpointSettings::default())]),
+            endpoints_config: HashMap::from([(network, EndpointSettings::default())]),
         }),
         ..Default::default()
     }
@@ -279,9 +297,26 @@ mod tests {
         let labels = config.labels.as_ref().unwrap();
         assert_eq!(labels[MANAGED_LABEL], "true");
         assert_eq!(labels[THRED_LABEL], "t-1");
+        assert_eq!(labels[DEPLOYMENT_LABEL], "root-0");
+        assert!(is_deployment_container(labels, &profile));
+        assert_eq!(host.network_mode.as_deref(), Some("berth-sessions-root-0"));
         assert_eq!(labels["berth.test"], "x");
         let env = config.env.as_ref().unwrap();
         assert!(env.contains(&"BERTH_SESSION=s-1".to_owned()), "{env:?}");
+    }
+
+    #[test]
+    fn deployments_sharing_a_profile_name_get_their_own_labels_and_network() {
+        let mut staging = dev_profile();
+        staging.services.deployment = Some("staging".into());
+        let production = dev_profile();
+        assert_ne!(network_name(&staging), network_name(&production));
+        let staging_labels = session_labels(&staging, &identity(), &BTreeMap::new());
+        assert!(is_deployment_container(&staging_labels, &staging));
+        assert!(!is_deployment_container(&staging_labels, &production), "another deployment's container is not ours");
+        let mut unlabelled = staging_labels.clone();
+        unlabelled.remove(DEPLOYMENT_LABEL);
+        assert!(!is_deployment_container(&unlabelled, &staging), "a container without the deployment label is not ours");
     }
 
     #[test]

@@ -70,6 +70,11 @@ async fn exit_event(agent: &Agent, message: &EventMessage, out_of_memory: &mut H
     let actor = message.actor.as_ref()?;
     let container_id = actor.id.clone()?;
     let attributes = actor.attributes.clone().unwrap_or_default();
+    // Docker filtered by this deployment's labels already (event attributes carry the labels);
+    // another deployment's exits are its own agent's to report.
+    if !spec::is_deployment_container(&attributes, agent.profile()) {
+        return None;
+    }
     match message.action.as_deref()? {
         "oom" => {
             out_of_memory.insert(container_id);

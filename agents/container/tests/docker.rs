@@ -35,7 +35,6 @@ fn dev_profile_text() -> String {
 /// Removes every container and network carrying the test's label, and its workspace root.
 struct Cleanup {
     test_id: String,
-    network: String,
     workspace_root: PathBuf,
 }
 
@@ -47,7 +46,12 @@ impl Drop for Cleanup {
                 let _ = Command::new("docker").args(["rm", "-f", id]).output();
             }
         }
-        let _ = Command::new("docker").args(["network", "rm", &self.network]).output();
+        // The agent labels its networks like its containers (one per deployment).
+        if let Ok(listed) = Command::new("docker").args(["network", "ls", "-q", "--filter", &filter]).output() {
+            for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["network", "rm", id]).output();
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.workspace_root);
     }
 }
@@ -70,11 +74,7 @@ impl Fixture {
         profile.services.workspace_root = std::env::temp_dir().join(format!("berth-container-test-{test_id}"));
         profile.services.amqp_url = amqp_url();
         edit(&mut profile);
-        let cleanup = Cleanup {
-            test_id: test_id.clone(),
-            network: profile.container.network.clone(),
-            workspace_root: profile.services.workspace_root.clone(),
-        };
+        let cleanup = Cleanup { test_id: test_id.clone(), workspace_root: profile.services.workspace_root.clone() };
         let bus = Bus::connect(BusConfig::new(&amqp_url(), &format!("container-test-{test_id}"))).await.expect("broker");
         bus.declare_topology().await.expect("topology");
         let docker = connect_docker().await.expect("docker engine");
@@ -244,7 +244,7 @@ async fn provision_sets_every_limit_and_hardening_option_and_is_idempotent() {
     }
     assert_eq!(host.readonly_rootfs, Some(true));
     assert_eq!(host.privileged, Some(false));
-    assert_eq!(host.network_mode.as_deref(), Some(fixture.profile.container.network.as_str()));
+    assert_eq!(host.network_mode.as_deref(), Some(spec::network_name(&fixture.profile).as_str()));
     let bindings = host.port_bindings.unwrap_or_default().remove("8080/tcp").flatten().expect("port binding");
     assert_eq!(bindings[0].host_ip.as_deref(), Some("127.0.0.1"));
     assert!(host.binds.unwrap_or_default().contains(&format!("{}:/workspace:rw", session_dir.display())));
@@ -276,9 +276,12 @@ async fn provision_sets_every_limit_and_hardening_option_and_is_idempotent() {
     assert!(root.split_whitespace().nth(3).is_some_and(|options| options.split(',').any(|option| option == "ro")), "{root}");
     let tmp = mounts.lines().find(|line| line.split_whitespace().nth(1) == Some("/tmp")).expect("tmp mount");
     assert!(tmp.starts_with("tmpfs") && tmp.contains("noexec") && tmp.contains("nosuid"), "{tmp}");
-    let network = fixture.docker.inspect_network::<String>(&fixture.profile.container.network, None).await.unwrap();
+    let network = fixture.docker.inspect_network::<String>(&spec::network_name(&fixture.profile), None).await.unwrap();
     assert_eq!(network.options.unwrap_or_default().get(spec::ICC_OPTION).map(String::as_str), Some("false"));
-    assert_eq!(network.labels.unwrap_or_default().get("berth.managed").map(String::as_str), Some("true"));
+    let network_labels = network.labels.unwrap_or_default();
+    assert_eq!(network_labels.get("berth.managed").map(String::as_str), Some("true"));
+    assert_eq!(network_labels.get("berth.deployment"), Some(&fixture.profile.deployment()));
+    assert_eq!(labels.get("berth.deployment"), Some(&fixture.profile.deployment()));
 
     // Provisioning again (a repeated or redelivered task) finds the same container and port.
     let again = answer(&agent, &provision(&session)).await;
@@ -331,6 +334,13 @@ async fn lifecycle_tasks_are_idempotent_and_pause_resume_round_trips() {
     }
     let state = fixture.docker.inspect_container(&container_id, None).await.unwrap().state.unwrap();
     assert_eq!(state.running, Some(false));
+    // The engine pauses before every final sync: an exited container is answered, not refused.
+    for _ in 0..2 {
+        let paused_exited = answer(&agent, &task(&session, "pause", json!({}))).await;
+        expect_type(&paused_exited, "container.paused");
+        assert_eq!(paused_exited.data["state"], "exited", "{}", paused_exited.data);
+        assert_eq!(paused_exited.data["container_id"], container_id.as_str());
+    }
     expect_type(&answer(&agent, &task(&session, "resume", json!({}))).await, "container.failed");
 
     // A removal naming this container under another session's name is refused.
@@ -341,7 +351,146 @@ async fn lifecycle_tasks_are_idempotent_and_pause_resume_round_trips() {
         expect_type(&answer(&agent, &task(&session, "remove", json!({}))).await, "container.removed");
     }
     assert!(fixture.containers(Some(&session)).await.is_empty());
-    expect_type(&answer(&agent, &task(&session, "pause", json!({}))).await, "container.failed");
+    // Pausing what is gone does not block the final sync that follows a pause.
+    let paused_missing = answer(&agent, &task(&session, "pause", json!({}))).await;
+    expect_type(&paused_missing, "container.paused");
+    assert_eq!(paused_missing.data["state"], "missing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_answers_paused_with_the_state_whatever_the_container_is() {
+    let fixture = Fixture::new(|_| {}).await;
+    let agent = fixture.agent();
+    let session = fixture.session("freeze");
+    let ready = answer(&agent, &provision(&session)).await;
+    expect_type(&ready, "container.ready");
+    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+
+    let check_pause = |agent: Agent, expected_state: &'static str, expected_id: Value| {
+        let task = task(&session, "pause", json!({}));
+        async move {
+            let event = answer(&agent, &task).await;
+            expect_type(&event, "container.paused");
+            assert_eq!(event.data, json!({"container_id": expected_id, "state": expected_state}));
+        }
+    };
+    // Running, then already paused.
+    check_pause(agent.clone(), "paused", json!(container_id)).await;
+    check_pause(agent.clone(), "paused", json!(container_id)).await;
+    // Exited behind the agent's back (a crash): a fresh agent, which knows nothing, answers too.
+    let killed = Command::new("docker").args(["kill", &container_id]).output().unwrap();
+    assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+    check_pause(agent.clone(), "exited", json!(container_id)).await;
+    check_pause(fixture.agent(), "exited", json!(container_id)).await;
+    // Gone.
+    let removed = Command::new("docker").args(["rm", "-f", &container_id]).output().unwrap();
+    assert!(removed.status.success());
+    check_pause(agent.clone(), "missing", Value::Null).await;
+    check_pause(fixture.agent(), "missing", Value::Null).await;
+    // Stop and remove of a missing container succeed too.
+    expect_type(&answer(&agent, &task(&session, "stop", json!({}))).await, "container.stopped");
+    expect_type(&answer(&agent, &task(&session, "remove", json!({}))).await, "container.removed");
+}
+
+/// Two deployments of the same profile ("dev", one base network name, one test label) on one
+/// Docker engine: only the deployment label tells their containers apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_deployments_sharing_a_profile_name_and_a_docker_engine_never_touch_each_other() {
+    let mut fixture = Fixture::new(|_| {}).await;
+    fixture.settings.orphan_grace = Duration::ZERO;
+    fixture.settings.inventory_interval = Duration::from_secs(3600);
+    let deployment = |suffix: &str| {
+        let mut profile = fixture.profile.clone();
+        profile.services.deployment = Some(format!("t{}-{suffix}", fixture.test_id));
+        profile
+    };
+    let (profile_a, profile_b) = (deployment("a"), deployment("b"));
+    assert_eq!(profile_a.name, profile_b.name);
+    let agent_for = |profile: &Profile| {
+        Agent::with_settings(profile.clone(), fixture.bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap()
+    };
+    let (agent_a, agent_b) = (agent_for(&profile_a), agent_for(&profile_b));
+    let (session_a, session_b) = (fixture.session("dep-a"), fixture.session("dep-b"));
+    let ready_a = answer(&agent_a, &provision(&session_a)).await;
+    let ready_b = answer(&agent_b, &provision(&session_b)).await;
+    expect_type(&ready_a, "container.ready");
+    expect_type(&ready_b, "container.ready");
+    let id_a = ready_a.data["container_id"].as_str().unwrap().to_owned();
+    let id_b = ready_b.data["container_id"].as_str().unwrap().to_owned();
+
+    // Labels, networks and host directories are per deployment.
+    let (network_a, network_b) = (spec::network_name(&profile_a), spec::network_name(&profile_b));
+    assert_ne!(network_a, network_b);
+    for (profile, id, network) in [(&profile_a, &id_a, &network_a), (&profile_b, &id_b, &network_b)] {
+        let inspected = fixture.docker.inspect_container(id, None).await.unwrap();
+        let labels = inspected.config.unwrap().labels.unwrap();
+        assert_eq!(labels.get(spec::DEPLOYMENT_LABEL), Some(&profile.deployment()));
+        assert_eq!(inspected.host_config.unwrap().network_mode.as_deref(), Some(network.as_str()));
+        let network = fixture.docker.inspect_network::<String>(network, None).await.unwrap();
+        assert_eq!(network.options.unwrap_or_default().get(spec::ICC_OPTION).map(String::as_str), Some("false"));
+        assert_eq!(network.labels.unwrap_or_default().get(spec::DEPLOYMENT_LABEL), Some(&profile.deployment()));
+    }
+    assert_ne!(profile_a.session_dir(&session_a).parent(), profile_b.session_dir(&session_b).parent());
+
+    // Each inventory lists only its own, with the user and workspace to recover it by.
+    for (agent, own_session, own_id) in [(&agent_a, &session_a, &id_a), (&agent_b, &session_b, &id_b)] {
+        let inventory = agent.inventory().await.unwrap();
+        assert_eq!(inventory.len(), 1, "{inventory:?}");
+        assert_eq!(&inventory[0].session, own_session);
+        assert_eq!(&inventory[0].container_id, own_id);
+        assert_eq!((inventory[0].user.as_str(), inventory[0].workspace.as_str()), ("alice", "w1"));
+    }
+    let published = agent_a.publish_inventory().await.unwrap();
+    let entries = published.data["containers"].as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["session"], session_a.as_str());
+    assert_eq!((entries[0]["user"].as_str(), entries[0]["workspace"].as_str()), (Some("alice"), Some("w1")));
+
+    let still_running = |id: String| {
+        let docker = fixture.docker.clone();
+        async move { docker.inspect_container(&id, None).await.unwrap().state.unwrap().status }
+    };
+    // A's orphan removal naming B's container is refused and not executed (no grace period here).
+    let refused = answer(&agent_a, &task(&session_b, "remove", json!({"container_id": id_b}))).await;
+    expect_type(&refused, "container.failed");
+    let reason = refused.data["error"].as_str().unwrap();
+    assert!(reason.contains(&profile_a.deployment()) && reason.contains(&profile_b.deployment()), "{reason}");
+    // By the session's name, A finds no container of its own: removed, stopped, paused as missing.
+    let by_name = answer(&agent_a, &task(&session_b, "remove", json!({}))).await;
+    expect_type(&by_name, "container.removed");
+    assert_eq!(by_name.data["container_id"], Value::Null);
+    expect_type(&answer(&agent_a, &task(&session_b, "stop", json!({}))).await, "container.stopped");
+    let paused = answer(&agent_a, &task(&session_b, "pause", json!({}))).await;
+    assert_eq!(paused.data["state"], "missing", "{}", paused.data);
+    expect_type(&answer(&agent_a, &task(&session_b, "stats", json!({}))).await, "container.failed");
+    // Provisioning B's session id in A cannot adopt or replace B's container.
+    let hijack = answer(&agent_a, &provision(&session_b)).await;
+    expect_type(&hijack, "container.failed");
+    assert_eq!(still_running(id_b.clone()).await, Some(bollard::models::ContainerStateStatusEnum::RUNNING));
+    assert!(http_get(port_of(&ready_b), "/").await.is_some(), "B's session still answers");
+
+    // A's Docker-event watcher reports A's exits and never B's.
+    let queue = task_queue(&fixture.bus, &fixture.test_id).await;
+    let mut tap = EventTap::open(&fixture.bus, &["container.exited"]).await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving_agent = agent_a.clone();
+    let serving_queue = queue.clone();
+    let server = tokio::spawn(async move { serving_agent.serve(&serving_queue, async { stopped.await.ok(); }).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(Command::new("docker").args(["kill", &id_b]).output().unwrap().status.success());
+    let foreign = tap.try_next_matching(Duration::from_secs(3), |event| event.subject.as_deref() == Some(session_b.as_str())).await;
+    assert!(foreign.is_none(), "agent A reported deployment B's exit: {foreign:?}");
+    assert!(Command::new("docker").args(["kill", &id_a]).output().unwrap().status.success());
+    tap.next_matching("A's own exit", Duration::from_secs(30), |event| event.subject.as_deref() == Some(session_a.as_str())).await;
+    let _ = stop.send(());
+    server.await.unwrap().expect("serve ends cleanly");
+    fixture.bus.delete_queue(&queue).await.expect("delete task queue");
+
+    // B removes its own as usual.
+    let removed = answer(&agent_b, &task(&session_b, "remove", json!({"container_id": id_b}))).await;
+    expect_type(&removed, "container.removed");
+    assert!(fixture.docker.inspect_container(&id_b, None).await.is_err());
+    assert_eq!(fixture.containers(None).await.len(), 1, "A's container is A's to remove");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,7 +517,7 @@ async fn session_containers_cannot_reach_each_other_while_both_ports_answer() {
     let id_a = ready_a.data["container_id"].as_str().unwrap();
     let id_b = ready_b.data["container_id"].as_str().unwrap();
     let inspected_b = fixture.docker.inspect_container(id_b, None).await.unwrap();
-    let address_b = inspected_b.network_settings.unwrap().networks.unwrap()[&fixture.profile.container.network]
+    let address_b = inspected_b.network_settings.unwrap().networks.unwrap()[&spec::network_name(&fixture.profile)]
         .ip_address
         .clone()
         .expect("b has an address");
