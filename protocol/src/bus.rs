@@ -2,6 +2,14 @@
 //! topology idempotently, publish with confirms, consume with manual acks, dead-letter with a reason,
 //! request/reply, and graceful shutdown.
 //!
+//! Retries wait. A handler's [`Outcome::Retry`] or [`Outcome::RetryUnavailable`] does not requeue
+//! the message (it would come straight back and burn the quorum queue's delivery limit within
+//! seconds of an outage): the consumer publishes a copy, confirmed, to one of the work queue's delay
+//! queues ([`topology::retry_queue`]) with the counts in [`topology::ATTEMPTS_HEADER`] and
+//! [`topology::OUTAGES_HEADER`], then acks the original. A delay queue has a queue-level TTL (every
+//! message in it waits the same, so expiry at the head is exact) and dead-letters through the
+//! default exchange back to its work queue. [`RetryPolicy`] holds the ladder and the limits.
+//!
 //! Only this module touches lapin; components see [`Bus`], [`Incoming`] and [`Outcome`].
 
 use std::collections::HashMap;
@@ -18,6 +26,7 @@ use lapin::options::{
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::message::Delivery;
 use tokio::sync::{oneshot, Mutex, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -44,6 +53,8 @@ pub enum BusError {
     ReplyTimeout { routing_key: String, timeout: Duration },
     #[error("gave up publishing to {exchange}/{routing_key} after {attempts} attempts: {last_error}")]
     PublishFailed { exchange: String, routing_key: String, attempts: u32, last_error: String },
+    #[error("the broker could not route the message published to {exchange}/{routing_key} (queue missing?)")]
+    Unroutable { exchange: String, routing_key: String },
 }
 
 pub type Result<T, E = BusError> = std::result::Result<T, E>;
@@ -68,7 +79,9 @@ impl BusConfig {
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub body: Vec<u8>,
+    /// The key it was first published with (kept across retries).
     pub routing_key: String,
+    /// A handler may have seen this message before: the broker redelivered it, or it is a retry.
     pub redelivered: bool,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
@@ -88,6 +101,58 @@ pub enum Outcome {
     RetryUnavailable,
     /// The message can never succeed: move it to the dead-letter queue with this reason.
     DeadLetter(String),
+}
+
+/// How a consumer retries: the delay ladder and the limits. [`RetryPolicy::standard`] is
+/// production's ([`topology::RETRY_DELAYS`], [`topology::MAX_RETRY_ATTEMPTS`],
+/// [`topology::MAX_OUTAGE_RETRIES`]); tests use short delays through [`Bus::with_retry_policy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    delays: Vec<Duration>,
+    max_attempts: u32,
+    max_outages: u32,
+}
+
+impl RetryPolicy {
+    /// The production ladder and limits.
+    pub fn standard() -> RetryPolicy {
+        RetryPolicy::new(&topology::RETRY_DELAYS, topology::MAX_RETRY_ATTEMPTS, topology::MAX_OUTAGE_RETRIES)
+    }
+
+    /// `delays[n]` is the wait before the retry that follows `n` earlier retries (the last repeats);
+    /// the `max_attempts`-th [`Outcome::Retry`] and the `max_outages`-th
+    /// [`Outcome::RetryUnavailable`] of a message dead-letter it.
+    ///
+    /// # Panics
+    /// When `delays` is empty, a delay is under 1 ms or over a day, or a limit is 0: these are
+    /// constants in code, not input.
+    pub fn new(delays: &[Duration], max_attempts: u32, max_outages: u32) -> RetryPolicy {
+        assert!(!delays.is_empty(), "a retry ladder needs at least one delay");
+        assert!(
+            delays.iter().all(|delay| *delay >= Duration::from_millis(1) && *delay <= Duration::from_secs(86_400)),
+            "retry delays must be between 1 ms and a day: {delays:?}"
+        );
+        assert!(max_attempts > 0 && max_outages > 0, "retry limits must be at least 1");
+        RetryPolicy { delays: delays.to_vec(), max_attempts, max_outages }
+    }
+
+    pub fn delays(&self) -> &[Duration] {
+        &self.delays
+    }
+
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    pub fn max_outages(&self) -> u32 {
+        self.max_outages
+    }
+
+    /// The wait before the next retry of a message that has been retried `earlier_retries` times.
+    pub fn delay_after(&self, earlier_retries: u32) -> Duration {
+        let rung = usize::try_from(earlier_retries).unwrap_or(usize::MAX).min(self.delays.len() - 1);
+        self.delays[rung]
+    }
 }
 
 /// What a consumer reads and how.
@@ -119,14 +184,40 @@ pub struct Bus {
     config: Arc<BusConfig>,
     link: Arc<Mutex<Option<Link>>>,
     replies: Arc<Mutex<Option<(Channel, PendingReplies)>>>,
+    retry: Arc<RetryPolicy>,
+    dead_exchange: Arc<str>,
 }
 
 impl Bus {
     /// Connects, retrying with exponential backoff until `config.connect_timeout`.
     pub async fn connect(config: BusConfig) -> Result<Bus> {
-        let bus = Bus { config: Arc::new(config), link: Arc::new(Mutex::new(None)), replies: Arc::new(Mutex::new(None)) };
+        let bus = Bus {
+            config: Arc::new(config),
+            link: Arc::new(Mutex::new(None)),
+            replies: Arc::new(Mutex::new(None)),
+            retry: Arc::new(RetryPolicy::standard()),
+            dead_exchange: Arc::from(topology::DEAD_EXCHANGE),
+        };
         bus.publisher().await?;
         Ok(bus)
+    }
+
+    /// This bus (same connection) with another retry policy for the consumers it runs and the delay
+    /// queues it declares; tests use short ladders this way.
+    pub fn with_retry_policy(&self, policy: RetryPolicy) -> Bus {
+        Bus { retry: Arc::new(policy), ..self.clone() }
+    }
+
+    /// This bus (same connection) dead-lettering through another fanout exchange: its consumers'
+    /// dead letters and [`Bus::dead_letter`] go there instead of [`topology::DEAD_EXCHANGE`]
+    /// (tests isolate themselves this way).
+    pub fn with_dead_exchange(&self, dead_exchange: &str) -> Bus {
+        Bus { dead_exchange: Arc::from(dead_exchange), ..self.clone() }
+    }
+
+    /// The retry policy of the consumers this bus runs.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
     }
 
     pub fn url(&self) -> &str {
@@ -260,9 +351,10 @@ impl Bus {
         self.publish(topology::NOTIFY_EXCHANGE, &notification.routing_key(), &notification.to_bytes(), properties).await
     }
 
-    /// Moves a message to the dead-letter queue with the reason it can never succeed.
+    /// Moves a message to the dead-letter queue with the reason it can never succeed (through
+    /// [`topology::DEAD_EXCHANGE`] unless [`Bus::with_dead_exchange`] chose another).
     pub async fn dead_letter(&self, origin_queue: &str, message: &Incoming, reason: &str) -> Result<()> {
-        self.dead_letter_to(topology::DEAD_EXCHANGE, origin_queue, message, reason).await
+        self.dead_letter_to(&self.dead_exchange, origin_queue, message, reason).await
     }
 
     /// [`Bus::dead_letter`] through another dead-letter exchange (tests isolate themselves this way).
@@ -377,7 +469,36 @@ impl Bus {
                 .queue_bind(&queue, topology::TASKS_EXCHANGE, kind.as_str(), QueueBindOptions::default(), FieldTable::default())
                 .await?;
         }
+        // The production ladder, whatever this bus's policy: a test's short ladder must not leave
+        // permanent queues behind (its consumers declare their own).
+        let standard = RetryPolicy::standard();
+        for queue in topology::standard_work_queues() {
+            declare_retry_queues_on(&channel, &queue, &standard).await?;
+        }
         let _ = channel.close(200, "topology declared").await;
+        Ok(())
+    }
+
+    /// Declares the delay queues that hold `queue`'s retries under this bus's [`RetryPolicy`], one
+    /// per distinct delay ([`topology::retry_queue`]). Idempotent; [`Bus::consume`] calls it when a
+    /// retry finds them missing, so calling it is optional (it moves the work to start-up and shows a
+    /// permissions problem early). Delay queues of queues
+    /// outside [`topology::standard_work_queues`] expire after
+    /// [`topology::TEMPORARY_RETRY_QUEUE_EXPIRY`] without a declaration.
+    pub async fn declare_retry_queues(&self, queue: &str) -> Result<()> {
+        let channel = self.channel().await?;
+        let declared = declare_retry_queues_on(&channel, queue, &self.retry).await;
+        let _ = channel.close(200, "retry queues declared").await;
+        declared
+    }
+
+    /// Deletes the delay queues of `queue` under this bus's [`RetryPolicy`] (test clean-up).
+    pub async fn delete_retry_queues(&self, queue: &str) -> Result<()> {
+        let channel = self.channel().await?;
+        for delay in distinct_delays(&self.retry) {
+            channel.queue_delete(&topology::retry_queue(queue, delay), QueueDeleteOptions::default()).await?;
+        }
+        let _ = channel.close(200, "retry queues deleted").await;
         Ok(())
     }
 
@@ -420,9 +541,13 @@ impl Bus {
     /// Consumes `spec.queue` until `shutdown` completes, handing each message to `handler`.
     ///
     /// A message is acked only after its handler returned; [`Outcome::DeadLetter`] republishes it to
-    /// the dead-letter exchange with the reason before acking. When the broker goes away the consumer
-    /// reconnects with backoff and resumes. On shutdown it cancels the consumer, lets in-flight
-    /// handlers finish and settles their messages, then returns.
+    /// the dead-letter exchange with the reason before acking; [`Outcome::Retry`] and
+    /// [`Outcome::RetryUnavailable`] republish a copy to the queue's delay queue for its rung of the
+    /// ladder before acking (nack-requeue only if that fails), and dead-letter it once the
+    /// [`RetryPolicy`]'s limit is reached. Delay queues missing when a retry needs them are declared
+    /// then (a consumer that never retries creates none). When the broker
+    /// goes away the consumer reconnects with backoff and resumes. On shutdown it cancels the
+    /// consumer, lets in-flight handlers finish and settles their messages, then returns.
     pub async fn consume<H, F>(&self, spec: ConsumeSpec, handler: H, shutdown: impl Future<Output = ()>) -> Result<()>
     where
         H: Fn(Incoming) -> F + Clone + Send + Sync + 'static,
@@ -430,8 +555,9 @@ impl Bus {
     {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = BACKOFF_START;
+        let retries = Arc::new(RetryQueues::new(&spec.queue, self.retry.clone()));
         loop {
-            let session = self.consume_session(&spec, handler.clone(), shutdown.as_mut()).await;
+            let session = self.consume_session(&spec, &retries, handler.clone(), shutdown.as_mut()).await;
             match session {
                 Ok(ConsumerEnd::Shutdown) => return Ok(()),
                 Ok(ConsumerEnd::Interrupted) => tracing::warn!(queue = %spec.queue, "consumer interrupted, reconnecting"),
@@ -449,6 +575,7 @@ impl Bus {
     async fn consume_session<H, F>(
         &self,
         spec: &ConsumeSpec,
+        retries: &Arc<RetryQueues>,
         handler: H,
         mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<ConsumerEnd>
@@ -485,10 +612,10 @@ impl Bus {
             let incoming = Incoming::from_delivery(&delivery);
             let handler = handler.clone();
             let bus = self.clone();
-            let queue = spec.queue.clone();
+            let retries = retries.clone();
             in_flight.spawn(async move {
                 let outcome = handler(incoming.clone()).await;
-                settle(&bus, &queue, &delivery.acker, &incoming, outcome).await;
+                settle(&bus, &retries, &delivery, &incoming, outcome).await;
                 drop(permit);
             });
             while in_flight.try_join_next().is_some() {}
@@ -524,25 +651,171 @@ enum ConsumerEnd {
     Interrupted,
 }
 
-async fn settle(bus: &Bus, queue: &str, acker: &lapin::acker::Acker, incoming: &Incoming, outcome: Outcome) {
+async fn settle(bus: &Bus, retries: &RetryQueues, delivery: &Delivery, incoming: &Incoming, outcome: Outcome) {
+    let queue = retries.queue.as_str();
+    let acker = &delivery.acker;
+    let policy = &retries.policy;
     let settled = match &outcome {
         Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
-        Outcome::Retry | Outcome::RetryUnavailable => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
-        Outcome::DeadLetter(reason) => {
-            tracing::warn!(queue, reason = %reason, "dead-lettering message");
-            match bus.dead_letter(queue, incoming, reason).await {
-                Ok(()) => acker.ack(BasicAckOptions::default()).await,
-                // Could not park it: leave it to the broker's redelivery and delivery limit.
-                Err(error) => {
-                    tracing::error!(queue, %error, "could not dead-letter message; requeueing");
-                    acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
-                }
+        Outcome::Retry => {
+            let (attempts, outages) = (incoming.attempts() + 1, incoming.outages());
+            if attempts >= policy.max_attempts() {
+                let reason = format!("gave up after {attempts} failed attempts (retry limit {})", policy.max_attempts());
+                dead_letter_and_ack(bus, queue, acker, &with_counts(incoming, attempts, outages), &reason).await
+            } else {
+                retry_later(bus, retries, delivery, incoming, attempts, outages).await
             }
         }
+        Outcome::RetryUnavailable => {
+            let (attempts, outages) = (incoming.attempts(), incoming.outages() + 1);
+            if outages >= policy.max_outages() {
+                let reason = format!(
+                    "gave up after {outages} retries while a dependency was unavailable (outage limit {}, about {:?} of waiting)",
+                    policy.max_outages(),
+                    (0..outages - 1).map(|earlier| policy.delay_after(earlier)).sum::<Duration>(),
+                );
+                dead_letter_and_ack(bus, queue, acker, &with_counts(incoming, attempts, outages), &reason).await
+            } else {
+                retry_later(bus, retries, delivery, incoming, attempts, outages).await
+            }
+        }
+        Outcome::DeadLetter(reason) => dead_letter_and_ack(bus, queue, acker, incoming, reason).await,
     };
     if let Err(error) = settled {
         // The channel is gone; the broker redelivers the message to the next consumer.
         tracing::warn!(queue, %error, ?outcome, "could not settle message; it will be redelivered");
+    }
+}
+
+async fn dead_letter_and_ack(bus: &Bus, queue: &str, acker: &lapin::acker::Acker, incoming: &Incoming, reason: &str) -> lapin::Result<()> {
+    tracing::warn!(queue, reason = %reason, "dead-lettering message");
+    match bus.dead_letter(queue, incoming, reason).await {
+        Ok(()) => acker.ack(BasicAckOptions::default()).await,
+        // Could not park it: leave it to the broker's redelivery and delivery limit.
+        Err(error) => {
+            tracing::error!(queue, %error, "could not dead-letter message; requeueing");
+            acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+        }
+    }
+}
+
+/// Parks a copy in the delay queue of the message's rung, then acks the original; requeues it at
+/// once only if the copy could not be parked.
+async fn retry_later(bus: &Bus, retries: &RetryQueues, delivery: &Delivery, incoming: &Incoming, attempts: u32, outages: u32) -> lapin::Result<()> {
+    let queue = retries.queue.as_str();
+    let delay = retries.policy.delay_after(incoming.attempts() + incoming.outages());
+    let delay_queue = topology::retry_queue(queue, delay);
+    let properties = retry_copy_properties(&delivery.properties, &incoming.routing_key, attempts, outages);
+    match retries.park(bus, &delay_queue, &delivery.data, properties).await {
+        Ok(()) => {
+            tracing::info!(queue, attempts, outages, retry_in = ?delay, "message will be retried");
+            delivery.acker.ack(BasicAckOptions::default()).await
+        }
+        Err(error) => {
+            tracing::warn!(queue, %error, "could not park the message for a delayed retry; requeueing it now");
+            delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+        }
+    }
+}
+
+/// The original's properties, persistent, with the new counts and the original routing key; the
+/// broker's dead-letter bookkeeping of earlier rounds is dropped.
+fn retry_copy_properties(original: &BasicProperties, routing_key: &str, attempts: u32, outages: u32) -> BasicProperties {
+    const BROKER_HEADERS: [&str; 8] = [
+        "x-death",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-first-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        "x-last-death-exchange",
+        "x-delivery-count",
+    ];
+    let mut headers = FieldTable::default();
+    if let Some(existing) = original.headers() {
+        for (name, value) in existing.inner() {
+            if !BROKER_HEADERS.contains(&name.as_str()) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    headers.insert(topology::ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+    headers.insert(topology::OUTAGES_HEADER.into(), AMQPValue::LongLongInt(i64::from(outages)));
+    headers.insert(topology::ROUTING_KEY_HEADER.into(), AMQPValue::LongString(LongString::from(routing_key.to_owned())));
+    original.clone().with_headers(headers).with_delivery_mode(2)
+}
+
+fn with_counts(incoming: &Incoming, attempts: u32, outages: u32) -> Incoming {
+    let mut counted = incoming.clone();
+    counted.headers.insert(topology::ATTEMPTS_HEADER.to_owned(), attempts.to_string());
+    counted.headers.insert(topology::OUTAGES_HEADER.to_owned(), outages.to_string());
+    counted
+}
+
+/// The delay queues of one consumer's work queue, declared when the first retry needs them.
+/// Temporary ones expire when not declared for a while, so they are declared again before that could
+/// happen under a waiting message.
+struct RetryQueues {
+    queue: String,
+    policy: Arc<RetryPolicy>,
+    permanent: bool,
+    declared_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl RetryQueues {
+    fn new(queue: &str, policy: Arc<RetryPolicy>) -> RetryQueues {
+        let permanent = topology::standard_work_queues().iter().any(|standard| standard == queue);
+        RetryQueues { queue: queue.to_owned(), policy, permanent, declared_at: std::sync::Mutex::new(None) }
+    }
+
+    /// Declares the delay queues; a failure is logged, not fatal: parking the retry then fails and
+    /// the message is requeued.
+    async fn declare(&self, bus: &Bus) {
+        let channel = match bus.channel().await {
+            Ok(channel) => channel,
+            Err(error) => {
+                tracing::warn!(queue = %self.queue, %error, "could not declare the retry queues");
+                return;
+            }
+        };
+        match declare_retry_queues_on(&channel, &self.queue, &self.policy).await {
+            Ok(()) => *self.declared_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::time::Instant::now()),
+            Err(error) => tracing::warn!(queue = %self.queue, %error, "could not declare the retry queues"),
+        }
+        let _ = channel.close(200, "retry queues declared").await;
+    }
+
+    fn may_expire_soon(&self) -> bool {
+        if self.permanent {
+            return false;
+        }
+        let declared_at = *self.declared_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        declared_at.is_none_or(|at| at.elapsed() > topology::TEMPORARY_RETRY_QUEUE_EXPIRY / 2)
+    }
+
+    /// Publishes the copy to `delay_queue` (mandatory, confirmed); a missing delay queue is
+    /// declared and the publish tried once more.
+    async fn park(&self, bus: &Bus, delay_queue: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
+        if self.may_expire_soon() {
+            self.declare(bus).await;
+        }
+        let mut declared_again = false;
+        loop {
+            let channel = bus.publisher().await?;
+            let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+            let confirmation = channel.basic_publish("", delay_queue, options, body, properties.clone()).await?.await?;
+            match confirmation {
+                Confirmation::Ack(None) | Confirmation::NotRequested => return Ok(()),
+                Confirmation::Ack(Some(_returned)) if !declared_again => {
+                    declared_again = true;
+                    self.declare(bus).await;
+                }
+                Confirmation::Ack(Some(_returned)) => {
+                    return Err(BusError::Unroutable { exchange: String::new(), routing_key: delay_queue.to_owned() })
+                }
+                Confirmation::Nack(_) => return Err(BusError::Nacked { exchange: String::new(), routing_key: delay_queue.to_owned() }),
+            }
+        }
     }
 }
 
@@ -561,14 +834,34 @@ impl Incoming {
                     .collect()
             })
             .unwrap_or_default();
-        Incoming {
+        let mut incoming = Incoming {
             body: delivery.data.clone(),
             routing_key: delivery.routing_key.to_string(),
             redelivered: delivery.redelivered,
             reply_to: properties.reply_to().as_ref().map(ShortString::to_string),
             correlation_id: properties.correlation_id().as_ref().map(ShortString::to_string),
             headers,
+        };
+        // A retry comes back from its delay queue routed by queue name.
+        if let Some(original) = incoming.headers.get(topology::ROUTING_KEY_HEADER) {
+            incoming.routing_key = original.clone();
         }
+        incoming.redelivered |= incoming.attempts() + incoming.outages() > 0;
+        incoming
+    }
+
+    /// The [`Outcome::Retry`] failures this message has been through (0 on its first delivery).
+    pub fn attempts(&self) -> u32 {
+        self.count_header(topology::ATTEMPTS_HEADER)
+    }
+
+    /// The [`Outcome::RetryUnavailable`] outages this message has waited through.
+    pub fn outages(&self) -> u32 {
+        self.count_header(topology::OUTAGES_HEADER)
+    }
+
+    fn count_header(&self, name: &str) -> u32 {
+        self.headers.get(name).and_then(|count| count.parse().ok()).unwrap_or(0)
     }
 }
 
@@ -591,6 +884,38 @@ fn work_queue_arguments() -> FieldTable {
     arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(topology::DEAD_EXCHANGE.into()));
     arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(topology::DELIVERY_LIMIT));
     arguments
+}
+
+/// Each delay queue is a quorum queue (its messages survive a broker restart) whose queue-level TTL
+/// dead-letters them, at least once, through the default exchange back to `queue`.
+async fn declare_retry_queues_on(channel: &Channel, queue: &str, policy: &RetryPolicy) -> Result<()> {
+    let permanent = topology::standard_work_queues().iter().any(|standard| standard == queue);
+    for delay in distinct_delays(policy) {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(millis(delay)));
+        arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+        arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.into()));
+        arguments.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        // At-least-once dead-lettering requires it; nothing bounds these queues, so it never acts.
+        arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        if !permanent {
+            arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis(topology::TEMPORARY_RETRY_QUEUE_EXPIRY)));
+        }
+        declare_queue(channel, &topology::retry_queue(queue, delay), arguments).await?;
+    }
+    Ok(())
+}
+
+fn distinct_delays(policy: &RetryPolicy) -> Vec<Duration> {
+    let mut delays = policy.delays().to_vec();
+    delays.sort();
+    delays.dedup();
+    delays
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 async fn declare_queue(channel: &Channel, name: &str, arguments: FieldTable) -> Result<()> {
@@ -618,6 +943,46 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use super::RetryPolicy;
+    use crate::topology;
+
+    #[track_caller]
+    fn check_delay(policy: &RetryPolicy, earlier_retries: u32, expected: Duration) {
+        assert_eq!(policy.delay_after(earlier_retries), expected, "after {earlier_retries} retries");
+    }
+
+    #[test]
+    fn the_standard_ladder_climbs_then_repeats_its_last_rung() {
+        let policy = RetryPolicy::standard();
+        check_delay(&policy, 0, Duration::from_secs(1));
+        check_delay(&policy, 1, Duration::from_secs(5));
+        check_delay(&policy, 2, Duration::from_secs(30));
+        check_delay(&policy, 3, Duration::from_secs(30));
+        check_delay(&policy, u32::MAX, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_outage_cap_is_about_an_hour_of_waiting() {
+        let policy = RetryPolicy::standard();
+        let waited: Duration = (0..policy.max_outages() - 1).map(|earlier| policy.delay_after(earlier)).sum();
+        assert!(waited > Duration::from_secs(55 * 60) && waited < Duration::from_secs(65 * 60), "{waited:?}");
+    }
+
+    #[test]
+    fn delay_queues_are_named_after_their_work_queue_and_delay() {
+        assert_eq!(topology::retry_queue("berth.engine", Duration::from_secs(5)), "berth.engine.retry.5s");
+        assert_eq!(topology::retry_queue("t.work", Duration::from_millis(250)), "t.work.retry.250ms");
+        assert_eq!(topology::retry_queue("amq.gen-abc", Duration::from_secs(1)), "berth.amq.gen-abc.retry.1s");
+    }
+
+    #[test]
+    #[should_panic(expected = "at least one delay")]
+    fn a_ladder_without_rungs_is_refused() {
+        RetryPolicy::new(&[], 3, 3);
+    }
+
     #[test]
     fn redacts_passwords() {
         assert_eq!(super::redact("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");

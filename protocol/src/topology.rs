@@ -1,5 +1,7 @@
 //! Every exchange, queue and header name on the broker, in one place.
 
+use std::time::Duration;
+
 use crate::message::AgentKind;
 
 /// Topic exchange for all events; routing key = event type.
@@ -18,12 +20,55 @@ pub const ENGINE_QUEUE: &str = "berth.engine";
 pub const REASON_HEADER: &str = "x-berth-reason";
 /// Header naming the queue a dead letter came from.
 pub const ORIGIN_HEADER: &str = "x-berth-origin-queue";
-/// Deliveries after which a quorum queue dead-letters a message that keeps failing.
+/// Deliveries after which a quorum queue dead-letters a message that keeps failing. Handlers that
+/// return go through the retry ladder instead (each retry is a fresh message), so this only catches
+/// messages whose handler crashes the process mid-delivery.
 pub const DELIVERY_LIMIT: i64 = 5;
+/// Header counting the `Outcome::Retry` failures a message has been through.
+pub const ATTEMPTS_HEADER: &str = "x-berth-attempts";
+/// Header counting the `Outcome::RetryUnavailable` outages a message has waited through.
+pub const OUTAGES_HEADER: &str = "x-berth-outages";
+/// Header keeping a retried message's original routing key (it comes back from its delay queue
+/// through the default exchange, routed by queue name).
+pub const ROUTING_KEY_HEADER: &str = "x-berth-routing-key";
+
+/// The retry ladder: the wait before the first, second, third … retry of a message; the last rung
+/// repeats. A retry waits in the delay queue [`retry_queue`]`(queue, delay)` until its queue-level
+/// TTL sends it back to its work queue.
+pub const RETRY_DELAYS: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)];
+/// `Outcome::Retry` failures after which a message is dead-lettered (this many handler runs).
+pub const MAX_RETRY_ATTEMPTS: u32 = 8;
+/// `Outcome::RetryUnavailable` outages after which a message is dead-lettered anyway: a sanity cap,
+/// about an hour of waiting with [`RETRY_DELAYS`] (1 s + 5 s + 118 × 30 s ≈ 59 min).
+pub const MAX_OUTAGE_RETRIES: u32 = 120;
+/// Delay queues of queues outside the standard topology (tests, benchmarks, isolated engines) are
+/// deleted after this long without being declared, so a crashed test leaves nothing behind.
+pub const TEMPORARY_RETRY_QUEUE_EXPIRY: Duration = Duration::from_secs(30 * 60);
 
 /// The quorum queue of one agent kind.
 pub fn agent_queue(kind: AgentKind) -> String {
     format!("berth.agent.{}", kind.as_str())
+}
+
+/// The work queues of the standard topology: the engine's and one per agent kind. Their delay
+/// queues are permanent; every other queue's expire after [`TEMPORARY_RETRY_QUEUE_EXPIRY`].
+pub fn standard_work_queues() -> Vec<String> {
+    let mut queues = vec![ENGINE_QUEUE.to_owned()];
+    queues.extend(AgentKind::ALL.into_iter().map(agent_queue));
+    queues
+}
+
+/// The delay queue holding `queue`'s retries that wait `delay`: `<queue>.retry.<delay>`, e.g.
+/// `berth.engine.retry.5s` (server-named `amq.*` queues get `berth.` in front: that prefix is the
+/// broker's).
+pub fn retry_queue(queue: &str, delay: Duration) -> String {
+    let millis = delay.as_millis();
+    let delay = if millis % 1000 == 0 { format!("{}s", millis / 1000) } else { format!("{millis}ms") };
+    if queue.starts_with("amq.") {
+        format!("berth.{queue}.retry.{delay}")
+    } else {
+        format!("{queue}.retry.{delay}")
+    }
 }
 
 /// Routing key for notifications to one user on [`NOTIFY_EXCHANGE`].

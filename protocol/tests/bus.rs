@@ -1,21 +1,252 @@
 //! The AMQP bus against the real RabbitMQ: confirmed round trips, dead-lettering with a reason while
-//! good messages keep flowing, request/reply, and graceful shutdown.
+//! good messages keep flowing, retries that wait in delay queues (outages never use up the attempts,
+//! failures are dead-lettered after the limit), request/reply, and graceful shutdown.
 
 mod common;
 
 use std::collections::HashSet;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{amqp_url, collect_from, private_queue_on, wait_until};
+use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::ExchangeKind;
+use protocol::bus::RetryPolicy;
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
-use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome};
+use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Incoming, Outcome};
 use serde_json::json;
 
 async fn bus(name: &str) -> Bus {
     let bus = Bus::connect(BusConfig::new(&amqp_url(), name)).await.expect("broker reachable");
     bus.declare_topology().await.expect("topology declared");
     bus
+}
+
+/// A fanout dead-letter exchange of one test's own with a queue bound to it, so the test sees only
+/// its own dead letters.
+struct DeadLetters {
+    exchange: String,
+    queue: String,
+}
+
+impl DeadLetters {
+    async fn new(bus: &Bus) -> DeadLetters {
+        let exchange = format!("berth-test.bus.{}.dead", uuid::Uuid::new_v4().simple());
+        let channel = bus.channel().await.expect("channel");
+        let options = ExchangeDeclareOptions { auto_delete: true, ..Default::default() };
+        channel.exchange_declare(&exchange, ExchangeKind::Fanout, options, FieldTable::default()).await.expect("exchange");
+        let _ = channel.close(200, "declared").await;
+        let queue = private_queue_on(bus, &exchange, "").await;
+        DeadLetters { exchange, queue }
+    }
+
+    async fn delete(&self, bus: &Bus) {
+        bus.delete_queue(&self.queue).await.ok();
+        let channel = bus.channel().await.expect("channel");
+        let _ = channel.exchange_delete(&self.exchange, ExchangeDeleteOptions::default()).await;
+        let _ = channel.close(200, "deleted").await;
+    }
+}
+
+/// A quorum work queue like production's (delivery limit included) bound to `amq.direct` with its
+/// own routing key; it expires if the test dies before deleting it.
+async fn work_queue(bus: &Bus) -> (String, String) {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (queue, routing_key) = (format!("berth-test.bus.{id}.work"), format!("rk-{id}"));
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(topology::DELIVERY_LIMIT));
+    arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
+    let channel = bus.channel().await.expect("channel");
+    channel.queue_declare(&queue, QueueDeclareOptions { durable: true, ..Default::default() }, arguments).await.expect("queue");
+    let _ = channel.close(200, "declared").await;
+    bus.set_binding(&queue, "amq.direct", &routing_key, protocol::bus::Binding::Bind).await.expect("bound");
+    (queue, routing_key)
+}
+
+/// Ready messages in a queue (passive declare); `None` when it does not exist.
+async fn ready_messages(bus: &Bus, queue: &str) -> Option<u32> {
+    let channel = bus.channel().await.expect("channel");
+    let options = QueueDeclareOptions { passive: true, ..Default::default() };
+    let declared = channel.queue_declare(queue, options, FieldTable::default()).await;
+    let _ = channel.close(200, "checked").await;
+    declared.ok().map(|queue| queue.message_count())
+}
+
+/// Ready and unacknowledged messages of a queue, as the broker counts them.
+fn broker_counts(queue: &str) -> (u64, u64) {
+    let output = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name", "messages_ready", "messages_unacknowledged"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let line = listing.lines().find(|line| line.split('\t').next() == Some(queue)).expect("queue listed");
+    let counts: Vec<u64> = line.split('\t').skip(1).map(|count| count.trim().parse().expect("a count")).collect();
+    (counts[0], counts[1])
+}
+
+/// What a handler saw of one delivery.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    attempts: u32,
+    outages: u32,
+    routing_key: String,
+    redelivered: bool,
+    body: Vec<u8>,
+}
+
+fn recording_handler(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    decide: impl Fn(usize) -> Outcome + Clone + Send + Sync + 'static,
+) -> impl Fn(Incoming) -> futures::future::Ready<Outcome> + Clone + Send + Sync + 'static {
+    move |incoming: Incoming| {
+        let mut seen = seen.lock().unwrap();
+        seen.push(Seen {
+            at: Instant::now(),
+            attempts: incoming.attempts(),
+            outages: incoming.outages(),
+            routing_key: incoming.routing_key.clone(),
+            redelivered: incoming.redelivered,
+            body: incoming.body.clone(),
+        });
+        futures::future::ready(decide(seen.len()))
+    }
+}
+
+#[tokio::test]
+async fn outages_wait_longer_each_time_and_never_use_up_the_attempts() {
+    let policy = RetryPolicy::new(&[Duration::from_millis(100), Duration::from_millis(300), Duration::from_millis(600)], 3, 50);
+    let dead = DeadLetters::new(&bus("test-outage").await).await;
+    let bus = bus("test-outage").await.with_retry_policy(policy.clone()).with_dead_exchange(&dead.exchange);
+    let (queue, routing_key) = work_queue(&bus).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    // Twelve outages: more than the attempt limit (3) and the queue's delivery limit (5) together.
+    let handler = recording_handler(seen.clone(), |delivery| if delivery <= 12 { Outcome::RetryUnavailable } else { Outcome::Ack });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer_bus = bus.clone();
+    let spec = ConsumeSpec::new(&queue, 4);
+    let consumer = tokio::spawn(async move { consumer_bus.consume(spec, handler, async { stopped.await.ok(); }).await });
+    bus.publish("amq.direct", &routing_key, b"outage", Default::default()).await.expect("confirmed");
+
+    wait_until(Duration::from_secs(60), || seen.lock().unwrap().len() == 13).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).ok();
+    consumer.await.expect("consumer task").expect("consumer ends cleanly");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 13, "acked on the 13th delivery, and not delivered again");
+    assert_eq!(seen.iter().map(|seen| seen.outages).collect::<Vec<_>>(), (0..=12).collect::<Vec<u32>>());
+    assert!(seen.iter().all(|seen| seen.attempts == 0), "outages are not failed attempts");
+    assert!(seen.iter().all(|seen| seen.routing_key == routing_key && seen.body == b"outage"), "{seen:?}");
+    assert!(!seen[0].redelivered && seen[1..].iter().all(|seen| seen.redelivered));
+    for (earlier_retries, pair) in seen.windows(2).enumerate() {
+        let gap = pair[1].at - pair[0].at;
+        let delay = policy.delay_after(u32::try_from(earlier_retries).unwrap());
+        assert!(gap >= delay, "retry {earlier_retries} came after {gap:?}, before its delay {delay:?}");
+    }
+    assert_eq!(ready_messages(&bus, &dead.queue).await, Some(0), "nothing was dead-lettered");
+    assert_eq!(ready_messages(&bus, &queue).await, Some(0));
+    for delay in policy.delays() {
+        assert_eq!(ready_messages(&bus, &topology::retry_queue(&queue, *delay)).await, Some(0), "delay queues are empty");
+    }
+    bus.delete_retry_queues(&queue).await.expect("delay queues deleted");
+    bus.delete_queue(&queue).await.ok();
+    dead.delete(&bus).await;
+    bus.close().await;
+}
+
+#[tokio::test]
+async fn failures_wait_outside_the_work_queue_and_are_dead_lettered_after_the_attempt_limit() {
+    // The second rung is long enough to look at the queues while a retry waits in it.
+    let policy = RetryPolicy::new(&[Duration::from_millis(100), Duration::from_secs(3)], 4, 50);
+    let dead = DeadLetters::new(&bus("test-attempts").await).await;
+    let bus = bus("test-attempts").await.with_retry_policy(policy.clone()).with_dead_exchange(&dead.exchange);
+    let (queue, routing_key) = work_queue(&bus).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let handler = recording_handler(seen.clone(), |_| Outcome::Retry);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer_bus = bus.clone();
+    let spec = ConsumeSpec::new(&queue, 4);
+    let consumer = tokio::spawn(async move { consumer_bus.consume(spec, handler, async { stopped.await.ok(); }).await });
+    bus.publish("amq.direct", &routing_key, b"failing", Default::default()).await.expect("confirmed");
+
+    // Look while retries wait in the 3 s delay queue (after the 2nd and 3rd deliveries); a look is
+    // conclusive only if no delivery happened meanwhile.
+    let delay_queue = topology::retry_queue(&queue, Duration::from_secs(3));
+    let mut conclusive_looks = 0;
+    for deliveries in [2, 3] {
+        wait_until(Duration::from_secs(30), || seen.lock().unwrap().len() >= deliveries).await;
+        let parked = tokio::time::timeout(Duration::from_secs(2), async {
+            while ready_messages(&bus, &delay_queue).await != Some(1) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let work_queue_counts = {
+            let queue = queue.clone();
+            tokio::task::spawn_blocking(move || broker_counts(&queue)).await.expect("rabbitmqctl")
+        };
+        if parked.is_ok() && seen.lock().unwrap().len() == deliveries {
+            assert_eq!(work_queue_counts, (0, 0), "the work queue holds nothing, unacked or ready, while a retry waits");
+            conclusive_looks += 1;
+        }
+    }
+    assert!(conclusive_looks > 0, "the work queue could be looked at while a retry waited");
+
+    let dead_letters = common::collect_messages(&bus, &dead.queue, 1, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(()).ok();
+    consumer.await.expect("consumer task").expect("consumer ends cleanly");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.iter().map(|seen| seen.attempts).collect::<Vec<_>>(), [0, 1, 2, 3], "exactly 4 attempts");
+    assert!(seen.windows(2).all(|pair| pair[1].at - pair[0].at >= Duration::from_millis(100)));
+    let (body, headers) = &dead_letters[0];
+    assert_eq!(body, b"failing");
+    assert_eq!(headers[topology::REASON_HEADER], "gave up after 4 failed attempts (retry limit 4)");
+    assert_eq!(headers[topology::ORIGIN_HEADER], queue);
+    assert_eq!(headers[topology::ATTEMPTS_HEADER], "4");
+    assert_eq!(ready_messages(&bus, &queue).await, Some(0));
+    bus.delete_retry_queues(&queue).await.expect("delay queues deleted");
+    bus.delete_queue(&queue).await.ok();
+    dead.delete(&bus).await;
+    bus.close().await;
+}
+
+#[tokio::test]
+async fn delay_queues_are_declared_when_a_retry_finds_them_missing() {
+    let policy = RetryPolicy::new(&[Duration::from_millis(100)], 3, 3);
+    let bus = bus("test-missing-delay").await.with_retry_policy(policy.clone());
+    let (queue, routing_key) = work_queue(&bus).await;
+    let delay_queue = topology::retry_queue(&queue, Duration::from_millis(100));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let handler = recording_handler(seen.clone(), |delivery| if delivery % 2 == 1 { Outcome::RetryUnavailable } else { Outcome::Ack });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer_bus = bus.clone();
+    let spec = ConsumeSpec::new(&queue, 4);
+    let consumer = tokio::spawn(async move { consumer_bus.consume(spec, handler, async { stopped.await.ok(); }).await });
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ready_messages(&bus, &delay_queue).await, None, "a consumer that has not retried declares no delay queue");
+    bus.publish("amq.direct", &routing_key, b"first", Default::default()).await.expect("confirmed");
+    wait_until(Duration::from_secs(20), || seen.lock().unwrap().len() == 2).await;
+    assert_eq!(ready_messages(&bus, &delay_queue).await, Some(0), "the first retry declared its delay queue");
+    // Gone under a running consumer (deleted, or expired): the next retry declares it again.
+    bus.delete_retry_queues(&queue).await.expect("deleted");
+    bus.publish("amq.direct", &routing_key, b"second", Default::default()).await.expect("confirmed");
+    wait_until(Duration::from_secs(20), || seen.lock().unwrap().len() == 4).await;
+    stop.send(()).ok();
+    consumer.await.expect("consumer task").expect("consumer ends cleanly");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.iter().map(|seen| seen.outages).collect::<Vec<_>>(), [0, 1, 0, 1], "both went through the delay queue");
+    assert_eq!(seen.iter().map(|seen| seen.body.as_slice()).collect::<Vec<_>>(), [&b"first"[..], b"first", b"second", b"second"]);
+    bus.delete_retry_queues(&queue).await.expect("deleted");
+    bus.delete_queue(&queue).await.ok();
+    bus.close().await;
 }
 
 #[tokio::test]
@@ -47,11 +278,12 @@ async fn published_events_round_trip_with_confirms() {
 
 #[tokio::test]
 async fn malformed_messages_are_dead_lettered_with_reason_while_good_ones_flow() {
-    let bus = bus("test-dead-letter").await;
+    let dead = DeadLetters::new(&bus("test-dead-letter").await).await;
+    // Its own dead-letter exchange, so this test sees no other test's dead letters.
+    let bus = bus("test-dead-letter").await.with_dead_exchange(&dead.exchange);
     let event_type = format!("test.poison{}", uuid::Uuid::new_v4().simple());
     let work_queue = private_queue_on(&bus, topology::EVENTS_EXCHANGE, &event_type).await;
-    // A private copy of everything dead-lettered, so this test never competes for berth.dead-letter.
-    let dead_copy = private_queue_on(&bus, topology::DEAD_EXCHANGE, "").await;
+    let dead_copy = dead.queue.clone();
 
     let good_ids: Vec<String> = (0..3).map(|_| CloudEvent::new(&event_type, "/t", None, json!({})).id).collect();
     let poison = format!("{{\"specversion\":\"1.0\",\"type\":\"{event_type}\",\"source\":\"/t\",\"id\":\"not-a-uuid\"}}");
@@ -67,16 +299,20 @@ async fn malformed_messages_are_dead_lettered_with_reason_while_good_ones_flow()
     }
 
     let handled = Arc::new(Mutex::new(Vec::new()));
-    let recorder = handled.clone();
+    let rejected = Arc::new(Mutex::new(0));
+    let (recorder, rejections) = (handled.clone(), rejected.clone());
     let handler = move |incoming: protocol::Incoming| {
-        let recorder = recorder.clone();
+        let (recorder, rejections) = (recorder.clone(), rejections.clone());
         async move {
             match CloudEvent::parse(&incoming.body, DEFAULT_MAX_EVENT_BYTES) {
                 Ok(event) => {
                     recorder.lock().unwrap().push(event.id);
                     Outcome::Ack
                 }
-                Err(error) => Outcome::DeadLetter(format!("invalid event: {error}")),
+                Err(error) => {
+                    *rejections.lock().unwrap() += 1;
+                    Outcome::DeadLetter(format!("invalid event: {error}"))
+                }
             }
         }
     };
@@ -87,12 +323,13 @@ async fn malformed_messages_are_dead_lettered_with_reason_while_good_ones_flow()
         consumer_bus.consume(spec, handler, async { stopped.await.ok(); }).await
     });
     wait_until(Duration::from_secs(20), || handled.lock().unwrap().len() == 3).await;
-    let dead = common::collect_messages(&bus, &dead_copy, 2, Duration::from_secs(20)).await;
+    let dead_letters = common::collect_messages(&bus, &dead_copy, 2, Duration::from_secs(20)).await;
     stop.send(()).ok();
     consumer.await.expect("consumer task").expect("consumer ends cleanly");
 
     assert_eq!(*handled.lock().unwrap(), good_ids, "good messages keep flowing, in order");
-    let reasons: Vec<&str> = dead.iter().map(|(_, headers)| headers[topology::REASON_HEADER].as_str()).collect();
+    assert_eq!(*rejected.lock().unwrap(), 2, "a dead letter is handled once, never retried");
+    let reasons: Vec<&str> = dead_letters.iter().map(|(_, headers)| headers[topology::REASON_HEADER].as_str()).collect();
     assert_eq!(
         reasons,
         [
@@ -100,11 +337,11 @@ async fn malformed_messages_are_dead_lettered_with_reason_while_good_ones_flow()
             "invalid event: event is not valid JSON: expected ident at line 1 column 2",
         ]
     );
-    assert_eq!(dead[0].0, poison.as_bytes(), "the dead letter keeps the original body");
-    assert!(dead.iter().all(|(_, headers)| headers[topology::ORIGIN_HEADER] == work_queue));
-    for queue in [&work_queue, &dead_copy] {
-        bus.delete_queue(queue).await.ok();
-    }
+    assert_eq!(dead_letters[0].0, poison.as_bytes(), "the dead letter keeps the original body");
+    assert!(dead_letters.iter().all(|(_, headers)| headers[topology::ORIGIN_HEADER] == work_queue));
+    assert!(dead_letters.iter().all(|(_, headers)| !headers.contains_key(topology::ATTEMPTS_HEADER)));
+    bus.delete_queue(&work_queue).await.ok();
+    dead.delete(&bus).await;
     bus.close().await;
 }
 
