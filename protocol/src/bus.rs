@@ -93,11 +93,14 @@ pub struct Incoming {
 pub enum Outcome {
     /// Done (or nothing to do): acknowledge.
     Ack,
-    /// A failure that may pass: retried after a delay; after a bounded number of attempts it is
-    /// dead-lettered.
+    /// A failure that may pass (a conflict, a transient error of this message's own): retried after
+    /// the ladder's delay (1 s, 5 s, then 30 s); the [`topology::MAX_RETRY_ATTEMPTS`]-th is
+    /// dead-lettered with a reason naming the attempts.
     Retry,
     /// A dependency is unavailable (Redis, Docker, the object store, the store, the broker):
-    /// retried after a delay, and an outage never counts against the attempt limit.
+    /// retried after the ladder's delay like [`Outcome::Retry`], but never counting against the
+    /// attempt limit; only the sanity cap [`topology::MAX_OUTAGE_RETRIES`] (about an hour of
+    /// waiting) dead-letters it.
     RetryUnavailable,
     /// The message can never succeed: move it to the dead-letter queue with this reason.
     DeadLetter(String),

@@ -63,7 +63,7 @@ pub fn standard_work_queues() -> Vec<String> {
 /// broker's).
 pub fn retry_queue(queue: &str, delay: Duration) -> String {
     let millis = delay.as_millis();
-    let delay = if millis % 1000 == 0 { format!("{}s", millis / 1000) } else { format!("{millis}ms") };
+    let delay = if millis.is_multiple_of(1000) { format!("{}s", millis / 1000) } else { format!("{millis}ms") };
     if queue.starts_with("amq.") {
         format!("berth.{queue}.retry.{delay}")
     } else {
