@@ -37,10 +37,13 @@ if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
   wait_for rabbitmq 120 rabbitmq-diagnostics -q check_port_connectivity
 fi
 
-# Redis on 6379, no persistence. The engine sets notify-keyspace-events itself.
+# Redis on 6379 with the append-only file (fsync every second), as a deployment runs it: thred
+# state and timers survive a Redis restart. The engine sets notify-keyspace-events itself.
 if ! redis-cli -p 6379 ping >/dev/null 2>&1; then
   log "starting redis"
-  redis-server --daemonize yes --port 6379 --save "" >/dev/null
+  mkdir -p "$state_dir/redis"
+  redis-server --daemonize yes --port 6379 --dir "$state_dir/redis" --save "" \
+    --appendonly yes --appendfsync everysec >/dev/null
   wait_for redis 30 redis-cli -p 6379 ping
 fi
 

@@ -20,6 +20,9 @@ pub struct Thred {
     pub pattern: String,
     /// What identifies "the same session": events bind to the thred by `subject` = key.
     pub key: String,
+    /// What this thred owns exclusively while live (`start.exclusive`), e.g. `dev/alice/thesis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusive: Option<String>,
     pub state: String,
     pub context: Map<String, Value>,
     /// Running timers by name.
@@ -130,6 +133,7 @@ pub fn start(pattern: &Pattern, thred_id: &str, seed: Map<String, Value>, event:
         id: thred_id.to_owned(),
         pattern: pattern.name.clone(),
         key: String::new(),
+        exclusive: None,
         state: pattern.initial.clone(),
         context: seed,
         timers: BTreeMap::new(),
@@ -165,6 +169,17 @@ pub fn start(pattern: &Pattern, thred_id: &str, seed: Map<String, Value>, event:
             })
         }
     };
+    if let Some(exclusive) = &pattern.start.exclusive {
+        thred.exclusive = match exclusive.evaluate_cel(&key_scope).map_err(expression_error)? {
+            Value::String(owned) if !owned.is_empty() => Some(owned),
+            other => {
+                return Err(StepError::InvalidStart {
+                    pattern: pattern.name.clone(),
+                    reason: format!("`start.exclusive` ({}) must give a non-empty string, gave {other}", exclusive.source()),
+                })
+            }
+        };
+    }
     step(pattern, &thred, event, now_ms)
 }
 
@@ -505,6 +520,9 @@ mod tests {
             ("close_requested", json!(false)),
             ("stop_reason", json!("")),
             ("error", json!("")),
+            ("failing", json!(false)),
+            ("preserved", json!([])),
+            ("last_sync_error", json!("")),
             ("container_id", json!("c-1")),
             ("host", json!("127.0.0.1")),
             ("port", json!(32768)),
@@ -515,7 +533,7 @@ mod tests {
         let mut add = |name: &str, generation: u64| {
             timers.insert(name.to_owned(), RunningTimer { generation, deadline_ms: NOW });
         };
-        if !matches!(state, "open" | "stopping" | "sync_backoff" | "removing_container" | "removing_workspace") {
+        if !matches!(state, "open" | "stopping" | "saving" | "sync_backoff" | "removing_container" | "removing_workspace") {
             add("max_age", 1);
         }
         match state {
@@ -533,6 +551,7 @@ mod tests {
             id: "t-1".to_owned(),
             pattern: "workspace-session".to_owned(),
             key: "s-1".to_owned(),
+            exclusive: Some("dev/alice/thesis".to_owned()),
             state: state.to_owned(),
             context,
             timers,
@@ -582,76 +601,163 @@ mod tests {
     #[test]
     fn workspace_session_table() {
         let synced_final = || event("workspace.synced", json!({"final": true}));
+        // Every way out starts the same exit: freeze (pause), then the final sync.
+        const FREEZE: &[&str] = &["container.pause"];
         // open
         check("open", event("session.open", json!({"user": "alice", "workspace": "w1"})), "-> materializing", &["workspace.materialize"]);
         check("open", event("session.open", json!({"profile": "dev"})), "-> materializing", &["workspace.materialize"]);
         check("open", event("session.open", json!({"profile": "prod"})), "-> closed", &[]);
-        check("open", event("session.close", json!({})), "-> stopping", &["workspace.sync"]);
+        check("open", event("session.close", json!({})), "-> stopping", FREEZE);
         check("open", event("container.ready", json!({})), "rejected", &[]);
         // materializing
         check("materializing", event("workspace.materialized", json!({"files": 3})), "-> provisioning", &["container.provision"]);
         check("materializing", event("workspace.failed", json!({"stage": "download", "error": "store down"})), "-> materialize_backoff", &[]);
-        check("materializing", event("workspace.failed", json!({"stage": "quota", "error": "too big"})), "-> failed", &["container.remove"]);
-        check("materializing", timer(STATE_TIMEOUT_TIMER, 5), "-> failed", &["container.remove"]);
+        check("materializing", event("workspace.failed", json!({"stage": "quota", "error": "too big"})), "-> stopping", FREEZE);
+        check("materializing", timer(STATE_TIMEOUT_TIMER, 5), "-> stopping", FREEZE);
         check("materializing", timer(STATE_TIMEOUT_TIMER, 4), "stale", &[]);
-        check("materializing", timer("max_age", 1), "-> stopping", &["workspace.sync"]);
+        check("materializing", timer("max_age", 1), "-> stopping", FREEZE);
         check("materializing", event("workspace.progress", json!({})), "ignored", &[]);
         check("materializing", event("session.activity", json!({})), "ignored", &[]);
         check("materializing", event("container.ready", json!({})), "rejected", &[]);
-        check("materializing", event("session.close", json!({})), "-> stopping", &["workspace.sync"]);
+        check("materializing", event("session.close", json!({})), "-> stopping", FREEZE);
+        // A second open of the same workspace joins: the opener is told, nothing else happens.
+        check("materializing", event("session.open", json!({"workspace": "w1"})), "stay", &[]);
+        check("running", event("workspace.conflict", json!({"files": [{"path": "a"}]})), "stay", &[]);
         // materialize_backoff
         check("materialize_backoff", timer(STATE_TIMEOUT_TIMER, 5), "-> materializing", &["workspace.materialize"]);
         check("materialize_backoff", event("workspace.materialized", json!({})), "rejected", &[]);
         // provisioning
         check("provisioning", event("container.ready", json!({"container_id": "c-9", "host": "127.0.0.1", "port": 4000})), "-> running", &[]);
         check("provisioning", event("container.failed", json!({"error": "boom"})), "-> provision_backoff", &[]);
-        check("provisioning", timer(STATE_TIMEOUT_TIMER, 5), "-> failed", &["container.remove"]);
+        check("provisioning", timer(STATE_TIMEOUT_TIMER, 5), "-> stopping", FREEZE);
         check("provisioning", event("workspace.synced", json!({})), "ignored", &[]);
         check("provisioning", event("container.paused", json!({})), "rejected", &[]);
         // provision_backoff
         check("provision_backoff", timer(STATE_TIMEOUT_TIMER, 5), "-> provisioning", &["container.provision"]);
-        check("provision_backoff", event("session.close", json!({})), "-> stopping", &["workspace.sync"]);
+        check("provision_backoff", event("session.close", json!({})), "-> stopping", FREEZE);
         // running
         check("running", event("session.activity", json!({"source": "websocket"})), "stay", &[]);
         check("running", timer("idle", 2), "-> idle", &["container.pause"]);
         check("running", timer("idle", 1), "stale", &[]);
         check("running", timer("autosave", 3), "stay", &["workspace.sync"]);
-        check("running", timer("max_age", 1), "-> stopping", &["workspace.sync"]);
-        check("running", event("container.exited", json!({"exit_code": 137, "oom_killed": true})), "-> failed", &["container.remove"]);
-        check("running", event("session.close", json!({})), "-> stopping", &["workspace.sync"]);
+        check("running", timer("max_age", 1), "-> stopping", FREEZE);
+        check("running", event("container.exited", json!({"exit_code": 137, "oom_killed": true})), "-> stopping", FREEZE);
+        check("running", event("session.close", json!({})), "-> stopping", FREEZE);
         check("running", event("container.stats", json!({})), "ignored", &[]);
         check("running", event("workspace.synced", json!({"final": false})), "ignored", &[]);
         check("running", event("workspace.materialized", json!({})), "rejected", &[]);
         // idle
         check("idle", event("session.activity", json!({"source": "terminal"})), "-> running", &["container.resume"]);
-        check("idle", timer("stop", 4), "-> stopping", &["workspace.sync"]);
+        check("idle", timer("stop", 4), "-> stopping", FREEZE);
         check("idle", timer("idle", 2), "stale", &[]);
         check("idle", event("container.paused", json!({})), "ignored", &[]);
-        check("idle", event("container.exited", json!({})), "-> failed", &["container.remove"]);
+        check("idle", event("container.exited", json!({})), "-> stopping", FREEZE);
         check("idle", event("container.ready", json!({})), "rejected", &[]);
-        // stopping
-        check("stopping", synced_final(), "-> removing_container", &["container.remove"]);
-        check("stopping", event("workspace.synced", json!({"final": false})), "rejected", &[]);
-        check("stopping", event("workspace.sync_failed", json!({"final": true, "error": "s3 down"})), "-> sync_backoff", &[]);
+        // stopping: frozen (or already gone) → the final sync
+        check("stopping", event("container.paused", json!({"state": "paused"})), "-> saving", &["workspace.sync"]);
+        check("stopping", event("container.paused", json!({"state": "missing"})), "-> saving", &["workspace.sync"]);
+        check("stopping", event("container.failed", json!({"error": "docker said no"})), "-> saving", &["workspace.sync"]);
+        check("stopping", timer(STATE_TIMEOUT_TIMER, 5), "-> saving", &["workspace.sync"]);
         check("stopping", event("session.close", json!({})), "stay", &[]);
         check("stopping", event("container.exited", json!({})), "ignored", &[]);
-        check("stopping", timer(STATE_TIMEOUT_TIMER, 5), "-> failed", &["container.remove"]);
+        // saving
+        check("saving", synced_final(), "-> removing_container", &["container.remove"]);
+        check("saving", event("workspace.synced", json!({"final": false})), "rejected", &[]);
+        check("saving", event("workspace.sync_failed", json!({"final": true, "error": "s3 down"})), "-> sync_backoff", &[]);
+        check("saving", event("session.close", json!({})), "stay", &[]);
+        check("saving", event("container.exited", json!({})), "ignored", &[]);
+        // A final sync never gives up: a lost answer sends it again, nothing is removed.
+        check("saving", timer(STATE_TIMEOUT_TIMER, 5), "-> saving", &["workspace.sync"]);
         // sync_backoff
-        check("sync_backoff", timer(STATE_TIMEOUT_TIMER, 5), "-> stopping", &["workspace.sync"]);
+        check("sync_backoff", timer(STATE_TIMEOUT_TIMER, 5), "-> saving", &["workspace.sync"]);
         check("sync_backoff", event("session.close", json!({})), "stay", &[]);
-        check("sync_backoff", event("workspace.synced", json!({"final": true})), "rejected", &[]);
+        check("sync_backoff", event("workspace.synced", json!({"final": true})), "ignored", &[]);
         // removing
         check("removing_container", event("container.removed", json!({})), "-> removing_workspace", &["workspace.remove"]);
         check("removing_container", event("container.failed", json!({"error": "gone"})), "-> removing_workspace", &["workspace.remove"]);
         check("removing_container", event("container.exited", json!({})), "ignored", &[]);
+        check("removing_container", timer(STATE_TIMEOUT_TIMER, 5), "-> removing_container", &["container.remove"]);
         check("removing_workspace", event("workspace.removed", json!({})), "-> stopped", &[]);
         check("removing_workspace", event("container.removed", json!({})), "ignored", &[]);
+        // Refused because something changed after the final sync: save again.
+        check("removing_workspace", event("workspace.sync_failed", json!({"final": true, "action": "remove"})), "-> saving", &["workspace.sync"]);
         // terminal states take nothing
         for terminal in ["failed", "stopped", "closed"] {
             check(terminal, event("session.activity", json!({})), "rejected", &[]);
             check(terminal, event("workspace.removed", json!({})), "rejected", &[]);
             check(terminal, timer("max_age", 1), "rejected", &[]);
         }
+    }
+
+    #[test]
+    fn a_failure_saves_first_and_ends_failed_with_its_reason() {
+        let pattern = session_pattern();
+        let crashed =
+            step(&pattern, &thred_in("running"), &event("container.exited", json!({"exit_code": 137, "oom_killed": true})), NOW).unwrap();
+        assert_eq!(crashed.thred.state, "stopping");
+        assert_eq!(crashed.thred.context["error"], json!("container exited with code 137 (out of memory)"));
+        let mut thred = crashed.thred;
+        thred.state = "removing_workspace".to_owned();
+        let removed = step(&pattern, &thred, &event("workspace.removed", json!({"preserved": ["a\\b.txt"]})), NOW).unwrap();
+        assert_eq!(removed.disposition, Disposition::Transitioned { from: "removing_workspace".into(), to: "failed".into() });
+        let details: Vec<&Value> = removed.effects.iter().filter_map(|effect| match effect {
+            Effect::Notify { detail, .. } => Some(detail),
+            _ => None,
+        }).collect();
+        assert_eq!(details, vec![&json!({"error": "container exited with code 137 (out of memory)", "reason": "crashed", "preserved": ["a\\b.txt"]})]);
+    }
+
+    #[test]
+    fn a_joining_open_tells_the_opener_which_session_it_joined() {
+        let pattern = session_pattern();
+        let mut open = event("session.open", json!({"workspace": "thesis"}));
+        open.subject = Some("s-2".to_owned());
+        let joined = step(&pattern, &thred_in("running"), &open, NOW).unwrap();
+        assert_eq!(joined.disposition, Disposition::Stayed);
+        let notified: Vec<(&str, &Value)> = joined.effects.iter().filter_map(|effect| match effect {
+            Effect::Notify { state, detail, .. } => Some((state.as_str(), detail)),
+            _ => None,
+        }).collect();
+        assert_eq!(notified, vec![("running", &json!({"joined": true, "requested": "s-2", "workspace": "w1"}))]);
+    }
+
+    #[test]
+    fn recovery_freezes_saves_then_removes() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../patterns/workspace-recovery.json");
+        let pattern = load_pattern_file(&file).unwrap_or_else(|error| panic!("{error}"));
+        let recover = event("session.recover", json!({"user": "alice", "workspace": "w1", "reason": "orphan container"}));
+        let mut seed = seed();
+        seed.insert("reason".to_owned(), json!("orphan container"));
+        let mut step = start(&pattern, "t-r", seed, &recover, NOW).unwrap();
+        let mut path = vec![(step.thred.state.clone(), summary(&step).1)];
+        for answer in [
+            event("container.paused", json!({"state": "missing"})),
+            event("workspace.sync_failed", json!({"final": true, "error": "store down"})),
+            timer(STATE_TIMEOUT_TIMER, step.thred.last_timer_generation + 2),
+            event("workspace.synced", json!({"final": true})),
+            event("container.removed", json!({})),
+            event("workspace.removed", json!({"preserved": []})),
+        ] {
+            let mut answer = answer;
+            if answer.event_type == TIMER_FIRED {
+                answer.data["generation"] = json!(step.thred.timers[STATE_TIMEOUT_TIMER].generation);
+            }
+            step = super::step(&pattern, &step.thred, &answer, NOW).unwrap();
+            path.push((step.thred.state.clone(), summary(&step).1));
+        }
+        let expected: Vec<(&str, Vec<&str>)> = vec![
+            ("stopping", vec!["container.pause"]),
+            ("saving", vec!["workspace.sync"]),
+            ("sync_backoff", vec![]),
+            ("saving", vec!["workspace.sync"]),
+            ("removing_container", vec!["container.remove"]),
+            ("removing_workspace", vec!["workspace.remove"]),
+            ("recovered", vec![]),
+        ];
+        let actual: Vec<(&str, Vec<&str>)> =
+            path.iter().map(|(state, tasks)| (state.as_str(), tasks.iter().map(String::as_str).collect())).collect();
+        assert_eq!(actual, expected);
+        assert!(step.thred.ended);
     }
 
     #[test]
@@ -745,8 +851,9 @@ mod tests {
         let mut exhausted = thred;
         exhausted.context.insert("provision_attempts".to_owned(), json!(2));
         let third = step(&pattern, &exhausted, &event("container.failed", json!({"error": "x"})), NOW).unwrap();
-        assert_eq!(third.thred.state, "failed");
+        assert_eq!(third.thred.state, "stopping", "a failure saves the workspace before it ends");
         assert_eq!(third.thred.context["error"], json!("x"));
+        assert_eq!(third.thred.context["failing"], json!(true));
     }
 
     #[test]

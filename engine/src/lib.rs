@@ -69,6 +69,32 @@ pub async fn configure_redis(profile: &Profile) -> Result<()> {
     timers::enable_keyspace_notifications(&mut connection).await
 }
 
+/// Whether Redis keeps its data across a restart: the append-only file (`appendonly yes`), RDB
+/// snapshots (`save` with rules), or nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisPersistence {
+    AppendOnly,
+    SnapshotsOnly,
+    Off,
+}
+
+impl RedisPersistence {
+    /// Reads `appendonly` and `save` from the server's configuration.
+    pub async fn of(redis: &mut impl redis::aio::ConnectionLike) -> Result<RedisPersistence> {
+        let appendonly: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(redis).await?;
+        let save: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("save").query_async(redis).await?;
+        let on = |reply: &[String], off: &str| reply.get(1).is_some_and(|value| !value.trim().is_empty() && value != off);
+        Ok(if on(&appendonly, "no") {
+            RedisPersistence::AppendOnly
+        } else if on(&save, "") {
+            RedisPersistence::SnapshotsOnly
+        } else {
+            RedisPersistence::Off
+        })
+    }
+}
+
 /// Runs `berth engine` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let patterns = load_profile_patterns(&profile)?;

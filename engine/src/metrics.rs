@@ -11,6 +11,10 @@ pub struct Metrics {
     pub transitions: AtomicU64,
     pub duplicates: AtomicU64,
     pub orphans: AtomicU64,
+    /// Starting events that joined the live owner of their exclusive key.
+    pub joins: AtomicU64,
+    /// `session.recover` events published for orphan containers and stranded directories.
+    pub recoveries: AtomicU64,
     pub rejected: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub conflicts: AtomicU64,
@@ -32,6 +36,8 @@ pub struct MetricsSnapshot {
     pub transitions: u64,
     pub duplicates: u64,
     pub orphans: u64,
+    pub joins: u64,
+    pub recoveries: u64,
     pub rejected: u64,
     pub dead_lettered: u64,
     pub conflicts: u64,
@@ -62,6 +68,8 @@ impl Metrics {
             transitions: read(&self.transitions),
             duplicates: read(&self.duplicates),
             orphans: read(&self.orphans),
+            joins: read(&self.joins),
+            recoveries: read(&self.recoveries),
             rejected: read(&self.rejected),
             dead_lettered: read(&self.dead_lettered),
             conflicts: read(&self.conflicts),

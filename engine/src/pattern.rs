@@ -66,6 +66,17 @@ pub struct StartSpec {
     /// At most this many live threds per key; further starting events go to the newest one.
     #[serde(default = "one")]
     pub max_live_per_key: u32,
+    /// CEL over the new thred's context: a string naming what at most one live thred of this
+    /// pattern may own at a time (e.g. a user's workspace). A starting event whose exclusive key
+    /// is already owned *joins* the owner instead of starting a thred: it is applied to the owner
+    /// (a state reacts to it, typically by telling the opener which session it joined). Enforced
+    /// in the same Redis commit as the thred, so it holds across replicas and restarts.
+    #[serde(default)]
+    pub exclusive: Option<String>,
+    /// Start only when no thred of any pattern is live for the key; otherwise the starting event
+    /// is ignored (a recovery must never run beside the session it recovers).
+    #[serde(default)]
+    pub only_when_key_idle: bool,
     /// CEL guard over the starting event; false sends the event to the dead-letter queue.
     #[serde(default)]
     pub validate: Option<String>,
@@ -297,6 +308,8 @@ pub struct Start {
     pub events: BTreeSet<String>,
     pub key: Expression,
     pub max_live_per_key: u32,
+    pub exclusive: Option<Expression>,
+    pub only_when_key_idle: bool,
     pub validate: Option<Expression>,
     pub context: Vec<(String, Expression)>,
 }
@@ -574,6 +587,10 @@ impl Validator {
             return Err(self.error(None, "start.max_live_per_key", "must be at least 1"));
         }
         let key = self.expression(None, "start.key", &start.key)?;
+        let exclusive = match &start.exclusive {
+            Some(source) => Some(self.expression(None, "start.exclusive", source)?),
+            None => None,
+        };
         let validate = match &start.validate {
             Some(source) => Some(self.expression(None, "start.validate", source)?),
             None => None,
@@ -586,7 +603,15 @@ impl Validator {
             }
             context.push((name.clone(), self.expression(None, &field, source)?));
         }
-        Ok(Start { events, key, max_live_per_key: start.max_live_per_key, validate, context })
+        Ok(Start {
+            events,
+            key,
+            max_live_per_key: start.max_live_per_key,
+            exclusive,
+            only_when_key_idle: start.only_when_key_idle,
+            validate,
+            context,
+        })
     }
 
     fn compile_state(&self, spec: &PatternSpec, name: &str, state: &StateSpec) -> Result<State, PatternError> {

@@ -31,6 +31,11 @@ use crate::{Error, Result};
 
 /// The event type of the container agent's periodic inventory (reconciliation).
 pub const CONTAINER_INVENTORY: &str = "container.inventory";
+/// The event type of the workspace agent's periodic inventory of host directories.
+pub const WORKSPACE_INVENTORY: &str = "workspace.inventory";
+/// What the reconciler publishes for a workspace no live thred owns: the recovery pattern
+/// freezes, final-syncs and then removes it.
+pub const SESSION_RECOVER: &str = "session.recover";
 /// Dedupe markers live in one set per day (checked: today's and yesterday's), so an event id is
 /// recognised for at least a day. One set per day rather than one key per event with its own TTL:
 /// thousands of keys with a TTL slow down Redis's expiry of the timer keys, whose notifications
@@ -64,6 +69,8 @@ pub struct EngineConfig {
     /// The deadline index is swept at start-up, at the earliest deadline and at least this often,
     /// for timers whose notification was missed or comes late. 0 = at start-up only (tests).
     pub sweep_interval_ms: u64,
+    /// A fired timer whose `timer.fired` has not been committed this long after is fired again.
+    pub refire_after_ms: u64,
     /// Fault injection for crash tests: after committing, stop before publishing and wait
     /// forever (the test then kills the process). Never set in production.
     #[serde(default)]
@@ -83,6 +90,7 @@ impl EngineConfig {
             prefetch: 256,
             orphan_grace_secs: 60,
             sweep_interval_ms: 1000,
+            refire_after_ms: timers::REFIRE_AFTER.as_millis() as u64,
             halt_after_commit: false,
         }
     }
@@ -190,6 +198,10 @@ impl Keys {
     pub fn timer_prefix(&self) -> String {
         format!("{}:timer:", self.prefix)
     }
+    /// Which live thred of `pattern` owns `exclusive` (a string: the thred id).
+    pub fn exclusive(&self, pattern: &str, exclusive: &str) -> String {
+        format!("{}:exclusive:{pattern}:{exclusive}", self.prefix)
+    }
 }
 
 /// One message waiting in an outbox.
@@ -204,10 +216,11 @@ pub struct OutboxMessage {
 /// The commit: new thred state, dedupe marker, live-key index, timers and outbox in one step.
 const COMMIT_SCRIPT: &str = r#"
 -- KEYS: 1 thred, 2 seen today, 3 seen yesterday, 4 outbox, 5 outbox index, 6 live index, 7 deadlines,
---       8 ended index
+--       8 ended index, 9 exclusive owner (when ARGV[12] is '1')
 -- ARGV: 1 expected version, 2 thred json, 3 new version, 4 ended, 5 thred id, 6 max live (0 = not new),
---       7 event id, 8 seen set ttl, 9 outbox json, 10 timer key prefix, 11 now ms, then the timers to
---       start (count, then member, deadline ms, ttl ms each) and to cancel (count, then members)
+--       7 event id, 8 seen set ttl, 9 outbox json, 10 timer key prefix, 11 now ms, 12 owns an
+--       exclusive key, 13 the fired timer this event is ('' = none), then the timers to start
+--       (count, then member, deadline ms, ttl ms each) and to cancel (count, then members)
 if redis.call('SISMEMBER', KEYS[2], ARGV[7]) == 1 or redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 1 then
   return 'duplicate'
 end
@@ -215,20 +228,28 @@ local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if version ~= tonumber(ARGV[1]) then return 'conflict' end
 local max_live = tonumber(ARGV[6])
 if max_live > 0 and redis.call('SCARD', KEYS[6]) >= max_live then return 'conflict' end
+-- The owner key exists exactly while its owner is live, so a new thred may take it only if unset.
+if ARGV[12] == '1' and max_live > 0 then
+  if redis.call('EXISTS', KEYS[9]) == 1 then return 'conflict' end
+  redis.call('SET', KEYS[9], ARGV[5])
+end
 redis.call('HSET', KEYS[1], 'v', ARGV[3], 'json', ARGV[2])
 if ARGV[4] == '1' then
   redis.call('SREM', KEYS[6], ARGV[5])
   redis.call('ZADD', KEYS[8], ARGV[11], ARGV[5])
+  if ARGV[12] == '1' and redis.call('GET', KEYS[9]) == ARGV[5] then redis.call('DEL', KEYS[9]) end
 else
   redis.call('SADD', KEYS[6], ARGV[5])
 end
+-- A timer leaves the deadline index only with the commit of the event it fired.
+if ARGV[13] ~= '' then redis.call('ZREM', KEYS[7], ARGV[13]) end
 redis.call('SADD', KEYS[2], ARGV[7])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
 if ARGV[9] ~= '' then
   redis.call('SET', KEYS[4], ARGV[9])
   redis.call('SADD', KEYS[5], KEYS[4])
 end
-local i = 12
+local i = 14
 local starts = tonumber(ARGV[i]); i = i + 1
 for _ = 1, starts do
   redis.call('SET', ARGV[10] .. ARGV[i], '1', 'PX', ARGV[i + 2])
@@ -284,6 +305,19 @@ enum Binding<'a> {
     Orphan,
 }
 
+/// The `timer.fired` event's entry in the deadline index, which stays there until the event is
+/// committed (or found to need nothing), so a lost `timer.fired` is fired again by the sweep.
+fn fired_timer_member(event: &CloudEvent) -> Option<String> {
+    if event.event_type != crate::pattern::TIMER_FIRED {
+        return None;
+    }
+    let thred_id = event.extension("thredid")?;
+    let key = event.subject.as_deref()?;
+    let timer = event.data.get("timer")?.as_str()?;
+    let generation = event.data.get("generation")?.as_u64()?;
+    Some(TimerMember::new(thred_id, generation, timer, key).encode())
+}
+
 struct Inner {
     profile: Profile,
     patterns: Vec<Pattern>,
@@ -333,6 +367,12 @@ impl Engine {
         declare(&bus, &config).await?;
         let redis_client = redis::Client::open(profile.services.redis_url.as_str())?;
         let redis = connect_redis(&redis_client).await?;
+        let persistence = crate::RedisPersistence::of(&mut redis.clone()).await?;
+        if persistence != crate::RedisPersistence::AppendOnly {
+            // Files are still safe (host directories outlive it and are recovered), but live
+            // sessions end and timers restart when Redis loses its data.
+            tracing::warn!(?persistence, "redis persistence is not append-only: a Redis restart loses thred state; set appendonly yes, appendfsync everysec");
+        }
         let keys = Keys::new(&config.redis_prefix);
         let (published_outboxes, published_outboxes_receiver) = tokio::sync::mpsc::unbounded_channel();
         tracing::info!(patterns = ?patterns.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), queue = %config.queue, "engine connected");
@@ -369,6 +409,11 @@ impl Engine {
         &self.inner.keys
     }
 
+    /// Whether Redis keeps thred state across its own restart (read now, for readiness reports).
+    pub async fn redis_persistence(&self) -> Result<crate::RedisPersistence> {
+        crate::RedisPersistence::of(&mut self.inner.redis.clone()).await
+    }
+
     /// Replays leftover outboxes, starts the timer listener and sweeper, and consumes until
     /// `shutdown` completes.
     pub async fn serve(&self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
@@ -385,7 +430,8 @@ impl Engine {
             inner.config.events_exchange.clone(),
             inner.metrics.clone(),
             inner.timer_wake.clone(),
-        );
+        )
+        .refiring_after(Duration::from_millis(inner.config.refire_after_ms));
         timer_service.enable_notifications().await?;
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
         let listener = tokio::spawn(timer_service.clone().listen(stop_receiver.clone()));
@@ -463,8 +509,8 @@ impl Engine {
         if let Some(time) = event.time {
             metrics.observe_lag((chrono::Utc::now() - time).num_milliseconds());
         }
-        let outcome = if event.event_type == CONTAINER_INVENTORY {
-            self.reconcile(&event).await
+        let outcome = if let Some(inventory) = Inventory::of(&event.event_type) {
+            self.reconcile(inventory, &event).await
         } else if !self.inner.patterns.iter().any(|pattern| pattern.knows(&event.event_type)) {
             return self.dead_letter(&incoming, &format!("unknown event type `{}`: no pattern handles it", event.event_type)).await;
         } else {
@@ -514,6 +560,7 @@ impl Engine {
                 Binding::Orphan => {
                     Metrics::count(&self.inner.metrics.orphans);
                     tracing::info!(event_id = %event.id, event_type = %event.event_type, subject = ?event.subject, "orphan event: no thred and starts none");
+                    self.forget_fired_timer(event).await?;
                     return Ok(EventFate::Done);
                 }
                 Binding::Existing(pattern, thred) => {
@@ -522,8 +569,19 @@ impl Engine {
                 }
                 Binding::Start(pattern) => {
                     let thred_id = Uuid::now_v7().to_string();
-                    let stepped = core::start(pattern, &thred_id, self.seed_context(event), &input, now_ms);
-                    (pattern, None, stepped)
+                    match core::start(pattern, &thred_id, self.seed_context(event), &input, now_ms) {
+                        // What the new thred would own exclusively already has a live owner:
+                        // the event joins the owner instead.
+                        Ok(step) => match self.exclusive_owner(pattern, &step.thred).await? {
+                            Some(owner) => {
+                                Metrics::count(&self.inner.metrics.joins);
+                                let stepped = core::step(pattern, &owner, &input, now_ms);
+                                (pattern, Some(owner), stepped)
+                            }
+                            None => (pattern, None, Ok(step)),
+                        },
+                        Err(error) => (pattern, None, Err(error)),
+                    }
                 }
             };
             let step = match stepped {
@@ -535,6 +593,7 @@ impl Engine {
             let changed = previous.as_ref() != Some(&step.thred);
             if !changed && step.effects.is_empty() {
                 self.log_disposition(event, &step, pattern);
+                self.forget_fired_timer(event).await?;
                 return Ok(EventFate::Done);
             }
             let messages = self.outbox_messages(event, &step);
@@ -575,7 +634,27 @@ impl Engine {
         Metrics::count(&self.inner.metrics.duplicates);
         tracing::debug!(event_id = %event.id, "duplicate event");
         self.publish_outbox_at(&self.inner.keys.outbox(&event.id)).await?;
+        self.forget_fired_timer(event).await?;
         Ok(EventFate::Done)
+    }
+
+    /// A `timer.fired` that needed no commit (stale, ignored, already applied) leaves the deadline
+    /// index now; one that was committed left it in the commit.
+    async fn forget_fired_timer(&self, event: &CloudEvent) -> Result<()> {
+        if let Some(member) = fired_timer_member(event) {
+            let mut redis = self.inner.redis.clone();
+            let _: () = redis.zrem(self.inner.keys.deadlines(), member).await?;
+        }
+        Ok(())
+    }
+
+    /// The live thred that owns what `candidate` would own exclusively, if another one does.
+    async fn exclusive_owner(&self, pattern: &Pattern, candidate: &Thred) -> Result<Option<Thred>> {
+        let Some(exclusive) = &candidate.exclusive else { return Ok(None) };
+        let mut redis = self.inner.redis.clone();
+        let owner: Option<String> = redis.get(self.inner.keys.exclusive(&pattern.name, exclusive)).await?;
+        let Some(owner_id) = owner.filter(|owner_id| owner_id != &candidate.id) else { return Ok(None) };
+        Ok(self.load_thred(&owner_id).await?.filter(|owner| !owner.ended))
     }
 
     fn log_disposition(&self, event: &CloudEvent, step: &Step, pattern: &Pattern) {
@@ -693,6 +772,9 @@ impl Engine {
         let live = read.live;
         for pattern in &self.inner.patterns {
             if !pattern.start.events.contains(&event.event_type) {
+                continue;
+            }
+            if pattern.start.only_when_key_idle && !live.is_empty() {
                 continue;
             }
             let live_of_pattern = live.iter().filter(|thred| thred.pattern == pattern.name).count();
@@ -834,6 +916,7 @@ impl Engine {
             .key(keys.live(&thred.key))
             .key(keys.deadlines())
             .key(keys.ended())
+            .key(keys.exclusive(&pattern.name, thred.exclusive.as_deref().unwrap_or_default()))
             .arg(expected)
             .arg(&thred_json)
             .arg(thred.version)
@@ -844,7 +927,9 @@ impl Engine {
             .arg(SEEN_BUCKET_TTL_SECS)
             .arg(&outbox_json)
             .arg(keys.timer_prefix())
-            .arg(now_ms);
+            .arg(now_ms)
+            .arg(if thred.exclusive.is_some() { "1" } else { "0" })
+            .arg(fired_timer_member(event).unwrap_or_default());
         let starts: Vec<(String, i64)> = step
             .effects
             .iter()
@@ -883,12 +968,19 @@ impl Engine {
         })
     }
 
-    /// `container.inventory`: every listed container whose session has no live thred and that is
-    /// older than the grace period gets a `remove` task; living ones are kept.
-    async fn reconcile(&self, event: &CloudEvent) -> Result<EventFate> {
-        let Some(containers) = event.data.get("containers").and_then(Value::as_array) else {
-            return Ok(EventFate::Refused("container.inventory without a `containers` list".to_owned()));
+    /// An inventory (`container.inventory`, `workspace.inventory`): every listed container or host
+    /// directory whose session has no live thred and that is older than the grace period gets a
+    /// `session.recover` event, so the recovery pattern saves it before anything is removed.
+    /// Living ones are kept. Inventories of another deployment are ignored.
+    async fn reconcile(&self, inventory: Inventory, event: &CloudEvent) -> Result<EventFate> {
+        let Some(entries) = event.data.get(inventory.list_field()).and_then(Value::as_array) else {
+            return Ok(EventFate::Refused(format!("{} without a `{}` list", event.event_type, inventory.list_field())));
         };
+        let deployment = self.inner.profile.deployment();
+        if let Some(other) = event.data.get("deployment").and_then(Value::as_str).filter(|other| *other != deployment) {
+            tracing::debug!(deployment = other, "inventory of another deployment ignored");
+            return Ok(EventFate::Done);
+        }
         let mut redis = self.inner.redis.clone();
         let (seen_today, seen_yesterday) = self.inner.keys.seen(chrono::Utc::now().timestamp_millis());
         let (seen_recently, seen_before): (bool, bool) =
@@ -898,35 +990,50 @@ impl Engine {
         }
         let now = chrono::Utc::now();
         let grace = chrono::Duration::seconds(self.inner.config.orphan_grace_secs as i64);
-        let mut messages = Vec::new();
-        for (index, container) in containers.iter().enumerate() {
-            let (Some(session), Some(container_id)) =
-                (container.get("session").and_then(Value::as_str), container.get("container_id").and_then(Value::as_str))
-            else {
+        let mut removals = Vec::new();
+        for (index, entry) in entries.iter().enumerate() {
+            let Some(session) = entry.get("session").and_then(Value::as_str).filter(|session| !session.is_empty()) else {
                 continue;
             };
-            let created = container.get("created").and_then(created_time);
-            let old_enough = created.is_none_or(|created| now - created >= grace);
-            if !old_enough {
+            let since = entry.get(inventory.time_field()).and_then(created_time);
+            if since.is_some_and(|since| now - since < grace) {
                 continue;
             }
             let live: usize = redis.scard(self.inner.keys.live(session)).await?;
             if live > 0 {
                 continue;
             }
-            tracing::info!(session, container_id, "orphan container: its session has no live thred; removing");
-            let task = Task {
-                id: Task::stable_id(&event.id, index),
-                agent: AgentKind::Container,
-                action: "remove".to_owned(),
-                session: Some(session.to_owned()),
-                thred: None,
-                cause: Some(event.id.clone()),
-                args: json!({"container_id": container_id}),
-            };
-            messages.push(task_message(&self.inner.config, &task));
+            let text = |field: &str| entry.get(field).and_then(Value::as_str).filter(|value| !value.is_empty());
+            match (text("user"), text("workspace")) {
+                (Some(user), Some(workspace)) => {
+                    let recover = recover_event(&self.inner.keys, inventory, session, user, workspace, entry);
+                    tracing::info!(session, user, workspace, what = inventory.what(), "no live session owns it; recovering");
+                    self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &recover).await?;
+                    Metrics::count(&self.inner.metrics.recoveries);
+                }
+                // An inventory from an agent that does not report whose it is: a container can still
+                // go (its directory stays, and the workspace inventory recovers it); a directory
+                // cannot be saved without knowing its prefix, so it is left alone.
+                _ => {
+                    let Some(container_id) = text("container_id").filter(|_| inventory == Inventory::Containers) else {
+                        tracing::warn!(session, "stranded directory without user and workspace; left alone");
+                        continue;
+                    };
+                    tracing::info!(session, container_id, "orphan container without user and workspace; removing it, its directory stays");
+                    let task = Task {
+                        id: Task::stable_id(&event.id, index),
+                        agent: AgentKind::Container,
+                        action: "remove".to_owned(),
+                        session: Some(session.to_owned()),
+                        thred: None,
+                        cause: Some(event.id.clone()),
+                        args: json!({"container_id": container_id}),
+                    };
+                    removals.push(task_message(&self.inner.config, &task));
+                }
+            }
         }
-        self.publish_messages(&messages).await?;
+        self.publish_messages(&removals).await?;
         let _: () = redis::pipe()
             .sadd(&seen_today, &event.id)
             .ignore()
@@ -936,6 +1043,62 @@ impl Engine {
             .await?;
         Ok(EventFate::Done)
     }
+}
+
+/// Which agent's inventory an event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inventory {
+    Containers,
+    Directories,
+}
+
+impl Inventory {
+    fn of(event_type: &str) -> Option<Inventory> {
+        match event_type {
+            CONTAINER_INVENTORY => Some(Inventory::Containers),
+            WORKSPACE_INVENTORY => Some(Inventory::Directories),
+            _ => None,
+        }
+    }
+
+    fn list_field(self) -> &'static str {
+        match self {
+            Inventory::Containers => "containers",
+            Inventory::Directories => "directories",
+        }
+    }
+
+    /// The entry's age is measured from this field: a young one may belong to a starting session.
+    fn time_field(self) -> &'static str {
+        match self {
+            Inventory::Containers => "created",
+            Inventory::Directories => "modified",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Inventory::Containers => "orphan container",
+            Inventory::Directories => "stranded directory",
+        }
+    }
+}
+
+/// The `session.recover` event for one inventory entry. Its id is derived from what was found
+/// (the container, or the directory as last modified), so the same finding reported by several
+/// inventories starts one recovery.
+fn recover_event(keys: &Keys, inventory: Inventory, session: &str, user: &str, workspace: &str, entry: &Value) -> CloudEvent {
+    let finding = match inventory {
+        Inventory::Containers => format!("container/{}", entry.get("container_id").and_then(Value::as_str).unwrap_or_default()),
+        Inventory::Directories => format!("directory/{}", entry.get("modified").and_then(Value::as_str).unwrap_or_default()),
+    };
+    let mut data = json!({"user": user, "workspace": workspace, "reason": inventory.what()});
+    if let Some(container_id) = entry.get("container_id").and_then(Value::as_str) {
+        data["container_id"] = json!(container_id);
+    }
+    let mut event = CloudEvent::new(SESSION_RECOVER, "/berth/engine/reconciler", Some(session), data);
+    event.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-recover/{}/{session}/{finding}", keys.prefix).as_bytes()).to_string();
+    event
 }
 
 fn created_time(value: &Value) -> Option<chrono::DateTime<chrono::Utc>> {

@@ -3,10 +3,12 @@
 //!
 //! The `expired` keyspace notification fires a timer on time; because notifications are
 //! fire-and-forget, the index is also swept at start-up and every second. Firing = publishing a
-//! `timer.fired` event whose id is derived from the timer, then removing it from the index: a
-//! timer fired twice (a sweep racing a notification, a crash in between) yields the same event
-//! id, which the engine's dedupe absorbs. A cancelled timer is no longer in the index, and the
-//! core drops any generation that is not the thred's current one, so it never fires.
+//! `timer.fired` event whose id is derived from the timer, then moving its index entry
+//! [`REFIRE_AFTER`] into the future. The entry leaves the index only when the engine commits the
+//! event it fired (or finds it needs nothing), so a `timer.fired` lost on the way is fired again.
+//! A timer fired twice (a sweep racing a notification, a re-fire, a crash in between) yields the
+//! same event id, which the engine's dedupe absorbs. A cancelled timer is no longer in the index,
+//! and the core drops any generation that is not the thred's current one, so it never fires.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +32,8 @@ const SWEEP_BATCH: isize = 1000;
 /// Timers being fired at once: each firing waits for a broker confirm, so firing one after the
 /// other would make a burst of due timers late.
 const FIRING_CONCURRENCY: usize = 64;
+/// A fired timer whose event the engine has not committed yet is fired again after this long.
+pub const REFIRE_AFTER: Duration = Duration::from_secs(15);
 /// How often ended threds past their retention are deleted.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -112,6 +116,7 @@ pub struct TimerService {
     metrics: Arc<Metrics>,
     /// Poked when a commit starts a timer, so the sweeper can wake for an earlier deadline.
     wake: Arc<tokio::sync::Notify>,
+    refire_after: Duration,
 }
 
 impl TimerService {
@@ -124,7 +129,13 @@ impl TimerService {
         metrics: Arc<Metrics>,
         wake: Arc<tokio::sync::Notify>,
     ) -> TimerService {
-        TimerService { client, redis, bus, keys, events_exchange, metrics, wake }
+        TimerService { client, redis, bus, keys, events_exchange, metrics, wake, refire_after: REFIRE_AFTER }
+    }
+
+    /// Fires an uncommitted timer again after `refire_after` instead of [`REFIRE_AFTER`].
+    pub fn refiring_after(mut self, refire_after: Duration) -> TimerService {
+        self.refire_after = refire_after;
+        self
     }
 
     /// Adds `E` (keyevent) and `x` (expired) to `notify-keyspace-events`, keeping other flags.
@@ -277,7 +288,8 @@ impl TimerService {
         }
     }
 
-    /// Publishes `timer.fired` for a timer still in the index, then removes it from the index.
+    /// Publishes `timer.fired` for a timer still in the index, then schedules its re-fire; the
+    /// engine's commit of the event removes it from the index.
     async fn fire(&self, member_text: &str, fired_by: FiredBy) -> Result<bool> {
         let mut redis = self.redis.clone();
         let deadline: Option<f64> = redis.zscore(self.keys.deadlines(), member_text).await?;
@@ -290,16 +302,17 @@ impl TimerService {
         let event = member.fired_event(&self.keys.timer_prefix(), deadline as i64);
         let properties = BasicProperties::default().with_content_type(CONTENT_TYPE.into()).with_message_id(event.id.clone().into());
         self.bus.publish(&self.events_exchange, TIMER_FIRED, &event.to_bytes(), properties).await?;
-        let removed: usize = redis.zrem(self.keys.deadlines(), member_text).await?;
-        if removed > 0 {
-            Metrics::count(&self.metrics.timers_fired);
-            match fired_by {
-                FiredBy::Notification => Metrics::count(&self.metrics.timers_fired_by_notification),
-                FiredBy::Sweep => Metrics::count(&self.metrics.timers_fired_by_sweep),
-            }
-            tracing::debug!(thred = %member.thred_id, timer = %member.timer, generation = member.generation, late_ms = chrono::Utc::now().timestamp_millis() - deadline as i64, "timer fired");
+        let refire_at = chrono::Utc::now().timestamp_millis() + self.refire_after.as_millis() as i64;
+        // XX: only while still indexed, since the engine may have committed the event already.
+        let _: usize =
+            redis::cmd("ZADD").arg(self.keys.deadlines()).arg("XX").arg(refire_at).arg(member_text).query_async(&mut redis).await?;
+        Metrics::count(&self.metrics.timers_fired);
+        match fired_by {
+            FiredBy::Notification => Metrics::count(&self.metrics.timers_fired_by_notification),
+            FiredBy::Sweep => Metrics::count(&self.metrics.timers_fired_by_sweep),
         }
-        Ok(removed > 0)
+        tracing::debug!(thred = %member.thred_id, timer = %member.timer, generation = member.generation, late_ms = chrono::Utc::now().timestamp_millis() - deadline as i64, "timer fired");
+        Ok(true)
     }
 }
 

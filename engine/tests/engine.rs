@@ -183,6 +183,26 @@ impl Harness {
         }
     }
 
+    /// The first notification caused by the event `event_id`.
+    async fn notification_caused_by(&mut self, event_id: &str) -> Notification {
+        let matches = |n: &Notification| n.cause.as_deref() == Some(event_id);
+        if let Some(index) = self.notification_backlog.iter().position(matches) {
+            return self.notification_backlog.remove(index);
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let seen = tokio::time::timeout_at(deadline, self.notifications.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no notification caused by {event_id}"))
+                .expect("notification stream");
+            let notification = Notification::decode(&seen.body).expect("a notification");
+            if matches(&notification) {
+                return notification;
+            }
+            self.notification_backlog.push(notification);
+        }
+    }
+
     async fn dead_letter(&mut self) -> Seen {
         tokio::time::timeout(WAIT, self.dead.recv()).await.expect("a dead letter in time").expect("dead-letter stream")
     }
@@ -194,7 +214,11 @@ impl Harness {
 }
 
 fn open_event(session: &str, user: &str) -> CloudEvent {
-    CloudEvent::new("session.open", "/test", Some(session), json!({"user": user, "workspace": "w1"}))
+    open_workspace_event(session, user, "w1")
+}
+
+fn open_workspace_event(session: &str, user: &str, workspace: &str) -> CloudEvent {
+    CloudEvent::new("session.open", "/test", Some(session), json!({"user": user, "workspace": workspace}))
 }
 
 /// An agent's answer to `task`, bound the way agents bind it.
@@ -237,7 +261,8 @@ fn persistence_operations(tasks: &[Task]) -> Vec<(String, Value)> {
 
 /// Drives a new session up to `running`; returns the provision task (it carries the thred id).
 async fn open_until_running(harness: &mut Harness, session: &str) -> Task {
-    harness.publish(&open_event(session, "alice")).await;
+    // A workspace of its own: a second open of one workspace would join the first session.
+    harness.publish(&open_workspace_event(session, "alice", &format!("w-{session}"))).await;
     let materialize = harness.task(session, "workspace", "materialize").await;
     harness.publish(&answer(&materialize, "workspace.materialized", json!({"files": 1, "bytes": 3, "pending_large_files": 0, "pending_large_bytes": 0}))).await;
     let provision = harness.task(session, "container", "provision").await;
@@ -274,9 +299,13 @@ async fn full_session_lifecycle_driven_by_events() {
     harness.publish(&CloudEvent::new("session.activity", "/test", Some(&session), json!({"source": "websocket"}))).await;
 
     harness.publish(&CloudEvent::new("session.close", "/test", Some(&session), json!({"reason": "done"}))).await;
+    // Frozen first, so the final sync copies a snapshot.
+    let freeze = harness.task(&session, "container", "pause").await;
+    harness.notification(&session, "stopping").await;
+    harness.publish(&answer(&freeze, "container.paused", json!({"container_id": "c-42", "state": "paused"}))).await;
     let sync = harness.task(&session, "workspace", "sync").await;
     assert_eq!(sync.args["final"], json!(true));
-    harness.notification(&session, "stopping").await;
+    harness.notification(&session, "saving").await;
     harness.publish(&answer(&sync, "workspace.synced", json!({"final": true, "uploaded": 1, "deleted": 0, "unchanged": 1, "bytes_uploaded": 3}))).await;
     let remove_container = harness.task(&session, "container", "remove").await;
     harness.publish(&answer(&remove_container, "container.removed", json!({"container_id": "c-42"}))).await;
@@ -297,7 +326,7 @@ async fn full_session_lifecycle_driven_by_events() {
         .filter(|(action, args)| action == "upsert" && args["collection"] == "sessions")
         .map(|(_, args)| args["doc"]["state"].as_str().unwrap_or_default())
         .collect();
-    assert_eq!(states, ["materializing", "provisioning", "running", "stopping", "removing_container", "removing_workspace", "closed"]);
+    assert_eq!(states, ["materializing", "provisioning", "running", "stopping", "saving", "removing_container", "removing_workspace", "closed"]);
     let audit: Vec<(String, String)> = operations
         .iter()
         .filter(|(action, args)| action == "put" && args["collection"] == "events")
@@ -345,10 +374,13 @@ async fn idle_and_stop_timers_fire_through_keyspace_notifications() {
     let pause = harness.task(&session, "container", "pause").await;
     harness.notification(&session, "idle").await;
     harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1"}))).await;
-    let sync = harness.task(&session, "workspace", "sync").await;
-    assert_eq!(sync.args["final"], json!(true));
+    // The stop timer: freeze again (already paused: answered at once), then the final sync.
+    let freeze = harness.task(&session, "container", "pause").await;
     let stopping = harness.notification(&session, "stopping").await;
     assert_eq!(stopping.detail["reason"], json!("idle"));
+    harness.publish(&answer(&freeze, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
+    let sync = harness.task(&session, "workspace", "sync").await;
+    assert_eq!(sync.args["final"], json!(true));
     // The counter moves just after the timer.fired event is out, so it may trail the transition.
     let deadline = tokio::time::Instant::now() + WAIT;
     while running.engine.metrics().snapshot().timers_fired_by_notification < 2 {
@@ -586,32 +618,206 @@ async fn poison_events_are_dead_lettered_while_others_flow() {
     harness.cleanup().await;
 }
 
+fn recovery_pattern() -> Pattern {
+    load_pattern_file(&repository().join("patterns/workspace-recovery.json")).expect("workspace-recovery pattern")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inventory_removes_only_old_containers_of_sessions_without_a_live_thred() {
+async fn inventories_recover_what_no_live_session_owns() {
     let mut harness = Harness::new(dev_profile()).await;
-    let running = harness.start(vec![session_pattern()]).await;
+    let running = harness.start(vec![session_pattern(), recovery_pattern()]).await;
     let live_session = format!("s-{}", Uuid::now_v7());
     harness.publish(&open_event(&live_session, "alice")).await;
     harness.task(&live_session, "workspace", "materialize").await;
 
     let old = (chrono::Utc::now() - chrono::Duration::minutes(10)).to_rfc3339();
     let young = chrono::Utc::now().to_rfc3339();
-    let (orphan, newborn) = (format!("s-{}", Uuid::now_v7()), format!("s-{}", Uuid::now_v7()));
+    let (orphan, newborn, stranded, anonymous) =
+        (format!("s-{}", Uuid::now_v7()), format!("s-{}", Uuid::now_v7()), format!("s-{}", Uuid::now_v7()), format!("s-{}", Uuid::now_v7()));
     let inventory = CloudEvent::new(
         "container.inventory",
         "/test/container",
         None,
         json!({"containers": [
-            {"session": live_session, "container_id": "c-live", "state": "running", "host_port": 1, "created": old},
-            {"session": orphan, "container_id": "c-orphan", "state": "running", "host_port": 2, "created": old},
-            {"session": newborn, "container_id": "c-new", "state": "running", "host_port": 3, "created": young},
+            {"session": live_session, "container_id": "c-live", "state": "running", "host_port": 1, "created": old, "user": "alice", "workspace": "w1"},
+            {"session": orphan, "container_id": "c0ffee", "state": "running", "host_port": 2, "created": old, "user": "bob", "workspace": "thesis"},
+            {"session": newborn, "container_id": "c-new", "state": "running", "host_port": 3, "created": young, "user": "bob", "workspace": "w9"},
+            {"session": anonymous, "container_id": "c-anon", "state": "exited", "host_port": 0, "created": old},
         ]}),
     );
     harness.publish(&inventory).await;
-    let remove = harness.task(&orphan, "container", "remove").await;
-    assert_eq!(remove.args, json!({"container_id": "c-orphan"}));
+    // The orphan is recovered like any session's exit: freeze, confirmed final sync, remove.
+    let freeze = harness.task(&orphan, "container", "pause").await;
+    let recovering = harness.notification(&orphan, "stopping").await;
+    assert_eq!((recovering.user.as_str(), &recovering.detail["reason"]), ("bob", &json!("orphan container")));
+    harness.publish(&answer(&freeze, "container.paused", json!({"container_id": "c0ffee", "state": "paused"}))).await;
+    let sync = harness.task(&orphan, "workspace", "sync").await;
+    assert_eq!(sync.args, json!({"user": "bob", "workspace": "thesis", "final": true}));
+    // Nothing is removed while the final sync fails.
+    harness.publish(&answer(&sync, "workspace.sync_failed", json!({"final": true, "error": "store down"}))).await;
+    let retried = harness.task(&orphan, "workspace", "sync").await;
+    assert_ne!(retried.id, sync.id);
+    let early = harness.drain_tasks(Duration::from_millis(300)).await;
+    assert!(!early.iter().any(|task| task.session.as_deref() == Some(orphan.as_str()) && task.action == "remove"), "{early:?}");
+    harness.publish(&answer(&retried, "workspace.synced", json!({"final": true}))).await;
+    let remove_container = harness.task(&orphan, "container", "remove").await;
+    harness.publish(&answer(&remove_container, "container.removed", json!({}))).await;
+    let remove_workspace = harness.task(&orphan, "workspace", "remove").await;
+    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({"preserved": []}))).await;
+    assert_eq!(harness.notification(&orphan, "recovered").await.detail["recovered"], json!(true));
+    // A container that does not say whose it is still goes; its directory is left to the
+    // workspace inventory.
+    let removal = harness.task(&anonymous, "container", "remove").await;
+    assert_eq!(removal.args, json!({"container_id": "c-anon"}));
+
+    // A stranded host directory is recovered too; a young one, a live one and another
+    // deployment's are left alone.
+    let directories = CloudEvent::new(
+        "workspace.inventory",
+        "/test/workspace",
+        None,
+        json!({"directories": [
+            {"session": stranded, "user": "carol", "workspace": "notes", "profile": "dev", "modified": old, "confirmed": false},
+            {"session": live_session, "user": "alice", "workspace": "w1", "profile": "dev", "modified": old, "confirmed": false},
+            {"session": newborn, "user": "bob", "workspace": "w9", "profile": "dev", "modified": young, "confirmed": false},
+        ]}),
+    );
+    harness.publish(&directories).await;
+    let foreign = CloudEvent::new(
+        "workspace.inventory",
+        "/test/workspace",
+        None,
+        json!({"deployment": "someone-else", "directories": [
+            {"session": format!("s-{}", Uuid::now_v7()), "user": "dave", "workspace": "x", "profile": "dev", "modified": old, "confirmed": false},
+        ]}),
+    );
+    harness.publish(&foreign).await;
+    let freeze = harness.task(&stranded, "container", "pause").await;
+    harness.publish(&answer(&freeze, "container.paused", json!({"state": "missing"}))).await;
+    let sync = harness.task(&stranded, "workspace", "sync").await;
+    assert_eq!(sync.args, json!({"user": "carol", "workspace": "notes", "final": true}));
+
     let rest = harness.drain_tasks(Duration::from_millis(700)).await;
-    assert!(!rest.iter().any(|task| task.action == "remove"), "only the old orphan goes: {rest:?}");
+    let touched: std::collections::HashSet<&str> =
+        rest.iter().filter(|task| task.agent != protocol::AgentKind::Persistence).filter_map(|task| task.session.as_deref()).collect();
+    for untouched in [&live_session, &newborn] {
+        assert!(
+            !rest.iter().any(|task| task.session.as_deref() == Some(untouched.as_str()) && task.agent != protocol::AgentKind::Persistence && task.action != "materialize"),
+            "{untouched} must be left alone: {touched:?}"
+        );
+    }
+    assert_eq!(running.engine.metrics().snapshot().recoveries, 2, "{:?}", running.engine.metrics().snapshot());
+    running.stop().await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_a_workspace_twice_joins_its_live_session() {
+    let mut harness = Harness::new(dev_profile()).await;
+    // Two replicas: exclusivity lives in Redis, not in one engine's memory.
+    let first_replica = harness.start(vec![session_pattern()]).await;
+    let second_replica = harness.start(vec![session_pattern()]).await;
+    let (tab_one, tab_two) = (format!("s-{}", Uuid::now_v7()), format!("s-{}", Uuid::now_v7()));
+    let open_one = open_workspace_event(&tab_one, "alice", "thesis");
+    let open_two = open_workspace_event(&tab_two, "alice", "thesis");
+    let (one, two) = tokio::join!(harness.publish(&open_one), harness.publish(&open_two));
+    let ((), ()) = (one, two);
+    let told_one = harness.notification_caused_by(&open_one.id).await;
+    let told_two = harness.notification_caused_by(&open_two.id).await;
+    let owner = told_one.session.clone().expect("a session");
+    assert_eq!(told_two.session.as_deref(), Some(owner.as_str()), "both openers are told the same session");
+    let joined: Vec<bool> = [&told_one, &told_two].iter().map(|told| told.detail["joined"] == json!(true)).collect();
+    assert_eq!(joined.iter().filter(|joined| **joined).count(), 1, "exactly one joined: {told_one:?} {told_two:?}");
+    // One session, one materialize.
+    harness.task(&owner, "workspace", "materialize").await;
+    let tasks = harness.drain_tasks(Duration::from_millis(700)).await;
+    let materializes = tasks.iter().filter(|task| task.action == "materialize").count();
+    assert_eq!(materializes, 0, "a second materialize: {tasks:?}");
+    // Another workspace of the same user, and the same workspace of another user, start their own.
+    let other_workspace = format!("s-{}", Uuid::now_v7());
+    harness.publish(&open_workspace_event(&other_workspace, "alice", "essay")).await;
+    harness.task(&other_workspace, "workspace", "materialize").await;
+    let other_user = format!("s-{}", Uuid::now_v7());
+    harness.publish(&open_workspace_event(&other_user, "bob", "thesis")).await;
+    harness.task(&other_user, "workspace", "materialize").await;
+
+    // Once the owner has ended, the workspace can be opened again.
+    harness.publish(&CloudEvent::new("session.close", "/test", Some(&owner), json!({}))).await;
+    let freeze = harness.task(&owner, "container", "pause").await;
+    harness.publish(&answer(&freeze, "container.paused", json!({"state": "missing"}))).await;
+    let sync = harness.task(&owner, "workspace", "sync").await;
+    harness.publish(&answer(&sync, "workspace.synced", json!({"final": true}))).await;
+    let remove_container = harness.task(&owner, "container", "remove").await;
+    harness.publish(&answer(&remove_container, "container.removed", json!({}))).await;
+    let remove_workspace = harness.task(&owner, "workspace", "remove").await;
+    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    harness.notification(&owner, "closed").await;
+    let reopen = format!("s-{}", Uuid::now_v7());
+    let reopen_event = open_workspace_event(&reopen, "alice", "thesis");
+    harness.publish(&reopen_event).await;
+    let told = harness.notification_caused_by(&reopen_event.id).await;
+    assert_eq!((told.session.as_deref(), told.state.as_str()), (Some(reopen.as_str()), "materializing"));
+    harness.task(&reopen, "workspace", "materialize").await;
+    assert!(first_replica.engine.metrics().snapshot().joins + second_replica.engine.metrics().snapshot().joins >= 1);
+    first_replica.stop().await;
+    second_replica.stop().await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_timer_event_is_fired_again_and_leaves_the_index_once_committed() {
+    let mut profile = dev_profile();
+    profile.timers.idle_after_secs = 1;
+    profile.timers.autosave_secs = 0;
+    let mut harness = Harness::new(profile).await;
+    let mut config = harness.config.clone();
+    config.refire_after_ms = 500;
+    let running = harness.start_with(vec![session_pattern()], config.clone()).await;
+    let session = format!("s-{}", Uuid::now_v7());
+    open_until_running(&mut harness, &session).await;
+    // Stop the engine before the idle timer is due, then fire it into the void: the event is lost.
+    running.stop().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let client = redis::Client::open(harness.profile.services.redis_url.as_str()).expect("redis url");
+    let redis = client.get_connection_manager().await.expect("redis");
+    let void = format!("{}.void", config.events_exchange);
+    let channel = harness.bus.channel().await.expect("channel");
+    channel
+        .exchange_declare(&void, lapin::ExchangeKind::Fanout, lapin::options::ExchangeDeclareOptions { auto_delete: false, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("void exchange");
+    let keys = engine::service::Keys::new(&config.redis_prefix);
+    let lossy = engine::timers::TimerService::new(
+        client.clone(),
+        redis.clone(),
+        harness.bus.clone(),
+        keys.clone(),
+        void.clone(),
+        Arc::new(engine::metrics::Metrics::default()),
+        Arc::new(tokio::sync::Notify::new()),
+    )
+    .refiring_after(Duration::from_millis(500));
+    assert_eq!(lossy.sweep().await.expect("sweep"), 1, "the idle timer was due");
+    let mut connection = redis.clone();
+    let indexed: Vec<(String, f64)> = redis::cmd("ZRANGE").arg(keys.deadlines()).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut connection).await.expect("zrange");
+    let idle: Vec<&(String, f64)> = indexed.iter().filter(|(member, _)| member.contains("|idle|")).collect();
+    assert_eq!(idle.len(), 1, "a published but uncommitted timer stays indexed: {indexed:?}");
+    assert!(idle[0].1 as i64 > chrono::Utc::now().timestamp_millis(), "and is due again later");
+    channel.exchange_delete(&void, lapin::options::ExchangeDeleteOptions::default()).await.expect("delete void");
+
+    // The engine comes back: the sweep fires it again, the session idles, the entry is gone.
+    let running = harness.start_with(vec![session_pattern()], config).await;
+    harness.task(&session, "container", "pause").await;
+    harness.notification(&session, "idle").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let indexed: Vec<String> = redis::cmd("ZRANGE").arg(keys.deadlines()).arg(0).arg(-1).query_async(&mut connection).await.expect("zrange");
+        if !indexed.iter().any(|member| member.contains("|idle|")) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the committed timer is still indexed: {indexed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     running.stop().await;
     harness.cleanup().await;
 }
