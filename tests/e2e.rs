@@ -48,6 +48,8 @@ struct Environment {
     bucket: String,
     root: PathBuf,
     session_port: u16,
+    /// The deployment id the run's components use (directories live under it).
+    deployment: String,
 }
 
 impl Environment {
@@ -63,7 +65,8 @@ impl Environment {
         let session_port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         // Databases 10-15 are left to end-to-end runs; the engine's timers use the db's own channel.
         let redis_db = 10 + (u32::from_str_radix(&run[..4], 16).unwrap_or(0) % 6);
-        Environment { vhost, redis_db, bucket, root, session_port }
+        let deployment = format!("e2e-{run}");
+        Environment { vhost, redis_db, bucket, root, session_port, deployment }
     }
 
     fn amqp_url(&self) -> String {
@@ -72,6 +75,11 @@ impl Environment {
 
     fn workspace_root(&self) -> PathBuf {
         self.root.join("workspaces")
+    }
+
+    /// A session's host directory (`Profile::session_dir` of this run's deployment).
+    fn session_dir(&self, session: &str) -> PathBuf {
+        self.workspace_root().join(&self.deployment).join(session)
     }
 
     fn put_object(&self, key: &str, body: &[u8]) {
@@ -103,6 +111,7 @@ impl Environment {
             .env("BERTH_STORE_URL", format!("sqlite://{}", self.root.join("store.sqlite").display()))
             .env("BERTH_OBJECT_STORE_URL", format!("s3://{}", self.bucket))
             .env("BERTH_WORKSPACE_ROOT", self.workspace_root())
+            .env("BERTH_DEPLOYMENT", &self.deployment)
             .env("BERTH_SESSION_ADDR", format!("127.0.0.1:{}", self.session_port))
             .env("BERTH_JWT_SECRET", JWT_SECRET)
             .env("AWS_ENDPOINT_URL", S3_ENDPOINT)
@@ -302,7 +311,7 @@ async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
     let (status, body) = http_get(port, "/hello.txt").expect("workspace answers");
     assert_eq!(status, 200);
     assert_eq!(body, b"hello from object storage\n");
-    assert_eq!(std::fs::read(environment.workspace_root().join(&session).join("src/main.rs")).expect("file on host"), b"fn main() {}\n");
+    assert_eq!(std::fs::read(environment.session_dir(&session).join("src/main.rs")).expect("file on host"), b"fn main() {}\n");
 
     // The container runs with its limits and hardening.
     assert_eq!(docker_inspect(&container, "{{.HostConfig.Memory}}").as_deref(), Some("134217728"));
@@ -337,7 +346,7 @@ async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
         "the final sync put the new file in the object store"
     );
     assert!(docker_inspect(&container, "{{.Id}}").is_none(), "container removed");
-    assert!(!environment.workspace_root().join(&session).exists(), "workspace directory removed");
+    assert!(!environment.session_dir(&session).exists(), "workspace directory removed");
     let store = StoreClient::new(bus.clone());
     let record = store.get(protocol::store::collections::SESSIONS, &session).await.expect("store answers");
     let record = record.expect("session record exists");
@@ -350,7 +359,7 @@ async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
         .await
         .expect("history");
     let targets: Vec<&str> = history.iter().filter_map(|entry| entry["to"].as_str()).collect();
-    for state in ["materializing", "provisioning", "running", "idle", "stopping", "closed"] {
+    for state in ["materializing", "provisioning", "running", "idle", "stopping", "saving", "closed"] {
         assert!(targets.contains(&state), "history {targets:?} lacks {state}");
     }
 

@@ -46,6 +46,18 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// What becomes of the event that hit this error: an outage of Redis or the broker waits and
+    /// retries without using up the attempt limit; a conflict retries; corrupt state never heals.
+    pub fn outcome(&self) -> protocol::Outcome {
+        match self {
+            Error::Redis(_) | Error::Bus(_) | Error::Amqp(_) => protocol::Outcome::RetryUnavailable,
+            Error::Conflict { .. } => protocol::Outcome::Retry,
+            Error::Corrupt { .. } | Error::Pattern(_) | Error::PatternName { .. } => protocol::Outcome::DeadLetter(self.to_string()),
+        }
+    }
+}
+
 /// Loads and validates the patterns a profile runs: `patterns_dir()/<name>.json`.
 pub fn load_profile_patterns(profile: &Profile) -> Result<Vec<Pattern>> {
     let directory = protocol::profile::patterns_dir();

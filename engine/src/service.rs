@@ -520,8 +520,12 @@ impl Engine {
             Ok(EventFate::Done) => Outcome::Ack,
             Ok(EventFate::Refused(reason)) => self.dead_letter(&incoming, &reason).await,
             Err(error) => {
-                tracing::warn!(event_id = %event.id, event_type = %event.event_type, %error, "event failed, requeueing");
-                Outcome::Retry
+                let outcome = error.outcome();
+                tracing::warn!(event_id = %event.id, event_type = %event.event_type, %error, ?outcome, attempts = incoming.attempts(), "event failed");
+                match outcome {
+                    Outcome::DeadLetter(reason) => self.dead_letter(&incoming, &reason).await,
+                    retry => retry,
+                }
             }
         }
     }
