@@ -32,7 +32,10 @@ async fn bootstrap_is_idempotent_keeps_data_and_resets_only_when_asked() {
     let profile = profile(&directory);
 
     let first = bootstrap(&profile, Reset::Keep).await.expect("first bootstrap");
-    assert_eq!(first.patterns, vec![("workspace-session".to_owned(), Change::Created)]);
+    assert_eq!(
+        first.patterns,
+        vec![("workspace-session".to_owned(), Change::Created), ("workspace-recovery".to_owned(), Change::Created)]
+    );
     assert!(first.users.iter().all(|(_, change)| *change == Change::Created), "{first}");
     assert_eq!(get(&profile, collections::USERS, "admin").await["roles"], json!(["admin"]));
 
