@@ -711,7 +711,7 @@ async fn retry_later(bus: &Bus, retries: &RetryQueues, delivery: &Delivery, inco
     let properties = retry_copy_properties(&delivery.properties, &incoming.routing_key, attempts, outages);
     match retries.park(bus, &delay_queue, &delivery.data, properties).await {
         Ok(()) => {
-            tracing::info!(queue, attempts, outages, retry_in = ?delay, "message will be retried");
+            tracing::debug!(queue, attempts, outages, retry_in = ?delay, "message parked for a retry");
             delivery.acker.ack(BasicAckOptions::default()).await
         }
         Err(error) => {

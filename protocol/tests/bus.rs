@@ -87,6 +87,17 @@ fn broker_counts(queue: &str) -> (u64, u64) {
     (counts[0], counts[1])
 }
 
+/// A queue's arguments as the broker lists them.
+fn broker_arguments(queue: &str) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name", "arguments"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let line = listing.lines().find(|line| line.split('\t').next() == Some(queue)).expect("queue listed");
+    line.to_owned()
+}
+
 /// What a handler saw of one delivery.
 #[derive(Debug, Clone)]
 struct Seen {
@@ -234,6 +245,11 @@ async fn delay_queues_are_declared_when_a_retry_finds_them_missing() {
     bus.publish("amq.direct", &routing_key, b"first", Default::default()).await.expect("confirmed");
     wait_until(Duration::from_secs(20), || seen.lock().unwrap().len() == 2).await;
     assert_eq!(ready_messages(&bus, &delay_queue).await, Some(0), "the first retry declared its delay queue");
+    let arguments = {
+        let delay_queue = delay_queue.clone();
+        tokio::task::spawn_blocking(move || broker_arguments(&delay_queue)).await.expect("rabbitmqctl")
+    };
+    assert!(arguments.contains("x-expires"), "a test queue's delay queue expires: {arguments}");
     // Gone under a running consumer (deleted, or expired): the next retry declares it again.
     bus.delete_retry_queues(&queue).await.expect("deleted");
     bus.publish("amq.direct", &routing_key, b"second", Default::default()).await.expect("confirmed");
@@ -254,6 +270,13 @@ async fn topology_declaration_is_idempotent() {
     let bus = bus("test-topology").await;
     bus.declare_topology().await.expect("second declaration succeeds");
     bus.declare_topology().await.expect("third declaration succeeds");
+    for delay in topology::RETRY_DELAYS {
+        let delay_queue = topology::retry_queue(topology::ENGINE_QUEUE, delay);
+        assert_eq!(delay_queue, format!("berth.engine.retry.{}s", delay.as_secs()));
+        let arguments = tokio::task::spawn_blocking(move || broker_arguments(&delay_queue)).await.expect("rabbitmqctl");
+        assert!(!arguments.contains("x-expires"), "production delay queues are permanent: {arguments}");
+        assert!(arguments.contains("\"x-dead-letter-routing-key\",\"berth.engine\""), "{arguments}");
+    }
     bus.close().await;
 }
 
