@@ -7,6 +7,10 @@ use protocol::Profile;
 use crate::auth::{KeyMaterial, TokenAuthority};
 use crate::error::{Error, Result};
 
+/// How long an `open` waits for the engine's first notification about it (the session it
+/// started, or the live one it joined) before answering `timeout`.
+pub const OPEN_ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Where persistence requests go: `berth.tasks` / `persistence` in a deployment; tests point this
 /// at their own responder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,11 +53,16 @@ pub struct SessionConfig {
     /// A socket that sent nothing (not even a pong) for this long is dropped.
     pub heartbeat_timeout: Duration,
     pub store: StoreRoute,
+    /// How long an `open` waits for the engine's answer ([`OPEN_ANSWER_TIMEOUT`]).
+    pub open_answer_timeout: Duration,
     /// CloudEvents `source` of the events this instance publishes.
     pub event_source: String,
     /// Where events go: `berth.events` in a deployment; tests use their own exchange so that
     /// their events never reach a real engine's queue.
     pub events_exchange: String,
+    /// Where notifications come from: `berth.notify` in a deployment; tests that run an engine on
+    /// isolated exchanges point this at the engine's.
+    pub notify_exchange: String,
 }
 
 impl SessionConfig {
@@ -79,8 +88,10 @@ impl SessionConfig {
             heartbeat_interval: Duration::from_secs(20),
             heartbeat_timeout: Duration::from_secs(60),
             store: StoreRoute::persistence_agent(),
+            open_answer_timeout: OPEN_ANSWER_TIMEOUT,
             event_source: "/berth/session".to_owned(),
             events_exchange: protocol::topology::EVENTS_EXCHANGE.to_owned(),
+            notify_exchange: protocol::topology::NOTIFY_EXCHANGE.to_owned(),
         };
         config.validate()?;
         Ok(config)
@@ -95,6 +106,9 @@ impl SessionConfig {
         }
         if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
             return Err(Error::Config("heartbeat_timeout must exceed a positive heartbeat_interval".to_owned()));
+        }
+        if self.open_answer_timeout.is_zero() {
+            return Err(Error::Config("open_answer_timeout must be positive".to_owned()));
         }
         Ok(())
     }

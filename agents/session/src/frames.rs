@@ -143,6 +143,9 @@ pub enum ErrorCode {
     NotFound,
     /// The broker or the store did not answer; retry later.
     Unavailable,
+    /// The request was carried out (its event published) but its answer did not come in time:
+    /// the outcome will show in status pushes. Do not simply retry (an `open` would be sent twice).
+    Timeout,
 }
 
 /// The state of one session as clients see it, from a notification or a stored record.
@@ -205,8 +208,9 @@ impl SessionStatus {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
-    /// The request succeeded. `session` names the new session after `open`; `status` comes with
-    /// `subscribe`; `debounced` tells whether an `activity` was folded into an earlier event.
+    /// The request succeeded. `session` names the session after `open` (the new one, or the live
+    /// one it joined: `joined`); `status` comes with `subscribe`; `debounced` tells whether an
+    /// `activity` was folded into an earlier event.
     Ok {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<String>,
@@ -216,13 +220,19 @@ pub enum ServerFrame {
         status: Option<SessionStatus>,
         #[serde(skip_serializing_if = "Option::is_none")]
         debounced: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        joined: Option<bool>,
     },
-    /// The request was refused.
+    /// The request was refused (or, with `timeout`, not answered in time).
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<String>,
         code: ErrorCode,
         message: String,
+        /// The session the request was about, when the client could not know it (an `open` that
+        /// timed out names the id it asked for).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
     },
     /// A session changed state.
     Status(SessionStatus),
@@ -240,11 +250,16 @@ pub enum ServerFrame {
 
 impl ServerFrame {
     pub fn ok(id: Option<String>) -> ServerFrame {
-        ServerFrame::Ok { id, session: None, status: None, debounced: None }
+        ServerFrame::Ok { id, session: None, status: None, debounced: None, joined: None }
+    }
+
+    /// `ok` naming a session.
+    pub fn ok_session(id: Option<String>, session: &str) -> ServerFrame {
+        ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: None, joined: None }
     }
 
     pub fn error(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
-        ServerFrame::Error { id, code, message: message.into() }
+        ServerFrame::Error { id, code, message: message.into(), session: None }
     }
 
     pub fn to_text(&self) -> String {
@@ -296,7 +311,11 @@ mod tests {
     fn server_frames_are_tagged() {
         let text = ServerFrame::error(Some("r1".into()), ErrorCode::NotFound, "no such session").to_text();
         assert_eq!(text, r#"{"type":"error","id":"r1","code":"not_found","message":"no such session"}"#);
-        let text = ServerFrame::Ok { id: Some("r2".into()), session: Some("s".into()), status: None, debounced: None }.to_text();
+        let text = ServerFrame::ok_session(Some("r2".into()), "s").to_text();
         assert_eq!(text, r#"{"type":"ok","id":"r2","session":"s"}"#);
+        let text = ServerFrame::Ok { id: Some("r3".into()), session: Some("s".into()), status: None, debounced: None, joined: Some(true) }.to_text();
+        assert_eq!(text, r#"{"type":"ok","id":"r3","session":"s","joined":true}"#);
+        let timeout = ServerFrame::Error { id: None, code: ErrorCode::Timeout, message: "late".into(), session: Some("s".into()) };
+        assert_eq!(timeout.to_text(), r#"{"type":"error","code":"timeout","message":"late","session":"s"}"#);
     }
 }

@@ -8,11 +8,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use protocol::bus::Binding;
 use protocol::{Bus, Notification};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Result;
 use crate::frames::{ServerFrame, SessionStatus};
@@ -73,13 +74,45 @@ struct Bindings {
     needed: HashMap<String, usize>,
 }
 
+/// An `open` waiting for the engine's first notification caused by its `session.open`.
+struct CauseWaiter {
+    user: String,
+    answer: oneshot::Sender<Notification>,
+}
+
 /// The registry of this instance's sockets.
 pub struct Hub {
     bus: Bus,
+    /// `berth.notify` in a deployment; tests may run against an engine on its own exchange.
+    notify_exchange: String,
     metrics: Arc<Metrics>,
     max_connections_per_user: usize,
     routes: Mutex<Routes>,
     bindings: tokio::sync::Mutex<Bindings>,
+    /// By the id of the event the waiter published.
+    cause_waiters: Mutex<HashMap<String, CauseWaiter>>,
+}
+
+/// The engine's first notification about an event this instance published, once it comes.
+/// Dropping it (timeout, socket gone) forgets the wait.
+#[derive(Debug)]
+pub struct AwaitedNotification {
+    hub: Arc<Hub>,
+    cause: String,
+    answer: oneshot::Receiver<Notification>,
+}
+
+impl AwaitedNotification {
+    /// The notification, or `None` if none came within `timeout`.
+    pub async fn wait(mut self, timeout: Duration) -> Option<Notification> {
+        tokio::time::timeout(timeout, &mut self.answer).await.ok().and_then(Result::ok)
+    }
+}
+
+impl Drop for AwaitedNotification {
+    fn drop(&mut self) {
+        self.hub.cause_waiters.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.cause);
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -89,14 +122,44 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
+    /// A hub for `berth.notify`.
     pub fn new(bus: Bus, metrics: Arc<Metrics>, max_connections_per_user: usize) -> Arc<Hub> {
+        Hub::on_exchange(bus, protocol::topology::NOTIFY_EXCHANGE, metrics, max_connections_per_user)
+    }
+
+    /// A hub whose users are bound on `notify_exchange`.
+    pub fn on_exchange(bus: Bus, notify_exchange: &str, metrics: Arc<Metrics>, max_connections_per_user: usize) -> Arc<Hub> {
         Arc::new(Hub {
             bus,
+            notify_exchange: notify_exchange.to_owned(),
             metrics,
             max_connections_per_user,
             routes: Mutex::new(Routes::default()),
             bindings: tokio::sync::Mutex::new(Bindings::default()),
+            cause_waiters: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Waits for the first notification to `user` whose `cause` is `cause` (the id of an event
+    /// about to be published). Register before publishing, so a fast answer cannot be missed; the
+    /// user's key must be bound here (a socket of theirs is attached).
+    pub fn await_notification(self: &Arc<Self>, user: &str, cause: &str) -> AwaitedNotification {
+        let (sender, answer) = oneshot::channel();
+        let waiter = CauseWaiter { user: user.to_owned(), answer: sender };
+        self.cause_waiters.lock().unwrap_or_else(PoisonError::into_inner).insert(cause.to_owned(), waiter);
+        AwaitedNotification { hub: self.clone(), cause: cause.to_owned(), answer }
+    }
+
+    /// Hands a notification to the request waiting for its cause, if any. Only the user the
+    /// notification is for can be waiting for it.
+    fn answer_waiter(&self, notification: &Notification) {
+        let Some(cause) = &notification.cause else { return };
+        let mut waiters = self.cause_waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        if waiters.get(cause).is_some_and(|waiter| waiter.user == notification.user) {
+            if let Some(waiter) = waiters.remove(cause) {
+                let _ = waiter.answer.send(notification.clone());
+            }
+        }
     }
 
     fn routes(&self) -> MutexGuard<'_, Routes> {
@@ -190,6 +253,8 @@ impl Hub {
             tracing::warn!(routing_key, user = %notification.user, "dropping a notification whose user does not match its routing key");
             return 0;
         }
+        // Before the status is queued: an `open` waiting for this answers ahead of the push.
+        self.answer_waiter(&notification);
         let Some(status) = SessionStatus::from_notification(&notification) else {
             tracing::debug!(user = %notification.user, "notification without a session; nothing to show");
             return 0;
@@ -229,7 +294,7 @@ impl Hub {
         bindings.queue = None;
         let users: Vec<String> = bindings.needed.keys().cloned().collect();
         for user in users {
-            self.bus.set_binding(queue, protocol::topology::NOTIFY_EXCHANGE, &protocol::topology::user_routing_key(&user), Binding::Bind).await?;
+            self.bus.set_binding(queue, &self.notify_exchange, &protocol::topology::user_routing_key(&user), Binding::Bind).await?;
         }
         bindings.queue = Some(queue.to_owned());
         Ok(())
@@ -245,7 +310,7 @@ impl Hub {
         let already_bound = bindings.needed.get(user).is_some_and(|count| *count > 0);
         if !already_bound {
             if let Some(queue) = &bindings.queue {
-                self.bus.set_binding(queue, protocol::topology::NOTIFY_EXCHANGE, &protocol::topology::user_routing_key(user), Binding::Bind).await?;
+                self.bus.set_binding(queue, &self.notify_exchange, &protocol::topology::user_routing_key(user), Binding::Bind).await?;
             }
         }
         *bindings.needed.entry(user.to_owned()).or_insert(0) += 1;
@@ -262,12 +327,17 @@ impl Hub {
         bindings.needed.remove(user);
         if let Some(queue) = bindings.queue.clone() {
             let key = protocol::topology::user_routing_key(user);
-            if let Err(error) = self.bus.set_binding(&queue, protocol::topology::NOTIFY_EXCHANGE, &key, Binding::Unbind).await {
+            if let Err(error) = self.bus.set_binding(&queue, &self.notify_exchange, &key, Binding::Unbind).await {
                 // Harmless: the instance receives a few notifications nobody here reads, and the
                 // binding goes with the queue.
                 tracing::warn!(user, %error, "could not unbind a user's notifications");
             }
         }
+    }
+
+    /// The exchange the users' keys are bound on.
+    pub fn notify_exchange(&self) -> &str {
+        &self.notify_exchange
     }
 
     /// The private queue notifications currently arrive on, if the consumer is running.

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub activity_events_published: AtomicU64,
     pub activity_debounced: AtomicU64,
     pub sockets_dropped_heartbeat: AtomicU64,
+    /// `open` answered with the live session of the workspace instead of a new one.
+    pub opens_joined: AtomicU64,
+    /// `open` whose engine answer did not come in time.
+    pub opens_timed_out: AtomicU64,
     /// Authentication failures by reason (`expired`, `signature`, …).
     auth_failures_by_reason: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -62,6 +66,8 @@ impl Metrics {
         counter("berth_session_activity_events_total", "session.activity events published.", load(&self.activity_events_published));
         counter("berth_session_activity_debounced_total", "Activity folded into an earlier event.", load(&self.activity_debounced));
         counter("berth_session_heartbeat_drops_total", "Sockets dropped for missing heartbeats.", load(&self.sockets_dropped_heartbeat));
+        counter("berth_session_opens_joined_total", "Opens answered with the workspace's live session.", load(&self.opens_joined));
+        counter("berth_session_opens_timed_out_total", "Opens the engine did not answer in time.", load(&self.opens_timed_out));
         let by_reason = self.auth_failures_by_reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let _ = writeln!(
             text,

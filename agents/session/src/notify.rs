@@ -32,7 +32,7 @@ pub type ConsumerReady = Arc<AtomicBool>;
 impl NotificationConsumer {
     /// Declares a private queue, binds the users the hub needs, and starts consuming.
     pub async fn start(bus: &Bus, hub: &Hub) -> Result<NotificationConsumer> {
-        let queue = bus.declare_private_queue(protocol::topology::NOTIFY_EXCHANGE, &[]).await?;
+        let queue = bus.declare_private_queue(hub.notify_exchange(), &[]).await?;
         hub.install_queue(&queue).await?;
         let channel = bus.channel().await?;
         let consumer_tag = format!("berth-session-{}", uuid::Uuid::now_v7());

@@ -72,7 +72,7 @@ pub async fn start(
 ) -> Result<(InstanceHandle, impl Future<Output = Result<()>> + Send)> {
     config.validate()?;
     let metrics = Arc::new(Metrics::default());
-    let hub = Hub::new(bus.clone(), metrics.clone(), config.max_connections_per_user);
+    let hub = Hub::on_exchange(bus.clone(), &config.notify_exchange, metrics.clone(), config.max_connections_per_user);
     let consumer = NotificationConsumer::start(&bus, &hub).await?;
     let (stop_sender, stop) = watch::channel(false);
     let consumer_ready = ConsumerReady::default();

@@ -2,12 +2,14 @@
 //! that can happen to it (a client frame, a status to push, a heartbeat tick, shutdown).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use protocol::CloudEvent;
+use protocol::{CloudEvent, Notification};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -35,10 +37,27 @@ const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 /// What can happen to a connection; handled in one exhaustive match.
 enum Input {
     FromClient(Option<Result<Message, axum::Error>>),
+    OpenAnswered(Box<OpenOutcome>),
     ToClient(Option<Utf8Bytes>),
     HeartbeatTick,
     TokenExpired,
     Shutdown,
+}
+
+/// How an `open` ends: its reply, and the session it got (which this socket may then act on).
+#[derive(Debug, Clone, PartialEq)]
+struct OpenOutcome {
+    reply: ServerFrame,
+    session: Option<String>,
+}
+
+/// An `open` whose `session.open` is published, waiting for the engine's answer.
+type PendingOpen = Pin<Box<dyn Future<Output = Box<OpenOutcome>> + Send>>;
+
+/// A request's reply: at once, or once the engine has answered (`open`).
+enum Reply {
+    Now(Box<ServerFrame>),
+    Later(PendingOpen),
 }
 
 /// The state of one authenticated connection.
@@ -52,6 +71,9 @@ struct Connection {
     /// activity does not ask the store every time.
     authorized_sessions: HashMap<String, String>,
     last_heard: Instant,
+    /// While set, the socket's further requests wait unread, so replies keep the requests' order;
+    /// status pushes and heartbeats go on.
+    pending_open: Option<PendingOpen>,
 }
 
 /// Serves one upgraded socket until it closes. The slot is held for the connection's lifetime.
@@ -65,8 +87,16 @@ pub async fn serve_socket(socket: WebSocket, state: Arc<AppState>, identity: Ide
             tracing::debug!(user = %identity.user, connection_id, "socket connected");
             let now = Instant::now();
             let rate_limiter = RateLimiter::new(state.config.max_messages_per_second, now);
-            let mut connection =
-                Connection { state: state.clone(), identity, connection_id, socket, rate_limiter, authorized_sessions: HashMap::new(), last_heard: now };
+            let mut connection = Connection {
+                state: state.clone(),
+                identity,
+                connection_id,
+                socket,
+                rate_limiter,
+                authorized_sessions: HashMap::new(),
+                last_heard: now,
+                pending_open: None,
+            };
             connection.run(outbound).await;
             state.hub.detach(connection_id).await;
             tracing::debug!(user = %connection.identity.user, connection_id, "socket closed");
@@ -109,12 +139,24 @@ impl Connection {
         let token_expiry = tokio::time::sleep(self.identity.remaining_validity());
         tokio::pin!(token_expiry);
         loop {
-            let input = tokio::select! {
-                message = self.socket.recv() => Input::FromClient(message),
-                frame = outbound.recv() => Input::ToClient(frame),
-                _ = heartbeat.tick() => Input::HeartbeatTick,
-                () = &mut token_expiry => Input::TokenExpired,
-                _ = stop.wait_for(|stopped| *stopped) => Input::Shutdown,
+            let input = if let Some(pending_open) = self.pending_open.as_mut() {
+                // Biased: the engine's answer is sent before the status push that came with it.
+                tokio::select! {
+                    biased;
+                    outcome = pending_open => Input::OpenAnswered(outcome),
+                    frame = outbound.recv() => Input::ToClient(frame),
+                    _ = heartbeat.tick() => Input::HeartbeatTick,
+                    () = &mut token_expiry => Input::TokenExpired,
+                    _ = stop.wait_for(|stopped| *stopped) => Input::Shutdown,
+                }
+            } else {
+                tokio::select! {
+                    message = self.socket.recv() => Input::FromClient(message),
+                    frame = outbound.recv() => Input::ToClient(frame),
+                    _ = heartbeat.tick() => Input::HeartbeatTick,
+                    () = &mut token_expiry => Input::TokenExpired,
+                    _ = stop.wait_for(|stopped| *stopped) => Input::Shutdown,
+                }
             };
             let keep_going = match input {
                 Input::FromClient(None) => false,
@@ -125,6 +167,13 @@ impl Connection {
                 Input::FromClient(Some(Ok(message))) => {
                     self.last_heard = Instant::now();
                     self.on_client_message(message).await
+                }
+                Input::OpenAnswered(outcome) => {
+                    self.pending_open = None;
+                    if let Some(session) = outcome.session {
+                        self.authorized_sessions.insert(session, self.identity.user.clone());
+                    }
+                    self.send_frame(&outcome.reply).await
                 }
                 Input::ToClient(Some(text)) => self.send_text(text).await,
                 Input::ToClient(None) => {
@@ -201,7 +250,8 @@ impl Connection {
     }
 
     async fn on_heartbeat(&mut self) -> bool {
-        if self.last_heard.elapsed() > self.state.config.heartbeat_timeout {
+        // While an open waits, the socket is not read, so its pongs cannot be heard: no verdict.
+        if self.pending_open.is_none() && self.last_heard.elapsed() > self.state.config.heartbeat_timeout {
             tracing::info!(user = %self.identity.user, connection_id = self.connection_id, "no pong in time; dropping socket");
             bump(&self.state.metrics.sockets_dropped_heartbeat);
             let _ = send_bounded(&mut self.socket, close_message(CLOSE_GOING_AWAY, "heartbeat timeout")).await;
@@ -214,8 +264,13 @@ impl Connection {
         match message {
             Message::Text(text) => {
                 bump(&self.state.metrics.frames_received);
-                let reply = self.on_text(text.as_str()).await;
-                self.send_frame(&reply).await
+                match self.on_text(text.as_str()).await {
+                    Reply::Now(reply) => self.send_frame(&reply).await,
+                    Reply::Later(pending_open) => {
+                        self.pending_open = Some(pending_open);
+                        true
+                    }
+                }
             }
             Message::Binary(_) => {
                 bump(&self.state.metrics.frames_received);
@@ -226,48 +281,76 @@ impl Connection {
         }
     }
 
-    /// Answers one text frame. Every path returns a reply.
-    async fn on_text(&mut self, text: &str) -> ServerFrame {
+    /// Answers one text frame. Every path returns a reply, now or once the engine answered.
+    async fn on_text(&mut self, text: &str) -> Reply {
+        match self.request(text).await {
+            Ok(reply) => reply,
+            Err(refusal) => Reply::Now(Box::new(refusal)),
+        }
+    }
+
+    async fn request(&mut self, text: &str) -> Result<Reply, ServerFrame> {
         let limits = &self.state.config;
         if text.len() > limits.max_frame_bytes {
-            return ServerFrame::error(None, ErrorCode::FrameTooLarge, format!("frame is {} bytes; the limit is {}", text.len(), limits.max_frame_bytes));
+            return Err(ServerFrame::error(None, ErrorCode::FrameTooLarge, format!("frame is {} bytes; the limit is {}", text.len(), limits.max_frame_bytes)));
         }
         // Parsing a frame within the size limit costs microseconds; doing it before the rate check
         // lets even a refused request be matched to its reply by id.
         let parsed = parse_client_frame(text);
         let id = parsed.request_id;
         if !self.rate_limiter.try_acquire(Instant::now()) {
-            return ServerFrame::error(
+            return Err(ServerFrame::error(
                 id,
                 ErrorCode::RateLimited,
                 format!("more than {} frames per second; this one was not processed", limits.max_messages_per_second),
-            );
+            ));
         }
-        let request = match parsed.request {
-            Ok(request) => request,
-            Err(message) => return ServerFrame::error(id, ErrorCode::BadRequest, message),
-        };
-        match request {
-            ClientRequest::Open { workspace, profile } => self.open(id, &workspace, &profile).await,
+        let request = parsed.request.map_err(|message| ServerFrame::error(id.clone(), ErrorCode::BadRequest, message))?;
+        let reply = match request {
+            ClientRequest::Open { workspace, profile } => return self.open(id, &workspace, &profile).await.map(Reply::Later),
             ClientRequest::Close { session, reason } => self.close(id, &session, reason).await,
             ClientRequest::Activity { session } => self.activity(id, &session).await,
             ClientRequest::Subscribe { session } => self.subscribe(id, &session).await,
             ClientRequest::Ping => ServerFrame::ok(id),
-        }
+        };
+        Ok(Reply::Now(Box::new(reply)))
     }
 
-    async fn open(&mut self, id: Option<String>, workspace: &str, profile: &str) -> ServerFrame {
+    /// Publishes `session.open` for a new session id and returns the wait for the engine's first
+    /// notification caused by it: the engine binds the open to the workspace's live session if
+    /// there is one (at most one per profile, user and workspace), and that notification names it.
+    async fn open(&mut self, id: Option<String>, workspace: &str, profile: &str) -> Result<PendingOpen, ServerFrame> {
         if profile != self.state.config.profile_name {
-            return ServerFrame::error(id, ErrorCode::BadRequest, format!("this deployment runs profile {:?}, not {profile:?}", self.state.config.profile_name));
+            return Err(ServerFrame::error(id, ErrorCode::BadRequest, format!("this deployment runs profile {:?}, not {profile:?}", self.state.config.profile_name)));
         }
         let session = uuid::Uuid::now_v7().to_string();
         let data = json!({"user": self.identity.user, "workspace": workspace, "profile": profile});
-        if let Err(frame) = self.publish("session.open", &session, data, id.clone()).await {
-            return frame;
-        }
-        tracing::info!(user = %self.identity.user, session_id = %session, workspace, "session opened");
+        let event = user_event(&self.state, &self.identity.user, "session.open", &session, data);
+        // Registered before publishing: the engine's answer can beat the broker's confirm.
+        let awaited = self.state.hub.await_notification(&self.identity.user, &event.id);
+        publish_event(&self.state, &event, id.clone()).await?;
+        tracing::info!(user = %self.identity.user, session_id = %session, event_id = %event.id, workspace, "session open requested");
+        // The requested id is this socket's either way: a `close` for it before the answer is fine.
         self.authorized_sessions.insert(session.clone(), self.identity.user.clone());
-        ServerFrame::Ok { id, session: Some(session), status: None, debounced: None }
+        let timeout = self.state.config.open_answer_timeout;
+        let state = self.state.clone();
+        let user = self.identity.user.clone();
+        Ok(Box::pin(async move {
+            let answer = awaited.wait(timeout).await;
+            let outcome = open_outcome(id, &session, answer.as_ref(), timeout);
+            match &outcome.reply {
+                ServerFrame::Ok { joined: Some(true), session: Some(joined), .. } => {
+                    bump(&state.metrics.opens_joined);
+                    tracing::info!(user = %user, session_id = %joined, requested = %session, "open joined the workspace's live session");
+                }
+                ServerFrame::Error { .. } => {
+                    bump(&state.metrics.opens_timed_out);
+                    tracing::warn!(user = %user, session_id = %session, ?timeout, "the engine did not answer an open in time");
+                }
+                _ => {}
+            }
+            Box::new(outcome)
+        }))
     }
 
     async fn close(&mut self, id: Option<String>, session: &str, reason: Option<String>) -> ServerFrame {
@@ -282,7 +365,7 @@ impl Connection {
             return frame;
         }
         tracing::info!(user = %self.identity.user, session_id = %session, "session close requested");
-        ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: None }
+        ServerFrame::ok_session(id, session)
     }
 
     async fn activity(&mut self, id: Option<String>, session: &str) -> ServerFrame {
@@ -291,14 +374,14 @@ impl Connection {
         }
         if self.state.activity.admit(session).await == Admission::Debounced {
             bump(&self.state.metrics.activity_debounced);
-            return ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(true) };
+            return ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(true), joined: None };
         }
         if let Err(frame) = self.publish("session.activity", session, json!({"source": "websocket"}), id.clone()).await {
             self.state.activity.forget(session).await;
             return frame;
         }
         bump(&self.state.metrics.activity_events_published);
-        ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(false) }
+        ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(false), joined: None }
     }
 
     async fn subscribe(&mut self, id: Option<String>, session: &str) -> ServerFrame {
@@ -322,7 +405,7 @@ impl Connection {
             }
         }
         self.authorized_sessions.insert(session.to_owned(), owner);
-        ServerFrame::Ok { id, session: Some(session.to_owned()), status, debounced: None }
+        ServerFrame::Ok { id, session: Some(session.to_owned()), status, debounced: None, joined: None }
     }
 
     /// The caller may act on `session` if it is theirs, or if they are an admin. Someone else's
@@ -354,8 +437,17 @@ impl Connection {
 }
 
 async fn publish_for_user(state: &AppState, user: &str, event_type: &str, session: &str, data: Value, id: Option<String>) -> Result<(), ServerFrame> {
-    let event = CloudEvent::new(event_type, &state.config.event_source, Some(session), data).with_extension("userid", user);
-    let published = state.bus.publish_event_to(&state.config.events_exchange, &event);
+    publish_event(state, &user_event(state, user, event_type, session, data), id).await
+}
+
+/// An event about `session` carrying the token's user.
+fn user_event(state: &AppState, user: &str, event_type: &str, session: &str, data: Value) -> CloudEvent {
+    CloudEvent::new(event_type, &state.config.event_source, Some(session), data).with_extension("userid", user)
+}
+
+async fn publish_event(state: &AppState, event: &CloudEvent, id: Option<String>) -> Result<(), ServerFrame> {
+    let event_type = &event.event_type;
+    let published = state.bus.publish_event_to(&state.config.events_exchange, event);
     match tokio::time::timeout(PUBLISH_TIMEOUT, published).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(ServerFrame::error(id, ErrorCode::Unavailable, format!("could not publish {event_type}: {error}"))),
@@ -363,6 +455,73 @@ async fn publish_for_user(state: &AppState, user: &str, event_type: &str, sessio
     }
 }
 
+/// The reply to an `open` that asked for session `requested`, from the engine's first
+/// notification caused by it (`None`: none came within `timeout`). The notification names the
+/// session the open is bound to: `requested` for a fresh start, the live session of the workspace
+/// when it joined one (then also `detail.joined: true`).
+fn open_outcome(id: Option<String>, requested: &str, answer: Option<&Notification>, timeout: Duration) -> OpenOutcome {
+    let Some(notification) = answer else {
+        let message = format!(
+            "session.open was sent, but the engine did not answer within {} s; the session will show up in status updates",
+            timeout.as_secs_f64()
+        );
+        return OpenOutcome {
+            reply: ServerFrame::Error { id, code: ErrorCode::Timeout, message, session: Some(requested.to_owned()) },
+            session: None,
+        };
+    };
+    let session = notification.session.clone().unwrap_or_else(|| requested.to_owned());
+    let joined = session != requested || notification.detail.get("joined").and_then(Value::as_bool) == Some(true);
+    OpenOutcome {
+        reply: ServerFrame::Ok { id, session: Some(session.clone()), status: None, debounced: None, joined: Some(joined) },
+        session: Some(session),
+    }
+}
+
 fn not_found(id: Option<String>, session: &str) -> ServerFrame {
     ServerFrame::error(id, ErrorCode::NotFound, format!("no session {session} among yours"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQUESTED: &str = "01936f0e-7d3a-7c4e-9a51-3d2a1b0c9e8f";
+    const LIVE: &str = "01936f0e-0000-7c4e-9a51-3d2a1b0c9e8f";
+
+    fn answer(session: Option<&str>, detail: Value) -> Notification {
+        Notification {
+            id: uuid::Uuid::now_v7(),
+            user: "alice".into(),
+            session: session.map(str::to_owned),
+            state: "materializing".into(),
+            detail,
+            cause: Some("e1".into()),
+        }
+    }
+
+    #[track_caller]
+    fn check(answer: Option<Notification>, expected: Value) {
+        let outcome = open_outcome(Some("o1".into()), REQUESTED, answer.as_ref(), Duration::from_secs(15));
+        let reply: Value = serde_json::from_str(&outcome.reply.to_text()).unwrap();
+        assert_eq!(reply, expected);
+        let expected_session = expected.get("session").filter(|_| expected["type"] == "ok").and_then(Value::as_str).map(str::to_owned);
+        assert_eq!(outcome.session, expected_session);
+    }
+
+    #[test]
+    fn open_replies_name_the_session_the_engine_bound_the_open_to() {
+        check(Some(answer(Some(REQUESTED), json!({}))), json!({"type": "ok", "id": "o1", "session": REQUESTED, "joined": false}));
+        check(Some(answer(Some(LIVE), json!({"joined": true}))), json!({"type": "ok", "id": "o1", "session": LIVE, "joined": true}));
+        // Either sign of a join is enough.
+        check(Some(answer(Some(LIVE), json!({}))), json!({"type": "ok", "id": "o1", "session": LIVE, "joined": true}));
+        check(Some(answer(Some(REQUESTED), json!({"joined": true}))), json!({"type": "ok", "id": "o1", "session": REQUESTED, "joined": true}));
+        check(Some(answer(None, Value::Null)), json!({"type": "ok", "id": "o1", "session": REQUESTED, "joined": false}));
+        let timeout = open_outcome(Some("o1".into()), REQUESTED, None, Duration::from_secs(15));
+        assert_eq!(timeout.session, None);
+        let reply: Value = serde_json::from_str(&timeout.reply.to_text()).unwrap();
+        assert_eq!((reply["type"].as_str(), reply["code"].as_str(), reply["session"].as_str()), (Some("error"), Some("timeout"), Some(REQUESTED)));
+        let message = reply["message"].as_str().unwrap();
+        assert!(message.contains("was sent") && message.contains("15 s") && message.contains("status updates"), "{message}");
+    }
 }

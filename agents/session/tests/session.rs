@@ -336,6 +336,63 @@ impl EventTap {
     }
 }
 
+/// Plays the engine's side of `open` on the test's events exchange: the first `session.open` of a
+/// (user, workspace) starts that session (`materializing`), every later one joins it (`running`,
+/// `detail.joined`), each answered with a notification whose `cause` is the open's event id. One
+/// open at a time, like the engine's per-workspace commit. `silent` never answers.
+struct FakeEngine {
+    bus: Bus,
+    queue: String,
+    /// Every `session.open` seen, in order.
+    opens: Arc<Mutex<Vec<CloudEvent>>>,
+}
+
+impl FakeEngine {
+    async fn start(world: &World, silent: bool) -> Result<FakeEngine> {
+        let bus = world.bus.clone();
+        let queue = bus.declare_private_queue(&world.events_exchange, &["session.open".to_owned()]).await?;
+        let channel = bus.channel().await?;
+        let mut consumer =
+            channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+        let opens: Arc<Mutex<Vec<CloudEvent>>> = Arc::default();
+        let seen = opens.clone();
+        let publisher = bus.clone();
+        tokio::spawn(async move {
+            let _channel = channel;
+            let mut live: HashMap<(String, String), String> = HashMap::new();
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let Ok(event) = CloudEvent::parse(&delivery.data, 1 << 20) else { continue };
+                seen.lock().expect("opens").push(event.clone());
+                if silent {
+                    continue;
+                }
+                let user = event.extension("userid").unwrap_or_default().to_owned();
+                let workspace = event.data["workspace"].as_str().unwrap_or_default().to_owned();
+                let requested = event.subject.clone().unwrap_or_default();
+                let (session, state, detail) = match live.get(&(user.clone(), workspace.clone())) {
+                    Some(live_session) => (live_session.clone(), "running", json!({"joined": true, "host": "127.0.0.1", "port": 40123})),
+                    None => {
+                        live.insert((user.clone(), workspace), requested.clone());
+                        (requested, "materializing", json!({}))
+                    }
+                };
+                let mut answer = notification(&user, &session, state, detail);
+                answer.cause = Some(event.id.clone());
+                let _ = publisher.publish_notification(&answer).await;
+            }
+        });
+        Ok(FakeEngine { bus, queue, opens })
+    }
+
+    fn opens(&self) -> Vec<CloudEvent> {
+        self.opens.lock().expect("opens").clone()
+    }
+
+    async fn finish(self) {
+        let _ = self.bus.delete_queue(&self.queue).await;
+    }
+}
+
 /// A minimal HTTP/1.1 GET returning status and body.
 async fn http_get(address: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(address).await?;
@@ -490,13 +547,18 @@ async fn open_publishes_with_the_token_user_and_a_new_session_id() -> Result<()>
     let alice = unique("alice");
     let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
 
+    let engine = FakeEngine::start(&world, false).await?;
     let reply = request(&mut socket, json!({"type": "open", "id": "o1", "workspace": "thesis", "profile": "dev"})).await?;
     assert_eq!(reply["type"], "ok", "{reply}");
+    assert_eq!(reply["joined"], false, "{reply}");
     let session = reply["session"].as_str().context("session id in the reply")?.to_owned();
     assert_eq!(uuid::Uuid::parse_str(&session)?.get_version_num(), 7);
     let opened = tap.expect(&session, "session.open").await?;
     assert_eq!(opened.extension("userid"), Some(alice.as_str()));
     assert_eq!(opened.data, json!({"user": alice, "workspace": "thesis", "profile": "dev"}));
+    // The answer came first; the notification it waited for is pushed as a status as always.
+    let status = next_frame(&mut socket).await?;
+    assert_eq!((status["type"].as_str(), status["session"].as_str(), status["state"].as_str()), (Some("status"), Some(session.as_str()), Some("materializing")));
 
     // The frame cannot choose the user, nor another deployment's profile.
     let reply = request(&mut socket, json!({"type": "open", "id": "o2", "workspace": "w", "profile": "dev", "user": "bob"})).await?;
@@ -511,10 +573,194 @@ async fn open_publishes_with_the_token_user_and_a_new_session_id() -> Result<()>
     assert_eq!(activity.extension("userid"), Some(alice.as_str()));
     assert_eq!(activity.data, json!({"source": "websocket"}));
 
+    engine.finish().await;
     tap.finish().await;
     instance.shutdown().await?;
     world.finish().await;
     Ok(())
+}
+
+#[tokio::test]
+async fn open_waits_for_the_engine_and_answers_with_the_session_it_joined() -> Result<()> {
+    let world = World::new().await?;
+    let first = world.instance(world.config()).await?;
+    let second = world.instance(world.config()).await?;
+    let engine = FakeEngine::start(&world, false).await?;
+    let mut tap = EventTap::new(&world).await?;
+    let alice = unique("alice");
+    let token = world.token(&alice, &[]);
+    let (mut tab_one, _) = connect(&first, &token).await?;
+    let (mut tab_two, _) = connect(&first, &token).await?;
+    let (mut tab_three, _) = connect(&second, &token).await?;
+
+    // Three tabs on two instances open the same workspace at once.
+    let open = |id: &str| Message::Text(json!({"type": "open", "id": id, "workspace": "thesis", "profile": "dev"}).to_string().into());
+    tab_one.send(open("a")).await?;
+    tab_two.send(open("b")).await?;
+    tab_three.send(open("c")).await?;
+    let mut replies = Vec::new();
+    for socket in [&mut tab_one, &mut tab_two, &mut tab_three] {
+        // Another tab's open pushes that session's status to every tab of the user.
+        let reply = next_reply(socket).await?;
+        assert_eq!(reply["type"], "ok", "{reply}");
+        replies.push(reply);
+    }
+    let sessions: Vec<&str> = replies.iter().filter_map(|reply| reply["session"].as_str()).collect();
+    assert_eq!(sessions.len(), 3);
+    assert!(sessions.iter().all(|session| *session == sessions[0]), "one session for the workspace: {replies:?}");
+    let joined: Vec<bool> = replies.iter().filter_map(|reply| reply["joined"].as_bool()).collect();
+    assert_eq!(joined.iter().filter(|joined| !**joined).count(), 1, "exactly one started it: {replies:?}");
+    assert_eq!(joined.iter().filter(|joined| **joined).count(), 2, "{replies:?}");
+    // Every open was published with its own new id; the one that started is the session.
+    let opens = engine.opens();
+    assert_eq!(opens.len(), 3);
+    assert!(opens.iter().any(|open| open.subject.as_deref() == Some(sessions[0])));
+    assert_eq!(first.handle.metrics.opens_joined.load(Ordering::Relaxed) + second.handle.metrics.opens_joined.load(Ordering::Relaxed), 2);
+
+    // A tab that joined may act on the live session at once, though the store never heard of it.
+    let live = sessions[0].to_owned();
+    let joiner = if replies[0]["joined"] == true { &mut tab_one } else { &mut tab_two };
+    let reply = request_skipping_status(joiner, json!({"type": "activity", "id": "act", "session": live})).await?;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    assert_eq!(tap.expect(&live, "session.activity").await?.extension("userid"), Some(alice.as_str()));
+
+    engine.finish().await;
+    tap.finish().await;
+    first.shutdown().await?;
+    second.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_open_the_engine_does_not_answer_times_out_and_later_requests_keep_their_order() -> Result<()> {
+    let world = World::new().await?;
+    let mut config = world.config();
+    config.open_answer_timeout = Duration::from_millis(700);
+    let instance = world.instance(config).await?;
+    let engine = FakeEngine::start(&world, true).await?;
+    let alice = unique("alice");
+    let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
+
+    let began = tokio::time::Instant::now();
+    socket.send(Message::Text(json!({"type": "open", "id": "o", "workspace": "w", "profile": "dev"}).to_string().into())).await?;
+    socket.send(Message::Text(json!({"type": "ping", "id": "p"}).to_string().into())).await?;
+    // A status push for another session still flows while the open waits.
+    let other = new_session_id();
+    world.bus.publish_notification(&notification(&alice, &other, "running", json!({}))).await?;
+    let pushed = next_frame(&mut socket).await?;
+    assert_eq!((pushed["type"].as_str(), pushed["session"].as_str()), (Some("status"), Some(other.as_str())), "{pushed}");
+    assert!(began.elapsed() < Duration::from_millis(700), "the push did not wait for the open");
+
+    let reply = next_frame(&mut socket).await?;
+    assert!(began.elapsed() >= Duration::from_millis(700));
+    assert_eq!((reply["type"].as_str(), reply["code"].as_str(), reply["id"].as_str()), (Some("error"), Some("timeout"), Some("o")), "{reply}");
+    let message = reply["message"].as_str().unwrap_or_default();
+    assert!(message.contains("was sent") && message.contains("status updates"), "{message}");
+    let requested = reply["session"].as_str().context("the requested session id")?.to_owned();
+    assert_eq!(engine.opens().iter().filter_map(|open| open.subject.clone()).collect::<Vec<_>>(), std::slice::from_ref(&requested));
+    assert_eq!(next_frame(&mut socket).await?, json!({"type": "ok", "id": "p"}), "the ping is answered after the open");
+    assert_eq!(instance.handle.metrics.opens_timed_out.load(Ordering::Relaxed), 1);
+
+    // A late answer is an ordinary status push, and the requested session is the socket's own.
+    let mut late = notification(&alice, &requested, "materializing", json!({}));
+    late.cause = Some(engine.opens()[0].id.clone());
+    world.bus.publish_notification(&late).await?;
+    assert_eq!(next_frame(&mut socket).await?["session"], Value::String(requested.clone()));
+    let reply = request(&mut socket, json!({"type": "close", "id": "c", "session": requested})).await?;
+    assert_eq!(reply["type"], "ok", "{reply}");
+
+    engine.finish().await;
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+/// The real engine (isolated exchanges, queue and Redis prefix; nobody serves its tasks) behind two
+/// instances: tabs of one user opening one workspace at once all land in its one live session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tabs_opening_one_workspace_at_once_share_its_session_through_the_real_engine() -> Result<()> {
+    let world = World::new().await?;
+    let mut profile = dev_profile();
+    profile.apply_overrides(|name| std::env::var(name).ok());
+    let engine_config = engine::EngineConfig::isolated(&uuid::Uuid::now_v7().simple().to_string());
+    engine::service::declare(&world.bus, &engine_config).await?;
+    let pattern_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../patterns/workspace-session.json");
+    let pattern = engine::load_pattern_file(std::path::Path::new(pattern_path))?;
+    let running_engine = engine::Engine::connect(profile.clone(), vec![pattern], engine_config.clone()).await?;
+    let (stop_engine, engine_stopped) = tokio::sync::oneshot::channel::<()>();
+    let engine_task = tokio::spawn(async move {
+        running_engine
+            .serve(async move {
+                let _ = engine_stopped.await;
+            })
+            .await
+    });
+    let mut config = world.config();
+    config.events_exchange = engine_config.events_exchange.clone();
+    config.notify_exchange = engine_config.notify_exchange.clone();
+    let first = world.instance(config.clone()).await?;
+    let second = world.instance(config).await?;
+    let alice = unique("alice");
+    let token = world.token(&alice, &[]);
+    let (mut tab_one, _) = connect(&first, &token).await?;
+    let (mut tab_two, _) = connect(&second, &token).await?;
+    let (mut tab_three, _) = connect(&first, &token).await?;
+
+    let open = |id: &str, workspace: &str| Message::Text(json!({"type": "open", "id": id, "workspace": workspace, "profile": "dev"}).to_string().into());
+    let (sent_one, sent_two, sent_three) = tokio::join!(tab_one.send(open("a", "thesis")), tab_two.send(open("b", "thesis")), tab_three.send(open("c", "thesis")));
+    sent_one?;
+    sent_two?;
+    sent_three?;
+    let mut replies = Vec::new();
+    for socket in [&mut tab_one, &mut tab_two, &mut tab_three] {
+        let reply = next_reply(socket).await?;
+        assert_eq!(reply["type"], "ok", "{reply}");
+        replies.push(reply);
+    }
+    let live = replies[0]["session"].as_str().context("a session")?.to_owned();
+    assert!(replies.iter().all(|reply| reply["session"] == live.as_str()), "one session for the workspace: {replies:?}");
+    let started: Vec<&Value> = replies.iter().filter(|reply| reply["joined"] == false).collect();
+    assert_eq!(started.len(), 1, "exactly one open started the session: {replies:?}");
+    assert_eq!(replies.iter().filter(|reply| reply["joined"] == true).count(), 2, "{replies:?}");
+
+    // A later open joins too; another workspace starts its own session.
+    let (mut late_tab, _) = connect(&second, &token).await?;
+    let reply = request_skipping_status(&mut late_tab, json!({"type": "open", "id": "d", "workspace": "thesis", "profile": "dev"})).await?;
+    assert_eq!((reply["session"].as_str(), reply["joined"].as_bool()), (Some(live.as_str()), Some(true)), "{reply}");
+    let reply = request_skipping_status(&mut late_tab, json!({"type": "open", "id": "e", "workspace": "essay", "profile": "dev"})).await?;
+    assert_eq!(reply["joined"], false, "{reply}");
+    assert_ne!(reply["session"], live.as_str());
+    // The joining tab may close the live session it was given.
+    let reply = request_skipping_status(&mut late_tab, json!({"type": "close", "id": "f", "session": live})).await?;
+    assert_eq!(reply["type"], "ok", "{reply}");
+
+    for socket in [tab_one, tab_two, tab_three, late_tab] {
+        drop(socket);
+    }
+    first.shutdown().await?;
+    second.shutdown().await?;
+    let _ = stop_engine.send(());
+    engine_task.await??;
+    engine::service::teardown(&world.bus, &profile.services.redis_url, &engine_config).await?;
+    world.finish().await;
+    Ok(())
+}
+
+/// Sends a request and returns its reply, skipping status pushes that arrive before it.
+async fn request_skipping_status(socket: &mut Socket, frame: Value) -> Result<Value> {
+    socket.send(Message::Text(frame.to_string().into())).await?;
+    next_reply(socket).await
+}
+
+/// The next frame that is not a status push.
+async fn next_reply(socket: &mut Socket) -> Result<Value> {
+    loop {
+        let next = next_frame(socket).await?;
+        if next["type"] != "status" {
+            return Ok(next);
+        }
+    }
 }
 
 #[tokio::test]
@@ -976,6 +1222,23 @@ async fn the_hub_routes_by_user_and_evicts_a_socket_that_falls_behind() -> Resul
     assert_eq!(drained, 256, "everything queued is still sent, then the channel ends");
     let for_bob = notification(&bob, &session, "idle", json!({}));
     assert_eq!(hub.deliver(&for_bob.routing_key(), &for_bob.to_bytes()), 1, "bob is unaffected");
+
+    // An open waits for the notification its event caused, and only one to its own user.
+    let awaited = hub.await_notification(&bob, "event-1");
+    let mut for_alice_caused = notification(&alice, &session, "running", json!({}));
+    for_alice_caused.cause = Some("event-1".into());
+    hub.deliver(&for_alice_caused.routing_key(), &for_alice_caused.to_bytes());
+    let mut unrelated = notification(&bob, &session, "running", json!({}));
+    unrelated.cause = Some("event-2".into());
+    hub.deliver(&unrelated.routing_key(), &unrelated.to_bytes());
+    let mut answer = notification(&bob, &session, "materializing", json!({}));
+    answer.cause = Some("event-1".into());
+    let delivered = hub.deliver(&answer.routing_key(), &answer.to_bytes());
+    assert_eq!(delivered, 1, "the answer is also an ordinary status push");
+    assert_eq!(awaited.wait(Duration::from_secs(1)).await, Some(answer));
+    // Nobody waits any more: a second notification with that cause is only a push.
+    let never = hub.await_notification(&bob, "event-3");
+    assert_eq!(never.wait(Duration::from_millis(50)).await, None);
 
     world.finish().await;
     Ok(())
