@@ -6,7 +6,7 @@
 //! nothing new, a repeated `remove` of a removed workspace re-announces the removal.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,12 +18,17 @@ use protocol::{AgentKind, Outcome, Profile, Task};
 use serde::Deserialize;
 use serde_json::json;
 
+use uuid::Uuid;
+
+use crate::conditional::{self, Expected, Written};
 use crate::error::{Error, Result};
 use crate::events::{EventSink, Reply};
-use crate::fsops::{self, Confined, Ownership, Placed, Placement, Scan, StagedFile};
+use crate::fsops::{self, Confined, LocalFile, Ownership, Placed, Placement, Scan, StagedFile};
+use crate::inventory;
 use crate::keys::WorkspacePath;
 use crate::manifest::{self, Durability, FileEntry, FinalSync, Manifest, Phase};
 use crate::store::OpenedStore;
+use crate::tree::{self, Tree};
 
 /// Objects up to this size are fetched in one response and written in one blocking call.
 const WHOLE_OBJECT_BYTES: u64 = 4 * 1024 * 1024;
@@ -42,6 +47,10 @@ pub struct AgentSettings {
     pub final_sync_attempts: u32,
     pub final_sync_backoff_start: Duration,
     pub final_sync_backoff_max: Duration,
+    /// How often `workspace.inventory` lists this deployment's directories (and once at start).
+    pub inventory_interval: Duration,
+    /// At most this many directories per `workspace.inventory` event; more go in several events.
+    pub inventory_batch: usize,
 }
 
 impl AgentSettings {
@@ -51,6 +60,8 @@ impl AgentSettings {
             final_sync_attempts: 8,
             final_sync_backoff_start: Duration::from_millis(500),
             final_sync_backoff_max: Duration::from_secs(15),
+            inventory_interval: Duration::from_secs(60),
+            inventory_batch: 1000,
         }
     }
 }
@@ -86,6 +97,10 @@ pub struct SyncReport {
     pub unchanged: usize,
     pub bytes_uploaded: u64,
     pub skipped: Vec<(String, String)>,
+    /// Objects someone else changed meanwhile: both versions were kept.
+    pub conflicts: Vec<ConflictRecord>,
+    /// The directory doesn't exist (the session failed before materialize): nothing to save.
+    pub missing: bool,
 }
 
 /// Where one session's workspace lives and what it maps to.
@@ -103,6 +118,20 @@ struct Target {
     staging: PathBuf,
 }
 
+impl Target {
+    /// This workspace as another session of the same deployment holds it.
+    fn for_session(&self, session: &str, profile: &Profile) -> Target {
+        let deployment_root = profile.deployment_root();
+        Target {
+            session: session.to_owned(),
+            directory: profile.session_dir(session),
+            manifest_path: manifest::manifest_path(&deployment_root, session),
+            staging: manifest::staging_path(&deployment_root, session),
+            ..self.clone()
+        }
+    }
+}
+
 /// The agent: one per process, shared by every in-flight task.
 pub struct WorkspaceAgent {
     profile: Arc<Profile>,
@@ -116,7 +145,9 @@ pub struct WorkspaceAgent {
 
 /// Maps an error that could not be answered with an event to what happens to the message.
 pub fn error_policy(error: &Error) -> Outcome {
-    if error.is_transient() {
+    if error.is_unavailable() {
+        Outcome::RetryUnavailable
+    } else if error.is_transient() {
         Outcome::Retry
     } else {
         Outcome::DeadLetter(error.to_string())
@@ -227,6 +258,8 @@ impl WorkspaceAgent {
                 match self.materialize(&target, reply).await {
                     Ok(()) => Ok(()),
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
+                    // The store is down: not a failure of this workspace. The task waits and comes back.
+                    Err(error) if error.is_unavailable() => Err(error),
                     Err(error) => {
                         let stage = match &error {
                             Error::UnsafeNames(_) => "validate",
@@ -246,15 +279,20 @@ impl WorkspaceAgent {
                 let _guards = self.lock_workspace(&target).await;
                 let outcome = match kind {
                     SyncKind::Routine => self.sync_once(&target, kind, &mut BTreeSet::new()).await,
-                    SyncKind::Final => self.final_sync(&target, task).await,
+                    SyncKind::Final => self.final_sync(&target, task.id).await,
                 };
                 match outcome {
                     Ok(report) => {
+                        self.report_conflicts(reply, &report.conflicts, None).await?;
                         let skipped: Vec<_> = report.skipped.iter().map(|(path, reason)| json!({"path": path, "reason": reason})).collect();
-                        let data = json!({
+                        let mut data = json!({
                             "final": kind == SyncKind::Final, "uploaded": report.uploaded, "deleted": report.deleted,
                             "unchanged": report.unchanged, "bytes_uploaded": report.bytes_uploaded, "skipped": skipped,
+                            "conflicts": report.conflicts.len(),
                         });
+                        if report.missing {
+                            data["missing"] = json!(true);
+                        }
                         self.events.emit(reply.event("workspace.synced", data)).await
                     }
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
@@ -268,7 +306,7 @@ impl WorkspaceAgent {
             "remove" => {
                 let _guard = self.lock(format!("session:{session}")).await;
                 match self.remove(session).await {
-                    Ok(()) => self.events.emit(reply.event("workspace.removed", json!({}))).await,
+                    Ok(preserved) => self.events.emit(reply.event("workspace.removed", json!({"preserved": preserved}))).await,
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
                     Err(error) => {
                         tracing::warn!(session, %error, "remove refused");
@@ -287,7 +325,7 @@ impl WorkspaceAgent {
         let prefix_text = self.profile.workspace_prefix(user, workspace);
         let relative = ObjectPath::parse(&prefix_text).map_err(|error| Error::BadTask(format!("prefix {prefix_text:?}: {error}")))?;
         let prefix: ObjectPath = self.store.root.parts().chain(relative.parts()).collect();
-        let root = &self.profile.services.workspace_root;
+        let root = &self.profile.deployment_root();
         Ok(Target {
             session: session.to_owned(),
             user: user.to_owned(),
@@ -317,6 +355,120 @@ impl WorkspaceAgent {
         (session, prefix)
     }
 
+    /// The lock for `key` if nobody holds it right now.
+    fn try_lock(&self, key: String) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let mutex = {
+            let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            locks.retain(|_, mutex| Arc::strong_count(mutex) > 1);
+            locks.entry(key).or_default().clone()
+        };
+        mutex.try_lock_owned().ok()
+    }
+
+    /// Tells the session's thred about conflicts (both versions were kept).
+    async fn report_conflicts(&self, reply: &Reply, conflicts: &[ConflictRecord], from_session: Option<&str>) -> Result<()> {
+        if conflicts.is_empty() {
+            return Ok(());
+        }
+        let mut data = json!({"files": conflicts});
+        if let Some(session) = from_session {
+            data["from_session"] = json!(session);
+        }
+        self.events.emit(reply.event("workspace.conflict", data)).await
+    }
+
+    /// Final-syncs every other directory of this workspace in this deployment (a stranded session:
+    /// the agent or the engine lost track of it), so the store holds its work before a new session
+    /// is materialized from the store. A sibling that one of its own tasks holds is being handled.
+    async fn save_siblings(&self, target: &Target, reply: &Reply) -> Result<()> {
+        let root = self.profile.deployment_root();
+        let found = blocking(move || inventory::list(&root)).await?;
+        for sibling in found {
+            let Some(manifest) = &sibling.manifest else { continue };
+            let same_workspace = manifest.prefix == target.prefix_text
+                && manifest.user == target.user
+                && manifest.workspace == target.workspace
+                && (manifest.profile.is_empty() || manifest.profile == self.profile.name);
+            if sibling.session == target.session || manifest.phase == Phase::Removed || !same_workspace {
+                continue;
+            }
+            let Some(_sibling_guard) = self.try_lock(format!("session:{}", sibling.session)) else {
+                tracing::info!(session = %target.session, sibling = %sibling.session, "sibling directory busy with its own task; not saved here");
+                continue;
+            };
+            let sibling_target = target.for_session(&sibling.session, &self.profile);
+            match self.final_sync(&sibling_target, Uuid::now_v7()).await {
+                Ok(report) => {
+                    tracing::info!(
+                        session = %target.session, sibling = %sibling.session, uploaded = report.uploaded,
+                        conflicts = report.conflicts.len(), "saved a sibling directory before materializing"
+                    );
+                    self.report_conflicts(reply, &report.conflicts, Some(&sibling.session)).await?;
+                }
+                // The store is down or flaky: materializing now could hand out an older copy.
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => tracing::error!(
+                    session = %target.session, sibling = %sibling.session, %error,
+                    "could not save a sibling directory; it is kept and listed in the inventory"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// This deployment's session directories, as `workspace.inventory` lists them.
+    pub async fn inventory(&self) -> Result<Vec<serde_json::Value>> {
+        let root = self.profile.deployment_root();
+        let found = blocking(move || inventory::list(&root)).await?;
+        let mut directories = Vec::with_capacity(found.len());
+        for entry in found {
+            let confirmed = match &entry.manifest {
+                Some(manifest) if manifest.final_sync_confirmed() => {
+                    let directory = self.profile.session_dir(&entry.session);
+                    let manifest = manifest.clone();
+                    blocking(move || Ok(changes_since_final_sync(&manifest, &fsops::scan(&directory)?).is_none())).await.unwrap_or(false)
+                }
+                _ => false,
+            };
+            let manifest = entry.manifest.as_ref();
+            directories.push(json!({
+                "session": entry.session,
+                "user": manifest.map(|manifest| manifest.user.clone()),
+                "workspace": manifest.map(|manifest| manifest.workspace.clone()),
+                "profile": manifest.map(|manifest| manifest.profile.clone()).filter(|profile| !profile.is_empty()),
+                "modified": entry.modified.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "confirmed": confirmed,
+            }));
+        }
+        Ok(directories)
+    }
+
+    /// Publishes `workspace.inventory` (no subject), in events of at most `inventory_batch`
+    /// directories; one event with an empty list when there are none. Returns the count.
+    pub async fn publish_inventory(&self) -> Result<usize> {
+        let directories = self.inventory().await?;
+        let batch = self.settings.inventory_batch.max(1);
+        let chunks: Vec<&[serde_json::Value]> = if directories.is_empty() { vec![&[]] } else { directories.chunks(batch).collect() };
+        for chunk in chunks {
+            let event = protocol::CloudEvent::new("workspace.inventory", crate::events::EVENT_SOURCE, None, json!({"directories": chunk}));
+            self.events.emit(event).await?;
+        }
+        Ok(directories.len())
+    }
+
+    /// Publishes the inventory now and then every `inventory_interval`, until dropped.
+    pub async fn inventory_loop(&self) {
+        let mut interval = tokio::time::interval(self.settings.inventory_interval.max(Duration::from_secs(1)));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            match self.publish_inventory().await {
+                Ok(count) => tracing::debug!(directories = count, "inventory published"),
+                Err(error) => tracing::warn!(%error, "inventory not published"),
+            }
+        }
+    }
+
     async fn load_manifest(&self, target: &Target) -> Result<Option<Manifest>> {
         let manifest = manifest::load(target.manifest_path.clone()).await?;
         if let Some(existing) = &manifest {
@@ -342,8 +494,12 @@ impl WorkspaceAgent {
                 return self.events.emit(reply.event("workspace.complete", json!({"files": files, "bytes": bytes}))).await;
             }
             Some(existing) if existing.phase != Phase::Removed => existing,
-            _ => Manifest::new(&target.session, &target.user, &target.workspace, &target.prefix_text),
+            _ => Manifest::new(&target.session, &target.user, &target.workspace, &self.profile.name, &target.prefix_text),
         };
+        manifest.profile.clone_from(&self.profile.name);
+        // A sibling directory of this workspace (a stranded session) may hold newer work than the
+        // store: save it first, so this session starts from the newest copy, never an older one.
+        self.save_siblings(target, reply).await?;
         // If large files were already streaming, the container may be running: keep the user's files.
         let early_placement = if manifest.phase == Phase::Streaming { Placement::KeepExisting } else { Placement::ReplaceExisting };
         manifest.final_sync = None;
@@ -354,8 +510,11 @@ impl WorkspaceAgent {
         })?;
         let mut wanted = Vec::with_capacity(listing.len());
         let mut refused = Vec::new();
+        let mut sidecar_listed = false;
         for meta in listing {
             match WorkspacePath::from_key(&meta.location, &target.prefix) {
+                // Berth's own metadata, never a workspace file.
+                Ok(path) if tree::is_reserved(path.as_str()) => sidecar_listed |= path.as_str() == tree::SIDECAR_PATH,
                 Ok(path) => wanted.push((path, meta)),
                 Err(reason) => refused.push(reason),
             }
@@ -364,6 +523,13 @@ impl WorkspaceAgent {
             // Nothing is written: a workspace with a hostile key is reported, not half-built.
             return Err(Error::UnsafeNames(refused.join("; ")));
         }
+        let (remote_tree, tree_meta) = match sidecar_listed {
+            true => match self.read_tree(&target.prefix).await? {
+                Some((remote_tree, meta)) => (remote_tree, Some(meta)),
+                None => (Tree::default(), None),
+            },
+            false => (Tree::default(), None),
+        };
         let total_bytes: u64 = wanted.iter().map(|(_, meta)| meta.size).sum();
         let quota = self.profile.workspace.quota_mib * 1024 * 1024;
         if total_bytes > quota {
@@ -375,10 +541,15 @@ impl WorkspaceAgent {
         let directory = target.directory.clone();
         let staging = target.staging.clone();
         let owner = self.ownership;
-        let parents: BTreeSet<WorkspacePath> = wanted
+        let mut parents: BTreeSet<WorkspacePath> = wanted
             .iter()
             .filter_map(|(path, _)| path.as_str().rsplit_once('/').and_then(|(parent, _)| WorkspacePath::parse(parent).ok()))
             .collect();
+        let folders: Vec<WorkspacePath> = remote_tree.directories.keys().filter_map(|path| WorkspacePath::parse(path).ok()).collect();
+        parents.extend(folders);
+        let links: Vec<(WorkspacePath, String)> =
+            remote_tree.links.iter().filter_map(|(path, link_target)| Some((WorkspacePath::parse(path).ok()?, link_target.clone()))).collect();
+        let link_placement = early_placement;
         let confined = Arc::new(
             blocking(move || {
                 std::fs::create_dir_all(&directory).map_err(|source| Error::io("creating workspace", &directory, source))?;
@@ -393,6 +564,12 @@ impl WorkspaceAgent {
                 }
                 for folder in &parents {
                     confined.create_folder(folder, owner)?;
+                }
+                // Links hold their target text verbatim; created inside the opened parent, never followed.
+                for (path, link_target) in &links {
+                    if confined.create_symlink(path, link_target, link_placement, owner)? == Placed::KeptExisting {
+                        tracing::info!(path = %path, "kept the user's own entry where the store has a symlink");
+                    }
                 }
                 Ok(confined)
             })
@@ -445,6 +622,7 @@ impl WorkspaceAgent {
             manifest,
             progress,
             early_placement,
+            tree: remote_tree.clone(),
             announced: false,
             pending_large_files,
             pending_large_bytes,
@@ -452,8 +630,24 @@ impl WorkspaceAgent {
         let outcome = self.fetch_all(&mut pipeline, work).await;
         let Pipeline { mut manifest, progress, .. } = pipeline;
         manifest = self.checkpoint(target, manifest, outcome).await?;
+        // Folder modes last: a read-only folder must not stop its own files from arriving.
+        let folder_modes: Vec<(WorkspacePath, u32)> =
+            remote_tree.directories.iter().filter_map(|(path, mode)| Some((WorkspacePath::parse(path).ok()?, mode.0))).collect();
+        let moded = confined.clone();
+        blocking(move || {
+            for (folder, mode) in &folder_modes {
+                if let Err(error) = moded.set_folder_mode(folder, *mode) {
+                    tracing::warn!(path = %folder, %error, "folder mode not applied");
+                }
+            }
+            Ok(())
+        })
+        .await?;
         manifest.phase = Phase::Complete;
         manifest.final_sync = None;
+        manifest.tree = remote_tree;
+        manifest.tree_e_tag = tree_meta.as_ref().and_then(|meta| meta.e_tag.clone());
+        manifest.tree_version = tree_meta.and_then(|meta| meta.version);
         let manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
         self.events.emit(reply.event("workspace.progress", progress.data())).await?;
         let data = json!({"files": manifest.files.len(), "bytes": manifest.total_bytes()});
@@ -478,6 +672,7 @@ impl WorkspaceAgent {
             self.announce(pipeline).await?;
         }
         let early_placement = pipeline.early_placement;
+        let tree = Arc::new(pipeline.tree.clone());
         let confined = pipeline.confined.clone();
         let staging = pipeline.target.staging.clone();
         // One pool of `parallelism` lanes. Whenever a lane frees up it takes the next large file if
@@ -505,8 +700,10 @@ impl WorkspaceAgent {
                 let confined = confined.clone();
                 let staging = staging.clone();
                 let large_running = large_running.clone();
+                let tree = tree.clone();
                 async move {
-                    let fetched = self.fetch(&staging, &confined, &path, &meta, class, early_placement).await;
+                    let mode = tree.file_mode(path.as_str());
+                    let fetched = self.fetch(&staging, &confined, &path, &meta, class, early_placement, mode).await;
                     if class == FileClass::Large {
                         large_running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     }
@@ -583,7 +780,8 @@ impl WorkspaceAgent {
     /// Links a downloaded large file into the (possibly running) workspace, never over a user's file.
     async fn place_large(&self, pipeline: &mut Pipeline<'_>, path: &WorkspacePath, staged: StagedObject) -> Result<()> {
         let size = staged.content.size;
-        let entry = self.place(pipeline.confined, path, staged, Placement::KeepExisting).await?;
+        let mode = pipeline.tree.file_mode(path.as_str());
+        let entry = self.place(pipeline.confined, path, staged, Placement::KeepExisting, mode).await?;
         self.record(pipeline, path, size, entry);
         pipeline.progress.last_sent = Instant::now();
         // Each large file is worth remembering at once: a restart won't fetch it again.
@@ -592,22 +790,23 @@ impl WorkspaceAgent {
     }
 
     /// Downloads one object; small ones are placed at once, large ones stay staged.
-    async fn fetch(&self, staging: &std::path::Path, confined: &Arc<Confined>, path: &WorkspacePath, meta: &ObjectMeta, class: FileClass, placement: Placement) -> Result<Fetched> {
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(&self, staging: &Path, confined: &Arc<Confined>, path: &WorkspacePath, meta: &ObjectMeta, class: FileClass, placement: Placement, mode: u32) -> Result<Fetched> {
         let staged = self.fetch_to_staging(staging, path, meta).await?;
         match class {
-            FileClass::Small => Ok(Fetched::Placed(self.place(confined, path, staged, placement).await?)),
+            FileClass::Small => Ok(Fetched::Placed(self.place(confined, path, staged, placement, mode).await?)),
             FileClass::Large => Ok(Fetched::Staged(staged)),
         }
     }
 
     /// Links a staged file into place. `None` when the user's own file at that path was kept.
-    async fn place(&self, confined: &Arc<Confined>, path: &WorkspacePath, staged: StagedObject, placement: Placement) -> Result<Option<FileEntry>> {
+    async fn place(&self, confined: &Arc<Confined>, path: &WorkspacePath, staged: StagedObject, placement: Placement, mode: u32) -> Result<Option<FileEntry>> {
         let confined = confined.clone();
         let placed_path = path.clone();
         let staged_path = staged.content.path.clone();
         let owner = self.ownership;
         let placed = blocking(move || {
-            let placed = confined.place(&staged_path, &placed_path, placement, owner);
+            let placed = confined.place(&staged_path, &placed_path, placement, owner, mode);
             if placed.is_err() {
                 let _ = std::fs::remove_file(&staged_path);
             }
@@ -727,8 +926,13 @@ impl WorkspaceAgent {
 
     // ----- sync ----------------------------------------------------------------------------------
 
-    /// Retries with backoff until every object is confirmed, or reports why not.
-    async fn final_sync(&self, target: &Target, task: &Task) -> Result<SyncReport> {
+    /// Retries with backoff until every object is confirmed, or reports why not. A directory that
+    /// doesn't exist (the session failed before materialize) has nothing to save: `missing`.
+    async fn final_sync(&self, target: &Target, task_id: Uuid) -> Result<SyncReport> {
+        if tokio::fs::symlink_metadata(&target.directory).await.is_err() {
+            tracing::info!(session = %target.session, "final sync of a directory that doesn't exist: nothing to save");
+            return Ok(SyncReport { missing: true, ..SyncReport::default() });
+        }
         let mut deleted_keys = BTreeSet::new();
         let mut total = SyncReport::default();
         let mut backoff = self.settings.final_sync_backoff_start;
@@ -742,15 +946,15 @@ impl WorkspaceAgent {
                     total.bytes_uploaded += report.bytes_uploaded;
                     total.unchanged = report.unchanged;
                     total.skipped = report.skipped;
+                    total.conflicts.extend(report.conflicts);
                     self.confirm(target, &deleted_keys).await
                 }
                 Err(error) => Err(error),
             };
             let error = match outcome {
                 Ok(()) => {
-                    self.record_final_sync(target, task, true).await?;
-                    tracing::info!(session = %target.session, attempt, uploaded = total.uploaded, "final sync confirmed");
-                    // Files uploaded by an earlier attempt and confirmed now were not "unchanged".
+                    self.record_final_sync(target, task_id, true).await?;
+                    tracing::info!(session = %target.session, attempt, uploaded = total.uploaded, conflicts = total.conflicts.len(), "final sync confirmed");
                     return Ok(total);
                 }
                 Err(error) => error,
@@ -763,27 +967,36 @@ impl WorkspaceAgent {
             backoff = (backoff * 2).min(self.settings.final_sync_backoff_max);
         };
         // Can't even record the failure? The manifest keeps the previous state, which is not confirmed either.
-        if let Err(error) = self.record_final_sync(target, task, false).await {
+        if let Err(error) = self.record_final_sync(target, task_id, false).await {
             tracing::error!(session = %target.session, %error, "could not record the failed final sync");
         }
         tracing::error!(session = %target.session, attempts = attempt, error = %last_error, "final sync failed; workspace kept");
         Err(last_error)
     }
 
-    async fn record_final_sync(&self, target: &Target, task: &Task, confirmed: bool) -> Result<()> {
+    async fn record_final_sync(&self, target: &Target, task_id: Uuid, confirmed: bool) -> Result<()> {
         let Some(mut manifest) = self.load_manifest(target).await? else { return Ok(()) };
-        manifest.final_sync = Some(FinalSync { task: task.id, confirmed, at: chrono::Utc::now() });
+        manifest.final_sync = Some(FinalSync { task: task_id, confirmed, at: chrono::Utc::now() });
         manifest::save(target.manifest_path.clone(), manifest, Durability::Flushed).await.map(drop)
     }
 
-    /// Uploads what changed since the manifest and deletes what was removed.
+    /// Uploads what changed since the manifest and deletes what was removed, never replacing an
+    /// object version this session did not see (see `conditional`); a version someone else wrote
+    /// meanwhile is kept and the local one becomes a conflict copy next to it.
     async fn sync_once(&self, target: &Target, kind: SyncKind, deleted_keys: &mut BTreeSet<String>) -> Result<SyncReport> {
-        let Some(mut manifest) = self.load_manifest(target).await? else {
-            return Err(Error::BadTask(format!("session {} was never materialized here", target.session)));
+        let directory_exists = tokio::fs::symlink_metadata(&target.directory).await.is_ok();
+        let loaded = self.load_manifest(target).await?;
+        let manifest_is_new = loaded.is_none();
+        let mut manifest = match loaded {
+            Some(manifest) if manifest.phase == Phase::Removed => {
+                return Err(Error::BadTask(format!("the workspace of session {} was already removed", target.session)));
+            }
+            Some(manifest) => manifest,
+            // A directory without a manifest (the agent died before saving the first one): every
+            // file in it is new; identical objects are adopted, different ones kept as conflicts.
+            None if directory_exists => Manifest::new(&target.session, &target.user, &target.workspace, &self.profile.name, &target.prefix_text),
+            None => return Err(Error::BadTask(format!("session {} was never materialized here", target.session))),
         };
-        if manifest.phase == Phase::Removed {
-            return Err(Error::BadTask(format!("the workspace of session {} was already removed", target.session)));
-        }
         let directory = target.directory.clone();
         let (confined, scan) = blocking(move || {
             let confined = Confined::open(&directory)?;
@@ -791,7 +1004,7 @@ impl WorkspaceAgent {
             Ok((Arc::new(confined), scan))
         })
         .await?;
-        let Scan { files, skipped } = scan;
+        let Scan { files, tree: local_tree, unsyncable, .. } = scan;
         let local_bytes: u64 = files.iter().map(|file| file.size).sum();
         let quota = self.profile.workspace.quota_mib * 1024 * 1024;
         if local_bytes > quota {
@@ -844,14 +1057,17 @@ impl WorkspaceAgent {
             }
         }
         let local_paths: BTreeSet<&str> = files.iter().map(|file| file.path.as_str()).collect();
+        // Only what the manifest says was here and is gone now: an object never downloaded (an
+        // interrupted materialize) is not in the manifest, so it is never deleted.
         let removed: Vec<String> = manifest.files.keys().filter(|path| !local_paths.contains(path.as_str())).cloned().collect();
 
-        let mut report = SyncReport { unchanged, skipped: skipped.into_iter().map(|skip| (skip.path, skip.reason)).collect(), ..SyncReport::default() };
+        let mut report = SyncReport { unchanged, skipped: unsyncable.iter().map(|entry| (entry.path.clone(), entry.reason.clone())).collect(), ..SyncReport::default() };
         let uploads: Vec<_> = futures::stream::iter(to_upload)
             .map(|file| {
                 let confined = confined.clone();
+                let expected = expected_version(manifest.files.get(file.path.as_str()));
                 async move {
-                    let uploaded = self.upload(target, &confined, &file.path).await;
+                    let uploaded = self.upload(target, &confined, &file.path, &expected).await;
                     (file, uploaded)
                 }
             })
@@ -859,13 +1075,16 @@ impl WorkspaceAgent {
             .collect()
             .await;
         let mut first_error = None;
+        let mut conflicted = Vec::new();
+        let mut changed_manifest = false;
         for (file, uploaded) in uploads {
             match uploaded {
-                Ok(entry) => {
+                Ok(Uploaded::Done(entry)) => {
                     report.uploaded += 1;
                     report.bytes_uploaded += entry.size;
                     manifest.files.insert(file.path.as_str().to_owned(), entry);
                 }
+                Ok(Uploaded::Conflict) => conflicted.push(file),
                 Err(Error::UnsafeNames(reason)) => report.skipped.push((file.path.to_string(), reason)),
                 Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
                 Err(error) => {
@@ -874,26 +1093,68 @@ impl WorkspaceAgent {
                 }
             }
         }
+        for file in conflicted {
+            if first_error.is_some() {
+                break;
+            }
+            changed_manifest = true;
+            match self.resolve_conflict(target, &confined, &file, &mut manifest).await {
+                Ok(Some(conflict)) => {
+                    tracing::warn!(session = %target.session, path = %conflict.path, copy = ?conflict.conflict_copy, reason = %conflict.reason, "conflict: both versions kept");
+                    if conflict.conflict_copy.is_some() || conflict.reason.starts_with("deleted") {
+                        report.uploaded += 1;
+                    }
+                    report.conflicts.push(conflict);
+                }
+                Ok(None) => report.unchanged += 1,
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
         if first_error.is_none() {
             for path in removed {
                 let relative = WorkspacePath::parse(&path).map_err(|reason| Error::Manifest { path: target.manifest_path.clone(), reason })?;
                 let key = relative.to_key(&target.prefix);
-                match self.store.store.delete(&key).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                let expected = expected_version(manifest.files.get(&path));
+                match conditional::delete(self.store.store.as_ref(), &key, &expected).await {
+                    Ok(true) => {
                         manifest.files.remove(&path);
                         deleted_keys.insert(key.to_string());
                         report.deleted += 1;
                     }
+                    Ok(false) => {
+                        // Someone else wrote it after this session saw it: theirs stays, and comes back here.
+                        changed_manifest = true;
+                        manifest.files.remove(&path);
+                        match self.restore(target, &confined, &relative, &manifest.tree, &mut manifest.files).await {
+                            Ok(()) => report.conflicts.push(ConflictRecord {
+                                path: path.clone(),
+                                conflict_copy: None,
+                                reason: "changed in the store by another writer after it was deleted here: the store's version was kept and restored".to_owned(),
+                            }),
+                            Err(error) => {
+                                first_error = Some(error);
+                                break;
+                            }
+                        }
+                    }
                     Err(error) => {
-                        first_error = Some(Error::Store(error));
+                        first_error = Some(error);
                         break;
                     }
                 }
             }
         }
+        if first_error.is_none() && local_tree != manifest.tree {
+            match self.write_tree(target, &mut manifest, local_tree).await {
+                Ok(()) => changed_manifest = true,
+                Err(error) => first_error = Some(error),
+            }
+        }
         // Whatever got through is recorded, so a retry does not redo it; an autosave that found
         // nothing to do writes nothing.
-        if report.uploaded > 0 || report.deleted > 0 || refreshed_entries > 0 {
+        if report.uploaded > 0 || report.deleted > 0 || refreshed_entries > 0 || changed_manifest || manifest_is_new {
             manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
         }
         if let Some(error) = first_error {
@@ -901,13 +1162,169 @@ impl WorkspaceAgent {
         }
         tracing::info!(
             session = %target.session, final_sync = kind == SyncKind::Final, uploaded = report.uploaded,
-            deleted = report.deleted, unchanged = report.unchanged, bytes = report.bytes_uploaded, "workspace synced"
+            deleted = report.deleted, unchanged = report.unchanged, bytes = report.bytes_uploaded,
+            conflicts = report.conflicts.len(), "workspace synced"
         );
         Ok(report)
     }
 
-    /// Reads one file safely and uploads it (in parts when large).
-    async fn upload(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath) -> Result<FileEntry> {
+    /// Someone else wrote (or deleted) the object at `file.path` since this session saw it.
+    /// Identical content is simply adopted; otherwise the store's version is downloaded into the
+    /// file's place and the local content is kept next to it as a conflict copy, locally and in
+    /// the store. `None`: no conflict after all.
+    async fn resolve_conflict(&self, target: &Target, confined: &Arc<Confined>, file: &LocalFile, manifest: &mut Manifest) -> Result<Option<ConflictRecord>> {
+        let path = &file.path;
+        let key = path.to_key(&target.prefix);
+        for _ in 0..3 {
+            let Some(meta) = conditional::head(self.store.store.as_ref(), &key).await? else {
+                // Deleted in the store meanwhile: this session's version goes up again.
+                match self.upload(target, confined, path, &Expected::Absent).await? {
+                    Uploaded::Done(entry) => {
+                        manifest.files.insert(path.as_str().to_owned(), entry);
+                        return Ok(Some(ConflictRecord {
+                            path: path.to_string(),
+                            conflict_copy: None,
+                            reason: "deleted in the store by another writer: this session's version was uploaded again".to_owned(),
+                        }));
+                    }
+                    Uploaded::Conflict => continue,
+                }
+            };
+            let staged = self.fetch_to_staging(&target.staging, path, &meta).await?;
+            let hashed_confined = confined.clone();
+            let hashed_path = path.clone();
+            let local = blocking(move || {
+                let (handle, metadata) = hashed_confined.open_file(&hashed_path)?;
+                Ok((fsops::hash_file(handle)?, metadata.len(), fsops::mtime_ns(&metadata)))
+            })
+            .await;
+            let (local_hash, local_size, local_mtime_ns) = match local {
+                Ok(found) => found,
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    // Deleted here meanwhile: the store's version takes its place, nothing to keep twice.
+                    let _ = tokio::fs::remove_file(&staged.content.path).await;
+                    return Ok(None);
+                }
+                Err(error) => {
+                    let _ = tokio::fs::remove_file(&staged.content.path).await;
+                    return Err(error);
+                }
+            };
+            if local_hash == staged.content.sha256 {
+                let _ = tokio::fs::remove_file(&staged.content.path).await;
+                let entry = FileEntry { size: local_size, mtime_ns: local_mtime_ns, sha256: local_hash, e_tag: staged.e_tag, version: staged.version };
+                manifest.files.insert(path.as_str().to_owned(), entry);
+                return Ok(None);
+            }
+            let copy = match self.move_aside(target, confined, path).await {
+                Ok(copy) => copy,
+                Err(error) => {
+                    let _ = tokio::fs::remove_file(&staged.content.path).await;
+                    return Err(error);
+                }
+            };
+            match self.place(confined, path, staged, Placement::KeepExisting, file.mode).await? {
+                Some(entry) => manifest.files.insert(path.as_str().to_owned(), entry),
+                // The user created the file again meanwhile: the next sync sees it as new.
+                None => manifest.files.remove(path.as_str()),
+            };
+            match self.upload(target, confined, &copy, &Expected::Absent).await {
+                Ok(Uploaded::Done(entry)) => {
+                    manifest.files.insert(copy.as_str().to_owned(), entry);
+                }
+                // Not in the manifest: the next sync uploads it as a new file.
+                Ok(Uploaded::Conflict) => {}
+                Err(error) => tracing::warn!(session = %target.session, path = %copy, %error, "conflict copy kept locally; upload on the next sync"),
+            }
+            return Ok(Some(ConflictRecord {
+                path: path.to_string(),
+                conflict_copy: Some(copy.to_string()),
+                reason: "changed in the store by another writer since this session saw it: the store's version is at the path, this session's is the conflict copy".to_owned(),
+            }));
+        }
+        Err(Error::Unconfirmed(format!("{path}: the object kept changing while resolving a conflict")))
+    }
+
+    /// Renames a local file to a free conflict-copy name next to it.
+    async fn move_aside(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath) -> Result<WorkspacePath> {
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+        for attempt in 0..20 {
+            let copy = conflict_copy_path(path, &target.session, &stamp, attempt).map_err(Error::UnsafeNames)?;
+            let moved_confined = confined.clone();
+            let (from, to) = (path.clone(), copy.clone());
+            if blocking(move || moved_confined.rename_aside(&from, &to)).await? {
+                return Ok(copy);
+            }
+        }
+        Err(Error::Unconfirmed(format!("{path}: no free conflict-copy name")))
+    }
+
+    /// Downloads the store's version of `path` into its place (never over a file the user made).
+    async fn restore(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath, tree: &Tree, files: &mut BTreeMap<String, FileEntry>) -> Result<()> {
+        let key = path.to_key(&target.prefix);
+        let Some(meta) = conditional::head(self.store.store.as_ref(), &key).await? else { return Ok(()) };
+        let staged = self.fetch_to_staging(&target.staging, path, &meta).await?;
+        if let Some(entry) = self.place(confined, path, staged, Placement::KeepExisting, tree.file_mode(path.as_str())).await? {
+            files.insert(path.as_str().to_owned(), entry);
+        }
+        Ok(())
+    }
+
+    /// Writes the sidecar conditionally; when another writer replaced it meanwhile, this
+    /// session's changes (against what it last agreed with the store) go on top of theirs.
+    async fn write_tree(&self, target: &Target, manifest: &mut Manifest, local: Tree) -> Result<()> {
+        let key = sidecar_key(&target.prefix);
+        let mut expected = match (&manifest.tree_e_tag, &manifest.tree_version) {
+            (None, None) => Expected::Absent,
+            (e_tag, version) => Expected::Version { e_tag: e_tag.clone(), version: version.clone() },
+        };
+        let mut wanted = local.clone();
+        for _ in 0..5 {
+            let payload = PutPayload::from(wanted.to_sidecar_bytes());
+            match conditional::put(self.store.store.as_ref(), &key, payload, &expected).await? {
+                Written::Done(result) => {
+                    // The base for the next merge is this session's own view, not the merge.
+                    manifest.tree = local;
+                    manifest.tree_e_tag = result.e_tag;
+                    manifest.tree_version = result.version;
+                    return Ok(());
+                }
+                Written::Conflict => {
+                    let (remote, meta) = match self.read_tree(&target.prefix).await? {
+                        Some((remote, meta)) => (remote, Some(meta)),
+                        None => (Tree::default(), None),
+                    };
+                    expected = match meta {
+                        Some(meta) => Expected::Version { e_tag: meta.e_tag, version: meta.version },
+                        None => Expected::Absent,
+                    };
+                    wanted = Tree::merged(&manifest.tree, &local, &remote);
+                    tracing::info!(session = %target.session, "tree metadata changed in the store meanwhile; merged");
+                }
+            }
+        }
+        Err(Error::Unconfirmed(format!("{key}: kept changing while merging")))
+    }
+
+    /// The sidecar and its metadata, `None` when the workspace has none. A sidecar that can't be
+    /// read as one is treated as absent (and replaced by the next write), with a warning.
+    async fn read_tree(&self, prefix: &ObjectPath) -> Result<Option<(Tree, ObjectMeta)>> {
+        let key = sidecar_key(prefix);
+        let result = match self.store.store.get(&key).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        let meta = result.meta.clone();
+        let bytes = result.bytes().await?;
+        match Tree::from_sidecar_bytes(&bytes) {
+            Ok(tree) => Ok(Some((tree, meta))),
+            Err(reason) => Err(Error::UnsafeNames(reason)),
+        }
+    }
+
+    /// Reads one file safely and uploads it (in parts when large), only over the `expected` version.
+    async fn upload(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath, expected: &Expected) -> Result<Uploaded> {
         let key = path.to_key(&target.prefix);
         let opener = confined.clone();
         let opened_path = path.clone();
@@ -917,10 +1334,18 @@ impl WorkspaceAgent {
         if size <= MULTIPART_BYTES {
             let (content, sha256) = blocking(move || fsops::read_and_hash(file, size)).await?;
             let read_size = content.len() as u64;
-            let result = self.store.store.put(&key, PutPayload::from(content)).await?;
+            let result = match conditional::put(self.store.store.as_ref(), &key, PutPayload::from(content), expected).await? {
+                Written::Done(result) => result,
+                Written::Conflict => return Ok(Uploaded::Conflict),
+            };
             // A file that changed while we read it gets an mtime that forces a recheck next time.
             let mtime_ns = if read_size == size { mtime_ns } else { 0 };
-            return Ok(FileEntry { size: read_size, mtime_ns, sha256, e_tag: result.e_tag, version: result.version });
+            return Ok(Uploaded::Done(FileEntry { size: read_size, mtime_ns, sha256, e_tag: result.e_tag, version: result.version }));
+        }
+        // `object_store` can't make a multipart upload conditional: check before it starts (no
+        // wasted upload) and again right before it is completed.
+        if !expected.matches(conditional::head(self.store.store.as_ref(), &key).await?.as_ref()) {
+            return Ok(Uploaded::Conflict);
         }
         let upload = self.store.store.put_multipart(&key).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_CHUNK_BYTES);
@@ -965,15 +1390,31 @@ impl WorkspaceAgent {
             }
             reader = Some((file, hasher));
         };
+        if let Err(error) = writer.wait_for_capacity(0).await {
+            return Err(Error::Store(error));
+        }
+        let current = match conditional::head(self.store.store.as_ref(), &key).await {
+            Ok(current) => current,
+            Err(error) => {
+                let _ = writer.abort().await;
+                return Err(error);
+            }
+        };
+        if !expected.matches(current.as_ref()) {
+            let _ = writer.abort().await;
+            return Ok(Uploaded::Conflict);
+        }
         let result = writer.finish().await?;
         use sha2::Digest;
         let sha256 = fsops::hex(&finished.finalize());
         let mtime_ns = if read_size == size { mtime_ns } else { 0 };
-        Ok(FileEntry { size: read_size, mtime_ns, sha256, e_tag: result.e_tag, version: result.version })
+        Ok(Uploaded::Done(FileEntry { size: read_size, mtime_ns, sha256, e_tag: result.e_tag, version: result.version }))
     }
 
     /// Lists the prefix and checks every manifest entry against it: present, same size, same ETag;
-    /// and every deleted key gone. Mismatches leave the manifest so the next attempt re-uploads.
+    /// the sidecar as last written; and every deleted key gone. Mismatches leave the manifest so
+    /// the next attempt writes them again (conditionally: a version someone else wrote meanwhile
+    /// becomes a conflict, never an overwrite).
     async fn confirm(&self, target: &Target, deleted_keys: &BTreeSet<String>) -> Result<()> {
         let listing: Vec<ObjectMeta> = self.store.store.list(Some(&target.prefix)).try_collect().await?;
         let remote: BTreeMap<String, ObjectMeta> = listing.into_iter().map(|meta| (meta.location.to_string(), meta)).collect();
@@ -992,6 +1433,20 @@ impl WorkspaceAgent {
             }
             matches
         });
+        let sidecar = sidecar_key(&target.prefix).to_string();
+        let sidecar_matches = match (&manifest.tree_e_tag, remote.get(&sidecar)) {
+            (None, None) => manifest.tree.is_empty(),
+            (None, Some(_)) => manifest.tree.is_empty(),
+            (Some(_), None) => false,
+            (Some(e_tag), Some(meta)) => meta.e_tag.is_none() || meta.e_tag.as_ref() == Some(e_tag),
+        };
+        if !sidecar_matches {
+            problems.push(format!("{}: not as written", tree::SIDECAR_PATH));
+            // Forget the base: the next attempt merges everything local into whatever is there.
+            manifest.tree = Tree::default();
+            manifest.tree_e_tag = None;
+            manifest.tree_version = None;
+        }
         for key in deleted_keys {
             if remote.contains_key(key) {
                 problems.push(format!("{key}: still present after delete"));
@@ -1007,17 +1462,29 @@ impl WorkspaceAgent {
 
     // ----- remove --------------------------------------------------------------------------------
 
-    async fn remove(&self, session: &str) -> Result<()> {
-        let root = self.profile.services.workspace_root.clone();
+    /// Deletes the directory after a confirmed final sync that covers it. What can't be stored is
+    /// moved to the preserved area first: afterwards every entry of the directory is either
+    /// confirmed in the store or preserved. Returns the preserved paths (lossy UTF-8).
+    async fn remove(&self, session: &str) -> Result<Vec<String>> {
+        let deployment_root = self.profile.deployment_root();
         let directory = self.profile.session_dir(session);
-        let manifest_path = manifest::manifest_path(&root, session);
-        let staging = manifest::staging_path(&root, session);
+        let manifest_path = manifest::manifest_path(&deployment_root, session);
+        let staging = manifest::staging_path(&deployment_root, session);
+        let preserved_root = manifest::preserved_path(&deployment_root, session);
         let manifest = manifest::load(manifest_path.clone()).await?;
         let directory_exists = tokio::fs::symlink_metadata(&directory).await.is_ok();
         let mut manifest = match manifest {
-            Some(manifest) if manifest.phase == Phase::Removed && !directory_exists => return Ok(()),
+            Some(manifest) if !directory_exists => {
+                if manifest.phase != Phase::Removed {
+                    let mut manifest = manifest;
+                    manifest.phase = Phase::Removed;
+                    manifest.files.clear();
+                    manifest::save(manifest_path, manifest, Durability::Flushed).await?;
+                }
+                return Ok(Vec::new());
+            }
             Some(manifest) => manifest,
-            None if !directory_exists => return Ok(()),
+            None if !directory_exists => return Ok(Vec::new()),
             None => return Err(Error::RemoveRefused(format!("{} has no manifest, so no final sync ever covered it", directory.display()))),
         };
         if !manifest.final_sync_confirmed() {
@@ -1025,33 +1492,112 @@ impl WorkspaceAgent {
         }
         let scanned_directory = directory.clone();
         let scan = blocking(move || fsops::scan(&scanned_directory)).await?;
-        let changed = scan
-            .files
-            .iter()
-            .filter(|file| !manifest.files.get(file.path.as_str()).is_some_and(|entry| entry.size == file.size && entry.mtime_ns == file.mtime_ns))
-            .count();
-        let local_paths: BTreeSet<&str> = scan.files.iter().map(|file| file.path.as_str()).collect();
-        let missing = manifest.files.keys().filter(|path| !local_paths.contains(path.as_str())).count();
-        if changed > 0 || missing > 0 {
-            return Err(Error::RemoveRefused(format!(
-                "{changed} file(s) changed or added and {missing} removed since the final sync; sync again first"
-            )));
+        if let Some(changes) = changes_since_final_sync(&manifest, &scan) {
+            return Err(Error::RemoveRefused(format!("{changes} since the final sync; sync again first")));
         }
-        blocking(move || {
+        let unsyncable = scan.unsyncable;
+        let session_text = session.to_owned();
+        let preserved = blocking(move || {
+            let confined = Confined::open(&directory)?;
+            let mut preserved = Vec::new();
+            for entry in &unsyncable {
+                let mut destination = preserved_root.clone();
+                if let Some(parent) = &entry.parent {
+                    destination = parent.under(&destination);
+                }
+                std::fs::create_dir_all(&destination).map_err(|source| Error::io("creating preserved folder", &destination, source))?;
+                let destination = destination.join(&entry.name);
+                if std::fs::symlink_metadata(&destination).is_ok() {
+                    // Kept by an earlier, interrupted remove: keep both.
+                    let mut renamed = destination.clone().into_os_string();
+                    renamed.push(format!(".{}", Uuid::new_v4().simple()));
+                    confined.move_out(entry.parent.as_ref(), &entry.name, Path::new(&renamed))?;
+                } else {
+                    confined.move_out(entry.parent.as_ref(), &entry.name, &destination)?;
+                }
+                tracing::warn!(session = %session_text, path = %entry.path, reason = %entry.reason, to = %destination.display(), "kept in the preserved area: it can't be stored");
+                preserved.push(entry.path.clone());
+            }
+            // Everything left was confirmed in the store; make sure the walk saw it all.
+            let rest = fsops::scan(&directory)?;
+            if !rest.unsyncable.is_empty() {
+                return Err(Error::RemoveRefused(format!("{} entries appeared that can't be stored; sync again first", rest.unsyncable.len())));
+            }
             std::fs::remove_dir_all(&directory).map_err(|source| Error::io("removing workspace", &directory, source))?;
             match std::fs::remove_dir_all(&staging) {
-                Ok(()) => Ok(()),
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(source) => Err(Error::io("removing staging folder", &staging, source)),
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(Error::io("removing staging folder", &staging, source)),
             }
+            Ok(preserved)
         })
         .await?;
         manifest.phase = Phase::Removed;
         manifest.files.clear();
         manifest::save(manifest_path, manifest, Durability::Flushed).await?;
-        tracing::info!(session, "workspace directory removed after a confirmed final sync");
-        Ok(())
+        tracing::info!(session, preserved = preserved.len(), "workspace directory removed after a confirmed final sync");
+        Ok(preserved)
     }
+}
+
+/// What differs between a workspace and its manifest (`None`: nothing that needs a sync).
+fn changes_since_final_sync(manifest: &Manifest, scan: &Scan) -> Option<String> {
+    let changed = scan
+        .files
+        .iter()
+        .filter(|file| !manifest.files.get(file.path.as_str()).is_some_and(|entry| entry.size == file.size && entry.mtime_ns == file.mtime_ns))
+        .count();
+    let local_paths: BTreeSet<&str> = scan.files.iter().map(|file| file.path.as_str()).collect();
+    let missing = manifest.files.keys().filter(|path| !local_paths.contains(path.as_str())).count();
+    if changed > 0 || missing > 0 {
+        return Some(format!("{changed} file(s) changed or added and {missing} removed"));
+    }
+    if scan.tree != manifest.tree {
+        return Some("symlinks, folders or modes changed".to_owned());
+    }
+    None
+}
+
+/// The version the manifest recorded for a file, or "no object" for a file it doesn't know.
+fn expected_version(entry: Option<&FileEntry>) -> Expected {
+    match entry {
+        Some(entry) => Expected::Version { e_tag: entry.e_tag.clone(), version: entry.version.clone() },
+        None => Expected::Absent,
+    }
+}
+
+/// The sidecar's key under a workspace prefix.
+fn sidecar_key(prefix: &ObjectPath) -> ObjectPath {
+    prefix.parts().chain(ObjectPath::from(tree::SIDECAR_PATH).parts()).collect()
+}
+
+/// `<stem>.conflict-<first 8 chars of the session id>-<UTC yyyymmddThhmmssZ><.ext>`, with `-2`,
+/// `-3`… after the stamp when that name is taken. The extension is what follows the last dot of
+/// the file name (none for names without one or starting with their only dot).
+pub fn conflict_copy_path(path: &WorkspacePath, session: &str, stamp: &str, attempt: usize) -> Result<WorkspacePath, String> {
+    let name = path.file_name();
+    let (stem, extension) = match name.rfind('.') {
+        Some(dot) if dot > 0 => (&name[..dot], &name[dot..]),
+        _ => (name, ""),
+    };
+    let session_part: String = session.chars().take(8).collect();
+    let counter = if attempt == 0 { String::new() } else { format!("-{}", attempt + 1) };
+    path.with_file_name(&format!("{stem}.conflict-{session_part}-{stamp}{counter}{extension}"))
+}
+
+/// One conflict, as `workspace.conflict` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConflictRecord {
+    pub path: String,
+    /// Where this session's version went; `None` when nothing needed a second name.
+    pub conflict_copy: Option<String>,
+    pub reason: String,
+}
+
+/// What a conditional upload did.
+enum Uploaded {
+    Done(FileEntry),
+    Conflict,
 }
 
 /// Small files are in place before `workspace.materialized`; large ones stream in after it.
@@ -1081,6 +1627,8 @@ struct Pipeline<'a> {
     manifest: Manifest,
     progress: Progress,
     early_placement: Placement,
+    /// The store's tree metadata (modes of the files being placed).
+    tree: Tree,
     announced: bool,
     pending_large_files: usize,
     pending_large_bytes: u64,
@@ -1097,5 +1645,5 @@ pub fn session_directory(profile: &Profile, session: &str) -> PathBuf {
 
 /// The manifest of a session, for tests and tools.
 pub fn read_manifest(profile: &Profile, session: &str) -> Result<Option<Manifest>> {
-    manifest::load_blocking(&manifest::manifest_path(&profile.services.workspace_root, session))
+    manifest::load_blocking(&manifest::manifest_path(&profile.deployment_root(), session))
 }

@@ -47,6 +47,16 @@ impl Error {
         Error::Io { action, path: path.into(), source }
     }
 
+    /// Whether a dependency is down: the object store is unreachable, timing out or answering 5xx,
+    /// or the broker is away. Such a task waits and is retried without counting as an attempt.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Store(error) => store_unavailable(error),
+            Error::Publish(_) => true,
+            _ => false,
+        }
+    }
+
     /// Whether trying the same thing again later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -63,4 +73,30 @@ impl Error {
             | Error::RemoveRefused(_) => false,
         }
     }
+}
+
+/// Connection failures and timeouts are `HttpError`s somewhere in the error's source chain;
+/// a 5xx answer after the client's own retries is only visible in the message (`object_store`
+/// doesn't export the type that carries the status).
+fn store_unavailable(error: &object_store::Error) -> bool {
+    use object_store::client::HttpErrorKind;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(http) = current.downcast_ref::<object_store::client::HttpError>() {
+            if matches!(http.kind(), HttpErrorKind::Connect | HttpErrorKind::Timeout | HttpErrorKind::Interrupted | HttpErrorKind::Request) {
+                return true;
+            }
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::TimedOut) {
+                return true;
+            }
+        }
+        let text = current.to_string();
+        if text.contains("status code: 5") || text.contains("Service Unavailable") {
+            return true;
+        }
+        source = current.source();
+    }
+    false
 }

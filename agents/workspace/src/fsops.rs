@@ -11,7 +11,7 @@
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::keys::WorkspacePath;
+use crate::tree::{self, Mode, Tree};
 
 /// Owner given to everything created in a workspace, so a non-root container user can write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,89 +42,129 @@ pub struct LocalFile {
     pub path: WorkspacePath,
     pub size: u64,
     pub mtime_ns: i64,
+    /// Permission bits (`MODE_MASK`).
+    pub mode: u32,
 }
 
-/// Something in the workspace that is not synced, and why.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Skipped {
+/// Something in the workspace that can't be stored, and why. `remove` moves it to the preserved
+/// area instead of deleting it. Its parent folder always has a storable name (the walk never
+/// enters a folder whose name can't be a key; such a folder is one unsyncable entry).
+#[derive(Debug, Clone)]
+pub struct Unsyncable {
+    /// The folder holding it (`None`: the workspace root).
+    pub parent: Option<WorkspacePath>,
+    /// Its name, byte for byte.
+    pub name: std::ffi::OsString,
+    /// The relative path for people: lossy UTF-8.
     pub path: String,
     pub reason: String,
 }
 
-/// The regular files of a workspace, and what was left out.
+/// What a walk of a workspace found.
 #[derive(Debug, Default)]
 pub struct Scan {
     pub files: Vec<LocalFile>,
-    pub skipped: Vec<Skipped>,
+    /// Symlinks, directories and non-default modes, as the sidecar records them.
+    pub tree: Tree,
+    pub unsyncable: Vec<Unsyncable>,
+    /// Newest modification time of anything seen (nanoseconds since the epoch).
+    pub newest_mtime_ns: i64,
 }
 
 pub fn mtime_ns(metadata: &Metadata) -> i64 {
     metadata.mtime().saturating_mul(1_000_000_000).saturating_add(metadata.mtime_nsec())
 }
 
-/// Walks `root` without following symlinks. Symlinks, sockets, FIFOs and devices are skipped and
-/// reported; names that are not valid UTF-8 or not safe as object keys are skipped and reported.
+/// Walks `root` without following symlinks: regular files, directories and symlinks (their
+/// target text) are recorded; names that can't be object keys, the reserved top-level `.berth`,
+/// sockets, FIFOs and devices are reported as unsyncable (and never entered).
 ///
 /// Folders are opened relative to their already opened parent with `O_NOFOLLOW`, so a folder
 /// swapped for a symlink during the walk is reported, not entered.
 pub fn scan(root: &Path) -> Result<Scan> {
-    enum Pending {
-        Root(File),
-        Child { parent: std::sync::Arc<File>, name: String, relative: String },
+    struct Pending {
+        /// `None`: the root itself.
+        relative: Option<WorkspacePath>,
+        parent: Option<std::sync::Arc<File>>,
+        name: std::ffi::OsString,
     }
     let mut scan = Scan::default();
     let root_folder = open_folder_nofollow(root).map_err(|source| Error::io("opening workspace", root, source))?;
-    let mut folders = vec![Pending::Root(root_folder)];
+    let root_folder = std::sync::Arc::new(root_folder);
+    let mut folders = vec![Pending { relative: None, parent: None, name: std::ffi::OsString::new() }];
     while let Some(pending) = folders.pop() {
-        let (folder, relative_folder) = match pending {
-            Pending::Root(folder) => (folder, String::new()),
-            Pending::Child { parent, name, relative } => match open_folder_nofollow(&proc_path(&parent, &name)) {
-                Ok(folder) => (folder, format!("{relative}/")),
+        let folder = match (&pending.parent, &pending.relative) {
+            (None, _) | (_, None) => root_folder.clone(),
+            (Some(parent), Some(relative)) => match open_folder_nofollow(&proc_path_os(parent, &pending.name)) {
+                Ok(folder) => std::sync::Arc::new(folder),
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(error) if matches!(error.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
-                    scan.skipped.push(Skipped { path: relative, reason: "folder replaced by a symlink or file during the walk".to_owned() });
+                    scan.tree.directories.remove(relative.as_str());
+                    scan.unsyncable.push(Unsyncable {
+                        parent: relative.parent(),
+                        name: pending.name.clone(),
+                        path: relative.to_string(),
+                        reason: "folder replaced by a symlink or file during the walk".to_owned(),
+                    });
                     continue;
                 }
-                Err(source) => return Err(Error::io("opening folder", root.join(&relative), source)),
+                Err(source) => return Err(Error::io("opening folder", relative.under(root), source)),
             },
         };
-        let folder = std::sync::Arc::new(folder);
-        let listing_error = |source| Error::io("listing", root.join(&relative_folder), source);
+        let relative_folder = pending.relative.clone();
+        let prefix = relative_folder.as_ref().map(|folder| format!("{folder}/")).unwrap_or_default();
+        let listing_error = |source| Error::io("listing", root.join(&prefix), source);
         let entries = std::fs::read_dir(proc_path(&folder, "")).map_err(listing_error)?;
         for entry in entries {
             let entry = entry.map_err(listing_error)?;
             let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                scan.skipped.push(Skipped { path: format!("{relative_folder}{}", name.to_string_lossy()), reason: "name is not UTF-8".to_owned() });
+            let display = format!("{prefix}{}", name.to_string_lossy());
+            let unsyncable = |reason: String| Unsyncable { parent: relative_folder.clone(), name: name.clone(), path: display.clone(), reason };
+            // `DirEntry::metadata` does not follow symlinks.
+            let metadata = match entry.metadata() {
+                Ok(metadata) => metadata,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(Error::io("inspecting", root.join(&display), source)),
+            };
+            scan.newest_mtime_ns = scan.newest_mtime_ns.max(mtime_ns(&metadata));
+            let Some(text) = name.to_str() else {
+                scan.unsyncable.push(unsyncable("name is not UTF-8".to_owned()));
                 continue;
             };
-            let relative = format!("{relative_folder}{name}");
-            // `DirEntry::file_type` and `DirEntry::metadata` do not follow symlinks.
-            let file_type = match entry.file_type() {
-                Ok(file_type) => file_type,
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(Error::io("inspecting", root.join(&relative), source)),
+            let path = match WorkspacePath::parse(&format!("{prefix}{text}")) {
+                Ok(path) => path,
+                Err(reason) => {
+                    scan.unsyncable.push(unsyncable(format!("name can't be an object key: {reason}")));
+                    continue;
+                }
             };
+            if relative_folder.is_none() && text == tree::RESERVED_NAME {
+                scan.unsyncable.push(unsyncable(format!("{} is reserved for Berth's tree metadata", tree::RESERVED_NAME)));
+                continue;
+            }
+            let file_type = metadata.file_type();
+            let mode = metadata.permissions().mode() & tree::MODE_MASK;
             if file_type.is_symlink() {
-                scan.skipped.push(Skipped { path: relative, reason: "symlink (never followed)".to_owned() });
+                match std::fs::read_link(proc_path(&folder, text)) {
+                    Ok(target) => match target.into_os_string().into_string() {
+                        Ok(target) => {
+                            scan.tree.links.insert(path.as_str().to_owned(), target);
+                        }
+                        Err(_) => scan.unsyncable.push(unsyncable("symlink target is not UTF-8".to_owned())),
+                    },
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(Error::io("reading link", path.under(root), source)),
+                }
             } else if file_type.is_dir() {
-                folders.push(Pending::Child { parent: folder.clone(), name: name.to_owned(), relative });
+                scan.tree.directories.insert(path.as_str().to_owned(), Mode(mode));
+                folders.push(Pending { relative: Some(path), parent: Some(folder.clone()), name: name.clone() });
             } else if file_type.is_file() {
-                let path = match WorkspacePath::parse(&relative) {
-                    Ok(path) => path,
-                    Err(reason) => {
-                        scan.skipped.push(Skipped { path: relative, reason });
-                        continue;
-                    }
-                };
-                let metadata = match entry.metadata() {
-                    Ok(metadata) => metadata,
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(source) => return Err(Error::io("inspecting", root.join(&relative), source)),
-                };
-                scan.files.push(LocalFile { path, size: metadata.len(), mtime_ns: mtime_ns(&metadata) });
+                if mode != tree::DEFAULT_FILE_MODE {
+                    scan.tree.modes.insert(path.as_str().to_owned(), Mode(mode));
+                }
+                scan.files.push(LocalFile { path, size: metadata.len(), mtime_ns: mtime_ns(&metadata), mode });
             } else {
-                scan.skipped.push(Skipped { path: relative, reason: "special file (socket, FIFO or device)".to_owned() });
+                scan.unsyncable.push(unsyncable("special file (socket, FIFO or device) can't be stored".to_owned()));
             }
         }
     }
@@ -139,6 +180,10 @@ pub struct Confined {
 
 fn proc_path(folder: &File, name: &str) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}/{name}", folder.as_raw_fd()))
+}
+
+fn proc_path_os(folder: &File, name: &std::ffi::OsStr) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", folder.as_raw_fd())).join(name)
 }
 
 fn open_folder_nofollow(path: &Path) -> std::io::Result<File> {
@@ -206,10 +251,82 @@ impl Confined {
         Ok((file, metadata))
     }
 
-    /// Links a fully written staged file into place at `path`.
-    pub fn place(&self, staged: &Path, path: &WorkspacePath, placement: Placement, owner: Option<Ownership>) -> Result<Placed> {
+    /// Opens a folder inside the workspace (creating it and its parents with `owner` when asked).
+    pub fn folder(&self, relative: Option<&WorkspacePath>, create: Option<Option<Ownership>>) -> Result<File> {
+        let Some(relative) = relative else {
+            return self.root.try_clone().map_err(|source| Error::io("opening workspace", &self.root_path, source));
+        };
+        let placeholder = WorkspacePath::parse(&format!("{relative}/x")).map_err(|reason| self.refused(relative.as_str(), &reason))?;
+        self.parent_folder(&placeholder, create)
+    }
+
+    /// Gives a folder its permission bits.
+    pub fn set_folder_mode(&self, relative: &WorkspacePath, mode: u32) -> Result<()> {
+        let folder = self.folder(Some(relative), None)?;
+        folder
+            .set_permissions(std::fs::Permissions::from_mode(mode & tree::MODE_MASK))
+            .map_err(|source| Error::io("setting mode of", relative.under(&self.root_path), source))
+    }
+
+    /// Creates a symlink holding `target` verbatim, inside the opened parent folder: the link is
+    /// never followed, wherever it points. An existing link with the same target is left alone;
+    /// with `Placement::ReplaceExisting` another link or file in its place is replaced.
+    pub fn create_symlink(&self, path: &WorkspacePath, target: &str, placement: Placement, owner: Option<Ownership>) -> Result<Placed> {
         let folder = self.parent_folder(path, Some(owner))?;
-        let name = path.as_str().rsplit('/').next().unwrap_or(path.as_str());
+        let link = proc_path(&folder, path.file_name());
+        for _ in 0..2 {
+            match std::os::unix::fs::symlink(target, &link) {
+                Ok(()) => {
+                    if let Some(owner) = owner {
+                        change_owner(&link, owner);
+                    }
+                    return Ok(Placed::Placed);
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let existing = std::fs::symlink_metadata(&link).map_err(|source| Error::io("inspecting", path.under(&self.root_path), source))?;
+                    if existing.file_type().is_symlink() && std::fs::read_link(&link).is_ok_and(|found| found.as_os_str() == target) {
+                        return Ok(Placed::Placed);
+                    }
+                    if placement == Placement::KeepExisting || existing.is_dir() {
+                        return Ok(Placed::KeptExisting);
+                    }
+                    std::fs::remove_file(&link).map_err(|source| Error::io("replacing", path.under(&self.root_path), source))?;
+                }
+                Err(source) => return Err(Error::io("creating link", path.under(&self.root_path), source)),
+            }
+        }
+        Ok(Placed::KeptExisting)
+    }
+
+    /// Renames the regular file at `path` to `new_path` in the same folder, never replacing
+    /// anything. `Ok(false)` when `new_path` is taken.
+    pub fn rename_aside(&self, path: &WorkspacePath, new_path: &WorkspacePath) -> Result<bool> {
+        let folder = self.parent_folder(path, None)?;
+        let from = proc_path(&folder, path.file_name());
+        let to = proc_path(&folder, new_path.file_name());
+        // link(2) doesn't follow `from` and never replaces `to`.
+        match std::fs::hard_link(&from, &to) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(source) => return Err(Error::io("keeping a conflict copy of", path.under(&self.root_path), source)),
+        }
+        std::fs::remove_file(&from).map_err(|source| Error::io("moving aside", path.under(&self.root_path), source))?;
+        Ok(true)
+    }
+
+    /// Moves one entry (by its raw name in an opened folder) to `destination`, outside the workspace.
+    pub fn move_out(&self, parent: Option<&WorkspacePath>, name: &std::ffi::OsStr, destination: &Path) -> Result<()> {
+        let folder = self.folder(parent, None)?;
+        std::fs::rename(proc_path_os(&folder, name), destination).map_err(|source| Error::io("preserving", destination, source))
+    }
+
+    /// Links a fully written staged file into place at `path`, with permission bits `mode`.
+    pub fn place(&self, staged: &Path, path: &WorkspacePath, placement: Placement, owner: Option<Ownership>, mode: u32) -> Result<Placed> {
+        // The staged file is ours (outside the workspace): give it its mode before anyone sees it.
+        std::fs::set_permissions(staged, std::fs::Permissions::from_mode(mode & tree::MODE_MASK))
+            .map_err(|source| Error::io("setting mode of", staged, source))?;
+        let folder = self.parent_folder(path, Some(owner))?;
+        let name = path.file_name();
         let target = proc_path(&folder, name);
         // A hard link never replaces an existing name: a file the user created meanwhile stays.
         match std::fs::hard_link(staged, &target) {
@@ -368,15 +485,15 @@ mod tests {
         let mut staged = StagedFile::create(&directory.join("staging")).unwrap();
         staged.write(b"downloaded").unwrap();
         let staged = staged.finish(None).unwrap();
-        let refused = confined.place(&staged.path, &WorkspacePath::parse("a/new").unwrap(), Placement::KeepExisting, None).unwrap_err();
+        let refused = confined.place(&staged.path, &WorkspacePath::parse("a/new").unwrap(), Placement::KeepExisting, None, 0o644).unwrap_err();
         assert!(matches!(refused, Error::UnsafeNames(_)), "{refused}");
         assert!(!directory.join("outside/new").exists());
         assert_eq!(std::fs::read(directory.join("outside/file")).unwrap(), b"host secret");
 
         let scan = scan(&workspace).unwrap();
         assert!(scan.files.is_empty());
-        assert_eq!(scan.skipped.len(), 1);
-        assert_eq!(scan.skipped[0].path, "a");
+        assert!(scan.unsyncable.is_empty());
+        assert_eq!(scan.tree.links.get("a").map(String::as_str), Some(directory.join("outside").to_str().unwrap()), "kept as a link, never entered");
         std::fs::remove_dir_all(&directory).unwrap();
     }
 
@@ -394,7 +511,7 @@ mod tests {
             let mut staged = StagedFile::create(&directory.join("staging")).unwrap();
             staged.write(b"from the store").unwrap();
             let staged = staged.finish(None).unwrap();
-            assert_eq!(confined.place(&staged.path, &path, placement, None).unwrap(), expected);
+            assert_eq!(confined.place(&staged.path, &path, placement, None, 0o644).unwrap(), expected);
             assert_eq!(std::fs::read(workspace.join("a/file")).unwrap(), content);
             assert!(!staged.path.exists(), "the staged copy is gone either way");
         }
@@ -402,7 +519,7 @@ mod tests {
         let mut staged = StagedFile::create(&directory.join("staging")).unwrap();
         staged.write(b"deep").unwrap();
         let staged = staged.finish(None).unwrap();
-        assert_eq!(confined.place(&staged.path, &nested, Placement::KeepExisting, None).unwrap(), Placed::Placed);
+        assert_eq!(confined.place(&staged.path, &nested, Placement::KeepExisting, None, 0o644).unwrap(), Placed::Placed);
         assert_eq!(std::fs::read(workspace.join("b/c/d.txt")).unwrap(), b"deep");
         std::fs::remove_dir_all(&directory).unwrap();
     }

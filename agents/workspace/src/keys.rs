@@ -51,6 +51,24 @@ impl WorkspacePath {
         &self.0
     }
 
+    /// The folder holding this path; `None` at the top level.
+    pub fn parent(&self) -> Option<WorkspacePath> {
+        self.0.rsplit_once('/').map(|(parent, _)| WorkspacePath(parent.to_owned()))
+    }
+
+    /// The last segment.
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+
+    /// A sibling with another last segment, checked like any path.
+    pub fn with_file_name(&self, name: &str) -> Result<WorkspacePath, String> {
+        match self.0.rsplit_once('/') {
+            Some((parent, _)) => WorkspacePath::parse(&format!("{parent}/{name}")),
+            None => WorkspacePath::parse(name),
+        }
+    }
+
     /// The path below `root` on the local file system.
     pub fn under(&self, root: &std::path::Path) -> std::path::PathBuf {
         root.join(&self.0)

@@ -4,32 +4,38 @@
 //! `berth agent workspace` consumes `berth.agent.workspace` ([`run`]); [`WorkspaceAgent`] is the
 //! handler (tests call it directly); [`bench`] is `berth bench workspace`.
 //!
-//! Where things live: the workspace is `Profile::session_dir(session)` (bind-mounted into the
-//! container); its manifest is `<workspace_root>/.berth-manifests/<session>.json` and downloads are
-//! staged in `<workspace_root>/.berth-staging/<session>/`, both outside what the container sees.
+//! Where things live: everything of a deployment is under `Profile::deployment_root()`. The
+//! workspace is `Profile::session_dir(session)` (bind-mounted into the container); its manifest is
+//! `<deployment_root>/.berth-manifests/<session>.json`, downloads are staged in
+//! `<deployment_root>/.berth-staging/<session>/` and what can't be stored is kept at `remove` in
+//! `<deployment_root>/.berth-preserved/<session>/`, all outside what the container sees.
 
 mod agent;
 mod bench;
+mod conditional;
 pub mod fixture;
 mod error;
 mod events;
 mod fsops;
+mod inventory;
 mod keys;
 mod manifest;
 mod store;
+mod tree;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use protocol::{topology, AgentKind, Bus, BusConfig, ConsumeSpec, Profile};
 
-pub use agent::{error_policy, read_manifest, session_directory, AgentSettings, SyncKind, SyncReport, WorkspaceAgent};
+pub use agent::{conflict_copy_path, error_policy, read_manifest, session_directory, AgentSettings, ConflictRecord, SyncKind, SyncReport, WorkspaceAgent};
 pub use bench::{run_with as bench_with_settings, BenchReport};
 pub use error::{Error, Result};
 pub use events::{BusEvents, CollectedEvents, EventSink, Reply, EVENT_SOURCE};
 pub use fsops::Ownership;
 pub use keys::WorkspacePath;
-pub use manifest::{FileEntry, FinalSync, Manifest, Phase, MANIFESTS_DIR, STAGING_DIR};
+pub use manifest::{FileEntry, FinalSync, Manifest, Phase, MANIFESTS_DIR, PRESERVED_DIR, STAGING_DIR};
+pub use tree::{Mode, Tree, SIDECAR_PATH};
 pub use store::{open as open_store, OpenedStore, StoreSettings};
 
 /// Consumes `queue` with `agent` until `shutdown` completes.
@@ -51,13 +57,18 @@ pub async fn serve(agent: Arc<WorkspaceAgent>, bus: &Bus, queue: &str, shutdown:
 /// Runs `berth agent workspace` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let store = store::open(&profile.services.object_store_url, &StoreSettings::from_env())?;
-    tokio::fs::create_dir_all(&profile.services.workspace_root).await?;
+    tokio::fs::create_dir_all(profile.deployment_root()).await?;
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-agent-workspace")).await?;
     bus.declare_topology().await?;
     tracing::info!(store = %store.url, root = %profile.services.workspace_root.display(), "workspace agent starting");
     let events = Arc::new(BusEvents { bus: bus.clone() });
     let agent = Arc::new(WorkspaceAgent::new(profile, store, events, AgentSettings::standard()));
+    let inventory = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.inventory_loop().await }
+    });
     let served = serve(agent, &bus, &topology::agent_queue(AgentKind::Workspace), shutdown).await;
+    inventory.abort();
     bus.close().await;
     served
 }

@@ -2,7 +2,7 @@
 //! (path, size, local mtime, SHA-256, ETag and version of the object), and whether the last final
 //! sync was confirmed.
 //!
-//! It lives at `<workspace_root>/.berth-manifests/<session>.json`, outside the directory that is
+//! It lives at `<deployment_root>/.berth-manifests/<session>.json`, outside the directory that is
 //! mounted into the container, so a user can neither read nor forge it (a forged "confirmed" flag
 //! would let `remove` delete unsaved work). Session ids never start with a dot, so it can't collide
 //! with a session directory. Writes are atomic (temporary file + rename), flushed when they
@@ -17,14 +17,18 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::tree::Tree;
 
 /// The manifest format this build writes and reads.
 pub const MANIFEST_VERSION: u32 = 1;
-/// Folder (under the workspace root) holding one manifest per session.
+/// Folder (under the deployment root) holding one manifest per session.
 pub const MANIFESTS_DIR: &str = ".berth-manifests";
-/// Folder (under the workspace root) where downloads land before they are linked into place, so a
+/// Folder (under the deployment root) where downloads land before they are linked into place, so a
 /// half-written file never shows up in the workspace.
 pub const STAGING_DIR: &str = ".berth-staging";
+/// Folder (under the deployment root) where `remove` keeps what could not be stored (names that
+/// can't be object keys, FIFOs, sockets, devices): `<preserved>/<session>/<relative path>`.
+pub const PRESERVED_DIR: &str = ".berth-preserved";
 
 /// How far materialization got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +76,9 @@ pub struct Manifest {
     pub session: String,
     pub user: String,
     pub workspace: String,
+    /// The run-profile's name. Empty in manifests written before it was recorded.
+    #[serde(default)]
+    pub profile: String,
     /// The object-store prefix (below the store URL's own prefix).
     pub prefix: String,
     pub phase: Phase,
@@ -80,19 +87,31 @@ pub struct Manifest {
     /// Set by a final sync; cleared by anything that may change the workspace afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_sync: Option<FinalSync>,
+    /// Symlinks, directories and modes as last agreed with the store's sidecar.
+    #[serde(default, skip_serializing_if = "Tree::is_empty")]
+    pub tree: Tree,
+    /// The sidecar's version as last seen (absent: this session never saw one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_e_tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_version: Option<String>,
 }
 
 impl Manifest {
-    pub fn new(session: &str, user: &str, workspace: &str, prefix: &str) -> Manifest {
+    pub fn new(session: &str, user: &str, workspace: &str, profile: &str, prefix: &str) -> Manifest {
         Manifest {
             version: MANIFEST_VERSION,
             session: session.to_owned(),
             user: user.to_owned(),
             workspace: workspace.to_owned(),
+            profile: profile.to_owned(),
             prefix: prefix.to_owned(),
             phase: Phase::Materializing,
             files: BTreeMap::new(),
             final_sync: None,
+            tree: Tree::default(),
+            tree_e_tag: None,
+            tree_version: None,
         }
     }
 
@@ -107,13 +126,18 @@ impl Manifest {
 }
 
 /// Where a session's manifest lives.
-pub fn manifest_path(workspace_root: &Path, session: &str) -> PathBuf {
-    workspace_root.join(MANIFESTS_DIR).join(format!("{session}.json"))
+pub fn manifest_path(deployment_root: &Path, session: &str) -> PathBuf {
+    deployment_root.join(MANIFESTS_DIR).join(format!("{session}.json"))
 }
 
 /// Where a session's downloads are staged.
-pub fn staging_path(workspace_root: &Path, session: &str) -> PathBuf {
-    workspace_root.join(STAGING_DIR).join(session)
+pub fn staging_path(deployment_root: &Path, session: &str) -> PathBuf {
+    deployment_root.join(STAGING_DIR).join(session)
+}
+
+/// Where `remove` keeps a session's entries that could not be stored.
+pub fn preserved_path(deployment_root: &Path, session: &str) -> PathBuf {
+    deployment_root.join(PRESERVED_DIR).join(session)
 }
 
 /// Reads a manifest; `None` when there is none yet. Blocking: call from `spawn_blocking`.

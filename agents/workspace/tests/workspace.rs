@@ -118,9 +118,14 @@ impl std::fmt::Display for CountingStore {
 
 #[async_trait::async_trait]
 impl ObjectStore for CountingStore {
+    /// Counts writes that happened: a conditional put `file://` refuses as not implemented (the
+    /// agent then checks and writes unconditionally) is not a write.
     async fn put_opts(&self, location: &ObjectPath, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
-        self.puts.fetch_add(1, Ordering::SeqCst);
-        self.inner.put_opts(location, payload, opts).await
+        let result = self.inner.put_opts(location, payload, opts).await;
+        if result.is_ok() {
+            self.puts.fetch_add(1, Ordering::SeqCst);
+        }
+        result
     }
     async fn put_multipart_opts(&self, location: &ObjectPath, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
         self.puts.fetch_add(1, Ordering::SeqCst);
@@ -180,7 +185,12 @@ fn test_profile(backend_url: &str, scratch: &Path) -> Profile {
 }
 
 fn quick_settings() -> AgentSettings {
-    AgentSettings { final_sync_attempts: 3, final_sync_backoff_start: Duration::from_millis(100), final_sync_backoff_max: Duration::from_millis(400) }
+    AgentSettings {
+        final_sync_attempts: 3,
+        final_sync_backoff_start: Duration::from_millis(100),
+        final_sync_backoff_max: Duration::from_millis(400),
+        ..AgentSettings::standard()
+    }
 }
 
 impl Harness {
@@ -264,20 +274,62 @@ impl Harness {
         self.counting.puts.store(0, Ordering::SeqCst);
     }
 
+    /// The workspace's objects (without the `.berth/` metadata), byte for byte.
     async fn remote(&self) -> BTreeMap<String, Vec<u8>> {
         let prefix = self.prefix();
         let metas: Vec<ObjectMeta> = self.store.store.list(Some(&prefix)).try_collect().await.expect("list");
         let mut objects = BTreeMap::new();
         for meta in metas {
             let relative: Vec<_> = meta.location.prefix_match(&prefix).expect("under prefix").map(|part| part.as_ref().to_owned()).collect();
+            if relative[0] == ".berth" {
+                continue;
+            }
             let content = self.store.store.get(&meta.location).await.expect("get").bytes().await.expect("bytes");
             objects.insert(relative.join("/"), content.to_vec());
         }
         objects
     }
 
+    /// The tree-metadata sidecar as stored.
+    async fn sidecar(&self) -> workspace::Tree {
+        let bytes = self.store.store.get(&self.key(workspace::SIDECAR_PATH)).await.expect("sidecar stored").bytes().await.expect("bytes");
+        let value: Value = serde_json::from_slice(&bytes).expect("sidecar is JSON");
+        assert_eq!(value["version"], json!(1));
+        let mut value = value;
+        value.as_object_mut().unwrap().remove("version");
+        serde_json::from_value(value).expect("sidecar format")
+    }
+
+    /// This session's events of one type.
     fn events_of(&self, event_type: &str) -> Vec<CloudEvent> {
-        self.events.events().into_iter().filter(|event| event.event_type == event_type).collect()
+        self.events
+            .events()
+            .into_iter()
+            .filter(|event| event.event_type == event_type && event.subject.as_deref() == Some(self.session.as_str()))
+            .collect()
+    }
+
+    /// Another session of the same user's workspace, through the same agent.
+    fn other_session(&self) -> Harness {
+        Harness {
+            profile: self.profile.clone(),
+            store: self.store.clone(),
+            counting: self.counting.clone(),
+            events: self.events.clone(),
+            agent: self.agent.clone(),
+            session: format!("t-{}", Uuid::new_v4().simple()),
+            user: self.user.clone(),
+            workspace: self.workspace.clone(),
+            scratch: self.scratch.clone(),
+        }
+    }
+
+    async fn put(&self, relative: &str, content: &[u8]) {
+        self.store.store.put(&self.key(relative), PutPayload::from(content.to_vec())).await.expect("outside write");
+    }
+
+    fn preserved(&self) -> PathBuf {
+        self.profile.deployment_root().join(workspace::PRESERVED_DIR).join(&self.session)
     }
 
     fn last(&self, event_type: &str) -> CloudEvent {
@@ -447,10 +499,15 @@ async fn incremental_sync_uploads_exactly_the_changes(backend: Backend) {
     let paths: Vec<String> = files.keys().cloned().collect();
     let directory = harness.directory();
 
-    // Nothing changed: nothing is written.
+    // No file changed: the first sync writes only the tree metadata (the folders the store
+    // didn't know), the second nothing at all.
     assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
     let synced = harness.last("workspace.synced");
     assert_eq!((number(&synced, "uploaded"), number(&synced, "deleted"), number(&synced, "unchanged")), (0, 0, 40));
+    assert_eq!(harness.counting.puts.load(Ordering::SeqCst), 1, "the sidecar");
+    assert!(harness.sidecar().await.directories.contains_key("correspondence/outgoing"));
+    harness.counting.puts.store(0, Ordering::SeqCst);
+    assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
     assert_eq!(harness.counting.puts.load(Ordering::SeqCst), 0);
 
     // Two edits (one keeps its size), one new file, one deletion, one touch without a change.
@@ -504,7 +561,7 @@ async fn hostile_keys_are_refused_and_nothing_is_written(backend: Backend) {
     backend.cleanup().await;
 }
 
-async fn symlinks_and_special_files_are_never_uploaded(backend: Backend) {
+async fn symlinks_are_stored_as_links_and_never_followed(backend: Backend) {
     let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
     harness.seed(&fixture(6, 0)).await;
     assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
@@ -526,9 +583,12 @@ async fn symlinks_and_special_files_are_never_uploaded(backend: Backend) {
     let synced = harness.last("workspace.synced");
     assert_eq!(number(&synced, "uploaded"), 1, "{}", synced.data);
     let skipped: Vec<String> = synced.data["skipped"].as_array().unwrap().iter().map(|s| s["path"].as_str().unwrap().to_owned()).collect();
-    for expected in ["pleadings/shadow", "etc-shadow", "linked-folder", "pipe"] {
-        assert!(skipped.iter().any(|path| path == expected), "{expected} not reported in {skipped:?}");
-    }
+    assert_eq!(skipped, vec!["pipe".to_owned()], "only the FIFO can't be stored");
+    // The links are data: their target text, never what they point at.
+    let links = harness.sidecar().await.links;
+    assert_eq!(links.get("pleadings/shadow").map(String::as_str), secret.to_str());
+    assert_eq!(links.get("etc-shadow").map(String::as_str), Some("/etc/shadow"));
+    assert_eq!(links.get("linked-folder").map(String::as_str), host_folder.to_str());
     let remote = harness.remote().await;
     assert!(remote.keys().all(|key| !key.contains("shadow") && !key.contains("linked-folder") && key != "pipe"), "{:?}", remote.keys());
     assert!(remote.values().all(|content| content != b"root:$6$secret" && content != b"host data"));
@@ -566,7 +626,7 @@ async fn remove_only_after_a_confirmed_final_sync(backend: Backend) {
     // Final sync again: now the directory goes, and a repeated remove says so again.
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
     assert_eq!(harness.run(&remove).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.removed").data, json!({}));
+    assert_eq!(harness.last("workspace.removed").data, json!({"preserved": []}));
     assert!(!directory.exists());
     assert!(harness.remote().await.contains_key("discovery/later.txt"));
     harness.events.take();
@@ -675,9 +735,292 @@ async fn an_interrupted_materialize_resumes(backend: Backend) {
     harness.events.take();
     assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
     assert_eq!(number(&harness.last("workspace.complete"), "files"), 31);
-    assert_eq!(harness.counting.gets.load(Ordering::SeqCst), 1, "only the missing file is fetched again");
+    assert_eq!(harness.counting.gets.load(Ordering::SeqCst), 2, "only the missing file (and the sidecar the sync wrote) is fetched again");
     assert_eq!(local_files(&harness.directory()), files);
     harness.cleanup();
+    backend.cleanup().await;
+}
+
+// ----- never lose work ---------------------------------------------------------------------------------
+
+/// The conflict copy's name: `<stem>.conflict-<first 8 of the session>-<stamp><.ext>`.
+fn assert_conflict_copy_name(copy: &str, original_stem: &str, extension: &str, session: &str) {
+    let prefix = format!("{original_stem}.conflict-{}-", &session[..8]);
+    assert!(copy.starts_with(&prefix) && copy.ends_with(extension), "{copy} is not {prefix}<stamp>{extension}");
+    let stamp = &copy[prefix.len()..copy.len() - extension.len()];
+    assert_eq!(stamp.len(), 16, "{stamp}");
+    assert!(chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ").is_ok(), "{stamp}");
+}
+
+/// Two sessions of one workspace each edit `notes.txt`: the second sync keeps both versions.
+async fn two_sessions_editing_one_file_keep_both(backend: Backend) {
+    let first = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    first.seed(&BTreeMap::from([("notes.txt".to_owned(), b"version 0".to_vec()), ("other.md".to_owned(), b"untouched".to_vec())])).await;
+    let second = first.other_session();
+    assert_eq!(first.run(&first.materialize_task()).await, Outcome::Ack);
+    assert_eq!(second.run(&second.materialize_task()).await, Outcome::Ack);
+
+    std::fs::write(first.directory().join("notes.txt"), b"edited in the first session").unwrap();
+    assert_eq!(first.run(&first.sync_task(false)).await, Outcome::Ack);
+    assert_eq!(number(&first.last("workspace.synced"), "conflicts"), 0);
+    assert!(first.events_of("workspace.conflict").is_empty());
+
+    std::fs::write(second.directory().join("notes.txt"), b"edited in the second session").unwrap();
+    assert_eq!(second.run(&second.sync_task(true)).await, Outcome::Ack);
+    let synced = second.last("workspace.synced");
+    assert_eq!((synced.data["final"].clone(), number(&synced, "conflicts")), (json!(true), 1), "{}", synced.data);
+    let conflict = second.last("workspace.conflict");
+    assert_eq!(conflict.extension("thredid"), Some(format!("thred-{}", second.session).as_str()));
+    let files = conflict.data["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{}", conflict.data);
+    assert_eq!(files[0]["path"], json!("notes.txt"));
+    let copy = files[0]["conflict_copy"].as_str().unwrap().to_owned();
+    assert_conflict_copy_name(&copy, "notes", ".txt", &second.session);
+    assert!(!files[0]["reason"].as_str().unwrap().is_empty());
+
+    // Both versions in the store; the store's at the path, locally too.
+    let remote = second.remote().await;
+    assert_eq!(remote["notes.txt"], b"edited in the first session");
+    assert_eq!(remote[&copy], b"edited in the second session");
+    assert_eq!(remote["other.md"], b"untouched");
+    assert_eq!(remote.len(), 3);
+    assert_eq!(local_files(&second.directory()), remote, "the second session's directory is what the store holds");
+    // Confirmed: the directory can go.
+    assert_eq!(second.run(&second.task("remove", json!({}))).await, Outcome::Ack);
+    assert!(!second.directory().exists());
+    first.cleanup();
+    backend.cleanup().await;
+}
+
+/// Someone outside the session changes, deletes and adds objects while the user works: nothing
+/// of either side is lost, and each case is reported.
+async fn an_outside_writer_is_never_overwritten(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    let seeded = BTreeMap::from([
+        ("report.txt".to_owned(), b"report v1".to_vec()),
+        ("deleted-outside.txt".to_owned(), b"d v1".to_vec()),
+        ("deleted-here.txt".to_owned(), b"h v1".to_vec()),
+        ("calm.txt".to_owned(), b"calm".to_vec()),
+    ]);
+    harness.seed(&seeded).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    let directory = harness.directory();
+
+    harness.put("report.txt", b"report v2 from outside").await;
+    harness.store.store.delete(&harness.key("deleted-outside.txt")).await.unwrap();
+    harness.put("deleted-here.txt", b"h v2 from outside").await;
+    std::fs::write(directory.join("report.txt"), b"report v2 from the user").unwrap();
+    std::fs::write(directory.join("deleted-outside.txt"), b"d v2 from the user").unwrap();
+    std::fs::remove_file(directory.join("deleted-here.txt")).unwrap();
+
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!((synced.data["final"].clone(), number(&synced, "conflicts"), number(&synced, "deleted")), (json!(true), 3, 0), "{}", synced.data);
+    let conflict = harness.last("workspace.conflict");
+    let files: BTreeMap<String, Value> =
+        conflict.data["files"].as_array().unwrap().iter().map(|file| (file["path"].as_str().unwrap().to_owned(), file.clone())).collect();
+    assert_eq!(files.keys().cloned().collect::<Vec<_>>(), vec!["deleted-here.txt", "deleted-outside.txt", "report.txt"]);
+    assert_eq!(files["deleted-outside.txt"]["conflict_copy"], Value::Null);
+    assert_eq!(files["deleted-here.txt"]["conflict_copy"], Value::Null);
+    let copy = files["report.txt"]["conflict_copy"].as_str().unwrap().to_owned();
+    assert_conflict_copy_name(&copy, "report", ".txt", &harness.session);
+
+    let remote = harness.remote().await;
+    assert_eq!(remote["report.txt"], b"report v2 from outside", "the outside version stays at its key");
+    assert_eq!(remote[&copy], b"report v2 from the user", "the user's version is the conflict copy");
+    assert_eq!(remote["deleted-outside.txt"], b"d v2 from the user", "deleted outside, changed here: uploaded again");
+    assert_eq!(remote["deleted-here.txt"], b"h v2 from outside", "changed outside, deleted here: kept");
+    assert_eq!(remote["calm.txt"], b"calm");
+    assert_eq!(remote.len(), 5);
+    assert_eq!(local_files(&directory), remote, "and the directory holds the same");
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+/// Symlinks (relative, absolute, escaping), empty folders and modes come back exactly in a new
+/// session; links are created as links, never followed.
+async fn tree_metadata_round_trips(backend: Backend) {
+    use std::os::unix::fs::PermissionsExt;
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&BTreeMap::from([("reports/2026.txt".to_owned(), b"figures".to_vec())])).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    let directory = harness.directory();
+    std::os::unix::fs::symlink("reports/2026.txt", directory.join("latest")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", directory.join("reports/absolute")).unwrap();
+    std::os::unix::fs::symlink("../../../outside", directory.join("escaping")).unwrap();
+    std::os::unix::fs::symlink("does/not/exist", directory.join("dangling")).unwrap();
+    std::fs::create_dir_all(directory.join("empty/nested")).unwrap();
+    std::fs::create_dir_all(directory.join("private")).unwrap();
+    std::fs::set_permissions(directory.join("private"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::create_dir_all(directory.join("bin")).unwrap();
+    std::fs::write(directory.join("bin/run.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(directory.join("bin/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(directory.join("bin/secret.key"), b"k").unwrap();
+    std::fs::set_permissions(directory.join("bin/secret.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!(synced.data["final"], json!(true), "{}", synced.data);
+    assert_eq!(synced.data["skipped"], json!([]));
+    assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
+    assert!(!directory.exists());
+    let sidecar = harness.sidecar().await;
+    assert_eq!(sidecar.links.len(), 4);
+    assert_eq!(sidecar.modes.get("bin/run.sh"), Some(&workspace::Mode(0o755)));
+
+    let next = harness.other_session();
+    assert_eq!(next.run(&next.materialize_task()).await, Outcome::Ack);
+    assert_eq!(number(&next.last("workspace.complete"), "files"), 3);
+    let again = next.directory();
+    for (link, target) in [("latest", "reports/2026.txt"), ("reports/absolute", "/etc/hostname"), ("escaping", "../../../outside"), ("dangling", "does/not/exist")] {
+        let metadata = std::fs::symlink_metadata(again.join(link)).unwrap();
+        assert!(metadata.file_type().is_symlink(), "{link} is a symlink");
+        assert_eq!(std::fs::read_link(again.join(link)).unwrap(), PathBuf::from(target), "{link}");
+    }
+    assert!(!harness.scratch.join("outside").exists(), "the escaping link was never followed");
+    assert!(std::fs::symlink_metadata(again.join("empty/nested")).unwrap().is_dir());
+    assert_eq!(std::fs::read_dir(again.join("empty/nested")).unwrap().count(), 0);
+    let mode = |path: &str| std::fs::symlink_metadata(again.join(path)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("bin/run.sh"), 0o755);
+    assert_eq!(mode("bin/secret.key"), 0o600);
+    assert_eq!(mode("reports/2026.txt"), 0o644);
+    assert_eq!(mode("private"), 0o700);
+    assert_eq!(std::fs::read(again.join("bin/run.sh")).unwrap(), b"#!/bin/sh\necho hi\n");
+    // Nothing changed: a sync writes nothing.
+    next.counting.puts.store(0, Ordering::SeqCst);
+    assert_eq!(next.run(&next.sync_task(false)).await, Outcome::Ack);
+    assert_eq!(next.counting.puts.load(Ordering::SeqCst), 0, "{}", next.last("workspace.synced").data);
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+/// What can't be stored — a backslash name, a non-UTF-8 name, a FIFO, a folder with a bad
+/// name, the reserved `.berth` — is never deleted: `remove` moves it to the preserved area.
+async fn unsyncable_entries_are_preserved_on_remove(backend: Backend) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(4, 0)).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    let directory = harness.directory();
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9.txt");
+    std::fs::write(directory.join("pleadings/report\\final.docx"), b"backslash").unwrap();
+    std::fs::write(directory.join("pleadings").join(latin1), b"latin-1").unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(directory.join("pipe")).status().unwrap().success());
+    std::fs::create_dir_all(directory.join("bad\\folder/inner")).unwrap();
+    std::fs::write(directory.join("bad\\folder/inner/file.txt"), b"inside a bad folder").unwrap();
+    std::fs::create_dir_all(directory.join(".berth")).unwrap();
+    std::fs::write(directory.join(".berth/tree.json"), b"{\"forged\": true}").unwrap();
+    std::fs::write(directory.join("motions/fine.txt"), b"fine").unwrap();
+
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!(synced.data["final"], json!(true), "{}", synced.data);
+    let mut skipped: Vec<String> = synced.data["skipped"].as_array().unwrap().iter().map(|entry| entry["path"].as_str().unwrap().to_owned()).collect();
+    skipped.sort();
+    let mut expected = vec![".berth".to_owned(), "bad\\folder".to_owned(), "pipe".to_owned(), "pleadings/caf\u{FFFD}.txt".to_owned(), "pleadings/report\\final.docx".to_owned()];
+    expected.sort();
+    assert_eq!(skipped, expected);
+    assert_ne!(harness.sidecar().await.links.get("forged"), Some(&"true".to_owned()));
+    assert!(harness.remote().await.contains_key("motions/fine.txt"));
+
+    assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
+    let removed = harness.last("workspace.removed");
+    let mut preserved: Vec<String> = removed.data["preserved"].as_array().unwrap().iter().map(|path| path.as_str().unwrap().to_owned()).collect();
+    preserved.sort();
+    assert_eq!(preserved, expected);
+    assert!(!directory.exists());
+    let kept = harness.preserved();
+    assert_eq!(std::fs::read(kept.join("pleadings/report\\final.docx")).unwrap(), b"backslash");
+    assert_eq!(std::fs::read(kept.join("pleadings").join(latin1)).unwrap(), b"latin-1", "the name byte for byte");
+    assert!(std::fs::symlink_metadata(kept.join("pipe")).unwrap().file_type().is_fifo());
+    assert_eq!(std::fs::read(kept.join("bad\\folder/inner/file.txt")).unwrap(), b"inside a bad folder");
+    assert_eq!(std::fs::read(kept.join(".berth/tree.json")).unwrap(), b"{\"forged\": true}");
+    assert!(!harness.profile.deployment_root().join(".berth-preserved").starts_with(&directory));
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+/// A materialize that died part-way (a download failed; then, as after a SIGKILL, the manifest
+/// lost entries or was never written) is followed by a final sync: nothing in the store that
+/// simply wasn't downloaded yet is deleted, and files already in place are not conflicts.
+async fn sync_after_an_interrupted_materialize_deletes_nothing(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    let files = fixture(40, 0);
+    harness.seed(&files).await;
+    let failing = files.keys().nth(25).unwrap().clone();
+    *harness.counting.failing_reads.lock().unwrap() = Some(failing.clone());
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.failed").data["stage"], json!("download"));
+    *harness.counting.failing_reads.lock().unwrap() = None;
+    let present = local_files(&harness.directory());
+    assert!(present.len() < files.len(), "the materialize stopped part-way ({} of {})", present.len(), files.len());
+
+    // As if the agent was killed before saving what it had placed: half of the entries are lost.
+    let manifest_path = harness.profile.deployment_root().join(workspace::MANIFESTS_DIR).join(format!("{}.json", harness.session));
+    let mut manifest = workspace::read_manifest(&harness.profile, &harness.session).unwrap().unwrap();
+    let forgotten: Vec<String> = manifest.files.keys().step_by(2).cloned().collect();
+    assert!(!forgotten.is_empty());
+    for path in &forgotten {
+        manifest.files.remove(path);
+    }
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    harness.counting.deletes.store(0, Ordering::SeqCst);
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!((synced.data["final"].clone(), number(&synced, "deleted"), number(&synced, "conflicts")), (json!(true), 0, 0), "{}", synced.data);
+    assert_eq!(harness.counting.deletes.load(Ordering::SeqCst), 0);
+    assert_eq!(harness.remote().await, files, "the store is exactly as seeded");
+
+    // And with no manifest at all (killed before the first save).
+    std::fs::remove_file(&manifest_path).unwrap();
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!((synced.data["final"].clone(), number(&synced, "deleted"), number(&synced, "conflicts")), (json!(true), 0, 0), "{}", synced.data);
+    assert_eq!(harness.remote().await, files);
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+/// A session that failed before materialize has no directory: its final sync and remove answer.
+async fn a_missing_directory_syncs_and_removes_as_nothing(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(3, 0)).await;
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!(
+        synced.data,
+        json!({"final": true, "missing": true, "uploaded": 0, "deleted": 0, "unchanged": 0, "bytes_uploaded": 0, "skipped": [], "conflicts": 0})
+    );
+    assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.removed").data, json!({"preserved": []}));
+    assert_eq!(harness.remote().await, fixture(3, 0), "the store is untouched");
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
+/// Session 1's directory was stranded with unsaved work; session 2 of the same workspace starts
+/// from that newer copy, never from the older one in the store.
+async fn materialize_saves_a_stranded_sibling_first(backend: Backend) {
+    let stranded = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    stranded.seed(&BTreeMap::from([("notes.txt".to_owned(), b"old".to_vec())])).await;
+    assert_eq!(stranded.run(&stranded.materialize_task()).await, Outcome::Ack);
+    std::fs::write(stranded.directory().join("notes.txt"), b"newer, never synced").unwrap();
+    std::fs::write(stranded.directory().join("added.txt"), b"also new").unwrap();
+    // An unrelated workspace of the same user is left alone.
+    let unrelated = Harness { workspace: "case-2".into(), ..stranded.other_session() };
+    assert_eq!(unrelated.run(&unrelated.materialize_task()).await, Outcome::Ack);
+    std::fs::write(unrelated.directory().join("elsewhere.txt"), b"not this workspace").unwrap();
+
+    let next = stranded.other_session();
+    assert_eq!(next.run(&next.materialize_task()).await, Outcome::Ack);
+    assert_eq!(std::fs::read(next.directory().join("notes.txt")).unwrap(), b"newer, never synced");
+    assert_eq!(std::fs::read(next.directory().join("added.txt")).unwrap(), b"also new");
+    assert_eq!(stranded.remote().await["notes.txt"], b"newer, never synced");
+    let manifest = workspace::read_manifest(&stranded.profile, &stranded.session).unwrap().unwrap();
+    assert!(manifest.final_sync_confirmed(), "the stranded directory's final sync is recorded");
+    assert!(stranded.directory().join("notes.txt").is_file(), "and it is kept until the engine removes it");
+    assert!(!unrelated.remote().await.contains_key("elsewhere.txt"));
+    stranded.cleanup();
     backend.cleanup().await;
 }
 
@@ -706,7 +1049,14 @@ on_both_backends!(
     materializes_byte_for_byte_small_first,
     incremental_sync_uploads_exactly_the_changes,
     hostile_keys_are_refused_and_nothing_is_written,
-    symlinks_and_special_files_are_never_uploaded,
+    symlinks_are_stored_as_links_and_never_followed,
+    two_sessions_editing_one_file_keep_both,
+    an_outside_writer_is_never_overwritten,
+    tree_metadata_round_trips,
+    unsyncable_entries_are_preserved_on_remove,
+    sync_after_an_interrupted_materialize_deletes_nothing,
+    a_missing_directory_syncs_and_removes_as_nothing,
+    materialize_saves_a_stranded_sibling_first,
     remove_only_after_a_confirmed_final_sync,
     tasks_for_one_workspace_never_overlap,
     bad_tasks_get_clear_answers,
@@ -789,7 +1139,12 @@ async fn final_sync_rides_out_a_store_outage() {
     let port = PrivateMoto::free_port();
     let mut moto = PrivateMoto::start(port).await;
     let backend = Backend::s3_at(&moto.address()).await.expect("bucket");
-    let settings = AgentSettings { final_sync_attempts: 30, final_sync_backoff_start: Duration::from_millis(200), final_sync_backoff_max: Duration::from_secs(1) };
+    let settings = AgentSettings {
+        final_sync_attempts: 30,
+        final_sync_backoff_start: Duration::from_millis(200),
+        final_sync_backoff_max: Duration::from_secs(1),
+        ..AgentSettings::standard()
+    };
     let harness = Arc::new(Harness::new(&backend, CollectedEvents::new(), settings));
     let files = fixture(20, 1);
     harness.seed(&files).await;
