@@ -165,37 +165,28 @@ impl Harness {
 
     async fn notification(&mut self, session: &str, state: &str) -> Notification {
         let matches = |n: &Notification| n.session.as_deref() == Some(session) && n.state == state;
-        if let Some(index) = self.notification_backlog.iter().position(matches) {
-            return self.notification_backlog.remove(index);
-        }
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let seen = tokio::time::timeout_at(deadline, self.notifications.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no `{state}` notification for {session}"))
-                .expect("notification stream");
-            let notification = Notification::decode(&seen.body).expect("a notification");
-            assert_eq!(seen.routing_key, format!("user.{}", notification.user));
-            if matches(&notification) {
-                return notification;
-            }
-            self.notification_backlog.push(notification);
-        }
+        self.notification_where(matches, &format!("`{state}` notification for {session}")).await
     }
 
     /// The first notification caused by the event `event_id`.
     async fn notification_caused_by(&mut self, event_id: &str) -> Notification {
         let matches = |n: &Notification| n.cause.as_deref() == Some(event_id);
-        if let Some(index) = self.notification_backlog.iter().position(matches) {
+        self.notification_where(matches, &format!("notification caused by {event_id}")).await
+    }
+
+    /// The first notification (from the backlog, else arriving within [`WAIT`]) that `matches`.
+    async fn notification_where(&mut self, matches: impl Fn(&Notification) -> bool, what: &str) -> Notification {
+        if let Some(index) = self.notification_backlog.iter().position(&matches) {
             return self.notification_backlog.remove(index);
         }
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let seen = tokio::time::timeout_at(deadline, self.notifications.recv())
                 .await
-                .unwrap_or_else(|_| panic!("no notification caused by {event_id}"))
+                .unwrap_or_else(|_| panic!("no {what}"))
                 .expect("notification stream");
             let notification = Notification::decode(&seen.body).expect("a notification");
+            assert_eq!(seen.routing_key, format!("user.{}", notification.user));
             if matches(&notification) {
                 return notification;
             }
