@@ -707,6 +707,48 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
     fixture.bus.delete_queue(&queue).await.expect("delete task queue");
 }
 
+/// The error policy against a Docker engine that cannot be asked: no socket, a socket nobody
+/// listens on, and one that accepts but never answers. Each is an outage (`RetryUnavailable`, which
+/// never uses up the task's attempts), while a bad task is still dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_docker_engine_is_an_outage_and_bad_input_is_dead_lettered() {
+    let fixture = Fixture::new(|_| {}).await;
+    let root = fixture.profile.services.workspace_root.clone();
+    std::fs::create_dir_all(&root).unwrap();
+    // A socket that goes away after the client was made (Docker stopped, socket removed).
+    let missing = root.join("gone.sock");
+    drop(std::os::unix::net::UnixListener::bind(&missing).unwrap());
+    let refusing = root.join("refusing.sock");
+    drop(std::os::unix::net::UnixListener::bind(&refusing).unwrap());
+    let hanging = root.join("hanging.sock");
+    let hanging_listener = tokio::net::UnixListener::bind(&hanging).unwrap();
+    let hold_open = tokio::spawn(async move {
+        let mut accepted = Vec::new();
+        while let Ok((stream, _)) = hanging_listener.accept().await {
+            accepted.push(stream);
+        }
+    });
+    let session = fixture.session("outage");
+    let clients: Vec<(&PathBuf, Docker)> = [&missing, &refusing, &hanging]
+        .into_iter()
+        .map(|socket| (socket, Docker::connect_with_unix(&socket.display().to_string(), 1, bollard::API_DEFAULT_VERSION).unwrap()))
+        .collect();
+    std::fs::remove_file(&missing).unwrap();
+    for (socket, docker) in clients {
+        let agent = Agent::with_settings(fixture.profile.clone(), fixture.bus.clone(), docker, fixture.settings.clone()).unwrap();
+        for action in ["provision", "pause", "remove", "stop"] {
+            let args = if action == "provision" { json!({"user": "alice", "workspace": "w1"}) } else { json!({}) };
+            let outcome = agent.handle_delivery(&task(&session, action, args).to_bytes()).await;
+            assert_eq!(outcome, Outcome::RetryUnavailable, "{action} through {}", socket.display());
+        }
+        let inventory = agent.inventory().await.unwrap_err();
+        assert_eq!(inventory.outcome(), Outcome::RetryUnavailable, "{inventory}");
+        let bad = agent.handle_delivery(&task(&session, "explode", json!({})).to_bytes()).await;
+        assert!(matches!(bad, Outcome::DeadLetter(reason) if reason.contains("explode")));
+    }
+    hold_open.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_profiles_are_refused_before_any_container_exists() {
     let fixture = Fixture::new(|_| {}).await;
