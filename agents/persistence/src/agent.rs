@@ -24,6 +24,10 @@ const PREFETCH: u16 = 64;
 const CONCURRENCY: usize = 1;
 /// A pause before a passing failure is requeued, so that a redelivery does not spin.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How long a fire-and-forget task waits in place for a store that is down before it goes to the
+/// bus's retry ladder. Waiting in place keeps queue order (a retried message would let later
+/// ones pass, and a session's record could go back in time); the bound lets shutdown finish.
+const WAIT_IN_PLACE_FOR: Duration = Duration::from_secs(60);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// The persistence agent: a store and the bus it answers on.
@@ -50,7 +54,16 @@ impl Agent {
     /// Handles one delivery: a request gets a reply (success or error) and is acked; a
     /// fire-and-forget task is acked, retried or dead-lettered by [`error_policy`].
     pub async fn handle_delivery(&self, incoming: Incoming) -> Outcome {
-        let outcome = self.decode_and_handle(&incoming).await;
+        let mut outcome = self.decode_and_handle(&incoming).await;
+        if incoming.reply_to.is_none() {
+            let waiting_since = std::time::Instant::now();
+            let mut pause = Duration::from_millis(100);
+            while outcome.as_ref().is_err_and(|error| error.kind() == ErrorKind::Unavailable) && waiting_since.elapsed() < WAIT_IN_PLACE_FOR {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                outcome = self.decode_and_handle(&incoming).await;
+            }
+        }
         if incoming.reply_to.is_some() {
             let reply = match &outcome {
                 Ok(result) => Reply::Ok(result.clone()),
@@ -69,11 +82,7 @@ impl Agent {
         match outcome {
             Ok(_) => Outcome::Ack,
             Err(error) => {
-                let decision = error_policy(&error);
-                if decision == Outcome::Retry {
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-                decision
+                error_policy(&error)
             }
         }
     }
@@ -105,11 +114,12 @@ impl Agent {
     }
 }
 
-/// What a failed fire-and-forget task becomes: a store that is down is retried (the queue's
-/// delivery limit bounds it); anything else can never succeed and is dead-lettered with the reason.
+/// What a failed fire-and-forget task becomes: a store that is still down after waiting in place
+/// goes to the retry ladder without using up its attempts; anything else can never succeed and is
+/// dead-lettered with the reason.
 pub fn error_policy(error: &Error) -> Outcome {
     match error.kind() {
-        ErrorKind::Unavailable => Outcome::Retry,
+        ErrorKind::Unavailable => Outcome::RetryUnavailable,
         ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::Conflict => Outcome::DeadLetter(format!("{}: {error}", error.kind())),
     }
 }

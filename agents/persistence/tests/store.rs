@@ -671,7 +671,7 @@ async fn bad_fire_and_forget_tasks_are_dead_lettered_with_the_reason() {
         }
     }
     assert_eq!(agent.handle_delivery(incoming(task("put", json!({"collection": "s", "doc": {}})))).await, Outcome::Ack);
-    assert_eq!(error_policy(&Error::Unavailable("down".into())), Outcome::Retry);
+    assert_eq!(error_policy(&Error::Unavailable("down".into())), Outcome::RetryUnavailable);
     bus.close().await;
 }
 
