@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
@@ -92,7 +92,11 @@ pub fn open(url: &str, settings: &StoreSettings) -> Result<OpenedStore> {
             return Ok(OpenedStore { store: Arc::new(local), root: ObjectPath::default(), url: url.to_owned() });
         }
         "s3" | "s3a" => {
-            let mut builder = AmazonS3Builder::new().with_url(url).with_retry(retry_config());
+            // Conditional puts with `If-Match`/`If-None-Match` (AWS S3 since 2024, MinIO, R2,
+            // moto); `aws_conditional_put=disabled` turns them off for a store that can't, and the
+            // agent then checks the version itself right before each write.
+            let mut builder =
+                AmazonS3Builder::new().with_url(url).with_retry(retry_config()).with_conditional_put(S3ConditionalPut::ETagMatch);
             for (key, value) in &settings.options {
                 if let Ok(config_key) = key.parse::<AmazonS3ConfigKey>() {
                     builder = builder.with_config(config_key, value);

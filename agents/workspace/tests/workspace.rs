@@ -1024,6 +1024,142 @@ async fn materialize_saves_a_stranded_sibling_first(backend: Backend) {
     backend.cleanup().await;
 }
 
+
+// ----- what each backend supports, measured -----------------------------------------------------------
+
+/// What `object_store` does with conditional writes on each backend, as the README states it:
+/// moto (S3 with `If-None-Match`/`If-Match`) does both natively; `file://` does `Create`
+/// natively and refuses `Update` and attributes (the agent checks, then writes).
+async fn conditional_write_support(backend: Backend) {
+    use object_store::{Attribute, Attributes, PutMode, UpdateVersion};
+    let store = backend.open();
+    let key = ObjectPath::from(format!("probe-{}/object", Uuid::new_v4().simple()));
+    let first = store.store.put_opts(&key, PutPayload::from_static(b"one"), PutMode::Create.into()).await.expect("create on a free key");
+    let again = store.store.put_opts(&key, PutPayload::from_static(b"two"), PutMode::Create.into()).await;
+    assert!(matches!(again, Err(object_store::Error::AlreadyExists { .. })), "{again:?}");
+    let stale = UpdateVersion { e_tag: Some("\"not-the-etag\"".into()), version: None };
+    let stale_update = store.store.put_opts(&key, PutPayload::from_static(b"three"), PutMode::Update(stale).into()).await;
+    let current = UpdateVersion { e_tag: first.e_tag.clone(), version: first.version.clone() };
+    let good_update = store.store.put_opts(&key, PutPayload::from_static(b"four"), PutMode::Update(current).into()).await;
+    let mut attributes = Attributes::new();
+    attributes.insert(Attribute::Metadata("berth-mode".into()), "755".into());
+    let with_attributes = store.store.put_opts(&key.child("attributes"), PutPayload::from_static(b"x"), attributes.into()).await;
+    let content = store.store.get(&key).await.unwrap().bytes().await.unwrap();
+    match &backend.kind {
+        BackendKind::S3 { .. } => {
+            assert!(matches!(stale_update, Err(object_store::Error::Precondition { .. })), "{stale_update:?}");
+            assert!(good_update.is_ok(), "{good_update:?}");
+            assert_eq!(content.as_ref(), b"four");
+            assert!(with_attributes.is_ok(), "{with_attributes:?}");
+        }
+        BackendKind::File { .. } => {
+            assert!(matches!(stale_update, Err(object_store::Error::NotImplemented)), "{stale_update:?}");
+            assert!(matches!(good_update, Err(object_store::Error::NotImplemented)), "{good_update:?}");
+            assert_eq!(content.as_ref(), b"one");
+            assert!(matches!(with_attributes, Err(object_store::Error::NotImplemented)), "{with_attributes:?}");
+        }
+    }
+    backend.cleanup().await;
+}
+
+// ----- inventory and outages -------------------------------------------------------------------------
+
+/// Two deployments share one workspace root: each agent's inventory lists only its own
+/// directories, in events of at most `inventory_batch`, and says which are confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_lists_only_this_deployments_directories() {
+    let backend = Backend::file();
+    let scratch = std::env::temp_dir().join(format!("berth-ws-test-{}", Uuid::new_v4()));
+    let tag = Uuid::new_v4().simple().to_string();
+    let mut agents = Vec::new();
+    for deployment in [format!("a-{}", &tag[..8]), format!("b-{}", &tag[..8])] {
+        let mut profile = test_profile(&backend.url, &scratch);
+        profile.services.deployment = Some(deployment);
+        let events = Arc::new(CollectedEvents::new());
+        let settings = AgentSettings { inventory_batch: 1, ..quick_settings() };
+        let agent = Arc::new(WorkspaceAgent::new(profile.clone(), backend.open(), events.clone(), settings));
+        agents.push((profile, events, agent));
+    }
+    let user = format!("u-{}", &tag[..8]);
+    let mut sessions = Vec::new();
+    for (index, (profile, _, agent)) in agents.iter().enumerate() {
+        for number in 0..(2 - index) {
+            let session = format!("inv-{index}-{number}-{tag}");
+            let task = Task {
+                id: Uuid::now_v7(),
+                agent: AgentKind::Workspace,
+                action: "materialize".into(),
+                session: Some(session.clone()),
+                thred: None,
+                cause: None,
+                args: json!({"user": user, "workspace": format!("w{number}")}),
+            };
+            assert_eq!(agent.handle(&task).await.unwrap(), Outcome::Ack);
+            assert!(profile.session_dir(&session).is_dir());
+            sessions.push((index, session));
+        }
+    }
+    let (profile_a, events_a, agent_a) = &agents[0];
+    assert_eq!(agent_a.publish_inventory().await.unwrap(), 2);
+    let inventories: Vec<CloudEvent> = events_a.take().into_iter().filter(|event| event.event_type == "workspace.inventory").collect();
+    assert_eq!(inventories.len(), 2, "one directory per event with inventory_batch = 1");
+    assert!(inventories.iter().all(|event| event.subject.is_none()));
+    let listed: Vec<Value> = inventories.iter().flat_map(|event| event.data["directories"].as_array().unwrap().clone()).collect();
+    let names: Vec<&str> = listed.iter().map(|entry| entry["session"].as_str().unwrap()).collect();
+    let ours: Vec<&str> = sessions.iter().filter(|(index, _)| *index == 0).map(|(_, session)| session.as_str()).collect();
+    assert_eq!(names, ours, "only deployment a's directories");
+    for entry in &listed {
+        assert_eq!(entry["user"], json!(user));
+        assert_eq!(entry["profile"], json!(profile_a.name));
+        assert_eq!(entry["confirmed"], json!(false));
+        assert!(chrono::DateTime::parse_from_rfc3339(entry["modified"].as_str().unwrap()).is_ok(), "{entry}");
+    }
+    // After a confirmed final sync the directory is listed as confirmed; a change clears that.
+    let session = ours[0].to_owned();
+    let sync = |final_sync: bool| Task {
+        id: Uuid::now_v7(),
+        agent: AgentKind::Workspace,
+        action: "sync".into(),
+        session: Some(session.clone()),
+        thred: None,
+        cause: None,
+        args: json!({"user": user, "workspace": "w0", "final": final_sync}),
+    };
+    assert_eq!(agent_a.handle(&sync(true)).await.unwrap(), Outcome::Ack);
+    let confirmed = |directories: Vec<Value>| directories.iter().find(|entry| entry["session"] == json!(session)).unwrap()["confirmed"].clone();
+    assert_eq!(confirmed(agent_a.inventory().await.unwrap()), json!(true));
+    std::fs::write(profile_a.session_dir(&session).join("late.txt"), b"late").unwrap();
+    assert_eq!(confirmed(agent_a.inventory().await.unwrap()), json!(false));
+    let (_, events_b, agent_b) = &agents[1];
+    assert_eq!(agent_b.publish_inventory().await.unwrap(), 1);
+    assert_eq!(events_b.events().iter().filter(|event| event.event_type == "workspace.inventory").count(), 1);
+    let _ = std::fs::remove_dir_all(&scratch);
+    backend.cleanup().await;
+}
+
+/// An object store that refuses connections is an outage: a materialize is not answered as
+/// failed but handed back to wait (`RetryUnavailable`), and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_waits_instead_of_failing() {
+    let port = PrivateMoto::free_port();
+    let backend = Backend {
+        url: "s3://nowhere/tests".to_owned(),
+        settings: StoreSettings::s3_compatible(&format!("http://127.0.0.1:{port}")),
+        kind: BackendKind::File { directory: std::env::temp_dir().join(format!("berth-ws-none-{}", Uuid::new_v4())) },
+    };
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    let outcome = harness.agent.handle_message(&harness.materialize_task().to_bytes()).await;
+    assert_eq!(outcome, Outcome::RetryUnavailable);
+    assert!(harness.events_of("workspace.failed").is_empty(), "{:?}", harness.event_types());
+    let error = workspace::Error::Store(harness.store.store.head(&harness.key("x")).await.unwrap_err());
+    assert!(error.is_unavailable(), "{error}");
+    assert_eq!(workspace::error_policy(&error), Outcome::RetryUnavailable);
+    let bad = workspace::Error::BadTask("nope".into());
+    assert!(matches!(workspace::error_policy(&bad), Outcome::DeadLetter(_)));
+    assert_eq!(workspace::error_policy(&workspace::Error::Unconfirmed("later".into())), Outcome::Retry);
+    harness.cleanup();
+}
+
 macro_rules! on_both_backends {
     ($($suite:ident),* $(,)?) => {
         mod on_s3 {
@@ -1057,6 +1193,7 @@ on_both_backends!(
     sync_after_an_interrupted_materialize_deletes_nothing,
     a_missing_directory_syncs_and_removes_as_nothing,
     materialize_saves_a_stranded_sibling_first,
+    conditional_write_support,
     remove_only_after_a_confirmed_final_sync,
     tasks_for_one_workspace_never_overlap,
     bad_tasks_get_clear_answers,
