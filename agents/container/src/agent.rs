@@ -808,10 +808,12 @@ impl Agent {
         Ok(entries)
     }
 
-    /// Publishes `container.inventory` (no subject: it is about every session).
+    /// Publishes `container.inventory` (no subject: it is about every session), naming the
+    /// deployment so an engine of another deployment on the same broker ignores it.
     pub async fn publish_inventory(&self) -> Result<CloudEvent> {
         let entries = self.inventory().await?;
-        let event = CloudEvent::new(EVENT_SOURCE_INVENTORY, EVENT_SOURCE, None, json!({"containers": entries}));
+        let data = json!({"deployment": self.inner.profile.deployment(), "containers": entries});
+        let event = CloudEvent::new(EVENT_SOURCE_INVENTORY, EVENT_SOURCE, None, data);
         self.inner.bus.publish_event(&event).await?;
         tracing::debug!(containers = entries.len(), "inventory published");
         Ok(event)

@@ -441,6 +441,7 @@ async fn two_deployments_sharing_a_profile_name_and_a_docker_engine_never_touch_
         assert_eq!((inventory[0].user.as_str(), inventory[0].workspace.as_str()), ("alice", "w1"));
     }
     let published = agent_a.publish_inventory().await.unwrap();
+    assert_eq!(published.data["deployment"], profile_a.deployment().as_str());
     let entries = published.data["containers"].as_array().unwrap();
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0]["session"], session_a.as_str());
