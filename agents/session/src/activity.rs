@@ -84,6 +84,16 @@ impl ActivityGate {
         }
     }
 
+    /// Whether the shared Redis keeps the engine's thred state across its own restart (the
+    /// append-only file is on), for `/readyz`; `None` when Redis is not connected or not answering.
+    pub async fn redis_append_only(&self) -> Option<bool> {
+        let mut manager = self.shared.clone()?;
+        let mut command = redis::cmd("CONFIG");
+        command.arg("GET").arg("appendonly");
+        let reply = tokio::time::timeout(REDIS_TIMEOUT, command.query_async::<Vec<String>>(&mut manager)).await.ok()?.ok()?;
+        Some(reply.get(1).is_some_and(|value| value == "yes"))
+    }
+
     /// Gives the interval back after the event could not be published, so the next input retries.
     pub async fn forget(&self, session: &str) {
         self.local.lock().unwrap_or_else(PoisonError::into_inner).forget(session);

@@ -126,7 +126,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let broker = state.bus.is_connected().await;
     let consuming = state.consumer_ready.load(Ordering::Relaxed);
     let status = if broker && consuming { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"broker": broker, "notifications": consuming}))).into_response()
+    // Reported, not required: without the append-only file a Redis restart ends live sessions
+    // (their files are still recovered), which an operator should know about.
+    let redis_append_only = state.activity.redis_append_only().await;
+    (status, Json(json!({"broker": broker, "notifications": consuming, "redis_append_only": redis_append_only}))).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

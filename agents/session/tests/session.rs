@@ -1017,6 +1017,12 @@ async fn http_endpoints_and_shutdown() -> Result<()> {
     assert_eq!(http_get(instance.address, "/healthz", None).await?.0, 200);
     let (status, body) = http_get(instance.address, "/readyz", None).await?;
     assert_eq!(status, 200, "{body}");
+    // Readiness tells whether Redis would keep thred state across its own restart.
+    let client = redis::Client::open(dev_profile().services.redis_url.as_str())?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let appendonly: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(&mut redis).await?;
+    let readiness: Value = serde_json::from_str(&body)?;
+    assert_eq!(readiness["redis_append_only"], json!(appendonly.get(1).map(String::as_str) == Some("yes")), "{body}");
     let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
     let (status, metrics) = http_get(instance.address, "/metrics", None).await?;
     assert_eq!(status, 200);
