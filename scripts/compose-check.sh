@@ -284,9 +284,18 @@ final_stage = dockerfile.rsplit("\nFROM ", 1)[-1]
 users = re.findall(r"^USER\s+(\S+)", final_stage, re.M)
 if not users or users[-1].split(":")[0] in ("0", "root"):
     fail("the final image must run as a non-root USER")
-for required in ("COPY patterns/", "COPY run-profiles/", "COPY --from=build /out/berth"):
+for required in ("COPY patterns/", "COPY run-profiles/", "COPY --from=binary /out/berth"):
     if required not in final_stage:
         fail(f"the final image lacks `{required}`")
+# What users build is the official Debian slim with the binary of the Rust `build` stage; only the
+# local test (scripts/compose-images.sh) passes other values for these two arguments.
+defaults = dict(re.findall(r"^ARG (RUNTIME_IMAGE|BERTH_BINARY_FROM)=(\S+)", dockerfile, re.M))
+if defaults.get("BERTH_BINARY_FROM") != "build":
+    fail("compose/Dockerfile must default BERTH_BINARY_FROM to the `build` stage")
+if defaults.get("RUNTIME_IMAGE") != "debian:${DEBIAN_RELEASE}-slim":
+    fail("compose/Dockerfile must default RUNTIME_IMAGE to debian:${DEBIAN_RELEASE}-slim")
+if not re.search(r"^FROM \$\{BERTH_BINARY_FROM\} AS binary$", dockerfile, re.M) or not re.search(r"^FROM \$\{RUNTIME_IMAGE\} AS runtime$", dockerfile, re.M):
+    fail("compose/Dockerfile must build `binary` FROM ${BERTH_BINARY_FROM} and `runtime` FROM ${RUNTIME_IMAGE}")
 rust_version = re.search(r"^ARG RUST_VERSION=(\S+)", dockerfile, re.M)
 if not rust_version:
     fail("compose/Dockerfile must pin ARG RUST_VERSION")
@@ -343,6 +352,71 @@ sys.exit(1 if problems else 0)
 PYTHON
 then
   problems=$((problems + 1))
+fi
+
+# 5. The override the compose test runs with (compose/docker-compose.local.yml) swaps image sources
+# only: rendered on top of the published file, every service keeps its command, healthcheck, volumes,
+# limits, ports and dependencies; the differences allowed are the images, the SQLite store (its URL
+# and its volume) and MongoDB left out (zero replicas).
+override_file="$here/compose/docker-compose.local.yml"
+if [ -f "$override_file" ]; then
+  merged=$(mktemp)
+  trap 'rm -f "$rendered" "$merged"; rm -rf "${stage:-}"' EXIT
+  if ! errors=$(BERTH_JWT_SECRET=$placeholder_secret "${compose[@]}" -f "$compose_file" -f "$override_file" config 2>&1 >"$merged"); then
+    fail "the stack does not render with compose/docker-compose.local.yml: $errors"
+  elif ! python3 - "$rendered" "$merged" "$here/compose/README.md" <<'PYTHON'
+import copy, pathlib, sys
+import yaml
+
+base = yaml.safe_load(pathlib.Path(sys.argv[1]).read_text())
+merged = yaml.safe_load(pathlib.Path(sys.argv[2]).read_text())
+readme = pathlib.Path(sys.argv[3]).read_text()
+problems = []
+store_volume = "store-data:/var/lib/berth/store:rw"
+
+if set(merged.get("services", {})) != set(base.get("services", {})):
+    problems.append(f"the override changes the set of services: {sorted(set(merged['services']) ^ set(base['services']))}")
+for name, service in merged.get("services", {}).items():
+    original = base["services"].get(name)
+    if original is None:
+        continue
+    service, original = copy.deepcopy(service), copy.deepcopy(original)
+    for side in (service, original):
+        side.pop("image", None)
+        # Rendering noise of a merge: `berth: null` becomes `berth: {}`, lists come back reordered.
+        if isinstance(side.get("networks"), dict):
+            side["networks"] = {key: value or {} for key, value in side["networks"].items()}
+        for key, value in side.items():
+            if isinstance(value, list) and all(isinstance(item, str) for item in value) and key not in ("command", "entrypoint"):
+                side[key] = sorted(value)
+    environment = service.get("environment") or {}
+    if "BERTH_STORE_URL" in environment and environment["BERTH_STORE_URL"] != (original.get("environment") or {}).get("BERTH_STORE_URL"):
+        if not str(environment["BERTH_STORE_URL"]).startswith("sqlite:///var/lib/berth/store/"):
+            problems.append(f"{name}: the override's store must be SQLite under /var/lib/berth/store, got {environment['BERTH_STORE_URL']!r}")
+        environment["BERTH_STORE_URL"] = original["environment"]["BERTH_STORE_URL"]
+    volumes = service.get("volumes") or []
+    if store_volume in volumes and store_volume not in (original.get("volumes") or []):
+        volumes.remove(store_volume)
+        if not volumes:
+            service.pop("volumes")
+    if name == "mongo":
+        if (service.get("deploy") or {}).get("replicas") != 0:
+            problems.append("the override must leave mongo out with deploy.replicas: 0")
+        service.get("deploy", {}).pop("replicas", None)
+    for key in sorted(set(service) | set(original)):
+        if service.get(key) != original.get(key):
+            problems.append(f"{name}: the override changes {key!r}; it may only swap image sources (and the store)")
+if set(merged.get("volumes") or {}) - set(base.get("volumes") or {}) - {"store-data"}:
+    problems.append("the override adds volumes other than store-data")
+if "docker-compose.local.yml" not in readme:
+    problems.append("compose/README.md does not describe compose/docker-compose.local.yml")
+for problem in problems:
+    print(f"compose-check: FAIL: {problem}", file=sys.stderr)
+sys.exit(1 if problems else 0)
+PYTHON
+  then
+    problems=$((problems + 1))
+  fi
 fi
 
 if [ "$problems" -gt 0 ]; then
