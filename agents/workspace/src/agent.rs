@@ -1647,3 +1647,31 @@ pub fn session_directory(profile: &Profile, session: &str) -> PathBuf {
 pub fn read_manifest(profile: &Profile, session: &str) -> Result<Option<Manifest>> {
     manifest::load_blocking(&manifest::manifest_path(&profile.deployment_root(), session))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check(path: &str, attempt: usize, expected: &str) {
+        let path = WorkspacePath::parse(path).unwrap();
+        assert_eq!(conflict_copy_path(&path, "0193a5c4-7e1f-7000", "20261201T101500Z", attempt).unwrap().as_str(), expected);
+    }
+
+    #[test]
+    fn conflict_copy_names() {
+        check("notes.txt", 0, "notes.conflict-0193a5c4-20261201T101500Z.txt");
+        check("a/b/archive.tar.gz", 0, "a/b/archive.tar.conflict-0193a5c4-20261201T101500Z.gz");
+        check("Makefile", 0, "Makefile.conflict-0193a5c4-20261201T101500Z");
+        check("dots/.bashrc", 0, "dots/.bashrc.conflict-0193a5c4-20261201T101500Z");
+        check("notes.txt", 2, "notes.conflict-0193a5c4-20261201T101500Z-3.txt");
+    }
+
+    #[test]
+    fn expected_versions_follow_the_manifest() {
+        assert_eq!(expected_version(None), Expected::Absent);
+        let entry = FileEntry { size: 1, mtime_ns: 1, sha256: String::new(), e_tag: Some("\"e\"".into()), version: None };
+        assert_eq!(expected_version(Some(&entry)), Expected::Version { e_tag: Some("\"e\"".into()), version: None });
+    }
+}

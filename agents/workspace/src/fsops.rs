@@ -314,10 +314,17 @@ impl Confined {
         Ok(true)
     }
 
-    /// Moves one entry (by its raw name in an opened folder) to `destination`, outside the workspace.
+    /// Moves one entry (by its raw name in an opened folder) to `destination`, outside the
+    /// workspace. When the workspace is a file system of its own (`EXDEV`) the entry is copied
+    /// instead (it is deleted with the directory afterwards).
     pub fn move_out(&self, parent: Option<&WorkspacePath>, name: &std::ffi::OsStr, destination: &Path) -> Result<()> {
         let folder = self.folder(parent, None)?;
-        std::fs::rename(proc_path_os(&folder, name), destination).map_err(|source| Error::io("preserving", destination, source))
+        let source = proc_path_os(&folder, name);
+        match std::fs::rename(&source, destination) {
+            Ok(()) => Ok(()),
+            Err(error) if error.raw_os_error() == Some(libc::EXDEV) => copy_entry(&source, destination),
+            Err(source) => Err(Error::io("preserving", destination, source)),
+        }
     }
 
     /// Links a fully written staged file into place at `path`, with permission bits `mode`.
@@ -346,6 +353,48 @@ impl Confined {
         }
         std::fs::remove_file(staged).map_err(|source| Error::io("removing staged copy of", path.under(&self.root_path), source))?;
         Ok(Placed::Placed)
+    }
+}
+
+/// Copies one entry without following links: files with their bits (flushed), folders
+/// recursively, links as links, FIFOs recreated. Sockets and devices can't be copied: an error,
+/// so the directory they are in is kept.
+pub fn copy_entry(source: &Path, destination: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let failed = |action: &'static str| move |error: std::io::Error| Error::io(action, destination, error);
+    let metadata = std::fs::symlink_metadata(source).map_err(failed("inspecting the original of"))?;
+    let mode = metadata.permissions().mode() & tree::MODE_MASK;
+    let file_type = metadata.file_type();
+    if file_type.is_symlink() {
+        let target = std::fs::read_link(source).map_err(failed("reading the link for"))?;
+        std::os::unix::fs::symlink(target, destination).map_err(failed("copying link to"))
+    } else if file_type.is_dir() {
+        std::fs::create_dir(destination).map_err(failed("creating"))?;
+        let folder = open_folder_nofollow(source).map_err(failed("opening the original of"))?;
+        for entry in std::fs::read_dir(proc_path(&folder, "")).map_err(failed("listing the original of"))? {
+            let name = entry.map_err(failed("listing the original of"))?.file_name();
+            copy_entry(&proc_path_os(&folder, &name), &destination.join(&name))?;
+        }
+        std::fs::set_permissions(destination, std::fs::Permissions::from_mode(mode)).map_err(failed("setting mode of"))
+    } else if file_type.is_file() {
+        let mut input = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(source)
+            .map_err(failed("opening the original of"))?;
+        let mut output = OpenOptions::new().write(true).create_new(true).mode(mode).open(destination).map_err(failed("creating"))?;
+        std::io::copy(&mut input, &mut output).map_err(failed("copying to"))?;
+        output.sync_all().map_err(failed("flushing"))
+    } else if file_type.is_fifo() {
+        // std has no mkfifo and this crate forbids unsafe code: the coreutils/busybox tool does it.
+        let made = std::process::Command::new("mkfifo").arg("-m").arg(format!("{mode:o}")).arg(destination).status();
+        match made {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => Err(Error::io("recreating FIFO", destination, std::io::Error::other(format!("mkfifo exited with {status}")))),
+            Err(error) => Err(Error::io("recreating FIFO", destination, error)),
+        }
+    } else {
+        Err(Error::io("preserving", destination, std::io::Error::other("a socket or device can't be copied to another file system")))
     }
 }
 
@@ -494,6 +543,29 @@ mod tests {
         assert!(scan.files.is_empty());
         assert!(scan.unsyncable.is_empty());
         assert_eq!(scan.tree.links.get("a").map(String::as_str), Some(directory.join("outside").to_str().unwrap()), "kept as a link, never entered");
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    /// The cross-file-system fallback of preserving keeps names, bytes, bits, links and FIFOs.
+    #[test]
+    fn copy_entry_keeps_what_it_copies() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::FileTypeExt;
+        let directory = scratch();
+        let source = directory.join("bad\\folder");
+        std::fs::create_dir_all(source.join("inner")).unwrap();
+        let odd = std::ffi::OsStr::from_bytes(b"caf\xe9");
+        std::fs::write(source.join("inner").join(odd), b"bytes").unwrap();
+        std::fs::set_permissions(source.join("inner").join(odd), std::fs::Permissions::from_mode(0o751)).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", source.join("link")).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(source.join("pipe")).status().unwrap().success());
+        let copy = directory.join("copy");
+        copy_entry(&source, &copy).unwrap();
+        let file = copy.join("inner").join(odd);
+        assert_eq!(std::fs::read(&file).unwrap(), b"bytes");
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o751);
+        assert_eq!(std::fs::read_link(copy.join("link")).unwrap(), PathBuf::from("/etc/passwd"));
+        assert!(std::fs::symlink_metadata(copy.join("pipe")).unwrap().file_type().is_fifo());
         std::fs::remove_dir_all(&directory).unwrap();
     }
 

@@ -1025,6 +1025,30 @@ async fn materialize_saves_a_stranded_sibling_first(backend: Backend) {
 }
 
 
+/// Multipart uploads can't be conditional in `object_store`: the agent checks the version right
+/// before completing, so a large file changed outside is kept and ours becomes the conflict copy.
+async fn a_large_file_changed_outside_is_kept(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    let original = content(1, 17 * 1024 * 1024);
+    harness.seed(&BTreeMap::from([("media/take.wav".to_owned(), original)])).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    let outside = content(2, 17 * 1024 * 1024 + 5);
+    harness.put("media/take.wav", &outside).await;
+    let ours = content(3, 17 * 1024 * 1024 + 9);
+    std::fs::write(harness.directory().join("media/take.wav"), &ours).unwrap();
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    let synced = harness.last("workspace.synced");
+    assert_eq!((synced.data["final"].clone(), number(&synced, "conflicts")), (json!(true), 1), "{}", synced.data);
+    let copy = harness.last("workspace.conflict").data["files"][0]["conflict_copy"].as_str().unwrap().to_owned();
+    assert_conflict_copy_name(&copy, "media/take", ".wav", &harness.session);
+    let remote = harness.remote().await;
+    assert!(remote["media/take.wav"] == outside, "the outside version stays");
+    assert!(remote[&copy] == ours, "ours is the conflict copy");
+    assert_eq!(remote.len(), 2);
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
 // ----- what each backend supports, measured -----------------------------------------------------------
 
 /// What `object_store` does with conditional writes on each backend, as the README states it:
@@ -1194,6 +1218,7 @@ on_both_backends!(
     a_missing_directory_syncs_and_removes_as_nothing,
     materialize_saves_a_stranded_sibling_first,
     conditional_write_support,
+    a_large_file_changed_outside_is_kept,
     remove_only_after_a_confirmed_final_sync,
     tasks_for_one_workspace_never_overlap,
     bad_tasks_get_clear_answers,
