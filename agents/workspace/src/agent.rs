@@ -536,6 +536,10 @@ impl WorkspaceAgent {
             return Err(Error::QuotaExceeded { bytes: total_bytes, quota });
         }
 
+        // The manifest exists before the directory does, so every directory of this deployment
+        // says whose it is (the inventory, a later final sync), even if the agent dies right now.
+        let mut manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
+
         // Lay out folders (skeleton and every parent) before anything can run in the workspace.
         let skeleton = self.profile.workspace.skeleton.clone();
         let directory = target.directory.clone();
