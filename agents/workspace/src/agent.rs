@@ -1274,6 +1274,25 @@ impl WorkspaceAgent {
         Ok(())
     }
 
+    /// Replaces a local file that is still exactly as `entry` recorded it with the store's newer
+    /// version `meta`. `None` when the local file changed (or went) meanwhile: nothing replaced.
+    async fn refresh(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath, meta: &ObjectMeta, entry: &FileEntry, mode: u32) -> Result<Option<FileEntry>> {
+        let staged = self.fetch_to_staging(&target.staging, path, meta).await?;
+        let checked = confined.clone();
+        let checked_path = path.clone();
+        let (size, mtime_ns) = (entry.size, entry.mtime_ns);
+        let unchanged = blocking(move || {
+            let (_, metadata) = checked.open_file(&checked_path)?;
+            Ok(metadata.len() == size && fsops::mtime_ns(&metadata) == mtime_ns)
+        })
+        .await;
+        if !matches!(unchanged, Ok(true)) {
+            let _ = tokio::fs::remove_file(&staged.content.path).await;
+            return Ok(None);
+        }
+        self.place(confined, path, staged, Placement::ReplaceExisting, mode).await
+    }
+
     /// Writes the sidecar conditionally; when another writer replaced it meanwhile, this
     /// session's changes (against what it last agreed with the store) go on top of theirs.
     async fn write_tree(&self, target: &Target, manifest: &mut Manifest, local: Tree) -> Result<()> {
@@ -1426,17 +1445,48 @@ impl WorkspaceAgent {
             return Err(Error::BadTask(format!("session {} was never materialized here", target.session)));
         };
         let mut problems = Vec::new();
+        let mut newer = Vec::new();
         manifest.files.retain(|path, entry| {
             let Ok(relative) = WorkspacePath::parse(path) else { return false };
             let key = relative.to_key(&target.prefix).to_string();
-            let matches = remote.get(&key).is_some_and(|meta| {
-                meta.size == entry.size && (entry.e_tag.is_none() || meta.e_tag.is_none() || meta.e_tag == entry.e_tag)
-            });
-            if !matches {
-                problems.push(format!("{path}: {}", if remote.contains_key(&key) { "size or ETag differs" } else { "missing" }));
+            match remote.get(&key) {
+                Some(meta) if meta.size == entry.size && (entry.e_tag.is_none() || meta.e_tag.is_none() || meta.e_tag == entry.e_tag) => true,
+                Some(meta) => {
+                    newer.push((relative, meta.clone(), entry.clone()));
+                    true
+                }
+                None => {
+                    problems.push(format!("{path}: missing"));
+                    false
+                }
             }
-            matches
         });
+        // Someone else wrote these since this session did. Where the local file is still what this
+        // session last saw, the store simply has a newer version: it replaces the local copy (no
+        // conflict). Otherwise the entry is forgotten and the next attempt keeps both versions.
+        let mut refreshed = 0;
+        if !newer.is_empty() {
+            let directory = target.directory.clone();
+            let confined = Arc::new(blocking(move || Confined::open(&directory)).await?);
+            for (relative, meta, entry) in newer {
+                let mode = manifest.tree.file_mode(relative.as_str());
+                match self.refresh(target, &confined, &relative, &meta, &entry, mode).await {
+                    Ok(Some(fresh)) => {
+                        tracing::info!(session = %target.session, path = %relative, "newer version from the store replaced an unchanged local file");
+                        manifest.files.insert(relative.as_str().to_owned(), fresh);
+                        refreshed += 1;
+                    }
+                    Ok(None) => {
+                        manifest.files.remove(relative.as_str());
+                        problems.push(format!("{relative}: changed in the store and here"));
+                    }
+                    Err(error) => {
+                        manifest.files.remove(relative.as_str());
+                        problems.push(format!("{relative}: {error}"));
+                    }
+                }
+            }
+        }
         let sidecar = sidecar_key(&target.prefix).to_string();
         let sidecar_matches = match (&manifest.tree_e_tag, remote.get(&sidecar)) {
             (None, None) => manifest.tree.is_empty(),
@@ -1457,6 +1507,9 @@ impl WorkspaceAgent {
             }
         }
         if problems.is_empty() {
+            if refreshed > 0 {
+                manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
+            }
             return Ok(());
         }
         manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
