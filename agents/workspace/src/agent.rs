@@ -285,6 +285,7 @@ impl WorkspaceAgent {
                     Ok(report) => {
                         self.report_conflicts(reply, &report.conflicts, None).await?;
                         let skipped: Vec<_> = report.skipped.iter().map(|(path, reason)| json!({"path": path, "reason": reason})).collect();
+                        let (skipped, skipped_total) = bounded_list(&skipped);
                         let mut data = json!({
                             "final": kind == SyncKind::Final, "uploaded": report.uploaded, "deleted": report.deleted,
                             "unchanged": report.unchanged, "bytes_uploaded": report.bytes_uploaded, "skipped": skipped,
@@ -292,6 +293,9 @@ impl WorkspaceAgent {
                         });
                         if report.missing {
                             data["missing"] = json!(true);
+                        }
+                        if skipped_total > skipped.len() {
+                            data["skipped_total"] = json!(skipped_total);
                         }
                         self.events.emit(reply.event("workspace.synced", data)).await
                     }
@@ -306,7 +310,14 @@ impl WorkspaceAgent {
             "remove" => {
                 let _guard = self.lock(format!("session:{session}")).await;
                 match self.remove(session).await {
-                    Ok(preserved) => self.events.emit(reply.event("workspace.removed", json!({"preserved": preserved}))).await,
+                    Ok(preserved) => {
+                        let (shown, total) = bounded_list(&preserved);
+                        let mut data = json!({"preserved": shown});
+                        if total > shown.len() {
+                            data["preserved_total"] = json!(total);
+                        }
+                        self.events.emit(reply.event("workspace.removed", data)).await
+                    }
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
                     Err(error) => {
                         tracing::warn!(session, %error, "remove refused");
@@ -366,15 +377,16 @@ impl WorkspaceAgent {
     }
 
     /// Tells the session's thred about conflicts (both versions were kept).
+    /// Many conflicts go in several events, each well below the bus's event size limit.
     async fn report_conflicts(&self, reply: &Reply, conflicts: &[ConflictRecord], from_session: Option<&str>) -> Result<()> {
-        if conflicts.is_empty() {
-            return Ok(());
+        for chunk in chunks_within(conflicts, usize::MAX, EVENT_LIST_BYTES) {
+            let mut data = json!({"files": chunk});
+            if let Some(session) = from_session {
+                data["from_session"] = json!(session);
+            }
+            self.events.emit(reply.event("workspace.conflict", data)).await?;
         }
-        let mut data = json!({"files": conflicts});
-        if let Some(session) = from_session {
-            data["from_session"] = json!(session);
-        }
-        self.events.emit(reply.event("workspace.conflict", data)).await
+        Ok(())
     }
 
     /// Final-syncs every other directory of this workspace in this deployment (a stranded session:
@@ -423,10 +435,14 @@ impl WorkspaceAgent {
         let mut directories = Vec::with_capacity(found.len());
         for entry in found {
             let confirmed = match &entry.manifest {
-                Some(manifest) if manifest.final_sync_confirmed() => {
+                Some(header) if header.final_sync_confirmed() => {
                     let directory = self.profile.session_dir(&entry.session);
-                    let manifest = manifest.clone();
-                    blocking(move || Ok(changes_since_final_sync(&manifest, &fsops::scan(&directory)?).is_none())).await.unwrap_or(false)
+                    let manifest_path = manifest::manifest_path(&self.profile.deployment_root(), &entry.session);
+                    let unchanged = blocking(move || {
+                        let Some(manifest) = manifest::load_blocking(&manifest_path)? else { return Ok(false) };
+                        Ok(manifest.final_sync_confirmed() && changes_since_final_sync(&manifest, &fsops::scan(&directory)?).is_none())
+                    });
+                    unchanged.await.unwrap_or(false)
                 }
                 _ => false,
             };
@@ -447,8 +463,10 @@ impl WorkspaceAgent {
     /// directories; one event with an empty list when there are none. Returns the count.
     pub async fn publish_inventory(&self) -> Result<usize> {
         let directories = self.inventory().await?;
-        let batch = self.settings.inventory_batch.max(1);
-        let chunks: Vec<&[serde_json::Value]> = if directories.is_empty() { vec![&[]] } else { directories.chunks(batch).collect() };
+        let mut chunks = chunks_within(&directories, self.settings.inventory_batch.max(1), EVENT_LIST_BYTES);
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
         for chunk in chunks {
             let event = protocol::CloudEvent::new("workspace.inventory", crate::events::EVENT_SOURCE, None, json!({"directories": chunk}));
             self.events.emit(event).await?;
@@ -1531,13 +1549,12 @@ impl WorkspaceAgent {
         let manifest = manifest::load(manifest_path.clone()).await?;
         let directory_exists = tokio::fs::symlink_metadata(&directory).await.is_ok();
         let mut manifest = match manifest {
-            Some(manifest) if !directory_exists => {
-                if manifest.phase != Phase::Removed {
-                    let mut manifest = manifest;
-                    manifest.phase = Phase::Removed;
-                    manifest.files.clear();
-                    manifest::save(manifest_path, manifest, Durability::Flushed).await?;
-                }
+            // Already removed (a redelivery): the same answer again.
+            Some(manifest) if !directory_exists && manifest.phase == Phase::Removed => return Ok(manifest.preserved),
+            Some(mut manifest) if !directory_exists => {
+                manifest.phase = Phase::Removed;
+                manifest.files.clear();
+                manifest::save(manifest_path, manifest, Durability::Flushed).await?;
                 return Ok(Vec::new());
             }
             Some(manifest) => manifest,
@@ -1591,10 +1608,40 @@ impl WorkspaceAgent {
         .await?;
         manifest.phase = Phase::Removed;
         manifest.files.clear();
+        manifest.preserved.clone_from(&preserved);
         manifest::save(manifest_path, manifest, Durability::Flushed).await?;
         tracing::info!(session, preserved = preserved.len(), "workspace directory removed after a confirmed final sync");
         Ok(preserved)
     }
+}
+
+/// Lists in events stay below this many bytes of JSON: the bus refuses events over 256 KiB
+/// (`protocol::event::DEFAULT_MAX_EVENT_BYTES`).
+const EVENT_LIST_BYTES: usize = 128 * 1024;
+
+/// Consecutive pieces of `items`, each at most `count` items and about `max_bytes` of JSON (an
+/// item bigger than that alone still gets a piece of its own).
+fn chunks_within<T: serde::Serialize>(items: &[T], count: usize, max_bytes: usize) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (index, item) in items.iter().enumerate() {
+        let size = serde_json::to_vec(item).map_or(0, |encoded| encoded.len() + 1);
+        if index > start && (index - start >= count || bytes + size > max_bytes) {
+            chunks.push(&items[start..index]);
+            (start, bytes) = (index, 0);
+        }
+        bytes += size;
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
+}
+
+/// The first items of a list that fit in one event (half the list budget), and how many there are.
+fn bounded_list<T: serde::Serialize + Clone>(items: &[T]) -> (Vec<T>, usize) {
+    let shown = chunks_within(items, usize::MAX, EVENT_LIST_BYTES / 2).first().map(|chunk| chunk.to_vec()).unwrap_or_default();
+    (shown, items.len())
 }
 
 /// What differs between a workspace and its manifest (`None`: nothing that needs a sync).
@@ -1723,6 +1770,18 @@ mod tests {
         check("Makefile", 0, "Makefile.conflict-0193a5c4-20261201T101500Z");
         check("dots/.bashrc", 0, "dots/.bashrc.conflict-0193a5c4-20261201T101500Z");
         check("notes.txt", 2, "notes.conflict-0193a5c4-20261201T101500Z-3.txt");
+    }
+
+    #[test]
+    fn event_lists_are_split_by_count_and_size() {
+        let items: Vec<String> = (0..10).map(|index| format!("{index:0>98}")).collect();
+        let sizes = |chunks: Vec<&[String]>| chunks.iter().map(|chunk| chunk.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(chunks_within(&items, 4, usize::MAX)), vec![4, 4, 2]);
+        assert_eq!(sizes(chunks_within(&items, usize::MAX, 310)), vec![3, 3, 3, 1]);
+        assert_eq!(sizes(chunks_within(&items, usize::MAX, 10)), vec![1; 10], "an oversized item still goes");
+        assert!(chunks_within::<String>(&[], 4, 100).is_empty());
+        let (shown, total) = bounded_list(&items);
+        assert_eq!((shown.len(), total), (10, 10));
     }
 
     #[test]

@@ -298,6 +298,96 @@ impl Confined {
         Ok(Placed::KeptExisting)
     }
 
+    /// The workspace folder this was opened on.
+    pub fn root_path(&self) -> &Path {
+        &self.root_path
+    }
+
+    /// What is at `path`, never following it (a symlink is reported as a symlink); `None` when
+    /// nothing is there, or a folder on the way is missing.
+    pub fn entry_metadata(&self, path: &WorkspacePath) -> Result<Option<Metadata>> {
+        let folder = match self.parent_folder(path, None) {
+            Ok(folder) => folder,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        match std::fs::symlink_metadata(proc_path(&folder, path.file_name())) {
+            Ok(metadata) => Ok(Some(metadata)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::io("inspecting", path.under(&self.root_path), source)),
+        }
+    }
+
+    /// The entries of a folder (`None`: the workspace root), none of them followed, in name order.
+    pub fn list_folder(&self, relative: Option<&WorkspacePath>) -> Result<Vec<FolderEntry>> {
+        let folder = self.folder(relative, None)?;
+        let shown = relative.map(|relative| relative.under(&self.root_path)).unwrap_or_else(|| self.root_path.clone());
+        let listing_error = |source| Error::io("listing", shown.clone(), source);
+        let mut entries = Vec::new();
+        for entry in std::fs::read_dir(proc_path(&folder, "")).map_err(listing_error)? {
+            let entry = entry.map_err(listing_error)?;
+            let name = entry.file_name();
+            // `DirEntry::metadata` does not follow symlinks.
+            let metadata = match entry.metadata() {
+                Ok(metadata) => metadata,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(Error::io("inspecting", shown.join(&name), source)),
+            };
+            let link_target = if metadata.file_type().is_symlink() { std::fs::read_link(proc_path_os(&folder, &name)).ok() } else { None };
+            entries.push(FolderEntry { name, metadata, link_target });
+        }
+        entries.sort_by(|left, right| left.name.cmp(&right.name));
+        Ok(entries)
+    }
+
+    /// Removes what is at `path` without following it: a file, symlink or special file; a folder
+    /// when it is empty, or with everything in it under [`Removal::Recursive`] (whose walk opens
+    /// every folder with `O_NOFOLLOW` and removes links as links).
+    pub fn remove_entry(&self, path: &WorkspacePath, removal: Removal) -> Result<()> {
+        let folder = self.parent_folder(path, None)?;
+        let target = proc_path(&folder, path.file_name());
+        let metadata = std::fs::symlink_metadata(&target).map_err(|source| Error::io("inspecting", path.under(&self.root_path), source))?;
+        let removed = match (metadata.is_dir(), removal) {
+            (false, _) => std::fs::remove_file(&target),
+            (true, Removal::EmptyFolder) => std::fs::remove_dir(&target),
+            (true, Removal::Recursive) => std::fs::remove_dir_all(&target),
+        };
+        removed.map_err(|source| Error::io("removing", path.under(&self.root_path), source))
+    }
+
+    /// Moves the entry at `from` to `to` inside the workspace (creating `to`'s folders, owned by
+    /// `owner`), never following either name and never replacing anything: `Ok(false)` when `to`
+    /// is taken. Files, links and special files move by link(2) then unlink, which cannot
+    /// replace; folders by rename(2) after checking `to` is free (rename onto a non-empty folder
+    /// fails anyway, so only an empty folder created in that instant could be replaced).
+    pub fn rename_entry(&self, from: &WorkspacePath, to: &WorkspacePath, owner: Option<Ownership>) -> Result<bool> {
+        let from_folder = self.parent_folder(from, None)?;
+        let source = proc_path(&from_folder, from.file_name());
+        let metadata = std::fs::symlink_metadata(&source).map_err(|source| Error::io("inspecting", from.under(&self.root_path), source))?;
+        let to_folder = self.parent_folder(to, Some(owner))?;
+        let destination = proc_path(&to_folder, to.file_name());
+        let moved = |error| Error::io("moving", from.under(&self.root_path), error);
+        if !metadata.is_dir() {
+            match std::fs::hard_link(&source, &destination) {
+                Ok(()) => {
+                    std::fs::remove_file(&source).map_err(moved)?;
+                    return Ok(true);
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+                // protected_hardlinks refuses linking another user's file for a non-root agent.
+                Err(error) if error.raw_os_error() == Some(libc::EPERM) => {}
+                Err(error) => return Err(moved(error)),
+            }
+        }
+        match std::fs::symlink_metadata(&destination) {
+            Ok(_) => return Ok(false),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::io("inspecting", to.under(&self.root_path), source)),
+        }
+        std::fs::rename(&source, &destination).map_err(moved)?;
+        Ok(true)
+    }
+
     /// Renames the regular file at `path` to `new_path` in the same folder, never replacing
     /// anything. `Ok(false)` when `new_path` is taken.
     pub fn rename_aside(&self, path: &WorkspacePath, new_path: &WorkspacePath) -> Result<bool> {
@@ -395,6 +485,33 @@ pub fn copy_entry(source: &Path, destination: &Path) -> Result<()> {
         }
     } else {
         Err(Error::io("preserving", destination, std::io::Error::other("a socket or device can't be copied to another file system")))
+    }
+}
+
+/// One entry of a folder as [`Confined::list_folder`] found it, never followed.
+#[derive(Debug)]
+pub struct FolderEntry {
+    /// Its name, byte for byte.
+    pub name: std::ffi::OsString,
+    /// Of the entry itself (a symlink's own metadata).
+    pub metadata: Metadata,
+    /// A symlink's target text, never resolved.
+    pub link_target: Option<PathBuf>,
+}
+
+/// How much [`Confined::remove_entry`] may remove when the entry is a folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Only an empty folder.
+    EmptyFolder,
+    /// The folder and everything in it.
+    Recursive,
+}
+
+impl Scan {
+    /// The bytes of all regular files found: what the profile's `quota_mib` limits.
+    pub fn file_bytes(&self) -> u64 {
+        self.files.iter().map(|file| file.size).sum()
     }
 }
 

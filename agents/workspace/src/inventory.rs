@@ -8,14 +8,14 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
-use crate::manifest::{self, Manifest, Phase};
+use crate::manifest::{self, ManifestHeader, Phase};
 
 /// One session directory of this deployment.
 #[derive(Debug, Clone)]
 pub struct Found {
     pub session: String,
-    /// `None` when the agent died before saving the first manifest.
-    pub manifest: Option<Manifest>,
+    /// Whose it is; `None` without a readable manifest.
+    pub manifest: Option<ManifestHeader>,
     /// Newest modification time of the directory and its manifest.
     pub modified: DateTime<Utc>,
 }
@@ -40,7 +40,7 @@ pub fn list(deployment_root: &Path) -> Result<Vec<Found>> {
             continue;
         }
         let manifest_path = manifest::manifest_path(deployment_root, &session);
-        let manifest = match manifest::load_blocking(&manifest_path) {
+        let manifest = match manifest::load_header_blocking(&manifest_path) {
             Ok(manifest) => manifest,
             Err(error) => {
                 tracing::warn!(session, %error, "unreadable manifest; listed without one");

@@ -32,7 +32,7 @@ pub use agent::{conflict_copy_path, error_policy, read_manifest, session_directo
 pub use bench::{run_with as bench_with_settings, BenchReport};
 pub use error::{Error, Result};
 pub use events::{BusEvents, CollectedEvents, EventSink, Reply, EVENT_SOURCE};
-pub use fsops::Ownership;
+pub use fsops::{scan, Confined, FolderEntry, Ownership, Placed, Placement, Removal, Scan, StagedFile};
 pub use keys::WorkspacePath;
 pub use manifest::{FileEntry, FinalSync, Manifest, Phase, MANIFESTS_DIR, PRESERVED_DIR, STAGING_DIR};
 pub use tree::{Mode, Tree, SIDECAR_PATH};

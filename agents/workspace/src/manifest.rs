@@ -95,6 +95,9 @@ pub struct Manifest {
     pub tree_e_tag: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tree_version: Option<String>,
+    /// What `remove` moved to the preserved area (lossy UTF-8), to answer a redelivery the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preserved: Vec<String>,
 }
 
 impl Manifest {
@@ -112,6 +115,7 @@ impl Manifest {
             tree: Tree::default(),
             tree_e_tag: None,
             tree_version: None,
+            preserved: Vec::new(),
         }
     }
 
@@ -123,6 +127,42 @@ impl Manifest {
     pub fn final_sync_confirmed(&self) -> bool {
         self.final_sync.as_ref().is_some_and(|record| record.confirmed)
     }
+}
+
+/// The fields of a manifest that say whose a directory is, read without building the file list
+/// (the inventory reads every manifest of the deployment each minute).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ManifestHeader {
+    pub version: u32,
+    pub user: String,
+    pub workspace: String,
+    #[serde(default)]
+    pub profile: String,
+    pub prefix: String,
+    pub phase: Phase,
+    #[serde(default)]
+    pub final_sync: Option<FinalSync>,
+}
+
+impl ManifestHeader {
+    pub fn final_sync_confirmed(&self) -> bool {
+        self.final_sync.as_ref().is_some_and(|record| record.confirmed)
+    }
+}
+
+/// Reads a manifest's header; `None` when there is none. Blocking: call from `spawn_blocking`.
+pub fn load_header_blocking(path: &Path) -> Result<Option<ManifestHeader>> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(Error::io("reading manifest", path, source)),
+    };
+    let header: ManifestHeader = serde_json::from_reader(std::io::BufReader::new(file))
+        .map_err(|error| Error::Manifest { path: path.to_owned(), reason: error.to_string() })?;
+    if header.version != MANIFEST_VERSION {
+        return Err(Error::Manifest { path: path.to_owned(), reason: format!("version {} is not the {MANIFEST_VERSION} this build reads", header.version) });
+    }
+    Ok(Some(header))
 }
 
 /// Where a session's manifest lives.

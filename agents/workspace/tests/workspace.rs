@@ -930,6 +930,9 @@ async fn unsyncable_entries_are_preserved_on_remove(backend: Backend) {
     preserved.sort();
     assert_eq!(preserved, expected);
     assert!(!directory.exists());
+    // A redelivered remove answers the same.
+    assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.removed").data, removed.data);
     let kept = harness.preserved();
     assert_eq!(std::fs::read(kept.join("pleadings/report\\final.docx")).unwrap(), b"backslash");
     assert_eq!(std::fs::read(kept.join("pleadings").join(latin1)).unwrap(), b"latin-1", "the name byte for byte");
