@@ -468,7 +468,8 @@ impl WorkspaceAgent {
             chunks.push(&[]);
         }
         for chunk in chunks {
-            let event = protocol::CloudEvent::new("workspace.inventory", crate::events::EVENT_SOURCE, None, json!({"directories": chunk}));
+            let data = json!({"deployment": self.profile.deployment(), "directories": chunk});
+            let event = protocol::CloudEvent::new("workspace.inventory", crate::events::EVENT_SOURCE, None, data);
             self.events.emit(event).await?;
         }
         Ok(directories.len())

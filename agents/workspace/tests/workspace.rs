@@ -1132,6 +1132,7 @@ async fn inventory_lists_only_this_deployments_directories() {
     let inventories: Vec<CloudEvent> = events_a.take().into_iter().filter(|event| event.event_type == "workspace.inventory").collect();
     assert_eq!(inventories.len(), 2, "one directory per event with inventory_batch = 1");
     assert!(inventories.iter().all(|event| event.subject.is_none()));
+    assert!(inventories.iter().all(|event| event.data["deployment"] == json!(profile_a.deployment())));
     let listed: Vec<Value> = inventories.iter().flat_map(|event| event.data["directories"].as_array().unwrap().clone()).collect();
     let names: Vec<&str> = listed.iter().map(|entry| entry["session"].as_str().unwrap()).collect();
     let ours: Vec<&str> = sessions.iter().filter(|(index, _)| *index == 0).map(|(_, session)| session.as_str()).collect();
