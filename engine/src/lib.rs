@@ -110,7 +110,11 @@ impl RedisPersistence {
 /// Runs `berth engine` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let patterns = load_profile_patterns(&profile)?;
-    service::run_engine(profile, patterns, EngineConfig::standard(), shutdown).await?;
+    let mut config = EngineConfig::standard();
+    if let Some(grace) = protocol::profile::seconds_from_env(protocol::profile::ORPHAN_GRACE_ENV).map_err(anyhow::Error::msg)? {
+        config.orphan_grace_secs = grace.as_secs();
+    }
+    service::run_engine(profile, patterns, config, shutdown).await?;
     Ok(())
 }
 

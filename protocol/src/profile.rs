@@ -342,6 +342,28 @@ fn derived_deployment(amqp_url: &str, redis_url: &str) -> String {
     id
 }
 
+/// `BERTH_ORPHAN_GRACE_SECS`: how old an unowned container or directory must be before the engine
+/// recovers it and the container agent removes it by id (60 s unless set). Fault tests and small
+/// deployments lower it; production keeps the default.
+pub const ORPHAN_GRACE_ENV: &str = "BERTH_ORPHAN_GRACE_SECS";
+/// `BERTH_INVENTORY_INTERVAL_SECS`: how often the container and workspace agents publish their
+/// inventories (60 s unless set; they also publish once at start).
+pub const INVENTORY_INTERVAL_ENV: &str = "BERTH_INVENTORY_INTERVAL_SECS";
+
+/// A whole number of seconds from the environment variable `variable`: `None` when unset, an error
+/// naming the variable when it is not a number.
+pub fn seconds_from_env(variable: &str) -> Result<Option<std::time::Duration>, String> {
+    seconds_from(variable, std::env::var(variable).ok())
+}
+
+fn seconds_from(variable: &str, value: Option<String>) -> Result<Option<std::time::Duration>, String> {
+    let Some(text) = value else { return Ok(None) };
+    match text.trim().parse::<u64>() {
+        Ok(seconds) => Ok(Some(std::time::Duration::from_secs(seconds))),
+        Err(_) => Err(format!("{variable}={text:?}: expected a whole number of seconds")),
+    }
+}
+
 /// The directory holding run-profiles: `BERTH_PROFILES_DIR`, else `./run-profiles`.
 pub fn profiles_dir() -> PathBuf {
     std::env::var_os("BERTH_PROFILES_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_PROFILES_DIR))
@@ -384,6 +406,13 @@ mod tests {
         check(|text| text.replace("[container]", "[container]\nshiny = true"), Err("unknown field `shiny`"));
         check(|text| text.replace("[services]", "[services]\ndeployment = \"staging\""), Ok(()));
         check(|text| text.replace("[services]", "[services]\ndeployment = \"Staging/1\""), Err("`services.deployment`"));
+    }
+
+    #[test]
+    fn seconds_overrides_are_whole_seconds_or_refused_by_name() {
+        assert_eq!(seconds_from("X", None), Ok(None));
+        assert_eq!(seconds_from("X", Some(" 5 ".into())), Ok(Some(std::time::Duration::from_secs(5))));
+        assert!(seconds_from("BERTH_ORPHAN_GRACE_SECS", Some("5s".into())).is_err_and(|e| e.contains("BERTH_ORPHAN_GRACE_SECS")));
     }
 
     #[test]

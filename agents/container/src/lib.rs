@@ -29,7 +29,14 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     let docker = connect_docker().await?;
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-agent-container")).await?;
     bus.declare_topology().await?;
-    let agent = Agent::new(profile, bus.clone(), docker)?;
+    let mut settings = AgentSettings::production();
+    if let Some(interval) = protocol::profile::seconds_from_env(protocol::profile::INVENTORY_INTERVAL_ENV).map_err(anyhow::Error::msg)? {
+        settings.inventory_interval = interval.max(std::time::Duration::from_secs(1));
+    }
+    if let Some(grace) = protocol::profile::seconds_from_env(protocol::profile::ORPHAN_GRACE_ENV).map_err(anyhow::Error::msg)? {
+        settings.orphan_grace = grace;
+    }
+    let agent = Agent::with_settings(profile, bus.clone(), docker, settings)?;
     let queue = protocol::topology::agent_queue(AgentKind::Container);
     agent.serve(&queue, shutdown).await?;
     bus.close().await;

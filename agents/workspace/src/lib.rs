@@ -62,7 +62,11 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     bus.declare_topology().await?;
     tracing::info!(store = %store.url, root = %profile.services.workspace_root.display(), "workspace agent starting");
     let events = Arc::new(BusEvents { bus: bus.clone() });
-    let agent = Arc::new(WorkspaceAgent::new(profile, store, events, AgentSettings::standard()));
+    let mut settings = AgentSettings::standard();
+    if let Some(interval) = protocol::profile::seconds_from_env(protocol::profile::INVENTORY_INTERVAL_ENV).map_err(anyhow::Error::msg)? {
+        settings.inventory_interval = interval;
+    }
+    let agent = Arc::new(WorkspaceAgent::new(profile, store, events, settings));
     let inventory = tokio::spawn({
         let agent = agent.clone();
         async move { agent.inventory_loop().await }
