@@ -6,6 +6,7 @@
 //! - [`service`]: `berth engine`: consume, bind, step, commit (outbox) in Redis, publish, ack.
 //! - [`timers`]: timers as Redis keys with a TTL plus a swept deadline index.
 
+pub mod admission;
 pub mod core;
 pub mod expr;
 pub mod metrics;

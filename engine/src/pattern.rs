@@ -77,6 +77,10 @@ pub struct StartSpec {
     /// is ignored (a recovery must never run beside the session it recovers).
     #[serde(default)]
     pub only_when_key_idle: bool,
+    /// Threds of this pattern count against the profile's `[limits]`: live sessions and opens per
+    /// user, and the host capacity they hold (the container's memory and CPUs).
+    #[serde(default)]
+    pub admission: Option<AdmissionSpec>,
     /// CEL guard over the starting event; false sends the event to the dead-letter queue.
     #[serde(default)]
     pub validate: Option<String>,
@@ -87,6 +91,21 @@ pub struct StartSpec {
 
 fn one() -> u32 {
     1
+}
+
+/// How a pattern's threds are admitted. The service tells the starting step its verdict in
+/// `ctx.admission` (`{verdict: admit|queue|refuse, limit, max, position}`), and the commit enforces
+/// it atomically: a thred holds capacity in every live state except the waiting ones, and may only
+/// leave a waiting state for a holding one when the capacity is free and no older thred waits.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionSpec {
+    /// The state where threds wait for capacity, first come first served.
+    pub queue_state: String,
+    /// States that hold no capacity (the initial state and the queue state at least).
+    pub waiting_states: Vec<String>,
+    /// The event the engine sends a waiting thred when capacity is free for it.
+    pub admitted_event: String,
 }
 
 /// A record kept up to date with the thred's state.
@@ -310,6 +329,7 @@ pub struct Start {
     pub max_live_per_key: u32,
     pub exclusive: Option<Expression>,
     pub only_when_key_idle: bool,
+    pub admission: Option<AdmissionSpec>,
     pub validate: Option<Expression>,
     pub context: Vec<(String, Expression)>,
 }
@@ -525,6 +545,19 @@ impl Validator {
         if spec.states[&spec.initial].terminal {
             return Err(self.error(None, "initial", "the initial state cannot be terminal"));
         }
+        if let Some(admission) = &spec.start.admission {
+            for (field, state) in std::iter::once(("start.admission.queue_state".to_owned(), &admission.queue_state))
+                .chain(admission.waiting_states.iter().enumerate().map(|(index, state)| (format!("start.admission.waiting_states[{index}]"), state)))
+            {
+                if !spec.states.contains_key(state) {
+                    return Err(self.error(None, &field, format!("no state named `{state}`")));
+                }
+            }
+            if !admission.waiting_states.contains(&admission.queue_state) || !admission.waiting_states.contains(&spec.initial) {
+                return Err(self.error(None, "start.admission.waiting_states", "must name the initial state and the queue state"));
+            }
+            self.event_type(None, "start.admission.admitted_event", &admission.admitted_event)?;
+        }
         if let Some(record) = &spec.record {
             if !is_name(&record.collection) {
                 return Err(self.error(None, "record.collection", "must be lowercase letters, digits, `-` or `_`"));
@@ -609,6 +642,7 @@ impl Validator {
             max_live_per_key: start.max_live_per_key,
             exclusive,
             only_when_key_idle: start.only_when_key_idle,
+            admission: start.admission.clone(),
             validate,
             context,
         })

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
+use crate::admission::{self, Capacity, Committed, Counts, Limit, Verdict};
 use crate::core::{self, Disposition, Effect, EventInput, Step, StepError, Thred};
 use crate::metrics::Metrics;
 use crate::pattern::Pattern;
@@ -198,6 +199,22 @@ impl Keys {
     pub fn timer_prefix(&self) -> String {
         format!("{}:timer:", self.prefix)
     }
+    /// The live threds (ids) of one user, for `max_sessions_per_user`.
+    pub fn user_live(&self, pattern: &str, user: &str) -> String {
+        format!("{}:user-live:{pattern}:{user}", self.prefix)
+    }
+    /// New threds (event ids) one user started in one minute, for `max_opens_per_user_per_minute`.
+    pub fn user_opens(&self, pattern: &str, user: &str, minute: i64) -> String {
+        format!("{}:user-opens:{pattern}:{user}:{minute}", self.prefix)
+    }
+    /// Memory (MiB) and CPU (millis) held by live threds: hash fields `memory`, `cpu`.
+    pub fn capacity(&self) -> String {
+        format!("{}:capacity", self.prefix)
+    }
+    /// Threds of `pattern` waiting for capacity, by arrival (ms).
+    pub fn queue(&self, pattern: &str) -> String {
+        format!("{}:queue:{pattern}", self.prefix)
+    }
     /// Which live thred of `pattern` owns `exclusive` (a string: the thred id).
     pub fn exclusive(&self, pattern: &str, exclusive: &str) -> String {
         format!("{}:exclusive:{pattern}:{exclusive}", self.prefix)
@@ -216,23 +233,39 @@ pub struct OutboxMessage {
 /// The commit: new thred state, dedupe marker, live-key index, timers and outbox in one step.
 const COMMIT_SCRIPT: &str = r#"
 -- KEYS: 1 thred, 2 seen today, 3 seen yesterday, 4 outbox, 5 outbox index, 6 live index, 7 deadlines,
---       8 ended index, 9 exclusive owner (when ARGV[12] is '1')
+--       8 ended index, 9 exclusive owner (when ARGV[12] is '1'), 10 the user's live threds,
+--       11 committed capacity (hash), 12 the admission queue (when ARGV[14] is '1')
 -- ARGV: 1 expected version, 2 thred json, 3 new version, 4 ended, 5 thred id, 6 max live (0 = not new),
 --       7 event id, 8 seen set ttl, 9 outbox json, 10 timer key prefix, 11 now ms, 12 owns an
---       exclusive key, 13 the fired timer this event is ('' = none), then the timers to start
---       (count, then member, deadline ms, ttl ms each) and to cancel (count, then members)
+--       exclusive key, 13 the fired timer this event is ('' = none), 14 admitted pattern, 15 live
+--       threds a user may have, 16 memory and 17 cpu (millis) a thred holds, 18 memory and 19 cpu
+--       budget, 20 held capacity before, 21 holds it after, 22 queued after, then the timers to
+--       start (count, then member, deadline ms, ttl ms each) and to cancel (count, then members)
+-- Every check comes before the first write, so a refused commit changes nothing.
 if redis.call('SISMEMBER', KEYS[2], ARGV[7]) == 1 or redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 1 then
   return 'duplicate'
 end
 local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if version ~= tonumber(ARGV[1]) then return 'conflict' end
 local max_live = tonumber(ARGV[6])
-if max_live > 0 and redis.call('SCARD', KEYS[6]) >= max_live then return 'conflict' end
+local is_new = max_live > 0
+if is_new and redis.call('SCARD', KEYS[6]) >= max_live then return 'conflict' end
 -- The owner key exists exactly while its owner is live, so a new thred may take it only if unset.
-if ARGV[12] == '1' and max_live > 0 then
-  if redis.call('EXISTS', KEYS[9]) == 1 then return 'conflict' end
-  redis.call('SET', KEYS[9], ARGV[5])
+if ARGV[12] == '1' and is_new and redis.call('EXISTS', KEYS[9]) == 1 then return 'conflict' end
+local admitted = ARGV[14] == '1'
+local held_before, holds_after = ARGV[20] == '1', ARGV[21] == '1'
+if admitted then
+  if is_new and ARGV[4] ~= '1' and redis.call('SCARD', KEYS[10]) >= tonumber(ARGV[15]) then return 'limit' end
+  if holds_after and not held_before then
+    -- First come, first served: only the oldest waiting thred (or anyone, if none waits) takes capacity.
+    local head = redis.call('ZRANGE', KEYS[12], 0, 0)
+    if head[1] and head[1] ~= ARGV[5] then return 'full' end
+    local memory = tonumber(redis.call('HGET', KEYS[11], 'memory') or '0')
+    local cpu = tonumber(redis.call('HGET', KEYS[11], 'cpu') or '0')
+    if memory + tonumber(ARGV[16]) > tonumber(ARGV[18]) or cpu + tonumber(ARGV[17]) > tonumber(ARGV[19]) then return 'full' end
+  end
 end
+if ARGV[12] == '1' and is_new then redis.call('SET', KEYS[9], ARGV[5]) end
 redis.call('HSET', KEYS[1], 'v', ARGV[3], 'json', ARGV[2])
 if ARGV[4] == '1' then
   redis.call('SREM', KEYS[6], ARGV[5])
@@ -240,6 +273,17 @@ if ARGV[4] == '1' then
   if ARGV[12] == '1' and redis.call('GET', KEYS[9]) == ARGV[5] then redis.call('DEL', KEYS[9]) end
 else
   redis.call('SADD', KEYS[6], ARGV[5])
+end
+if admitted then
+  if ARGV[4] == '1' then redis.call('SREM', KEYS[10], ARGV[5]) else redis.call('SADD', KEYS[10], ARGV[5]) end
+  if holds_after and not held_before then
+    redis.call('HINCRBY', KEYS[11], 'memory', ARGV[16])
+    redis.call('HINCRBY', KEYS[11], 'cpu', ARGV[17])
+  elseif held_before and not holds_after then
+    redis.call('HINCRBY', KEYS[11], 'memory', -tonumber(ARGV[16]))
+    redis.call('HINCRBY', KEYS[11], 'cpu', -tonumber(ARGV[17]))
+  end
+  if ARGV[22] == '1' then redis.call('ZADD', KEYS[12], 'NX', ARGV[11], ARGV[5]) else redis.call('ZREM', KEYS[12], ARGV[5]) end
 end
 -- A timer leaves the deadline index only with the commit of the event it fired.
 if ARGV[13] ~= '' then redis.call('ZREM', KEYS[7], ARGV[13]) end
@@ -249,7 +293,7 @@ if ARGV[9] ~= '' then
   redis.call('SET', KEYS[4], ARGV[9])
   redis.call('SADD', KEYS[5], KEYS[4])
 end
-local i = 14
+local i = 23
 local starts = tonumber(ARGV[i]); i = i + 1
 for _ = 1, starts do
   redis.call('SET', ARGV[10] .. ARGV[i], '1', 'PX', ARGV[i + 2])
@@ -269,6 +313,10 @@ enum CommitResult {
     Committed,
     Duplicate,
     Conflict,
+    /// The user already has as many live threds as the limits allow.
+    UserLimit,
+    /// The capacity is taken, or an older thred waits for it.
+    Full,
 }
 
 /// What binding read from Redis.
@@ -340,6 +388,10 @@ struct Inner {
     published_outboxes_receiver: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     /// Wakes the timer sweeper after a commit started a timer.
     timer_wake: Arc<tokio::sync::Notify>,
+    /// What admitted threds hold and what the host commits (from the profile's `[limits]`).
+    capacity: Capacity,
+    /// Wakes the admitter after a commit freed capacity or queued a thred.
+    admission_wake: Arc<tokio::sync::Notify>,
 }
 
 /// A running engine (cheap to clone).
@@ -374,6 +426,8 @@ impl Engine {
             tracing::warn!(?persistence, "redis persistence is not append-only: a Redis restart loses thred state; set appendonly yes, appendfsync everysec");
         }
         let keys = Keys::new(&config.redis_prefix);
+        let capacity = Capacity::of(&profile);
+        tracing::info!(budget_memory_mib = capacity.budget_memory_mib, budget_cpu_millis = capacity.budget_cpu_millis, "host capacity for sessions");
         let (published_outboxes, published_outboxes_receiver) = tokio::sync::mpsc::unbounded_channel();
         tracing::info!(patterns = ?patterns.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), queue = %config.queue, "engine connected");
         Ok(Engine {
@@ -393,6 +447,8 @@ impl Engine {
                 published_outboxes,
                 published_outboxes_receiver: std::sync::Mutex::new(Some(published_outboxes_receiver)),
                 timer_wake: Arc::new(tokio::sync::Notify::new()),
+                capacity,
+                admission_wake: Arc::new(tokio::sync::Notify::new()),
             }),
         })
     }
@@ -437,6 +493,7 @@ impl Engine {
         let listener = tokio::spawn(timer_service.clone().listen(stop_receiver.clone()));
         let sweeper = tokio::spawn(timer_service.sweep_forever(Duration::from_millis(inner.config.sweep_interval_ms), stop_receiver.clone()));
         let reporter = tokio::spawn(report_metrics(inner.metrics.clone(), stop_receiver.clone()));
+        let admitter = tokio::spawn(self.clone().admit_forever(stop_receiver.clone()));
         let receiver = inner.published_outboxes_receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let flusher = receiver.map(|receiver| tokio::spawn(delete_published_outboxes(inner.redis.clone(), inner.keys.clone(), receiver, stop_receiver)));
         let engine = self.clone();
@@ -450,6 +507,7 @@ impl Engine {
         let _ = listener.await;
         let _ = sweeper.await;
         let _ = reporter.await;
+        let _ = admitter.await;
         if let Some(flusher) = flusher {
             let _ = flusher.await;
         }
@@ -554,6 +612,9 @@ impl Engine {
         let _guard = self.lock_for(&lock_key).lock().await;
         let input = event_input(event);
         let keys = &self.inner.keys;
+        // What the commit script found the admission read had missed: the user reached the limit,
+        // or the capacity was taken.
+        let mut overruled: Option<Verdict> = None;
         for _ in 0..COMMIT_ATTEMPTS {
             let Some(read) = self.read_for_binding(event).await? else {
                 return self.finish_duplicate(event).await;
@@ -582,6 +643,16 @@ impl Engine {
                                 let stepped = core::step(pattern, &owner, &input, now_ms);
                                 (pattern, Some(owner), stepped)
                             }
+                            // A new thred: admitted, queued or refused by the profile's limits.
+                            None if pattern.start.admission.is_some() => {
+                                let verdict = match overruled.take() {
+                                    Some(verdict) => verdict,
+                                    None => self.admission_verdict(pattern, event, &step.thred).await?,
+                                };
+                                let mut seed = self.seed_context(event);
+                                seed.insert("admission".to_owned(), verdict.to_value());
+                                (pattern, None, core::start(pattern, &thred_id, seed, &input, now_ms))
+                            }
                             None => (pattern, None, Ok(step)),
                         },
                         Err(error) => (pattern, None, Err(error)),
@@ -601,14 +672,35 @@ impl Engine {
                 return Ok(EventFate::Done);
             }
             let messages = self.outbox_messages(event, &step);
-            match self.commit(previous.as_ref().map(|thred| thred.version), &step, pattern, event, &messages).await? {
+            match self.commit(previous.as_ref(), &step, pattern, event, &messages).await? {
                 CommitResult::Conflict => {
                     Metrics::count(&self.inner.metrics.conflicts);
                     tokio::task::yield_now().await;
                     continue;
                 }
                 CommitResult::Duplicate => return self.finish_duplicate(event).await,
+                CommitResult::UserLimit => {
+                    overruled = Some(Verdict::Refuse { limit: Limit::SessionsPerUser, max: self.inner.capacity.max_sessions_per_user });
+                    continue;
+                }
+                CommitResult::Full if previous.is_none() => {
+                    let queued = self.queue_length(pattern).await?;
+                    overruled = Some(Verdict::Queue { position: queued + 1 });
+                    continue;
+                }
+                // A waiting thred told it may go, but the capacity went to someone else first: it
+                // keeps waiting, and the admitter tells it again when capacity frees.
+                CommitResult::Full => {
+                    tracing::debug!(event_id = %event.id, "admission came too late: capacity taken; still queued");
+                    return Ok(EventFate::Done);
+                }
                 CommitResult::Committed => {}
+            }
+            if let Some(spec) = &pattern.start.admission {
+                let held_before = previous.as_ref().is_some_and(|thred| admission::holds_capacity(spec, thred));
+                if held_before != admission::holds_capacity(spec, &step.thred) || admission::is_queued(spec, &step.thred) {
+                    self.inner.admission_wake.notify_one();
+                }
             }
             // Logged (and counted) once it holds: a conflict above steps the event again.
             self.log_disposition(event, &step, pattern);
@@ -648,6 +740,106 @@ impl Engine {
         if let Some(member) = fired_timer_member(event) {
             let mut redis = self.inner.redis.clone();
             let _: () = redis.zrem(self.inner.keys.deadlines(), member).await?;
+        }
+        Ok(())
+    }
+
+    /// The verdict for a new thred of an admitted pattern, from one read of the counts. Recording
+    /// this open in the user's minute is idempotent by event id, so a redelivery counts once.
+    async fn admission_verdict(&self, pattern: &Pattern, event: &CloudEvent, candidate: &Thred) -> Result<Verdict> {
+        let keys = &self.inner.keys;
+        let user = candidate.context.get("user").and_then(Value::as_str).unwrap_or_default();
+        let minute = chrono::Utc::now().timestamp().div_euclid(60);
+        let opens = keys.user_opens(&pattern.name, user, minute);
+        let mut redis = self.inner.redis.clone();
+        let (opens_this_minute, user_live, memory, cpu, queued): (u64, u64, Option<u64>, Option<u64>, u64) = redis::pipe()
+            .sadd(&opens, &event.id)
+            .ignore()
+            .expire(&opens, 120)
+            .ignore()
+            .scard(&opens)
+            .scard(keys.user_live(&pattern.name, user))
+            .hget(keys.capacity(), "memory")
+            .hget(keys.capacity(), "cpu")
+            .zcard(keys.queue(&pattern.name))
+            .query_async(&mut redis)
+            .await?;
+        let committed = Committed { memory_mib: memory.unwrap_or(0), cpu_millis: cpu.unwrap_or(0) };
+        let verdict = admission::decide(&self.inner.capacity, Counts { opens_this_minute, user_live, queued, committed });
+        if verdict != Verdict::Admit {
+            tracing::info!(user, ?verdict, "open not admitted at once");
+        }
+        Ok(verdict)
+    }
+
+    async fn queue_length(&self, pattern: &Pattern) -> Result<u64> {
+        let mut redis = self.inner.redis.clone();
+        Ok(redis.zcard(self.inner.keys.queue(&pattern.name)).await?)
+    }
+
+    /// Lets waiting threds go when capacity frees, oldest first, and tells each waiting user their
+    /// position whenever it changes. Runs every second and whenever a commit freed capacity or
+    /// queued a thred; what it sends is idempotent (the admitted event's id is derived from the
+    /// thred's version), so two replicas doing it at once do no harm.
+    async fn admit_forever(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut told_positions: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        loop {
+            for pattern in self.inner.patterns.iter().filter(|pattern| pattern.start.admission.is_some()) {
+                if let Err(error) = self.admit_waiting(pattern, &mut told_positions).await {
+                    tracing::warn!(%error, pattern = %pattern.name, "admission round failed; retrying");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = self.inner.admission_wake.notified() => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn admit_waiting(&self, pattern: &Pattern, told_positions: &mut std::collections::HashMap<String, u64>) -> Result<()> {
+        let Some(spec) = &pattern.start.admission else { return Ok(()) };
+        let keys = &self.inner.keys;
+        let mut redis = self.inner.redis.clone();
+        let waiting: Vec<String> = redis.zrange(keys.queue(&pattern.name), 0, -1).await?;
+        told_positions.retain(|thred_id, _| waiting.contains(thred_id));
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let (memory, cpu): (Option<u64>, Option<u64>) =
+            redis::pipe().hget(keys.capacity(), "memory").hget(keys.capacity(), "cpu").query_async(&mut redis).await?;
+        let committed = Committed { memory_mib: memory.unwrap_or(0), cpu_millis: cpu.unwrap_or(0) };
+        let threds = self.load_threds(&waiting).await?;
+        for (index, thred_id) in waiting.iter().enumerate() {
+            let Some(thred) = threds.iter().find(|thred| &thred.id == thred_id) else { continue };
+            if index == 0 && self.inner.capacity.fits(committed) {
+                let mut admitted = CloudEvent::new(&spec.admitted_event, "/berth/engine/admission", Some(&thred.key), json!({}))
+                    .with_extension("thredid", thred.id.clone());
+                admitted.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-admitted/{}/{}", thred.id, thred.version).as_bytes()).to_string();
+                self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &admitted).await?;
+                continue;
+            }
+            let position = index as u64 + 1;
+            if told_positions.get(thred_id) == Some(&position) {
+                continue;
+            }
+            let Some(user) = thred.context.get("user").and_then(Value::as_str) else { continue };
+            let notification = Notification {
+                id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-position/{}/{position}", thred.id).as_bytes()),
+                user: user.to_owned(),
+                session: Some(thred.key.clone()),
+                state: spec.queue_state.clone(),
+                detail: json!({"queued": true, "position": position}),
+                cause: None,
+            };
+            let message = OutboxMessage {
+                exchange: self.inner.config.notify_exchange.clone(),
+                routing_key: notification.routing_key(),
+                message_id: notification.id.to_string(),
+                body: String::from_utf8_lossy(&notification.to_bytes()).into_owned(),
+            };
+            self.publish_messages(std::slice::from_ref(&message)).await?;
+            told_positions.insert(thred_id.clone(), position);
         }
         Ok(())
     }
@@ -819,6 +1011,7 @@ impl Engine {
                 "max_age_secs": profile.timers.max_age_secs,
                 "autosave_secs": profile.timers.autosave_secs,
                 "ready_timeout_secs": profile.container.ready_timeout_secs,
+                "queue_timeout_secs": profile.limits.queue_timeout_secs,
             }),
         );
         context
@@ -895,7 +1088,7 @@ impl Engine {
 
     async fn commit(
         &self,
-        expected_version: Option<u64>,
+        previous: Option<&Thred>,
         step: &Step,
         pattern: &Pattern,
         event: &CloudEvent,
@@ -903,6 +1096,7 @@ impl Engine {
     ) -> Result<CommitResult> {
         let keys = &self.inner.keys;
         let mut thred = step.thred.clone();
+        let expected_version = previous.map(|thred| thred.version);
         let expected = expected_version.unwrap_or(0);
         thred.version = expected + 1;
         let thred_json = serde_json::to_string(&thred).unwrap_or_default();
@@ -921,6 +1115,9 @@ impl Engine {
             .key(keys.deadlines())
             .key(keys.ended())
             .key(keys.exclusive(&pattern.name, thred.exclusive.as_deref().unwrap_or_default()))
+            .key(keys.user_live(&pattern.name, thred.context.get("user").and_then(Value::as_str).unwrap_or_default()))
+            .key(keys.capacity())
+            .key(keys.queue(&pattern.name))
             .arg(expected)
             .arg(&thred_json)
             .arg(thred.version)
@@ -934,6 +1131,26 @@ impl Engine {
             .arg(now_ms)
             .arg(if thred.exclusive.is_some() { "1" } else { "0" })
             .arg(fired_timer_member(event).unwrap_or_default());
+        let capacity = &self.inner.capacity;
+        let flag = |on: bool| if on { "1" } else { "0" };
+        match &pattern.start.admission {
+            Some(spec) => {
+                let held_before = previous.is_some_and(|previous| admission::holds_capacity(spec, previous));
+                invocation
+                    .arg("1")
+                    .arg(capacity.max_sessions_per_user)
+                    .arg(capacity.need_memory_mib)
+                    .arg(capacity.need_cpu_millis)
+                    .arg(capacity.budget_memory_mib)
+                    .arg(capacity.budget_cpu_millis)
+                    .arg(flag(held_before))
+                    .arg(flag(admission::holds_capacity(spec, &thred)))
+                    .arg(flag(admission::is_queued(spec, &thred)));
+            }
+            None => {
+                invocation.arg("0").arg(0).arg(0).arg(0).arg(0).arg(0).arg("0").arg("0").arg("0");
+            }
+        }
         let starts: Vec<(String, i64)> = step
             .effects
             .iter()
@@ -968,6 +1185,8 @@ impl Engine {
         Ok(match result.as_str() {
             "ok" => CommitResult::Committed,
             "duplicate" => CommitResult::Duplicate,
+            "limit" => CommitResult::UserLimit,
+            "full" => CommitResult::Full,
             _ => CommitResult::Conflict,
         })
     }

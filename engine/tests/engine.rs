@@ -828,6 +828,82 @@ fn patterns_check_cli_reports_bad_files() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_refuse_queue_and_admit_first_come_first_served() {
+    let mut profile = dev_profile();
+    profile.limits.max_sessions_per_user = 2;
+    profile.limits.max_opens_per_user_per_minute = 4;
+    // Room for exactly two sessions of the dev image.
+    profile.limits.host_memory_mib = 2 * profile.container.memory_mib;
+    profile.limits.host_cpus = 64.0;
+    profile.limits.queue_timeout_secs = 4;
+    let mut harness = Harness::new(profile).await;
+    let running = harness.start(vec![session_pattern()]).await;
+    let session = |_: &str| format!("s-{}", Uuid::now_v7());
+
+    // Alice takes the whole host; her third open is refused by name, at once.
+    let (alice_one, alice_two, alice_three) = (session("a1"), session("a2"), session("a3"));
+    harness.publish(&open_workspace_event(&alice_one, "alice", "one")).await;
+    harness.task(&alice_one, "workspace", "materialize").await;
+    harness.publish(&open_workspace_event(&alice_two, "alice", "two")).await;
+    harness.task(&alice_two, "workspace", "materialize").await;
+    let refused_open = open_workspace_event(&alice_three, "alice", "three");
+    harness.publish(&refused_open).await;
+    let refused = harness.notification_caused_by(&refused_open.id).await;
+    assert_eq!(refused.state, "closed");
+    assert_eq!((&refused.detail["code"], &refused.detail["limit"]), (&json!("limit_exceeded"), &json!("sessions_per_user")), "{refused:?}");
+
+    // Bob and carol wait, in the order they came.
+    let (bob, carol) = (session("b"), session("c"));
+    let bob_open = open_workspace_event(&bob, "bob", "thesis");
+    harness.publish(&bob_open).await;
+    let bob_queued = harness.notification_caused_by(&bob_open.id).await;
+    assert_eq!((bob_queued.state.as_str(), &bob_queued.detail["position"]), ("queued", &json!(1)), "{bob_queued:?}");
+    let carol_open = open_workspace_event(&carol, "carol", "notes");
+    harness.publish(&carol_open).await;
+    let carol_queued = harness.notification_caused_by(&carol_open.id).await;
+    assert_eq!((carol_queued.state.as_str(), &carol_queued.detail["position"]), ("queued", &json!(2)), "{carol_queued:?}");
+    let early = harness.drain_tasks(Duration::from_millis(500)).await;
+    assert!(!early.iter().any(|task| task.action == "materialize" && task.session.as_deref() != Some(&alice_one) && task.session.as_deref() != Some(&alice_two)), "nobody jumps the queue: {early:?}");
+
+    // Alice closes one: bob (first in line) starts, carol moves up to 1.
+    harness.publish(&CloudEvent::new("session.close", "/test", Some(&alice_one), json!({}))).await;
+    let freeze = harness.task(&alice_one, "container", "pause").await;
+    harness.publish(&answer(&freeze, "container.paused", json!({"state": "missing"}))).await;
+    let sync = harness.task(&alice_one, "workspace", "sync").await;
+    harness.publish(&answer(&sync, "workspace.synced", json!({"final": true}))).await;
+    let remove_container = harness.task(&alice_one, "container", "remove").await;
+    harness.publish(&answer(&remove_container, "container.removed", json!({}))).await;
+    // Capacity is held until the session has ended: bob still waits while alice's directory goes.
+    let remove_workspace = harness.task(&alice_one, "workspace", "remove").await;
+    let still_waiting = harness.drain_tasks(Duration::from_millis(300)).await;
+    assert!(!still_waiting.iter().any(|task| task.session.as_deref() == Some(bob.as_str()) && task.action == "materialize"));
+    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    harness.task(&bob, "workspace", "materialize").await;
+    let carol_moved = harness
+        .notification_where(|n| n.session.as_deref() == Some(carol.as_str()) && n.state == "queued" && n.detail["position"] == json!(1), "carol at position 1")
+        .await;
+    assert_eq!(carol_moved.user, "carol");
+
+    // The host is full again; carol's wait runs out and she is told why.
+    let timed_out = harness.notification(&carol, "closed").await;
+    assert_eq!(timed_out.detail["code"], json!("queue_timeout"), "{timed_out:?}");
+
+    // Dave opens too often: the fifth new session in a minute is refused by that limit.
+    let mut last = None;
+    for index in 0..5 {
+        let open = open_workspace_event(&session("d"), "dave", &format!("w{index}"));
+        harness.publish(&open).await;
+        last = Some(open);
+    }
+    let last = last.expect("five opens");
+    let too_often = harness.notification_caused_by(&last.id).await;
+    assert_eq!((&too_often.detail["code"], &too_often.detail["limit"]), (&json!("limit_exceeded"), &json!("opens_per_minute")), "{too_often:?}");
+
+    running.stop().await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_user_wins_and_a_foreign_profile_is_refused() {
     let mut harness = Harness::new(dev_profile()).await;
     let running = harness.start(vec![session_pattern()]).await;

@@ -34,6 +34,8 @@ pub struct Profile {
     pub workspace: WorkspaceSettings,
     pub timers: Timers,
     pub session: SessionSettings,
+    pub terminal: TerminalSettings,
+    pub limits: Limits,
     #[serde(default)]
     pub users: Vec<SeedUser>,
     /// Where the file was read from (not part of the file).
@@ -98,6 +100,88 @@ pub struct ContainerSettings {
     /// Present only so that a profile asking for it is refused by name.
     #[serde(default)]
     pub privileged: bool,
+    /// The OCI runtime: `runc` (Docker's default) or `runsc` (gVisor, registered with dockerd).
+    pub runtime: Runtime,
+    /// The container log (Docker's `json-file` driver) rotates at this size...
+    pub log_max_size_mib: u64,
+    /// ...keeping at most this many files, so a tenant's log takes at most size × files on disk.
+    pub log_max_files: u32,
+    /// With `read_only_root = false`: the paths (absolute, inside the container) that stay
+    /// writable, each its own tmpfs of the given MiB. The rest of the root stays read-only, so a
+    /// writable root is always bounded (the overlay2 `size` option needs XFS with project quotas).
+    #[serde(default)]
+    pub writable_paths: BTreeMap<String, u64>,
+    /// Destinations a session may reach although they are the host, link-local or private
+    /// (`cidr`, and optionally one TCP/UDP `port`); everything else of those is refused.
+    pub egress_allow: Vec<EgressAllow>,
+}
+
+/// The OCI runtime a session container runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Runc,
+    /// gVisor: a user-space kernel between the workspace and the host's.
+    Runsc,
+}
+
+impl Runtime {
+    /// The name dockerd knows the runtime by.
+    pub fn docker_name(self) -> &'static str {
+        match self {
+            Runtime::Runc => "runc",
+            Runtime::Runsc => "runsc",
+        }
+    }
+}
+
+/// One destination exempt from the egress rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressAllow {
+    /// IPv4 `a.b.c.d/len` (a plain address means `/32`).
+    pub cidr: String,
+    /// Only this TCP and UDP port; absent = every port and protocol.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+/// Capabilities a profile may add back after dropping ALL, by canonical name (without `CAP_`).
+/// An allow-list, so a capability this list does not name (`SYS_ADMIN`, `DAC_READ_SEARCH`,
+/// `NET_RAW`, `SYS_PTRACE`, any future one) is refused.
+pub const ADDABLE_CAPABILITIES: [&str; 10] =
+    ["AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "SETGID", "SETUID", "SYS_CHROOT"];
+
+/// The canonical name of an addable capability, whatever its case or `CAP_` prefix; `None` when
+/// the allow-list does not name it.
+pub fn canonical_capability(name: &str) -> Option<&'static str> {
+    let upper = name.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    ADDABLE_CAPABILITIES.into_iter().find(|allowed| *allowed == bare)
+}
+
+/// Host directories under which extra mounts may lie (read-only, shared reference data). An
+/// allow-list: `/var`, `/run/containerd`, a home directory or anything else is refused.
+pub const MOUNTABLE_HOST_ROOTS: [&str; 2] = ["/srv/berth", "/opt/berth"];
+
+/// Whether `host_path` (absolute, no `.`/`..`) lies strictly under one of [`MOUNTABLE_HOST_ROOTS`].
+/// Lexical only: the container agent checks the resolved path again before mounting it.
+pub fn is_mountable_host_path(host_path: &Path) -> bool {
+    let clean = host_path.is_absolute() && host_path.components().skip(1).all(|c| matches!(c, std::path::Component::Normal(_)));
+    clean && MOUNTABLE_HOST_ROOTS.iter().any(|root| host_path.starts_with(root) && host_path != Path::new(root))
+}
+
+/// Parses an egress allow-list `cidr` (IPv4 only: session networks have no IPv6).
+pub fn parse_ipv4_cidr(text: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (address, length) = text.split_once('/').unwrap_or((text, "32"));
+    let address: std::net::Ipv4Addr =
+        address.parse().map_err(|_| format!("{text:?} is not an IPv4 address or CIDR (session networks have no IPv6)"))?;
+    let length: u8 = length.parse().ok().filter(|length| *length <= 32).ok_or_else(|| format!("{text:?}: prefix length must be 0-32"))?;
+    let mask = if length == 0 { 0 } else { u32::MAX << (32 - u32::from(length)) };
+    if u32::from(address) & !mask != 0 {
+        return Err(format!("{text:?} has host bits set (did you mean {}/{length}?)", std::net::Ipv4Addr::from(u32::from(address) & mask)));
+    }
+    Ok((address, length))
 }
 
 /// How readiness is decided.
@@ -142,6 +226,23 @@ pub struct Timers {
     pub autosave_secs: u64,
 }
 
+/// What one tenant may take, and what the host commits to live sessions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Live sessions (queued ones included) one user may have at once.
+    pub max_sessions_per_user: u32,
+    /// New sessions one user may open in a minute (joining a live session is not counted).
+    pub max_opens_per_user_per_minute: u32,
+    /// Memory the host commits to live sessions (each holds `container.memory_mib`);
+    /// 0 = the host's memory as detected at start.
+    pub host_memory_mib: u64,
+    /// CPUs the host commits to live sessions (each holds `container.cpus`); 0 = the host's CPUs.
+    pub host_cpus: f64,
+    /// How long an open waits in the queue for capacity before it is refused.
+    pub queue_timeout_secs: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionSettings {
@@ -154,6 +255,47 @@ pub struct SessionSettings {
     pub max_frame_bytes: usize,
     pub max_messages_per_second: u32,
     pub max_connections_per_user: usize,
+    /// The reverse proxy to each session's service (`[session.proxy]`).
+    pub proxy: ProxySettings,
+}
+
+/// The authenticated reverse proxy to each session's service port: `/s/{session}/…` and, with a
+/// base domain, `{session}.{base_domain}` (see agents/session/README.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// `true`: the app sees `/x` for `/s/{session}/x` (and `X-Forwarded-Prefix: /s/{session}`);
+    /// `false`: it sees the whole path.
+    pub strip_prefix: bool,
+    /// When set, `{session}.{base_domain}` is proxied too, at `/` (host routing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_domain: Option<String>,
+    /// Lifetime of the cookie a token exchange sets (renewed while used, never past the token's).
+    pub cookie_ttl_secs: u64,
+    /// Cookies carry `Secure` (sent over HTTPS only); off only for plain-HTTP development.
+    pub secure_cookies: bool,
+    /// How long a request to a session that is starting or waking waits for it to run.
+    pub start_wait_secs: u64,
+    /// Paths (as the app sees them) of background traffic: requests and WebSocket frames on them
+    /// never count as activity and never wake a paused session. `*` matches within one segment,
+    /// `**` across segments.
+    #[serde(default)]
+    pub background_paths: Vec<String>,
+}
+
+/// The browser terminal (`GET /api/sessions/{id}/terminal`): what runs in the container's PTY.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalSettings {
+    /// The command started in the PTY, as argv (`["/bin/sh"]`, `["/bin/bash", "-l"]`).
+    pub shell: Vec<String>,
+    /// Who the shell runs as (`uid[:gid]` or a name the image knows); absent = `container.user`,
+    /// else the image's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Where the shell starts (absolute, inside the container); absent = `container.workspace_mount`.
+    #[serde(default)]
+    pub working_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,13 +371,61 @@ impl Profile {
             if mount.contains("docker.sock") || mount.split(':').next().is_some_and(|host| host == "/var/run" || host == "/run") {
                 return Err(self.invalid("container.mounts", format!("mounting the Docker socket is never allowed ({mount})")));
             }
-            if mount.split(':').count() < 2 {
-                return Err(self.invalid("container.mounts", format!("expected host:container[:ro], got {mount:?}")));
+            let parts: Vec<&str> = mount.split(':').collect();
+            if parts.len() != 3 || parts[2] != "ro" || !parts[1].starts_with('/') {
+                return Err(self.invalid("container.mounts", format!("expected host:container:ro (extra mounts are read-only), got {mount:?}")));
+            }
+            if !is_mountable_host_path(Path::new(parts[0])) {
+                return Err(self.invalid(
+                    "container.mounts",
+                    format!("{mount:?}: the host side must lie under {} (an allow-list)", MOUNTABLE_HOST_ROOTS.join(" or ")),
+                ));
             }
         }
         for capability in &container.cap_add {
-            if matches!(capability.trim_start_matches("CAP_"), "SYS_ADMIN" | "ALL" | "SYS_MODULE" | "SYS_PTRACE" | "NET_ADMIN") {
-                return Err(self.invalid("container.cap_add", format!("{capability} would break the workspace's isolation")));
+            if canonical_capability(capability).is_none() {
+                return Err(self.invalid(
+                    "container.cap_add",
+                    format!("{capability:?} is not one of the capabilities a workspace may get back: {}", ADDABLE_CAPABILITIES.join(", ")),
+                ));
+            }
+        }
+        if container.log_max_size_mib == 0 || container.log_max_size_mib > 1024 {
+            return Err(self.invalid("container.log_max_size_mib", "must be 1-1024: a container log is always bounded"));
+        }
+        if container.log_max_files == 0 || container.log_max_files > 20 {
+            return Err(self.invalid("container.log_max_files", "must be 1-20"));
+        }
+        if !container.read_only_root && container.writable_paths.is_empty() {
+            return Err(self.invalid(
+                "container.writable_paths",
+                "a writable root is bounded: name the paths that stay writable and their size in MiB (the rest is read-only)",
+            ));
+        }
+        let mut in_memory_mib = container.tmpfs_size_mib;
+        for (path, size_mib) in &container.writable_paths {
+            let clean = Path::new(path).is_absolute() && Path::new(path).components().skip(1).all(|c| matches!(c, std::path::Component::Normal(_)));
+            let system = ["/proc", "/sys", "/dev", "/tmp"].iter().any(|tree| Path::new(path).starts_with(tree));
+            if !clean || path == "/" || system || *path == container.workspace_mount {
+                return Err(self.invalid("container.writable_paths", format!("{path:?} must be an absolute path other than /, /tmp, the workspace mount and /proc, /sys, /dev")));
+            }
+            if *size_mib == 0 {
+                return Err(self.invalid("container.writable_paths", format!("{path:?}: the size in MiB must be positive")));
+            }
+            in_memory_mib = in_memory_mib.saturating_add(*size_mib);
+        }
+        if in_memory_mib >= container.memory_mib {
+            return Err(self.invalid(
+                "container.writable_paths",
+                format!("tmpfs_size_mib plus writable_paths is {in_memory_mib} MiB, which must stay below memory_mib (tmpfs lives in memory)"),
+            ));
+        }
+        for (index, allowed) in container.egress_allow.iter().enumerate() {
+            if let Err(reason) = parse_ipv4_cidr(&allowed.cidr) {
+                return Err(self.invalid(&format!("container.egress_allow[{index}].cidr"), reason));
+            }
+            if allowed.port == Some(0) {
+                return Err(self.invalid(&format!("container.egress_allow[{index}].port"), "must be 1-65535"));
             }
         }
         if container.memory_mib < 6 {
@@ -276,8 +466,34 @@ impl Profile {
         if self.session.max_frame_bytes == 0 || self.session.max_messages_per_second == 0 || self.session.max_connections_per_user == 0 {
             return Err(self.invalid("session", "frame size, message rate and connections per user must be positive"));
         }
+        let proxy = &self.session.proxy;
+        if proxy.cookie_ttl_secs == 0 || proxy.start_wait_secs == 0 {
+            return Err(self.invalid("session.proxy", "cookie_ttl_secs and start_wait_secs must be positive"));
+        }
+        if let Some(domain) = &proxy.base_domain {
+            let label_ok = |label: &str| !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !domain.split('.').all(label_ok) {
+                return Err(self.invalid("session.proxy.base_domain", format!("{domain:?} must be a lowercase host name (no port, no scheme)")));
+            }
+        }
+        if let Some(pattern) = proxy.background_paths.iter().find(|pattern| !pattern.starts_with('/')) {
+            return Err(self.invalid("session.proxy.background_paths", format!("{pattern:?} must start with `/`")));
+        }
+        if self.terminal.shell.is_empty() || self.terminal.shell.iter().any(|part| part.is_empty() || part.contains('\0')) {
+            return Err(self.invalid("terminal.shell", "must name a command: a non-empty list of non-empty arguments"));
+        }
+        if self.terminal.working_dir.as_ref().is_some_and(|folder| !folder.starts_with('/')) {
+            return Err(self.invalid("terminal.working_dir", "must be an absolute path inside the container"));
+        }
         if self.patterns.is_empty() {
             return Err(self.invalid("patterns", "a profile runs at least one pattern"));
+        }
+        let limits = &self.limits;
+        if limits.max_sessions_per_user == 0 || limits.max_opens_per_user_per_minute == 0 || limits.queue_timeout_secs == 0 {
+            return Err(self.invalid("limits", "max_sessions_per_user, max_opens_per_user_per_minute and queue_timeout_secs must be positive"));
+        }
+        if !(limits.host_cpus >= 0.0 && limits.host_cpus.is_finite()) {
+            return Err(self.invalid("limits.host_cpus", "must be 0 (the host's CPUs) or a positive number"));
         }
         if let Some(deployment) = &self.services.deployment {
             if !is_deployment_id(deployment) {
@@ -311,6 +527,16 @@ impl Profile {
     /// The host directory of one session's workspace.
     pub fn session_dir(&self, session: &str) -> PathBuf {
         self.deployment_root().join(session)
+    }
+
+    /// Who a terminal's shell runs as: `terminal.user`, else `container.user` (`None`: the image's).
+    pub fn terminal_user(&self) -> Option<&str> {
+        self.terminal.user.as_deref().or(self.container.user.as_deref())
+    }
+
+    /// Where a terminal's shell starts: `terminal.working_dir`, else the workspace mount.
+    pub fn terminal_working_dir(&self) -> &str {
+        self.terminal.working_dir.as_deref().unwrap_or(&self.container.workspace_mount)
     }
 }
 
@@ -406,6 +632,47 @@ mod tests {
         check(|text| text.replace("[container]", "[container]\nshiny = true"), Err("unknown field `shiny`"));
         check(|text| text.replace("[services]", "[services]\ndeployment = \"staging\""), Ok(()));
         check(|text| text.replace("[services]", "[services]\ndeployment = \"Staging/1\""), Err("`services.deployment`"));
+        check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = []"), Err("`terminal.shell`"));
+        check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = [\"/bin/sh\"]\nworking_dir = \"work\""), Err("`terminal.working_dir`"));
+        check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = [\"/bin/sh\"]\nenv = 1"), Err("unknown field `env`"));
+    }
+
+    #[test]
+    fn capabilities_and_mounts_are_allow_lists() {
+        let caps = |list: String| move |text: String| text.replace("cap_add = []", &format!("cap_add = {list}"));
+        check(caps(r#"["chown", "CAP_NET_BIND_SERVICE", " setuid "]"#.to_owned()), Ok(()));
+        for refused in ["sys_admin", "Cap_Sys_Admin", "DAC_READ_SEARCH", "NET_RAW", "ALL", "SYS_PTRACE", "BOGUS"] {
+            check(caps(format!("[{refused:?}]")), Err("`container.cap_add`"));
+        }
+        assert_eq!(canonical_capability("cap_chown"), Some("CHOWN"));
+        let mounts = |list: String| move |text: String| text.replace("[container]", &format!("[container]\nmounts = {list}"));
+        check(mounts(r#"["/srv/berth/reference:/reference:ro"]"#.to_owned()), Ok(()));
+        for refused in ["/var:/host-var:ro", "/run/containerd:/c:ro", "/srv/berth:/all:ro", "/srv/berth/../../etc:/e:ro", "/home/alice:/h:ro"] {
+            check(mounts(format!("[{refused:?}]")), Err("`container.mounts`"));
+        }
+        check(mounts(r#"["/srv/berth/reference:/reference"]"#.to_owned()), Err("read-only"));
+        check(mounts(r#"["/srv/berth/reference:/reference:rw"]"#.to_owned()), Err("read-only"));
+    }
+
+    #[test]
+    fn logs_roots_runtimes_and_egress_are_bounded_and_named() {
+        check(|text| text.replace("log_max_size_mib = 10", "log_max_size_mib = 0"), Err("`container.log_max_size_mib`"));
+        check(|text| text.replace("log_max_files = 3", "log_max_files = 0"), Err("`container.log_max_files`"));
+        check(|text| text.replace("log_max_files = 3\n", ""), Err("missing field `log_max_files`"));
+        check(|text| text.replace("runtime = \"runc\"", "runtime = \"runsc\""), Ok(()));
+        check(|text| text.replace("runtime = \"runc\"", "runtime = \"kata\""), Err("unknown variant `kata`"));
+        check(|text| text.replace("read_only_root = true", "read_only_root = false"), Err("`container.writable_paths`"));
+        let writable = |paths: &'static str| move |text: String| text.replace("read_only_root = true", &format!("read_only_root = false\nwritable_paths = {paths}"));
+        check(writable(r#"{ "/home/user" = 32 }"#), Ok(()));
+        check(writable(r#"{ "/home/user" = 200 }"#), Err("below memory_mib"));
+        check(writable(r#"{ "/proc/x" = 2 }"#), Err("`container.writable_paths`"));
+        check(writable(r#"{ "/home/user" = 0 }"#), Err("must be positive"));
+        let egress = |list: &'static str| move |text: String| text.replace("egress_allow = []", &format!("egress_allow = {list}"));
+        check(egress(r#"[{ cidr = "10.255.255.53", port = 53 }, { cidr = "192.168.0.0/16" }]"#), Ok(()));
+        check(egress(r#"[{ cidr = "10.1.2.3/8" }]"#), Err("`container.egress_allow[0].cidr`: \"10.1.2.3/8\" has host bits set"));
+        check(egress(r#"[{ cidr = "fd00:ec2::254" }]"#), Err("no IPv6"));
+        check(egress(r#"[{ cidr = "10.0.0.1", port = 0 }]"#), Err("`container.egress_allow[0].port`"));
+        check(egress(r#"[{ cidr = "10.0.0.1", proto = "tcp" }]"#), Err("unknown field `proto`"));
     }
 
     #[test]
