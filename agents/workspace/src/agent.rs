@@ -1122,11 +1122,10 @@ impl WorkspaceAgent {
             }
             changed_manifest = true;
             match self.resolve_conflict(target, &confined, &file, &mut manifest).await {
-                Ok(Some(conflict)) => {
+                Ok(Some((conflict, uploaded_bytes))) => {
                     tracing::warn!(session = %target.session, path = %conflict.path, copy = ?conflict.conflict_copy, reason = %conflict.reason, "conflict: both versions kept");
-                    if conflict.conflict_copy.is_some() || conflict.reason.starts_with("deleted") {
-                        report.uploaded += 1;
-                    }
+                    report.uploaded += 1;
+                    report.bytes_uploaded += uploaded_bytes;
                     report.conflicts.push(conflict);
                 }
                 Ok(None) => report.unchanged += 1,
@@ -1194,8 +1193,12 @@ impl WorkspaceAgent {
     /// Someone else wrote (or deleted) the object at `file.path` since this session saw it.
     /// Identical content is simply adopted; otherwise the store's version is downloaded into the
     /// file's place and the local content is kept next to it as a conflict copy, locally and in
-    /// the store. `None`: no conflict after all.
-    async fn resolve_conflict(&self, target: &Target, confined: &Arc<Confined>, file: &LocalFile, manifest: &mut Manifest) -> Result<Option<ConflictRecord>> {
+    /// the store. `None`: no conflict after all; else the conflict and the bytes uploaded for it.
+    ///
+    /// The local content goes up under the conflict-copy name before anything moves locally, so
+    /// a failure at any point leaves a state the next sync resolves the same way, never a local
+    /// file that is in neither place.
+    async fn resolve_conflict(&self, target: &Target, confined: &Arc<Confined>, file: &LocalFile, manifest: &mut Manifest) -> Result<Option<(ConflictRecord, u64)>> {
         let path = &file.path;
         let key = path.to_key(&target.prefix);
         for _ in 0..3 {
@@ -1203,12 +1206,14 @@ impl WorkspaceAgent {
                 // Deleted in the store meanwhile: this session's version goes up again.
                 match self.upload(target, confined, path, &Expected::Absent).await? {
                     Uploaded::Done(entry) => {
+                        let size = entry.size;
                         manifest.files.insert(path.as_str().to_owned(), entry);
-                        return Ok(Some(ConflictRecord {
+                        let record = ConflictRecord {
                             path: path.to_string(),
                             conflict_copy: None,
                             reason: "deleted in the store by another writer: this session's version was uploaded again".to_owned(),
-                        }));
+                        };
+                        return Ok(Some((record, size)));
                     }
                     Uploaded::Conflict => continue,
                 }
@@ -1239,45 +1244,53 @@ impl WorkspaceAgent {
                 manifest.files.insert(path.as_str().to_owned(), entry);
                 return Ok(None);
             }
-            let copy = match self.move_aside(target, confined, path).await {
-                Ok(copy) => copy,
+            let (copy, copy_entry) = match self.keep_as_conflict_copy(target, confined, path).await {
+                Ok(kept) => kept,
                 Err(error) => {
                     let _ = tokio::fs::remove_file(&staged.content.path).await;
                     return Err(error);
                 }
             };
+            let uploaded_bytes = copy_entry.size;
+            manifest.files.insert(copy.as_str().to_owned(), copy_entry);
             match self.place(confined, path, staged, Placement::KeepExisting, file.mode).await? {
                 Some(entry) => manifest.files.insert(path.as_str().to_owned(), entry),
                 // The user created the file again meanwhile: the next sync sees it as new.
                 None => manifest.files.remove(path.as_str()),
             };
-            match self.upload(target, confined, &copy, &Expected::Absent).await {
-                Ok(Uploaded::Done(entry)) => {
-                    manifest.files.insert(copy.as_str().to_owned(), entry);
-                }
-                // Not in the manifest: the next sync uploads it as a new file.
-                Ok(Uploaded::Conflict) => {}
-                Err(error) => tracing::warn!(session = %target.session, path = %copy, %error, "conflict copy kept locally; upload on the next sync"),
-            }
-            return Ok(Some(ConflictRecord {
+            let record = ConflictRecord {
                 path: path.to_string(),
                 conflict_copy: Some(copy.to_string()),
                 reason: "changed in the store by another writer since this session saw it: the store's version is at the path, this session's is the conflict copy".to_owned(),
-            }));
+            };
+            return Ok(Some((record, uploaded_bytes)));
         }
         Err(Error::Unconfirmed(format!("{path}: the object kept changing while resolving a conflict")))
     }
 
-    /// Renames a local file to a free conflict-copy name next to it.
-    async fn move_aside(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath) -> Result<WorkspacePath> {
+    /// Uploads the local file under a conflict-copy name that is free locally and in the store,
+    /// then renames the local file to it. Returns the name and its manifest entry.
+    async fn keep_as_conflict_copy(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath) -> Result<(WorkspacePath, FileEntry)> {
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
         for attempt in 0..20 {
             let copy = conflict_copy_path(path, &target.session, &stamp, attempt).map_err(Error::UnsafeNames)?;
-            let moved_confined = confined.clone();
-            let (from, to) = (path.clone(), copy.clone());
-            if blocking(move || moved_confined.rename_aside(&from, &to)).await? {
-                return Ok(copy);
+            let checked = confined.clone();
+            let checked_copy = copy.clone();
+            if blocking(move || checked.exists(&checked_copy)).await? {
+                continue;
             }
+            let entry = match self.upload_as(target, confined, path, &copy, &Expected::Absent).await? {
+                Uploaded::Done(entry) => entry,
+                Uploaded::Conflict => continue,
+            };
+            let moved = confined.clone();
+            let (from, to) = (path.clone(), copy.clone());
+            if blocking(move || moved.rename_aside(&from, &to)).await? {
+                return Ok((copy, entry));
+            }
+            // The name was taken locally in between: the object stays (it is this session's
+            // content) and another name is tried.
+            tracing::warn!(session = %target.session, path = %copy, "conflict-copy name taken locally meanwhile; trying another");
         }
         Err(Error::Unconfirmed(format!("{path}: no free conflict-copy name")))
     }
@@ -1367,7 +1380,12 @@ impl WorkspaceAgent {
 
     /// Reads one file safely and uploads it (in parts when large), only over the `expected` version.
     async fn upload(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath, expected: &Expected) -> Result<Uploaded> {
-        let key = path.to_key(&target.prefix);
+        self.upload_as(target, confined, path, path, expected).await
+    }
+
+    /// Uploads the local file at `path` to the key of `key_path`.
+    async fn upload_as(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath, key_path: &WorkspacePath, expected: &Expected) -> Result<Uploaded> {
+        let key = key_path.to_key(&target.prefix);
         let opener = confined.clone();
         let opened_path = path.clone();
         let (file, metadata) = blocking(move || opener.open_file(&opened_path)).await?;

@@ -388,6 +388,20 @@ impl Confined {
         Ok(true)
     }
 
+    /// Whether anything (a file, folder, link, …) has the name `path`; never follows a link.
+    pub fn exists(&self, path: &WorkspacePath) -> Result<bool> {
+        let folder = match self.parent_folder(path, None) {
+            Ok(folder) => folder,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(error) => return Err(error),
+        };
+        match std::fs::symlink_metadata(proc_path(&folder, path.file_name())) {
+            Ok(_) => Ok(true),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(Error::io("inspecting", path.under(&self.root_path), source)),
+        }
+    }
+
     /// Renames the regular file at `path` to `new_path` in the same folder, never replacing
     /// anything. `Ok(false)` when `new_path` is taken.
     pub fn rename_aside(&self, path: &WorkspacePath, new_path: &WorkspacePath) -> Result<bool> {

@@ -108,6 +108,8 @@ struct CountingStore {
     gets: AtomicUsize,
     /// Reads of keys containing this text fail, as if the store broke down mid-way.
     failing_reads: Mutex<Option<String>>,
+    /// Writes of keys containing this text fail.
+    failing_writes: Mutex<Option<String>>,
 }
 
 impl std::fmt::Display for CountingStore {
@@ -121,6 +123,10 @@ impl ObjectStore for CountingStore {
     /// Counts writes that happened: a conditional put `file://` refuses as not implemented (the
     /// agent then checks and writes unconditionally) is not a write.
     async fn put_opts(&self, location: &ObjectPath, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+        let failing = self.failing_writes.lock().unwrap().clone();
+        if failing.is_some_and(|text| location.as_ref().contains(&text)) {
+            return Err(object_store::Error::Generic { store: "test", source: "injected write failure".into() });
+        }
         let result = self.inner.put_opts(location, payload, opts).await;
         if result.is_ok() {
             self.puts.fetch_add(1, Ordering::SeqCst);
@@ -205,6 +211,7 @@ impl Harness {
             deletes: AtomicUsize::new(0),
             gets: AtomicUsize::new(0),
             failing_reads: Mutex::new(None),
+            failing_writes: Mutex::new(None),
         });
         let store = OpenedStore { store: counting.clone(), root: opened.root.clone(), url: opened.url.clone() };
         let events = Arc::new(events);
@@ -793,6 +800,34 @@ async fn two_sessions_editing_one_file_keep_both(backend: Backend) {
     backend.cleanup().await;
 }
 
+/// The conflict copy can't be uploaded: nothing moves locally, the final sync says it failed, and
+/// the next one keeps both versions and reports it.
+async fn a_failed_conflict_copy_upload_changes_nothing(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&BTreeMap::from([("notes.txt".to_owned(), b"v1".to_vec())])).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    harness.put("notes.txt", b"v2 from outside").await;
+    std::fs::write(harness.directory().join("notes.txt"), b"v2 from the user").unwrap();
+    *harness.counting.failing_writes.lock().unwrap() = Some(".conflict-".into());
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.sync_failed").data["final"], json!(true));
+    assert_eq!(local_files(&harness.directory()), BTreeMap::from([("notes.txt".to_owned(), b"v2 from the user".to_vec())]));
+    assert_eq!(harness.remote().await, BTreeMap::from([("notes.txt".to_owned(), b"v2 from outside".to_vec())]));
+    assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.sync_failed").data["action"], json!("remove"), "nothing is removed");
+
+    *harness.counting.failing_writes.lock().unwrap() = None;
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    assert_eq!(number(&harness.last("workspace.synced"), "conflicts"), 1);
+    let copy = harness.last("workspace.conflict").data["files"][0]["conflict_copy"].as_str().unwrap().to_owned();
+    let remote = harness.remote().await;
+    assert_eq!(remote["notes.txt"], b"v2 from outside");
+    assert_eq!(remote[&copy], b"v2 from the user");
+    assert_eq!(local_files(&harness.directory()), remote);
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
 /// Someone outside the session changes, deletes and adds objects while the user works: nothing
 /// of either side is lost, and each case is reported.
 async fn an_outside_writer_is_never_overwritten(backend: Backend) {
@@ -1224,6 +1259,7 @@ on_both_backends!(
     materialize_saves_a_stranded_sibling_first,
     conditional_write_support,
     a_large_file_changed_outside_is_kept,
+    a_failed_conflict_copy_upload_changes_nothing,
     remove_only_after_a_confirmed_final_sync,
     tasks_for_one_workspace_never_overlap,
     bad_tasks_get_clear_answers,
