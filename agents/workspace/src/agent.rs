@@ -543,8 +543,10 @@ impl WorkspaceAgent {
             return Err(Error::UnsafeNames(refused.join("; ")));
         }
         let (remote_tree, tree_meta) = match sidecar_listed {
+            // A hostile sidecar (a path outside the workspace) is refused like a hostile key.
             true => match self.read_tree(&target.prefix).await? {
-                Some((remote_tree, meta)) => (remote_tree, Some(meta)),
+                Some((Ok(remote_tree), meta)) => (remote_tree, Some(meta)),
+                Some((Err(reason), _)) => return Err(Error::UnsafeNames(reason)),
                 None => (Tree::default(), None),
             },
             false => (Tree::default(), None),
@@ -1346,7 +1348,12 @@ impl WorkspaceAgent {
                 }
                 Written::Conflict => {
                     let (remote, meta) = match self.read_tree(&target.prefix).await? {
-                        Some((remote, meta)) => (remote, Some(meta)),
+                        Some((Ok(remote), meta)) => (remote, Some(meta)),
+                        // Unreadable metadata someone else wrote: this session's tree replaces it.
+                        Some((Err(reason), meta)) => {
+                            tracing::warn!(session = %target.session, %reason, "unreadable tree metadata in the store; replacing it");
+                            (Tree::default(), Some(meta))
+                        }
                         None => (Tree::default(), None),
                     };
                     expected = match meta {
@@ -1361,9 +1368,8 @@ impl WorkspaceAgent {
         Err(Error::Unconfirmed(format!("{key}: kept changing while merging")))
     }
 
-    /// The sidecar and its metadata, `None` when the workspace has none. A sidecar that can't be
-    /// read as one is treated as absent (and replaced by the next write), with a warning.
-    async fn read_tree(&self, prefix: &ObjectPath) -> Result<Option<(Tree, ObjectMeta)>> {
+    /// The sidecar (or why it can't be read as one) and its metadata; `None` when there is none.
+    async fn read_tree(&self, prefix: &ObjectPath) -> Result<Option<(Result<Tree, String>, ObjectMeta)>> {
         let key = sidecar_key(prefix);
         let result = match self.store.store.get(&key).await {
             Ok(result) => result,
@@ -1372,10 +1378,7 @@ impl WorkspaceAgent {
         };
         let meta = result.meta.clone();
         let bytes = result.bytes().await?;
-        match Tree::from_sidecar_bytes(&bytes) {
-            Ok(tree) => Ok(Some((tree, meta))),
-            Err(reason) => Err(Error::UnsafeNames(reason)),
-        }
+        Ok(Some((Tree::from_sidecar_bytes(&bytes), meta)))
     }
 
     /// Reads one file safely and uploads it (in parts when large), only over the `expected` version.

@@ -800,6 +800,28 @@ async fn two_sessions_editing_one_file_keep_both(backend: Backend) {
     backend.cleanup().await;
 }
 
+/// A sidecar with a path outside the workspace is refused like a hostile key; one that isn't a
+/// sidecar at all is replaced by the next sync's tree.
+async fn hostile_or_broken_tree_metadata(backend: Backend) {
+    let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
+    harness.seed(&fixture(2, 0)).await;
+    harness.put(workspace::SIDECAR_PATH, br#"{"version": 1, "links": {"../../escape": "/etc"}}"#).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.failed").data["stage"], json!("validate"));
+    assert!(!harness.directory().exists());
+    assert!(!harness.scratch.join("escape").exists());
+
+    harness.put(workspace::SIDECAR_PATH, br#"{"version": 1}"#).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    harness.put(workspace::SIDECAR_PATH, b"not json").await;
+    std::os::unix::fs::symlink("pleadings", harness.directory().join("shortcut")).unwrap();
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.synced").data["final"], json!(true));
+    assert_eq!(harness.sidecar().await.links.get("shortcut").map(String::as_str), Some("pleadings"));
+    harness.cleanup();
+    backend.cleanup().await;
+}
+
 /// The conflict copy can't be uploaded: nothing moves locally, the final sync says it failed, and
 /// the next one keeps both versions and reports it.
 async fn a_failed_conflict_copy_upload_changes_nothing(backend: Backend) {
@@ -1260,6 +1282,7 @@ on_both_backends!(
     conditional_write_support,
     a_large_file_changed_outside_is_kept,
     a_failed_conflict_copy_upload_changes_nothing,
+    hostile_or_broken_tree_metadata,
     remove_only_after_a_confirmed_final_sync,
     tasks_for_one_workspace_never_overlap,
     bad_tasks_get_clear_answers,
