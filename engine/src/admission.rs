@@ -11,6 +11,7 @@
 use serde_json::{json, Value};
 
 use crate::core::Thred;
+use crate::usage::Budget;
 use crate::pattern::AdmissionSpec;
 use protocol::Profile;
 
@@ -67,13 +68,13 @@ pub struct Counts {
 }
 
 /// What becomes of a new thred.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     Admit,
     /// Waits in the queue at this position (1 = next).
     Queue { position: u64 },
     /// Refused: `limit` names the limit, `max` its value.
-    Refuse { limit: Limit, max: u64 },
+    Refuse { limit: Limit, max: f64 },
 }
 
 /// The limits a refusal names (`detail.limit` of the user's notification).
@@ -81,6 +82,8 @@ pub enum Verdict {
 pub enum Limit {
     SessionsPerUser,
     OpensPerMinute,
+    /// A spent budget (`daily_budget`, `monthly_budget`).
+    Budget(Budget),
 }
 
 impl Limit {
@@ -88,6 +91,7 @@ impl Limit {
         match self {
             Limit::SessionsPerUser => "sessions_per_user",
             Limit::OpensPerMinute => "opens_per_minute",
+            Limit::Budget(budget) => budget.as_str(),
         }
     }
 }
@@ -107,10 +111,10 @@ impl Verdict {
 /// or when the host's capacity would be exceeded, admitted otherwise.
 pub fn decide(capacity: &Capacity, counts: Counts) -> Verdict {
     if counts.opens_this_minute > capacity.max_opens_per_minute {
-        return Verdict::Refuse { limit: Limit::OpensPerMinute, max: capacity.max_opens_per_minute };
+        return Verdict::Refuse { limit: Limit::OpensPerMinute, max: capacity.max_opens_per_minute as f64 };
     }
     if counts.user_live >= capacity.max_sessions_per_user {
-        return Verdict::Refuse { limit: Limit::SessionsPerUser, max: capacity.max_sessions_per_user };
+        return Verdict::Refuse { limit: Limit::SessionsPerUser, max: capacity.max_sessions_per_user as f64 };
     }
     if counts.queued > 0 || !capacity.fits(counts.committed) {
         return Verdict::Queue { position: counts.queued + 1 };
@@ -174,8 +178,8 @@ mod tests {
         check(1, 0, 0, 5, Verdict::Queue { position: 1 });
         // Anyone already waiting goes first, even if this one would fit.
         check(1, 0, 2, 0, Verdict::Queue { position: 3 });
-        check(1, 2, 0, 0, Verdict::Refuse { limit: Limit::SessionsPerUser, max: 2 });
-        check(6, 0, 0, 0, Verdict::Refuse { limit: Limit::OpensPerMinute, max: 5 });
+        check(1, 2, 0, 0, Verdict::Refuse { limit: Limit::SessionsPerUser, max: 2.0 });
+        check(6, 0, 0, 0, Verdict::Refuse { limit: Limit::OpensPerMinute, max: 5.0 });
         check(5, 0, 0, 0, Verdict::Admit);
     }
 

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pattern;
 pub mod service;
 pub mod timers;
+pub mod usage;
 mod bench;
 
 use std::future::Future;

@@ -106,6 +106,9 @@ pub struct AdmissionSpec {
     pub waiting_states: Vec<String>,
     /// The event the engine sends a waiting thred when capacity is free for it.
     pub admitted_event: String,
+    /// Holding states metered at the idle price (a paused container holds memory, not CPU).
+    #[serde(default)]
+    pub idle_states: Vec<String>,
 }
 
 /// A record kept up to date with the thred's state.

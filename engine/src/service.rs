@@ -24,6 +24,7 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::admission::{self, Capacity, Committed, Counts, Limit, Verdict};
+use crate::usage::{self, Budget, Charge, Metered, Rates, Spent};
 use crate::core::{self, Disposition, Effect, EventInput, Step, StepError, Thred};
 use crate::metrics::Metrics;
 use crate::pattern::Pattern;
@@ -34,6 +35,8 @@ use crate::{Error, Result};
 pub const CONTAINER_INVENTORY: &str = "container.inventory";
 /// The event type of the workspace agent's periodic inventory of host directories.
 pub const WORKSPACE_INVENTORY: &str = "workspace.inventory";
+/// What the engine sends a session whose user has spent a budget: the pattern stops it, saved first.
+pub const BUDGET_EXCEEDED: &str = "session.budget_exceeded";
 /// What the reconciler publishes for a workspace no live thred owns: the recovery pattern
 /// freezes, final-syncs and then removes it.
 pub const SESSION_RECOVER: &str = "session.recover";
@@ -72,6 +75,8 @@ pub struct EngineConfig {
     pub sweep_interval_ms: u64,
     /// A fired timer whose `timer.fired` has not been committed this long after is fired again.
     pub refire_after_ms: u64,
+    /// Live sessions are metered (usage, budgets) this often.
+    pub meter_interval_ms: u64,
     /// Fault injection for crash tests: after committing, stop before publishing and wait
     /// forever (the test then kills the process). Never set in production.
     #[serde(default)]
@@ -92,6 +97,7 @@ impl EngineConfig {
             orphan_grace_secs: 60,
             sweep_interval_ms: 1000,
             refire_after_ms: timers::REFIRE_AFTER.as_millis() as u64,
+            meter_interval_ms: 15_000,
             halt_after_commit: false,
         }
     }
@@ -210,6 +216,18 @@ impl Keys {
     /// Memory (MiB) and CPU (millis) held by live threds: hash fields `memory`, `cpu`.
     pub fn capacity(&self) -> String {
         format!("{}:capacity", self.prefix)
+    }
+    /// One user's usage in one period (`2026-12-01`, `2026-12`): hash of [`Charge::fields`].
+    pub fn usage(&self, user: &str, period: &str) -> String {
+        format!("{}:usage:{user}:{period}", self.prefix)
+    }
+    /// When a thred was last metered (ms).
+    pub fn metered(&self, thred_id: &str) -> String {
+        format!("{}:metered:{thred_id}", self.prefix)
+    }
+    /// Set once a user was warned that a budget period is nearly spent.
+    pub fn budget_warned(&self, user: &str, period: &str) -> String {
+        format!("{}:budget-warned:{user}:{period}", self.prefix)
     }
     /// Threds of `pattern` waiting for capacity, by arrival (ms).
     pub fn queue(&self, pattern: &str) -> String {
@@ -392,6 +410,8 @@ struct Inner {
     capacity: Capacity,
     /// Wakes the admitter after a commit freed capacity or queued a thred.
     admission_wake: Arc<tokio::sync::Notify>,
+    /// Prices, held resources and budgets (from the profile's `[limits]`).
+    rates: Rates,
 }
 
 /// A running engine (cheap to clone).
@@ -427,6 +447,7 @@ impl Engine {
         }
         let keys = Keys::new(&config.redis_prefix);
         let capacity = Capacity::of(&profile);
+        let profile_for_rates = profile.clone();
         tracing::info!(budget_memory_mib = capacity.budget_memory_mib, budget_cpu_millis = capacity.budget_cpu_millis, "host capacity for sessions");
         let (published_outboxes, published_outboxes_receiver) = tokio::sync::mpsc::unbounded_channel();
         tracing::info!(patterns = ?patterns.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), queue = %config.queue, "engine connected");
@@ -449,6 +470,7 @@ impl Engine {
                 timer_wake: Arc::new(tokio::sync::Notify::new()),
                 capacity,
                 admission_wake: Arc::new(tokio::sync::Notify::new()),
+                rates: Rates::of(&profile_for_rates),
             }),
         })
     }
@@ -680,7 +702,7 @@ impl Engine {
                 }
                 CommitResult::Duplicate => return self.finish_duplicate(event).await,
                 CommitResult::UserLimit => {
-                    overruled = Some(Verdict::Refuse { limit: Limit::SessionsPerUser, max: self.inner.capacity.max_sessions_per_user });
+                    overruled = Some(Verdict::Refuse { limit: Limit::SessionsPerUser, max: self.inner.capacity.max_sessions_per_user as f64 });
                     continue;
                 }
                 CommitResult::Full if previous.is_none() => {
@@ -765,7 +787,20 @@ impl Engine {
             .query_async(&mut redis)
             .await?;
         let committed = Committed { memory_mib: memory.unwrap_or(0), cpu_millis: cpu.unwrap_or(0) };
-        let verdict = admission::decide(&self.inner.capacity, Counts { opens_this_minute, user_live, queued, committed });
+        let mut verdict = admission::decide(&self.inner.capacity, Counts { opens_this_minute, user_live, queued, committed });
+        if !matches!(verdict, Verdict::Refuse { .. }) && self.inner.rates.has_budgets() {
+            let now = chrono::Utc::now();
+            let (day, month): (Option<f64>, Option<f64>) = redis::pipe()
+                .hget(keys.usage(user, &Budget::Daily.period(now)), "cost")
+                .hget(keys.usage(user, &Budget::Monthly.period(now)), "cost")
+                .query_async(&mut redis)
+                .await?;
+            let spent = Spent { day: day.unwrap_or(0.0), month: month.unwrap_or(0.0) };
+            if let Some(budget) = self.inner.rates.exhausted(spent) {
+                let (limit, _) = self.inner.rates.of_budget(budget, spent);
+                verdict = Verdict::Refuse { limit: Limit::Budget(budget), max: limit };
+            }
+        }
         if verdict != Verdict::Admit {
             tracing::info!(user, ?verdict, "open not admitted at once");
         }
@@ -783,18 +818,168 @@ impl Engine {
     /// thred's version), so two replicas doing it at once do no harm.
     async fn admit_forever(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut told_positions: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        let meter_interval = Duration::from_millis(self.inner.config.meter_interval_ms.max(100));
+        let mut last_metered = tokio::time::Instant::now();
         loop {
+            let meter_now = last_metered.elapsed() >= meter_interval;
             for pattern in self.inner.patterns.iter().filter(|pattern| pattern.start.admission.is_some()) {
                 if let Err(error) = self.admit_waiting(pattern, &mut told_positions).await {
                     tracing::warn!(%error, pattern = %pattern.name, "admission round failed; retrying");
                 }
+                if meter_now {
+                    if let Err(error) = self.meter(pattern, meter_interval).await {
+                        tracing::warn!(%error, pattern = %pattern.name, "metering failed; the next round charges the time");
+                    }
+                }
+            }
+            if meter_now {
+                last_metered = tokio::time::Instant::now();
             }
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(Duration::from_secs(1).min(meter_interval)) => {}
                 () = self.inner.admission_wake.notified() => {}
                 _ = stop.changed() => return,
             }
         }
+    }
+
+    /// Charges every user of `pattern` for the time their live threds held capacity or idled since
+    /// they were last metered, records the totals (Redis for admission, the store for the API), and
+    /// acts on budgets: 80 % spent warns the user's sessions once per period, 100 % stops them.
+    async fn meter(&self, pattern: &Pattern, interval: Duration) -> Result<()> {
+        let Some(spec) = &pattern.start.admission else { return Ok(()) };
+        let keys = &self.inner.keys;
+        let mut redis = self.inner.redis.clone();
+        let user_prefix = keys.user_live(&pattern.name, "");
+        let mut user_keys: Vec<String> = Vec::new();
+        {
+            let mut scan: redis::AsyncIter<String> = redis.scan_match(format!("{user_prefix}*")).await?;
+            while let Some(key) = futures::StreamExt::next(&mut scan).await {
+                user_keys.push(key);
+            }
+        }
+        let now = chrono::Utc::now();
+        let now_ms = now.timestamp_millis();
+        for user_key in user_keys {
+            let Some(user) = user_key.strip_prefix(&user_prefix).map(str::to_owned) else { continue };
+            let ids: Vec<String> = redis.smembers(&user_key).await?;
+            let threds = self.load_threds(&ids).await?;
+            let mut charge = Charge::default();
+            let mut holding = Vec::new();
+            for thred in threds.into_iter().filter(|thred| admission::holds_capacity(spec, thred)) {
+                let metered = if spec.idle_states.contains(&thred.state) { Metered::Idle } else { Metered::Holding };
+                let last: Option<i64> = redis.get(keys.metered(&thred.id)).await?;
+                let since = last.unwrap_or_else(|| thred.updated_ms.max(now_ms - interval.as_millis() as i64));
+                let _: () = redis.set_ex(keys.metered(&thred.id), now_ms, 24 * 3600).await?;
+                let seconds = (now_ms - since).max(0) as f64 / 1000.0;
+                let part = self.inner.rates.charge(metered, seconds);
+                charge = charge.plus(part);
+                holding.push(thred);
+            }
+            if holding.is_empty() {
+                continue;
+            }
+            let mut spent = Spent::default();
+            for budget in Budget::ALL {
+                let period = budget.period(now);
+                let usage_key = keys.usage(&user, &period);
+                let mut pipeline = redis::pipe();
+                for (field, value) in charge.fields() {
+                    pipeline.cmd("HINCRBYFLOAT").arg(&usage_key).arg(field).arg(value).ignore();
+                }
+                let retention_days: i64 = if budget == Budget::Daily { 40 } else { 400 };
+                pipeline.expire(&usage_key, retention_days * 24 * 3600).ignore();
+                pipeline.hgetall(&usage_key);
+                let (totals,): (Vec<(String, f64)>,) = pipeline.query_async(&mut redis).await?;
+                let cost = totals.iter().find(|(field, _)| field == "cost").map_or(0.0, |(_, value)| *value);
+                match budget {
+                    Budget::Daily => spent.day = cost,
+                    Budget::Monthly => spent.month = cost,
+                }
+                self.record_usage(&user, &period, &totals, now_ms).await?;
+            }
+            self.enforce_budgets(&user, spent, &holding, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a user's totals for one period to the store (`usage`, id `<user>/<period>`).
+    async fn record_usage(&self, user: &str, period: &str, totals: &[(String, f64)], now_ms: i64) -> Result<()> {
+        let document = usage::usage_document(user, &self.inner.profile.name, period, totals);
+        let operation = protocol::store::Operation::Upsert(protocol::store::UpsertArgs {
+            collection: protocol::store::collections::USAGE.to_owned(),
+            id: format!("{user}/{period}"),
+            doc: document.as_object().cloned().unwrap_or_default(),
+        });
+        let wire = serde_json::to_value(&operation).map_err(|error| Error::Corrupt { key: "usage".to_owned(), reason: error.to_string() })?;
+        let task = Task {
+            id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-usage/{user}/{period}/{now_ms}").as_bytes()),
+            agent: AgentKind::Persistence,
+            action: wire["action"].as_str().unwrap_or("upsert").to_owned(),
+            session: None,
+            thred: None,
+            cause: None,
+            args: wire["args"].clone(),
+        };
+        self.publish_messages(&[task_message(&self.inner.config, &task)]).await
+    }
+
+    /// Stops a user's sessions once a budget is spent (the pattern saves them first) and warns
+    /// them once per period at 80 %.
+    async fn enforce_budgets(&self, user: &str, spent: Spent, holding: &[Thred], now: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        let rates = &self.inner.rates;
+        if let Some(budget) = rates.exhausted(spent) {
+            let (limit, used) = rates.of_budget(budget, spent);
+            for thred in holding {
+                tracing::info!(user, session = %thred.key, budget = budget.as_str(), used, limit, "budget spent; stopping the session");
+                let mut exceeded = CloudEvent::new(
+                    BUDGET_EXCEEDED,
+                    "/berth/engine/usage",
+                    Some(&thred.key),
+                    json!({"budget": budget.as_str(), "spent": used, "limit": limit}),
+                )
+                .with_extension("thredid", thred.id.clone());
+                exceeded.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-budget/{}/{}", thred.id, budget.period(now)).as_bytes()).to_string();
+                self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &exceeded).await?;
+            }
+            return Ok(());
+        }
+        let Some(budget) = rates.nearly_exhausted(spent) else { return Ok(()) };
+        let mut redis = self.inner.redis.clone();
+        let first_warning: bool = redis::cmd("SET")
+            .arg(self.inner.keys.budget_warned(user, &budget.period(now)))
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(400 * 24 * 3600)
+            .query_async::<Option<String>>(&mut redis)
+            .await?
+            .is_some();
+        if !first_warning {
+            return Ok(());
+        }
+        let (limit, used) = rates.of_budget(budget, spent);
+        let messages: Vec<OutboxMessage> = holding
+            .iter()
+            .filter_map(|thred| {
+                let user = thred.context.get("user").and_then(Value::as_str)?;
+                let notification = Notification {
+                    id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-budget-warning/{}/{}", thred.id, budget.period(now)).as_bytes()),
+                    user: user.to_owned(),
+                    session: Some(thred.key.clone()),
+                    state: thred.state.clone(),
+                    detail: json!({"budget_warning": {"budget": budget.as_str(), "spent": used, "limit": limit}}),
+                    cause: None,
+                };
+                Some(OutboxMessage {
+                    exchange: self.inner.config.notify_exchange.clone(),
+                    routing_key: notification.routing_key(),
+                    message_id: notification.id.to_string(),
+                    body: String::from_utf8_lossy(&notification.to_bytes()).into_owned(),
+                })
+            })
+            .collect();
+        self.publish_messages(&messages).await
     }
 
     async fn admit_waiting(&self, pattern: &Pattern, told_positions: &mut std::collections::HashMap<String, u64>) -> Result<()> {

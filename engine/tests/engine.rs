@@ -904,6 +904,58 @@ async fn limits_refuse_queue_and_admit_first_come_first_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_metered_and_a_spent_budget_warns_stops_and_refuses() {
+    let mut profile = dev_profile();
+    // One unit of money per second running: the daily budget of 3 lasts three seconds.
+    profile.limits.price_per_running_hour = 3600.0;
+    profile.limits.daily_budget = 3.0;
+    profile.limits.monthly_budget = 0.0;
+    let mut harness = Harness::new(profile).await;
+    let mut config = harness.config.clone();
+    config.meter_interval_ms = 300;
+    let running = harness.start_with(vec![session_pattern()], config).await;
+    let spender = format!("spender-{}", Uuid::now_v7().simple());
+    let session = format!("s-{}", Uuid::now_v7());
+    harness.publish(&open_workspace_event(&session, &spender, "thesis")).await;
+    let materialize = harness.task(&session, "workspace", "materialize").await;
+    harness.publish(&answer(&materialize, "workspace.materialized", json!({"files": 0}))).await;
+    let provision = harness.task(&session, "container", "provision").await;
+    harness.publish(&answer(&provision, "container.ready", json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000}))).await;
+
+    // Warned once past four fifths, then stopped through the ordinary exit: frozen, saved, removed.
+    let warning = harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && !n.detail["budget_warning"].is_null(), "a budget warning").await;
+    assert_eq!(warning.detail["budget_warning"]["budget"], json!("daily_budget"), "{warning:?}");
+    let freeze = harness.task(&session, "container", "pause").await;
+    let stopping = harness.notification(&session, "stopping").await;
+    assert_eq!(stopping.detail["reason"], json!("budget"), "{stopping:?}");
+    harness.publish(&answer(&freeze, "container.paused", json!({"state": "paused"}))).await;
+    let sync = harness.task(&session, "workspace", "sync").await;
+    assert_eq!(sync.args["final"], json!(true), "the work is saved before the budget stop removes anything");
+    harness.publish(&answer(&sync, "workspace.synced", json!({"final": true}))).await;
+    let remove_container = harness.task(&session, "container", "remove").await;
+    harness.publish(&answer(&remove_container, "container.removed", json!({}))).await;
+    let remove_workspace = harness.task(&session, "workspace", "remove").await;
+    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    assert_eq!(harness.notification(&session, "stopped").await.detail["reason"], json!("budget"));
+
+    // The usage went to the store, and the next open is refused, naming the budget.
+    let tasks = harness.drain_tasks(Duration::from_millis(300)).await;
+    let usage: Vec<&Task> = tasks
+        .iter()
+        .filter(|task| task.action == "upsert" && task.args["collection"] == json!("usage") && task.args["id"].as_str().is_some_and(|id| id.starts_with(&spender)))
+        .collect();
+    let last = usage.last().expect("usage recorded in the store");
+    assert!(last.args["doc"]["cost"].as_f64().unwrap_or_default() >= 3.0, "{last:?}");
+    assert!(last.args["doc"]["running_secs"].as_f64().unwrap_or_default() >= 3.0, "{last:?}");
+    let again = open_workspace_event(&format!("s-{}", Uuid::now_v7()), &spender, "essay");
+    harness.publish(&again).await;
+    let refused = harness.notification_caused_by(&again.id).await;
+    assert_eq!((refused.state.as_str(), &refused.detail["limit"]), ("closed", &json!("daily_budget")), "{refused:?}");
+    running.stop().await;
+    harness.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_user_wins_and_a_foreign_profile_is_refused() {
     let mut harness = Harness::new(dev_profile()).await;
     let running = harness.start(vec![session_pattern()]).await;

@@ -241,6 +241,14 @@ pub struct Limits {
     pub host_cpus: f64,
     /// How long an open waits in the queue for capacity before it is refused.
     pub queue_timeout_secs: u64,
+    /// Price of one hour of a session that holds capacity, and of one that idles (paused), in the
+    /// unit of the budgets; 0 = free. Usage is metered whatever the prices.
+    pub price_per_running_hour: f64,
+    pub price_per_idle_hour: f64,
+    /// What one user may spend per UTC day and per UTC month; 0 = no budget. Past 80 % the user's
+    /// sessions are warned; once spent, running sessions stop (saved first) and opens are refused.
+    pub daily_budget: f64,
+    pub monthly_budget: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -494,6 +502,16 @@ impl Profile {
         }
         if !(limits.host_cpus >= 0.0 && limits.host_cpus.is_finite()) {
             return Err(self.invalid("limits.host_cpus", "must be 0 (the host's CPUs) or a positive number"));
+        }
+        for (field, value) in [
+            ("limits.price_per_running_hour", limits.price_per_running_hour),
+            ("limits.price_per_idle_hour", limits.price_per_idle_hour),
+            ("limits.daily_budget", limits.daily_budget),
+            ("limits.monthly_budget", limits.monthly_budget),
+        ] {
+            if !(value >= 0.0 && value.is_finite()) {
+                return Err(self.invalid(field, "must be 0 or a positive number"));
+            }
         }
         if let Some(deployment) = &self.services.deployment {
             if !is_deployment_id(deployment) {

@@ -35,6 +35,9 @@ pub mod collections {
     /// The patterns bootstrap loaded.
     pub const PATTERNS: &str = "patterns";
     pub const USERS: &str = "users";
+    /// One user's usage in one period (id `<user>/<2026-12-01>` or `<user>/<2026-12>`): running,
+    /// idle, CPU and GiB seconds, cost. Written by the engine's meter.
+    pub const USAGE: &str = "usage";
 }
 
 /// One generic persistence operation. On the wire: `{"action": "<name>", "args": {...}}`, which is
