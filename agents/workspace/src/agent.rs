@@ -394,33 +394,52 @@ impl WorkspaceAgent {
     /// is materialized from the store. A sibling that one of its own tasks holds is being handled.
     async fn save_siblings(&self, target: &Target, reply: &Reply) -> Result<()> {
         let root = self.profile.deployment_root();
-        let found = blocking(move || inventory::list(&root)).await?;
-        for sibling in found {
-            let Some(manifest) = &sibling.manifest else { continue };
-            let same_workspace = manifest.prefix == target.prefix_text
-                && manifest.user == target.user
-                && manifest.workspace == target.workspace
-                && (manifest.profile.is_empty() || manifest.profile == self.profile.name);
-            if sibling.session == target.session || manifest.phase == Phase::Removed || !same_workspace {
-                continue;
+        let prefix = target.prefix_text.clone();
+        let (user, workspace, profile, session) = (target.user.clone(), target.workspace.clone(), self.profile.name.clone(), target.session.clone());
+        let siblings = blocking(move || {
+            let mut siblings = Vec::new();
+            for sibling in inventory::marked(&root, &prefix)? {
+                if sibling == session {
+                    continue;
+                }
+                let header = manifest::load_header_blocking(&manifest::manifest_path(&root, &sibling)).ok().flatten();
+                let directory_exists = std::fs::symlink_metadata(root.join(&sibling)).is_ok();
+                match header {
+                    Some(header) if header.phase != Phase::Removed && directory_exists => {
+                        let same_workspace = header.prefix == prefix
+                            && header.user == user
+                            && header.workspace == workspace
+                            && (header.profile.is_empty() || header.profile == profile);
+                        if same_workspace {
+                            siblings.push(sibling);
+                        }
+                    }
+                    // Removed, or gone without a remove: nothing to save any more.
+                    _ if !directory_exists => inventory::unmark(&root, &prefix, &sibling),
+                    _ => {}
+                }
             }
-            let Some(_sibling_guard) = self.try_lock(format!("session:{}", sibling.session)) else {
-                tracing::info!(session = %target.session, sibling = %sibling.session, "sibling directory busy with its own task; not saved here");
+            Ok(siblings)
+        })
+        .await?;
+        for sibling in siblings {
+            let Some(_sibling_guard) = self.try_lock(format!("session:{}", sibling)) else {
+                tracing::info!(session = %target.session, sibling = %sibling, "sibling directory busy with its own task; not saved here");
                 continue;
             };
-            let sibling_target = target.for_session(&sibling.session, &self.profile);
+            let sibling_target = target.for_session(&sibling, &self.profile);
             match self.final_sync(&sibling_target, Uuid::now_v7()).await {
                 Ok(report) => {
                     tracing::info!(
-                        session = %target.session, sibling = %sibling.session, uploaded = report.uploaded,
+                        session = %target.session, sibling = %sibling, uploaded = report.uploaded,
                         conflicts = report.conflicts.len(), "saved a sibling directory before materializing"
                     );
-                    self.report_conflicts(reply, &report.conflicts, Some(&sibling.session)).await?;
+                    self.report_conflicts(reply, &report.conflicts, Some(&sibling)).await?;
                 }
                 // The store is down or flaky: materializing now could hand out an older copy.
                 Err(error) if error.is_transient() => return Err(error),
                 Err(error) => tracing::error!(
-                    session = %target.session, sibling = %sibling.session, %error,
+                    session = %target.session, sibling = %sibling, %error,
                     "could not save a sibling directory; it is kept and listed in the inventory"
                 ),
             }
@@ -560,6 +579,8 @@ impl WorkspaceAgent {
         // The manifest exists before the directory does, so every directory of this deployment
         // says whose it is (the inventory, a later final sync), even if the agent dies right now.
         let mut manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
+        let (root, prefix, session) = (self.profile.deployment_root(), target.prefix_text.clone(), target.session.clone());
+        blocking(move || inventory::mark(&root, &prefix, &session)).await?;
 
         // Lay out folders (skeleton and every parent) before anything can run in the workspace.
         let skeleton = self.profile.workspace.skeleton.clone();
@@ -1631,7 +1652,9 @@ impl WorkspaceAgent {
         manifest.phase = Phase::Removed;
         manifest.files.clear();
         manifest.preserved.clone_from(&preserved);
+        let prefix = manifest.prefix.clone();
         manifest::save(manifest_path, manifest, Durability::Flushed).await?;
+        inventory::unmark(&deployment_root, &prefix, session);
         tracing::info!(session, preserved = preserved.len(), "workspace directory removed after a confirmed final sync");
         Ok(preserved)
     }

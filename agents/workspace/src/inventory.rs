@@ -58,3 +58,50 @@ pub fn list(deployment_root: &Path) -> Result<Vec<Found>> {
     found.sort_by(|left, right| left.session.cmp(&right.session));
     Ok(found)
 }
+
+/// Folder (in the manifests folder) with one empty marker file per session of each workspace
+/// prefix, so a materialize finds its siblings without reading every manifest of the deployment.
+pub const BY_WORKSPACE_DIR: &str = "by-workspace";
+
+fn index_folder(deployment_root: &Path, prefix: &str) -> std::path::PathBuf {
+    use sha2::Digest;
+    let digest = crate::fsops::hex(&sha2::Sha256::digest(prefix.as_bytes()));
+    deployment_root.join(manifest::MANIFESTS_DIR).join(BY_WORKSPACE_DIR).join(&digest[..32])
+}
+
+/// Records that `session` holds a directory of the workspace at `prefix`.
+pub fn mark(deployment_root: &Path, prefix: &str, session: &str) -> Result<()> {
+    let folder = index_folder(deployment_root, prefix);
+    std::fs::create_dir_all(&folder).map_err(|source| Error::io("creating workspace index", &folder, source))?;
+    let marker = folder.join(session);
+    std::fs::File::create(&marker).map(drop).map_err(|source| Error::io("writing workspace index", &marker, source))
+}
+
+/// Forgets that `session` holds a directory of the workspace at `prefix`.
+pub fn unmark(deployment_root: &Path, prefix: &str, session: &str) {
+    let marker = index_folder(deployment_root, prefix).join(session);
+    if let Err(error) = std::fs::remove_file(&marker) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(session, %error, "could not update the workspace index");
+        }
+    }
+}
+
+/// The sessions recorded for the workspace at `prefix`.
+pub fn marked(deployment_root: &Path, prefix: &str) -> Result<Vec<String>> {
+    let folder = index_folder(deployment_root, prefix);
+    let entries = match std::fs::read_dir(&folder) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(Error::io("listing workspace index", &folder, source)),
+    };
+    let mut sessions = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| Error::io("listing workspace index", &folder, source))?;
+        if let Ok(session) = entry.file_name().into_string() {
+            sessions.push(session);
+        }
+    }
+    sessions.sort();
+    Ok(sessions)
+}
