@@ -1219,6 +1219,23 @@ async fn inventory_lists_only_this_deployments_directories() {
     let (_, events_b, agent_b) = &agents[1];
     assert_eq!(agent_b.publish_inventory().await.unwrap(), 1);
     assert_eq!(events_b.events().iter().filter(|event| event.event_type == "workspace.inventory").count(), 1);
+    // The loop publishes at once and then every interval.
+    events_b.take();
+    let (profile_b, _, _) = &agents[1];
+    let looping = Arc::new(WorkspaceAgent::new(
+        profile_b.clone(),
+        backend.open(),
+        events_b.clone(),
+        AgentSettings { inventory_interval: Duration::from_secs(1), ..quick_settings() },
+    ));
+    let running = tokio::spawn({
+        let looping = looping.clone();
+        async move { looping.inventory_loop().await }
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    running.abort();
+    let published = events_b.events().iter().filter(|event| event.event_type == "workspace.inventory").count();
+    assert!((2..=4).contains(&published), "{published} inventories in 2.5 s at a 1 s interval");
     let _ = std::fs::remove_dir_all(&scratch);
     backend.cleanup().await;
 }
