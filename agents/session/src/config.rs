@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 /// started, or the live one it joined) before answering `timeout`.
 pub const OPEN_ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The largest file one `PUT /api/sessions/{id}/files/…` takes; the workspace quota applies too.
+pub const MAX_UPLOAD_BYTES: u64 = 1024 * 1024 * 1024;
+
 /// Where persistence requests go: `berth.tasks` / `persistence` in a deployment; tests point this
 /// at their own responder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +66,11 @@ pub struct SessionConfig {
     /// Where notifications come from: `berth.notify` in a deployment; tests that run an engine on
     /// isolated exchanges point this at the engine's.
     pub notify_exchange: String,
+    /// The deployment's profile: where session directories are (the files API serves them from
+    /// this machine, like the workspace agent), the workspace quota, what a terminal runs.
+    pub profile: Profile,
+    /// The largest upload the files API takes ([`MAX_UPLOAD_BYTES`]).
+    pub max_upload_bytes: u64,
 }
 
 impl SessionConfig {
@@ -92,6 +100,8 @@ impl SessionConfig {
             event_source: "/berth/session".to_owned(),
             events_exchange: protocol::topology::EVENTS_EXCHANGE.to_owned(),
             notify_exchange: protocol::topology::NOTIFY_EXCHANGE.to_owned(),
+            profile: profile.clone(),
+            max_upload_bytes: MAX_UPLOAD_BYTES,
         };
         config.validate()?;
         Ok(config)

@@ -112,7 +112,7 @@ fn parse_request(mut object: Map<String, Value>) -> Result<ClientRequest, String
 }
 
 /// Workspace ids become part of object-store prefixes: keep them to one safe path segment.
-fn validate_workspace_id(workspace: &str) -> Result<(), String> {
+pub(crate) fn validate_workspace_id(workspace: &str) -> Result<(), String> {
     let well_formed = !workspace.is_empty()
         && workspace.len() <= 128
         && !workspace.starts_with('.')
@@ -149,7 +149,7 @@ pub enum ErrorCode {
 }
 
 /// The state of one session as clients see it, from a notification or a stored record.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SessionStatus {
     pub session: String,
     pub user: String,

@@ -5,17 +5,21 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod activity;
+pub mod api;
 pub mod auth;
 mod bench;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod frames;
 pub mod hub;
 pub mod metrics;
 pub mod notify;
+pub mod openapi;
 pub mod server;
 mod socket;
 pub mod store;
+mod terminal;
 pub mod throttle;
 
 use std::future::Future;

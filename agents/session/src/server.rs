@@ -10,7 +10,7 @@ use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use protocol::Bus;
 use serde_json::json;
@@ -45,6 +45,8 @@ pub struct AppState {
     /// Turns true when the instance shuts down.
     pub stop: watch::Receiver<bool>,
     pub activity: ActivityGate,
+    /// Idempotency keys and Docker, for the HTTP API and the terminal.
+    pub api: crate::api::ApiResources,
 }
 
 /// A running instance's handles, for tests and the benchmark.
@@ -79,8 +81,9 @@ pub async fn start(
     let consumer_task = tokio::spawn(consumer.run(bus.clone(), hub.clone(), consumer_ready.clone(), stop.clone()));
     let store = SessionStore::new(bus.clone(), config.store.clone());
     let activity = ActivityGate::new(config.activity_debounce, config.activity_redis_url.as_deref()).await;
+    let api = crate::api::ApiResources::connect(config.activity_redis_url.as_deref()).await;
     let address = listener.local_addr().map(|address| address.to_string()).unwrap_or_default();
-    let state = Arc::new(AppState { config, bus, hub: hub.clone(), store, metrics: metrics.clone(), consumer_ready, stop, activity });
+    let state = Arc::new(AppState { config, bus, hub: hub.clone(), store, metrics: metrics.clone(), consumer_ready, stop, activity, api });
     let router = router(state.clone());
     let handle = InstanceHandle { metrics: metrics.clone(), hub: hub.clone() };
     let running = async move {
@@ -113,7 +116,17 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/api/sessions", get(list_sessions))
+        .route("/api/sessions", get(list_sessions).post(crate::api::open_session))
+        .route("/api/sessions/{id}", get(crate::api::get_session).delete(crate::api::close_session))
+        .route("/api/sessions/{id}/activity", post(crate::api::session_activity))
+        .route("/api/sessions/{id}/terminal", get(crate::terminal::terminal))
+        .route("/api/sessions/{id}/files", get(crate::files::get_root))
+        .route("/api/sessions/{id}/files/", get(crate::files::get_root))
+        .route(
+            "/api/sessions/{id}/files/{*path}",
+            get(crate::files::get_path).put(crate::files::put_file).delete(crate::files::delete_path).post(crate::files::post_path),
+        )
+        .route("/api/openapi.json", get(crate::openapi::serve_document))
         .route("/ws", get(websocket))
         .with_state(state)
 }
@@ -137,7 +150,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `?access_token=` from a raw query string (JWTs need no percent-decoding).
-fn query_parameter(query: Option<&str>, name: &str) -> Option<String> {
+pub(crate) fn query_parameter(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| pair.split_once('=').filter(|(key, _)| *key == name).map(|(_, value)| percent_decode(value)))
 }
 
@@ -170,7 +183,7 @@ fn percent_decode(value: &str) -> String {
     String::from_utf8_lossy(&decoded).into_owned()
 }
 
-fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Result<Identity, AuthFailure> {
+pub(crate) fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Result<Identity, AuthFailure> {
     let header_text = |name| headers.get(name).and_then(|value| value.to_str().ok());
     let query_token = query_parameter(query, "access_token");
     let token = token_from_request(header_text(header::AUTHORIZATION), header_text(header::SEC_WEBSOCKET_PROTOCOL), query_token.as_deref());
@@ -185,7 +198,7 @@ fn authenticate(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> R
     outcome
 }
 
-fn unauthorized(failure: &AuthFailure) -> Response {
+pub(crate) fn unauthorized(failure: &AuthFailure) -> Response {
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -229,7 +242,19 @@ async fn websocket(
 }
 
 /// `GET /api/sessions`: the caller's sessions; an admin may add `?user=<id>` or `?all=true`.
-async fn list_sessions(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+#[utoipa::path(
+    get, path = "/api/sessions", tag = "sessions",
+    params(("user" = Option<String>, Query, description = "Admins only: this user's sessions"),
+           ("all" = Option<bool>, Query, description = "Admins only: `true` lists every user's sessions")),
+    responses(
+        (status = 200, description = "Newest first, at most 200", body = crate::api::SessionList),
+        (status = 401, description = "No valid token", body = crate::api::ApiError),
+        (status = 403, description = "`user` or `all` without the admin role", body = crate::api::ApiError),
+        (status = 503, description = "The store did not answer", body = crate::api::ApiError),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list_sessions(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
     let identity = match authenticate(&state, &headers, query.as_deref()) {
         Ok(identity) => identity,
         Err(failure) => return unauthorized(&failure),

@@ -44,11 +44,20 @@ enum Input {
     Shutdown,
 }
 
-/// How an `open` ends: its reply, and the session it got (which this socket may then act on).
+/// How an `open` ends: its reply, and the session it got (which the caller may then act on) in
+/// the state the engine's answer named.
 #[derive(Debug, Clone, PartialEq)]
-struct OpenOutcome {
-    reply: ServerFrame,
-    session: Option<String>,
+pub(crate) struct OpenOutcome {
+    pub(crate) reply: ServerFrame,
+    pub(crate) session: Option<String>,
+    pub(crate) state: Option<String>,
+}
+
+/// An `open` whose `session.open` is published: the session id it asked for, and the wait for
+/// the engine's answer. Shared by the socket's `open` frame and `POST /api/sessions`.
+pub(crate) struct RequestedOpen {
+    pub(crate) requested: String,
+    pub(crate) answer: Pin<Box<dyn Future<Output = OpenOutcome> + Send>>,
 }
 
 /// An `open` whose `session.open` is published, waiting for the engine's answer.
@@ -320,37 +329,11 @@ impl Connection {
     /// notification caused by it: the engine binds the open to the workspace's live session if
     /// there is one (at most one per profile, user and workspace), and that notification names it.
     async fn open(&mut self, id: Option<String>, workspace: &str, profile: &str) -> Result<PendingOpen, ServerFrame> {
-        if profile != self.state.config.profile_name {
-            return Err(ServerFrame::error(id, ErrorCode::BadRequest, format!("this deployment runs profile {:?}, not {profile:?}", self.state.config.profile_name)));
-        }
-        let session = uuid::Uuid::now_v7().to_string();
-        let data = json!({"user": self.identity.user, "workspace": workspace, "profile": profile});
-        let event = user_event(&self.state, &self.identity.user, "session.open", &session, data);
-        // Registered before publishing: the engine's answer can beat the broker's confirm.
-        let awaited = self.state.hub.await_notification(&self.identity.user, &event.id);
-        publish_event(&self.state, &event, id.clone()).await?;
-        tracing::info!(user = %self.identity.user, session_id = %session, event_id = %event.id, workspace, "session open requested");
+        let opened = request_open(&self.state, &self.identity.user, id, workspace, profile).await?;
         // The requested id is this socket's either way: a `close` for it before the answer is fine.
-        self.authorized_sessions.insert(session.clone(), self.identity.user.clone());
-        let timeout = self.state.config.open_answer_timeout;
-        let state = self.state.clone();
-        let user = self.identity.user.clone();
-        Ok(Box::pin(async move {
-            let answer = awaited.wait(timeout).await;
-            let outcome = open_outcome(id, &session, answer.as_ref(), timeout);
-            match &outcome.reply {
-                ServerFrame::Ok { joined: Some(true), session: Some(joined), .. } => {
-                    bump(&state.metrics.opens_joined);
-                    tracing::info!(user = %user, session_id = %joined, requested = %session, "open joined the workspace's live session");
-                }
-                ServerFrame::Error { .. } => {
-                    bump(&state.metrics.opens_timed_out);
-                    tracing::warn!(user = %user, session_id = %session, ?timeout, "the engine did not answer an open in time");
-                }
-                _ => {}
-            }
-            Box::new(outcome)
-        }))
+        self.authorized_sessions.insert(opened.requested, self.identity.user.clone());
+        let answer = opened.answer;
+        Ok(Box::pin(async move { Box::new(answer.await) }))
     }
 
     async fn close(&mut self, id: Option<String>, session: &str, reason: Option<String>) -> ServerFrame {
@@ -372,16 +355,13 @@ impl Connection {
         if let Err(frame) = self.authorize(id.clone(), session).await {
             return frame;
         }
-        if self.state.activity.admit(session).await == Admission::Debounced {
-            bump(&self.state.metrics.activity_debounced);
-            return ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(true), joined: None };
+        match report_activity(&self.state, &self.identity.user, session, "websocket", id.clone()).await {
+            Ok(admission) => {
+                let debounced = admission == Admission::Debounced;
+                ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(debounced), joined: None }
+            }
+            Err(frame) => frame,
         }
-        if let Err(frame) = self.publish("session.activity", session, json!({"source": "websocket"}), id.clone()).await {
-            self.state.activity.forget(session).await;
-            return frame;
-        }
-        bump(&self.state.metrics.activity_events_published);
-        ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(false), joined: None }
     }
 
     async fn subscribe(&mut self, id: Option<String>, session: &str) -> ServerFrame {
@@ -436,7 +416,60 @@ impl Connection {
     }
 }
 
-async fn publish_for_user(state: &AppState, user: &str, event_type: &str, session: &str, data: Value, id: Option<String>) -> Result<(), ServerFrame> {
+/// Publishes `session.open` for a new session id (UUID v7) and returns the wait for the engine's
+/// first notification caused by it: the engine binds the open to the workspace's live session if
+/// there is one (at most one per profile, user and workspace), and that notification names it.
+/// The user's notifications must be bound on this instance (a socket of theirs is attached).
+pub(crate) async fn request_open(state: &Arc<AppState>, user: &str, id: Option<String>, workspace: &str, profile: &str) -> Result<RequestedOpen, ServerFrame> {
+    if profile != state.config.profile_name {
+        return Err(ServerFrame::error(id, ErrorCode::BadRequest, format!("this deployment runs profile {:?}, not {profile:?}", state.config.profile_name)));
+    }
+    let session = uuid::Uuid::now_v7().to_string();
+    let data = json!({"user": user, "workspace": workspace, "profile": profile});
+    let event = user_event(state, user, "session.open", &session, data);
+    // Registered before publishing: the engine's answer can beat the broker's confirm.
+    let awaited = state.hub.await_notification(user, &event.id);
+    publish_event(state, &event, id.clone()).await?;
+    tracing::info!(user = %user, session_id = %session, event_id = %event.id, workspace, "session open requested");
+    let timeout = state.config.open_answer_timeout;
+    let state = state.clone();
+    let user = user.to_owned();
+    let requested = session.clone();
+    let answer = Box::pin(async move {
+        let answer = awaited.wait(timeout).await;
+        let outcome = open_outcome(id, &session, answer.as_ref(), timeout);
+        match &outcome.reply {
+            ServerFrame::Ok { joined: Some(true), session: Some(joined), .. } => {
+                bump(&state.metrics.opens_joined);
+                tracing::info!(user = %user, session_id = %joined, requested = %session, "open joined the workspace's live session");
+            }
+            ServerFrame::Error { .. } => {
+                bump(&state.metrics.opens_timed_out);
+                tracing::warn!(user = %user, session_id = %session, ?timeout, "the engine did not answer an open in time");
+            }
+            _ => {}
+        }
+        outcome
+    });
+    Ok(RequestedOpen { requested, answer })
+}
+
+/// Turns one piece of user input on `session` (`source`: `websocket`, `terminal`, `http`) into
+/// a `session.activity` event, debounced (see the crate's README); the caller has authorized it.
+pub(crate) async fn report_activity(state: &AppState, user: &str, session: &str, source: &str, id: Option<String>) -> Result<Admission, ServerFrame> {
+    if state.activity.admit(session).await == Admission::Debounced {
+        bump(&state.metrics.activity_debounced);
+        return Ok(Admission::Debounced);
+    }
+    if let Err(frame) = publish_for_user(state, user, "session.activity", session, json!({"source": source}), id).await {
+        state.activity.forget(session).await;
+        return Err(frame);
+    }
+    bump(&state.metrics.activity_events_published);
+    Ok(Admission::Publish)
+}
+
+pub(crate) async fn publish_for_user(state: &AppState, user: &str, event_type: &str, session: &str, data: Value, id: Option<String>) -> Result<(), ServerFrame> {
     publish_event(state, &user_event(state, user, event_type, session, data), id).await
 }
 
@@ -468,6 +501,7 @@ fn open_outcome(id: Option<String>, requested: &str, answer: Option<&Notificatio
         return OpenOutcome {
             reply: ServerFrame::Error { id, code: ErrorCode::Timeout, message, session: Some(requested.to_owned()) },
             session: None,
+            state: None,
         };
     };
     let session = notification.session.clone().unwrap_or_else(|| requested.to_owned());
@@ -475,6 +509,7 @@ fn open_outcome(id: Option<String>, requested: &str, answer: Option<&Notificatio
     OpenOutcome {
         reply: ServerFrame::Ok { id, session: Some(session.clone()), status: None, debounced: None, joined: Some(joined) },
         session: Some(session),
+        state: Some(notification.state.clone()),
     }
 }
 

@@ -1,0 +1,343 @@
+//! The browser terminal: `GET /api/sessions/{id}/terminal` upgrades to a WebSocket attached to a
+//! Docker exec with a PTY in the session's container. Bytes go both ways unchanged (binary frames
+//! out; binary or text frames in, as xterm.js's attach addon sends them), one JSON text frame
+//! resizes, and the socket closes with its own code when the session stops running.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{rejection::WebSocketUpgradeRejection, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
+use bollard::Docker;
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+use crate::api::{caller, owned_session, ApiError, ApiErrorCode};
+use crate::auth::Identity;
+use crate::hub::ConnectionSlot;
+use crate::metrics::bump;
+use crate::server::{AppState, SUBPROTOCOL};
+use crate::socket::report_activity;
+
+/// Close codes of a terminal socket beyond RFC 6455's (the 4000-4999 private range).
+pub const CLOSE_SESSION_PAUSED: u16 = 4001;
+pub const CLOSE_SESSION_STOPPED: u16 = 4002;
+pub const CLOSE_SESSION_CLOSED: u16 = 4003;
+/// The shell exited (normal closure).
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_POLICY_VIOLATION: u16 = 1008;
+/// Docker failed under the terminal.
+const CLOSE_INTERNAL_ERROR: u16 = 1011;
+/// How long one write to the socket may take before the client counts as gone.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest frame a terminal reads (a paste); larger ones close the socket (1009).
+const MAX_INPUT_FRAME_BYTES: usize = 1024 * 1024;
+/// The terminal type the shell is told.
+const TERM: &str = "TERM=xterm-256color";
+
+/// The one control frame: `{"type":"resize","cols":120,"rows":40}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Control {
+    Resize { cols: u16, rows: u16 },
+}
+
+/// A text frame that is exactly a resize request; anything else typed is input.
+fn control_frame(text: &str) -> Option<Control> {
+    if !text.starts_with('{') {
+        return None;
+    }
+    serde_json::from_str(text).ok().filter(|Control::Resize { cols, rows }| *cols > 0 && *rows > 0)
+}
+
+/// How a terminal ends when its session leaves `running`, by the state it went to.
+fn close_for_state(state: &str) -> Option<(u16, String)> {
+    match state {
+        "running" | "materializing" | "provisioning" => None,
+        "idle" => Some((CLOSE_SESSION_PAUSED, "session paused (idle); send activity to wake it, then reconnect".to_owned())),
+        "stopping" | "stopped" => Some((CLOSE_SESSION_STOPPED, format!("session {state}"))),
+        other => Some((CLOSE_SESSION_CLOSED, format!("session {other}"))),
+    }
+}
+
+/// `GET /api/sessions/{id}/terminal`: authenticate, check the session is the caller's and
+/// running, create the exec, then upgrade.
+#[utoipa::path(
+    get, path = "/api/sessions/{id}/terminal", tag = "terminal",
+    params(("id" = String, Path, description = "The session id")),
+    responses(
+        (status = 101, description = "Switching to a WebSocket attached to a shell with a PTY in the session's container"),
+        (status = 401, description = "No valid token", body = ApiError),
+        (status = 404, description = "No such session among yours", body = ApiError),
+        (status = 409, description = "The session is not running (paused, stopping, …)", body = ApiError),
+        (status = 429, description = "Too many sockets for this user", body = ApiError),
+        (status = 503, description = "Docker or the store did not answer", body = ApiError),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn terminal(
+    State(state): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
+        Ok(identity) => identity,
+        Err(response) => return response,
+    };
+    let owned = match owned_session(&state, &identity, &session).await {
+        Ok(owned) => owned,
+        Err(error) => return error.into_response(),
+    };
+    if owned.state() != "running" {
+        let message = format!("session {session} is {}: a terminal needs it running (an idle session wakes on activity)", owned.state());
+        return ApiError::new(ApiErrorCode::Conflict, message).into_response();
+    }
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let slot = match state.hub.reserve_slot(&identity.user) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            bump(&state.metrics.connections_refused_limit);
+            let message = format!("at most {} connections per user", limit.limit);
+            return (StatusCode::TOO_MANY_REQUESTS, Json(ApiError::new(ApiErrorCode::RateLimited, message))).into_response();
+        }
+    };
+    let docker = match state.api.docker().await {
+        Ok(docker) => docker.clone(),
+        Err(error) => return error.into_response(),
+    };
+    let profile = &state.config.profile;
+    let options = CreateExecOptions::<String> {
+        attach_stdin: Some(true),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        tty: Some(true),
+        cmd: Some(profile.terminal.shell.clone()),
+        user: profile.terminal_user().map(str::to_owned),
+        working_dir: Some(profile.terminal_working_dir().to_owned()),
+        env: Some(vec![TERM.to_owned()]),
+        ..Default::default()
+    };
+    // Created before the upgrade, so a container that cannot run it is a plain HTTP error.
+    let exec = match docker.create_exec(&owned.container(), options).await {
+        Ok(created) => created.id,
+        Err(error) => {
+            let text = error.to_string();
+            let code = if text.contains("is paused") || text.contains("is not running") || text.contains("No such container") {
+                ApiErrorCode::Conflict
+            } else {
+                ApiErrorCode::Unavailable
+            };
+            return ApiError::new(code, format!("cannot start a shell in session {session}'s container: {text}")).into_response();
+        }
+    };
+    tracing::info!(user = %identity.user, session_id = %session, exec_id = %exec, "terminal opened");
+    upgrade
+        .protocols([SUBPROTOCOL])
+        .max_message_size(MAX_INPUT_FRAME_BYTES)
+        .max_frame_size(MAX_INPUT_FRAME_BYTES)
+        .on_upgrade(move |socket| async move {
+            let terminal = Terminal { state, identity, session, docker, exec, socket };
+            terminal.run(slot).await;
+        })
+}
+
+struct Terminal {
+    state: Arc<AppState>,
+    identity: Identity,
+    session: String,
+    docker: Docker,
+    exec: String,
+    socket: WebSocket,
+}
+
+/// What can happen to a terminal; handled in one exhaustive match.
+enum Input {
+    FromClient(Option<Result<Message, axum::Error>>),
+    FromShell(Option<Result<bollard::container::LogOutput, bollard::errors::Error>>),
+    Status(Option<Utf8Bytes>),
+    HeartbeatTick,
+    TokenExpired,
+    Shutdown,
+}
+
+impl Terminal {
+    async fn run(mut self, slot: ConnectionSlot) {
+        let started = self.docker.start_exec(&self.exec, Some(StartExecOptions { detach: false, tty: true, output_capacity: None })).await;
+        let (mut output, mut input) = match started {
+            Ok(StartExecResults::Attached { output, input }) => (output, input),
+            Ok(StartExecResults::Detached) => {
+                self.close(CLOSE_INTERNAL_ERROR, "the shell started detached").await;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(session_id = %self.session, %error, "cannot start a terminal's shell");
+                self.close(CLOSE_INTERNAL_ERROR, "cannot start the shell").await;
+                return;
+            }
+        };
+        // The session's status pushes reach this instance through the user's binding, like a socket's.
+        let (connection_id, mut statuses) = match self.state.hub.attach(&self.identity.user).await {
+            Ok(attached) => attached,
+            Err(error) => {
+                tracing::warn!(session_id = %self.session, %error, "cannot watch a terminal's session");
+                self.close(CLOSE_INTERNAL_ERROR, "cannot watch the session's status").await;
+                return;
+            }
+        };
+        let mut stop = self.state.stop.clone();
+        let mut heartbeat = tokio::time::interval(self.state.config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        let token_expiry = tokio::time::sleep(self.identity.remaining_validity());
+        tokio::pin!(token_expiry);
+        let mut last_heard = Instant::now();
+        loop {
+            let event = tokio::select! {
+                message = self.socket.recv() => Input::FromClient(message),
+                chunk = output.next() => Input::FromShell(chunk),
+                status = statuses.recv() => Input::Status(status),
+                _ = heartbeat.tick() => Input::HeartbeatTick,
+                () = &mut token_expiry => Input::TokenExpired,
+                _ = stop.wait_for(|stopped| *stopped) => Input::Shutdown,
+            };
+            let ending: Option<(u16, String)> = match event {
+                Input::FromClient(None) | Input::FromClient(Some(Err(_))) | Input::FromClient(Some(Ok(Message::Close(_)))) => break,
+                Input::FromClient(Some(Ok(message))) => {
+                    last_heard = Instant::now();
+                    let typed = match message {
+                        Message::Binary(bytes) => Some(bytes),
+                        Message::Text(text) => match control_frame(text.as_str()) {
+                            Some(Control::Resize { cols, rows }) => {
+                                if let Err(error) = self.docker.resize_exec(&self.exec, ResizeExecOptions { width: cols, height: rows }).await {
+                                    tracing::debug!(session_id = %self.session, %error, "terminal resize refused");
+                                }
+                                None
+                            }
+                            None => Some(axum::body::Bytes::copy_from_slice(text.as_str().as_bytes())),
+                        },
+                        Message::Ping(_) | Message::Pong(_) | Message::Close(_) => None,
+                    };
+                    match typed {
+                        Some(bytes) => match input.write_all(&bytes).await.and(input.flush().await) {
+                            Ok(()) => {
+                                self.count_activity();
+                                None
+                            }
+                            Err(_) => Some((CLOSE_NORMAL, "the shell's input is closed".to_owned())),
+                        },
+                        None => None,
+                    }
+                }
+                Input::FromShell(Some(Ok(chunk))) => {
+                    match tokio::time::timeout(SEND_TIMEOUT, self.socket.send(Message::Binary(chunk.into_bytes()))).await {
+                        Ok(Ok(())) => None,
+                        _ => break,
+                    }
+                }
+                Input::FromShell(Some(Err(error))) => {
+                    tracing::warn!(session_id = %self.session, %error, "terminal output failed");
+                    Some((CLOSE_INTERNAL_ERROR, "the shell's output failed".to_owned()))
+                }
+                Input::FromShell(None) => Some((CLOSE_NORMAL, self.exit_reason().await)),
+                Input::Status(Some(frame)) => self.session_ending(frame.as_str()),
+                // The status queue fell behind; the socket can no longer tell when to close.
+                Input::Status(None) => Some((CLOSE_GOING_AWAY, "session status fell behind; reconnect".to_owned())),
+                Input::HeartbeatTick => {
+                    if last_heard.elapsed() > self.state.config.heartbeat_timeout {
+                        bump(&self.state.metrics.sockets_dropped_heartbeat);
+                        Some((CLOSE_GOING_AWAY, "heartbeat timeout".to_owned()))
+                    } else {
+                        match tokio::time::timeout(SEND_TIMEOUT, self.socket.send(Message::Ping(axum::body::Bytes::from_static(b"berth")))).await {
+                            Ok(Ok(())) => None,
+                            _ => break,
+                        }
+                    }
+                }
+                Input::TokenExpired => Some((CLOSE_POLICY_VIOLATION, "token expired".to_owned())),
+                Input::Shutdown => Some((CLOSE_GOING_AWAY, "server shutting down".to_owned())),
+            };
+            if let Some((code, reason)) = ending {
+                tracing::info!(user = %self.identity.user, session_id = %self.session, code, reason = %reason, "terminal closing");
+                self.close(code, &reason).await;
+                break;
+            }
+        }
+        // Ends the shell's input: an interactive shell exits on it.
+        let _ = input.shutdown().await;
+        drop(input);
+        self.state.hub.detach(connection_id).await;
+        drop(slot);
+        tracing::debug!(session_id = %self.session, exec_id = %self.exec, "terminal closed");
+    }
+
+    /// Whether a status push says this terminal's session stopped running.
+    fn session_ending(&self, frame: &str) -> Option<(u16, String)> {
+        let value: serde_json::Value = serde_json::from_str(frame).ok()?;
+        if value.get("type")?.as_str()? != "status" || value.get("session")?.as_str()? != self.session {
+            return None;
+        }
+        close_for_state(value.get("state")?.as_str()?)
+    }
+
+    /// Terminal input counts as activity, debounced like the socket's; published off the input
+    /// path so typing never waits for the broker.
+    fn count_activity(&self) {
+        let state = self.state.clone();
+        let user = self.identity.user.clone();
+        let session = self.session.clone();
+        tokio::spawn(async move {
+            if let Err(refusal) = report_activity(&state, &user, &session, "terminal", None).await {
+                tracing::debug!(session_id = %session, reply = %refusal.to_text(), "terminal activity not published");
+            }
+        });
+    }
+
+    /// `&mut`: a `&Terminal` held across an await would need the socket to be `Sync`.
+    async fn exit_reason(&mut self) -> String {
+        match self.docker.inspect_exec(&self.exec).await.ok().and_then(|inspected| inspected.exit_code) {
+            Some(code) => format!("the shell exited ({code})"),
+            None => "the shell exited".to_owned(),
+        }
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        let frame = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }));
+        let _ = tokio::time::timeout(SEND_TIMEOUT, self.socket.send(frame)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_exact_resize_frame_is_control() {
+        assert_eq!(control_frame(r#"{"type":"resize","cols":120,"rows":40}"#), Some(Control::Resize { cols: 120, rows: 40 }));
+        assert_eq!(control_frame(r#"{"type":"resize","cols":0,"rows":40}"#), None);
+        assert_eq!(control_frame(r#"{"type":"resize","cols":1,"rows":1,"x":1}"#), None);
+        assert_eq!(control_frame("ls -l\r"), None);
+        assert_eq!(control_frame("{"), None);
+    }
+
+    #[test]
+    fn leaving_running_closes_with_a_code_per_state() {
+        assert_eq!(close_for_state("running"), None);
+        assert_eq!(close_for_state("idle").map(|(code, _)| code), Some(CLOSE_SESSION_PAUSED));
+        assert_eq!(close_for_state("stopping").map(|(code, _)| code), Some(CLOSE_SESSION_STOPPED));
+        assert_eq!(close_for_state("stopped").map(|(code, _)| code), Some(CLOSE_SESSION_STOPPED));
+        assert_eq!(close_for_state("closed").map(|(code, _)| code), Some(CLOSE_SESSION_CLOSED));
+        assert_eq!(close_for_state("failed").map(|(code, _)| code), Some(CLOSE_SESSION_CLOSED));
+    }
+}
