@@ -176,6 +176,17 @@ struct Harness {
     user: String,
     workspace: String,
     scratch: PathBuf,
+    _scratch_guard: Arc<ScratchGuard>,
+}
+
+/// Removes a test's scratch directory when the last harness using it goes, also after a failed
+/// assertion.
+struct ScratchGuard(PathBuf);
+
+impl Drop for ScratchGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn test_profile(backend_url: &str, scratch: &Path) -> Profile {
@@ -226,6 +237,7 @@ impl Harness {
             session: format!("s-{id}"),
             user: format!("u-{}", &id[..8]),
             workspace: "case-1".to_owned(),
+            _scratch_guard: Arc::new(ScratchGuard(scratch.clone())),
             scratch,
         }
     }
@@ -328,6 +340,7 @@ impl Harness {
             user: self.user.clone(),
             workspace: self.workspace.clone(),
             scratch: self.scratch.clone(),
+            _scratch_guard: self._scratch_guard.clone(),
         }
     }
 
