@@ -51,7 +51,9 @@ pub enum EnvelopeError {
     NotAnObject,
     #[error("required attribute `{0}` is missing")]
     Missing(&'static str),
-    #[error("attribute `{attribute}` is invalid: {reason}")]
+    /// The attribute name is shown escaped: it comes from outside, and a control or bidi
+    /// character printed raw would garble the message and the log line it ends up in.
+    #[error("attribute `{}` is invalid: {reason}", attribute.escape_debug())]
     Invalid { attribute: String, reason: String },
 }
 
@@ -273,6 +275,11 @@ mod tests {
               Err("attribute `UserId` is invalid: extension attribute names must be 1-20 lowercase letters or digits"));
         check(|o| { o.insert("userid".into(), json!({"nested": true})); },
               Err("attribute `userid` is invalid: extension attributes must be strings, numbers or booleans"));
+        // Found by tests/properties.rs: a name from outside is shown escaped, never raw.
+        check(|o| { o.insert("\0".into(), json!(null)); },
+              Err("attribute `\\0` is invalid: extension attribute names must be 1-20 lowercase letters or digits"));
+        check(|o| { o.insert("a\u{202E}b".into(), json!("x")); },
+              Err("attribute `a\\u{202e}b` is invalid: extension attribute names must be 1-20 lowercase letters or digits"));
         check(|o| { o.insert("data_base64".into(), json!("AAAA")); },
               Err("attribute `data_base64` is invalid: binary data is not accepted; send JSON in `data`"));
     }

@@ -407,7 +407,7 @@ impl Profile {
         if !container.read_only_root && container.writable_paths.is_empty() {
             return Err(self.invalid(
                 "container.writable_paths",
-                "a writable root is bounded: name the paths that stay writable and their size in MiB (the rest is read-only)",
+                "with read_only_root = false, name the paths that stay writable and their size in MiB (the rest is read-only): a writable root is bounded",
             ));
         }
         let mut in_memory_mib = container.tmpfs_size_mib;
@@ -471,8 +471,13 @@ impl Profile {
         if self.timers.idle_after_secs == 0 || self.timers.stop_after_idle_secs == 0 || self.timers.max_age_secs == 0 {
             return Err(self.invalid("timers", "idle_after_secs, stop_after_idle_secs and max_age_secs must be positive"));
         }
-        if self.session.max_frame_bytes == 0 || self.session.max_messages_per_second == 0 || self.session.max_connections_per_user == 0 {
-            return Err(self.invalid("session", "frame size, message rate and connections per user must be positive"));
+        let session_counts = [
+            ("session.max_frame_bytes", self.session.max_frame_bytes),
+            ("session.max_messages_per_second", self.session.max_messages_per_second as usize),
+            ("session.max_connections_per_user", self.session.max_connections_per_user),
+        ];
+        if let Some((field, _)) = session_counts.iter().find(|(_, count)| *count == 0) {
+            return Err(self.invalid(field, "must be positive"));
         }
         let proxy = &self.session.proxy;
         if proxy.cookie_ttl_secs == 0 || proxy.start_wait_secs == 0 {
@@ -651,6 +656,10 @@ mod tests {
         check(|text| text.replace("[services]", "[services]\ndeployment = \"staging\""), Ok(()));
         check(|text| text.replace("[services]", "[services]\ndeployment = \"Staging/1\""), Err("`services.deployment`"));
         check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = []"), Err("`terminal.shell`"));
+        // Found by tests/properties.rs: the field at fault is named, not only its table.
+        check(|text| text.replace("max_frame_bytes = 65536", "max_frame_bytes = 0"), Err("`session.max_frame_bytes`: must be positive"));
+        check(|text| text.replace("max_connections_per_user = 8", "max_connections_per_user = 0"), Err("`session.max_connections_per_user`"));
+        check(|text| text.replace("read_only_root = true", "read_only_root = false"), Err("with read_only_root = false"));
         check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = [\"/bin/sh\"]\nworking_dir = \"work\""), Err("`terminal.working_dir`"));
         check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = [\"/bin/sh\"]\nenv = 1"), Err("unknown field `env`"));
     }
