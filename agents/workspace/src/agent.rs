@@ -979,6 +979,10 @@ impl WorkspaceAgent {
             tracing::info!(session = %target.session, "final sync of a directory that doesn't exist: nothing to save");
             return Ok(SyncReport { missing: true, ..SyncReport::default() });
         }
+        if self.load_manifest(target).await?.is_some_and(|manifest| manifest.phase == Phase::Removing) {
+            tracing::info!(session = %target.session, "final sync of a directory being removed after a confirmed final sync: nothing left to save");
+            return Ok(SyncReport::default());
+        }
         let mut deleted_keys = BTreeSet::new();
         let mut total = SyncReport::default();
         let mut backoff = self.settings.final_sync_backoff_start;
@@ -1037,6 +1041,8 @@ impl WorkspaceAgent {
             Some(manifest) if manifest.phase == Phase::Removed => {
                 return Err(Error::BadTask(format!("the workspace of session {} was already removed", target.session)));
             }
+            // Half deleted by an interrupted remove: its missing files are no user's deletions.
+            Some(manifest) if manifest.phase == Phase::Removing => return Ok(SyncReport::default()),
             Some(manifest) => manifest,
             // A directory without a manifest (the agent died before saving the first one): every
             // file in it is new; identical objects are adopted, different ones kept as conflicts.
@@ -1595,26 +1601,36 @@ impl WorkspaceAgent {
             // Already removed (a redelivery): the same answer again.
             Some(manifest) if !directory_exists && manifest.phase == Phase::Removed => return Ok(manifest.preserved),
             Some(mut manifest) if !directory_exists => {
+                // Gone already (never materialized, or a remove that died after deleting).
+                let _ = tokio::fs::remove_dir_all(&staging).await;
+                let preserved = manifest.preserved.clone();
                 manifest.phase = Phase::Removed;
                 manifest.files.clear();
                 manifest::save(manifest_path, manifest, Durability::Flushed).await?;
-                return Ok(Vec::new());
+                return Ok(preserved);
             }
             Some(manifest) => manifest,
             None if !directory_exists => return Ok(Vec::new()),
             None => return Err(Error::RemoveRefused(format!("{} has no manifest, so no final sync ever covered it", directory.display()))),
         };
-        if !manifest.final_sync_confirmed() {
+        // An interrupted remove (the agent died while deleting) carries on: the directory was
+        // covered when it started, and what is missing now is what it had deleted.
+        let resuming = manifest.phase == Phase::Removing;
+        if !resuming && !manifest.final_sync_confirmed() {
             return Err(Error::RemoveRefused("the last final sync was not confirmed; the directory is kept".to_owned()));
         }
         let scanned_directory = directory.clone();
         let scan = blocking(move || fsops::scan(&scanned_directory)).await?;
-        if let Some(changes) = changes_since_final_sync(&manifest, &scan) {
-            return Err(Error::RemoveRefused(format!("{changes} since the final sync; sync again first")));
+        if !resuming {
+            if let Some(changes) = changes_since_final_sync(&manifest, &scan) {
+                return Err(Error::RemoveRefused(format!("{changes} since the final sync; sync again first")));
+            }
         }
         let unsyncable = scan.unsyncable;
         let session_text = session.to_owned();
-        let preserved = blocking(move || {
+        let preserve_directory = directory.clone();
+        let newly_preserved = blocking(move || {
+            let directory = preserve_directory;
             let confined = Confined::open(&directory)?;
             let mut preserved = Vec::new();
             for entry in &unsyncable {
@@ -1640,13 +1656,23 @@ impl WorkspaceAgent {
             if !rest.unsyncable.is_empty() {
                 return Err(Error::RemoveRefused(format!("{} entries appeared that can't be stored; sync again first", rest.unsyncable.len())));
             }
+            Ok(preserved)
+        })
+        .await?;
+        let mut preserved = manifest.preserved.clone();
+        preserved.extend(newly_preserved);
+        // Durable before the first deletion: a remove cut short resumes instead of looking like
+        // the user deleted files (which a sync would then delete in the store).
+        manifest.phase = Phase::Removing;
+        manifest.preserved.clone_from(&preserved);
+        manifest::save(manifest_path.clone(), manifest.clone(), Durability::Flushed).await?;
+        blocking(move || {
             std::fs::remove_dir_all(&directory).map_err(|source| Error::io("removing workspace", &directory, source))?;
             match std::fs::remove_dir_all(&staging) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(Error::io("removing staging folder", &staging, source)),
+                Ok(()) => Ok(()),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(Error::io("removing staging folder", &staging, source)),
             }
-            Ok(preserved)
         })
         .await?;
         manifest.phase = Phase::Removed;

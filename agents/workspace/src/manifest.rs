@@ -40,6 +40,10 @@ pub enum Phase {
     Streaming,
     /// Every file is in place.
     Complete,
+    /// The confirmed final sync covers the directory and `remove` is deleting it: what is missing
+    /// from it was deleted by the remove, never by the user, so it is never synced again (a sync
+    /// would take the half-deleted directory for deletions and delete them in the store too).
+    Removing,
     /// The directory was removed after a confirmed final sync.
     Removed,
 }
