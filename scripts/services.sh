@@ -16,6 +16,8 @@ command -v dockerd >/dev/null || need_packages+=(docker.io)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx sh && ldd /bin/busybox 2>&1 | grep -q 'not a dynamic' \
   || need_packages+=(busybox-static)
 command -v docker-compose >/dev/null || need_packages+=(docker-compose)
+# The fault tests put socat proxies in front of the Docker socket and the object store to cut them.
+command -v socat >/dev/null || need_packages+=(socat)
 if [ ${#need_packages[@]} -gt 0 ]; then
   log "installing ${need_packages[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -2,6 +2,8 @@
 # Builds the test images FROM scratch with Debian's static busybox (no image can be pulled here).
 # berth-test/busybox:  a workspace that serves HTTP on 8080 from /workspace (httpd).
 # berth-test/unhealthy: a workspace whose service never answers (for the failure path).
+# berth-test/oom:      busybox httpd whose main process turns into a memory hog once
+#                      /workspace/oom-now exists (the fault tests' OOM kill of a main process).
 set -euo pipefail
 busybox=/bin/busybox
 ctx=$(mktemp -d)
@@ -21,4 +23,9 @@ if ! docker image inspect berth-test/busybox:latest >/dev/null 2>&1; then
 fi
 if ! docker image inspect berth-test/unhealthy:latest >/dev/null 2>&1; then
   printf 'FROM berth-test/busybox:latest\nCMD ["/bin/sleep", "3600"]\n' | docker build -q -t berth-test/unhealthy:latest - >/dev/null
+fi
+if ! docker image inspect berth-test/oom:latest >/dev/null 2>&1; then
+  printf '%s\n' 'FROM berth-test/busybox:latest' \
+    'CMD ["/bin/sh", "-c", "httpd -p 8080 -h /workspace && while [ ! -e /workspace/oom-now ]; do sleep 0.5; done; exec tail /dev/zero"]' \
+    | docker build -q -t berth-test/oom:latest - >/dev/null
 fi

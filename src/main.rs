@@ -57,8 +57,14 @@ enum Command {
     },
     /// Measure a component against a baseline taken in the same run.
     Bench {
-        #[arg(value_parser = ["engine", "provision", "workspace", "store", "session", "e2e"])]
+        #[arg(value_parser = ["engine", "provision", "workspace", "store", "session", "e2e", "faults"])]
         what: String,
+        /// `faults`: times the whole fault matrix runs.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// `faults`: concurrent sessions in each case.
+        #[arg(long, default_value_t = 2)]
+        sessions: usize,
     },
 }
 
@@ -112,7 +118,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bootstrap::run(&load_profile()?, reset).await?;
         }
         Command::Dev => bootstrap::dev(load_profile()?, shutdown_signal()).await?,
-        Command::Bench { what } => {
+        Command::Bench { what, rounds, sessions } if what == "faults" => {
+            // Runs its own deployment of separate processes with its own profile (tests/profiles/faults).
+            if !bootstrap::faults::bench(rounds, sessions).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Bench { what, .. } => {
             let profile = load_profile()?;
             match what.as_str() {
                 "engine" => engine::bench(profile).await?,

@@ -5,6 +5,7 @@
 
 mod bench;
 mod dev;
+pub mod faults;
 
 use std::fmt;
 

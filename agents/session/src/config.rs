@@ -66,6 +66,8 @@ pub struct SessionConfig {
     /// Where notifications come from: `berth.notify` in a deployment; tests that run an engine on
     /// isolated exchanges point this at the engine's.
     pub notify_exchange: String,
+    /// The reverse proxy's settings (`[session.proxy]`) and cookie key.
+    pub proxy: crate::proxy::ProxyConfig,
     /// The deployment's profile: where session directories are (the files API serves them from
     /// this machine, like the workspace agent), the workspace quota, what a terminal runs.
     pub profile: Profile,
@@ -100,6 +102,7 @@ impl SessionConfig {
             event_source: "/berth/session".to_owned(),
             events_exchange: protocol::topology::EVENTS_EXCHANGE.to_owned(),
             notify_exchange: protocol::topology::NOTIFY_EXCHANGE.to_owned(),
+            proxy: crate::proxy::ProxyConfig::new(&settings.proxy, key),
             profile: profile.clone(),
             max_upload_bytes: MAX_UPLOAD_BYTES,
         };

@@ -91,7 +91,12 @@ pub struct Hub {
     bindings: tokio::sync::Mutex<Bindings>,
     /// By the id of the event the waiter published.
     cause_waiters: Mutex<HashMap<String, CauseWaiter>>,
+    /// Shown every notification this instance receives (the proxy's view of sessions).
+    observers: Mutex<Vec<NotificationObserver>>,
 }
+
+/// Something that wants to see every notification that reaches this instance.
+pub type NotificationObserver = Arc<dyn Fn(&Notification) + Send + Sync>;
 
 /// The engine's first notification about an event this instance published, once it comes.
 /// Dropping it (timeout, socket gone) forgets the wait.
@@ -137,7 +142,24 @@ impl Hub {
             routes: Mutex::new(Routes::default()),
             bindings: tokio::sync::Mutex::new(Bindings::default()),
             cause_waiters: Mutex::new(HashMap::new()),
+            observers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Shows `observer` every notification this instance receives from now on.
+    pub fn observe(&self, observer: NotificationObserver) {
+        self.observers.lock().unwrap_or_else(PoisonError::into_inner).push(observer);
+    }
+
+    /// Keeps `user`'s notifications coming to this instance without a socket of theirs (the
+    /// proxy watching their sessions); give it back with [`Hub::release_user`].
+    pub async fn hold_user(&self, user: &str) -> Result<()> {
+        self.need_binding(user).await
+    }
+
+    /// Gives back one [`Hub::hold_user`].
+    pub async fn release_user(&self, user: &str) {
+        self.release_binding(user).await;
     }
 
     /// Waits for the first notification to `user` whose `cause` is `cause` (the id of an event
@@ -255,6 +277,10 @@ impl Hub {
         }
         // Before the status is queued: an `open` waiting for this answers ahead of the push.
         self.answer_waiter(&notification);
+        let observers = self.observers.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        for observer in observers {
+            observer(&notification);
+        }
         let Some(status) = SessionStatus::from_notification(&notification) else {
             tracing::debug!(user = %notification.user, "notification without a session; nothing to show");
             return 0;

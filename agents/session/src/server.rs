@@ -112,6 +112,7 @@ pub async fn start(
 }
 
 fn router(state: Arc<AppState>) -> Router {
+    let proxy = crate::proxy::Proxy::new(state.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -128,7 +129,10 @@ fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/openapi.json", get(crate::openapi::serve_document))
         .route("/ws", get(websocket))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::proxy::routes(proxy.clone()))
+        // Outermost: a `{session}.{base_domain}` host belongs to the session's app, whatever the path.
+        .layer(axum::middleware::from_fn_with_state(proxy, crate::proxy::route_by_host))
 }
 
 async fn healthz() -> &'static str {

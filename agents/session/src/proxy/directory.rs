@@ -1,0 +1,225 @@
+//! What the proxy knows about each session it serves: owner, state and upstream address. Read
+//! once from the store, then kept current by the engine's notifications (the owner's routing key
+//! is bound on this instance while the proxy uses the session), and forgotten when unused.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use protocol::Notification;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::Result;
+use crate::hub::Hub;
+use crate::store::SessionStore;
+
+/// A session the proxy has not served for this long is forgotten (and its owner's binding given
+/// back); the next request reads the store again.
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// Where a session's service answers, as the container agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+}
+
+/// A session's state and, while it runs, its upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    pub state: String,
+    pub upstream: Option<Upstream>,
+}
+
+/// One session the proxy serves.
+pub struct Entry {
+    pub owner: String,
+    view: watch::Sender<View>,
+    last_used: Mutex<Instant>,
+    /// When this instance last published a wake for it.
+    wake_sent: Mutex<Option<Instant>>,
+}
+
+impl Entry {
+    fn new(owner: String, view: View) -> Entry {
+        let (view, _) = watch::channel(view);
+        Entry { owner, view, last_used: Mutex::new(Instant::now()), wake_sent: Mutex::new(None) }
+    }
+
+    pub fn view(&self) -> View {
+        self.view.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<View> {
+        self.view.subscribe()
+    }
+
+    /// Whether this request should publish the wake (none was sent in the last `within`).
+    pub fn claim_wake(&self, within: Duration) -> bool {
+        let mut sent = self.wake_sent.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if sent.is_some_and(|at| now.duration_since(at) < within) {
+            return false;
+        }
+        *sent = Some(now);
+        true
+    }
+
+    fn touch(&self) {
+        *self.last_used.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    fn apply(&self, notification: &Notification) {
+        let upstream = upstream_of(&notification.detail);
+        self.view.send_modify(|view| {
+            view.state = notification.state.clone();
+            if notification.state == "running" {
+                if upstream.is_some() {
+                    view.upstream = upstream;
+                }
+            } else if is_ended(&notification.state) {
+                view.upstream = None;
+            }
+        });
+        if notification.state == "running" {
+            *self.wake_sent.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+}
+
+/// States after which a session never runs again.
+pub fn is_ended(state: &str) -> bool {
+    matches!(state, "closed" | "stopped" | "failed" | "recovered")
+}
+
+fn upstream_of(record: &Value) -> Option<Upstream> {
+    let host = record.get("host").and_then(Value::as_str).filter(|host| !host.is_empty())?;
+    let port = record.get("port").and_then(Value::as_u64).and_then(|port| u16::try_from(port).ok()).filter(|port| *port > 0)?;
+    Some(Upstream { host: host.to_owned(), port })
+}
+
+/// The sessions this instance proxies.
+pub struct Directory {
+    hub: Arc<Hub>,
+    store: SessionStore,
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+impl Directory {
+    /// A directory kept current by `hub`'s notifications.
+    pub fn new(hub: Arc<Hub>, store: SessionStore) -> Arc<Directory> {
+        let directory = Arc::new(Directory { hub: hub.clone(), store, entries: Mutex::new(HashMap::new()) });
+        let weak = Arc::downgrade(&directory);
+        hub.observe(Arc::new(move |notification: &Notification| {
+            if let Some(directory) = weak.upgrade() {
+                directory.on_notification(notification);
+            }
+        }));
+        directory
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn on_notification(&self, notification: &Notification) {
+        let Some(session) = &notification.session else { return };
+        let entry = self.entries().get(session).cloned();
+        if let Some(entry) = entry {
+            if entry.owner == notification.user {
+                entry.apply(notification);
+            }
+        }
+    }
+
+    /// The session, or `None` when the store has no record of it.
+    pub async fn lookup(&self, session: &str) -> Result<Option<Arc<Entry>>> {
+        let known = self.entries().get(session).cloned();
+        if let Some(entry) = known {
+            entry.touch();
+            return Ok(Some(entry));
+        }
+        let Some(record) = self.store.session(session).await? else { return Ok(None) };
+        let Some(owner) = record.get("user").and_then(Value::as_str).map(str::to_owned) else { return Ok(None) };
+        // Bound before the record is read again, so no change can fall between the two.
+        self.hub.hold_user(&owner).await?;
+        let record = match self.store.session(session).await {
+            Ok(Some(fresh)) => fresh,
+            Ok(None) => record,
+            Err(error) => {
+                self.hub.release_user(&owner).await;
+                return Err(error);
+            }
+        };
+        let state = record.get("state").and_then(Value::as_str).unwrap_or("unknown").to_owned();
+        let upstream = if state == "running" || state == "idle" { upstream_of(&record) } else { None };
+        let entry = Arc::new(Entry::new(owner.clone(), View { state, upstream }));
+        let (kept, duplicate) = {
+            let mut entries = self.entries();
+            match entries.get(session) {
+                Some(existing) => (existing.clone(), true),
+                None => {
+                    entries.insert(session.to_owned(), entry.clone());
+                    (entry, false)
+                }
+            }
+        };
+        if duplicate {
+            // Another request got there first and holds the binding.
+            self.hub.release_user(&owner).await;
+        }
+        Ok(Some(kept))
+    }
+
+    /// Forgets sessions unused for [`FORGET_AFTER`] (ended ones after 30 s), giving their
+    /// bindings back.
+    pub async fn sweep(&self) {
+        let now = Instant::now();
+        let forgotten: Vec<Arc<Entry>> = {
+            let mut entries = self.entries();
+            let stale: Vec<String> = entries
+                .iter()
+                .filter(|(_, entry)| {
+                    let unused_for = now.duration_since(*entry.last_used.lock().unwrap_or_else(PoisonError::into_inner));
+                    unused_for > FORGET_AFTER || (is_ended(&entry.view().state) && unused_for > Duration::from_secs(30))
+                })
+                .map(|(session, _)| session.clone())
+                .collect();
+            stale.iter().filter_map(|session| entries.remove(session)).collect()
+        };
+        for entry in forgotten {
+            self.hub.release_user(&entry.owner).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn notifications_move_the_view() {
+        let entry = Entry::new("alice".into(), View { state: "provisioning".into(), upstream: None });
+        let notify = |state: &str, detail: Value| Notification {
+            id: uuid::Uuid::now_v7(),
+            user: "alice".into(),
+            session: Some("s".into()),
+            state: state.into(),
+            detail,
+            cause: None,
+        };
+        entry.apply(&notify("running", json!({"host": "127.0.0.1", "port": 49153, "container_id": "c"})));
+        assert_eq!(entry.view().upstream, Some(Upstream { host: "127.0.0.1".into(), port: 49153 }));
+        entry.apply(&notify("idle", json!({})));
+        assert_eq!((entry.view().state.as_str(), entry.view().upstream.is_some()), ("idle", true));
+        assert!(entry.claim_wake(Duration::from_secs(5)));
+        assert!(!entry.claim_wake(Duration::from_secs(5)));
+        entry.apply(&notify("running", json!({"host": "127.0.0.1", "port": 49153})));
+        assert!(entry.claim_wake(Duration::from_secs(5)), "a running notification ends the wake");
+        entry.apply(&notify("closed", json!({})));
+        assert_eq!(entry.view(), View { state: "closed".into(), upstream: None });
+    }
+}
