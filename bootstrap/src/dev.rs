@@ -64,7 +64,20 @@ pub async fn dev(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     tracing::info!(%report, "bootstrapped");
     let (stop, stopping) = watch::channel(false);
     let mut components = spawn_components(&profile, Components::All, &stopping);
-    print_welcome(&profile);
+    // Printed once the console answers, so the first link clicked works.
+    tokio::spawn({
+        let profile = profile.clone();
+        async move {
+            let address = browser_address(&profile.services.session_addr);
+            for _ in 0..300 {
+                if tokio::net::TcpStream::connect(&address).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            print_welcome(&profile);
+        }
+    });
 
     let mut shutdown = std::pin::pin!(shutdown);
     let mut first_failure = None;
@@ -93,11 +106,59 @@ pub async fn dev(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     }
 }
 
+/// How long the one-click sign-in links `berth dev` prints stay valid (each works once).
+const SIGN_IN_LINK_TTL: &str = "15m";
+
 fn print_welcome(profile: &Profile) {
-    let address = &profile.services.session_addr;
+    let address = browser_address(&profile.services.session_addr);
+    let link = |user: &str, roles: &[String]| match session::mint_token(profile, user, roles, SIGN_IN_LINK_TTL) {
+        Ok(token) => format!("http://{address}/console/signin?link={token}"),
+        Err(error) => format!("(no link: {error:#}; sign in at http://{address}/ with a token)"),
+    };
+    let berth = berth_command(profile);
+    println!();
     println!("berth dev is running (profile {})", profile.name);
-    println!("  WebSocket:  ws://{address}/ws");
-    println!("  health:     http://{address}/healthz");
-    println!("  a token:    berth --profile {} token --user alice", profile.name);
-    println!("  watch:      berth tail");
+    println!();
+    println!("  Open the console, signed in as alice (one click; the link works once, for {SIGN_IN_LINK_TTL}):");
+    println!("    {}", link("alice", &[]));
+    println!("  ... or as an admin (every session, capacity, the queue):");
+    println!("    {}", link("admin", &["admin".to_owned()]));
+    println!();
+    println!("  console:       http://{address}/   (sign in with a token)");
+    println!("  a token:       {berth} token --user alice");
+    println!("  a new link:    {berth} token --user alice --ttl 15m   then open http://{address}/console/signin?link=<token>");
+    println!("  watch events:  {berth} tail");
+    println!("  HTTP API:      http://{address}/api/openapi.json");
+    println!("  WebSocket:     ws://{address}/ws   (agents/session/README.md)");
+    if std::env::var_os(&profile.session.jwt_key_env).is_some() {
+        println!("  (tokens need the same {} in the shell you run them from)", profile.session.jwt_key_env);
+    }
+    println!();
+}
+
+/// The address a browser on this machine uses for `session_addr` (a wildcard listens everywhere,
+/// the loopback answers).
+fn browser_address(session_addr: &str) -> String {
+    match session_addr.rsplit_once(':') {
+        Some(("0.0.0.0" | "[::]" | "::", port)) => format!("127.0.0.1:{port}"),
+        _ => session_addr.to_owned(),
+    }
+}
+
+/// `berth --profile <name>` as a newcomer can paste it: this very binary by its full path, and
+/// the profile folder it was loaded from when that is not `./run-profiles` of the current directory.
+fn berth_command(profile: &Profile) -> String {
+    let executable = std::env::current_exe().map_or_else(|_| "berth".to_owned(), |path| path.display().to_string());
+    let profiles_dir = profile.path.parent().and_then(std::path::Path::parent).map(std::path::Path::to_path_buf);
+    let default_dir = std::env::current_dir().ok().map(|dir| dir.join("run-profiles"));
+    let profiles_dir = profiles_dir.and_then(|dir| std::fs::canonicalize(&dir).ok().or(Some(dir)));
+    let default_dir = default_dir.and_then(|dir| std::fs::canonicalize(&dir).ok());
+    match (profiles_dir, default_dir) {
+        (Some(used), Some(default)) if used == default => {
+            let here = std::env::current_dir().map(|dir| dir.display().to_string()).unwrap_or_else(|_| ".".to_owned());
+            format!("cd {here} && {executable} --profile {}", profile.name)
+        }
+        (Some(used), _) => format!("BERTH_PROFILES_DIR={} {executable} --profile {}", used.display(), profile.name),
+        (None, _) => format!("{executable} --profile {}", profile.name),
+    }
 }

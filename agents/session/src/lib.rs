@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 mod bench;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod files;
 pub mod frames;

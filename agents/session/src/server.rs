@@ -129,6 +129,7 @@ fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/openapi.json", get(crate::openapi::serve_document))
         .route("/ws", get(websocket))
+        .merge(crate::console::routes(state.clone()))
         .with_state(state.clone())
         .merge(crate::proxy::routes(proxy.clone()))
         // Outermost: a `{session}.{base_domain}` host belongs to the session's app, whatever the path.

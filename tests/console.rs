@@ -1,0 +1,540 @@
+//! The web console in a real browser: headless Chromium (Debian's `chromium`) driven over the
+//! DevTools protocol from Rust, against the real `berth dev` binary on its own RabbitMQ vhost,
+//! Redis database, object directory and store, with the real Docker engine.
+//!
+//! Sign in with the link `berth dev` prints → open a workspace and watch the badge go
+//! materializing → running with the progress bar moving → type in the terminal and see it echoed →
+//! upload a file by drag and drop and `cat` it → edit a file in the browser and read the change
+//! through the files API → container stats drawn → idle badge, a key in the terminal wakes it →
+//! the admin view → close → closed → sign out, sign in as bob and see none of it. Every step saves
+//! a screenshot under `target/console-screenshots/`; no console error is allowed.
+
+use std::io::{BufRead, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const JWT_SECRET: &str = "console-test-secret-long-enough-for-hs256";
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Files seeded into the workspace so that materializing takes long enough to watch.
+const SEEDED_FILES: usize = 8000;
+const SEEDED_FILE_BYTES: usize = 8 * 1024;
+
+/// Everything one run owns, removed on drop.
+struct Environment {
+    vhost: String,
+    redis_db: u32,
+    root: PathBuf,
+    session_port: u16,
+    deployment: String,
+}
+
+impl Environment {
+    fn new() -> Environment {
+        let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let vhost = format!("berth-console-{run}");
+        run_ok("rabbitmqctl", &["add_vhost", &vhost]);
+        run_ok("rabbitmqctl", &["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        let root = std::env::temp_dir().join(format!("berth-console-{run}"));
+        std::fs::create_dir_all(root.join("objects")).expect("temp root");
+        let session_port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        // Database 8 is this test's alone (the end-to-end runs use 10-15 and flush theirs).
+        Environment { vhost, redis_db: 8, root, session_port, deployment: format!("console-{run}") }
+    }
+
+    fn objects(&self) -> PathBuf {
+        self.root.join("objects")
+    }
+
+    /// Puts a file into the object store (a directory here) under `console/<user>/<workspace>/`.
+    fn seed(&self, user: &str, workspace: &str, path: &str, body: &[u8]) {
+        let file = self.objects().join("console").join(user).join(workspace).join(path);
+        std::fs::create_dir_all(file.parent().expect("parent")).expect("object folder");
+        std::fs::write(file, body).expect("seed object");
+    }
+
+    fn start_berth(&self) -> Berth {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let log_path = self.root.join("berth.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["--profile", "console", "dev"])
+            .env("BERTH_PROFILES_DIR", manifest.join("tests/profiles"))
+            .env("BERTH_PATTERNS_DIR", manifest.join("patterns"))
+            .env("BERTH_AMQP_URL", format!("amqp://guest:guest@127.0.0.1:5672/{}", self.vhost))
+            .env("BERTH_REDIS_URL", format!("redis://127.0.0.1:6379/{}", self.redis_db))
+            .env("BERTH_STORE_URL", format!("sqlite://{}", self.root.join("store.sqlite").display()))
+            .env("BERTH_OBJECT_STORE_URL", format!("file://{}", self.objects().display()))
+            .env("BERTH_WORKSPACE_ROOT", self.root.join("workspaces"))
+            .env("BERTH_DEPLOYMENT", &self.deployment)
+            .env("BERTH_SESSION_ADDR", format!("127.0.0.1:{}", self.session_port))
+            .env("BERTH_JWT_SECRET", JWT_SECRET)
+            .env("RUST_LOG", "info,lapin=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("berth dev starts");
+        Berth { child, log_path, session_port: self.session_port }
+    }
+}
+
+impl Drop for Environment {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.vhost]).output();
+        let _ = Command::new("redis-cli").args(["-n", &self.redis_db.to_string(), "FLUSHDB"]).output();
+        let listed = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=berth.deployment={}", self.deployment), "--filter", "label=berth.managed=true"])
+            .output();
+        if let Ok(listed) = listed {
+            for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["rm", "-f", id]).output();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A running `berth dev`, stopped with SIGTERM on drop.
+struct Berth {
+    child: Child,
+    log_path: PathBuf,
+    session_port: u16,
+}
+
+impl Berth {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits for the welcome text and returns the one-click links it printed, in order.
+    async fn sign_in_links(&mut self) -> Vec<String> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll berth") {
+                panic!("berth dev exited early ({status}):\n{}", self.log());
+            }
+            let log = self.log();
+            let links: Vec<String> = log.lines().filter_map(|line| line.trim().strip_prefix("http://")).filter(|rest| rest.contains("/console/signin?link=")).map(|rest| format!("http://{rest}")).collect();
+            if links.len() >= 2 && http_get(self.session_port, "/readyz").is_some_and(|(status, _)| status == 200) {
+                return links;
+            }
+            assert!(Instant::now() < deadline, "berth dev printed no sign-in links:\n{log}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run_ok(program: &str, arguments: &[&str]) {
+    let output = Command::new(program).args(arguments).output().unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    assert!(output.status.success(), "{program} {arguments:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A plain HTTP/1.0 request on 127.0.0.1; `(status, body)`, or None when nothing answers.
+fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> Option<(u16, Vec<u8>)> {
+    request(port, "HTTP/1.0", method, path, token)
+}
+
+/// Chromium's DevTools server answers HTTP/1.1 only.
+fn devtools_get(port: u16, path: &str) -> Option<(u16, Vec<u8>)> {
+    request(port, "HTTP/1.1", "GET", path, None)
+}
+
+fn request(port: u16, version: &str, method: &str, path: &str, token: Option<&str>) -> Option<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let authorization = token.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
+    write!(stream, "{method} {path} {version}\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n{authorization}\r\n").ok()?;
+    // Read to the end of the body: `Content-Length` when given (a keep-alive server never closes),
+    // else until the server closes.
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        if let Some(split) = response.windows(4).position(|window| window == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
+            let length = head.lines().find_map(|line| line.strip_prefix("content-length:")).and_then(|value| value.trim().parse::<usize>().ok());
+            if length.is_some_and(|length| response.len() >= split + 4 + length) {
+                break;
+            }
+        }
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => response.extend_from_slice(&buffer[..read]),
+            Err(_) => return None,
+        }
+    }
+    let split = response.windows(4).position(|window| window == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, response[split + 4..].to_vec()))
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, Vec<u8>)> {
+    http(port, "GET", path, None)
+}
+
+fn mint(user: &str) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["--profile", "console", "token", "--user", user, "--ttl", "15m"])
+        .env("BERTH_PROFILES_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/tests/profiles"))
+        .env("BERTH_JWT_SECRET", JWT_SECRET)
+        .output()
+        .expect("berth token runs");
+    assert!(output.status.success(), "berth token: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).lines().last().expect("a token").trim().to_owned()
+}
+
+/// Headless Chromium with one page, driven over the DevTools protocol.
+struct Browser {
+    process: Child,
+    profile_dir: PathBuf,
+    page: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    next_id: u64,
+    /// Console errors and uncaught exceptions the page reported.
+    errors: Vec<String>,
+    screenshots: PathBuf,
+    shots: usize,
+}
+
+impl Browser {
+    async fn launch(screenshots: PathBuf, width: u32, height: u32) -> Browser {
+        let chromium = ["chromium", "chromium-browser"].into_iter().find(|name| Command::new("which").arg(name).output().is_ok_and(|out| out.status.success()));
+        let chromium = chromium.expect("Debian's chromium is installed (scripts/services.sh installs it)");
+        let profile_dir = std::env::temp_dir().join(format!("berth-console-chromium-{}", uuid::Uuid::new_v4().simple()));
+        let mut process = Command::new(chromium)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--remote-debugging-port=0",
+                &format!("--user-data-dir={}", profile_dir.display()),
+                &format!("--window-size={width},{height}"),
+                "about:blank",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("chromium starts");
+        let stderr = process.stderr.take().expect("stderr");
+        let (found, endpoint) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                        let _ = found.send(url.trim().to_owned());
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let browser_url = endpoint.recv_timeout(Duration::from_secs(30)).expect("chromium prints its DevTools address");
+        let port: u16 = browser_url.split(':').nth(2).and_then(|rest| rest.split('/').next()).and_then(|port| port.parse().ok()).expect("DevTools port");
+        let (_, list) = devtools_get(port, "/json/list").expect("DevTools lists its pages");
+        let pages: Value = serde_json::from_slice(&list).expect("page list");
+        let page_url = pages.as_array().and_then(|pages| pages.iter().find(|page| page["type"] == "page")).and_then(|page| page["webSocketDebuggerUrl"].as_str()).expect("a page").to_owned();
+        let (page, _) = tokio_tungstenite::connect_async(page_url.as_str()).await.expect("DevTools page socket");
+        std::fs::create_dir_all(&screenshots).expect("screenshot folder");
+        let mut browser = Browser { process, profile_dir, page, next_id: 0, errors: Vec::new(), screenshots, shots: 0 };
+        browser.call("Runtime.enable", json!({})).await;
+        browser.call("Log.enable", json!({})).await;
+        browser.call("Page.enable", json!({})).await;
+        browser
+    }
+
+    fn note_event(&mut self, event: &Value) {
+        match event["method"].as_str() {
+            Some("Runtime.exceptionThrown") => {
+                let details = &event["params"]["exceptionDetails"];
+                let text = details["exception"]["description"].as_str().or(details["text"].as_str()).unwrap_or("exception");
+                self.errors.push(format!("uncaught: {text}"));
+            }
+            Some("Runtime.consoleAPICalled") if event["params"]["type"] == "error" => {
+                self.errors.push(format!("console.error: {}", event["params"]["args"]));
+            }
+            Some("Log.entryAdded") if event["params"]["entry"]["level"] == "error" => {
+                self.errors.push(format!("log: {} {}", event["params"]["entry"]["text"], event["params"]["entry"]["url"]));
+            }
+            _ => {}
+        }
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.page.send(Message::text(json!({"id": id, "method": method, "params": params}).to_string())).await.expect("send to DevTools");
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.page.next()).await.unwrap_or_else(|_| panic!("DevTools did not answer {method}"));
+            let Some(Ok(Message::Text(text))) = next else { continue };
+            let message: Value = serde_json::from_str(text.as_str()).expect("DevTools JSON");
+            if message["id"] == id {
+                assert!(message.get("error").is_none(), "{method} failed: {}", message["error"]);
+                return message["result"].clone();
+            }
+            self.note_event(&message);
+        }
+    }
+
+    /// Evaluates `expression` in the page (promises awaited) and returns its value.
+    async fn eval(&mut self, expression: &str) -> Value {
+        let result = self.call("Runtime.evaluate", json!({"expression": expression, "awaitPromise": true, "returnByValue": true})).await;
+        if let Some(details) = result.get("exceptionDetails") {
+            panic!("evaluating {expression}: {details}");
+        }
+        result["result"]["value"].clone()
+    }
+
+    /// Polls `expression` until it is truthy; returns its value.
+    async fn wait_for(&mut self, what: &str, expression: &str) -> Value {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let value = self.eval(expression).await;
+            let truthy = !matches!(&value, Value::Null | Value::Bool(false)) && value != json!("") && value != json!(0);
+            if truthy {
+                return value;
+            }
+            if Instant::now() > deadline {
+                self.screenshot(&format!("timeout-{}", what.replace(' ', "-"))).await;
+                panic!("timed out waiting for {what} ({expression}); page errors: {:?}", self.errors);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn navigate(&mut self, url: &str) {
+        self.call("Page.navigate", json!({"url": url})).await;
+        self.wait_for("the page to load", "document.readyState === 'complete'").await;
+    }
+
+    async fn screenshot(&mut self, name: &str) -> PathBuf {
+        self.shots += 1;
+        let shot = self.call("Page.captureScreenshot", json!({"format": "png"})).await;
+        let bytes = base64_decode(shot["data"].as_str().expect("screenshot data"));
+        let path = self.screenshots.join(format!("{:02}-{name}.png", self.shots));
+        std::fs::write(&path, bytes).expect("write screenshot");
+        path
+    }
+
+    async fn type_text(&mut self, text: &str) {
+        self.call("Input.insertText", json!({"text": text})).await;
+    }
+
+    async fn press_enter(&mut self) {
+        for kind in ["keyDown", "keyUp"] {
+            let mut params = json!({"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13});
+            if kind == "keyDown" {
+                params["text"] = json!("\r");
+            }
+            self.call("Input.dispatchKeyEvent", params).await;
+        }
+    }
+
+    async fn set_viewport(&mut self, width: u32, height: u32, mobile: bool) {
+        self.call("Emulation.setDeviceMetricsOverride", json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})).await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        let _ = std::fs::remove_dir_all(&self.profile_dir);
+    }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |byte: u8| match byte {
+        b'A'..=b'Z' => Some(byte - b'A'),
+        b'a'..=b'z' => Some(byte - b'a' + 26),
+        b'0'..=b'9' => Some(byte - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let sextets: Vec<u8> = text.bytes().filter_map(value).collect();
+    let mut out = Vec::with_capacity(sextets.len() * 3 / 4);
+    for chunk in sextets.chunks(4) {
+        let bits = chunk.iter().enumerate().fold(0u32, |bits, (index, sextet)| bits | (u32::from(*sextet) << (18 - 6 * index)));
+        let bytes = bits.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    out
+}
+
+/// The terminal's visible text (xterm's buffer, one line per row).
+const TERMINAL_TEXT: &str = "(() => { const t = window.berthTerminal; if (!t) return ''; const b = t.buffer.active; \
+    let s = []; for (let i = 0; i < b.length; i++) { const l = b.getLine(i); if (l) s.push(l.translateToString(true)); } return s.join('\\n'); })()";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_a_real_browser() {
+    let environment = Environment::new();
+    let workspace = "thesis";
+    // Many small files (so materializing takes long enough to watch) and one to edit.
+    let filler = vec![b'x'; SEEDED_FILE_BYTES];
+    for index in 0..SEEDED_FILES {
+        environment.seed("alice", workspace, &format!("data/part-{index:04}.txt"), &filler);
+    }
+    environment.seed("alice", workspace, "notes.txt", b"first line\n");
+    let mut berth = environment.start_berth();
+    let links = berth.sign_in_links().await;
+    let port = environment.session_port;
+    let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+    let _ = std::fs::remove_dir_all(&screenshots);
+    let mut browser = Browser::launch(screenshots.clone(), 1280, 900).await;
+
+    // Signed out: the sign-in form.
+    browser.navigate(&format!("http://127.0.0.1:{port}/")).await;
+    browser.wait_for("the sign-in form", "!!document.querySelector('#token')").await;
+    browser.screenshot("sign-in").await;
+
+    // The one-click link berth dev printed first (alice): the cookie is set and the token leaves
+    // the address bar.
+    browser.navigate(&links[0]).await;
+    browser.wait_for("alice signed in", "document.querySelector('#who')?.textContent.includes('alice') && !!document.querySelector('#open-form')").await;
+    let address = browser.eval("location.href").await;
+    assert_eq!(address, json!(format!("http://127.0.0.1:{port}/")), "the token left the address bar");
+    assert_eq!(browser.eval("document.cookie").await, json!(""), "the cookie is HttpOnly");
+    browser.screenshot("sessions-empty").await;
+    // The link works once.
+    let (status, _) = http_get(port, &links[0]["http://127.0.0.1:".len() + port.to_string().len()..]).expect("link answers");
+    assert_eq!(status, 401, "a used link is refused");
+
+    // Open a workspace: the badge goes materializing → running, the progress bar moves.
+    browser.eval(&format!("document.querySelector('#workspace').value = '{workspace}'; document.querySelector('#open').click(); true")).await;
+    browser.wait_for("the workspace view", "location.hash.startsWith('#/s/')").await;
+    let session = browser.eval("location.hash.slice(4)").await.as_str().expect("session id").to_owned();
+    browser.wait_for("the progress bar", "!!document.querySelector('.progress progress')").await;
+    browser.wait_for("some files copied", "(window.berthConsole.progress[location.hash.slice(4)] || []).length >= 1 && !!document.querySelector('.progress-text')?.textContent.includes('files')").await;
+    browser.screenshot("materializing").await;
+    browser.wait_for("running", "document.querySelector('.badge')?.dataset.state === 'running'").await;
+    let states = browser.eval("window.berthConsole.states[location.hash.slice(4)]").await;
+    let states: Vec<String> = serde_json::from_value(states).expect("states");
+    let position = |state: &str| states.iter().position(|seen| seen == state);
+    assert!(position("materializing").is_some() && position("materializing") < position("running"), "materializing before running: {states:?}");
+    let progress = browser.eval("window.berthConsole.progress[location.hash.slice(4)].map(p => p.files_done)").await;
+    let progress: Vec<u64> = serde_json::from_value(progress).expect("progress");
+    assert!(progress.len() >= 2 && progress.windows(2).all(|pair| pair[0] <= pair[1]) && progress.first() < progress.last(), "the progress bar moved: {progress:?}");
+    assert!(progress.last() >= Some(&(SEEDED_FILES as u64)), "all files counted: {progress:?}");
+    browser.wait_for("stage timings", "document.querySelector('.timings')?.textContent.includes('ready in')").await;
+
+    // The terminal: type, see it echoed.
+    browser.wait_for("the terminal connected", "document.querySelector('#terminal-note')?.textContent === '' && !!window.berthTerminal").await;
+    browser.wait_for("a prompt", &format!("{TERMINAL_TEXT}.trim().length > 0")).await;
+    browser.eval("window.berthTerminal.focus(); true").await;
+    browser.type_text("echo hello-from-browser").await;
+    browser.press_enter().await;
+    browser.wait_for("the echo", &format!("{TERMINAL_TEXT}.split('hello-from-browser').length >= 3")).await;
+    browser.screenshot("terminal").await;
+
+    // Upload by drag and drop, then cat it in the terminal.
+    browser.wait_for("the file list", "!!document.querySelector('#files li[data-path=\"notes.txt\"]')").await;
+    browser
+        .eval(
+            "(() => { const dt = new DataTransfer(); dt.items.add(new File(['dropped-by-the-browser\\n'], 'dropped.txt', {type: 'text/plain'})); \
+             document.querySelector('#dropzone').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})); return true; })()",
+        )
+        .await;
+    browser.wait_for("the uploaded file listed", "!!document.querySelector('#files li[data-path=\"dropped.txt\"]')").await;
+    browser.eval("window.berthTerminal.focus(); true").await;
+    browser.type_text("cat /workspace/dropped.txt").await;
+    browser.press_enter().await;
+    browser.wait_for("the uploaded file in the terminal", &format!("{TERMINAL_TEXT}.split('dropped-by-the-browser').length >= 2")).await;
+    browser.screenshot("uploaded").await;
+
+    // Edit a file in the browser; the files API returns the change.
+    browser.eval("document.querySelector('#files li[data-path=\"notes.txt\"] button.entry').click(); true").await;
+    browser.wait_for("the editor", "document.querySelector('#editor-text')?.value === 'first line\\n'").await;
+    browser.eval("const area = document.querySelector('#editor-text'); area.value += 'edited in the browser\\n'; document.querySelector('#editor-save').click(); true").await;
+    browser.wait_for("saved", "document.querySelector('#editor-status')?.textContent === 'Saved.'").await;
+    let alice = mint("alice");
+    let (status, body) = http(port, "GET", &format!("/api/sessions/{session}/files/notes.txt"), Some(&alice)).expect("files API answers");
+    assert_eq!((status, String::from_utf8_lossy(&body).into_owned()), (200, "first line\nedited in the browser\n".to_owned()));
+    browser.screenshot("edited").await;
+
+    // Container stats reach the charts while the view is open.
+    browser.wait_for("stats drawn", "document.querySelectorAll('#charts .value')[1]?.textContent.includes(' of ')").await;
+    browser.screenshot("workspace").await;
+
+    // Phone width: still readable (no horizontal scrolling of the page).
+    browser.set_viewport(390, 844, true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let overflow = browser.eval("document.documentElement.scrollWidth <= window.innerWidth + 1").await;
+    browser.screenshot("phone").await;
+    assert_eq!(overflow, json!(true), "no horizontal scroll at phone width");
+    browser.set_viewport(1280, 900, false).await;
+
+    // Idle: nothing typed for the profile's idle time → the badge turns idle; a key wakes it.
+    browser.wait_for("idle", "document.querySelector('.badge')?.dataset.state === 'idle'").await;
+    browser.screenshot("idle").await;
+    browser.eval("window.berthTerminal.focus(); true").await;
+    browser.type_text("x").await;
+    browser.wait_for("awake again", "document.querySelector('.badge')?.dataset.state === 'running'").await;
+    browser.wait_for("the terminal back", "document.querySelector('#terminal-note')?.textContent === ''").await;
+    browser.screenshot("woken").await;
+
+    // The admin view (in a second page of the same browser, signed in with the admin link).
+    browser.navigate(&links[1]).await;
+    browser.wait_for("admin signed in", "document.querySelector('#who')?.textContent.includes('admin')").await;
+    browser.navigate(&format!("http://127.0.0.1:{port}/#/admin")).await;
+    browser.wait_for("alice's session in the admin view", &format!("!!document.querySelector('#admin-sessions tr[data-session=\"{session}\"]')")).await;
+    browser.wait_for("capacity shown", "document.querySelector('#admin')?.textContent.includes('MiB used')").await;
+    browser.screenshot("admin").await;
+
+    // Back as alice: close → closed.
+    let relink = mint("alice");
+    browser.navigate(&format!("http://127.0.0.1:{port}/console/signin?link={relink}")).await;
+    browser.wait_for("alice again", "document.querySelector('#who')?.textContent.includes('alice') && !!document.querySelector('#sessions')").await;
+    browser.wait_for("alice's card", &format!("!!document.querySelector('li[data-session=\"{session}\"] [data-action=\"close\"]')")).await;
+    browser.eval(&format!("document.querySelector('li[data-session=\"{session}\"] [data-action=\"close\"]').click(); true")).await;
+    browser.wait_for("closed", &format!("document.querySelector('li[data-session=\"{session}\"] .badge')?.dataset.state === 'closed'")).await;
+    browser.screenshot("closed").await;
+
+    // Sign out, sign in as bob: none of alice's sessions.
+    browser.eval("document.querySelector('#signout').click(); true").await;
+    browser.wait_for("signed out", "!!document.querySelector('#token')").await;
+    let bob = mint("bob");
+    browser.navigate(&format!("http://127.0.0.1:{port}/console/signin?link={bob}")).await;
+    browser.wait_for("bob signed in", "document.querySelector('#who')?.textContent.includes('bob') && !!document.querySelector('#sessions li')").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cards = browser.eval("document.querySelectorAll('#sessions li[data-session]').length").await;
+    assert_eq!(cards, json!(0), "bob sees none of alice's sessions");
+    browser.navigate(&format!("http://127.0.0.1:{port}/#/s/{session}")).await;
+    browser.wait_for("not found for bob", "document.querySelector('h1')?.textContent === 'No such session'").await;
+    browser.screenshot("bob").await;
+
+    let errors = browser.errors.clone();
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    drop(browser);
+    berth.stop();
+    println!("screenshots in {}", screenshots.display());
+}
