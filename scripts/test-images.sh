@@ -2,9 +2,13 @@
 # Builds the test images FROM scratch with Debian's static busybox (no image can be pulled here).
 # berth-test/busybox:  a workspace that serves HTTP on 8080 from /workspace (httpd).
 # berth-test/unhealthy: a workspace whose service never answers (for the failure path).
+# berth-test/proxy-app: the proxy tests' app on 8080 (agents/session/examples/proxy-test-app.rs:
+#                      echoes paths and headers at /, streams /large, counts /upload, echoes /ws);
+#                      the example binary and the shared libraries it links, FROM scratch.
 # berth-test/oom:      busybox httpd whose main process turns into a memory hog once
 #                      /workspace/oom-now exists (the fault tests' OOM kill of a main process).
 set -euo pipefail
+here_root=$(cd "$(dirname "$0")/.." && pwd)
 busybox=/bin/busybox
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
@@ -29,3 +33,15 @@ if ! docker image inspect berth-test/oom:latest >/dev/null 2>&1; then
     'CMD ["/bin/sh", "-c", "httpd -p 8080 -h /workspace && while [ ! -e /workspace/oom-now ]; do sleep 0.5; done; exec tail /dev/zero"]' \
     | docker build -q -t berth-test/oom:latest - >/dev/null
 fi
+# Rebuilt whenever the example changed (cargo is quick when it did not; the image build too).
+(cd "$here_root" && cargo build -q -p session --example proxy-test-app)
+app_binary="$here_root/target/debug/examples/proxy-test-app"
+app_ctx="$ctx/proxy-app"
+mkdir -p "$app_ctx/root/app"
+cp "$app_binary" "$app_ctx/root/app/proxy-test-app"
+for library in $(ldd "$app_binary" | grep -Eo '/[^ ]+'); do
+  mkdir -p "$app_ctx/root$(dirname "$library")"
+  cp -L "$library" "$app_ctx/root$library"
+done
+printf '%s\n' 'FROM scratch' 'COPY root/ /' 'EXPOSE 8080' 'CMD ["/app/proxy-test-app"]' >"$app_ctx/Dockerfile"
+docker build -q -t berth-test/proxy-app:latest "$app_ctx" >/dev/null

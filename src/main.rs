@@ -57,7 +57,7 @@ enum Command {
     },
     /// Measure a component against a baseline taken in the same run.
     Bench {
-        #[arg(value_parser = ["engine", "provision", "workspace", "store", "session", "e2e", "faults"])]
+        #[arg(value_parser = ["engine", "provision", "workspace", "store", "session", "e2e", "faults", "proxy"])]
         what: String,
         /// `faults`: times the whole fault matrix runs.
         #[arg(long, default_value_t = 1)]
@@ -133,6 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "store" => persistence::bench(profile).await?,
                 "session" => session::bench(profile).await?,
                 "e2e" => bootstrap::bench(profile).await?,
+                "proxy" => bootstrap::bench_proxy(profile).await?,
                 other => anyhow::bail!("unknown benchmark {other}"),
             }
         }

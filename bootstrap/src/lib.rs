@@ -4,6 +4,7 @@
 //! so a second run reports every item unchanged and destroys nothing. Only `--reset` drops records.
 
 mod bench;
+mod bench_proxy;
 mod dev;
 pub mod faults;
 
@@ -14,6 +15,7 @@ use protocol::{Bus, BusConfig, Profile};
 use serde_json::{Map, Value};
 
 pub use crate::bench::bench;
+pub use crate::bench_proxy::bench as bench_proxy;
 pub use crate::dev::{dev, spawn_components, Components};
 
 /// Whether bootstrap may destroy stored records.
