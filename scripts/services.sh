@@ -18,6 +18,10 @@ command -v dockerd >/dev/null || need_packages+=(docker.io)
 command -v docker-compose >/dev/null || need_packages+=(docker-compose)
 # The fault tests put socat proxies in front of the Docker socket and the object store to cut them.
 command -v socat >/dev/null || need_packages+=(socat)
+# The console's browser test (tests/console.rs) drives Debian's headless Chromium (chromedriver
+# alongside, for WebDriver clients).
+command -v chromium >/dev/null || need_packages+=(chromium)
+command -v chromedriver >/dev/null || need_packages+=(chromium-driver)
 if [ ${#need_packages[@]} -gt 0 ]; then
   log "installing ${need_packages[*]}"
   export DEBIAN_FRONTEND=noninteractive
