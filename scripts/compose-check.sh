@@ -195,7 +195,12 @@ for name, service in long_running_berth.items():
     if not str(env.get("BERTH_STORE_URL", "")).startswith("mongodb://"):
         fail(f"{name}: BERTH_STORE_URL must be the stack's MongoDB, got {env.get('BERTH_STORE_URL')!r}")
     if str(service.get("user", "")).split(":")[0] in ("0", "root"):
-        fail(f"{name} runs as root")
+        # The container agent alone, for NET_ADMIN (egress rules): Docker gives added capabilities
+        # to root only. Nothing else may be added, and the rest of the hardening stays.
+        hardened = (set(service.get("cap_drop") or []) == {"ALL"} and set(service.get("cap_add") or []) <= {"NET_ADMIN"}
+                    and service.get("read_only") is True and "no-new-privileges:true" in (service.get("security_opt") or []))
+        if " ".join(command(service)) != "agent container" or not hardened:
+            fail(f"{name} runs as root (only the container agent may, with cap_drop ALL, at most NET_ADMIN, read-only, no-new-privileges)")
 
 # Resource limits on everything that keeps running.
 for name, service in services.items():
@@ -254,6 +259,8 @@ else:
     redis_command = command(redis)
     if "--appendonly" not in redis_command or redis_command[redis_command.index("--appendonly") + 1] != "yes":
         fail("redis must run with --appendonly yes")
+    if "--appendfsync" not in redis_command or redis_command[redis_command.index("--appendfsync") + 1] != "everysec":
+        fail("redis must run with --appendfsync everysec")
     if "--notify-keyspace-events" not in redis_command:
         fail("redis must enable keyspace notifications (--notify-keyspace-events)")
     else:

@@ -311,7 +311,7 @@ impl Drop for Stack {
         }
         let _ = self.compose(&["down", "-v", "--remove-orphans", "-t", "10"]);
         self.remove_session_containers();
-        let _ = output("docker", &["network", "rm", &format!("berth-sessions-{DEPLOYMENT}")]);
+        remove_session_network();
         if let Some(parent) = self.workspace_root.parent() {
             let _ = std::fs::remove_dir_all(parent);
         }
@@ -352,6 +352,25 @@ impl Drop for RunLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Removes the session network the container agent made, and the egress rules it installed for it
+/// on the host (`BERTH-E-`/`BERTH-H-<network id>` chains and the jumps into them).
+fn remove_session_network() {
+    let network = format!("berth-sessions-{DEPLOYMENT}");
+    if let Some(id) = docker_inspect(&network, "{{.Id}}").filter(|id| id.len() >= 12) {
+        let short = &id[..12];
+        let script = format!(
+            "command -v iptables >/dev/null || exit 0; \
+             for pair in DOCKER-USER:BERTH-E-{short} INPUT:BERTH-H-{short}; do \
+               parent=${{pair%%:*}} chain=${{pair#*:}}; \
+               iptables -S \"$parent\" 2>/dev/null | grep -e \"-j $chain\\$\" | sed 's/^-A /-D /' | while read -r rule; do eval iptables \"$rule\"; done; \
+               iptables -F \"$chain\" 2>/dev/null; iptables -X \"$chain\" 2>/dev/null; \
+             done; true"
+        );
+        let _ = output("bash", &["-c", &script]);
+    }
+    let _ = output("docker", &["network", "rm", &network]);
 }
 
 fn find_all(collection: &str) -> FindArgs {
@@ -469,9 +488,16 @@ async fn the_compose_stack_runs_for_real() {
         s3_endpoint: s3.endpoint.clone(),
         bucket: s3.bucket.clone(),
     };
-    // A run that died before its clean-up may have left the project behind.
+    // A run that died before its clean-up may have left the project behind (under the lock, all
+    // of it is this test's).
     let _ = stack.compose(&["down", "-v", "--remove-orphans", "-t", "5"]);
     stack.remove_session_containers();
+    remove_session_network();
+    for entry in std::fs::read_dir("/var/tmp").into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&format!("{PROJECT}-")) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 
     // ---- up: infrastructure, bootstrap once, then the services ----
     let up_started = Instant::now();
@@ -520,7 +546,10 @@ async fn the_compose_stack_runs_for_real() {
     assert_eq!(stack.exec("redis", &["redis-cli", "config", "get", "appendfsync"]).lines().last(), Some("everysec"));
     for service in BERTH_SERVICES {
         let container = stack.container(service);
-        assert_eq!(docker_inspect(&container, "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}").as_deref(), Some("berth:berth true"), "{service}");
+        // The container agent is root for NET_ADMIN alone (egress rules), in berth's group.
+        let expected = if service == "container-agent" { "0:1000 true [ALL] [NET_ADMIN]" } else { "berth:berth true [ALL] []" };
+        let hardening = docker_inspect(&container, "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.HostConfig.CapAdd}}");
+        assert_eq!(hardening.as_deref(), Some(expected), "{service}");
         let memory: u64 = docker_inspect(&container, "{{.HostConfig.Memory}}").and_then(|m| m.parse().ok()).unwrap_or(0);
         assert!(memory > 0, "{service} runs with its memory limit");
     }
@@ -556,6 +585,10 @@ async fn the_compose_stack_runs_for_real() {
     let mount_source = docker_inspect(&container, "{{range .Mounts}}{{if eq .Type \"bind\"}}{{.Source}}{{end}}{{end}}");
     assert_eq!(mount_source.as_deref(), Some(session_dir.to_str().expect("utf-8 path")), "the container mounts the host path the agents wrote");
     assert_eq!(std::fs::read(session_dir.join("src/main.rs")).expect("materialized file on the host"), b"fn main() {}\n");
+    let materialized = session_dir.join("src/main.rs");
+    for agent in ["workspace-agent", "container-agent"] {
+        stack.exec(agent, &["test", "-f", materialized.to_str().expect("utf-8 path")]);
+    }
     assert_eq!(http_get(port, "/hello.txt"), Some((200, b"hello through compose\n".to_vec())), "the workspace answers");
     stdout_of("docker", &["exec", &container, "sh", "-c", "echo written inside > /workspace/new.txt"]);
 
@@ -598,7 +631,14 @@ async fn the_compose_stack_runs_for_real() {
     say(format!("broker stopped: docker-compose ps after {:.0} s: {}", unhealthy_since.elapsed().as_secs_f64(), line.split_whitespace().collect::<Vec<_>>().join(" ")));
     stack.exec("rabbitmq", &["rabbitmqctl", "-q", "start_app"]);
     let healed = Instant::now();
-    stack.wait_healthy(&LONG_RUNNING).await;
+    let context = || {
+        let ready = http_get(stack.session_port, "/readyz").map(|(status, body)| format!("{status} {}", String::from_utf8_lossy(&body)));
+        format!("{}\nthe session agent's /readyz: {ready:?}\n{}", stack.ps(), stack.logs())
+    };
+    wait_until("every service healthy again after the broker came back", STEP_TIMEOUT, context, || {
+        LONG_RUNNING.iter().all(|service| stack.health(service) == "healthy")
+    })
+    .await;
     say(format!("broker back: every service healthy again after {:.1} s", healed.elapsed().as_secs_f64()));
     bus.close().await;
 
