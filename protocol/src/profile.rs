@@ -210,6 +210,20 @@ pub struct WorkspaceSettings {
     /// Downloads or uploads at the same time.
     pub parallelism: usize,
     pub quota_mib: u64,
+    /// What holds a session's workspace on the host (see `agents/workspace/README.md`).
+    pub filesystem: WorkspaceFilesystem,
+}
+
+/// What holds a session's workspace directory on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkspaceFilesystem {
+    /// An ext4 image of its own per session, loop-mounted: `quota_mib` is a hard limit (`ENOSPC`
+    /// inside the container). Needs an agent that may mount (root on the host).
+    Image,
+    /// A plain directory on the host's file system: `quota_mib` is checked at materialize and
+    /// sync only. For agents that can't mount (an unprivileged container).
+    Directory,
 }
 
 /// Session timers, all in seconds.

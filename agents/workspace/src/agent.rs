@@ -23,12 +23,14 @@ use uuid::Uuid;
 use crate::conditional::{self, Expected, Written};
 use crate::error::{Error, Result};
 use crate::events::{EventSink, Reply};
-use crate::fsops::{self, Confined, LocalFile, Ownership, Placed, Placement, Scan, StagedFile};
+use crate::fsops::{self, Confined, LocalFile, Ownership, Placed, Placement, Scan, ScanLimits, StagedFile};
 use crate::inventory;
 use crate::keys::WorkspacePath;
 use crate::manifest::{self, Durability, FileEntry, FinalSync, Manifest, Phase};
 use crate::store::OpenedStore;
 use crate::tree::{self, Tree};
+use crate::volume::{self, Volume};
+use protocol::profile::WorkspaceFilesystem;
 
 /// Objects up to this size are fetched in one response and written in one blocking call.
 const WHOLE_OBJECT_BYTES: u64 = 4 * 1024 * 1024;
@@ -51,6 +53,12 @@ pub struct AgentSettings {
     pub inventory_interval: Duration,
     /// At most this many directories per `workspace.inventory` event; more go in several events.
     pub inventory_batch: usize,
+    /// How often image-backed workspaces are checked for being full (`workspace.quota_exceeded`).
+    pub quota_check_interval: Duration,
+    /// Entries (files, folders, links) one workspace may hold; a sync or materialize over it is refused.
+    pub max_files: usize,
+    /// Folder levels a sync enters; deeper folders are kept locally and reported as skipped.
+    pub max_path_depth: usize,
 }
 
 impl AgentSettings {
@@ -62,6 +70,9 @@ impl AgentSettings {
             final_sync_backoff_max: Duration::from_secs(15),
             inventory_interval: Duration::from_secs(60),
             inventory_batch: 1000,
+            quota_check_interval: Duration::from_secs(5),
+            max_files: 200_000,
+            max_path_depth: 64,
         }
     }
 }
@@ -80,6 +91,13 @@ struct SyncArgs {
     workspace: String,
     #[serde(rename = "final", default)]
     final_sync: bool,
+}
+
+/// Whether a task may make the session's file system or only mount an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Create {
+    Yes,
+    No,
 }
 
 /// Whether a sync is the one before stop.
@@ -113,22 +131,56 @@ struct Target {
     prefix_text: String,
     /// Full key prefix in the store (the store URL's own prefix + the profile's).
     prefix: ObjectPath,
+    /// Where the agent reads and writes the workspace: `Profile::session_dir`, or for an
+    /// image-backed session the workspace folder inside the image's own mount.
     directory: PathBuf,
     manifest_path: PathBuf,
     staging: PathBuf,
+    /// The session's own file system, when it has (or is to get) one.
+    volume: Option<Volume>,
+}
+
+/// Where one session's workspace is read and written.
+struct Location {
+    directory: PathBuf,
+    staging: PathBuf,
+    volume: Option<Volume>,
+}
+
+/// Whether `path` is a folder with something in it (a plain workspace directory).
+fn has_content(path: &Path) -> bool {
+    std::fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_some())
 }
 
 impl Target {
     /// This workspace as another session of the same deployment holds it.
     fn for_session(&self, session: &str, profile: &Profile) -> Target {
         let deployment_root = profile.deployment_root();
+        let location = locate(profile, session);
         Target {
             session: session.to_owned(),
-            directory: profile.session_dir(session),
+            directory: location.directory,
             manifest_path: manifest::manifest_path(&deployment_root, session),
-            staging: manifest::staging_path(&deployment_root, session),
+            staging: location.staging,
+            volume: location.volume,
             ..self.clone()
         }
+    }
+}
+
+/// A session is image-backed when its image exists (or is lost: its mount point is left), or
+/// when the profile says `image` and no plain directory with content is in its place (one made
+/// before the profile changed stays a plain directory until it is removed).
+fn locate(profile: &Profile, session: &str) -> Location {
+    let deployment_root = profile.deployment_root();
+    let volume = Volume::of(&deployment_root, session);
+    let image_backed = volume.exists()
+        || volume.lost()
+        || (profile.workspace.filesystem == WorkspaceFilesystem::Image && !has_content(&profile.session_dir(session)));
+    if image_backed {
+        Location { directory: volume.workspace(), staging: volume.staging(), volume: Some(volume) }
+    } else {
+        Location { directory: profile.session_dir(session), staging: manifest::staging_path(&deployment_root, session), volume: None }
     }
 }
 
@@ -141,6 +193,8 @@ pub struct WorkspaceAgent {
     ownership: Option<Ownership>,
     /// One lock per session and per store prefix: two tasks for the same workspace never overlap.
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Image-backed sessions last found full: `workspace.quota_exceeded` goes out once per filling.
+    full: std::sync::Mutex<BTreeSet<String>>,
 }
 
 /// Maps an error that could not be answered with an event to what happens to the message.
@@ -195,7 +249,15 @@ impl WorkspaceAgent {
         if profile.container.user.is_some() && ownership.is_none() {
             tracing::warn!(user = ?profile.container.user, "container user is not numeric uid[:gid]; workspace files stay owned by the agent");
         }
-        WorkspaceAgent { profile: Arc::new(profile), store, events, settings, ownership, locks: std::sync::Mutex::new(HashMap::new()) }
+        WorkspaceAgent {
+            profile: Arc::new(profile),
+            store,
+            events,
+            settings,
+            ownership,
+            locks: std::sync::Mutex::new(HashMap::new()),
+            full: std::sync::Mutex::new(BTreeSet::new()),
+        }
     }
 
     pub fn profile(&self) -> &Profile {
@@ -230,7 +292,7 @@ impl WorkspaceAgent {
             Err(Error::BadTask(reason)) => {
                 // Tell the thred (when there is one) and park the message for an operator.
                 if reply.session.is_some() {
-                    let error = format!("bad task: {reason}");
+                    let error = event_text(&format!("bad task: {reason}"));
                     let failure = match task.action.as_str() {
                         "sync" => {
                             let final_sync = task.args.get("final").and_then(serde_json::Value::as_bool).unwrap_or(false);
@@ -264,11 +326,13 @@ impl WorkspaceAgent {
                         let stage = match &error {
                             Error::UnsafeNames(_) => "validate",
                             Error::QuotaExceeded { .. } => "quota",
+                            Error::OverLimit(_) => "limit",
+                            Error::Filesystem(_) => "filesystem",
                             Error::Store(_) => "download",
                             _ => "write",
                         };
                         tracing::warn!(session, %error, "materialize failed");
-                        self.events.emit(reply.event("workspace.failed", json!({"stage": stage, "error": error.to_string()}))).await
+                        self.events.emit(reply.event("workspace.failed", json!({"stage": stage, "error": event_text(&error.to_string())}))).await
                     }
                 }
             }
@@ -302,7 +366,7 @@ impl WorkspaceAgent {
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
                     Err(error) => {
                         tracing::warn!(session, final_sync = kind == SyncKind::Final, %error, "sync failed; nothing removed");
-                        let data = json!({"final": kind == SyncKind::Final, "error": error.to_string()});
+                        let data = json!({"final": kind == SyncKind::Final, "error": event_text(&error.to_string())});
                         self.events.emit(reply.event("workspace.sync_failed", data)).await
                     }
                 }
@@ -321,7 +385,7 @@ impl WorkspaceAgent {
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
                     Err(error) => {
                         tracing::warn!(session, %error, "remove refused");
-                        let data = json!({"final": true, "action": "remove", "error": error.to_string()});
+                        let data = json!({"final": true, "action": "remove", "error": event_text(&error.to_string())});
                         self.events.emit(reply.event("workspace.sync_failed", data)).await
                     }
                 }
@@ -337,16 +401,135 @@ impl WorkspaceAgent {
         let relative = ObjectPath::parse(&prefix_text).map_err(|error| Error::BadTask(format!("prefix {prefix_text:?}: {error}")))?;
         let prefix: ObjectPath = self.store.root.parts().chain(relative.parts()).collect();
         let root = &self.profile.deployment_root();
+        let location = locate(&self.profile, session);
         Ok(Target {
             session: session.to_owned(),
             user: user.to_owned(),
             workspace: workspace.to_owned(),
             prefix_text,
             prefix,
-            directory: self.profile.session_dir(session),
+            directory: location.directory,
             manifest_path: manifest::manifest_path(root, session),
-            staging: manifest::staging_path(root, session),
+            staging: location.staging,
+            volume: location.volume,
         })
+    }
+
+    /// Mounts the session's own file system (making it first with `Create::Yes`) before anything
+    /// reads or writes the workspace. An image-backed session whose image is gone, or that can't
+    /// be mounted, is refused: its mount point is an empty folder, and syncing that would delete
+    /// the user's work in the store.
+    async fn prepare(&self, target: &Target, create: Create) -> Result<()> {
+        self.prepare_volume(&target.session, target.volume.as_ref(), create).await
+    }
+
+    async fn prepare_volume(&self, session: &str, volume: Option<&Volume>, create: Create) -> Result<()> {
+        let Some(volume) = volume.cloned() else { return Ok(()) };
+        let quota = self.profile.workspace.quota_mib * 1024 * 1024;
+        let owner = self.ownership;
+        let session = session.to_owned();
+        blocking(move || {
+            if volume.lost() {
+                return Err(Error::Filesystem(format!(
+                    "session {session} is image-backed but its image {} is gone; its directory is not taken for an empty workspace",
+                    volume.image.display()
+                )));
+            }
+            let started = Instant::now();
+            let made = !volume.exists() && create == Create::Yes;
+            if volume::attach(&volume, quota, owner, create == Create::Yes)? {
+                if made {
+                    tracing::info!(session, ms = started.elapsed().as_millis() as u64, image = %volume.image.display(), "workspace file system made and mounted");
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Mounts every image of this deployment that isn't (after a reboot or an agent restart), so
+    /// the inventory and every task see the workspace, never an empty mount point. Sessions busy
+    /// with a task are left to it.
+    pub async fn attach_images(&self) -> Result<usize> {
+        let root = self.profile.deployment_root();
+        let sessions = blocking(move || volume::sessions_with_images(&root)).await?;
+        let mut attached = 0;
+        for session in sessions {
+            let Some(_guard) = self.try_lock(format!("session:{session}")) else { continue };
+            let volume = Volume::of(&self.profile.deployment_root(), &session);
+            let quota = self.profile.workspace.quota_mib * 1024 * 1024;
+            let owner = self.ownership;
+            let attaching = session.clone();
+            match blocking(move || volume::attach(&volume, quota, owner, false)).await {
+                Ok(_) => attached += 1,
+                Err(error) => tracing::error!(session = %attaching, %error, "workspace image not mounted; its session's syncs are refused until it is"),
+            }
+        }
+        Ok(attached)
+    }
+
+    /// Checks every mounted image: one that is full gets one `workspace.quota_exceeded`
+    /// (subject = its session) until it has room again. Returns the sessions newly found full.
+    pub async fn check_quotas(&self) -> Result<Vec<String>> {
+        let root = self.profile.deployment_root();
+        let found = blocking(move || {
+            let mut found = Vec::new();
+            for session in volume::sessions_with_images(&root)? {
+                let volume = Volume::of(&root, &session);
+                if !volume::is_attached(&volume)? {
+                    continue;
+                }
+                match volume::usage(&volume) {
+                    Ok(usage) => found.push((session, usage)),
+                    Err(error) => tracing::debug!(session, %error, "usage not read"),
+                }
+            }
+            Ok(found)
+        })
+        .await?;
+        let quota_mib = self.profile.workspace.quota_mib;
+        let mut newly_full = Vec::new();
+        for (session, usage) in found {
+            let first = {
+                let mut full = self.full.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if usage.full() {
+                    full.insert(session.clone())
+                } else {
+                    full.remove(&session);
+                    false
+                }
+            };
+            if !first {
+                continue;
+            }
+            let used_mib = usage.used_bytes / (1024 * 1024);
+            tracing::warn!(session, used_mib, quota_mib, "workspace full: writes inside the container get ENOSPC");
+            let data = json!({"used_mib": used_mib, "quota_mib": quota_mib});
+            let event = protocol::CloudEvent::new("workspace.quota_exceeded", crate::events::EVENT_SOURCE, Some(&session), data);
+            if let Err(error) = self.events.emit(event).await {
+                // Not sent: try again at the next check.
+                self.full.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&session);
+                return Err(error);
+            }
+            newly_full.push(session);
+        }
+        Ok(newly_full)
+    }
+
+    /// Checks the images every `quota_check_interval`, until dropped.
+    pub async fn quota_loop(&self) {
+        let mut interval = tokio::time::interval(self.settings.quota_check_interval.max(Duration::from_millis(100)));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(error) = self.check_quotas().await {
+                tracing::warn!(%error, "workspace quotas not checked");
+            }
+        }
+    }
+
+    fn scan_limits(&self) -> ScanLimits {
+        ScanLimits { max_entries: self.settings.max_files, max_depth: self.settings.max_path_depth }
     }
 
     async fn lock(&self, key: String) -> tokio::sync::OwnedMutexGuard<()> {
@@ -449,17 +632,21 @@ impl WorkspaceAgent {
 
     /// This deployment's session directories, as `workspace.inventory` lists them.
     pub async fn inventory(&self) -> Result<Vec<serde_json::Value>> {
+        if let Err(error) = self.attach_images().await {
+            tracing::warn!(%error, "workspace images not listed");
+        }
         let root = self.profile.deployment_root();
         let found = blocking(move || inventory::list(&root)).await?;
         let mut directories = Vec::with_capacity(found.len());
         for entry in found {
             let confirmed = match &entry.manifest {
                 Some(header) if header.final_sync_confirmed() => {
-                    let directory = self.profile.session_dir(&entry.session);
+                    let directory = locate(&self.profile, &entry.session).directory;
+                    let limits = self.scan_limits();
                     let manifest_path = manifest::manifest_path(&self.profile.deployment_root(), &entry.session);
                     let unchanged = blocking(move || {
                         let Some(manifest) = manifest::load_blocking(&manifest_path)? else { return Ok(false) };
-                        Ok(manifest.final_sync_confirmed() && changes_since_final_sync(&manifest, &fsops::scan(&directory)?).is_none())
+                        Ok(manifest.final_sync_confirmed() && changes_since_final_sync(&manifest, &fsops::scan_within(&directory, &limits)?).is_none())
                     });
                     unchanged.await.unwrap_or(false)
                 }
@@ -570,6 +757,12 @@ impl WorkspaceAgent {
             },
             false => (Tree::default(), None),
         };
+        if wanted.len() > self.settings.max_files {
+            return Err(Error::OverLimit(format!("the workspace holds {} files in the store, over the cap of {}", wanted.len(), self.settings.max_files)));
+        }
+        if let Some(deep) = wanted.iter().find(|(path, _)| path.as_str().split('/').count() > self.settings.max_path_depth) {
+            return Err(Error::OverLimit(format!("{} is deeper than {} levels", deep.0, self.settings.max_path_depth)));
+        }
         let total_bytes: u64 = wanted.iter().map(|(_, meta)| meta.size).sum();
         let quota = self.profile.workspace.quota_mib * 1024 * 1024;
         if total_bytes > quota {
@@ -581,6 +774,8 @@ impl WorkspaceAgent {
         let mut manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
         let (root, prefix, session) = (self.profile.deployment_root(), target.prefix_text.clone(), target.session.clone());
         blocking(move || inventory::mark(&root, &prefix, &session)).await?;
+        // The session's own file system is mounted before anything is written into it.
+        self.prepare(target, Create::Yes).await?;
 
         // Lay out folders (skeleton and every parent) before anything can run in the workspace.
         let skeleton = self.profile.workspace.skeleton.clone();
@@ -975,6 +1170,7 @@ impl WorkspaceAgent {
     /// Retries with backoff until every object is confirmed, or reports why not. A directory that
     /// doesn't exist (the session failed before materialize) has nothing to save: `missing`.
     async fn final_sync(&self, target: &Target, task_id: Uuid) -> Result<SyncReport> {
+        self.prepare(target, Create::No).await?;
         if tokio::fs::symlink_metadata(&target.directory).await.is_err() {
             tracing::info!(session = %target.session, "final sync of a directory that doesn't exist: nothing to save");
             return Ok(SyncReport { missing: true, ..SyncReport::default() });
@@ -1034,6 +1230,7 @@ impl WorkspaceAgent {
     /// object version this session did not see (see `conditional`); a version someone else wrote
     /// meanwhile is kept and the local one becomes a conflict copy next to it.
     async fn sync_once(&self, target: &Target, kind: SyncKind, deleted_keys: &mut BTreeSet<String>) -> Result<SyncReport> {
+        self.prepare(target, Create::No).await?;
         let directory_exists = tokio::fs::symlink_metadata(&target.directory).await.is_ok();
         let loaded = self.load_manifest(target).await?;
         let manifest_is_new = loaded.is_none();
@@ -1050,16 +1247,19 @@ impl WorkspaceAgent {
             None => return Err(Error::BadTask(format!("session {} was never materialized here", target.session))),
         };
         let directory = target.directory.clone();
+        let limits = self.scan_limits();
         let (confined, scan) = blocking(move || {
             let confined = Confined::open(&directory)?;
-            let scan = fsops::scan(&directory)?;
+            let scan = fsops::scan_within(&directory, &limits)?;
             Ok((Arc::new(confined), scan))
         })
         .await?;
         let Scan { files, tree: local_tree, unsyncable, .. } = scan;
         let local_bytes: u64 = files.iter().map(|file| file.size).sum();
         let quota = self.profile.workspace.quota_mib * 1024 * 1024;
-        if local_bytes > quota {
+        // An image is the bound itself (ext4 takes a little more than the quota for its own
+        // metadata): whatever fits in it is the user's work and is saved, never refused.
+        if local_bytes > quota && target.volume.is_none() {
             return Err(Error::QuotaExceeded { bytes: local_bytes, quota });
         }
 
@@ -1443,12 +1643,15 @@ impl WorkspaceAgent {
         let mut read_size = 0u64;
         let finished = loop {
             let (file, hasher) = reader.take().ok_or_else(|| Error::Unconfirmed("reader lost".to_owned()))?;
+            // Never past the size the file had when it was opened: one that keeps growing is
+            // read once to that size (and synced again next time), not forever.
+            let remaining = usize::try_from(size.saturating_sub(read_size)).unwrap_or(usize::MAX);
             let chunk = blocking(move || {
                 use sha2::Digest;
                 use std::io::Read;
                 let mut file = file;
                 let mut hasher = hasher;
-                let mut chunk = vec![0u8; MULTIPART_CHUNK_BYTES];
+                let mut chunk = vec![0u8; MULTIPART_CHUNK_BYTES.min(remaining)];
                 let mut filled = 0;
                 while filled < chunk.len() {
                     let read = file.read(&mut chunk[filled..]).map_err(|source| Error::io("reading", PathBuf::from("(workspace file)"), source))?;
@@ -1591,12 +1794,19 @@ impl WorkspaceAgent {
     /// confirmed in the store or preserved. Returns the preserved paths (lossy UTF-8).
     async fn remove(&self, session: &str) -> Result<Vec<String>> {
         let deployment_root = self.profile.deployment_root();
-        let directory = self.profile.session_dir(session);
+        let Location { directory, staging, volume } = locate(&self.profile, session);
         let manifest_path = manifest::manifest_path(&deployment_root, session);
-        let staging = manifest::staging_path(&deployment_root, session);
         let preserved_root = manifest::preserved_path(&deployment_root, session);
         let manifest = manifest::load(manifest_path.clone()).await?;
+        self.prepare_volume(session, volume.as_ref(), Create::No).await?;
         let directory_exists = tokio::fs::symlink_metadata(&directory).await.is_ok();
+        if !directory_exists {
+            if let Some(volume) = volume.clone() {
+                // Nothing in it (never materialized, or a remove that died after deleting): the
+                // empty mount points and the image go, so no empty directory is left listed.
+                blocking(move || volume::release(&volume)).await?;
+            }
+        }
         let mut manifest = match manifest {
             // Already removed (a redelivery): the same answer again.
             Some(manifest) if !directory_exists && manifest.phase == Phase::Removed => return Ok(manifest.preserved),
@@ -1620,7 +1830,8 @@ impl WorkspaceAgent {
             return Err(Error::RemoveRefused("the last final sync was not confirmed; the directory is kept".to_owned()));
         }
         let scanned_directory = directory.clone();
-        let scan = blocking(move || fsops::scan(&scanned_directory)).await?;
+        let limits = self.scan_limits();
+        let scan = blocking(move || fsops::scan_within(&scanned_directory, &limits)).await?;
         if !resuming {
             if let Some(changes) = changes_since_final_sync(&manifest, &scan) {
                 return Err(Error::RemoveRefused(format!("{changes} since the final sync; sync again first")));
@@ -1652,7 +1863,7 @@ impl WorkspaceAgent {
                 preserved.push(entry.path.clone());
             }
             // Everything left was confirmed in the store; make sure the walk saw it all.
-            let rest = fsops::scan(&directory)?;
+            let rest = fsops::scan_within(&directory, &limits)?;
             if !rest.unsyncable.is_empty() {
                 return Err(Error::RemoveRefused(format!("{} entries appeared that can't be stored; sync again first", rest.unsyncable.len())));
             }
@@ -1667,6 +1878,13 @@ impl WorkspaceAgent {
         manifest.preserved.clone_from(&preserved);
         manifest::save(manifest_path.clone(), manifest.clone(), Durability::Flushed).await?;
         blocking(move || {
+            if let Some(volume) = volume {
+                // The files go with the image: unmounted, then deleted (the image last).
+                let started = Instant::now();
+                volume::release(&volume)?;
+                tracing::info!(ms = started.elapsed().as_millis() as u64, image = %volume.image.display(), "workspace file system unmounted and deleted");
+                return Ok(());
+            }
             std::fs::remove_dir_all(&directory).map_err(|source| Error::io("removing workspace", &directory, source))?;
             match std::fs::remove_dir_all(&staging) {
                 Ok(()) => Ok(()),
@@ -1707,6 +1925,21 @@ fn chunks_within<T: serde::Serialize>(items: &[T], count: usize, max_bytes: usiz
         chunks.push(&items[start..]);
     }
     chunks
+}
+
+/// Error texts in events are cut to this many bytes (10,000 refused keys make a long message).
+const EVENT_TEXT_BYTES: usize = 8 * 1024;
+
+/// `text`, cut at a character boundary below `EVENT_TEXT_BYTES` with a note of how much was left out.
+fn event_text(text: &str) -> String {
+    if text.len() <= EVENT_TEXT_BYTES {
+        return text.to_owned();
+    }
+    let mut end = EVENT_TEXT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..end], text.len() - end)
 }
 
 /// The first items of a list that fit in one event (half the list budget), and how many there are.

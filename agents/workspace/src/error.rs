@@ -32,6 +32,13 @@ pub enum Error {
     /// `remove` was asked for before a confirmed final sync covered the directory.
     #[error("refusing to remove the workspace: {0}")]
     RemoveRefused(String),
+    /// The session's own file system (`workspace.filesystem = "image"`) could not be made,
+    /// mounted or found mounted; nothing was read or written through it.
+    #[error("workspace file system: {0}")]
+    Filesystem(String),
+    /// Over one of the agent's caps (files per workspace, path depth): refused, nothing changed.
+    #[error("over a limit: {0}")]
+    OverLimit(String),
     /// Publishing the answer failed: the broker is away.
     #[error("publishing the answer: {0}")]
     Publish(String),
@@ -64,11 +71,12 @@ impl Error {
                 error,
                 object_store::Error::InvalidPath { .. } | object_store::Error::NotImplemented | object_store::Error::UnknownConfigurationKey { .. }
             ),
-            Error::Io { .. } | Error::Unconfirmed(_) | Error::Publish(_) | Error::Join(_) => true,
+            Error::Io { .. } | Error::Unconfirmed(_) | Error::Publish(_) | Error::Join(_) | Error::Filesystem(_) => true,
             Error::BadTask(_)
             | Error::StoreConfig(_)
             | Error::UnsafeNames(_)
             | Error::QuotaExceeded { .. }
+            | Error::OverLimit(_)
             | Error::Manifest { .. }
             | Error::RemoveRefused(_) => false,
         }

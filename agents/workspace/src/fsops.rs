@@ -82,6 +82,25 @@ pub fn mtime_ns(metadata: &Metadata) -> i64 {
 /// Folders are opened relative to their already opened parent with `O_NOFOLLOW`, so a folder
 /// swapped for a symlink during the walk is reported, not entered.
 pub fn scan(root: &Path) -> Result<Scan> {
+    scan_within(root, &ScanLimits::UNBOUNDED)
+}
+
+/// Caps on what one walk takes in: a workspace is the user's, its size is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanLimits {
+    /// More entries (files, folders, links, unsyncable ones) than this fail the walk.
+    pub max_entries: usize,
+    /// Folders deeper than this many levels are not entered: one unsyncable entry each.
+    pub max_depth: usize,
+}
+
+impl ScanLimits {
+    pub const UNBOUNDED: ScanLimits = ScanLimits { max_entries: usize::MAX, max_depth: usize::MAX };
+}
+
+/// [`scan`] within `limits`: `Error::OverLimit` past `max_entries`, and folders below
+/// `max_depth` reported as unsyncable (kept, preserved at `remove`, never entered).
+pub fn scan_within(root: &Path, limits: &ScanLimits) -> Result<Scan> {
     struct Pending {
         /// `None`: the root itself.
         relative: Option<WorkspacePath>,
@@ -117,6 +136,14 @@ pub fn scan(root: &Path) -> Result<Scan> {
         let entries = std::fs::read_dir(proc_path(&folder, "")).map_err(listing_error)?;
         for entry in entries {
             let entry = entry.map_err(listing_error)?;
+            let seen = scan.files.len() + scan.tree.directories.len() + scan.tree.links.len() + scan.unsyncable.len();
+            if seen >= limits.max_entries {
+                return Err(Error::OverLimit(format!(
+                    "{} holds more than {} entries (files, folders, links): nothing was synced; remove some",
+                    root.display(),
+                    limits.max_entries
+                )));
+            }
             let name = entry.file_name();
             let display = format!("{prefix}{}", name.to_string_lossy());
             let unsyncable = |reason: String| Unsyncable { parent: relative_folder.clone(), name: name.clone(), path: display.clone(), reason };
@@ -155,6 +182,8 @@ pub fn scan(root: &Path) -> Result<Scan> {
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
                     Err(source) => return Err(Error::io("reading link", path.under(root), source)),
                 }
+            } else if file_type.is_dir() && path.as_str().split('/').count() >= limits.max_depth {
+                scan.unsyncable.push(unsyncable(format!("folder deeper than {} levels: not entered", limits.max_depth)));
             } else if file_type.is_dir() {
                 scan.tree.directories.insert(path.as_str().to_owned(), Mode(mode));
                 folders.push(Pending { relative: Some(path), parent: Some(folder.clone()), name: name.clone() });
@@ -419,14 +448,19 @@ impl Confined {
     }
 
     /// Moves one entry (by its raw name in an opened folder) to `destination`, outside the
-    /// workspace. When the workspace is a file system of its own (`EXDEV`) the entry is copied
-    /// instead (it is deleted with the directory afterwards).
+    /// workspace. When the workspace is a file system of its own (`EXDEV`: an image-backed
+    /// workspace) the entry is copied (flushed), then deleted here.
     pub fn move_out(&self, parent: Option<&WorkspacePath>, name: &std::ffi::OsStr, destination: &Path) -> Result<()> {
         let folder = self.folder(parent, None)?;
         let source = proc_path_os(&folder, name);
         match std::fs::rename(&source, destination) {
             Ok(()) => Ok(()),
-            Err(error) if error.raw_os_error() == Some(libc::EXDEV) => copy_entry(&source, destination),
+            Err(error) if error.raw_os_error() == Some(libc::EXDEV) => {
+                copy_entry(&source, destination)?;
+                let is_folder = std::fs::symlink_metadata(&source).is_ok_and(|metadata| metadata.is_dir());
+                let removed = if is_folder { std::fs::remove_dir_all(&source) } else { std::fs::remove_file(&source) };
+                removed.map_err(|error| Error::io("removing the preserved original", destination, error))
+            }
             Err(source) => Err(Error::io("preserving", destination, source)),
         }
     }
@@ -604,16 +638,19 @@ impl StagedFile {
     }
 }
 
-/// Reads a whole file and hashes it.
-pub fn read_and_hash(mut file: File, size_hint: u64) -> Result<(Vec<u8>, String)> {
-    let mut content = Vec::with_capacity(usize::try_from(size_hint).unwrap_or(0));
-    file.read_to_end(&mut content).map_err(|source| Error::io("reading", PathBuf::from("(workspace file)"), source))?;
+/// Reads a file and hashes it: at most `size` bytes (its size when it was inspected), so a file
+/// that grows meanwhile is not read forever.
+pub fn read_and_hash(file: File, size: u64) -> Result<(Vec<u8>, String)> {
+    let mut content = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(size).read_to_end(&mut content).map_err(|source| Error::io("reading", PathBuf::from("(workspace file)"), source))?;
     let digest = Sha256::digest(&content);
     Ok((content, hex(&digest)))
 }
 
-/// Hashes a file by streaming it.
-pub fn hash_file(mut file: File) -> Result<String> {
+/// Hashes a file by streaming it: at most the size it had when this started.
+pub fn hash_file(file: File) -> Result<String> {
+    let size = file.metadata().map_err(|source| Error::io("inspecting", PathBuf::from("(workspace file)"), source))?.len();
+    let mut file = file.take(size);
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 256 * 1024];
     loop {

@@ -22,6 +22,7 @@ mod keys;
 mod manifest;
 mod store;
 mod tree;
+mod volume;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,10 +33,11 @@ pub use agent::{conflict_copy_path, error_policy, read_manifest, session_directo
 pub use bench::{run_with as bench_with_settings, BenchReport};
 pub use error::{Error, Result};
 pub use events::{BusEvents, CollectedEvents, EventSink, Reply, EVENT_SOURCE};
-pub use fsops::{scan, Confined, FolderEntry, Ownership, Placed, Placement, Removal, Scan, StagedFile};
+pub use fsops::{scan, scan_within, Confined, ScanLimits, FolderEntry, Ownership, Placed, Placement, Removal, Scan, StagedFile};
 pub use keys::WorkspacePath;
 pub use manifest::{FileEntry, FinalSync, Manifest, Phase, MANIFESTS_DIR, PRESERVED_DIR, STAGING_DIR};
 pub use tree::{Mode, Tree, SIDECAR_PATH};
+pub use volume::{image_bytes, unmount_all_under, Volume, IMAGES_DIR};
 pub use store::{open as open_store, OpenedStore, StoreSettings};
 
 /// Consumes `queue` with `agent` until `shutdown` completes.
@@ -56,6 +58,13 @@ pub async fn serve(agent: Arc<WorkspaceAgent>, bus: &Bus, queue: &str, shutdown:
 
 /// Runs `berth agent workspace` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    if profile.workspace.filesystem == protocol::profile::WorkspaceFilesystem::Image && !rustix::process::geteuid().is_root() {
+        anyhow::bail!(
+            "workspace.filesystem = \"image\" mounts an ext4 image per session, which needs root (CAP_SYS_ADMIN and /dev/loop*); \
+             this agent runs as uid {}: run it as root, or set workspace.filesystem = \"directory\" (the quota is then checked at sync only)",
+            rustix::process::geteuid().as_raw()
+        );
+    }
     let store = store::open(&profile.services.object_store_url, &StoreSettings::from_env())?;
     tokio::fs::create_dir_all(profile.deployment_root()).await?;
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-agent-workspace")).await?;
@@ -67,12 +76,21 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
         settings.inventory_interval = interval;
     }
     let agent = Arc::new(WorkspaceAgent::new(profile, store, events, settings));
+    // After a reboot or a restart the images are there but not mounted: mount them before
+    // anything looks at a workspace (the first inventory, the first task).
+    let attached = agent.attach_images().await?;
+    tracing::info!(attached, "workspace images mounted");
     let inventory = tokio::spawn({
         let agent = agent.clone();
         async move { agent.inventory_loop().await }
     });
+    let quotas = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.quota_loop().await }
+    });
     let served = serve(agent, &bus, &topology::agent_queue(AgentKind::Workspace), shutdown).await;
     inventory.abort();
+    quotas.abort();
     bus.close().await;
     served
 }

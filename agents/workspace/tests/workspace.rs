@@ -185,8 +185,16 @@ struct ScratchGuard(PathBuf);
 
 impl Drop for ScratchGuard {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        remove_scratch(&self.0);
     }
+}
+
+/// Unmounts the workspace images under a scratch directory, then removes it.
+fn remove_scratch(scratch: &Path) {
+    if let Err(error) = workspace::unmount_all_under(scratch) {
+        eprintln!("unmounting under {}: {error}", scratch.display());
+    }
+    let _ = std::fs::remove_dir_all(scratch);
 }
 
 fn test_profile(backend_url: &str, scratch: &Path) -> Profile {
@@ -361,7 +369,7 @@ impl Harness {
     }
 
     fn cleanup(self) {
-        let _ = std::fs::remove_dir_all(&self.scratch);
+        remove_scratch(&self.scratch);
     }
 }
 
@@ -1249,7 +1257,7 @@ async fn inventory_lists_only_this_deployments_directories() {
     running.abort();
     let published = events_b.events().iter().filter(|event| event.event_type == "workspace.inventory").count();
     assert!((2..=4).contains(&published), "{published} inventories in 2.5 s at a 1 s interval");
-    let _ = std::fs::remove_dir_all(&scratch);
+    remove_scratch(&scratch);
     backend.cleanup().await;
 }
 
@@ -1534,7 +1542,7 @@ async fn answers_tasks_from_the_broker() {
     let _ = bus.delete_queue(&task_queue).await;
     let _ = bus.delete_queue(&event_queue).await;
     bus.close().await;
-    let _ = std::fs::remove_dir_all(&scratch);
+    remove_scratch(&scratch);
     harness.cleanup();
     backend.cleanup().await;
 }
@@ -1548,7 +1556,7 @@ async fn bench_on(backend: Backend) {
     let report = workspace::bench_with_settings(profile, &backend.settings).await.expect("benchmark runs");
     println!("{} {}", backend.url, serde_json::to_string_pretty(&report).unwrap());
     assert!(report.materialize_mb_per_s > 0.0 && report.sync_one_change_ms_best > 0.0);
-    let _ = std::fs::remove_dir_all(&scratch);
+    remove_scratch(&scratch);
     backend.cleanup().await;
 }
 
