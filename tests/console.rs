@@ -86,6 +86,11 @@ impl Environment {
 
 impl Drop for Environment {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.root.join("berth.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- berth dev's log, last lines ---\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
         let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.vhost]).output();
         let _ = Command::new("redis-cli").args(["-n", &self.redis_db.to_string(), "FLUSHDB"]).output();
         let listed = Command::new("docker")
@@ -95,6 +100,14 @@ impl Drop for Environment {
             for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
                 let _ = Command::new("docker").args(["rm", "-f", id]).output();
             }
+        }
+        // A session left open (a failed assertion) may leave its workspace image mounted.
+        let root = self.root.display().to_string();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let mut mounted: Vec<&str> = mounts.lines().filter_map(|line| line.split_whitespace().nth(1)).filter(|point| point.starts_with(&root)).collect();
+        mounted.sort_by(|a, b| b.cmp(a));
+        for point in mounted {
+            let _ = Command::new("umount").args(["-l", point]).output();
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
@@ -214,6 +227,7 @@ struct Browser {
     profile_dir: PathBuf,
     page: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     next_id: u64,
+    devtools_port: u16,
     /// Console errors and uncaught exceptions the page reported.
     errors: Vec<String>,
     screenshots: PathBuf,
@@ -264,7 +278,7 @@ impl Browser {
         let page_url = pages.as_array().and_then(|pages| pages.iter().find(|page| page["type"] == "page")).and_then(|page| page["webSocketDebuggerUrl"].as_str()).expect("a page").to_owned();
         let (page, _) = tokio_tungstenite::connect_async(page_url.as_str()).await.expect("DevTools page socket");
         std::fs::create_dir_all(&screenshots).expect("screenshot folder");
-        let mut browser = Browser { process, profile_dir, page, next_id: 0, errors: Vec::new(), screenshots, shots: 0 };
+        let mut browser = Browser { process, profile_dir, page, next_id: 0, devtools_port: port, errors: Vec::new(), screenshots, shots: 0 };
         browser.call("Runtime.enable", json!({})).await;
         browser.call("Log.enable", json!({})).await;
         browser.call("Page.enable", json!({})).await;
@@ -329,6 +343,25 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits for another tab whose address contains `needle` to finish loading; its DevTools entry.
+    async fn wait_for_page(&mut self, needle: &str) -> Value {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let pages = devtools_get(self.devtools_port, "/json/list").and_then(|(_, body)| serde_json::from_slice::<Value>(&body).ok());
+            let found = pages.and_then(|pages| pages.as_array()?.iter().find(|page| page["type"] == "page" && page["url"].as_str().is_some_and(|url| url.contains(needle))).cloned());
+            if let Some(page) = found {
+                return page;
+            }
+            assert!(Instant::now() < deadline, "no tab opened at {needle}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn close_page(&mut self, page: &Value) {
+        let id = page["id"].as_str().unwrap_or_default();
+        let _ = devtools_get(self.devtools_port, &format!("/json/close/{id}"));
     }
 
     async fn navigate(&mut self, url: &str) {
@@ -483,7 +516,14 @@ async fn the_console_in_a_real_browser() {
 
     // Container stats reach the charts while the view is open.
     browser.wait_for("stats drawn", "document.querySelectorAll('#charts .value')[1]?.textContent.includes(' of ')").await;
+    browser.eval("document.querySelector('#editor').hidden = true; window.scrollTo(0, 0); true").await;
     browser.screenshot("workspace").await;
+
+    // "Open app" opens the session's service through the proxy in a new tab.
+    browser.eval("document.querySelector('[data-action=\"app\"]').click(); true").await;
+    let app_page = browser.wait_for_page(&format!("/s/{session}/")).await;
+    assert!(app_page["url"].as_str().is_some_and(|url| !url.contains("token")), "no token in the app's address: {app_page}");
+    browser.close_page(&app_page).await;
 
     // Phone width: still readable (no horizontal scrolling of the page).
     browser.set_viewport(390, 844, true).await;

@@ -59,6 +59,7 @@ function plain(text) {
   let line = String(text).split("\n")[0];
   line = line.replace(/[a-z][a-z0-9+.-]*:\/\/\S+/gi, "a Berth service").replace(/\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b/g, "a Berth service");
   line = line.replace(/\s+at\s+\S+\.(rs|js):\d+.*/g, "");
+  line = line.replace(/(^|\s)\/(?:[\w.@-]+\/)+[\w.@-]*/g, "$1a file on the host");
   if (line.length > 200) line = line.slice(0, 197) + "…";
   return line.charAt(0).toUpperCase() + line.slice(1);
 }
@@ -303,7 +304,9 @@ function sessionActions(s, inView) {
     !inView && !over ? el("a", { class: "button", href: `#/s/${s.session}`, "data-action": "view" }, "Open") : null,
     s.state === "idle" ? el("button", { type: "button", "data-action": "wake", onclick: () => wake(s.session) }, "Wake") : null,
     inView && s.state === "running" ? el("button", { type: "button", "data-action": "app", onclick: () => openApp(s.session) }, "Open app ↗") : null,
-    !over ? el("button", { type: "button", class: "danger", "data-action": "close", onclick: () => closeSession(s.session) }, "Close") : null);
+    !over ? el("button", { type: "button", class: "danger", "data-action": "close", onclick: () => closeSession(s.session) }, "Close") : null,
+    over && !inView && s.workspace && (!s.user || s.user === me.user)
+      ? el("button", { type: "button", "data-action": "reopen", onclick: () => openWorkspace(s.workspace, me.profile) }, "Open again") : null);
 }
 async function openApp(session) {
   const tab = window.open("about:blank", "_blank");
@@ -311,6 +314,17 @@ async function openApp(session) {
   if (!response.ok) { if (tab) tab.close(); alert("The app cannot be opened right now."); return; }
   const body = await response.json();
   if (tab) tab.location = body.path; else location.href = body.path;
+}
+
+async function openWorkspace(workspace, profile) {
+  const answer = await request({ type: "open", workspace, profile });
+  if (answer.type === "ok") {
+    remember({ session: answer.session, workspace, user: me.user, state: sessions.get(answer.session)?.state || "open" });
+    location.hash = `#/s/${answer.session}`;
+    return "";
+  }
+  if (answer.code === "timeout") return "Berth is taking longer than usual; your session will appear below.";
+  return plain(answer.message);
 }
 
 // ---------- views ----------
@@ -330,16 +344,8 @@ function sessionsView() {
     message.textContent = "";
     const button = form.querySelector("button");
     button.disabled = true;
-    const answer = await request({ type: "open", workspace: form.workspace.value.trim(), profile: form.profile.value });
+    message.textContent = await openWorkspace(form.workspace.value.trim(), form.profile.value);
     button.disabled = false;
-    if (answer.type === "ok") {
-      remember({ session: answer.session, workspace: form.workspace.value.trim(), user: me.user, state: sessions.get(answer.session)?.state || "open" });
-      location.hash = `#/s/${answer.session}`;
-    } else if (answer.code === "timeout") {
-      message.textContent = "Berth is taking longer than usual; your session will appear below.";
-    } else {
-      message.textContent = plain(answer.message);
-    }
   } },
   el("h2", {}, "Open a workspace"),
   el("div", { class: "row" },
@@ -540,6 +546,8 @@ function filesPanel(sessionId) {
   async function errorText(response) {
     const body = await response.json().catch(() => ({}));
     if (response.status === 409) return "The files are not available in this state; wait until the session runs.";
+    if (response.status === 413 || response.status === 507) return "There is not enough room in this workspace for that.";
+    if (response.status >= 500) return "Berth could not do that just now (a server error); try again, or tell your operator if it keeps failing.";
     return plain(body.message) || `The files could not be read (${response.status}).`;
   }
   async function openFile(entry) {
@@ -572,13 +580,15 @@ function filesPanel(sessionId) {
     setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
   }
   async function upload(fileList) {
+    const done = [];
+    const failed = [];
     for (const file of fileList) {
       message.textContent = `Uploading ${file.name}…`;
       const response = await api(url(join(file.name)), { method: "PUT", body: file, headers: { "content-type": "application/octet-stream" } });
-      message.textContent = response.ok ? `Uploaded ${file.name}.` : await errorText(response);
+      if (response.ok) done.push(file.name); else failed.push(`${file.name}: ${await errorText(response)}`);
     }
     await load(folder);
-    if (fileList.length) message.textContent = `Uploaded ${fileList.map((f) => f.name).join(", ")}.`;
+    message.textContent = [done.length ? `Uploaded ${done.join(", ")}.` : "", failed.length ? `Not uploaded: ${failed.join("; ")}` : ""].join(" ").trim();
   }
   async function mkdir() {
     const name = prompt("New folder name");
