@@ -33,12 +33,22 @@ pub use agent::{conflict_copy_path, error_policy, read_manifest, session_directo
 pub use bench::{run_with as bench_with_settings, BenchReport};
 pub use error::{Error, Result};
 pub use events::{BusEvents, CollectedEvents, EventSink, Reply, EVENT_SOURCE};
-pub use fsops::{scan, scan_within, Confined, ScanLimits, FolderEntry, Ownership, Placed, Placement, Removal, Scan, StagedFile};
+pub use fsops::{read_and_hash, scan, scan_within, Confined, ScanLimits, FolderEntry, Ownership, Placed, Placement, Removal, Scan, StagedFile};
 pub use keys::WorkspacePath;
 pub use manifest::{FileEntry, FinalSync, Manifest, Phase, MANIFESTS_DIR, PRESERVED_DIR, STAGING_DIR};
 pub use tree::{Mode, Tree, SIDECAR_PATH};
 pub use volume::{image_bytes, unmount_all_under, Volume, IMAGES_DIR};
 pub use store::{open as open_store, OpenedStore, StoreSettings};
+
+/// Makes (if needed) and mounts one session's file system, as `materialize` does (tools, figures).
+pub fn attach_volume(volume: &Volume, quota_bytes: u64, owner: Option<Ownership>) -> Result<bool> {
+    volume::attach(volume, quota_bytes, owner, true)
+}
+
+/// Unmounts and deletes one session's file system, as `remove` does (tools, figures).
+pub fn release_volume(volume: &Volume) -> Result<()> {
+    volume::release(volume)
+}
 
 /// Consumes `queue` with `agent` until `shutdown` completes.
 pub async fn serve(agent: Arc<WorkspaceAgent>, bus: &Bus, queue: &str, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
