@@ -348,20 +348,7 @@ impl WorkspaceAgent {
                 match outcome {
                     Ok(report) => {
                         self.report_conflicts(reply, &report.conflicts, None).await?;
-                        let skipped: Vec<_> = report.skipped.iter().map(|(path, reason)| json!({"path": path, "reason": reason})).collect();
-                        let (skipped, skipped_total) = bounded_list(&skipped);
-                        let mut data = json!({
-                            "final": kind == SyncKind::Final, "uploaded": report.uploaded, "deleted": report.deleted,
-                            "unchanged": report.unchanged, "bytes_uploaded": report.bytes_uploaded, "skipped": skipped,
-                            "conflicts": report.conflicts.len(),
-                        });
-                        if report.missing {
-                            data["missing"] = json!(true);
-                        }
-                        if skipped_total > skipped.len() {
-                            data["skipped_total"] = json!(skipped_total);
-                        }
-                        self.events.emit(reply.event("workspace.synced", data)).await
+                        self.events.emit(reply.event("workspace.synced", synced_data(kind, &report))).await
                     }
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
                     Err(error) => {
@@ -437,10 +424,8 @@ impl WorkspaceAgent {
             }
             let started = Instant::now();
             let made = !volume.exists() && create == Create::Yes;
-            if volume::attach(&volume, quota, owner, create == Create::Yes)? {
-                if made {
-                    tracing::info!(session, ms = started.elapsed().as_millis() as u64, image = %volume.image.display(), "workspace file system made and mounted");
-                }
+            if volume::attach(&volume, quota, owner, create == Create::Yes)? && made {
+                tracing::info!(session, ms = started.elapsed().as_millis() as u64, image = %volume.image.display(), "workspace file system made and mounted");
             }
             Ok(())
         })
@@ -1948,6 +1933,24 @@ fn bounded_list<T: serde::Serialize + Clone>(items: &[T]) -> (Vec<T>, usize) {
     (shown, items.len())
 }
 
+/// `workspace.synced`'s data: `skipped` cut to fit the event, `skipped_total` when it was.
+fn synced_data(kind: SyncKind, report: &SyncReport) -> serde_json::Value {
+    let skipped: Vec<_> = report.skipped.iter().map(|(path, reason)| json!({"path": path, "reason": reason})).collect();
+    let (skipped, skipped_total) = bounded_list(&skipped);
+    let mut data = json!({
+        "final": kind == SyncKind::Final, "uploaded": report.uploaded, "deleted": report.deleted,
+        "unchanged": report.unchanged, "bytes_uploaded": report.bytes_uploaded, "skipped": skipped,
+        "conflicts": report.conflicts.len(),
+    });
+    if report.missing {
+        data["missing"] = json!(true);
+    }
+    if skipped_total > skipped.len() {
+        data["skipped_total"] = json!(skipped_total);
+    }
+    data
+}
+
 /// What differs between a workspace and its manifest (`None`: nothing that needs a sync).
 fn changes_since_final_sync(manifest: &Manifest, scan: &Scan) -> Option<String> {
     let changed = scan
@@ -2086,6 +2089,22 @@ mod tests {
         assert!(chunks_within::<String>(&[], 4, 100).is_empty());
         let (shown, total) = bounded_list(&items);
         assert_eq!((shown.len(), total), (10, 10));
+    }
+
+    /// 100,000 skipped entries (long names, long reasons) still make one event the bus accepts.
+    #[test]
+    fn a_huge_skipped_list_fits_in_one_event() {
+        let skipped = (0..100_000).map(|index| (format!("{}/{index}\\bad", "deep/".repeat(40)), "name can't be an object key: backslash".to_owned())).collect();
+        let report = SyncReport { skipped, ..SyncReport::default() };
+        let data = synced_data(SyncKind::Final, &report);
+        assert_eq!(data["skipped_total"], json!(100_000));
+        let event = protocol::CloudEvent::new("workspace.synced", crate::events::EVENT_SOURCE, Some("s-1"), data);
+        let bytes = event.to_bytes();
+        assert!(bytes.len() < protocol::event::DEFAULT_MAX_EVENT_BYTES, "{} bytes", bytes.len());
+        protocol::CloudEvent::parse(&bytes, protocol::event::DEFAULT_MAX_EVENT_BYTES).unwrap();
+        let long = "x".repeat(100_000);
+        assert!(event_text(&long).len() < EVENT_TEXT_BYTES + 32 && event_text(&long).ends_with("(91808 more bytes)"));
+        assert_eq!(event_text("short"), "short");
     }
 
     #[test]
