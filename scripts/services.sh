@@ -16,6 +16,8 @@ command -v dockerd >/dev/null || need_packages+=(docker.io)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx sh && ldd /bin/busybox 2>&1 | grep -q 'not a dynamic' \
   || need_packages+=(busybox-static)
 command -v docker-compose >/dev/null || need_packages+=(docker-compose)
+# The workspace agent makes an ext4 image per session (workspace.filesystem = "image").
+command -v mkfs.ext4 >/dev/null || need_packages+=(e2fsprogs)
 # The fault tests put socat proxies in front of the Docker socket and the object store to cut them.
 command -v socat >/dev/null || need_packages+=(socat)
 # The console's browser test (tests/console.rs) drives Debian's headless Chromium (chromedriver
