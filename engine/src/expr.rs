@@ -9,6 +9,32 @@ use cel_interpreter::objects::{Key, Map as CelMap};
 use cel_interpreter::{Context, Program, Value as CelValue};
 use serde_json::{Map, Number, Value};
 
+/// The longest expression source and the deepest bracket nesting accepted. The CEL parser recurses
+/// once per nesting level and per operator (even in malformed input), and a stack overflow aborts
+/// the process (no `catch_unwind` turns it into an error): `(` nested 400 deep, `[` 200 deep or
+/// 3,000 `<` in a row did, in a test thread's 2 MiB stack. The shipped patterns' longest
+/// expression is under 200 bytes.
+const MAX_SOURCE_BYTES: usize = 1024;
+const MAX_NESTING: usize = 32;
+
+/// How deep `(`, `[` and `{` nest in `source` (string literals included, which only errs on the
+/// safe side).
+fn nesting_depth(source: &str) -> usize {
+    let mut depth: usize = 0;
+    let mut deepest = 0;
+    for character in source.chars() {
+        match character {
+            '(' | '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// A compiled CEL expression together with its source, for error messages.
 pub struct Expression {
     source: String,
@@ -62,6 +88,12 @@ impl Expression {
     pub fn compile_at(source: &str, location: &str) -> Result<Expression, String> {
         if source.trim().is_empty() {
             return Err("expression is empty".to_owned());
+        }
+        if source.len() > MAX_SOURCE_BYTES {
+            return Err(format!("expression is {} bytes, over the limit of {MAX_SOURCE_BYTES}", source.len()));
+        }
+        if nesting_depth(source) > MAX_NESTING {
+            return Err(format!("expression nests brackets more than {MAX_NESTING} deep"));
         }
         // The parser of cel-interpreter 0.10 panics on a few malformed inputs; a pattern file is
         // outside input, so a panic is turned into an error instead of taking the process down.
@@ -216,5 +248,11 @@ mod tests {
         check("ctx.nope", Err("failed"));
         check("ctx.user +", Err("CEL syntax error"));
         check("", Err("expression is empty"));
+        // Found by tests/pattern_properties.rs: these overflowed the parser's stack and aborted.
+        check(&format!("{}1{}", "(".repeat(400), ")".repeat(400)), Err("nests brackets more than 32 deep"));
+        check(&"[".repeat(200), Err("nests brackets more than 32 deep"));
+        check(&"true ? 1 : ".repeat(3200), Err("over the limit of 1024"));
+        check(&format!("ctx.a {}", "<".repeat(3000)), Err("over the limit of 1024"));
+        check(&format!("{}1{}", "(".repeat(32), ")".repeat(32)), Ok(json!(1)));
     }
 }

@@ -291,17 +291,35 @@ pub fn json_schema() -> String {
 pub enum PatternError {
     #[error("{file}: cannot read: {source}")]
     Read { file: PathBuf, source: std::io::Error },
-    #[error("{file}: line {line}, column {column}: {message}")]
+    #[error("{file}: line {line}, column {column}: {}", printable(.message))]
     Syntax { file: PathBuf, line: usize, column: usize, message: String },
-    #[error("{file}: {}field `{field}`: {reason}", state_prefix(.state))]
+    /// State and field names come from the file and are shown escaped; so is the reason, but for
+    /// its line breaks (a CEL error points at the column on a second line).
+    #[error("{file}: {}field `{}`: {}", state_prefix(.state), .field.escape_debug(), printable(.reason))]
     Invalid { file: PathBuf, state: Option<String>, field: String, reason: String },
 }
 
 fn state_prefix(state: &Option<String>) -> String {
     match state {
-        Some(state) => format!("state `{state}`: "),
+        Some(state) => format!("state `{}`: ", state.escape_debug()),
         None => String::new(),
     }
+}
+
+/// `text` with control characters other than line breaks, bidi controls and zero-width marks
+/// escaped: names and expressions from a pattern file must not garble the message or a log line.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let garbling = (c.is_control() && c != '\n')
+                || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
+            if garbling {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,7 +419,22 @@ pub fn parse_pattern(text: &str, file: &Path) -> Result<Pattern, PatternError> {
         Ok(spec) => spec,
         Err(error) => {
             let path = error.path().to_string();
+            let state_names: Vec<String> = serde_json::from_str::<serde_json::Value>(text)
+                .ok()
+                .and_then(|value| Some(value.get("states")?.as_object()?.keys().cloned().collect()))
+                .unwrap_or_default();
             let inner = error.into_inner();
+            // serde_json reports some shape errors in valid JSON as syntax (an effect `{}` is
+            // "expected value"): those are about a field, and say so.
+            let valid_json = inner.is_syntax() && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
+            if valid_json {
+                let (state, field) = split_state_path(&path, &state_names);
+                let mut reason = strip_position(&inner.to_string());
+                if reason == "expected value" {
+                    reason = "expected an object with exactly one key naming its kind (an effect is `task`, `notify`, `persist`, `start_timer`, `cancel_timer` or `set`)".to_owned();
+                }
+                return Err(PatternError::Invalid { file: file.to_owned(), state, field, reason });
+            }
             if inner.is_syntax() || inner.is_eof() {
                 return Err(PatternError::Syntax {
                     file: file.to_owned(),
@@ -410,8 +443,9 @@ pub fn parse_pattern(text: &str, file: &Path) -> Result<Pattern, PatternError> {
                     message: strip_position(&inner.to_string()),
                 });
             }
-            let (state, field) = split_state_path(&path);
-            return Err(PatternError::Invalid { file: file.to_owned(), state, field, reason: strip_position(&inner.to_string()) });
+            let (state, field) = split_state_path(&path, &state_names);
+            let reason = without_type_names(&strip_position(&inner.to_string()));
+            return Err(PatternError::Invalid { file: file.to_owned(), state, field, reason });
         }
     };
     if let Err(error) = deserializer.end() {
@@ -433,11 +467,37 @@ fn strip_position(message: &str) -> String {
     }
 }
 
+/// serde names the Rust type it expected ("expected struct StateSpec"); a pattern's author
+/// knows objects, not our types.
+fn without_type_names(reason: &str) -> String {
+    let mut text = reason.to_owned();
+    for kind in ["struct ", "enum "] {
+        while let Some(start) = text.find(&format!("expected {kind}")) {
+            let name_start = start + "expected ".len() + kind.len();
+            let name_end = text[name_start..].find(|c: char| !c.is_ascii_alphanumeric()).map_or(text.len(), |end| name_start + end);
+            let replacement = if kind == "struct " { "expected an object" } else { "expected one of its kinds" };
+            text.replace_range(start..name_end, replacement);
+        }
+    }
+    text
+}
+
 /// `states.running.on[0].gaurd` → (Some("running"), "on[0].gaurd").
-fn split_state_path(path: &str) -> (Option<String>, String) {
+/// `states.running[0]` (a state that is not an object) → (Some("running"), "(state)").
+/// `state_names` (the file's, when it is JSON) resolve names holding a `.` or `[`.
+fn split_state_path(path: &str, state_names: &[String]) -> (Option<String>, String) {
     let Some(rest) = path.strip_prefix("states.") else { return (None, path.to_owned()) };
-    match rest.split_once('.') {
-        Some((state, field)) => (Some(state.to_owned()), field.to_owned()),
+    let known = state_names
+        .iter()
+        .filter(|name| rest.strip_prefix(name.as_str()).is_some_and(|after| after.is_empty() || after.starts_with(['.', '['])))
+        .max_by_key(|name| name.len());
+    if let Some(name) = known {
+        let field = rest[name.len()..].strip_prefix('.').filter(|field| !field.is_empty()).unwrap_or("(state)");
+        return (Some(name.clone()), field.to_owned());
+    }
+    match rest.find(['.', '[']) {
+        Some(end) if rest[end..].starts_with('.') && end + 1 < rest.len() => (Some(rest[..end].to_owned()), rest[end + 1..].to_owned()),
+        Some(end) => (Some(rest[..end].to_owned()), "(state)".to_owned()),
         None => (Some(rest.to_owned()), "(state)".to_owned()),
     }
 }
@@ -897,8 +957,8 @@ mod tests {
             Err("patterns/p.json: state `running`: field `on_enter[0]`: unknown variant `launch`, expected one of `task`, `notify`, `persist`, `start_timer`, `cancel_timer`, `set`"),
         );
         check(
-            |p| p["states"]["running"]["on"][1]["timer"] = json!("idel"),
-            Err("patterns/p.json: state `running`: field `on[1].timer`: no effect ever starts timer `idel`"),
+            |p| p["states"]["running"]["on"][2]["timer"] = json!("idel"),
+            Err("patterns/p.json: state `running`: field `on[2].timer`: no effect ever starts timer `idel`"),
         );
         check(
             |p| p["states"]["stopped"]["on"] = json!([{"event": "session.open", "target": "open"}]),
@@ -918,6 +978,22 @@ mod tests {
             Err("patterns/p.json: field `start.events[0]`: \"Session.Open\" is not an event type (dotted lowercase words like `session.open`)"),
         );
         check(|p| p["states"]["idle"]["on"][0]["event"] = json!(5), Err("patterns/p.json: state `idle`: field `on[0].event`: invalid type: integer `5`, expected a string"));
+        // Found by tests/pattern_properties.rs: an empty effect was a "syntax error" in valid JSON,
+        // and names from the file were printed raw.
+        check(
+            |p| p["states"]["running"]["on_enter"][0] = json!({}),
+            Err("patterns/p.json: state `running`: field `on_enter[0]`: expected an object with exactly one key naming its kind (an effect is `task`, `notify`, `persist`, `start_timer`, `cancel_timer` or `set`)"),
+        );
+        check(|p| p["states"]["a.b"] = json!(true), Err("patterns/p.json: state `a.b`: field `(state)`: invalid type: boolean `true`, expected an object"));
+        check(|p| p["states"]["idle"] = json!(true), Err("patterns/p.json: state `idle`: field `(state)`: invalid type: boolean `true`, expected an object"));
+        check(
+            |p| p["states"]["idle"] = json!([null]),
+            Err("patterns/p.json: state `idle`: field `(state)`: invalid type: null, expected a string"),
+        );
+        check(
+            |p| p["colour\u{202E}"] = json!("red"),
+            Err("patterns/p.json: field `colour\\u{202e}`: unknown field `colour\\u{202e}`, expected one of `$schema`, `version`, `name`, `description`, `start`, `initial`, `record`, `any_state`, `ignore_everywhere`, `states`"),
+        );
     }
 
     #[test]
