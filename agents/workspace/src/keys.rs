@@ -3,6 +3,7 @@
 //! absolute paths, NUL and control characters, backslashes, percent-encoded dots or slashes) is refused.
 
 use object_store::path::{Path as ObjectPath, PathPart};
+use unicode_normalization::UnicodeNormalization;
 
 /// Longest file name most Linux file systems accept, in bytes.
 const MAX_SEGMENT_BYTES: usize = 255;
@@ -41,7 +42,8 @@ impl WorkspacePath {
     /// The relative path of an object listed under `prefix`, or why it is refused.
     pub fn from_key(key: &ObjectPath, prefix: &ObjectPath) -> Result<WorkspacePath, String> {
         let Some(parts) = key.prefix_match(prefix) else {
-            return Err(format!("{key} is not under {prefix}"));
+            // Quoted: a key comes from outside, and a bidi or zero-width mark printed raw garbles the line.
+            return Err(format!("{:?} is not under {:?}", key.as_ref(), prefix.as_ref()));
         };
         let segments: Vec<String> = parts.map(|part| part.as_ref().to_owned()).collect();
         WorkspacePath::parse(&segments.join("/"))
@@ -98,18 +100,32 @@ fn check_segment(segment: &str) -> Result<(), String> {
         return Err(format!("forbidden character {bad:?}"));
     }
     let decoded = percent_decode_lossy(segment);
-    if decoded != segment {
-        let decoded_is_hostile = decoded == "."
-            || decoded == ".."
-            || decoded.contains('/')
-            || decoded.contains('\\')
-            || decoded.chars().any(char::is_control)
-            || decoded.contains('%') && percent_decode_lossy(&decoded) != decoded;
-        if decoded_is_hostile {
-            return Err(format!("percent-encoded separator, dot segment or control character in {segment:?}"));
-        }
+    if decoded != segment && (is_hostile_form(&decoded) || is_escaped_again(&decoded)) {
+        return Err(format!("percent-encoded separator, dot segment or control character in {segment:?}"));
+    }
+    // Tools that apply Unicode compatibility normalization (NFKC) read `．．` (fullwidth full
+    // stops) or `‥` (two dot leader) as `..`, `／` as `/` and `％２Ｅ` as `%2E`: the name must stay
+    // harmless normalized, decoded, or both, in either order.
+    let compatible: String = segment.nfkc().collect();
+    let compatible_decoded = percent_decode_lossy(&compatible);
+    let decoded_compatible: String = decoded.nfkc().collect();
+    let normalized_is_hostile = compatible != segment && is_hostile_form(&compatible)
+        || compatible_decoded != compatible && (is_hostile_form(&compatible_decoded) || is_escaped_again(&compatible_decoded))
+        || decoded_compatible != decoded && is_hostile_form(&decoded_compatible);
+    if normalized_is_hostile {
+        return Err(format!("{segment:?} reads as a dot segment, separator or control character once Unicode-normalized (NFKC)"));
     }
     Ok(())
+}
+
+/// A name as a tool downstream may read it: a dot segment, or holding a separator or a control.
+fn is_hostile_form(form: &str) -> bool {
+    form == "." || form == ".." || form.contains('/') || form.contains('\\') || form.chars().any(char::is_control)
+}
+
+/// Whether a decoded name still holds escapes: a double encoding, decoded again by some tool.
+fn is_escaped_again(decoded: &str) -> bool {
+    decoded.contains('%') && percent_decode_lossy(decoded) != decoded
 }
 
 /// Decodes `%XX` sequences; anything that is not a valid escape stays as it is.
@@ -170,6 +186,16 @@ mod tests {
         check("%252E%252E", false);
         check("%00", false);
         check(&"x".repeat(256), false);
+        // Found by tests/key_properties.rs: `..` and `/` as Unicode compatibility forms.
+        check("\u{FF0E}", false);
+        check("\u{FF0E}\u{FF0E}", false);
+        check("a/\u{2025}/etc", false);
+        check("\u{FE52}\u{FE52}", false);
+        check("a\u{FF0F}b", false);
+        check("\u{FF05}\u{FF12}\u{FF25}\u{FF05}\u{FF12}\u{FF25}", false);
+        check("%EF%BC%8E%EF%BC%8E", false);
+        check("file\u{FF0E}txt", true);
+        check("\u{FF05}41bc", true);
     }
 
     #[test]
