@@ -7,6 +7,8 @@
 #   berth-local/rabbitmq:bookworm-management  Debian's rabbitmq-server with the management plugin
 #   berth-local/berth:compose                 compose/Dockerfile's runtime stage on the image above,
 #                                             with the `berth` binary built on the host (--binary)
+#   drape/workstation-python:latest           only when missing: a busybox stand-in for the ide
+#                                             profile's workspace image (label berth.stand-in=true)
 #
 # The first three are built only when missing or when their recipe below changed (a label carries
 # its hash; --rebuild forces them). The Berth image is rebuilt on every call: Docker's layer cache
@@ -158,6 +160,32 @@ redis_recipe=$(printf '%s\n%s\n' "$base_id" "$redis_dockerfile" | sha256sum | cu
 rabbitmq_recipe=$(printf '%s\n%s\n' "$base_id" "$rabbitmq_dockerfile" | sha256sum | cut -c1-16)
 ensure "$redis_image" "$redis_recipe" build_from_dockerfile "$redis_image" "$redis_recipe" "$redis_dockerfile"
 ensure "$rabbitmq_image" "$rabbitmq_recipe" build_from_dockerfile "$rabbitmq_image" "$rabbitmq_recipe" "$rabbitmq_dockerfile"
+
+# ---- the ide profile's workspace image, when this machine has none -----------------------------
+# The stack's default profile (ide) runs `drape/workstation-python:latest`, which cannot be pulled
+# here. When no image of that name exists, a stand-in is built on scripts/test-images.sh's busybox:
+# HTTP on 8080 with GET /health answering 200, a `coder` user with uid 1000, a shell. It carries
+# the label berth.stand-in=true; an image of that name that is not a stand-in is never touched.
+workstation_image=drape/workstation-python:latest
+workstation_dockerfile=$(cat <<'DOCKER'
+FROM berth-test/busybox:latest
+RUN ["/bin/sh", "-c", "mkdir -p /srv /home/coder/project && echo ok > /srv/health && echo 'coder:x:1000:1000:coder:/home/coder:/bin/sh' >> /etc/passwd && echo 'coder:x:1000:' >> /etc/group"]
+USER 1000:1000
+WORKDIR /home/coder/project
+EXPOSE 8080
+CMD ["/bin/httpd", "-f", "-p", "8080", "-h", "/srv"]
+DOCKER
+)
+if ! docker image inspect "$workstation_image" >/dev/null 2>&1 \
+  || [ "$(docker image inspect -f '{{index .Config.Labels "berth.stand-in"}}' "$workstation_image")" = true ]; then
+  docker image inspect berth-test/busybox:latest >/dev/null 2>&1 || "$here/scripts/test-images.sh"
+  workstation_recipe=$(printf '%s\n%s\n' "$(docker image inspect -f '{{.Id}}' berth-test/busybox:latest)" "$workstation_dockerfile" | sha256sum | cut -c1-16)
+  ensure "$workstation_image" "$workstation_recipe" build_from_dockerfile "$workstation_image" "$workstation_recipe" \
+    "$workstation_dockerfile
+LABEL berth.stand-in=true"
+else
+  log "$workstation_image: present (not a stand-in), used as it is"
+fi
 
 # ---- Berth: compose/Dockerfile's runtime stage with the host's binary -----------------------
 # Debian's Docker has no BuildKit (no buildx), and the legacy builder builds every stage before the

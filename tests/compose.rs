@@ -31,8 +31,12 @@ use tokio_tungstenite::tungstenite::Message;
 
 const PROJECT: &str = "berth-compose-test";
 const DEPLOYMENT: &str = "compose-test";
-const PROFILE: &str = "dev";
-const USER: &str = "alice";
+/// The stack's default profile (BERTH_PROFILE is left unset), with its `directory` workspaces; its
+/// workspace image is a local stand-in when the real one is missing (scripts/compose-images.sh).
+const PROFILE: &str = "ide";
+const USER: &str = "dev-ana";
+/// Where the ide profile mounts the workspace in the session container.
+const MOUNT: &str = "/home/coder/project";
 const JWT_SECRET: &str = "compose-test-secret-long-enough-for-hs256";
 const S3_USER: &str = "berth-test:berth-test";
 const STEP_TIMEOUT: Duration = Duration::from_secs(90);
@@ -201,7 +205,6 @@ impl Stack {
             .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
             .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
             .env("BERTH_JWT_SECRET", JWT_SECRET)
-            .env("BERTH_PROFILE", PROFILE)
             .env("BERTH_DEPLOYMENT", DEPLOYMENT)
             .env("BERTH_DOCKER_GID", stdout_of("stat", &["-c", "%g", "/var/run/docker.sock"]))
             .env("BERTH_WORKSPACE_ROOT", &self.workspace_root)
@@ -571,8 +574,9 @@ async fn the_compose_stack_runs_for_real() {
 
     // ---- a session through the stack ----
     let workspace = "w1";
-    s3.put(&format!("{PROFILE}/{USER}/{workspace}/hello.txt"), b"hello through compose\n");
-    s3.put(&format!("{PROFILE}/{USER}/{workspace}/src/main.rs"), b"fn main() {}\n");
+    let key = |file: &str| format!("{PROFILE}/{USER}/projects/{workspace}/{file}");
+    s3.put(&key("hello.txt"), b"hello through compose\n");
+    s3.put(&key("src/main.rs"), b"fn main() {}\n");
     let token = mint_token(USER);
     let mut socket = connect(stack.session_port, &token).await;
     let snapshot = next_frame(&mut socket, "snapshot", |f| f["type"] == "snapshot").await;
@@ -589,8 +593,9 @@ async fn the_compose_stack_runs_for_real() {
     for agent in ["workspace-agent", "container-agent"] {
         stack.exec(agent, &["test", "-f", materialized.to_str().expect("utf-8 path")]);
     }
-    assert_eq!(http_get(port, "/hello.txt"), Some((200, b"hello through compose\n".to_vec())), "the workspace answers");
-    stdout_of("docker", &["exec", &container, "sh", "-c", "echo written inside > /workspace/new.txt"]);
+    assert_eq!(http_get(port, "/health").map(|(status, _)| status), Some(200), "the workspace answers on its published port");
+    assert_eq!(stdout_of("docker", &["exec", &container, "cat", &format!("{MOUNT}/hello.txt")]), "hello through compose");
+    stdout_of("docker", &["exec", &container, "sh", "-c", &format!("echo written inside > {MOUNT}/new.txt")]);
 
     // ---- restarts in the middle of the session lose nothing ----
     for service in ["engine", "workspace-agent", "container-agent"] {
@@ -601,15 +606,15 @@ async fn the_compose_stack_runs_for_real() {
     stack.wait_healthy(&BERTH_SERVICES).await;
     send(&mut socket, json!({"type": "activity", "id": "activity-1", "session": session})).await;
     next_frame(&mut socket, "ok for activity", |f| f["type"] == "ok" && f["id"] == "activity-1").await;
-    stdout_of("docker", &["exec", &container, "sh", "-c", "echo after the restarts > /workspace/later.txt"]);
+    stdout_of("docker", &["exec", &container, "sh", "-c", &format!("echo after the restarts > {MOUNT}/later.txt")]);
     assert_eq!(docker_inspect(&container, "{{.State.Running}}").as_deref(), Some("true"));
 
     // ---- close: final sync, then everything removed ----
     send(&mut socket, json!({"type": "close", "id": "close-1", "session": session})).await;
     next_frame(&mut socket, "ok for close", |f| f["type"] == "ok" && f["id"] == "close-1").await;
     next_frame(&mut socket, "status closed", |f| f["type"] == "status" && f["state"] == "closed" && f["session"] == session.as_str()).await;
-    assert_eq!(s3.get(&format!("{PROFILE}/{USER}/{workspace}/new.txt")).as_deref(), Some(&b"written inside\n"[..]), "synced on close");
-    assert_eq!(s3.get(&format!("{PROFILE}/{USER}/{workspace}/later.txt")).as_deref(), Some(&b"after the restarts\n"[..]), "synced on close");
+    assert_eq!(s3.get(&key("new.txt")).as_deref(), Some(&b"written inside\n"[..]), "synced on close");
+    assert_eq!(s3.get(&key("later.txt")).as_deref(), Some(&b"after the restarts\n"[..]), "synced on close");
     let gone = || docker_inspect(&container, "{{.Id}}").is_none() && !session_dir.exists();
     wait_until("container and directory removed", STEP_TIMEOUT, || stack.logs(), gone).await;
     let record = store.get(collections::SESSIONS, &session).await.expect("store answers").expect("the session's record");
@@ -724,7 +729,7 @@ async fn berth_dev_open_to_running(s3: &S3) -> Result<f64, String> {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        s3.put(&format!("{PROFILE}/{USER}/dev-w1/hello.txt"), b"hello through berth dev\n");
+        s3.put(&format!("{PROFILE}/{USER}/projects/dev-w1/hello.txt"), b"hello through berth dev\n");
         let mut socket = connect(port, &mint_token(USER)).await;
         next_frame(&mut socket, "snapshot", |f| f["type"] == "snapshot").await;
         let (session, _, seconds) = open_session(&mut socket, "dev-w1").await;
