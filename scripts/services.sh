@@ -18,6 +18,9 @@ command -v dockerd >/dev/null || need_packages+=(docker.io)
 command -v docker-compose >/dev/null || need_packages+=(docker-compose)
 # The workspace agent makes an ext4 image per session (workspace.filesystem = "image").
 command -v mkfs.ext4 >/dev/null || need_packages+=(e2fsprogs)
+# gVisor for profiles with `runtime = "runsc"`; iptables for the container agent's egress rules.
+command -v runsc >/dev/null || need_packages+=(runsc)
+command -v iptables >/dev/null || need_packages+=(iptables)
 # The fault tests put socat proxies in front of the Docker socket and the object store to cut them.
 command -v socat >/dev/null || need_packages+=(socat)
 # The console's browser test (tests/console.rs) drives Debian's headless Chromium (chromedriver
@@ -55,6 +58,34 @@ if ! redis-cli -p 6379 ping >/dev/null 2>&1; then
   wait_for redis 30 redis-cli -p 6379 ping
 fi
 
+# gVisor registered with dockerd as the `runsc` runtime. Debian's build has no systrap platform;
+# ptrace works on these machines. Its own network stack (netstack) refuses to start on kernels that
+# show net.core.rmem_default in every network namespace (it takes that file for "root namespace"),
+# so the sandbox uses the kernel's stack inside the container's own namespace (--network=host:
+# the container's namespace, not the host's; the egress rules apply unchanged). Merged into an
+# existing daemon.json, written only when missing or different.
+register_runsc() {
+  python3 - <<'PY'
+import json, os
+path = "/etc/docker/daemon.json"
+config = {}
+if os.path.exists(path):
+    with open(path) as handle:
+        text = handle.read().strip()
+        config = json.loads(text) if text else {}
+wanted = {"path": "/usr/bin/runsc", "runtimeArgs": ["--platform=ptrace", "--network=host"]}
+if config.get("runtimes", {}).get("runsc") != wanted:
+    config.setdefault("runtimes", {})["runsc"] = wanted
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as handle:
+        json.dump(config, handle, indent=2)
+    os.replace(path + ".tmp", path)
+    print("changed")
+PY
+}
+runsc_changed=$(register_runsc)
+[ -n "$runsc_changed" ] && log "registered runsc in /etc/docker/daemon.json"
+
 # Docker engine with its defaults (iptables on: that is what isolates session containers).
 if ! docker info >/dev/null 2>&1; then
   log "starting dockerd"
@@ -64,6 +95,14 @@ if ! docker info >/dev/null 2>&1; then
   done
   nohup dockerd >"$state_dir/dockerd.log" 2>&1 &
   wait_for dockerd 60 docker info || { tail -n 30 "$state_dir/dockerd.log" >&2; exit 1; }
+fi
+
+# A running dockerd reloads its runtimes on SIGHUP: no restart, running containers keep going.
+if [ -n "$runsc_changed" ] || ! docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; then
+  log "reloading dockerd for the runsc runtime"
+  kill -HUP "$(cat /var/run/docker.pid)"
+  wait_for "dockerd with runsc" 30 sh -c "docker info --format '{{json .Runtimes}}' | grep -q '\"runsc\"'" \
+    || { tail -n 30 "$state_dir/dockerd.log" >&2; exit 1; }
 fi
 
 # Test images, FROM scratch with a static busybox: no image can be pulled here.

@@ -436,7 +436,7 @@ impl Profile {
             }
             in_memory_mib = in_memory_mib.saturating_add(*size_mib);
         }
-        if in_memory_mib >= container.memory_mib {
+        if !container.writable_paths.is_empty() && in_memory_mib >= container.memory_mib {
             return Err(self.invalid(
                 "container.writable_paths",
                 format!("tmpfs_size_mib plus writable_paths is {in_memory_mib} MiB, which must stay below memory_mib (tmpfs lives in memory)"),

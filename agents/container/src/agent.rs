@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 
 use crate::error::{docker_status, is_docker_answer, Error, Result};
 use crate::spec::{self, SessionIdentity};
-use crate::{probe, stats};
+use crate::{egress, probe, stats};
 
 /// The CloudEvents `source` of everything this agent publishes.
 pub const EVENT_SOURCE: &str = "/berth/agent/container";
@@ -179,7 +179,9 @@ struct Inner {
     settings: AgentSettings,
     /// Serialises the tasks of one session inside this process.
     session_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    network_checked: tokio::sync::OnceCell<()>,
+    /// The session network's egress rules, installed once per process (and re-checked with every
+    /// inventory): no container starts before they are in place.
+    network_checked: tokio::sync::OnceCell<egress::EgressPlan>,
     /// Containers this agent is stopping or removing on purpose, by id.
     expected_exits: std::sync::Mutex<HashMap<String, Instant>>,
     /// Session → id of the container last seen to be that session's. Only a shortcut for pause and
@@ -427,7 +429,104 @@ impl Agent {
         Ok(())
     }
 
-    async fn check_or_create_network(&self) -> Result<(), Failure> {
+    /// Re-applies the session network's egress rules when something removed them (a flushed
+    /// firewall, a rebooted host with the network still there). Nothing to do before the first
+    /// provision made the network.
+    pub async fn reensure_egress(&self) -> Result<(), String> {
+        let Some(plan) = self.inner.network_checked.get().cloned() else { return Ok(()) };
+        let changed = tokio::task::spawn_blocking(move || egress::apply_blocking(&plan)).await.map_err(|error| error.to_string())??;
+        if changed {
+            tracing::warn!(network = %spec::network_name(&self.inner.profile), "egress rules were missing or changed, restored them");
+        }
+        Ok(())
+    }
+
+    /// Removes the egress chains of networks that no longer exist (a network removed by hand, by
+    /// a test, or by an agent that died first), whichever deployment made them: a chain without
+    /// its network protects nothing. The chains are listed before the networks, so a network
+    /// created meanwhile is always seen and its fresh chains are kept.
+    pub async fn remove_stale_egress_rules(&self) -> Result<usize> {
+        let chain_ids = tokio::task::spawn_blocking(egress::chain_network_ids_blocking).await.unwrap_or_default();
+        if chain_ids.is_empty() {
+            return Ok(0);
+        }
+        let networks = self.inner.docker.list_networks::<String>(None).await.map_err(Error::from_docker)?;
+        let network_ids: Vec<String> = networks.into_iter().filter_map(|network| network.id).collect();
+        let stale: Vec<String> = chain_ids.into_iter().filter(|id| !network_ids.iter().any(|network| network.starts_with(id.as_str()))).collect();
+        let removed = stale.len();
+        for id in stale {
+            tokio::task::spawn_blocking(move || egress::remove_for_network_blocking(&id)).await.ok();
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed the egress rules of networks that are gone");
+        }
+        Ok(removed)
+    }
+
+    /// The egress rules of the session network, once it has been checked (tests read counters).
+    pub fn egress_plan(&self) -> Option<egress::EgressPlan> {
+        self.inner.network_checked.get().cloned()
+    }
+
+    /// Removes the session network and its egress rules (the rules first go with the network:
+    /// nothing else of Berth's stays behind in the firewall). Containers still on it make Docker refuse.
+    pub async fn remove_network(&self) -> Result<()> {
+        let name = spec::network_name(&self.inner.profile);
+        let network = match self.inner.docker.inspect_network(&name, None::<InspectNetworkOptions<String>>).await {
+            Ok(network) => network,
+            Err(error) if docker_status(&error) == Some(404) => return Ok(()),
+            Err(error) => return Err(Error::from_docker(error)),
+        };
+        self.inner.docker.remove_network(&name).await.map_err(Error::from_docker)?;
+        if let Some(id) = network.id {
+            tokio::task::spawn_blocking(move || egress::remove_for_network_blocking(&id)).await.ok();
+        }
+        Ok(())
+    }
+
+    async fn check_or_create_network(&self) -> Result<egress::EgressPlan, Failure> {
+        self.check_runtime().await?;
+        self.create_or_check_network().await?;
+        let network_name = spec::network_name(&self.inner.profile);
+        let network = self.inner.docker.inspect_network(&network_name, None::<InspectNetworkOptions<String>>).await?;
+        if network.enable_ipv6 == Some(true) {
+            return Err(Refusal(format!("network {network_name} has IPv6 enabled: session egress rules are IPv4 only")).into());
+        }
+        let network_id = network.id.clone().unwrap_or_default();
+        let bridge = network
+            .options
+            .as_ref()
+            .and_then(|options| options.get("com.docker.network.bridge.name").cloned())
+            .unwrap_or_else(|| format!("br-{}", network_id.chars().take(12).collect::<String>()));
+        let plan = egress::EgressPlan::new(&network_name, &network_id, &bridge, &self.inner.profile.container.egress_allow);
+        let applied = plan.clone();
+        let changed = tokio::task::spawn_blocking(move || egress::apply_blocking(&applied))
+            .await
+            .map_err(|error| Refusal(format!("egress rules: {error}")))?
+            .map_err(|error| Refusal(format!("egress rules for network {network_name} could not be installed, no session starts without them: {error}")))?;
+        tracing::info!(network = %network_name, bridge = %bridge, changed, "egress rules in place");
+        if let Err(error) = self.remove_stale_egress_rules().await {
+            tracing::warn!(%error, "could not look for stale egress rules");
+        }
+        Ok(plan)
+    }
+
+    /// The profile's OCI runtime must be registered with dockerd (`runsc` is not by default).
+    async fn check_runtime(&self) -> Result<(), Failure> {
+        let runtime = self.inner.profile.container.runtime.docker_name();
+        let info = self.inner.docker.info().await?;
+        let known = info.runtimes.as_ref().is_some_and(|runtimes| runtimes.contains_key(runtime));
+        if !known {
+            let names: Vec<String> = info.runtimes.unwrap_or_default().into_keys().collect();
+            return Err(Refusal(format!(
+                "container.runtime {runtime:?} is not registered with the Docker engine (it knows {names:?}; scripts/services.sh registers runsc)"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    async fn create_or_check_network(&self) -> Result<(), Failure> {
         let network_name = spec::network_name(&self.inner.profile);
         let deployment = self.inner.profile.deployment();
         let docker = &self.inner.docker;

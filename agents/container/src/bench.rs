@@ -216,17 +216,25 @@ impl Bench {
             "--memory", &format!("{}m", settings.memory_mib),
             "--memory-swap", &format!("{}m", settings.memory_mib),
             "--cpus", &settings.cpus.to_string(),
-            "--pids-limit", &settings.pids_limit.to_string(),
+            "--pids-limit", &spec::docker_pids_limit(settings).to_string(),
+            "--runtime", settings.runtime.docker_name(),
+            "--log-driver", spec::LOG_DRIVER,
+            "--log-opt", &format!("max-size={}m", settings.log_max_size_mib),
+            "--log-opt", &format!("max-file={}", settings.log_max_files),
             "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges",
-            "--tmpfs", &format!("/tmp:rw,noexec,nosuid,nodev,size={}m", settings.tmpfs_size_mib),
+            "--tmpfs", &format!("/tmp:rw,noexec,nosuid,nodev,size={}m,mode=1777", settings.tmpfs_size_mib),
             "-v", &format!("{}:{}", workspace.display(), settings.workspace_mount),
         ]
         .iter()
         .map(|argument| argument.to_string())
         .collect();
-        if settings.read_only_root {
-            arguments.push("--read-only".to_owned());
+        // The agent's root is always read-only (writable paths are sized tmpfs mounts).
+        arguments.push("--read-only".to_owned());
+        for (path, options) in spec::tmpfs_mounts(settings) {
+            if path != "/tmp" {
+                arguments.extend(["--tmpfs".to_owned(), format!("{path}:{options}")]);
+            }
         }
         if let Some(user) = &settings.user {
             arguments.extend(["--user".to_owned(), user.clone()]);

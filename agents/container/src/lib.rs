@@ -9,6 +9,7 @@
 
 mod agent;
 mod bench;
+pub mod egress;
 pub mod error;
 pub mod probe;
 pub mod spec;
@@ -77,6 +78,12 @@ async fn publish_inventory_periodically(agent: Agent) {
         ticker.tick().await;
         if let Err(error) = agent.publish_inventory().await {
             tracing::warn!(%error, "could not publish the container inventory");
+        }
+        if let Err(error) = agent.reensure_egress().await {
+            tracing::error!(%error, "the session network's egress rules are missing and could not be restored");
+        }
+        if let Err(error) = agent.remove_stale_egress_rules().await {
+            tracing::warn!(%error, "could not look for stale egress rules");
         }
     }
 }

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use bollard::container::{Config, NetworkingConfig};
-use bollard::models::{EndpointSettings, HostConfig, PortBinding};
-use protocol::profile::{ContainerSettings, HealthCheck};
+use bollard::models::{EndpointSettings, HostConfig, HostConfigLogConfig, PortBinding};
+use protocol::profile::{canonical_capability, ContainerSettings, HealthCheck};
 use protocol::Profile;
 
 use crate::error::{Error, Result};
@@ -25,6 +25,8 @@ pub const DEPLOYMENT_LABEL: &str = "berth.deployment";
 
 /// Host address the service port is published on: never reachable from outside the machine.
 pub const PUBLISH_HOST: &str = "127.0.0.1";
+/// Docker's log driver for session containers, always with `max-size` and `max-file`.
+pub const LOG_DRIVER: &str = "json-file";
 /// Docker's option that stops containers on one bridge from talking to each other.
 pub const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 
@@ -86,12 +88,28 @@ pub fn check_container_hardening(profile: &Profile) -> Result<()> {
         return Err(refuse("container.privileged", "privileged workspace containers are never allowed".to_owned()));
     }
     for mount in &container.mounts {
-        let host_path = mount.split(':').next().unwrap_or_default();
-        if !host_path.starts_with('/') {
+        let host_path = Path::new(mount.split(':').next().unwrap_or_default());
+        if !host_path.is_absolute() {
             return Err(refuse("container.mounts", format!("{mount:?}: the host side must be an absolute path")));
         }
-        if is_forbidden_host_path(Path::new(host_path)) {
-            return Err(refuse("container.mounts", format!("{mount:?} would expose the host or the Docker socket")));
+        // The allow-list is checked again on the resolved path: a symlink under an allowed root
+        // must not lead anywhere else (the Docker socket, /var, ...).
+        let resolved = std::fs::canonicalize(host_path)
+            .map_err(|error| refuse("container.mounts", format!("{mount:?}: cannot resolve the host path: {error}")))?;
+        let resolved_text = resolved.to_string_lossy().into_owned();
+        if !protocol::profile::is_mountable_host_path(&resolved) || is_unix_socket(&resolved) || resolved_text.contains("docker.sock") {
+            return Err(refuse(
+                "container.mounts",
+                format!(
+                    "{mount:?} resolves to {resolved_text}, outside the mountable host roots {:?} (or a socket): it would expose the host or the Docker socket",
+                    protocol::profile::MOUNTABLE_HOST_ROOTS
+                ),
+            ));
+        }
+    }
+    for capability in &container.cap_add {
+        if canonical_capability(capability).is_none() {
+            return Err(refuse("container.cap_add", format!("{capability:?} is not on the allow-list")));
         }
     }
     if let Some(user) = &container.user {
@@ -108,22 +126,6 @@ pub fn check_container_hardening(profile: &Profile) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// The Docker socket (under any name, through symlinks) and the host's system trees.
-fn is_forbidden_host_path(host_path: &Path) -> bool {
-    const SYSTEM_TREES: [&str; 8] = ["/", "/proc", "/sys", "/dev", "/etc", "/var/run", "/run", "/var/lib/docker"];
-    let resolved = std::fs::canonicalize(host_path).unwrap_or_else(|_| host_path.to_owned());
-    for candidate in [host_path, resolved.as_path()] {
-        let text = candidate.to_string_lossy();
-        if text.contains("docker.sock") || SYSTEM_TREES.iter().any(|tree| candidate == Path::new(tree)) {
-            return true;
-        }
-        if candidate.starts_with("/var/lib/docker") || candidate.starts_with("/proc") || candidate.starts_with("/sys") {
-            return true;
-        }
-    }
-    is_unix_socket(&resolved)
 }
 
 #[cfg(unix)]
@@ -185,15 +187,23 @@ pub fn container_config(
         // Equal to memory: no swap, so the memory limit is a real limit and OOM is visible.
         memory_swap: Some(memory_bytes),
         nano_cpus: Some((settings.cpus * 1e9).round() as i64),
-        pids_limit: Some(settings.pids_limit),
+        pids_limit: Some(docker_pids_limit(settings)),
         cap_drop: Some(vec!["ALL".to_owned()]),
-        cap_add: Some(settings.cap_add.clone()),
+        // Canonical names only: the allow-list was checked case-insensitively.
+        cap_add: Some(settings.cap_add.iter().filter_map(|name| canonical_capability(name)).map(str::to_owned).collect()),
         security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
-        tmpfs: Some(HashMap::from([(
-            "/tmp".to_owned(),
-            format!("rw,noexec,nosuid,nodev,size={}m", settings.tmpfs_size_mib),
-        )])),
-        readonly_rootfs: Some(settings.read_only_root),
+        tmpfs: Some(tmpfs_mounts(settings)),
+        // Always read-only: a "writable root" is the profile's sized `writable_paths` (overlay2's
+        // own size option needs XFS with project quotas, which Docker hosts rarely have).
+        readonly_rootfs: Some(true),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some(LOG_DRIVER.to_owned()),
+            config: Some(HashMap::from([
+                ("max-size".to_owned(), format!("{}m", settings.log_max_size_mib)),
+                ("max-file".to_owned(), settings.log_max_files.to_string()),
+            ])),
+        }),
+        runtime: Some(settings.runtime.docker_name().to_owned()),
         binds: Some(binds),
         network_mode: Some(network.clone()),
         port_bindings: Some(HashMap::from([(
@@ -218,6 +228,40 @@ pub fn container_config(
         }),
         ..Default::default()
     }
+}
+
+/// Host processes and threads a gVisor sandbox needs before the workspace runs anything (the
+/// sentry's and the gofer's threads: about 40 at idle on the ptrace platform).
+pub const RUNSC_SANDBOX_PIDS: i64 = 64;
+/// Host threads one workspace process costs under gVisor's ptrace platform (about 9 measured).
+pub const RUNSC_PIDS_PER_PROCESS: i64 = 10;
+
+/// The pids limit Docker enforces on the host. Under runc it is the profile's: the kernel counts
+/// the workspace's own processes. Under runsc the kernel sees the sandbox's threads instead (this
+/// gVisor build has no pids limit of its own), so the host limit covers the sandbox plus
+/// `pids_limit` workspace processes; a fork bomb past it ends that sandbox, and only that one.
+pub fn docker_pids_limit(settings: &ContainerSettings) -> i64 {
+    match settings.runtime {
+        protocol::profile::Runtime::Runc => settings.pids_limit,
+        protocol::profile::Runtime::Runsc => {
+            RUNSC_SANDBOX_PIDS.saturating_add(settings.pids_limit.saturating_mul(RUNSC_PIDS_PER_PROCESS))
+        }
+    }
+}
+
+/// `/tmp` (scratch, never executable) and the profile's writable paths, each a sized tmpfs. The
+/// writable paths belong to the container's user when it is numeric, so it can write there.
+pub fn tmpfs_mounts(settings: &ContainerSettings) -> HashMap<String, String> {
+    let mut mounts = HashMap::from([("/tmp".to_owned(), format!("rw,noexec,nosuid,nodev,size={}m,mode=1777", settings.tmpfs_size_mib))]);
+    let owner = settings.user.as_deref().and_then(|user| {
+        let (uid, gid) = user.split_once(':').unwrap_or((user, user));
+        (uid.parse::<u32>().is_ok() && gid.parse::<u32>().is_ok()).then(|| format!(",uid={uid},gid={gid},mode=0755"))
+    });
+    for (path, size_mib) in &settings.writable_paths {
+        let owner = owner.clone().unwrap_or_else(|| ",mode=1777".to_owned());
+        mounts.insert(path.clone(), format!("rw,nosuid,nodev,size={size_mib}m{owner}"));
+    }
+    mounts
 }
 
 /// Whether readiness needs the image's own HEALTHCHECK.
@@ -275,7 +319,11 @@ mod tests {
         check_hardening(|p| p.container.mounts = vec!["/run:/host-run".into()], Some("container.mounts"));
         check_hardening(|p| p.container.mounts = vec!["/:/host".into()], Some("container.mounts"));
         check_hardening(|p| p.container.mounts = vec!["/proc/1:/p".into()], Some("container.mounts"));
-        check_hardening(|p| p.container.mounts = vec!["relative:/x".into()], Some("absolute"));
+        check_hardening(|p| p.container.mounts = vec!["relative:/x:ro".into()], Some("container.mounts"));
+        check_hardening(|p| p.container.mounts = vec!["/var:/v:ro".into()], Some("container.mounts"));
+        check_hardening(|p| p.container.cap_add = vec!["sys_admin".into()], Some("cap_add"));
+        check_hardening(|p| p.container.cap_add = vec!["DAC_READ_SEARCH".into()], Some("cap_add"));
+        check_hardening(|p| p.container.cap_add = vec!["chown".into()], None);
         check_hardening(|p| p.container.user = Some("0:0".into()), Some("container.user"));
         check_hardening(|p| p.container.network = "host".into(), Some("container.network"));
         check_hardening(|p| p.container.cap_add = vec!["SYS_ADMIN".into()], Some("cap_add"));
@@ -292,7 +340,13 @@ mod tests {
         assert_eq!(host.nano_cpus, Some(500_000_000));
         assert_eq!(host.pids_limit, Some(64));
         assert_eq!(host.cap_drop.as_deref(), Some(&["ALL".to_owned()][..]));
-        assert_eq!(host.tmpfs.as_ref().unwrap()["/tmp"], "rw,noexec,nosuid,nodev,size=16m");
+        assert_eq!(host.tmpfs.as_ref().unwrap()["/tmp"], "rw,noexec,nosuid,nodev,size=16m,mode=1777");
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert_eq!(host.runtime.as_deref(), Some("runc"));
+        let log = host.log_config.as_ref().unwrap();
+        assert_eq!(log.typ.as_deref(), Some("json-file"));
+        assert_eq!(log.config.as_ref().unwrap()["max-size"], "10m");
+        assert_eq!(log.config.as_ref().unwrap()["max-file"], "3");
         assert_eq!(host.binds.as_ref().unwrap()[0], "/tmp/ws/s-1:/workspace:rw");
         let labels = config.labels.as_ref().unwrap();
         assert_eq!(labels[MANAGED_LABEL], "true");
@@ -317,6 +371,23 @@ mod tests {
         let mut unlabelled = staging_labels.clone();
         unlabelled.remove(DEPLOYMENT_LABEL);
         assert!(!is_deployment_container(&unlabelled, &staging), "a container without the deployment label is not ours");
+    }
+
+    #[test]
+    fn a_writable_root_is_read_only_plus_sized_writable_paths_and_capabilities_are_canonical() {
+        let mut profile = dev_profile();
+        profile.container.read_only_root = false;
+        profile.container.writable_paths = BTreeMap::from([("/home/user".to_owned(), 32)]);
+        profile.container.cap_add = vec!["cap_chown".into(), "Net_Bind_Service".into()];
+        profile.container.runtime = protocol::profile::Runtime::Runsc;
+        check_container_hardening(&profile).unwrap();
+        let config = container_config(&profile, &identity(), Path::new("/w"), &BTreeMap::new());
+        let host = config.host_config.unwrap();
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert_eq!(host.tmpfs.as_ref().unwrap()["/home/user"], "rw,nosuid,nodev,size=32m,uid=1000,gid=1000,mode=0755");
+        assert_eq!(host.cap_add.unwrap(), vec!["CHOWN".to_owned(), "NET_BIND_SERVICE".to_owned()]);
+        assert_eq!(host.runtime.as_deref(), Some("runsc"));
+        assert_eq!(host.pids_limit, Some(64 + 64 * 10), "gVisor's sandbox threads count on the host");
     }
 
     #[test]
