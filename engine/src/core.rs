@@ -623,6 +623,9 @@ mod tests {
         // A second open of the same workspace joins: the opener is told, nothing else happens.
         check("materializing", event("session.open", json!({"workspace": "w1"})), "stay", &[]);
         check("running", event("workspace.conflict", json!({"files": [{"path": "a"}]})), "stay", &[]);
+        // A full workspace (its own file system): the user is told, nothing else happens.
+        check("running", event("workspace.quota_exceeded", json!({"used_mib": 512, "quota_mib": 512})), "stay", &[]);
+        check("idle", event("workspace.quota_exceeded", json!({"used_mib": 512, "quota_mib": 512})), "stay", &[]);
         // materialize_backoff
         check("materialize_backoff", timer(STATE_TIMEOUT_TIMER, 5), "-> materializing", &["workspace.materialize"]);
         check("materialize_backoff", event("workspace.materialized", json!({})), "rejected", &[]);

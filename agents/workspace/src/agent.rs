@@ -459,9 +459,10 @@ impl WorkspaceAgent {
         let root = self.profile.deployment_root();
         let found = blocking(move || {
             let mut found = Vec::new();
+            let table = volume::MountTable::read()?;
             for session in volume::sessions_with_images(&root)? {
                 let volume = Volume::of(&root, &session);
-                if !volume::is_attached(&volume)? {
+                if !table.attached(&volume) {
                     continue;
                 }
                 match volume::usage(&volume) {

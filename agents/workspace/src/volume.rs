@@ -158,11 +158,28 @@ fn mount_at(entries: &[MountEntry], path: &Path) -> Option<MountEntry> {
     entries.iter().rev().find(|entry| entry.mount_point == wanted).cloned()
 }
 
+/// The mount table at one moment, for checking many volumes with one read of it.
+pub struct MountTable(Vec<MountEntry>);
+
+impl MountTable {
+    pub fn read() -> Result<MountTable> {
+        mounts().map(MountTable)
+    }
+
+    /// Whether the image is mounted and the session directory is its bind mount.
+    pub fn attached(&self, volume: &Volume) -> bool {
+        attached_in(&self.0, volume)
+    }
+}
+
 /// Whether the image is mounted and the session directory is its bind mount.
 pub fn is_attached(volume: &Volume) -> Result<bool> {
-    let entries = mounts()?;
-    let (Some(image), Some(bound)) = (mount_at(&entries, &volume.mount_point), mount_at(&entries, &volume.session_dir)) else { return Ok(false) };
-    Ok(image.root == "/" && bound.device == image.device && bound.root == format!("/{WORKSPACE_FOLDER}"))
+    Ok(attached_in(&mounts()?, volume))
+}
+
+fn attached_in(entries: &[MountEntry], volume: &Volume) -> bool {
+    let (Some(image), Some(bound)) = (mount_at(entries, &volume.mount_point), mount_at(entries, &volume.session_dir)) else { return false };
+    image.root == "/" && bound.device == image.device && bound.root == format!("/{WORKSPACE_FOLDER}")
 }
 
 fn folder_is_empty(path: &Path) -> Result<bool> {
