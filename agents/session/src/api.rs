@@ -597,7 +597,7 @@ pub(crate) async fn close_session(State(state): State<Arc<AppState>>, Path(sessi
     post, path = "/api/sessions/{id}/activity", tag = "sessions",
     params(("id" = String, Path, description = "The session id (a UUID)")),
     responses(
-        (status = 200, description = "Counted (`session.activity` published, source `http`) or folded into the interval's event", body = ActivityResponse),
+        (status = 200, description = "Counted (`session.activity` published, source `api`) or folded into the interval's event", body = ActivityResponse),
         (status = 401, description = "No valid token", body = ApiError),
         (status = 404, description = "No such session among yours", body = ApiError),
         (status = 503, description = "The broker or the store did not answer", body = ApiError),
@@ -612,7 +612,7 @@ pub(crate) async fn session_activity(State(state): State<Arc<AppState>>, Path(se
     if let Err(error) = owned_session(&state, &identity, &session).await {
         return error.into_response();
     }
-    match report_activity(&state, &identity.user, &session, "http", None).await {
+    match report_activity(&state, &identity.user, &session, "api", None).await {
         Ok(admission) => Json(ActivityResponse { session, debounced: admission == Admission::Debounced }).into_response(),
         Err(refusal) => ApiError::from_frame(refusal).into_response(),
     }

@@ -454,7 +454,7 @@ pub(crate) async fn request_open(state: &Arc<AppState>, user: &str, id: Option<S
     Ok(RequestedOpen { requested, answer })
 }
 
-/// Turns one piece of user input on `session` (`source`: `websocket`, `terminal`, `http`) into
+/// Turns one piece of user input on `session` (`source`: `websocket`, `terminal`, `api`) into
 /// a `session.activity` event, debounced (see the crate's README); the caller has authorized it.
 pub(crate) async fn report_activity(state: &AppState, user: &str, session: &str, source: &str, id: Option<String>) -> Result<Admission, ServerFrame> {
     if state.activity.admit(session).await == Admission::Debounced {

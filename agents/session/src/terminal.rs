@@ -35,12 +35,33 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY_VIOLATION: u16 = 1008;
 /// Docker failed under the terminal.
 const CLOSE_INTERNAL_ERROR: u16 = 1011;
+/// How long Docker may take to create or attach a shell.
+const DOCKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one write to the socket may take before the client counts as gone.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest frame a terminal reads (a paste); larger ones close the socket (1009).
 const MAX_INPUT_FRAME_BYTES: usize = 1024 * 1024;
 /// The terminal type the shell is told.
 const TERM: &str = "TERM=xterm-256color";
+/// Every process of one terminal carries `BERTH_TERMINAL=<tag>` in its environment, so that the
+/// processes can be found and ended when the socket closes: Docker has no way to end an exec, and
+/// a shell left behind would hold one of the container's few pids for good.
+const TAG_VARIABLE: &str = "BERTH_TERMINAL";
+/// How often, and how long apart, ending a closed terminal's processes is tried while the
+/// container is paused (an hour in all: a paused session stops long before).
+const HANG_UP_ATTEMPTS: u32 = 720;
+const HANG_UP_RETRY: Duration = Duration::from_secs(5);
+
+/// The shell script that ends one terminal's processes: SIGHUP, as a closing terminal sends, then
+/// SIGKILL a second later for what ignored it. Needs `/bin/sh`, `tr`, `grep` and `kill` in the
+/// image (busybox has them).
+fn hangup_script(tag: &str) -> String {
+    format!(
+        "mark='{TAG_VARIABLE}={tag}'; pids=''; for p in /proc/[0-9]*; do \
+         if tr '\\000' '\\n' < \"$p/environ\" 2>/dev/null | grep -qx \"$mark\"; then pids=\"$pids ${{p#/proc/}}\"; fi; done; \
+         [ -z \"$pids\" ] && exit 0; kill -HUP $pids 2>/dev/null; sleep 1; kill -KILL $pids 2>/dev/null; exit 0"
+    )
+}
 
 /// The one control frame: `{"type":"resize","cols":120,"rows":40}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -118,6 +139,7 @@ pub(crate) async fn terminal(
         Err(error) => return error.into_response(),
     };
     let profile = &state.config.profile;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
     let options = CreateExecOptions::<String> {
         attach_stdin: Some(true),
         attach_stdout: Some(true),
@@ -126,11 +148,14 @@ pub(crate) async fn terminal(
         cmd: Some(profile.terminal.shell.clone()),
         user: profile.terminal_user().map(str::to_owned),
         working_dir: Some(profile.terminal_working_dir().to_owned()),
-        env: Some(vec![TERM.to_owned()]),
+        env: Some(vec![TERM.to_owned(), format!("{TAG_VARIABLE}={tag}")]),
         ..Default::default()
     };
     // Created before the upgrade, so a container that cannot run it is a plain HTTP error.
-    let exec = match docker.create_exec(&owned.container(), options).await {
+    let Ok(created) = tokio::time::timeout(DOCKER_TIMEOUT, docker.create_exec(&owned.container(), options)).await else {
+        return ApiError::new(ApiErrorCode::Unavailable, "Docker did not answer in time").into_response();
+    };
+    let exec = match created {
         Ok(created) => created.id,
         Err(error) => {
             let text = error.to_string();
@@ -142,14 +167,29 @@ pub(crate) async fn terminal(
             return ApiError::new(code, format!("cannot start a shell in session {session}'s container: {text}")).into_response();
         }
     };
+    // Attached before the upgrade too: the shell's first output waits in the stream meanwhile.
+    let starting = docker.start_exec(&exec, Some(StartExecOptions { detach: false, tty: true, output_capacity: None }));
+    // A container paused a moment ago (its record not yet saying so) would hold the attach.
+    let Ok(started) = tokio::time::timeout(DOCKER_TIMEOUT, starting).await else {
+        return ApiError::new(ApiErrorCode::Conflict, format!("session {session}'s container did not start a shell in time (paused?)")).into_response();
+    };
+    let shell = match started {
+        Ok(StartExecResults::Attached { output, input }) => Shell { output, input },
+        Ok(StartExecResults::Detached) => return ApiError::new(ApiErrorCode::Internal, "the shell started detached").into_response(),
+        Err(error) => {
+            let text = error.to_string();
+            let code = if text.contains("is paused") || text.contains("is not running") { ApiErrorCode::Conflict } else { ApiErrorCode::Unavailable };
+            return ApiError::new(code, format!("cannot start a shell in session {session}'s container: {text}")).into_response();
+        }
+    };
     tracing::info!(user = %identity.user, session_id = %session, exec_id = %exec, "terminal opened");
     upgrade
         .protocols([SUBPROTOCOL])
         .max_message_size(MAX_INPUT_FRAME_BYTES)
         .max_frame_size(MAX_INPUT_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
-            let terminal = Terminal { state, identity, session, docker, exec, socket };
-            terminal.run(slot).await;
+            let terminal = Terminal { state, identity, session, docker, exec, tag, container: owned.container(), socket };
+            terminal.run(slot, shell).await;
         })
 }
 
@@ -159,7 +199,16 @@ struct Terminal {
     session: String,
     docker: Docker,
     exec: String,
+    /// `BERTH_TERMINAL` of this terminal's processes.
+    tag: String,
+    container: String,
     socket: WebSocket,
+}
+
+/// The attached exec: the PTY's output, and its input.
+struct Shell {
+    output: std::pin::Pin<Box<dyn futures::Stream<Item = Result<bollard::container::LogOutput, bollard::errors::Error>> + Send>>,
+    input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
 }
 
 /// What can happen to a terminal; handled in one exhaustive match.
@@ -173,26 +222,16 @@ enum Input {
 }
 
 impl Terminal {
-    async fn run(mut self, slot: ConnectionSlot) {
-        let started = self.docker.start_exec(&self.exec, Some(StartExecOptions { detach: false, tty: true, output_capacity: None })).await;
-        let (mut output, mut input) = match started {
-            Ok(StartExecResults::Attached { output, input }) => (output, input),
-            Ok(StartExecResults::Detached) => {
-                self.close(CLOSE_INTERNAL_ERROR, "the shell started detached").await;
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(session_id = %self.session, %error, "cannot start a terminal's shell");
-                self.close(CLOSE_INTERNAL_ERROR, "cannot start the shell").await;
-                return;
-            }
-        };
+    async fn run(mut self, slot: ConnectionSlot, shell: Shell) {
+        let Shell { mut output, mut input } = shell;
         // The session's status pushes reach this instance through the user's binding, like a socket's.
         let (connection_id, mut statuses) = match self.state.hub.attach(&self.identity.user).await {
             Ok(attached) => attached,
             Err(error) => {
                 tracing::warn!(session_id = %self.session, %error, "cannot watch a terminal's session");
                 self.close(CLOSE_INTERNAL_ERROR, "cannot watch the session's status").await;
+                drop(input);
+                self.hang_up();
                 return;
             }
         };
@@ -274,12 +313,41 @@ impl Terminal {
                 break;
             }
         }
-        // Ends the shell's input: an interactive shell exits on it.
-        let _ = input.shutdown().await;
         drop(input);
+        self.hang_up();
         self.state.hub.detach(connection_id).await;
         drop(slot);
         tracing::debug!(session_id = %self.session, exec_id = %self.exec, "terminal closed");
+    }
+
+    /// Ends the terminal's processes (in the background: the container may be paused, and the
+    /// script waits a second before its SIGKILL).
+    fn hang_up(&self) {
+        let docker = self.docker.clone();
+        let container = self.container.clone();
+        let session = self.session.clone();
+        let options = CreateExecOptions::<String> {
+            cmd: Some(vec!["/bin/sh".to_owned(), "-c".to_owned(), hangup_script(&self.tag)]),
+            user: self.state.config.profile.terminal_user().map(str::to_owned),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            // A paused container can't run it: try again until it is resumed, or gone.
+            for _ in 0..HANG_UP_ATTEMPTS {
+                let started = match docker.create_exec(&container, options.clone()).await {
+                    Ok(created) => docker.start_exec(&created.id, Some(StartExecOptions { detach: true, tty: false, output_capacity: None })).await.map(drop),
+                    Err(error) => Err(error),
+                };
+                match started {
+                    Ok(()) => return,
+                    Err(error) if error.to_string().contains("is paused") => tokio::time::sleep(HANG_UP_RETRY).await,
+                    Err(error) => {
+                        tracing::debug!(session_id = %session, %error, "could not end a closed terminal's processes");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// Whether a status push says this terminal's session stopped running.

@@ -422,7 +422,7 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
     let activity = http(address, "POST", &format!("/api/sessions/{session}/activity"), Some(&alice_token), &[], Upload::None).await?;
     assert_eq!(activity.json(), json!({"session": session, "debounced": false}));
     let event = expect_event(&mut events, &session, "session.activity").await?;
-    assert_eq!(event.data["source"], "http");
+    assert_eq!(event.data["source"], "api");
     let again = http(address, "POST", &format!("/api/sessions/{session}/activity"), Some(&alice_token), &[], Upload::None).await?;
     assert_eq!(again.json()["debounced"], true);
     let foreign = http(address, "POST", &format!("/api/sessions/{session}/activity"), Some(&bob_token), &[], Upload::None).await?;
@@ -747,6 +747,24 @@ async fn terminal_checks(world: &World, docker: &bollard::Docker, label: &str) -
     first.send(Message::Binary(b"echo fi''rst\n".to_vec().into())).await?;
     let first_output = read_until(&mut first, "first").await?;
     assert!(!first_output.contains("second"), "{first_output:?}");
+    // A closed terminal's shell does not linger (Docker cannot end an exec; the agent hangs it up).
+    second.close(None).await?;
+    let shells = |ps: &str| ps.lines().filter(|line| line.trim_end().ends_with(" /bin/sh") && !line.contains('{')).count();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        first.send(Message::Binary(b"ps; echo do''ne\n".to_vec().into())).await?;
+        let ps = read_until(&mut first, "done").await?;
+        if shells(&ps) == 1 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the closed terminal's shell is still there: {ps}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut second = open_terminal(address, &session, &token).await?;
+    second.send(Message::Binary(b"echo ag''ain\n".to_vec().into())).await?;
+    read_until(&mut second, "again").await?;
 
     // The engine pauses the session: both terminals close with the paused code.
     docker.pause_container(&container).await?;
