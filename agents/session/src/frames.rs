@@ -78,15 +78,22 @@ fn parse_request(mut object: Map<String, Value>) -> Result<ClientRequest, String
         None => return Err("`type` is missing (open, close, activity, subscribe or ping)".to_owned()),
     };
     let body = Value::Object(object);
-    let field_error = |error: serde_json::Error| format!("`{frame_type}` frame: {error}");
+    // The path names the member at fault ("`close` frame: `session`: invalid type: null, ...").
+    let field_error = |error: serde_path_to_error::Error<serde_json::Error>| {
+        let reason = printable(&error.inner().to_string());
+        match error.path().to_string().as_str() {
+            "." => format!("`{frame_type}` frame: {reason}"),
+            path => format!("`{frame_type}` frame: `{}`: {reason}", printable(path)),
+        }
+    };
     match frame_type.as_str() {
         "open" => {
-            let open: OpenBody = serde_json::from_value(body).map_err(field_error)?;
+            let open: OpenBody = serde_path_to_error::deserialize(body).map_err(field_error)?;
             validate_workspace_id(&open.workspace)?;
             Ok(ClientRequest::Open { workspace: open.workspace, profile: open.profile })
         }
         "close" => {
-            let close: CloseBody = serde_json::from_value(body).map_err(field_error)?;
+            let close: CloseBody = serde_path_to_error::deserialize(body).map_err(field_error)?;
             validate_session_id(&close.session)?;
             if close.reason.as_ref().is_some_and(|reason| reason.len() > 256) {
                 return Err("`reason` is longer than 256 characters".to_owned());
@@ -94,21 +101,36 @@ fn parse_request(mut object: Map<String, Value>) -> Result<ClientRequest, String
             Ok(ClientRequest::Close { session: close.session, reason: close.reason })
         }
         "activity" => {
-            let activity: SessionBody = serde_json::from_value(body).map_err(field_error)?;
+            let activity: SessionBody = serde_path_to_error::deserialize(body).map_err(field_error)?;
             validate_session_id(&activity.session)?;
             Ok(ClientRequest::Activity { session: activity.session })
         }
         "subscribe" => {
-            let subscribe: SessionBody = serde_json::from_value(body).map_err(field_error)?;
+            let subscribe: SessionBody = serde_path_to_error::deserialize(body).map_err(field_error)?;
             validate_session_id(&subscribe.session)?;
             Ok(ClientRequest::Subscribe { session: subscribe.session })
         }
         "ping" => {
-            let _: EmptyBody = serde_json::from_value(body).map_err(field_error)?;
+            let _: EmptyBody = serde_path_to_error::deserialize(body).map_err(field_error)?;
             Ok(ClientRequest::Ping)
         }
-        other => Err(format!("unknown frame type {other:?} (expected open, close, activity, subscribe or ping)")),
+        other => Err(format!("unknown frame `type` {other:?} (expected open, close, activity, subscribe or ping)")),
     }
+}
+
+/// `text` with control characters, bidi controls and zero-width marks escaped: member names come
+/// from the client, and printed raw they would garble the reply and the log line.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let garbling = c.is_control() || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
+            if garbling {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Workspace ids become part of object-store prefixes: keep them to one safe path segment.
@@ -299,12 +321,16 @@ mod tests {
         check("{", None, Err("not valid JSON"));
         check("[1]", None, Err("must be a JSON object"));
         check(r#"{"id":"x"}"#, Some("x"), Err("`type` is missing"));
-        check(r#"{"id":"x","type":"dance"}"#, Some("x"), Err("unknown frame type \"dance\""));
+        check(r#"{"id":"x","type":"dance"}"#, Some("x"), Err("unknown frame `type` \"dance\""));
         check(r#"{"id":"x","type":"open","workspace":"w1"}"#, Some("x"), Err("missing field `profile`"));
         check(r#"{"id":"x","type":"open","workspace":"../etc","profile":"dev"}"#, Some("x"), Err("`workspace`"));
         check(r#"{"id":"x","type":"open","workspace":"w","profile":"dev","user":"bob"}"#, Some("x"), Err("unknown field `user`"));
         check(r#"{"id":"x","type":"close","session":"nope"}"#, Some("x"), Err("must be a session id"));
         check(r#"{"id":7,"type":"ping"}"#, None, Err("`id` must be a string"));
+        // Found by tests/frame_properties.rs: the member at fault is named, and shown escaped.
+        check(&format!(r#"{{"id":"x","type":"close","session":"{SESSION}","session":null}}"#), Some("x"),
+              Err("`close` frame: `session`: invalid type: null, expected a string"));
+        check(r#"{"id":"x","type":"ping","\u202e":1}"#, Some("x"), Err("`ping` frame: `\\u{202e}`: unknown field `\\u{202e}`"));
     }
 
     #[test]
