@@ -158,7 +158,14 @@ impl TimerService {
             }
             .await;
             let pubsub = match subscribed {
-                Ok(pubsub) => pubsub,
+                Ok(pubsub) => {
+                    // A Redis that restarted forgot the CONFIG SET: turn the notifications on again
+                    // (until then, and if this fails, the sweep fires the timers).
+                    if let Err(error) = self.enable_notifications().await {
+                        tracing::warn!(%error, "cannot turn keyspace notifications on again; timers fire by sweep");
+                    }
+                    pubsub
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot subscribe to expiry notifications; retrying");
                     tokio::select! {
