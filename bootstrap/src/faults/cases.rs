@@ -754,6 +754,18 @@ async fn redis_and_docker_outage(deployment: &mut Deployment, users: &[String], 
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     deployment.start_redis()?;
+    // The restarted Redis forgot the engine's CONFIG SET; the engine turns expiry events on again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let flags = deployment.redis_config("notify-keyspace-events")?;
+        if flags.contains('E') && flags.contains('x') {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("after the Redis restart notify-keyspace-events is {flags:?}: timers only fire by sweep");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for ((user, session), expected) in users.iter().zip(&sessions).zip(expectations.iter_mut()) {
         write_work(deployment, session, "after-redis.txt", payload(&format!("{user} after redis"), 10_000), expected)?;
     }

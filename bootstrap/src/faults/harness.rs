@@ -560,6 +560,12 @@ impl Deployment {
         self.redis.cli(&["flushall"]).map(drop)
     }
 
+    /// `CONFIG GET name` of the deployment's Redis (the value alone).
+    pub fn redis_config(&self, name: &str) -> anyhow::Result<String> {
+        let output = self.redis.cli(&["config", "get", name])?;
+        Ok(output.lines().nth(1).unwrap_or_default().trim().to_owned())
+    }
+
     pub fn stop_redis(&mut self) {
         self.redis.stop();
     }
