@@ -68,7 +68,9 @@ async fn publish(bus: &Bus, event_type: &str, session: &str, data: serde_json::V
 }
 
 async fn measure(bus: &Bus, session: &str, agent: std::net::SocketAddr, token: &str) -> anyhow::Result<()> {
-    publish(bus, "session.open", session, json!({"user": "bench-proxy", "workspace": "bench-proxy"})).await?;
+    // A workspace of its own: an open of a workspace with a live session would join that one.
+    let workspace = format!("bench-proxy-{}", &session[session.len() - 8..]);
+    publish(bus, "session.open", session, json!({"user": "bench-proxy", "workspace": workspace})).await?;
     let proxied = Target { address: agent, path: format!("/s/{session}/"), headers: vec![("authorization".to_owned(), format!("Bearer {token}"))] };
     // The proxy holds a request until the session runs; until the store has its record, 404.
     let deadline = Instant::now() + STEP_TIMEOUT;
@@ -85,6 +87,17 @@ async fn measure(bus: &Bus, session: &str, agent: std::net::SocketAddr, token: &
     loadgen::run(&direct, 2, Duration::from_millis(500)).await?;
     loadgen::run(&proxied, 2, Duration::from_millis(500)).await?;
 
+    // Direct requests are no activity: a light proxied request twice a second keeps the session
+    // from pausing under the direct rows.
+    let keeper = {
+        let proxied = proxied.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = loadgen::first_byte(&proxied).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
     println!("berth bench proxy: GET of the test app's / (a small JSON echo), keep-alive, {} s per row", LOAD_DURATION.as_secs());
     println!("  {:<34} {:>10} {:>9} {:>9} {:>8}", "", "req/s", "p50 ms", "p99 ms", "errors");
     for connections in [1, CONCURRENT_CONNECTIONS] {
@@ -98,6 +111,8 @@ async fn measure(bus: &Bus, session: &str, agent: std::net::SocketAddr, token: &
             milliseconds(percentile(&proxied_result.latencies, 0.5)) - milliseconds(percentile(&direct_result.latencies, 0.5))
         );
     }
+
+    keeper.abort();
 
     // Wake on request: a fresh connection's first byte, paused vs running.
     let mut running_first_bytes = Vec::new();
@@ -141,6 +156,9 @@ fn print_row(label: &str, result: &LoadResult) {
         milliseconds(percentile(&result.latencies, 0.99)),
         result.errors
     );
+    if let Some(first_error) = &result.first_error {
+        println!("    first error: {}", first_error.chars().take(200).collect::<String>());
+    }
 }
 
 fn container_of(session: &str) -> anyhow::Result<String> {

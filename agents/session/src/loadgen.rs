@@ -26,6 +26,8 @@ pub struct LoadResult {
     pub elapsed: Duration,
     pub latencies: Vec<Duration>,
     pub errors: usize,
+    /// What the first failed request got (status or error), to say why.
+    pub first_error: Option<String>,
 }
 
 impl LoadResult {
@@ -71,34 +73,40 @@ pub async fn run(target: &Target, connections: usize, duration: Duration) -> any
         tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
+            let mut first_error = None;
             let mut sender = connection(&target).await?;
             while Instant::now() < deadline {
                 let sent = Instant::now();
                 let outcome = async {
                     sender.ready().await?;
                     let response = sender.send_request(request(&target)?).await?;
-                    let ok = response.status().is_success();
-                    response.into_body().collect().await?;
-                    anyhow::Ok(ok)
+                    let status = response.status();
+                    let body = response.into_body().collect().await?.to_bytes();
+                    anyhow::Ok((status, body))
                 }
                 .await;
                 match outcome {
-                    Ok(true) => latencies.push(sent.elapsed()),
-                    Ok(false) => errors += 1,
-                    Err(_) => {
+                    Ok((status, _)) if status.is_success() => latencies.push(sent.elapsed()),
+                    Ok((status, body)) => {
                         errors += 1;
+                        first_error.get_or_insert_with(|| format!("{status}: {}", String::from_utf8_lossy(&body)));
+                    }
+                    Err(error) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| error.to_string());
                         sender = connection(&target).await?;
                     }
                 }
             }
-            anyhow::Ok((latencies, errors))
+            anyhow::Ok((latencies, errors, first_error))
         })
     });
-    let mut result = LoadResult { elapsed: Duration::ZERO, latencies: Vec::new(), errors: 0 };
+    let mut result = LoadResult { elapsed: Duration::ZERO, latencies: Vec::new(), errors: 0, first_error: None };
     for worker in futures::future::join_all(workers).await {
-        let (latencies, errors) = worker??;
+        let (latencies, errors, first_error) = worker??;
         result.latencies.extend(latencies);
         result.errors += errors;
+        result.first_error = result.first_error.or(first_error);
     }
     result.elapsed = started.elapsed();
     Ok(result)
