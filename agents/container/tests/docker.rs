@@ -47,9 +47,11 @@ impl Drop for Cleanup {
             }
         }
         // The agent labels its networks like its containers (one per deployment).
-        if let Ok(listed) = Command::new("docker").args(["network", "ls", "-q", "--filter", &filter]).output() {
+        if let Ok(listed) = Command::new("docker").args(["network", "ls", "-q", "--no-trunc", "--filter", &filter]).output() {
             for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
                 let _ = Command::new("docker").args(["network", "rm", id]).output();
+                // The network's egress chains go with it.
+                container::egress::remove_for_network_blocking(id);
             }
         }
         let _ = std::fs::remove_dir_all(&self.workspace_root);

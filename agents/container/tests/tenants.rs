@@ -381,6 +381,27 @@ async fn an_allow_listed_destination_passes_the_rules() {
     assert!(matched >= 1, "the allow rule matched");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_chains_of_networks_that_are_gone_are_swept() {
+    let fixture = Fixture::new(Runtime::Runc, |_| {}).await;
+    let agent = fixture.agent();
+    let (container_id, _) = provision(&agent, &fixture.session("live")).await;
+    let live = agent.egress_plan().unwrap();
+    // Chains left behind by a network that no longer exists (an id Docker never gave out).
+    let ghost_id = fixture.test_id.clone(); // 12 hex digits, like a network id prefix
+    let ghost = egress::EgressPlan::new("berth-ghost", &ghost_id, "br-ghost", &[]);
+    let installed = ghost.clone();
+    blocking(move || egress::apply_blocking(&installed)).await.unwrap();
+    // (Another test's agent may sweep them first: either way they must be gone afterwards.)
+    agent.remove_stale_egress_rules().await.unwrap();
+    let remaining = blocking(egress::chain_network_ids_blocking).await;
+    assert!(!remaining.contains(&ghost_id), "swept");
+    assert!(remaining.iter().any(|id| live.egress_chain.ends_with(id.as_str())), "the live network keeps its chains");
+    let input = blocking(|| String::from_utf8_lossy(&Command::new("iptables").args(["-S", "INPUT"]).output().unwrap().stdout).into_owned()).await;
+    assert!(!input.contains("br-ghost"), "the ghost's jump is gone too");
+    drop(container_id);
+}
+
 // ------------------------------------------------------------------------------------ gVisor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,7 +467,7 @@ async fn a_runsc_session_runs_under_gvisor_with_every_limit_and_hardening_option
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: about a minute"]
 async fn runtime_figures() {
-    const ROUNDS: usize = 10;
+    const ROUNDS: usize = 20;
     let mut table = Vec::new();
     for runtime in [Runtime::Runc, Runtime::Runsc] {
         let fixture = Fixture::new(runtime, |_| {}).await;
