@@ -3,8 +3,10 @@
 //! operations (`workspace::Confined`: every folder opened component by component with
 //! `O_NOFOLLOW`, so no symlink is ever followed and nothing outside the directory is reached).
 //!
-//! The directory is `Profile::session_dir(session)` on this machine: the session agent serving
-//! files runs on the host of the workspace agent (as `berth dev` and the compose stack do).
+//! The directory is the session's on this machine, found as the workspace agent finds it
+//! (`workspace::locate`: `Profile::session_dir(session)`, or inside the session's own mounted
+//! image): the session agent serving files runs on the host of the workspace agent (as `berth dev`
+//! and the compose stack do).
 //! Changes land in the directory the container sees and are synced like any other change.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -131,6 +133,8 @@ fn file_error(error: workspace::Error) -> ApiError {
             let message = format!("{action} {}: {source}", path.display());
             let code = match (source.kind(), source.raw_os_error()) {
                 (std::io::ErrorKind::NotFound, _) => ApiErrorCode::NotFound,
+                // An image-backed workspace is a file system of exactly its quota.
+                (_, Some(libc_code)) if libc_code == libc::ENOSPC || libc_code == libc::EDQUOT => ApiErrorCode::QuotaExceeded,
                 (_, Some(libc_code)) if [libc::ENOTEMPTY, libc::EISDIR, libc::ENOTDIR, libc::EEXIST].contains(&libc_code) => ApiErrorCode::Conflict,
                 (_, Some(libc_code)) if libc_code == libc::EINVAL => ApiErrorCode::BadRequest,
                 (_, Some(libc_code)) if libc_code == libc::ELOOP => ApiErrorCode::UnsafePath,
@@ -146,32 +150,38 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, ApiError> 
     tokio::task::spawn_blocking(work).await.map_err(|error| ApiError::new(ApiErrorCode::Internal, format!("file work failed: {error}")))?
 }
 
-/// The session's directory, opened: the caller owns the session and the directory exists here.
+/// The session's directory: the caller owns the session.
 struct Workspace {
     session: OwnedSession,
-    directory: PathBuf,
+    location: workspace::Location,
 }
 
 impl Workspace {
     async fn open(state: &AppState, headers: &HeaderMap, query: Option<&str>, session: &str) -> Result<Workspace, Response> {
         let identity = caller(state, headers, query, Some(session))?;
         let session = owned_session(state, &identity, session).await.map_err(IntoResponse::into_response)?;
-        let directory = state.config.profile.session_dir(&session.id);
-        Ok(Workspace { session, directory })
+        let location = workspace::locate(&state.config.profile, &session.id);
+        Ok(Workspace { session, location })
     }
 
     async fn confined(&self) -> Result<Arc<Confined>, ApiError> {
-        let directory = self.directory.clone();
+        let directory = self.location.directory.clone();
+        let volume = self.location.volume.clone();
         let session = self.session.id.clone();
-        blocking(move || match Confined::open(&directory) {
-            Ok(confined) => Ok(Arc::new(confined)),
-            Err(workspace::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Err(ApiError::new(
-                ApiErrorCode::Conflict,
-                format!("session {session} has no workspace on this host (not materialized yet, or already removed)"),
-            )),
-            Err(error) => Err(file_error(error)),
+        blocking(move || {
+            // An image whose mount is not in place leaves an empty folder: never serve that.
+            if let Some(volume) = &volume {
+                if !workspace::is_attached(volume).map_err(file_error)? {
+                    return Err(ApiError::new(ApiErrorCode::Conflict, format!("session {session}'s workspace file system is not mounted on this host")));
+                }
+            }
+            open_confined(&directory, &session)
         })
         .await
+    }
+
+    fn staging(&self) -> PathBuf {
+        self.location.staging.clone()
     }
 
     fn writable(&self) -> Result<(), ApiError> {
@@ -180,6 +190,17 @@ impl Workspace {
             return Ok(());
         }
         Err(ApiError::new(ApiErrorCode::Conflict, format!("session {} is {state}: its files can be changed while it is running or idle", self.session.id)))
+    }
+}
+
+fn open_confined(directory: &std::path::Path, session: &str) -> Result<Arc<Confined>, ApiError> {
+    match Confined::open(directory) {
+        Ok(confined) => Ok(Arc::new(confined)),
+        Err(workspace::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Err(ApiError::new(
+            ApiErrorCode::Conflict,
+            format!("session {session} has no workspace on this host (not materialized yet, or already removed)"),
+        )),
+        Err(error) => Err(file_error(error)),
     }
 }
 
@@ -388,7 +409,7 @@ async fn upload(state: &AppState, workspace: &Workspace, raw_path: &str, headers
     }
     // Written in the staging folder outside the workspace, then linked into place whole: the
     // container and the sync never see half a file.
-    let staging = state.config.profile.deployment_root().join(workspace::STAGING_DIR).join(format!("{}.uploads", workspace.session.id));
+    let staging = workspace.staging();
     let owner = owner(state);
     let (chunks, mut received) = tokio::sync::mpsc::channel::<Bytes>(4);
     let writer = tokio::task::spawn_blocking(move || {

@@ -496,6 +496,8 @@ async fn the_files_api_reads_writes_and_refuses_what_path_safety_refuses() -> Re
     let world = World::new().await?;
     let mut config = world.config();
     config.profile.workspace.quota_mib = 1;
+    // A plain directory: an image of its own needs a workspace agent that may mount (root).
+    config.profile.workspace.filesystem = protocol::profile::WorkspaceFilesystem::Directory;
     let alice = unique("alice");
     let session = uuid::Uuid::now_v7().to_string();
     let directory = session_with_directory(&world, &config, &session, &alice, "running")?;
@@ -605,7 +607,7 @@ async fn the_files_api_reads_writes_and_refuses_what_path_safety_refuses() -> Re
     let over = http(address, "PUT", &format!("{files}/big.bin"), Some(&token), &[], Upload::Chunked(&big, 64 * 1024)).await?;
     assert_eq!((over.status, over.json()["error"].as_str()), (507, Some("quota_exceeded")), "{}", over.text());
     assert!(!directory.join("big.bin").exists());
-    let staging = world.root.join(dev_profile_deployment(&world)).join(".berth-staging").join(format!("{session}.uploads"));
+    let staging = world.root.join(dev_profile_deployment(&world)).join(".berth-staging").join(&session);
     assert_eq!(std::fs::read_dir(&staging).map(Iterator::count).unwrap_or(0), 0, "no staged leftovers");
 
     // Only the owner; only while the session is running or idle.

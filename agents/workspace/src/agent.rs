@@ -141,10 +141,13 @@ struct Target {
 }
 
 /// Where one session's workspace is read and written.
-struct Location {
-    directory: PathBuf,
-    staging: PathBuf,
-    volume: Option<Volume>,
+pub struct Location {
+    /// The workspace as the agents read and write it (inside the image's own mount when
+    /// image-backed: staged files can be hard-linked into it, which the bind mount can't take).
+    pub directory: PathBuf,
+    /// Where files are written before they are linked into `directory` (same file system).
+    pub staging: PathBuf,
+    pub volume: Option<Volume>,
 }
 
 /// Whether `path` is a folder with something in it (a plain workspace directory).
@@ -171,7 +174,7 @@ impl Target {
 /// A session is image-backed when its image exists (or is lost: its mount point is left), or
 /// when the profile says `image` and no plain directory with content is in its place (one made
 /// before the profile changed stays a plain directory until it is removed).
-fn locate(profile: &Profile, session: &str) -> Location {
+pub fn locate(profile: &Profile, session: &str) -> Location {
     let deployment_root = profile.deployment_root();
     let volume = Volume::of(&deployment_root, session);
     let image_backed = volume.exists()

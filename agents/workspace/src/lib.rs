@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use protocol::{topology, AgentKind, Bus, BusConfig, ConsumeSpec, Profile};
 
-pub use agent::{conflict_copy_path, error_policy, read_manifest, session_directory, AgentSettings, ConflictRecord, SyncKind, SyncReport, WorkspaceAgent};
+pub use agent::{conflict_copy_path, error_policy, locate, read_manifest, session_directory, Location, AgentSettings, ConflictRecord, SyncKind, SyncReport, WorkspaceAgent};
 pub use bench::{run_with as bench_with_settings, BenchReport};
 pub use error::{Error, Result};
 pub use events::{BusEvents, CollectedEvents, EventSink, Reply, EVENT_SOURCE};
@@ -37,7 +37,7 @@ pub use fsops::{read_and_hash, scan, scan_within, Confined, ScanLimits, FolderEn
 pub use keys::WorkspacePath;
 pub use manifest::{FileEntry, FinalSync, Manifest, Phase, MANIFESTS_DIR, PRESERVED_DIR, STAGING_DIR};
 pub use tree::{Mode, Tree, SIDECAR_PATH};
-pub use volume::{image_bytes, unmount_all_under, Volume, IMAGES_DIR};
+pub use volume::{image_bytes, is_attached, unmount_all_under, Volume, IMAGES_DIR};
 pub use store::{open as open_store, OpenedStore, StoreSettings};
 
 /// Makes (if needed) and mounts one session's file system, as `materialize` does (tools, figures).
