@@ -173,6 +173,22 @@ impl Directory {
         Ok(Some(kept))
     }
 
+    /// Reads the session's record again and takes its state if it differs: for a request that
+    /// has waited a while, in case a notification was lost (the broker connection dropped).
+    pub async fn refresh(&self, entry: &Entry, session: &str) {
+        let Ok(Some(record)) = self.store.session(session).await else { return };
+        let Some(state) = record.get("state").and_then(Value::as_str) else { return };
+        if state == entry.view().state {
+            return;
+        }
+        tracing::debug!(session_id = %session, state, "the store knows a newer state than the notifications told");
+        let upstream = upstream_of(&record);
+        entry.view.send_modify(|view| {
+            view.state = state.to_owned();
+            view.upstream = if state == "running" || state == "idle" { upstream.or(view.upstream.take()) } else { None };
+        });
+    }
+
     /// Forgets sessions unused for [`FORGET_AFTER`] (ended ones after 30 s), giving their
     /// bindings back.
     pub async fn sweep(&self) {

@@ -40,6 +40,8 @@ pub const TOKEN_PARAMETER: &str = "berth_token";
 const WAKE_REPEAT: Duration = Duration::from_secs(5);
 /// How long publishing an event may wait for the broker's confirm.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A held request reads the store again after this long without news (a lost notification).
+const RECHECK_AFTER: Duration = Duration::from_secs(2);
 /// How often unused sessions are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -338,8 +340,13 @@ impl Proxy {
                 // Queued, materializing, provisioning, their backoffs: wait for it to run.
                 _ => {}
             }
-            match tokio::time::timeout_at(deadline, views.changed()).await {
+            let recheck = (tokio::time::Instant::now() + RECHECK_AFTER).min(deadline);
+            match tokio::time::timeout_at(recheck, views.changed()).await {
                 Ok(Ok(())) => continue,
+                Err(_) if recheck < deadline => {
+                    self.directory.refresh(entry, session).await;
+                    continue;
+                }
                 Ok(Err(_)) | Err(_) => {
                     let state = views.borrow().state.clone();
                     let message = format!("session {session} did not start running within {} s (it is {state}); try again", wait.as_secs());
