@@ -180,9 +180,19 @@ fn bridge_gateway() -> String {
     let interface = docker_inspect("bridge", "{{index .Options \"com.docker.network.bridge.name\"}}")
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "docker0".to_owned());
-    let addresses = stdout_of("ip", &["-4", "-o", "addr", "show", &interface]);
-    let address = addresses.split_whitespace().skip_while(|word| *word != "inet").nth(1).and_then(|cidr| cidr.split('/').next());
-    address.expect("the Docker bridge has an IPv4 address").to_owned()
+    let addresses = Command::new("ip").args(["-4", "-o", "addr", "show", &interface]).output().map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
+    let address = addresses
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip_while(|word| *word != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next().map(str::to_owned));
+    // Without iproute2 on the host: the default route a container on that bridge gets.
+    address.unwrap_or_else(|| {
+        let route = stdout_of("docker", &["run", "--rm", "--network", "bridge", "berth-test/busybox:latest", "ip", "route"]);
+        let gateway = route.lines().find_map(|line| line.strip_prefix("default via ")).and_then(|rest| rest.split_whitespace().next());
+        gateway.expect("the Docker bridge has a gateway address").to_owned()
+    })
 }
 
 impl Drop for S3 {
