@@ -310,6 +310,8 @@ pub struct Deployment {
     starts: BTreeMap<Component, usize>,
     pub bus: Bus,
     pub inbox: Inbox,
+    /// Stops the inbox's consumer before the vhost goes.
+    stop_listening: tokio::sync::watch::Sender<bool>,
     /// The bucket, straight on the S3 server (not through the proxy the agents use).
     objects: Arc<dyn ObjectStore>,
 }
@@ -369,6 +371,7 @@ impl Deployment {
             starts: BTreeMap::new(),
             bus: bus_placeholder,
             inbox: Inbox::default(),
+            stop_listening: tokio::sync::watch::channel(false).0,
             objects,
         };
         deployment.wait_for_socket()?;
@@ -443,6 +446,7 @@ impl Deployment {
         let queue = self.bus.declare_private_queue(topology::NOTIFY_EXCHANGE, &["user.#".to_owned()]).await?;
         let inbox = self.inbox.clone();
         let bus = self.bus.clone();
+        let mut stop = self.stop_listening.subscribe();
         tokio::spawn(async move {
             let handler = move |incoming: protocol::Incoming| {
                 let inbox = inbox.clone();
@@ -453,7 +457,10 @@ impl Deployment {
                     Outcome::Ack
                 }
             };
-            let _ = bus.consume(ConsumeSpec::new(&queue, 200), handler, std::future::pending()).await;
+            let stopped = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            let _ = bus.consume(ConsumeSpec::new(&queue, 200), handler, stopped).await;
         });
         Ok(())
     }
@@ -781,12 +788,15 @@ impl Deployment {
     /// Stops everything and removes all the deployment created (Drop does the same, without
     /// closing the connection politely).
     pub async fn teardown(self) {
+        let _ = self.stop_listening.send(true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
         self.bus.close().await;
     }
 }
 
 impl Drop for Deployment {
     fn drop(&mut self) {
+        let _ = self.stop_listening.send(true);
         for (_, mut child) in std::mem::take(&mut self.processes) {
             let _ = child.kill();
             let _ = child.wait();
