@@ -357,8 +357,14 @@ impl Profile {
 
     /// Parses and validates profile text (no environment).
     pub fn parse(text: &str, path: &Path) -> Result<Profile, ProfileError> {
-        let mut profile: Profile =
-            toml::from_str(text).map_err(|error| ProfileError::Parse { path: path.to_owned(), message: error.to_string() })?;
+        // The key path leads the message: TOML's own error shows a line, which for a value
+        // spread over lines (or a table given as an array) may not show the key at fault.
+        let mut profile: Profile = serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|error| {
+            let key = error.path().to_string();
+            let message = error.into_inner().to_string();
+            let message = if key.is_empty() || key == "." { message } else { format!("`{key}`: {message}") };
+            ProfileError::Parse { path: path.to_owned(), message }
+        })?;
         profile.path = path.to_owned();
         profile.validate()?;
         Ok(profile)
@@ -673,6 +679,7 @@ mod tests {
         // Found by tests/properties.rs: the field at fault is named, not only its table.
         check(|text| text.replace("max_frame_bytes = 65536", "max_frame_bytes = 0"), Err("`session.max_frame_bytes`: must be positive"));
         check(|text| text.replace("max_connections_per_user = 8", "max_connections_per_user = 0"), Err("`session.max_connections_per_user`"));
+        check(|text| text.replace("memory_mib = 128", "memory_mib = \"lots\""), Err("`container.memory_mib`: TOML parse error"));
         check(|text| text.replace("read_only_root = true", "read_only_root = false"), Err("with read_only_root = false"));
         check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = [\"/bin/sh\"]\nworking_dir = \"work\""), Err("`terminal.working_dir`"));
         check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = [\"/bin/sh\"]\nenv = 1"), Err("unknown field `env`"));
