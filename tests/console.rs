@@ -282,6 +282,7 @@ impl Browser {
         browser.call("Runtime.enable", json!({})).await;
         browser.call("Log.enable", json!({})).await;
         browser.call("Page.enable", json!({})).await;
+        browser.set_viewport(width, height, false).await;
         browser
     }
 
@@ -577,4 +578,156 @@ async fn the_console_in_a_real_browser() {
     drop(browser);
     berth.stop();
     println!("screenshots in {}", screenshots.display());
+}
+
+/// Headless Firefox with one tab, driven over WebDriver BiDi (Firefox's own remote protocol).
+struct Firefox {
+    process: Child,
+    profile_dir: PathBuf,
+    socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    context: String,
+    next_id: u64,
+    errors: Vec<String>,
+    screenshots: PathBuf,
+}
+
+impl Firefox {
+    async fn launch(screenshots: PathBuf) -> Firefox {
+        let profile_dir = std::env::temp_dir().join(format!("berth-console-firefox-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&profile_dir).expect("firefox profile");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let process = Command::new("firefox-esr")
+            .args(["--headless", "--no-remote", "--profile", &profile_dir.display().to_string(), "--remote-debugging-port", &port.to_string(), "--window-size=1280,900", "about:blank"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("firefox-esr starts");
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let socket = loop {
+            if let Ok((socket, _)) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/session")).await {
+                break socket;
+            }
+            assert!(Instant::now() < deadline, "Firefox's WebDriver BiDi did not come up");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let mut firefox = Firefox { process, profile_dir, socket, context: String::new(), next_id: 0, errors: Vec::new(), screenshots };
+        firefox.call("session.new", json!({"capabilities": {}})).await;
+        firefox.call("session.subscribe", json!({"events": ["log.entryAdded"]})).await;
+        let tree = firefox.call("browsingContext.getTree", json!({})).await;
+        firefox.context = tree["contexts"][0]["context"].as_str().expect("a tab").to_owned();
+        firefox
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.socket.send(Message::text(json!({"id": id, "method": method, "params": params}).to_string())).await.expect("send to Firefox");
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.socket.next()).await.unwrap_or_else(|_| panic!("Firefox did not answer {method}"));
+            let Some(Ok(Message::Text(text))) = next else { continue };
+            let message: Value = serde_json::from_str(text.as_str()).expect("BiDi JSON");
+            if message["id"] == id {
+                assert_ne!(message["type"], "error", "{method} failed: {message}");
+                return message["result"].clone();
+            }
+            if message["method"] == "log.entryAdded" && message["params"]["level"] == "error" {
+                self.errors.push(format!("{}: {}", message["params"]["type"], message["params"]["text"]));
+            }
+        }
+    }
+
+    /// Evaluates `expression` in the tab; its value, through JSON.
+    async fn eval(&mut self, expression: &str) -> Value {
+        let wrapped = format!("(async () => JSON.stringify(await ({expression})))()");
+        let context = self.context.clone();
+        let result = self.call("script.evaluate", json!({"expression": wrapped, "target": {"context": context}, "awaitPromise": true})).await;
+        assert_eq!(result["type"], "success", "evaluating {expression}: {result}");
+        result["result"]["value"].as_str().map_or(Value::Null, |text| serde_json::from_str(text).unwrap_or(Value::Null))
+    }
+
+    async fn wait_for(&mut self, what: &str, expression: &str) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let value = self.eval(expression).await;
+            if !matches!(&value, Value::Null | Value::Bool(false)) && value != json!("") && value != json!(0) {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.screenshot(&format!("timeout-{}", what.replace(' ', "-"))).await;
+                panic!("Firefox: timed out waiting for {what} ({expression}); page errors: {:?}", self.errors);
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
+    async fn navigate(&mut self, url: &str) {
+        let context = self.context.clone();
+        self.call("browsingContext.navigate", json!({"context": context, "url": url, "wait": "complete"})).await;
+    }
+
+    async fn screenshot(&mut self, name: &str) {
+        let context = self.context.clone();
+        let shot = self.call("browsingContext.captureScreenshot", json!({"context": context})).await;
+        let bytes = base64_decode(shot["data"].as_str().expect("screenshot data"));
+        std::fs::create_dir_all(&self.screenshots).expect("screenshot folder");
+        std::fs::write(self.screenshots.join(format!("firefox-{name}.png")), bytes).expect("write screenshot");
+    }
+
+    /// Real key presses into whatever has focus (`\n` is Enter).
+    async fn type_keys(&mut self, text: &str) {
+        let mut actions = Vec::new();
+        for character in text.chars() {
+            let value = if character == '\n' { "\u{E007}".to_owned() } else { character.to_string() };
+            actions.push(json!({"type": "keyDown", "value": value}));
+            actions.push(json!({"type": "keyUp", "value": value}));
+        }
+        let context = self.context.clone();
+        self.call("input.performActions", json!({"context": context, "actions": [{"type": "key", "id": "keyboard", "actions": actions}]})).await;
+    }
+}
+
+impl Drop for Firefox {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        let _ = std::fs::remove_dir_all(&self.profile_dir);
+    }
+}
+
+/// The same console in Firefox: sign in with the printed link, open a workspace, see it run, type
+/// in the terminal, list the files, close it; no console error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_firefox() {
+    let mut environment = Environment::new();
+    // Its own Redis database: the Chromium test runs at the same time on 8.
+    environment.redis_db = 7;
+    environment.seed("carol", "essay", "draft.txt", b"a draft\n");
+    let mut berth = environment.start_berth();
+    let links = berth.sign_in_links().await;
+    let port = environment.session_port;
+    let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+    let mut firefox = Firefox::launch(screenshots).await;
+    // The printed link is alice's; carol gets one the same way (`berth token`).
+    assert!(links[0].contains("/console/signin?link="));
+    let carol = mint("carol");
+    firefox.navigate(&format!("http://127.0.0.1:{port}/console/signin?link={carol}")).await;
+    firefox.wait_for("carol signed in", "document.querySelector('#who')?.textContent.includes('carol') && !!document.querySelector('#open-form')").await;
+    assert_eq!(firefox.eval("location.href").await, json!(format!("http://127.0.0.1:{port}/")));
+    firefox.eval("(document.querySelector('#workspace').value = 'essay', document.querySelector('#open').click(), true)").await;
+    firefox.wait_for("running", "document.querySelector('.badge')?.dataset.state === 'running'").await;
+    firefox.wait_for("the terminal connected", "document.querySelector('#terminal-note')?.textContent === '' && !!window.berthTerminal").await;
+    firefox.eval("(window.berthTerminal.focus(), true)").await;
+    firefox.type_keys("echo firefox-$((6*7))\n").await;
+    firefox.wait_for("the echo", &format!("{TERMINAL_TEXT}.includes('firefox-42')")).await;
+    firefox.wait_for("the files", "!!document.querySelector('#files li[data-path=\"draft.txt\"]')").await;
+    firefox.screenshot("workspace").await;
+    firefox.eval("(document.querySelector('[data-action=\"close\"]').click(), true)").await;
+    firefox.wait_for("closed", "document.querySelector('.badge')?.dataset.state === 'closed'").await;
+    firefox.screenshot("closed").await;
+    let errors = firefox.errors.clone();
+    assert!(errors.is_empty(), "Firefox console errors: {errors:#?}");
+    drop(firefox);
+    berth.stop();
 }

@@ -377,7 +377,7 @@ function sessionsView() {
   setView(render, () => { for (const release of releases.values()) release(); });
 }
 
-function chart(title, unit) {
+function chart(title, floor) {
   const canvas = el("canvas", { width: 240, height: 60, role: "img", "aria-label": title });
   const value = el("div", { class: "value" }, "waiting for the first sample…");
   const points = [];
@@ -391,13 +391,14 @@ function chart(title, unit) {
       ctx.clearRect(0, 0, w, h);
       ctx.strokeStyle = getComputedStyle(document.documentElement).getPropertyValue("--accent") || "#1f6feb";
       ctx.lineWidth = 2; ctx.beginPath();
-      const top = Math.max(max || 0, ...points, 1);
+      // Scaled to what was seen (a limit far above the samples would flatten them).
+      const top = Math.max(floor, ...points) * 1.25;
       points.forEach((p, i) => {
         const x = (i / 59) * w; const yy = h - 2 - (p / top) * (h - 4);
         if (i === 0) ctx.moveTo(x, yy); else ctx.lineTo(x, yy);
       });
       ctx.stroke();
-      void unit;
+      void max;
     },
   };
 }
@@ -427,8 +428,8 @@ function buildWorkspaceView(sessionId) {
   const actions = el("div", {});
   const termBox = el("div", { class: "term", id: "terminal", "aria-label": "Terminal" });
   const termNote = el("div", { class: "term-note", id: "terminal-note", "aria-live": "polite" });
-  const cpu = chart("CPU", "%");
-  const memory = chart("Memory", "B");
+  const cpu = chart("CPU", 5);
+  const memory = chart("Memory", 1024 * 1024);
   const files = filesPanel(sessionId);
   main.replaceChildren(
     el("p", {}, el("a", { href: "#/" }, "← All sessions")),
