@@ -23,10 +23,11 @@ command -v runsc >/dev/null || need_packages+=(runsc)
 command -v iptables >/dev/null || need_packages+=(iptables)
 # The fault tests put socat proxies in front of the Docker socket and the object store to cut them.
 command -v socat >/dev/null || need_packages+=(socat)
-# The console's browser test (tests/console.rs) drives Debian's headless Chromium (chromedriver
-# alongside, for WebDriver clients).
+# The console's browser tests (tests/console.rs) drive Debian's headless Chromium (chromedriver
+# alongside, for WebDriver clients) and Firefox ESR.
 command -v chromium >/dev/null || need_packages+=(chromium)
 command -v chromedriver >/dev/null || need_packages+=(chromium-driver)
+command -v firefox-esr >/dev/null || need_packages+=(firefox-esr)
 if [ ${#need_packages[@]} -gt 0 ]; then
   log "installing ${need_packages[*]}"
   export DEBIAN_FRONTEND=noninteractive
