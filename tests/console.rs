@@ -543,22 +543,39 @@ async fn the_console_in_a_real_browser() {
     browser.wait_for("the terminal back", "document.querySelector('#terminal-note')?.textContent === ''").await;
     browser.screenshot("woken").await;
 
-    // The admin view (in a second page of the same browser, signed in with the admin link).
+    // The host has room for one session (the profile's limits): a second workspace, opened by
+    // keyboard alone, waits in the queue and says where it stands.
+    browser.navigate(&format!("http://127.0.0.1:{port}/#/")).await;
+    browser.wait_for("the open form", "!!document.querySelector('#workspace')").await;
+    browser.eval("document.querySelector('#workspace').focus(); true").await;
+    browser.type_text("second").await;
+    browser.press_enter().await;
+    browser.wait_for("the second session's view", &format!("location.hash.startsWith('#/s/') && !location.hash.includes('{session}')")).await;
+    let second = browser.eval("location.hash.slice(4)").await.as_str().expect("second session id").to_owned();
+    browser.wait_for("queued", "document.querySelector('.badge')?.dataset.state === 'queued'").await;
+    browser.wait_for("the queue position", "document.querySelector('.queue')?.textContent.includes('number 1 in the queue')").await;
+    browser.screenshot("queued").await;
+
+    // The admin view, signed in with the admin link berth dev printed: alice's session, the queue.
     browser.navigate(&links[1]).await;
     browser.wait_for("admin signed in", "document.querySelector('#who')?.textContent.includes('admin')").await;
     browser.navigate(&format!("http://127.0.0.1:{port}/#/admin")).await;
     browser.wait_for("alice's session in the admin view", &format!("!!document.querySelector('#admin-sessions tr[data-session=\"{session}\"]')")).await;
-    browser.wait_for("capacity shown", "document.querySelector('#admin')?.textContent.includes('MiB used')").await;
+    browser.wait_for("capacity shown", "document.querySelector('#admin')?.textContent.includes('128 MiB used, 0 MiB free')").await;
+    browser.wait_for("the queue shown", "document.querySelector('#admin')?.textContent.includes('Queue (1)')").await;
     browser.screenshot("admin").await;
 
-    // Back as alice: close → closed.
+    // Back as alice: close the first → closed, and the queued one is let in and runs.
     let relink = mint("alice");
     browser.navigate(&format!("http://127.0.0.1:{port}/console/signin?link={relink}")).await;
     browser.wait_for("alice again", "document.querySelector('#who')?.textContent.includes('alice') && !!document.querySelector('#sessions')").await;
     browser.wait_for("alice's card", &format!("!!document.querySelector('li[data-session=\"{session}\"] [data-action=\"close\"]')")).await;
     browser.eval(&format!("document.querySelector('li[data-session=\"{session}\"] [data-action=\"close\"]').click(); true")).await;
     browser.wait_for("closed", &format!("document.querySelector('li[data-session=\"{session}\"] .badge')?.dataset.state === 'closed'")).await;
+    browser.wait_for("the queued session admitted and running", &format!("document.querySelector('li[data-session=\"{second}\"] .badge')?.dataset.state === 'running'")).await;
     browser.screenshot("closed").await;
+    browser.eval(&format!("document.querySelector('li[data-session=\"{second}\"] [data-action=\"close\"]').click(); true")).await;
+    browser.wait_for("the second closed", &format!("document.querySelector('li[data-session=\"{second}\"] .badge')?.dataset.state === 'closed'")).await;
 
     // Sign out, sign in as bob: none of alice's sessions.
     browser.eval("document.querySelector('#signout').click(); true").await;
