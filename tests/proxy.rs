@@ -94,6 +94,8 @@ impl Drop for Environment {
                 let _ = Command::new("docker").args(["rm", "-f", id]).output();
             }
         }
+        // The container agent's network of this run's deployment (`{network}-{deployment}`).
+        let _ = Command::new("docker").args(["network", "rm", &format!("berth-sessions-{}", self.deployment)]).output();
     }
 }
 
@@ -361,7 +363,11 @@ async fn the_proxy_routes_authenticates_streams_wakes_and_closes() {
     let short_cookie = reply.header("set-cookie").expect("set-cookie").split(';').next().expect("pair").to_owned();
     assert_eq!(curl(args(&["-H", &format!("Cookie: {short_cookie}"), &format!("{prefix}/")])).await.status, 200);
 
-    // Activity: WebSocket frames keep the session running past the 3 s idle timeout ...
+    // Activity: WebSocket frames keep the session running past the 3 s idle timeout ... (the
+    // checks above may have let it pause: a request wakes it, and earlier pushes are forgotten).
+    let _ = states_within(&mut status, &session, Duration::from_millis(200)).await;
+    assert_eq!(curl(args(&["-H", &bearer(&alice), &format!("{prefix}/")])).await.status, 200);
+    let _ = states_within(&mut status, &session, Duration::from_millis(500)).await;
     for _ in 0..6 {
         echo_socket.send(Message::Text("typing".into())).await.expect("send");
         let _ = echo_socket.next().await;
