@@ -700,13 +700,27 @@ impl Deployment {
                 }
             }
         }
-        if let Ok(entries) = std::fs::read_dir(root.join(".berth-staging")) {
-            for entry in entries.flatten() {
-                found.push(format!(".berth-staging/{}", entry.file_name().to_string_lossy()));
+        for leftovers in [".berth-staging", ".berth-images"] {
+            if let Ok(entries) = std::fs::read_dir(root.join(leftovers)) {
+                for entry in entries.flatten() {
+                    found.push(format!("{leftovers}/{}", entry.file_name().to_string_lossy()));
+                }
             }
         }
+        found.extend(self.mounts().into_iter().map(|mount| format!("mount {}", mount.display())));
         found.sort();
         found
+    }
+
+    /// File systems mounted under the run's root (per-session workspace images).
+    fn mounts(&self) -> Vec<PathBuf> {
+        let table = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        table
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .map(|point| PathBuf::from(point.replace("\\040", " ")))
+            .filter(|point| point.starts_with(&self.root))
+            .collect()
     }
 
     /// Messages in the deployment's dead-letter queue, with their reasons (they stay there).
@@ -814,6 +828,20 @@ impl Drop for Deployment {
         let _ = run_quietly("rabbitmqctl", &["delete_vhost", &self.vhost]);
         self.empty_bucket();
         let _ = s3_curl(&self.config.s3_endpoint, &["-sS", "-X", "DELETE", &format!("{}/{}", self.config.s3_endpoint, self.bucket)]);
+        // Workspace images a failed case left mounted: unmount them and free their loop devices.
+        for mount in self.mounts() {
+            let _ = run_quietly("umount", &["-l", &mount.display().to_string()]);
+        }
+        if let Ok(images) = std::fs::read_dir(self.deployment_root().join(".berth-images")) {
+            for image in images.flatten() {
+                let path = image.path().display().to_string();
+                if let Ok(listed) = run_quietly("losetup", &["-j", &path]) {
+                    for device in listed.lines().filter_map(|line| line.split(':').next()) {
+                        let _ = run_quietly("losetup", &["-d", device]);
+                    }
+                }
+            }
+        }
         self.redis.stop();
         self.store_proxy.cut();
         self.docker_proxy.cut();
