@@ -283,6 +283,15 @@ impl Bus {
         self.link.lock().await.take();
     }
 
+    /// Drops the link only when its connection is gone: a consumer that failed on a channel-level
+    /// error (a deleted queue) must not tear down the connection every other user shares.
+    async fn forget_link_if_broken(&self) {
+        let mut link = self.link.lock().await;
+        if !matches!(&*link, Some(current) if current.connection.status().connected()) {
+            link.take();
+        }
+    }
+
     /// Publishes one persistent message and waits for the broker's confirm, retrying through
     /// connection loss until [`PUBLISH_DEADLINE`].
     pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
@@ -566,7 +575,55 @@ impl Bus {
                 Ok(ConsumerEnd::Interrupted) => tracing::warn!(queue = %spec.queue, "consumer interrupted, reconnecting"),
                 Err(error) => tracing::warn!(queue = %spec.queue, %error, retry_in = ?backoff, "consumer failed, reconnecting"),
             }
-            self.forget_link().await;
+            self.forget_link_if_broken().await;
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.as_mut() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Consumes a private, self-deleting queue bound to `exchange` with `binding_keys` until
+    /// `shutdown` completes. The broker deletes such a queue with the connection that declared it,
+    /// so after every interruption a fresh queue is declared and bound before consuming again.
+    /// For fire-and-forget streams (live progress, stats): what is published while no queue
+    /// exists is not seen.
+    pub async fn consume_private<H, F>(
+        &self,
+        exchange: &str,
+        binding_keys: &[String],
+        prefetch: u16,
+        handler: H,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()>
+    where
+        H: Fn(Incoming) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Outcome> + Send + 'static,
+    {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = BACKOFF_START;
+        loop {
+            let queue = tokio::select! {
+                declared = self.declare_private_queue(exchange, binding_keys) => declared,
+                () = shutdown.as_mut() => return Ok(()),
+            };
+            let ended = match queue {
+                Ok(queue) => {
+                    let spec = ConsumeSpec::new(&queue, prefetch);
+                    let retries = Arc::new(RetryQueues::new(&spec.queue, self.retry.clone()));
+                    let session = self.consume_session(&spec, &retries, handler.clone(), shutdown.as_mut()).await;
+                    let _ = self.delete_queue(&queue).await;
+                    match session {
+                        Ok(ConsumerEnd::Shutdown) => return Ok(()),
+                        Ok(ConsumerEnd::Interrupted) => "interrupted".to_owned(),
+                        Err(error) => error.to_string(),
+                    }
+                }
+                Err(error) => error.to_string(),
+            };
+            tracing::warn!(exchange, reason = %ended, retry_in = ?backoff, "private consumer lost its queue; declaring a new one");
+            self.forget_link_if_broken().await;
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 () = shutdown.as_mut() => return Ok(()),

@@ -57,9 +57,40 @@ async fn broker_restart_during_a_stream_loses_no_confirmed_event() {
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let consumer_bus = Bus::connect(BusConfig::new(&amqp_url(), "test-restart-consumer")).await.expect("broker");
+    // A private stream on the same connection, as the session agent's live events: its queue dies
+    // with the broker and must be declared again, without tearing the shared connection down.
+    let private_type = format!("test.private{}", uuid::Uuid::new_v4().simple());
+    let private_seen = Arc::new(Mutex::new(0usize));
+    let private_counter = private_seen.clone();
+    let private_handler = move |_: protocol::Incoming| {
+        let private_counter = private_counter.clone();
+        async move {
+            *private_counter.lock().unwrap() += 1;
+            Outcome::Ack
+        }
+    };
+    let (stop_private, private_stopped) = tokio::sync::oneshot::channel::<()>();
+    let private_bus = consumer_bus.clone();
+    let private_keys = vec![private_type.clone()];
+    let private_consumer = tokio::spawn(async move {
+        private_bus
+            .consume_private(topology::EVENTS_EXCHANGE, &private_keys, 16, private_handler, async { private_stopped.await.ok(); })
+            .await
+    });
+    let publish_private_until_seen = |bus: Bus, private_type: String, seen: Arc<Mutex<usize>>| async move {
+        let before = *seen.lock().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while *seen.lock().unwrap() == before {
+            assert!(tokio::time::Instant::now() < deadline, "the private consumer never came back");
+            bus.publish_event(&CloudEvent::new(&private_type, "/tests", None, json!({}))).await.expect("publish");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    publish_private_until_seen(bus.clone(), private_type.clone(), private_seen.clone()).await;
     let consumer_queue = queue.clone();
+    let durable_bus = consumer_bus.clone();
     let consumer = tokio::spawn(async move {
-        consumer_bus.consume(ConsumeSpec::new(&consumer_queue, 50), handler, async { stopped.await.ok(); }).await
+        durable_bus.consume(ConsumeSpec::new(&consumer_queue, 50), handler, async { stopped.await.ok(); }).await
     });
 
     let publisher_bus = bus.clone();
@@ -86,6 +117,10 @@ async fn broker_restart_during_a_stream_loses_no_confirmed_event() {
 
     let confirmed = publisher.await.expect("publisher task");
     wait_until(Duration::from_secs(120), || received.lock().unwrap().len() >= EVENTS).await;
+    publish_private_until_seen(bus.clone(), private_type.clone(), private_seen.clone()).await;
+    assert!(consumer_bus.is_connected().await, "the shared connection is up again, whatever the private consumer went through");
+    stop_private.send(()).ok();
+    private_consumer.await.expect("private consumer").expect("clean end");
     stop.send(()).ok();
     consumer.await.expect("consumer").expect("clean end");
     let received = received.lock().unwrap().clone();
