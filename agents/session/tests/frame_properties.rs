@@ -215,7 +215,7 @@ const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Frames over `max_frame_bytes` (but within the socket's hard limit) are answered
 /// `frame_too_large` without their id, so they were refused before parsing; frames within the
-/// limit are parsed and answered with their id.
+/// limit are parsed and answered with their id; a frame past the hard limit ends its connection.
 #[tokio::test]
 async fn oversized_frames_are_refused_before_parsing() -> anyhow::Result<()> {
     let repository = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -266,7 +266,23 @@ async fn oversized_frames_are_refused_before_parsing() -> anyhow::Result<()> {
         let reply = read_reply(&mut socket).await?;
         assert_eq!(reply, json!({"type": "ok", "id": id}));
     }
-    let _ = socket.close(None).await;
+    // Past the socket's hard limit the frame is not even buffered: the connection is closed, and
+    // the server goes on serving others.
+    socket.send(tokio_tungstenite::tungstenite::Message::text("x".repeat(9000))).await?;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) | Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => return true,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.ok(), Some(true), "a frame past the hard limit did not end the connection");
+    let (mut again, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws?access_token={token}")).await?;
+    again.send(tokio_tungstenite::tungstenite::Message::text(r#"{"type":"ping","id":"after"}"#)).await?;
+    assert_eq!(read_reply(&mut again).await?, json!({"type": "ok", "id": "after"}));
+    let _ = again.close(None).await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     bus.close().await;
