@@ -187,17 +187,40 @@ impl Console {
         }
     }
 
-    /// Whether this link token may still be exchanged (and marks it used).
-    fn claim_link(&self, token: &str, expires_at: u64) -> bool {
+    /// Whether this link token may still be exchanged (and marks it used): claimed in Redis
+    /// (`SET NX` until the token expires) so a link works once across every instance, and in
+    /// memory too, which is all there is when Redis cannot be reached.
+    async fn claim_link(&self, token: &str, expires_at: u64) -> bool {
         let digest = hex(&Sha256::digest(token.as_bytes()));
         let now = unix_now();
-        let mut used = self.used_links.lock().unwrap_or_else(PoisonError::into_inner);
-        used.retain(|_, expiry| *expiry + 60 >= now);
-        if used.contains_key(&digest) {
-            return false;
+        {
+            let mut used = self.used_links.lock().unwrap_or_else(PoisonError::into_inner);
+            used.retain(|_, expiry| *expiry + 60 >= now);
+            if used.contains_key(&digest) {
+                return false;
+            }
+            used.insert(digest.clone(), expires_at);
         }
-        used.insert(digest, expires_at);
-        true
+        let url = self.app.config.activity_redis_url.clone().unwrap_or_else(|| self.app.config.profile.services.redis_url.clone());
+        let seconds = expires_at.saturating_sub(now).max(1) + 60;
+        let claim = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            let claimed: Option<String> =
+                redis::cmd("SET").arg(format!("berth:console-link:{digest}")).arg(1).arg("NX").arg("EX").arg(seconds).query_async(&mut connection).await?;
+            Ok::<_, redis::RedisError>(claimed.is_some())
+        };
+        match tokio::time::timeout(Duration::from_secs(3), claim).await {
+            Ok(Ok(claimed)) => claimed,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot claim a sign-in link in Redis; claimed on this instance only");
+                true
+            }
+            Err(_) => {
+                tracing::warn!("Redis did not answer a sign-in link claim in time; claimed on this instance only");
+                true
+            }
+        }
     }
 
     /// The live event stream, started on first use: a private queue on the events exchange bound
@@ -303,7 +326,7 @@ async fn signin_link(State(console): State<Arc<Console>>, Query(query): Query<Li
             return error_page(StatusCode::UNAUTHORIZED, "This sign-in link is not valid any more (links last a few minutes). Ask for a new one, or paste a token.");
         }
     };
-    if !console.claim_link(&link, identity.expires_at) {
+    if !console.claim_link(&link, identity.expires_at).await {
         return error_page(StatusCode::UNAUTHORIZED, "This sign-in link was already used. Ask for a new one, or paste a token.");
     }
     let (token, max_age) = console.cookie_token(&identity, &link);
