@@ -145,20 +145,42 @@ fn browser_address(session_addr: &str) -> String {
     }
 }
 
-/// `berth --profile <name>` as a newcomer can paste it: this very binary by its full path, and
-/// the profile folder it was loaded from when that is not `./run-profiles` of the current directory.
+/// `berth --profile <name>` as a newcomer can paste it: this very binary by its full path, the
+/// profile folder it was loaded from, and the `BERTH_*` settings this `berth dev` runs with (they
+/// decide the broker, the store and where the token key file is), secrets left out.
 fn berth_command(profile: &Profile) -> String {
     let executable = std::env::current_exe().map_or_else(|_| "berth".to_owned(), |path| path.display().to_string());
-    let profiles_dir = profile.path.parent().and_then(std::path::Path::parent).map(std::path::Path::to_path_buf);
-    let default_dir = std::env::current_dir().ok().map(|dir| dir.join("run-profiles"));
-    let profiles_dir = profiles_dir.and_then(|dir| std::fs::canonicalize(&dir).ok().or(Some(dir)));
-    let default_dir = default_dir.and_then(|dir| std::fs::canonicalize(&dir).ok());
-    match (profiles_dir, default_dir) {
-        (Some(used), Some(default)) if used == default => {
-            let here = std::env::current_dir().map(|dir| dir.display().to_string()).unwrap_or_else(|_| ".".to_owned());
-            format!("cd {here} && {executable} --profile {}", profile.name)
-        }
-        (Some(used), _) => format!("BERTH_PROFILES_DIR={} {executable} --profile {}", used.display(), profile.name),
-        (None, _) => format!("{executable} --profile {}", profile.name),
+    let profiles_dir = profile.path.parent().and_then(std::path::Path::parent).map(|dir| std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
+    let here = std::env::current_dir().ok();
+    let default_dir = here.as_ref().and_then(|dir| std::fs::canonicalize(dir.join("run-profiles")).ok());
+    let mut settings: Vec<String> = std::env::vars()
+        .filter(|(name, _)| name.starts_with("BERTH_") && name != "BERTH_PROFILES_DIR" && !is_secret(name, profile))
+        .map(|(name, value)| format!("{name}={}", shell_quoted(&value)))
+        .collect();
+    settings.sort();
+    let mut prefix = String::new();
+    match (&profiles_dir, &default_dir, &here) {
+        (Some(used), Some(default), Some(here)) if used == default => prefix.push_str(&format!("cd {} && ", shell_quoted(&here.display().to_string()))),
+        (Some(used), _, _) => settings.insert(0, format!("BERTH_PROFILES_DIR={}", shell_quoted(&used.display().to_string()))),
+        _ => {}
+    }
+    for setting in settings {
+        prefix.push_str(&setting);
+        prefix.push(' ');
+    }
+    format!("{prefix}{executable} --profile {}", profile.name)
+}
+
+fn is_secret(name: &str, profile: &Profile) -> bool {
+    name == profile.session.jwt_key_env || ["SECRET", "PASSWORD", "KEY", "TOKEN"].iter().any(|word| name.contains(word))
+}
+
+/// `value` as one shell word.
+fn shell_quoted(value: &str) -> String {
+    let plain = !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || "/._-:@%+=,".contains(c));
+    if plain {
+        value.to_owned()
+    } else {
+        format!("'{}'", value.replace('\'', "'\\''"))
     }
 }
