@@ -28,22 +28,31 @@ type Waiters = Arc<Mutex<HashMap<(String, String), oneshot::Sender<Instant>>>>;
 /// `berth bench e2e`.
 pub async fn bench(profile: Profile) -> anyhow::Result<()> {
     bootstrap(&profile, Reset::Keep).await?;
-    let user = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // One user for the sequential opens, and one per concurrent open: a workspace has at most one
+    // live session (a second open would join it), and each user has a live-session limit.
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let users: Vec<String> = std::iter::once(format!("bench-{run}")).chain((0..CONCURRENT_SESSIONS).map(|index| format!("bench-{run}-c{index}"))).collect();
     let store = workspace::open_store(&profile.services.object_store_url, &workspace::StoreSettings::from_env())?;
-    let prefix = workspace::fixture::object_prefix(&profile, &store, &user, BENCH_WORKSPACE)?;
-    eprintln!("seeding {FIXTURE_FILES} objects ({} MB) under {prefix} ...", FIXTURE_BYTES / 1_000_000);
-    workspace::fixture::seed(&store, &prefix, workspace::fixture::layout(&profile, FIXTURE_FILES, LARGE_FILES, FIXTURE_BYTES)).await?;
+    let mut prefixes = Vec::new();
+    for user in &users {
+        let prefix = workspace::fixture::object_prefix(&profile, &store, user, BENCH_WORKSPACE)?;
+        eprintln!("seeding {FIXTURE_FILES} objects ({} MB) under {prefix} ...", FIXTURE_BYTES / 1_000_000);
+        workspace::fixture::seed(&store, &prefix, workspace::fixture::layout(&profile, FIXTURE_FILES, LARGE_FILES, FIXTURE_BYTES)).await?;
+        prefixes.push(prefix);
+    }
 
     let (stop, stopping) = watch::channel(false);
     let mut components = spawn_components(&profile, Components::Headless, &stopping);
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-e2e")).await?;
     let waiters: Waiters = Arc::default();
-    listen_for_states(&bus, &user, waiters.clone(), stopping.clone()).await?;
+    listen_for_states(&bus, &users, waiters.clone(), stopping.clone()).await?;
 
-    let outcome = measure(&profile, &bus, &store, &prefix, &user, &waiters).await;
+    let outcome = measure(&profile, &bus, &store, &prefixes[0], &users, &waiters).await;
     let _ = stop.send(true);
     while components.join_next().await.is_some() {}
-    workspace::fixture::delete_prefix(&store, &prefix).await;
+    for prefix in &prefixes {
+        workspace::fixture::delete_prefix(&store, prefix).await;
+    }
     bus.close().await;
     outcome
 }
@@ -53,9 +62,10 @@ async fn measure(
     bus: &Bus,
     store: &workspace::OpenedStore,
     prefix: &object_store::path::Path,
-    user: &str,
+    users: &[String],
     waiters: &Waiters,
 ) -> anyhow::Result<()> {
+    let user = users[0].as_str();
     // Baselines, measured in this run on this machine.
     let mut docker_times = Vec::new();
     let mut download_times = Vec::new();
@@ -65,14 +75,18 @@ async fn measure(
     }
     let baseline = percentile(&docker_times, 0.5) + percentile(&download_times, 0.5);
 
+    // Sequential opens of one workspace: each session is closed before the next open, which
+    // would otherwise join it.
     let mut sequential = Vec::new();
     for _ in 0..SEQUENTIAL_SESSIONS {
-        sequential.push(open_until_running(bus, user, waiters).await?);
+        let (session, elapsed) = open_until_running(bus, user, waiters).await?;
+        close_until_closed(bus, &session, user, waiters).await?;
+        sequential.push(elapsed);
     }
     let concurrent: Vec<(String, Duration)> =
-        futures::future::try_join_all((0..CONCURRENT_SESSIONS).map(|_| open_until_running(bus, user, waiters))).await?;
-    let sessions: Vec<String> = sequential.iter().chain(&concurrent).map(|(session, _)| session.clone()).collect();
-    let sequential: Vec<Duration> = sequential.into_iter().map(|(_, elapsed)| elapsed).collect();
+        futures::future::try_join_all(users[1..].iter().map(|concurrent_user| open_until_running(bus, concurrent_user, waiters))).await?;
+    let sessions: Vec<(String, &str)> =
+        concurrent.iter().zip(&users[1..]).map(|((session, _), concurrent_user)| (session.clone(), concurrent_user.as_str())).collect();
     let concurrent: Vec<Duration> = concurrent.into_iter().map(|(_, elapsed)| elapsed).collect();
 
     println!("berth bench e2e: open-to-ready, {FIXTURE_FILES} files / {} MB, cold", FIXTURE_BYTES / 1_000_000);
@@ -93,13 +107,15 @@ async fn measure(
     }
 
     eprintln!("closing {} sessions ...", sessions.len());
-    let closes = sessions.iter().map(|session| async move {
-        let closed = expect_state(waiters, session, "closed");
-        publish(bus, "session.close", session, user, json!({"reason": "bench"})).await?;
-        tokio::time::timeout(STEP_TIMEOUT, closed).await??;
-        Ok::<_, anyhow::Error>(())
-    });
+    let closes = sessions.iter().map(|(session, session_user)| close_until_closed(bus, session, session_user, waiters));
     futures::future::try_join_all(closes).await?;
+    Ok(())
+}
+
+async fn close_until_closed(bus: &Bus, session: &str, user: &str, waiters: &Waiters) -> anyhow::Result<()> {
+    let closed = expect_state(waiters, session, "closed");
+    publish(bus, "session.close", session, user, json!({"reason": "bench"})).await?;
+    tokio::time::timeout(STEP_TIMEOUT, closed).await??;
     Ok(())
 }
 
@@ -129,8 +145,9 @@ async fn publish(bus: &Bus, event_type: &str, session: &str, user: &str, data: s
 
 /// Routes the bench user's notifications to whoever waits for a session's state; a `failed`
 /// state fails the waiter's whole run, since the measurement would be meaningless.
-async fn listen_for_states(bus: &Bus, user: &str, waiters: Waiters, stopping: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let queue = bus.declare_private_queue(topology::NOTIFY_EXCHANGE, &[topology::user_routing_key(user)]).await?;
+async fn listen_for_states(bus: &Bus, users: &[String], waiters: Waiters, stopping: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let keys: Vec<String> = users.iter().map(|user| topology::user_routing_key(user)).collect();
+    let queue = bus.declare_private_queue(topology::NOTIFY_EXCHANGE, &keys).await?;
     let consumer = bus.clone();
     tokio::spawn(async move {
         let handler = move |incoming: protocol::Incoming| {

@@ -23,7 +23,11 @@ const THREDS: usize = 10_000;
 const TIMERS: usize = 1_000;
 const PUBLISH_PARALLELISM: usize = 64;
 
-pub async fn run(profile: Profile) -> anyhow::Result<()> {
+pub async fn run(mut profile: Profile) -> anyhow::Result<()> {
+    // The bench measures the engine, not admission: room for every thred, and a user each.
+    profile.limits.host_memory_mib = u64::MAX / 4;
+    profile.limits.host_cpus = 1e9;
+    profile.limits.max_opens_per_user_per_minute = u32::MAX;
     let patterns = crate::load_profile_patterns(&profile)?;
     let tag = format!("bench-{}", Uuid::now_v7().simple());
     let config = EngineConfig::isolated(&tag);
@@ -206,7 +210,8 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
     let sessions: Vec<String> = (0..THREDS).map(|index| format!("bench-{index}-{}", Uuid::now_v7())).collect();
     let opens: Vec<CloudEvent> = sessions
         .iter()
-        .map(|session| CloudEvent::new("session.open", "/bench", Some(session), json!({"user": "bench", "workspace": "w"})))
+        .enumerate()
+        .map(|(index, session)| CloudEvent::new("session.open", "/bench", Some(session), json!({"user": format!("bench{index}"), "workspace": "w"})))
         .collect();
     let bodies: Vec<Vec<u8>> = opens.iter().map(CloudEvent::to_bytes).collect();
 

@@ -97,7 +97,7 @@ impl EngineConfig {
             orphan_grace_secs: 60,
             sweep_interval_ms: 1000,
             refire_after_ms: timers::REFIRE_AFTER.as_millis() as u64,
-            meter_interval_ms: 15_000,
+            meter_interval_ms: 60_000,
             halt_after_commit: false,
         }
     }
