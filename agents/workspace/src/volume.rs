@@ -242,6 +242,7 @@ pub fn attach(volume: &Volume, quota_bytes: u64, owner: Option<Ownership>, creat
 fn make_image(volume: &Volume, quota_bytes: u64) -> Result<()> {
     let folder = volume.image.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(folder).map_err(|source| Error::io("creating images folder", folder, source))?;
+    remove_unfinished_images(volume);
     let temporary = volume.image.with_extension(format!("img.{}", uuid::Uuid::new_v4().simple()));
     let made = (|| {
         let file = std::fs::File::create_new(&temporary).map_err(|source| Error::io("creating image", &temporary, source))?;
@@ -257,6 +258,24 @@ fn make_image(volume: &Volume, quota_bytes: u64) -> Result<()> {
         let _ = std::fs::remove_file(&temporary);
     }
     made
+}
+
+/// Deletes this session's half-made images (`<session>.img.<id>`): an agent killed while making one
+/// leaves it behind, and nothing else ever would (found by the faults bench: a SIGKILL during a
+/// materialize left a 512 MiB sparse file for good). Only one task works on a session at a time.
+fn remove_unfinished_images(volume: &Volume) {
+    let Some(folder) = volume.image.parent() else { return };
+    let Some(name) = volume.image.file_name().and_then(|name| name.to_str()) else { return };
+    let prefix = format!("{name}.");
+    let Ok(entries) = std::fs::read_dir(folder) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_str().is_some_and(|other| other.starts_with(&prefix)) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(image = %entry.path().display(), "removed a half-made workspace image"),
+                Err(error) => tracing::warn!(image = %entry.path().display(), %error, "cannot remove a half-made workspace image"),
+            }
+        }
+    }
 }
 
 fn unmount(path: &Path) -> Result<()> {
@@ -278,6 +297,7 @@ pub fn release(volume: &Volume) -> Result<()> {
             Err(source) => return Err(Error::io("removing mount point", folder, source)),
         }
     }
+    remove_unfinished_images(volume);
     match std::fs::remove_file(&volume.image) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
