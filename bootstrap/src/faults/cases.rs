@@ -305,8 +305,12 @@ async fn check_deployment_clean(deployment: &mut Deployment, tally: &mut Tally) 
             break;
         }
         if Instant::now() > deadline {
-            tally.stranded.extend(containers.into_iter().map(|name| format!("container {name}")));
-            tally.stranded.extend(directories.into_iter().map(|name| format!("directory {name}")));
+            let leftovers = containers.into_iter().map(|name| format!("container {name}")).chain(directories.into_iter().map(|name| format!("directory {name}")));
+            for leftover in leftovers {
+                if deployment.reported_leftovers.insert(leftover.clone()) {
+                    tally.stranded.push(leftover);
+                }
+            }
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -307,6 +307,8 @@ pub struct Deployment {
     docker_proxy: Proxy,
     docker_socket: PathBuf,
     processes: BTreeMap<Component, Child>,
+    /// Leftovers already counted as stranded (a bench counts each once, not after every case).
+    pub reported_leftovers: BTreeSet<String>,
     starts: BTreeMap<Component, usize>,
     pub bus: Bus,
     pub inbox: Inbox,
@@ -368,6 +370,7 @@ impl Deployment {
             docker_proxy,
             docker_socket,
             processes: BTreeMap::new(),
+            reported_leftovers: BTreeSet::new(),
             starts: BTreeMap::new(),
             bus: bus_placeholder,
             inbox: Inbox::default(),
