@@ -134,13 +134,19 @@ impl Drop for Environment {
         let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.vhost]).output();
         let _ = Command::new("redis-cli").args(["-n", &self.redis_db.to_string(), "FLUSHDB"]).output();
         let _ = std::fs::remove_dir_all(&self.root);
-        // Containers of this run carry its sessions' names; remove any a failed assertion left.
-        let listed = Command::new("docker")
-            .args(["ps", "-aq", "--filter", "label=berth.profile=e2e", "--filter", "label=berth.managed=true"])
-            .output();
+        // Containers of this run carry its deployment; remove any a failed assertion left, then
+        // the run's session network (Docker has address pools for only a few dozen networks).
+        let deployment_label = format!("label=berth.deployment={}", self.deployment);
+        let listed = Command::new("docker").args(["ps", "-aq", "--filter", &deployment_label, "--filter", "label=berth.managed=true"]).output();
         if let Ok(listed) = listed {
             for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
                 let _ = Command::new("docker").args(["rm", "-f", id]).output();
+            }
+        }
+        let networks = Command::new("docker").args(["network", "ls", "-q", "--filter", &deployment_label]).output();
+        if let Ok(networks) = networks {
+            for id in String::from_utf8_lossy(&networks.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["network", "rm", id]).output();
             }
         }
     }
@@ -443,4 +449,100 @@ where
             return frame;
         }
     }
+}
+
+/// One HTTP/1.1 request with the user's token on a fresh connection: `(status, body)`.
+fn http_call(port: u16, method: &str, path: &str, token: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("session agent answers");
+    stream.set_read_timeout(Some(STEP_TIMEOUT)).expect("timeout");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n", body.len());
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body)).expect("request sent");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("response read");
+    let split = response.windows(4).position(|window| window == b"\r\n\r\n").expect("header end");
+    let status = String::from_utf8_lossy(&response[..split]).split_whitespace().nth(1).and_then(|status| status.parse().ok()).expect("status");
+    (status, response[split + 4..].to_vec())
+}
+
+/// The HTTP API, the files API and the terminal on the real `berth dev`: open over HTTP (twice with
+/// one `Idempotency-Key`), a file uploaded over HTTP is seen by a shell in the container, a file
+/// the shell writes is read over HTTP (both inside the session's own mounted image), the terminal
+/// closes with 4001 when the engine pauses the idle session, and after a close over HTTP the final
+/// sync has stored both files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_files_and_terminal_on_berth_dev() {
+    let environment = Environment::new();
+    let user = format!("dora-{}", &environment.bucket[10..18]);
+    environment.put_object(&format!("e2e/{user}/wd/hello.txt"), b"hello from object storage\n");
+    let mut berth = environment.start_berth("e2e");
+    berth.wait_ready().await;
+    let port = environment.session_port;
+    let bus = Bus::connect(BusConfig::new(&environment.amqp_url(), "e2e-door")).await.expect("broker");
+    let mut inbox = Inbox::open(&bus, &user).await;
+    let token = mint_token(&user);
+
+    // Open over HTTP; the same Idempotency-Key answers the same.
+    let key = [("Idempotency-Key", "e2e-door-open")];
+    let (status, body) = http_call(port, "POST", "/api/sessions", &token, &key, br#"{"workspace":"wd"}"#);
+    assert_eq!(status, 201, "{}\n{}", String::from_utf8_lossy(&body), berth.log());
+    let opened: Value = serde_json::from_slice(&body).expect("json");
+    let session = opened["session"].as_str().expect("session").to_owned();
+    assert_eq!((opened["state"].as_str(), opened["joined"].as_bool()), (Some("materializing"), Some(false)));
+    let (status, again) = http_call(port, "POST", "/api/sessions", &token, &key, br#"{"workspace":"wd"}"#);
+    assert_eq!((status, serde_json::from_slice::<Value>(&again).expect("json")), (201, opened.clone()));
+    inbox.wait_for(&session, "running", &berth).await;
+    wait_for_condition("the store records running", &berth, || {
+        let (status, body) = http_call(port, "GET", &format!("/api/sessions/{session}"), &token, &[], b"");
+        status == 200 && serde_json::from_slice::<Value>(&body).is_ok_and(|status| status["state"] == "running")
+    })
+    .await;
+
+    // Files: the materialized file, and one uploaded over HTTP.
+    let files = format!("/api/sessions/{session}/files");
+    let (status, body) = http_call(port, "GET", &format!("{files}/hello.txt"), &token, &[], b"");
+    assert_eq!((status, body.as_slice()), (200, &b"hello from object storage\n"[..]));
+    let (status, body) = http_call(port, "PUT", &format!("{files}/notes/from-api.txt"), &token, &[], b"written over http\n");
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+
+    // The terminal: the container sees the upload, and what the shell writes is readable over HTTP.
+    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://127.0.0.1:{port}/api/sessions/{session}/terminal"))
+        .expect("request");
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    let (mut terminal, _) = tokio_tungstenite::connect_async(request).await.expect("terminal upgrades");
+    terminal.send(Message::Binary(b"cat /workspace/notes/from-api.txt; echo typed > /workspace/typed.txt; echo do''ne\n".to_vec().into())).await.expect("typed");
+    let mut output = String::new();
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while !output.contains("done") {
+        match tokio::time::timeout_at(deadline, terminal.next()).await.expect("terminal output in time") {
+            Some(Ok(Message::Binary(bytes))) => output.push_str(&String::from_utf8_lossy(&bytes)),
+            Some(Ok(_)) => {}
+            other => panic!("terminal ended: {other:?} after {output:?}"),
+        }
+    }
+    assert!(output.contains("written over http"), "{output:?}");
+    let (status, body) = http_call(port, "GET", &format!("{files}/typed.txt"), &token, &[], b"");
+    assert_eq!((status, body.as_slice()), (200, &b"typed\n"[..]));
+
+    // No more input: the session goes idle, the engine pauses it, the terminal closes with 4001.
+    let code = loop {
+        match tokio::time::timeout_at(tokio::time::Instant::now() + STEP_TIMEOUT, terminal.next()).await.expect("closed in time") {
+            Some(Ok(Message::Close(frame))) => break frame.map(|frame| u16::from(frame.code)),
+            Some(Ok(_)) => {}
+            other => panic!("terminal ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(4001));
+    inbox.wait_for(&session, "idle", &berth).await;
+
+    // Close over HTTP: the final sync stores both files.
+    let (status, _) = http_call(port, "DELETE", &format!("/api/sessions/{session}?reason=done"), &token, &[], b"");
+    assert_eq!(status, 202);
+    inbox.wait_for(&session, "closed", &berth).await;
+    assert_eq!(environment.get_object(&format!("e2e/{user}/wd/notes/from-api.txt")).as_deref(), Some(&b"written over http\n"[..]));
+    assert_eq!(environment.get_object(&format!("e2e/{user}/wd/typed.txt")).as_deref(), Some(&b"typed\n"[..]));
+    bus.close().await;
 }
