@@ -51,6 +51,8 @@ const TAG_VARIABLE: &str = "BERTH_TERMINAL";
 /// container is paused (an hour in all: a paused session stops long before).
 const HANG_UP_ATTEMPTS: u32 = 720;
 const HANG_UP_RETRY: Duration = Duration::from_secs(5);
+/// Checks (`HANG_UP_RETRY` apart) a paused session's container gets to show it is paused.
+const PAUSE_GRACE_ATTEMPTS: u32 = 6;
 
 /// The shell script that ends one terminal's processes: SIGHUP, as a closing terminal sends, then
 /// SIGKILL a second later for what ignored it. Needs `/bin/sh`, `tr`, `grep` and `kill` in the
@@ -61,6 +63,53 @@ fn hangup_script(tag: &str) -> String {
          if tr '\\000' '\\n' < \"$p/environ\" 2>/dev/null | grep -qx \"$mark\"; then pids=\"$pids ${{p#/proc/}}\"; fi; done; \
          [ -z \"$pids\" ] && exit 0; kill -HUP $pids 2>/dev/null; sleep 1; kill -KILL $pids 2>/dev/null; exit 0"
     )
+}
+
+/// When a closed terminal's processes are ended. An exec started while Docker freezes the
+/// container joins the frozen cgroup half made (`runc init`) and wedges every Docker call on that
+/// container until it is thawed by hand, so nothing is started while the session pauses or stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HangUp {
+    /// The client left (or the shell ended) while the session runs.
+    Now,
+    /// The session paused: once it is resumed (the processes are frozen meanwhile).
+    AfterResume,
+    /// The session stops or closed: the container is frozen and removed, its processes with it.
+    Never,
+}
+
+impl HangUp {
+    fn after_close(code: u16) -> HangUp {
+        match code {
+            CLOSE_SESSION_PAUSED => HangUp::AfterResume,
+            CLOSE_SESSION_STOPPED | CLOSE_SESSION_CLOSED => HangUp::Never,
+            _ => HangUp::Now,
+        }
+    }
+}
+
+/// Waits until the container has been paused and then runs again: `false` when it stopped or
+/// went away instead (its processes with it), or never came back within the retry budget.
+async fn wait_for_resume(docker: &Docker, container: &str) -> bool {
+    let mut seen_paused = false;
+    for attempt in 0..HANG_UP_ATTEMPTS {
+        let inspected = tokio::time::timeout(DOCKER_TIMEOUT, docker.inspect_container(container, None)).await;
+        let Ok(Ok(inspected)) = inspected else { return false };
+        let state = inspected.state.unwrap_or_default();
+        if state.running != Some(true) {
+            return false;
+        }
+        let paused = state.paused == Some(true);
+        seen_paused |= paused;
+        // The pause may still be on its way (the engine notifies, then the container agent
+        // pauses): give it half a minute to happen before taking "running" for "resumed".
+        let resumed = !paused && (seen_paused || attempt >= PAUSE_GRACE_ATTEMPTS);
+        if resumed {
+            return true;
+        }
+        tokio::time::sleep(HANG_UP_RETRY).await;
+    }
+    false
 }
 
 /// The one control frame: `{"type":"resize","cols":120,"rows":40}`.
@@ -231,7 +280,7 @@ impl Terminal {
                 tracing::warn!(session_id = %self.session, %error, "cannot watch a terminal's session");
                 self.close(CLOSE_INTERNAL_ERROR, "cannot watch the session's status").await;
                 drop(input);
-                self.hang_up();
+                self.hang_up(HangUp::Now);
                 return;
             }
         };
@@ -242,6 +291,7 @@ impl Terminal {
         let token_expiry = tokio::time::sleep(self.identity.remaining_validity());
         tokio::pin!(token_expiry);
         let mut last_heard = Instant::now();
+        let mut hang_up = HangUp::Now;
         loop {
             let event = tokio::select! {
                 message = self.socket.recv() => Input::FromClient(message),
@@ -308,13 +358,14 @@ impl Terminal {
                 Input::Shutdown => Some((CLOSE_GOING_AWAY, "server shutting down".to_owned())),
             };
             if let Some((code, reason)) = ending {
+                hang_up = HangUp::after_close(code);
                 tracing::info!(user = %self.identity.user, session_id = %self.session, code, reason = %reason, "terminal closing");
                 self.close(code, &reason).await;
                 break;
             }
         }
         drop(input);
-        self.hang_up();
+        self.hang_up(hang_up);
         self.state.hub.detach(connection_id).await;
         drop(slot);
         tracing::debug!(session_id = %self.session, exec_id = %self.exec, "terminal closed");
@@ -322,7 +373,10 @@ impl Terminal {
 
     /// Ends the terminal's processes (in the background: the container may be paused, and the
     /// script waits a second before its SIGKILL).
-    fn hang_up(&self) {
+    fn hang_up(&self, when: HangUp) {
+        if when == HangUp::Never {
+            return;
+        }
         let docker = self.docker.clone();
         let container = self.container.clone();
         let session = self.session.clone();
@@ -332,11 +386,18 @@ impl Terminal {
             ..Default::default()
         };
         tokio::spawn(async move {
+            if when == HangUp::AfterResume && !wait_for_resume(&docker, &container).await {
+                return;
+            }
             // A paused container can't run it: try again until it is resumed, or gone.
             for _ in 0..HANG_UP_ATTEMPTS {
-                let started = match docker.create_exec(&container, options.clone()).await {
-                    Ok(created) => docker.start_exec(&created.id, Some(StartExecOptions { detach: true, tty: false, output_capacity: None })).await.map(drop),
-                    Err(error) => Err(error),
+                let attempt = async {
+                    let created = docker.create_exec(&container, options.clone()).await?;
+                    docker.start_exec(&created.id, Some(StartExecOptions { detach: true, tty: false, output_capacity: None })).await.map(drop)
+                };
+                let Ok(started) = tokio::time::timeout(DOCKER_TIMEOUT, attempt).await else {
+                    tracing::debug!(session_id = %session, "docker did not run a closed terminal's hang-up in time");
+                    return;
                 };
                 match started {
                     Ok(()) => return,
@@ -407,5 +468,14 @@ mod tests {
         assert_eq!(close_for_state("stopped").map(|(code, _)| code), Some(CLOSE_SESSION_STOPPED));
         assert_eq!(close_for_state("closed").map(|(code, _)| code), Some(CLOSE_SESSION_CLOSED));
         assert_eq!(close_for_state("failed").map(|(code, _)| code), Some(CLOSE_SESSION_CLOSED));
+    }
+
+    #[test]
+    fn nothing_is_started_in_a_container_being_frozen() {
+        assert_eq!(HangUp::after_close(CLOSE_SESSION_PAUSED), HangUp::AfterResume);
+        assert_eq!(HangUp::after_close(CLOSE_SESSION_STOPPED), HangUp::Never);
+        assert_eq!(HangUp::after_close(CLOSE_SESSION_CLOSED), HangUp::Never);
+        assert_eq!(HangUp::after_close(CLOSE_NORMAL), HangUp::Now);
+        assert_eq!(HangUp::after_close(CLOSE_POLICY_VIOLATION), HangUp::Now);
     }
 }
