@@ -844,8 +844,13 @@ async fn special_entries(deployment: &mut Deployment, users: &[String], tally: &
         // The odd entries are this case's fault: things a plain file sync would drop.
         tally.injected += 1;
         deployment.close(&first, user).await?;
-        check_ended(deployment, &first, &["closed"], &mut tally).await?;
+        let first_end = check_ended(deployment, &first, &["closed"], &mut tally).await?;
         check_store(deployment, user, &expected, &mut tally).await?;
+        // What was moved aside is named to the user.
+        let told: Vec<String> = first_end.detail["preserved"].as_array().into_iter().flatten().filter_map(|entry| entry.as_str().map(str::to_owned)).collect();
+        if deployment.preserved_dir(&first).join("back\\slash.txt").exists() && !told.iter().any(|entry| entry.contains("slash")) {
+            bail!("back\\slash.txt was preserved but the closed notification lists only {told:?}");
+        }
 
         let second = open_running(deployment, user).await?;
         let directory = deployment.session_dir(&second);
