@@ -64,7 +64,16 @@ impl Environment {
         std::fs::create_dir_all(&root).expect("temp root");
         let session_port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         // Databases 10-15 are left to end-to-end runs; the engine's timers use the db's own channel.
-        let redis_db = 10 + (u32::from_str_radix(&run[..4], 16).unwrap_or(0) % 6);
+        // Two runs sharing one would fire each other's timers (and one's FLUSHDB would end the
+        // other's sessions): each run claims a free database, and FLUSHDB at the end frees it.
+        let start = u32::from_str_radix(&run[..4], 16).unwrap_or(0) % 6;
+        let redis_db = (0..6)
+            .map(|offset| 10 + (start + offset) % 6)
+            .find(|db| {
+                let claim = Command::new("redis-cli").args(["-n", &db.to_string(), "SET", "berth:test-run-claim", &run, "NX", "EX", "3600"]).output();
+                claim.is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "OK")
+            })
+            .expect("a free Redis database among 10-15 for this run");
         let deployment = format!("e2e-{run}");
         Environment { vhost, redis_db, bucket, root, session_port, deployment }
     }
