@@ -170,8 +170,10 @@ impl ApiResources {
 /// Who is calling: the JWT from `Authorization: Bearer`, a `bearer.<token>` WebSocket
 /// subprotocol or `?access_token=`, exactly as for `/ws`.
 ///
-/// Hook for the reverse proxy's session-scoped cookie (token exchange): when it lands, accept it
-/// here for requests about that one `session`, and only that one.
+/// The reverse proxy's session cookie (`berth_proxy`, from its token exchange) is not accepted:
+/// it is scoped to `/s/{session}` or to the session's own host, so a browser never sends it to
+/// `/api/…`, and a cookie here would also need the proxy's Origin check on every write. Should the
+/// API ever take one, this is the one place: accept it for `session`, and only that one.
 pub(crate) fn caller(state: &AppState, headers: &HeaderMap, query: Option<&str>, _session: Option<&str>) -> Result<Identity, Response> {
     authenticate(state, headers, query).map_err(|failure| unauthorized(&failure))
 }
