@@ -187,6 +187,13 @@ pub(crate) async fn terminal(
         Ok(docker) => docker.clone(),
         Err(error) => return error.into_response(),
     };
+    // The record may lag Docker by a moment: never exec into a container paused (or pausing).
+    let inspected = tokio::time::timeout(DOCKER_TIMEOUT, docker.inspect_container(&owned.container(), None)).await;
+    if let Ok(Ok(inspected)) = &inspected {
+        if inspected.state.as_ref().and_then(|state| state.paused) == Some(true) {
+            return ApiError::new(ApiErrorCode::Conflict, format!("session {session} is paused: send activity to wake it, then connect")).into_response();
+        }
+    }
     let profile = &state.config.profile;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let options = CreateExecOptions::<String> {

@@ -773,6 +773,11 @@ async fn terminal_checks(world: &World, docker: &bollard::Docker, label: &str) -
     world.bus.publish_notification(&notification(&alice, &session, "idle", json!({}))).await?;
     assert_eq!(close_code(&mut first).await?, 4001);
     assert_eq!(close_code(&mut second).await?, 4001);
+    // Paused in Docker while the record still says running: refused, nothing exec'd into it.
+    match open_terminal(address, &session, &token).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status().as_u16(), 409),
+        other => bail!("expected 409 for a paused container, got {:?}", other.map(|_| "an upgrade")),
+    }
 
     let _ = world.bus.delete_queue(&tap_queue).await;
     instance.shutdown().await?;
