@@ -7,7 +7,7 @@
 //! upload a file by drag and drop and `cat` it → edit a file in the browser and read the change
 //! through the files API → container stats drawn → idle badge, a key in the terminal wakes it →
 //! the admin view → close → closed → sign out, sign in as bob and see none of it. Every step saves
-//! a screenshot under `target/console-screenshots/`; no console error is allowed.
+//! a screenshot under `target/console-screenshots/<browser>/`; no console error is allowed.
 
 use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
@@ -59,11 +59,16 @@ impl Environment {
     }
 
     fn start_berth(&self) -> Berth {
+        self.start_berth_with("console")
+    }
+
+    /// `berth dev` on `profile`, a folder under tests/profiles.
+    fn start_berth_with(&self, profile: &str) -> Berth {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
         let log_path = self.root.join("berth.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_berth"))
-            .args(["--profile", "console", "dev"])
+            .args(["--profile", profile, "dev"])
             .env("BERTH_PROFILES_DIR", manifest.join("tests/profiles"))
             .env("BERTH_PATTERNS_DIR", manifest.join("patterns"))
             .env("BERTH_AMQP_URL", format!("amqp://guest:guest@127.0.0.1:5672/{}", self.vhost))
@@ -99,6 +104,13 @@ impl Drop for Environment {
         if let Ok(listed) = listed {
             for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
                 let _ = Command::new("docker").args(["rm", "-f", id]).output();
+            }
+        }
+        // The deployment's bridge network: left behind, they use up Docker's address pools.
+        let networks = Command::new("docker").args(["network", "ls", "-q", "--filter", &format!("label=berth.deployment={}", self.deployment)]).output();
+        if let Ok(networks) = networks {
+            for id in String::from_utf8_lossy(&networks.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["network", "rm", id]).output();
             }
         }
         // A session left open (a failed assertion) may leave its workspace image mounted.
@@ -442,7 +454,7 @@ async fn the_console_in_a_real_browser() {
     let mut berth = environment.start_berth();
     let links = berth.sign_in_links().await;
     let port = environment.session_port;
-    let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+    let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots/chromium");
     let _ = std::fs::remove_dir_all(&screenshots);
     let mut browser = Browser::launch(screenshots.clone(), 1280, 900).await;
 
@@ -689,7 +701,7 @@ impl Firefox {
         let shot = self.call("browsingContext.captureScreenshot", json!({"context": context})).await;
         let bytes = base64_decode(shot["data"].as_str().expect("screenshot data"));
         std::fs::create_dir_all(&self.screenshots).expect("screenshot folder");
-        std::fs::write(self.screenshots.join(format!("firefox-{name}.png")), bytes).expect("write screenshot");
+        std::fs::write(self.screenshots.join(format!("{name}.png")), bytes).expect("write screenshot");
     }
 
     /// Real key presses into whatever has focus (`\n` is Enter).
@@ -724,7 +736,8 @@ async fn the_console_in_firefox() {
     let mut berth = environment.start_berth();
     let links = berth.sign_in_links().await;
     let port = environment.session_port;
-    let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+    let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots/firefox");
+    let _ = std::fs::remove_dir_all(&screenshots);
     let mut firefox = Firefox::launch(screenshots).await;
     // The printed link is alice's; carol gets one the same way (`berth token`).
     assert!(links[0].contains("/console/signin?link="));
@@ -746,5 +759,36 @@ async fn the_console_in_firefox() {
     let errors = firefox.errors.clone();
     assert!(errors.is_empty(), "Firefox console errors: {errors:#?}");
     drop(firefox);
+    berth.stop();
+}
+
+/// A workspace that fails (its image never answers the health check) is explained in plain words:
+/// a red `failed` badge and a sentence, no address, path or trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_explains_a_failure() {
+    let mut environment = Environment::new();
+    // Its own Redis database: the other console tests run at the same time on 8 and 7.
+    environment.redis_db = 6;
+    let mut berth = environment.start_berth_with("console-broken");
+    let links = berth.sign_in_links().await;
+    let port = environment.session_port;
+    let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots/failure");
+    let _ = std::fs::remove_dir_all(&screenshots);
+    let mut browser = Browser::launch(screenshots, 1280, 900).await;
+    browser.navigate(&links[0]).await;
+    browser.wait_for("alice signed in", "!!document.querySelector('#open-form')").await;
+    browser.eval("document.querySelector('#workspace').value = 'doomed'; document.querySelector('#open').click(); true").await;
+    browser.wait_for("the workspace view", "location.hash.startsWith('#/s/')").await;
+    browser.wait_for("failed", "document.querySelector('.badge')?.dataset.state === 'failed'").await;
+    let explained = browser.eval("document.querySelector('[role=alert].error')?.textContent || ''").await;
+    let explained = explained.as_str().unwrap_or_default().to_owned();
+    browser.screenshot("failed").await;
+    assert!(explained.contains("did not start in time"), "the failure is explained: {explained:?}");
+    for leak in ["://", "/tmp", "/var", " at ", ".rs:", "Error {", "127.0.0.1"] {
+        assert!(!explained.contains(leak), "the explanation {explained:?} shows {leak:?}");
+    }
+    let errors = browser.errors.clone();
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    drop(browser);
     berth.stop();
 }

@@ -78,6 +78,10 @@ function explain(s) {
     if (/out of memory/i.test(d.error || "")) return "The workspace ran out of memory and was stopped; your files were saved.";
     if (reason === "crashed") return "The workspace stopped unexpectedly; your files were saved.";
     if (d.saving_failed) return "Saving your files failed and is being retried; nothing is removed meanwhile.";
+    const text = String(d.error || s.error || "");
+    if (/not ready within|health check/i.test(text)) return "The workspace did not start in time: its service never answered. Your files were saved; try opening it again.";
+    if (/no space|quota|ENOSPC|disk full/i.test(text)) return "The workspace ran out of disk space (its quota); your files were saved.";
+    if (/no such image|pull access|image .*not found/i.test(text)) return "The workspace image is not available on this host; tell your operator.";
     return plain(d.error || s.error) || "Something went wrong; your files were saved.";
   }
   if (d.conflicts && d.conflicts.length) return `Both versions of ${d.conflicts.length} file(s) were kept (a conflict).`;
@@ -108,7 +112,7 @@ function scheduleRefresh() {
 }
 async function signOut() {
   await fetch("/console/signout", { method: "POST", headers: { "x-berth-console": "1" }, credentials: "same-origin" });
-  if (socket) { socket.onclose = null; socket.close(); }
+  closeSocket(socket);
   me = null; sessions.clear(); location.hash = "#/"; location.reload();
 }
 
@@ -138,6 +142,15 @@ function showSignIn(message) {
   el("button", { class: "primary", type: "submit", id: "signin" }, "Sign in"));
   main.replaceChildren(el("div", { class: "narrow" }, el("h1", {}, "Sign in to Berth"), form));
   input.focus();
+}
+
+// Closing a socket still connecting is reported as an error by some browsers: close it once open.
+function closeSocket(ws) {
+  if (!ws) return;
+  ws.onmessage = null;
+  ws.onclose = null;
+  if (ws.readyState === WebSocket.CONNECTING) ws.onopen = () => ws.close();
+  else ws.close();
 }
 
 // ---------- the door's WebSocket ----------
@@ -250,7 +263,7 @@ function feed(session, withStats, onStats) {
     feeds.set(key, ws);
   };
   open();
-  return () => { closed = true; feeds.delete(key); if (ws) ws.close(); };
+  return () => { closed = true; feeds.delete(key); closeSocket(ws); };
 }
 function drawProgress(container, s) {
   const p = s.progress || {};
@@ -499,15 +512,17 @@ function buildWorkspaceView(sessionId) {
       termNote.textContent = "The session is idle: press any key here (or Wake) to continue.";
     } else if (OVER.has(s.state)) {
       wantTerminal = false;
-      if (tws) tws.close();
-      termNote.textContent = `The session is ${LABELS[s.state]}.`;
+      closeSocket(tws);
+      tws = null;
+      termNote.textContent = s.state === "failed" ? "The session failed." : `The session is ${LABELS[s.state]}.`;
     } else if (BUSY.has(s.state)) {
       termNote.textContent = "The terminal opens when the workspace is running.";
     }
   };
   setView(render, () => {
     wantTerminal = false;
-    if (tws) tws.close();
+    closeSocket(tws);
+    tws = null;
     resizeObserver.disconnect();
     releaseFeed();
     main.removeEventListener("keydown", onInput);

@@ -42,6 +42,9 @@ const CONSOLE_HEADER: &str = "x-berth-console";
 /// The event the console publishes while a workspace view is open; the `workspace-session`
 /// pattern turns it into a `stats` task while the session runs.
 pub const STATS_REQUEST_EVENT: &str = "session.stats";
+/// How often, and how far apart, a live socket looks for a session record not stored yet.
+const RECORD_ATTEMPTS: u32 = 20;
+const RECORD_RETRY: Duration = Duration::from_millis(250);
 /// The engine's Redis prefix in a deployment (`engine::EngineConfig::production`).
 const ENGINE_REDIS_PREFIX: &str = "berth:engine";
 /// The pattern whose queue the admin view shows.
@@ -438,11 +441,20 @@ async fn live(
     if uuid::Uuid::parse_str(&session).is_err() {
         return error(StatusCode::NOT_FOUND, "not_found", "no such session among yours");
     }
-    let owner = match console.app.store.session(&session).await {
-        Ok(Some(record)) => record.get("user").and_then(Value::as_str).map(str::to_owned),
-        Ok(None) => None,
-        Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the session records cannot be read right now"),
-    };
+    // A view opens the moment the open is answered, which can be before the session's record
+    // is stored: a missing record is looked for again for a few seconds.
+    let mut owner = None;
+    for attempt in 0..RECORD_ATTEMPTS {
+        match console.app.store.session(&session).await {
+            Ok(Some(record)) => {
+                owner = record.get("user").and_then(Value::as_str).map(str::to_owned);
+                break;
+            }
+            Ok(None) if attempt + 1 < RECORD_ATTEMPTS => tokio::time::sleep(RECORD_RETRY).await,
+            Ok(None) => {}
+            Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the session records cannot be read right now"),
+        }
+    }
     if owner.as_deref() != Some(identity.user.as_str()) && !identity.is_admin() {
         return error(StatusCode::NOT_FOUND, "not_found", "no such session among yours");
     }
