@@ -49,10 +49,17 @@ async fn enter_gate() -> Permit {
     .expect("gate")
 }
 
-async fn check(case: Case) {
-    let _permit = enter_gate().await;
+fn config() -> HarnessConfig {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config = HarnessConfig::local(env!("CARGO_BIN_EXE_berth").into(), manifest.join("patterns"));
+    HarnessConfig::local(env!("CARGO_BIN_EXE_berth").into(), manifest.join("patterns"))
+}
+
+async fn check(case: Case) {
+    check_with(case, config()).await;
+}
+
+async fn check_with(case: Case, config: HarnessConfig) {
+    let _permit = enter_gate().await;
     let mut deployment = Deployment::start(&config).await.unwrap_or_else(|error| panic!("deployment for {}: {error:#}", case.name()));
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(CASE_TIMEOUT, run_case(&mut deployment, case, 1)).await;
@@ -105,6 +112,13 @@ async fn sigkill_of_the_workspace_agent_mid_final_sync_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_workspace_agent_mid_remove_converges() {
     check(Case::KillWorkspaceAgent(WorkspacePhase::Remove)).await;
+}
+
+/// Without per-session images the remove deletes file by file, so the kill lands in a
+/// half-deleted tree (which a sync once took for the user's deletions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_workspace_agent_mid_remove_of_a_plain_directory_converges() {
+    check_with(Case::KillWorkspaceAgent(WorkspacePhase::Remove), config().with_plain_directories()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,13 +44,21 @@ pub struct HarnessConfig {
     pub patterns_dir: PathBuf,
     /// The S3-compatible server (moto) holding the deployment's bucket.
     pub s3_endpoint: String,
+    /// The run-profile the deployment runs ([`PROFILE_TEXT`] unless a test varies it).
+    pub profile_text: String,
 }
 
 impl HarnessConfig {
     /// The test services of `scripts/services.sh`.
     pub fn local(binary: PathBuf, patterns_dir: PathBuf) -> HarnessConfig {
         let s3_endpoint = std::env::var("BERTH_FAULTS_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9000".to_owned());
-        HarnessConfig { binary, patterns_dir, s3_endpoint }
+        HarnessConfig { binary, patterns_dir, s3_endpoint, profile_text: PROFILE_TEXT.to_owned() }
+    }
+
+    /// The same with workspaces as plain directories instead of per-session images.
+    pub fn with_plain_directories(mut self) -> HarnessConfig {
+        self.profile_text = self.profile_text.replace("filesystem = \"image\"", "filesystem = \"directory\"");
+        self
     }
 }
 
@@ -326,7 +334,7 @@ impl Deployment {
         std::fs::create_dir_all(root.join("logs"))?;
         std::fs::create_dir_all(root.join("profiles").join(PROFILE_NAME))?;
         std::fs::create_dir_all(root.join("workspaces"))?;
-        std::fs::write(root.join("profiles").join(PROFILE_NAME).join("profile.toml"), PROFILE_TEXT)?;
+        std::fs::write(root.join("profiles").join(PROFILE_NAME).join("profile.toml"), &config.profile_text)?;
         let vhost = format!("berth-faults-{run}");
         let bucket = format!("berth-faults-{run}");
         let id = format!("faults-{run}");
