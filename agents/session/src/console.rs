@@ -42,6 +42,8 @@ const CONSOLE_HEADER: &str = "x-berth-console";
 /// The event the console publishes while a workspace view is open; the `workspace-session`
 /// pattern turns it into a `stats` task while the session runs.
 pub const STATS_REQUEST_EVENT: &str = "session.stats";
+/// How long the latest progress of a session is kept for views that open later.
+const PROGRESS_KEPT_FOR: Duration = Duration::from_secs(600);
 /// How often, and how far apart, a live socket looks for a session record not stored yet.
 const RECORD_ATTEMPTS: u32 = 20;
 const RECORD_RETRY: Duration = Duration::from_millis(250);
@@ -81,8 +83,9 @@ pub struct Console {
     /// `workspace.progress` and `container.stats` from `berth.events`, started with the first
     /// live socket.
     live: OnceCell<broadcast::Sender<LiveEvent>>,
-    /// The latest progress per session, so a view opened mid-materialize sees it at once.
-    last_progress: Mutex<HashMap<String, Value>>,
+    /// The latest progress per session, so a view opened mid-materialize sees it at once
+    /// (forgotten after [`PROGRESS_KEPT_FOR`]).
+    last_progress: Mutex<HashMap<String, (std::time::Instant, Value)>>,
 }
 
 /// The console's routes, merged into the agent's router.
@@ -274,7 +277,10 @@ impl Console {
         };
         let frame = json!({"type": kind, "session": session, "data": event.data});
         if kind == "progress" {
-            self.last_progress.lock().unwrap_or_else(PoisonError::into_inner).insert(session.clone(), frame.clone());
+            let now = std::time::Instant::now();
+            let mut kept = self.last_progress.lock().unwrap_or_else(PoisonError::into_inner);
+            kept.retain(|_, (at, _)| now.duration_since(*at) < PROGRESS_KEPT_FOR);
+            kept.insert(session.clone(), (now, frame.clone()));
         }
         let _ = sender.send(LiveEvent { session, frame });
     }
@@ -486,7 +492,7 @@ async fn run_live(
     lifetime: Duration,
     stats: Stats,
 ) {
-    let last = console.last_progress.lock().unwrap_or_else(PoisonError::into_inner).get(&session).cloned();
+    let last = console.last_progress.lock().unwrap_or_else(PoisonError::into_inner).get(&session).map(|(_, frame)| frame.clone());
     if let Some(frame) = last {
         if socket.send(Message::Text(frame.to_string().into())).await.is_err() {
             return;
