@@ -6,7 +6,8 @@
 # The build is Cargo's dev profile (Cargo.toml [profile.dev]: dependencies at opt-level 1, Berth's
 # own crates unoptimized, no debug info for dependencies): the fastest build that still materializes
 # thousands of files in a second or two, and the very build `cargo test` makes, so after the tests
-# it is already there. A release build (`cargo build --release`) took about 9 minutes cold here.
+# it is already there. A cold build is about 12 CPU-minutes (README.md: "How long the first run
+# takes"); the release build this script used to make was most of a 10-minute first run.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
