@@ -277,6 +277,23 @@ pub struct SessionSettings {
     pub max_frame_bytes: usize,
     pub max_messages_per_second: u32,
     pub max_connections_per_user: usize,
+    /// Browser origins (`https://console.example.org`) allowed to open WebSockets (`/ws`, the
+    /// terminal, proxied sockets) besides the agent's own (an `Origin` whose host is the request's
+    /// `Host`); a request without `Origin` (a non-browser client) always passes.
+    pub allowed_origins: Vec<String>,
+    /// At most this many TCP connections at once, upgraded sockets included; one more is answered
+    /// 503 `server_busy` and closed.
+    pub max_connections: usize,
+    /// A connection must send a request's whole head within this many seconds, and an idle
+    /// keep-alive connection is closed after it.
+    pub header_read_timeout_secs: u64,
+    /// A connection on which no byte moved for this many seconds while it is still HTTP (not yet
+    /// upgraded) is closed.
+    pub idle_timeout_secs: u64,
+    /// Name of the environment variable holding the bearer token `/metrics` requires; absent, or
+    /// the variable unset or empty: `/metrics` answers 404.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token_env: Option<String>,
     /// The reverse proxy to each session's service (`[session.proxy]`).
     pub proxy: ProxySettings,
 }
@@ -495,6 +512,9 @@ impl Profile {
             ("session.max_frame_bytes", self.session.max_frame_bytes),
             ("session.max_messages_per_second", self.session.max_messages_per_second as usize),
             ("session.max_connections_per_user", self.session.max_connections_per_user),
+            ("session.max_connections", self.session.max_connections),
+            ("session.header_read_timeout_secs", self.session.header_read_timeout_secs as usize),
+            ("session.idle_timeout_secs", self.session.idle_timeout_secs as usize),
         ];
         if let Some((field, _)) = session_counts.iter().find(|(_, count)| *count == 0) {
             return Err(self.invalid(field, "must be positive"));

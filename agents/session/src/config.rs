@@ -73,6 +73,8 @@ pub struct SessionConfig {
     pub profile: Profile,
     /// The largest upload the files API takes ([`MAX_UPLOAD_BYTES`]).
     pub max_upload_bytes: u64,
+    /// The door itself (`crate::edge`): origins, connection cap, timeouts, the metrics token.
+    pub edge: crate::edge::EdgeConfig,
 }
 
 impl SessionConfig {
@@ -105,6 +107,7 @@ impl SessionConfig {
             proxy: crate::proxy::ProxyConfig::new(&settings.proxy, key),
             profile: profile.clone(),
             max_upload_bytes: MAX_UPLOAD_BYTES,
+            edge: crate::edge::EdgeConfig::from_settings(settings),
         };
         config.validate()?;
         Ok(config)
@@ -120,6 +123,7 @@ impl SessionConfig {
         if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
             return Err(Error::Config("heartbeat_timeout must exceed a positive heartbeat_interval".to_owned()));
         }
+        self.edge.validate()?;
         if self.open_answer_timeout.is_zero() {
             return Err(Error::Config("open_answer_timeout must be positive".to_owned()));
         }

@@ -10,6 +10,7 @@ pub mod auth;
 mod bench;
 pub mod config;
 pub mod console;
+pub mod edge;
 pub mod error;
 pub mod files;
 pub mod frames;

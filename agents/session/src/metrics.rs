@@ -25,6 +25,10 @@ pub struct Metrics {
     pub opens_joined: AtomicU64,
     /// `open` whose engine answer did not come in time.
     pub opens_timed_out: AtomicU64,
+    /// TCP connections refused at `session.max_connections` (503 `server_busy`).
+    pub connections_refused_busy: AtomicU64,
+    /// WebSocket upgrades refused for a foreign `Origin`.
+    pub origins_refused: AtomicU64,
     /// Authentication failures by reason (`expired`, `signature`, …).
     auth_failures_by_reason: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -68,6 +72,8 @@ impl Metrics {
         counter("berth_session_heartbeat_drops_total", "Sockets dropped for missing heartbeats.", load(&self.sockets_dropped_heartbeat));
         counter("berth_session_opens_joined_total", "Opens answered with the workspace's live session.", load(&self.opens_joined));
         counter("berth_session_opens_timed_out_total", "Opens the engine did not answer in time.", load(&self.opens_timed_out));
+        counter("berth_session_connections_refused_busy_total", "TCP connections refused at session.max_connections.", load(&self.connections_refused_busy));
+        counter("berth_session_origins_refused_total", "WebSocket upgrades refused for a foreign Origin.", load(&self.origins_refused));
         let by_reason = self.auth_failures_by_reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let _ = writeln!(
             text,

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::activity::ActivityGate;
 use crate::auth::{token_from_request, AuthFailure, Identity};
 use crate::config::SessionConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::frames::SessionStatus;
 use crate::hub::Hub;
 use crate::metrics::{bump, Metrics};
@@ -85,6 +85,8 @@ pub async fn start(
     let address = listener.local_addr().map(|address| address.to_string()).unwrap_or_default();
     let state = Arc::new(AppState { config, bus, hub: hub.clone(), store, metrics: metrics.clone(), consumer_ready, stop, activity, api });
     let router = router(state.clone());
+    let edge = state.config.edge.clone();
+    let metrics_for_edge = metrics.clone();
     let handle = InstanceHandle { metrics: metrics.clone(), hub: hub.clone() };
     let running = async move {
         tracing::info!(%address, "session agent listening");
@@ -93,12 +95,8 @@ pub async fn start(
             shutdown.await;
             let _ = stop_sender.send(true);
         };
-        // Status frames are small and latency matters more than packet count.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
-            let _ = stream.set_nodelay(true);
-        });
-        let served = axum::serve(listener, router).with_graceful_shutdown(graceful);
-        let outcome = served.await.map_err(Error::Serve);
+        // The edge: connection cap, header and idle timeouts, graceful shutdown, upgrades.
+        let outcome = crate::edge::serve_http(listener, router, edge, metrics_for_edge, graceful).await;
         // Upgraded sockets run outside the HTTP server; give them a moment to close cleanly.
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         while hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
@@ -134,6 +132,8 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(crate::proxy::routes(proxy.clone()))
         // Outermost: a `{session}.{base_domain}` host belongs to the session's app, whatever the path.
         .layer(axum::middleware::from_fn_with_state(proxy, crate::proxy::route_by_host))
+        // Outermost of all: a browser WebSocket from a foreign origin never reaches a route.
+        .layer(axum::middleware::from_fn_with_state(state, crate::edge::check_origin))
 }
 
 async fn healthz() -> &'static str {
@@ -150,7 +150,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     (status, Json(json!({"broker": broker, "notifications": consuming, "redis_append_only": redis_append_only}))).into_response()
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = crate::edge::metrics_refusal(&state.config.edge, &headers) {
+        return refusal;
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }
 

@@ -25,6 +25,7 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const WAIT: Duration = Duration::from_secs(10);
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const METRICS_TOKEN: &str = "test-metrics-token";
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -92,6 +93,7 @@ impl World {
         config.events_exchange = self.events_exchange.clone();
         config.activity_debounce = Duration::from_secs(1);
         config.max_messages_per_second = 1000;
+        config.edge.metrics_token = Some(METRICS_TOKEN.to_owned());
         config
     }
 
@@ -446,7 +448,7 @@ async fn unauthenticated_requests_get_401_and_no_upgrade() -> Result<()> {
     let (status, _) = http_get(instance.address, "/api/sessions", Some(&expired)).await?;
     assert_eq!(status, 401);
     assert_eq!(instance.handle.metrics.auth_failures.load(Ordering::Relaxed), 7);
-    let (_, metrics) = http_get(instance.address, "/metrics", None).await?;
+    let (_, metrics) = http_get(instance.address, "/metrics", Some(METRICS_TOKEN)).await?;
     for line in [
         "berth_session_auth_failures_total 7",
         r#"berth_session_auth_failures_by_reason_total{reason="missing"} 2"#,
@@ -1024,7 +1026,7 @@ async fn http_endpoints_and_shutdown() -> Result<()> {
     let readiness: Value = serde_json::from_str(&body)?;
     assert_eq!(readiness["redis_append_only"], json!(appendonly.get(1).map(String::as_str) == Some("yes")), "{body}");
     let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
-    let (status, metrics) = http_get(instance.address, "/metrics", None).await?;
+    let (status, metrics) = http_get(instance.address, "/metrics", Some(METRICS_TOKEN)).await?;
     assert_eq!(status, 200);
     for line in ["berth_session_connections 1", "berth_session_connections_total 1", "berth_session_auth_failures_total 0"] {
         assert!(metrics.lines().any(|candidate| candidate == line), "missing {line:?} in\n{metrics}");
@@ -1282,6 +1284,157 @@ async fn a_store_outage_is_reported_and_the_socket_keeps_working() -> Result<()>
     assert_eq!(next_frame(&mut socket).await?["session"], Value::String(session));
     assert_eq!(request(&mut socket, json!({"type": "ping", "id": "p"})).await?["type"], "ok");
 
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+// ---- The edge (crate::edge): origins, the connection cap, header timeouts, the metrics token. ----
+
+/// A WebSocket upgrade with an `Origin` header.
+async fn connect_from(instance: &Instance, token: &str, origin: &str) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+    let mut request = instance.url().into_client_request()?;
+    request.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).expect("header"));
+    request.headers_mut().insert("origin", HeaderValue::from_str(origin).expect("header"));
+    let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+    Ok(socket)
+}
+
+#[tokio::test]
+async fn foreign_origins_are_refused_and_metrics_want_their_token() -> Result<()> {
+    let world = World::new().await?;
+    let mut config = world.config();
+    config.edge.allowed_origins = vec!["https://console.example.org".to_owned()];
+    let instance = world.instance(config).await?;
+    let token = world.token(&unique("alice"), &[]);
+
+    match connect_from(&instance, &token, "https://evil.example").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 403);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or_default())?;
+            assert_eq!(body["error"], "forbidden_origin", "{body}");
+        }
+        other => bail!("a foreign origin must be refused with 403, got {:?}", other.map(|_| "an upgrade")),
+    }
+    // Listed, the agent's own (the console's), and none at all (not a browser) all pass.
+    for origin in ["https://console.example.org".to_owned(), format!("http://{}", instance.address)] {
+        let mut socket = connect_from(&instance, &token, &origin).await.with_context(|| format!("origin {origin}"))?;
+        assert_eq!(next_frame(&mut socket).await?["type"], "snapshot");
+        socket.close(None).await?;
+    }
+    let (mut socket, _) = connect(&instance, &token).await?;
+    socket.close(None).await?;
+
+    let (status, _) = http_get(instance.address, "/metrics", None).await?;
+    assert_eq!(status, 401);
+    let (status, _) = http_get(instance.address, "/metrics", Some("wrong-token")).await?;
+    assert_eq!(status, 401);
+    let (status, metrics) = http_get(instance.address, "/metrics", Some(METRICS_TOKEN)).await?;
+    assert_eq!(status, 200);
+    assert!(metrics.lines().any(|line| line == "berth_session_origins_refused_total 1"), "{metrics}");
+    instance.shutdown().await?;
+
+    // No token configured: there are no metrics to see.
+    let mut config = world.config();
+    config.edge.metrics_token = None;
+    let instance = world.instance(config).await?;
+    let (status, _) = http_get(instance.address, "/metrics", Some(METRICS_TOKEN)).await?;
+    assert_eq!(status, 404);
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn half_a_request_line_is_disconnected_after_the_header_timeout() -> Result<()> {
+    let world = World::new().await?;
+    let mut config = world.config();
+    config.edge.header_read_timeout = Duration::from_secs(1);
+    let instance = world.instance(config).await?;
+
+    let mut slow = TcpStream::connect(instance.address).await?;
+    slow.write_all(b"GET /healthz HT").await?;
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    // Hyper closes without an answer (or with a 408); either way the connection ends.
+    let ended = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut sink)).await;
+    assert!(ended.is_ok(), "the connection must be closed after the header timeout");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(800) && waited < Duration::from_secs(4), "closed after {waited:?}");
+    // An idle keep-alive connection is bounded the same way; a prompt client is served.
+    let (status, body) = http_get(instance.address, "/healthz", None).await?;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_connection_cap_holds_under_two_thousand_idle_connections() -> Result<()> {
+    const CAP: usize = 100;
+    const FLOOD: usize = 2000;
+    let world = World::new().await?;
+    let mut config = world.config();
+    config.edge.max_connections = CAP;
+    let instance = world.instance(config).await?;
+
+    // Each connection costs two descriptors in this process (client and server side); the
+    // workspace forbids `unsafe`, so setrlimit is out: with a low limit, flood less and say so.
+    let soft_limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| limits.lines().find(|line| line.starts_with("Max open files")).and_then(|line| line.split_whitespace().nth(3)?.parse::<usize>().ok()))
+        .unwrap_or(1024);
+    let flood = FLOOD.min(soft_limit.saturating_sub(300) / 2);
+    if flood < FLOOD {
+        eprintln!("open-files limit {soft_limit}: flooding with {flood} connections instead of {FLOOD}");
+    }
+    assert!(flood > 2 * CAP, "the open-files limit ({soft_limit}) is too low for this test");
+    let mut streams = Vec::with_capacity(flood);
+    for _ in 0..flood {
+        streams.push(tokio::time::timeout(WAIT, TcpStream::connect(instance.address)).await.context("connect timed out")??);
+    }
+    // A refused connection gets its 503 at once; an accepted one hears nothing (it sent nothing).
+    let reads = streams.into_iter().map(|mut stream| async move {
+        let mut answer = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut answer)).await {
+            Err(_) => (Some(stream), None),
+            Ok(_) => (None, Some(String::from_utf8_lossy(&answer).into_owned())),
+        }
+    });
+    let outcomes = futures::future::join_all(reads).await;
+    let mut accepted: Vec<TcpStream> = Vec::new();
+    let mut refused = 0;
+    for (stream, answer) in outcomes {
+        match (stream, answer) {
+            (Some(stream), _) => accepted.push(stream),
+            (None, Some(answer)) => {
+                assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("server_busy"), "{answer:?}");
+                refused += 1;
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+    assert_eq!(accepted.len(), CAP, "the cap must hold");
+    assert_eq!(refused, flood - CAP);
+    assert_eq!(instance.handle.metrics.connections_refused_busy.load(Ordering::Relaxed), (flood - CAP) as u64);
+    // Held connections are unaffected: one of them is served.
+    let held = &mut accepted[0];
+    held.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, held.read_to_end(&mut answer)).await??;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    drop(accepted);
+    // Once the flood is gone a new client is served (the server notices the closes promptly).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = http_get(instance.address, "/healthz", None).await?;
+        if status == 200 {
+            assert_eq!(body, "ok\n");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still refused: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     instance.shutdown().await?;
     world.finish().await;
     Ok(())
