@@ -233,9 +233,19 @@ fn mint(user: &str) -> String {
     String::from_utf8_lossy(&output.stdout).lines().last().expect("a token").trim().to_owned()
 }
 
+/// A browser process, killed when dropped (also when a launch fails halfway).
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Headless Chromium with one page, driven over the DevTools protocol.
 struct Browser {
-    process: Child,
+    process: ChildGuard,
     profile_dir: PathBuf,
     page: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     next_id: u64,
@@ -271,6 +281,7 @@ impl Browser {
             .spawn()
             .expect("chromium starts");
         let stderr = process.stderr.take().expect("stderr");
+        let process = ChildGuard(process);
         let (found, endpoint) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
@@ -412,8 +423,8 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
         let _ = std::fs::remove_dir_all(&self.profile_dir);
     }
 }
@@ -611,7 +622,7 @@ async fn the_console_in_a_real_browser() {
 
 /// Headless Firefox with one tab, driven over WebDriver BiDi (Firefox's own remote protocol).
 struct Firefox {
-    process: Child,
+    process: ChildGuard,
     profile_dir: PathBuf,
     socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     context: String,
@@ -632,6 +643,7 @@ impl Firefox {
             .stderr(Stdio::null())
             .spawn()
             .expect("firefox-esr starts");
+        let process = ChildGuard(process);
         let deadline = Instant::now() + STEP_TIMEOUT;
         let socket = loop {
             if let Ok((socket, _)) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/session")).await {
@@ -719,8 +731,8 @@ impl Firefox {
 
 impl Drop for Firefox {
     fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
         let _ = std::fs::remove_dir_all(&self.profile_dir);
     }
 }
@@ -771,7 +783,6 @@ async fn the_console_explains_a_failure() {
     environment.redis_db = 6;
     let mut berth = environment.start_berth_with("console-broken");
     let links = berth.sign_in_links().await;
-    let port = environment.session_port;
     let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots/failure");
     let _ = std::fs::remove_dir_all(&screenshots);
     let mut browser = Browser::launch(screenshots, 1280, 900).await;
