@@ -18,7 +18,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use protocol::bus::{ConsumeSpec, Outcome};
+use protocol::bus::Outcome;
 use protocol::CloudEvent;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -237,8 +237,7 @@ impl Console {
             .live
             .get_or_try_init(|| async move {
                 let app = &console.app;
-                let keys = ["workspace.progress".to_owned(), "container.stats".to_owned()];
-                let queue = app.bus.declare_private_queue(&app.config.events_exchange, &keys).await.map_err(|error| error.to_string())?;
+                let keys = vec!["workspace.progress".to_owned(), "container.stats".to_owned()];
                 let (sender, _) = broadcast::channel(256);
                 let handler = {
                     let sender = sender.clone();
@@ -251,15 +250,17 @@ impl Console {
                     }
                 };
                 let bus = app.bus.clone();
+                let exchange = app.config.events_exchange.clone();
                 let mut stop = app.stop.clone();
+                // A private queue dies with the broker connection; `consume_private` declares a
+                // fresh one after every interruption, so live progress and stats come back.
                 tokio::spawn(async move {
                     let stopped = async move {
                         let _ = stop.wait_for(|stopping| *stopping).await;
                     };
-                    if let Err(error) = bus.consume(ConsumeSpec::new(&queue, 64), handler, stopped).await {
+                    if let Err(error) = bus.consume_private(&exchange, &keys, 64, handler, stopped).await {
                         tracing::warn!(%error, "console live events stopped");
                     }
-                    let _ = bus.delete_queue(&queue).await;
                 });
                 Ok::<_, String>(sender)
             })
