@@ -70,6 +70,11 @@ pub enum ApiErrorCode {
     UnsafePath,
     /// Something failed on the server's side (file-system trouble); the message says what. 500.
     Internal,
+    /// The engine refused an open over a per-user limit, named in `limit` (`sessions_per_user`,
+    /// `opens_per_minute`, `daily_budget`, `monthly_budget`). 429.
+    LimitExceeded,
+    /// The open waited in the capacity queue too long and was given up. 503.
+    QueueTimeout,
 }
 
 impl From<ErrorCode> for ApiErrorCode {
@@ -81,6 +86,8 @@ impl From<ErrorCode> for ApiErrorCode {
             ErrorCode::NotFound => ApiErrorCode::NotFound,
             ErrorCode::Unavailable => ApiErrorCode::Unavailable,
             ErrorCode::Timeout => ApiErrorCode::Timeout,
+            ErrorCode::LimitExceeded => ApiErrorCode::LimitExceeded,
+            ErrorCode::QueueTimeout => ApiErrorCode::QueueTimeout,
         }
     }
 }
@@ -90,9 +97,9 @@ impl ApiErrorCode {
         match self {
             ApiErrorCode::BadRequest => StatusCode::BAD_REQUEST,
             ApiErrorCode::FrameTooLarge | ApiErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiErrorCode::RateLimited | ApiErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ApiErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ApiErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiErrorCode::Unavailable | ApiErrorCode::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
             ApiErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiErrorCode::Forbidden | ApiErrorCode::UnsafePath => StatusCode::FORBIDDEN,
@@ -117,17 +124,20 @@ pub struct ApiError {
     /// With `unauthorized`: why (`missing`, `expired`, `signature`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// With `limit_exceeded`: which limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
 }
 
 impl ApiError {
     pub fn new(code: ApiErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError { code, message: message.into(), session: None, reason: None }
+        ApiError { code, message: message.into(), session: None, reason: None, limit: None }
     }
 
     /// The HTTP form of a WebSocket error reply.
     pub(crate) fn from_frame(frame: ServerFrame) -> ApiError {
         match frame {
-            ServerFrame::Error { code, message, session, .. } => ApiError { code: code.into(), message, session, reason: None },
+            ServerFrame::Error { code, message, session, limit, .. } => ApiError { code: code.into(), message, session, reason: None, limit },
             other => ApiError::new(ApiErrorCode::Internal, format!("unexpected reply {}", other.to_text())),
         }
     }
@@ -239,6 +249,9 @@ pub struct OpenResponse {
     /// The state the engine's answer named (`materializing` for a new session).
     pub state: String,
     pub joined: bool,
+    /// With `state: "queued"`: the place in the capacity queue (1 = next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
 }
 
 /// `GET /api/sessions`'s body.
@@ -353,9 +366,9 @@ async fn open_once(state: &Arc<AppState>, identity: &Identity, workspace: &str, 
         Err(refusal) => return OpenAttempt::NotSent(ApiError::from_frame(refusal)),
     };
     let answer = match (outcome.reply, outcome.session) {
-        (ServerFrame::Ok { joined, .. }, Some(session)) => {
+        (ServerFrame::Ok { joined, position, .. }, Some(session)) => {
             let joined = joined.unwrap_or(false);
-            let body = OpenResponse { session, state: outcome.state.unwrap_or_else(|| "unknown".to_owned()), joined };
+            let body = OpenResponse { session, state: outcome.state.unwrap_or_else(|| "unknown".to_owned()), joined, position };
             let status = if joined { StatusCode::OK } else { StatusCode::CREATED };
             StoredAnswer { status: status.as_u16(), body: serde_json::to_value(body).unwrap_or(Value::Null) }
         }

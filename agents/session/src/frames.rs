@@ -168,6 +168,11 @@ pub enum ErrorCode {
     /// The request was carried out (its event published) but its answer did not come in time:
     /// the outcome will show in status pushes. Do not simply retry (an `open` would be sent twice).
     Timeout,
+    /// The engine refused an `open` over a per-user limit; `limit` names it (`sessions_per_user`,
+    /// `opens_per_minute`, `daily_budget`, `monthly_budget`).
+    LimitExceeded,
+    /// The open waited in the capacity queue too long and was given up.
+    QueueTimeout,
 }
 
 /// The state of one session as clients see it, from a notification or a stored record.
@@ -244,6 +249,11 @@ pub enum ServerFrame {
         debounced: Option<bool>,
         #[serde(skip_serializing_if = "Option::is_none")]
         joined: Option<bool>,
+        /// After `open`: `queued` when the session waits for host capacity (then `position`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        state: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        position: Option<u64>,
     },
     /// The request was refused (or, with `timeout`, not answered in time).
     Error {
@@ -255,6 +265,9 @@ pub enum ServerFrame {
         /// timed out names the id it asked for).
         #[serde(skip_serializing_if = "Option::is_none")]
         session: Option<String>,
+        /// With `limit_exceeded`: which limit.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit: Option<String>,
     },
     /// A session changed state.
     Status(SessionStatus),
@@ -272,16 +285,16 @@ pub enum ServerFrame {
 
 impl ServerFrame {
     pub fn ok(id: Option<String>) -> ServerFrame {
-        ServerFrame::Ok { id, session: None, status: None, debounced: None, joined: None }
+        ServerFrame::Ok { id, session: None, status: None, debounced: None, joined: None, state: None, position: None }
     }
 
     /// `ok` naming a session.
     pub fn ok_session(id: Option<String>, session: &str) -> ServerFrame {
-        ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: None, joined: None }
+        ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: None, joined: None, state: None, position: None }
     }
 
     pub fn error(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
-        ServerFrame::Error { id, code, message: message.into(), session: None }
+        ServerFrame::Error { id, code, message: message.into(), session: None, limit: None }
     }
 
     pub fn to_text(&self) -> String {
@@ -339,9 +352,9 @@ mod tests {
         assert_eq!(text, r#"{"type":"error","id":"r1","code":"not_found","message":"no such session"}"#);
         let text = ServerFrame::ok_session(Some("r2".into()), "s").to_text();
         assert_eq!(text, r#"{"type":"ok","id":"r2","session":"s"}"#);
-        let text = ServerFrame::Ok { id: Some("r3".into()), session: Some("s".into()), status: None, debounced: None, joined: Some(true) }.to_text();
+        let text = ServerFrame::Ok { id: Some("r3".into()), session: Some("s".into()), status: None, debounced: None, joined: Some(true), state: None, position: None }.to_text();
         assert_eq!(text, r#"{"type":"ok","id":"r3","session":"s","joined":true}"#);
-        let timeout = ServerFrame::Error { id: None, code: ErrorCode::Timeout, message: "late".into(), session: Some("s".into()) };
+        let timeout = ServerFrame::Error { id: None, code: ErrorCode::Timeout, message: "late".into(), session: Some("s".into()), limit: None };
         assert_eq!(timeout.to_text(), r#"{"type":"error","code":"timeout","message":"late","session":"s"}"#);
     }
 }

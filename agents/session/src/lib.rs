@@ -25,6 +25,7 @@ mod socket;
 pub mod store;
 mod terminal;
 pub mod throttle;
+pub mod usage;
 
 use std::future::Future;
 

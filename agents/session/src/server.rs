@@ -125,6 +125,7 @@ fn router(state: Arc<AppState>) -> Router {
             "/api/sessions/{id}/files/{*path}",
             get(crate::files::get_path).put(crate::files::put_file).delete(crate::files::delete_path).post(crate::files::post_path),
         )
+        .route("/api/usage", get(crate::usage::usage))
         .route("/api/openapi.json", get(crate::openapi::serve_document))
         .route("/ws", get(websocket))
         .merge(crate::console::routes(state.clone()))

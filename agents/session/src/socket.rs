@@ -358,7 +358,7 @@ impl Connection {
         match report_activity(&self.state, &self.identity.user, session, "websocket", id.clone()).await {
             Ok(admission) => {
                 let debounced = admission == Admission::Debounced;
-                ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(debounced), joined: None }
+                ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(debounced), joined: None, state: None, position: None }
             }
             Err(frame) => frame,
         }
@@ -385,7 +385,7 @@ impl Connection {
             }
         }
         self.authorized_sessions.insert(session.to_owned(), owner);
-        ServerFrame::Ok { id, session: Some(session.to_owned()), status, debounced: None, joined: None }
+        ServerFrame::Ok { id, session: Some(session.to_owned()), status, debounced: None, joined: None, state: None, position: None }
     }
 
     /// The caller may act on `session` if it is theirs, or if they are an admin. Someone else's
@@ -443,6 +443,9 @@ pub(crate) async fn request_open(state: &Arc<AppState>, user: &str, id: Option<S
                 bump(&state.metrics.opens_joined);
                 tracing::info!(user = %user, session_id = %joined, requested = %session, "open joined the workspace's live session");
             }
+            ServerFrame::Error { code: ErrorCode::LimitExceeded | ErrorCode::QueueTimeout | ErrorCode::BadRequest, limit, .. } => {
+                tracing::info!(user = %user, session_id = %session, ?limit, "the engine refused an open");
+            }
             ServerFrame::Error { .. } => {
                 bump(&state.metrics.opens_timed_out);
                 tracing::warn!(user = %user, session_id = %session, ?timeout, "the engine did not answer an open in time");
@@ -499,15 +502,41 @@ fn open_outcome(id: Option<String>, requested: &str, answer: Option<&Notificatio
             timeout.as_secs_f64()
         );
         return OpenOutcome {
-            reply: ServerFrame::Error { id, code: ErrorCode::Timeout, message, session: Some(requested.to_owned()) },
+            reply: ServerFrame::Error { id, code: ErrorCode::Timeout, message, session: Some(requested.to_owned()), limit: None },
             session: None,
             state: None,
         };
     };
     let session = notification.session.clone().unwrap_or_else(|| requested.to_owned());
+    // The engine refused the open: it answers with the session closed and a code.
+    let refusal = match notification.detail.get("code").and_then(Value::as_str) {
+        Some("limit_exceeded") => Some(ErrorCode::LimitExceeded),
+        Some("queue_timeout") => Some(ErrorCode::QueueTimeout),
+        Some("bad_request") => Some(ErrorCode::BadRequest),
+        _ => None,
+    };
+    if let (Some(code), "closed") = (refusal, notification.state.as_str()) {
+        let limit = notification.detail.get("limit").and_then(Value::as_str).map(str::to_owned);
+        let message = notification.detail.get("error").and_then(Value::as_str).filter(|error| !error.is_empty()).map(str::to_owned).unwrap_or_else(|| match (code, &limit) {
+            (ErrorCode::LimitExceeded, Some(limit)) => format!("the open is over your {limit} limit"),
+            (ErrorCode::QueueTimeout, _) => "the open waited too long for capacity and was given up".to_owned(),
+            _ => "the engine refused the open".to_owned(),
+        });
+        return OpenOutcome { reply: ServerFrame::Error { id, code, message, session: Some(session), limit }, session: None, state: Some("closed".to_owned()) };
+    }
+    let queued = notification.state == "queued";
+    let position = notification.detail.get("position").and_then(Value::as_u64).filter(|_| queued);
     let joined = session != requested || notification.detail.get("joined").and_then(Value::as_bool) == Some(true);
     OpenOutcome {
-        reply: ServerFrame::Ok { id, session: Some(session.clone()), status: None, debounced: None, joined: Some(joined) },
+        reply: ServerFrame::Ok {
+            id,
+            session: Some(session.clone()),
+            status: None,
+            debounced: None,
+            joined: Some(joined),
+            state: queued.then(|| "queued".to_owned()),
+            position,
+        },
         session: Some(session),
         state: Some(notification.state.clone()),
     }
@@ -558,5 +587,25 @@ mod tests {
         assert_eq!((reply["type"].as_str(), reply["code"].as_str(), reply["session"].as_str()), (Some("error"), Some("timeout"), Some(REQUESTED)));
         let message = reply["message"].as_str().unwrap();
         assert!(message.contains("was sent") && message.contains("15 s") && message.contains("status updates"), "{message}");
+    }
+
+    #[test]
+    fn refusals_and_queueing_are_typed() {
+        let mut refused = answer(Some(REQUESTED), json!({"code": "limit_exceeded", "limit": "sessions_per_user", "error": "at most 1 session", "preserved": []}));
+        refused.state = "closed".into();
+        let outcome = open_outcome(Some("o1".into()), REQUESTED, Some(&refused), Duration::from_secs(15));
+        let reply: Value = serde_json::from_str(&outcome.reply.to_text()).unwrap();
+        assert_eq!(reply, json!({"type": "error", "id": "o1", "code": "limit_exceeded", "limit": "sessions_per_user", "message": "at most 1 session", "session": REQUESTED}));
+        assert_eq!(outcome.session, None);
+        refused.detail = json!({"code": "queue_timeout", "error": ""});
+        let reply: Value = serde_json::from_str(&open_outcome(None, REQUESTED, Some(&refused), Duration::from_secs(15)).reply.to_text()).unwrap();
+        assert_eq!(reply["code"], "queue_timeout");
+        // An ordinary close is no refusal.
+        refused.detail = json!({"code": ""});
+        let reply: Value = serde_json::from_str(&open_outcome(None, REQUESTED, Some(&refused), Duration::from_secs(15)).reply.to_text()).unwrap();
+        assert_eq!(reply["type"], "ok");
+        let mut queued = answer(Some(REQUESTED), json!({"queued": true, "position": 3}));
+        queued.state = "queued".into();
+        check(Some(queued), json!({"type": "ok", "id": "o1", "session": REQUESTED, "joined": false, "state": "queued", "position": 3}));
     }
 }

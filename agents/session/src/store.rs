@@ -45,7 +45,12 @@ impl SessionStore {
 
     /// One session record, or `None` when there is no such session.
     pub async fn session(&self, session: &str) -> Result<Option<Value>> {
-        let args = json!({"collection": SESSIONS_COLLECTION, "id": session});
+        self.document(SESSIONS_COLLECTION, session).await
+    }
+
+    /// One document of `collection` by id, or `None`.
+    pub async fn document(&self, collection: &str, id: &str) -> Result<Option<Value>> {
+        let args = json!({"collection": collection, "id": id});
         match self.request("get", args).await {
             Ok(Value::Null) => Ok(None),
             Ok(record @ Value::Object(_)) => Ok(Some(record)),

@@ -1439,3 +1439,105 @@ async fn the_connection_cap_holds_under_two_thousand_idle_connections() -> Resul
     world.finish().await;
     Ok(())
 }
+
+/// A raw HTTP request with a JSON body; returns the status and the body.
+async fn http_send(address: SocketAddr, method: &str, path: &str, token: &str, body: &Value) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(address).await?;
+    let body = body.to_string();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response)).await??;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status: u16 = text.split(' ').nth(1).context("no status")?.parse()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The real engine with `limits.max_sessions_per_user = 1`: a second open is refused with a typed
+/// `limit_exceeded` on the socket and 429 on the REST API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_over_the_users_limit_is_a_typed_refusal_through_the_real_engine() -> Result<()> {
+    let world = World::new().await?;
+    let mut profile = dev_profile();
+    profile.apply_overrides(|name| std::env::var(name).ok());
+    profile.limits.max_sessions_per_user = 1;
+    let engine_config = engine::EngineConfig::isolated(&uuid::Uuid::now_v7().simple().to_string());
+    engine::service::declare(&world.bus, &engine_config).await?;
+    let pattern_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../patterns/workspace-session.json");
+    let pattern = engine::load_pattern_file(std::path::Path::new(pattern_path))?;
+    let running_engine = engine::Engine::connect(profile.clone(), vec![pattern], engine_config.clone()).await?;
+    let (stop_engine, engine_stopped) = tokio::sync::oneshot::channel::<()>();
+    let engine_task = tokio::spawn(async move {
+        running_engine
+            .serve(async move {
+                let _ = engine_stopped.await;
+            })
+            .await
+    });
+    let mut config = world.config();
+    config.events_exchange = engine_config.events_exchange.clone();
+    config.notify_exchange = engine_config.notify_exchange.clone();
+    let instance = world.instance(config).await?;
+    let alice = unique("alice");
+    let token = world.token(&alice, &[]);
+    let (mut tab, _) = connect(&instance, &token).await?;
+
+    let reply = request_skipping_status(&mut tab, json!({"type": "open", "id": "a", "workspace": "thesis", "profile": "dev"})).await?;
+    assert_eq!((reply["type"].as_str(), reply["joined"].as_bool()), (Some("ok"), Some(false)), "{reply}");
+    let reply = request_skipping_status(&mut tab, json!({"type": "open", "id": "b", "workspace": "essay", "profile": "dev"})).await?;
+    assert_eq!((reply["type"].as_str(), reply["code"].as_str(), reply["limit"].as_str()), (Some("error"), Some("limit_exceeded"), Some("sessions_per_user")), "{reply}");
+    assert_eq!(reply["id"], "b");
+
+    let (status, body) = http_send(instance.address, "POST", "/api/sessions", &token, &json!({"workspace": "notes", "profile": "dev"})).await?;
+    assert_eq!(status, 429, "{body}");
+    let body: Value = serde_json::from_str(&body)?;
+    assert_eq!((body["error"].as_str(), body["limit"].as_str()), (Some("limit_exceeded"), Some("sessions_per_user")), "{body}");
+    // Joining the live session is no new session: still allowed.
+    let (status, body) = http_send(instance.address, "POST", "/api/sessions", &token, &json!({"workspace": "thesis"})).await?;
+    assert_eq!(status, 200, "{body}");
+
+    drop(tab);
+    instance.shutdown().await?;
+    let _ = stop_engine.send(());
+    engine_task.await??;
+    engine::service::teardown(&world.bus, &profile.services.redis_url, &engine_config).await?;
+    world.finish().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn usage_is_read_from_the_store_for_the_caller_or_by_an_admin() -> Result<()> {
+    let world = World::new().await?;
+    let instance = world.instance(world.config()).await?;
+    let alice = unique("alice");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let id = format!("{alice}/{today}");
+    let document = json!({"id": id, "user": alice, "profile": "dev", "period": today, "running_secs": 120.0, "idle_secs": 30.0,
+                          "cpu_secs": 240.0, "gib_secs": 60.0, "cost": 0.25});
+    world.table.lock().expect("table").insert(id, document);
+
+    let token = world.token(&alice, &[]);
+    let (status, body) = http_get(instance.address, "/api/usage?period=day", Some(&token)).await?;
+    assert_eq!(status, 200, "{body}");
+    let usage: Value = serde_json::from_str(&body)?;
+    assert_eq!((usage["period"].as_str(), usage["cost"].as_f64(), usage["running_secs"].as_f64()), (Some(today.as_str()), Some(0.25), Some(120.0)), "{usage}");
+    // Nothing metered this month (in the test table): zeros, not an error.
+    let (status, body) = http_get(instance.address, "/api/usage?period=month", Some(&token)).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body)?["cost"], json!(0.0));
+    let (status, _) = http_get(instance.address, "/api/usage?period=year", Some(&token)).await?;
+    assert_eq!(status, 400);
+    let bob = world.token(&unique("bob"), &[]);
+    let (status, _) = http_get(instance.address, &format!("/api/usage?user={alice}"), Some(&bob)).await?;
+    assert_eq!(status, 403);
+    let admin = world.token(&unique("root"), &["admin"]);
+    let (status, body) = http_get(instance.address, &format!("/api/usage?user={alice}&period=day"), Some(&admin)).await?;
+    assert_eq!((status, serde_json::from_str::<Value>(&body)?["cost"].as_f64()), (200, Some(0.25)), "{body}");
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
