@@ -1541,3 +1541,32 @@ async fn usage_is_read_from_the_store_for_the_caller_or_by_an_admin() -> Result<
     world.finish().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_is_disconnected_after_the_idle_timeout() -> Result<()> {
+    let world = World::new().await?;
+    let mut config = world.config();
+    config.edge.idle_timeout = Duration::from_secs(1);
+    let instance = world.instance(config).await?;
+
+    let mut stalled = TcpStream::connect(instance.address).await?;
+    // The whole head, then 10 of the 100 bytes it announces, then nothing.
+    stalled.write_all(b"POST /api/sessions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"workspac").await?;
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(6), stalled.read_to_end(&mut sink)).await;
+    assert!(ended.is_ok(), "a connection that stopped moving bytes must be closed");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(800) && waited < Duration::from_secs(5), "closed after {waited:?}");
+    // An upgraded socket is no longer HTTP: quiet for longer than the idle timeout, it stays.
+    let (mut socket, _) = connect(&instance, &world.token(&unique("alice"), &[])).await?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let reply = request_skipping_status(&mut socket, json!({"type": "ping", "id": "p"})).await?;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    drop(socket);
+    let (status, _) = http_get(instance.address, "/healthz", None).await?;
+    assert_eq!(status, 200);
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
