@@ -877,8 +877,11 @@ async fn limits_refuse_queue_and_admit_first_come_first_served() {
     let remove_workspace = harness.task(&alice_one, "workspace", "remove").await;
     let still_waiting = harness.drain_tasks(Duration::from_millis(300)).await;
     assert!(!still_waiting.iter().any(|task| task.session.as_deref() == Some(bob.as_str()) && task.action == "materialize"));
+    let freed = std::time::Instant::now();
     harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
     harness.task(&bob, "workspace", "materialize").await;
+    // The figure the closing note reports: capacity freed → the first queued session starts.
+    eprintln!("queue admission: capacity freed → next session's materialize task in {:.1} ms", freed.elapsed().as_secs_f64() * 1000.0);
     let carol_moved = harness
         .notification_where(|n| n.session.as_deref() == Some(carol.as_str()) && n.state == "queued" && n.detail["position"] == json!(1), "carol at position 1")
         .await;
