@@ -40,12 +40,15 @@ pub struct Entry {
     last_used: Mutex<Instant>,
     /// When this instance last published a wake for it.
     wake_sent: Mutex<Option<Instant>>,
+    /// When the activity gate last admitted (and the proxy published) activity for it: the gate
+    /// debounces everything else within its interval, so the proxy need not ask it.
+    activity_published: Mutex<Option<Instant>>,
 }
 
 impl Entry {
     fn new(owner: String, view: View) -> Entry {
         let (view, _) = watch::channel(view);
-        Entry { owner, view, last_used: Mutex::new(Instant::now()), wake_sent: Mutex::new(None) }
+        Entry { owner, view, last_used: Mutex::new(Instant::now()), wake_sent: Mutex::new(None), activity_published: Mutex::new(None) }
     }
 
     pub fn view(&self) -> View {
@@ -65,6 +68,20 @@ impl Entry {
         }
         *sent = Some(now);
         true
+    }
+
+    /// Whether activity was published less than `within` ago (the gate would debounce more).
+    pub fn activity_published_within(&self, within: Duration) -> bool {
+        let published = *self.activity_published.lock().unwrap_or_else(PoisonError::into_inner);
+        published.is_some_and(|at| at.elapsed() < within)
+    }
+
+    /// Activity the gate admitted at (no later than) `at` was published.
+    pub fn activity_published_at(&self, at: Instant) {
+        let mut published = self.activity_published.lock().unwrap_or_else(PoisonError::into_inner);
+        if published.is_none_or(|previous| previous < at) {
+            *published = Some(at);
+        }
     }
 
     fn touch(&self) {

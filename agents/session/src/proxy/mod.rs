@@ -8,6 +8,7 @@ mod cookie;
 mod directory;
 mod forward;
 mod paths;
+mod verified;
 mod wsframes;
 
 use std::sync::Arc;
@@ -64,6 +65,10 @@ pub struct Proxy {
     background: Vec<PathPattern>,
     directory: Arc<Directory>,
     client: forward::HttpClient,
+    /// User tokens verified once (a keep-alive program sends the same one every time).
+    tokens: verified::Verified<Identity>,
+    /// Cookies verified once.
+    cookies: verified::Verified<CookieGrant>,
 }
 
 /// How the request named its session.
@@ -111,7 +116,14 @@ impl Proxy {
         let settings = &state.config.proxy.settings;
         let background = settings.background_paths.iter().map(|pattern| PathPattern::new(pattern)).collect();
         let directory = Directory::new(state.hub.clone(), state.store.clone());
-        let proxy = Arc::new(Proxy { state: state.clone(), background, directory: directory.clone(), client: forward::client() });
+        let proxy = Arc::new(Proxy {
+            state: state.clone(),
+            background,
+            directory: directory.clone(),
+            client: forward::client(),
+            tokens: verified::Verified::new(),
+            cookies: verified::Verified::new(),
+        });
         let mut stop = state.stop.clone();
         tokio::spawn(async move {
             loop {
@@ -173,7 +185,7 @@ impl Proxy {
             Err(response) => return response,
         };
         if !background {
-            self.note_activity(&session, &identity.user);
+            self.note_activity(&entry, &session, &identity.user);
         }
         let strip_authorization = match &credential {
             Credential::Bearer(_) => true,
@@ -186,9 +198,9 @@ impl Proxy {
             Err(message) => return answer(StatusCode::BAD_GATEWAY, "bad_gateway", &message, browser, json!({})),
         };
         let ticker = (!background).then(|| {
-            let proxy = self.clone();
+            let (proxy, entry) = (self.clone(), entry.clone());
             let (session, user) = (session.clone(), identity.user.clone());
-            forward::Ticker::new(move || proxy.note_activity(&session, &user))
+            forward::Ticker::new(move || proxy.note_activity(&entry, &session, &user))
         });
         let forwarded = if upgrade { forward::tunnel(outgoing, &upstream, ticker).await } else { forward::http(&self.client, outgoing, ticker).await };
         let mut response = match forwarded {
@@ -259,17 +271,37 @@ impl Proxy {
     }
 
     fn verify_token(&self, token: &str) -> Result<Identity, AuthFailure> {
-        let verified = self.state.config.authority.verify(token);
+        let verified = self.check_token(token);
         if let Err(failure) = &verified {
             self.state.metrics.record_auth_failure(failure.label());
         }
         verified
     }
 
+    /// A user token's identity: from the cache while it has not expired, else verified in full.
+    fn check_token(&self, token: &str) -> Result<Identity, AuthFailure> {
+        if let Some(identity) = self.tokens.get(token) {
+            return Ok(identity);
+        }
+        let identity = self.state.config.authority.verify(token)?;
+        self.tokens.put(token, identity.clone(), identity.expires_at);
+        Ok(identity)
+    }
+
+    /// A cookie's grant for `session`: from the cache while it has not expired, else verified.
+    fn check_cookie(&self, value: &str, session: &str) -> Option<CookieGrant> {
+        if let Some(grant) = self.cookies.get(value) {
+            return (grant.session == session).then_some(grant);
+        }
+        let grant = self.state.config.proxy.cookie_key.verify(value, session)?;
+        self.cookies.put(value, grant.clone(), grant.expires_at);
+        Some(grant)
+    }
+
     /// The caller: a valid cookie for this session, else `Authorization: Bearer`.
     fn credential(&self, session: &str, headers: &HeaderMap) -> Result<Credential, AuthFailure> {
         let cookies = cookie_values(headers);
-        if let Some(grant) = cookies.iter().find_map(|value| self.state.config.proxy.cookie_key.verify(value, session)) {
+        if let Some(grant) = cookies.iter().find_map(|value| self.check_cookie(value, session)) {
             return Ok(Credential::Cookie(grant));
         }
         let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
@@ -283,7 +315,7 @@ impl Proxy {
 
     fn bearer_is_berths(&self, headers: &HeaderMap) -> bool {
         let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-        token_from_request(authorization, None, None).is_some_and(|token| self.state.config.authority.verify(token).is_ok())
+        token_from_request(authorization, None, None).is_some_and(|token| self.check_token(token).is_ok())
     }
 
     /// The session if `identity` may use it; anyone else's is answered like a missing one.
@@ -360,16 +392,26 @@ impl Proxy {
 
     /// Real use of the session: one debounced `session.activity` per interval (published in the
     /// background, so the request does not wait for the broker).
-    fn note_activity(self: &Arc<Self>, session: &str, user: &str) {
-        let proxy = self.clone();
+    /// Within the gate's interval after the proxy's own published activity, the gate would only
+    /// debounce: that is counted here without a task.
+    fn note_activity(self: &Arc<Self>, entry: &Arc<Entry>, session: &str, user: &str) {
+        if entry.activity_published_within(self.state.config.activity_debounce) {
+            bump(&self.state.metrics.activity_debounced);
+            return;
+        }
+        let (proxy, entry) = (self.clone(), entry.clone());
         let (session, user) = (session.to_owned(), user.to_owned());
         tokio::spawn(async move {
+            let asked_at = tokio::time::Instant::now();
             if proxy.state.activity.admit(&session).await == Admission::Debounced {
                 bump(&proxy.state.metrics.activity_debounced);
                 return;
             }
             match proxy.publish(&session, &user, "session.activity", json!({"source": "proxy"})).await {
-                Ok(()) => bump(&proxy.state.metrics.activity_events_published),
+                Ok(()) => {
+                    entry.activity_published_at(asked_at);
+                    bump(&proxy.state.metrics.activity_events_published)
+                }
                 Err(message) => {
                     tracing::warn!(session_id = %session, %message, "proxy activity not published");
                     proxy.state.activity.forget(&session).await;
