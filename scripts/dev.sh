@@ -14,4 +14,4 @@ cd "$here"
 "$here/scripts/services.sh"
 echo "dev: building berth (the first build takes a few minutes; see README.md)" >&2
 cargo build --bin berth
-exec "$here/target/debug/berth" --profile "${BERTH_PROFILE:-dev}" dev
+exec "${CARGO_TARGET_DIR:-$here/target}/debug/berth" --profile "${BERTH_PROFILE:-dev}" dev

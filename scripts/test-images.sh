@@ -35,7 +35,7 @@ if ! docker image inspect berth-test/oom:latest >/dev/null 2>&1; then
 fi
 # Rebuilt whenever the example changed (cargo is quick when it did not; the image build too).
 (cd "$here_root" && cargo build -q -p session --example proxy-test-app)
-app_binary="$here_root/target/debug/examples/proxy-test-app"
+app_binary="${CARGO_TARGET_DIR:-$here_root/target}/debug/examples/proxy-test-app"
 app_ctx="$ctx/proxy-app"
 mkdir -p "$app_ctx/root/app"
 cp "$app_binary" "$app_ctx/root/app/proxy-test-app"
