@@ -209,9 +209,10 @@ impl Keys {
     pub fn user_live(&self, pattern: &str, user: &str) -> String {
         format!("{}:user-live:{pattern}:{user}", self.prefix)
     }
-    /// New threds (event ids) one user started in one minute, for `max_opens_per_user_per_minute`.
-    pub fn user_opens(&self, pattern: &str, user: &str, minute: i64) -> String {
-        format!("{}:user-opens:{pattern}:{user}:{minute}", self.prefix)
+    /// New threds one user started (event id → ms), a sliding minute for
+    /// `max_opens_per_user_per_minute`.
+    pub fn user_opens(&self, pattern: &str, user: &str) -> String {
+        format!("{}:user-opens:{pattern}:{user}", self.prefix)
     }
     /// Memory (MiB) and CPU (millis) held by live threds: hash fields `memory`, `cpu`.
     pub fn capacity(&self) -> String {
@@ -766,20 +767,27 @@ impl Engine {
         Ok(())
     }
 
-    /// The verdict for a new thred of an admitted pattern, from one read of the counts. Recording
-    /// this open in the user's minute is idempotent by event id, so a redelivery counts once.
+    /// The verdict for a new thred of an admitted pattern, from one read of the counts. Opens are
+    /// counted over the last 60 s (a sliding window, not the clock's minute); recording this one is
+    /// idempotent by event id, so a redelivery counts once.
     async fn admission_verdict(&self, pattern: &Pattern, event: &CloudEvent, candidate: &Thred) -> Result<Verdict> {
         let keys = &self.inner.keys;
         let user = candidate.context.get("user").and_then(Value::as_str).unwrap_or_default();
-        let minute = chrono::Utc::now().timestamp().div_euclid(60);
-        let opens = keys.user_opens(&pattern.name, user, minute);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let opens = keys.user_opens(&pattern.name, user);
         let mut redis = self.inner.redis.clone();
         let (opens_this_minute, user_live, memory, cpu, queued): (u64, u64, Option<u64>, Option<u64>, u64) = redis::pipe()
-            .sadd(&opens, &event.id)
+            .cmd("ZADD")
+            .arg(&opens)
+            .arg("NX")
+            .arg(now_ms)
+            .arg(&event.id)
+            .ignore()
+            .zrembyscore(&opens, "-inf", now_ms - 60_000)
             .ignore()
             .expire(&opens, 120)
             .ignore()
-            .scard(&opens)
+            .zcard(&opens)
             .scard(keys.user_live(&pattern.name, user))
             .hget(keys.capacity(), "memory")
             .hget(keys.capacity(), "cpu")
