@@ -142,7 +142,6 @@ impl Drop for Environment {
     fn drop(&mut self) {
         let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.vhost]).output();
         let _ = Command::new("redis-cli").args(["-n", &self.redis_db.to_string(), "FLUSHDB"]).output();
-        let _ = std::fs::remove_dir_all(&self.root);
         // Containers of this run carry its deployment; remove any a failed assertion left, then
         // the run's session network (Docker has address pools for only a few dozen networks).
         let deployment_label = format!("label=berth.deployment={}", self.deployment);
@@ -158,6 +157,9 @@ impl Drop for Environment {
                 let _ = Command::new("docker").args(["network", "rm", id]).output();
             }
         }
+        // Workspace images a failed run left mounted go before the directory does.
+        let _ = workspace::unmount_all_under(&self.root);
+        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 

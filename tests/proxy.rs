@@ -87,13 +87,15 @@ impl Drop for Environment {
     fn drop(&mut self) {
         let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.vhost]).output();
         let _ = Command::new("redis-cli").args(["-n", &self.redis_db.to_string(), "FLUSHDB"]).output();
-        let _ = std::fs::remove_dir_all(&self.root);
         let label = format!("label=berth.deployment={}", self.deployment);
         if let Ok(listed) = Command::new("docker").args(["ps", "-aq", "--filter", &label]).output() {
             for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
                 let _ = Command::new("docker").args(["rm", "-f", id]).output();
             }
         }
+        // Workspace images a failed run left mounted go before the directory does.
+        let _ = workspace::unmount_all_under(&self.root);
+        let _ = std::fs::remove_dir_all(&self.root);
         // The container agent's network of this run's deployment (`{network}-{deployment}`).
         let _ = Command::new("docker").args(["network", "rm", &format!("berth-sessions-{}", self.deployment)]).output();
     }
