@@ -970,21 +970,9 @@ impl Engine {
         let messages: Vec<OutboxMessage> = holding
             .iter()
             .filter_map(|thred| {
-                let user = thred.context.get("user").and_then(Value::as_str)?;
-                let notification = Notification {
-                    id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-budget-warning/{}/{}", thred.id, budget.period(now)).as_bytes()),
-                    user: user.to_owned(),
-                    session: Some(thred.key.clone()),
-                    state: thred.state.clone(),
-                    detail: json!({"budget_warning": {"budget": budget.as_str(), "spent": used, "limit": limit}}),
-                    cause: None,
-                };
-                Some(OutboxMessage {
-                    exchange: self.inner.config.notify_exchange.clone(),
-                    routing_key: notification.routing_key(),
-                    message_id: notification.id.to_string(),
-                    body: String::from_utf8_lossy(&notification.to_bytes()).into_owned(),
-                })
+                let detail = json!({"budget_warning": {"budget": budget.as_str(), "spent": used, "limit": limit}});
+                let notification = notification_to_owner(thred, &thred.state, detail, &format!("berth-budget-warning/{}/{}", thred.id, budget.period(now)))?;
+                Some(notification_message(&self.inner.config, &notification))
             })
             .collect();
         self.publish_messages(&messages).await
@@ -1016,22 +1004,11 @@ impl Engine {
             if told_positions.get(thred_id) == Some(&position) {
                 continue;
             }
-            let Some(user) = thred.context.get("user").and_then(Value::as_str) else { continue };
-            let notification = Notification {
-                id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-position/{}/{position}", thred.id).as_bytes()),
-                user: user.to_owned(),
-                session: Some(thred.key.clone()),
-                state: spec.queue_state.clone(),
-                detail: json!({"queued": true, "position": position}),
-                cause: None,
+            let detail = json!({"queued": true, "position": position});
+            let Some(notification) = notification_to_owner(thred, &spec.queue_state, detail, &format!("berth-position/{}/{position}", thred.id)) else {
+                continue;
             };
-            let message = OutboxMessage {
-                exchange: self.inner.config.notify_exchange.clone(),
-                routing_key: notification.routing_key(),
-                message_id: notification.id.to_string(),
-                body: String::from_utf8_lossy(&notification.to_bytes()).into_owned(),
-            };
-            self.publish_messages(std::slice::from_ref(&message)).await?;
+            self.publish_messages(&[notification_message(&self.inner.config, &notification)]).await?;
             told_positions.insert(thred_id.clone(), position);
         }
         Ok(())
@@ -1245,12 +1222,7 @@ impl Engine {
                     };
                     let notification =
                         Notification { id, user: user.clone(), session: Some(thred.key.clone()), state: state.clone(), detail: detail.clone(), cause: Some(event.id.clone()) };
-                    messages.push(OutboxMessage {
-                        exchange: config.notify_exchange.clone(),
-                        routing_key: notification.routing_key(),
-                        message_id: id.to_string(),
-                        body: String::from_utf8_lossy(&notification.to_bytes()).into_owned(),
-                    });
+                    messages.push(notification_message(config, &notification));
                 }
                 Effect::StartTimer { .. } | Effect::CancelTimer { .. } => {}
             }
@@ -1523,6 +1495,29 @@ fn created_time(value: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
         Value::Number(number) => chrono::DateTime::from_timestamp(number.as_i64()?, 0),
         _ => None,
     }
+}
+
+fn notification_message(config: &EngineConfig, notification: &Notification) -> OutboxMessage {
+    OutboxMessage {
+        exchange: config.notify_exchange.clone(),
+        routing_key: notification.routing_key(),
+        message_id: notification.id.to_string(),
+        body: String::from_utf8_lossy(&notification.to_bytes()).into_owned(),
+    }
+}
+
+/// A notification the engine sends on its own (not a pattern's effect) to a thred's user; its id
+/// is derived from `id_name`, so sending it twice is one notification. `None` without a user.
+fn notification_to_owner(thred: &Thred, state: &str, detail: Value, id_name: &str) -> Option<Notification> {
+    let user = thred.context.get("user").and_then(Value::as_str)?;
+    Some(Notification {
+        id: Uuid::new_v5(&Uuid::NAMESPACE_OID, id_name.as_bytes()),
+        user: user.to_owned(),
+        session: Some(thred.key.clone()),
+        state: state.to_owned(),
+        detail,
+        cause: None,
+    })
 }
 
 fn task_message(config: &EngineConfig, task: &Task) -> OutboxMessage {
