@@ -223,6 +223,26 @@ fn write_work(deployment: &Deployment, session: &str, path: &str, bytes: Vec<u8>
     Ok(())
 }
 
+/// For every user: a seeded workspace, a running session, and `work` done inside it; returns
+/// the sessions and what the store must hold for each afterwards.
+async fn open_running_with(
+    deployment: &Deployment,
+    users: &[String],
+    mut work: impl FnMut(&Deployment, &str, &str, &mut Expected) -> anyhow::Result<()>,
+) -> anyhow::Result<(Vec<String>, Vec<Expected>)> {
+    let mut sessions = Vec::new();
+    let mut expectations = Vec::new();
+    for user in users {
+        let mut expected = Expected::default();
+        seed(deployment, user, &[("seeded.txt".to_owned(), payload(user, 100))], &mut expected).await?;
+        let session = open_running(deployment, user).await?;
+        work(deployment, &session, user, &mut expected)?;
+        sessions.push(session);
+        expectations.push(expected);
+    }
+    Ok((sessions, expectations))
+}
+
 async fn open_running(deployment: &Deployment, user: &str) -> anyhow::Result<String> {
     let session = deployment.open_amqp(user, WORKSPACE).await?;
     deployment.inbox.wait_state(&session, "running", STEP_TIMEOUT).await?;
@@ -611,16 +631,7 @@ async fn wait_upload_started(deployment: &Deployment, user: &str) -> anyhow::Res
 }
 
 async fn kill_mid_sync(deployment: &mut Deployment, users: &[String], kind: SyncKind, tally: &mut Tally) -> anyhow::Result<()> {
-    let mut sessions = Vec::new();
-    let mut expectations = Vec::new();
-    for user in users {
-        let mut expected = Expected::default();
-        seed(deployment, user, &[("seeded.txt".to_owned(), payload(user, 100))], &mut expected).await?;
-        let session = open_running(deployment, user).await?;
-        write_bulk(deployment, &session, user, &mut expected)?;
-        sessions.push(session);
-        expectations.push(expected);
-    }
+    let (sessions, expectations) = open_running_with(deployment, users, |deployment, session, user, expected| write_bulk(deployment, session, user, expected)).await?;
     if kind == SyncKind::Final {
         for (user, session) in users.iter().zip(&sessions) {
             deployment.close(session, user).await?;
@@ -648,20 +659,15 @@ async fn kill_mid_sync(deployment: &mut Deployment, users: &[String], kind: Sync
 const REMOVE_FILES: usize = 2000;
 
 async fn kill_mid_remove(deployment: &mut Deployment, users: &[String], tally: &mut Tally) -> anyhow::Result<()> {
-    let mut sessions = Vec::new();
-    let mut expectations = Vec::new();
-    for user in users {
-        let mut expected = Expected::default();
-        seed(deployment, user, &[("seeded.txt".to_owned(), payload(user, 100))], &mut expected).await?;
-        let session = open_running(deployment, user).await?;
+    let (sessions, expectations) = open_running_with(deployment, users, |deployment, session, user, expected| {
         let line = format!("{user} many");
-        deployment.exec(&session, &format!("mkdir -p /workspace/many && cd /workspace/many && for i in $(seq 1 {REMOVE_FILES}); do echo \"{line} $i\" > f$i.txt; done"))?;
+        deployment.exec(session, &format!("mkdir -p /workspace/many && cd /workspace/many && for i in $(seq 1 {REMOVE_FILES}); do echo \"{line} $i\" > f$i.txt; done"))?;
         for index in 1..=REMOVE_FILES {
             expected.add(&format!("many/f{index}.txt"), format!("{line} {index}\n").into_bytes());
         }
-        sessions.push(session);
-        expectations.push(expected);
-    }
+        Ok(())
+    })
+    .await?;
     for (user, session) in users.iter().zip(&sessions) {
         deployment.close(session, user).await?;
     }
@@ -719,16 +725,10 @@ async fn kill_mid_provision(deployment: &mut Deployment, users: &[String], tally
 // ----- Redis -----
 
 async fn redis_flush(deployment: &mut Deployment, users: &[String], tally: &mut Tally) -> anyhow::Result<()> {
-    let mut sessions = Vec::new();
-    let mut expectations = Vec::new();
-    for user in users {
-        let mut expected = Expected::default();
-        seed(deployment, user, &[("seeded.txt".to_owned(), payload(user, 100))], &mut expected).await?;
-        let session = open_running(deployment, user).await?;
-        write_work(deployment, &session, "unsynced.txt", payload(&format!("{user} unsynced"), 30_000), &mut expected)?;
-        sessions.push(session);
-        expectations.push(expected);
-    }
+    let (sessions, expectations) = open_running_with(deployment, users, |deployment, session, user, expected| {
+        write_work(deployment, session, "unsynced.txt", payload(&format!("{user} unsynced"), 30_000), expected)
+    })
+    .await?;
     deployment.redis_flushall()?;
     tally.injected += 1;
     for ((user, session), expected) in users.iter().zip(&sessions).zip(expectations) {
@@ -740,16 +740,10 @@ async fn redis_flush(deployment: &mut Deployment, users: &[String], tally: &mut 
 }
 
 async fn redis_and_docker_outage(deployment: &mut Deployment, users: &[String], tally: &mut Tally) -> anyhow::Result<()> {
-    let mut sessions = Vec::new();
-    let mut expectations = Vec::new();
-    for user in users {
-        let mut expected = Expected::default();
-        seed(deployment, user, &[("seeded.txt".to_owned(), payload(user, 100))], &mut expected).await?;
-        let session = open_running(deployment, user).await?;
-        write_work(deployment, &session, "before.txt", payload(&format!("{user} before"), 10_000), &mut expected)?;
-        sessions.push(session);
-        expectations.push(expected);
-    }
+    let (sessions, mut expectations) = open_running_with(deployment, users, |deployment, session, user, expected| {
+        write_work(deployment, session, "before.txt", payload(&format!("{user} before"), 10_000), expected)
+    })
+    .await?;
     // Redis away for 3 s while users are active.
     deployment.stop_redis();
     tally.injected += 1;
@@ -791,16 +785,10 @@ async fn redis_and_docker_outage(deployment: &mut Deployment, users: &[String], 
 // ----- the object store -----
 
 async fn store_outage(deployment: &mut Deployment, users: &[String], tally: &mut Tally) -> anyhow::Result<()> {
-    let mut sessions = Vec::new();
-    let mut expectations = Vec::new();
-    for user in users {
-        let mut expected = Expected::default();
-        seed(deployment, user, &[("seeded.txt".to_owned(), payload(user, 100))], &mut expected).await?;
-        let session = open_running(deployment, user).await?;
-        write_work(deployment, &session, "unsynced.txt", payload(&format!("{user} unsynced"), 50_000), &mut expected)?;
-        sessions.push(session);
-        expectations.push(expected);
-    }
+    let (sessions, expectations) = open_running_with(deployment, users, |deployment, session, user, expected| {
+        write_work(deployment, session, "unsynced.txt", payload(&format!("{user} unsynced"), 50_000), expected)
+    })
+    .await?;
     deployment.cut_store();
     tally.injected += 1;
     for (user, session) in users.iter().zip(&sessions) {
