@@ -491,6 +491,20 @@ impl Bus {
         Ok(())
     }
 
+    /// Declares one host's queue for `kind` ([`topology::host_agent_queue`]) on `tasks_exchange`,
+    /// bound by [`topology::host_routing_key`], and returns its name. Each host-affine agent
+    /// declares its own at start: the topology does not know which hosts exist.
+    pub async fn declare_host_queue(&self, tasks_exchange: &str, kind: AgentKind, host: &str) -> Result<String> {
+        let channel = self.channel().await?;
+        let queue = topology::host_agent_queue(kind, host);
+        declare_queue(&channel, &queue, work_queue_arguments()).await?;
+        channel
+            .queue_bind(&queue, tasks_exchange, &topology::host_routing_key(kind, host), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        let _ = channel.close(200, "host queue declared").await;
+        Ok(queue)
+    }
+
     /// Declares the delay queues that hold `queue`'s retries under this bus's [`RetryPolicy`], one
     /// per distinct delay ([`topology::retry_queue`]). Idempotent; [`Bus::consume`] calls it when a
     /// retry finds them missing, so calling it is optional (it moves the work to start-up and shows a

@@ -65,6 +65,11 @@ pub struct Services {
     /// [`Profile::deployment`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<String>,
+    /// `BERTH_HOST`: this machine's host id (its container and workspace agents take the tasks of
+    /// sessions placed on it from `berth.agent.<kind>.<host>`). Absent: `local`
+    /// ([`Profile::host`]); the engine and the other agents ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -348,7 +353,7 @@ pub struct SeedUser {
 }
 
 /// Environment variables that override `[services]`, each with how it sets its field.
-pub const SERVICE_OVERRIDES: [(&str, fn(&mut Services, String)); 7] = [
+pub const SERVICE_OVERRIDES: [(&str, fn(&mut Services, String)); 8] = [
     ("BERTH_AMQP_URL", |services, value| services.amqp_url = value),
     ("BERTH_REDIS_URL", |services, value| services.redis_url = value),
     ("BERTH_STORE_URL", |services, value| services.store_url = value),
@@ -356,6 +361,7 @@ pub const SERVICE_OVERRIDES: [(&str, fn(&mut Services, String)); 7] = [
     ("BERTH_WORKSPACE_ROOT", |services, value| services.workspace_root = PathBuf::from(value)),
     ("BERTH_SESSION_ADDR", |services, value| services.session_addr = value),
     ("BERTH_DEPLOYMENT", |services, value| services.deployment = Some(value)),
+    ("BERTH_HOST", |services, value| services.host = Some(value)),
 ];
 
 impl Profile {
@@ -558,6 +564,11 @@ impl Profile {
                 return Err(self.invalid(field, "must be 0 or a positive number"));
             }
         }
+        if let Some(host) = &self.services.host {
+            if !is_deployment_id(host) {
+                return Err(self.invalid("services.host", "must be 1-40 lowercase letters, digits or `-`, starting with a letter or digit"));
+            }
+        }
         if let Some(deployment) = &self.services.deployment {
             if !is_deployment_id(deployment) {
                 return Err(self.invalid("services.deployment", "must be 1-40 lowercase letters, digits or `-`, starting with a letter or digit"));
@@ -574,6 +585,11 @@ impl Profile {
             return deployment.clone();
         }
         derived_deployment(&self.services.amqp_url, &self.services.redis_url)
+    }
+
+    /// This machine's host id: `services.host`, or [`crate::topology::DEFAULT_HOST`].
+    pub fn host(&self) -> String {
+        self.services.host.clone().unwrap_or_else(|| crate::topology::DEFAULT_HOST.to_owned())
     }
 
     /// The host directory holding everything of this deployment: one folder per session, and the

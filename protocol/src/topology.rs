@@ -50,6 +50,35 @@ pub fn agent_queue(kind: AgentKind) -> String {
     format!("berth.agent.{}", kind.as_str())
 }
 
+/// The host id of a deployment that names none (`services.host`, `BERTH_HOST`): one machine runs
+/// as one host, and its agents take the shared queues' tasks and their host's alike.
+pub const DEFAULT_HOST: &str = "local";
+/// The event type of a host's heartbeat: capacity, sessions and cached workspaces, from each of
+/// its container and workspace agents.
+pub const HOST_REPORT: &str = "host.report";
+/// How often each host-affine agent publishes [`HOST_REPORT`] (`BERTH_HOST_REPORT_INTERVAL_SECS`).
+pub const HOST_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// A host whose container agent has not reported for this many intervals is gone: the engine
+/// keeps each report in Redis with a TTL of this many intervals, and its expiry is the verdict.
+pub const HOST_GONE_AFTER_REPORTS: u32 = 3;
+
+/// Whether an agent kind's tasks act on one host (its Docker engine, its directories): those go
+/// to the host a session was placed on, on [`host_routing_key`].
+pub fn is_host_affine(kind: AgentKind) -> bool {
+    matches!(kind, AgentKind::Container | AgentKind::Workspace)
+}
+
+/// The routing key on [`TASKS_EXCHANGE`] of one host's tasks for `kind`: `container.<host>`.
+pub fn host_routing_key(kind: AgentKind, host: &str) -> String {
+    format!("{}.{host}", kind.as_str())
+}
+
+/// The quorum queue of one host's tasks for `kind`: `berth.agent.container.<host>`, declared by
+/// the host's agent itself (a host's queue outlives the host: tasks wait there until it is back).
+pub fn host_agent_queue(kind: AgentKind, host: &str) -> String {
+    format!("berth.agent.{}.{host}", kind.as_str())
+}
+
 /// The work queues of the standard topology: the engine's and one per agent kind. Their delay
 /// queues are permanent; every other queue's expire after [`TEMPORARY_RETRY_QUEUE_EXPIRY`].
 pub fn standard_work_queues() -> Vec<String> {
