@@ -5,6 +5,7 @@
 
 pub mod bus;
 pub mod event;
+pub mod host;
 pub mod message;
 pub mod profile;
 pub mod stats;

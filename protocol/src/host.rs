@@ -1,0 +1,171 @@
+//! A host's heartbeat, `host.report`: what each of its host-affine agents (container, workspace)
+//! tells the engine every [`topology::HOST_REPORT_INTERVAL`]. The engine keeps the latest report
+//! of each in Redis with a TTL of [`topology::HOST_GONE_AFTER_REPORTS`] intervals, so a host that
+//! stops reporting is gone when its report expires: Redis key expiry is the membership protocol.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::CloudEvent;
+use crate::message::AgentKind;
+use crate::profile::{is_deployment_id, Profile};
+use crate::topology;
+
+/// The body of one `host.report`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostReport {
+    /// The host id ([`Profile::host`]).
+    pub host: String,
+    pub deployment: String,
+    /// Which of the host's agents reports: `container` (capacity) or `workspace` (cache).
+    pub agent: AgentKind,
+    /// How often this agent reports; the engine marks the host gone after
+    /// [`topology::HOST_GONE_AFTER_REPORTS`] of these without a report.
+    pub interval_secs: u64,
+    /// The container agent's: what the host gives sessions and what they hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<HostCapacity>,
+    /// The workspace agent's: the workspaces (`user/workspace`) with a copy on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspaces: Option<Vec<String>>,
+}
+
+/// A host's capacity as its container agent sees it. `memory_mib` and `cpu_millis` are the
+/// budget (the profile's `limits.host_memory_mib`/`host_cpus`, or the machine's size); committed
+/// is what its session containers hold by the profile's per-session limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostCapacity {
+    pub memory_mib: u64,
+    pub cpu_millis: u64,
+    pub committed_memory_mib: u64,
+    pub committed_cpu_millis: u64,
+    pub free_memory_mib: u64,
+    pub free_cpu_millis: u64,
+    pub sessions: u64,
+}
+
+impl HostCapacity {
+    /// The capacity of a host with `sessions` session containers under `profile`.
+    pub fn of(profile: &Profile, sessions: u64) -> HostCapacity {
+        let (memory_mib, cpu_millis) = budget(profile);
+        let committed_memory_mib = sessions * profile.container.memory_mib;
+        let committed_cpu_millis = sessions * cpu_millis_of(profile.container.cpus);
+        HostCapacity {
+            memory_mib,
+            cpu_millis,
+            committed_memory_mib,
+            committed_cpu_millis,
+            free_memory_mib: memory_mib.saturating_sub(committed_memory_mib),
+            free_cpu_millis: cpu_millis.saturating_sub(committed_cpu_millis),
+            sessions,
+        }
+    }
+}
+
+impl HostReport {
+    /// The event that carries it (no subject: it is about a host, not a session).
+    pub fn to_event(&self, source: &str) -> CloudEvent {
+        CloudEvent::new(topology::HOST_REPORT, source, None, serde_json::to_value(self).unwrap_or(Value::Null))
+    }
+
+    /// Reads and checks a `host.report`'s data; the error names what is wrong.
+    pub fn from_event(event: &CloudEvent) -> Result<HostReport, String> {
+        let report: HostReport = serde_json::from_value(event.data.clone()).map_err(|error| format!("host.report: {error}"))?;
+        if !is_deployment_id(&report.host) {
+            return Err(format!("host.report: host {:?} is not a host id (1-40 lowercase letters, digits or `-`)", report.host));
+        }
+        if !topology::is_host_affine(report.agent) {
+            return Err(format!("host.report: the {} agent is not a host's agent", report.agent));
+        }
+        if report.interval_secs == 0 || report.interval_secs > 3600 {
+            return Err("host.report: interval_secs must be 1-3600".to_owned());
+        }
+        Ok(report)
+    }
+
+    /// How long the engine keeps this report: the host is gone when it expires.
+    pub fn gone_after_ms(&self) -> u64 {
+        self.interval_secs * 1000 * u64::from(topology::HOST_GONE_AFTER_REPORTS)
+    }
+}
+
+/// The memory (MiB) and CPU (millis) a host gives sessions: the profile's `limits.host_memory_mib`
+/// and `limits.host_cpus`, or, where those are 0, the machine's size, read now.
+pub fn budget(profile: &Profile) -> (u64, u64) {
+    let limits = &profile.limits;
+    let memory_mib = if limits.host_memory_mib > 0 { limits.host_memory_mib } else { machine_memory_mib() };
+    let cpus = if limits.host_cpus > 0.0 { limits.host_cpus } else { machine_cpus() };
+    (memory_mib, cpu_millis_of(cpus))
+}
+
+/// CPUs as thousandths (0.5 → 500).
+pub fn cpu_millis_of(cpus: f64) -> u64 {
+    (cpus * 1000.0).round().max(0.0) as u64
+}
+
+/// `MemTotal` of `/proc/meminfo` in MiB (1 GiB when it cannot be read: a safe, small default).
+fn machine_memory_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+        .unwrap_or(1024)
+}
+
+fn machine_cpus() -> f64 {
+    std::thread::available_parallelism().map(|count| count.get() as f64).unwrap_or(1.0)
+}
+
+/// The report interval: `BERTH_HOST_REPORT_INTERVAL_SECS` (tests report faster), else
+/// [`topology::HOST_REPORT_INTERVAL`].
+pub fn report_interval_from_env() -> Result<std::time::Duration, String> {
+    let interval = crate::profile::seconds_from_env(REPORT_INTERVAL_ENV)?.unwrap_or(topology::HOST_REPORT_INTERVAL);
+    Ok(interval.clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600)))
+}
+
+/// The variable that sets the report interval in seconds.
+pub const REPORT_INTERVAL_ENV: &str = "BERTH_HOST_REPORT_INTERVAL_SECS";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> HostReport {
+        HostReport {
+            host: "h2".to_owned(),
+            deployment: "dev".to_owned(),
+            agent: AgentKind::Container,
+            interval_secs: 5,
+            capacity: Some(HostCapacity {
+                memory_mib: 8192,
+                cpu_millis: 4000,
+                committed_memory_mib: 512,
+                committed_cpu_millis: 1000,
+                free_memory_mib: 7680,
+                free_cpu_millis: 3000,
+                sessions: 1,
+            }),
+            workspaces: None,
+        }
+    }
+
+    #[test]
+    fn reports_round_trip_and_bad_ones_are_named() {
+        let event = report().to_event("/test");
+        assert_eq!(HostReport::from_event(&event), Ok(report()));
+        assert_eq!(report().gone_after_ms(), 15_000);
+        let mut bad = report();
+        bad.host = "H.2".to_owned();
+        assert!(HostReport::from_event(&bad.to_event("/test")).unwrap_err().contains("not a host id"));
+        bad = report();
+        bad.agent = AgentKind::Session;
+        assert!(HostReport::from_event(&bad.to_event("/test")).unwrap_err().contains("not a host's agent"));
+        let mut event = report().to_event("/test");
+        event.data["bogus"] = serde_json::json!(1);
+        assert!(HostReport::from_event(&event).unwrap_err().contains("unknown field `bogus`"));
+    }
+}
