@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod core;
 pub mod expr;
+pub mod exporter;
 pub mod metrics;
 pub mod pattern;
 pub mod service;
@@ -116,8 +117,24 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     if let Some(grace) = protocol::profile::seconds_from_env(protocol::profile::ORPHAN_GRACE_ENV).map_err(anyhow::Error::msg)? {
         config.orphan_grace_secs = grace.as_secs();
     }
-    service::run_engine(profile, patterns, config, shutdown).await?;
-    Ok(())
+    let redis_url = profile.services.redis_url.clone();
+    let metrics_listener = protocol::metrics::bind(&profile).await?;
+    let metrics_token = protocol::metrics::token_of(&profile);
+    let engine = Engine::connect(profile, patterns, config).await?;
+    let (stop_exporter, exporter_stopped) = tokio::sync::oneshot::channel::<()>();
+    let exporter = metrics_listener.map(|listener| {
+        let stopped = async move {
+            let _ = exporter_stopped.await;
+        };
+        let (metrics, keys) = (engine.metrics(), engine.keys().clone());
+        tokio::spawn(async move { exporter::serve(metrics, keys, &redis_url, listener, metrics_token, stopped).await })
+    });
+    let served = engine.serve(shutdown).await;
+    drop(stop_exporter);
+    if let Some(exporter) = exporter {
+        exporter.await??;
+    }
+    Ok(served?)
 }
 
 /// `berth bench engine`.

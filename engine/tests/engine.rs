@@ -204,6 +204,18 @@ impl Harness {
     }
 }
 
+/// `GET path` over a plain TCP connection, the whole response as text.
+async fn http_get(address: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let authorization = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n{authorization}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response)).await.expect("a response in time").expect("response");
+    response
+}
+
 fn open_event(session: &str, user: &str) -> CloudEvent {
     open_workspace_event(session, user, "w1")
 }
@@ -950,6 +962,34 @@ async fn usage_is_metered_and_a_spent_budget_warns_stops_and_refuses() {
     let last = usage.last().expect("usage recorded in the store");
     assert!(last.args["doc"]["cost"].as_f64().unwrap_or_default() >= 3.0, "{last:?}");
     assert!(last.args["doc"]["running_secs"].as_f64().unwrap_or_default() >= 3.0, "{last:?}");
+    // The engine's /metrics shows the user's usage of the day and the month, behind its token.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let (stop_exporter, exporter_stopped) = oneshot::channel::<()>();
+    let (metrics, keys) = (running.engine.metrics(), running.engine.keys().clone());
+    let redis_url = harness.profile.services.redis_url.clone();
+    let exporter = tokio::spawn(async move {
+        engine::exporter::serve(metrics, keys, &redis_url, listener, Some("scrape-token".into()), async move {
+            let _ = exporter_stopped.await;
+        })
+        .await
+    });
+    let refused_scrape = http_get(address, "/metrics", None).await;
+    assert!(refused_scrape.starts_with("HTTP/1.1 401"), "{refused_scrape}");
+    let scrape = http_get(address, "/metrics", Some("scrape-token")).await;
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    assert!(scrape.contains("berth_engine_events_handled_total"), "{scrape}");
+    for period in ["day", "month"] {
+        let line = scrape
+            .lines()
+            .find(|line| line.starts_with(&format!("berth_engine_usage_cost{{user=\"{spender}\",period=\"{period}\"}}")))
+            .unwrap_or_else(|| panic!("no {period} cost of {spender} in {scrape}"));
+        let cost: f64 = line.rsplit(' ').next().and_then(|value| value.parse().ok()).expect("a number");
+        assert!(cost >= 3.0, "{line}");
+    }
+    drop(stop_exporter);
+    exporter.await.expect("exporter task").expect("exporter served");
+
     let again = open_workspace_event(&format!("s-{}", Uuid::now_v7()), &spender, "essay");
     harness.publish(&again).await;
     let refused = harness.notification_caused_by(&again.id).await;

@@ -7,6 +7,7 @@ pub mod bus;
 pub mod event;
 pub mod host;
 pub mod message;
+pub mod metrics;
 pub mod profile;
 pub mod stats;
 pub mod store;

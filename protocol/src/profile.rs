@@ -70,6 +70,11 @@ pub struct Services {
     /// ([`Profile::host`]); the engine and the other agents ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// `BERTH_METRICS_ADDR`: where `berth engine` and the container, workspace and persistence
+    /// agents serve Prometheus `/metrics` (behind `session.metrics_token_env`'s token). Absent: not
+    /// served. The session agent serves its own on `session_addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -353,7 +358,7 @@ pub struct SeedUser {
 }
 
 /// Environment variables that override `[services]`, each with how it sets its field.
-pub const SERVICE_OVERRIDES: [(&str, fn(&mut Services, String)); 8] = [
+pub const SERVICE_OVERRIDES: [(&str, fn(&mut Services, String)); 9] = [
     ("BERTH_AMQP_URL", |services, value| services.amqp_url = value),
     ("BERTH_REDIS_URL", |services, value| services.redis_url = value),
     ("BERTH_STORE_URL", |services, value| services.store_url = value),
@@ -362,6 +367,7 @@ pub const SERVICE_OVERRIDES: [(&str, fn(&mut Services, String)); 8] = [
     ("BERTH_SESSION_ADDR", |services, value| services.session_addr = value),
     ("BERTH_DEPLOYMENT", |services, value| services.deployment = Some(value)),
     ("BERTH_HOST", |services, value| services.host = Some(value)),
+    ("BERTH_METRICS_ADDR", |services, value| services.metrics_addr = Some(value)),
 ];
 
 impl Profile {

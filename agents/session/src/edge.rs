@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use protocol::metrics::Refusal;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -68,7 +69,7 @@ impl std::fmt::Debug for EdgeConfig {
 
 impl EdgeConfig {
     pub fn from_settings(settings: &protocol::profile::SessionSettings) -> EdgeConfig {
-        let metrics_token = settings.metrics_token_env.as_deref().and_then(|name| std::env::var(name).ok()).filter(|token| !token.is_empty());
+        let metrics_token = protocol::metrics::token_named(settings.metrics_token_env.as_deref());
         EdgeConfig {
             allowed_origins: settings.allowed_origins.iter().map(|origin| normalize_origin(origin)).collect(),
             max_connections: settings.max_connections,
@@ -128,22 +129,17 @@ pub(crate) async fn check_origin(State(state): State<Arc<AppState>>, request: Re
 /// `/metrics`' door: `None` to serve, or the refusal (404 without a configured token, 401 without
 /// the right one).
 pub(crate) fn metrics_refusal(edge: &EdgeConfig, headers: &HeaderMap) -> Option<Response> {
-    let Some(expected) = &edge.metrics_token else {
-        return Some((StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "message": "metrics are off: no session.metrics_token_env token"}))).into_response());
-    };
-    let given = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()).and_then(|value| value.strip_prefix("Bearer "));
-    let matches = given.is_some_and(|given| constant_time_eq(given.trim().as_bytes(), expected.as_bytes()));
-    if matches {
-        return None;
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+    match protocol::metrics::check_bearer(edge.metrics_token.as_deref(), authorization) {
+        Ok(()) => None,
+        Err(Refusal::Off) => {
+            Some((StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "message": "metrics are off: no session.metrics_token_env token"}))).into_response())
+        }
+        Err(Refusal::Unauthorized) => Some(
+            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({"error": "unauthorized", "message": "/metrics wants the metrics bearer token"})))
+                .into_response(),
+        ),
     }
-    Some(
-        (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({"error": "unauthorized", "message": "/metrics wants the metrics bearer token"})))
-            .into_response(),
-    )
-}
-
-fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
-    left.len() == right.len() && left.iter().zip(right).fold(0u8, |difference, (a, b)| difference | (a ^ b)) == 0
 }
 
 /// A TCP stream holding one of the instance's connection permits for as long as it lives (an
