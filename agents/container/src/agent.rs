@@ -911,10 +911,30 @@ impl Agent {
     /// deployment so an engine of another deployment on the same broker ignores it.
     pub async fn publish_inventory(&self) -> Result<CloudEvent> {
         let entries = self.inventory().await?;
-        let data = json!({"deployment": self.inner.profile.deployment(), "containers": entries});
+        let data = json!({"deployment": self.inner.profile.deployment(), "host": self.inner.profile.host(), "containers": entries});
         let event = CloudEvent::new(EVENT_SOURCE_INVENTORY, EVENT_SOURCE, None, data);
         self.inner.bus.publish_event(&event).await?;
         tracing::debug!(containers = entries.len(), "inventory published");
+        Ok(event)
+    }
+
+    /// Publishes this host's `host.report`: its budget, and what its session containers (every
+    /// container of the deployment that is not exited) hold by the profile's per-session limits.
+    pub async fn publish_host_report(&self, interval: Duration) -> Result<CloudEvent> {
+        let profile = &self.inner.profile;
+        let entries = self.inventory().await?;
+        let sessions = entries.iter().filter(|entry| !matches!(entry.state.as_str(), "exited" | "dead")).count() as u64;
+        let report = protocol::host::HostReport {
+            host: profile.host(),
+            deployment: profile.deployment(),
+            agent: protocol::AgentKind::Container,
+            interval_secs: interval.as_secs().max(1),
+            capacity: Some(protocol::host::HostCapacity::of(profile, sessions)),
+            workspaces: None,
+        };
+        let event = report.to_event(EVENT_SOURCE);
+        self.inner.bus.publish_event(&event).await?;
+        tracing::debug!(host = %report.host, sessions, "host report published");
         Ok(event)
     }
 }

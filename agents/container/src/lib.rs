@@ -37,36 +37,64 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     if let Some(grace) = protocol::profile::seconds_from_env(protocol::profile::ORPHAN_GRACE_ENV).map_err(anyhow::Error::msg)? {
         settings.orphan_grace = grace;
     }
+    let report_interval = protocol::host::report_interval_from_env().map_err(anyhow::Error::msg)?;
+    let host = profile.host();
+    let host_queue = bus.declare_host_queue(protocol::topology::TASKS_EXCHANGE, AgentKind::Container, &host).await?;
     let agent = Agent::with_settings(profile, bus.clone(), docker, settings)?;
-    let queue = protocol::topology::agent_queue(AgentKind::Container);
-    agent.serve(&queue, shutdown).await?;
+    tracing::info!(host = %host, queue = %host_queue, "container agent serving its host's queue and the shared one");
+    let reporter = tokio::spawn(report_host_periodically(agent.clone(), report_interval));
+    let queues = [protocol::topology::agent_queue(AgentKind::Container), host_queue];
+    let served = agent.serve_queues(&queues, shutdown).await;
+    reporter.abort();
+    served?;
     bus.close().await;
     Ok(())
+}
+
+/// Publishes this host's `host.report` (capacity and session count) now and every `interval`:
+/// the engine places sessions by it, and a host whose reports stop is gone.
+async fn report_host_periodically(agent: Agent, interval: std::time::Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(error) = agent.publish_host_report(interval).await {
+            tracing::warn!(%error, "could not publish the host report");
+        }
+    }
 }
 
 impl Agent {
     /// Consumes tasks from `queue` until `shutdown`, with the Docker-event watcher and the periodic
     /// inventory running alongside. In-flight tasks finish before it returns.
     pub async fn serve(&self, queue: &str, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        self.serve_queues(&[queue.to_owned()], shutdown).await
+    }
+
+    /// [`Agent::serve`] on several queues at once (the shared one and this host's).
+    pub async fn serve_queues(&self, queues: &[String], shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let watcher = tokio::spawn(watcher::watch_docker_events(self.clone()));
         let inventory = tokio::spawn(publish_inventory_periodically(self.clone()));
-        let mut spec = ConsumeSpec::new(queue, self.settings().concurrency);
-        spec.concurrency = usize::from(self.settings().concurrency.max(1));
-        let handler_agent = self.clone();
-        let consumed = self
-            .bus()
-            .consume(
+        let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+        let consumers = queues.iter().map(|queue| {
+            let mut spec = ConsumeSpec::new(queue, self.settings().concurrency);
+            spec.concurrency = usize::from(self.settings().concurrency.max(1));
+            let handler_agent = self.clone();
+            self.bus().consume(
                 spec,
                 move |incoming| {
                     let agent = handler_agent.clone();
                     async move { agent.handle_delivery(&incoming.body).await }
                 },
-                shutdown,
+                shutdown.clone(),
             )
-            .await;
+        });
+        let consumed = futures::future::join_all(consumers).await;
         watcher.abort();
         inventory.abort();
-        consumed?;
+        for result in consumed {
+            result?;
+        }
         Ok(())
     }
 }
