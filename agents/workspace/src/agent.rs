@@ -663,7 +663,7 @@ impl WorkspaceAgent {
             chunks.push(&[]);
         }
         for chunk in chunks {
-            let data = json!({"deployment": self.profile.deployment(), "directories": chunk});
+            let data = json!({"deployment": self.profile.deployment(), "host": self.profile.host(), "directories": chunk});
             let event = protocol::CloudEvent::new("workspace.inventory", crate::events::EVENT_SOURCE, None, data);
             self.events.emit(event).await?;
         }

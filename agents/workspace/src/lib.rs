@@ -98,11 +98,57 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
         let agent = agent.clone();
         async move { agent.quota_loop().await }
     });
-    let served = serve(agent, &bus, &topology::agent_queue(AgentKind::Workspace), shutdown).await;
+    let report_interval = protocol::host::report_interval_from_env().map_err(anyhow::Error::msg)?;
+    let host = agent.profile().host();
+    let host_queue = bus.declare_host_queue(topology::TASKS_EXCHANGE, AgentKind::Workspace, &host).await?;
+    tracing::info!(host = %host, queue = %host_queue, "workspace agent serving its host's queue and the shared one");
+    let reporter = tokio::spawn(report_host_periodically(agent.clone(), bus.clone(), report_interval));
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let shared_queue = topology::agent_queue(AgentKind::Workspace);
+    let (served, served_host) =
+        tokio::join!(serve(agent.clone(), &bus, &shared_queue, shutdown.clone()), serve(agent, &bus, &host_queue, shutdown));
+    let served = served.and(served_host);
+    reporter.abort();
     inventory.abort();
     quotas.abort();
     bus.close().await;
     served
+}
+
+/// Publishes this host's `host.report` with the workspaces it holds a copy of (`user/workspace`
+/// of every directory it lists) now and every `interval`: the engine places a session on a host
+/// that has its workspace first.
+async fn report_host_periodically(agent: Arc<WorkspaceAgent>, bus: Bus, interval: std::time::Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let directories = match agent.inventory().await {
+            Ok(directories) => directories,
+            Err(error) => {
+                tracing::warn!(%error, "could not list the workspaces for the host report");
+                continue;
+            }
+        };
+        let mut workspaces: Vec<String> = directories
+            .iter()
+            .filter_map(|entry| Some(format!("{}/{}", entry.get("user")?.as_str()?, entry.get("workspace")?.as_str()?)))
+            .collect();
+        workspaces.sort();
+        workspaces.dedup();
+        let profile = agent.profile();
+        let report = protocol::host::HostReport {
+            host: profile.host(),
+            deployment: profile.deployment(),
+            agent: AgentKind::Workspace,
+            interval_secs: interval.as_secs().max(1),
+            capacity: None,
+            workspaces: Some(workspaces),
+        };
+        if let Err(error) = bus.publish_event(&report.to_event(EVENT_SOURCE)).await {
+            tracing::warn!(%error, "could not publish the host report");
+        }
+    }
 }
 
 /// `berth bench workspace`.
