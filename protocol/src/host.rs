@@ -1,4 +1,4 @@
-//! A host's heartbeat, `host.report`: what each of its host-affine agents (container, workspace)
+//! A host's heartbeat (`container.host_report`, `workspace.host_report`): what each of its host-affine agents (container, workspace)
 //! tells the engine every [`topology::HOST_REPORT_INTERVAL`]. The engine keeps the latest report
 //! of each in Redis with a TTL of [`topology::HOST_GONE_AFTER_REPORTS`] intervals, so a host that
 //! stops reporting is gone when its report expires: Redis key expiry is the membership protocol.
@@ -11,7 +11,7 @@ use crate::message::AgentKind;
 use crate::profile::{is_deployment_id, Profile};
 use crate::topology;
 
-/// The body of one `host.report`.
+/// The body of one host report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostReport {
@@ -67,20 +67,23 @@ impl HostCapacity {
 impl HostReport {
     /// The event that carries it (no subject: it is about a host, not a session).
     pub fn to_event(&self, source: &str) -> CloudEvent {
-        CloudEvent::new(topology::HOST_REPORT, source, None, serde_json::to_value(self).unwrap_or(Value::Null))
+        CloudEvent::new(&topology::host_report_type(self.agent), source, None, serde_json::to_value(self).unwrap_or(Value::Null))
     }
 
-    /// Reads and checks a `host.report`'s data; the error names what is wrong.
+    /// Reads and checks a host report's data; the error names what is wrong.
     pub fn from_event(event: &CloudEvent) -> Result<HostReport, String> {
-        let report: HostReport = serde_json::from_value(event.data.clone()).map_err(|error| format!("host.report: {error}"))?;
+        let report: HostReport = serde_json::from_value(event.data.clone()).map_err(|error| format!("{}: {error}", event.event_type))?;
         if !is_deployment_id(&report.host) {
-            return Err(format!("host.report: host {:?} is not a host id (1-40 lowercase letters, digits or `-`)", report.host));
+            return Err(format!("host report: host {:?} is not a host id (1-40 lowercase letters, digits or `-`)", report.host));
         }
         if !topology::is_host_affine(report.agent) {
-            return Err(format!("host.report: the {} agent is not a host's agent", report.agent));
+            return Err(format!("host report: the {} agent is not a host's agent", report.agent));
+        }
+        if event.event_type != topology::host_report_type(report.agent) {
+            return Err(format!("{}: reports the {} agent", event.event_type, report.agent));
         }
         if report.interval_secs == 0 || report.interval_secs > 3600 {
-            return Err("host.report: interval_secs must be 1-3600".to_owned());
+            return Err("host report: interval_secs must be 1-3600".to_owned());
         }
         Ok(report)
     }
@@ -164,6 +167,9 @@ mod tests {
         bad = report();
         bad.agent = AgentKind::Session;
         assert!(HostReport::from_event(&bad.to_event("/test")).unwrap_err().contains("not a host's agent"));
+        let mut claimed = report().to_event("/test");
+        claimed.event_type = "workspace.host_report".to_owned();
+        assert!(HostReport::from_event(&claimed).unwrap_err().contains("reports the container agent"));
         let mut event = report().to_event("/test");
         event.data["bogus"] = serde_json::json!(1);
         assert!(HostReport::from_event(&event).unwrap_err().contains("unknown field `bogus`"));

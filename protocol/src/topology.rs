@@ -53,10 +53,17 @@ pub fn agent_queue(kind: AgentKind) -> String {
 /// The host id of a deployment that names none (`services.host`, `BERTH_HOST`): one machine runs
 /// as one host, and its agents take the shared queues' tasks and their host's alike.
 pub const DEFAULT_HOST: &str = "local";
-/// The event type of a host's heartbeat: capacity, sessions and cached workspaces, from each of
-/// its container and workspace agents.
-pub const HOST_REPORT: &str = "host.report";
-/// How often each host-affine agent publishes [`HOST_REPORT`] (`BERTH_HOST_REPORT_INTERVAL_SECS`).
+/// The event types of a host's heartbeat (capacity and sessions from its container agent, cached
+/// workspaces from its workspace agent): each in its agent's family, so the broker-validated
+/// sender of a report is the agent it claims to be.
+pub const HOST_REPORTS: [&str; 2] = ["container.host_report", "workspace.host_report"];
+
+/// The heartbeat's event type for a host-affine agent kind (see [`HOST_REPORTS`]).
+pub fn host_report_type(kind: AgentKind) -> String {
+    format!("{}.host_report", kind.as_str())
+}
+
+/// How often each host-affine agent publishes its host report (`BERTH_HOST_REPORT_INTERVAL_SECS`).
 pub const HOST_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// A host whose container agent has not reported for this many intervals is gone: the engine
 /// keeps each report in Redis with a TTL of this many intervals, and its expiry is the verdict.
