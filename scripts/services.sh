@@ -48,6 +48,13 @@ if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
   rabbitmq-server -detached >/dev/null 2>&1 || true
   wait_for rabbitmq 120 rabbitmq-diagnostics -q check_port_connectivity
 fi
+# The management API on 127.0.0.1:15672: bootstrap creates the bus identities (one user per
+# component, protocol::identity) through it. Enabling a plugin needs no restart; idempotent.
+if ! curl -fsS -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null 2>&1; then
+  log "enabling rabbitmq_management"
+  rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null
+  wait_for "rabbitmq management" 60 curl -fsS -u guest:guest http://127.0.0.1:15672/api/overview
+fi
 
 # Redis on 6379 with the append-only file (fsync every second), as a deployment runs it: thred
 # state and timers survive a Redis restart. The engine sets notify-keyspace-events itself.

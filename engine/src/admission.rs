@@ -42,6 +42,11 @@ impl Capacity {
         }
     }
 
+    /// The same needs and per-user limits against one host's budget.
+    pub fn with_budget(self, budget_memory_mib: u64, budget_cpu_millis: u64) -> Capacity {
+        Capacity { budget_memory_mib, budget_cpu_millis, ..self }
+    }
+
     /// Whether one more thred fits next to what is committed.
     pub fn fits(&self, committed: Committed) -> bool {
         committed.memory_mib + self.need_memory_mib <= self.budget_memory_mib && committed.cpu_millis + self.need_cpu_millis <= self.budget_cpu_millis

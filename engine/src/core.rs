@@ -39,6 +39,10 @@ pub struct Thred {
     /// In a terminal state.
     #[serde(default)]
     pub ended: bool,
+    /// The host the service placed this thred on (`placement.rs`): its tasks for host-affine
+    /// agents go to that host's queues. The core never reads or changes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +146,7 @@ pub fn start(pattern: &Pattern, thred_id: &str, seed: Map<String, Value>, event:
         created_ms: now_ms,
         updated_ms: now_ms,
         ended: false,
+        host: None,
     };
     // Validation and the context values see the seed; the key sees the finished context.
     let seed_scope = Scope { ctx: &thred.context, event: &event_value, thred: &thred_value(&thred), now_ms }.to_cel();
@@ -265,7 +270,7 @@ fn unchanged_with_timers(thred: Thred, disposition: Disposition) -> Result<Step,
 }
 
 fn thred_value(thred: &Thred) -> Value {
-    json!({"id": thred.id, "key": thred.key, "state": thred.state, "pattern": thred.pattern, "created_ms": thred.created_ms})
+    json!({"id": thred.id, "key": thred.key, "state": thred.state, "pattern": thred.pattern, "created_ms": thred.created_ms, "host": thred.host})
 }
 
 /// One step in progress.
@@ -560,6 +565,7 @@ mod tests {
             created_ms: NOW - 1000,
             updated_ms: NOW - 1000,
             ended: matches!(state, "failed" | "stopped" | "closed"),
+            host: None,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod expr;
 pub mod exporter;
 pub mod metrics;
 pub mod pattern;
+pub mod placement;
 pub mod service;
 pub mod timers;
 pub mod usage;

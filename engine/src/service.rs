@@ -16,6 +16,7 @@ use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOpt
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, ExchangeKind};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
+use protocol::host::HostReport;
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Incoming, Notification, Outcome, Profile, Task};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
@@ -24,6 +25,7 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::admission::{self, Capacity, Committed, Counts, Limit, Verdict};
+use crate::placement::{self, HostView};
 use crate::usage::{self, Budget, Charge, Metered, Rates, Spent};
 use crate::core::{self, Disposition, Effect, EventInput, Step, StepError, Thred};
 use crate::metrics::Metrics;
@@ -218,6 +220,23 @@ impl Keys {
     pub fn capacity(&self) -> String {
         format!("{}:capacity", self.prefix)
     }
+    /// What live threds placed on `host` hold (like [`Keys::capacity`], which holds what threds
+    /// placed on no host hold: those started before any host reported).
+    pub fn capacity_of(&self, host: Option<&str>) -> String {
+        match host {
+            Some(host) => format!("{}:capacity:{host}", self.prefix),
+            None => self.capacity(),
+        }
+    }
+    /// The latest report of one host's agent (`container`, `workspace`), kept with a TTL: the host
+    /// is gone once its container report has expired.
+    pub fn host_report(&self, host: &str, agent: AgentKind) -> String {
+        format!("{}:host:{host}:{}", self.prefix, agent.as_str())
+    }
+    /// Every host that reported (host id → last report, ms), so the engine can list them.
+    pub fn hosts(&self) -> String {
+        format!("{}:hosts", self.prefix)
+    }
     /// One user's usage in one period (`2026-12-01`, `2026-12`): hash of [`Charge::fields`].
     pub fn usage(&self, user: &str, period: &str) -> String {
         format!("{}:usage:{user}:{period}", self.prefix)
@@ -336,6 +355,21 @@ enum CommitResult {
     UserLimit,
     /// The capacity is taken, or an older thred waits for it.
     Full,
+}
+
+/// Where placement put a thred about to take capacity.
+enum Placed {
+    Here(HostView),
+    /// Not placed: it takes no capacity now, or no host reports (the one-host budget applies).
+    Unplaced,
+    /// Hosts report and none has room.
+    NoRoom,
+}
+
+/// `user/workspace` of a session thred, as workspace agents report the copies they hold.
+fn thred_workspace(thred: &Thred) -> Option<String> {
+    let text = |field: &str| thred.context.get(field).and_then(Value::as_str).filter(|value| !value.is_empty());
+    Some(format!("{}/{}", text("user")?, text("workspace")?))
 }
 
 /// What binding read from Redis.
@@ -590,7 +624,9 @@ impl Engine {
         if let Some(time) = event.time {
             metrics.observe_lag((chrono::Utc::now() - time).num_milliseconds());
         }
-        let outcome = if let Some(inventory) = Inventory::of(&event.event_type) {
+        let outcome = if topology::HOST_REPORTS.contains(&event.event_type.as_str()) {
+            self.record_host_report(&event).await
+        } else if let Some(inventory) = Inventory::of(&event.event_type) {
             self.reconcile(inventory, &event).await
         } else if !self.inner.patterns.iter().any(|pattern| pattern.knows(&event.event_type)) {
             return self.dead_letter(&incoming, &format!("unknown event type `{}`: no pattern handles it", event.event_type)).await;
@@ -688,6 +724,22 @@ impl Engine {
                     return Ok(EventFate::Refused(error.to_string()))
                 }
             };
+            let mut step = step;
+            let placed = match self.place(pattern, previous.as_ref(), event, &mut step.thred).await? {
+                Placed::Here(host) => Some(host),
+                Placed::Unplaced => None,
+                // Hosts report, and none has room: a new thred waits in the queue; a waiting one
+                // told to go keeps waiting (the admitter tells it again when capacity frees).
+                Placed::NoRoom if previous.is_none() => {
+                    let queued = self.queue_length(pattern).await?;
+                    overruled = Some(Verdict::Queue { position: queued + 1 });
+                    continue;
+                }
+                Placed::NoRoom => {
+                    tracing::debug!(event_id = %event.id, "no host has room; still queued");
+                    return Ok(EventFate::Done);
+                }
+            };
             let changed = previous.as_ref() != Some(&step.thred);
             if !changed && step.effects.is_empty() {
                 self.log_disposition(event, &step, pattern);
@@ -695,7 +747,7 @@ impl Engine {
                 return Ok(EventFate::Done);
             }
             let messages = self.outbox_messages(event, &step);
-            match self.commit(previous.as_ref(), &step, pattern, event, &messages).await? {
+            match self.commit(previous.as_ref(), &step, pattern, event, &messages, placed.as_ref()).await? {
                 CommitResult::Conflict => {
                     Metrics::count(&self.inner.metrics.conflicts);
                     tokio::task::yield_now().await;
@@ -794,8 +846,20 @@ impl Engine {
             .zcard(keys.queue(&pattern.name))
             .query_async(&mut redis)
             .await?;
-        let committed = Committed { memory_mib: memory.unwrap_or(0), cpu_millis: cpu.unwrap_or(0) };
-        let mut verdict = admission::decide(&self.inner.capacity, Counts { opens_this_minute, user_live, queued, committed });
+        let mut committed = Committed { memory_mib: memory.unwrap_or(0), cpu_millis: cpu.unwrap_or(0) };
+        let mut capacity = self.inner.capacity;
+        // Hosts report: the session fits if one of them has room (the one placement would pick).
+        let hosts = self.live_hosts(candidate).await?;
+        if !hosts.is_empty() {
+            match placement::place(self.need(), &hosts) {
+                Some(host) => {
+                    capacity = capacity.with_budget(host.budget_memory_mib, host.budget_cpu_millis);
+                    committed = host.committed;
+                }
+                None => committed = Committed { memory_mib: u64::MAX / 2, cpu_millis: u64::MAX / 2 },
+            }
+        }
+        let mut verdict = admission::decide(&capacity, Counts { opens_this_minute, user_live, queued, committed });
         if !matches!(verdict, Verdict::Refuse { .. }) && self.inner.rates.has_budgets() {
             let now = chrono::Utc::now();
             let (day, month): (Option<f64>, Option<f64>) = redis::pipe()
@@ -830,6 +894,9 @@ impl Engine {
         let mut last_metered = tokio::time::Instant::now();
         loop {
             let meter_now = last_metered.elapsed() >= meter_interval;
+            if let Err(error) = self.notice_gone_hosts().await {
+                tracing::warn!(%error, "could not check for gone hosts");
+            }
             for pattern in self.inner.patterns.iter().filter(|pattern| pattern.start.admission.is_some()) {
                 if let Err(error) = self.admit_waiting(pattern, &mut told_positions).await {
                     tracing::warn!(%error, pattern = %pattern.name, "admission round failed; retrying");
@@ -993,7 +1060,7 @@ impl Engine {
         let threds = self.load_threds(&waiting).await?;
         for (index, thred_id) in waiting.iter().enumerate() {
             let Some(thred) = threds.iter().find(|thred| &thred.id == thred_id) else { continue };
-            if index == 0 && self.inner.capacity.fits(committed) {
+            if index == 0 && self.has_room(thred, committed).await? {
                 let mut admitted = CloudEvent::new(&spec.admitted_event, "/berth/engine/admission", Some(&thred.key), json!({}))
                     .with_extension("thredid", thred.id.clone());
                 admitted.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-admitted/{}/{}", thred.id, thred.version).as_bytes()).to_string();
@@ -1021,6 +1088,155 @@ impl Engine {
         let owner: Option<String> = redis.get(self.inner.keys.exclusive(&pattern.name, exclusive)).await?;
         let Some(owner_id) = owner.filter(|owner_id| owner_id != &candidate.id) else { return Ok(None) };
         Ok(self.load_thred(&owner_id).await?.filter(|owner| !owner.ended))
+    }
+
+    /// Keeps a host's report (`container.host_report`, `workspace.host_report`) for
+    /// [`topology::HOST_GONE_AFTER_REPORTS`] of its intervals: the host is gone when it expires. A
+    /// report older than that (redelivered late) is dropped, so it cannot bring a gone host back.
+    async fn record_host_report(&self, event: &CloudEvent) -> Result<EventFate> {
+        let report = match HostReport::from_event(event) {
+            Ok(report) => report,
+            Err(reason) => return Ok(EventFate::Refused(reason)),
+        };
+        if report.deployment != self.inner.profile.deployment() {
+            tracing::debug!(deployment = %report.deployment, "host report of another deployment ignored");
+            return Ok(EventFate::Done);
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let age_ms = event.time.map_or(0, |time| now_ms - time.timestamp_millis()).max(0) as u64;
+        if age_ms >= report.gone_after_ms() {
+            tracing::debug!(host = %report.host, age_ms, "stale host report dropped");
+            return Ok(EventFate::Done);
+        }
+        let text = serde_json::to_string(&report).unwrap_or_default();
+        let keys = &self.inner.keys;
+        let mut redis = self.inner.redis.clone();
+        let _: () = redis::pipe()
+            .cmd("SET")
+            .arg(keys.host_report(&report.host, report.agent))
+            .arg(text)
+            .arg("PX")
+            .arg(report.gone_after_ms() - age_ms)
+            .ignore()
+            .zadd(keys.hosts(), &report.host, now_ms)
+            .ignore()
+            .query_async(&mut redis)
+            .await?;
+        Ok(EventFate::Done)
+    }
+
+    /// The hosts that are not gone, each with what this engine's threds hold there and whether it
+    /// reported `thred`'s workspace; empty while no host reports (one-host deployments placed on
+    /// no host, as before hosts existed).
+    async fn live_hosts(&self, thred: &Thred) -> Result<Vec<HostView>> {
+        let keys = &self.inner.keys;
+        let mut redis = self.inner.redis.clone();
+        let ids: Vec<String> = redis.zrange(keys.hosts(), 0, -1).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipeline = redis::pipe();
+        for id in &ids {
+            let capacity = keys.capacity_of(Some(id));
+            pipeline
+                .get(keys.host_report(id, AgentKind::Container))
+                .get(keys.host_report(id, AgentKind::Workspace))
+                .hget(&capacity, "memory")
+                .hget(&capacity, "cpu");
+        }
+        let replies: Vec<redis::Value> = pipeline.query_async(&mut redis).await?;
+        let workspace = thred_workspace(thred);
+        let mut hosts = Vec::new();
+        for (id, reply) in ids.iter().zip(replies.chunks(4)) {
+            let [container, workspace_report, memory, cpu] = reply else { continue };
+            let Some(container) = redis::from_redis_value::<Option<String>>(container).ok().flatten() else { continue };
+            let Ok(container) = serde_json::from_str::<HostReport>(&container) else { continue };
+            let Some(capacity) = container.capacity else { continue };
+            let cached: Vec<String> = redis::from_redis_value::<Option<String>>(workspace_report)
+                .ok()
+                .flatten()
+                .and_then(|text| serde_json::from_str::<HostReport>(&text).ok())
+                .and_then(|report| report.workspaces)
+                .unwrap_or_default();
+            let committed = Committed {
+                memory_mib: redis::from_redis_value::<Option<u64>>(memory).ok().flatten().unwrap_or(0),
+                cpu_millis: redis::from_redis_value::<Option<u64>>(cpu).ok().flatten().unwrap_or(0),
+            };
+            hosts.push(HostView {
+                id: id.clone(),
+                budget_memory_mib: capacity.memory_mib,
+                budget_cpu_millis: capacity.cpu_millis,
+                committed,
+                sessions: capacity.sessions,
+                has_workspace: workspace.as_ref().is_some_and(|workspace| cached.contains(workspace)),
+            });
+        }
+        Ok(hosts)
+    }
+
+    /// What one session of an admitted pattern holds.
+    fn need(&self) -> Committed {
+        Committed { memory_mib: self.inner.capacity.need_memory_mib, cpu_millis: self.inner.capacity.need_cpu_millis }
+    }
+
+    /// Whether the next waiting thred would fit now: on a host that reports, or (no host reports)
+    /// in the profile's one-host budget next to `committed`.
+    async fn has_room(&self, thred: &Thred, committed: Committed) -> Result<bool> {
+        let hosts = self.live_hosts(thred).await?;
+        if hosts.is_empty() {
+            return Ok(self.inner.capacity.fits(committed));
+        }
+        Ok(placement::place(self.need(), &hosts).is_some())
+    }
+
+    /// Places a thred that is about to take capacity (a new session admitted, or a waiting one let
+    /// go) on a host and records it on the thred; its tasks for host-affine agents follow it there.
+    /// A thred of a pattern without admission takes the host its starting event names (the
+    /// reconciler's `session.recover` names the host whose inventory found the directory).
+    async fn place(&self, pattern: &Pattern, previous: Option<&Thred>, event: &CloudEvent, thred: &mut Thred) -> Result<Placed> {
+        let Some(spec) = &pattern.start.admission else {
+            if previous.is_none() {
+                thred.host = event.data.get("host").and_then(Value::as_str).filter(|host| protocol::profile::is_deployment_id(host)).map(str::to_owned);
+            }
+            return Ok(Placed::Unplaced);
+        };
+        let acquires = admission::holds_capacity(spec, thred) && !previous.is_some_and(|previous| admission::holds_capacity(spec, previous));
+        if !acquires {
+            return Ok(Placed::Unplaced);
+        }
+        let began = std::time::Instant::now();
+        let hosts = self.live_hosts(thred).await?;
+        if hosts.is_empty() {
+            thred.host = None;
+            return Ok(Placed::Unplaced);
+        }
+        let Some(host) = placement::place(self.need(), &hosts) else { return Ok(Placed::NoRoom) };
+        tracing::info!(thred = %thred.id, session = %thred.key, host = %host.id, cached = host.has_workspace,
+            free_memory_mib = host.budget_memory_mib.saturating_sub(host.committed.memory_mib), hosts = hosts.len(),
+            placement_us = began.elapsed().as_micros() as u64, "placed");
+        thred.host = Some(host.id.clone());
+        Ok(Placed::Here(host.clone()))
+    }
+
+    /// Forgets hosts whose container report expired (they are gone: placement no longer sees
+    /// them), logging each once. Tasks already on a gone host's queue wait there for it.
+    async fn notice_gone_hosts(&self) -> Result<()> {
+        let keys = &self.inner.keys;
+        let mut redis = self.inner.redis.clone();
+        let ids: Vec<(String, i64)> = redis.zrange_withscores(keys.hosts(), 0, -1).await?;
+        for (id, last_ms) in ids {
+            let reporting: bool = redis.exists(keys.host_report(&id, AgentKind::Container)).await?;
+            if reporting {
+                continue;
+            }
+            // Only the replica whose ZREM takes it out logs it.
+            let removed: u64 = redis::cmd("ZREM").arg(keys.hosts()).arg(&id).query_async(&mut redis).await?;
+            if removed > 0 {
+                let silent_ms = chrono::Utc::now().timestamp_millis() - last_ms;
+                tracing::warn!(host = %id, silent_ms, "host gone: no report within its gone interval; no session is placed on it");
+            }
+        }
+        Ok(())
     }
 
     fn log_disposition(&self, event: &CloudEvent, step: &Step, pattern: &Pattern) {
@@ -1206,7 +1422,7 @@ impl Engine {
                         cause: Some(event.id.clone()),
                         args: args.clone(),
                     };
-                    messages.push(task_message(config, &task));
+                    messages.push(task_message_on(config, &task, thred.host.as_deref()));
                 }
                 Effect::Persist { operation, collection, id: record_id, doc } => {
                     let record_id = record_id.clone().unwrap_or_else(|| id.to_string());
@@ -1258,6 +1474,7 @@ impl Engine {
         pattern: &Pattern,
         event: &CloudEvent,
         messages: &[OutboxMessage],
+        placed: Option<&HostView>,
     ) -> Result<CommitResult> {
         let keys = &self.inner.keys;
         let mut thred = step.thred.clone();
@@ -1281,7 +1498,7 @@ impl Engine {
             .key(keys.ended())
             .key(keys.exclusive(&pattern.name, thred.exclusive.as_deref().unwrap_or_default()))
             .key(keys.user_live(&pattern.name, thred.context.get("user").and_then(Value::as_str).unwrap_or_default()))
-            .key(keys.capacity())
+            .key(keys.capacity_of(thred.host.as_deref()))
             .key(keys.queue(&pattern.name))
             .arg(expected)
             .arg(&thred_json)
@@ -1306,8 +1523,8 @@ impl Engine {
                     .arg(capacity.max_sessions_per_user)
                     .arg(capacity.need_memory_mib)
                     .arg(capacity.need_cpu_millis)
-                    .arg(capacity.budget_memory_mib)
-                    .arg(capacity.budget_cpu_millis)
+                    .arg(placed.map_or(capacity.budget_memory_mib, |host| host.budget_memory_mib))
+                    .arg(placed.map_or(capacity.budget_cpu_millis, |host| host.budget_cpu_millis))
                     .arg(flag(held_before))
                     .arg(flag(admission::holds_capacity(spec, &thred)))
                     .arg(flag(admission::is_queued(spec, &thred)));
@@ -1521,9 +1738,19 @@ fn notification_to_owner(thred: &Thred, state: &str, detail: Value, id_name: &st
 }
 
 fn task_message(config: &EngineConfig, task: &Task) -> OutboxMessage {
+    task_message_on(config, task, None)
+}
+
+/// A task for the agents of `host`, when its agent kind is host-affine and there is a host; for
+/// any agent of its kind (the shared queue) otherwise.
+fn task_message_on(config: &EngineConfig, task: &Task, host: Option<&str>) -> OutboxMessage {
+    let routing_key = match host {
+        Some(host) if topology::is_host_affine(task.agent) => topology::host_routing_key(task.agent, host),
+        _ => task.agent.as_str().to_owned(),
+    };
     OutboxMessage {
         exchange: config.tasks_exchange.clone(),
-        routing_key: task.agent.as_str().to_owned(),
+        routing_key,
         message_id: task.id.to_string(),
         body: String::from_utf8_lossy(&task.to_bytes()).into_owned(),
     }

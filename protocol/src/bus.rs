@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::event::{CloudEvent, CONTENT_TYPE};
+use crate::identity::{Identity, IdentityError, Sender};
 use crate::message::{AgentKind, Notification, Task};
 use crate::topology;
 
@@ -55,6 +56,23 @@ pub enum BusError {
     PublishFailed { exchange: String, routing_key: String, attempts: u32, last_error: String },
     #[error("the broker could not route the message published to {exchange}/{routing_key} (queue missing?)")]
     Unroutable { exchange: String, routing_key: String },
+    /// The broker refused the operation for this connection's user (ACCESS_REFUSED, or a
+    /// `user_id` that is not the connection's): never retried.
+    #[error("the broker refused {operation} for user `{user}`: {reason}")]
+    Refused { operation: String, user: String, reason: String },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("the topology is not declared ({missing}): run `berth bootstrap` first ({source})")]
+    TopologyMissing { missing: String, source: lapin::Error },
+}
+
+/// The broker's reason when `error` is a refusal of this user's rights (403 ACCESS_REFUSED) or of
+/// a `user_id` that is not the connection's (406 PRECONDITION_FAILED).
+fn refusal(error: &lapin::Error) -> Option<String> {
+    match error {
+        lapin::Error::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 406) => Some(amqp.to_string()),
+        _ => None,
+    }
 }
 
 pub type Result<T, E = BusError> = std::result::Result<T, E>;
@@ -67,11 +85,25 @@ pub struct BusConfig {
     pub connection_name: String,
     /// How long [`Bus::connect`] keeps retrying before it fails.
     pub connect_timeout: Duration,
+    /// The broker user of `url`: every publish carries it as `user_id`, which the broker checks.
+    pub user: String,
+    /// The identity `user` stands for ([`Identity::Admin`] for any user that is not a created one).
+    pub identity: Identity,
 }
 
 impl BusConfig {
+    /// As the user `url` names (tests and tools that act as the admin).
     pub fn new(url: &str, connection_name: &str) -> BusConfig {
-        BusConfig { url: url.to_owned(), connection_name: connection_name.to_owned(), connect_timeout: Duration::from_secs(60) }
+        let user = crate::identity::AmqpUrl::parse(url).map_or_else(|_| "guest".to_owned(), |parsed| parsed.user);
+        let identity = Identity::of_username(&user).unwrap_or(Identity::Admin);
+        BusConfig { url: url.to_owned(), connection_name: connection_name.to_owned(), connect_timeout: Duration::from_secs(60), user, identity }
+    }
+
+    /// As `identity` on the broker and vhost of `amqp_url`, with the identity's password from
+    /// [`crate::identity::secrets_dir`] (the admin uses `amqp_url` as it is).
+    pub fn for_identity(amqp_url: &str, identity: Identity, connection_name: &str) -> Result<BusConfig, IdentityError> {
+        let url = crate::identity::url_for(amqp_url, identity)?;
+        Ok(BusConfig::new(&url, connection_name))
     }
 }
 
@@ -81,6 +113,10 @@ pub struct Incoming {
     pub body: Vec<u8>,
     /// The key it was first published with (kept across retries).
     pub routing_key: String,
+    /// Who published it, from the broker-validated `user_id` (kept across retries: a retry copy is
+    /// published by the consumer's own identity and names the original sender in
+    /// [`topology::SENDER_HEADER`], trusted only on messages the consumer's own identity sent).
+    pub sender: Sender,
     /// A handler may have seen this message before: the broker redelivered it, or it is a retry.
     pub redelivered: bool,
     pub reply_to: Option<String>,
@@ -227,6 +263,20 @@ impl Bus {
         &self.config.url
     }
 
+    /// The identity this bus connects as.
+    pub fn identity(&self) -> Identity {
+        self.config.identity
+    }
+
+    /// The broker user this bus connects as (the `user_id` of everything it publishes).
+    pub fn user(&self) -> &str {
+        &self.config.user
+    }
+
+    fn stamped(&self, properties: BasicProperties) -> BasicProperties {
+        properties.with_user_id(self.config.user.clone().into())
+    }
+
     /// Is the broker reachable right now?
     pub async fn is_connected(&self) -> bool {
         matches!(&*self.link.lock().await, Some(link) if link.connection.status().connected())
@@ -303,6 +353,13 @@ impl Bus {
             let error = match self.publish_once(exchange, routing_key, body, properties.clone()).await {
                 Ok(()) => return Ok(()),
                 Err(error @ BusError::Nacked { .. }) => error,
+                Err(BusError::Amqp(error)) if refusal(&error).is_some() => {
+                    return Err(BusError::Refused {
+                        operation: format!("publishing to {exchange}/{routing_key}"),
+                        user: self.config.user.clone(),
+                        reason: refusal(&error).unwrap_or_default(),
+                    });
+                }
                 Err(error) => {
                     self.forget_link().await;
                     error
@@ -324,10 +381,9 @@ impl Bus {
 
     async fn publish_once(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
         let channel = self.publisher().await?;
-        let confirmation = channel
-            .basic_publish(exchange, routing_key, BasicPublishOptions::default(), body, properties.with_delivery_mode(2))
-            .await?
-            .await?;
+        let properties = self.stamped(properties).with_delivery_mode(2);
+        // A refused publish closes the channel; the broker's reason comes back as the error.
+        let confirmation = channel.basic_publish(exchange, routing_key, BasicPublishOptions::default(), body, properties).await?.await?;
         match confirmation {
             Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
             Confirmation::Nack(_) => Err(BusError::Nacked { exchange: exchange.to_owned(), routing_key: routing_key.to_owned() }),
@@ -374,8 +430,12 @@ impl Bus {
         let mut headers = FieldTable::default();
         headers.insert(topology::REASON_HEADER.into(), AMQPValue::LongString(LongString::from(reason.to_owned())));
         headers.insert(topology::ORIGIN_HEADER.into(), AMQPValue::LongString(LongString::from(origin_queue.to_owned())));
+        headers.insert(
+            topology::SENDER_HEADER.into(),
+            AMQPValue::LongString(LongString::from(message.sender.user_id().unwrap_or_default().to_owned())),
+        );
         for (name, value) in &message.headers {
-            if name != topology::REASON_HEADER && name != topology::ORIGIN_HEADER {
+            if name != topology::REASON_HEADER && name != topology::ORIGIN_HEADER && name != topology::SENDER_HEADER {
                 headers.insert(name.clone().into(), AMQPValue::LongString(LongString::from(value.clone())));
             }
         }
@@ -386,7 +446,7 @@ impl Bus {
     /// Answers a request received with `reply_to` and `correlation_id`.
     pub async fn reply(&self, request: &Incoming, body: &[u8]) -> Result<()> {
         let Some(reply_to) = &request.reply_to else { return Ok(()) };
-        let mut properties = BasicProperties::default().with_content_type("application/json".into());
+        let mut properties = self.stamped(BasicProperties::default().with_content_type("application/json".into()));
         if let Some(correlation_id) = &request.correlation_id {
             properties = properties.with_correlation_id(correlation_id.clone().into());
         }
@@ -402,7 +462,8 @@ impl Bus {
         let correlation_id = Uuid::now_v7().to_string();
         let (sender, receiver) = oneshot::channel();
         lock_pending(&pending).insert(correlation_id.clone(), sender);
-        let properties = BasicProperties::default()
+        let properties = self
+            .stamped(BasicProperties::default())
             .with_content_type("application/json".into())
             .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(correlation_id.clone().into())
@@ -452,8 +513,13 @@ impl Bus {
         Ok((channel, pending))
     }
 
-    /// Declares Berth's whole topology. Idempotent: every component calls it at start.
+    /// Declares Berth's whole topology as the admin (bootstrap). Idempotent: every component calls
+    /// it at start; a component identity has no right to declare, so for it this only checks
+    /// (passively) that bootstrap declared everything.
     pub async fn declare_topology(&self) -> Result<()> {
+        if self.config.identity != Identity::Admin {
+            return self.check_topology().await;
+        }
         let channel = self.channel().await?;
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         for (name, kind) in [
@@ -503,6 +569,36 @@ impl Bus {
             .await?;
         let _ = channel.close(200, "host queue declared").await;
         Ok(queue)
+    }
+
+    /// Checks passively (no rights needed) that the standard exchanges and work queues exist.
+    async fn check_topology(&self) -> Result<()> {
+        let passive_exchange = ExchangeDeclareOptions { passive: true, durable: true, ..Default::default() };
+        let passive_queue = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+        let exchanges = [
+            (topology::EVENTS_EXCHANGE, ExchangeKind::Topic),
+            (topology::TASKS_EXCHANGE, ExchangeKind::Direct),
+            (topology::NOTIFY_EXCHANGE, ExchangeKind::Topic),
+            (topology::DEAD_EXCHANGE, ExchangeKind::Fanout),
+        ];
+        for (name, kind) in exchanges {
+            // A failed passive declaration closes the channel: one channel per check.
+            let channel = self.channel().await?;
+            if let Err(source) = channel.exchange_declare(name, kind, passive_exchange, FieldTable::default()).await {
+                return Err(BusError::TopologyMissing { missing: format!("exchange {name}"), source });
+            }
+            let _ = channel.close(200, "checked").await;
+        }
+        let mut queues = topology::standard_work_queues();
+        queues.push(topology::DEAD_LETTER_QUEUE.to_owned());
+        let channel = self.channel().await?;
+        for queue in queues {
+            if let Err(source) = channel.queue_declare(&queue, passive_queue, FieldTable::default()).await {
+                return Err(BusError::TopologyMissing { missing: format!("queue {queue}"), source });
+            }
+        }
+        let _ = channel.close(200, "checked").await;
+        Ok(())
     }
 
     /// Declares the delay queues that hold `queue`'s retries under this bus's [`RetryPolicy`], one
@@ -683,7 +779,7 @@ impl Bus {
                 }
                 None => break ConsumerEnd::Interrupted,
             };
-            let incoming = Incoming::from_delivery(&delivery);
+            let incoming = Incoming::received(&delivery, Some(&self.config.user));
             let handler = handler.clone();
             let bus = self.clone();
             let retries = retries.clone();
@@ -779,7 +875,7 @@ async fn retry_later(bus: &Bus, retries: &RetryQueues, delivery: &Delivery, inco
     let queue = retries.queue.as_str();
     let delay = retries.policy.delay_after(incoming.attempts() + incoming.outages());
     let delay_queue = topology::retry_queue(queue, delay);
-    let properties = retry_copy_properties(&delivery.properties, &incoming.routing_key, attempts, outages);
+    let properties = retry_copy_properties(&delivery.properties, incoming, bus.user(), attempts, outages);
     match retries.park(bus, &delay_queue, &delivery.data, properties).await {
         Ok(()) => {
             tracing::debug!(queue, attempts, outages, retry_in = ?delay, "message parked for a retry");
@@ -792,9 +888,11 @@ async fn retry_later(bus: &Bus, retries: &RetryQueues, delivery: &Delivery, inco
     }
 }
 
-/// The original's properties, persistent, with the new counts and the original routing key; the
-/// broker's dead-letter bookkeeping of earlier rounds is dropped.
-fn retry_copy_properties(original: &BasicProperties, routing_key: &str, attempts: u32, outages: u32) -> BasicProperties {
+/// The original's properties, persistent, with the new counts, the original routing key and the
+/// original sender ([`topology::SENDER_HEADER`]: the copy's `user_id` is the consumer's own, as the
+/// broker demands); the broker's dead-letter bookkeeping of earlier rounds is dropped.
+fn retry_copy_properties(original: &BasicProperties, incoming: &Incoming, own_user: &str, attempts: u32, outages: u32) -> BasicProperties {
+    let routing_key = incoming.routing_key.as_str();
     const BROKER_HEADERS: [&str; 8] = [
         "x-death",
         "x-first-death-queue",
@@ -816,7 +914,9 @@ fn retry_copy_properties(original: &BasicProperties, routing_key: &str, attempts
     headers.insert(topology::ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempts)));
     headers.insert(topology::OUTAGES_HEADER.into(), AMQPValue::LongLongInt(i64::from(outages)));
     headers.insert(topology::ROUTING_KEY_HEADER.into(), AMQPValue::LongString(LongString::from(routing_key.to_owned())));
-    original.clone().with_headers(headers).with_delivery_mode(2)
+    let sender = incoming.sender.user_id().unwrap_or_default().to_owned();
+    headers.insert(topology::SENDER_HEADER.into(), AMQPValue::LongString(LongString::from(sender)));
+    original.clone().with_headers(headers).with_user_id(own_user.into()).with_delivery_mode(2)
 }
 
 fn with_counts(incoming: &Incoming, attempts: u32, outages: u32) -> Incoming {
@@ -894,10 +994,18 @@ impl RetryQueues {
 }
 
 impl Incoming {
-    /// The message of a raw lapin delivery (for code that consumes with lapin directly).
+    /// The message of a raw lapin delivery (for code that consumes with lapin directly); its
+    /// sender is the delivery's `user_id` as it is.
     pub fn from_delivery(delivery: &lapin::message::Delivery) -> Incoming {
+        Incoming::received(delivery, None)
+    }
+
+    /// The message of a delivery consumed by a bus connected as `own_user`: a retry copy that user
+    /// published keeps naming the original sender ([`topology::SENDER_HEADER`]); on anyone else's
+    /// message that header means nothing.
+    fn received(delivery: &lapin::message::Delivery, own_user: Option<&str>) -> Incoming {
         let properties = &delivery.properties;
-        let headers = properties
+        let headers: HashMap<String, String> = properties
             .headers()
             .as_ref()
             .map(|table| {
@@ -908,9 +1016,15 @@ impl Incoming {
                     .collect()
             })
             .unwrap_or_default();
+        let user_id = properties.user_id().as_ref().map(ShortString::to_string);
+        let sender = match (&user_id, own_user, headers.get(topology::SENDER_HEADER)) {
+            (Some(user_id), Some(own_user), Some(original)) if user_id == own_user => Sender::of_user_id(Some(original)),
+            _ => Sender::of_user_id(user_id.as_deref()),
+        };
         let mut incoming = Incoming {
             body: delivery.data.clone(),
             routing_key: delivery.routing_key.to_string(),
+            sender,
             redelivered: delivery.redelivered,
             reply_to: properties.reply_to().as_ref().map(ShortString::to_string),
             correlation_id: properties.correlation_id().as_ref().map(ShortString::to_string),

@@ -3,8 +3,10 @@
 //!
 //! Only this crate knows the wire format; components convert at this edge.
 
+pub mod broker_admin;
 pub mod bus;
 pub mod event;
+pub mod identity;
 pub mod host;
 pub mod message;
 pub mod metrics;
@@ -16,5 +18,6 @@ pub mod topology;
 
 pub use bus::{Bus, BusConfig, ConsumeSpec, Incoming, Outcome};
 pub use event::{CloudEvent, EnvelopeError};
+pub use identity::{Identity, Sender};
 pub use message::{AgentKind, Notification, Task};
 pub use profile::Profile;

@@ -222,6 +222,10 @@ pub struct WorkspaceSettings {
     pub quota_mib: u64,
     /// What holds a session's workspace on the host (see `agents/workspace/README.md`).
     pub filesystem: WorkspaceFilesystem,
+    /// Disk this host may keep for closed workspaces (the local cache a reopen revalidates
+    /// instead of downloading everything), least recently closed evicted first; 0 = no cache.
+    #[serde(default)]
+    pub cache_mib: u64,
 }
 
 /// What holds a session's workspace directory on the host.

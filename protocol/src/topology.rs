@@ -28,6 +28,10 @@ pub const DELIVERY_LIMIT: i64 = 5;
 pub const ATTEMPTS_HEADER: &str = "x-berth-attempts";
 /// Header counting the `Outcome::RetryUnavailable` outages a message has waited through.
 pub const OUTAGES_HEADER: &str = "x-berth-outages";
+/// Header naming the original sender (its `user_id`) of a retry copy or a dead letter: both are
+/// published by the consumer's own identity. Trusted only on a message whose validated `user_id`
+/// is the consuming identity's own.
+pub const SENDER_HEADER: &str = "x-berth-sender";
 /// Header keeping a retried message's original routing key (it comes back from its delay queue
 /// through the default exchange, routed by queue name).
 pub const ROUTING_KEY_HEADER: &str = "x-berth-routing-key";

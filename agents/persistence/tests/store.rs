@@ -644,7 +644,15 @@ async fn bad_fire_and_forget_tasks_reach_the_dead_letter_exchange_through_the_br
 }
 
 fn incoming(body: Vec<u8>) -> Incoming {
-    Incoming { body, routing_key: "persistence".into(), redelivered: false, reply_to: None, correlation_id: None, headers: Default::default() }
+    Incoming {
+        body,
+        routing_key: "persistence".into(),
+        sender: protocol::Sender::Unstated,
+        redelivered: false,
+        reply_to: None,
+        correlation_id: None,
+        headers: Default::default(),
+    }
 }
 
 #[tokio::test]

@@ -20,6 +20,7 @@ use serde_json::json;
 
 use uuid::Uuid;
 
+use crate::cache;
 use crate::conditional::{self, Expected, Written};
 use crate::error::{Error, Result};
 use crate::events::{EventSink, Reply};
@@ -82,6 +83,10 @@ impl AgentSettings {
 struct MaterializeArgs {
     user: String,
     workspace: String,
+    /// The warm-pool slot the engine bound to this session ('' or absent = a cold open): its empty
+    /// directory, already mounted in the slot's container, becomes the session directory.
+    #[serde(default)]
+    slot: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +96,23 @@ struct SyncArgs {
     workspace: String,
     #[serde(rename = "final", default)]
     final_sync: bool,
+}
+
+/// `remove`'s arguments. `{}` (recovery, older patterns) deletes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveArgs {
+    /// Keep the directory in this host's workspace cache instead of deleting it, when the
+    /// profile gives the cache a budget (`workspace.cache_mib`).
+    #[serde(default)]
+    cache: bool,
+}
+
+/// What `remove` does with a directory the confirmed final sync covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Delete,
+    Cache,
 }
 
 /// Whether a task may make the session's file system or only mount an existing one.
@@ -318,8 +340,15 @@ impl WorkspaceAgent {
         match task.action.as_str() {
             "materialize" => {
                 let args: MaterializeArgs = parse_args(task)?;
+                let slot = args.slot.as_deref().filter(|slot| !slot.is_empty());
+                if let Some(slot) = slot {
+                    check_identifier("slot", slot)?;
+                }
                 let target = self.target(session, &args.user, &args.workspace)?;
                 let _guards = self.lock_workspace(&target).await;
+                if let Some(slot) = slot {
+                    self.take_pool_slot(session, slot).await?;
+                }
                 match self.materialize(&target, reply).await {
                     Ok(()) => Ok(()),
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
@@ -362,8 +391,10 @@ impl WorkspaceAgent {
                 }
             }
             "remove" => {
+                let args: RemoveArgs = parse_args(task)?;
+                let keep = if args.cache && self.profile.workspace.cache_mib > 0 { Keep::Cache } else { Keep::Delete };
                 let _guard = self.lock(format!("session:{session}")).await;
-                match self.remove(session).await {
+                match self.remove(session, keep).await {
                     Ok(preserved) => {
                         let (shown, total) = bounded_list(&preserved);
                         let mut data = json!({"preserved": shown});
@@ -680,6 +711,8 @@ impl WorkspaceAgent {
                 Ok(count) => tracing::debug!(directories = count, "inventory published"),
                 Err(error) => tracing::warn!(%error, "inventory not published"),
             }
+            // A lowered budget (a restart with a new profile) takes effect here too.
+            self.evict_cache().await;
         }
     }
 
@@ -698,8 +731,36 @@ impl WorkspaceAgent {
 
     // ----- materialize -------------------------------------------------------------------------
 
+    /// A warm claim: the slot's directory (empty, and bind-mounted in the slot's container since
+    /// its creation) is renamed into the session directory, so the container sees what is
+    /// materialized next without being created again. A rename keeps the inode the container's
+    /// mount holds. Idempotent: a session directory that exists already (a redelivery, or a slot
+    /// that was gone and the open went cold) is left as it is.
+    async fn take_pool_slot(&self, session: &str, slot: &str) -> Result<()> {
+        if self.profile.workspace.filesystem == WorkspaceFilesystem::Image {
+            tracing::warn!(session, slot, "warm-pool slot ignored: image-backed workspaces are never pooled");
+            return Ok(());
+        }
+        let (slot_dir, session_dir) = (self.profile.pool_slot_dir(slot), self.profile.session_dir(session));
+        let claimed = blocking(move || {
+            if std::fs::symlink_metadata(&session_dir).is_ok() {
+                return Ok(false);
+            }
+            match std::fs::symlink_metadata(&slot_dir) {
+                Ok(metadata) if metadata.is_dir() => {
+                    std::fs::rename(&slot_dir, &session_dir).map_err(|source| Error::io("claiming the pool slot's directory", &slot_dir, source))?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
+        .await?;
+        tracing::info!(session, slot, claimed, "warm-pool slot directory");
+        Ok(())
+    }
+
     async fn materialize(&self, target: &Target, reply: &Reply) -> Result<()> {
-        let mut manifest = match self.load_manifest(target).await? {
+        let (mut manifest, fresh) = match self.load_manifest(target).await? {
             Some(existing) if existing.phase == Phase::Complete => {
                 // Already done (a redelivery): announce again, touch nothing the user may have changed.
                 let (files, bytes) = (existing.files.len(), existing.total_bytes());
@@ -707,8 +768,8 @@ impl WorkspaceAgent {
                 self.events.emit(reply.event("workspace.materialized", data)).await?;
                 return self.events.emit(reply.event("workspace.complete", json!({"files": files, "bytes": bytes}))).await;
             }
-            Some(existing) if existing.phase != Phase::Removed => existing,
-            _ => Manifest::new(&target.session, &target.user, &target.workspace, &self.profile.name, &target.prefix_text),
+            Some(existing) if existing.phase != Phase::Removed => (existing, false),
+            _ => (Manifest::new(&target.session, &target.user, &target.workspace, &self.profile.name, &target.prefix_text), true),
         };
         manifest.profile.clone_from(&self.profile.name);
         // A sibling directory of this workspace (a stranded session) may hold newer work than the
@@ -763,6 +824,23 @@ impl WorkspaceAgent {
         let mut manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
         let (root, prefix, session) = (self.profile.deployment_root(), target.prefix_text.clone(), target.session.clone());
         blocking(move || inventory::mark(&root, &prefix, &session)).await?;
+        // A new session of a workspace this host closed before starts from the cached copy,
+        // revalidated against the listing just made: only what changed is downloaded below.
+        let adopted_target;
+        let mut adopted = None;
+        let target = match fresh && self.cache_budget_bytes() > 0 {
+            true => match self.adopt_cached(target, &wanted, &remote_tree).await {
+                Some(revalidated) => {
+                    adopted_target = self.target(&target.session, &target.user, &target.workspace)?;
+                    manifest.files.clone_from(&revalidated.files);
+                    manifest = manifest::save(adopted_target.manifest_path.clone(), manifest, Durability::Ordered).await?;
+                    adopted = Some(revalidated);
+                    &adopted_target
+                }
+                None => target,
+            },
+            false => target,
+        };
         // The session's own file system is mounted before anything is written into it.
         self.prepare(target, Create::Yes).await?;
 
@@ -830,6 +908,8 @@ impl WorkspaceAgent {
         }
         small.sort_by_key(|(_, meta)| meta.size);
         large.sort_by_key(|(_, meta)| meta.size);
+        let downloaded_files = small.len() + large.len();
+        let downloaded_bytes: u64 = small.iter().chain(large.iter()).map(|(_, meta)| meta.size).sum();
         let progress = Progress {
             files_total: present_files + small.len() + large.len(),
             bytes_total: total_bytes,
@@ -880,8 +960,13 @@ impl WorkspaceAgent {
         manifest.tree_version = tree_meta.and_then(|meta| meta.version);
         let manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
         self.events.emit(reply.event("workspace.progress", progress.data())).await?;
-        let data = json!({"files": manifest.files.len(), "bytes": manifest.total_bytes()});
-        tracing::info!(session = %target.session, files = manifest.files.len(), bytes = manifest.total_bytes(), "workspace complete");
+        let cache = adopted.map(|adopted| json!({"kept_files": adopted.files.len(), "kept_bytes": adopted.kept_bytes, "removed": adopted.removed}));
+        let cached = cache.is_some();
+        let data = json!({
+            "files": manifest.files.len(), "bytes": manifest.total_bytes(),
+            "downloaded_files": downloaded_files, "downloaded_bytes": downloaded_bytes, "cache": cache,
+        });
+        tracing::info!(session = %target.session, files = manifest.files.len(), bytes = manifest.total_bytes(), downloaded_files, cached, "workspace complete");
         self.events.emit(reply.event("workspace.complete", data)).await
     }
 
@@ -1781,7 +1866,7 @@ impl WorkspaceAgent {
     /// Deletes the directory after a confirmed final sync that covers it. What can't be stored is
     /// moved to the preserved area first: afterwards every entry of the directory is either
     /// confirmed in the store or preserved. Returns the preserved paths (lossy UTF-8).
-    async fn remove(&self, session: &str) -> Result<Vec<String>> {
+    async fn remove(&self, session: &str, keep: Keep) -> Result<Vec<String>> {
         let deployment_root = self.profile.deployment_root();
         let Location { directory, staging, volume } = locate(&self.profile, session);
         let manifest_path = manifest::manifest_path(&deployment_root, session);
@@ -1861,12 +1946,30 @@ impl WorkspaceAgent {
         .await?;
         let mut preserved = manifest.preserved.clone();
         preserved.extend(newly_preserved);
+        // Only a whole, unchanged workspace of this profile is cached; a resumed remove may have
+        // deleted part of the directory already, so it always finishes deleting.
+        let cached = match keep {
+            Keep::Cache if !resuming && manifest.phase == Phase::Complete && (manifest.profile.is_empty() || manifest.profile == self.profile.name) => {
+                let mut record_manifest = manifest.clone();
+                record_manifest.preserved.clear();
+                Some(record_manifest)
+            }
+            _ => None,
+        };
         // Durable before the first deletion: a remove cut short resumes instead of looking like
         // the user deleted files (which a sync would then delete in the store).
         manifest.phase = Phase::Removing;
         manifest.preserved.clone_from(&preserved);
         manifest::save(manifest_path.clone(), manifest.clone(), Durability::Flushed).await?;
+        let cached = match cached {
+            Some(record_manifest) => self.cache_directory(session, record_manifest, &directory, &staging, volume.as_ref()).await?,
+            None => false,
+        };
+        let volume = volume.filter(|_| !cached);
         blocking(move || {
+            if cached {
+                return Ok(());
+            }
             if let Some(volume) = volume {
                 // The files go with the image: unmounted, then deleted (the image last).
                 let started = Instant::now();
@@ -1888,8 +1991,130 @@ impl WorkspaceAgent {
         let prefix = manifest.prefix.clone();
         manifest::save(manifest_path, manifest, Durability::Flushed).await?;
         inventory::unmark(&deployment_root, &prefix, session);
-        tracing::info!(session, preserved = preserved.len(), "workspace directory removed after a confirmed final sync");
+        if cached {
+            tracing::info!(session, preserved = preserved.len(), "workspace directory kept in the host's cache after a confirmed final sync");
+            self.evict_cache().await;
+        } else {
+            tracing::info!(session, preserved = preserved.len(), "workspace directory removed after a confirmed final sync");
+        }
         Ok(preserved)
+    }
+
+    // ----- the local workspace cache -------------------------------------------------------------
+
+    fn cache_budget_bytes(&self) -> u64 {
+        self.profile.workspace.cache_mib.saturating_mul(1024 * 1024)
+    }
+
+    fn cache_owner(&self, user: &str, workspace: &str, prefix: &str) -> cache::Owner {
+        cache::Owner { profile: self.profile.name.clone(), user: user.to_owned(), workspace: workspace.to_owned(), prefix: prefix.to_owned() }
+    }
+
+    /// Moves a removed session's directory (or image) into the cache. `false` when it does not
+    /// fit the budget at all: the caller deletes it as without a cache.
+    async fn cache_directory(&self, session: &str, record_manifest: Manifest, directory: &Path, staging: &Path, volume: Option<&Volume>) -> Result<bool> {
+        let owner = self.cache_owner(&record_manifest.user, &record_manifest.workspace, &record_manifest.prefix);
+        let _cache_guard = self.lock(format!("cache:{}", owner.key())).await;
+        let budget = self.cache_budget_bytes();
+        let (root, session, directory, staging, volume) = (self.profile.deployment_root(), session.to_owned(), directory.to_owned(), staging.to_owned(), volume.cloned());
+        blocking(move || {
+            let (holder, bytes, source) = match volume {
+                Some(volume) => (cache::Holder::Image, cache::allocated_bytes(&volume.image)?, cache::Source::Image(volume)),
+                None => (cache::Holder::Directory, record_manifest.total_bytes(), cache::Source::Directory(directory)),
+            };
+            if bytes > budget {
+                tracing::info!(session, bytes, budget, "workspace larger than the whole cache budget; deleted instead");
+                return Ok(false);
+            }
+            let record = cache::Record::new(&owner, holder, bytes, record_manifest);
+            let entry = cache::insert(&root, &session, &record, source)?;
+            match std::fs::remove_dir_all(&staging) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(Error::io("removing staging folder", &staging, source)),
+            }
+            tracing::debug!(session, entry = %entry.display(), bytes, "cached");
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Deletes the least recently closed cache entries beyond the budget (all of them with a
+    /// budget of 0). An entry a task holds right now is left for the next round.
+    pub async fn evict_cache(&self) -> usize {
+        let root = self.profile.deployment_root();
+        let budget = self.cache_budget_bytes();
+        let listed = match blocking(move || cache::list(&root)).await {
+            Ok(listed) => listed,
+            Err(error) => {
+                tracing::warn!(%error, "workspace cache not listed");
+                return 0;
+            }
+        };
+        let mut evicted = 0;
+        for entry in cache::over_budget(listed, budget) {
+            let Some(_guard) = self.try_lock(format!("cache:{}", entry.key)) else { continue };
+            let folder = entry.folder.clone();
+            match blocking(move || cache::discard(&folder)).await {
+                Ok(()) => {
+                    evicted += 1;
+                    tracing::info!(entry = %entry.key, bytes = entry.record.as_ref().map_or(0, |record| record.bytes), "cached workspace evicted");
+                }
+                Err(error) => tracing::warn!(entry = %entry.key, %error, "cached workspace not evicted"),
+            }
+        }
+        evicted
+    }
+
+    /// Takes this workspace's cache entry, if the host has one, and makes it the session's
+    /// directory, revalidated against `wanted` (the store's listing): files the store no longer
+    /// has, or has in another version, are deleted locally (the download replaces them); what is
+    /// kept is returned with the listing's versions, which the conditional writes of later syncs
+    /// need. `None` (the cold path, into a fresh directory) when there is no entry, or it is not
+    /// exactly what the confirmed final sync left (then it is moved to the preserved area), or
+    /// anything fails on the way (then it is deleted).
+    async fn adopt_cached(&self, target: &Target, wanted: &[(WorkspacePath, ObjectMeta)], remote_tree: &Tree) -> Option<Revalidated> {
+        let owner = self.cache_owner(&target.user, &target.workspace, &target.prefix_text);
+        let _cache_guard = self.lock(format!("cache:{}", owner.key())).await;
+        let started = Instant::now();
+        let root = self.profile.deployment_root();
+        let listed: BTreeMap<String, Listed> =
+            wanted.iter().map(|(path, meta)| (path.as_str().to_owned(), Listed { size: meta.size, e_tag: meta.e_tag.clone(), version: meta.version.clone() })).collect();
+        let placing = Placing {
+            session_dir: self.profile.session_dir(&target.session),
+            session_volume: Volume::of(&root, &target.session),
+            preserved: manifest::preserved_path(&root, &target.session),
+            quota_bytes: self.profile.workspace.quota_mib * 1024 * 1024,
+            owner: self.ownership,
+            limits: self.scan_limits(),
+        };
+        let (remote_tree, session) = (remote_tree.clone(), target.session.clone());
+        let outcome = blocking(move || {
+            let Some(taken) = cache::take(&root, &owner, &session)? else { return Ok(None) };
+            revalidate_cached(taken, &listed, &remote_tree, &placing)
+        })
+        .await;
+        match outcome {
+            Ok(Some(revalidated)) => {
+                tracing::info!(
+                    session = %target.session, kept_files = revalidated.files.len(), kept_bytes = revalidated.kept_bytes,
+                    removed = revalidated.removed, ms = started.elapsed().as_millis() as u64, "reopened from the host's workspace cache"
+                );
+                Some(revalidated)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                tracing::warn!(session = %target.session, %error, "cached workspace not used; materializing from the store");
+                None
+            }
+        }
+    }
+
+    /// At start, before any task: deletes what interrupted cache moves left, then evicts.
+    pub async fn tend_cache_at_start(&self) -> Result<usize> {
+        let root = self.profile.deployment_root();
+        let swept = blocking(move || cache::sweep(&root)).await?;
+        Ok(swept + self.evict_cache().await)
     }
 }
 
@@ -1971,6 +2196,158 @@ fn changes_since_final_sync(manifest: &Manifest, scan: &Scan) -> Option<String> 
         return Some("symlinks, folders or modes changed".to_owned());
     }
     None
+}
+
+/// One object of the store's listing, as revalidation compares it.
+struct Listed {
+    size: u64,
+    e_tag: Option<String>,
+    version: Option<String>,
+}
+
+/// Where a revalidated cache entry goes.
+struct Placing {
+    session_dir: PathBuf,
+    session_volume: Volume,
+    preserved: PathBuf,
+    quota_bytes: u64,
+    owner: Option<Ownership>,
+    limits: ScanLimits,
+}
+
+/// What a reopen kept from the cache.
+struct Revalidated {
+    /// Manifest entries of the files kept, with the listing's ETags and versions.
+    files: BTreeMap<String, FileEntry>,
+    kept_bytes: u64,
+    /// Files and links deleted locally: gone from the store, or changed there.
+    removed: usize,
+}
+
+/// Whether a cached file is still the store's: same size and ETag (and version, when both have
+/// one), and the same mode in the sidecar. Without an ETag nothing can be compared: downloaded.
+fn still_stored(path: &str, entry: &FileEntry, listed: &BTreeMap<String, Listed>, cached_tree: &Tree, remote_tree: &Tree) -> bool {
+    let Some(object) = listed.get(path) else { return false };
+    let same_version = match (&object.version, &entry.version) {
+        (Some(listed_version), Some(cached_version)) => listed_version == cached_version,
+        _ => true,
+    };
+    object.size == entry.size && object.e_tag.is_some() && object.e_tag == entry.e_tag && same_version && remote_tree.file_mode(path) == cached_tree.file_mode(path)
+}
+
+/// Checks a taken cache entry against its record and prunes it to what the store still has,
+/// then moves it into the session's place. Blocking.
+fn revalidate_cached(taken: cache::Taken, listed: &BTreeMap<String, Listed>, remote_tree: &Tree, placing: &Placing) -> Result<Option<Revalidated>> {
+    let holder = taken.record.holder;
+    let checked = (|| -> Result<std::result::Result<Revalidated, String>> {
+        let directory = match holder {
+            cache::Holder::Directory => taken.directory(),
+            cache::Holder::Image => {
+                let volume = taken.volume();
+                if !volume::attach(&volume, placing.quota_bytes, placing.owner, false)? {
+                    return Ok(Err("the cached image is missing".to_owned()));
+                }
+                volume.workspace()
+            }
+        };
+        let cached = &taken.record.manifest;
+        let scan = fsops::scan_within(&directory, &placing.limits)?;
+        // After a confirmed final sync with nothing changed since, the directory is exactly the
+        // manifest: anything else (a file it doesn't list, a changed one) is not served.
+        if !scan.unsyncable.is_empty() {
+            return Ok(Err(format!("{} entries that can't be stored", scan.unsyncable.len())));
+        }
+        if let Some(changes) = changes_since_final_sync(cached, &scan) {
+            return Ok(Err(changes));
+        }
+        let confined = Confined::open(&directory)?;
+        let mut revalidated = Revalidated { files: BTreeMap::new(), kept_bytes: 0, removed: 0 };
+        for (path, entry) in &cached.files {
+            if still_stored(path, entry, listed, &cached.tree, remote_tree) {
+                let version = listed.get(path).and_then(|object| object.version.clone());
+                revalidated.files.insert(path.clone(), FileEntry { version, ..entry.clone() });
+                revalidated.kept_bytes += entry.size;
+                continue;
+            }
+            let relative = WorkspacePath::parse(path).map_err(Error::UnsafeNames)?;
+            confined.remove_entry(&relative, fsops::Removal::EmptyFolder)?;
+            revalidated.removed += 1;
+        }
+        for (path, link_target) in &cached.tree.links {
+            if remote_tree.links.get(path) == Some(link_target) {
+                continue;
+            }
+            let relative = WorkspacePath::parse(path).map_err(Error::UnsafeNames)?;
+            confined.remove_entry(&relative, fsops::Removal::EmptyFolder)?;
+            revalidated.removed += 1;
+        }
+        // Folders the store no longer has, deepest first; one still holding a file stays (the
+        // listing's files need it).
+        let mut folders: Vec<&String> = cached.tree.directories.keys().filter(|path| !remote_tree.directories.contains_key(*path)).collect();
+        folders.sort_by_key(|path| std::cmp::Reverse(path.matches('/').count()));
+        for folder in folders {
+            if let Ok(relative) = WorkspacePath::parse(folder) {
+                let _ = confined.remove_entry(&relative, fsops::Removal::EmptyFolder);
+            }
+        }
+        drop(confined);
+        if holder == cache::Holder::Image {
+            volume::detach(&taken.volume())?;
+        }
+        Ok(Ok(revalidated))
+    })();
+    let revalidated = match checked {
+        Ok(Ok(revalidated)) => revalidated,
+        Ok(Err(reason)) => {
+            let aside = placing.preserved.join(format!("rejected-cache-{}", Uuid::new_v4().simple()));
+            tracing::error!(reason, kept_at = %aside.display(), "a cached workspace is not what its confirmed final sync left; not served, kept aside");
+            if holder == cache::Holder::Image {
+                volume::detach(&taken.volume())?;
+            }
+            if let Some(parent) = aside.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| Error::io("creating preserved folder", parent, source))?;
+            }
+            std::fs::rename(&taken.folder, &aside).map_err(|source| Error::io("moving aside", &taken.folder, source))?;
+            return Ok(None);
+        }
+        Err(error) => {
+            cache::discard(&taken.folder)?;
+            return Err(error);
+        }
+    };
+    if let Err(error) = place_cached(&taken, placing) {
+        cache::discard(&taken.folder)?;
+        return Err(error);
+    }
+    if let Err(error) = std::fs::remove_dir_all(&taken.folder) {
+        tracing::warn!(folder = %taken.folder.display(), %error, "emptied cache entry not deleted; the next start deletes it");
+    }
+    Ok(Some(revalidated))
+}
+
+/// Moves a revalidated cache entry into the session's place: the directory to
+/// `Profile::session_dir`, or the image to the session's image (mounted by `prepare`).
+fn place_cached(taken: &cache::Taken, placing: &Placing) -> Result<()> {
+    if placing.session_volume.exists() {
+        return Err(Error::Filesystem(format!("{} already exists", placing.session_volume.image.display())));
+    }
+    match std::fs::remove_dir(&placing.session_dir) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(Error::io("making room for the cached workspace at", &placing.session_dir, source)),
+    }
+    match taken.record.holder {
+        cache::Holder::Directory => {
+            std::fs::rename(taken.directory(), &placing.session_dir).map_err(|source| Error::io("moving the cached workspace to", &placing.session_dir, source))
+        }
+        cache::Holder::Image => {
+            let image = &placing.session_volume.image;
+            if let Some(folder) = image.parent() {
+                std::fs::create_dir_all(folder).map_err(|source| Error::io("creating images folder", folder, source))?;
+            }
+            std::fs::rename(taken.volume().image, image).map_err(|source| Error::io("moving the cached image to", image, source))
+        }
+    }
 }
 
 /// The version the manifest recorded for a file, or "no object" for a file it doesn't know.

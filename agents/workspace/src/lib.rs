@@ -8,10 +8,12 @@
 //! workspace is `Profile::session_dir(session)` (bind-mounted into the container); its manifest is
 //! `<deployment_root>/.berth-manifests/<session>.json`, downloads are staged in
 //! `<deployment_root>/.berth-staging/<session>/` and what can't be stored is kept at `remove` in
-//! `<deployment_root>/.berth-preserved/<session>/`, all outside what the container sees.
+//! `<deployment_root>/.berth-preserved/<session>/`, all outside what the container sees. Closed
+//! workspaces the host keeps for a reopen are in `<deployment_root>/.berth-cache/` (`cache.rs`).
 
 mod agent;
 mod bench;
+mod cache;
 mod conditional;
 pub mod fixture;
 mod error;
@@ -31,6 +33,7 @@ use protocol::{topology, AgentKind, Bus, BusConfig, ConsumeSpec, Profile};
 
 pub use agent::{conflict_copy_path, error_policy, locate, read_manifest, session_directory, Location, AgentSettings, ConflictRecord, SyncKind, SyncReport, WorkspaceAgent};
 pub use bench::{run_with as bench_with_settings, BenchReport};
+pub use cache::CACHE_DIR;
 pub use error::{Error, Result};
 pub use events::{BusEvents, CollectedEvents, EventSink, Reply, EVENT_SOURCE};
 pub use fsops::{read_and_hash, scan, scan_within, Confined, ScanLimits, FolderEntry, Ownership, Placed, Placement, Removal, Scan, StagedFile};
@@ -77,7 +80,7 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     }
     let store = store::open(&profile.services.object_store_url, &StoreSettings::from_env())?;
     tokio::fs::create_dir_all(profile.deployment_root()).await?;
-    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-agent-workspace")).await?;
+    let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Workspace, "berth-agent-workspace")?).await?;
     bus.declare_topology().await?;
     tracing::info!(store = %store.url, root = %profile.services.workspace_root.display(), "workspace agent starting");
     let events = Arc::new(BusEvents { bus: bus.clone() });
@@ -90,6 +93,8 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     // anything looks at a workspace (the first inventory, the first task).
     let attached = agent.attach_images().await?;
     tracing::info!(attached, "workspace images mounted");
+    let tended = agent.tend_cache_at_start().await?;
+    tracing::info!(tended, cache_mib = agent.profile().workspace.cache_mib, "workspace cache tidied");
     let inventory = tokio::spawn({
         let agent = agent.clone();
         async move { agent.inventory_loop().await }

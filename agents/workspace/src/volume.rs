@@ -285,9 +285,9 @@ fn unmount(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Unmounts the session directory and the image, removes both mount points, then the image
-/// (last: until it is gone the session counts as image-backed). Idempotent.
-pub fn release(volume: &Volume) -> Result<()> {
+/// Unmounts the session directory and the image and removes both mount points, keeping the
+/// image (the workspace cache moves it away whole). Idempotent.
+pub fn detach(volume: &Volume) -> Result<()> {
     unmount(&volume.session_dir)?;
     unmount(&volume.mount_point)?;
     for folder in [&volume.session_dir, &volume.mount_point] {
@@ -297,6 +297,13 @@ pub fn release(volume: &Volume) -> Result<()> {
             Err(source) => return Err(Error::io("removing mount point", folder, source)),
         }
     }
+    Ok(())
+}
+
+/// Unmounts the session directory and the image, removes both mount points, then the image
+/// (last: until it is gone the session counts as image-backed). Idempotent.
+pub fn release(volume: &Volume) -> Result<()> {
+    detach(volume)?;
     remove_unfinished_images(volume);
     match std::fs::remove_file(&volume.image) {
         Ok(()) => Ok(()),

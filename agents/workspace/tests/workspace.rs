@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -110,6 +110,8 @@ struct CountingStore {
     failing_reads: Mutex<Option<String>>,
     /// Writes of keys containing this text fail.
     failing_writes: Mutex<Option<String>>,
+    /// Listings fail, as if the store were unreachable for them.
+    failing_lists: AtomicBool,
 }
 
 impl std::fmt::Display for CountingStore {
@@ -150,6 +152,10 @@ impl ObjectStore for CountingStore {
         self.inner.delete(location).await
     }
     fn list(&self, prefix: Option<&ObjectPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        if self.failing_lists.load(Ordering::SeqCst) {
+            let failure = object_store::Error::Generic { store: "test", source: "injected listing failure".into() };
+            return futures::stream::once(async move { Err(failure) }).boxed();
+        }
         self.inner.list(prefix)
     }
     async fn list_with_delimiter(&self, prefix: Option<&ObjectPath>) -> object_store::Result<ListResult> {
@@ -220,9 +226,15 @@ fn quick_settings() -> AgentSettings {
 
 impl Harness {
     fn new(backend: &Backend, events: CollectedEvents, settings: AgentSettings) -> Harness {
+        Harness::with_profile(backend, events, settings, |_| {})
+    }
+
+    /// A harness whose profile `adjust` changes first.
+    fn with_profile(backend: &Backend, events: CollectedEvents, settings: AgentSettings, adjust: impl FnOnce(&mut Profile)) -> Harness {
         let scratch = std::env::temp_dir().join(format!("berth-ws-test-{}", Uuid::new_v4()));
         std::fs::create_dir_all(&scratch).expect("scratch dir");
-        let profile = test_profile(&backend.url, &scratch);
+        let mut profile = test_profile(&backend.url, &scratch);
+        adjust(&mut profile);
         let opened = backend.open();
         let counting = Arc::new(CountingStore {
             inner: opened.store.clone(),
@@ -231,6 +243,7 @@ impl Harness {
             gets: AtomicUsize::new(0),
             failing_reads: Mutex::new(None),
             failing_writes: Mutex::new(None),
+            failing_lists: AtomicBool::new(false),
         });
         let store = OpenedStore { store: counting.clone(), root: opened.root.clone(), url: opened.url.clone() };
         let events = Arc::new(events);
@@ -1570,4 +1583,240 @@ async fn bench_workspace_on_s3() {
 #[ignore = "benchmark: minutes of IO"]
 async fn bench_workspace_on_file() {
     bench_on(Backend::file()).await;
+}
+
+// ----- the local workspace cache -----------------------------------------------------------------------
+
+/// The cache's whole entries (dot-folders are entries being moved).
+fn cache_entries(harness: &Harness) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(harness.profile.deployment_root().join(workspace::CACHE_DIR)) else { return Vec::new() };
+    let mut found: Vec<PathBuf> = entries.flatten().filter(|entry| !entry.file_name().to_string_lossy().starts_with('.')).map(|entry| entry.path()).collect();
+    found.sort();
+    found
+}
+
+/// Final sync, then `remove {cache: true}`, as the session pattern closes a session.
+async fn close_into_cache(harness: &Harness) {
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.synced").data["final"], json!(true));
+    assert_eq!(harness.run(&harness.task("remove", json!({"cache": true}))).await, Outcome::Ack);
+    assert_eq!(harness.last("workspace.removed").data, json!({"preserved": []}));
+    assert!(!harness.directory().exists(), "the session's directory is gone from where sessions live");
+}
+
+fn cached(mib: u64) -> impl FnOnce(&mut Profile) {
+    move |profile| profile.workspace.cache_mib = mib
+}
+
+fn plain_directories(mib: u64) -> impl FnOnce(&mut Profile) {
+    move |profile| {
+        profile.workspace.cache_mib = mib;
+        profile.workspace.filesystem = protocol::profile::WorkspaceFilesystem::Directory;
+    }
+}
+
+fn inode(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap_or_else(|error| panic!("{}: {error}", path.display())).ino()
+}
+
+/// Close, then a change, a deletion and a new file in the store, then reopen: only the changed
+/// and the new file are downloaded (the other files keep their inodes), the deleted one is gone
+/// locally, and the manifest's versions are the store's, so the next syncs are exact.
+async fn reopen_from_the_cache_fetches_only_what_changed_in_the_store(backend: Backend) {
+    let first = Harness::with_profile(&backend, CollectedEvents::new(), quick_settings(), cached(256));
+    let files = fixture(60, 3);
+    first.seed(&files).await;
+    assert_eq!(first.run(&first.materialize_task()).await, Outcome::Ack);
+    let paths: Vec<String> = files.keys().cloned().collect();
+    let (changed, deleted, untouched) = (paths[10].clone(), paths[20].clone(), paths[30].clone());
+    let untouched_inode = inode(&first.directory().join(&untouched));
+    close_into_cache(&first).await;
+    assert_eq!(cache_entries(&first).len(), 1, "the closed workspace is cached");
+
+    // Meanwhile, elsewhere: same size, other bytes (only the ETag tells); one deleted; one new.
+    let replacement = vec![b'x'; files[&changed].len()];
+    first.put(&changed, &replacement).await;
+    first.store.store.delete(&first.key(&deleted)).await.unwrap();
+    first.put("discovery/new elsewhere.txt", b"written by another host").await;
+
+    let reopened = first.other_session();
+    reopened.counting.gets.store(0, Ordering::SeqCst);
+    assert_eq!(reopened.run(&reopened.materialize_task()).await, Outcome::Ack);
+    let complete = reopened.last("workspace.complete");
+    assert_eq!(complete.data["cache"], json!({"kept_files": 58, "kept_bytes": complete.data["cache"]["kept_bytes"], "removed": 2}), "{}", complete.data);
+    assert_eq!(number(&complete, "downloaded_files"), 2, "the changed and the new file, nothing else: {}", complete.data);
+    // Two downloads and the sidecar's read.
+    assert_eq!(reopened.counting.gets.load(Ordering::SeqCst), 3);
+    assert!(cache_entries(&first).is_empty(), "the entry became the session's directory");
+
+    let mut expected = files.clone();
+    expected.insert(changed.clone(), replacement);
+    expected.remove(&deleted);
+    expected.insert("discovery/new elsewhere.txt".into(), b"written by another host".to_vec());
+    assert_eq!(local_files(&reopened.directory()), expected, "the store's workspace, byte for byte");
+    assert_eq!(inode(&reopened.directory().join(&untouched)), untouched_inode, "an unchanged file was not downloaded again");
+    for folder in ["pleadings", "motions", "discovery", "correspondence/outgoing"] {
+        assert!(reopened.directory().join(folder).is_dir(), "skeleton folder {folder}");
+    }
+
+    // Nothing changed locally: nothing goes up. A local edit goes up as a plain, conditional
+    // write on the version the listing gave (no conflict).
+    assert_eq!(reopened.run(&reopened.sync_task(false)).await, Outcome::Ack);
+    let synced = reopened.last("workspace.synced");
+    assert_eq!((number(&synced, "uploaded"), number(&synced, "deleted")), (0, 0), "{}", synced.data);
+    std::fs::write(reopened.directory().join(&untouched), b"edited after the reopen").unwrap();
+    assert_eq!(reopened.run(&reopened.sync_task(false)).await, Outcome::Ack);
+    let synced = reopened.last("workspace.synced");
+    assert_eq!(number(&synced, "uploaded"), 1);
+    assert_eq!(synced.data["conflicts"], json!(0), "{}", synced.data);
+    assert_eq!(reopened.remote().await[&untouched], b"edited after the reopen");
+    assert!(reopened.events_of("workspace.conflict").is_empty());
+    reopened.cleanup();
+    backend.cleanup().await;
+}
+
+/// The cache is keyed by user and workspace: another user's session of a workspace with the same
+/// name, and the same user's other workspace, start cold and leave the entry alone.
+async fn another_user_or_workspace_never_gets_the_cache(backend: Backend) {
+    let alice = Harness::with_profile(&backend, CollectedEvents::new(), quick_settings(), cached(256));
+    alice.seed(&BTreeMap::from([("secret.txt".to_owned(), b"alice's".to_vec())])).await;
+    assert_eq!(alice.run(&alice.materialize_task()).await, Outcome::Ack);
+    close_into_cache(&alice).await;
+
+    let bob = Harness { user: format!("{}-bob", alice.user), ..alice.other_session() };
+    assert_eq!(bob.run(&bob.materialize_task()).await, Outcome::Ack);
+    let complete = bob.last("workspace.complete");
+    assert_eq!(complete.data["cache"], Value::Null);
+    assert!(!bob.directory().join("secret.txt").exists(), "bob never sees alice's files");
+    let other_workspace = Harness { workspace: "case-2".into(), ..alice.other_session() };
+    assert_eq!(other_workspace.run(&other_workspace.materialize_task()).await, Outcome::Ack);
+    assert_eq!(other_workspace.last("workspace.complete").data["cache"], Value::Null);
+    assert!(!other_workspace.directory().join("secret.txt").exists());
+    assert_eq!(cache_entries(&alice).len(), 1, "alice's entry is still there");
+
+    let alice_again = alice.other_session();
+    assert_eq!(alice_again.run(&alice_again.materialize_task()).await, Outcome::Ack);
+    assert_eq!(alice_again.last("workspace.complete").data["cache"]["kept_files"], json!(1));
+    assert_eq!(std::fs::read(alice_again.directory().join("secret.txt")).unwrap(), b"alice's");
+    alice.cleanup();
+    backend.cleanup().await;
+}
+
+/// Beyond the budget the least recently closed workspace goes; a reopen of it is cold and
+/// still complete. Plain directories: an entry's size is its files' bytes.
+async fn the_least_recently_closed_is_evicted_beyond_the_budget(backend: Backend) {
+    let base = Harness::with_profile(&backend, CollectedEvents::new(), quick_settings(), plain_directories(1));
+    let mut sessions = Vec::new();
+    for name in ["case-a", "case-b", "case-c"] {
+        let harness = Harness { workspace: name.into(), ..base.other_session() };
+        harness.seed(&BTreeMap::from([("big.bin".to_owned(), content(7, 400 * 1024))])).await;
+        assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+        close_into_cache(&harness).await;
+        sessions.push(harness);
+    }
+    // 3 × 400 KiB against 1 MiB: the first closed is evicted.
+    assert_eq!(cache_entries(&base).len(), 2);
+    let reopen_a = Harness { workspace: "case-a".into(), ..base.other_session() };
+    assert_eq!(reopen_a.run(&reopen_a.materialize_task()).await, Outcome::Ack);
+    let complete = reopen_a.last("workspace.complete");
+    assert_eq!(complete.data["cache"], Value::Null, "evicted: cold");
+    assert_eq!(number(&complete, "downloaded_files"), 1);
+    assert_eq!(std::fs::read(reopen_a.directory().join("big.bin")).unwrap(), content(7, 400 * 1024));
+    let reopen_c = Harness { workspace: "case-c".into(), ..base.other_session() };
+    assert_eq!(reopen_c.run(&reopen_c.materialize_task()).await, Outcome::Ack);
+    let complete = reopen_c.last("workspace.complete");
+    assert_eq!(complete.data["cache"]["kept_files"], json!(1));
+    assert_eq!(number(&complete, "downloaded_files"), 0);
+
+    // A budget of 0 (a restarted agent with a new profile) empties the cache.
+    let without_cache = WorkspaceAgent::new(
+        Profile { workspace: protocol::profile::WorkspaceSettings { cache_mib: 0, ..base.profile.workspace.clone() }, ..base.profile.clone() },
+        base.store.clone(),
+        base.events.clone(),
+        quick_settings(),
+    );
+    assert_eq!(without_cache.tend_cache_at_start().await.unwrap(), 1, "case-b's entry");
+    assert!(cache_entries(&base).is_empty());
+    base.cleanup();
+    backend.cleanup().await;
+}
+
+/// A listing that fails serves nothing from the cache (the entry stays for a later reopen that
+/// can list); a cached directory that is not what its final sync left (a file the manifest does
+/// not know) is never served: the reopen is cold, into a fresh directory, and the odd copy is
+/// kept aside in the preserved area.
+async fn the_cache_is_served_only_after_a_good_listing_and_a_clean_check(backend: Backend) {
+    let first = Harness::with_profile(&backend, CollectedEvents::new(), quick_settings(), plain_directories(256));
+    first.seed(&BTreeMap::from([("a.txt".to_owned(), b"one".to_vec()), ("b.txt".to_owned(), b"two".to_vec())])).await;
+    assert_eq!(first.run(&first.materialize_task()).await, Outcome::Ack);
+    close_into_cache(&first).await;
+
+    first.counting.failing_lists.store(true, Ordering::SeqCst);
+    let blind = first.other_session();
+    assert_eq!(blind.run(&blind.materialize_task()).await, Outcome::Ack);
+    assert!(blind.events_of("workspace.complete").is_empty(), "{:?}", blind.event_types());
+    assert_eq!(blind.last("workspace.failed").data["stage"], json!("download"));
+    assert!(!blind.directory().join("a.txt").exists(), "nothing served without a listing");
+    assert_eq!(cache_entries(&first).len(), 1, "the entry waits for a reopen that can list");
+    first.counting.failing_lists.store(false, Ordering::SeqCst);
+
+    // A file the cached manifest does not list (it can't happen after a confirmed final sync).
+    let entry = cache_entries(&first).pop().unwrap();
+    std::fs::write(entry.join("workspace").join("stray.txt"), b"not in the manifest").unwrap();
+    first.put("b.txt", b"changed elsewhere").await;
+    let reopened = first.other_session();
+    assert_eq!(reopened.run(&reopened.materialize_task()).await, Outcome::Ack);
+    let complete = reopened.last("workspace.complete");
+    assert_eq!(complete.data["cache"], Value::Null, "not served: {}", complete.data);
+    assert_eq!(number(&complete, "downloaded_files"), 2);
+    assert_eq!(
+        local_files(&reopened.directory()),
+        BTreeMap::from([("a.txt".to_owned(), b"one".to_vec()), ("b.txt".to_owned(), b"changed elsewhere".to_vec())])
+    );
+    let preserved: Vec<_> = std::fs::read_dir(reopened.preserved()).unwrap().flatten().map(|entry| entry.path()).collect();
+    assert_eq!(preserved.len(), 1, "{preserved:?}");
+    assert_eq!(std::fs::read(preserved[0].join("workspace/stray.txt")).unwrap(), b"not in the manifest");
+    assert!(cache_entries(&first).is_empty());
+    first.cleanup();
+    backend.cleanup().await;
+}
+
+/// A failed session (`remove {}`, as recovery and the failing path send it) and a budget of 0
+/// delete as before: nothing is cached.
+async fn without_the_cache_flag_or_budget_nothing_is_cached(backend: Backend) {
+    let harness = Harness::with_profile(&backend, CollectedEvents::new(), quick_settings(), cached(256));
+    harness.seed(&fixture(5, 0)).await;
+    assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
+    assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
+    assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
+    assert!(!harness.directory().exists());
+    assert!(cache_entries(&harness).is_empty());
+    let no_budget = Harness::with_profile(&backend, CollectedEvents::new(), quick_settings(), cached(0));
+    no_budget.seed(&fixture(5, 0)).await;
+    assert_eq!(no_budget.run(&no_budget.materialize_task()).await, Outcome::Ack);
+    close_into_cache(&no_budget).await;
+    assert!(cache_entries(&no_budget).is_empty());
+    harness.cleanup();
+    no_budget.cleanup();
+    backend.cleanup().await;
+}
+
+mod cache_on_s3 {
+    macro_rules! on_s3 {
+        ($($suite:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $suite() {
+                    super::$suite(super::Backend::s3().await.expect("moto S3 server on 127.0.0.1:9000")).await;
+                }
+            )*
+        };
+    }
+    on_s3!(
+        reopen_from_the_cache_fetches_only_what_changed_in_the_store,
+        another_user_or_workspace_never_gets_the_cache,
+        the_least_recently_closed_is_evicted_beyond_the_budget,
+        the_cache_is_served_only_after_a_good_listing_and_a_clean_check,
+        without_the_cache_flag_or_budget_nothing_is_cached,
+    );
 }
