@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bollard::container::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions, StatsOptions,
-    StopContainerOptions,
+    StopContainerOptions, TopOptions,
 };
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum};
 use bollard::network::{CreateNetworkOptions, InspectNetworkOptions};
@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 
 use crate::error::{docker_status, is_docker_answer, Error, Result};
 use crate::spec::{self, SessionIdentity};
-use crate::{egress, probe, stats};
+use crate::{egress, probe, stats, work};
 
 /// The CloudEvents `source` of everything this agent publishes.
 pub const EVENT_SOURCE: &str = "/berth/agent/container";
@@ -82,6 +82,19 @@ enum Action {
     Stop,
     Remove { container_id: Option<String> },
     Stats,
+    /// The idle rule's work probe (`container.probed`).
+    Probe,
+    /// Starts a dormant (stopped) session container again on its directory.
+    Wake { user: String, workspace: String },
+}
+
+/// What provisioning does with a container that exists but has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExitedContainer {
+    /// A new session start replaces it: a dead container is no use to it.
+    Replace,
+    /// A wake from the dormant tier starts it again: it was stopped on purpose, with its directory.
+    Restart,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,8 +282,13 @@ impl Agent {
         let event = match action {
             Action::Provision { user, workspace } => {
                 let identity = SessionIdentity { session: session.to_owned(), user, workspace, thred: task.thred.clone() };
-                self.provision_answer(task, &identity).await?
+                self.provision_answer(task, &identity, ExitedContainer::Replace).await?
             }
+            Action::Wake { user, workspace } => {
+                let identity = SessionIdentity { session: session.to_owned(), user, workspace, thred: task.thred.clone() };
+                self.provision_answer(task, &identity, ExitedContainer::Restart).await?
+            }
+            Action::Probe => self.probe_answer(task, session).await?,
             Action::Pause => self.pause_answer(task, session).await?,
             Action::Resume => self.resume_answer(task, session).await?,
             Action::Stop => self.stop_answer(task, session).await?,
@@ -295,9 +313,10 @@ impl Agent {
 
     // ---------------------------------------------------------------- provision
 
-    async fn provision_answer(&self, task: &Task, identity: &SessionIdentity) -> Result<CloudEvent> {
+    async fn provision_answer(&self, task: &Task, identity: &SessionIdentity, exited: ExitedContainer) -> Result<CloudEvent> {
         let name = spec::container_name(&identity.session);
-        match self.provision(identity).await {
+        let action = task.action.as_str();
+        match self.provision(identity, exited).await {
             Ok(ready) => {
                 self.remember_container(&identity.session, &ready.container_id);
                 tracing::info!(session_id = %identity.session, container_id = %ready.container_id, port = ready.port,
@@ -316,7 +335,7 @@ impl Agent {
             }
             Err(Failure::Unanswered(error)) => Err(Error::from_docker(error)),
             Err(Failure::NotOurs(Refusal(reason))) => {
-                Ok(answer(task, "container.failed", json!({"action": "provision", "error": reason})))
+                Ok(answer(task, "container.failed", json!({"action": action, "error": reason})))
             }
             Err(Failure::Refused(Refusal(reason))) => {
                 self.forget_container(&identity.session);
@@ -324,20 +343,20 @@ impl Agent {
                 if let Err(error) = self.remove_by_name(&name).await {
                     tracing::warn!(session_id = %identity.session, %error, "could not remove the failed container");
                 }
-                Ok(answer(task, "container.failed", json!({"action": "provision", "error": reason})))
+                Ok(answer(task, "container.failed", json!({"action": action, "error": reason})))
             }
         }
     }
 
     /// Creates (or finds again) the session's container, starts it and waits until it is ready.
     pub async fn provision_container(&self, identity: &SessionIdentity) -> Result<ReadyContainer, String> {
-        self.provision(identity).await.map_err(|failure| match failure {
+        self.provision(identity, ExitedContainer::Replace).await.map_err(|failure| match failure {
             Failure::Refused(Refusal(reason)) | Failure::NotOurs(Refusal(reason)) => reason,
             Failure::Unanswered(error) => error.to_string(),
         })
     }
 
-    async fn provision(&self, identity: &SessionIdentity) -> Result<ReadyContainer, Failure> {
+    async fn provision(&self, identity: &SessionIdentity, exited: ExitedContainer) -> Result<ReadyContainer, Failure> {
         let began = Instant::now();
         let deadline = began + Duration::from_secs(self.inner.profile.container.ready_timeout_secs);
         self.ensure_network().await?;
@@ -385,10 +404,14 @@ impl Agent {
                 }
             };
             let started_at = Instant::now();
+            // A dormant session's container was stopped on purpose, with its directory: a wake
+            // starts that same container again, so only its memory was given up.
+            let startable = status == ContainerStateStatusEnum::CREATED
+                || (status == ContainerStateStatusEnum::EXITED && exited == ExitedContainer::Restart);
             match status {
                 ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING => {}
                 ContainerStateStatusEnum::PAUSED => self.inner.docker.unpause_container(&name).await?,
-                ContainerStateStatusEnum::CREATED => {
+                ContainerStateStatusEnum::CREATED | ContainerStateStatusEnum::EXITED if startable => {
                     match self.inner.docker.start_container(&name, None::<StartContainerOptions<String>>).await {
                         Ok(()) => {}
                         // 304: already started by a concurrent task.
@@ -396,7 +419,8 @@ impl Agent {
                         Err(error) => return Err(Refusal(format!("start failed: {}", docker_message(&error))).into()),
                     }
                 }
-                ContainerStateStatusEnum::EXITED
+                ContainerStateStatusEnum::CREATED
+                | ContainerStateStatusEnum::EXITED
                 | ContainerStateStatusEnum::DEAD
                 | ContainerStateStatusEnum::REMOVING
                 | ContainerStateStatusEnum::EMPTY => {
@@ -691,6 +715,14 @@ impl Agent {
         };
         let id = inspected.id.clone().unwrap_or_default();
         self.expect_exit(&id);
+        // A frozen process cannot act on SIGTERM: thaw a paused (idle) container first so its
+        // programs stop gracefully, flushing what they hold into the workspace, instead of being
+        // killed when the timeout runs out.
+        if container_status(&inspected) == ContainerStateStatusEnum::PAUSED {
+            if let Err(error) = self.inner.docker.unpause_container(&name).await {
+                tracing::debug!(session_id = %session, %error, "could not unpause before stopping; stopping anyway");
+            }
+        }
         let options = StopContainerOptions { t: self.inner.settings.stop_timeout_secs };
         match self.inner.docker.stop_container(&name, Some(options)).await {
             Ok(()) => {}
@@ -767,6 +799,56 @@ impl Agent {
             Some(Err(error)) => Err(Error::from_docker(error)),
             None => Ok(failed(task, "stats", "docker returned no statistics".to_owned())),
         }
+    }
+
+    /// The idle rule's work probe (see [`work`]): cumulative CPU, the age of the newest change in
+    /// the workspace directory, and the commands running under terminal shells.
+    async fn probe_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
+        let name = spec::container_name(session);
+        let Some(inspected) = self.inspect_owned(&name).await? else {
+            return Ok(failed(task, "probe", format!("no container for session {session}")));
+        };
+        let options = StatsOptions { stream: false, one_shot: true };
+        let cpu_ns = match self.inner.docker.stats(&name, Some(options)).next().await {
+            Some(Ok(sample)) => sample.cpu_stats.cpu_usage.total_usage,
+            Some(Err(error)) if is_docker_answer(&error) => return self.docker_failure(task, "probe", error),
+            Some(Err(error)) => return Err(Error::from_docker(error)),
+            None => return Ok(failed(task, "probe", "docker returned no statistics".to_owned())),
+        };
+        let mut shell_pids = Vec::new();
+        for exec_id in inspected.exec_ids.clone().unwrap_or_default() {
+            // An exec may end between the container's inspection and its own: it is no terminal.
+            let Ok(exec) = self.inner.docker.inspect_exec(&exec_id).await else { continue };
+            let tty = exec.process_config.as_ref().and_then(|config| config.tty).unwrap_or(false);
+            if exec.running == Some(true) && tty {
+                shell_pids.extend(exec.pid);
+            }
+        }
+        let terminal_commands = if shell_pids.is_empty() {
+            0
+        } else {
+            let options = TopOptions { ps_args: "-eo pid,ppid" };
+            match self.inner.docker.top_processes(&name, Some(options)).await {
+                Ok(top) => work::terminal_commands(&shell_pids, &top.processes.unwrap_or_default()),
+                Err(error) => return self.docker_failure(task, "probe", error),
+            }
+        };
+        let directory = self.inner.profile.session_dir(session);
+        // Stat-ing every entry is blocking work; a panic in it is answered, not retried.
+        let scan = match tokio::task::spawn_blocking(move || work::scan_writes(&directory, work::SCAN_LIMIT)).await {
+            Ok(scan) => scan,
+            Err(error) => return Ok(failed(task, "probe", format!("workspace scan failed: {error}"))),
+        };
+        let probe = work::WorkProbe {
+            cpu_ns,
+            write_age_ms: u64::try_from(scan.newest_change_age.as_millis()).unwrap_or(u64::MAX),
+            terminal_commands,
+            terminals: shell_pids.len() as u64,
+            scanned: scan.scanned,
+            truncated: scan.truncated,
+        };
+        tracing::debug!(session_id = %session, ?probe, "work probe");
+        Ok(answer(task, "container.probed", serde_json::to_value(&probe).unwrap_or_default()))
     }
 
     /// Inspects a session container; `None` when it does not exist. A container that carries the
@@ -970,8 +1052,17 @@ fn parse_task(task: &Task) -> Result<(String, Action)> {
             Action::Remove { container_id: parsed.container_id }
         }
         "stats" => Action::Stats,
+        "probe" => Action::Probe,
+        "wake" => {
+            let parsed: ProvisionArgs = serde_json::from_value(args).map_err(|error| bad(format!("wake args: {error}")))?;
+            spec::validate_label_value("user", &parsed.user).map_err(bad)?;
+            spec::validate_label_value("workspace", &parsed.workspace).map_err(bad)?;
+            Action::Wake { user: parsed.user, workspace: parsed.workspace }
+        }
         other => {
-            return Err(bad(format!("unknown action {other:?} (expected provision, pause, resume, stop, remove or stats)")))
+            return Err(bad(format!(
+                "unknown action {other:?} (expected provision, wake, pause, resume, stop, remove, stats or probe)"
+            )))
         }
     };
     Ok((session, action))

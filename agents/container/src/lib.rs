@@ -15,6 +15,7 @@ pub mod probe;
 pub mod spec;
 pub mod stats;
 mod watcher;
+pub mod work;
 
 use std::future::Future;
 

@@ -826,3 +826,151 @@ async fn tcp_health_is_not_fooled_by_the_port_proxy() {
     let ready = answer(&listening.agent(), &provision(&listening.session("listening"))).await;
     expect_type(&ready, "container.ready");
 }
+
+/// Starts `script` in the container in the background (`docker exec -d`, no terminal).
+async fn docker_exec_detached(container_id: &str, script: &str) {
+    let output = tokio::process::Command::new("docker").args(["exec", "-d", container_id, "sh", "-c", script]).output().await.expect("docker cli runs");
+    assert!(output.status.success(), "{script}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Probes `session` and checks the answer is a `container.probed`.
+async fn probe(agent: &Agent, session: &str) -> Value {
+    let probed = answer(agent, &task(session, "probe", json!({}))).await;
+    expect_type(&probed, "container.probed");
+    probed.data
+}
+
+/// The CPU share of one CPU, in percent, between two probes `elapsed` apart.
+fn cpu_percent(before: &Value, after: &Value, elapsed: Duration) -> f64 {
+    let used = after["cpu_ns"].as_u64().unwrap().saturating_sub(before["cpu_ns"].as_u64().unwrap());
+    used as f64 / elapsed.as_nanos() as f64 * 100.0
+}
+
+/// The three signals of the idle rule, each against the real thing: a busy loop shows as CPU, a
+/// background writer as a recent change in the workspace, a command under a terminal shell (a TTY
+/// exec, as the session agent's terminal starts) as a terminal command; a quiet session as none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_work_probe_sees_a_busy_loop_a_background_writer_and_a_terminal_command() {
+    use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+    use tokio::io::AsyncWriteExt;
+    let fixture = Fixture::new(|_| {}).await;
+    let agent = fixture.agent();
+    let session = fixture.session("work");
+    let ready = answer(&agent, &provision(&session)).await;
+    expect_type(&ready, "container.ready");
+    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+    let window = Duration::from_secs(3);
+
+    // Quiet: a little CPU for the probe's own stats call at most, nothing written, no terminal.
+    let before = probe(&agent, &session).await;
+    let began = Instant::now();
+    tokio::time::sleep(window).await;
+    let quiet = probe(&agent, &session).await;
+    let quiet_cpu = cpu_percent(&before, &quiet, began.elapsed());
+    assert!(quiet_cpu < 5.0, "a quiet container used {quiet_cpu:.2} % of a CPU: {quiet}");
+    assert!(quiet["write_age_ms"].as_u64().unwrap() >= window.as_millis() as u64, "{quiet}");
+    assert_eq!((quiet["terminals"].as_u64(), quiet["terminal_commands"].as_u64()), (Some(0), Some(0)), "{quiet}");
+
+    // A busy loop (not started from a terminal): CPU only.
+    docker_exec_detached(&container_id, "while :; do :; done").await;
+    let began = Instant::now();
+    tokio::time::sleep(window).await;
+    let busy = probe(&agent, &session).await;
+    let busy_cpu = cpu_percent(&quiet, &busy, began.elapsed());
+    // The profile caps the container at half a CPU; a busy loop takes most of it.
+    assert!(busy_cpu > 20.0, "a busy loop used only {busy_cpu:.2} % of a CPU: {busy}");
+    assert_eq!(busy["terminal_commands"].as_u64(), Some(0), "{busy}");
+    docker_exec(&container_id, &["sh", "-c", "kill $(pgrep -f 'while :') 2>/dev/null; true"]).await;
+
+    // A background writer: a change in the workspace directory a moment ago.
+    // The agent made the directory as this test's user; the container writes as uid 1000.
+    std::os::unix::fs::chown(fixture.profile.session_dir(&session), Some(1000), Some(1000)).unwrap();
+    docker_exec_detached(&container_id, "while :; do date > /workspace/log.txt; sleep 0.5; done").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let writing = probe(&agent, &session).await;
+    assert!(writing["write_age_ms"].as_u64().unwrap() < 2_000, "{writing}");
+    assert!(writing["scanned"].as_u64().unwrap() >= 1, "{writing}");
+    docker_exec(&container_id, &["sh", "-c", "kill $(pgrep -f 'date >') 2>/dev/null; true"]).await;
+
+    // A terminal: an idle shell is no command; a command typed into it is.
+    let options = CreateExecOptions::<String> {
+        cmd: Some(vec!["/bin/sh".to_owned()]),
+        attach_stdin: Some(true),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        tty: Some(true),
+        ..Default::default()
+    };
+    let exec = fixture.docker.create_exec(&container_id, options).await.unwrap();
+    let started = fixture.docker.start_exec(&exec.id, Some(StartExecOptions { detach: false, tty: true, output_capacity: None })).await.unwrap();
+    let StartExecResults::Attached { mut input, output: _output } = started else { panic!("an attached exec") };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_shell = probe(&agent, &session).await;
+    assert_eq!((idle_shell["terminals"].as_u64(), idle_shell["terminal_commands"].as_u64()), (Some(1), Some(0)), "{idle_shell}");
+    input.write_all(b"sleep 60\n").await.unwrap();
+    input.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let commanded = loop {
+        let probed = probe(&agent, &session).await;
+        if probed["terminal_commands"].as_u64() == Some(1) || Instant::now() > deadline {
+            break probed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((commanded["terminals"].as_u64(), commanded["terminal_commands"].as_u64()), (Some(1), Some(1)), "{commanded}");
+
+    // A probe of a session without a container is answered, not retried.
+    let missing = answer(&agent, &task(&fixture.session("none"), "probe", json!({}))).await;
+    expect_type(&missing, "container.failed");
+    assert_eq!(missing.data["action"], "probe");
+}
+
+/// The dormant tier: a stopped container keeps its directory; a wake starts that same container
+/// on it (no new container, the files intact) and reports the port it has now. A wake whose
+/// container is gone creates one on the same directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dormant_container_wakes_on_its_directory_and_reports_its_port() {
+    let fixture = Fixture::new(|_| {}).await;
+    let agent = fixture.agent();
+    let session = fixture.session("dormant");
+    let ready = answer(&agent, &provision(&session)).await;
+    expect_type(&ready, "container.ready");
+    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+    std::fs::write(fixture.profile.session_dir(&session).join("notes.txt"), "kept\n").unwrap();
+
+    // The ladder: paused, then stopped (a paused container is thawed so it can stop gracefully).
+    expect_type(&answer(&agent, &task(&session, "pause", json!({}))).await, "container.paused");
+    expect_type(&answer(&agent, &task(&session, "stop", json!({}))).await, "container.stopped");
+    let state = fixture.docker.inspect_container(&container_id, None).await.unwrap().state.unwrap();
+    assert_eq!((state.running, state.paused), (Some(false), Some(false)), "{state:?}");
+    let on_disk = fixture.profile.session_dir(&session).join("notes.txt");
+    assert_eq!(std::fs::read_to_string(&on_disk).unwrap(), "kept\n", "the directory outlives the stop");
+    // A stopped session container is still in the inventory, for the engine to match with its thred.
+    let inventory = agent.inventory().await.unwrap();
+    assert!(inventory.iter().any(|entry| entry.session == session), "{inventory:?}");
+
+    for _ in 0..2 {
+        let woken = answer(&agent, &task(&session, "wake", json!({"user": "alice", "workspace": "w1"}))).await;
+        expect_type(&woken, "container.ready");
+        assert_eq!(woken.data["container_id"], container_id.as_str(), "the same container, started again");
+        assert_eq!(woken.data["adopted"], true);
+        let port = port_of(&woken);
+        let served = http_get(port, "/notes.txt").await.unwrap_or_default();
+        assert!(served.contains("kept"), "the woken container serves the kept file on port {port}: {served}");
+    }
+
+    // Gone while dormant: the wake builds a new container on the same directory.
+    expect_type(&answer(&agent, &task(&session, "stop", json!({}))).await, "container.stopped");
+    fixture.docker.remove_container(&container_id, None).await.unwrap();
+    let rebuilt = answer(&agent, &task(&session, "wake", json!({"user": "alice", "workspace": "w1"}))).await;
+    expect_type(&rebuilt, "container.ready");
+    assert_ne!(rebuilt.data["container_id"], container_id.as_str());
+    let served = http_get(port_of(&rebuilt), "/notes.txt").await.unwrap_or_default();
+    assert!(served.contains("kept"), "{served}");
+    // A new start (provision) still replaces an exited container rather than reusing it.
+    let rebuilt_id = rebuilt.data["container_id"].as_str().unwrap().to_owned();
+    expect_type(&answer(&agent, &task(&session, "stop", json!({}))).await, "container.stopped");
+    let fresh = answer(&agent, &provision(&session)).await;
+    expect_type(&fresh, "container.ready");
+    assert_ne!(fresh.data["container_id"], rebuilt_id.as_str());
+}
