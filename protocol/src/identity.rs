@@ -206,10 +206,14 @@ pub fn permissions(identity: Identity) -> Permissions {
     let none = || NOTHING.to_owned();
     let events = |write: String, read: String| TopicPermission { exchange: crate::topology::EVENTS_EXCHANGE, write, read };
     let notify = |write: String, read: String| TopicPermission { exchange: crate::topology::NOTIFY_EXCHANGE, write, read };
+    // A host's container and workspace agents declare their own host queue
+    // (`berth.agent.<kind>.<host>`) and bind it: binding needs write on the queue and read on
+    // `berth.tasks` (a direct exchange: the broker cannot narrow which routing key is bound).
+    let agent_queues = |kind: &str| in_deployment(&[format!("{}(\\.[0-9a-z-]+)?(\\.retry\\.[0-9a-z]+)?", regex_escape(&format!("agent.{kind}")))]);
     let agent = |kind: &str, family: &str| Permissions {
-        configure: own_queue(&format!("agent.{kind}")),
-        write: any_of(&[deployment_names(&["events", "dead"]), default_exchange.clone()]),
-        read: own_queue(&format!("agent.{kind}")),
+        configure: agent_queues(kind),
+        write: any_of(&[deployment_names(&["events", "dead"]), default_exchange.clone(), agent_queues(kind)]),
+        read: any_of(&[agent_queues(kind), deployment_names(&["tasks"])]),
         topics: vec![events(format!("^{family}\\..+$"), none()), notify(none(), none())],
     };
     match identity {
@@ -249,7 +253,7 @@ pub fn permissions(identity: Identity) -> Permissions {
         },
         Identity::Client => Permissions {
             configure: none(),
-            write: "^berth\\.events$".to_owned(),
+            write: deployment_names(&["events"]),
             read: none(),
             topics: vec![events(client_session_events(), none()), notify(none(), none())],
         },
@@ -469,7 +473,7 @@ mod tests {
         let engine = permissions(Identity::Engine);
         assert_eq!(engine.configure, "^((berth|berth-test\\.[^.]+)\\.(engine(\\.retry\\.[0-9a-z]+)?)|berth-test\\..*)$");
         let client = permissions(Identity::Client);
-        assert_eq!(client.write, "^berth\\.events$");
+        assert_eq!(client.write, "^(berth|berth-test\\.[^.]+)\\.(events)$");
         assert_eq!(client.topics[0].write, "^(session\\.open|session\\.close|session\\.activity|session\\.stats)$");
     }
 }

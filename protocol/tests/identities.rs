@@ -195,3 +195,21 @@ async fn first_with_id(bus: &Bus, queue: &str, id: &str) -> Incoming {
         }
     }
 }
+
+#[tokio::test]
+async fn a_host_agent_declares_and_binds_its_own_host_queue_and_no_other_kinds() {
+    let admin = admin().await;
+    let host = format!("h-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let container = connect_as(Identity::Container, "identities-host").await;
+    let queue = container
+        .declare_host_queue(topology::TASKS_EXCHANGE, protocol::AgentKind::Container, &host)
+        .await
+        .expect("the container agent declares and binds its host queue");
+    assert_eq!(queue, topology::host_agent_queue(protocol::AgentKind::Container, &host));
+    let foreign = container.declare_host_queue(topology::TASKS_EXCHANGE, protocol::AgentKind::Workspace, &host).await;
+    let refusal = foreign.expect_err("a container agent must not declare a workspace queue").to_string();
+    assert!(refusal.contains("ACCESS_REFUSED"), "{refusal}");
+    admin.delete_queue(&queue).await.ok();
+    container.close().await;
+    admin.close().await;
+}
