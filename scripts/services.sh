@@ -116,6 +116,10 @@ fi
 # Test images, FROM scratch with a static busybox: no image can be pulled here.
 "$here/scripts/test-images.sh"
 
+# Extra Docker engines for the multi-host tests (tests/hosts.rs): hosts h2 and h3 on this machine,
+# each with its own socket, roots, bridge and address pool; docker0 is checked to survive.
+"$here/scripts/extra-dockerd.sh"
+
 # S3-compatible server: moto in server mode on 127.0.0.1:9000.
 if ! curl -fsS -o /dev/null http://127.0.0.1:9000/moto-api/ 2>/dev/null; then
   if ! python3 -c 'import moto.server' 2>/dev/null; then
