@@ -267,20 +267,15 @@ pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_secs()).unwrap_or(0)
 }
 
-/// Parses `90s`, `30m`, `1h`, `2d` or a bare number of seconds.
+/// Parses a duration as `humantime` writes them (`90s`, `30m`, `1h`, `2d`, `1h 30m`) or a bare
+/// number of seconds.
 pub fn parse_ttl(text: &str) -> Result<Duration> {
     let bad = |reason: &str| Error::BadTtl { text: text.to_owned(), reason: reason.to_owned() };
     let trimmed = text.trim();
-    let (digits, unit_secs) = match trimmed.char_indices().last() {
-        Some((index, 's')) => (&trimmed[..index], 1),
-        Some((index, 'm')) => (&trimmed[..index], 60),
-        Some((index, 'h')) => (&trimmed[..index], 3600),
-        Some((index, 'd')) => (&trimmed[..index], 86_400),
-        Some(_) => (trimmed, 1),
-        None => return Err(bad("empty")),
+    let ttl = match trimmed.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(trimmed).map_err(|error| bad(&error.to_string()))?,
     };
-    let count: u64 = digits.parse().map_err(|_| bad("expected a number followed by s, m, h or d"))?;
-    let ttl = Duration::from_secs(count.saturating_mul(unit_secs));
     if ttl.is_zero() {
         return Err(bad("must be positive"));
     }
@@ -329,7 +324,10 @@ mod tests {
         check_ttl("0h", None);
         check_ttl("", None);
         check_ttl("h", None);
-        check_ttl("1w", None);
+        check_ttl("1w", Some(604_800));
+        check_ttl("1h 30m", Some(5400));
+        check_ttl("1x", None);
+        check_ttl("-1h", None);
         check_ttl("31d", None);
     }
 
