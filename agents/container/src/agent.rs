@@ -476,7 +476,11 @@ impl Agent {
         }
         let networks = self.inner.docker.list_networks::<String>(None).await.map_err(Error::from_docker)?;
         let network_ids: Vec<String> = networks.into_iter().filter_map(|network| network.id).collect();
-        let stale: Vec<String> = chain_ids.into_iter().filter(|id| !network_ids.iter().any(|network| network.starts_with(id.as_str()))).collect();
+        let unknown: Vec<String> = chain_ids.into_iter().filter(|id| !network_ids.iter().any(|network| network.starts_with(id.as_str()))).collect();
+        // Another Docker engine on this machine (another host id) may own the network.
+        let stale = tokio::task::spawn_blocking(move || unknown.into_iter().filter(|id| !egress::chain_bridge_exists_blocking(id)).collect::<Vec<_>>())
+            .await
+            .unwrap_or_default();
         let removed = stale.len();
         for id in stale {
             tokio::task::spawn_blocking(move || egress::remove_for_network_blocking(&id)).await.ok();

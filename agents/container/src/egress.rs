@@ -290,6 +290,20 @@ pub fn chain_network_ids_blocking() -> Vec<String> {
     ids
 }
 
+/// Whether the egress chains of the network with this id prefix still guard a bridge that exists
+/// on this machine (blocking). Several Docker engines on one machine (one per host id) share the
+/// firewall: a chain whose network another engine owns is not stale just because this engine
+/// does not know the network, and its bridge interface tells.
+pub fn chain_bridge_exists_blocking(short_id: &str) -> bool {
+    let Ok(listing) = iptables(&words(&["-S", DOCKER_USER_CHAIN])) else { return false };
+    let target = format!("-j BERTH-E-{short_id}");
+    listing.lines().filter(|line| line.ends_with(&target)).any(|line| {
+        let arguments = shell_words(line.strip_prefix("-A ").unwrap_or(line));
+        let bridge = arguments.iter().position(|argument| argument == "-i").and_then(|index| arguments.get(index + 1));
+        bridge.is_some_and(|bridge| !bridge.contains('/') && std::path::Path::new("/sys/class/net").join(bridge).exists())
+    })
+}
+
 /// Splits an `iptables -S` line into arguments (comments are double-quoted there).
 fn shell_words(line: &str) -> Vec<String> {
     let mut arguments = Vec::new();
