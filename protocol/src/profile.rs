@@ -36,6 +36,9 @@ pub struct Profile {
     pub session: SessionSettings,
     pub terminal: TerminalSettings,
     pub limits: Limits,
+    /// The warm pool (absent = none: every open is cold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolSettings>,
     #[serde(default)]
     pub users: Vec<SeedUser>,
     /// Where the file was read from (not part of the file).
@@ -292,6 +295,24 @@ pub struct SessionSettings {
     pub max_messages_per_second: u32,
     pub max_connections_per_user: usize,
     /// Browser origins (`https://console.example.org`) allowed to open WebSockets (`/ws`, the
+/// The warm pool: containers created ahead of demand, each with its own slot directory, kept
+/// paused until `session.open` claims one (see `run-profiles/README.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    /// Free slots the engine keeps ready, within the host's capacity; 0 = no pool.
+    pub size: u32,
+    /// A free slot unclaimed this long is replaced by a fresh one; 0 = kept until claimed.
+    pub max_idle_secs: u64,
+}
+
+/// The folder of the warm pool's slots, under the deployment root (outside every session's).
+pub const POOL_DIR: &str = ".berth-pool";
+/// Where a pool container finds its session's identity once claimed (read-only inside it).
+pub const POOL_IDENTITY_MOUNT: &str = "/run/berth";
+/// The file in [`POOL_IDENTITY_MOUNT`] (and in the slot's identity folder on the host).
+pub const POOL_IDENTITY_FILE: &str = "session.json";
+
     /// terminal, proxied sockets) besides the agent's own (an `Origin` whose host is the request's
     /// `Host`); a request without `Origin` (a non-browser client) always passes.
     pub allowed_origins: Vec<String>,
@@ -606,6 +627,16 @@ impl Profile {
     /// agents' bookkeeping next to them (`.berth-manifests`, `.berth-staging`, …).
     pub fn deployment_root(&self) -> PathBuf {
         self.services.workspace_root.join(self.deployment())
+        if let Some(pool) = &self.pool {
+            if pool.size > 1000 {
+                return Err(self.invalid("pool.size", "at most 1000 slots"));
+            }
+            // A slot's directory is renamed into the session's at a claim; an image-backed
+            // session directory is a mount point, which can't be renamed.
+            if pool.size > 0 && self.workspace.filesystem == WorkspaceFilesystem::Image {
+                return Err(self.invalid("pool.size", "the warm pool needs workspace.filesystem = \"directory\""));
+            }
+        }
     }
 
     /// The object-store prefix of one user's workspace.
@@ -645,6 +676,22 @@ fn derived_deployment(amqp_url: &str, redis_url: &str) -> String {
     let database = redis_after_scheme
         .split_once('/')
         .map(|(_, path)| path.split('?').next().unwrap_or_default())
+    /// Free slots the warm pool keeps (0 when the profile has none).
+    pub fn pool_size(&self) -> u32 {
+        self.pool.as_ref().map_or(0, |pool| pool.size)
+    }
+
+    /// The workspace directory of a warm-pool slot before a claim: empty, on the same file system
+    /// as the session directories, so a claim renames it into `session_dir` without copying.
+    pub fn pool_slot_dir(&self, slot: &str) -> PathBuf {
+        self.deployment_root().join(POOL_DIR).join(slot)
+    }
+
+    /// The host folder a pool container sees read-only at [`POOL_IDENTITY_MOUNT`].
+    pub fn pool_identity_dir(&self, slot: &str) -> PathBuf {
+        self.deployment_root().join(POOL_DIR).join(format!("{slot}.identity"))
+    }
+
         .filter(|path| !path.is_empty())
         .unwrap_or("0");
     let raw = format!("{vhost}-{database}").to_ascii_lowercase();
@@ -756,6 +803,12 @@ mod tests {
         check(|text| text.replace("runtime = \"runc\"", "runtime = \"runsc\""), Ok(()));
         check(|text| text.replace("runtime = \"runc\"", "runtime = \"kata\""), Err("unknown variant `kata`"));
         check(|text| text.replace("read_only_root = true", "read_only_root = false"), Err("`container.writable_paths`"));
+        let pool = |size: &'static str| move |text: String| text.replace("[pool]\nsize = 0", &format!("[pool]\nsize = {size}"));
+        check(pool("2"), Err("`pool.size`: the warm pool needs workspace.filesystem = \"directory\""));
+        check(|text| pool("2")(text).replace("filesystem = \"image\"", "filesystem = \"directory\""), Ok(()));
+        check(|text| pool("1001")(text).replace("filesystem = \"image\"", "filesystem = \"directory\""), Err("`pool.size`: at most 1000"));
+        check(|text| text.replace("max_idle_secs = 0\n", ""), Err("missing field `max_idle_secs`"));
+        check(|text| text.replace("[pool]\nsize = 0\nmax_idle_secs = 0\n", ""), Ok(()));
         let writable = |paths: &'static str| move |text: String| text.replace("read_only_root = true", &format!("read_only_root = false\nwritable_paths = {paths}"));
         check(writable(r#"{ "/home/user" = 32 }"#), Ok(()));
         check(writable(r#"{ "/home/user" = 200 }"#), Err("below memory_mib"));

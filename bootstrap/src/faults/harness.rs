@@ -410,7 +410,9 @@ impl Deployment {
         format!("amqp://guest:guest@127.0.0.1:5672/{}", self.vhost)
     }
 
-    fn command(&self) -> Command {
+    /// A `berth` command with the deployment's environment (tests start more components with it,
+    /// e.g. a second host's agents).
+    pub fn command(&self) -> Command {
         let mut command = Command::new(&self.config.binary);
         command
             .args(["--profile", PROFILE_NAME])
