@@ -282,19 +282,6 @@ pub struct Limits {
     pub monthly_budget: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SessionSettings {
-    /// Expected `aud` of user tokens.
-    pub jwt_audience: String,
-    /// Name of the environment variable holding the HS256 secret or a PEM public key.
-    pub jwt_key_env: String,
-    /// At most one `session.activity` per session per this many seconds.
-    pub activity_debounce_secs: u64,
-    pub max_frame_bytes: usize,
-    pub max_messages_per_second: u32,
-    pub max_connections_per_user: usize,
-    /// Browser origins (`https://console.example.org`) allowed to open WebSockets (`/ws`, the
 /// The warm pool: containers created ahead of demand, each with its own slot directory, kept
 /// paused until `session.open` claims one (see `run-profiles/README.md`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,6 +300,19 @@ pub const POOL_IDENTITY_MOUNT: &str = "/run/berth";
 /// The file in [`POOL_IDENTITY_MOUNT`] (and in the slot's identity folder on the host).
 pub const POOL_IDENTITY_FILE: &str = "session.json";
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Expected `aud` of user tokens.
+    pub jwt_audience: String,
+    /// Name of the environment variable holding the HS256 secret or a PEM public key.
+    pub jwt_key_env: String,
+    /// At most one `session.activity` per session per this many seconds.
+    pub activity_debounce_secs: u64,
+    pub max_frame_bytes: usize,
+    pub max_messages_per_second: u32,
+    pub max_connections_per_user: usize,
+    /// Browser origins (`https://console.example.org`) allowed to open WebSockets (`/ws`, the
     /// terminal, proxied sockets) besides the agent's own (an `Origin` whose host is the request's
     /// `Host`); a request without `Origin` (a non-browser client) always passes.
     pub allowed_origins: Vec<String>,
@@ -600,6 +600,16 @@ impl Profile {
                 return Err(self.invalid("services.host", "must be 1-40 lowercase letters, digits or `-`, starting with a letter or digit"));
             }
         }
+        if let Some(pool) = &self.pool {
+            if pool.size > 1000 {
+                return Err(self.invalid("pool.size", "at most 1000 slots"));
+            }
+            // A slot's directory is renamed into the session's at a claim; an image-backed
+            // session directory is a mount point, which can't be renamed.
+            if pool.size > 0 && self.workspace.filesystem == WorkspaceFilesystem::Image {
+                return Err(self.invalid("pool.size", "the warm pool needs workspace.filesystem = \"directory\""));
+            }
+        }
         if let Some(deployment) = &self.services.deployment {
             if !is_deployment_id(deployment) {
                 return Err(self.invalid("services.deployment", "must be 1-40 lowercase letters, digits or `-`, starting with a letter or digit"));
@@ -627,16 +637,6 @@ impl Profile {
     /// agents' bookkeeping next to them (`.berth-manifests`, `.berth-staging`, …).
     pub fn deployment_root(&self) -> PathBuf {
         self.services.workspace_root.join(self.deployment())
-        if let Some(pool) = &self.pool {
-            if pool.size > 1000 {
-                return Err(self.invalid("pool.size", "at most 1000 slots"));
-            }
-            // A slot's directory is renamed into the session's at a claim; an image-backed
-            // session directory is a mount point, which can't be renamed.
-            if pool.size > 0 && self.workspace.filesystem == WorkspaceFilesystem::Image {
-                return Err(self.invalid("pool.size", "the warm pool needs workspace.filesystem = \"directory\""));
-            }
-        }
     }
 
     /// The object-store prefix of one user's workspace.
@@ -647,6 +647,22 @@ impl Profile {
     /// The host directory of one session's workspace.
     pub fn session_dir(&self, session: &str) -> PathBuf {
         self.deployment_root().join(session)
+    }
+
+    /// Free slots the warm pool keeps (0 when the profile has none).
+    pub fn pool_size(&self) -> u32 {
+        self.pool.as_ref().map_or(0, |pool| pool.size)
+    }
+
+    /// The workspace directory of a warm-pool slot before a claim: empty, on the same file system
+    /// as the session directories, so a claim renames it into `session_dir` without copying.
+    pub fn pool_slot_dir(&self, slot: &str) -> PathBuf {
+        self.deployment_root().join(POOL_DIR).join(slot)
+    }
+
+    /// The host folder a pool container sees read-only at [`POOL_IDENTITY_MOUNT`].
+    pub fn pool_identity_dir(&self, slot: &str) -> PathBuf {
+        self.deployment_root().join(POOL_DIR).join(format!("{slot}.identity"))
     }
 
     /// Who a terminal's shell runs as: `terminal.user`, else `container.user` (`None`: the image's).
@@ -676,22 +692,6 @@ fn derived_deployment(amqp_url: &str, redis_url: &str) -> String {
     let database = redis_after_scheme
         .split_once('/')
         .map(|(_, path)| path.split('?').next().unwrap_or_default())
-    /// Free slots the warm pool keeps (0 when the profile has none).
-    pub fn pool_size(&self) -> u32 {
-        self.pool.as_ref().map_or(0, |pool| pool.size)
-    }
-
-    /// The workspace directory of a warm-pool slot before a claim: empty, on the same file system
-    /// as the session directories, so a claim renames it into `session_dir` without copying.
-    pub fn pool_slot_dir(&self, slot: &str) -> PathBuf {
-        self.deployment_root().join(POOL_DIR).join(slot)
-    }
-
-    /// The host folder a pool container sees read-only at [`POOL_IDENTITY_MOUNT`].
-    pub fn pool_identity_dir(&self, slot: &str) -> PathBuf {
-        self.deployment_root().join(POOL_DIR).join(format!("{slot}.identity"))
-    }
-
         .filter(|path| !path.is_empty())
         .unwrap_or("0");
     let raw = format!("{vhost}-{database}").to_ascii_lowercase();
@@ -776,6 +776,12 @@ mod tests {
         check(|text| text.replace("read_only_root = true", "read_only_root = false"), Err("with read_only_root = false"));
         check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = [\"/bin/sh\"]\nworking_dir = \"work\""), Err("`terminal.working_dir`"));
         check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = [\"/bin/sh\"]\nenv = 1"), Err("unknown field `env`"));
+        let pool = |size: &'static str| move |text: String| text.replace("[pool]\nsize = 0", &format!("[pool]\nsize = {size}"));
+        check(pool("2"), Err("`pool.size`: the warm pool needs workspace.filesystem = \"directory\""));
+        check(|text| pool("2")(text).replace("filesystem = \"image\"", "filesystem = \"directory\""), Ok(()));
+        check(|text| pool("1001")(text).replace("filesystem = \"image\"", "filesystem = \"directory\""), Err("`pool.size`: at most 1000"));
+        check(|text| text.replace("max_idle_secs = 0\n", ""), Err("missing field `max_idle_secs`"));
+        check(|text| text.replace("[pool]\nsize = 0\nmax_idle_secs = 0\n", ""), Ok(()));
     }
 
     #[test]
@@ -803,12 +809,6 @@ mod tests {
         check(|text| text.replace("runtime = \"runc\"", "runtime = \"runsc\""), Ok(()));
         check(|text| text.replace("runtime = \"runc\"", "runtime = \"kata\""), Err("unknown variant `kata`"));
         check(|text| text.replace("read_only_root = true", "read_only_root = false"), Err("`container.writable_paths`"));
-        let pool = |size: &'static str| move |text: String| text.replace("[pool]\nsize = 0", &format!("[pool]\nsize = {size}"));
-        check(pool("2"), Err("`pool.size`: the warm pool needs workspace.filesystem = \"directory\""));
-        check(|text| pool("2")(text).replace("filesystem = \"image\"", "filesystem = \"directory\""), Ok(()));
-        check(|text| pool("1001")(text).replace("filesystem = \"image\"", "filesystem = \"directory\""), Err("`pool.size`: at most 1000"));
-        check(|text| text.replace("max_idle_secs = 0\n", ""), Err("missing field `max_idle_secs`"));
-        check(|text| text.replace("[pool]\nsize = 0\nmax_idle_secs = 0\n", ""), Ok(()));
         let writable = |paths: &'static str| move |text: String| text.replace("read_only_root = true", &format!("read_only_root = false\nwritable_paths = {paths}"));
         check(writable(r#"{ "/home/user" = 32 }"#), Ok(()));
         check(writable(r#"{ "/home/user" = 200 }"#), Err("below memory_mib"));
