@@ -17,7 +17,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, ExchangeKind};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::host::HostReport;
-use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Incoming, Notification, Outcome, Profile, Task};
+use protocol::bus::BusError;
+use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Incoming, Notification, Outcome, Profile, Task};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -469,8 +470,9 @@ pub async fn run_engine(
 impl Engine {
     /// Connects to the broker and Redis and declares the topology; does not consume yet.
     pub async fn connect(profile: Profile, patterns: Vec<Pattern>, config: EngineConfig) -> Result<Engine> {
-        let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-engine")).await?;
-        let publisher = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-engine-publisher")).await?;
+        let amqp_url = &profile.services.amqp_url;
+        let bus = Bus::connect(BusConfig::for_identity(amqp_url, Identity::Engine, "berth-engine").map_err(BusError::from)?).await?;
+        let publisher = Bus::connect(BusConfig::for_identity(amqp_url, Identity::Engine, "berth-engine-publisher").map_err(BusError::from)?).await?;
         declare(&bus, &config).await?;
         let redis_client = redis::Client::open(profile.services.redis_url.as_str())?;
         let redis = connect_redis(&redis_client).await?;
@@ -620,6 +622,10 @@ impl Engine {
             Ok(event) => event,
             Err(error) => return self.dead_letter(&incoming, &format!("invalid event: {error}")).await,
         };
+        // Invariant 8: an event counts only as far as the identity that sent it may send it.
+        if let Err(reason) = protocol::identity::check_sender(&event.event_type, &incoming.sender) {
+            return self.dead_letter(&incoming, &reason).await;
+        }
         Metrics::count(&metrics.events_handled);
         if let Some(time) = event.time {
             metrics.observe_lag((chrono::Utc::now() - time).num_milliseconds());

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use protocol::{Bus, BusConfig, CloudEvent, Notification, Profile, Task};
+use protocol::{Bus, BusConfig, CloudEvent, Identity, Notification, Profile, Task};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -69,6 +69,9 @@ struct Harness {
     profile: Profile,
     config: EngineConfig,
     bus: Bus,
+    /// One bus per identity that sends events: each event is published as the identity allowed
+    /// to send it (`protocol::identity::allowed_senders`), as the real component would.
+    senders: HashMap<Identity, Bus>,
     tasks: mpsc::UnboundedReceiver<Seen>,
     notifications: mpsc::UnboundedReceiver<Seen>,
     dead: mpsc::UnboundedReceiver<Seen>,
@@ -97,10 +100,17 @@ impl Harness {
         let config = EngineConfig::isolated(&tag);
         let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "engine-test")).await.expect("broker");
         service::declare(&bus, &config).await.expect("declare");
+        // The engine under test connects as its own identity: the users must exist in this vhost.
+        protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await.expect("bus identities");
+        let mut senders = HashMap::new();
+        for identity in [Identity::Engine, Identity::Container, Identity::Workspace, Identity::Client] {
+            let config = BusConfig::for_identity(&profile.services.amqp_url, identity, "engine-test-sender").expect("identity");
+            senders.insert(identity, Bus::connect(config).await.expect("broker"));
+        }
         let tasks = collect(&bus, &config.tasks_exchange, &["container", "workspace", "persistence", "session"]).await;
         let notifications = collect(&bus, &config.notify_exchange, &["#"]).await;
         let dead = collect(&bus, &config.dead_exchange, &[""]).await;
-        Harness { profile, config, bus, tasks, notifications, dead, task_backlog: Vec::new(), notification_backlog: Vec::new() }
+        Harness { profile, config, bus, senders, tasks, notifications, dead, task_backlog: Vec::new(), notification_backlog: Vec::new(), probes: Probes::AnsweredQuiet }
     }
 
     async fn start(&self, patterns: Vec<Pattern>) -> Running {
@@ -122,8 +132,14 @@ impl Harness {
     }
 
     async fn publish(&self, event: &CloudEvent) {
+        let sender = protocol::identity::allowed_senders(&event.event_type)[0];
+        self.publish_as(sender, event).await;
+    }
+
+    async fn publish_as(&self, sender: Identity, event: &CloudEvent) {
         let properties = BasicProperties::default().with_content_type("application/cloudevents+json".into());
-        self.bus.publish(&self.config.events_exchange, &event.event_type, &event.to_bytes(), properties).await.expect("publish");
+        let bus = self.senders.get(&sender).unwrap_or(&self.bus);
+        bus.publish(&self.config.events_exchange, &event.event_type, &event.to_bytes(), properties).await.expect("publish");
     }
 
     async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
@@ -200,6 +216,9 @@ impl Harness {
 
     async fn cleanup(self) {
         service::teardown(&self.bus, &self.profile.services.redis_url, &self.config).await.expect("teardown");
+        for sender in self.senders.values() {
+            sender.close().await;
+        }
         self.bus.close().await;
     }
 }
@@ -274,6 +293,56 @@ async fn open_until_running(harness: &mut Harness, session: &str) -> Task {
         .await;
     harness.notification(session, "running").await;
     provision
+}
+
+/// Invariant 8: a `container.ready` from anyone but the container agent (here the workspace
+/// agent's identity, on an exchange without topic permissions, and the admin) is dead-lettered
+/// with the reason and changes nothing; the genuine one still starts the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_agent_events_are_dead_lettered_with_the_reason_and_the_session_is_untouched() {
+    let mut harness = Harness::new(dev_profile()).await;
+    let running = harness.start(vec![session_pattern()]).await;
+    let session = format!("s-{}", Uuid::now_v7());
+    harness.publish(&open_workspace_event(&session, "alice", &format!("w-{session}"))).await;
+    let materialize = harness.task(&session, "workspace", "materialize").await;
+    // The container agent may not answer for the workspace agent either.
+    let forged_materialized = answer(&materialize, "workspace.materialized", json!({"files": 1, "bytes": 3}));
+    harness.publish_as(Identity::Container, &forged_materialized).await;
+    let refused = harness.dead_letter().await;
+    assert_eq!(
+        refused.headers["x-berth-reason"],
+        "`workspace.materialized` refused from the container identity (berth-container): only berth-workspace may send it"
+    );
+    assert_eq!(refused.headers["x-berth-sender"], "berth-container");
+    harness.publish(&answer(&materialize, "workspace.materialized", json!({"files": 1, "bytes": 3}))).await;
+    let provision = harness.task(&session, "container", "provision").await;
+
+    let forged = json!({"container_id": "c-evil", "host": "203.0.113.9", "port": 6666, "timings_ms": {}});
+    harness.publish_as(Identity::Workspace, &answer(&provision, "container.ready", forged.clone())).await;
+    let from_workspace = harness.dead_letter().await;
+    assert_eq!(
+        from_workspace.headers["x-berth-reason"],
+        "`container.ready` refused from the workspace identity (berth-workspace): only berth-container may send it"
+    );
+    harness.publish_as(Identity::Admin, &answer(&provision, "container.ready", forged)).await;
+    let from_admin = harness.dead_letter().await;
+    assert!(from_admin.headers["x-berth-reason"].contains("(not a Berth identity)"), "{from_admin:?}");
+    let timer = CloudEvent::new("timer.fired", "/test", Some(&session), json!({"timer": "ready", "generation": 1, "deadline_ms": 0}));
+    harness.publish_as(Identity::Client, &timer).await;
+    let forged_timer = harness.dead_letter().await;
+    assert!(forged_timer.headers["x-berth-reason"].starts_with("`timer.fired` refused from the client identity"), "{forged_timer:?}");
+
+    // Nothing moved: still provisioning, no notification went out for the forgeries.
+    let thred = running.engine.thred(provision.thred.as_deref().expect("thred id")).await.expect("redis").expect("the thred");
+    assert_eq!(thred.state, "provisioning");
+    harness
+        .publish(&answer(&provision, "container.ready", json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000, "timings_ms": {}})))
+        .await;
+    let started = harness.notification(&session, "running").await;
+    assert_eq!((started.detail["host"].clone(), started.detail["port"].clone()), (json!("127.0.0.1"), json!(40000)));
+    assert_eq!(running.engine.metrics().snapshot().dead_lettered, 4);
+    running.stop().await;
+    harness.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

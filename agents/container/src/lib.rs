@@ -29,7 +29,7 @@ pub use spec::SessionIdentity;
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     spec::check_container_hardening(&profile)?;
     let docker = connect_docker().await?;
-    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-agent-container")).await?;
+    let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Container, "berth-agent-container")?).await?;
     bus.declare_topology().await?;
     let mut settings = AgentSettings::production();
     if let Some(interval) = protocol::profile::seconds_from_env(protocol::profile::INVENTORY_INTERVAL_ENV).map_err(anyhow::Error::msg)? {

@@ -128,7 +128,7 @@ pub fn error_policy(error: &Error) -> Outcome {
 pub async fn run(profile: &Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = Arc::from(open_store(&profile.services.store_url).await?);
     store.ensure_indexes().await?;
-    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-agent-persistence")).await?;
+    let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Persistence, "berth-agent-persistence")?).await?;
     bus.declare_topology().await?;
     let pruning = tokio::spawn(prune_periodically(store.clone()));
     tracing::info!(store = %protocol::bus::redact(&profile.services.store_url), backend = ?store.backend(), "persistence agent started");

@@ -42,7 +42,7 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     let key = KeyMaterial::from_profile(&profile)?;
     let config = SessionConfig::with_key(&profile, &key)?;
     tracing::info!(key_from = %key.origin, algorithm = ?config.authority.algorithm(), audience = %profile.session.jwt_audience, "verifying user tokens");
-    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-session")).await?;
+    let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Session, "berth-session")?).await?;
     bus.declare_topology().await?;
     let address = &profile.services.session_addr;
     let listener = tokio::net::TcpListener::bind(address)
