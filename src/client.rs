@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
-use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile};
+use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Outcome, Profile};
 
 /// Exit code for input that was refused before anything was published.
 const EXIT_BAD_INPUT: u8 = 2;
@@ -34,6 +34,10 @@ pub struct PublishArgs {
     /// Broker URL (default: the profile's).
     #[arg(long, env = "BERTH_AMQP_URL")]
     amqp_url: Option<String>,
+    /// The bus identity to publish as: `client` (its own RabbitMQ user, which may publish only
+    /// `session.open`, `.close`, `.activity` and `.stats`) or `admin` (the user of the broker URL).
+    #[arg(long = "as", default_value = "client", value_parser = ["client", "admin"])]
+    identity: String,
 }
 
 #[derive(clap::Args)]
@@ -92,7 +96,8 @@ pub async fn publish(args: PublishArgs, profile: &str) -> anyhow::Result<ExitCod
             return Ok(ExitCode::from(EXIT_BAD_INPUT));
         }
     };
-    let bus = Bus::connect(BusConfig::new(&amqp_url(args.amqp_url, profile)?, "berth-publish")).await?;
+    let identity = if args.identity == "admin" { Identity::Admin } else { Identity::Client };
+    let bus = Bus::connect(BusConfig::for_identity(&amqp_url(args.amqp_url, profile)?, identity, "berth-publish")?).await?;
     bus.declare_topology().await?;
     bus.publish_event(&event).await?;
     bus.close().await;

@@ -40,6 +40,7 @@ async fn message_count(bus: &Bus, queue: &str) -> u32 {
 async fn publish_refuses_bad_input_with_exit_2_and_publishes_nothing() {
     let bus = Bus::connect(BusConfig::new(&amqp_url(), "test-cli")).await.expect("broker");
     bus.declare_topology().await.expect("topology");
+    protocol::broker_admin::ensure_identities(&amqp_url()).await.expect("bus identities");
     let event_type = format!("test.cli{}", uuid::Uuid::new_v4().simple());
     let queue = bus.declare_private_queue(topology::EVENTS_EXCHANGE, &[event_type.clone()]).await.expect("queue");
 
@@ -64,7 +65,16 @@ async fn publish_refuses_bad_input_with_exit_2_and_publishes_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(message_count(&bus, &queue).await, 0, "bad input published nothing");
 
-    let good = berth(&["publish", "--type", &event_type, "--subject", "s-1", "--data", r#"{"user":"alice"}"#, "--ext", "userid=alice"], None);
+    // The client identity (the default) may publish only its session events: the broker refuses
+    // anything else and nothing is published.
+    let refused = berth(&["publish", "--type", &event_type, "--subject", "s-1"], None);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "the client identity published {event_type}");
+    assert!(stderr.contains("berth-client") && stderr.contains("ACCESS_REFUSED"), "{stderr}");
+    let good = berth(
+        &["publish", "--as", "admin", "--type", &event_type, "--subject", "s-1", "--data", r#"{"user":"alice"}"#, "--ext", "userid=alice"],
+        None,
+    );
     assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
     let id = String::from_utf8_lossy(&good.stdout).trim().to_owned();
     assert!(uuid::Uuid::parse_str(&id).is_ok(), "publish prints the event id, got {id:?}");

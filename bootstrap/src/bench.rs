@@ -43,17 +43,20 @@ pub async fn bench(profile: Profile) -> anyhow::Result<()> {
 
     let (stop, stopping) = watch::channel(false);
     let mut components = spawn_components(&profile, Components::Headless, &stopping);
+    // Notifications are read as the admin; sessions are opened and closed as a client would.
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-e2e")).await?;
+    let client = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-e2e-client")?).await?;
     let waiters: Waiters = Arc::default();
     listen_for_states(&bus, &users, waiters.clone(), stopping.clone()).await?;
 
-    let outcome = measure(&profile, &bus, &store, &prefixes[0], &users, &waiters).await;
+    let outcome = measure(&profile, &client, &store, &prefixes[0], &users, &waiters).await;
     let _ = stop.send(true);
     while components.join_next().await.is_some() {}
     for prefix in &prefixes {
         workspace::fixture::delete_prefix(&store, prefix).await;
     }
     bus.close().await;
+    client.close().await;
     outcome
 }
 

@@ -37,7 +37,8 @@ pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
 
     let (stop, stopping) = watch::channel(false);
     let mut components = spawn_components(&profile, Components::Headless, &stopping);
-    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-proxy")).await?;
+    // The session agent this benchmark starts is the deployment's door: it runs as the session identity.
+    let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Session, "berth-bench-proxy")?).await?;
     let secret = format!("bench-{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
     let config = session::SessionConfig::with_key(&profile, &session::KeyMaterial::inline(&secret))?;
     let token = config.authority.mint("bench-proxy", &[], Duration::from_secs(3600))?;

@@ -48,6 +48,8 @@ impl fmt::Display for Change {
 pub struct Report {
     pub profile: String,
     pub reset: bool,
+    /// The broker vhost whose bus identities were ensured.
+    pub vhost: String,
     pub patterns: Vec<(String, Change)>,
     pub users: Vec<(String, Change)>,
 }
@@ -62,6 +64,12 @@ impl Report {
 impl fmt::Display for Report {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(formatter, "profile {}: topology declared, indexes ensured, redis expiry notifications on", self.profile)?;
+        writeln!(
+            formatter,
+            "bus identities ensured in vhost {} (passwords in {})",
+            self.vhost,
+            protocol::identity::secrets_dir().display()
+        )?;
         if self.reset {
             writeln!(formatter, "records dropped (--reset)")?;
         }
@@ -90,6 +98,9 @@ pub async fn bootstrap(profile: &Profile, reset: Reset) -> anyhow::Result<Report
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bootstrap")).await?;
     bus.declare_topology().await?;
     bus.close().await;
+    // Every component connects as its own user (protocol::identity): create them, their
+    // passwords and permissions in this vhost.
+    let vhost = protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await?;
 
     engine::configure_redis(profile).await?;
 
@@ -99,7 +110,7 @@ pub async fn bootstrap(profile: &Profile, reset: Reset) -> anyhow::Result<Report
     }
     store.ensure_indexes().await?;
 
-    let mut report = Report { profile: profile.name.clone(), reset: reset == Reset::DropRecords, patterns: Vec::new(), users: Vec::new() };
+    let mut report = Report { profile: profile.name.clone(), reset: reset == Reset::DropRecords, vhost, patterns: Vec::new(), users: Vec::new() };
     for pattern in &patterns {
         let file = protocol::profile::patterns_dir().join(format!("{}.json", pattern.name));
         // Stored as text: pattern files use keys (`$schema`) that document stores reserve.

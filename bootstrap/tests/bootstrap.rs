@@ -70,3 +70,39 @@ async fn a_broken_pattern_fails_bootstrap_before_anything_is_written() {
     assert!(!directory.join("store.sqlite").exists(), "nothing was written");
     std::fs::remove_dir_all(&directory).ok();
 }
+
+/// Bootstrap creates every bus identity in the deployment's vhost (a vhost of this test's own):
+/// each connects there as its own user afterwards, the client may publish only its session events,
+/// and a second run changes nothing.
+#[tokio::test]
+async fn bootstrap_creates_the_bus_identities_in_its_vhost() {
+    let directory = std::env::temp_dir().join(format!("berth-bootstrap-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&directory).expect("temp dir");
+    let vhost = format!("berth-bootstrap-{}", uuid::Uuid::new_v4().simple());
+    let rabbitmqctl = |arguments: &[&str]| {
+        let output = std::process::Command::new("rabbitmqctl").args(arguments).output().expect("rabbitmqctl runs");
+        assert!(output.status.success(), "rabbitmqctl {arguments:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    rabbitmqctl(&["add_vhost", &vhost]);
+    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    let mut profile = profile(&directory);
+    profile.services.amqp_url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+
+    let report = bootstrap(&profile, Reset::Keep).await.expect("bootstrap");
+    assert_eq!(report.vhost, vhost);
+    assert!(report.to_string().contains(&format!("bus identities ensured in vhost {vhost}")), "{report}");
+    for identity in protocol::Identity::CREATED {
+        let config = protocol::BusConfig::for_identity(&profile.services.amqp_url, identity, "bootstrap-test").expect("password kept");
+        let bus = protocol::Bus::connect(config).await.unwrap_or_else(|error| panic!("{identity} connects to {vhost}: {error}"));
+        bus.declare_topology().await.unwrap_or_else(|error| panic!("{identity} finds the topology: {error}"));
+        if identity == protocol::Identity::Client {
+            let forged = protocol::CloudEvent::new("container.ready", "/test", Some("s-1"), json!({}));
+            assert!(matches!(bus.publish_event(&forged).await, Err(protocol::bus::BusError::Refused { .. })));
+        }
+        bus.close().await;
+    }
+    let again = bootstrap(&profile, Reset::Keep).await.expect("second bootstrap");
+    assert!(again.changed_nothing(), "{again}");
+    rabbitmqctl(&["delete_vhost", &vhost]);
+    std::fs::remove_dir_all(&directory).ok();
+}
