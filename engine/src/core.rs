@@ -796,7 +796,8 @@ mod tests {
             Effect::Task { args, .. } => Some(args),
             _ => None,
         }).collect();
-        assert_eq!(task_args, vec![&json!({"user": "alice", "workspace": "w1"})]);
+        // No warm-pool slot in the seed: the open is cold.
+        assert_eq!(task_args, vec![&json!({"user": "alice", "workspace": "w1", "slot": ""})]);
         let notified: Vec<(&Option<String>, &str)> = step.effects.iter().filter_map(|e| match e {
             Effect::Notify { user, state, .. } => Some((user, state.as_str())),
             _ => None,

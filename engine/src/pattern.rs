@@ -81,6 +81,9 @@ pub struct StartSpec {
     /// user, and the host capacity they hold (the container's memory and CPUs).
     #[serde(default)]
     pub admission: Option<AdmissionSpec>,
+    /// Threds of this pattern may claim a slot of the profile's warm pool (`[pool]`).
+    #[serde(default)]
+    pub pool: Option<PoolSpec>,
     /// CEL guard over the starting event; false sends the event to the dead-letter queue.
     #[serde(default)]
     pub validate: Option<String>,
@@ -109,6 +112,16 @@ pub struct AdmissionSpec {
     /// Holding states metered at the idle price (a paused container holds memory, not CPU).
     #[serde(default)]
     pub idle_states: Vec<String>,
+}
+
+/// How a pattern's threds claim warm-pool slots. A new thred admitted at once gets a free slot of
+/// the profile's pool, if there is one, in `ctx.<context>` (absent: the open goes cold); the claim
+/// is committed with the thred, so two threds never get one slot.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// The context field that receives the claimed slot's id.
+    pub context: String,
 }
 
 /// A record kept up to date with the thred's state.
@@ -351,6 +364,7 @@ pub struct Start {
     pub exclusive: Option<Expression>,
     pub only_when_key_idle: bool,
     pub admission: Option<AdmissionSpec>,
+    pub pool: Option<PoolSpec>,
     pub validate: Option<Expression>,
     pub context: Vec<(String, Expression)>,
 }
@@ -691,6 +705,14 @@ impl Validator {
             Some(source) => Some(self.expression(None, "start.validate", source)?),
             None => None,
         };
+        if let Some(pool) = &start.pool {
+            if !is_identifier(&pool.context) {
+                return Err(self.error(None, "start.pool.context", "context names are identifiers"));
+            }
+            if start.admission.is_none() {
+                return Err(self.error(None, "start.pool", "a pool slot is claimed only by an admitted thred: add start.admission"));
+            }
+        }
         let mut context = Vec::new();
         for (name, source) in &start.context {
             let field = format!("start.context.{name}");
@@ -706,6 +728,7 @@ impl Validator {
             exclusive,
             only_when_key_idle: start.only_when_key_idle,
             admission: start.admission.clone(),
+            pool: start.pool.clone(),
             validate,
             context,
         })

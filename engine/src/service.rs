@@ -34,6 +34,8 @@ use crate::pattern::Pattern;
 use crate::timers::{self, TimerMember};
 use crate::{Error, Result};
 
+mod pool;
+
 /// The event type of the container agent's periodic inventory (reconciliation).
 pub const CONTAINER_INVENTORY: &str = "container.inventory";
 /// The event type of the workspace agent's periodic inventory of host directories.
@@ -273,13 +275,15 @@ pub struct OutboxMessage {
 const COMMIT_SCRIPT: &str = r#"
 -- KEYS: 1 thred, 2 seen today, 3 seen yesterday, 4 outbox, 5 outbox index, 6 live index, 7 deadlines,
 --       8 ended index, 9 exclusive owner (when ARGV[12] is '1'), 10 the user's live threds,
---       11 committed capacity (hash), 12 the admission queue (when ARGV[14] is '1')
+--       11 committed capacity (hash), 12 the admission queue (when ARGV[14] is '1'),
+--       13 the warm pool's free slots (zset), 14 the pool's slots (hash)
 -- ARGV: 1 expected version, 2 thred json, 3 new version, 4 ended, 5 thred id, 6 max live (0 = not new),
 --       7 event id, 8 seen set ttl, 9 outbox json, 10 timer key prefix, 11 now ms, 12 owns an
 --       exclusive key, 13 the fired timer this event is ('' = none), 14 admitted pattern, 15 live
 --       threds a user may have, 16 memory and 17 cpu (millis) a thred holds, 18 memory and 19 cpu
---       budget, 20 held capacity before, 21 holds it after, 22 queued after, then the timers to
---       start (count, then member, deadline ms, ttl ms each) and to cancel (count, then members)
+--       budget, 20 held capacity before, 21 holds it after, 22 queued after, 23 the pool slot a
+--       new thred claims ('' = none), then the timers to start (count, then member, deadline ms,
+--       ttl ms each) and to cancel (count, then members)
 -- Every check comes before the first write, so a refused commit changes nothing.
 if redis.call('SISMEMBER', KEYS[2], ARGV[7]) == 1 or redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 1 then
   return 'duplicate'
@@ -304,7 +308,13 @@ if admitted then
     if memory + tonumber(ARGV[16]) > tonumber(ARGV[18]) or cpu + tonumber(ARGV[17]) > tonumber(ARGV[19]) then return 'full' end
   end
 end
+-- A slot is claimed by exactly one thred: the one whose commit takes it out of the free set.
+if ARGV[23] ~= '' and not redis.call('ZSCORE', KEYS[13], ARGV[23]) then return 'slot_taken' end
 if ARGV[12] == '1' and is_new then redis.call('SET', KEYS[9], ARGV[5]) end
+if ARGV[23] ~= '' then
+  redis.call('ZREM', KEYS[13], ARGV[23])
+  redis.call('HSET', KEYS[14], ARGV[23], 'claimed:' .. ARGV[5])
+end
 redis.call('HSET', KEYS[1], 'v', ARGV[3], 'json', ARGV[2])
 if ARGV[4] == '1' then
   redis.call('SREM', KEYS[6], ARGV[5])
@@ -332,7 +342,7 @@ if ARGV[9] ~= '' then
   redis.call('SET', KEYS[4], ARGV[9])
   redis.call('SADD', KEYS[5], KEYS[4])
 end
-local i = 23
+local i = 24
 local starts = tonumber(ARGV[i]); i = i + 1
 for _ = 1, starts do
   redis.call('SET', ARGV[10] .. ARGV[i], '1', 'PX', ARGV[i + 2])
@@ -356,6 +366,8 @@ enum CommitResult {
     UserLimit,
     /// The capacity is taken, or an older thred waits for it.
     Full,
+    /// The warm-pool slot this new thred was to claim went to another one first.
+    SlotTaken,
 }
 
 /// Where placement put a thred about to take capacity.
@@ -553,6 +565,7 @@ impl Engine {
         let sweeper = tokio::spawn(timer_service.sweep_forever(Duration::from_millis(inner.config.sweep_interval_ms), stop_receiver.clone()));
         let reporter = tokio::spawn(report_metrics(inner.metrics.clone(), stop_receiver.clone()));
         let admitter = tokio::spawn(self.clone().admit_forever(stop_receiver.clone()));
+        let pool_keeper = tokio::spawn(self.clone().keep_pool_forever(stop_receiver.clone()));
         let receiver = inner.published_outboxes_receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let flusher = receiver.map(|receiver| tokio::spawn(delete_published_outboxes(inner.redis.clone(), inner.keys.clone(), receiver, stop_receiver)));
         let engine = self.clone();
@@ -567,6 +580,7 @@ impl Engine {
         let _ = sweeper.await;
         let _ = reporter.await;
         let _ = admitter.await;
+        let _ = pool_keeper.await;
         if let Some(flusher) = flusher {
             let _ = flusher.await;
         }
@@ -634,6 +648,8 @@ impl Engine {
             self.record_host_report(&event).await
         } else if let Some(inventory) = Inventory::of(&event.event_type) {
             self.reconcile(inventory, &event).await
+        } else if let Some(pool_event) = pool::PoolEvent::of(&event.event_type) {
+            self.pool_event(pool_event, &event).await
         } else if !self.inner.patterns.iter().any(|pattern| pattern.knows(&event.event_type)) {
             return self.dead_letter(&incoming, &format!("unknown event type `{}`: no pattern handles it", event.event_type)).await;
         } else {
@@ -680,6 +696,8 @@ impl Engine {
         // What the commit script found the admission read had missed: the user reached the limit,
         // or the capacity was taken.
         let mut overruled: Option<Verdict> = None;
+        // Warm-pool slots another thred claimed while this one tried: the next attempt picks another.
+        let mut taken_slots: Vec<String> = Vec::new();
         for _ in 0..COMMIT_ATTEMPTS {
             let Some(read) = self.read_for_binding(event).await? else {
                 return self.finish_duplicate(event).await;
@@ -716,6 +734,15 @@ impl Engine {
                                 };
                                 let mut seed = self.seed_context(event);
                                 seed.insert("admission".to_owned(), verdict.to_value());
+                                if let Some(spec) = &pattern.start.pool {
+                                    // Only the engine names a slot: an opener's own value is dropped.
+                                    seed.remove(&spec.context);
+                                    if verdict == Verdict::Admit {
+                                        if let Some(slot) = self.free_pool_slot(&taken_slots).await? {
+                                            seed.insert(spec.context.clone(), Value::String(slot));
+                                        }
+                                    }
+                                }
                                 (pattern, None, core::start(pattern, &thred_id, seed, &input, now_ms))
                             }
                             None => (pattern, None, Ok(step)),
@@ -774,6 +801,11 @@ impl Engine {
                 CommitResult::Full => {
                     tracing::debug!(event_id = %event.id, "admission came too late: capacity taken; still queued");
                     return Ok(EventFate::Done);
+                }
+                CommitResult::SlotTaken => {
+                    taken_slots.extend(pool::claimed_slot(pattern, previous.as_ref(), &step.thred));
+                    overruled = Some(Verdict::Admit);
+                    continue;
                 }
                 CommitResult::Committed => {}
             }
@@ -1506,6 +1538,8 @@ impl Engine {
             .key(keys.user_live(&pattern.name, thred.context.get("user").and_then(Value::as_str).unwrap_or_default()))
             .key(keys.capacity_of(thred.host.as_deref()))
             .key(keys.queue(&pattern.name))
+            .key(keys.pool_free())
+            .key(keys.pool_slots())
             .arg(expected)
             .arg(&thred_json)
             .arg(thred.version)
@@ -1539,6 +1573,7 @@ impl Engine {
                 invocation.arg("0").arg(0).arg(0).arg(0).arg(0).arg(0).arg("0").arg("0").arg("0");
             }
         }
+        invocation.arg(pool::claimed_slot(pattern, previous, &thred).unwrap_or_default());
         let starts: Vec<(String, i64)> = step
             .effects
             .iter()
@@ -1575,6 +1610,7 @@ impl Engine {
             "duplicate" => CommitResult::Duplicate,
             "limit" => CommitResult::UserLimit,
             "full" => CommitResult::Full,
+            "slot_taken" => CommitResult::SlotTaken,
             _ => CommitResult::Conflict,
         })
     }
@@ -1601,6 +1637,9 @@ impl Engine {
         }
         let now = chrono::Utc::now();
         let grace = chrono::Duration::seconds(self.inner.config.orphan_grace_secs as i64);
+        if inventory == Inventory::Containers {
+            self.reconcile_pool(entries, event).await?;
+        }
         let mut removals = Vec::new();
         for (index, entry) in entries.iter().enumerate() {
             let Some(session) = entry.get("session").and_then(Value::as_str).filter(|session| !session.is_empty()) else {

@@ -26,6 +26,8 @@ use crate::error::{docker_status, is_docker_answer, Error, Result};
 use crate::spec::{self, SessionIdentity};
 use crate::{egress, probe, stats, work};
 
+mod pool;
+
 /// The CloudEvents `source` of everything this agent publishes.
 pub const EVENT_SOURCE: &str = "/berth/agent/container";
 /// How often readiness is probed while a container starts.
@@ -76,7 +78,12 @@ pub async fn connect_docker() -> Result<Docker> {
 /// What a task asks for, decoded and validated at the edge.
 #[derive(Debug, Clone, PartialEq)]
 enum Action {
-    Provision { user: String, workspace: String },
+    /// `slot`: the warm-pool slot the engine bound to the session, if it claimed one.
+    Provision { user: String, workspace: String, slot: Option<String> },
+    /// A warm-pool slot: its directory and a container made ready, then paused.
+    PoolCreate { slot: String },
+    /// An unclaimed slot's container and directories go (never a claimed one: it may hold work).
+    PoolRemove { slot: String },
     Pause,
     Resume,
     Stop,
@@ -101,6 +108,14 @@ enum ExitedContainer {
 struct ProvisionArgs {
     user: String,
     workspace: String,
+    #[serde(default)]
+    slot: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolArgs {
+    slot: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -168,6 +183,7 @@ pub struct ReadyContainer {
 /// One labelled container, as `container.inventory` reports it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct InventoryEntry {
+    /// The session's id ('' for a warm-pool container nobody claimed yet).
     pub session: String,
     /// From the container's labels, so the engine can recover an orphan's workspace.
     pub user: String,
@@ -177,6 +193,9 @@ pub struct InventoryEntry {
     pub host_port: Option<u16>,
     /// RFC 3339.
     pub created: String,
+    /// The warm-pool slot the container was made for (claimed when `session` is set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_slot: Option<String>,
 }
 
 /// The container agent. Cheap to clone.
@@ -280,8 +299,13 @@ impl Agent {
 
     async fn perform(&self, task: &Task, session: &str, action: Action) -> Result<Vec<CloudEvent>> {
         let event = match action {
-            Action::Provision { user, workspace } => {
+            Action::Provision { user, workspace, slot } => {
                 let identity = SessionIdentity { session: session.to_owned(), user, workspace, thred: task.thred.clone() };
+                if let Some(slot) = slot {
+                    if let Some(refused) = self.claim_pool_container(task, &identity, &slot).await? {
+                        return Ok(vec![refused]);
+                    }
+                }
                 self.provision_answer(task, &identity, ExitedContainer::Replace).await?
             }
             Action::Wake { user, workspace } => {
@@ -294,6 +318,8 @@ impl Agent {
             Action::Stop => self.stop_answer(task, session).await?,
             Action::Remove { container_id } => self.remove_answer(task, session, container_id.as_deref()).await?,
             Action::Stats => self.stats_answer(task, session).await?,
+            Action::PoolCreate { slot } => self.pool_create_answer(task, &slot).await?,
+            Action::PoolRemove { slot } => self.pool_remove_answer(task, &slot).await?,
         };
         Ok(vec![event])
     }
@@ -787,6 +813,9 @@ impl Agent {
             Err(error) => return self.docker_failure(task, "remove", error),
         }
         tracing::info!(container_id = %id, session_id = %session, "container removed");
+        if let Some(slot) = labels.get(spec::POOL_SLOT_LABEL) {
+            pool::remove_slot_folders(&self.inner.profile, slot);
+        }
         Ok(answer(task, "container.removed", json!({"container_id": id})))
     }
 
@@ -974,8 +1003,13 @@ impl Agent {
                     .into_iter()
                     .find(|port| port.private_port == service_port && port.public_port.is_some())
                     .and_then(|port| port.public_port);
+                let pool_slot = labels.get(spec::POOL_SLOT_LABEL).cloned();
+                // A claimed pool container carries no session label: its name is the session's.
+                let claimed = pool_slot
+                    .as_ref()
+                    .and_then(|_| summary.names.as_deref().unwrap_or_default().iter().find_map(|name| spec::claimed_pool_session(name)));
                 InventoryEntry {
-                    session: labels.get(spec::SESSION_LABEL).cloned().unwrap_or_default(),
+                    session: labels.get(spec::SESSION_LABEL).cloned().or(claimed).unwrap_or_default(),
                     user: labels.get(spec::USER_LABEL).cloned().unwrap_or_default(),
                     workspace: labels.get(spec::WORKSPACE_LABEL).cloned().unwrap_or_default(),
                     container_id: summary.id.unwrap_or_default(),
@@ -986,6 +1020,7 @@ impl Agent {
                         .and_then(|seconds| chrono::DateTime::from_timestamp(seconds, 0))
                         .map(|time| time.to_rfc3339())
                         .unwrap_or_default(),
+                    pool_slot,
                 }
             })
             .collect();
@@ -1032,16 +1067,42 @@ fn parse_task(task: &Task) -> Result<(String, Action)> {
     if task.agent != protocol::AgentKind::Container {
         return Err(bad(format!("task for the {} agent reached the container agent", task.agent)));
     }
-    let session = task.session.clone().ok_or_else(|| bad("container tasks need a `session`".to_owned()))?;
-    spec::validate_session_id(&session).map_err(bad)?;
     let args = if task.args.is_null() { json!({}) } else { task.args.clone() };
+    // A pool task is about a slot, not a session: its work is serialised on the slot's container
+    // name instead (`pool-<slot>`).
+    let pool_slot = matches!(task.action.as_str(), "pool_create" | "pool_remove")
+        .then(|| args.get("slot").and_then(Value::as_str).unwrap_or_default().to_owned());
+    let session = match (task.session.clone(), pool_slot) {
+        (_, Some(slot)) => {
+            if !slot.is_empty() {
+                spec::validate_session_id(&slot).map_err(|reason| bad(format!("slot: {reason}")))?;
+            }
+            format!("pool-{slot}")
+        }
+        (Some(session), None) => session,
+        (None, None) => return Err(bad("container tasks need a `session`".to_owned())),
+    };
+    spec::validate_session_id(&session).map_err(bad)?;
     let action = match task.action.as_str() {
         "provision" => {
             let parsed: ProvisionArgs =
                 serde_json::from_value(args).map_err(|error| bad(format!("provision args: {error}")))?;
             spec::validate_label_value("user", &parsed.user).map_err(bad)?;
             spec::validate_label_value("workspace", &parsed.workspace).map_err(bad)?;
-            Action::Provision { user: parsed.user, workspace: parsed.workspace }
+            let slot = parsed.slot.filter(|slot| !slot.is_empty());
+            if let Some(slot) = &slot {
+                spec::validate_session_id(slot).map_err(|reason| bad(format!("slot: {reason}")))?;
+            }
+            Action::Provision { user: parsed.user, workspace: parsed.workspace, slot }
+        }
+        "pool_create" | "pool_remove" => {
+            let parsed: PoolArgs = serde_json::from_value(args).map_err(|error| bad(format!("{} args: {error}", task.action)))?;
+            spec::validate_session_id(&parsed.slot).map_err(|reason| bad(format!("slot: {reason}")))?;
+            if task.action == "pool_create" {
+                Action::PoolCreate { slot: parsed.slot }
+            } else {
+                Action::PoolRemove { slot: parsed.slot }
+            }
         }
         "pause" => Action::Pause,
         "resume" => Action::Resume,
@@ -1065,7 +1126,7 @@ fn parse_task(task: &Task) -> Result<(String, Action)> {
         }
         other => {
             return Err(bad(format!(
-                "unknown action {other:?} (expected provision, wake, pause, resume, stop, remove, stats or probe)"
+                "unknown action {other:?} (expected provision, wake, pause, resume, stop, remove, stats, probe, pool_create or pool_remove)"
             )))
         }
     };
@@ -1151,9 +1212,13 @@ fn container_status(inspected: &ContainerInspectResponse) -> ContainerStateStatu
     inspected.state.as_ref().and_then(|state| state.status).unwrap_or(ContainerStateStatusEnum::EMPTY)
 }
 
-/// A container named like ours must also be labelled as ours, for this very session.
+/// A container named like ours must also be labelled as ours, for this very session; a claimed
+/// warm-pool container (no session label) must have been claimed for this session and user.
 fn check_ownership(inspected: &ContainerInspectResponse, identity: &SessionIdentity, profile: &Profile) -> Result<(), Refusal> {
     let labels = container_labels(inspected);
+    if let Some(slot) = labels.get(spec::POOL_SLOT_LABEL).filter(|_| spec::is_deployment_container(&labels, profile)) {
+        return pool::check_claim(profile, slot, identity).map_err(Refusal);
+    }
     let ours = spec::is_deployment_container(&labels, profile) && labels.get(spec::SESSION_LABEL) == Some(&identity.session);
     if !ours {
         return Err(Refusal(format!(
@@ -1241,8 +1306,21 @@ mod tests {
     fn tasks_are_validated_at_the_edge() {
         check(
             task("provision", Some("s-1"), json!({"user": "alice", "workspace": "w"})),
-            Ok(Action::Provision { user: "alice".into(), workspace: "w".into() }),
+            Ok(Action::Provision { user: "alice".into(), workspace: "w".into(), slot: None }),
         );
+        check(
+            task("provision", Some("s-1"), json!({"user": "alice", "workspace": "w", "slot": "p1"})),
+            Ok(Action::Provision { user: "alice".into(), workspace: "w".into(), slot: Some("p1".into()) }),
+        );
+        check(
+            task("provision", Some("s-1"), json!({"user": "alice", "workspace": "w", "slot": ""})),
+            Ok(Action::Provision { user: "alice".into(), workspace: "w".into(), slot: None }),
+        );
+        check(task("provision", Some("s-1"), json!({"user": "a", "workspace": "w", "slot": "../x"})), Err("slot"));
+        check(task("pool_create", None, json!({"slot": "p1"})), Ok(Action::PoolCreate { slot: "p1".into() }));
+        check(task("pool_remove", None, json!({"slot": "p1"})), Ok(Action::PoolRemove { slot: "p1".into() }));
+        check(task("pool_create", None, json!({"slot": "../p"})), Err("slot"));
+        check(task("pool_create", None, json!({})), Err("missing field `slot`"));
         check(task("provision", Some("s-1"), json!({"user": "alice"})), Err("missing field `workspace`"));
         check(task("provision", None, json!({"user": "a", "workspace": "w"})), Err("need a `session`"));
         check(task("provision", Some("../x"), json!({"user": "a", "workspace": "w"})), Err("session id"));

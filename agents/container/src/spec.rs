@@ -22,6 +22,9 @@ pub const THRED_LABEL: &str = "berth.thred";
 /// The deployment (`Profile::deployment`) that owns a container or network: two deployments with
 /// the same profile name may share one Docker engine, and each acts only on what carries its own.
 pub const DEPLOYMENT_LABEL: &str = "berth.deployment";
+/// The warm-pool slot a container was created for (`berth.pool.slot`); such a container never
+/// carries a session label: its claim lives in the engine's state and its name.
+pub const POOL_SLOT_LABEL: &str = "berth.pool.slot";
 
 /// Host address the service port is published on: never reachable from outside the machine.
 pub const PUBLISH_HOST: &str = "127.0.0.1";
@@ -170,17 +173,67 @@ pub fn container_config(
     session_dir: &Path,
     extra_labels: &BTreeMap<String, String>,
 ) -> Config<String> {
-    let settings = &profile.container;
     // The session's identity is written last so that a profile cannot impersonate another session.
-    let mut environment: BTreeMap<String, String> = settings.env.clone();
+    let mut environment: BTreeMap<String, String> = profile.container.env.clone();
     environment.insert("BERTH_SESSION".to_owned(), identity.session.clone());
     environment.insert("BERTH_USER".to_owned(), identity.user.clone());
     environment.insert("BERTH_WORKSPACE".to_owned(), identity.workspace.clone());
     environment.insert("BERTH_PROFILE".to_owned(), profile.name.clone());
+    let binds = vec![format!("{}:{}:rw", session_dir.display(), profile.container.workspace_mount)];
+    config_with(profile, environment, binds, session_labels(profile, identity, extra_labels))
+}
+
+/// The Docker name of a warm-pool slot's container until a claim renames it `berth-<session>`.
+pub fn pool_container_name(slot: &str) -> String {
+    format!("berth-pool-{slot}")
+}
+
+/// The session a warm-pool container was claimed for, from its name (`berth-<session>` after the
+/// claim's rename; Docker may list names with a leading `/`). `None` while unclaimed.
+pub fn claimed_pool_session(name: &str) -> Option<String> {
+    let session = name.trim_start_matches('/').strip_prefix("berth-")?;
+    (!session.starts_with("pool-") && !session.is_empty()).then(|| session.to_owned())
+}
+
+/// The labels of a warm-pool container: this deployment's, the slot's, and no session, user or
+/// workspace (labels can't change after creation; the claim lives in the engine's state).
+pub fn pool_labels(profile: &Profile, slot: &str, extra_labels: &BTreeMap<String, String>) -> HashMap<String, String> {
+    let mut labels: HashMap<String, String> = extra_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    labels.insert(MANAGED_LABEL.to_owned(), "true".to_owned());
+    labels.insert(PROFILE_LABEL.to_owned(), profile.name.clone());
+    labels.insert(DEPLOYMENT_LABEL.to_owned(), profile.deployment());
+    labels.insert(POOL_SLOT_LABEL.to_owned(), slot.to_owned());
+    labels
+}
+
+/// The create request for a warm-pool slot's container: the same limits and hardening as a
+/// session's, its slot directory as the workspace, and the slot's identity folder read-only at
+/// `POOL_IDENTITY_MOUNT` (where a claim writes the session's identity: the environment is fixed
+/// at creation and holds no session).
+pub fn pool_container_config(profile: &Profile, slot: &str, extra_labels: &BTreeMap<String, String>) -> Config<String> {
+    let mut environment: BTreeMap<String, String> = profile.container.env.clone();
+    environment.insert("BERTH_PROFILE".to_owned(), profile.name.clone());
+    environment.insert(
+        "BERTH_IDENTITY_FILE".to_owned(),
+        format!("{}/{}", protocol::profile::POOL_IDENTITY_MOUNT, protocol::profile::POOL_IDENTITY_FILE),
+    );
+    let binds = vec![
+        format!("{}:{}:rw", profile.pool_slot_dir(slot).display(), profile.container.workspace_mount),
+        format!("{}:{}:ro", profile.pool_identity_dir(slot).display(), protocol::profile::POOL_IDENTITY_MOUNT),
+    ];
+    config_with(profile, environment, binds, pool_labels(profile, slot, extra_labels))
+}
+
+fn config_with(
+    profile: &Profile,
+    environment: BTreeMap<String, String>,
+    mut binds: Vec<String>,
+    labels: HashMap<String, String>,
+) -> Config<String> {
+    let settings = &profile.container;
     let port_key = service_port_key(settings);
     let network = network_name(profile);
     let memory_bytes = i64::try_from(settings.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
-    let mut binds = vec![format!("{}:{}:rw", session_dir.display(), settings.workspace_mount)];
     binds.extend(settings.mounts.iter().cloned());
     let host_config = HostConfig {
         memory: Some(memory_bytes),
@@ -221,7 +274,7 @@ pub fn container_config(
         user: settings.user.clone(),
         env: Some(environment.into_iter().map(|(name, value)| format!("{name}={value}")).collect()),
         exposed_ports: Some(HashMap::from([(port_key, HashMap::new())])),
-        labels: Some(session_labels(profile, identity, extra_labels)),
+        labels: Some(labels),
         host_config: Some(host_config),
         networking_config: Some(NetworkingConfig {
             endpoints_config: HashMap::from([(network, EndpointSettings::default())]),
@@ -277,6 +330,31 @@ mod tests {
     fn dev_profile() -> Profile {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../run-profiles/dev/profile.toml"));
         Profile::parse(&std::fs::read_to_string(path).unwrap(), path).unwrap()
+    }
+
+    #[test]
+    fn pool_containers_carry_the_slot_and_no_session() {
+        let profile = dev_profile();
+        let config = pool_container_config(&profile, "slot-1", &BTreeMap::new());
+        let labels = config.labels.clone().unwrap();
+        assert_eq!(labels.get(POOL_SLOT_LABEL).map(String::as_str), Some("slot-1"));
+        assert!(is_deployment_container(&labels, &profile));
+        for absent in [SESSION_LABEL, USER_LABEL, WORKSPACE_LABEL, THRED_LABEL] {
+            assert!(!labels.contains_key(absent), "{absent}");
+        }
+        let env = config.env.clone().unwrap();
+        assert!(!env.iter().any(|entry| entry.starts_with("BERTH_SESSION=") || entry.starts_with("BERTH_USER=")), "{env:?}");
+        let host = config.host_config.unwrap();
+        let binds = host.binds.unwrap();
+        assert!(binds.contains(&format!("{}:/workspace:rw", profile.pool_slot_dir("slot-1").display())), "{binds:?}");
+        assert!(binds.contains(&format!("{}:/run/berth:ro", profile.pool_identity_dir("slot-1").display())), "{binds:?}");
+        // The same limits and hardening as a session's container.
+        assert_eq!(host.memory, Some(128 * 1024 * 1024));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert_eq!(claimed_pool_session("/berth-s-1"), Some("s-1".to_owned()));
+        assert_eq!(claimed_pool_session("/berth-pool-slot-1"), None);
+        assert_eq!(claimed_pool_session("other"), None);
     }
 
     fn identity() -> SessionIdentity {

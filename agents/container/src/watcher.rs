@@ -88,7 +88,10 @@ async fn exit_event(agent: &Agent, message: &EventMessage, out_of_memory: &mut H
             }
             let exit_code: i64 = attributes.get("exitCode").and_then(|code| code.parse().ok()).unwrap_or(-1);
             let oom_killed = oom_reported || inspected_oom_killed(agent, &container_id).await;
-            let session = attributes.get(spec::SESSION_LABEL).cloned();
+            // A claimed warm-pool container has no session label: its name is the session's.
+            let session = attributes.get(spec::SESSION_LABEL).cloned().or_else(|| {
+                attributes.get(spec::POOL_SLOT_LABEL).and(attributes.get("name")).and_then(|name| spec::claimed_pool_session(name))
+            });
             tracing::info!(container_id = %container_id, session_id = ?session, exit_code, oom_killed, "session container exited");
             let mut event = CloudEvent::new(
                 "container.exited",

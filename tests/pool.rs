@@ -1,0 +1,255 @@
+//! The warm pool end to end, on a deployment of separate `berth` processes (the fault harness:
+//! its own vhost, redis-server, bucket, workspace root and deployment id) with `[pool]` set:
+//!
+//! - slots are made ahead of demand, paused, with an empty slot directory and no session identity;
+//! - an open claims one: ready on the pool's own container, with the workspace's files and the
+//!   session's identity in `/run/berth/session.json`; the pool refills; closing runs the normal
+//!   exit (final sync first) and removes the container: it never returns to the pool;
+//! - twenty opens racing for five slots: each of the five goes to exactly one session, the others
+//!   open cold, all twenty run;
+//! - the engine killed while opens are claiming: after its restart every slot is free or claimed
+//!   by a live session, every session runs, and no pool container is left that nobody accounts for.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bootstrap::faults::harness::http_get;
+use bootstrap::faults::{Component, Deployment, HarnessConfig};
+use serde_json::{json, Value};
+
+const STEP: Duration = Duration::from_secs(120);
+/// The engine's Redis keys (the standard prefix: `berth engine` runs with production names).
+const POOL_FREE: &str = "berth:engine:pool:free";
+const POOL_SLOTS: &str = "berth:engine:pool:slots";
+
+fn config(size: u32) -> HarnessConfig {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut config = HarnessConfig::local(env!("CARGO_BIN_EXE_berth").into(), manifest.join("patterns")).with_plain_directories();
+    config.profile_text = config.profile_text.replace("berth-test/oom:latest", "berth-test/busybox:latest")
+        + &format!("\n[pool]\nsize = {size}\nmax_idle_secs = 0\n");
+    // Twenty sessions of 48 MiB and 0.5 CPU must fit the budget; users are distinct.
+    config.profile_text = config.profile_text.replace("host_memory_mib = 0", "host_memory_mib = 8192");
+    config
+}
+
+fn docker(arguments: &[&str]) -> String {
+    let output = Command::new("docker").args(arguments).output().expect("docker runs");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// This deployment's containers: name → (state, pool slot label or '').
+fn containers(deployment: &Deployment) -> BTreeMap<String, (String, String)> {
+    let filter = format!("label=berth.deployment={}", deployment.id);
+    docker(&["ps", "-a", "--filter", &filter, "--format", "{{.Names}} {{.State}} {{.Label \"berth.pool.slot\"}}"])
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let name = parts.next()?.to_owned();
+            let state = parts.next()?.to_owned();
+            Some((name, (state, parts.next().unwrap_or_default().to_owned())))
+        })
+        .collect()
+}
+
+fn free_slots(deployment: &Deployment) -> BTreeSet<String> {
+    deployment.redis_cli(&["zrange", POOL_FREE, "0", "-1"]).unwrap_or_default().split_whitespace().map(str::to_owned).collect()
+}
+
+/// `pool:slots`: slot → state text.
+fn slot_states(deployment: &Deployment) -> BTreeMap<String, String> {
+    let text = deployment.redis_cli(&["hgetall", POOL_SLOTS]).unwrap_or_default();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words.chunks(2).filter(|pair| pair.len() == 2).map(|pair| (pair[0].to_owned(), pair[1].to_owned())).collect()
+}
+
+async fn wait_until(what: &str, deployment: &Deployment, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + STEP;
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what} did not happen\n{}", deployment.logs_tail(40));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `size` slots are free and every one of them is a paused pool container.
+async fn wait_for_full_pool(deployment: &Deployment, size: usize) -> BTreeSet<String> {
+    wait_until(&format!("{size} free pool slots"), deployment, || free_slots(deployment).len() == size).await;
+    let slots = free_slots(deployment);
+    let listed = containers(deployment);
+    for slot in &slots {
+        let name = format!("berth-pool-{slot}");
+        assert_eq!(listed.get(&name).map(|(state, label)| (state.as_str(), label.as_str())), Some(("paused", slot.as_str())), "{listed:?}");
+    }
+    slots
+}
+
+fn port_of(detail: &Value) -> u16 {
+    let port = &detail["port"];
+    port.as_u64().or_else(|| port.as_str().and_then(|text| text.parse().ok())).expect("running carries the port") as u16
+}
+
+async fn open(deployment: &Deployment, session: &str, user: &str, workspace: &str) {
+    deployment.publish("session.open", session, user, json!({"user": user, "workspace": workspace})).await.expect("open published");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_removes_it() {
+    let mut deployment = Deployment::start(&config(2)).await.expect("deployment");
+    let slots = wait_for_full_pool(&deployment, 2).await;
+    // Before a claim a slot holds nothing of anyone: an empty directory, no identity, no session.
+    for slot in &slots {
+        let slot_dir = deployment.deployment_root().join(".berth-pool").join(slot);
+        assert_eq!(std::fs::read_dir(&slot_dir).expect("slot directory").count(), 0, "{}", slot_dir.display());
+        let identity = deployment.deployment_root().join(".berth-pool").join(format!("{slot}.identity"));
+        assert_eq!(std::fs::read_dir(&identity).expect("identity folder").count(), 0);
+        let env = docker(&["inspect", "-f", "{{json .Config.Env}} {{json .Config.Labels}}", &format!("berth-pool-{slot}")]);
+        assert!(!env.contains("BERTH_SESSION") && !env.contains("berth.session") && !env.contains("berth.user"), "{env}");
+    }
+
+    let user = "ana";
+    deployment.put_object(&Deployment::object_key(user, "w1", "hello.txt"), b"hello from the store\n".to_vec()).await.expect("put");
+    let session = uuid::Uuid::now_v7().to_string();
+    open(&deployment, &session, user, "w1").await;
+    let running = deployment.inbox.wait_state(&session, "running", STEP).await.expect("running");
+    let name = Deployment::container_name(&session);
+    let listed = containers(&deployment);
+    let (state, slot) = listed.get(&name).cloned().expect("the session's container");
+    assert_eq!(state, "running");
+    assert!(slots.contains(&slot), "the session runs on a pool container ({slot:?} of {slots:?})");
+    assert!(!listed.contains_key(&format!("berth-pool-{slot}")), "the claimed slot's container was renamed");
+    // The files, through the container's own mount, and the identity the claim handed it.
+    let (status, body) = http_get(port_of(&running.notification.detail), "/hello.txt").expect("the workspace answers");
+    assert_eq!((status, body.as_slice()), (200, b"hello from the store\n".as_slice()));
+    let identity: Value = serde_json::from_str(&deployment.exec(&session, "cat /run/berth/session.json").expect("identity")).expect("json");
+    assert_eq!((identity["session"].as_str(), identity["user"].as_str(), identity["slot"].as_str()), (Some(session.as_str()), Some(user), Some(slot.as_str())));
+    assert!(deployment.exec(&session, "echo forged > /run/berth/session.json").is_err(), "the identity is read-only inside");
+    let states = slot_states(&deployment);
+    assert!(states.get(&slot).is_some_and(|state| state.starts_with("claimed:")), "{states:?}");
+
+    // The pool refills in the background: two free slots again, the claimed one not among them.
+    let refilled = wait_for_full_pool(&deployment, 2).await;
+    assert!(!refilled.contains(&slot));
+
+    // Close: final sync first, then the container goes, and never back into the pool.
+    deployment.write_inside(&session, "made-inside.txt", b"work\n").expect("write inside");
+    deployment.close(&session, user).await.expect("close");
+    let closed = deployment.inbox.wait_terminal(&session, STEP).await.expect("closed");
+    assert_eq!(closed.state, "closed", "{closed:?}");
+    assert_eq!(deployment.get_object(&Deployment::object_key(user, "w1", "made-inside.txt")).await.expect("get"), Some(b"work\n".to_vec()));
+    let states = deployment.inbox.states(&session);
+    assert!(states.iter().any(|state| state == "saving"), "the exit saved first: {states:?}");
+    let listed = containers(&deployment);
+    assert!(!listed.contains_key(&name), "{listed:?}");
+    wait_until("the ended claim forgotten", &deployment, || !slot_states(&deployment).contains_key(&slot)).await;
+    assert!(!free_slots(&deployment).contains(&slot));
+    assert!(!deployment.directories().contains(&session), "{:?}", deployment.directories());
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    deployment.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_racing_opens_on_a_pool_of_five_claim_each_slot_exactly_once() {
+    let mut deployment = Deployment::start(&config(5)).await.expect("deployment");
+    let initial = wait_for_full_pool(&deployment, 5).await;
+    let sessions: Vec<(String, String)> = (0..20).map(|index| (uuid::Uuid::now_v7().to_string(), format!("racer-{index}"))).collect();
+    let opens = sessions.iter().map(|(session, user)| open(&deployment, session, user, "w"));
+    futures::future::join_all(opens).await;
+    for (session, _) in &sessions {
+        deployment.inbox.wait_state(session, "running", STEP).await.expect("every open runs");
+    }
+    let listed = containers(&deployment);
+    let mut claimed_by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut cold = 0;
+    for (session, _) in &sessions {
+        let (state, slot) = listed.get(&Deployment::container_name(session)).cloned().expect("a container per session");
+        assert_eq!(state, "running");
+        if slot.is_empty() {
+            cold += 1;
+        } else {
+            claimed_by.entry(slot).or_default().push(session.clone());
+        }
+    }
+    // Every slot went to one session at most, and each of the five free at the start to exactly one.
+    assert!(claimed_by.values().all(|owners| owners.len() == 1), "{claimed_by:?}");
+    let initial_claimed: BTreeSet<String> = claimed_by.keys().filter(|slot| initial.contains(*slot)).cloned().collect();
+    assert_eq!(initial_claimed, initial, "{claimed_by:?}");
+    // Slots made during the race may have been claimed too; everything else opened cold.
+    assert_eq!(cold + claimed_by.len(), 20);
+    eprintln!("20 racing opens on 5 slots: {} warm ({} of them from the refill), {cold} cold", claimed_by.len(), claimed_by.len() - 5);
+    // Redis agrees: each claimed slot is recorded for one thred, none of them is free.
+    let states = slot_states(&deployment);
+    let free = free_slots(&deployment);
+    for slot in claimed_by.keys() {
+        assert!(states.get(slot).is_some_and(|state| state.starts_with("claimed:")), "{slot}: {states:?}");
+        assert!(!free.contains(slot));
+    }
+    let claiming_threds: BTreeSet<&String> = states.values().filter(|state| state.starts_with("claimed:")).collect();
+    assert_eq!(claiming_threds.len(), states.values().filter(|state| state.starts_with("claimed:")).count(), "one thred per claim");
+
+    for (session, user) in &sessions {
+        deployment.close(session, user).await.expect("close");
+    }
+    for (session, _) in &sessions {
+        let ended = deployment.inbox.wait_terminal(session, STEP).await.expect("closed");
+        assert_eq!(ended.state, "closed");
+    }
+    // Only the refilled pool is left: paused pool containers, none of a session.
+    wait_for_full_pool(&deployment, 5).await;
+    let leftovers: Vec<String> = containers(&deployment).into_keys().filter(|name| !name.starts_with("berth-pool-")).collect();
+    assert_eq!(leftovers, Vec::<String>::new());
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    deployment.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_killed_mid_claim_leaves_every_slot_claimed_or_free() {
+    let mut deployment = Deployment::start(&config(3)).await.expect("deployment");
+    let initial = wait_for_full_pool(&deployment, 3).await;
+    let sessions: Vec<(String, String)> = (0..3).map(|index| (uuid::Uuid::now_v7().to_string(), format!("crash-{index}"))).collect();
+    let opens = sessions.iter().map(|(session, user)| open(&deployment, session, user, "w"));
+    futures::future::join_all(opens).await;
+    // SIGKILL while the opens are being claimed and their tasks published.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    deployment.kill(Component::Engine);
+    let after_kill = slot_states(&deployment);
+    eprintln!("slots when the engine died: {after_kill:?}");
+    for slot in &initial {
+        let state = after_kill.get(slot).cloned().unwrap_or_default();
+        assert!(state.starts_with("free:") || state.starts_with("claimed:"), "slot {slot} is {state:?}: neither free nor claimed");
+    }
+    deployment.start_component(Component::Engine).expect("engine restarts");
+    for (session, _) in &sessions {
+        deployment.inbox.wait_state(session, "running", STEP).await.expect("every open runs after the restart");
+    }
+    // Every slot claimed before the crash is its session's container now; every other one is free.
+    let listed = containers(&deployment);
+    let states = slot_states(&deployment);
+    let free = free_slots(&deployment);
+    for slot in &initial {
+        let state = states.get(slot).cloned().unwrap_or_default();
+        if state.starts_with("claimed:") {
+            let owner = listed.iter().find(|(_, (_, label))| label == slot).map(|(name, _)| name.clone()).expect("the claimed slot's container");
+            let session = owner.strip_prefix("berth-").unwrap_or_default();
+            assert!(sessions.iter().any(|(candidate, _)| candidate == session), "slot {slot} is {owner}, not one of the sessions");
+            assert!(!free.contains(slot));
+        } else {
+            assert!(state.starts_with("free:") && free.contains(slot), "slot {slot} is {state:?}: leaked");
+            assert!(listed.contains_key(&format!("berth-pool-{slot}")));
+        }
+    }
+    // No pool container nobody accounts for: each is free, being made, or a session's.
+    for (name, (_, slot)) in &listed {
+        if !slot.is_empty() {
+            assert!(states.contains_key(slot), "{name} (slot {slot}) is in no state: {states:?}");
+        }
+    }
+    for (session, user) in &sessions {
+        deployment.close(session, user).await.expect("close");
+    }
+    for (session, _) in &sessions {
+        deployment.inbox.wait_terminal(session, STEP).await.expect("closed");
+    }
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    deployment.teardown().await;
+}
