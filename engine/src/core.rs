@@ -506,7 +506,8 @@ mod tests {
     fn seed() -> Map<String, Value> {
         json!({
             "session": "s-1", "user": "alice", "workspace": "w1", "profile": "dev",
-            "timers": {"idle_after_secs": 60, "stop_after_idle_secs": 300, "max_age_secs": 3600, "autosave_secs": 60, "ready_timeout_secs": 20}
+            "timers": {"idle_after_secs": 60, "stop_after_idle_secs": 300, "max_age_secs": 3600, "autosave_secs": 60, "ready_timeout_secs": 20,
+                       "dormant_after_idle_secs": 120, "idle_cpu_percent": 5.0, "idle_warning_secs": 15, "max_keepalives": 2}
         })
         .as_object()
         .cloned()
@@ -531,6 +532,13 @@ mod tests {
             ("container_id", json!("c-1")),
             ("host", json!("127.0.0.1")),
             ("port", json!(32768)),
+            ("probing", json!(false)),
+            ("cpu_ns", json!(0)),
+            ("cpu_at_ms", json!(0)),
+            ("keepalives", json!(0)),
+            ("ready_ms", json!(0)),
+            ("resume_started_ms", json!(0)),
+            ("resume_ms", json!(0)),
         ] {
             context.insert(name.to_owned(), value);
         }
@@ -636,7 +644,8 @@ mod tests {
         check("materialize_backoff", timer(STATE_TIMEOUT_TIMER, 5), "-> materializing", &["workspace.materialize"]);
         check("materialize_backoff", event("workspace.materialized", json!({})), "rejected", &[]);
         // provisioning
-        check("provisioning", event("container.ready", json!({"container_id": "c-9", "host": "127.0.0.1", "port": 4000})), "-> running", &[]);
+        // Running takes a first work probe: the baseline the idle rule measures from.
+        check("provisioning", event("container.ready", json!({"container_id": "c-9", "host": "127.0.0.1", "port": 4000})), "-> running", &["container.probe"]);
         check("provisioning", event("container.failed", json!({"error": "boom"})), "-> provision_backoff", &[]);
         check("provisioning", timer(STATE_TIMEOUT_TIMER, 5), "-> stopping", FREEZE);
         check("provisioning", event("workspace.synced", json!({})), "ignored", &[]);
@@ -646,7 +655,8 @@ mod tests {
         check("provision_backoff", event("session.close", json!({})), "-> stopping", FREEZE);
         // running
         check("running", event("session.activity", json!({"source": "websocket"})), "stay", &[]);
-        check("running", timer("idle", 2), "-> idle", &["container.pause"]);
+        // The idle deadline asks for a work probe; its answer decides (see the_idle_rule_*).
+        check("running", timer("idle", 2), "stay", &["container.probe"]);
         check("running", timer("idle", 1), "stale", &[]);
         check("running", timer("autosave", 3), "stay", &["workspace.sync"]);
         check("running", timer("max_age", 1), "-> stopping", FREEZE);
@@ -656,7 +666,7 @@ mod tests {
         check("running", event("workspace.synced", json!({"final": false})), "ignored", &[]);
         check("running", event("workspace.materialized", json!({})), "rejected", &[]);
         // idle
-        check("idle", event("session.activity", json!({"source": "terminal"})), "-> running", &["container.resume"]);
+        check("idle", event("session.activity", json!({"source": "terminal"})), "-> running", &["container.resume", "container.probe"]);
         check("idle", timer("stop", 4), "-> stopping", FREEZE);
         check("idle", timer("idle", 2), "stale", &[]);
         check("idle", event("container.paused", json!({})), "ignored", &[]);
@@ -839,6 +849,8 @@ mod tests {
             vec![
                 Effect::CancelTimer { timer: "idle".into(), generation: 2 },
                 Effect::StartTimer { timer: "idle".into(), generation: 6, deadline_ms: NOW + 5 + 60_000 },
+                // The warning before the pause moves with it (idle_warning_secs 15 before).
+                Effect::StartTimer { timer: "idle_warning".into(), generation: 7, deadline_ms: NOW + 5 + 45_000 },
             ]
         );
         // The superseded generation firing late changes nothing.
@@ -864,6 +876,154 @@ mod tests {
         assert_eq!(third.thred.state, "stopping", "a failure saves the workspace before it ends");
         assert_eq!(third.thred.context["error"], json!("x"));
         assert_eq!(third.thred.context["failing"], json!(true));
+    }
+
+    /// A thred in `running` whose idle deadline fired: the probe was asked for, and the previous
+    /// one (the baseline) saw `baseline_cpu_ns` of CPU `since_ms` ago.
+    fn probing_thred(baseline_cpu_ns: i64, since_ms: i64) -> Thred {
+        let mut thred = thred_in("running");
+        thred.context.insert("probing".to_owned(), json!(true));
+        thred.context.insert("cpu_ns".to_owned(), json!(baseline_cpu_ns));
+        thred.context.insert("cpu_at_ms".to_owned(), json!(NOW - since_ms));
+        thred
+    }
+
+    fn probed(cpu_ns: i64, write_age_ms: i64, terminal_commands: i64) -> EventInput {
+        event("container.probed", json!({"cpu_ns": cpu_ns, "write_age_ms": write_age_ms, "terminal_commands": terminal_commands}))
+    }
+
+    /// The idle rule: a session pauses only when, over the interval since the last probe, it used
+    /// less CPU than `idle_cpu_percent` of one CPU, nothing in its workspace changed, and no
+    /// command runs under a terminal shell. Otherwise the deadline re-arms.
+    #[test]
+    fn the_idle_rule_pauses_only_a_quiet_session() {
+        let pattern = session_pattern();
+        let minute_ms = 60_000;
+        // 60 s at 5 % of one CPU is 3 CPU-seconds.
+        let quiet_cpu = 1_000_000_000;
+        let rows: [(&str, EventInput, &str); 6] = [
+            ("quiet", probed(quiet_cpu, 2 * minute_ms, 0), "-> idle"),
+            ("a busy loop", probed(30_000_000_000, 2 * minute_ms, 0), "stay"),
+            ("just over the threshold", probed(3_100_000_000, 2 * minute_ms, 0), "stay"),
+            ("a background writer", probed(quiet_cpu, 500, 0), "stay"),
+            ("a terminal command", probed(quiet_cpu, 2 * minute_ms, 1), "stay"),
+            ("a restarted container (counter went back)", probed(-1, 2 * minute_ms, 0), "stay"),
+        ];
+        for (what, input, outcome) in rows {
+            let stepped = step(&pattern, &probing_thred(0, minute_ms), &input, NOW).unwrap();
+            assert_eq!(summary(&stepped).0, outcome, "{what}");
+            assert_eq!(stepped.thred.context["probing"], json!(false), "{what}");
+            if outcome == "stay" {
+                // Busy: the deadline re-arms from now and the probe becomes the new baseline.
+                assert_eq!(stepped.thred.timers["idle"].deadline_ms, NOW + minute_ms, "{what}");
+                assert_eq!(stepped.thred.context["cpu_at_ms"], json!(NOW), "{what}");
+                let working = stepped.effects.iter().any(|effect| matches!(effect, Effect::Notify { detail, .. } if detail.get("working").is_some()));
+                assert!(working, "{what}: the user is told why the session keeps running");
+            } else {
+                assert!(summary(&stepped).1.contains(&"container.pause".to_owned()), "{what}");
+            }
+        }
+        // No baseline yet (its answer was lost): never pause on a guess, take this one as the baseline.
+        let mut no_baseline = probing_thred(0, minute_ms);
+        no_baseline.context.insert("cpu_at_ms".to_owned(), json!(0));
+        let stepped = step(&pattern, &no_baseline, &probed(0, 2 * minute_ms, 0), NOW).unwrap();
+        assert_eq!(summary(&stepped).0, "stay");
+        // Input between the deadline and the answer wins: the answer only records a baseline.
+        let after_input = step(&pattern, &probing_thred(0, minute_ms), &event("session.activity", json!({})), NOW).unwrap();
+        let stepped = step(&pattern, &after_input.thred, &probed(0, 2 * minute_ms, 0), NOW + 1).unwrap();
+        assert_eq!(summary(&stepped), ("stay".to_owned(), vec![]));
+        // A probe that cannot be answered falls back to the input-only rule: pausing loses nothing.
+        let failed = step(&pattern, &probing_thred(0, minute_ms), &event("container.failed", json!({"action": "probe", "error": "x"})), NOW).unwrap();
+        assert_eq!(summary(&failed).0, "-> idle");
+        check("running", event("container.failed", json!({"action": "stats", "error": "x"})), "stay", &[]);
+    }
+
+    #[test]
+    fn the_ladder_pauses_then_stops_then_closes_and_wakes_from_either_tier() {
+        let pattern = session_pattern();
+        let notifications = |stepped: &Step| -> Vec<Value> {
+            stepped.effects.iter().filter_map(|effect| match effect {
+                Effect::Notify { detail, .. } => Some(detail.clone()),
+                _ => None,
+            }).collect()
+        };
+        // The warning before the pause.
+        let mut warned = thred_in("running");
+        warned.timers.insert("idle_warning".to_owned(), RunningTimer { generation: 6, deadline_ms: NOW });
+        let warning = step(&pattern, &warned, &timer("idle_warning", 6), NOW).unwrap();
+        assert_eq!(notifications(&warning)[0]["warning"], json!("pause"));
+        assert_eq!(notifications(&warning)[0]["in_secs"], json!(15));
+        // Paused: the tier, the next step and its warning are all scheduled.
+        let paused = step(&pattern, &probing_thred(0, 60_000), &probed(0, 120_000, 0), NOW).unwrap();
+        assert_eq!(paused.thred.state, "idle");
+        assert_eq!(notifications(&paused)[0]["tier"], json!("paused"));
+        assert_eq!(notifications(&paused)[0]["next"], json!("dormant"));
+        for (timer_name, after_secs) in [("dormant", 120), ("dormant_warning", 105), ("stop", 300), ("stop_warning", 285)] {
+            assert_eq!(paused.thred.timers[timer_name].deadline_ms, NOW + after_secs * 1000, "{timer_name}");
+        }
+        assert!(!paused.thred.timers.contains_key("idle") && !paused.thred.timers.contains_key("idle_warning"));
+        let idle = paused.thred;
+        let generation = |thred: &Thred, name: &str| thred.timers[name].generation;
+        let dormant_warning = step(&pattern, &idle, &timer("dormant_warning", generation(&idle, "dormant_warning")), NOW).unwrap();
+        assert_eq!(notifications(&dormant_warning)[0]["warning"], json!("dormant"));
+        // Dormant: the container stops, its directory stays; the close is still due.
+        let dormant = step(&pattern, &idle, &timer("dormant", generation(&idle, "dormant")), NOW).unwrap();
+        assert_eq!(summary(&dormant), ("-> dormant".to_owned(), vec!["container.stop".to_owned()]));
+        assert_eq!(notifications(&dormant)[0]["tier"], json!("dormant"));
+        let dormant = dormant.thred;
+        assert!(dormant.timers.contains_key("stop"));
+        // The stop's own answers and the exit it causes change nothing.
+        for quiet in ["container.stopped", "container.exited", "container.failed"] {
+            let stepped = step(&pattern, &dormant, &event(quiet, json!({})), NOW).unwrap();
+            assert_eq!(summary(&stepped).0, "ignored", "{quiet}");
+        }
+        // The longest interval: closed through the freeze and the final sync, like every exit.
+        let closing = step(&pattern, &dormant, &timer("stop", generation(&dormant, "stop")), NOW).unwrap();
+        assert_eq!(summary(&closing), ("-> stopping".to_owned(), vec!["container.pause".to_owned()]));
+        assert_eq!(closing.thred.context["stop_reason"], json!("idle"));
+        assert!(closing.thred.timers.keys().all(|name| name == STATE_TIMEOUT_TIMER), "{:?}", closing.thred.timers);
+        // Wake from the paused tier: resume, and every ladder timer goes.
+        let woken = step(&pattern, &idle, &event("session.activity", json!({})), NOW).unwrap();
+        assert_eq!(summary(&woken), ("-> running".to_owned(), vec!["container.resume".to_owned(), "container.probe".to_owned()]));
+        assert!(["dormant", "dormant_warning", "stop", "stop_warning"].iter().all(|name| !woken.thred.timers.contains_key(*name)));
+        let resumed = step(&pattern, &woken.thred, &event("container.resumed", json!({})), NOW + 40).unwrap();
+        assert_eq!(resumed.thred.context["resume_ms"], json!(40), "the measured wake is the next estimate");
+        // Wake from the dormant tier: the same container starts again, no materialize.
+        let waking = step(&pattern, &dormant, &event("session.activity", json!({})), NOW).unwrap();
+        assert_eq!(summary(&waking), ("-> waking".to_owned(), vec!["container.wake".to_owned()]));
+        assert!(!waking.thred.timers.contains_key("stop"));
+        let ready = json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40001, "timings_ms": {"create": 0, "start": 300, "ready": 200}});
+        let running = step(&pattern, &waking.thred, &event("container.ready", ready), NOW).unwrap();
+        assert_eq!(running.thred.state, "running");
+        assert_eq!(running.thred.context["port"], json!(40001), "the new port is reported");
+        assert_eq!(running.thred.context["ready_ms"], json!(500));
+        assert_eq!(notifications(&running)[0]["port"], json!(40001));
+        // A container that cannot start again is replaced on the same directory.
+        let replaced = step(&pattern, &waking.thred, &event("container.failed", json!({"action": "wake", "error": "gone"})), NOW).unwrap();
+        assert_eq!(summary(&replaced), ("-> provisioning".to_owned(), vec!["container.provision".to_owned()]));
+        // Keep-alives: bounded (2 in this seed) without input, each one postpones the pause.
+        let mut thred = thred_in("running");
+        for kept in 1..=2 {
+            let stepped = step(&pattern, &thred, &event("session.keepalive", json!({})), NOW).unwrap();
+            assert_eq!(notifications(&stepped)[0]["kept_alive"], json!(true));
+            assert_eq!(stepped.thred.context["keepalives"], json!(kept));
+            thred = stepped.thred;
+        }
+        let refused = step(&pattern, &thred, &event("session.keepalive", json!({})), NOW).unwrap();
+        assert_eq!(notifications(&refused)[0]["keepalive_refused"], json!(true));
+        let input = step(&pattern, &thred, &event("session.activity", json!({})), NOW).unwrap();
+        assert_eq!(input.thred.context["keepalives"], json!(0), "input resets the bound");
+        // "Keep working" on a paused or dormant session wakes it.
+        let kept_idle = step(&pattern, &idle, &event("session.keepalive", json!({})), NOW).unwrap();
+        assert_eq!(kept_idle.thred.state, "running");
+        let kept_dormant = step(&pattern, &dormant, &event("session.keepalive", json!({})), NOW).unwrap();
+        assert_eq!(kept_dormant.thred.state, "waking");
+        // Without a dormant tier the ladder goes from paused straight to the close.
+        let mut no_dormant = probing_thred(0, 60_000);
+        no_dormant.context["timers"]["dormant_after_idle_secs"] = json!(0);
+        let paused = step(&pattern, &no_dormant, &probed(0, 120_000, 0), NOW).unwrap();
+        assert!(!paused.thred.timers.contains_key("dormant") && !paused.thred.timers.contains_key("dormant_warning"));
+        assert_eq!(notifications(&paused)[0]["next"], json!("close"));
     }
 
     #[test]

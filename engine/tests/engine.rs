@@ -78,6 +78,15 @@ struct Harness {
     /// Tasks read while waiting for another one.
     task_backlog: Vec<Task>,
     notification_backlog: Vec<Notification>,
+    /// Work probes nobody waits for are answered "quiet" (no CPU, no writes, no terminal
+    /// command), so a session idles on input alone; a test of the idle rule answers them itself.
+    probes: Probes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probes {
+    AnsweredQuiet,
+    LeftToTheTest,
 }
 
 struct Running {
@@ -162,8 +171,20 @@ impl Harness {
             if matches(&task) {
                 return task;
             }
+            if self.answered_quietly(&task).await {
+                continue;
+            }
             self.task_backlog.push(task);
         }
+    }
+
+    /// Answers a work probe "quiet" unless the test answers probes itself.
+    async fn answered_quietly(&self, task: &Task) -> bool {
+        if self.probes != Probes::AnsweredQuiet || task.agent.as_str() != "container" || task.action != "probe" {
+            return false;
+        }
+        self.publish(&answer(task, "container.probed", quiet_probe(0))).await;
+        true
     }
 
     fn task_summaries(&self) -> Vec<String> {
@@ -174,7 +195,10 @@ impl Harness {
     async fn drain_tasks(&mut self, window: Duration) -> Vec<Task> {
         let deadline = tokio::time::Instant::now() + window;
         while let Ok(Some(seen)) = tokio::time::timeout_at(deadline, self.tasks.recv()).await {
-            self.task_backlog.push(Task::decode(&seen.body).expect("a task"));
+            let task = Task::decode(&seen.body).expect("a task");
+            if !self.answered_quietly(&task).await {
+                self.task_backlog.push(task);
+            }
         }
         self.task_backlog.clone()
     }
@@ -241,6 +265,11 @@ fn open_event(session: &str, user: &str) -> CloudEvent {
 
 fn open_workspace_event(session: &str, user: &str, workspace: &str) -> CloudEvent {
     CloudEvent::new("session.open", "/test", Some(session), json!({"user": user, "workspace": workspace}))
+}
+
+/// A work probe's answer for a container that used `cpu_ns` in all and did nothing else.
+fn quiet_probe(cpu_ns: u64) -> Value {
+    json!({"cpu_ns": cpu_ns, "write_age_ms": 1_000_000_000u64, "terminal_commands": 0, "terminals": 0, "scanned": 3, "truncated": false})
 }
 
 /// An agent's answer to `task`, bound the way agents bind it.
@@ -1087,6 +1116,134 @@ async fn the_token_user_wins_and_a_foreign_profile_is_refused() {
     let closed = harness.notification(&foreign, "closed").await;
     assert_eq!(closed.detail["error"], json!("profile prod is not this deployment (dev)"));
     assert!(live_thred(&running.engine, &foreign).await.is_none());
+    running.stop().await;
+    harness.cleanup().await;
+}
+
+/// A short ladder: pause after 2 s without input or work (warned 1 s before), stop the container
+/// 3 s after pausing, close 6 s after pausing.
+fn ladder_profile() -> Profile {
+    let mut profile = dev_profile();
+    profile.timers.idle_after_secs = 2;
+    profile.timers.idle_warning_secs = 1;
+    profile.timers.dormant_after_idle_secs = 3;
+    profile.timers.stop_after_idle_secs = 6;
+    profile.timers.autosave_secs = 0;
+    profile.validate().expect("a valid ladder");
+    profile
+}
+
+/// The idle rule and the ladder through the real engine, Redis timers and the broker: a busy loop,
+/// a background writer and a terminal command each keep the session running (the deadline
+/// re-arms, the user is told why); a quiet session is warned, paused, stopped with its directory
+/// kept, woken from each tier (the dormant one on a new port), and finally closed through the
+/// freeze and the final sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wakes_from_each_tier() {
+    let mut harness = Harness::new(ladder_profile()).await;
+    harness.probes = Probes::LeftToTheTest;
+    let running = harness.start(vec![session_pattern()]).await;
+    let session = format!("s-{}", Uuid::now_v7());
+    open_until_running(&mut harness, &session).await;
+    let baseline = harness.task(&session, "container", "probe").await;
+    harness.publish(&answer(&baseline, "container.probed", quiet_probe(0))).await;
+
+    // The warning before the pause comes first (idle_after − idle_warning = 1 s).
+    let warning = harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail["warning"] == "pause", "pause warning").await;
+    assert_eq!(warning.detail["in_secs"], json!(1));
+    // Three kinds of work, one per deadline: each keeps the session running.
+    // Two CPU-seconds in a two-second interval: a busy loop on one core.
+    let cpu_ns = 2_000_000_000u64;
+    let works = [
+        ("a busy loop", quiet_probe(cpu_ns)),
+        ("a background writer", json!({"cpu_ns": cpu_ns, "write_age_ms": 300, "terminal_commands": 0, "terminals": 0, "scanned": 3, "truncated": false})),
+        ("a terminal command", json!({"cpu_ns": cpu_ns, "write_age_ms": 1_000_000_000u64, "terminal_commands": 1, "terminals": 1, "scanned": 3, "truncated": false})),
+    ];
+    for (what, data) in works {
+        let probe = harness.task(&session, "container", "probe").await;
+        harness.publish(&answer(&probe, "container.probed", data)).await;
+        let kept = harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail.get("working").is_some(), what).await;
+        assert_eq!(kept.state, "running", "{what}");
+        let thred = live_thred(&running.engine, &session).await.expect("live");
+        assert_eq!(thred.state, "running", "{what} must not be paused");
+    }
+    let early = harness.drain_tasks(Duration::from_millis(100)).await;
+    assert!(!early.iter().any(|task| task.session.as_deref() == Some(session.as_str()) && task.action == "pause"), "a working session was paused: {early:?}");
+
+    // Quiet now: paused, and the user sees the tier.
+    let probe = harness.task(&session, "container", "probe").await;
+    harness.publish(&answer(&probe, "container.probed", quiet_probe(cpu_ns))).await;
+    let pause = harness.task(&session, "container", "pause").await;
+    let idle = harness.notification(&session, "idle").await;
+    assert_eq!((idle.detail["tier"].as_str(), idle.detail["next"].as_str(), idle.detail["next_in_secs"].as_u64()), (Some("paused"), Some("dormant"), Some(3)));
+    harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
+
+    // Wake from the paused tier: resume, no new container.
+    harness.publish(&CloudEvent::new("session.activity", "/test", Some(&session), json!({"source": "terminal"}))).await;
+    let resume = harness.task(&session, "container", "resume").await;
+    harness.publish(&answer(&resume, "container.resumed", json!({"container_id": "c-1"}))).await;
+    harness.notification(&session, "running").await;
+    let baseline = harness.task(&session, "container", "probe").await;
+    harness.publish(&answer(&baseline, "container.probed", quiet_probe(cpu_ns))).await;
+    let probe = harness.task(&session, "container", "probe").await;
+    harness.publish(&answer(&probe, "container.probed", quiet_probe(cpu_ns))).await;
+    let pause = harness.task(&session, "container", "pause").await;
+    let idle = harness.notification(&session, "idle").await;
+    assert!(idle.detail["wake_estimate_ms"].as_u64().is_some(), "the measured resume is the estimate: {}", idle.detail);
+    harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
+
+    // The warning before the stop, then the dormant tier: the container stops, the directory stays.
+    let warning = harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail["warning"] == "dormant", "dormant warning").await;
+    assert_eq!(warning.state, "idle");
+    let stop = harness.task(&session, "container", "stop").await;
+    let dormant = harness.notification(&session, "dormant").await;
+    assert_eq!(dormant.detail["tier"], json!("dormant"));
+    harness.publish(&answer(&stop, "container.stopped", json!({"container_id": "c-1"}))).await;
+    let tasks = harness.drain_tasks(Duration::from_millis(300)).await;
+    assert!(
+        !tasks.iter().any(|task| task.session.as_deref() == Some(session.as_str()) && ["sync", "remove", "materialize"].contains(&task.action.as_str())),
+        "the dormant tier keeps the directory: {tasks:?}"
+    );
+
+    // Wake from the dormant tier: the same container starts again (no materialize), on a new port.
+    harness.publish(&CloudEvent::new("session.activity", "/test", Some(&session), json!({"source": "api"}))).await;
+    let wake = harness.task(&session, "container", "wake").await;
+    assert_eq!(wake.args, json!({"user": "alice", "workspace": format!("w-{session}")}));
+    harness.notification(&session, "waking").await;
+    harness
+        .publish(&answer(&wake, "container.ready", json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40002, "timings_ms": {"create": 0, "start": 120, "ready": 80}})))
+        .await;
+    // The new port is reported: the proxy and the console follow the running notification.
+    harness
+        .notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.state == "running" && n.detail["port"] == json!(40002), "running on the new port")
+        .await;
+    let tasks = harness.drain_tasks(Duration::from_millis(100)).await;
+    assert!(!tasks.iter().any(|task| task.session.as_deref() == Some(session.as_str()) && task.action == "materialize"), "{tasks:?}");
+
+    // Quiet for the whole ladder: paused, dormant, then closed with the final sync first.
+    for _ in 0..2 {
+        let probe = harness.task(&session, "container", "probe").await;
+        harness.publish(&answer(&probe, "container.probed", quiet_probe(0))).await;
+    }
+    let pause = harness.task(&session, "container", "pause").await;
+    harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
+    let stop = harness.task(&session, "container", "stop").await;
+    harness.publish(&answer(&stop, "container.stopped", json!({"container_id": "c-1"}))).await;
+    let close_warning = harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail["warning"] == "close", "close warning").await;
+    assert_eq!(close_warning.state, "dormant");
+    let freeze = harness.task(&session, "container", "pause").await;
+    let stopping = harness.notification(&session, "stopping").await;
+    assert_eq!(stopping.detail["reason"], json!("idle"));
+    harness.publish(&answer(&freeze, "container.paused", json!({"container_id": "c-1", "state": "exited"}))).await;
+    let sync = harness.task(&session, "workspace", "sync").await;
+    assert_eq!(sync.args["final"], json!(true));
+    harness.publish(&answer(&sync, "workspace.synced", json!({"final": true, "uploaded": 0}))).await;
+    let remove = harness.task(&session, "container", "remove").await;
+    harness.publish(&answer(&remove, "container.removed", json!({"container_id": "c-1"}))).await;
+    let remove_workspace = harness.task(&session, "workspace", "remove").await;
+    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    harness.notification(&session, "stopped").await;
+
     running.stop().await;
     harness.cleanup().await;
 }

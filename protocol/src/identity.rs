@@ -110,7 +110,7 @@ impl std::fmt::Display for Sender {
 }
 
 /// Session events a client (and the session agent, for its users) may send.
-pub const CLIENT_SESSION_EVENTS: [&str; 4] = ["session.open", "session.close", "session.activity", "session.stats"];
+pub const CLIENT_SESSION_EVENTS: [&str; 5] = ["session.open", "session.close", "session.activity", "session.keepalive", "session.stats"];
 
 /// The identities the engine accepts an event of `event_type` from: `container.*` only from the
 /// container agent, `workspace.*` only from the workspace agent, `timer.fired` and the engine's own

@@ -255,6 +255,19 @@ pub struct Timers {
     pub max_age_secs: u64,
     /// Autosave interval while running (0 = off).
     pub autosave_secs: u64,
+    /// The middle tier of the idle ladder: this long after pausing, the container is stopped with
+    /// its directory kept (memory freed; a wake starts it again on the same directory, no
+    /// materialize). 0 = stay paused until `stop_after_idle_secs`; otherwise shorter than it.
+    pub dormant_after_idle_secs: u64,
+    /// The idle rule's CPU threshold: a running session whose container used less than this share
+    /// of one CPU (percent), averaged over the interval since the last work probe, is not working.
+    pub idle_cpu_percent: f64,
+    /// A warning notification this long before the pause, the container stop and the close, so a
+    /// user can keep working (0 = none); shorter than each of those intervals.
+    pub idle_warning_secs: u64,
+    /// Keep-alives (`session.keepalive`) honoured in a row without user input; each postpones the
+    /// pause by `idle_after_secs`, so a forgotten script cannot hold a session forever (0 = none).
+    pub max_keepalives: u32,
 }
 
 /// What one tenant may take, and what the host commits to live sessions.
@@ -544,6 +557,20 @@ impl Profile {
         }
         if self.timers.idle_after_secs == 0 || self.timers.stop_after_idle_secs == 0 || self.timers.max_age_secs == 0 {
             return Err(self.invalid("timers", "idle_after_secs, stop_after_idle_secs and max_age_secs must be positive"));
+        }
+        let timers = &self.timers;
+        if timers.dormant_after_idle_secs >= timers.stop_after_idle_secs {
+            return Err(self.invalid("timers.dormant_after_idle_secs", "must be 0 (no stopped tier) or shorter than stop_after_idle_secs"));
+        }
+        if !(timers.idle_cpu_percent > 0.0 && timers.idle_cpu_percent.is_finite()) {
+            return Err(self.invalid("timers.idle_cpu_percent", "must be a positive percentage of one CPU"));
+        }
+        let warned = [timers.idle_after_secs, timers.stop_after_idle_secs, timers.dormant_after_idle_secs];
+        if timers.idle_warning_secs > 0 && warned.iter().any(|&interval| interval > 0 && timers.idle_warning_secs >= interval) {
+            return Err(self.invalid(
+                "timers.idle_warning_secs",
+                "must be 0 or shorter than idle_after_secs, dormant_after_idle_secs and stop_after_idle_secs",
+            ));
         }
         let session_counts = [
             ("session.max_frame_bytes", self.session.max_frame_bytes),
