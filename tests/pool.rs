@@ -205,50 +205,55 @@ async fn twenty_racing_opens_on_a_pool_of_five_claim_each_slot_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_killed_mid_claim_leaves_every_slot_claimed_or_free() {
     let mut deployment = Deployment::start(&config(3)).await.expect("deployment");
-    let initial = wait_for_full_pool(&deployment, 3).await;
-    let sessions: Vec<(String, String)> = (0..3).map(|index| (uuid::Uuid::now_v7().to_string(), format!("crash-{index}"))).collect();
-    let opens = sessions.iter().map(|(session, user)| open(&deployment, session, user, "w"));
-    futures::future::join_all(opens).await;
-    // SIGKILL while the opens are being claimed and their tasks published.
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    deployment.kill(Component::Engine);
-    let after_kill = slot_states(&deployment);
-    eprintln!("slots when the engine died: {after_kill:?}");
-    for slot in &initial {
-        let state = after_kill.get(slot).cloned().unwrap_or_default();
-        assert!(state.starts_with("free:") || state.starts_with("claimed:"), "slot {slot} is {state:?}: neither free nor claimed");
-    }
-    deployment.start_component(Component::Engine).expect("engine restarts");
-    for (session, _) in &sessions {
-        deployment.inbox.wait_state(session, "running", STEP).await.expect("every open runs after the restart");
-    }
-    // Every slot claimed before the crash is its session's container now; every other one is free.
-    let listed = containers(&deployment);
-    let states = slot_states(&deployment);
-    let free = free_slots(&deployment);
-    for slot in &initial {
-        let state = states.get(slot).cloned().unwrap_or_default();
-        if state.starts_with("claimed:") {
-            let owner = listed.iter().find(|(_, (_, label))| label == slot).map(|(name, _)| name.clone()).expect("the claimed slot's container");
-            let session = owner.strip_prefix("berth-").unwrap_or_default();
-            assert!(sessions.iter().any(|(candidate, _)| candidate == session), "slot {slot} is {owner}, not one of the sessions");
-            assert!(!free.contains(slot));
-        } else {
-            assert!(state.starts_with("free:") && free.contains(slot), "slot {slot} is {state:?}: leaked");
-            assert!(listed.contains_key(&format!("berth-pool-{slot}")));
+    // The engine dies at a different moment of the claims each round: before it consumed the
+    // opens, between the commits and their tasks, and after.
+    for (round, kill_after_ms) in [0u64, 10, 25, 60].into_iter().enumerate() {
+        let initial = wait_for_full_pool(&deployment, 3).await;
+        let sessions: Vec<(String, String)> =
+            (0..3).map(|index| (uuid::Uuid::now_v7().to_string(), format!("crash-{round}-{index}"))).collect();
+        let opens = sessions.iter().map(|(session, user)| open(&deployment, session, user, "w"));
+        futures::future::join_all(opens).await;
+        tokio::time::sleep(Duration::from_millis(kill_after_ms)).await;
+        deployment.kill(Component::Engine);
+        let after_kill = slot_states(&deployment);
+        eprintln!("round {round}, killed after {kill_after_ms} ms: {after_kill:?}");
+        for slot in &initial {
+            let state = after_kill.get(slot).cloned().unwrap_or_default();
+            assert!(state.starts_with("free:") || state.starts_with("claimed:"), "slot {slot} is {state:?}: neither free nor claimed");
         }
-    }
-    // No pool container nobody accounts for: each is free, being made, or a session's.
-    for (name, (_, slot)) in &listed {
-        if !slot.is_empty() {
-            assert!(states.contains_key(slot), "{name} (slot {slot}) is in no state: {states:?}");
+        deployment.start_component(Component::Engine).expect("engine restarts");
+        for (session, _) in &sessions {
+            deployment.inbox.wait_state(session, "running", STEP).await.expect("every open runs after the restart");
         }
-    }
-    for (session, user) in &sessions {
-        deployment.close(session, user).await.expect("close");
-    }
-    for (session, _) in &sessions {
-        deployment.inbox.wait_terminal(session, STEP).await.expect("closed");
+        // Every slot claimed is its session's container now; every other one is still free.
+        let listed = containers(&deployment);
+        let states = slot_states(&deployment);
+        let free = free_slots(&deployment);
+        for slot in &initial {
+            let state = states.get(slot).cloned().unwrap_or_default();
+            if state.starts_with("claimed:") {
+                let owner =
+                    listed.iter().find(|(_, (_, label))| label == slot).map(|(name, _)| name.clone()).expect("the claimed slot's container");
+                let session = owner.strip_prefix("berth-").unwrap_or_default();
+                assert!(sessions.iter().any(|(candidate, _)| candidate == session), "slot {slot} is {owner}, not one of the sessions");
+                assert!(!free.contains(slot));
+            } else {
+                assert!(state.starts_with("free:") && free.contains(slot), "slot {slot} is {state:?}: leaked");
+                assert!(listed.contains_key(&format!("berth-pool-{slot}")));
+            }
+        }
+        // No pool container nobody accounts for: each is free, being made, or a session's.
+        for (name, (_, slot)) in &listed {
+            if !slot.is_empty() {
+                assert!(states.contains_key(slot), "{name} (slot {slot}) is in no state: {states:?}");
+            }
+        }
+        for (session, user) in &sessions {
+            deployment.close(session, user).await.expect("close");
+        }
+        for (session, _) in &sessions {
+            deployment.inbox.wait_terminal(session, STEP).await.expect("closed");
+        }
     }
     assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
     deployment.teardown().await;
