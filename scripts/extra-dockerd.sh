@@ -51,7 +51,7 @@ done
 for index in $(seq 2 $((count + 1))); do
   [ "$count" -gt 0 ] || break
   socket=$run_root/h$index.sock
-  for image in berth-test/busybox:latest berth-test/unhealthy:latest; do
+  for image in berth-test/busybox:latest berth-test/unhealthy:latest berth-test/oom:latest; do
     if ! docker -H "unix://$socket" image inspect "$image" >/dev/null 2>&1; then
       docker save "$image" | docker -H "unix://$socket" load -q >/dev/null
     fi
