@@ -120,9 +120,9 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     served
 }
 
-/// Publishes this host's `host.report` with the workspaces it holds a copy of (`user/workspace`
-/// of every directory it lists) now and every `interval`: the engine places a session on a host
-/// that has its workspace first.
+/// Publishes this host's `workspace.host_report` with the workspaces it holds a copy of
+/// (`user/workspace` of every directory it lists and every entry of its workspace cache) now and
+/// every `interval`: the engine places a session on a host that has its workspace first.
 async fn report_host_periodically(agent: Arc<WorkspaceAgent>, bus: Bus, interval: std::time::Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -139,6 +139,21 @@ async fn report_host_periodically(agent: Arc<WorkspaceAgent>, bus: Bus, interval
             .iter()
             .filter_map(|entry| Some(format!("{}/{}", entry.get("user")?.as_str()?, entry.get("workspace")?.as_str()?)))
             .collect();
+        // And the closed workspaces the host's cache keeps for a reopen (this profile's).
+        let root = agent.profile().deployment_root();
+        let profile_name = agent.profile().name.clone();
+        let cached = tokio::task::spawn_blocking(move || cache::list(&root)).await;
+        match cached {
+            Ok(Ok(listed)) => workspaces.extend(
+                listed
+                    .into_iter()
+                    .filter_map(|entry| entry.record)
+                    .filter(|record| record.profile == profile_name)
+                    .map(|record| format!("{}/{}", record.user, record.workspace)),
+            ),
+            Ok(Err(error)) => tracing::warn!(%error, "could not list the workspace cache for the host report"),
+            Err(error) => tracing::warn!(%error, "could not list the workspace cache for the host report"),
+        }
         workspaces.sort();
         workspaces.dedup();
         let profile = agent.profile();
