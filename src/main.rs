@@ -57,7 +57,7 @@ enum Command {
     },
     /// Measure a component against a baseline taken in the same run.
     Bench {
-        #[arg(value_parser = ["engine", "provision", "workspace", "store", "session", "e2e", "faults", "proxy"])]
+        #[arg(value_parser = ["engine", "provision", "workspace", "store", "session", "e2e", "open", "faults", "proxy"])]
         what: String,
         /// `faults`: times the whole fault matrix runs.
         #[arg(long, default_value_t = 1)]
@@ -65,6 +65,12 @@ enum Command {
         /// `faults`: concurrent sessions in each case.
         #[arg(long, default_value_t = 2)]
         sessions: usize,
+        /// `open`: concurrent opens per round (1: one after another).
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 10, 50])]
+        levels: Vec<usize>,
+        /// `open`: the large workspace reopened with one change, in MiB (5120 for 5 GB).
+        #[arg(long, default_value_t = 1024)]
+        large_mib: u64,
     },
 }
 
@@ -118,13 +124,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bootstrap::run(&load_profile()?, reset).await?;
         }
         Command::Dev => bootstrap::dev(load_profile()?, shutdown_signal()).await?,
-        Command::Bench { what, rounds, sessions } if what == "faults" => {
+        Command::Bench { what, rounds, sessions, .. } if what == "faults" => {
             // Runs its own deployment of separate processes with its own profile (tests/profiles/faults).
             if !bootstrap::faults::bench(rounds, sessions).await? {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Bench { what, .. } => {
+        Command::Bench { what, levels, large_mib, .. } => {
             let profile = load_profile()?;
             match what.as_str() {
                 "engine" => engine::bench(profile).await?,
@@ -133,6 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "store" => persistence::bench(profile).await?,
                 "session" => session::bench(profile).await?,
                 "e2e" => bootstrap::bench(profile).await?,
+                "open" => bootstrap::bench_open(profile, bootstrap::OpenBenchSettings { levels, large_mib }).await?,
                 "proxy" => bootstrap::bench_proxy(profile).await?,
                 other => anyhow::bail!("unknown benchmark {other}"),
             }

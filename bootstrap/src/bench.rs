@@ -23,7 +23,7 @@ const LARGE_FILES: usize = 5;
 const BENCH_WORKSPACE: &str = "e2e-bench";
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
-type Waiters = Arc<Mutex<HashMap<(String, String), oneshot::Sender<Instant>>>>;
+pub(crate) type Waiters = Arc<Mutex<HashMap<(String, String), oneshot::Sender<Instant>>>>;
 
 /// `berth bench e2e`.
 pub async fn bench(profile: Profile) -> anyhow::Result<()> {
@@ -134,13 +134,13 @@ async fn open_until_running(bus: &Bus, user: &str, waiters: &Waiters) -> anyhow:
     Ok((session, ready_at - started))
 }
 
-fn expect_state(waiters: &Waiters, session: &str, state: &str) -> oneshot::Receiver<Instant> {
+pub(crate) fn expect_state(waiters: &Waiters, session: &str, state: &str) -> oneshot::Receiver<Instant> {
     let (sender, receiver) = oneshot::channel();
     lock(waiters).insert((session.to_owned(), state.to_owned()), sender);
     receiver
 }
 
-async fn publish(bus: &Bus, event_type: &str, session: &str, user: &str, data: serde_json::Value) -> anyhow::Result<()> {
+pub(crate) async fn publish(bus: &Bus, event_type: &str, session: &str, user: &str, data: serde_json::Value) -> anyhow::Result<()> {
     let event = CloudEvent::new(event_type, "/berth/bench", Some(session), data).with_extension("userid", user);
     bus.publish_event(&event).await?;
     Ok(())
@@ -148,7 +148,7 @@ async fn publish(bus: &Bus, event_type: &str, session: &str, user: &str, data: s
 
 /// Routes the bench user's notifications to whoever waits for a session's state; a `failed`
 /// state fails the waiter's whole run, since the measurement would be meaningless.
-async fn listen_for_states(bus: &Bus, users: &[String], waiters: Waiters, stopping: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub(crate) async fn listen_for_states(bus: &Bus, users: &[String], waiters: Waiters, stopping: watch::Receiver<bool>) -> anyhow::Result<()> {
     let keys: Vec<String> = users.iter().map(|user| topology::user_routing_key(user)).collect();
     let queue = bus.declare_private_queue(topology::NOTIFY_EXCHANGE, &keys).await?;
     let consumer = bus.clone();
@@ -180,7 +180,7 @@ async fn listen_for_states(bus: &Bus, users: &[String], waiters: Waiters, stoppi
 }
 
 /// `docker run` of the profile's image with its port published, until the health path answers.
-async fn docker_run_to_health(profile: &Profile) -> anyhow::Result<Duration> {
+pub(crate) async fn docker_run_to_health(profile: &Profile) -> anyhow::Result<Duration> {
     let container = &profile.container;
     let name = format!("berth-bench-baseline-{}", uuid::Uuid::new_v4().simple());
     let started = Instant::now();

@@ -53,6 +53,24 @@ pub fn release_volume(volume: &Volume) -> Result<()> {
     volume::release(volume)
 }
 
+/// Deletes every entry of this deployment's workspace cache, so the next open of each workspace
+/// is cold (benchmarks; an operator freeing the disk). Only between tasks: an entry being taken
+/// at this moment would be lost to that materialize (it then downloads everything). Blocking.
+pub fn clear_cache(profile: &Profile) -> Result<usize> {
+    let root = profile.deployment_root();
+    let mut cleared = 0;
+    for entry in cache::list(&root)? {
+        cache::discard(&entry.folder)?;
+        cleared += 1;
+    }
+    Ok(cleared)
+}
+
+/// The (user, workspace) of every entry of this deployment's workspace cache. Blocking.
+pub fn cached_workspaces(profile: &Profile) -> Result<Vec<(String, String)>> {
+    Ok(cache::list(&profile.deployment_root())?.into_iter().filter_map(|entry| entry.record).map(|record| (record.user, record.workspace)).collect())
+}
+
 /// Consumes `queue` with `agent` until `shutdown` completes.
 pub async fn serve(agent: Arc<WorkspaceAgent>, bus: &Bus, queue: &str, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let prefetch = u16::try_from(agent.profile().workspace.parallelism.clamp(1, 64)).unwrap_or(8);

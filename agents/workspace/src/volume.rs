@@ -278,9 +278,22 @@ fn remove_unfinished_images(volume: &Volume) {
     }
 }
 
+/// A mount Docker is copying into a container it is creating at this moment is busy for that
+/// moment (the unmount propagates to the copy): such an unmount is tried again for about 2 s.
+const UNMOUNT_ATTEMPTS: u32 = 40;
+const UNMOUNT_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn unmount(path: &Path) -> Result<()> {
+    let mut attempt = 0;
     while mount_at(&mounts()?, path).is_some() {
-        run(Command::new("umount").arg(path))?;
+        match run(Command::new("umount").arg(path)) {
+            Ok(()) => {}
+            Err(error) if attempt + 1 < UNMOUNT_ATTEMPTS && error.to_string().contains("busy") => {
+                attempt += 1;
+                std::thread::sleep(UNMOUNT_RETRY_PAUSE);
+            }
+            Err(error) => return Err(error),
+        }
     }
     Ok(())
 }

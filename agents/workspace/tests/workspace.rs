@@ -1631,7 +1631,11 @@ async fn reopen_from_the_cache_fetches_only_what_changed_in_the_store(backend: B
     let (changed, deleted, untouched) = (paths[10].clone(), paths[20].clone(), paths[30].clone());
     let untouched_inode = inode(&first.directory().join(&untouched));
     close_into_cache(&first).await;
-    assert_eq!(cache_entries(&first).len(), 1, "the closed workspace is cached");
+    let entries = cache_entries(&first);
+    assert_eq!(entries.len(), 1, "the closed workspace is cached");
+    if nix_is_root() {
+        assert!(entries[0].join("workspace.img").is_file(), "an image-backed workspace is cached as its image");
+    }
 
     // Meanwhile, elsewhere: same size, other bytes (only the ETag tells); one deleted; one new.
     let replacement = vec![b'x'; files[&changed].len()];
@@ -1655,6 +1659,11 @@ async fn reopen_from_the_cache_fetches_only_what_changed_in_the_store(backend: B
     expected.insert("discovery/new elsewhere.txt".into(), b"written by another host".to_vec());
     assert_eq!(local_files(&reopened.directory()), expected, "the store's workspace, byte for byte");
     assert_eq!(inode(&reopened.directory().join(&untouched)), untouched_inode, "an unchanged file was not downloaded again");
+    if nix_is_root() {
+        let image = reopened.profile.deployment_root().join(workspace::IMAGES_DIR).join(format!("{}.img", reopened.session));
+        assert!(image.is_file(), "the reopened session is image-backed again (its quota holds)");
+        assert!(workspace::is_attached(&workspace::Volume::of(&reopened.profile.deployment_root(), &reopened.session)).unwrap());
+    }
     for folder in ["pleadings", "motions", "discovery", "correspondence/outgoing"] {
         assert!(reopened.directory().join(folder).is_dir(), "skeleton folder {folder}");
     }

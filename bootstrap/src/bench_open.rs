@@ -1,0 +1,319 @@
+//! `berth bench open`: open→ready of whole sessions through the engine and the agents, all in one
+//! run on this host, by kind of open, workload and concurrency, each next to its baseline measured
+//! in the same run: `docker run` of the profile's image to its first health answer plus a raw
+//! download of the same objects, run as many times at once as the opens.
+//!
+//! Rows: a cold open (no cached copy on the host) and a cached reopen (the host's workspace cache
+//! holds the closed workspace, nothing changed in the store) at each concurrency level, for a
+//! small workspace (10 files) and 50 MB in 500 files; then a reopen of a large workspace (1 GB by
+//! default, `--large-mib`) with one file changed in the store since it was closed.
+//!
+//! How to add a row: a new kind of open is an [`OpenKind`] variant with its `prepare` (what must
+//! hold before its opens: e.g. a warm pool filled to the level, a session paused or stopped for a
+//! wake) and its label; [`measure_row`] does the rest (the opens at the level, ready times, the
+//! closes). The warm-pool claim and the idle ladder's wakes are listed as not measured until the
+//! pool and the ladder exist in the engine.
+
+use std::time::{Duration, Instant};
+
+use protocol::stats::{milliseconds, percentile};
+use protocol::{Bus, BusConfig, Profile};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::bench::{docker_run_to_health, expect_state, listen_for_states, publish, Waiters};
+use crate::dev::{spawn_components, Components};
+use crate::{bootstrap, Reset};
+
+const WORKSPACE: &str = "open-bench";
+const LARGE_WORKSPACE: &str = "open-bench-large";
+/// Samples at concurrency 1 (one open after another).
+const SEQUENTIAL_SAMPLES: usize = 10;
+const STEP_TIMEOUT: Duration = Duration::from_secs(600);
+/// Goals from issue 16.
+const COLD_SEQUENTIAL_GOAL: f64 = 1.15;
+const COLD_CONCURRENT_GOAL: f64 = 1.5;
+const LARGE_CACHED_GOAL: Duration = Duration::from_secs(1);
+
+/// What `berth bench open` runs.
+#[derive(Debug, Clone)]
+pub struct OpenBenchSettings {
+    /// Concurrent opens per round (1 = one after another, `SEQUENTIAL_SAMPLES` times).
+    pub levels: Vec<usize>,
+    /// The large workspace's size.
+    pub large_mib: u64,
+}
+
+/// A workspace every user of a round holds a copy of.
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    label: &'static str,
+    files: usize,
+    large_files: usize,
+    bytes: usize,
+}
+
+const WORKLOADS: [Workload; 2] = [
+    Workload { label: "10 files", files: 10, large_files: 0, bytes: 100 * 1000 },
+    Workload { label: "500 files / 50 MB", files: 500, large_files: 5, bytes: 50 * 1000 * 1000 },
+];
+
+/// The kind of open a row measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenKind {
+    /// Nothing of the workspace on the host: materialize everything from the store.
+    Cold,
+    /// The host's cache holds the closed workspace; nothing changed in the store.
+    Cached,
+}
+
+impl OpenKind {
+    fn label(self) -> &'static str {
+        match self {
+            OpenKind::Cold => "cold open",
+            OpenKind::Cached => "cached reopen",
+        }
+    }
+}
+
+/// One measured row.
+struct Row {
+    workload: String,
+    level: usize,
+    label: String,
+    samples: Vec<Duration>,
+    baseline: Vec<Duration>,
+}
+
+/// What every round needs.
+struct Bench<'a> {
+    profile: &'a Profile,
+    client: &'a Bus,
+    store: &'a workspace::OpenedStore,
+    waiters: &'a Waiters,
+}
+
+/// `berth bench open`.
+pub async fn bench(mut profile: Profile, settings: OpenBenchSettings) -> anyhow::Result<()> {
+    anyhow::ensure!(!settings.levels.is_empty() && settings.levels.iter().all(|level| *level > 0), "--levels needs positive numbers");
+    let max_level = settings.levels.iter().copied().max().unwrap_or(1);
+    let large_bytes = usize::try_from(settings.large_mib * 1024 * 1024)?;
+    // The large workspace must fit its session, and every closed workspace of a round the cache.
+    let large_quota_mib = settings.large_mib + settings.large_mib / 4 + 64;
+    profile.workspace.quota_mib = profile.workspace.quota_mib.max(large_quota_mib);
+    let medium_mib = (WORKLOADS[1].bytes / (1024 * 1024)) as u64 + 16;
+    profile.workspace.cache_mib = profile.workspace.cache_mib.max(max_level as u64 * medium_mib + large_quota_mib);
+    // The sequential rows open one user's workspace dozens of times a minute.
+    profile.limits.max_opens_per_user_per_minute = profile.limits.max_opens_per_user_per_minute.max(1000);
+    bootstrap(&profile, Reset::Keep).await?;
+
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    // One user per concurrent open: a workspace has at most one live session, and each user has
+    // a live-session limit.
+    let users: Vec<String> = (0..max_level).map(|index| format!("open-{run}-{index}")).collect();
+    let store = workspace::open_store(&profile.services.object_store_url, &workspace::StoreSettings::from_env())?;
+
+    let (stop, stopping) = watch::channel(false);
+    let mut components = spawn_components(&profile, Components::Headless, &stopping);
+    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-open")).await?;
+    let client = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-open-client")?).await?;
+    let waiters: Waiters = Waiters::default();
+    listen_for_states(&bus, &users, waiters.clone(), stopping.clone()).await?;
+    let bench = Bench { profile: &profile, client: &client, store: &store, waiters: &waiters };
+
+    let outcome = measure(&bench, &users, &settings, large_bytes).await;
+    let _ = stop.send(true);
+    while components.join_next().await.is_some() {}
+    for user in &users {
+        for workspace_name in [WORKSPACE, LARGE_WORKSPACE] {
+            if let Ok(prefix) = workspace::fixture::object_prefix(&profile, &store, user, workspace_name) {
+                workspace::fixture::delete_prefix(&store, &prefix).await;
+            }
+        }
+    }
+    let cleared = {
+        let profile = profile.clone();
+        tokio::task::spawn_blocking(move || workspace::clear_cache(&profile)).await??
+    };
+    eprintln!("cleared {cleared} cache entries");
+    bus.close().await;
+    client.close().await;
+    let rows = outcome?;
+    print_rows(&rows, &settings);
+    Ok(())
+}
+
+async fn measure(bench: &Bench<'_>, users: &[String], settings: &OpenBenchSettings, large_bytes: usize) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for workload in WORKLOADS {
+        let mut prefixes = Vec::new();
+        eprintln!("seeding {} users with {} ...", users.len(), workload.label);
+        for user in users {
+            let prefix = workspace::fixture::object_prefix(bench.profile, bench.store, user, WORKSPACE)?;
+            workspace::fixture::delete_prefix(bench.store, &prefix).await;
+            let layout = workspace::fixture::layout(bench.profile, workload.files, workload.large_files, workload.bytes);
+            workspace::fixture::seed(bench.store, &prefix, layout).await?;
+            prefixes.push(prefix);
+        }
+        for &level in &settings.levels {
+            eprintln!("{}: {level} at once ...", workload.label);
+            let baseline = measure_baseline(bench, &prefixes[..level]).await?;
+            for kind in [OpenKind::Cold, OpenKind::Cached] {
+                let samples = measure_row(bench, kind, &users[..level], WORKSPACE).await?;
+                rows.push(Row { workload: workload.label.to_owned(), level, label: kind.label().to_owned(), samples, baseline: baseline.clone() });
+            }
+        }
+        clear_cache(bench.profile).await?;
+    }
+    rows.push(measure_large(bench, &users[0], large_bytes, settings.large_mib).await?);
+    clear_cache(bench.profile).await?;
+    Ok(rows)
+}
+
+/// Makes the host hold (or not hold) a cached copy of each user's workspace, as `kind` needs.
+async fn prepare(bench: &Bench<'_>, kind: OpenKind, users: &[String], workspace_name: &str) -> anyhow::Result<()> {
+    match kind {
+        OpenKind::Cold => clear_cache(bench.profile).await,
+        OpenKind::Cached => {
+            // A cold open and close leaves a workspace in the cache (the cold row's closes did so
+            // already for most).
+            let cached = {
+                let profile = bench.profile.clone();
+                tokio::task::spawn_blocking(move || workspace::cached_workspaces(&profile)).await??
+            };
+            let missing: Vec<&String> = users.iter().filter(|user| !cached.iter().any(|(cached_user, name)| cached_user == *user && name == workspace_name)).collect();
+            let opened = futures::future::try_join_all(missing.iter().map(|user| open_until_running(bench, user, workspace_name))).await?;
+            let closes = opened.iter().zip(&missing).map(|((session, _), user)| close_until_closed(bench, session, user));
+            futures::future::try_join_all(closes).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Open→ready of `users.len()` opens of `kind` at once (at one user: `SEQUENTIAL_SAMPLES` opens,
+/// one after another, each prepared afresh).
+async fn measure_row(bench: &Bench<'_>, kind: OpenKind, users: &[String], workspace_name: &str) -> anyhow::Result<Vec<Duration>> {
+    let rounds = if users.len() == 1 { SEQUENTIAL_SAMPLES } else { 1 };
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        // A cached reopen's close caches it again: only the first round needs the cold open first.
+        if kind == OpenKind::Cold || round == 0 {
+            prepare(bench, kind, users, workspace_name).await?;
+        }
+        let opened = futures::future::try_join_all(users.iter().map(|user| open_until_running(bench, user, workspace_name))).await?;
+        let closes = opened.iter().zip(users).map(|((session, _), user)| close_until_closed(bench, session, user));
+        futures::future::try_join_all(closes).await?;
+        samples.extend(opened.into_iter().map(|(_, elapsed)| elapsed));
+    }
+    Ok(samples)
+}
+
+/// A raw download of each prefix then `docker run`→health, all prefixes at once (at one prefix:
+/// `SEQUENTIAL_SAMPLES` times, one after another).
+async fn measure_baseline(bench: &Bench<'_>, prefixes: &[object_store::path::Path]) -> anyhow::Result<Vec<Duration>> {
+    let rounds = if prefixes.len() == 1 { SEQUENTIAL_SAMPLES } else { 1 };
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
+        let round = prefixes.iter().map(|prefix| async move {
+            let started = Instant::now();
+            workspace::fixture::raw_download(bench.store, prefix, bench.profile.workspace.parallelism).await?;
+            docker_run_to_health(bench.profile).await?;
+            Ok::<_, anyhow::Error>(started.elapsed())
+        });
+        samples.extend(futures::future::try_join_all(round).await?);
+    }
+    Ok(samples)
+}
+
+/// The large workspace: opened cold once (its baseline beside it), closed into the cache, one
+/// file changed in the store, reopened.
+async fn measure_large(bench: &Bench<'_>, user: &str, large_bytes: usize, large_mib: u64) -> anyhow::Result<Row> {
+    let prefix = workspace::fixture::object_prefix(bench.profile, bench.store, user, LARGE_WORKSPACE)?;
+    let files = (large_bytes / (1024 * 1024)).clamp(100, 2000);
+    eprintln!("seeding the large workspace: {large_mib} MiB in {files} files ...");
+    workspace::fixture::seed(bench.store, &prefix, workspace::fixture::layout(bench.profile, files, 10, large_bytes)).await?;
+    let baseline = measure_baseline(bench, std::slice::from_ref(&prefix)).await?;
+    clear_cache(bench.profile).await?;
+    let (session, cold) = open_until_running(bench, user, LARGE_WORKSPACE).await?;
+    eprintln!("large workspace cold open: {:.1} ms", milliseconds(cold));
+    close_until_closed(bench, &session, user).await?;
+    let changed: object_store::path::Path = prefix.parts().chain(object_store::path::Path::from("changed-elsewhere.txt").parts()).collect();
+    bench.store.store.put(&changed, object_store::PutPayload::from(b"one file changed since the close".to_vec())).await?;
+    let (session, reopened) = open_until_running(bench, user, LARGE_WORKSPACE).await?;
+    close_until_closed(bench, &session, user).await?;
+    workspace::fixture::delete_prefix(bench.store, &prefix).await;
+    Ok(Row {
+        workload: format!("{large_mib} MiB in {files} files, one change"),
+        level: 1,
+        label: format!("cached reopen (cold: {:.0} ms)", milliseconds(cold)),
+        samples: vec![reopened],
+        baseline,
+    })
+}
+
+async fn clear_cache(profile: &Profile) -> anyhow::Result<()> {
+    let profile = profile.clone();
+    tokio::task::spawn_blocking(move || workspace::clear_cache(&profile)).await??;
+    Ok(())
+}
+
+async fn close_until_closed(bench: &Bench<'_>, session: &str, user: &str) -> anyhow::Result<()> {
+    let closed = expect_state(bench.waiters, session, "closed");
+    publish(bench.client, "session.close", session, user, json!({"reason": "bench"})).await?;
+    tokio::time::timeout(STEP_TIMEOUT, closed).await.map_err(|_| anyhow::anyhow!("session {session} not closed within {STEP_TIMEOUT:?}"))??;
+    Ok(())
+}
+
+/// Opens one session and waits until it runs; returns its id and the open-to-ready time.
+async fn open_until_running(bench: &Bench<'_>, user: &str, workspace_name: &str) -> anyhow::Result<(String, Duration)> {
+    let session = uuid::Uuid::now_v7().to_string();
+    let running = expect_state(bench.waiters, &session, "running");
+    let started = Instant::now();
+    publish(bench.client, "session.open", &session, user, json!({"user": user, "workspace": workspace_name})).await?;
+    let ready_at = tokio::time::timeout(STEP_TIMEOUT, running)
+        .await
+        .map_err(|_| anyhow::anyhow!("session {session} not running within {STEP_TIMEOUT:?}"))??;
+    Ok((session, ready_at - started))
+}
+
+fn print_rows(rows: &[Row], settings: &OpenBenchSettings) {
+    println!("berth bench open: open→ready on this host, levels {:?}, large workspace {} MiB", settings.levels, settings.large_mib);
+    println!("  {:<34} {:>4}  {:<28} {:>9} {:>9} {:>9}   {:>9} {:>9}  {:>6}", "workload", "at", "open", "p50 ms", "p95 ms", "p99 ms", "base p50", "base p99", "×base");
+    for row in rows {
+        let p50 = percentile(&row.samples, 0.5);
+        let base = percentile(&row.baseline, 0.5);
+        let ratio = p50.as_secs_f64() / base.as_secs_f64().max(f64::MIN_POSITIVE);
+        println!(
+            "  {:<34} {:>4}  {:<28} {:>9.1} {:>9.1} {:>9.1}   {:>9.1} {:>9.1}  {:>6.2}",
+            row.workload,
+            row.level,
+            row.label,
+            milliseconds(p50),
+            milliseconds(percentile(&row.samples, 0.95)),
+            milliseconds(percentile(&row.samples, 0.99)),
+            milliseconds(base),
+            milliseconds(percentile(&row.baseline, 0.99)),
+            ratio
+        );
+    }
+    println!("  baseline: a raw download of the same objects, then `docker run`→health, as many at once as the opens");
+    println!("  not measured in this build: warm-pool claim (no warm pool yet), wake from paused and from stopped-with-disk (no idle ladder yet)");
+    println!("goals (issue 16):");
+    for row in rows.iter().filter(|row| row.label == OpenKind::Cold.label()) {
+        let ratio = percentile(&row.samples, 0.5).as_secs_f64() / percentile(&row.baseline, 0.5).as_secs_f64().max(f64::MIN_POSITIVE);
+        let goal = if row.level == 1 { COLD_SEQUENTIAL_GOAL } else { COLD_CONCURRENT_GOAL };
+        println!("  cold open, {}, {} at once: {ratio:.2}× the baseline at p50 (goal ≤ {goal}×): {}", row.workload, row.level, verdict(ratio <= goal));
+    }
+    if let Some(large) = rows.last() {
+        let reopened = percentile(&large.samples, 0.5);
+        println!("  cached reopen of {}: {:.1} ms (goal < {} ms): {}", large.workload, milliseconds(reopened), LARGE_CACHED_GOAL.as_millis(), verdict(reopened < LARGE_CACHED_GOAL));
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "missed"
+    }
+}
