@@ -7,12 +7,14 @@ import { FitAddon } from "/console/vendor/addon-fit/addon-fit.mjs";
 const main = document.getElementById("main");
 const LABELS = {
   open: "opening", queued: "queued", materializing: "materializing", materialize_backoff: "materializing (retrying)",
-  provisioning: "provisioning", provision_backoff: "provisioning (retrying)", running: "running", idle: "idle",
+  provisioning: "provisioning", provision_backoff: "provisioning (retrying)", running: "running", idle: "idle", dormant: "dormant", waking: "waking",
   stopping: "stopping", saving: "saving", sync_backoff: "saving (retrying)", removing_container: "stopping",
   removing_workspace: "stopping", stopped: "stopped", closed: "closed", failed: "failed", recovered: "recovered",
 };
 const OVER = new Set(["closed", "stopped", "failed", "recovered"]);
-const BUSY = new Set(["open", "queued", "materializing", "materialize_backoff", "provisioning", "provision_backoff"]);
+const BUSY = new Set(["open", "queued", "materializing", "materialize_backoff", "provisioning", "provision_backoff", "waking"]);
+// The idle ladder's tiers: paused (idle) wakes in milliseconds, dormant restarts its container.
+const ASLEEP = new Set(["idle", "dormant"]);
 
 // Test and debugging hooks: what this page saw, in order.
 const seen = { states: {}, progress: {} };
@@ -192,6 +194,7 @@ function request(frame) {
 }
 function remember(update) {
   const known = sessions.get(update.session) || { session: update.session, history: [] };
+  const previousState = known.state;
   const merged = Object.assign(known, Object.fromEntries(Object.entries(update).filter(([, v]) => v !== undefined && v !== null)));
   if (update.state && (known.history.length === 0 || known.history[known.history.length - 1].state !== update.state)) {
     known.history.push({ state: update.state, at: Date.now() });
@@ -199,6 +202,12 @@ function remember(update) {
   }
   if (update.state === "queued" && update.detail?.position) merged.position = update.detail.position;
   if (update.state && update.state !== "queued") delete merged.position;
+  // The tier and its wake estimate stay while later notifications (warnings) replace the detail.
+  if (update.detail?.tier && !update.detail?.warning) merged.ladder = update.detail;
+  if (update.state && !ASLEEP.has(update.state)) delete merged.ladder;
+  // A warning stands until the step it announces, a keep-alive, or work that kept the session.
+  if ((update.state && update.state !== previousState) || update.detail?.kept_alive || update.detail?.working) delete merged.warning;
+  if (update.detail?.warning) merged.warning = { kind: update.detail.warning, until: Date.now() + 1000 * (update.detail.in_secs || 0) };
   sessions.set(update.session, merged);
   return merged;
 }
@@ -227,7 +236,16 @@ function activity(session) {
   const now = Date.now();
   if (now - (lastActivity.get(session) || 0) < 3000) return;
   lastActivity.set(session, now);
+  // Input restarts the idle interval: a warning shown before it no longer holds.
+  const s = sessions.get(session);
+  if (s?.warning) { delete s.warning; renderView(); }
   request({ type: "activity", session });
+}
+async function keepWorking(session) {
+  const s = sessions.get(session);
+  if (s) { delete s.warning; renderView(); }
+  const answer = await request({ type: "keepalive", session });
+  if (answer.type === "error") alert(plain(answer.message));
 }
 async function wake(session) {
   lastActivity.delete(session);
@@ -304,18 +322,36 @@ function sessionDetails(s) {
     drawProgress(box, s);
     parts.push(box);
   }
-  if (s.state === "idle") parts.push(el("div", { class: "muted" }, "Standby: wake it to continue."));
+  if (ASLEEP.has(s.state)) parts.push(el("div", { class: "muted", "data-tier": s.state }, tierText(s)));
+  if (s.warning && s.warning.until > Date.now()) parts.push(el("div", { class: "warning", role: "alert", "data-warning": s.warning.kind }, warningText(s)));
   const why = explain(s);
   if (why) parts.push(el("div", { class: "error", role: "alert" }, why));
   const t = timings(s);
   if (t) parts.push(t);
   return parts;
 }
+function tierText(s) {
+  const estimate = s.ladder?.wake_estimate_ms;
+  if (s.state === "dormant") {
+    const about = estimate ? `about ${seconds(estimate)}` : "a few seconds";
+    return `Stopped to free its memory; your files stay on the host. Waking restarts it (${about}).`;
+  }
+  const about = estimate ? `about ${estimate} ms` : "well under a second";
+  return `Paused: its memory is kept, so waking takes ${about}.`;
+}
+function warningText(s) {
+  const left = Math.max(0, Math.round((s.warning.until - Date.now()) / 1000));
+  const what = { pause: "pause", dormant: "stop to free its memory", close: "close (your files are saved first)" }[s.warning.kind] || s.warning.kind;
+  const unless = s.warning.kind === "pause" ? " unless it is working" : "";
+  return `No input: this session will ${what} in ${left} s${unless}.`;
+}
 function sessionActions(s, inView) {
   const over = OVER.has(s.state);
   return el("div", { class: "actions" },
     !inView && !over ? el("a", { class: "button", href: `#/s/${s.session}`, "data-action": "view" }, "Open") : null,
-    s.state === "idle" ? el("button", { type: "button", "data-action": "wake", onclick: () => wake(s.session) }, "Wake") : null,
+    ASLEEP.has(s.state) ? el("button", { type: "button", "data-action": "wake", onclick: () => wake(s.session) }, "Wake") : null,
+    s.warning && s.warning.until > Date.now() && !OVER.has(s.state)
+      ? el("button", { type: "button", "data-action": "keepalive", onclick: () => keepWorking(s.session) }, "Keep working") : null,
     inView && s.state === "running" ? el("button", { type: "button", "data-action": "app", onclick: () => openApp(s.session) }, "Open app ↗") : null,
     !over ? el("button", { type: "button", class: "danger", "data-action": "close", onclick: () => closeSession(s.session) }, "Close") : null,
     over && !inView && s.workspace && (!s.user || s.user === me.user)
@@ -485,7 +521,7 @@ function buildWorkspaceView(sessionId) {
   term.onData((data) => {
     if (tws && tws.readyState === WebSocket.OPEN) { tws.send(encoder.encode(data)); return; }
     const s = sessions.get(sessionId);
-    if (s && s.state === "idle") { termNote.textContent = "Waking…"; wake(sessionId); }
+    if (s && ASLEEP.has(s.state)) { termNote.textContent = "Waking…"; wake(sessionId); }
     else if (s && s.state === "running") connectTerminal();
   });
   const resizeObserver = new ResizeObserver(() => sendSize());
@@ -508,8 +544,8 @@ function buildWorkspaceView(sessionId) {
     if (s.state === "running") {
       connectTerminal();
       if (!filesLoaded) { filesLoaded = true; files.load(""); }
-    } else if (s.state === "idle" && !tws) {
-      termNote.textContent = "The session is idle: press any key here (or Wake) to continue.";
+    } else if (ASLEEP.has(s.state) && !tws) {
+      termNote.textContent = `The session is ${LABELS[s.state]}: press any key here (or Wake) to continue.`;
     } else if (OVER.has(s.state)) {
       wantTerminal = false;
       closeSocket(tws);

@@ -633,6 +633,38 @@ pub(crate) async fn session_activity(State(state): State<Arc<AppState>>, Path(se
     }
 }
 
+/// `POST /api/sessions/{id}/keepalive`'s body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeepaliveResponse {
+    pub session: String,
+}
+
+/// `POST /api/sessions/{id}/keepalive`: the HTTP form of the `keepalive` frame ("keep working").
+#[utoipa::path(
+    post, path = "/api/sessions/{id}/keepalive", tag = "sessions",
+    params(("id" = String, Path, description = "The session id (a UUID)")),
+    responses(
+        (status = 202, description = "`session.keepalive` published (source `api`): the engine postpones the pause by the profile's idle interval, at most `max_keepalives` times in a row without input, and wakes a paused or dormant session; the answer arrives as a notification", body = KeepaliveResponse),
+        (status = 401, description = "No valid token", body = ApiError),
+        (status = 404, description = "No such session among yours", body = ApiError),
+        (status = 503, description = "The broker or the store did not answer", body = ApiError),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn session_keepalive(State(state): State<Arc<AppState>>, Path(session): Path<String>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
+        Ok(identity) => identity,
+        Err(response) => return response,
+    };
+    if let Err(error) = owned_session(&state, &identity, &session).await {
+        return error.into_response();
+    }
+    if let Err(refusal) = publish_for_user(&state, &identity.user, "session.keepalive", &session, json!({"source": "api"}), None).await {
+        return ApiError::from_frame(refusal).into_response();
+    }
+    (StatusCode::ACCEPTED, Json(KeepaliveResponse { session })).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

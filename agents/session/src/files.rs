@@ -31,7 +31,7 @@ const RESERVED_TOP_LEVEL: &str = ".berth";
 /// How much of a download is read at a time.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
 /// Session states in which the workspace may be written: materialized, not yet being saved.
-const WRITABLE_STATES: [&str; 2] = ["running", "idle"];
+const WRITABLE_STATES: [&str; 4] = ["running", "idle", "dormant", "waking"];
 
 /// What an entry is, never following it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -14,6 +14,9 @@ pub enum ClientRequest {
     Close { session: String, reason: Option<String> },
     /// The user did something in the session's UI (keystroke, click, scroll).
     Activity { session: String },
+    /// "Keep working": postpone the idle ladder once (bounded by the profile's `max_keepalives`
+    /// in a row without input); a paused or dormant session wakes.
+    Keepalive { session: String },
     /// Send the current status of a session now and its status pushes from now on.
     Subscribe { session: String },
     /// Application-level liveness check for clients that cannot send WebSocket pings.
@@ -75,7 +78,7 @@ fn parse_request(mut object: Map<String, Value>) -> Result<ClientRequest, String
     let frame_type = match object.remove("type") {
         Some(Value::String(frame_type)) => frame_type,
         Some(_) => return Err("`type` must be a string".to_owned()),
-        None => return Err("`type` is missing (open, close, activity, subscribe or ping)".to_owned()),
+        None => return Err("`type` is missing (open, close, activity, keepalive, subscribe or ping)".to_owned()),
     };
     let body = Value::Object(object);
     // The path names the member at fault ("`close` frame: `session`: invalid type: null, ...").
@@ -105,6 +108,11 @@ fn parse_request(mut object: Map<String, Value>) -> Result<ClientRequest, String
             validate_session_id(&activity.session)?;
             Ok(ClientRequest::Activity { session: activity.session })
         }
+        "keepalive" => {
+            let keepalive: SessionBody = serde_path_to_error::deserialize(body).map_err(field_error)?;
+            validate_session_id(&keepalive.session)?;
+            Ok(ClientRequest::Keepalive { session: keepalive.session })
+        }
         "subscribe" => {
             let subscribe: SessionBody = serde_path_to_error::deserialize(body).map_err(field_error)?;
             validate_session_id(&subscribe.session)?;
@@ -114,7 +122,7 @@ fn parse_request(mut object: Map<String, Value>) -> Result<ClientRequest, String
             let _: EmptyBody = serde_path_to_error::deserialize(body).map_err(field_error)?;
             Ok(ClientRequest::Ping)
         }
-        other => Err(format!("unknown frame `type` {other:?} (expected open, close, activity, subscribe or ping)")),
+        other => Err(format!("unknown frame `type` {other:?} (expected open, close, activity, keepalive, subscribe or ping)")),
     }
 }
 

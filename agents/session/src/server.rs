@@ -118,6 +118,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/sessions", get(list_sessions).post(crate::api::open_session))
         .route("/api/sessions/{id}", get(crate::api::get_session).delete(crate::api::close_session))
         .route("/api/sessions/{id}/activity", post(crate::api::session_activity))
+        .route("/api/sessions/{id}/keepalive", post(crate::api::session_keepalive))
         .route("/api/sessions/{id}/terminal", get(crate::terminal::terminal))
         .route("/api/sessions/{id}/files", get(crate::files::get_root))
         .route("/api/sessions/{id}/files/", get(crate::files::get_root))

@@ -319,6 +319,7 @@ impl Connection {
             ClientRequest::Open { workspace, profile } => return self.open(id, &workspace, &profile).await.map(Reply::Later),
             ClientRequest::Close { session, reason } => self.close(id, &session, reason).await,
             ClientRequest::Activity { session } => self.activity(id, &session).await,
+            ClientRequest::Keepalive { session } => self.keepalive(id, &session).await,
             ClientRequest::Subscribe { session } => self.subscribe(id, &session).await,
             ClientRequest::Ping => ServerFrame::ok(id),
         };
@@ -362,6 +363,17 @@ impl Connection {
             }
             Err(frame) => frame,
         }
+    }
+
+    /// "Keep working": a `session.keepalive`, never debounced (the engine bounds how many count).
+    async fn keepalive(&mut self, id: Option<String>, session: &str) -> ServerFrame {
+        if let Err(frame) = self.authorize(id.clone(), session).await {
+            return frame;
+        }
+        if let Err(frame) = self.publish("session.keepalive", session, json!({"source": "websocket"}), id.clone()).await {
+            return frame;
+        }
+        ServerFrame::ok_session(id, session)
     }
 
     async fn subscribe(&mut self, id: Option<String>, session: &str) -> ServerFrame {

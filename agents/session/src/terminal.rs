@@ -132,6 +132,8 @@ fn close_for_state(state: &str) -> Option<(u16, String)> {
     match state {
         "running" | "materializing" | "provisioning" => None,
         "idle" => Some((CLOSE_SESSION_PAUSED, "session paused (idle); send activity to wake it, then reconnect".to_owned())),
+        // Stopped with its directory kept: a wake starts the container again (seconds, not ms).
+        "dormant" | "waking" => Some((CLOSE_SESSION_PAUSED, format!("session {state} (stopped, files kept); send activity to wake it, then reconnect"))),
         "stopping" | "stopped" => Some((CLOSE_SESSION_STOPPED, format!("session {state}"))),
         other => Some((CLOSE_SESSION_CLOSED, format!("session {other}"))),
     }
@@ -471,6 +473,7 @@ mod tests {
     fn leaving_running_closes_with_a_code_per_state() {
         assert_eq!(close_for_state("running"), None);
         assert_eq!(close_for_state("idle").map(|(code, _)| code), Some(CLOSE_SESSION_PAUSED));
+        assert_eq!(close_for_state("dormant").map(|(code, _)| code), Some(CLOSE_SESSION_PAUSED));
         assert_eq!(close_for_state("stopping").map(|(code, _)| code), Some(CLOSE_SESSION_STOPPED));
         assert_eq!(close_for_state("stopped").map(|(code, _)| code), Some(CLOSE_SESSION_STOPPED));
         assert_eq!(close_for_state("closed").map(|(code, _)| code), Some(CLOSE_SESSION_CLOSED));

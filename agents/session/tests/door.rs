@@ -343,7 +343,7 @@ fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
 
 /// Session events on the test's exchange.
 async fn tap(world: &World) -> Result<(String, tokio::sync::mpsc::UnboundedReceiver<CloudEvent>)> {
-    let keys = ["session.open", "session.close", "session.activity"].map(str::to_owned);
+    let keys = ["session.open", "session.close", "session.activity", "session.keepalive"].map(str::to_owned);
     let queue = world.bus.declare_private_queue(&world.events_exchange, &keys).await?;
     let channel = world.bus.channel().await?;
     let mut consumer = channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
@@ -426,6 +426,15 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
     let again = http(address, "POST", &format!("/api/sessions/{session}/activity"), Some(&alice_token), &[], Upload::None).await?;
     assert_eq!(again.json()["debounced"], true);
     let foreign = http(address, "POST", &format!("/api/sessions/{session}/activity"), Some(&bob_token), &[], Upload::None).await?;
+    assert_eq!(foreign.status, 404);
+    // "Keep working": every keep-alive is published (the engine bounds how many count).
+    for _ in 0..2 {
+        let kept = http(address, "POST", &format!("/api/sessions/{session}/keepalive"), Some(&alice_token), &[], Upload::None).await?;
+        assert_eq!((kept.status, kept.json()), (202, json!({"session": session})));
+        let event = expect_event(&mut events, &session, "session.keepalive").await?;
+        assert_eq!((event.data["source"].as_str(), event.extension("userid")), (Some("api"), Some(alice.as_str())));
+    }
+    let foreign = http(address, "POST", &format!("/api/sessions/{session}/keepalive"), Some(&bob_token), &[], Upload::None).await?;
     assert_eq!(foreign.status, 404);
     let foreign = http(address, "DELETE", &format!("/api/sessions/{session}"), Some(&bob_token), &[], Upload::None).await?;
     assert_eq!(foreign.status, 404);

@@ -34,7 +34,7 @@ const SESSION: &str = "01936f0e-7d3a-7c4e-9a51-3d2a1b0c9e8f";
 
 const FRAGMENTS: &[&str] = &[
     "", ".", "..", "../", "/", "\\", "%2e%2e", "%2f", "\0", "\n", "\u{7f}", "\u{85}", "\u{200B}", "\u{202E}", "\u{FEFF}", "\u{FFFD}",
-    "\u{FF0E}", "\u{1F600}", "e\u{301}", "\"", "'", "{", "}", "[", "]", "open", "close", "ping", "activity", "subscribe", "id", "type",
+    "\u{FF0E}", "\u{1F600}", "e\u{301}", "\"", "'", "{", "}", "[", "]", "open", "close", "ping", "activity", "keepalive", "subscribe", "id", "type",
     "w1", "dev", SESSION, "a", "-", "_", " ", "null", "true", "0",
 ];
 
@@ -70,6 +70,7 @@ fn valid_frames() -> Vec<Map<String, Value>> {
         json!({"type": "open", "id": "r1", "workspace": "w1", "profile": "dev"}),
         json!({"type": "close", "id": "r2", "session": SESSION, "reason": "done"}),
         json!({"type": "activity", "id": "r3", "session": SESSION}),
+        json!({"type": "keepalive", "id": "r6", "session": SESSION}),
         json!({"type": "subscribe", "id": "r4", "session": SESSION}),
         json!({"type": "ping", "id": "r5"}),
     ]
@@ -194,7 +195,7 @@ proptest! {
             };
             // Another valid type makes it another frame, refused for members that one lacks or has.
             if let FrameMutation::Replace(_, Value::String(frame_type)) | FrameMutation::Duplicate(_, Value::String(frame_type)) = &mutation {
-                if field == "type" && ["open", "close", "activity", "subscribe", "ping"].contains(&frame_type.as_str()) {
+                if field == "type" && ["open", "close", "activity", "keepalive", "subscribe", "ping"].contains(&frame_type.as_str()) {
                     return Ok(());
                 }
             }

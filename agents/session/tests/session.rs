@@ -47,6 +47,9 @@ type Table = Arc<Mutex<HashMap<String, Value>>>;
 /// A broker connection, a persistence responder on a private queue, and a secret for tokens.
 struct World {
     bus: Bus,
+    /// The agent under test connects as the session identity, as it does in a deployment (the
+    /// engine accepts session events from it, and it may read users' notifications).
+    agent_bus: Bus,
     /// This test's own events exchange, so its events never reach the real engine queue.
     events_exchange: String,
     table: Table,
@@ -59,6 +62,8 @@ impl World {
     async fn new() -> Result<World> {
         let bus = Bus::connect(BusConfig::new(AMQP_URL, "session-tests")).await?;
         bus.declare_topology().await?;
+        protocol::broker_admin::ensure_identities(AMQP_URL).await?;
+        let agent_bus = Bus::connect(BusConfig::for_identity(AMQP_URL, protocol::Identity::Session, "session-tests-agent")?).await?;
         let store_queue = bus.declare_private_queue(protocol::topology::TASKS_EXCHANGE, &[]).await?;
         let table: Table = Arc::default();
         let (stop_responder, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -78,13 +83,14 @@ impl World {
             let _ = bus_consume(&queue, handler, stopped).await;
         });
         let secret = format!("test-secret-{}", uuid::Uuid::new_v4().simple());
-        let events_exchange = unique("berth.test.session-events");
+        // An isolated world's name (`berth-test.<tag>.events`): the session identity may publish there.
+        let events_exchange = format!("berth-test.{}.events", uuid::Uuid::new_v4().simple());
         let channel = bus.channel().await?;
         channel
             .exchange_declare(&events_exchange, lapin::ExchangeKind::Topic, lapin::options::ExchangeDeclareOptions::default(), FieldTable::default())
             .await?;
         let _ = channel.close(200, "declared").await;
-        Ok(World { bus, events_exchange, table, store_queue, secret, stop_responder: Some(stop_responder) })
+        Ok(World { bus, agent_bus, events_exchange, table, store_queue, secret, stop_responder: Some(stop_responder) })
     }
 
     fn config(&self) -> SessionConfig {
@@ -118,7 +124,7 @@ impl World {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (handle, running) = session::start(config, self.bus.clone(), listener, async move {
+        let (handle, running) = session::start(config, self.agent_bus.clone(), listener, async move {
             let _ = stopped.await;
         })
         .await?;
@@ -136,6 +142,7 @@ impl World {
             let _ = channel.exchange_delete(&self.events_exchange, lapin::options::ExchangeDeleteOptions::default()).await;
             let _ = channel.close(200, "deleted").await;
         }
+        self.agent_bus.close().await;
         self.bus.close().await;
     }
 }
@@ -290,7 +297,7 @@ struct EventTap {
 impl EventTap {
     async fn new(world: &World) -> Result<EventTap> {
         let bus = &world.bus;
-        let keys = ["session.open", "session.close", "session.activity"].map(str::to_owned);
+        let keys = ["session.open", "session.close", "session.activity", "session.keepalive"].map(str::to_owned);
         let queue = bus.declare_private_queue(&world.events_exchange, &keys).await?;
         let channel = bus.channel().await?;
         let mut consumer = channel
@@ -930,6 +937,35 @@ async fn activity_is_debounced_into_one_event_per_interval() -> Result<()> {
     let quiet = tap.collect(&session, Duration::from_millis(1500)).await;
     assert!(quiet.is_empty(), "an open socket is not activity");
 
+    tap.finish().await;
+    instance.shutdown().await?;
+    world.finish().await;
+    Ok(())
+}
+
+/// "Keep working" is never debounced: each frame is one `session.keepalive` (the engine bounds how
+/// many count), and it is no `session.activity`.
+#[tokio::test]
+async fn keepalive_frames_are_each_published_as_session_keepalive() -> Result<()> {
+    let world = World::new().await?;
+    let instance = world.instance(world.config()).await?;
+    let mut tap = EventTap::new(&world).await?;
+    let alice = unique("alice");
+    let session = new_session_id();
+    world.put_session(&session, &alice, "running", json!({}));
+    let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
+    for index in 0..3 {
+        let reply = request(&mut socket, json!({"type": "keepalive", "id": format!("k{index}"), "session": session})).await?;
+        assert_eq!((reply["type"].as_str(), reply["session"].as_str()), (Some("ok"), Some(session.as_str())), "{reply}");
+    }
+    let events = tap.collect(&session, Duration::from_millis(1500)).await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(events.iter().all(|event| event.event_type == "session.keepalive" && event.extension("userid") == Some(alice.as_str())));
+    let bob = unique("bob");
+    let (mut other, _) = connect(&instance, &world.token(&bob, &[])).await?;
+    let refused = request(&mut other, json!({"type": "keepalive", "id": "x", "session": session})).await?;
+    assert_eq!(refused["code"], "not_found", "{refused}");
+    assert!(tap.collect(&session, Duration::from_millis(500)).await.is_empty());
     tap.finish().await;
     instance.shutdown().await?;
     world.finish().await;

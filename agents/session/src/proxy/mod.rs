@@ -347,13 +347,14 @@ impl Proxy {
                         return Ok(upstream);
                     }
                 }
-                "idle" if background => {
+                // Paused, or dormant (stopped with its directory kept): a wake is the user's call.
+                state @ ("idle" | "dormant") if background => {
                     let message = "the session is paused; background requests do not wake it";
-                    let mut response = answer(StatusCode::SERVICE_UNAVAILABLE, "idle", message, browser, json!({"session": session, "state": "idle"}));
+                    let mut response = answer(StatusCode::SERVICE_UNAVAILABLE, "idle", message, browser, json!({"session": session, "state": state}));
                     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
                     return Err(response);
                 }
-                "idle" => {
+                "idle" | "dormant" => {
                     if entry.claim_wake(WAKE_REPEAT) {
                         tracing::debug!(session_id = %session, "waking a paused session for a request");
                         if let Err(message) = self.publish(session, &identity.user, "session.activity", json!({"source": "proxy"})).await {
