@@ -562,3 +562,52 @@ async fn the_http_api_files_and_terminal_on_berth_dev() {
     assert_eq!(environment.get_object(&format!("e2e/{user}/wd/typed.txt")).as_deref(), Some(&b"typed\n"[..]));
     bus.close().await;
 }
+
+/// The cache entries of this run's deployment (dot-folders are entries being moved).
+fn cache_entries(environment: &Environment) -> Vec<PathBuf> {
+    let folder = environment.workspace_root().join(&environment.deployment).join(workspace::CACHE_DIR);
+    let Ok(entries) = std::fs::read_dir(folder) else { return Vec::new() };
+    entries.flatten().filter(|entry| !entry.file_name().to_string_lossy().starts_with('.')).map(|entry| entry.path()).collect()
+}
+
+/// Open, write inside the container, close; then a change in the store from elsewhere; then a
+/// reopen on the same host: it starts from the cached copy (the agent says so), with the file
+/// written in the first session and the store's newer version of the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopen_on_the_same_host_starts_from_the_cached_workspace() {
+    let environment = Environment::new();
+    let user = format!("carol-{}", &environment.bucket[10..18]);
+    environment.put_object(&format!("e2e/{user}/w3/hello.txt"), b"first version\n");
+    let mut berth = environment.start_berth("e2e");
+    berth.wait_ready().await;
+    let bus = Bus::connect(BusConfig::new(&environment.amqp_url(), "e2e-client")).await.expect("broker");
+    let mut inbox = Inbox::open(&bus, &user).await;
+
+    let first = uuid::Uuid::now_v7().to_string();
+    publish(&bus, "session.open", &first, &user, json!({"user": user, "workspace": "w3"})).await;
+    inbox.wait_for(&first, "running", &berth).await;
+    run_ok("docker", &["exec", &format!("berth-{first}"), "sh", "-c", "echo made in the first session > /workspace/made.txt"]);
+    publish(&bus, "session.close", &first, &user, json!({"reason": "done"})).await;
+    inbox.wait_for(&first, "closed", &berth).await;
+    assert!(!environment.session_dir(&first).exists(), "the session's directory is gone");
+    assert_eq!(environment.get_object(&format!("e2e/{user}/w3/made.txt")).as_deref(), Some(&b"made in the first session\n"[..]));
+    assert_eq!(cache_entries(&environment).len(), 1, "the closed workspace is cached on this host");
+
+    environment.put_object(&format!("e2e/{user}/w3/hello.txt"), b"second version, written elsewhere\n");
+    let second = uuid::Uuid::now_v7().to_string();
+    publish(&bus, "session.open", &second, &user, json!({"user": user, "workspace": "w3"})).await;
+    let running = inbox.wait_for(&second, "running", &berth).await;
+    let directory = environment.session_dir(&second);
+    assert_eq!(std::fs::read(directory.join("made.txt")).expect("the file is there"), b"made in the first session\n");
+    assert_eq!(std::fs::read(directory.join("hello.txt")).expect("hello"), b"second version, written elsewhere\n", "the change made elsewhere is seen");
+    assert_eq!(http_get(port_of(&running), "/made.txt").map(|(_, body)| body), Some(b"made in the first session\n".to_vec()));
+    assert!(cache_entries(&environment).is_empty(), "the entry became the new session's directory");
+    let log = berth.log();
+    assert!(
+        log.lines().any(|line| line.contains("reopened from the host's workspace cache") && line.contains(&second)),
+        "the reopen used the cache\n--- berth log ---\n{log}"
+    );
+    publish(&bus, "session.close", &second, &user, json!({"reason": "done"})).await;
+    inbox.wait_for(&second, "closed", &berth).await;
+    bus.close().await;
+}
