@@ -37,6 +37,11 @@ pub fn spawn_components(
         let (profile, stopped) = (profile.clone(), stop_signal(stopping));
         async move { ("engine", engine::run(profile, stopped).await) }
     });
+    // One process, one metrics address: the engine serves it; the agents' bus counters are
+    // served when they run as processes of their own.
+    let mut agents_profile = profile.clone();
+    agents_profile.services.metrics_addr = None;
+    let profile = &agents_profile;
     components.spawn({
         let (profile, stopped) = (profile.clone(), stop_signal(stopping));
         async move { ("container agent", container::run(profile, stopped).await) }

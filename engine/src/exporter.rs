@@ -17,7 +17,7 @@ use protocol::metrics::prometheus_client::registry::Registry;
 use redis::AsyncCommands;
 
 use crate::metrics::Metrics;
-use crate::service::Keys;
+use crate::service::{Engine, Keys};
 use crate::usage::Budget;
 
 /// How often the usage totals are read from Redis.
@@ -100,28 +100,31 @@ impl Collector for EngineCollector {
     }
 }
 
-/// Serves the engine's `/metrics` on `listener` (the counters in `metrics`, the usage under `keys`
-/// in the Redis at `redis_url`) until `shutdown` completes.
+/// Serves `engine`'s `/metrics` on `listener` (its counters, its buses' counters, and the usage
+/// its meters keep in the Redis at `redis_url`) until `shutdown` completes.
 pub async fn serve(
-    metrics: Arc<Metrics>,
-    keys: Keys,
+    engine: &Engine,
     redis_url: &str,
     listener: tokio::net::TcpListener,
     token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let collector = EngineCollector::new(metrics);
-    let redis = redis::Client::open(redis_url)?.get_connection_manager().await?;
+    let collector = EngineCollector::new(engine.metrics());
+    let mut redis = redis::Client::open(redis_url)?.get_connection_manager().await?;
+    // The first figures before the first scrape.
+    *collector.usage.write().unwrap_or_else(PoisonError::into_inner) = read_usage(&mut redis, engine.keys()).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let refresher = tokio::spawn(refresh_usage_forever(redis, keys, collector.usage(), stopped));
-    let served = protocol::metrics::serve(listener, collector.registry(), token, shutdown).await;
+    let refresher = tokio::spawn(refresh_usage_forever(redis, engine.keys().clone(), collector.usage(), stopped));
+    let mut registry = collector.registry();
+    engine.register_bus_metrics(&mut registry);
+    let served = protocol::metrics::serve(listener, registry, token, shutdown).await;
     let _ = stop.send(true);
     let _ = refresher.await;
     Ok(served?)
 }
 
-/// Reads every user's usage of the current day and month from Redis into `usage`, every
-/// [`USAGE_REFRESH`], until `stop` turns true. A failed read keeps the previous figures.
+/// Reads every user's usage of the current day and month from Redis into `usage` every
+/// [`USAGE_REFRESH`] until `stop` turns true. A failed read keeps the previous figures.
 pub async fn refresh_usage_forever(
     mut redis: redis::aio::ConnectionManager,
     keys: Keys,
@@ -129,13 +132,13 @@ pub async fn refresh_usage_forever(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        match read_usage(&mut redis, &keys).await {
-            Ok(rows) => *usage.write().unwrap_or_else(PoisonError::into_inner) = rows,
-            Err(error) => tracing::warn!(%error, "usage for /metrics not read; keeping the last figures"),
-        }
         tokio::select! {
             _ = tokio::time::sleep(USAGE_REFRESH) => {}
             _ = stop.changed() => return,
+        }
+        match read_usage(&mut redis, &keys).await {
+            Ok(rows) => *usage.write().unwrap_or_else(PoisonError::into_inner) = rows,
+            Err(error) => tracing::warn!(%error, "usage for /metrics not read; keeping the last figures"),
         }
     }
 }
@@ -148,7 +151,8 @@ pub async fn read_usage(redis: &mut redis::aio::ConnectionManager, keys: &Keys) 
         let key_period = budget.period(now);
         // `usage:<user>:<period>`: the user sits between the fixed prefix and the period.
         let prefix = keys.usage("", "");
-        let prefix = prefix.trim_end_matches(':');
+        let prefix = prefix.trim_end_matches(':').to_owned() + ":";
+        let prefix = prefix.as_str();
         let suffix = format!(":{key_period}");
         let pattern = format!("{prefix}*{suffix}");
         let mut found: Vec<String> = Vec::new();

@@ -127,8 +127,8 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
         let stopped = async move {
             let _ = exporter_stopped.await;
         };
-        let (metrics, keys) = (engine.metrics(), engine.keys().clone());
-        tokio::spawn(async move { exporter::serve(metrics, keys, &redis_url, listener, metrics_token, stopped).await })
+        let engine = engine.clone();
+        tokio::spawn(async move { exporter::serve(&engine, &redis_url, listener, metrics_token, stopped).await })
     });
     let served = engine.serve(shutdown).await;
     drop(stop_exporter);

@@ -528,6 +528,12 @@ impl Engine {
         self.inner.metrics.clone()
     }
 
+    /// Registers the counters of the engine's two bus connections (consuming, publishing).
+    pub fn register_bus_metrics(&self, registry: &mut protocol::metrics::prometheus_client::registry::Registry) {
+        self.inner.bus.register_metrics(registry.sub_registry_with_prefix("consumer"));
+        self.inner.publisher.register_metrics(registry.sub_registry_with_prefix("publisher"));
+    }
+
     pub fn bus(&self) -> &Bus {
         &self.inner.bus
     }

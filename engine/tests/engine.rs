@@ -1064,10 +1064,9 @@ async fn usage_is_metered_and_a_spent_budget_warns_stops_and_refuses() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let (stop_exporter, exporter_stopped) = oneshot::channel::<()>();
-    let (metrics, keys) = (running.engine.metrics(), running.engine.keys().clone());
-    let redis_url = harness.profile.services.redis_url.clone();
+    let (serving, redis_url) = (running.engine.clone(), harness.profile.services.redis_url.clone());
     let exporter = tokio::spawn(async move {
-        engine::exporter::serve(metrics, keys, &redis_url, listener, Some("scrape-token".into()), async move {
+        engine::exporter::serve(&serving, &redis_url, listener, Some("scrape-token".into()), async move {
             let _ = exporter_stopped.await;
         })
         .await
@@ -1077,6 +1076,7 @@ async fn usage_is_metered_and_a_spent_budget_warns_stops_and_refuses() {
     let scrape = http_get(address, "/metrics", Some("scrape-token")).await;
     assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
     assert!(scrape.contains("berth_engine_events_handled_total"), "{scrape}");
+    assert!(scrape.contains("berth_engine_consumer_bus_handled_total{queue="), "the engine's bus counters: {scrape}");
     for period in ["day", "month"] {
         let line = scrape
             .lines()

@@ -34,6 +34,7 @@ use uuid::Uuid;
 use crate::event::{CloudEvent, CONTENT_TYPE};
 use crate::identity::{Identity, IdentityError, Sender};
 use crate::message::{AgentKind, Notification, Task};
+use crate::metrics::BusMetrics;
 use crate::topology;
 
 /// How long publishing keeps retrying through broker outages before it gives up.
@@ -142,6 +143,18 @@ pub enum Outcome {
     DeadLetter(String),
 }
 
+impl Outcome {
+    /// The outcome's name in metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ack => "ack",
+            Outcome::Retry => "retry",
+            Outcome::RetryUnavailable => "retry_unavailable",
+            Outcome::DeadLetter(_) => "dead_letter",
+        }
+    }
+}
+
 /// How a consumer retries: the delay ladder and the limits. [`RetryPolicy::standard`] is
 /// production's ([`topology::RETRY_DELAYS`], [`topology::MAX_RETRY_ATTEMPTS`],
 /// [`topology::MAX_OUTAGE_RETRIES`]); tests use short delays through [`Bus::with_retry_policy`].
@@ -225,6 +238,7 @@ pub struct Bus {
     replies: Arc<Mutex<Option<(Channel, PendingReplies)>>>,
     retry: Arc<RetryPolicy>,
     dead_exchange: Arc<str>,
+    metrics: BusMetrics,
 }
 
 impl Bus {
@@ -236,6 +250,7 @@ impl Bus {
             replies: Arc::new(Mutex::new(None)),
             retry: Arc::new(RetryPolicy::standard()),
             dead_exchange: Arc::from(topology::DEAD_EXCHANGE),
+            metrics: BusMetrics::new(),
         };
         bus.publisher().await?;
         Ok(bus)
@@ -252,6 +267,19 @@ impl Bus {
     /// (tests isolate themselves this way).
     pub fn with_dead_exchange(&self, dead_exchange: &str) -> Bus {
         Bus { dead_exchange: Arc::from(dead_exchange), ..self.clone() }
+    }
+
+    /// Registers this bus's counters (messages handled per queue and outcome with their handling
+    /// time, publishes per exchange, connections opened) under `bus_` in `registry`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.metrics.register(registry.sub_registry_with_prefix("bus"));
+    }
+
+    /// A registry for a component whose metrics are its bus's: `<prefix>_bus_…`.
+    pub fn metrics_registry(&self, prefix: &str) -> prometheus_client::registry::Registry {
+        let mut registry = prometheus_client::registry::Registry::with_prefix(prefix);
+        self.register_metrics(&mut registry);
+        registry
     }
 
     /// The retry policy of the consumers this bus runs.
@@ -288,7 +316,10 @@ impl Bus {
         loop {
             let properties = ConnectionProperties::default().with_connection_name(self.config.connection_name.clone().into());
             match Connection::connect(&self.config.url, properties).await {
-                Ok(connection) => return Ok(connection),
+                Ok(connection) => {
+                    self.metrics.connected();
+                    return Ok(connection);
+                }
                 Err(source) if tokio::time::Instant::now() >= deadline => {
                     return Err(BusError::Unreachable { url: redact(&self.config.url), source })
                 }
@@ -351,7 +382,10 @@ impl Bus {
         loop {
             attempts += 1;
             let error = match self.publish_once(exchange, routing_key, body, properties.clone()).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.metrics.published(exchange);
+                    return Ok(());
+                }
                 Err(error @ BusError::Nacked { .. }) => error,
                 Err(BusError::Amqp(error)) if refusal(&error).is_some() => {
                     return Err(BusError::Refused {
@@ -366,6 +400,7 @@ impl Bus {
                 }
             };
             if tokio::time::Instant::now() >= deadline {
+                self.metrics.publish_failed(exchange);
                 return Err(BusError::PublishFailed {
                     exchange: exchange.to_owned(),
                     routing_key: routing_key.to_owned(),
@@ -784,7 +819,9 @@ impl Bus {
             let bus = self.clone();
             let retries = retries.clone();
             in_flight.spawn(async move {
+                let started = std::time::Instant::now();
                 let outcome = handler(incoming.clone()).await;
+                bus.metrics.handled(&retries.queue, outcome.label(), started.elapsed());
                 settle(&bus, &retries, &delivery, &incoming, outcome).await;
                 drop(permit);
             });

@@ -13,6 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 pub use prometheus_client;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::Profile;
@@ -65,6 +69,110 @@ pub fn encode(registry: &Registry) -> String {
         tracing::warn!(%error, "a metrics collector failed while encoding");
     }
     text
+}
+
+/// What every [`crate::Bus`] counts. Clones share the counters.
+#[derive(Debug, Clone)]
+pub struct BusMetrics {
+    handled: Family<HandledLabels, Counter>,
+    handle_seconds: Family<QueueLabel, Histogram, fn() -> Histogram>,
+    published: Family<ExchangeLabel, Counter>,
+    publish_failures: Family<ExchangeLabel, Counter>,
+    connections: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    queue: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExchangeLabel {
+    exchange: String,
+}
+
+fn handling_time_buckets() -> Histogram {
+    // 1 ms to ~16 s: a message is handled in milliseconds, a materialize can take seconds.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+impl BusMetrics {
+    pub fn new() -> BusMetrics {
+        BusMetrics {
+            handled: Family::default(),
+            handle_seconds: Family::new_with_constructor(handling_time_buckets),
+            published: Family::default(),
+            publish_failures: Family::default(),
+            connections: Counter::default(),
+        }
+    }
+
+    /// Registers the counters in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("handled", "messages handled, by queue and outcome (ack, retry, retry_unavailable, dead_letter)", self.handled.clone());
+        registry.register("handle_seconds", "time a handler took, by queue", self.handle_seconds.clone());
+        registry.register("published", "messages published and confirmed, by exchange", self.published.clone());
+        registry.register("publish_failures", "publishes given up after their deadline, by exchange", self.publish_failures.clone());
+        registry.register("connections", "connections opened to the broker (more than one: reconnects)", self.connections.clone());
+    }
+
+    pub(crate) fn handled(&self, queue: &str, outcome: &'static str, took: std::time::Duration) {
+        self.handled.get_or_create(&HandledLabels { queue: queue.to_owned(), outcome }).inc();
+        self.handle_seconds.get_or_create(&QueueLabel { queue: queue.to_owned() }).observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn published(&self, exchange: &str) {
+        self.published.get_or_create(&ExchangeLabel { exchange: exchange.to_owned() }).inc();
+    }
+
+    pub(crate) fn publish_failed(&self, exchange: &str) {
+        self.publish_failures.get_or_create(&ExchangeLabel { exchange: exchange.to_owned() }).inc();
+    }
+
+    pub(crate) fn connected(&self) {
+        self.connections.inc();
+    }
+}
+
+impl Default for BusMetrics {
+    fn default() -> BusMetrics {
+        BusMetrics::new()
+    }
+}
+
+/// A running `/metrics` listener, stopped with [`Exporter::stop`].
+pub struct Exporter {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Exporter {
+    /// Serves `registry` on the profile's `services.metrics_addr`, when it names one.
+    pub async fn start(profile: &Profile, registry: Registry) -> std::io::Result<Option<Exporter>> {
+        let Some(listener) = bind(profile).await? else {
+            return Ok(None);
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(serve(listener, registry, token_of(profile), shutdown));
+        Ok(Some(Exporter { stop, task }))
+    }
+
+    pub async fn stop(self) -> std::io::Result<()> {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(served) => served,
+            Err(joined) => Err(std::io::Error::other(format!("the /metrics task ended abnormally: {joined}"))),
+        }
+    }
 }
 
 struct Served {

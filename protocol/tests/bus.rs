@@ -363,6 +363,15 @@ async fn malformed_messages_are_dead_lettered_with_reason_while_good_ones_flow()
     assert_eq!(dead_letters[0].0, poison.as_bytes(), "the dead letter keeps the original body");
     assert!(dead_letters.iter().all(|(_, headers)| headers[topology::ORIGIN_HEADER] == work_queue));
     assert!(dead_letters.iter().all(|(_, headers)| !headers.contains_key(topology::ATTEMPTS_HEADER)));
+    // The bus counted what it did, as its /metrics shows.
+    let metrics = protocol::metrics::encode(&bus.metrics_registry("berth_test"));
+    for (outcome, count) in [("ack", 3), ("dead_letter", 2)] {
+        let line = format!("berth_test_bus_handled_total{{queue=\"{work_queue}\",outcome=\"{outcome}\"}} {count}");
+        assert!(metrics.lines().any(|metric| metric == line), "no `{line}` in {metrics}");
+    }
+    let published = format!("berth_test_bus_published_total{{exchange=\"{}\"}} 5", topology::EVENTS_EXCHANGE);
+    assert!(metrics.lines().any(|metric| metric == published), "no `{published}` in {metrics}");
+    assert!(metrics.contains(&format!("berth_test_bus_handle_seconds_count{{queue=\"{work_queue}\"}} 5")), "{metrics}");
     bus.delete_queue(&work_queue).await.ok();
     dead.delete(&bus).await;
     bus.close().await;

@@ -31,6 +31,7 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     let docker = connect_docker().await?;
     let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Container, "berth-agent-container")?).await?;
     bus.declare_topology().await?;
+    let exporter = protocol::metrics::Exporter::start(&profile, bus.metrics_registry("berth_container")).await?;
     let mut settings = AgentSettings::production();
     if let Some(interval) = protocol::profile::seconds_from_env(protocol::profile::INVENTORY_INTERVAL_ENV).map_err(anyhow::Error::msg)? {
         settings.inventory_interval = interval.max(std::time::Duration::from_secs(1));
@@ -47,6 +48,9 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     let queues = [protocol::topology::agent_queue(AgentKind::Container), host_queue];
     let served = agent.serve_queues(&queues, shutdown).await;
     reporter.abort();
+    if let Some(exporter) = exporter {
+        exporter.stop().await?;
+    }
     served?;
     bus.close().await;
     Ok(())

@@ -130,11 +130,15 @@ pub async fn run(profile: &Profile, shutdown: impl Future<Output = ()> + Send) -
     store.ensure_indexes().await?;
     let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Persistence, "berth-agent-persistence")?).await?;
     bus.declare_topology().await?;
+    let exporter = protocol::metrics::Exporter::start(profile, bus.metrics_registry("berth_persistence")).await?;
     let pruning = tokio::spawn(prune_periodically(store.clone()));
     tracing::info!(store = %protocol::bus::redact(&profile.services.store_url), backend = ?store.backend(), "persistence agent started");
     let agent = Agent::new(store, bus.clone());
     let consumed = agent.consume(&topology::agent_queue(AgentKind::Persistence), shutdown).await;
     pruning.abort();
+    if let Some(exporter) = exporter {
+        exporter.stop().await?;
+    }
     bus.close().await;
     consumed?;
     tracing::info!("persistence agent stopped");

@@ -100,6 +100,7 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     tokio::fs::create_dir_all(profile.deployment_root()).await?;
     let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Workspace, "berth-agent-workspace")?).await?;
     bus.declare_topology().await?;
+    let exporter = protocol::metrics::Exporter::start(&profile, bus.metrics_registry("berth_workspace")).await?;
     tracing::info!(store = %store.url, root = %profile.services.workspace_root.display(), "workspace agent starting");
     let events = Arc::new(BusEvents { bus: bus.clone() });
     let mut settings = AgentSettings::standard();
@@ -134,6 +135,9 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     reporter.abort();
     inventory.abort();
     quotas.abort();
+    if let Some(exporter) = exporter {
+        exporter.stop().await?;
+    }
     bus.close().await;
     served
 }
