@@ -341,12 +341,23 @@ passed_through = set(re.findall(r"^\s+([A-Z_][A-Z0-9_]*):\s*$", compose_text, re
 for variable in sorted(substituted | passed_through):
     if f"`{variable}`" not in readme_text:
         fail(f"compose/README.md does not document {variable}, which the stack reads")
+# Bus identities: no AMQP URL in the stack carries credentials (each service connects as its own
+# user with the password the secrets job generated, never as guest).
+for url in re.findall(r"amqps?://[^\s\"']*", compose_text):
+    if "@" in url:
+        fail(f"the stack names an AMQP URL with credentials ({url}): services connect as their own bus identities")
 example = root / "compose/example.env"
 if example.is_file():
     for line in example.read_text().splitlines():
         setting = re.match(r"^#?\s*([A-Z_][A-Z0-9_]*)=", line)
         if setting and setting.group(1) not in substituted | passed_through:
             fail(f"compose/example.env sets {setting.group(1)}, which the stack never reads")
+        # The placeholder secret the stack must refuse is the one example.env ships.
+        if setting and setting.group(1) == "BERTH_JWT_SECRET":
+            placeholder = line.split("=", 1)[1].strip()
+            secrets_job = " ".join(services.get("secrets", {}).get("command") or [])
+            if f'= {placeholder} ]' not in secrets_job:
+                fail(f"the secrets job must refuse compose/example.env's BERTH_JWT_SECRET placeholder {placeholder!r}")
         if setting and setting.group(1) == "BERTH_PROFILE":
             example_profile = line.split("=", 1)[1].strip()
             if not (root / "run-profiles" / example_profile / "profile.toml").is_file():

@@ -284,8 +284,12 @@ impl Stack {
         wait_until("every service healthy", STEP_TIMEOUT, context, || services.iter().all(|s| self.health(s) == "healthy")).await;
     }
 
+    /// The broker as its administrator `berth-admin`, whose password the `secrets` job generated
+    /// (there is no guest user in the stack).
     fn amqp_url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+        let config = self.exec("rabbitmq", &["cat", "/run/berth/rabbitmq/10-berth-admin.conf"]);
+        let password = config.lines().find_map(|line| line.strip_prefix("default_pass = ")).expect("the generated admin password");
+        format!("amqp://berth-admin:{password}@127.0.0.1:{}/%2f", self.amqp_port)
     }
 
     fn exec(&self, service: &str, arguments: &[&str]) -> String {
@@ -564,6 +568,20 @@ async fn the_compose_stack_runs_for_real() {
         assert!(logs.lines().any(|line| line.contains("consuming") && line.contains(ready)), "{service} reports ready:\n{logs}");
     }
     assert_eq!(http_get(stack.session_port, "/readyz").map(|(status, _)| status), Some(200), "the session agent is ready on its published port");
+    // Bus identities: every service is connected as its own user, nobody as guest (which does not
+    // exist), and each service holds only its own password.
+    let users = stack.exec("rabbitmq", &["rabbitmqctl", "-q", "list_users"]);
+    assert!(!users.lines().any(|line| line.starts_with("guest")), "no guest user in the stack's broker:\n{users}");
+    let connected = stack.exec("rabbitmq", &["rabbitmqctl", "-q", "list_connections", "user"]);
+    for user in ["berth-engine", "berth-container", "berth-workspace", "berth-persistence", "berth-session"] {
+        assert!(connected.lines().any(|line| line.trim() == user), "{user} is connected:\n{connected}");
+    }
+    assert!(!connected.lines().any(|line| line.trim() == "berth-admin"), "no service runs as the admin:\n{connected}");
+    assert_eq!(stack.exec("engine", &["ls", "/run/berth/amqp"]).trim(), "berth-engine", "the engine sees only its own password");
+    // The example secret is refused: the job every other service waits for fails, saying why.
+    let refused = stack.compose(&["run", "--rm", "-e", "BERTH_JWT_SECRET=change-me-to-32-random-bytes-of-hex", "secrets"]);
+    assert!(!refused.status.success(), "the secrets job accepted the example JWT secret");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("placeholder"), "{}", String::from_utf8_lossy(&refused.stderr));
     say(format!("up -d returned after {up_seconds:.1} s; every service healthy after {healthy_seconds:.1} s"));
 
     // The stack's own settings took effect: AOF Redis, limits, the non-root user, the socket group.

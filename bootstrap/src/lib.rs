@@ -97,7 +97,7 @@ pub async fn bootstrap(profile: &Profile, reset: Reset) -> anyhow::Result<Report
     // Validate the patterns before touching anything, so a broken pattern changes nothing.
     let patterns = engine::load_profile_patterns(profile)?;
 
-    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bootstrap")).await?;
+    let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Admin, "berth-bootstrap")?).await?;
     bus.declare_topology().await?;
     bus.close().await;
     // Every component connects as its own user (protocol::identity): create them, their

@@ -41,7 +41,7 @@ pub fn management_url(amqp_url: &AmqpUrl) -> String {
 /// the first call for a vhost in this process.
 pub async fn ensure_identities(admin_amqp_url: &str) -> Result<String, AdminError> {
     static DONE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    let admin = AmqpUrl::parse(admin_amqp_url)?;
+    let admin = AmqpUrl::parse(&identity::url_for(admin_amqp_url, Identity::Admin)?)?;
     let vhost = admin.vhost();
     let base = management_url(&admin);
     let done_key = format!("{base} {vhost} {}", identity::secrets_dir().display());

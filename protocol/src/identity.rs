@@ -286,9 +286,13 @@ pub enum IdentityError {
     BadUrl { url: String },
 }
 
+/// The admin's user when `services.amqp_url` names none (compose: its password is generated into
+/// the secrets directory and given to the broker as its default user).
+pub const ADMIN_USER: &str = "berth-admin";
+
 /// The password file of `identity` in `dir`.
 pub fn password_path(dir: &Path, identity: Identity) -> PathBuf {
-    dir.join(identity.username().unwrap_or("admin"))
+    dir.join(identity.username().unwrap_or(ADMIN_USER))
 }
 
 /// Reads `identity`'s password from `dir`.
@@ -308,6 +312,7 @@ pub struct AmqpUrl {
     pub scheme: String,
     /// The user named in the URL (`guest` when none is: lapin's and RabbitMQ's default).
     pub user: String,
+    named_user: bool,
     password: Option<String>,
     /// `host[:port]`.
     pub authority: String,
@@ -340,7 +345,8 @@ impl AmqpUrl {
                 None => (percent_decode(credentials), None),
             },
         };
-        Ok(AmqpUrl { scheme: scheme.to_owned(), user, password, authority: authority.to_owned(), vhost_path: vhost_path.to_owned() })
+        let named_user = credentials.is_some();
+        Ok(AmqpUrl { scheme: scheme.to_owned(), user, named_user, password, authority: authority.to_owned(), vhost_path: vhost_path.to_owned() })
     }
 
     /// The vhost name (`/` for the default one).
@@ -361,6 +367,11 @@ impl AmqpUrl {
         }
     }
 
+    /// Whether the URL names a user.
+    pub fn has_credentials(&self) -> bool {
+        self.named_user
+    }
+
     /// The URL's own password, decoded (`guest` when the URL names none, as lapin assumes).
     pub fn password(&self) -> String {
         self.password.as_deref().map_or_else(|| "guest".to_owned(), percent_decode)
@@ -373,11 +384,18 @@ impl AmqpUrl {
     }
 }
 
-/// The URL `identity` connects with: `amqp_url` itself for the admin, otherwise the same broker and
-/// vhost as the identity's own user with the password from [`secrets_dir`].
+/// The URL `identity` connects with: the same broker and vhost as `amqp_url`, as the identity's own
+/// user with the password from [`secrets_dir`]. The admin is `amqp_url`'s own user; a URL naming no
+/// user means [`ADMIN_USER`] with its password from [`secrets_dir`] (compose generates it there).
 pub fn url_for(amqp_url: &str, identity: Identity) -> Result<String, IdentityError> {
-    let Some(username) = identity.username() else { return Ok(amqp_url.to_owned()) };
     let parsed = AmqpUrl::parse(amqp_url)?;
+    let Some(username) = identity.username() else {
+        if parsed.has_credentials() {
+            return Ok(amqp_url.to_owned());
+        }
+        let password = read_password(&secrets_dir(), identity)?;
+        return Ok(parsed.with_credentials(ADMIN_USER, &password));
+    };
     let password = read_password(&secrets_dir(), identity)?;
     Ok(parsed.with_credentials(username, &password))
 }
