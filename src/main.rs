@@ -40,6 +40,11 @@ enum Command {
     Publish(client::PublishArgs),
     /// Print events flowing on `berth.events`, one JSON per line.
     Tail(client::TailArgs),
+    /// Operate on hosts (a host is one machine's container and workspace agents, `BERTH_HOST`).
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
+    },
     /// Work with pattern files.
     Patterns {
         #[command(subcommand)]
@@ -72,6 +77,15 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         large_mib: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum HostCommand {
+    /// No new session goes to this host, and its sessions move to other hosts (frozen,
+    /// final-synced and removed there, reopened elsewhere from the object store).
+    Drain { host: String },
+    /// The host takes new sessions again.
+    Undrain { host: String },
 }
 
 #[derive(Subcommand)]
@@ -109,6 +123,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Publish(args) => return client::publish(args, &cli.profile).await,
         Command::Tail(args) => client::tail(args, &cli.profile, shutdown_signal()).await?,
         Command::Patterns { command: PatternsCommand::Check { files } } => return Ok(engine::check_files_cli(&files)),
+        Command::Host { command: HostCommand::Drain { host } } => {
+            engine::hosts::drain(&load_profile()?, &host).await?;
+            println!("host {host} drained: it takes no new session, and its sessions move to other hosts");
+        }
+        Command::Host { command: HostCommand::Undrain { host } } => {
+            engine::hosts::undrain(&load_profile()?, &host).await?;
+            println!("host {host} takes sessions again");
+        }
         Command::Token { user, role, ttl } => {
             let profile = load_profile()?;
             let token = session::mint_token(&profile, &user, &role, &ttl)?;

@@ -242,3 +242,62 @@ async fn a_host_whose_agents_die_is_gone_its_tasks_wait_for_it_and_the_other_hos
     drop(h2);
     deployment.teardown().await;
 }
+
+/// The states `session` went through after the first `after`, in order.
+fn states_after(deployment: &Deployment, session: &str, after: &str) -> Vec<String> {
+    let states = deployment.inbox.states(session);
+    match states.iter().position(|state| state == after) {
+        Some(index) => states[index + 1..].to_vec(),
+        None => Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drained_host_moves_its_sessions_to_another_host_with_their_files_intact() {
+    let deployment = Deployment::start(&config(0)).await.expect("deployment");
+    let h2 = Host::start(&deployment, "h2").expect("host h2");
+    wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
+    let session = open_running(&deployment, "ann").await.expect("a session");
+    let name = Deployment::container_name(&session);
+    assert_eq!(h2.containers(), vec![name.clone()], "the tie goes to h2");
+    // 50 MB in 500 files, written inside the container on h2 and never synced by hand.
+    let write = "mkdir -p /workspace/data && i=0; while [ $i -lt 500 ]; do head -c 104858 /dev/urandom > /workspace/data/f$i; i=$((i+1)); done";
+    run("docker", &["-H", &h2.docker, "exec", &name, "sh", "-c", write]).expect("files written on h2");
+    let digest = "cd /workspace && find data -type f | sort | xargs md5sum";
+    let before = run("docker", &["-H", &h2.docker, "exec", &name, "sh", "-c", digest]).expect("digest on h2");
+    assert_eq!(before.lines().count(), 500);
+
+    let began = Instant::now();
+    let drained = deployment.command().args(["host", "drain", "h2"]).output().expect("berth host drain runs");
+    assert!(drained.status.success(), "berth host drain: {}", String::from_utf8_lossy(&drained.stderr));
+    deployment.inbox.wait_state(&session, "moving", STEP).await.expect("the user sees moving");
+    let deadline = Instant::now() + STEP;
+    while !states_after(&deployment, &session, "moving").contains(&"running".to_owned()) {
+        assert!(Instant::now() < deadline, "not running again after moving: {:?}\n{}", deployment.inbox.states(&session), deployment.logs_tail(40));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let moved = began.elapsed();
+    println!("drain: a session of 50 MB in 500 files moved from h2 to local in {:.1} s", moved.as_secs_f64());
+
+    assert_eq!(deployment.containers(), vec![name.clone()], "it runs on local now");
+    assert_eq!(h2.containers(), Vec::<String>::new(), "nothing left on h2");
+    assert!(!h2.session_dir(&session).exists(), "its directory left h2");
+    let after = deployment.exec(&session, digest).expect("digest on local");
+    assert_eq!(before, after, "every file came along, byte for byte");
+    // The user is told the new address: the port Docker published on local.
+    let running = deployment.inbox.all().into_iter().rev().find(|seen| seen.notification.session.as_deref() == Some(session.as_str()) && seen.notification.state == "running").expect("running");
+    let published = run("docker", &["port", &name, "8080"]).expect("published port");
+    let port = running.notification.detail["port"].as_u64().expect("a port in the notification");
+    assert!(published.lines().any(|line| line.ends_with(&format!(":{port}"))), "the running notification's port {port} is the new container's: {published}");
+
+    // A drained host takes no new session.
+    let next = open_running(&deployment, "bob").await.expect("another session");
+    assert!(deployment.containers().contains(&Deployment::container_name(&next)), "placed on local, not on the drained h2");
+    for (user, session) in [("ann", &session), ("bob", &next)] {
+        deployment.close(session, user).await.expect("close");
+        assert_eq!(deployment.inbox.wait_terminal(session, STEP).await.expect("closed").state, "closed");
+    }
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    drop(h2);
+    deployment.teardown().await;
+}

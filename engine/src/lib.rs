@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod core;
 pub mod expr;
+pub mod hosts;
 pub mod exporter;
 pub mod metrics;
 pub mod pattern;
@@ -46,6 +47,8 @@ pub enum Error {
     Corrupt { key: String, reason: String },
     #[error("thred {thred} changed under us (another engine committed first)")]
     Conflict { thred: String },
+    #[error("{0:?} is not a host id (1-40 lowercase letters, digits or `-`)")]
+    NotAHost(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -57,7 +60,9 @@ impl Error {
         match self {
             Error::Redis(_) | Error::Bus(_) | Error::Amqp(_) => protocol::Outcome::RetryUnavailable,
             Error::Conflict { .. } => protocol::Outcome::Retry,
-            Error::Corrupt { .. } | Error::Pattern(_) | Error::PatternName { .. } => protocol::Outcome::DeadLetter(self.to_string()),
+            Error::Corrupt { .. } | Error::Pattern(_) | Error::PatternName { .. } | Error::NotAHost(_) => {
+                protocol::Outcome::DeadLetter(self.to_string())
+            }
         }
     }
 }

@@ -42,6 +42,8 @@ pub const CONTAINER_INVENTORY: &str = "container.inventory";
 pub const WORKSPACE_INVENTORY: &str = "workspace.inventory";
 /// What the engine sends a session whose user has spent a budget: the pattern stops it, saved first.
 pub const BUDGET_EXCEEDED: &str = "session.budget_exceeded";
+/// What the engine sends each session on a drained host (`berth host drain`): the pattern moves it.
+pub const SESSION_MOVE: &str = "session.move";
 /// What the reconciler publishes for a workspace no live thred owns: the recovery pattern
 /// freezes, final-syncs and then removes it.
 pub const SESSION_RECOVER: &str = "session.recover";
@@ -239,6 +241,11 @@ impl Keys {
     /// Every host that reported (host id → last report, ms), so the engine can list them.
     pub fn hosts(&self) -> String {
         format!("{}:hosts", self.prefix)
+    }
+    /// Hosts being drained (`berth host drain`): host id → when the drain began (ms). No session
+    /// is placed on them, and their sessions are sent `session.move`.
+    pub fn draining(&self) -> String {
+        format!("{}:draining", self.prefix)
     }
     /// One user's usage in one period (`2026-12-01`, `2026-12`): hash of [`Charge::fields`].
     pub fn usage(&self, user: &str, period: &str) -> String {
@@ -941,6 +948,9 @@ impl Engine {
             if let Err(error) = self.notice_gone_hosts().await {
                 tracing::warn!(%error, "could not check for gone hosts");
             }
+            if let Err(error) = self.move_off_draining_hosts().await {
+                tracing::warn!(%error, "could not move the sessions of drained hosts");
+            }
             for pattern in self.inner.patterns.iter().filter(|pattern| pattern.start.admission.is_some()) {
                 if let Err(error) = self.admit_waiting(pattern, &mut told_positions).await {
                     tracing::warn!(%error, pattern = %pattern.name, "admission round failed; retrying");
@@ -1175,9 +1185,23 @@ impl Engine {
     async fn live_hosts(&self, thred: &Thred) -> Result<Vec<HostView>> {
         let keys = &self.inner.keys;
         let mut redis = self.inner.redis.clone();
-        let ids: Vec<String> = redis.zrange(keys.hosts(), 0, -1).await?;
-        if ids.is_empty() {
+        let (reporting, draining): (Vec<String>, Vec<String>) =
+            redis::pipe().zrange(keys.hosts(), 0, -1).zrange(keys.draining(), 0, -1).query_async(&mut redis).await?;
+        if reporting.is_empty() {
             return Ok(Vec::new());
+        }
+        // A drained host reports on, but takes no session.
+        let ids: Vec<String> = reporting.into_iter().filter(|id| !draining.contains(id)).collect();
+        if ids.is_empty() {
+            // Every reporting host is drained: that is no room anywhere, not "no host reports".
+            return Ok(vec![HostView {
+                id: String::new(),
+                budget_memory_mib: 0,
+                budget_cpu_millis: 0,
+                committed: Committed::default(),
+                sessions: 0,
+                has_workspace: false,
+            }]);
         }
         let mut pipeline = redis::pipe();
         for id in &ids {
@@ -1260,6 +1284,46 @@ impl Engine {
             placement_us = began.elapsed().as_micros() as u64, "placed");
         thred.host = Some(host.id.clone());
         Ok(Placed::Here(host.clone()))
+    }
+
+    /// Sends `session.move` to every live thred placed on a drained host that is not moving yet:
+    /// the pattern freezes, final-syncs and removes it there, and it is placed again elsewhere
+    /// (placement skips drained hosts). The event's id is derived from the thred's version, so each
+    /// replica and each round sends it once per version; a thred in a state that does not move
+    /// (starting, stopping) gets it again once its version changed.
+    async fn move_off_draining_hosts(&self) -> Result<()> {
+        let keys = &self.inner.keys;
+        let mut redis = self.inner.redis.clone();
+        let draining: Vec<String> = redis.zrange(keys.draining(), 0, -1).await?;
+        if draining.is_empty() {
+            return Ok(());
+        }
+        for pattern in self.inner.patterns.iter().filter(|pattern| pattern.start.admission.is_some() && pattern.knows(SESSION_MOVE)) {
+            let user_prefix = keys.user_live(&pattern.name, "");
+            let mut user_keys: Vec<String> = Vec::new();
+            {
+                let mut scan: redis::AsyncIter<String> = redis.scan_match(format!("{user_prefix}*")).await?;
+                while let Some(key) = futures::StreamExt::next(&mut scan).await {
+                    user_keys.push(key);
+                }
+            }
+            for user_key in user_keys {
+                let ids: Vec<String> = redis.smembers(&user_key).await?;
+                for thred in self.load_threds(&ids).await? {
+                    let on_drained = thred.host.as_ref().is_some_and(|host| draining.contains(host));
+                    let moving = thred.context.get("moving").and_then(Value::as_bool).unwrap_or(false);
+                    if thred.ended || !on_drained || moving {
+                        continue;
+                    }
+                    let mut event = CloudEvent::new(SESSION_MOVE, "/berth/engine/drain", Some(&thred.key), json!({"from": thred.host}))
+                        .with_extension("thredid", thred.id.clone());
+                    event.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-move/{}/{}", thred.id, thred.version).as_bytes()).to_string();
+                    tracing::info!(session = %thred.key, host = ?thred.host, state = %thred.state, "host drained; moving the session");
+                    self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &event).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Forgets hosts whose container report expired (they are gone: placement no longer sees

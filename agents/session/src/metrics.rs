@@ -1,9 +1,14 @@
-//! Counters for `GET /metrics`, rendered in the Prometheus text exposition format.
+//! Counters for `GET /metrics`, encoded by `prometheus-client` on each scrape.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use protocol::metrics::prometheus_client::collector::Collector;
+use protocol::metrics::prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use protocol::metrics::prometheus_client::metrics::counter::ConstCounter;
+use protocol::metrics::prometheus_client::metrics::gauge::ConstGauge;
+use protocol::metrics::prometheus_client::registry::Registry;
 
 /// One instance's counters. Cheap to bump from any task.
 #[derive(Debug, Default)]
@@ -44,49 +49,57 @@ impl Metrics {
         *self.auth_failures_by_reason.lock().unwrap_or_else(PoisonError::into_inner).entry(reason).or_insert(0) += 1;
     }
 
-    pub fn render(&self) -> String {
-        let mut text = String::new();
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        };
+    /// The instance's registry for `GET /metrics`: these counters and the bus's.
+    pub fn registry(self: &Arc<Self>, bus: &protocol::Bus) -> Registry {
+        let mut registry = Registry::with_prefix("berth_session");
+        registry.register_collector(Box::new(Collected(self.clone())));
+        bus.register_metrics(&mut registry);
+        registry
+    }
+}
+
+/// Encodes a [`Metrics`] on each scrape.
+#[derive(Debug)]
+struct Collected(Arc<Metrics>);
+
+impl Collector for Collected {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let metrics = &self.0;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        counter("berth_session_connections_total", "WebSocket connections accepted.", load(&self.connections_total));
-        counter(
-            "berth_session_connections_refused_total",
-            "Connections refused because the user already holds the maximum.",
-            load(&self.connections_refused_limit),
-        );
-        counter("berth_session_frames_received_total", "Frames received from clients.", load(&self.frames_received));
-        counter("berth_session_frames_sent_total", "Frames sent to clients.", load(&self.frames_sent));
-        counter("berth_session_frames_refused_total", "Client frames answered with an error.", load(&self.frames_refused));
-        counter("berth_session_auth_failures_total", "Requests refused with 401.", load(&self.auth_failures));
-        counter("berth_session_notifications_received_total", "Notifications consumed from berth.notify.", load(&self.notifications_received));
-        counter("berth_session_notifications_delivered_total", "Status frames queued to sockets.", load(&self.notifications_delivered));
-        counter(
-            "berth_session_notifications_dropped_total",
-            "Status frames dropped because a socket fell behind (the socket is closed and resyncs on reconnect).",
-            load(&self.notifications_dropped),
-        );
-        counter("berth_session_activity_events_total", "session.activity events published.", load(&self.activity_events_published));
-        counter("berth_session_activity_debounced_total", "Activity folded into an earlier event.", load(&self.activity_debounced));
-        counter("berth_session_heartbeat_drops_total", "Sockets dropped for missing heartbeats.", load(&self.sockets_dropped_heartbeat));
-        counter("berth_session_opens_joined_total", "Opens answered with the workspace's live session.", load(&self.opens_joined));
-        counter("berth_session_opens_timed_out_total", "Opens the engine did not answer in time.", load(&self.opens_timed_out));
-        counter("berth_session_connections_refused_busy_total", "TCP connections refused at session.max_connections.", load(&self.connections_refused_busy));
-        counter("berth_session_origins_refused_total", "WebSocket upgrades refused for a foreign Origin.", load(&self.origins_refused));
-        let by_reason = self.auth_failures_by_reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let _ = writeln!(
-            text,
-            "# HELP berth_session_auth_failures_by_reason_total Requests refused with 401, by reason.\n# TYPE berth_session_auth_failures_by_reason_total counter"
-        );
-        for (reason, count) in by_reason {
-            let _ = writeln!(text, "berth_session_auth_failures_by_reason_total{{reason=\"{reason}\"}} {count}");
+        let counters: [(&str, &str, u64); 15] = [
+            ("connections", "WebSocket connections accepted", load(&metrics.connections_total)),
+            ("connections_refused", "connections refused because the user already holds the maximum", load(&metrics.connections_refused_limit)),
+            ("frames_received", "frames received from clients", load(&metrics.frames_received)),
+            ("frames_sent", "frames sent to clients", load(&metrics.frames_sent)),
+            ("frames_refused", "client frames answered with an error", load(&metrics.frames_refused)),
+            ("auth_failures", "requests refused with 401", load(&metrics.auth_failures)),
+            ("notifications_received", "notifications consumed from berth.notify", load(&metrics.notifications_received)),
+            ("notifications_delivered", "status frames queued to sockets", load(&metrics.notifications_delivered)),
+            (
+                "notifications_dropped",
+                "status frames dropped because a socket fell behind (the socket is closed and resyncs on reconnect)",
+                load(&metrics.notifications_dropped),
+            ),
+            ("activity_events", "session.activity events published", load(&metrics.activity_events_published)),
+            ("activity_debounced", "activity folded into an earlier event", load(&metrics.activity_debounced)),
+            ("heartbeat_drops", "sockets dropped for missing heartbeats", load(&metrics.sockets_dropped_heartbeat)),
+            ("opens_joined", "opens answered with the workspace's live session", load(&metrics.opens_joined)),
+            ("opens_timed_out", "opens the engine did not answer in time", load(&metrics.opens_timed_out)),
+            ("connections_refused_busy", "TCP connections refused at session.max_connections", load(&metrics.connections_refused_busy)),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
         }
-        let open = self.connections_open.load(Ordering::Relaxed);
-        let _ = writeln!(
-            text,
-            "# HELP berth_session_connections Open WebSocket connections.\n# TYPE berth_session_connections gauge\nberth_session_connections {open}"
-        );
-        text
+        let origins = ConstCounter::new(load(&metrics.origins_refused));
+        origins.encode(encoder.encode_descriptor("origins_refused", "WebSocket upgrades refused for a foreign Origin", None, origins.metric_type())?)?;
+        let by_reason = metrics.auth_failures_by_reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let mut family = encoder.encode_descriptor("auth_failures_by_reason", "requests refused with 401, by reason", None, origins.metric_type())?;
+        for (reason, count) in by_reason {
+            ConstCounter::new(count).encode(family.encode_family(&[("reason", reason)])?)?;
+        }
+        let open = ConstGauge::new(metrics.connections_open.load(Ordering::Relaxed));
+        open.encode(encoder.encode_descriptor("connections_open", "open WebSocket connections", None, open.metric_type())?)?;
+        Ok(())
     }
 }

@@ -41,6 +41,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub store: SessionStore,
     pub metrics: Arc<Metrics>,
+    /// What `GET /metrics` encodes: `metrics` and the bus's counters.
+    pub metrics_registry: protocol::metrics::prometheus_client::registry::Registry,
     pub consumer_ready: ConsumerReady,
     /// Turns true when the instance shuts down.
     pub stop: watch::Receiver<bool>,
@@ -83,7 +85,8 @@ pub async fn start(
     let activity = ActivityGate::new(config.activity_debounce, config.activity_redis_url.as_deref()).await;
     let api = crate::api::ApiResources::connect(config.activity_redis_url.as_deref()).await;
     let address = listener.local_addr().map(|address| address.to_string()).unwrap_or_default();
-    let state = Arc::new(AppState { config, bus, hub: hub.clone(), store, metrics: metrics.clone(), consumer_ready, stop, activity, api });
+    let metrics_registry = metrics.registry(&bus);
+    let state = Arc::new(AppState { config, bus, hub: hub.clone(), store, metrics: metrics.clone(), metrics_registry, consumer_ready, stop, activity, api });
     let router = router(state.clone());
     let edge = state.config.edge.clone();
     let metrics_for_edge = metrics.clone();
@@ -156,7 +159,7 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
     if let Some(refusal) = crate::edge::metrics_refusal(&state.config.edge, &headers) {
         return refusal;
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, protocol::metrics::CONTENT_TYPE)], protocol::metrics::encode(&state.metrics_registry)).into_response()
 }
 
 /// `?access_token=` from a raw query string (JWTs need no percent-decoding).

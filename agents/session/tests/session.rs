@@ -124,7 +124,7 @@ impl World {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (handle, running) = session::start(config, self.agent_bus.clone(), listener, async move {
+        let (handle, running) = session::start(config, self.bus.clone(), listener, async move {
             let _ = stopped.await;
         })
         .await?;
@@ -1064,10 +1064,11 @@ async fn http_endpoints_and_shutdown() -> Result<()> {
     let (mut socket, _) = connect(&instance, &world.token(&alice, &[])).await?;
     let (status, metrics) = http_get(instance.address, "/metrics", Some(METRICS_TOKEN)).await?;
     assert_eq!(status, 200);
-    for line in ["berth_session_connections 1", "berth_session_connections_total 1", "berth_session_auth_failures_total 0"] {
+    for line in ["berth_session_connections_open 1", "berth_session_connections_total 1", "berth_session_auth_failures_total 0"] {
         assert!(metrics.lines().any(|candidate| candidate == line), "missing {line:?} in\n{metrics}");
     }
-    assert!(metrics.contains("# TYPE berth_session_notifications_delivered_total counter"));
+    assert!(metrics.contains("# TYPE berth_session_notifications_delivered counter"));
+    assert!(metrics.lines().any(|line| line.starts_with("berth_session_bus_connections_total ")), "the bus's counters too: {metrics}");
 
     // Shutdown says goodbye to connected sockets with 1001.
     instance.shutdown().await?;
