@@ -258,3 +258,87 @@ async fn an_engine_killed_mid_claim_leaves_every_slot_claimed_or_free() {
     assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
     deployment.teardown().await;
 }
+
+/// Open→running for `concurrency` opens published at once on one client connection (distinct
+/// users), each closed (and waited for) before the next round; returns one duration per open.
+/// Each sample: (open → running, provisioning → running: the container's part, a claim when warm).
+async fn timed_opens(deployment: &Deployment, client: &protocol::Bus, rounds: usize, concurrency: usize, tag: &str) -> Vec<(Duration, Duration)> {
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        let sessions: Vec<(String, String)> =
+            (0..concurrency).map(|index| (uuid::Uuid::now_v7().to_string(), format!("{tag}-{round}-{index}"))).collect();
+        // A small workspace each (10 files), put before the clock starts.
+        for (_, user) in &sessions {
+            for index in 0..10 {
+                let key = Deployment::object_key(user, "w", &format!("src/file-{index}.txt"));
+                deployment.put_object(&key, format!("file {index}\n").into_bytes()).await.expect("put");
+            }
+        }
+        let began = Instant::now();
+        let publishes = sessions.iter().map(|(session, user)| {
+            let event = protocol::CloudEvent::new("session.open", "/tests/pool", Some(session), json!({"user": user, "workspace": "w"}))
+                .with_extension("userid", user.clone());
+            async move { client.publish_event(&event).await.expect("published") }
+        });
+        futures::future::join_all(publishes).await;
+        for (session, _) in &sessions {
+            let running = deployment.inbox.wait_state(session, "running", STEP).await.expect("running");
+            let provisioning = deployment.inbox.wait_state(session, "provisioning", STEP).await.expect("provisioning");
+            samples.push((running.at.saturating_duration_since(began), running.at.saturating_duration_since(provisioning.at)));
+        }
+        for (session, user) in &sessions {
+            deployment.close(session, user).await.expect("close");
+        }
+        for (session, _) in &sessions {
+            deployment.inbox.wait_terminal(session, STEP).await.expect("closed");
+        }
+    }
+    samples
+}
+
+fn summary(samples: &[Duration]) -> String {
+    let ms = |fraction| protocol::stats::milliseconds(protocol::stats::percentile(samples, fraction));
+    format!("n={:>3}  p50 {:>7.1} ms  p95 {:>7.1} ms  p99 {:>7.1} ms", samples.len(), ms(0.50), ms(0.95), ms(0.99))
+}
+
+/// Figures, not a check (`cargo test --test pool open_figures -- --ignored --nocapture`): open →
+/// running for a warm claim and for a cold open of a small workspace (10 files) at 1, 10 and 50
+/// concurrent opens, one deployment each (pool of 50, and none), in the same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "figures for the README; takes a few minutes"]
+async fn open_figures() {
+    let mut table = Vec::new();
+    for (kind, size) in [("warm", 50u32), ("cold", 0)] {
+        let deployment = Deployment::start(&config(size)).await.expect("deployment");
+        let client = protocol::Bus::connect(
+            protocol::BusConfig::for_identity(deployment.bus.url(), protocol::Identity::Client, "pool-figures").expect("client identity"),
+        )
+        .await
+        .expect("client");
+        let plan: Vec<(usize, usize)> = match std::env::var("BERTH_POOL_FIGURES").as_deref() {
+            Ok("quick") => vec![(1, 10), (10, 1)],
+            _ => vec![(1, 20), (10, 3), (50, 1)],
+        };
+        for (concurrency, rounds) in plan {
+            if size > 0 {
+                wait_for_full_pool(&deployment, size as usize).await;
+            }
+            let samples = timed_opens(&deployment, &client, rounds, concurrency, &format!("{kind}-{concurrency}")).await;
+            let opens: Vec<Duration> = samples.iter().map(|(open, _)| *open).collect();
+            let containers: Vec<Duration> = samples.iter().map(|(_, container)| *container).collect();
+            table.push(format!("{kind} {concurrency:>2} at once  open→running     {}", summary(&opens)));
+            table.push(format!("{kind} {concurrency:>2} at once  provisioning→running {}", summary(&containers)));
+            eprintln!("{}", table[table.len() - 2..].join("\n"));
+        }
+        client.close().await;
+        if let Ok(keep) = std::env::var("BERTH_POOL_FIGURES_LOGS") {
+            let target = Path::new(&keep).join(kind);
+            let _ = std::fs::create_dir_all(&target);
+            for name in ["engine", "container", "workspace"] {
+                let _ = std::fs::copy(deployment.root.join("logs").join(format!("{name}.log")), target.join(format!("{name}.log")));
+            }
+        }
+        deployment.teardown().await;
+    }
+    eprintln!("\n{}", table.join("\n"));
+}

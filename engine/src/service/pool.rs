@@ -240,9 +240,10 @@ impl Engine {
     /// which the next round retires.
     pub(super) async fn keep_pool_forever(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let has_pool = self.inner.patterns.iter().any(|pattern| pattern.start.pool.is_some());
+        let mut free_after_last_round: Option<usize> = None;
         loop {
             if has_pool {
-                if let Err(error) = self.keep_pool().await {
+                if let Err(error) = self.keep_pool(&mut free_after_last_round).await {
                     tracing::warn!(%error, "warm pool round failed; retrying");
                 }
             }
@@ -253,7 +254,10 @@ impl Engine {
         }
     }
 
-    async fn keep_pool(&self) -> Result<()> {
+    /// One round. `free_after_last_round`: the free slots the previous round left; fewer now means
+    /// opens are claiming right now, and making containers would take the host's CPU from them,
+    /// so the refill waits for a round in which none was claimed.
+    async fn keep_pool(&self, free_after_last_round: &mut Option<usize>) -> Result<()> {
         let keys = &self.inner.keys;
         let mut redis = self.inner.redis.clone();
         let (stored, memory): (Vec<(String, String)>, Option<u64>) =
@@ -295,7 +299,12 @@ impl Engine {
             need_memory_mib: capacity.need_memory_mib,
             budget_memory_mib: capacity.budget_memory_mib,
         };
-        let plan = plan(&view);
+        let mut plan = plan(&view);
+        let free_now = slots.iter().filter(|(_, state)| matches!(state, SlotState::Free { .. })).count();
+        if free_after_last_round.is_some_and(|last| free_now < last) {
+            plan.create = 0;
+        }
+        *free_after_last_round = Some(free_now.saturating_sub(plan.retire.len()));
         for slot in &plan.retire {
             // Out of the free set first: whoever removes it there owns it, and no open can claim it.
             let taken: u64 = redis.zrem(keys.pool_free(), slot).await?;

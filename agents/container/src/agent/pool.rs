@@ -198,29 +198,11 @@ impl Agent {
     /// The claim of `slot` for `identity`'s session, before `provision` finds the container by the
     /// session's name. `Ok(None)`: go on provisioning (claimed now or earlier, or the slot's
     /// container is gone and the open goes cold on the session directory); `Some(event)`: refused.
+    /// Two Docker calls at most: the rename answers whether the slot's container exists (404) or
+    /// the session's does already (409), and `provision`'s own inspection checks the labels and
+    /// the claim before anything is unpaused.
     pub(super) async fn claim_pool_container(&self, task: &Task, identity: &SessionIdentity, slot: &str) -> Result<Option<CloudEvent>> {
         let profile = &self.inner.profile;
-        let session_name = spec::container_name(&identity.session);
-        match self.inner.docker.inspect_container(&session_name, None).await {
-            // Claimed already (a redelivery) or made cold: provision checks whose it is.
-            Ok(_) => return Ok(None),
-            Err(error) if docker_status(&error) == Some(404) => {}
-            Err(error) => return Err(Error::from_docker(error)),
-        }
-        let pool_name = spec::pool_container_name(slot);
-        let inspected = match self.inner.docker.inspect_container(&pool_name, None).await {
-            Ok(inspected) => inspected,
-            Err(error) if docker_status(&error) == Some(404) => {
-                tracing::warn!(session_id = %identity.session, slot, "the claimed slot's container is gone; opening cold");
-                return Ok(None);
-            }
-            Err(error) => return Err(Error::from_docker(error)),
-        };
-        let labels = container_labels(&inspected);
-        if !spec::is_deployment_container(&labels, profile) || labels.get(spec::POOL_SLOT_LABEL).map(String::as_str) != Some(slot) {
-            tracing::warn!(session_id = %identity.session, slot, "a container under the slot's name is not the slot's; opening cold");
-            return Ok(None);
-        }
         if let Some(other) = read_claim(profile, slot).filter(|claim| claim.session != identity.session) {
             return Ok(Some(failed(task, "provision", format!("slot {slot} is claimed by session {} already", other.session))));
         }
@@ -235,15 +217,20 @@ impl Agent {
             let (profile, claim) = (profile.clone(), claim.clone());
             tokio::task::spawn_blocking(move || write_claim(&profile, &claim)).await
         };
+        let refusal = |error: String| Ok(Some(failed(task, "provision", format!("cannot write the slot's identity file: {error}"))));
         match written {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => return Ok(Some(failed(task, "provision", format!("cannot write the slot's identity file: {error}")))),
-            Err(error) => return Ok(Some(failed(task, "provision", format!("cannot write the slot's identity file: {error}")))),
+            Ok(Err(error)) => return refusal(error.to_string()),
+            Err(error) => return refusal(error.to_string()),
         }
-        match self.inner.docker.rename_container(&pool_name, RenameContainerOptions { name: session_name.clone() }).await {
+        let (pool_name, session_name) = (spec::pool_container_name(slot), spec::container_name(&identity.session));
+        match self.inner.docker.rename_container(&pool_name, RenameContainerOptions { name: session_name }).await {
             Ok(()) => tracing::info!(session_id = %identity.session, slot, "pool container claimed"),
-            // Someone made the session's container meanwhile, or the slot's vanished: provision decides.
-            Err(error) if matches!(docker_status(&error), Some(404) | Some(409)) => {}
+            Err(error) if docker_status(&error) == Some(404) => {
+                tracing::warn!(session_id = %identity.session, slot, "the claimed slot's container is gone; opening cold");
+            }
+            // The session's container exists already (a redelivery): provision checks whose it is.
+            Err(error) if docker_status(&error) == Some(409) => {}
             Err(error) => return Err(Error::from_docker(error)),
         }
         Ok(None)
