@@ -460,7 +460,7 @@ impl Agent {
             let (container_id, port) = self.wait_until_ready(&name, deadline).await?;
             return Ok(ReadyContainer {
                 container_id,
-                host: spec::PUBLISH_HOST.to_owned(),
+                host: spec::publish_host().to_owned(),
                 port,
                 create_ms,
                 start_ms,
@@ -652,8 +652,8 @@ impl Agent {
         let mut last_inspection = Instant::now();
         loop {
             let answered = match &settings.health {
-                HealthCheck::Http(path) => probe::http_ready(spec::PUBLISH_HOST, port, path).await,
-                HealthCheck::Tcp => probe::tcp_ready(spec::PUBLISH_HOST, port).await,
+                HealthCheck::Http(path) => probe::http_ready(spec::publish_host(), port, path).await,
+                HealthCheck::Tcp => probe::tcp_ready(spec::publish_host(), port).await,
                 HealthCheck::Docker => docker_health(&inspected)?,
             };
             if answered {
@@ -1242,7 +1242,7 @@ fn published_port(inspected: &ContainerInspectResponse, port_key: &str) -> Optio
         .get(port_key)?
         .as_ref()?
         .iter()
-        .filter(|binding| binding.host_ip.as_deref().is_none_or(|ip| ip == spec::PUBLISH_HOST))
+        .filter(|binding| binding.host_ip.as_deref().is_none_or(|ip| ip == spec::publish_host()))
         .find_map(|binding| binding.host_port.as_deref()?.parse().ok())
 }
 

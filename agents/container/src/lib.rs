@@ -28,6 +28,7 @@ pub use spec::SessionIdentity;
 /// Runs `berth agent container` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     spec::check_container_hardening(&profile)?;
+    spec::check_publish_address().map_err(anyhow::Error::msg)?;
     let docker = connect_docker().await?;
     let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Container, "berth-agent-container")?).await?;
     bus.declare_topology().await?;

@@ -26,8 +26,32 @@ pub const DEPLOYMENT_LABEL: &str = "berth.deployment";
 /// carries a session label: its claim lives in the engine's state and its name.
 pub const POOL_SLOT_LABEL: &str = "berth.pool.slot";
 
-/// Host address the service port is published on: never reachable from outside the machine.
+/// Host address the service port is published on unless `BERTH_PUBLISH_ADDRESS` says otherwise:
+/// never reachable from outside the machine.
 pub const PUBLISH_HOST: &str = "127.0.0.1";
+/// The address session ports are published on and reported in `container.ready`, for a host
+/// whose sessions the session agent reaches from another machine: that host's address on the
+/// private network between the machines (never a public one: the service port has no auth of its
+/// own). Unset: [`PUBLISH_HOST`].
+pub const PUBLISH_ADDRESS_ENV: &str = "BERTH_PUBLISH_ADDRESS";
+
+/// The address session ports are published on ([`PUBLISH_ADDRESS_ENV`], read once).
+pub fn publish_host() -> &'static str {
+    static ADDRESS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ADDRESS.get_or_init(|| match std::env::var(PUBLISH_ADDRESS_ENV) {
+        Ok(text) if text.trim().parse::<std::net::IpAddr>().is_ok() => text.trim().to_owned(),
+        _ => PUBLISH_HOST.to_owned(),
+    })
+}
+
+/// Refuses a `BERTH_PUBLISH_ADDRESS` that is not an IP address (checked at start, so a typo is an
+/// error rather than a silent fallback to loopback).
+pub fn check_publish_address() -> Result<(), String> {
+    match std::env::var(PUBLISH_ADDRESS_ENV) {
+        Ok(text) if text.trim().parse::<std::net::IpAddr>().is_err() => Err(format!("{PUBLISH_ADDRESS_ENV}={text:?} is not an IP address")),
+        _ => Ok(()),
+    }
+}
 /// Docker's log driver for session containers, always with `max-size` and `max-file`.
 pub const LOG_DRIVER: &str = "json-file";
 /// Docker's option that stops containers on one bridge from talking to each other.
@@ -262,7 +286,7 @@ fn config_with(
         port_bindings: Some(HashMap::from([(
             port_key.clone(),
             // No host port: Docker picks a free one, and we read it back after start.
-            Some(vec![PortBinding { host_ip: Some(PUBLISH_HOST.to_owned()), host_port: None }]),
+            Some(vec![PortBinding { host_ip: Some(publish_host().to_owned()), host_port: None }]),
         )])),
         ipc_mode: Some("private".to_owned()),
         privileged: Some(false),
