@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -235,6 +235,8 @@ type PendingReplies = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<Vec<u
 pub struct Bus {
     config: Arc<BusConfig>,
     link: Arc<Mutex<Option<Link>>>,
+    /// Held by the one caller reconnecting at a time.
+    reconnecting: Arc<Mutex<()>>,
     replies: Arc<Mutex<Option<(Channel, PendingReplies)>>>,
     retry: Arc<RetryPolicy>,
     dead_exchange: Arc<str>,
@@ -247,6 +249,7 @@ impl Bus {
         let bus = Bus {
             config: Arc::new(config),
             link: Arc::new(Mutex::new(None)),
+            reconnecting: Arc::new(Mutex::new(())),
             replies: Arc::new(Mutex::new(None)),
             retry: Arc::new(RetryPolicy::standard()),
             dead_exchange: Arc::from(topology::DEAD_EXCHANGE),
@@ -333,21 +336,32 @@ impl Bus {
     }
 
     /// The shared publishing channel (confirm mode), reconnecting when the connection is gone.
+    /// The link's lock is held only to read or swap it, never across a reconnect (which backs off
+    /// for as long as the broker is away), so readiness and other callers are answered at once;
+    /// reconnects themselves take turns.
     async fn publisher(&self) -> Result<Channel> {
-        let mut link = self.link.lock().await;
-        if let Some(existing) = link.as_ref() {
-            if existing.connection.status().connected() && existing.publisher.status().connected() {
-                return Ok(existing.publisher.clone());
-            }
+        if let Some(publisher) = self.live_publisher().await {
+            return Ok(publisher);
         }
-        let connection = match link.take() {
-            Some(existing) if existing.connection.status().connected() => existing.connection,
-            _ => self.open_connection().await?,
+        let _turn = self.reconnecting.lock().await;
+        if let Some(publisher) = self.live_publisher().await {
+            return Ok(publisher);
+        }
+        let kept = self.link.lock().await.take().map(|link| link.connection).filter(|connection| connection.status().connected());
+        let connection = match kept {
+            Some(connection) => connection,
+            None => self.open_connection().await?,
         };
         let publisher = connection.create_channel().await?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;
-        *link = Some(Link { connection, publisher: publisher.clone() });
+        *self.link.lock().await = Some(Link { connection, publisher: publisher.clone() });
         Ok(publisher)
+    }
+
+    async fn live_publisher(&self) -> Option<Channel> {
+        let link = self.link.lock().await;
+        let link = link.as_ref()?;
+        (link.connection.status().connected() && link.publisher.status().connected()).then(|| link.publisher.clone())
     }
 
     /// A fresh channel on the shared connection (for consumers and declarations).
@@ -820,7 +834,15 @@ impl Bus {
             let retries = retries.clone();
             in_flight.spawn(async move {
                 let started = std::time::Instant::now();
-                let outcome = handler(incoming.clone()).await;
+                // A panicking handler must not leave its delivery unacked until the channel
+                // closes: it counts as a failed attempt (dead-lettered after the limit).
+                let outcome = match std::panic::AssertUnwindSafe(handler(incoming.clone())).catch_unwind().await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        tracing::error!(queue = %retries.queue, "handler panicked; the message is retried");
+                        Outcome::Retry
+                    }
+                };
                 bus.metrics.handled(&retries.queue, outcome.label(), started.elapsed());
                 settle(&bus, &retries, &delivery, &incoming, outcome).await;
                 drop(permit);

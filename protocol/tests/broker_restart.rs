@@ -107,13 +107,21 @@ async fn broker_restart_during_a_stream_loses_no_confirmed_event() {
 
     // Restart the broker once a few hundred events are through.
     wait_until(Duration::from_secs(60), || received.lock().unwrap().len() >= 200).await;
-    tokio::task::spawn_blocking(|| {
-        rabbitmqctl("stop_app");
-        std::thread::sleep(Duration::from_secs(2));
-        rabbitmqctl("start_app");
+    tokio::task::spawn_blocking(|| rabbitmqctl("stop_app")).await.expect("stop");
+    // While the publisher reconnects (backing off), readiness is answered at once and says no.
+    let outage_seen = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let answer = tokio::time::timeout(Duration::from_secs(1), bus.is_connected()).await;
+            if !answer.expect("is_connected answers at once while a reconnect is under way") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
-    .await
-    .expect("restart");
+    .await;
+    assert!(outage_seen.is_ok(), "the bus noticed the broker was gone");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::spawn_blocking(|| rabbitmqctl("start_app")).await.expect("start");
 
     let confirmed = publisher.await.expect("publisher task");
     wait_until(Duration::from_secs(120), || received.lock().unwrap().len() >= EVENTS).await;

@@ -228,6 +228,47 @@ async fn failures_wait_outside_the_work_queue_and_are_dead_lettered_after_the_at
 }
 
 #[tokio::test]
+async fn a_panicking_handler_is_a_failed_attempt_and_the_consumer_keeps_going() {
+    let policy = RetryPolicy::new(&[Duration::from_millis(100)], 2, 50);
+    let dead = DeadLetters::new(&bus("test-panic").await).await;
+    let bus = bus("test-panic").await.with_retry_policy(policy).with_dead_exchange(&dead.exchange);
+    let (queue, routing_key) = work_queue(&bus).await;
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let recorder = acked.clone();
+    let handler = move |incoming: Incoming| {
+        let recorder = recorder.clone();
+        async move {
+            if incoming.body == b"poison" {
+                panic!("a handler bug");
+            }
+            recorder.lock().unwrap().push(incoming.body.clone());
+            Outcome::Ack
+        }
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer_bus = bus.clone();
+    let spec = ConsumeSpec::new(&queue, 4);
+    let consumer = tokio::spawn(async move { consumer_bus.consume(spec, handler, async { stopped.await.ok(); }).await });
+    for body in [&b"poison"[..], b"good"] {
+        bus.publish("amq.direct", &routing_key, body, Default::default()).await.expect("confirmed");
+    }
+
+    let dead_letters = common::collect_messages(&bus, &dead.queue, 1, Duration::from_secs(30)).await;
+    wait_until(Duration::from_secs(10), || acked.lock().unwrap().len() == 1).await;
+    stop.send(()).ok();
+    consumer.await.expect("consumer task").expect("consumer ends cleanly");
+    let (body, headers) = &dead_letters[0];
+    assert_eq!(body, b"poison");
+    assert_eq!(headers[topology::REASON_HEADER], "gave up after 2 failed attempts (retry limit 2)");
+    assert_eq!(*acked.lock().unwrap(), [b"good".to_vec()], "other messages flow while one panics");
+    assert_eq!(ready_messages(&bus, &queue).await, Some(0), "nothing left unacked or waiting");
+    bus.delete_retry_queues(&queue).await.expect("delay queues deleted");
+    bus.delete_queue(&queue).await.ok();
+    dead.delete(&bus).await;
+    bus.close().await;
+}
+
+#[tokio::test]
 async fn delay_queues_are_declared_when_a_retry_finds_them_missing() {
     let policy = RetryPolicy::new(&[Duration::from_millis(100)], 3, 3);
     let bus = bus("test-missing-delay").await.with_retry_policy(policy.clone());
