@@ -35,7 +35,7 @@ pub struct PublishArgs {
     #[arg(long, env = "BERTH_AMQP_URL")]
     amqp_url: Option<String>,
     /// The bus identity to publish as: `client` (its own RabbitMQ user, which may publish only
-    /// `session.open`, `.close`, `.activity` and `.stats`) or `admin` (the user of the broker URL).
+    /// the session events of `protocol::identity::CLIENT_SESSION_EVENTS`) or `admin` (the user of the broker URL).
     #[arg(long = "as", default_value = "client", value_parser = ["client", "admin"])]
     identity: String,
 }

@@ -124,7 +124,7 @@ impl World {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (handle, running) = session::start(config, self.bus.clone(), listener, async move {
+        let (handle, running) = session::start(config, self.agent_bus.clone(), listener, async move {
             let _ = stopped.await;
         })
         .await?;
