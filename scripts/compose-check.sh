@@ -437,8 +437,22 @@ PYTHON
   fi
 fi
 
+# The second-host stack: it renders with its three required variables, refuses to render without
+# them, and runs a host's agents only (no broker, no Redis, no store, no engine, no session agent).
+host_file="$here/compose/docker-compose.host.yml"
+host_env=(BERTH_HOST=h2 BERTH_CONTROL_PLANE=10.0.0.1 BERTH_PUBLISH_ADDRESS=10.0.0.2)
+if ! host_errors=$(env "${host_env[@]}" "${compose[@]}" -f "$host_file" config -q 2>&1); then
+  fail "docker-compose config refuses $host_file: $host_errors"
+elif env -u BERTH_HOST "${compose[@]}" -f "$host_file" config -q >/dev/null 2>&1; then
+  fail "$host_file renders without BERTH_HOST: a host must name itself"
+else
+  host_services=$(env "${host_env[@]}" "${compose[@]}" -f "$host_file" config --services | sort | tr '\n' ' ')
+  [ "$host_services" = "container-agent workspace-agent workspace-root " ] \
+    || fail "$host_file runs $host_services; a second host runs its container and workspace agents only"
+fi
+
 if [ "$problems" -gt 0 ]; then
   note "$problems problem(s) in compose/"
   exit 1
 fi
-note "ok: compose/docker-compose.yml and compose/Dockerfile pass every check"
+note "ok: compose/docker-compose.yml, compose/docker-compose.host.yml and compose/Dockerfile pass every check"
