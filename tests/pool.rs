@@ -31,6 +31,8 @@ fn config(size: u32) -> HarnessConfig {
         + &format!("\n[pool]\nsize = {size}\nmax_idle_secs = 0\n");
     // Twenty sessions of 48 MiB and 0.5 CPU must fit the budget; users are distinct.
     config.profile_text = config.profile_text.replace("host_memory_mib = 0", "host_memory_mib = 8192");
+    // The host's workspace cache on, so a warm reopen takes it.
+    config.profile_text = config.profile_text.replace("quota_mib = 512", "quota_mib = 512\ncache_mib = 512");
     config
 }
 
@@ -144,6 +146,24 @@ async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_re
     wait_until("the ended claim forgotten", &deployment, || !slot_states(&deployment).contains_key(&slot)).await;
     assert!(!free_slots(&deployment).contains(&slot));
     assert!(!deployment.directories().contains(&session), "{:?}", deployment.directories());
+
+    // Reopened warm, the workspace comes from the host's cache into the claimed slot's directory
+    // (the one the container has mounted), never in place of it.
+    let reopened = uuid::Uuid::now_v7().to_string();
+    open(&deployment, &reopened, user, "w1").await;
+    let running = deployment.inbox.wait_state(&reopened, "running", STEP).await.expect("running again");
+    let (_, slot) = containers(&deployment).get(&Deployment::container_name(&reopened)).cloned().expect("the reopened session's container");
+    assert!(!slot.is_empty(), "reopened on a pool container");
+    assert!(deployment.log(Component::Workspace).contains("reopened from the host's workspace cache"), "the cache was used");
+    let port = port_of(&running.notification.detail);
+    for (path, content) in [("/hello.txt", &b"hello from the store\n"[..]), ("/made-inside.txt", &b"work\n"[..])] {
+        let (status, body) = http_get(port, path).expect("the workspace answers");
+        assert_eq!((status, body.as_slice()), (200, content), "{path}");
+    }
+    deployment.write_inside(&reopened, "again.txt", b"again\n").expect("the container writes in its workspace");
+    deployment.close(&reopened, user).await.expect("close");
+    deployment.inbox.wait_terminal(&reopened, STEP).await.expect("closed");
+    assert_eq!(deployment.get_object(&Deployment::object_key(user, "w1", "again.txt")).await.expect("get"), Some(b"again\n".to_vec()));
     assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
     deployment.teardown().await;
 }

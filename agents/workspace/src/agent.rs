@@ -2331,6 +2331,27 @@ fn place_cached(taken: &cache::Taken, placing: &Placing) -> Result<()> {
     if placing.session_volume.exists() {
         return Err(Error::Filesystem(format!("{} already exists", placing.session_volume.image.display())));
     }
+    // An empty session directory that exists already is a claimed warm-pool slot's, bind-mounted
+    // in its container since before the claim: replacing it would leave the container on the old,
+    // deleted inode. The cached entries move into it instead (each a rename on the same file
+    // system), and it takes the cached folder's mode and owner.
+    let existing_empty = std::fs::read_dir(&placing.session_dir).is_ok_and(|mut entries| entries.next().is_none());
+    if taken.record.holder == cache::Holder::Directory && existing_empty {
+        let cached = taken.directory();
+        let entries = std::fs::read_dir(&cached).map_err(|source| Error::io("listing the cached workspace", &cached, source))?;
+        for entry in entries {
+            let entry = entry.map_err(|source| Error::io("listing the cached workspace", &cached, source))?;
+            let destination = placing.session_dir.join(entry.file_name());
+            std::fs::rename(entry.path(), &destination).map_err(|source| Error::io("moving a cached entry to", &destination, source))?;
+        }
+        if let Ok(metadata) = std::fs::metadata(&cached) {
+            let _ = std::fs::set_permissions(&placing.session_dir, metadata.permissions());
+        }
+        if let Some(owner) = placing.owner {
+            fsops::change_owner(&placing.session_dir, owner);
+        }
+        return Ok(());
+    }
     match std::fs::remove_dir(&placing.session_dir) {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
