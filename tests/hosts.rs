@@ -301,3 +301,46 @@ async fn a_drained_host_moves_its_sessions_to_another_host_with_their_files_inta
     drop(h2);
     deployment.teardown().await;
 }
+
+/// Figures, not a check (run with `--ignored --nocapture`): open→running on each of three hosts,
+/// nine sessions opened one after another, which placement spreads h2, h3, local, h2, … (equal
+/// room: the most free memory, then the host id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn open_to_running_on_each_of_three_hosts() {
+    let deployment = Deployment::start(&config(0)).await.expect("deployment");
+    let h2 = Host::start(&deployment, "h2").expect("host h2");
+    let h3 = Host::start(&deployment, "h3").expect("host h3");
+    wait_hosts(&deployment, &["h2", "h3", "local"]).await.expect("three hosts report");
+    let mut timings: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
+    let mut sessions = Vec::new();
+    for index in 0..9 {
+        let user = format!("u{index}");
+        let began = Instant::now();
+        let session = open_running(&deployment, &user).await.expect("a session runs");
+        let took_ms = began.elapsed().as_secs_f64() * 1000.0;
+        let name = Deployment::container_name(&session);
+        let host = if h2.containers().contains(&name) {
+            "h2"
+        } else if h3.containers().contains(&name) {
+            "h3"
+        } else {
+            "local"
+        };
+        timings.entry(host).or_default().push(took_ms);
+        sessions.push((user, session));
+    }
+    for (host, mut took) in timings {
+        took.sort_by(f64::total_cmp);
+        println!("open→running on {host:>5}: {:?} ms (median {:.0} ms)", took.iter().map(|ms| ms.round() as u64).collect::<Vec<_>>(), took[took.len() / 2]);
+    }
+    for (user, session) in &sessions {
+        deployment.close(session, user).await.expect("close");
+    }
+    for (_, session) in &sessions {
+        deployment.inbox.wait_terminal(session, STEP).await.expect("closed");
+    }
+    drop(h2);
+    drop(h3);
+    deployment.teardown().await;
+}
