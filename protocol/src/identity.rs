@@ -492,6 +492,6 @@ mod tests {
         assert_eq!(engine.configure, "^((berth|berth-test\\.[^.]+)\\.(engine(\\.retry\\.[0-9a-z]+)?)|berth-test\\..*)$");
         let client = permissions(Identity::Client);
         assert_eq!(client.write, "^(berth|berth-test\\.[^.]+)\\.(events)$");
-        assert_eq!(client.topics[0].write, "^(session\\.open|session\\.close|session\\.activity|session\\.stats)$");
+        assert_eq!(client.topics[0].write, "^(session\\.open|session\\.close|session\\.activity|session\\.keepalive|session\\.stats)$");
     }
 }
