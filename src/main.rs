@@ -62,7 +62,7 @@ enum Command {
     },
     /// Measure a component against a baseline taken in the same run.
     Bench {
-        #[arg(value_parser = ["engine", "provision", "workspace", "store", "session", "e2e", "open", "faults", "proxy"])]
+        #[arg(value_parser = ["engine", "provision", "workspace", "store", "session", "e2e", "open", "density", "faults", "proxy"])]
         what: String,
         /// `faults`: times the whole fault matrix runs.
         #[arg(long, default_value_t = 1)]
@@ -76,6 +76,9 @@ enum Command {
         /// `open`: the large workspace reopened with one change, in MiB (5120 for 5 GB).
         #[arg(long, default_value_t = 1024)]
         large_mib: u64,
+        /// `density`: the most sessions opened per idle tier.
+        #[arg(long, default_value_t = 200)]
+        max_sessions: usize,
     },
 }
 
@@ -152,7 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Bench { what, levels, large_mib, .. } => {
+        Command::Bench { what, levels, large_mib, max_sessions, .. } => {
             let profile = load_profile()?;
             match what.as_str() {
                 "engine" => engine::bench(profile).await?,
@@ -162,6 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "session" => session::bench(profile).await?,
                 "e2e" => bootstrap::bench(profile).await?,
                 "open" => bootstrap::bench_open(profile, bootstrap::OpenBenchSettings { levels, large_mib }).await?,
+                "density" => bootstrap::bench_density(profile, bootstrap::DensitySettings { max_sessions }).await?,
                 "proxy" => bootstrap::bench_proxy(profile).await?,
                 other => anyhow::bail!("unknown benchmark {other}"),
             }

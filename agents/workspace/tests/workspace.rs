@@ -1636,6 +1636,9 @@ async fn reopen_from_the_cache_fetches_only_what_changed_in_the_store(backend: B
     if nix_is_root() {
         assert!(entries[0].join("workspace.img").is_file(), "an image-backed workspace is cached as its image");
     }
+    // The engine's reconciler never sees a cached workspace (it would take it for stranded work).
+    let listed = first.agent.inventory().await.unwrap();
+    assert!(listed.is_empty(), "the inventory lists no directory: {listed:?}");
 
     // Meanwhile, elsewhere: same size, other bytes (only the ETag tells); one deleted; one new.
     let replacement = vec![b'x'; files[&changed].len()];
