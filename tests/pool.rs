@@ -97,7 +97,7 @@ async fn open(deployment: &Deployment, session: &str, user: &str, workspace: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_removes_it() {
-    let mut deployment = Deployment::start(&config(2)).await.expect("deployment");
+    let deployment = Deployment::start(&config(2)).await.expect("deployment");
     let slots = wait_for_full_pool(&deployment, 2).await;
     // Before a claim a slot holds nothing of anyone: an empty directory, no identity, no session.
     for slot in &slots {
@@ -170,7 +170,7 @@ async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_racing_opens_on_a_pool_of_five_claim_each_slot_exactly_once() {
-    let mut deployment = Deployment::start(&config(5)).await.expect("deployment");
+    let deployment = Deployment::start(&config(5)).await.expect("deployment");
     let initial = wait_for_full_pool(&deployment, 5).await;
     let sessions: Vec<(String, String)> = (0..20).map(|index| (uuid::Uuid::now_v7().to_string(), format!("racer-{index}"))).collect();
     let opens = sessions.iter().map(|(session, user)| open(&deployment, session, user, "w"));
@@ -361,4 +361,33 @@ async fn open_figures() {
         deployment.teardown().await;
     }
     eprintln!("\n{}", table.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_removes_pool_containers_nobody_knows_and_replaces_dead_ones() {
+    let deployment = Deployment::start(&config(2)).await.expect("deployment");
+    let slots: Vec<String> = wait_for_full_pool(&deployment, 2).await.into_iter().collect();
+    let (unknown, dead) = (slots[0].clone(), slots[1].clone());
+    // One slot Redis forgets (as after a lost write), one whose container dies while free.
+    deployment.redis_cli(&["zrem", POOL_FREE, &unknown]).expect("zrem");
+    deployment.redis_cli(&["hdel", POOL_SLOTS, &unknown]).expect("hdel");
+    let dead_name = format!("berth-pool-{dead}");
+    docker(&["unpause", &dead_name]);
+    docker(&["kill", &dead_name]);
+    let unknown_name = format!("berth-pool-{unknown}");
+    wait_until("both pool containers gone", &deployment, || {
+        let listed = containers(&deployment);
+        !listed.contains_key(&unknown_name) && !listed.contains_key(&dead_name)
+    })
+    .await;
+    let states = slot_states(&deployment);
+    assert!(!states.contains_key(&unknown) && !states.contains_key(&dead), "{states:?}");
+    // And the pool is whole again, with new slots.
+    let refilled = wait_for_full_pool(&deployment, 2).await;
+    assert!(!refilled.contains(&unknown) && !refilled.contains(&dead));
+    for slot in [&unknown, &dead] {
+        assert!(!deployment.deployment_root().join(".berth-pool").join(slot).exists(), "slot {slot}'s directory is gone");
+    }
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    deployment.teardown().await;
 }
