@@ -611,3 +611,114 @@ async fn a_reopen_on_the_same_host_starts_from_the_cached_workspace() {
     inbox.wait_for(&second, "closed", &berth).await;
     bus.close().await;
 }
+
+/// Starts `script` in the session's container in the background (`docker exec -d`: no terminal).
+fn start_in_container(container: &str, script: &str) {
+    run_ok("docker", &["exec", "-d", container, "sh", "-c", script]);
+}
+
+/// Stops what `start_in_container` started with `script` (the image has `ps` but no `pkill`;
+/// the first character in brackets keeps the search from finding itself).
+fn stop_in_container(container: &str, script: &str) {
+    let pattern = format!("[{}]{}", &script[..1], &script[1..]);
+    let kill = format!("kill $(ps -o pid,args | grep '{pattern}' | sed 's/^ *\\([0-9]*\\).*/\\1/')");
+    run_ok("docker", &["exec", container, "sh", "-c", &kill]);
+}
+
+/// Waits `window` and fails if `session` paused meanwhile (the container is checked, not only
+/// the notifications).
+async fn stays_running(inbox: &mut Inbox, session: &str, container: &str, window: Duration, what: &str, berth: &Berth) {
+    let until = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < until {
+        while let Ok(notification) = inbox.receiver.try_recv() {
+            inbox.seen.push(notification);
+        }
+        let paused = inbox.seen.iter().any(|n| n.session.as_deref() == Some(session) && n.state == "idle");
+        assert!(!paused, "{what}: the session was paused while working\n--- berth log ---\n{}", berth.log());
+        assert_eq!(docker_inspect(container, "{{.State.Paused}}").as_deref(), Some("false"), "{what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Issue 16.3 and 16.4 on the real `berth dev` (profile `ladder`: pause after 3 s without input
+/// or work, dormant 8 s after pausing, closed 20 s after pausing): a busy loop and a background
+/// writer keep the session running; a quiet session is warned, paused, woken in place, paused
+/// again, stopped with its directory kept, woken on the same directory (its files intact, maybe
+/// on a new port), and finally closed with every file saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_idle_ladder() {
+    let environment = Environment::new();
+    let user = format!("dora-{}", &environment.bucket[10..18]);
+    environment.put_object(&format!("ladder/{user}/wl/hello.txt"), b"hello\n");
+    let mut berth = environment.start_berth("ladder");
+    berth.wait_ready().await;
+    let bus = Bus::connect(BusConfig::new(&environment.amqp_url(), "e2e-client")).await.expect("broker");
+    let mut inbox = Inbox::open(&bus, &user).await;
+    let session = uuid::Uuid::now_v7().to_string();
+    let container = format!("berth-{session}");
+    publish(&bus, "session.open", &session, &user, json!({"user": user, "workspace": "wl"})).await;
+    inbox.wait_for(&session, "running", &berth).await;
+    // One client connection, made before any wake is timed.
+    let client = Bus::connect(BusConfig::for_identity(bus.url(), protocol::Identity::Client, "e2e-ladder").expect("client identity")).await.expect("broker");
+    let activity = || CloudEvent::new("session.activity", "/tests/e2e", Some(&session), json!({"source": "api"})).with_extension("userid", &user);
+
+    // Work: a busy loop, then a background writer, each for several idle intervals.
+    let busy_loop = "while :; do :; done";
+    start_in_container(&container, busy_loop);
+    stays_running(&mut inbox, &session, &container, Duration::from_secs(10), "a busy loop", &berth).await;
+    stop_in_container(&container, busy_loop);
+    let writer = "while :; do date > /workspace/clock.txt; sleep 1; done";
+    start_in_container(&container, writer);
+    stays_running(&mut inbox, &session, &container, Duration::from_secs(10), "a background writer", &berth).await;
+    stop_in_container(&container, writer);
+    run_ok("docker", &["exec", &container, "sh", "-c", "echo last words > /workspace/notes.txt"]);
+    let working = inbox.seen.iter().filter(|n| n.session.as_deref() == Some(session.as_str()) && n.detail.get("working").is_some()).count();
+    assert!(working >= 2, "each kept deadline tells the user why ({working} notifications)");
+
+    // Quiet: a warning, then the pause; a wake from the paused tier resumes the same container.
+    let warning = loop {
+        let next = inbox.wait_for_next(&session, "running", &berth).await;
+        if next.detail["warning"] == "pause" {
+            break next;
+        }
+    };
+    assert_eq!(warning.detail["in_secs"], json!(1));
+    let paused = inbox.wait_for_next(&session, "idle", &berth).await;
+    assert_eq!(paused.detail["tier"], json!("paused"));
+    wait_for_condition("paused", &berth, || docker_inspect(&container, "{{.State.Paused}}").as_deref() == Some("true")).await;
+    let woken_at = Instant::now();
+    client.publish_event(&activity()).await.expect("published");
+    let running = inbox.wait_for_next(&session, "running", &berth).await;
+    // A request to a container still frozen waits in the kernel until it thaws: the first answer
+    // is the wake as the user sees it.
+    assert_eq!(http_get(port_of(&running), "/notes.txt").map(|(_, body)| body), Some(b"last words\n".to_vec()));
+    eprintln!("wake from the paused tier: {} ms (activity published → first HTTP answer)", woken_at.elapsed().as_millis());
+
+    // Quiet again: paused, then dormant (the container stopped, the directory kept).
+    inbox.wait_for_next(&session, "idle", &berth).await;
+    let dormant = inbox.wait_for_next(&session, "dormant", &berth).await;
+    assert_eq!(dormant.detail["tier"], json!("dormant"));
+    wait_for_condition("stopped", &berth, || docker_inspect(&container, "{{.State.Status}}").as_deref() == Some("exited")).await;
+    assert_eq!(std::fs::read(environment.session_dir(&session).join("notes.txt")).expect("the directory is kept"), b"last words\n");
+    let woken_at = Instant::now();
+    client.publish_event(&activity()).await.expect("published");
+    inbox.wait_for_next(&session, "waking", &berth).await;
+    let running = inbox.wait_for_next(&session, "running", &berth).await;
+    let port = port_of(&running);
+    assert_eq!(http_get(port, "/notes.txt").map(|(_, body)| body), Some(b"last words\n".to_vec()), "the same files on port {port}");
+    eprintln!("wake from the dormant tier: {} ms (activity published → first HTTP answer)", woken_at.elapsed().as_millis());
+    assert!(http_get(port, "/clock.txt").is_some_and(|(status, _)| status == 200));
+    let materialized = inbox.seen.iter().filter(|n| n.session.as_deref() == Some(session.as_str()) && n.state == "materializing").count();
+    assert_eq!(materialized, 1, "a wake from the dormant tier does not materialize again");
+
+    // Quiet for the whole ladder: closed at the longest interval, everything saved first.
+    inbox.wait_for_next(&session, "dormant", &berth).await;
+    let stopped = inbox.wait_for_next(&session, "stopped", &berth).await;
+    assert_eq!(stopped.detail["reason"], json!("idle"));
+    assert_eq!(environment.get_object(&format!("ladder/{user}/wl/notes.txt")).as_deref(), Some(&b"last words\n"[..]));
+    assert!(environment.get_object(&format!("ladder/{user}/wl/clock.txt")).is_some_and(|body| !body.is_empty()));
+    assert!(!environment.session_dir(&session).exists(), "the directory goes only after the final sync");
+    assert!(docker_inspect(&container, "{{.State.Status}}").is_none(), "the container is removed");
+    client.close().await;
+    bus.close().await;
+}

@@ -100,6 +100,12 @@ fn every_profile_keeps_the_shared_invariants() {
         assert!(container.ready_timeout_secs < timers.idle_after_secs, "{name}: ready timeout must be shorter than the idle timeout");
         assert!(timers.idle_after_secs < timers.max_age_secs, "{name}: going idle must come before the age cap");
         assert!(timers.autosave_secs < timers.max_age_secs, "{name}: an autosave must happen before the age cap");
+        // The idle ladder climbs in order, and each warning comes before the step it announces.
+        assert!(timers.dormant_after_idle_secs < timers.stop_after_idle_secs, "{name}: the dormant tier must come before the close");
+        for step in [timers.idle_after_secs, timers.dormant_after_idle_secs, timers.stop_after_idle_secs].into_iter().filter(|step| *step > 0) {
+            assert!(timers.idle_warning_secs < step, "{name}: a warning {} s before a step {step} s away", timers.idle_warning_secs);
+        }
+        assert!(timers.idle_cpu_percent > 0.0 && timers.idle_cpu_percent < 100.0, "{name}: the CPU threshold is a share of one CPU");
         // Workspace processes never run as root: the files they write belong to the Berth user.
         let user = container.user.as_deref().unwrap_or_else(|| panic!("{name}: container.user must be set"));
         let uid = user.split(':').next().unwrap_or_default();
@@ -147,4 +153,9 @@ fn a_broken_profile_is_refused_with_the_file_and_the_field() {
     // What the lab seed asked for to run Docker-in-Docker.
     check(|text| text.replace("[container]\n", "[container]\nprivileged = true\n"), &["`container.privileged`"]);
     check(|text| text.replace("[timers]\n", "[timers]\nidle_after_minutes = 15\n"), &["unknown field `idle_after_minutes`"]);
+    // The idle ladder: the dormant tier before the close, warnings before their steps, a real threshold.
+    check(|text| text.replace("dormant_after_idle_secs = 1200", "dormant_after_idle_secs = 3600"), &[path, "`timers.dormant_after_idle_secs`"]);
+    check(|text| text.replace("idle_warning_secs = 120", "idle_warning_secs = 900"), &[path, "`timers.idle_warning_secs`"]);
+    check(|text| text.replace("idle_cpu_percent = 5.0", "idle_cpu_percent = 0.0"), &[path, "`timers.idle_cpu_percent`"]);
+    check(|text| text.replace("max_keepalives = 6\n", ""), &[path, "missing field `max_keepalives`"]);
 }
