@@ -49,6 +49,9 @@ pub enum Error {
     Conflict { thred: String },
     #[error("{0:?} is not a host id (1-40 lowercase letters, digits or `-`)")]
     NotAHost(String),
+    /// A background task (timers, admitter, …) ended while the engine was running.
+    #[error("engine stopped: {0}")]
+    Stopped(protocol::supervise::Ended),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -60,7 +63,7 @@ impl Error {
         match self {
             Error::Redis(_) | Error::Bus(_) | Error::Amqp(_) => protocol::Outcome::RetryUnavailable,
             Error::Conflict { .. } => protocol::Outcome::Retry,
-            Error::Corrupt { .. } | Error::Pattern(_) | Error::PatternName { .. } | Error::NotAHost(_) => {
+            Error::Corrupt { .. } | Error::Pattern(_) | Error::PatternName { .. } | Error::NotAHost(_) | Error::Stopped(_) => {
                 protocol::Outcome::DeadLetter(self.to_string())
             }
         }

@@ -574,33 +574,45 @@ impl Engine {
         .refiring_after(Duration::from_millis(inner.config.refire_after_ms));
         timer_service.enable_notifications().await?;
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
-        let listener = tokio::spawn(timer_service.clone().listen(stop_receiver.clone()));
-        let sweeper = tokio::spawn(timer_service.sweep_forever(Duration::from_millis(inner.config.sweep_interval_ms), stop_receiver.clone()));
-        let reporter = tokio::spawn(report_metrics(inner.metrics.clone(), stop_receiver.clone()));
-        let admitter = tokio::spawn(self.clone().admit_forever(stop_receiver.clone()));
-        let pool_keeper = tokio::spawn(self.clone().keep_pool_forever(stop_receiver.clone()));
+        // Each runs until the engine stops; one that ends sooner (or panics) stops the engine with
+        // an error rather than leaving it silently degraded (timers never firing, a queue never
+        // admitted), so the supervisor restarts it.
+        let mut background = protocol::supervise::Background::new();
+        background.spawn("timer listener", timer_service.clone().listen(stop_receiver.clone()));
+        background.spawn("timer sweeper", timer_service.sweep_forever(Duration::from_millis(inner.config.sweep_interval_ms), stop_receiver.clone()));
+        background.spawn("metrics reporter", report_metrics(inner.metrics.clone(), stop_receiver.clone()));
+        background.spawn("admitter", self.clone().admit_forever(stop_receiver.clone()));
+        background.spawn("pool keeper", self.clone().keep_pool_forever(stop_receiver.clone()));
         let receiver = inner.published_outboxes_receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        let flusher = receiver.map(|receiver| tokio::spawn(delete_published_outboxes(inner.redis.clone(), inner.keys.clone(), receiver, stop_receiver)));
+        if let Some(receiver) = receiver {
+            background.spawn("outbox flusher", delete_published_outboxes(inner.redis.clone(), inner.keys.clone(), receiver, stop_receiver));
+        }
         let engine = self.clone();
         let handler = move |incoming: Incoming| {
             let engine = engine.clone();
             async move { engine.handle(incoming).await }
         };
         let spec = ConsumeSpec::new(&inner.config.queue, inner.config.prefetch);
-        let consumed = inner.bus.consume(spec, handler, shutdown).await;
+        let mut ended_early = None;
+        let stop_consuming = async {
+            tokio::select! {
+                () = shutdown => {}
+                ended = background.first_ended() => ended_early = Some(ended),
+            }
+        };
+        let consumed = inner.bus.consume(spec, handler, stop_consuming).await;
         let _ = stop_sender.send(true);
-        let _ = listener.await;
-        let _ = sweeper.await;
-        let _ = reporter.await;
-        let _ = admitter.await;
-        let _ = pool_keeper.await;
-        if let Some(flusher) = flusher {
-            let _ = flusher.await;
-        }
+        background.join_all().await;
         inner.publisher.close().await;
         tracing::info!(metrics = ?inner.metrics.snapshot(), "engine stopped");
         consumed?;
-        Ok(())
+        match ended_early {
+            None => Ok(()),
+            Some(ended) => {
+                tracing::error!(task = ended.task, panicked = ended.panicked, "a background task of the engine ended; stopping the engine");
+                Err(Error::Stopped(ended))
+            }
+        }
     }
 
     /// Publishes every outbox a crash left behind.

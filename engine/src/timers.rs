@@ -211,6 +211,8 @@ impl TimerService {
                 if let Err(error) = self.sweep().await {
                     tracing::warn!(%error, "timer sweep failed");
                 }
+                // Then idle until stopped: a sweeper that ends stops the engine.
+                let _ = stop.changed().await;
                 return;
             }
             if let Err(error) = self.sweep().await {

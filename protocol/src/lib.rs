@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod profile;
 pub mod stats;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 pub mod topology;
 
