@@ -280,12 +280,19 @@ impl Agent {
     pub async fn handle(&self, task: &Task) -> Result<Vec<CloudEvent>> {
         let (session, action) = parse_task(task)?;
         let began = Instant::now();
-        let lock = self.session_lock(&session).await;
-        let guard = lock.lock().await;
-        tracing::debug!(task_id = %task.id, session_id = %session, action = %task.action, "handling task");
-        let answered = self.perform(task, &session, action).await;
-        drop(guard);
-        self.release_session_lock(&session, lock).await;
+        // A work probe only reads (stats, execs, the directory) and a stats call can take a
+        // while: it must never hold up a resume or a stop of the same session behind it.
+        let answered = if matches!(action, Action::Probe) {
+            self.perform(task, &session, action).await
+        } else {
+            let lock = self.session_lock(&session).await;
+            let guard = lock.lock().await;
+            tracing::debug!(task_id = %task.id, session_id = %session, action = %task.action, "handling task");
+            let answered = self.perform(task, &session, action).await;
+            drop(guard);
+            self.release_session_lock(&session, lock).await;
+            answered
+        };
         let events = answered?;
         let worked_ms = elapsed_ms(began);
         for event in &events {
