@@ -61,7 +61,10 @@ impl Drop for Cleanup {
 struct Fixture {
     test_id: String,
     profile: Profile,
+    /// The test's own view of the broker (taps, task queues), as the admin.
     bus: Bus,
+    /// What the agents under test connect with: the container identity, as in a deployment.
+    agent_bus: Bus,
     docker: Docker,
     settings: AgentSettings,
     // Dropped last: removes what the test created.
@@ -79,15 +82,16 @@ impl Fixture {
         let cleanup = Cleanup { test_id: test_id.clone(), workspace_root: profile.services.workspace_root.clone() };
         let bus = Bus::connect(BusConfig::new(&amqp_url(), &format!("container-test-{test_id}"))).await.expect("broker");
         bus.declare_topology().await.expect("topology");
+        let agent_bus = container_identity(&format!("container-test-agent-{test_id}")).await;
         let docker = connect_docker().await.expect("docker engine");
         let mut settings = AgentSettings::production();
         settings.extra_labels = BTreeMap::from([(TEST_LABEL.to_owned(), test_id.clone())]);
         settings.stop_timeout_secs = 1;
-        Fixture { test_id, profile, bus, docker, settings, _cleanup: cleanup }
+        Fixture { test_id, profile, bus, agent_bus, docker, settings, _cleanup: cleanup }
     }
 
     fn agent(&self) -> Agent {
-        Agent::with_settings(self.profile.clone(), self.bus.clone(), self.docker.clone(), self.settings.clone()).expect("safe profile")
+        Agent::with_settings(self.profile.clone(), self.agent_bus.clone(), self.docker.clone(), self.settings.clone()).expect("safe profile")
     }
 
     fn session(&self, name: &str) -> String {
@@ -201,8 +205,17 @@ impl EventTap {
 /// A unique, non-auto-deleting task queue: tasks reach it through the broker's default exchange,
 /// so the test's agent never takes tasks meant for a real deployment, and the queue survives an
 /// agent that dies with unacknowledged tasks.
+/// A connection as the container identity (bootstrap's users and permissions ensured first).
+async fn container_identity(name: &str) -> Bus {
+    protocol::broker_admin::ensure_identities(&amqp_url()).await.expect("bus identities");
+    let config = BusConfig::for_identity(&amqp_url(), protocol::Identity::Container, name).expect("the container identity's password");
+    Bus::connect(config).await.expect("broker as the container identity")
+}
+
+/// The test's task queue: an isolated world's name for the container agent's queue, which the
+/// container identity may consume (and park retries of).
 async fn task_queue(bus: &Bus, test_id: &str) -> String {
-    let queue = format!("berth.test.container.{test_id}");
+    let queue = format!("berth-test.{test_id}.agent.container");
     let channel = bus.channel().await.expect("channel");
     channel.queue_declare(&queue, QueueDeclareOptions::default(), FieldTable::default()).await.expect("declare task queue");
     let _ = channel.close(200, "declared").await;
@@ -409,7 +422,7 @@ async fn two_deployments_sharing_a_profile_name_and_a_docker_engine_never_touch_
     let (profile_a, profile_b) = (deployment("a"), deployment("b"));
     assert_eq!(profile_a.name, profile_b.name);
     let agent_for = |profile: &Profile| {
-        Agent::with_settings(profile.clone(), fixture.bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap()
+        Agent::with_settings(profile.clone(), fixture.agent_bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap()
     };
     let (agent_a, agent_b) = (agent_for(&profile_a), agent_for(&profile_b));
     let (session_a, session_b) = (fixture.session("dep-a"), fixture.session("dep-b"));
@@ -631,7 +644,7 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
     let session = fixture.session("survivor");
 
     // First life: an agent on its own connection takes the task, and dies before answering.
-    let first_bus = Bus::connect(BusConfig::new(&amqp_url(), "container-test-first-life")).await.expect("broker");
+    let first_bus = container_identity("container-test-first-life").await;
     let first_agent = Agent::with_settings(fixture.profile.clone(), first_bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap();
     let first_queue = queue.clone();
     let first_life = tokio::spawn(async move { first_agent.serve(&first_queue, std::future::pending::<()>()).await });
@@ -647,7 +660,7 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
     eprintln!("the first agent died with the container {state_at_death:?}");
 
     // Second life: the unacknowledged task comes back and finds the container again.
-    let second_bus = Bus::connect(BusConfig::new(&amqp_url(), "container-test-second-life")).await.expect("broker");
+    let second_bus = container_identity("container-test-second-life").await;
     let second_agent = Agent::with_settings(fixture.profile.clone(), second_bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let second_queue = queue.clone();
@@ -670,7 +683,7 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
     // A careful agent keeps young containers even when told they are orphans.
     let mut careful_settings = fixture.settings.clone();
     careful_settings.orphan_grace = Duration::from_secs(3600);
-    let careful = Agent::with_settings(fixture.profile.clone(), fixture.bus.clone(), fixture.docker.clone(), careful_settings).unwrap();
+    let careful = Agent::with_settings(fixture.profile.clone(), fixture.agent_bus.clone(), fixture.docker.clone(), careful_settings).unwrap();
     let orphan_id = fixture.containers(Some(&orphan)).await[0].id.clone().unwrap();
     let kept = answer(&careful, &task(&orphan, "remove", json!({"container_id": orphan_id}))).await;
     expect_type(&kept, "container.failed");
@@ -738,7 +751,7 @@ async fn an_unreachable_docker_engine_is_an_outage_and_bad_input_is_dead_lettere
         .collect();
     std::fs::remove_file(&missing).unwrap();
     for (socket, docker) in clients {
-        let agent = Agent::with_settings(fixture.profile.clone(), fixture.bus.clone(), docker, fixture.settings.clone()).unwrap();
+        let agent = Agent::with_settings(fixture.profile.clone(), fixture.agent_bus.clone(), docker, fixture.settings.clone()).unwrap();
         for action in ["provision", "pause", "remove", "stop"] {
             let args = if action == "provision" { json!({"user": "alice", "workspace": "w1"}) } else { json!({}) };
             let outcome = agent.handle_delivery(&task(&session, action, args).to_bytes()).await;

@@ -1484,15 +1484,24 @@ async fn answers_tasks_from_the_broker() {
     let profile = test_profile(&backend.url, &scratch);
     let bus = protocol::Bus::connect(protocol::BusConfig::new(&profile.services.amqp_url, "workspace-tests")).await.expect("broker");
     bus.declare_topology().await.expect("topology");
-    // A private task queue (fed directly, so the shared agent queue is untouched) and a private
+    // A task queue of the test's own (fed directly, so the shared agent queue is untouched; named
+    // as an isolated world's agent queue, which the workspace identity may consume) and a private
     // queue that sees every workspace event.
-    let task_queue = bus.declare_private_queue(protocol::topology::TASKS_EXCHANGE, &[]).await.unwrap();
+    let task_queue = format!("berth-test.{}.agent.workspace", Uuid::now_v7().simple());
+    let channel = bus.channel().await.expect("channel");
+    let temporary = lapin::options::QueueDeclareOptions { auto_delete: true, ..Default::default() };
+    channel.queue_declare(&task_queue, temporary, Default::default()).await.expect("task queue");
+    let _ = channel.close(200, "declared").await;
     let event_queue = bus.declare_private_queue(protocol::topology::EVENTS_EXCHANGE, &["workspace.*".to_owned()]).await.unwrap();
-    let events = Arc::new(workspace::BusEvents { bus: bus.clone() });
+    // The agent connects as the workspace identity, as in a deployment.
+    protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await.expect("bus identities");
+    let agent_config = protocol::BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Workspace, "workspace-tests-agent");
+    let agent_bus = protocol::Bus::connect(agent_config.expect("the workspace identity's password")).await.expect("broker");
+    let events = Arc::new(workspace::BusEvents { bus: agent_bus.clone() });
     let agent = Arc::new(WorkspaceAgent::new(profile.clone(), backend.open(), events, quick_settings()));
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn({
-        let bus = bus.clone();
+        let bus = agent_bus.clone();
         let task_queue = task_queue.clone();
         async move { workspace::serve(agent, &bus, &task_queue, async { let _ = agent_stopped.await; }).await }
     });
