@@ -66,6 +66,51 @@ impl Background {
     }
 }
 
+/// Completes once its component is told to stop (by its shutdown, or because a background task
+/// ended). Cheap to clone: one per consumer.
+#[derive(Clone)]
+pub struct Stop(tokio::sync::watch::Receiver<bool>);
+
+impl Stop {
+    pub async fn stopped(mut self) {
+        // An error means the supervisor is gone, which also means stop.
+        let _ = self.0.wait_for(|stopping| *stopping).await;
+    }
+}
+
+impl Background {
+    /// Runs `work` (given the [`Stop`] it must honour) until it returns, telling it to stop when
+    /// `shutdown` completes or when a background task ends; then cancels the background tasks.
+    /// The background task that ended, if one did, is the error.
+    pub async fn supervise<T, Work>(mut self, shutdown: impl Future<Output = ()>, work: impl FnOnce(Stop) -> Work) -> Result<T, Ended>
+    where
+        Work: Future<Output = T>,
+    {
+        let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
+        let work = work(Stop(stop_receiver));
+        tokio::pin!(work, shutdown);
+        let (mut stopping, mut ended) = (false, None);
+        let output = loop {
+            tokio::select! {
+                output = &mut work => break output,
+                () = &mut shutdown, if !stopping => stopping = true,
+                task = self.first_ended(), if !stopping => {
+                    tracing::error!(task = task.task, panicked = task.panicked, "a background task ended; stopping");
+                    (stopping, ended) = (true, Some(task));
+                }
+            }
+            if stopping {
+                let _ = stop_sender.send(true);
+            }
+        };
+        self.abort_all().await;
+        match ended {
+            Some(task) => Err(task),
+            None => Ok(output),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -83,6 +128,24 @@ mod tests {
         background.abort_all().await;
         let ended = Ended { task: "timer sweeper", panicked: true };
         assert_eq!(ended.to_string(), "the timer sweeper panicked while its component was running");
+    }
+
+    #[tokio::test]
+    async fn supervised_work_stops_at_shutdown_or_when_a_task_ends() {
+        let work = |stop: Stop| async move {
+            stop.stopped().await;
+            "stopped cleanly"
+        };
+        let mut background = Background::new();
+        background.spawn("inventory", std::future::pending());
+        let at_shutdown = background.supervise(tokio::time::sleep(Duration::from_millis(20)), work).await;
+        assert_eq!(at_shutdown, Ok("stopped cleanly"));
+
+        let mut background = Background::new();
+        background.spawn("inventory", std::future::pending());
+        background.spawn("watcher", async { tokio::time::sleep(Duration::from_millis(20)).await });
+        let task_ended = background.supervise(std::future::pending(), work).await;
+        assert_eq!(task_ended, Err(Ended { task: "watcher", panicked: false }));
     }
 
     #[tokio::test]

@@ -29,6 +29,9 @@ pub enum Error {
     /// The host directory of a session could not be created.
     #[error("workspace directory {path}: {source}")]
     WorkspaceDirectory { path: std::path::PathBuf, source: std::io::Error },
+    /// A background task (the Docker event watcher, the inventory) ended: the agent stops.
+    #[error("container agent stopped: {0}")]
+    Stopped(protocol::supervise::Ended),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -46,7 +49,7 @@ impl Error {
     /// What the consumer does with a task whose handler failed with this error.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Error::BadTask { .. } | Error::UnsafeProfile { .. } => Outcome::DeadLetter(self.to_string()),
+            Error::BadTask { .. } | Error::UnsafeProfile { .. } | Error::Stopped(_) => Outcome::DeadLetter(self.to_string()),
             // A dependency is down: wait for it without burning the task's attempts.
             Error::DockerUnreachable(_) | Error::Publish(_) => Outcome::RetryUnavailable,
             // Passing trouble: retried after a delay, a bounded number of times.

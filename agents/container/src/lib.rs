@@ -79,25 +79,26 @@ impl Agent {
 
     /// [`Agent::serve`] on several queues at once (the shared one and this host's).
     pub async fn serve_queues(&self, queues: &[String], shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-        let watcher = tokio::spawn(watcher::watch_docker_events(self.clone()));
-        let inventory = tokio::spawn(publish_inventory_periodically(self.clone()));
-        let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-        let consumers = queues.iter().map(|queue| {
-            let mut spec = ConsumeSpec::new(queue, self.settings().concurrency);
-            spec.concurrency = usize::from(self.settings().concurrency.max(1));
-            let handler_agent = self.clone();
-            self.bus().consume(
-                spec,
-                move |incoming| {
-                    let agent = handler_agent.clone();
-                    async move { agent.handle_delivery(&incoming.body).await }
-                },
-                shutdown.clone(),
-            )
-        });
-        let consumed = futures::future::join_all(consumers).await;
-        watcher.abort();
-        inventory.abort();
+        let mut background = protocol::supervise::Background::new();
+        background.spawn("Docker event watcher", watcher::watch_docker_events(self.clone()));
+        background.spawn("inventory", publish_inventory_periodically(self.clone()));
+        let consume_all = |stop: protocol::supervise::Stop| {
+            let consumers = queues.iter().map(|queue| {
+                let mut spec = ConsumeSpec::new(queue, self.settings().concurrency);
+                spec.concurrency = usize::from(self.settings().concurrency.max(1));
+                let handler_agent = self.clone();
+                self.bus().consume(
+                    spec,
+                    move |incoming| {
+                        let agent = handler_agent.clone();
+                        async move { agent.handle_delivery(&incoming.body).await }
+                    },
+                    stop.clone().stopped(),
+                )
+            });
+            futures::future::join_all(consumers)
+        };
+        let consumed = background.supervise(shutdown, consume_all).await.map_err(Error::Stopped)?;
         for result in consumed {
             result?;
         }

@@ -131,11 +131,12 @@ pub async fn run(profile: &Profile, shutdown: impl Future<Output = ()> + Send) -
     let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Persistence, "berth-agent-persistence")?).await?;
     bus.declare_topology().await?;
     let exporter = protocol::metrics::Exporter::start(profile, bus.metrics_registry("berth_persistence")).await?;
-    let pruning = tokio::spawn(prune_periodically(store.clone()));
+    let mut background = protocol::supervise::Background::new();
+    background.spawn("task record pruning", prune_periodically(store.clone()));
     tracing::info!(store = %protocol::bus::redact(&profile.services.store_url), backend = ?store.backend(), "persistence agent started");
     let agent = Agent::new(store, bus.clone());
-    let consumed = agent.consume(&topology::agent_queue(AgentKind::Persistence), shutdown).await;
-    pruning.abort();
+    let queue = topology::agent_queue(AgentKind::Persistence);
+    let consumed = background.supervise(shutdown, |stop| agent.consume(&queue, stop.stopped())).await.map_err(anyhow::Error::new)?;
     if let Some(exporter) = exporter {
         exporter.stop().await?;
     }

@@ -114,27 +114,27 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     tracing::info!(attached, "workspace images mounted");
     let tended = agent.tend_cache_at_start().await?;
     tracing::info!(tended, cache_mib = agent.profile().workspace.cache_mib, "workspace cache tidied");
-    let inventory = tokio::spawn({
-        let agent = agent.clone();
-        async move { agent.inventory_loop().await }
-    });
-    let quotas = tokio::spawn({
-        let agent = agent.clone();
-        async move { agent.quota_loop().await }
-    });
     let report_interval = protocol::host::report_interval_from_env().map_err(anyhow::Error::msg)?;
     let host = agent.profile().host();
     let host_queue = bus.declare_host_queue(topology::TASKS_EXCHANGE, AgentKind::Workspace, &host).await?;
     tracing::info!(host = %host, queue = %host_queue, "workspace agent serving its host's queue and the shared one");
-    let reporter = tokio::spawn(report_host_periodically(agent.clone(), bus.clone(), report_interval));
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let mut background = protocol::supervise::Background::new();
+    background.spawn("inventory", {
+        let agent = agent.clone();
+        async move { agent.inventory_loop().await }
+    });
+    background.spawn("quota watch", {
+        let agent = agent.clone();
+        async move { agent.quota_loop().await }
+    });
+    background.spawn("host reporter", report_host_periodically(agent.clone(), bus.clone(), report_interval));
     let shared_queue = topology::agent_queue(AgentKind::Workspace);
-    let (served, served_host) =
-        tokio::join!(serve(agent.clone(), &bus, &shared_queue, shutdown.clone()), serve(agent, &bus, &host_queue, shutdown));
-    let served = served.and(served_host);
-    reporter.abort();
-    inventory.abort();
-    quotas.abort();
+    let serve_both = |stop: protocol::supervise::Stop| async {
+        let (served, served_host) =
+            tokio::join!(serve(agent.clone(), &bus, &shared_queue, stop.clone().stopped()), serve(agent.clone(), &bus, &host_queue, stop.stopped()));
+        served.and(served_host)
+    };
+    let served = background.supervise(shutdown, serve_both).await.map_err(anyhow::Error::new).and_then(|served| served);
     if let Some(exporter) = exporter {
         exporter.stop().await?;
     }
