@@ -236,7 +236,15 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
 
     // Phase 1: a backlog of 10,000 session.open, drained by the engine (each creates a thred and
     // emits a task, a notification and two persistence records).
-    publish_all(bus, &config.events_exchange, opens.iter().map(|event| (event.event_type.clone(), event.to_bytes())).collect()).await?;
+    // Each event is published as the identity the engine accepts it from, as in a deployment.
+    protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await?;
+    let as_identity = |identity: protocol::Identity| {
+        let url = profile.services.amqp_url.clone();
+        async move { Bus::connect(BusConfig::for_identity(&url, identity, "berth-bench-sender")?).await }
+    };
+    let (as_client, as_workspace, as_container) =
+        (as_identity(protocol::Identity::Client).await?, as_identity(protocol::Identity::Workspace).await?, as_identity(protocol::Identity::Container).await?);
+    publish_all(&as_client, &config.events_exchange, opens.iter().map(|event| (event.event_type.clone(), event.to_bytes())).collect()).await?;
     let engine = Engine::connect(profile.clone(), patterns, config.clone()).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = engine.clone();
@@ -259,7 +267,7 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
         .iter()
         .map(|session| CloudEvent::new("workspace.materialized", "/bench", Some(session), json!({"files": 1, "bytes": 1})))
         .collect();
-    let (live_rate, latencies) = live_phase(bus, &config.events_exchange, answers, None, &mut tasks, "provision").await?;
+    let (live_rate, latencies) = live_phase(&as_workspace, &config.events_exchange, answers, None, &mut tasks, "provision").await?;
     println!(
         "  engine, live, publisher flat out:  {live_rate:>9.0} events/s  ({:.0}% of raw); publish→task p50 {:.1} ms, p99 {:.1} ms ({} tasks; queueing included)",
         100.0 * live_rate / raw_rate,
@@ -277,7 +285,7 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
         .take(THREDS / 2)
         .map(|session| CloudEvent::new("container.ready", "/bench", Some(session), json!({"container_id": "c", "host": "127.0.0.1", "port": 1})))
         .collect();
-    let (_, latencies) = live_phase(bus, &config.events_exchange, ready, Some(paced_rate), &mut tasks, "group").await?;
+    let (_, latencies) = live_phase(&as_container, &config.events_exchange, ready, Some(paced_rate), &mut tasks, "group").await?;
     println!(
         "  engine, paced at {paced_rate:.0} events/s:      publish→task p50 {:.1} ms, p99 {:.1} ms ({} tasks)",
         percentile(&latencies, 0.50),
@@ -321,5 +329,8 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
     println!("  engine metrics: {}", serde_json::to_string(&snapshot)?);
     let _ = stop.send(());
     served.await??;
+    for sender in [as_client, as_workspace, as_container] {
+        sender.close().await;
+    }
     Ok(())
 }
