@@ -18,6 +18,7 @@ pub mod service;
 pub mod timers;
 pub mod usage;
 mod bench;
+mod bench_placement;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -149,6 +150,11 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
 /// `berth bench engine`.
 pub async fn bench(profile: Profile) -> anyhow::Result<()> {
     bench::run(profile).await
+}
+
+/// `berth bench placement`.
+pub async fn bench_placement(profile: Profile) -> anyhow::Result<()> {
+    bench_placement::run(profile).await
 }
 
 /// `berth patterns check`: validates files, prints every error, returns the exit code.
