@@ -1254,6 +1254,32 @@ impl Engine {
         Ok(hosts)
     }
 
+    /// The host placement would pick now for a new session of `user`'s `workspace`, with the same
+    /// reads and decision as a real open, committing nothing (benchmarks and tools). `None` when no
+    /// host reports or none has room.
+    pub async fn placement_decision(&self, user: &str, workspace: &str) -> Result<Option<String>> {
+        let mut context = Map::new();
+        context.insert("user".to_owned(), json!(user));
+        context.insert("workspace".to_owned(), json!(workspace));
+        let probe = Thred {
+            id: String::new(),
+            pattern: String::new(),
+            key: String::new(),
+            exclusive: None,
+            state: String::new(),
+            context,
+            timers: BTreeMap::new(),
+            last_timer_generation: 0,
+            version: 0,
+            created_ms: 0,
+            updated_ms: 0,
+            ended: false,
+            host: None,
+        };
+        let hosts = self.live_hosts(&probe).await?;
+        Ok(placement::place(self.need(), &hosts).map(|host| host.id.clone()))
+    }
+
     /// What one session of an admitted pattern holds.
     fn need(&self) -> Committed {
         Committed { memory_mib: self.inner.capacity.need_memory_mib, cpu_millis: self.inner.capacity.need_cpu_millis }
