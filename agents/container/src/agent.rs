@@ -405,9 +405,14 @@ impl Agent {
                 Err(error) if docker_status(&error) == Some(404) => None,
                 Err(error) => return Err(error.into()),
             };
+            // A claimed warm-pool container mounts its slot's directory, which the claim renamed
+            // into the session's: started again, Docker would mount the old, empty path. A wake
+            // replaces it with a container on the session directory instead.
+            let mut mounts_session_dir = true;
             let status = match existing {
                 Some(existing) => {
                     check_ownership(&existing, identity, &self.inner.profile).map_err(Failure::NotOurs)?;
+                    mounts_session_dir = !container_labels(&existing).contains_key(spec::POOL_SLOT_LABEL);
                     existing.state.as_ref().and_then(|state| state.status).unwrap_or(ContainerStateStatusEnum::EMPTY)
                 }
                 None => {
@@ -440,7 +445,7 @@ impl Agent {
             // A dormant session's container was stopped on purpose, with its directory: a wake
             // starts that same container again, so only its memory was given up.
             let startable = status == ContainerStateStatusEnum::CREATED
-                || (status == ContainerStateStatusEnum::EXITED && exited == ExitedContainer::Restart);
+                || (status == ContainerStateStatusEnum::EXITED && exited == ExitedContainer::Restart && mounts_session_dir);
             match status {
                 ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING => {}
                 ContainerStateStatusEnum::PAUSED => self.inner.docker.unpause_container(&name).await?,

@@ -987,3 +987,32 @@ async fn a_dormant_container_wakes_on_its_directory_and_reports_its_port() {
     expect_type(&fresh, "container.ready");
     assert_ne!(fresh.data["container_id"], rebuilt_id.as_str());
 }
+
+/// A session that claimed a warm-pool container mounts the slot's directory, which the claim
+/// renamed into the session's: a wake from the dormant tier must not start that container again
+/// (Docker would mount the old, empty path) but put a new one on the session directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dormant_pool_claimed_session_wakes_on_its_own_directory() {
+    let fixture = Fixture::new(|_| {}).await;
+    let agent = fixture.agent();
+    let session = fixture.session("pooled");
+    let slot = fixture.session("slot");
+    let mut create = task(&session, "pool_create", json!({"slot": slot}));
+    create.session = None;
+    let events = agent.handle(&create).await.expect("pool slot made");
+    assert_eq!(events[0].event_type, "container.pool_slot_ready", "{:?}", events[0].data);
+    // What the workspace agent does at a claim: the slot's directory becomes the session's.
+    std::fs::create_dir_all(fixture.profile.session_dir(&session).parent().unwrap()).unwrap();
+    std::fs::rename(fixture.profile.pool_slot_dir(&slot), fixture.profile.session_dir(&session)).unwrap();
+    std::fs::write(fixture.profile.session_dir(&session).join("notes.txt"), "kept\n").unwrap();
+    let claimed = answer(&agent, &task(&session, "provision", json!({"user": "alice", "workspace": "w1", "slot": slot}))).await;
+    expect_type(&claimed, "container.ready");
+    assert!(http_get(port_of(&claimed), "/notes.txt").await.unwrap_or_default().contains("kept"));
+
+    expect_type(&answer(&agent, &task(&session, "stop", json!({}))).await, "container.stopped");
+    let woken = answer(&agent, &task(&session, "wake", json!({"user": "alice", "workspace": "w1"}))).await;
+    expect_type(&woken, "container.ready");
+    assert_ne!(woken.data["container_id"], claimed.data["container_id"], "the pool container is replaced");
+    let served = http_get(port_of(&woken), "/notes.txt").await.unwrap_or_default();
+    assert!(served.contains("kept"), "the woken session serves its own directory: {served}");
+}
