@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use crate::core::Thred;
 use crate::usage::Budget;
 use crate::pattern::AdmissionSpec;
+use protocol::host::cpu_millis_of;
 use protocol::Profile;
 
 /// What a thred of an admitted pattern holds, and what the host commits at most.
@@ -30,13 +31,12 @@ impl Capacity {
     /// From the profile; a budget of 0 is the host's size, detected now.
     pub fn of(profile: &Profile) -> Capacity {
         let limits = &profile.limits;
-        let budget_memory_mib = if limits.host_memory_mib > 0 { limits.host_memory_mib } else { host_memory_mib() };
-        let budget_cpus = if limits.host_cpus > 0.0 { limits.host_cpus } else { host_cpus() };
+        let (budget_memory_mib, budget_cpu_millis) = protocol::host::budget(profile);
         Capacity {
             need_memory_mib: profile.container.memory_mib,
-            need_cpu_millis: cpu_millis(profile.container.cpus),
+            need_cpu_millis: cpu_millis_of(profile.container.cpus),
             budget_memory_mib,
-            budget_cpu_millis: cpu_millis(budget_cpus),
+            budget_cpu_millis,
             max_sessions_per_user: u64::from(limits.max_sessions_per_user),
             max_opens_per_minute: u64::from(limits.max_opens_per_user_per_minute),
         }
@@ -137,25 +137,6 @@ pub fn is_queued(spec: &AdmissionSpec, thred: &Thred) -> bool {
     !thred.ended && thred.state == spec.queue_state
 }
 
-fn cpu_millis(cpus: f64) -> u64 {
-    (cpus * 1000.0).round().max(0.0) as u64
-}
-
-/// `MemTotal` of `/proc/meminfo` in MiB (1 GiB when it cannot be read: a safe, small default).
-fn host_memory_mib() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib / 1024)
-        .unwrap_or(1024)
-}
-
-fn host_cpus() -> f64 {
-    std::thread::available_parallelism().map(|count| count.get() as f64).unwrap_or(1.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +175,6 @@ mod tests {
         let one_running = Committed { memory_mib: 4096, cpu_millis: 2000 };
         assert!(!tight.fits(one_running));
         assert!(tight.fits(Committed::default()));
-        assert_eq!(cpu_millis(0.5), 500);
+        assert_eq!(cpu_millis_of(0.5), 500);
     }
 }
