@@ -62,7 +62,7 @@ enum Command {
     },
     /// Measure a component against a baseline taken in the same run.
     Bench {
-        #[arg(value_parser = ["engine", "provision", "workspace", "store", "session", "e2e", "open", "density", "faults", "proxy"])]
+        #[arg(value_parser = ["engine", "placement", "provision", "workspace", "store", "session", "e2e", "open", "density", "faults", "proxy"])]
         what: String,
         /// `faults`: times the whole fault matrix runs.
         #[arg(long, default_value_t = 1)]
@@ -159,6 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let profile = load_profile()?;
             match what.as_str() {
                 "engine" => engine::bench(profile).await?,
+                "placement" => engine::bench_placement(profile).await?,
                 "provision" => container::bench(profile).await?,
                 "workspace" => workspace::bench(profile).await?,
                 "store" => persistence::bench(profile).await?,
