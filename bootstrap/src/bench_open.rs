@@ -6,7 +6,10 @@
 //! Rows: a cold open (no cached copy on the host) and a cached reopen (the host's workspace cache
 //! holds the closed workspace, nothing changed in the store) at each concurrency level, for a
 //! small workspace (10 files) and 50 MB in 500 files; then a reopen of a large workspace (1 GB by
-//! default, `--large-mib`) with one file changed in the store since it was closed.
+//! default, `--large-mib`) with one file changed in the store since it was closed; then, with the
+//! components started again on the same profile plus a warm pool as large as the highest level
+//! (and plain-directory workspaces, which a pool needs), a warm-pool claim at each level and
+//! workload, next to the cold row's baseline.
 //!
 //! How to add a row: a new kind of open is an [`OpenKind`] variant with its `prepare` (what must
 //! hold before its opens: e.g. a warm pool filled to the level, a session paused or stopped for a
@@ -34,6 +37,9 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 const COLD_SEQUENTIAL_GOAL: f64 = 1.15;
 const COLD_CONCURRENT_GOAL: f64 = 1.5;
 const LARGE_CACHED_GOAL: Duration = Duration::from_secs(1);
+/// Issue 16's goal for a warm claim with 50 concurrent opens.
+const WARM_P50_GOAL: Duration = Duration::from_millis(50);
+const WARM_P99_GOAL: Duration = Duration::from_millis(150);
 
 /// What `berth bench open` runs.
 #[derive(Debug, Clone)]
@@ -65,6 +71,8 @@ enum OpenKind {
     Cold,
     /// The host's cache holds the closed workspace; nothing changed in the store.
     Cached,
+    /// A free warm-pool slot for every open (and no cached copy): the container exists, paused.
+    Warm,
 }
 
 impl OpenKind {
@@ -72,6 +80,7 @@ impl OpenKind {
         match self {
             OpenKind::Cold => "cold open",
             OpenKind::Cached => "cached reopen",
+            OpenKind::Warm => "warm-pool claim",
         }
     }
 }
@@ -118,12 +127,25 @@ pub async fn bench(mut profile: Profile, settings: OpenBenchSettings) -> anyhow:
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-open")).await?;
     let client = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-open-client")?).await?;
     let waiters: Waiters = Waiters::default();
-    listen_for_states(&bus, &users, waiters.clone(), stopping.clone()).await?;
+    // The listener outlives the first components: the warm rows run on components of their own.
+    let (stop_listening, listening) = watch::channel(false);
+    listen_for_states(&bus, &users, waiters.clone(), listening).await?;
     let bench = Bench { profile: &profile, client: &client, store: &store, waiters: &waiters };
 
     let outcome = measure(&bench, &users, &settings, large_bytes).await;
     let _ = stop.send(true);
     while components.join_next().await.is_some() {}
+    let outcome = match outcome {
+        Ok(mut rows) => {
+            let warm = measure_warm(&bench, &users, &settings, &rows).await;
+            warm.map(|warm_rows| {
+                rows.extend(warm_rows);
+                rows
+            })
+        }
+        Err(error) => Err(error),
+    };
+    let _ = stop_listening.send(true);
     for user in &users {
         for workspace_name in [WORKSPACE, LARGE_WORKSPACE] {
             if let Ok(prefix) = workspace::fixture::object_prefix(&profile, &store, user, workspace_name) {
@@ -170,10 +192,82 @@ async fn measure(bench: &Bench<'_>, users: &[String], settings: &OpenBenchSettin
     Ok(rows)
 }
 
+/// The warm rows: the components again, on the profile with a pool of the highest level (plain
+/// directories: a pool needs them), each workload seeded again and claimed at each level; the
+/// baseline is the cold row's of the same workload and level. The pool's containers, folders and
+/// keys are removed afterwards (an engine keeps its pool across restarts on purpose).
+async fn measure_warm(bench: &Bench<'_>, users: &[String], settings: &OpenBenchSettings, rows: &[Row]) -> anyhow::Result<Vec<Row>> {
+    let max_level = settings.levels.iter().copied().max().unwrap_or(1);
+    let mut profile = bench.profile.clone();
+    profile.workspace.filesystem = protocol::profile::WorkspaceFilesystem::Directory;
+    profile.pool = Some(protocol::profile::PoolSettings { size: u32::try_from(max_level)?, max_idle_secs: 0 });
+    let (stop, stopping) = watch::channel(false);
+    let mut components = spawn_components(&profile, Components::Headless, &stopping);
+    let warm_bench = Bench { profile: &profile, ..*bench };
+    let measured = async {
+        let mut warm_rows = Vec::new();
+        for workload in WORKLOADS {
+            eprintln!("warm pool: seeding {} users with {} ...", users.len(), workload.label);
+            for user in users {
+                let prefix = workspace::fixture::object_prefix(&profile, bench.store, user, WORKSPACE)?;
+                workspace::fixture::delete_prefix(bench.store, &prefix).await;
+                let layout = workspace::fixture::layout(&profile, workload.files, workload.large_files, workload.bytes);
+                workspace::fixture::seed(bench.store, &prefix, layout).await?;
+            }
+            for &level in &settings.levels {
+                eprintln!("{}: {level} warm claims at once ...", workload.label);
+                let samples = measure_row(&warm_bench, OpenKind::Warm, &users[..level], WORKSPACE).await?;
+                let baseline = rows
+                    .iter()
+                    .find(|row| row.workload == workload.label && row.level == level && row.label == OpenKind::Cold.label())
+                    .map(|row| row.baseline.clone())
+                    .unwrap_or_default();
+                warm_rows.push(Row { workload: workload.label.to_owned(), level, label: OpenKind::Warm.label().to_owned(), samples, baseline });
+            }
+        }
+        Ok::<_, anyhow::Error>(warm_rows)
+    }
+    .await;
+    let _ = stop.send(true);
+    while components.join_next().await.is_some() {}
+    remove_pool(&profile).await;
+    measured
+}
+
+/// Waits until the warm pool holds `slots` free slots.
+async fn wait_for_pool(profile: &Profile, slots: usize) -> anyhow::Result<()> {
+    let prefix = engine::service::EngineConfig::standard().redis_prefix;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while engine::service::free_pool_slots(&profile.services.redis_url, &prefix).await? < slots as u64 {
+        anyhow::ensure!(Instant::now() < deadline, "the warm pool did not reach {slots} free slots within {STEP_TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Removes the bench's pool: its containers, its slot folders and its keys.
+async fn remove_pool(profile: &Profile) {
+    let deployment = format!("label=berth.deployment={}", profile.deployment());
+    let listed = std::process::Command::new("docker").args(["ps", "-aq", "--filter", &deployment, "--filter", "label=berth.pool.slot"]).output();
+    if let Ok(listed) = listed {
+        for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
+            let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
+        }
+    }
+    let _ = std::fs::remove_dir_all(profile.deployment_root().join(protocol::profile::POOL_DIR));
+    if let Err(error) = engine::service::clear_pool(&profile.services.redis_url, &engine::service::EngineConfig::standard().redis_prefix).await {
+        eprintln!("could not clear the warm pool's keys: {error}");
+    }
+}
+
 /// Makes the host hold (or not hold) a cached copy of each user's workspace, as `kind` needs.
 async fn prepare(bench: &Bench<'_>, kind: OpenKind, users: &[String], workspace_name: &str) -> anyhow::Result<()> {
     match kind {
         OpenKind::Cold => clear_cache(bench.profile).await,
+        OpenKind::Warm => {
+            clear_cache(bench.profile).await?;
+            wait_for_pool(bench.profile, users.len()).await
+        }
         OpenKind::Cached => {
             // A cold open and close leaves a workspace in the cache (the cold row's closes did so
             // already for most).
@@ -197,7 +291,7 @@ async fn measure_row(bench: &Bench<'_>, kind: OpenKind, users: &[String], worksp
     let mut samples = Vec::new();
     for round in 0..rounds {
         // A cached reopen's close caches it again: only the first round needs the cold open first.
-        if kind == OpenKind::Cold || round == 0 {
+        if kind != OpenKind::Cached || round == 0 {
             prepare(bench, kind, users, workspace_name).await?;
         }
         let opened = futures::future::try_join_all(users.iter().map(|user| open_until_running(bench, user, workspace_name))).await?;
@@ -297,14 +391,29 @@ fn print_rows(rows: &[Row], settings: &OpenBenchSettings) {
         );
     }
     println!("  baseline: a raw download of the same objects, then `docker run`→health, as many at once as the opens");
-    println!("  not measured in this build: warm-pool claim (no warm pool yet), wake from paused and from stopped-with-disk (no idle ladder yet)");
+    println!("  warm-pool claims run on plain-directory workspaces (a pool needs them), with a pool as large as the highest level");
+    println!("  not measured in this build: wake from paused and from stopped-with-disk");
     println!("goals (issue 16):");
     for row in rows.iter().filter(|row| row.label == OpenKind::Cold.label()) {
         let ratio = percentile(&row.samples, 0.5).as_secs_f64() / percentile(&row.baseline, 0.5).as_secs_f64().max(f64::MIN_POSITIVE);
         let goal = if row.level == 1 { COLD_SEQUENTIAL_GOAL } else { COLD_CONCURRENT_GOAL };
         println!("  cold open, {}, {} at once: {ratio:.2}× the baseline at p50 (goal ≤ {goal}×): {}", row.workload, row.level, verdict(ratio <= goal));
     }
-    if let Some(large) = rows.last() {
+    for row in rows.iter().filter(|row| row.label == OpenKind::Warm.label()) {
+        let (p50, p99) = (percentile(&row.samples, 0.5), percentile(&row.samples, 0.99));
+        println!(
+            "  warm-pool claim, {}, {} at once: p50 {:.1} ms (goal < {} ms): {}, p99 {:.1} ms (goal < {} ms): {}",
+            row.workload,
+            row.level,
+            milliseconds(p50),
+            WARM_P50_GOAL.as_millis(),
+            verdict(p50 < WARM_P50_GOAL),
+            milliseconds(p99),
+            WARM_P99_GOAL.as_millis(),
+            verdict(p99 < WARM_P99_GOAL)
+        );
+    }
+    if let Some(large) = rows.iter().rev().find(|row| row.label != OpenKind::Warm.label()) {
         let reopened = percentile(&large.samples, 0.5);
         println!("  cached reopen of {}: {:.1} ms (goal < {} ms): {}", large.workload, milliseconds(reopened), LARGE_CACHED_GOAL.as_millis(), verdict(reopened < LARGE_CACHED_GOAL));
     }

@@ -35,6 +35,7 @@ use crate::timers::{self, TimerMember};
 use crate::{Error, Result};
 
 mod pool;
+pub use pool::{clear_pool, free_pool_slots};
 
 /// The event type of the container agent's periodic inventory (reconciliation).
 pub const CONTAINER_INVENTORY: &str = "container.inventory";

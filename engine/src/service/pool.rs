@@ -167,6 +167,23 @@ end
 return 'unknown'
 "#;
 
+/// The free slots of the warm pool of the engine whose Redis keys start with `redis_prefix`
+/// (benchmarks wait for a full pool before measuring claims).
+pub async fn free_pool_slots(redis_url: &str, redis_prefix: &str) -> Result<u64> {
+    let client = redis::Client::open(redis_url)?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    Ok(connection.zcard(Keys::new(redis_prefix).pool_free()).await?)
+}
+
+/// Forgets the whole warm pool of that engine (a benchmark removes its slots' containers itself).
+pub async fn clear_pool(redis_url: &str, redis_prefix: &str) -> Result<()> {
+    let client = redis::Client::open(redis_url)?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let keys = Keys::new(redis_prefix);
+    let _: () = connection.del(&[keys.pool_free(), keys.pool_slots()]).await?;
+    Ok(())
+}
+
 impl Engine {
     fn pool_size(&self) -> u32 {
         self.inner.profile.pool_size()
