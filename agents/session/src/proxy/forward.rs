@@ -1,14 +1,15 @@
-//! Forwarding one request to a session's service: plain HTTP through a pooled client (bodies
-//! stream both ways, backpressure included: nothing is buffered beyond hyper's frames), and
-//! WebSocket upgrades as a byte tunnel whose client side is scanned for data frames.
+//! Forwarding one request to a session's service: plain HTTP on kept upstream connections that
+//! the request's own task drives (`upstream`; bodies stream both ways, backpressure included:
+//! nothing is buffered beyond hyper's frames), and WebSocket upgrades as a byte tunnel whose
+//! client side is scanned for data frames.
+
+mod upstream;
 
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -79,21 +80,17 @@ where
     }
 }
 
-/// The pooled HTTP/1.1 client to the sessions' services.
-pub type HttpClient = Client<HttpConnector, Body>;
+/// The kept HTTP/1.1 connections to the sessions' services.
+pub type HttpClient = std::sync::Arc<upstream::Upstreams>;
 
-/// How long connecting to a session's service may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+use upstream::CONNECT_TIMEOUT;
 /// Client bytes are read in chunks of this size in a WebSocket tunnel.
 const TUNNEL_BUFFER_BYTES: usize = 16 * 1024;
 /// Streams report activity at most this often (the activity gate debounces further).
 const TUNNEL_ACTIVITY_EVERY: Duration = Duration::from_secs(1);
 
 pub fn client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).pool_max_idle_per_host(256).build(connector)
+    upstream::Upstreams::new()
 }
 
 /// What the app is told about the request, and what it must not see.
@@ -206,7 +203,11 @@ pub fn upstream_request(mut request: Request<Body>, forwarding: &Forwarding) -> 
 }
 
 /// The app's response as the client gets it: hop-by-hop headers removed, the body streamed.
-fn downstream_response(response: Response<hyper::body::Incoming>, ticker: Option<std::sync::Arc<Ticker>>) -> Response<Body> {
+fn downstream_response<B>(response: Response<B>, ticker: Option<std::sync::Arc<Ticker>>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     let body = match ticker {
@@ -226,9 +227,9 @@ pub async fn http(client: &HttpClient, request: Request<Body>, ticker: Option<st
         Some(ticker) => request.map(|body| Body::new(Counted { inner: body, ticker: ticker.clone() })),
         None => request,
     };
-    match client.request(request).await {
+    match client.send(request).await {
         Ok(response) => Ok(downstream_response(response, ticker)),
-        Err(error) => Err(Unreachable(describe(&error))),
+        Err(upstream::Failed(reason)) => Err(Unreachable(reason)),
     }
 }
 
@@ -248,6 +249,8 @@ fn describe(error: &dyn std::error::Error) -> String {
 /// silence tell it nothing; neither does what the app sends).
 pub async fn tunnel(mut request: Request<Body>, upstream: &Upstream, ticker: Option<std::sync::Arc<Ticker>>) -> Result<Response<Body>, Unreachable> {
     let client_upgrade = hyper::upgrade::on(&mut request);
+    // The request line in origin form, as an HTTP/1.1 server expects it.
+    *request.uri_mut() = upstream::origin_form(request.uri()).map_err(|upstream::Failed(reason)| Unreachable(reason))?;
     let connect = tokio::net::TcpStream::connect((upstream.host.as_str(), upstream.port));
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok(stream)) => stream,
