@@ -226,8 +226,10 @@ impl Agent {
         let (pool_name, session_name) = (spec::pool_container_name(slot), spec::container_name(&identity.session));
         match self.inner.docker.rename_container(&pool_name, RenameContainerOptions { name: session_name }).await {
             Ok(()) => tracing::info!(session_id = %identity.session, slot, "pool container claimed"),
+            // Renamed by an earlier attempt (provision finds it under the session's name), or gone
+            // (provision makes a container on the session directory: a cold open).
             Err(error) if docker_status(&error) == Some(404) => {
-                tracing::warn!(session_id = %identity.session, slot, "the claimed slot's container is gone; opening cold");
+                tracing::info!(session_id = %identity.session, slot, "no container under the slot's name: claimed before, or gone");
             }
             // The session's container exists already (a redelivery): provision checks whose it is.
             Err(error) if docker_status(&error) == Some(409) => {}
