@@ -344,3 +344,30 @@ async fn open_to_running_on_each_of_three_hosts() {
     drop(h3);
     deployment.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_a_second_host_holds_after_the_engine_lost_its_state_is_recovered_on_that_host() {
+    let deployment = Deployment::start(&config(0)).await.expect("deployment");
+    let h2 = Host::start(&deployment, "h2").expect("host h2");
+    wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
+    let session = open_running(&deployment, "ann").await.expect("a session");
+    assert_eq!(h2.containers(), vec![Deployment::container_name(&session)], "the tie goes to h2");
+    h2.write_inside(&session, "unsaved.txt", "only on h2").expect("write on h2");
+    // The engine forgets every session: h2's inventories now list an orphan container and a
+    // stranded directory, which only h2's agents can save and remove.
+    deployment.redis_flushall().expect("flushall");
+    let key = Deployment::object_key("ann", "thesis", "unsaved.txt");
+    let deadline = Instant::now() + STEP;
+    loop {
+        let saved = deployment.get_object(&key).await.expect("store");
+        if saved.as_deref() == Some(&b"only on h2"[..]) && h2.containers().is_empty() && !h2.session_dir(&session).exists() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "h2's orphan was not recovered on h2: containers {:?}, saved {saved:?}\n{}", h2.containers(), deployment.logs_tail(40));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(deployment.containers(), Vec::<String>::new(), "nothing was ever on local");
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    drop(h2);
+    deployment.teardown().await;
+}

@@ -1741,6 +1741,9 @@ impl Engine {
             tracing::debug!(deployment = other, "inventory of another deployment ignored");
             return Ok(EventFate::Done);
         }
+        // Which host found what it lists (none from agents older than hosts): its recovery and its
+        // removals go to that host's queues.
+        let inventory_host = event.data.get("host").and_then(Value::as_str).filter(|host| protocol::profile::is_deployment_id(host));
         let mut redis = self.inner.redis.clone();
         let (seen_today, seen_yesterday) = self.inner.keys.seen(chrono::Utc::now().timestamp_millis());
         let (seen_recently, seen_before): (bool, bool) =
@@ -1769,7 +1772,7 @@ impl Engine {
             let text = |field: &str| entry.get(field).and_then(Value::as_str).filter(|value| !value.is_empty());
             match (text("user"), text("workspace")) {
                 (Some(user), Some(workspace)) => {
-                    let recover = recover_event(&self.inner.keys, inventory, session, user, workspace, entry);
+                    let recover = recover_event(&self.inner.keys, inventory, session, user, workspace, entry, inventory_host);
                     tracing::info!(session, user, workspace, what = inventory.what(), "no live session owns it; recovering");
                     self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &recover).await?;
                     Metrics::count(&self.inner.metrics.recoveries);
@@ -1792,7 +1795,8 @@ impl Engine {
                         cause: Some(event.id.clone()),
                         args: json!({"container_id": container_id}),
                     };
-                    removals.push(task_message(&self.inner.config, &task));
+                    // To the host whose inventory found it: another host's agent would not see it.
+                    removals.push(task_message_on(&self.inner.config, &task, inventory_host));
                 }
             }
         }
@@ -1849,8 +1853,9 @@ impl Inventory {
 
 /// The `session.recover` event for one inventory entry. Its id is derived from what was found
 /// (the container, or the directory as last modified), so the same finding reported by several
-/// inventories starts one recovery.
-fn recover_event(keys: &Keys, inventory: Inventory, session: &str, user: &str, workspace: &str, entry: &Value) -> CloudEvent {
+/// inventories starts one recovery. It names the host whose inventory found it (`data.host`): the
+/// recovery thred is placed there, so its freeze, sync and removal run where the finding is.
+fn recover_event(keys: &Keys, inventory: Inventory, session: &str, user: &str, workspace: &str, entry: &Value, host: Option<&str>) -> CloudEvent {
     let finding = match inventory {
         Inventory::Containers => format!("container/{}", entry.get("container_id").and_then(Value::as_str).unwrap_or_default()),
         Inventory::Directories => format!("directory/{}", entry.get("modified").and_then(Value::as_str).unwrap_or_default()),
@@ -1859,6 +1864,13 @@ fn recover_event(keys: &Keys, inventory: Inventory, session: &str, user: &str, w
     if let Some(container_id) = entry.get("container_id").and_then(Value::as_str) {
         data["container_id"] = json!(container_id);
     }
+    let finding = match host {
+        Some(host) => {
+            data["host"] = json!(host);
+            format!("{host}/{finding}")
+        }
+        None => finding,
+    };
     let mut event = CloudEvent::new(SESSION_RECOVER, "/berth/engine/reconciler", Some(session), data);
     event.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-recover/{}/{session}/{finding}", keys.prefix).as_bytes()).to_string();
     event
