@@ -557,8 +557,17 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(overflow, json!(true), "no horizontal scroll at phone width");
     browser.set_viewport(1280, 900, false).await;
 
-    // Idle: nothing typed for the profile's idle time → the badge turns idle; a key wakes it.
+    // The warning before the pause (idle_warning_secs before it) offers "Keep working": pressed,
+    // the session keeps running and the warning goes.
+    browser.wait_for("the pause warning", "!!document.querySelector('[data-warning=\"pause\"]') && !!document.querySelector('[data-action=\"keepalive\"]')").await;
+    browser.screenshot("warning").await;
+    browser.eval("document.querySelector('[data-action=\"keepalive\"]').click(); true").await;
+    browser.wait_for("kept working", "!document.querySelector('[data-warning]') && document.querySelector('.badge')?.dataset.state === 'running'").await;
+
+    // Idle: nothing typed for the profile's idle time → the badge turns idle and the tier says
+    // how long a wake takes; a key wakes it.
     browser.wait_for("idle", "document.querySelector('.badge')?.dataset.state === 'idle'").await;
+    browser.wait_for("the tier", "document.querySelector('[data-tier=\"idle\"]')?.textContent.includes('Paused')").await;
     browser.screenshot("idle").await;
     browser.eval("window.berthTerminal.focus(); true").await;
     browser.type_text("x").await;
