@@ -23,6 +23,9 @@ const BATCH: usize = 10;
 /// Opening stops when `MemAvailable` falls below this share of `MemTotal`: the machine is shared.
 const SAFE_AVAILABLE_SHARE: f64 = 0.3;
 const EXTRAPOLATED_HOST_GIB: f64 = 24.0;
+/// Less host memory per session than this is below what `MemAvailable` resolves over a run on a
+/// machine other work shares: reported as not measurable instead of extrapolated.
+const MEASURABLE_BYTES_PER_SESSION: f64 = 64.0 * 1024.0;
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// What `berth bench density` runs.
@@ -277,14 +280,24 @@ fn print_results(profile: &Profile, results: &[Measured], max_sessions: usize) {
     }
     println!("extrapolation to a {EXTRAPOLATED_HOST_GIB} GiB host (not measured: the measured memory per session, scaled; the engine's admission and disk are further bounds):");
     for result in results {
-        let per_session = result.host_bytes_per_session.max(1.0);
-        let sessions = EXTRAPOLATED_HOST_GIB * 1024.0 * 1024.0 * 1024.0 * (1.0 - SAFE_AVAILABLE_SHARE) / per_session;
+        if result.host_bytes_per_session < MEASURABLE_BYTES_PER_SESSION {
+            // Below what this (shared) machine's MemAvailable can resolve: memory does not bound
+            // this tier; its disk and the engine's admission do.
+            println!(
+                "  {}: no measurable memory per session (under {:.2} MiB): memory is not its bound; disk is, at {:.2} MiB per session",
+                result.tier.label(),
+                mib(MEASURABLE_BYTES_PER_SESSION),
+                mib(result.disk_bytes_per_session)
+            );
+            continue;
+        }
+        let sessions = EXTRAPOLATED_HOST_GIB * 1024.0 * 1024.0 * 1024.0 * (1.0 - SAFE_AVAILABLE_SHARE) / result.host_bytes_per_session;
         println!(
             "  {}: about {:.0} sessions in {:.0} % of {EXTRAPOLATED_HOST_GIB} GiB at {:.2} MiB each",
             result.tier.label(),
             sessions,
             (1.0 - SAFE_AVAILABLE_SHARE) * 100.0,
-            mib(per_session)
+            mib(result.host_bytes_per_session)
         );
     }
 }

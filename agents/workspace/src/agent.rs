@@ -766,7 +766,8 @@ impl WorkspaceAgent {
                 let (files, bytes) = (existing.files.len(), existing.total_bytes());
                 let data = json!({"files": files, "bytes": bytes, "pending_large_files": 0, "pending_large_bytes": 0});
                 self.events.emit(reply.event("workspace.materialized", data)).await?;
-                return self.events.emit(reply.event("workspace.complete", json!({"files": files, "bytes": bytes}))).await;
+                let data = json!({"files": files, "bytes": bytes, "downloaded_files": 0, "downloaded_bytes": 0, "cache": null});
+                return self.events.emit(reply.event("workspace.complete", data)).await;
             }
             Some(existing) if existing.phase != Phase::Removed => (existing, false),
             _ => (Manifest::new(&target.session, &target.user, &target.workspace, &self.profile.name, &target.prefix_text), true),
