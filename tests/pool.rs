@@ -223,25 +223,27 @@ async fn twenty_racing_opens_on_a_pool_of_five_claim_each_slot_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_engine_killed_mid_claim_leaves_every_slot_claimed_or_free() {
+async fn an_engine_or_container_agent_killed_mid_claim_leaves_every_slot_claimed_or_free() {
     let mut deployment = Deployment::start(&config(3)).await.expect("deployment");
     // The engine dies at a different moment of the claims each round: before it consumed the
-    // opens, between the commits and their tasks, and after.
-    for (round, kill_after_ms) in [0u64, 10, 25, 60].into_iter().enumerate() {
+    // opens, between the commits and their tasks, and after; then the container agent, between a
+    // claim's identity file, its rename and its unpause.
+    let kills = [(Component::Engine, 0u64), (Component::Engine, 10), (Component::Engine, 25), (Component::Engine, 60), (Component::Container, 150), (Component::Container, 300)];
+    for (round, (component, kill_after_ms)) in kills.into_iter().enumerate() {
         let initial = wait_for_full_pool(&deployment, 3).await;
         let sessions: Vec<(String, String)> =
             (0..3).map(|index| (uuid::Uuid::now_v7().to_string(), format!("crash-{round}-{index}"))).collect();
         let opens = sessions.iter().map(|(session, user)| open(&deployment, session, user, "w"));
         futures::future::join_all(opens).await;
         tokio::time::sleep(Duration::from_millis(kill_after_ms)).await;
-        deployment.kill(Component::Engine);
+        deployment.kill(component);
         let after_kill = slot_states(&deployment);
-        eprintln!("round {round}, killed after {kill_after_ms} ms: {after_kill:?}");
+        eprintln!("round {round}, {} killed after {kill_after_ms} ms: {after_kill:?}", component.name());
         for slot in &initial {
             let state = after_kill.get(slot).cloned().unwrap_or_default();
             assert!(state.starts_with("free:") || state.starts_with("claimed:"), "slot {slot} is {state:?}: neither free nor claimed");
         }
-        deployment.start_component(Component::Engine).expect("engine restarts");
+        deployment.start_component(component).expect("the killed component restarts");
         for (session, _) in &sessions {
             deployment.inbox.wait_state(session, "running", STEP).await.expect("every open runs after the restart");
         }
