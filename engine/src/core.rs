@@ -727,6 +727,26 @@ mod tests {
     }
 
     #[test]
+    fn the_directory_may_be_cached_only_when_the_session_did_not_fail() {
+        let pattern = session_pattern();
+        let remove_args = |failing: bool| -> Vec<Value> {
+            let mut thred = thred_in("removing_container");
+            thred.context["failing"] = json!(failing);
+            let removed = step(&pattern, &thred, &event("container.removed", json!({})), NOW).unwrap();
+            removed
+                .effects
+                .iter()
+                .filter_map(|effect| match effect {
+                    Effect::Task { action, args, .. } if action == "remove" => Some(args.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(remove_args(false), vec![json!({"cache": true})]);
+        assert_eq!(remove_args(true), vec![json!({"cache": false})]);
+    }
+
+    #[test]
     fn a_joining_open_tells_the_opener_which_session_it_joined() {
         let pattern = session_pattern();
         let mut open = event("session.open", json!({"workspace": "thesis"}));
