@@ -1648,6 +1648,11 @@ async fn reopen_from_the_cache_fetches_only_what_changed_in_the_store(backend: B
     // The engine's reconciler never sees a cached workspace (it would take it for stranded work).
     let listed = first.agent.inventory().await.unwrap();
     assert!(listed.is_empty(), "the inventory lists no directory: {listed:?}");
+    // A redelivered remove answers the same and leaves the entry alone.
+    first.events.take();
+    assert_eq!(first.run(&first.task("remove", json!({"cache": true}))).await, Outcome::Ack);
+    assert_eq!(first.event_types(), vec!["workspace.removed"]);
+    assert_eq!(cache_entries(&first).len(), 1);
 
     // Meanwhile, elsewhere: same size, other bytes (only the ETag tells); one deleted; one new.
     let replacement = vec![b'x'; files[&changed].len()];
@@ -1748,6 +1753,16 @@ async fn the_least_recently_closed_is_evicted_beyond_the_budget(backend: Backend
     let complete = reopen_c.last("workspace.complete");
     assert_eq!(complete.data["cache"]["kept_files"], json!(1));
     assert_eq!(number(&complete, "downloaded_files"), 0);
+
+    // What an interrupted move into or out of the cache leaves is deleted at start; whole
+    // entries within the budget stay.
+    let cache_root = base.profile.deployment_root().join(workspace::CACHE_DIR);
+    for leftover in [".incoming-s-1", ".adopting-s-2", ".evicting-3"] {
+        std::fs::create_dir_all(cache_root.join(leftover).join("workspace")).unwrap();
+        std::fs::write(cache_root.join(leftover).join("workspace/file.txt"), b"covered by a confirmed final sync").unwrap();
+    }
+    assert_eq!(base.agent.tend_cache_at_start().await.unwrap(), 3);
+    assert_eq!(std::fs::read_dir(&cache_root).unwrap().count(), 1, "only case-b's entry is left");
 
     // A budget of 0 (a restarted agent with a new profile) empties the cache.
     let without_cache = WorkspaceAgent::new(
