@@ -26,7 +26,10 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 pub(crate) type Waiters = Arc<Mutex<HashMap<(String, String), oneshot::Sender<Instant>>>>;
 
 /// `berth bench e2e`.
-pub async fn bench(profile: Profile) -> anyhow::Result<()> {
+pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
+    // Cold means cold: the sequential opens reopen one workspace, which the host's workspace
+    // cache would otherwise serve (`berth bench open` measures those reopens).
+    profile.workspace.cache_mib = 0;
     bootstrap(&profile, Reset::Keep).await?;
     // One user for the sequential opens, and one per concurrent open: a workspace has at most one
     // live session (a second open would join it), and each user has a live-session limit.
