@@ -141,6 +141,20 @@ pub fn check_sender(event_type: &str, sender: &Sender) -> Result<(), String> {
     }
 }
 
+/// `Ok` when an agent of `kind` may act on a task from `sender`; otherwise the reason to
+/// dead-letter it with. Tasks come from the engine; the persistence agent also answers the session
+/// agent's store requests; a broker user that is not a Berth identity is the operator's (only the
+/// admin creates users: tests and benchmarks drive agents that way). Any other identity, and a
+/// message without `user_id`, is refused: the default exchange would otherwise let any component
+/// drop a task straight into an agent's queue.
+pub fn check_task_sender(kind: crate::message::AgentKind, sender: &Sender) -> Result<(), String> {
+    match sender {
+        Sender::Identity(Identity::Engine) | Sender::Other(_) => Ok(()),
+        Sender::Identity(Identity::Session) if kind == crate::message::AgentKind::Persistence => Ok(()),
+        _ => Err(format!("a {} task refused from {sender}: only berth-engine sends tasks", kind.as_str())),
+    }
+}
+
 /// What one RabbitMQ user may do in a vhost: the configure/write/read regexes of
 /// `rabbitmqctl set_permissions`, and topic permissions (routing keys) per topic exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -455,6 +469,22 @@ mod tests {
         check("session.admitted", Sender::Identity(Identity::Engine), true);
         check("count.inc", Sender::Identity(Identity::Client), false);
         check("count.inc", Sender::Identity(Identity::Engine), true);
+    }
+
+    #[test]
+    fn agents_take_tasks_from_the_engine_and_the_operator_only() {
+        use crate::message::AgentKind;
+        assert!(check_task_sender(AgentKind::Container, &Sender::Identity(Identity::Engine)).is_ok());
+        assert!(check_task_sender(AgentKind::Container, &Sender::Other("guest".into())).is_ok());
+        assert!(check_task_sender(AgentKind::Persistence, &Sender::Identity(Identity::Session)).is_ok());
+        for forger in [Identity::Session, Identity::Workspace, Identity::Client, Identity::Container] {
+            assert!(check_task_sender(AgentKind::Container, &Sender::Identity(forger)).is_err(), "{forger}");
+        }
+        assert!(check_task_sender(AgentKind::Workspace, &Sender::Unstated).is_err());
+        assert_eq!(
+            check_task_sender(AgentKind::Container, &Sender::Identity(Identity::Workspace)).unwrap_err(),
+            "a container task refused from the workspace identity (berth-workspace): only berth-engine sends tasks"
+        );
     }
 
     #[test]

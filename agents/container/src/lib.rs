@@ -91,7 +91,12 @@ impl Agent {
                     spec,
                     move |incoming| {
                         let agent = handler_agent.clone();
-                        async move { agent.handle_delivery(&incoming.body).await }
+                        async move {
+                            if let Err(reason) = protocol::identity::check_task_sender(protocol::AgentKind::Container, &incoming.sender) {
+                                return protocol::Outcome::DeadLetter(reason);
+                            }
+                            agent.handle_delivery(&incoming.body).await
+                        }
                     },
                     stop.clone().stopped(),
                 )

@@ -226,6 +226,62 @@ async fn send_task(bus: &Bus, queue: &str, task: &Task) {
     bus.publish("", queue, &task.to_bytes(), BasicProperties::default()).await.expect("task published");
 }
 
+/// A task dropped straight into the agent's queue through the default exchange by another
+/// component's identity (here the workspace agent's) is dead-lettered with the reason, and nothing
+/// is created; the engine's task still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_task_from_another_identity_is_dead_lettered_and_creates_nothing() {
+    let fixture = Fixture::new(|_| {}).await;
+    let queue = task_queue(&fixture.bus, &fixture.test_id).await;
+    let dead = fixture.bus.declare_private_queue(topology::DEAD_EXCHANGE, &[String::new()]).await.expect("dead-letter tap");
+    let (dead_sender, mut dead_letters) = mpsc::unbounded_channel::<protocol::Incoming>();
+    let (stop_tap, tap_stopped) = oneshot::channel::<()>();
+    let tap_bus = fixture.bus.clone();
+    let tap_queue = dead.clone();
+    tokio::spawn(async move {
+        let handler = move |incoming: protocol::Incoming| {
+            let dead_sender = dead_sender.clone();
+            async move {
+                let _ = dead_sender.send(incoming);
+                Outcome::Ack
+            }
+        };
+        let _ = tap_bus.consume(ConsumeSpec::new(&tap_queue, 16), handler, async { tap_stopped.await.ok(); }).await;
+    });
+    let agent = fixture.agent();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving_queue = queue.clone();
+    let server = tokio::spawn(async move { agent.serve(&serving_queue, async { stopped.await.ok(); }).await });
+
+    protocol::broker_admin::ensure_identities(&amqp_url()).await.expect("bus identities");
+    let forger = Bus::connect(BusConfig::for_identity(&amqp_url(), protocol::Identity::Workspace, "container-test-forger").expect("password"))
+        .await
+        .expect("broker as the workspace identity");
+    let session = fixture.session("forged");
+    let forged = provision(&session);
+    send_task(&forger, &queue, &forged).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let incoming = tokio::time::timeout(remaining, dead_letters.recv()).await.expect("the forged task dead-lettered").expect("tap");
+        if Task::decode(&incoming.body).is_ok_and(|task| task.id == forged.id) {
+            break incoming;
+        }
+    };
+    assert_eq!(
+        refused.headers[topology::REASON_HEADER],
+        "a container task refused from the workspace identity (berth-workspace): only berth-engine sends tasks"
+    );
+    assert_eq!(refused.headers[topology::SENDER_HEADER], "berth-workspace");
+    assert!(fixture.containers(Some(&session)).await.is_empty(), "the forged provision created a container");
+
+    let _ = stop.send(());
+    let _ = stop_tap.send(());
+    server.await.unwrap().expect("serve ends cleanly");
+    forger.close().await;
+    fixture.bus.delete_queue(&queue).await.expect("delete task queue");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provision_sets_every_limit_and_hardening_option_and_is_idempotent() {
     let fixture = Fixture::new(|_| {}).await;

@@ -106,7 +106,13 @@ impl Agent {
         let agent = self.clone();
         let handler = move |incoming: Incoming| {
             let agent = agent.clone();
-            async move { agent.handle_delivery(incoming).await }
+            async move {
+                // Tasks come from the engine, store requests also from the session agent.
+                if let Err(reason) = protocol::identity::check_task_sender(protocol::AgentKind::Persistence, &incoming.sender) {
+                    return Outcome::DeadLetter(reason);
+                }
+                agent.handle_delivery(incoming).await
+            }
         };
         let spec = ConsumeSpec { queue: queue.to_owned(), prefetch: PREFETCH, concurrency: CONCURRENCY };
         self.bus.consume(spec, handler, shutdown).await?;

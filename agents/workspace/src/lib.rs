@@ -79,7 +79,12 @@ pub async fn serve(agent: Arc<WorkspaceAgent>, bus: &Bus, queue: &str, shutdown:
         spec,
         move |incoming| {
             let agent = agent.clone();
-            async move { agent.handle_message(&incoming.body).await }
+            async move {
+                if let Err(reason) = protocol::identity::check_task_sender(protocol::AgentKind::Workspace, &incoming.sender) {
+                    return protocol::Outcome::DeadLetter(reason);
+                }
+                agent.handle_message(&incoming.body).await
+            }
         },
         shutdown,
     )
