@@ -636,8 +636,8 @@ impl Validator {
             self.event_type(None, "start.admission.admitted_event", &admission.admitted_event)?;
         }
         if let Some(record) = &spec.record {
-            if !is_name(&record.collection) {
-                return Err(self.error(None, "record.collection", "must be lowercase letters, digits, `-` or `_`"));
+            if protocol::ids::CollectionName::parse(&record.collection).is_err() {
+                return Err(self.error(None, "record.collection", protocol::ids::CollectionName::RULE));
             }
             for (index, field) in record.fields.iter().enumerate() {
                 if !is_identifier(field) {
@@ -849,8 +849,8 @@ impl Validator {
                 },
             },
             EffectSpec::Persist(persist) => {
-                if !is_name(&persist.collection) {
-                    return Err(self.error(state, &format!("{at}.persist.collection"), "collections are lowercase words"));
+                if protocol::ids::CollectionName::parse(&persist.collection).is_err() {
+                    return Err(self.error(state, &format!("{at}.persist.collection"), protocol::ids::CollectionName::RULE));
                 }
                 EffectTemplate::Persist {
                     operation: persist.operation,

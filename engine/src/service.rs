@@ -666,6 +666,10 @@ impl Engine {
         if let Err(reason) = protocol::identity::check_sender(&event.event_type, &incoming.sender) {
             return self.dead_letter(&incoming, &reason).await;
         }
+        // Ids become routing keys, paths and names downstream: refused here, at the edge.
+        if let Err(error) = protocol::ids::check_event(&event) {
+            return self.dead_letter(&incoming, &format!("invalid event: {error}")).await;
+        }
         Metrics::count(&metrics.events_handled);
         if let Some(time) = event.time {
             metrics.observe_lag((chrono::Utc::now() - time).num_milliseconds());

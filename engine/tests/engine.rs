@@ -701,6 +701,15 @@ async fn poison_events_are_dead_lettered_while_others_flow() {
     let invalid = harness.dead_letter().await;
     assert!(invalid.headers["x-berth-reason"].contains("refuses the starting event"), "{invalid:?}");
 
+    // A user id that would be a routing-key wildcard, a session id that would be a path.
+    let wildcard_user = CloudEvent::new("session.open", "/test", Some(&session), json!({"user": "#", "workspace": "w1"}));
+    harness.publish(&wildcard_user).await;
+    let refused = harness.dead_letter().await;
+    assert_eq!(refused.headers["x-berth-reason"], format!("invalid event: user id \"#\": {}", protocol::ids::UserId::RULE));
+    harness.publish(&open_event("../etc", "alice")).await;
+    let refused = harness.dead_letter().await;
+    assert!(refused.headers["x-berth-reason"].starts_with("invalid event: session id \"../etc\""), "{refused:?}");
+
     harness.publish(&open_event(&session, "alice")).await;
     harness.task(&session, "workspace", "materialize").await;
 
@@ -713,7 +722,7 @@ async fn poison_events_are_dead_lettered_while_others_flow() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let snapshot = running.engine.metrics().snapshot();
-    assert_eq!(snapshot.dead_lettered, 3, "{snapshot:?}");
+    assert_eq!(snapshot.dead_lettered, 5, "{snapshot:?}");
     assert!(harness.dead.try_recv().is_err(), "the orphan was not dead-lettered");
     running.stop().await;
     harness.cleanup().await;

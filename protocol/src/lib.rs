@@ -7,6 +7,7 @@ pub mod broker_admin;
 pub mod bus;
 pub mod event;
 pub mod identity;
+pub mod ids;
 pub mod host;
 pub mod message;
 pub mod metrics;

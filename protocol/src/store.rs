@@ -394,13 +394,9 @@ pub fn validate_field_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a collection name: lowercase letters, digits and `_`, starting with a letter.
+/// Checks a collection name ([`crate::ids::CollectionName`], the one rule patterns are checked by too).
 pub fn validate_collection(name: &str) -> Result<(), String> {
-    let starts_with_letter = name.chars().next().is_some_and(|c| c.is_ascii_lowercase());
-    if !starts_with_letter || name.len() > 64 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
-        return Err(format!("collection name {name:?}: 1 to 64 lowercase letters, digits or `_`, starting with a letter"));
-    }
-    Ok(())
+    crate::ids::CollectionName::parse(name).map(drop).map_err(|error| error.to_string())
 }
 
 /// Checks a document id.

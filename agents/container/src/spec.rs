@@ -84,16 +84,9 @@ pub fn is_deployment_container(labels: &HashMap<String, String>, profile: &Profi
         && labels.get(DEPLOYMENT_LABEL) == Some(&profile.deployment())
 }
 
-/// Session ids become container names and directory names, so they must be safe as both.
+/// Session ids become container names and directory names ([`protocol::ids::SessionId`]).
 pub fn validate_session_id(session: &str) -> Result<(), String> {
-    let first_is_alphanumeric = session.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    let all_allowed = session.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if session.len() > 120 || !first_is_alphanumeric || !all_allowed {
-        return Err(format!(
-            "session id {session:?} must be 1-120 characters of letters, digits, `-`, `_` or `.`, starting with a letter or digit"
-        ));
-    }
-    Ok(())
+    protocol::ids::SessionId::parse(session).map(drop).map_err(|error| error.to_string())
 }
 
 /// User and workspace names travel as labels and environment values: printable, bounded.

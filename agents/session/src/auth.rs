@@ -256,11 +256,9 @@ impl TokenAuthority {
 }
 
 /// User ids end up in AMQP topic routing keys (`user.<id>`), where `*` and `#` are wildcards: a
-/// subject like `#` would otherwise receive everyone's notifications.
+/// subject like `#` would otherwise receive everyone's notifications ([`protocol::ids::UserId`]).
 pub fn is_valid_user_id(user: &str) -> bool {
-    !user.is_empty()
-        && user.len() <= 128
-        && user.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+    protocol::ids::UserId::parse(user).is_ok()
 }
 
 pub(crate) fn unix_now() -> u64 {

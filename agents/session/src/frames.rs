@@ -141,22 +141,14 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-/// Workspace ids become part of object-store prefixes: keep them to one safe path segment.
+/// Workspace ids become part of object-store prefixes ([`protocol::ids::WorkspaceId`]).
 pub(crate) fn validate_workspace_id(workspace: &str) -> Result<(), String> {
-    let well_formed = !workspace.is_empty()
-        && workspace.len() <= 128
-        && !workspace.starts_with('.')
-        && workspace.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if well_formed {
-        Ok(())
-    } else {
-        Err(format!("`workspace` {workspace:?} must be 1-128 letters, digits, `-`, `_` or `.`, not starting with `.`"))
-    }
+    protocol::ids::WorkspaceId::parse(workspace).map(drop).map_err(|error| format!("`workspace`: {error}"))
 }
 
-/// Session ids are UUIDs chosen by this agent; anything else cannot name a session.
+/// Session ids name containers and directories ([`protocol::ids::SessionId`]).
 fn validate_session_id(session: &str) -> Result<(), String> {
-    uuid::Uuid::parse_str(session).map(|_| ()).map_err(|_| format!("`session` must be a session id (a UUID), got {session:?}"))
+    protocol::ids::SessionId::parse(session).map(drop).map_err(|error| format!("`session`: {error}"))
 }
 
 /// Why a request was refused: a closed set clients can switch on.
@@ -346,7 +338,7 @@ mod tests {
         check(r#"{"id":"x","type":"open","workspace":"w1"}"#, Some("x"), Err("missing field `profile`"));
         check(r#"{"id":"x","type":"open","workspace":"../etc","profile":"dev"}"#, Some("x"), Err("`workspace`"));
         check(r#"{"id":"x","type":"open","workspace":"w","profile":"dev","user":"bob"}"#, Some("x"), Err("unknown field `user`"));
-        check(r#"{"id":"x","type":"close","session":"nope"}"#, Some("x"), Err("must be a session id"));
+        check(r#"{"id":"x","type":"close","session":"../nope"}"#, Some("x"), Err("`session`: session id"));
         check(r#"{"id":7,"type":"ping"}"#, None, Err("`id` must be a string"));
         // Found by tests/frame_properties.rs: the member at fault is named, and shown escaped.
         check(&format!(r#"{{"id":"x","type":"close","session":"{SESSION}","session":null}}"#), Some("x"),

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{GetResultPayload, ObjectMeta, PutPayload, WriteMultipart};
+use protocol::ids::{SessionId, UserId, WorkspaceId};
 use protocol::{AgentKind, Outcome, Profile, Task};
 use serde::Deserialize;
 use serde_json::json;
@@ -233,17 +234,10 @@ pub fn error_policy(error: &Error) -> Outcome {
     }
 }
 
-/// Session, user and workspace ids become path segments and key prefixes: keep them plain.
-fn check_identifier(what: &str, value: &str) -> Result<()> {
-    let plain = !value.is_empty()
-        && value.len() <= 128
-        && !value.starts_with('.')
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
-    if plain {
-        Ok(())
-    } else {
-        Err(Error::BadTask(format!("{what} {value:?} must be 1-128 letters, digits, `-`, `_`, `.` or `@`, not starting with `.`")))
-    }
+/// Session, user and workspace ids become path segments and key prefixes: each is checked by its
+/// one rule in `protocol::ids`.
+fn check_identifier<Id>(parse: fn(&str) -> std::result::Result<Id, protocol::ids::IdError>, value: &str) -> Result<()> {
+    parse(value).map(drop).map_err(|error| Error::BadTask(error.to_string()))
 }
 
 fn parse_args<T: serde::de::DeserializeOwned>(task: &Task) -> Result<T> {
@@ -336,13 +330,13 @@ impl WorkspaceAgent {
 
     async fn dispatch(&self, task: &Task, reply: &Reply) -> Result<()> {
         let session = task.session.as_deref().ok_or_else(|| Error::BadTask("task has no session".to_owned()))?;
-        check_identifier("session", session)?;
+        check_identifier(SessionId::parse, session)?;
         match task.action.as_str() {
             "materialize" => {
                 let args: MaterializeArgs = parse_args(task)?;
                 let slot = args.slot.as_deref().filter(|slot| !slot.is_empty());
                 if let Some(slot) = slot {
-                    check_identifier("slot", slot)?;
+                    check_identifier(SessionId::parse, slot)?;
                 }
                 let target = self.target(session, &args.user, &args.workspace)?;
                 let _guards = self.lock_workspace(&target).await;
@@ -416,8 +410,8 @@ impl WorkspaceAgent {
     }
 
     fn target(&self, session: &str, user: &str, workspace: &str) -> Result<Target> {
-        check_identifier("user", user)?;
-        check_identifier("workspace", workspace)?;
+        check_identifier(UserId::parse, user)?;
+        check_identifier(WorkspaceId::parse, workspace)?;
         let prefix_text = self.profile.workspace_prefix(user, workspace);
         let relative = ObjectPath::parse(&prefix_text).map_err(|error| Error::BadTask(format!("prefix {prefix_text:?}: {error}")))?;
         let prefix: ObjectPath = self.store.root.parts().chain(relative.parts()).collect();
