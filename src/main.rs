@@ -5,7 +5,7 @@ mod client;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use protocol::telemetry::{self, LogFormat};
 use protocol::{AgentKind, Profile};
 
@@ -62,8 +62,7 @@ enum Command {
     },
     /// Measure a component against a baseline taken in the same run.
     Bench {
-        #[arg(value_parser = ["engine", "placement", "provision", "workspace", "store", "session", "e2e", "open", "density", "faults", "proxy"])]
-        what: String,
+        what: Benchmark,
         /// `faults`: times the whole fault matrix runs.
         #[arg(long, default_value_t = 1)]
         rounds: usize,
@@ -80,6 +79,33 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         max_sessions: usize,
     },
+}
+
+/// What `berth bench` measures.
+#[derive(Clone, Copy, ValueEnum)]
+enum Benchmark {
+    /// The engine's event rate against the broker's raw consume+ack rate.
+    Engine,
+    /// Placement decision time, and the engine's open rate with three hosts reporting against none.
+    Placement,
+    /// Container provisioning against `docker run`.
+    Provision,
+    /// Materialize and sync against raw object-store transfers.
+    Workspace,
+    /// The persistence agent against direct store writes.
+    Store,
+    /// The session agent's WebSocket fan-out.
+    Session,
+    /// Open→ready end to end against `docker run`→health plus a raw download.
+    E2e,
+    /// Open→ready by kind of open (cold, cached reopen) and concurrency, each against its baseline.
+    Open,
+    /// Sessions this host holds paused and stopped with disk, with memory per session.
+    Density,
+    /// The fault matrix (its own deployment of separate processes).
+    Faults,
+    /// The session agent's reverse proxy against direct requests.
+    Proxy,
 }
 
 #[derive(Subcommand)]
@@ -149,28 +175,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bootstrap::run(&load_profile()?, reset).await?;
         }
         Command::Dev => bootstrap::dev(load_profile()?, shutdown_signal()).await?,
-        Command::Bench { what, rounds, sessions, .. } if what == "faults" => {
-            // Runs its own deployment of separate processes with its own profile (tests/profiles/faults).
-            if !bootstrap::faults::bench(rounds, sessions).await? {
-                return Ok(ExitCode::FAILURE);
+        Command::Bench { what, rounds, sessions, levels, large_mib, max_sessions } => match what {
+            Benchmark::Faults => {
+                // Runs its own deployment of separate processes with its own profile (tests/profiles/faults).
+                if !bootstrap::faults::bench(rounds, sessions).await? {
+                    return Ok(ExitCode::FAILURE);
+                }
             }
-        }
-        Command::Bench { what, levels, large_mib, max_sessions, .. } => {
-            let profile = load_profile()?;
-            match what.as_str() {
-                "engine" => engine::bench(profile).await?,
-                "placement" => engine::bench_placement(profile).await?,
-                "provision" => container::bench(profile).await?,
-                "workspace" => workspace::bench(profile).await?,
-                "store" => persistence::bench(profile).await?,
-                "session" => session::bench(profile).await?,
-                "e2e" => bootstrap::bench(profile).await?,
-                "open" => bootstrap::bench_open(profile, bootstrap::OpenBenchSettings { levels, large_mib }).await?,
-                "density" => bootstrap::bench_density(profile, bootstrap::DensitySettings { max_sessions }).await?,
-                "proxy" => bootstrap::bench_proxy(profile).await?,
-                other => anyhow::bail!("unknown benchmark {other}"),
-            }
-        }
+            Benchmark::Engine => engine::bench(load_profile()?).await?,
+            Benchmark::Placement => engine::bench_placement(load_profile()?).await?,
+            Benchmark::Provision => container::bench(load_profile()?).await?,
+            Benchmark::Workspace => workspace::bench(load_profile()?).await?,
+            Benchmark::Store => persistence::bench(load_profile()?).await?,
+            Benchmark::Session => session::bench(load_profile()?).await?,
+            Benchmark::E2e => bootstrap::bench(load_profile()?).await?,
+            Benchmark::Open => bootstrap::bench_open(load_profile()?, bootstrap::OpenBenchSettings { levels, large_mib }).await?,
+            Benchmark::Density => bootstrap::bench_density(load_profile()?, bootstrap::DensitySettings { max_sessions }).await?,
+            Benchmark::Proxy => bootstrap::bench_proxy(load_profile()?).await?,
+        },
     }
     Ok(ExitCode::SUCCESS)
 }
