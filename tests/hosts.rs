@@ -5,7 +5,9 @@
 //! capacity and wait in the queue when no host has room; each session's container, directory and
 //! every later task (write, close, final sync, remove) stay on its host; a host whose agents die
 //! is gone after its interval, new sessions go elsewhere and the other host's sessions are not
-//! touched; its tasks wait on its queue until it comes back.
+//! touched; its tasks wait on its queue until it comes back; `berth host drain` moves a session of
+//! 50 MB in 500 files to the other host byte for byte; a reopen goes to the host caching its
+//! workspace; what a host held when the engine lost its state is recovered on that host.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -368,6 +370,46 @@ async fn what_a_second_host_holds_after_the_engine_lost_its_state_is_recovered_o
     }
     assert_eq!(deployment.containers(), Vec::<String>::new(), "nothing was ever on local");
     assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    drop(h2);
+    deployment.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reopen_goes_to_the_host_that_caches_the_workspace_even_with_more_room_elsewhere() {
+    let mut config = config(0);
+    config.profile_text = config.profile_text.replace("quota_mib = 512\n", "quota_mib = 512\ncache_mib = 256\n");
+    assert!(config.profile_text.contains("cache_mib = 256"), "the faults profile sets quota_mib = 512");
+    let deployment = Deployment::start(&config).await.expect("deployment");
+    let h2 = Host::start(&deployment, "h2").expect("host h2");
+    wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
+    // ann works on h2 (the tie goes to h2) and closes: h2's cache keeps her workspace.
+    let first = open_running(&deployment, "ann").await.expect("ann's first session");
+    assert_eq!(h2.containers(), vec![Deployment::container_name(&first)]);
+    h2.write_inside(&first, "draft.txt", "cached on h2").expect("write on h2");
+    deployment.close(&first, "ann").await.expect("close");
+    assert_eq!(deployment.inbox.wait_terminal(&first, STEP).await.expect("closed").state, "closed");
+    // Once h2 reports its session count back at 0, bob takes h2 (the tie again), so local has more
+    // room now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let bob = open_running(&deployment, "bob").await.expect("bob's session");
+    assert_eq!(h2.containers(), vec![Deployment::container_name(&bob)]);
+    // h2 reports ann's cached workspace within a report interval.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let again = open_running(&deployment, "ann").await.expect("ann reopens");
+    let mut on_h2 = h2.containers();
+    on_h2.sort();
+    let mut expected = vec![Deployment::container_name(&bob), Deployment::container_name(&again)];
+    expected.sort();
+    assert_eq!(on_h2, expected, "ann's reopen went to h2, where her workspace is cached, although local had more room");
+    let log = std::fs::read_to_string(deployment.root.join("logs").join("h2-workspace.log")).unwrap_or_default();
+    assert!(
+        log.lines().any(|line| line.contains("reopened from the host's workspace cache") && line.contains(&again)),
+        "h2's workspace agent reused its cached copy:\n{log}"
+    );
+    for (user, session) in [("bob", &bob), ("ann", &again)] {
+        deployment.close(session, user).await.expect("close");
+        deployment.inbox.wait_terminal(session, STEP).await.expect("closed");
+    }
     drop(h2);
     deployment.teardown().await;
 }
