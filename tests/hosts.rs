@@ -62,7 +62,10 @@ impl Host {
 
     fn spawn(&mut self, deployment: &Deployment) -> anyhow::Result<()> {
         for kind in ["container", "workspace"] {
-            let log = std::fs::OpenOptions::new().create(true).append(true).open(deployment.root.join("logs").join(format!("{}-{kind}.log", self.id)))?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(deployment.root.join("logs").join(format!("{}-{kind}.log", self.id)))?;
             let child = deployment
                 .command()
                 .args(["agent", kind])
@@ -120,7 +123,10 @@ impl Drop for Host {
 
 /// The hosts the engine sees reporting (its `hosts` index in Redis).
 fn known_hosts(deployment: &Deployment) -> Vec<String> {
-    deployment.redis_cli(&["zrange", "berth:engine:hosts", "0", "-1"]).map(|text| text.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
+    deployment
+        .redis_cli(&["zrange", "berth:engine:hosts", "0", "-1"])
+        .map(|text| text.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 async fn wait_hosts(deployment: &Deployment, expected: &[&str]) -> anyhow::Result<()> {
@@ -190,7 +196,10 @@ async fn sessions_spread_by_capacity_queue_when_full_and_every_task_stays_on_its
         assert_eq!(end.state, "closed", "{session}: {:?}", deployment.inbox.states(session));
         let stored = deployment.get_object(&Deployment::object_key(user, "thesis", "notes.txt")).await.expect("store");
         assert_eq!(stored.as_deref(), Some(format!("{user} on {session}").as_bytes()), "{session}'s file was saved from its host");
-        assert!(!h2.session_dir(session).exists() && !deployment.session_dir(session).exists(), "{session}'s directory was removed after the sync");
+        assert!(
+            !h2.session_dir(session).exists() && !deployment.session_dir(session).exists(),
+            "{session}'s directory was removed after the sync"
+        );
     }
     deployment.close(&waiting, "eve").await.expect("close");
     deployment.inbox.wait_terminal(&waiting, STEP).await.expect("closed");
@@ -263,7 +272,8 @@ async fn a_drained_host_moves_its_sessions_to_another_host_with_their_files_inta
     let name = Deployment::container_name(&session);
     assert_eq!(h2.containers(), vec![name.clone()], "the tie goes to h2");
     // 50 MB in 500 files, written inside the container on h2 and never synced by hand.
-    let write = "mkdir -p /workspace/data && i=0; while [ $i -lt 500 ]; do head -c 104858 /dev/urandom > /workspace/data/f$i; i=$((i+1)); done";
+    let write =
+        "mkdir -p /workspace/data && i=0; while [ $i -lt 500 ]; do head -c 104858 /dev/urandom > /workspace/data/f$i; i=$((i+1)); done";
     run("docker", &["-H", &h2.docker, "exec", &name, "sh", "-c", write]).expect("files written on h2");
     let digest = "cd /workspace && find data -type f | sort | xargs md5sum";
     let before = run("docker", &["-H", &h2.docker, "exec", &name, "sh", "-c", digest]).expect("digest on h2");
@@ -275,7 +285,12 @@ async fn a_drained_host_moves_its_sessions_to_another_host_with_their_files_inta
     deployment.inbox.wait_state(&session, "moving", STEP).await.expect("the user sees moving");
     let deadline = Instant::now() + STEP;
     while !states_after(&deployment, &session, "moving").contains(&"running".to_owned()) {
-        assert!(Instant::now() < deadline, "not running again after moving: {:?}\n{}", deployment.inbox.states(&session), deployment.logs_tail(40));
+        assert!(
+            Instant::now() < deadline,
+            "not running again after moving: {:?}\n{}",
+            deployment.inbox.states(&session),
+            deployment.logs_tail(40)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let moved = began.elapsed();
@@ -287,10 +302,19 @@ async fn a_drained_host_moves_its_sessions_to_another_host_with_their_files_inta
     let after = deployment.exec(&session, digest).expect("digest on local");
     assert_eq!(before, after, "every file came along, byte for byte");
     // The user is told the new address: the port Docker published on local.
-    let running = deployment.inbox.all().into_iter().rev().find(|seen| seen.notification.session.as_deref() == Some(session.as_str()) && seen.notification.state == "running").expect("running");
+    let running = deployment
+        .inbox
+        .all()
+        .into_iter()
+        .rev()
+        .find(|seen| seen.notification.session.as_deref() == Some(session.as_str()) && seen.notification.state == "running")
+        .expect("running");
     let published = run("docker", &["port", &name, "8080"]).expect("published port");
     let port = running.notification.detail["port"].as_u64().expect("a port in the notification");
-    assert!(published.lines().any(|line| line.ends_with(&format!(":{port}"))), "the running notification's port {port} is the new container's: {published}");
+    assert!(
+        published.lines().any(|line| line.ends_with(&format!(":{port}"))),
+        "the running notification's port {port} is the new container's: {published}"
+    );
 
     // A drained host takes no new session.
     let next = open_running(&deployment, "bob").await.expect("another session");
@@ -334,7 +358,11 @@ async fn open_to_running_on_each_of_three_hosts() {
     }
     for (host, mut took) in timings {
         took.sort_by(f64::total_cmp);
-        println!("open→running on {host:>5}: {:?} ms (median {:.0} ms)", took.iter().map(|ms| ms.round() as u64).collect::<Vec<_>>(), took[took.len() / 2]);
+        println!(
+            "open→running on {host:>5}: {:?} ms (median {:.0} ms)",
+            took.iter().map(|ms| ms.round() as u64).collect::<Vec<_>>(),
+            took[took.len() / 2]
+        );
     }
     for (user, session) in &sessions {
         deployment.close(session, user).await.expect("close");
@@ -365,7 +393,12 @@ async fn what_a_second_host_holds_after_the_engine_lost_its_state_is_recovered_o
         if saved.as_deref() == Some(&b"only on h2"[..]) && h2.containers().is_empty() && !h2.session_dir(&session).exists() {
             break;
         }
-        assert!(Instant::now() < deadline, "h2's orphan was not recovered on h2: containers {:?}, saved {saved:?}\n{}", h2.containers(), deployment.logs_tail(40));
+        assert!(
+            Instant::now() < deadline,
+            "h2's orphan was not recovered on h2: containers {:?}, saved {saved:?}\n{}",
+            h2.containers(),
+            deployment.logs_tail(40)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(deployment.containers(), Vec::<String>::new(), "nothing was ever on local");

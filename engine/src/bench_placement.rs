@@ -41,7 +41,9 @@ pub async fn run(mut profile: Profile) -> anyhow::Result<()> {
     // Opens come from the client identity, the only one (with the session agent's) that may send
     // them.
     protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await?;
-    let client = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-placement-client")?).await?;
+    let client =
+        Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-placement-client")?)
+            .await?;
     let measured = measure(&profile, patterns, &config, &client).await;
     client.close().await;
     service::teardown(&bus, &profile.services.redis_url, &config).await?;

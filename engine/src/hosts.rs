@@ -16,7 +16,13 @@ pub async fn drain(profile: &Profile, host: &str) -> Result<()> {
     let keys = Keys::new(&EngineConfig::standard().redis_prefix);
     let client = redis::Client::open(profile.services.redis_url.as_str())?;
     let mut redis = client.get_multiplexed_async_connection().await?;
-    let _: () = redis::cmd("ZADD").arg(keys.draining()).arg("NX").arg(chrono::Utc::now().timestamp_millis()).arg(host).query_async(&mut redis).await?;
+    let _: () = redis::cmd("ZADD")
+        .arg(keys.draining())
+        .arg("NX")
+        .arg(chrono::Utc::now().timestamp_millis())
+        .arg(host)
+        .query_async(&mut redis)
+        .await?;
     Ok(())
 }
 
