@@ -422,7 +422,8 @@ return reply
 
 /// How an event was bound.
 enum Binding<'a> {
-    Existing(&'a Pattern, Thred),
+    /// Boxed: a thred is large next to the other variants.
+    Existing(&'a Pattern, Box<Thred>),
     Start(&'a Pattern),
     Orphan,
 }
@@ -743,7 +744,7 @@ impl Engine {
                 }
                 Binding::Existing(pattern, thred) => {
                     let stepped = core::step(pattern, &thred, &input, now_ms);
-                    (pattern, Some(thred), stepped)
+                    (pattern, Some(*thred), stepped)
                 }
                 Binding::Start(pattern) => {
                     let thred_id = Uuid::now_v7().to_string();
@@ -1499,7 +1500,7 @@ impl Engine {
     fn bind(&self, event: &CloudEvent, read: BindingRead) -> Result<Binding<'_>> {
         if let Some(thred) = read.named {
             if let Some(pattern) = self.pattern_named(&thred.pattern) {
-                return Ok(Binding::Existing(pattern, thred));
+                return Ok(Binding::Existing(pattern, Box::new(thred)));
             }
         }
         let live = read.live;
@@ -1518,7 +1519,7 @@ impl Engine {
         for thred in live {
             if let Some(pattern) = self.pattern_named(&thred.pattern) {
                 if pattern.knows(&event.event_type) {
-                    return Ok(Binding::Existing(pattern, thred));
+                    return Ok(Binding::Existing(pattern, Box::new(thred)));
                 }
             }
         }
