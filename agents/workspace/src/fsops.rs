@@ -3,16 +3,23 @@
 //! ever read or written, and placing downloaded files atomically.
 //!
 //! The workspace is writable by the user's container while we work in it, so checking a path and
-//! then using it would race. Instead every folder is opened with `O_NOFOLLOW | O_DIRECTORY`
-//! starting from the workspace root, one component at a time, through `/proc/self/fd/<fd>/<name>`
-//! (which resolves to the already opened folder, whatever the path looks like now): a symlink
-//! planted anywhere on the way makes the open fail instead of leading out.
+//! then using it would race. Instead the workspace root is opened once and everything below it is
+//! reached from that descriptor with `openat2(2)` and `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`: the
+//! kernel refuses, in the same call that opens it, a path that would leave the root or that meets
+//! a symlink anywhere on the way (a symlink planted there makes the open fail instead of leading
+//! out). Names are then created, linked, renamed and removed with the `*at` calls inside the
+//! opened parent folder, never through a path. A kernel without `openat2` (Linux before 5.6) gets
+//! a clear error, never a weaker fallback.
 
 use std::fs::{File, Metadata, OpenOptions};
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, OFlags, ResolveFlags, StatxFlags};
+use rustix::io::Errno;
 
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -54,7 +61,7 @@ pub struct Unsyncable {
     /// The folder holding it (`None`: the workspace root).
     pub parent: Option<WorkspacePath>,
     /// Its name, byte for byte.
-    pub name: std::ffi::OsString,
+    pub name: OsString,
     /// The relative path for people: lossy UTF-8.
     pub path: String,
     pub reason: String,
@@ -79,7 +86,7 @@ pub fn mtime_ns(metadata: &Metadata) -> i64 {
 /// target text) are recorded; names that can't be object keys, the reserved top-level `.berth`,
 /// sockets, FIFOs and devices are reported as unsyncable (and never entered).
 ///
-/// Folders are opened relative to their already opened parent with `O_NOFOLLOW`, so a folder
+/// Folders are opened relative to their already opened parent with `openat2` refusing symlinks, so a folder
 /// swapped for a symlink during the walk is reported, not entered.
 pub fn scan(root: &Path) -> Result<Scan> {
     scan_within(root, &ScanLimits::UNBOUNDED)
@@ -105,16 +112,16 @@ pub fn scan_within(root: &Path, limits: &ScanLimits) -> Result<Scan> {
         /// `None`: the root itself.
         relative: Option<WorkspacePath>,
         parent: Option<std::sync::Arc<File>>,
-        name: std::ffi::OsString,
+        name: OsString,
     }
     let mut scan = Scan::default();
     let root_folder = open_folder_nofollow(root).map_err(|source| Error::io("opening workspace", root, source))?;
     let root_folder = std::sync::Arc::new(root_folder);
-    let mut folders = vec![Pending { relative: None, parent: None, name: std::ffi::OsString::new() }];
+    let mut folders = vec![Pending { relative: None, parent: None, name: OsString::new() }];
     while let Some(pending) = folders.pop() {
         let folder = match (&pending.parent, &pending.relative) {
             (None, _) | (_, None) => root_folder.clone(),
-            (Some(parent), Some(relative)) => match open_folder_nofollow(&proc_path_os(parent, &pending.name)) {
+            (Some(parent), Some(relative)) => match open_beneath(parent.as_ref(), &pending.name, OFlags::DIRECTORY) {
                 Ok(folder) => std::sync::Arc::new(folder),
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(error) if matches!(error.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
@@ -133,9 +140,8 @@ pub fn scan_within(root: &Path, limits: &ScanLimits) -> Result<Scan> {
         let relative_folder = pending.relative.clone();
         let prefix = relative_folder.as_ref().map(|folder| format!("{folder}/")).unwrap_or_default();
         let listing_error = |source| Error::io("listing", root.join(&prefix), source);
-        let entries = std::fs::read_dir(proc_path(&folder, "")).map_err(listing_error)?;
-        for entry in entries {
-            let entry = entry.map_err(listing_error)?;
+        for name in folder_names(&folder).map_err(listing_error)? {
+            let name = name.map_err(listing_error)?;
             let seen = scan.files.len() + scan.tree.directories.len() + scan.tree.links.len() + scan.unsyncable.len();
             if seen >= limits.max_entries {
                 return Err(Error::OverLimit(format!(
@@ -144,16 +150,15 @@ pub fn scan_within(root: &Path, limits: &ScanLimits) -> Result<Scan> {
                     limits.max_entries
                 )));
             }
-            let name = entry.file_name();
             let display = format!("{prefix}{}", name.to_string_lossy());
             let unsyncable = |reason: String| Unsyncable { parent: relative_folder.clone(), name: name.clone(), path: display.clone(), reason };
-            // `DirEntry::metadata` does not follow symlinks.
-            let metadata = match entry.metadata() {
-                Ok(metadata) => metadata,
+            // statx with AT_SYMLINK_NOFOLLOW: a symlink's own type, never its target's.
+            let stat = match stat_at(folder.as_ref(), &name) {
+                Ok(stat) => stat,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(Error::io("inspecting", root.join(&display), source)),
             };
-            scan.newest_mtime_ns = scan.newest_mtime_ns.max(mtime_ns(&metadata));
+            scan.newest_mtime_ns = scan.newest_mtime_ns.max(stat.mtime_ns);
             let Some(text) = name.to_str() else {
                 scan.unsyncable.push(unsyncable("name is not UTF-8".to_owned()));
                 continue;
@@ -169,10 +174,9 @@ pub fn scan_within(root: &Path, limits: &ScanLimits) -> Result<Scan> {
                 scan.unsyncable.push(unsyncable(format!("{} is reserved for Berth's tree metadata", tree::RESERVED_NAME)));
                 continue;
             }
-            let file_type = metadata.file_type();
-            let mode = metadata.permissions().mode() & tree::MODE_MASK;
-            if file_type.is_symlink() {
-                match std::fs::read_link(proc_path(&folder, text)) {
+            let mode = stat.mode & tree::MODE_MASK;
+            match stat.file_type {
+                FileType::Symlink => match read_link_at(folder.as_ref(), &name) {
                     Ok(target) => match target.into_os_string().into_string() {
                         Ok(target) => {
                             scan.tree.links.insert(path.as_str().to_owned(), target);
@@ -181,19 +185,21 @@ pub fn scan_within(root: &Path, limits: &ScanLimits) -> Result<Scan> {
                     },
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
                     Err(source) => return Err(Error::io("reading link", path.under(root), source)),
+                },
+                FileType::Directory if path.as_str().split('/').count() >= limits.max_depth => {
+                    scan.unsyncable.push(unsyncable(format!("folder deeper than {} levels: not entered", limits.max_depth)));
                 }
-            } else if file_type.is_dir() && path.as_str().split('/').count() >= limits.max_depth {
-                scan.unsyncable.push(unsyncable(format!("folder deeper than {} levels: not entered", limits.max_depth)));
-            } else if file_type.is_dir() {
-                scan.tree.directories.insert(path.as_str().to_owned(), Mode(mode));
-                folders.push(Pending { relative: Some(path), parent: Some(folder.clone()), name: name.clone() });
-            } else if file_type.is_file() {
-                if mode != tree::DEFAULT_FILE_MODE {
-                    scan.tree.modes.insert(path.as_str().to_owned(), Mode(mode));
+                FileType::Directory => {
+                    scan.tree.directories.insert(path.as_str().to_owned(), Mode(mode));
+                    folders.push(Pending { relative: Some(path), parent: Some(folder.clone()), name: name.clone() });
                 }
-                scan.files.push(LocalFile { path, size: metadata.len(), mtime_ns: mtime_ns(&metadata), mode });
-            } else {
-                scan.unsyncable.push(unsyncable("special file (socket, FIFO or device) can't be stored".to_owned()));
+                FileType::RegularFile => {
+                    if mode != tree::DEFAULT_FILE_MODE {
+                        scan.tree.modes.insert(path.as_str().to_owned(), Mode(mode));
+                    }
+                    scan.files.push(LocalFile { path, size: stat.size, mtime_ns: stat.mtime_ns, mode });
+                }
+                _ => scan.unsyncable.push(unsyncable("special file (socket, FIFO or device) can't be stored".to_owned())),
             }
         }
     }
@@ -207,12 +213,107 @@ pub struct Confined {
     root_path: PathBuf,
 }
 
-fn proc_path(folder: &File, name: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}/{name}", folder.as_raw_fd()))
+/// Resolution for every open below a workspace (or preserved) folder: `openat2(2)` refuses a
+/// path that would leave the folder it starts from (`RESOLVE_BENEATH`: no `..` out, no absolute
+/// path) and any symlink anywhere on the way, the last component included
+/// (`RESOLVE_NO_SYMLINKS`), in one call that checks each component as the kernel walks it.
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS);
+
+/// Opens `path` below the opened `folder` with `openat2` and [`BENEATH`]. `O_NOFOLLOW` and
+/// `O_CLOEXEC` are always added. A kernel without `openat2` (before Linux 5.6, or a seccomp
+/// filter that refuses it) is an error that says so: there is no weaker fallback.
+fn open_beneath(folder: &File, path: impl AsRef<OsStr>, flags: OFlags) -> std::io::Result<File> {
+    let path = path.as_ref();
+    let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    // EAGAIN: the kernel could not rule out a `..` race (never in a parsed key); its advice is to retry.
+    let mut attempts = 0;
+    loop {
+        match rustix::fs::openat2(folder, path, flags, rustix::fs::Mode::empty(), BENEATH) {
+            Ok(opened) => return Ok(File::from(opened)),
+            Err(Errno::AGAIN) if attempts < 8 => attempts += 1,
+            Err(Errno::NOSYS) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "openat2 is not available (it needs Linux 5.6 or later, and no seccomp filter refusing it): \
+                     workspace files are only opened through it, so that nothing outside the workspace is reached",
+                ))
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
 
-fn proc_path_os(folder: &File, name: &std::ffi::OsStr) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}", folder.as_raw_fd())).join(name)
+/// What `statx` says of one entry, never following it.
+struct EntryStat {
+    file_type: FileType,
+    mode: u32,
+    size: u64,
+    mtime_ns: i64,
+}
+
+fn stat_at(folder: &File, name: &OsStr) -> std::io::Result<EntryStat> {
+    let wanted = StatxFlags::TYPE | StatxFlags::MODE | StatxFlags::SIZE | StatxFlags::MTIME;
+    let stat = rustix::fs::statx(folder, name, AtFlags::SYMLINK_NOFOLLOW, wanted)?;
+    let mode = u32::from(stat.stx_mode);
+    Ok(EntryStat {
+        file_type: FileType::from_raw_mode(mode),
+        mode: mode & 0o7777,
+        size: stat.stx_size,
+        mtime_ns: stat.stx_mtime.tv_sec.saturating_mul(1_000_000_000).saturating_add(i64::from(stat.stx_mtime.tv_nsec)),
+    })
+}
+
+/// `std`'s metadata of the entry at `path` below `folder`, never following it: the entry is
+/// opened with `O_PATH | O_NOFOLLOW` (a symlink gives a descriptor of the link itself).
+fn metadata_beneath(folder: &File, path: impl AsRef<OsStr>) -> std::io::Result<Metadata> {
+    open_beneath(folder, path, OFlags::PATH)?.metadata()
+}
+
+/// The names in an opened folder (without `.` and `..`), read through its descriptor.
+fn folder_names(folder: &File) -> std::io::Result<impl Iterator<Item = std::io::Result<OsString>>> {
+    let listing = rustix::fs::Dir::read_from(folder)?;
+    Ok(listing.filter_map(|entry| match entry {
+        Ok(entry) => match entry.file_name().to_bytes() {
+            b"." | b".." => None,
+            name => Some(Ok(OsStr::from_bytes(name).to_os_string())),
+        },
+        Err(error) => Some(Err(error.into())),
+    }))
+}
+
+/// A symlink's target text, read from its folder's descriptor (never resolved).
+fn read_link_at(folder: &File, name: &OsStr) -> std::io::Result<PathBuf> {
+    let target = rustix::fs::readlinkat(folder, name, Vec::new())?;
+    Ok(PathBuf::from(OsString::from_vec(target.into_bytes())))
+}
+
+/// Changes the owner of `name` in `folder` without following it (see [`change_owner`]).
+fn change_owner_at(folder: &File, name: &OsStr, owner: Ownership) {
+    let (uid, gid) = (rustix::fs::Uid::from_raw(owner.uid), rustix::fs::Gid::from_raw(owner.gid));
+    if let Err(error) = rustix::fs::chownat(folder, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW) {
+        tracing::debug!(name = %name.to_string_lossy(), %error, "could not change owner");
+    }
+}
+
+/// Removes the folder `name` in `folder` and everything in it, descending through descriptors:
+/// every folder is opened with [`open_beneath`] (a folder swapped for a symlink meanwhile makes
+/// this fail, it is never entered) and links are removed as links.
+fn remove_all_at(folder: &File, name: &OsStr) -> std::io::Result<()> {
+    let inner = open_beneath(folder, name, OFlags::DIRECTORY)?;
+    for entry in folder_names(&inner)? {
+        let entry = entry?;
+        let removed = match stat_at(&inner, &entry) {
+            Ok(stat) if stat.file_type == FileType::Directory => remove_all_at(&inner, &entry),
+            Ok(_) => rustix::fs::unlinkat(&inner, &entry, AtFlags::empty()).map_err(std::io::Error::from),
+            Err(error) => Err(error),
+        };
+        match removed {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    rustix::fs::unlinkat(folder, name, AtFlags::REMOVEDIR)?;
+    Ok(())
 }
 
 fn open_folder_nofollow(path: &Path) -> std::io::Result<File> {
@@ -229,27 +330,44 @@ impl Confined {
         Error::UnsafeNames(format!("{relative:?} in {}: {reason}", self.root_path.display()))
     }
 
-    /// Opens (and with `owner`, creates) the folder holding `path`, never through a symlink.
+    /// The error of an `openat2` below the root: a symlink or a file on the way (or an escape,
+    /// which a parsed key can't express) is refused; anything else is an I/O error.
+    fn open_error(&self, action: &'static str, path: &WorkspacePath, reason: &str, error: std::io::Error) -> Error {
+        match error.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => self.refused(path.as_str(), reason),
+            Some(libc::EXDEV) => self.refused(path.as_str(), "leads outside the workspace"),
+            _ => Error::io(action, path.under(&self.root_path), error),
+        }
+    }
+
+    /// Opens (and with `owner`, creates) the folder holding `path`, never through a symlink: one
+    /// `openat2` when the folders are there; otherwise each missing folder is made in its opened
+    /// parent and opened in turn.
     fn parent_folder(&self, path: &WorkspacePath, create: Option<Option<Ownership>>) -> Result<File> {
-        let segments: Vec<&str> = path.as_str().split('/').collect();
+        const ON_THE_WAY: &str = "a folder on the way is a symlink or a file";
+        let Some(parent) = path.parent() else {
+            return self.root.try_clone().map_err(|source| Error::io("opening workspace", &self.root_path, source));
+        };
+        let missing = match open_beneath(&self.root, parent.as_str(), OFlags::DIRECTORY) {
+            Ok(folder) => return Ok(folder),
+            Err(error) if create.is_some() && error.kind() == std::io::ErrorKind::NotFound => error,
+            Err(error) => return Err(self.open_error("opening folder", path, ON_THE_WAY, error)),
+        };
+        let Some(owner) = create else {
+            return Err(Error::io("opening folder", path.under(&self.root_path), missing));
+        };
         let mut folder = self.root.try_clone().map_err(|source| Error::io("opening workspace", &self.root_path, source))?;
-        for segment in &segments[..segments.len() - 1] {
-            let next = proc_path(&folder, segment);
-            if let Some(owner) = create {
-                match std::fs::create_dir(&next) {
-                    Ok(()) => {
-                        if let Some(owner) = owner {
-                            change_owner(&next, owner);
-                        }
+        for segment in parent.as_str().split('/') {
+            match rustix::fs::mkdirat(&folder, segment, rustix::fs::Mode::from_raw_mode(0o777)) {
+                Ok(()) => {
+                    if let Some(owner) = owner {
+                        change_owner_at(&folder, OsStr::new(segment), owner);
                     }
-                    Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(source) => return Err(Error::io("creating folder", path.under(&self.root_path), source)),
                 }
+                Err(Errno::EXIST) => {}
+                Err(error) => return Err(Error::io("creating folder", path.under(&self.root_path), error.into())),
             }
-            folder = open_folder_nofollow(&next).map_err(|error| match error.raw_os_error() {
-                Some(libc::ELOOP) | Some(libc::ENOTDIR) => self.refused(path.as_str(), "a folder on the way is a symlink or a file"),
-                _ => Error::io("opening folder", path.under(&self.root_path), error),
-            })?;
+            folder = open_beneath(&folder, segment, OFlags::DIRECTORY).map_err(|error| self.open_error("opening folder", path, ON_THE_WAY, error))?;
         }
         Ok(folder)
     }
@@ -262,17 +380,9 @@ impl Confined {
 
     /// Opens a regular file for reading: never through a symlink, never a FIFO or device.
     pub fn open_file(&self, path: &WorkspacePath) -> Result<(File, Metadata)> {
-        let folder = self.parent_folder(path, None)?;
-        let name = path.as_str().rsplit('/').next().unwrap_or(path.as_str());
         // O_NONBLOCK: opening a FIFO someone swapped in must not hang the agent.
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(proc_path(&folder, name))
-            .map_err(|error| match error.raw_os_error() {
-                Some(libc::ELOOP) => self.refused(path.as_str(), "is a symlink (never followed)"),
-                _ => Error::io("opening", path.under(&self.root_path), error),
-            })?;
+        let file = open_beneath(&self.root, path.as_str(), OFlags::RDONLY | OFlags::NONBLOCK)
+            .map_err(|error| self.open_error("opening", path, "is a symlink, or a folder on the way is a symlink or a file (never followed)", error))?;
         let metadata = file.metadata().map_err(|source| Error::io("inspecting", path.under(&self.root_path), source))?;
         if !metadata.is_file() {
             return Err(self.refused(path.as_str(), "is not a regular file"));
@@ -302,26 +412,26 @@ impl Confined {
     /// with `Placement::ReplaceExisting` another link or file in its place is replaced.
     pub fn create_symlink(&self, path: &WorkspacePath, target: &str, placement: Placement, owner: Option<Ownership>) -> Result<Placed> {
         let folder = self.parent_folder(path, Some(owner))?;
-        let link = proc_path(&folder, path.file_name());
+        let name = OsStr::new(path.file_name());
         for _ in 0..2 {
-            match std::os::unix::fs::symlink(target, &link) {
+            match rustix::fs::symlinkat(target, &folder, name) {
                 Ok(()) => {
                     if let Some(owner) = owner {
-                        change_owner(&link, owner);
+                        change_owner_at(&folder, name, owner);
                     }
                     return Ok(Placed::Placed);
                 }
-                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let existing = std::fs::symlink_metadata(&link).map_err(|source| Error::io("inspecting", path.under(&self.root_path), source))?;
-                    if existing.file_type().is_symlink() && std::fs::read_link(&link).is_ok_and(|found| found.as_os_str() == target) {
+                Err(Errno::EXIST) => {
+                    let existing = stat_at(&folder, name).map_err(|source| Error::io("inspecting", path.under(&self.root_path), source))?;
+                    if existing.file_type == FileType::Symlink && read_link_at(&folder, name).is_ok_and(|found| found.as_os_str() == target) {
                         return Ok(Placed::Placed);
                     }
-                    if placement == Placement::KeepExisting || existing.is_dir() {
+                    if placement == Placement::KeepExisting || existing.file_type == FileType::Directory {
                         return Ok(Placed::KeptExisting);
                     }
-                    std::fs::remove_file(&link).map_err(|source| Error::io("replacing", path.under(&self.root_path), source))?;
+                    rustix::fs::unlinkat(&folder, name, AtFlags::empty()).map_err(|source| Error::io("replacing", path.under(&self.root_path), source.into()))?;
                 }
-                Err(source) => return Err(Error::io("creating link", path.under(&self.root_path), source)),
+                Err(source) => return Err(Error::io("creating link", path.under(&self.root_path), source.into())),
             }
         }
         Ok(Placed::KeptExisting)
@@ -335,15 +445,10 @@ impl Confined {
     /// What is at `path`, never following it (a symlink is reported as a symlink); `None` when
     /// nothing is there, or a folder on the way is missing.
     pub fn entry_metadata(&self, path: &WorkspacePath) -> Result<Option<Metadata>> {
-        let folder = match self.parent_folder(path, None) {
-            Ok(folder) => folder,
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(error),
-        };
-        match std::fs::symlink_metadata(proc_path(&folder, path.file_name())) {
+        match metadata_beneath(&self.root, path.as_str()) {
             Ok(metadata) => Ok(Some(metadata)),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(Error::io("inspecting", path.under(&self.root_path), source)),
+            Err(error) => Err(self.open_error("inspecting", path, "a folder on the way is a symlink or a file", error)),
         }
     }
 
@@ -353,16 +458,14 @@ impl Confined {
         let shown = relative.map(|relative| relative.under(&self.root_path)).unwrap_or_else(|| self.root_path.clone());
         let listing_error = |source| Error::io("listing", shown.clone(), source);
         let mut entries = Vec::new();
-        for entry in std::fs::read_dir(proc_path(&folder, "")).map_err(listing_error)? {
-            let entry = entry.map_err(listing_error)?;
-            let name = entry.file_name();
-            // `DirEntry::metadata` does not follow symlinks.
-            let metadata = match entry.metadata() {
+        for name in folder_names(&folder).map_err(listing_error)? {
+            let name = name.map_err(listing_error)?;
+            let metadata = match metadata_beneath(&folder, &name) {
                 Ok(metadata) => metadata,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(Error::io("inspecting", shown.join(&name), source)),
             };
-            let link_target = if metadata.file_type().is_symlink() { std::fs::read_link(proc_path_os(&folder, &name)).ok() } else { None };
+            let link_target = if metadata.file_type().is_symlink() { read_link_at(&folder, &name).ok() } else { None };
             entries.push(FolderEntry { name, metadata, link_target });
         }
         entries.sort_by(|left, right| left.name.cmp(&right.name));
@@ -371,15 +474,15 @@ impl Confined {
 
     /// Removes what is at `path` without following it: a file, symlink or special file; a folder
     /// when it is empty, or with everything in it under [`Removal::Recursive`] (whose walk opens
-    /// every folder with `O_NOFOLLOW` and removes links as links).
+    /// every folder with `openat2` refusing symlinks and removes links as links).
     pub fn remove_entry(&self, path: &WorkspacePath, removal: Removal) -> Result<()> {
         let folder = self.parent_folder(path, None)?;
-        let target = proc_path(&folder, path.file_name());
-        let metadata = std::fs::symlink_metadata(&target).map_err(|source| Error::io("inspecting", path.under(&self.root_path), source))?;
-        let removed = match (metadata.is_dir(), removal) {
-            (false, _) => std::fs::remove_file(&target),
-            (true, Removal::EmptyFolder) => std::fs::remove_dir(&target),
-            (true, Removal::Recursive) => std::fs::remove_dir_all(&target),
+        let name = OsStr::new(path.file_name());
+        let stat = stat_at(&folder, name).map_err(|source| Error::io("inspecting", path.under(&self.root_path), source))?;
+        let removed = match (stat.file_type == FileType::Directory, removal) {
+            (false, _) => rustix::fs::unlinkat(&folder, name, AtFlags::empty()).map_err(std::io::Error::from),
+            (true, Removal::EmptyFolder) => rustix::fs::unlinkat(&folder, name, AtFlags::REMOVEDIR).map_err(std::io::Error::from),
+            (true, Removal::Recursive) => remove_all_at(&folder, name),
         };
         removed.map_err(|source| Error::io("removing", path.under(&self.root_path), source))
     }
@@ -391,43 +494,39 @@ impl Confined {
     /// fails anyway, so only an empty folder created in that instant could be replaced).
     pub fn rename_entry(&self, from: &WorkspacePath, to: &WorkspacePath, owner: Option<Ownership>) -> Result<bool> {
         let from_folder = self.parent_folder(from, None)?;
-        let source = proc_path(&from_folder, from.file_name());
-        let metadata = std::fs::symlink_metadata(&source).map_err(|source| Error::io("inspecting", from.under(&self.root_path), source))?;
+        let source = OsStr::new(from.file_name());
+        let stat = stat_at(&from_folder, source).map_err(|source| Error::io("inspecting", from.under(&self.root_path), source))?;
         let to_folder = self.parent_folder(to, Some(owner))?;
-        let destination = proc_path(&to_folder, to.file_name());
-        let moved = |error| Error::io("moving", from.under(&self.root_path), error);
-        if !metadata.is_dir() {
-            match std::fs::hard_link(&source, &destination) {
+        let destination = OsStr::new(to.file_name());
+        let moved = |error: Errno| Error::io("moving", from.under(&self.root_path), error.into());
+        if stat.file_type != FileType::Directory {
+            // linkat without AT_SYMLINK_FOLLOW links a symlink itself, never its target.
+            match rustix::fs::linkat(&from_folder, source, &to_folder, destination, AtFlags::empty()) {
                 Ok(()) => {
-                    std::fs::remove_file(&source).map_err(moved)?;
+                    rustix::fs::unlinkat(&from_folder, source, AtFlags::empty()).map_err(moved)?;
                     return Ok(true);
                 }
-                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+                Err(Errno::EXIST) => return Ok(false),
                 // protected_hardlinks refuses linking another user's file for a non-root agent.
-                Err(error) if error.raw_os_error() == Some(libc::EPERM) => {}
+                Err(Errno::PERM) => {}
                 Err(error) => return Err(moved(error)),
             }
         }
-        match std::fs::symlink_metadata(&destination) {
+        match stat_at(&to_folder, destination) {
             Ok(_) => return Ok(false),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(Error::io("inspecting", to.under(&self.root_path), source)),
         }
-        std::fs::rename(&source, &destination).map_err(moved)?;
+        rustix::fs::renameat(&from_folder, source, &to_folder, destination).map_err(moved)?;
         Ok(true)
     }
 
     /// Whether anything (a file, folder, link, …) has the name `path`; never follows a link.
     pub fn exists(&self, path: &WorkspacePath) -> Result<bool> {
-        let folder = match self.parent_folder(path, None) {
-            Ok(folder) => folder,
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(error) => return Err(error),
-        };
-        match std::fs::symlink_metadata(proc_path(&folder, path.file_name())) {
+        match metadata_beneath(&self.root, path.as_str()) {
             Ok(_) => Ok(true),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(Error::io("inspecting", path.under(&self.root_path), source)),
+            Err(error) => Err(self.open_error("inspecting", path, "a folder on the way is a symlink or a file", error)),
         }
     }
 
@@ -435,33 +534,31 @@ impl Confined {
     /// anything. `Ok(false)` when `new_path` is taken.
     pub fn rename_aside(&self, path: &WorkspacePath, new_path: &WorkspacePath) -> Result<bool> {
         let folder = self.parent_folder(path, None)?;
-        let from = proc_path(&folder, path.file_name());
-        let to = proc_path(&folder, new_path.file_name());
+        let from = OsStr::new(path.file_name());
         // link(2) doesn't follow `from` and never replaces `to`.
-        match std::fs::hard_link(&from, &to) {
+        match rustix::fs::linkat(&folder, from, &folder, new_path.file_name(), AtFlags::empty()) {
             Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-            Err(source) => return Err(Error::io("keeping a conflict copy of", path.under(&self.root_path), source)),
+            Err(Errno::EXIST) => return Ok(false),
+            Err(source) => return Err(Error::io("keeping a conflict copy of", path.under(&self.root_path), source.into())),
         }
-        std::fs::remove_file(&from).map_err(|source| Error::io("moving aside", path.under(&self.root_path), source))?;
+        rustix::fs::unlinkat(&folder, from, AtFlags::empty()).map_err(|source| Error::io("moving aside", path.under(&self.root_path), source.into()))?;
         Ok(true)
     }
 
     /// Moves one entry (by its raw name in an opened folder) to `destination`, outside the
     /// workspace. When the workspace is a file system of its own (`EXDEV`: an image-backed
     /// workspace) the entry is copied (flushed), then deleted here.
-    pub fn move_out(&self, parent: Option<&WorkspacePath>, name: &std::ffi::OsStr, destination: &Path) -> Result<()> {
+    pub fn move_out(&self, parent: Option<&WorkspacePath>, name: &OsStr, destination: &Path) -> Result<()> {
         let folder = self.folder(parent, None)?;
-        let source = proc_path_os(&folder, name);
-        match std::fs::rename(&source, destination) {
+        match rustix::fs::renameat(&folder, name, rustix::fs::CWD, destination) {
             Ok(()) => Ok(()),
-            Err(error) if error.raw_os_error() == Some(libc::EXDEV) => {
-                copy_entry(&source, destination)?;
-                let is_folder = std::fs::symlink_metadata(&source).is_ok_and(|metadata| metadata.is_dir());
-                let removed = if is_folder { std::fs::remove_dir_all(&source) } else { std::fs::remove_file(&source) };
+            Err(Errno::XDEV) => {
+                copy_entry_at(&folder, name, destination)?;
+                let is_folder = stat_at(&folder, name).is_ok_and(|stat| stat.file_type == FileType::Directory);
+                let removed = if is_folder { remove_all_at(&folder, name) } else { rustix::fs::unlinkat(&folder, name, AtFlags::empty()).map_err(std::io::Error::from) };
                 removed.map_err(|error| Error::io("removing the preserved original", destination, error))
             }
-            Err(source) => Err(Error::io("preserving", destination, source)),
+            Err(source) => Err(Error::io("preserving", destination, source.into())),
         }
     }
 
@@ -472,67 +569,75 @@ impl Confined {
             .map_err(|source| Error::io("setting mode of", staged, source))?;
         let folder = self.parent_folder(path, Some(owner))?;
         let name = path.file_name();
-        let target = proc_path(&folder, name);
         // A hard link never replaces an existing name: a file the user created meanwhile stays.
-        match std::fs::hard_link(staged, &target) {
+        match rustix::fs::linkat(rustix::fs::CWD, staged, &folder, name, AtFlags::empty()) {
             Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => match placement {
+            Err(Errno::EXIST) => match placement {
                 Placement::KeepExisting => {
                     let _ = std::fs::remove_file(staged);
                     return Ok(Placed::KeptExisting);
                 }
                 Placement::ReplaceExisting => {
                     // Before the container starts nobody else writes here: replace a leftover.
-                    std::fs::rename(staged, &target).map_err(|source| Error::io("placing", path.under(&self.root_path), source))?;
+                    rustix::fs::renameat(rustix::fs::CWD, staged, &folder, name)
+                        .map_err(|source| Error::io("placing", path.under(&self.root_path), source.into()))?;
                     return Ok(Placed::Placed);
                 }
             },
-            Err(source) => return Err(Error::io("placing", path.under(&self.root_path), source)),
+            Err(source) => return Err(Error::io("placing", path.under(&self.root_path), source.into())),
         }
         std::fs::remove_file(staged).map_err(|source| Error::io("removing staged copy of", path.under(&self.root_path), source))?;
         Ok(Placed::Placed)
     }
 }
 
-/// Copies one entry without following links: files with their bits (flushed), folders
-/// recursively, links as links, FIFOs recreated. Sockets and devices can't be copied: an error,
-/// so the directory they are in is kept.
-pub fn copy_entry(source: &Path, destination: &Path) -> Result<()> {
-    use std::os::unix::fs::FileTypeExt;
+/// [`copy_entry_at`] of the entry at a path (its folder opened first).
+#[cfg(test)]
+fn copy_entry(source: &Path, destination: &Path) -> Result<()> {
+    let failed = |error: std::io::Error| Error::io("opening the original of", destination, error);
+    let name = source.file_name().ok_or_else(|| failed(std::io::Error::other("no name to copy")))?;
+    let parent = source.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let folder = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(parent).map_err(failed)?;
+    copy_entry_at(&folder, name, destination)
+}
+
+/// Copies the entry `name` of an opened folder without following links, descending through
+/// descriptors: files with their bits (flushed), folders recursively, links as links, FIFOs
+/// recreated. Sockets and devices can't be copied: an error, so the directory they are in is kept.
+fn copy_entry_at(folder: &File, name: &OsStr, destination: &Path) -> Result<()> {
     let failed = |action: &'static str| move |error: std::io::Error| Error::io(action, destination, error);
-    let metadata = std::fs::symlink_metadata(source).map_err(failed("inspecting the original of"))?;
-    let mode = metadata.permissions().mode() & tree::MODE_MASK;
-    let file_type = metadata.file_type();
-    if file_type.is_symlink() {
-        let target = std::fs::read_link(source).map_err(failed("reading the link for"))?;
-        std::os::unix::fs::symlink(target, destination).map_err(failed("copying link to"))
-    } else if file_type.is_dir() {
-        std::fs::create_dir(destination).map_err(failed("creating"))?;
-        let folder = open_folder_nofollow(source).map_err(failed("opening the original of"))?;
-        for entry in std::fs::read_dir(proc_path(&folder, "")).map_err(failed("listing the original of"))? {
-            let name = entry.map_err(failed("listing the original of"))?.file_name();
-            copy_entry(&proc_path_os(&folder, &name), &destination.join(&name))?;
+    let stat = stat_at(folder, name).map_err(failed("inspecting the original of"))?;
+    let mode = stat.mode & tree::MODE_MASK;
+    match stat.file_type {
+        FileType::Symlink => {
+            let target = read_link_at(folder, name).map_err(failed("reading the link for"))?;
+            std::os::unix::fs::symlink(target, destination).map_err(failed("copying link to"))
         }
-        std::fs::set_permissions(destination, std::fs::Permissions::from_mode(mode)).map_err(failed("setting mode of"))
-    } else if file_type.is_file() {
-        let mut input = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(source)
-            .map_err(failed("opening the original of"))?;
-        let mut output = OpenOptions::new().write(true).create_new(true).mode(mode).open(destination).map_err(failed("creating"))?;
-        std::io::copy(&mut input, &mut output).map_err(failed("copying to"))?;
-        output.sync_all().map_err(failed("flushing"))
-    } else if file_type.is_fifo() {
-        // std has no mkfifo and this crate forbids unsafe code: the coreutils/busybox tool does it.
-        let made = std::process::Command::new("mkfifo").arg("-m").arg(format!("{mode:o}")).arg(destination).status();
-        match made {
-            Ok(status) if status.success() => Ok(()),
-            Ok(status) => Err(Error::io("recreating FIFO", destination, std::io::Error::other(format!("mkfifo exited with {status}")))),
-            Err(error) => Err(Error::io("recreating FIFO", destination, error)),
+        FileType::Directory => {
+            std::fs::create_dir(destination).map_err(failed("creating"))?;
+            let inner = open_beneath(folder, name, OFlags::DIRECTORY).map_err(failed("opening the original of"))?;
+            for entry in folder_names(&inner).map_err(failed("listing the original of"))? {
+                let entry = entry.map_err(failed("listing the original of"))?;
+                copy_entry_at(&inner, &entry, &destination.join(&entry))?;
+            }
+            std::fs::set_permissions(destination, std::fs::Permissions::from_mode(mode)).map_err(failed("setting mode of"))
         }
-    } else {
-        Err(Error::io("preserving", destination, std::io::Error::other("a socket or device can't be copied to another file system")))
+        FileType::RegularFile => {
+            let mut input = open_beneath(folder, name, OFlags::RDONLY | OFlags::NONBLOCK).map_err(failed("opening the original of"))?;
+            let mut output = OpenOptions::new().write(true).create_new(true).mode(mode).open(destination).map_err(failed("creating"))?;
+            std::io::copy(&mut input, &mut output).map_err(failed("copying to"))?;
+            output.sync_all().map_err(failed("flushing"))
+        }
+        FileType::Fifo => {
+            // std has no mkfifo and this crate forbids unsafe code: the coreutils/busybox tool does it.
+            let made = std::process::Command::new("mkfifo").arg("-m").arg(format!("{mode:o}")).arg(destination).status();
+            match made {
+                Ok(status) if status.success() => Ok(()),
+                Ok(status) => Err(Error::io("recreating FIFO", destination, std::io::Error::other(format!("mkfifo exited with {status}")))),
+                Err(error) => Err(Error::io("recreating FIFO", destination, error)),
+            }
+        }
+        _ => Err(Error::io("preserving", destination, std::io::Error::other("a socket or device can't be copied to another file system"))),
     }
 }
 
@@ -540,7 +645,7 @@ pub fn copy_entry(source: &Path, destination: &Path) -> Result<()> {
 #[derive(Debug)]
 pub struct FolderEntry {
     /// Its name, byte for byte.
-    pub name: std::ffi::OsString,
+    pub name: OsString,
     /// Of the entry itself (a symlink's own metadata).
     pub metadata: Metadata,
     /// A symlink's target text, never resolved.
