@@ -29,6 +29,7 @@ use crate::fsops::{self, Confined, LocalFile, Ownership, Placed, Placement, Scan
 use crate::inventory;
 use crate::keys::WorkspacePath;
 use crate::manifest::{self, Durability, FileEntry, FinalSync, Manifest, Phase};
+use crate::plan::{self, Hashed, SyncPlan};
 use crate::store::OpenedStore;
 use crate::tree::{self, Tree};
 use crate::volume::{self, Volume};
@@ -1323,27 +1324,15 @@ impl WorkspaceAgent {
             Ok((Arc::new(confined), scan))
         })
         .await?;
-        let Scan { files, tree: local_tree, unsyncable, .. } = scan;
-        let local_bytes: u64 = files.iter().map(|file| file.size).sum();
-        let quota = self.profile.workspace.quota_mib * 1024 * 1024;
         // An image is the bound itself (ext4 takes a little more than the quota for its own
         // metadata): whatever fits in it is the user's work and is saved, never refused.
-        if local_bytes > quota && target.volume.is_none() {
-            return Err(Error::QuotaExceeded { bytes: local_bytes, quota });
-        }
-
-        // Size and mtime first; a content hash confirms when only the mtime moved.
-        let mut to_upload = Vec::new();
-        let mut to_hash = Vec::new();
-        let mut unchanged = 0;
+        let quota = match target.volume {
+            None => Some(self.profile.workspace.quota_mib * 1024 * 1024),
+            Some(_) => None,
+        };
+        let SyncPlan { mut unchanged, to_hash, mut to_upload, to_delete: removed, skipped } = plan::plan_sync(&manifest, &scan, quota)?;
+        let Scan { tree: local_tree, .. } = scan;
         let mut refreshed_entries = 0;
-        for file in &files {
-            match manifest.files.get(file.path.as_str()) {
-                Some(entry) if entry.size == file.size && entry.mtime_ns == file.mtime_ns => unchanged += 1,
-                Some(entry) if entry.size == file.size => to_hash.push((file.clone(), entry.sha256.clone())),
-                _ => to_upload.push(file.clone()),
-            }
-        }
         let parallelism = self.profile.workspace.parallelism.max(1);
         let hashed: Vec<_> = futures::stream::iter(to_hash)
             .map(|(file, known_hash)| {
@@ -1363,7 +1352,7 @@ impl WorkspaceAgent {
             .await;
         for (file, known_hash, hash) in hashed {
             match hash {
-                Ok((hash, mtime_ns)) if hash == known_hash => {
+                Ok((hash, mtime_ns)) if plan::after_hash(&hash, &known_hash) == Hashed::Unchanged => {
                     unchanged += 1;
                     if let Some(entry) = manifest.files.get_mut(file.path.as_str()) {
                         entry.mtime_ns = mtime_ns;
@@ -1377,12 +1366,7 @@ impl WorkspaceAgent {
                 Err(error) => return Err(error),
             }
         }
-        let local_paths: BTreeSet<&str> = files.iter().map(|file| file.path.as_str()).collect();
-        // Only what the manifest says was here and is gone now: an object never downloaded (an
-        // interrupted materialize) is not in the manifest, so it is never deleted.
-        let removed: Vec<String> = manifest.files.keys().filter(|path| !local_paths.contains(path.as_str())).cloned().collect();
-
-        let mut report = SyncReport { unchanged, skipped: unsyncable.iter().map(|entry| (entry.path.clone(), entry.reason.clone())).collect(), ..SyncReport::default() };
+        let mut report = SyncReport { unchanged, skipped, ..SyncReport::default() };
         let uploads: Vec<_> = futures::stream::iter(to_upload)
             .map(|file| {
                 let confined = confined.clone();

@@ -22,6 +22,7 @@ mod fsops;
 mod inventory;
 mod keys;
 mod manifest;
+mod plan;
 mod store;
 mod tree;
 mod volume;
