@@ -661,7 +661,7 @@ impl WorkspaceAgent {
                     let manifest_path = manifest::manifest_path(&self.profile.deployment_root(), &entry.session);
                     let unchanged = blocking(move || {
                         let Some(manifest) = manifest::load_blocking(&manifest_path)? else { return Ok(false) };
-                        Ok(manifest.final_sync_confirmed() && changes_since_final_sync(&manifest, &fsops::scan_within(&directory, &limits)?).is_none())
+                        Ok(manifest.final_sync_confirmed() && plan::changes_since_final_sync(&manifest, &fsops::scan_within(&directory, &limits)?).is_none())
                     });
                     unchanged.await.unwrap_or(false)
                 }
@@ -1886,7 +1886,7 @@ impl WorkspaceAgent {
         let limits = self.scan_limits();
         let scan = blocking(move || fsops::scan_within(&scanned_directory, &limits)).await?;
         if !resuming {
-            if let Some(changes) = changes_since_final_sync(&manifest, &scan) {
+            if let Some(changes) = plan::changes_since_final_sync(&manifest, &scan) {
                 return Err(Error::RemoveRefused(format!("{changes} since the final sync; sync again first")));
             }
         }
@@ -2159,24 +2159,6 @@ fn synced_data(kind: SyncKind, report: &SyncReport) -> serde_json::Value {
     data
 }
 
-/// What differs between a workspace and its manifest (`None`: nothing that needs a sync).
-fn changes_since_final_sync(manifest: &Manifest, scan: &Scan) -> Option<String> {
-    let changed = scan
-        .files
-        .iter()
-        .filter(|file| !manifest.files.get(file.path.as_str()).is_some_and(|entry| entry.size == file.size && entry.mtime_ns == file.mtime_ns))
-        .count();
-    let local_paths: BTreeSet<&str> = scan.files.iter().map(|file| file.path.as_str()).collect();
-    let missing = manifest.files.keys().filter(|path| !local_paths.contains(path.as_str())).count();
-    if changed > 0 || missing > 0 {
-        return Some(format!("{changed} file(s) changed or added and {missing} removed"));
-    }
-    if scan.tree != manifest.tree {
-        return Some("symlinks, folders or modes changed".to_owned());
-    }
-    None
-}
-
 /// One object of the store's listing, as revalidation compares it.
 struct Listed {
     size: u64,
@@ -2236,7 +2218,7 @@ fn revalidate_cached(taken: cache::Taken, listed: &BTreeMap<String, Listed>, rem
         if !scan.unsyncable.is_empty() {
             return Ok(Err(format!("{} entries that can't be stored", scan.unsyncable.len())));
         }
-        if let Some(changes) = changes_since_final_sync(cached, &scan) {
+        if let Some(changes) = plan::changes_since_final_sync(cached, &scan) {
             return Ok(Err(changes));
         }
         let confined = Confined::open(&directory)?;

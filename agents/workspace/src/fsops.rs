@@ -819,6 +819,32 @@ mod tests {
         std::fs::remove_dir_all(&directory).unwrap();
     }
 
+    /// `openat2` itself refuses what no parsed key can express: `..` out of the workspace, an
+    /// absolute path, a symlink as the last component; a recursive removal removes a link inside
+    /// as a link and leaves what it points to alone.
+    #[test]
+    fn openat2_refuses_escapes_and_links() {
+        let directory = scratch();
+        let workspace = directory.join("workspace");
+        let root = open_folder_nofollow(&workspace).unwrap();
+        for escape in ["../outside/file", "a/../../outside/file"] {
+            let refused = open_beneath(&root, escape, OFlags::RDONLY).unwrap_err();
+            assert_eq!(refused.raw_os_error(), Some(libc::EXDEV), "{escape}: {refused}");
+        }
+        let absolute = directory.join("outside/file");
+        assert_eq!(open_beneath(&root, &absolute, OFlags::RDONLY).unwrap_err().raw_os_error(), Some(libc::EXDEV));
+        std::os::unix::fs::symlink(directory.join("outside/file"), workspace.join("a/link")).unwrap();
+        assert_eq!(open_beneath(&root, "a/link", OFlags::RDONLY).unwrap_err().raw_os_error(), Some(libc::ELOOP));
+
+        let confined = Confined::open(&workspace).unwrap();
+        let link = WorkspacePath::parse("a/link").unwrap();
+        assert!(confined.entry_metadata(&link).unwrap().unwrap().file_type().is_symlink(), "the link itself, not its target");
+        confined.remove_entry(&WorkspacePath::parse("a").unwrap(), Removal::Recursive).unwrap();
+        assert!(!workspace.join("a").exists());
+        assert_eq!(std::fs::read(directory.join("outside/file")).unwrap(), b"host secret");
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
     /// The cross-file-system fallback of preserving keeps names, bytes, bits, links and FIFOs.
     #[test]
     fn copy_entry_keeps_what_it_copies() {

@@ -4,6 +4,8 @@
 //! are deleted and what is skipped, or that the workspace is over its quota. The agent
 //! (`agent.rs`) executes the plan; an object changed in the store by another writer shows there,
 //! when the conditional upload or delete finds another version than the manifest's (a conflict).
+//! [`changes_since_final_sync`] is the same comparison as a yes/no: whether `remove` (and a cache
+//! entry's reopen) still has anything unsynced.
 
 use std::collections::BTreeSet;
 
@@ -75,6 +77,24 @@ pub fn after_hash(hash: &str, known_hash: &str) -> Hashed {
     } else {
         Hashed::Changed
     }
+}
+
+/// What differs between a workspace and its manifest (`None`: nothing that needs a sync).
+pub fn changes_since_final_sync(manifest: &Manifest, scan: &Scan) -> Option<String> {
+    let changed = scan
+        .files
+        .iter()
+        .filter(|file| !manifest.files.get(file.path.as_str()).is_some_and(|entry| entry.size == file.size && entry.mtime_ns == file.mtime_ns))
+        .count();
+    let local_paths: BTreeSet<&str> = scan.files.iter().map(|file| file.path.as_str()).collect();
+    let missing = manifest.files.keys().filter(|path| !local_paths.contains(path.as_str())).count();
+    if changed > 0 || missing > 0 {
+        return Some(format!("{changed} file(s) changed or added and {missing} removed"));
+    }
+    if scan.tree != manifest.tree {
+        return Some("symlinks, folders or modes changed".to_owned());
+    }
+    None
 }
 
 #[cfg(test)]
@@ -151,6 +171,20 @@ mod tests {
         assert!(plan_sync(&manifest(&[]), &scan, Some(1100)).is_ok(), "exactly the quota fits");
         let plan = plan_sync(&manifest(&[]), &scan, None).unwrap();
         assert_eq!(paths(&plan.to_upload), ["a", "b"]);
+    }
+
+    /// Any changed, added or removed file, or a changed tree, is a change since the final sync.
+    #[test]
+    fn changes_since_the_final_sync() {
+        let synced = manifest(&[("a", entry(5, 100, "aaaa"))]);
+        let same = Scan { files: vec![local("a", 5, 100)], ..Scan::default() };
+        assert_eq!(changes_since_final_sync(&synced, &same), None);
+        let touched = Scan { files: vec![local("a", 5, 101)], ..Scan::default() };
+        assert_eq!(changes_since_final_sync(&synced, &touched).as_deref(), Some("1 file(s) changed or added and 0 removed"));
+        assert_eq!(changes_since_final_sync(&synced, &Scan::default()).as_deref(), Some("0 file(s) changed or added and 1 removed"));
+        let mut linked = Scan { files: vec![local("a", 5, 100)], ..Scan::default() };
+        linked.tree.links.insert("link".to_owned(), "a".to_owned());
+        assert_eq!(changes_since_final_sync(&synced, &linked).as_deref(), Some("symlinks, folders or modes changed"));
     }
 
     /// A hashed file is unchanged only when its content hash is the recorded one.
