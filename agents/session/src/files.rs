@@ -1,7 +1,8 @@
 //! The files API (`/api/sessions/{id}/files/{path}`): read, list, upload, delete, make folders
 //! and rename in a session's workspace directory, with the workspace agent's own path-safe
-//! operations (`workspace::Confined`: every folder opened component by component with
-//! `O_NOFOLLOW`, so no symlink is ever followed and nothing outside the directory is reached).
+//! operations (`workspace::Confined`: everything opened from the directory's descriptor with
+//! `openat2` and `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, so no symlink is ever followed and
+//! nothing outside the directory is reached).
 //!
 //! The directory is the session's on this machine, found as the workspace agent finds it
 //! (`workspace::locate`: `Profile::session_dir(session)`, or inside the session's own mounted
