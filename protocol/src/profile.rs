@@ -395,8 +395,11 @@ pub struct SeedUser {
     pub groups: Vec<String>,
 }
 
+/// How an environment override sets its `[services]` field.
+pub type SetService = fn(&mut Services, String);
+
 /// Environment variables that override `[services]`, each with how it sets its field.
-pub const SERVICE_OVERRIDES: [(&str, fn(&mut Services, String)); 9] = [
+pub const SERVICE_OVERRIDES: [(&str, SetService); 9] = [
     ("BERTH_AMQP_URL", |services, value| services.amqp_url = value),
     ("BERTH_REDIS_URL", |services, value| services.redis_url = value),
     ("BERTH_STORE_URL", |services, value| services.store_url = value),

@@ -114,7 +114,7 @@ fn recording_handler(
     decide: impl Fn(usize) -> Outcome + Clone + Send + Sync + 'static,
 ) -> impl Fn(Incoming) -> futures::future::Ready<Outcome> + Clone + Send + Sync + 'static {
     move |incoming: Incoming| {
-        let mut seen = seen.lock().unwrap();
+        let mut seen = seen.lock().expect("seen");
         seen.push(Seen {
             at: Instant::now(),
             attempts: incoming.attempts(),
