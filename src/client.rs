@@ -108,7 +108,7 @@ pub async fn publish(args: PublishArgs, profile: &str) -> anyhow::Result<ExitCod
 pub async fn tail(args: TailArgs, profile: &str, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let bus = Bus::connect(BusConfig::new(&amqp_url(args.amqp_url, profile)?, "berth-tail")).await?;
     bus.declare_topology().await?;
-    let queue = bus.declare_private_queue(topology::EVENTS_EXCHANGE, &[args.type_pattern.clone()]).await?;
+    let queue = bus.declare_private_queue(topology::EVENTS_EXCHANGE, std::slice::from_ref(&args.type_pattern)).await?;
     let (done_sender, mut done) = tokio::sync::mpsc::channel::<()>(1);
     let remaining = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(args.count.unwrap_or(u64::MAX)));
     let printer = move |incoming: protocol::Incoming| {

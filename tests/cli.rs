@@ -42,7 +42,7 @@ async fn publish_refuses_bad_input_with_exit_2_and_publishes_nothing() {
     bus.declare_topology().await.expect("topology");
     protocol::broker_admin::ensure_identities(&amqp_url()).await.expect("bus identities");
     let event_type = format!("test.cli{}", uuid::Uuid::new_v4().simple());
-    let queue = bus.declare_private_queue(topology::EVENTS_EXCHANGE, &[event_type.clone()]).await.expect("queue");
+    let queue = bus.declare_private_queue(topology::EVENTS_EXCHANGE, std::slice::from_ref(&event_type)).await.expect("queue");
 
     let bad_cases: Vec<(Vec<String>, Option<String>, &str)> = vec![
         (vec!["--type".into(), event_type.clone(), "--data".into(), "{not json".into()], None, "--data is not valid JSON"),

@@ -631,7 +631,7 @@ async fn wait_upload_started(deployment: &Deployment, user: &str) -> anyhow::Res
 }
 
 async fn kill_mid_sync(deployment: &mut Deployment, users: &[String], kind: SyncKind, tally: &mut Tally) -> anyhow::Result<()> {
-    let (sessions, expectations) = open_running_with(deployment, users, |deployment, session, user, expected| write_bulk(deployment, session, user, expected)).await?;
+    let (sessions, expectations) = open_running_with(deployment, users, write_bulk).await?;
     if kind == SyncKind::Final {
         for (user, session) in users.iter().zip(&sessions) {
             deployment.close(session, user).await?;
