@@ -58,6 +58,17 @@ for index in $(seq 2 $((count + 1))); do
   done
 done
 
+# Starting a second engine has been seen to take docker0 with it even with a bridge of its own (on a
+# machine whose extra engines had run before). The first engine does not make it again until it
+# restarts, and every container on its default network fails: put it back as that engine had it.
+if [ "$had_docker0" = 1 ] && ! ip link show docker0 >/dev/null 2>&1; then
+  subnet=$(docker network inspect bridge --format '{{(index .IPAM.Config 0).Subnet}}')
+  gateway=$(docker network inspect bridge --format '{{(index .IPAM.Config 0).Gateway}}')
+  log "docker0 went away while the extra engines started; restoring it ($gateway/${subnet#*/})"
+  ip link add docker0 type bridge
+  ip addr add "$gateway/${subnet#*/}" dev docker0
+  ip link set docker0 up
+fi
 if [ "$had_docker0" = 1 ] && ! ip link show docker0 >/dev/null 2>&1; then
   log "docker0 is gone after starting the extra engines"
   exit 1
