@@ -75,6 +75,9 @@ enum Command {
         /// `open`: the large workspace reopened with one change, in MiB (5120 for 5 GB).
         #[arg(long, default_value_t = 1024)]
         large_mib: u64,
+        /// `open`: wakes measured from each idle tier (paused, stopped with disk), and baseline rounds.
+        #[arg(long, default_value_t = 20)]
+        wake_rounds: usize,
         /// `density`: the most sessions opened per idle tier.
         #[arg(long, default_value_t = 200)]
         max_sessions: usize,
@@ -98,7 +101,7 @@ enum Benchmark {
     Session,
     /// Open→ready end to end against `docker run`→health plus a raw download.
     E2e,
-    /// Open→ready by kind of open (cold, cached reopen) and concurrency, each against its baseline.
+    /// Open→ready by kind of open (cold, cached reopen, warm-pool claim) and concurrency, and wakes from each idle tier, each against its baseline.
     Open,
     /// Sessions this host holds paused and stopped with disk, with memory per session.
     Density,
@@ -175,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bootstrap::run(&load_profile()?, reset).await?;
         }
         Command::Dev => bootstrap::dev(load_profile()?, shutdown_signal()).await?,
-        Command::Bench { what, rounds, sessions, levels, large_mib, max_sessions } => match what {
+        Command::Bench { what, rounds, sessions, levels, large_mib, wake_rounds, max_sessions } => match what {
             Benchmark::Faults => {
                 // Runs its own deployment of separate processes with its own profile (tests/profiles/faults).
                 if !bootstrap::faults::bench(rounds, sessions).await? {
@@ -189,7 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Benchmark::Store => persistence::bench(load_profile()?).await?,
             Benchmark::Session => session::bench(load_profile()?).await?,
             Benchmark::E2e => bootstrap::bench(load_profile()?).await?,
-            Benchmark::Open => bootstrap::bench_open(load_profile()?, bootstrap::OpenBenchSettings { levels, large_mib }).await?,
+            Benchmark::Open => bootstrap::bench_open(load_profile()?, bootstrap::OpenBenchSettings { levels, large_mib, wake_rounds }).await?,
             Benchmark::Density => bootstrap::bench_density(load_profile()?, bootstrap::DensitySettings { max_sessions }).await?,
             Benchmark::Proxy => bootstrap::bench_proxy(load_profile()?).await?,
         },

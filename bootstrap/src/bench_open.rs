@@ -9,13 +9,16 @@
 //! default, `--large-mib`) with one file changed in the store since it was closed; then, with the
 //! components started again on the same profile plus a warm pool as large as the highest level
 //! (and plain-directory workspaces, which a pool needs), a warm-pool claim at each level and
-//! workload, next to the cold row's baseline.
+//! workload, next to the cold row's baseline; last, with the components started again on the
+//! profile with short idle-ladder timers, a wake from each tier ([`WakeTier`]: paused, and stopped
+//! with the directory kept) of one session, `--wake-rounds` times, from `session.activity` to the
+//! app's first HTTP answer, next to `docker unpause` (or `docker start`) plus the first answer of
+//! a container of the profile's image run directly.
 //!
 //! How to add a row: a new kind of open is an [`OpenKind`] variant with its `prepare` (what must
-//! hold before its opens: e.g. a warm pool filled to the level, a session paused or stopped for a
-//! wake) and its label; [`measure_row`] does the rest (the opens at the level, ready times, the
-//! closes). The warm-pool claim and the idle ladder's wakes are listed as not measured until the
-//! pool and the ladder exist in the engine.
+//! hold before its opens: e.g. a warm pool filled to the level) and its label; [`measure_row`]
+//! does the rest (the opens at the level, ready times, the closes). A wake is not an open: its
+//! rows are [`measure_wake`]'s.
 
 use std::time::{Duration, Instant};
 
@@ -40,6 +43,10 @@ const LARGE_CACHED_GOAL: Duration = Duration::from_secs(1);
 /// Issue 16's goal for a warm claim with 50 concurrent opens.
 const WARM_P50_GOAL: Duration = Duration::from_millis(50);
 const WARM_P99_GOAL: Duration = Duration::from_millis(150);
+const WAKE_WORKSPACE: &str = "open-bench-wake";
+/// The wake rows' interval from pause to container stop: long enough that a paused round's wake
+/// (milliseconds after the pause) never races the stop.
+const WAKE_DORMANT_AFTER_SECS: u64 = 3;
 
 /// What `berth bench open` runs.
 #[derive(Debug, Clone)]
@@ -48,6 +55,8 @@ pub struct OpenBenchSettings {
     pub levels: Vec<usize>,
     /// The large workspace's size.
     pub large_mib: u64,
+    /// Wakes measured from each idle tier (and baseline rounds of each).
+    pub wake_rounds: usize,
 }
 
 /// A workspace every user of a round holds a copy of.
@@ -143,6 +152,13 @@ pub async fn bench(mut profile: Profile, settings: OpenBenchSettings) -> anyhow:
                 rows
             })
         }
+        Err(error) => Err(error),
+    };
+    let outcome = match outcome {
+        Ok(mut rows) => measure_wake(&bench, &users[0], settings.wake_rounds).await.map(|wake_rows| {
+            rows.extend(wake_rows);
+            rows
+        }),
         Err(error) => Err(error),
     };
     let _ = stop_listening.send(true);
@@ -392,7 +408,8 @@ fn print_rows(rows: &[Row], settings: &OpenBenchSettings) {
     }
     println!("  baseline: a raw download of the same objects, then `docker run`→health, as many at once as the opens");
     println!("  warm-pool claims run on plain-directory workspaces (a pool needs them), with a pool as large as the highest level");
-    println!("  not measured in this build: wake from paused and from stopped-with-disk");
+    println!("  wakes: from `session.activity` to the app's first HTTP answer on the port of the `running` notification, one session, one wake after another;");
+    println!("    baseline: `docker unpause` (from paused) or `docker start` + its port (from stopped-with-disk), then the first answer, on a container of the image run directly");
     println!("goals (issue 16):");
     for row in rows.iter().filter(|row| row.label == OpenKind::Cold.label()) {
         let ratio = percentile(&row.samples, 0.5).as_secs_f64() / percentile(&row.baseline, 0.5).as_secs_f64().max(f64::MIN_POSITIVE);
@@ -413,7 +430,8 @@ fn print_rows(rows: &[Row], settings: &OpenBenchSettings) {
             verdict(p99 < WARM_P99_GOAL)
         );
     }
-    if let Some(large) = rows.iter().rev().find(|row| row.label != OpenKind::Warm.label()) {
+    let wake_labels = [WakeTier::Paused.label(), WakeTier::Dormant.label()];
+    if let Some(large) = rows.iter().rev().find(|row| row.label != OpenKind::Warm.label() && !wake_labels.contains(&row.label.as_str())) {
         let reopened = percentile(&large.samples, 0.5);
         println!("  cached reopen of {}: {:.1} ms (goal < {} ms): {}", large.workload, milliseconds(reopened), LARGE_CACHED_GOAL.as_millis(), verdict(reopened < LARGE_CACHED_GOAL));
     }
@@ -424,5 +442,259 @@ fn verdict(met: bool) -> &'static str {
         "met"
     } else {
         "missed"
+    }
+}
+
+/// A tier of the idle ladder a wake row starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WakeTier {
+    /// `idle`: the container paused, memory held.
+    Paused,
+    /// `dormant`: the container stopped, its directory kept.
+    Dormant,
+}
+
+impl WakeTier {
+    fn label(self) -> &'static str {
+        match self {
+            WakeTier::Paused => "wake from paused",
+            WakeTier::Dormant => "wake from stopped-with-disk",
+        }
+    }
+
+    /// The session state of this tier.
+    fn state(self) -> &'static str {
+        match self {
+            WakeTier::Paused => "idle",
+            WakeTier::Dormant => "dormant",
+        }
+    }
+
+    /// What `docker inspect` says of the container once the tier is reached: the tier's
+    /// notification comes with the pause or stop task, before Docker has done it.
+    fn container_state(self) -> &'static str {
+        match self {
+            WakeTier::Paused => "paused",
+            WakeTier::Dormant => "exited",
+        }
+    }
+}
+
+/// The profile of the wake rows: a session pauses one second after its last input or work, its
+/// container stops `WAKE_DORMANT_AFTER_SECS` later, and nothing closes it during the rows.
+fn wake_profile(profile: &Profile) -> Profile {
+    let mut profile = profile.clone();
+    let timers = &mut profile.timers;
+    timers.idle_after_secs = 1;
+    timers.idle_warning_secs = 0;
+    timers.dormant_after_idle_secs = WAKE_DORMANT_AFTER_SECS;
+    timers.stop_after_idle_secs = 3600;
+    timers.max_age_secs = timers.max_age_secs.max(7200);
+    timers.autosave_secs = 0;
+    profile
+}
+
+/// The wake rows: the components again, on [`wake_profile`]; one session of a small workspace
+/// is left quiet until it reaches the tier, then woken by `session.activity`, `rounds` times per
+/// tier. A wake is timed from the activity's publication to the app's first HTTP answer on the
+/// port of the `running` notification (a request to a container still frozen waits in the kernel
+/// until it thaws, so the answer is the wake as the user sees it). Baselines, in the same run, on
+/// a container of the profile's image run directly: `docker unpause` + first answer, and
+/// `docker start` + its port + first answer.
+async fn measure_wake(bench: &Bench<'_>, user: &str, rounds: usize) -> anyhow::Result<Vec<Row>> {
+    anyhow::ensure!(rounds > 0, "--wake-rounds must be positive");
+    let profile = wake_profile(bench.profile);
+    let prefix = workspace::fixture::object_prefix(&profile, bench.store, user, WAKE_WORKSPACE)?;
+    workspace::fixture::delete_prefix(bench.store, &prefix).await;
+    let small = WORKLOADS[0];
+    workspace::fixture::seed(bench.store, &prefix, workspace::fixture::layout(&profile, small.files, small.large_files, small.bytes)).await?;
+    let mut baselines = Vec::new();
+    for tier in [WakeTier::Paused, WakeTier::Dormant] {
+        eprintln!("baseline of the {}: {rounds} rounds ...", tier.label());
+        baselines.push(measure_wake_baseline(&profile, tier, rounds).await?);
+    }
+    let (stop, stopping) = watch::channel(false);
+    let mut components = spawn_components(&profile, Components::Headless, &stopping);
+    let wake_bench = Bench { profile: &profile, ..*bench };
+    let measured = async {
+        let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-open-wake")).await?;
+        let mut inbox = listen_for_notifications(&bus, user, stopping.clone()).await?;
+        let mut rows = Vec::new();
+        let session = uuid::Uuid::now_v7().to_string();
+        publish(bench.client, "session.open", &session, user, json!({"user": user, "workspace": WAKE_WORKSPACE})).await?;
+        let (_, opened) = next_state(&mut inbox, &session, "running").await?;
+        let mut port = port_of(&opened)?;
+        let outcome = async {
+            for (tier, baseline) in [WakeTier::Paused, WakeTier::Dormant].into_iter().zip(baselines) {
+                eprintln!("{}: {rounds} rounds ...", tier.label());
+                let mut samples = Vec::with_capacity(rounds);
+                for _ in 0..rounds {
+                    until_in_tier(&mut inbox, &session, tier).await?;
+                    let (elapsed, woken_port) = wake(&wake_bench, &mut inbox, &session, user, port).await?;
+                    port = woken_port;
+                    samples.push(elapsed);
+                }
+                rows.push(Row { workload: small.label.to_owned(), level: 1, label: tier.label().to_owned(), samples, baseline });
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        close_until_closed(&wake_bench, &session, user).await?;
+        bus.close().await;
+        outcome.map(|()| rows)
+    }
+    .await;
+    let _ = stop.send(true);
+    while components.join_next().await.is_some() {}
+    workspace::fixture::delete_prefix(bench.store, &prefix).await;
+    clear_cache(&profile).await?;
+    measured
+}
+
+/// Publishes `session.activity` to a session in a tier of the ladder; returns the time to the
+/// app's first HTTP answer and the port it answered on.
+async fn wake(bench: &Bench<'_>, inbox: &mut Inbox, session: &str, user: &str, port: u16) -> anyhow::Result<(Duration, u16)> {
+    // Only what follows the activity counts.
+    while inbox.try_recv().is_ok() {}
+    let started = Instant::now();
+    publish(bench.client, "session.activity", session, user, json!({"source": "api"})).await?;
+    let (_, running) = next_state(inbox, session, "running").await?;
+    let port = port_of(&running).unwrap_or(port);
+    first_answer(bench.profile, port).await?;
+    Ok((started.elapsed(), port))
+}
+
+/// Waits for the session's notification of `tier`, then until Docker has done it.
+async fn until_in_tier(inbox: &mut Inbox, session: &str, tier: WakeTier) -> anyhow::Result<()> {
+    next_state(inbox, session, tier.state()).await?;
+    let container = format!("berth-{session}");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while docker_state(&container).as_deref() != Some(tier.container_state()) {
+        anyhow::ensure!(Instant::now() < deadline, "{container} not {} within {STEP_TIMEOUT:?}", tier.container_state());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// The baseline of a tier's wake, `rounds` times on one container of the profile's image run
+/// directly: into the tier (`docker pause`, or `docker stop`), untimed; then `docker unpause`, or
+/// `docker start` and `docker port` (a restarted container may be given a new port), and the
+/// first HTTP answer, timed.
+async fn measure_wake_baseline(profile: &Profile, tier: WakeTier, rounds: usize) -> anyhow::Result<Vec<Duration>> {
+    let name = format!("berth-bench-wake-{}", uuid::Uuid::new_v4().simple());
+    let publish = format!("127.0.0.1::{}", profile.container.service_port);
+    let measured = async {
+        docker(&["run", "-d", "--name", &name, "-p", &publish, &profile.container.image])?;
+        let mut port = published_port(profile, &name)?;
+        first_answer(profile, port).await?;
+        let mut samples = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let started = match tier {
+                WakeTier::Paused => {
+                    docker(&["pause", &name])?;
+                    let started = Instant::now();
+                    docker(&["unpause", &name])?;
+                    started
+                }
+                WakeTier::Dormant => {
+                    docker(&["stop", "-t", "1", &name])?;
+                    let started = Instant::now();
+                    docker(&["start", &name])?;
+                    port = published_port(profile, &name)?;
+                    started
+                }
+            };
+            first_answer(profile, port).await?;
+            samples.push(started.elapsed());
+        }
+        Ok::<_, anyhow::Error>(samples)
+    }
+    .await;
+    let _ = std::process::Command::new("docker").args(["rm", "-f", &name]).output();
+    measured
+}
+
+/// Runs `docker args`; an error names the command and Docker's answer.
+fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let output = std::process::Command::new("docker").args(args).output()?;
+    anyhow::ensure!(output.status.success(), "docker {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// The host port Docker published the container's service port on.
+fn published_port(profile: &Profile, container: &str) -> anyhow::Result<u16> {
+    let mapping = docker(&["port", container, &profile.container.service_port.to_string()])?;
+    let port = mapping.lines().next().and_then(|line| line.rsplit(':').next()).map(str::trim).unwrap_or_default();
+    port.parse().map_err(|_| anyhow::anyhow!("no published port for {container} in {mapping:?}"))
+}
+
+/// `docker inspect`'s state of a container (`running`, `paused`, `exited`), if it exists.
+fn docker_state(container: &str) -> Option<String> {
+    docker(&["inspect", "-f", "{{.State.Status}}", container]).ok()
+}
+
+/// Waits for the first answer on the profile's health path (the container agent's readiness
+/// rule, as the other baselines use).
+async fn first_answer(profile: &Profile, port: u16) -> anyhow::Result<()> {
+    let path = match &profile.container.health {
+        protocol::profile::HealthCheck::Http(path) => path.clone(),
+        _ => "/".to_owned(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(profile.container.ready_timeout_secs);
+    while !container::probe::http_ready("127.0.0.1", port, &path).await {
+        anyhow::ensure!(Instant::now() < deadline, "nothing answered on port {port} within {}s", profile.container.ready_timeout_secs);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// The port a `running` notification carries.
+fn port_of(running: &protocol::Notification) -> anyhow::Result<u16> {
+    let port = &running.detail["port"];
+    let number = port.as_u64().or_else(|| port.as_str().and_then(|text| text.parse().ok()));
+    number.and_then(|number| u16::try_from(number).ok()).ok_or_else(|| anyhow::anyhow!("running without a port: {}", running.detail))
+}
+
+/// One user's notifications in order, with their arrival, from a private queue: the wake rows
+/// need their detail (the port a woken session answers on), which the shared waiters drop.
+type Inbox = tokio::sync::mpsc::UnboundedReceiver<(Instant, protocol::Notification)>;
+
+async fn listen_for_notifications(bus: &Bus, user: &str, stopping: watch::Receiver<bool>) -> anyhow::Result<Inbox> {
+    let queue = bus.declare_private_queue(protocol::topology::NOTIFY_EXCHANGE, &[protocol::topology::user_routing_key(user)]).await?;
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = bus.clone();
+    tokio::spawn(async move {
+        let handler = move |incoming: protocol::Incoming| {
+            let sender = sender.clone();
+            async move {
+                let arrived = Instant::now();
+                if let Ok(notification) = protocol::Notification::decode(&incoming.body) {
+                    let _ = sender.send((arrived, notification));
+                }
+                protocol::Outcome::Ack
+            }
+        };
+        let mut stopping = stopping;
+        let stopped = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        let _ = consumer.consume(protocol::ConsumeSpec::new(&queue, 100), handler, stopped).await;
+    });
+    Ok(receiver)
+}
+
+/// The session's next notification of `state`; a `failed` session fails the row.
+async fn next_state(inbox: &mut Inbox, session: &str, state: &str) -> anyhow::Result<(Instant, protocol::Notification)> {
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        let next = tokio::time::timeout_at(deadline, inbox.recv()).await.map_err(|_| anyhow::anyhow!("session {session} not {state} within {STEP_TIMEOUT:?}"))?;
+        let (arrived, notification) = next.ok_or_else(|| anyhow::anyhow!("the notification queue closed"))?;
+        if notification.session.as_deref() != Some(session) {
+            continue;
+        }
+        anyhow::ensure!(notification.state != "failed", "session {session} failed: {}", notification.detail);
+        if notification.state == state {
+            return Ok((arrived, notification));
+        }
     }
 }
