@@ -507,7 +507,8 @@ async fn measure_wake(bench: &Bench<'_>, user: &str, rounds: usize) -> anyhow::R
     let prefix = workspace::fixture::object_prefix(&profile, bench.store, user, WAKE_WORKSPACE)?;
     workspace::fixture::delete_prefix(bench.store, &prefix).await;
     let small = WORKLOADS[0];
-    workspace::fixture::seed(bench.store, &prefix, workspace::fixture::layout(&profile, small.files, small.large_files, small.bytes)).await?;
+    workspace::fixture::seed(bench.store, &prefix, workspace::fixture::layout(&profile, small.files, small.large_files, small.bytes))
+        .await?;
     let mut baselines = Vec::new();
     for tier in [WakeTier::Paused, WakeTier::Dormant] {
         eprintln!("baseline of the {}: {rounds} rounds ...", tier.label());
@@ -687,7 +688,9 @@ async fn listen_for_notifications(bus: &Bus, user: &str, stopping: watch::Receiv
 async fn next_state(inbox: &mut Inbox, session: &str, state: &str) -> anyhow::Result<(Instant, protocol::Notification)> {
     let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
     loop {
-        let next = tokio::time::timeout_at(deadline, inbox.recv()).await.map_err(|_| anyhow::anyhow!("session {session} not {state} within {STEP_TIMEOUT:?}"))?;
+        let next = tokio::time::timeout_at(deadline, inbox.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("session {session} not {state} within {STEP_TIMEOUT:?}"))?;
         let (arrived, notification) = next.ok_or_else(|| anyhow::anyhow!("the notification queue closed"))?;
         if notification.session.as_deref() != Some(session) {
             continue;
