@@ -143,7 +143,7 @@ pub(crate) fn plan(view: &PoolView<'_>) -> KeeperPlan {
     }
     // Sessions come first: the pool holds only memory no live session does.
     let room_mib = view.budget_memory_mib.saturating_sub(view.committed.memory_mib);
-    let fitting = if view.need_memory_mib == 0 { usize::MAX } else { (room_mib / view.need_memory_mib) as usize };
+    let fitting = room_mib.checked_div(view.need_memory_mib).map_or(usize::MAX, |slots| slots as usize);
     let wanted = (view.size as usize).min(fitting);
     free.sort_by_key(|(_, since_ms)| *since_ms);
     while free.len() + pending > wanted && !free.is_empty() {
