@@ -7,7 +7,7 @@
 //! polls the upstream connection: until the response head arrives, then from the response body
 //! (which owns the connection while it streams). A connection whose response was read to the end
 //! goes back to the pool; one dropped halfway is closed (HTTP/1.1 cannot abandon a response).
-//! The bench (`berth bench proxy`) measured the difference; see the crate README.
+//! `berth bench proxy` compares the paths; see the crate README ("Tests and figures").
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -173,17 +173,15 @@ enum Attempt {
 async fn drive(mut conn: Conn, request: Request<Body>) -> Result<(Response<Incoming>, Option<Conn>), Attempt> {
     let mut closed = false;
     // Ready for a request (a kept connection is, once polled; a new one after its first poll).
-    let ready = std::future::poll_fn(|context| {
-        loop {
-            match conn.sender.poll_ready(context) {
-                Poll::Ready(outcome) => return Poll::Ready(outcome),
-                Poll::Pending if closed => return Poll::Ready(Ok(())),
-                Poll::Pending => {}
-            }
-            match Pin::new(&mut conn.connection).poll(context) {
-                Poll::Ready(_) => closed = true,
-                Poll::Pending => return Poll::Pending,
-            }
+    let ready = std::future::poll_fn(|context| loop {
+        match conn.sender.poll_ready(context) {
+            Poll::Ready(outcome) => return Poll::Ready(outcome),
+            Poll::Pending if closed => return Poll::Ready(Ok(())),
+            Poll::Pending => {}
+        }
+        match Pin::new(&mut conn.connection).poll(context) {
+            Poll::Ready(_) => closed = true,
+            Poll::Pending => return Poll::Pending,
         }
     })
     .await;
@@ -315,7 +313,8 @@ mod tests {
                         while let Some(end) = pending.windows(4).position(|window| window == b"\r\n\r\n") {
                             let head: Vec<u8> = pending.drain(..end + 4).collect();
                             // The request line in origin form, with the Host it was given.
-                            let expected = head.starts_with(b"GET /x?y=1 HTTP/1.1\r\n") && head.windows(6).any(|window| window.eq_ignore_ascii_case(b"host: "));
+                            let expected = head.starts_with(b"GET /x?y=1 HTTP/1.1\r\n")
+                                && head.windows(6).any(|window| window.eq_ignore_ascii_case(b"host: "));
                             let answer = if expected { answer } else { &b"HTTP/1.1 400 Bad Request\r\ncontent-length: 3\r\n\r\nbad"[..] };
                             if stream.write_all(answer).await.is_err() {
                                 return;
