@@ -382,14 +382,15 @@ async fn full_session_lifecycle_driven_by_events() {
 
     harness.publish(&open_event(&session, "alice")).await;
     let materialize = harness.task(&session, "workspace", "materialize").await;
-    assert_eq!(materialize.args, json!({"user": "alice", "workspace": "w1"}));
+    // `slot` is the warm-pool slot the engine claimed; `""`: none (this profile has no pool).
+    assert_eq!(materialize.args, json!({"user": "alice", "workspace": "w1", "slot": ""}));
     let thred_id = materialize.thred.clone().expect("task names its thred");
     assert_eq!(harness.notification(&session, "materializing").await.user, "alice");
 
     harness.publish(&answer(&materialize, "workspace.progress", json!({"files_done": 1, "files_total": 2}))).await;
     harness.publish(&answer(&materialize, "workspace.materialized", json!({"files": 2, "bytes": 10}))).await;
     let provision = harness.task(&session, "container", "provision").await;
-    assert_eq!(provision.args, json!({"user": "alice", "workspace": "w1"}));
+    assert_eq!(provision.args, json!({"user": "alice", "workspace": "w1", "slot": ""}));
     assert_eq!(provision.thred.as_deref(), Some(thred_id.as_str()));
 
     harness
