@@ -78,7 +78,7 @@ impl Upstreams {
             match drive(conn, request).await {
                 Ok((response, conn)) => return Ok(self.driven(response, conn, key)),
                 // Not written: the kept connection was closed before it took the request.
-                Err(Attempt::Unsent(returned, _)) => request = returned,
+                Err(Attempt::Unsent(returned, _)) => request = *returned,
                 Err(Attempt::Failed(error)) => return Err(error),
             }
         }
@@ -162,9 +162,11 @@ async fn connect((host, port): &Key) -> Result<Conn, Failed> {
     Ok(Conn { sender, connection })
 }
 
+/// How sending on one connection went wrong.
 enum Attempt {
-    /// The connection did not take the request, which comes back to be sent elsewhere.
-    Unsent(Request<Body>, Failed),
+    /// The connection did not take the request, which comes back to be sent elsewhere (boxed:
+    /// a request head is large next to the other variant).
+    Unsent(Box<Request<Body>>, Failed),
     Failed(Failed),
 }
 
@@ -186,10 +188,10 @@ async fn drive(mut conn: Conn, request: Request<Body>) -> Result<(Response<Incom
     })
     .await;
     if let Err(error) = ready {
-        return Err(Attempt::Unsent(request, Failed(super::describe(&error))));
+        return Err(Attempt::Unsent(Box::new(request), Failed(super::describe(&error))));
     }
     if closed {
-        return Err(Attempt::Unsent(request, Failed("the connection closed".to_owned())));
+        return Err(Attempt::Unsent(Box::new(request), Failed("the connection closed".to_owned())));
     }
     let Conn { mut sender, mut connection } = conn;
     let mut sending = std::pin::pin!(sender.try_send_request(request));
@@ -215,7 +217,7 @@ async fn drive(mut conn: Conn, request: Request<Body>) -> Result<(Response<Incom
         Err(Some(mut error)) => {
             let failed = Failed(super::describe(error.error()));
             match error.take_message() {
-                Some(request) => Err(Attempt::Unsent(request, failed)),
+                Some(request) => Err(Attempt::Unsent(Box::new(request), failed)),
                 None => Err(Attempt::Failed(failed)),
             }
         }
