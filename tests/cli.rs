@@ -48,8 +48,11 @@ async fn publish_refuses_bad_input_with_exit_2_and_publishes_nothing() {
         (vec!["--type".into(), event_type.clone(), "--data".into(), "{not json".into()], None, "--data is not valid JSON"),
         (vec!["--type".into(), "Not A Type".into()], None, "attribute `type` is invalid"),
         (vec!["--type".into(), event_type.clone(), "--ext".into(), "Bad_Name=x".into()], None, "attribute `Bad_Name` is invalid"),
-        (vec!["--file".into(), "-".into()], Some(format!(r#"{{"specversion":"1.0","type":"{event_type}","source":"/t"}}"#)),
-         "required attribute `id` is missing"),
+        (
+            vec!["--file".into(), "-".into()],
+            Some(format!(r#"{{"specversion":"1.0","type":"{event_type}","source":"/t"}}"#)),
+            "required attribute `id` is missing",
+        ),
         (vec!["--file".into(), "-".into()], Some("[]".into()), "event must be a JSON object"),
         (vec![], None, "give --type"),
     ];
@@ -107,10 +110,8 @@ async fn tail_prints_matching_events_one_json_per_line() {
     }
     let output = tail.wait_with_output().expect("tail output");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
-        .collect();
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).expect("each line is JSON")).collect();
     assert_eq!(lines.len(), 2);
     assert!(lines.iter().all(|event| event["type"] == event_type.as_str()));
     bus.close().await;

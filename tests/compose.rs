@@ -41,8 +41,7 @@ const JWT_SECRET: &str = "compose-test-secret-long-enough-for-hs256";
 const S3_USER: &str = "berth-test:berth-test";
 const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 /// The services that keep running, each with a healthcheck.
-const LONG_RUNNING: [&str; 7] =
-    ["redis", "rabbitmq", "engine", "container-agent", "workspace-agent", "persistence-agent", "session-agent"];
+const LONG_RUNNING: [&str; 7] = ["redis", "rabbitmq", "engine", "container-agent", "workspace-agent", "persistence-agent", "session-agent"];
 const BERTH_SERVICES: [&str; 5] = ["engine", "container-agent", "workspace-agent", "persistence-agent", "session-agent"];
 
 fn repo() -> &'static Path {
@@ -160,7 +159,15 @@ impl S3 {
         std::fs::write(&path, body).expect("upload file");
         let file = format!("@{}", path.display());
         // Without a content type curl sends a form, which the server reads as an empty body.
-        self.curl_ok(&["-X", "PUT", "-H", "Content-Type: application/octet-stream", "--data-binary", &file, &format!("{}/{}/{key}", self.endpoint, self.bucket)]);
+        self.curl_ok(&[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &file,
+            &format!("{}/{}/{key}", self.endpoint, self.bucket),
+        ]);
         let _ = std::fs::remove_file(path);
     }
 
@@ -180,7 +187,10 @@ fn bridge_gateway() -> String {
     let interface = docker_inspect("bridge", "{{index .Options \"com.docker.network.bridge.name\"}}")
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "docker0".to_owned());
-    let addresses = Command::new("ip").args(["-4", "-o", "addr", "show", &interface]).output().map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
+    let addresses = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", &interface])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
     let address = addresses
         .unwrap_or_default()
         .split_whitespace()
@@ -309,11 +319,8 @@ impl Stack {
             .map(str::to_owned)
             .collect();
         queues.sort();
-        let mut exchanges: Vec<String> = self
-            .exec("rabbitmq", &["rabbitmqctl", "-q", "list_exchanges", "name", "type", "durable"])
-            .lines()
-            .map(str::to_owned)
-            .collect();
+        let mut exchanges: Vec<String> =
+            self.exec("rabbitmq", &["rabbitmqctl", "-q", "list_exchanges", "name", "type", "durable"]).lines().map(str::to_owned).collect();
         exchanges.sort();
         let notifications = self.exec("redis", &["redis-cli", "config", "get", "notify-keyspace-events"]);
         let mut records = Vec::new();
@@ -456,7 +463,9 @@ async fn open_session(socket: &mut Socket, workspace: &str) -> (String, u16, f64
     send(socket, json!({"type": "open", "id": "open-1", "workspace": workspace, "profile": PROFILE})).await;
     let opened = next_frame(socket, "ok for open", |f| f["type"] == "ok" && f["id"] == "open-1").await;
     let session = opened["session"].as_str().expect("open names the session").to_owned();
-    let running = next_frame(socket, "status running", |f| f["type"] == "status" && f["state"] == "running" && f["session"] == session.as_str()).await;
+    let running =
+        next_frame(socket, "status running", |f| f["type"] == "status" && f["state"] == "running" && f["session"] == session.as_str())
+            .await;
     let seconds = started.elapsed().as_secs_f64();
     let port = running["port"].as_u64().or_else(|| running["detail"]["port"].as_u64()).expect("running carries the port") as u16;
     (session, port, seconds)
@@ -567,7 +576,11 @@ async fn the_compose_stack_runs_for_real() {
         let logs = String::from_utf8_lossy(&stack.compose(&["logs", "--no-color", service]).stdout).into_owned();
         assert!(logs.lines().any(|line| line.contains("consuming") && line.contains(ready)), "{service} reports ready:\n{logs}");
     }
-    assert_eq!(http_get(stack.session_port, "/readyz").map(|(status, _)| status), Some(200), "the session agent is ready on its published port");
+    assert_eq!(
+        http_get(stack.session_port, "/readyz").map(|(status, _)| status),
+        Some(200),
+        "the session agent is ready on its published port"
+    );
     // Bus identities: every service is connected as its own user, nobody as guest (which does not
     // exist), and each service holds only its own password.
     let users = stack.exec("rabbitmq", &["rabbitmqctl", "-q", "list_users"]);
@@ -591,7 +604,8 @@ async fn the_compose_stack_runs_for_real() {
         let container = stack.container(service);
         // The container agent is root for NET_ADMIN alone (egress rules), in berth's group.
         let expected = if service == "container-agent" { "0:1000 true [ALL] [NET_ADMIN]" } else { "berth:berth true [ALL] []" };
-        let hardening = docker_inspect(&container, "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.HostConfig.CapAdd}}");
+        let hardening =
+            docker_inspect(&container, "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.HostConfig.CapAdd}}");
         assert_eq!(hardening.as_deref(), Some(expected), "{service}");
         let memory: u64 = docker_inspect(&container, "{{.HostConfig.Memory}}").and_then(|m| m.parse().ok()).unwrap_or(0);
         assert!(memory > 0, "{service} runs with its memory limit");
@@ -627,7 +641,11 @@ async fn the_compose_stack_runs_for_real() {
     let session_dir = stack.workspace_root.join(DEPLOYMENT).join(&session);
     assert_eq!(docker_inspect(&container, "{{index .Config.Labels \"berth.deployment\"}}").as_deref(), Some(DEPLOYMENT));
     let mount_source = docker_inspect(&container, "{{range .Mounts}}{{if eq .Type \"bind\"}}{{.Source}}{{end}}{{end}}");
-    assert_eq!(mount_source.as_deref(), Some(session_dir.to_str().expect("utf-8 path")), "the container mounts the host path the agents wrote");
+    assert_eq!(
+        mount_source.as_deref(),
+        Some(session_dir.to_str().expect("utf-8 path")),
+        "the container mounts the host path the agents wrote"
+    );
     assert_eq!(std::fs::read(session_dir.join("src/main.rs")).expect("materialized file on the host"), b"fn main() {}\n");
     let materialized = session_dir.join("src/main.rs");
     for agent in ["workspace-agent", "container-agent"] {
@@ -673,14 +691,22 @@ async fn the_compose_stack_runs_for_real() {
     })
     .await;
     let line = stack.ps().lines().find(|line| line.contains("_session-agent_1")).unwrap_or_default().to_owned();
-    say(format!("broker stopped: docker-compose ps after {:.0} s: {}", unhealthy_since.elapsed().as_secs_f64(), line.split_whitespace().collect::<Vec<_>>().join(" ")));
+    say(format!(
+        "broker stopped: docker-compose ps after {:.0} s: {}",
+        unhealthy_since.elapsed().as_secs_f64(),
+        line.split_whitespace().collect::<Vec<_>>().join(" ")
+    ));
     stack.exec("rabbitmq", &["rabbitmqctl", "-q", "start_app"]);
     let healed = Instant::now();
     // Every service heals by itself once the broker is back.
     let recovered = eventually(Duration::from_secs(60), || LONG_RUNNING.iter().all(|service| stack.health(service) == "healthy")).await;
     let stuck: Vec<&str> = LONG_RUNNING.iter().copied().filter(|service| stack.health(service) != "healthy").collect();
     let ready = http_get(stack.session_port, "/readyz").map(|(status, body)| format!("{status} {}", String::from_utf8_lossy(&body)));
-    assert!(recovered, "{stuck:?} did not recover from the broker outage within 60 s (the session agent's /readyz: {ready:?})\n{}", stack.ps());
+    assert!(
+        recovered,
+        "{stuck:?} did not recover from the broker outage within 60 s (the session agent's /readyz: {ready:?})\n{}",
+        stack.ps()
+    );
     say(format!("broker back: every service healthy again by itself after {:.1} s", healed.elapsed().as_secs_f64()));
     bus.close().await;
 

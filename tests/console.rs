@@ -107,7 +107,9 @@ impl Drop for Environment {
             }
         }
         // The deployment's bridge network: left behind, they use up Docker's address pools.
-        let networks = Command::new("docker").args(["network", "ls", "-q", "--filter", &format!("label=berth.deployment={}", self.deployment)]).output();
+        let networks = Command::new("docker")
+            .args(["network", "ls", "-q", "--filter", &format!("label=berth.deployment={}", self.deployment)])
+            .output();
         if let Ok(networks) = networks {
             for id in String::from_utf8_lossy(&networks.stdout).split_whitespace() {
                 let _ = Command::new("docker").args(["network", "rm", id]).output();
@@ -116,7 +118,8 @@ impl Drop for Environment {
         // A session left open (a failed assertion) may leave its workspace image mounted.
         let root = self.root.display().to_string();
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        let mut mounted: Vec<&str> = mounts.lines().filter_map(|line| line.split_whitespace().nth(1)).filter(|point| point.starts_with(&root)).collect();
+        let mut mounted: Vec<&str> =
+            mounts.lines().filter_map(|line| line.split_whitespace().nth(1)).filter(|point| point.starts_with(&root)).collect();
         mounted.sort_by(|a, b| b.cmp(a));
         for point in mounted {
             let _ = Command::new("umount").args(["-l", point]).output();
@@ -145,7 +148,12 @@ impl Berth {
                 panic!("berth dev exited early ({status}):\n{}", self.log());
             }
             let log = self.log();
-            let links: Vec<String> = log.lines().filter_map(|line| line.trim().strip_prefix("http://")).filter(|rest| rest.contains("/console/signin?link=")).map(|rest| format!("http://{rest}")).collect();
+            let links: Vec<String> = log
+                .lines()
+                .filter_map(|line| line.trim().strip_prefix("http://"))
+                .filter(|rest| rest.contains("/console/signin?link="))
+                .map(|rest| format!("http://{rest}"))
+                .collect();
             if links.len() >= 2 && http_get(self.session_port, "/readyz").is_some_and(|(status, _)| status == 200) {
                 return links;
             }
@@ -201,7 +209,8 @@ fn request(port: u16, version: &str, method: &str, path: &str, token: Option<&st
     loop {
         if let Some(split) = response.windows(4).position(|window| window == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
-            let length = head.lines().find_map(|line| line.strip_prefix("content-length:")).and_then(|value| value.trim().parse::<usize>().ok());
+            let length =
+                head.lines().find_map(|line| line.strip_prefix("content-length:")).and_then(|value| value.trim().parse::<usize>().ok());
             if length.is_some_and(|length| response.len() >= split + 4 + length) {
                 break;
             }
@@ -258,7 +267,9 @@ struct Browser {
 
 impl Browser {
     async fn launch(screenshots: PathBuf, width: u32, height: u32) -> Browser {
-        let chromium = ["chromium", "chromium-browser"].into_iter().find(|name| Command::new("which").arg(name).output().is_ok_and(|out| out.status.success()));
+        let chromium = ["chromium", "chromium-browser"]
+            .into_iter()
+            .find(|name| Command::new("which").arg(name).output().is_ok_and(|out| out.status.success()));
         let chromium = chromium.expect("Debian's chromium is installed (scripts/services.sh installs it)");
         let profile_dir = std::env::temp_dir().join(format!("berth-console-chromium-{}", uuid::Uuid::new_v4().simple()));
         let mut process = Command::new(chromium)
@@ -295,13 +306,24 @@ impl Browser {
             }
         });
         let browser_url = endpoint.recv_timeout(Duration::from_secs(30)).expect("chromium prints its DevTools address");
-        let port: u16 = browser_url.split(':').nth(2).and_then(|rest| rest.split('/').next()).and_then(|port| port.parse().ok()).expect("DevTools port");
+        let port: u16 = browser_url
+            .split(':')
+            .nth(2)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|port| port.parse().ok())
+            .expect("DevTools port");
         let (_, list) = devtools_get(port, "/json/list").expect("DevTools lists its pages");
         let pages: Value = serde_json::from_slice(&list).expect("page list");
-        let page_url = pages.as_array().and_then(|pages| pages.iter().find(|page| page["type"] == "page")).and_then(|page| page["webSocketDebuggerUrl"].as_str()).expect("a page").to_owned();
+        let page_url = pages
+            .as_array()
+            .and_then(|pages| pages.iter().find(|page| page["type"] == "page"))
+            .and_then(|page| page["webSocketDebuggerUrl"].as_str())
+            .expect("a page")
+            .to_owned();
         let (page, _) = tokio_tungstenite::connect_async(page_url.as_str()).await.expect("DevTools page socket");
         std::fs::create_dir_all(&screenshots).expect("screenshot folder");
-        let mut browser = Browser { process, profile_dir, page, next_id: 0, devtools_port: port, errors: Vec::new(), screenshots, shots: 0 };
+        let mut browser =
+            Browser { process, profile_dir, page, next_id: 0, devtools_port: port, errors: Vec::new(), screenshots, shots: 0 };
         browser.call("Runtime.enable", json!({})).await;
         browser.call("Log.enable", json!({})).await;
         browser.call("Page.enable", json!({})).await;
@@ -332,7 +354,8 @@ impl Browser {
         self.page.send(Message::text(json!({"id": id, "method": method, "params": params}).to_string())).await.expect("send to DevTools");
         let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
         loop {
-            let next = tokio::time::timeout_at(deadline, self.page.next()).await.unwrap_or_else(|_| panic!("DevTools did not answer {method}"));
+            let next =
+                tokio::time::timeout_at(deadline, self.page.next()).await.unwrap_or_else(|_| panic!("DevTools did not answer {method}"));
             let Some(Ok(Message::Text(text))) = next else { continue };
             let message: Value = serde_json::from_str(text.as_str()).expect("DevTools JSON");
             if message["id"] == id {
@@ -374,7 +397,13 @@ impl Browser {
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
             let pages = devtools_get(self.devtools_port, "/json/list").and_then(|(_, body)| serde_json::from_slice::<Value>(&body).ok());
-            let found = pages.and_then(|pages| pages.as_array()?.iter().find(|page| page["type"] == "page" && page["url"].as_str().is_some_and(|url| url.contains(needle))).cloned());
+            let found = pages.and_then(|pages| {
+                pages
+                    .as_array()?
+                    .iter()
+                    .find(|page| page["type"] == "page" && page["url"].as_str().is_some_and(|url| url.contains(needle)))
+                    .cloned()
+            });
             if let Some(page) = found {
                 return page;
             }
@@ -408,7 +437,8 @@ impl Browser {
 
     async fn press_enter(&mut self) {
         for kind in ["keyDown", "keyUp"] {
-            let mut params = json!({"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13});
+            let mut params =
+                json!({"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13});
             if kind == "keyDown" {
                 params["text"] = json!("\r");
             }
@@ -417,7 +447,11 @@ impl Browser {
     }
 
     async fn set_viewport(&mut self, width: u32, height: u32, mobile: bool) {
-        self.call("Emulation.setDeviceMetricsOverride", json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})).await;
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}),
+        )
+        .await;
     }
 }
 
@@ -477,7 +511,12 @@ async fn the_console_in_a_real_browser() {
     // The one-click link berth dev printed first (alice): the cookie is set and the token leaves
     // the address bar.
     browser.navigate(&links[0]).await;
-    browser.wait_for("alice signed in", "document.querySelector('#who')?.textContent.includes('alice') && !!document.querySelector('#open-form')").await;
+    browser
+        .wait_for(
+            "alice signed in",
+            "document.querySelector('#who')?.textContent.includes('alice') && !!document.querySelector('#open-form')",
+        )
+        .await;
     let address = browser.eval("location.href").await;
     assert_eq!(address, json!(format!("http://127.0.0.1:{port}/")), "the token left the address bar");
     assert_eq!(browser.eval("document.cookie").await, json!(""), "the cookie is HttpOnly");
@@ -487,7 +526,9 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(status, 401, "a used link is refused");
 
     // Open a workspace: the badge goes materializing → running, the progress bar moves.
-    browser.eval(&format!("document.querySelector('#workspace').value = '{workspace}'; document.querySelector('#open').click(); true")).await;
+    browser
+        .eval(&format!("document.querySelector('#workspace').value = '{workspace}'; document.querySelector('#open').click(); true"))
+        .await;
     browser.wait_for("the workspace view", "location.hash.startsWith('#/s/')").await;
     let session = browser.eval("location.hash.slice(4)").await.as_str().expect("session id").to_owned();
     browser.wait_for("the progress bar", "!!document.querySelector('.progress progress')").await;
@@ -497,15 +538,23 @@ async fn the_console_in_a_real_browser() {
     let states = browser.eval("window.berthConsole.states[location.hash.slice(4)]").await;
     let states: Vec<String> = serde_json::from_value(states).expect("states");
     let position = |state: &str| states.iter().position(|seen| seen == state);
-    assert!(position("materializing").is_some() && position("materializing") < position("running"), "materializing before running: {states:?}");
+    assert!(
+        position("materializing").is_some() && position("materializing") < position("running"),
+        "materializing before running: {states:?}"
+    );
     let progress = browser.eval("window.berthConsole.progress[location.hash.slice(4)].map(p => p.files_done)").await;
     let progress: Vec<u64> = serde_json::from_value(progress).expect("progress");
-    assert!(progress.len() >= 2 && progress.windows(2).all(|pair| pair[0] <= pair[1]) && progress.first() < progress.last(), "the progress bar moved: {progress:?}");
+    assert!(
+        progress.len() >= 2 && progress.windows(2).all(|pair| pair[0] <= pair[1]) && progress.first() < progress.last(),
+        "the progress bar moved: {progress:?}"
+    );
     assert!(progress.last() >= Some(&(SEEDED_FILES as u64)), "all files counted: {progress:?}");
     browser.wait_for("stage timings", "document.querySelector('.timings')?.textContent.includes('ready in')").await;
 
     // The terminal: type, see it echoed.
-    browser.wait_for("the terminal connected", "document.querySelector('#terminal-note')?.textContent === '' && !!window.berthTerminal").await;
+    browser
+        .wait_for("the terminal connected", "document.querySelector('#terminal-note')?.textContent === '' && !!window.berthTerminal")
+        .await;
     browser.wait_for("a prompt", &format!("{TERMINAL_TEXT}.trim().length > 0")).await;
     browser.eval("window.berthTerminal.focus(); true").await;
     browser.type_text("echo hello-from-browser").await;
@@ -559,10 +608,20 @@ async fn the_console_in_a_real_browser() {
 
     // The warning before the pause (idle_warning_secs before it) offers "Keep working": pressed,
     // the session keeps running and the warning goes.
-    browser.wait_for("the pause warning", "!!document.querySelector('[data-warning=\"pause\"]') && !!document.querySelector('[data-action=\"keepalive\"]')").await;
+    browser
+        .wait_for(
+            "the pause warning",
+            "!!document.querySelector('[data-warning=\"pause\"]') && !!document.querySelector('[data-action=\"keepalive\"]')",
+        )
+        .await;
     browser.screenshot("warning").await;
     browser.eval("document.querySelector('[data-action=\"keepalive\"]').click(); true").await;
-    browser.wait_for("kept working", "!document.querySelector('[data-warning]') && document.querySelector('.badge')?.dataset.state === 'running'").await;
+    browser
+        .wait_for(
+            "kept working",
+            "!document.querySelector('[data-warning]') && document.querySelector('.badge')?.dataset.state === 'running'",
+        )
+        .await;
 
     // Idle: nothing typed for the profile's idle time → the badge turns idle and the tier says
     // how long a wake takes; a key wakes it.
@@ -582,7 +641,9 @@ async fn the_console_in_a_real_browser() {
     browser.eval("document.querySelector('#workspace').focus(); true").await;
     browser.type_text("second").await;
     browser.press_enter().await;
-    browser.wait_for("the second session's view", &format!("location.hash.startsWith('#/s/') && !location.hash.includes('{session}')")).await;
+    browser
+        .wait_for("the second session's view", &format!("location.hash.startsWith('#/s/') && !location.hash.includes('{session}')"))
+        .await;
     let second = browser.eval("location.hash.slice(4)").await.as_str().expect("second session id").to_owned();
     browser.wait_for("queued", "document.querySelector('.badge')?.dataset.state === 'queued'").await;
     browser.wait_for("the queue position", "document.querySelector('.queue')?.textContent.includes('number 1 in the queue')").await;
@@ -592,7 +653,12 @@ async fn the_console_in_a_real_browser() {
     browser.navigate(&links[1]).await;
     browser.wait_for("admin signed in", "document.querySelector('#who')?.textContent.includes('admin')").await;
     browser.navigate(&format!("http://127.0.0.1:{port}/#/admin")).await;
-    browser.wait_for("alice's session in the admin view", &format!("!!document.querySelector('#admin-sessions tr[data-session=\"{session}\"]')")).await;
+    browser
+        .wait_for(
+            "alice's session in the admin view",
+            &format!("!!document.querySelector('#admin-sessions tr[data-session=\"{session}\"]')"),
+        )
+        .await;
     browser.wait_for("capacity shown", "document.querySelector('#admin')?.textContent.includes('128 MiB used, 0 MiB free')").await;
     browser.wait_for("the queue shown", "document.querySelector('#admin')?.textContent.includes('Queue (1)')").await;
     browser.screenshot("admin").await;
@@ -600,21 +666,40 @@ async fn the_console_in_a_real_browser() {
     // Back as alice: close the first → closed, and the queued one is let in and runs.
     let relink = mint("alice");
     browser.navigate(&format!("http://127.0.0.1:{port}/console/signin?link={relink}")).await;
-    browser.wait_for("alice again", "document.querySelector('#who')?.textContent.includes('alice') && !!document.querySelector('#sessions')").await;
+    browser
+        .wait_for("alice again", "document.querySelector('#who')?.textContent.includes('alice') && !!document.querySelector('#sessions')")
+        .await;
     browser.wait_for("alice's card", &format!("!!document.querySelector('li[data-session=\"{session}\"] [data-action=\"close\"]')")).await;
     browser.eval(&format!("document.querySelector('li[data-session=\"{session}\"] [data-action=\"close\"]').click(); true")).await;
-    browser.wait_for("closed", &format!("document.querySelector('li[data-session=\"{session}\"] .badge')?.dataset.state === 'closed'")).await;
-    browser.wait_for("the queued session admitted and running", &format!("document.querySelector('li[data-session=\"{second}\"] .badge')?.dataset.state === 'running'")).await;
+    browser
+        .wait_for("closed", &format!("document.querySelector('li[data-session=\"{session}\"] .badge')?.dataset.state === 'closed'"))
+        .await;
+    browser
+        .wait_for(
+            "the queued session admitted and running",
+            &format!("document.querySelector('li[data-session=\"{second}\"] .badge')?.dataset.state === 'running'"),
+        )
+        .await;
     browser.screenshot("closed").await;
     browser.eval(&format!("document.querySelector('li[data-session=\"{second}\"] [data-action=\"close\"]').click(); true")).await;
-    browser.wait_for("the second closed", &format!("document.querySelector('li[data-session=\"{second}\"] .badge')?.dataset.state === 'closed'")).await;
+    browser
+        .wait_for(
+            "the second closed",
+            &format!("document.querySelector('li[data-session=\"{second}\"] .badge')?.dataset.state === 'closed'"),
+        )
+        .await;
 
     // Sign out, sign in as bob: none of alice's sessions.
     browser.eval("document.querySelector('#signout').click(); true").await;
     browser.wait_for("signed out", "!!document.querySelector('#token')").await;
     let bob = mint("bob");
     browser.navigate(&format!("http://127.0.0.1:{port}/console/signin?link={bob}")).await;
-    browser.wait_for("bob signed in", "document.querySelector('#who')?.textContent.includes('bob') && !!document.querySelector('#sessions li')").await;
+    browser
+        .wait_for(
+            "bob signed in",
+            "document.querySelector('#who')?.textContent.includes('bob') && !!document.querySelector('#sessions li')",
+        )
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cards = browser.eval("document.querySelectorAll('#sessions li[data-session]').length").await;
     assert_eq!(cards, json!(0), "bob sees none of alice's sessions");
@@ -646,7 +731,16 @@ impl Firefox {
         std::fs::create_dir_all(&profile_dir).expect("firefox profile");
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let process = Command::new("firefox-esr")
-            .args(["--headless", "--no-remote", "--profile", &profile_dir.display().to_string(), "--remote-debugging-port", &port.to_string(), "--window-size=1280,900", "about:blank"])
+            .args([
+                "--headless",
+                "--no-remote",
+                "--profile",
+                &profile_dir.display().to_string(),
+                "--remote-debugging-port",
+                &port.to_string(),
+                "--window-size=1280,900",
+                "about:blank",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -675,7 +769,8 @@ impl Firefox {
         self.socket.send(Message::text(json!({"id": id, "method": method, "params": params}).to_string())).await.expect("send to Firefox");
         let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
         loop {
-            let next = tokio::time::timeout_at(deadline, self.socket.next()).await.unwrap_or_else(|_| panic!("Firefox did not answer {method}"));
+            let next =
+                tokio::time::timeout_at(deadline, self.socket.next()).await.unwrap_or_else(|_| panic!("Firefox did not answer {method}"));
             let Some(Ok(Message::Text(text))) = next else { continue };
             let message: Value = serde_json::from_str(text.as_str()).expect("BiDi JSON");
             if message["id"] == id {
@@ -692,7 +787,8 @@ impl Firefox {
     async fn eval(&mut self, expression: &str) -> Value {
         let wrapped = format!("(async () => JSON.stringify(await ({expression})))()");
         let context = self.context.clone();
-        let result = self.call("script.evaluate", json!({"expression": wrapped, "target": {"context": context}, "awaitPromise": true})).await;
+        let result =
+            self.call("script.evaluate", json!({"expression": wrapped, "target": {"context": context}, "awaitPromise": true})).await;
         assert_eq!(result["type"], "success", "evaluating {expression}: {result}");
         result["result"]["value"].as_str().map_or(Value::Null, |text| serde_json::from_str(text).unwrap_or(Value::Null))
     }
@@ -734,7 +830,8 @@ impl Firefox {
             actions.push(json!({"type": "keyUp", "value": value}));
         }
         let context = self.context.clone();
-        self.call("input.performActions", json!({"context": context, "actions": [{"type": "key", "id": "keyboard", "actions": actions}]})).await;
+        self.call("input.performActions", json!({"context": context, "actions": [{"type": "key", "id": "keyboard", "actions": actions}]}))
+            .await;
     }
 }
 
@@ -764,11 +861,18 @@ async fn the_console_in_firefox() {
     assert!(links[0].contains("/console/signin?link="));
     let carol = mint("carol");
     firefox.navigate(&format!("http://127.0.0.1:{port}/console/signin?link={carol}")).await;
-    firefox.wait_for("carol signed in", "document.querySelector('#who')?.textContent.includes('carol') && !!document.querySelector('#open-form')").await;
+    firefox
+        .wait_for(
+            "carol signed in",
+            "document.querySelector('#who')?.textContent.includes('carol') && !!document.querySelector('#open-form')",
+        )
+        .await;
     assert_eq!(firefox.eval("location.href").await, json!(format!("http://127.0.0.1:{port}/")));
     firefox.eval("(document.querySelector('#workspace').value = 'essay', document.querySelector('#open').click(), true)").await;
     firefox.wait_for("running", "document.querySelector('.badge')?.dataset.state === 'running'").await;
-    firefox.wait_for("the terminal connected", "document.querySelector('#terminal-note')?.textContent === '' && !!window.berthTerminal").await;
+    firefox
+        .wait_for("the terminal connected", "document.querySelector('#terminal-note')?.textContent === '' && !!window.berthTerminal")
+        .await;
     firefox.eval("(window.berthTerminal.focus(), true)").await;
     firefox.type_keys("echo firefox-$((6*7))\n").await;
     firefox.wait_for("the echo", &format!("{TERMINAL_TEXT}.includes('firefox-42')")).await;

@@ -70,7 +70,9 @@ impl Environment {
         let redis_db = (0..6)
             .map(|offset| 10 + (start + offset) % 6)
             .find(|db| {
-                let claim = Command::new("redis-cli").args(["-n", &db.to_string(), "SET", "berth:test-run-claim", &run, "NX", "EX", "3600"]).output();
+                let claim = Command::new("redis-cli")
+                    .args(["-n", &db.to_string(), "SET", "berth:test-run-claim", &run, "NX", "EX", "3600"])
+                    .output();
                 claim.is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "OK")
             })
             .expect("a free Redis database among 10-15 for this run");
@@ -100,9 +102,7 @@ impl Environment {
     }
 
     fn get_object(&self, key: &str) -> Option<Vec<u8>> {
-        let output = s3_curl(&["-fsS", &format!("{S3_ENDPOINT}/{}/{key}", self.bucket)])
-            .output()
-            .expect("curl runs");
+        let output = s3_curl(&["-fsS", &format!("{S3_ENDPOINT}/{}/{key}", self.bucket)]).output().expect("curl runs");
         output.status.success().then_some(output.stdout)
     }
 
@@ -145,7 +145,8 @@ impl Drop for Environment {
         // Containers of this run carry its deployment; remove any a failed assertion left, then
         // the run's session network (Docker has address pools for only a few dozen networks).
         let deployment_label = format!("label=berth.deployment={}", self.deployment);
-        let listed = Command::new("docker").args(["ps", "-aq", "--filter", &deployment_label, "--filter", "label=berth.managed=true"]).output();
+        let listed =
+            Command::new("docker").args(["ps", "-aq", "--filter", &deployment_label, "--filter", "label=berth.managed=true"]).output();
         if let Ok(listed) = listed {
             for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
                 let _ = Command::new("docker").args(["rm", "-f", id]).output();
@@ -240,10 +241,7 @@ struct Inbox {
 
 impl Inbox {
     async fn open(bus: &Bus, user: &str) -> Inbox {
-        let queue = bus
-            .declare_private_queue(topology::NOTIFY_EXCHANGE, &[topology::user_routing_key(user)])
-            .await
-            .expect("notify queue");
+        let queue = bus.declare_private_queue(topology::NOTIFY_EXCHANGE, &[topology::user_routing_key(user)]).await.expect("notify queue");
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
         let consumer_bus = bus.clone();
         tokio::spawn(async move {
@@ -295,7 +293,8 @@ fn port_of(notification: &Notification) -> u16 {
 /// created in this run's vhost (the engine dead-letters session events from anyone else).
 async fn publish(bus: &Bus, event_type: &str, session: &str, user: &str, data: Value) {
     let event = CloudEvent::new(event_type, "/tests/e2e", Some(session), data).with_extension("userid", user);
-    let config = BusConfig::for_identity(bus.url(), protocol::Identity::Client, "e2e-client-identity").expect("the client identity's password");
+    let config =
+        BusConfig::for_identity(bus.url(), protocol::Identity::Client, "e2e-client-identity").expect("the client identity's password");
     let client = Bus::connect(config).await.expect("broker as the client identity");
     client.publish_event(&event).await.expect("published");
     client.close().await;
@@ -348,15 +347,10 @@ async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
     // Idle timeout pauses the container; activity resumes it.
     inbox.wait_for(&session, "idle", &berth).await;
     // Entering `idle` sends the pause task; the container agent pauses right after.
-    wait_for_condition("pause after idle", &berth, || {
-        docker_inspect(&container, "{{.State.Paused}}").as_deref() == Some("true")
-    })
-    .await;
+    wait_for_condition("pause after idle", &berth, || docker_inspect(&container, "{{.State.Paused}}").as_deref() == Some("true")).await;
     publish(&bus, "session.activity", &session, &user, json!({"source": "api"})).await;
-    wait_for_condition("resume after activity", &berth, || {
-        docker_inspect(&container, "{{.State.Paused}}").as_deref() == Some("false")
-    })
-    .await;
+    wait_for_condition("resume after activity", &berth, || docker_inspect(&container, "{{.State.Paused}}").as_deref() == Some("false"))
+        .await;
     inbox.wait_for_next(&session, "running", &berth).await;
 
     // Close: final sync, then container and directory removed, record closed with its history.
@@ -405,10 +399,7 @@ async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
     assert_eq!(ready["session"], web_session.as_str());
     let web_port = ready["port"].as_u64().or_else(|| ready["detail"]["port"].as_u64()).expect("status carries the port") as u16;
     assert_eq!(http_get(web_port, "/readme.md").map(|(_, body)| body), Some(b"# w2\n".to_vec()));
-    socket
-        .send(Message::text(json!({"type": "close", "id": "c1", "session": web_session}).to_string()))
-        .await
-        .expect("send close");
+    socket.send(Message::text(json!({"type": "close", "id": "c1", "session": web_session}).to_string())).await.expect("send close");
     next_frame(&mut socket, |frame| frame["type"] == "ok" && frame["id"] == "c1").await;
     next_frame(&mut socket, |frame| frame["type"] == "status" && frame["state"] == "closed").await;
     drop(socket);
@@ -471,7 +462,10 @@ where
 fn http_call(port: u16, method: &str, path: &str, token: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("session agent answers");
     stream.set_read_timeout(Some(STEP_TIMEOUT)).expect("timeout");
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -480,7 +474,8 @@ fn http_call(port: u16, method: &str, path: &str, token: &str, headers: &[(&str,
     let mut response = Vec::new();
     stream.read_to_end(&mut response).expect("response read");
     let split = response.windows(4).position(|window| window == b"\r\n\r\n").expect("header end");
-    let status = String::from_utf8_lossy(&response[..split]).split_whitespace().nth(1).and_then(|status| status.parse().ok()).expect("status");
+    let status =
+        String::from_utf8_lossy(&response[..split]).split_whitespace().nth(1).and_then(|status| status.parse().ok()).expect("status");
     (status, response[split + 4..].to_vec())
 }
 
@@ -525,11 +520,16 @@ async fn the_http_api_files_and_terminal_on_berth_dev() {
     assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
 
     // The terminal: the container sees the upload, and what the shell writes is readable over HTTP.
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://127.0.0.1:{port}/api/sessions/{session}/terminal"))
-        .expect("request");
+    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://127.0.0.1:{port}/api/sessions/{session}/terminal"
+    ))
+    .expect("request");
     request.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
     let (mut terminal, _) = tokio_tungstenite::connect_async(request).await.expect("terminal upgrades");
-    terminal.send(Message::Binary(b"cat /workspace/notes/from-api.txt; echo typed > /workspace/typed.txt; echo do''ne\n".to_vec().into())).await.expect("typed");
+    terminal
+        .send(Message::Binary(b"cat /workspace/notes/from-api.txt; echo typed > /workspace/typed.txt; echo do''ne\n".to_vec().into()))
+        .await
+        .expect("typed");
     let mut output = String::new();
     let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
     while !output.contains("done") {
@@ -599,7 +599,11 @@ async fn a_reopen_on_the_same_host_starts_from_the_cached_workspace() {
     let running = inbox.wait_for(&second, "running", &berth).await;
     let directory = environment.session_dir(&second);
     assert_eq!(std::fs::read(directory.join("made.txt")).expect("the file is there"), b"made in the first session\n");
-    assert_eq!(std::fs::read(directory.join("hello.txt")).expect("hello"), b"second version, written elsewhere\n", "the change made elsewhere is seen");
+    assert_eq!(
+        std::fs::read(directory.join("hello.txt")).expect("hello"),
+        b"second version, written elsewhere\n",
+        "the change made elsewhere is seen"
+    );
     assert_eq!(http_get(port_of(&running), "/made.txt").map(|(_, body)| body), Some(b"made in the first session\n".to_vec()));
     assert!(cache_entries(&environment).is_empty(), "the entry became the new session's directory");
     let log = berth.log();
@@ -659,8 +663,11 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_idle_ladder() {
     publish(&bus, "session.open", &session, &user, json!({"user": user, "workspace": "wl"})).await;
     inbox.wait_for(&session, "running", &berth).await;
     // One client connection, made before any wake is timed.
-    let client = Bus::connect(BusConfig::for_identity(bus.url(), protocol::Identity::Client, "e2e-ladder").expect("client identity")).await.expect("broker");
-    let activity = || CloudEvent::new("session.activity", "/tests/e2e", Some(&session), json!({"source": "api"})).with_extension("userid", &user);
+    let client = Bus::connect(BusConfig::for_identity(bus.url(), protocol::Identity::Client, "e2e-ladder").expect("client identity"))
+        .await
+        .expect("broker");
+    let activity =
+        || CloudEvent::new("session.activity", "/tests/e2e", Some(&session), json!({"source": "api"})).with_extension("userid", &user);
 
     // Work: a busy loop, then a background writer, each for several idle intervals.
     let busy_loop = "while :; do :; done";

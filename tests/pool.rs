@@ -124,7 +124,10 @@ async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_re
     let (status, body) = http_get(port_of(&running.notification.detail), "/hello.txt").expect("the workspace answers");
     assert_eq!((status, body.as_slice()), (200, b"hello from the store\n".as_slice()));
     let identity: Value = serde_json::from_str(&deployment.exec(&session, "cat /run/berth/session.json").expect("identity")).expect("json");
-    assert_eq!((identity["session"].as_str(), identity["user"].as_str(), identity["slot"].as_str()), (Some(session.as_str()), Some(user), Some(slot.as_str())));
+    assert_eq!(
+        (identity["session"].as_str(), identity["user"].as_str(), identity["slot"].as_str()),
+        (Some(session.as_str()), Some(user), Some(slot.as_str()))
+    );
     assert!(deployment.exec(&session, "echo forged > /run/berth/session.json").is_err(), "the identity is read-only inside");
     let states = slot_states(&deployment);
     assert!(states.get(&slot).is_some_and(|state| state.starts_with("claimed:")), "{states:?}");
@@ -228,7 +231,14 @@ async fn an_engine_or_container_agent_killed_mid_claim_leaves_every_slot_claimed
     // The engine dies at a different moment of the claims each round: before it consumed the
     // opens, between the commits and their tasks, and after; then the container agent, between a
     // claim's identity file, its rename and its unpause.
-    let kills = [(Component::Engine, 0u64), (Component::Engine, 10), (Component::Engine, 25), (Component::Engine, 60), (Component::Container, 150), (Component::Container, 300)];
+    let kills = [
+        (Component::Engine, 0u64),
+        (Component::Engine, 10),
+        (Component::Engine, 25),
+        (Component::Engine, 60),
+        (Component::Container, 150),
+        (Component::Container, 300),
+    ];
     for (round, (component, kill_after_ms)) in kills.into_iter().enumerate() {
         let initial = wait_for_full_pool(&deployment, 3).await;
         let sessions: Vec<(String, String)> =
@@ -254,8 +264,11 @@ async fn an_engine_or_container_agent_killed_mid_claim_leaves_every_slot_claimed
         for slot in &initial {
             let state = states.get(slot).cloned().unwrap_or_default();
             if state.starts_with("claimed:") {
-                let owner =
-                    listed.iter().find(|(_, (_, label))| label == slot).map(|(name, _)| name.clone()).expect("the claimed slot's container");
+                let owner = listed
+                    .iter()
+                    .find(|(_, (_, label))| label == slot)
+                    .map(|(name, _)| name.clone())
+                    .expect("the claimed slot's container");
                 let session = owner.strip_prefix("berth-").unwrap_or_default();
                 assert!(sessions.iter().any(|(candidate, _)| candidate == session), "slot {slot} is {owner}, not one of the sessions");
                 assert!(!free.contains(slot));
@@ -284,7 +297,13 @@ async fn an_engine_or_container_agent_killed_mid_claim_leaves_every_slot_claimed
 /// Open→running for `concurrency` opens published at once on one client connection (distinct
 /// users), each closed (and waited for) before the next round; returns one duration per open.
 /// Each sample: (open → running, provisioning → running: the container's part, a claim when warm).
-async fn timed_opens(deployment: &Deployment, client: &protocol::Bus, rounds: usize, concurrency: usize, tag: &str) -> Vec<(Duration, Duration)> {
+async fn timed_opens(
+    deployment: &Deployment,
+    client: &protocol::Bus,
+    rounds: usize,
+    concurrency: usize,
+    tag: &str,
+) -> Vec<(Duration, Duration)> {
     let mut samples = Vec::new();
     for round in 0..rounds {
         let sessions: Vec<(String, String)> =

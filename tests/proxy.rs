@@ -43,7 +43,19 @@ impl Environment {
         run_ok("rabbitmqctl", &["add_vhost", &vhost]);
         run_ok("rabbitmqctl", &["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
         let bucket = format!("berth-proxy-{run}");
-        run_ok("curl", &["-fsS", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "berth-test:berth-test", "-X", "PUT", &format!("{S3_ENDPOINT}/{bucket}")]);
+        run_ok(
+            "curl",
+            &[
+                "-fsS",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                "berth-test:berth-test",
+                "-X",
+                "PUT",
+                &format!("{S3_ENDPOINT}/{bucket}"),
+            ],
+        );
         let root = std::env::temp_dir().join(format!("berth-proxy-{run}"));
         std::fs::create_dir_all(&root).expect("temp root");
         let session_port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
@@ -162,11 +174,17 @@ async fn curl(arguments: Vec<String>) -> Reply {
             let end = raw.windows(4).position(|window| window == b"\r\n\r\n").expect("a whole interim head");
             raw.drain(..end + 4);
         }
-        let split = raw.windows(4).position(|window| window == b"\r\n\r\n").unwrap_or_else(|| panic!("no response head for {arguments:?}: {:?}", String::from_utf8_lossy(&raw)));
+        let split = raw
+            .windows(4)
+            .position(|window| window == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no response head for {arguments:?}: {:?}", String::from_utf8_lossy(&raw)));
         let head = String::from_utf8_lossy(&raw[..split]).into_owned();
         let mut lines = head.lines();
         let status = lines.next().and_then(|line| line.split_whitespace().nth(1)).and_then(|code| code.parse().ok()).expect("status");
-        let headers = lines.filter_map(|line| line.split_once(':')).map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned())).collect();
+        let headers = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+            .collect();
         Reply { status, headers, body: raw[split + 4..].to_vec() }
     })
     .await
@@ -183,7 +201,12 @@ fn container_state(session: &str) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
-async fn connect(url: &str, token: &str, origin: Option<&str>, cookie: Option<&str>) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+async fn connect(
+    url: &str,
+    token: &str,
+    origin: Option<&str>,
+    cookie: Option<&str>,
+) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
     let mut request = url.into_client_request()?;
     if !token.is_empty() {
         request.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).expect("header"));
@@ -202,7 +225,9 @@ async fn wait_state(socket: &mut Socket, session: &str, state: &str, timeout: Du
     let deadline = tokio::time::Instant::now() + timeout;
     let mut seen = Vec::new();
     loop {
-        let frame = tokio::time::timeout_at(deadline, socket.next()).await.unwrap_or_else(|_| panic!("{session} never reached {state}; saw {seen:?}"));
+        let frame = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .unwrap_or_else(|_| panic!("{session} never reached {state}; saw {seen:?}"));
         let Some(Ok(Message::Text(text))) = frame else { continue };
         let frame: Value = serde_json::from_str(text.as_str()).expect("json frame");
         if frame["type"] == "status" && frame["session"] == session {
@@ -240,8 +265,10 @@ async fn the_proxy_routes_authenticates_streams_wakes_and_closes() {
         assert!(Instant::now() < deadline, "berth dev not ready:\n{}", berth.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let profile = protocol::Profile::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/profiles/proxy/profile.toml")).expect("profile");
-    let authority = session::TokenAuthority::new(&session::KeyMaterial::inline(JWT_SECRET), &profile.session.jwt_audience).expect("authority");
+    let profile =
+        protocol::Profile::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/profiles/proxy/profile.toml")).expect("profile");
+    let authority =
+        session::TokenAuthority::new(&session::KeyMaterial::inline(JWT_SECRET), &profile.session.jwt_audience).expect("authority");
     let alice = authority.mint("alice", &[], Duration::from_secs(3600)).expect("token");
     let bob = authority.mint("bob", &[], Duration::from_secs(3600)).expect("token");
     let bearer = |token: &str| format!("Authorization: Bearer {token}");
@@ -249,7 +276,10 @@ async fn the_proxy_routes_authenticates_streams_wakes_and_closes() {
     // Open a workspace over the WebSocket and wait for it to run.
     let mut status = connect(&format!("ws://127.0.0.1:{port}/ws"), &alice, None, None).await.expect("status socket");
     let _snapshot = status.next().await;
-    status.send(Message::Text(json!({"type": "open", "id": "1", "workspace": "site", "profile": "proxy"}).to_string().into())).await.expect("open");
+    status
+        .send(Message::Text(json!({"type": "open", "id": "1", "workspace": "site", "profile": "proxy"}).to_string().into()))
+        .await
+        .expect("open");
     let session = loop {
         let Some(Ok(Message::Text(text))) = status.next().await else { continue };
         let frame: Value = serde_json::from_str(text.as_str()).expect("json");
@@ -286,7 +316,11 @@ async fn the_proxy_routes_authenticates_streams_wakes_and_closes() {
     let missing_id = uuid::Uuid::now_v7().to_string();
     let missing = curl(args(&["-H", &bearer(&alice), &format!("{base}/s/{missing_id}/")])).await;
     assert_eq!((refused.status, missing.status), (404, 404));
-    assert_eq!(refused.text().replace(&session, "ID"), missing.text().replace(&missing_id, "ID"), "bob's refusal differs from a missing session");
+    assert_eq!(
+        refused.text().replace(&session, "ID"),
+        missing.text().replace(&missing_id, "ID"),
+        "bob's refusal differs from a missing session"
+    );
     let anonymous = curl(args(&[&format!("{prefix}/")])).await;
     assert_eq!((anonymous.status, anonymous.header("www-authenticate")), (401, Some("Bearer")));
     let host_refused = curl(args(&["-H", &bearer(&bob), "-H", &host, &format!("{base}/")])).await;
@@ -339,7 +373,10 @@ async fn the_proxy_routes_authenticates_streams_wakes_and_closes() {
     assert_eq!(reply.status, 303, "{}", reply.text());
     assert_eq!(reply.header("location"), Some(format!("/s/{session}/page?a=1").as_str()));
     let set_cookie = reply.header("set-cookie").expect("set-cookie").to_owned();
-    assert!(set_cookie.contains(&format!("Path=/s/{session};")) && set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Lax"), "{set_cookie}");
+    assert!(
+        set_cookie.contains(&format!("Path=/s/{session};")) && set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Lax"),
+        "{set_cookie}"
+    );
     assert!(!set_cookie.contains(&alice), "the cookie is not the token");
     let cookie = set_cookie.split(';').next().expect("cookie pair").to_owned();
     let reply = curl(args(&["-H", &format!("Cookie: app=2; {cookie}"), &format!("{prefix}/page?a=1")])).await;
@@ -347,7 +384,8 @@ async fn the_proxy_routes_authenticates_streams_wakes_and_closes() {
     assert_eq!(reply.json()["headers"]["cookie"], "app=2", "the app saw Berth's cookie");
     let origin = format!("Origin: http://127.0.0.1:{port}");
     let no_origin = curl(args(&["-H", &format!("Cookie: {cookie}"), "-d", "x", &format!("{prefix}/form")])).await;
-    let wrong_origin = curl(args(&["-H", &format!("Cookie: {cookie}"), "-H", "Origin: http://evil.example", "-d", "x", &format!("{prefix}/form")])).await;
+    let wrong_origin =
+        curl(args(&["-H", &format!("Cookie: {cookie}"), "-H", "Origin: http://evil.example", "-d", "x", &format!("{prefix}/form")])).await;
     let same_origin = curl(args(&["-H", &format!("Cookie: {cookie}"), "-H", &origin, "-d", "x", &format!("{prefix}/form")])).await;
     assert_eq!((no_origin.status, wrong_origin.status, same_origin.status), (403, 403, 200));
     let hijack = connect(&format!("ws://127.0.0.1:{port}/s/{session}/ws"), "", Some("http://evil.example"), Some(&cookie)).await;
@@ -432,6 +470,10 @@ async fn the_proxy_routes_authenticates_streams_wakes_and_closes() {
 }
 
 async fn curl_ready(port: u16) -> Option<()> {
-    let output = tokio::task::spawn_blocking(move || Command::new("curl").args(["-fsS", &format!("http://127.0.0.1:{port}/readyz")]).output()).await.ok()?.ok()?;
+    let output =
+        tokio::task::spawn_blocking(move || Command::new("curl").args(["-fsS", &format!("http://127.0.0.1:{port}/readyz")]).output())
+            .await
+            .ok()?
+            .ok()?;
     output.status.success().then_some(())
 }

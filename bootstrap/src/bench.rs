@@ -34,7 +34,8 @@ pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
     // One user for the sequential opens, and one per concurrent open: a workspace has at most one
     // live session (a second open would join it), and each user has a live-session limit.
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let users: Vec<String> = std::iter::once(format!("bench-{run}")).chain((0..CONCURRENT_SESSIONS).map(|index| format!("bench-{run}-c{index}"))).collect();
+    let users: Vec<String> =
+        std::iter::once(format!("bench-{run}")).chain((0..CONCURRENT_SESSIONS).map(|index| format!("bench-{run}-c{index}"))).collect();
     let store = workspace::open_store(&profile.services.object_store_url, &workspace::StoreSettings::from_env())?;
     let mut prefixes = Vec::new();
     for user in &users {
@@ -48,7 +49,8 @@ pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
     let mut components = spawn_components(&profile, Components::Headless, &stopping);
     // Notifications are read as the admin; sessions are opened and closed as a client would.
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-e2e")).await?;
-    let client = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-e2e-client")?).await?;
+    let client =
+        Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-e2e-client")?).await?;
     let waiters: Waiters = Arc::default();
     listen_for_states(&bus, &users, waiters.clone(), stopping.clone()).await?;
 
@@ -151,7 +153,12 @@ pub(crate) async fn publish(bus: &Bus, event_type: &str, session: &str, user: &s
 
 /// Routes the bench user's notifications to whoever waits for a session's state; a `failed`
 /// state fails the waiter's whole run, since the measurement would be meaningless.
-pub(crate) async fn listen_for_states(bus: &Bus, users: &[String], waiters: Waiters, stopping: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub(crate) async fn listen_for_states(
+    bus: &Bus,
+    users: &[String],
+    waiters: Waiters,
+    stopping: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let keys: Vec<String> = users.iter().map(|user| topology::user_routing_key(user)).collect();
     let queue = bus.declare_private_queue(topology::NOTIFY_EXCHANGE, &keys).await?;
     let consumer = bus.clone();
@@ -216,4 +223,3 @@ pub(crate) async fn docker_run_to_health(profile: &Profile) -> anyhow::Result<Du
 fn lock(waiters: &Waiters) -> std::sync::MutexGuard<'_, HashMap<(String, String), oneshot::Sender<Instant>>> {
     waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-

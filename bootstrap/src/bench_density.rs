@@ -111,7 +111,9 @@ async fn measure_tier(base: &Profile, tier: Tier, max_sessions: usize) -> anyhow
     let (stop, stopping) = watch::channel(false);
     let mut components = spawn_components(&profile, Components::Headless, &stopping);
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-density")).await?;
-    let client = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-density-client")?).await?;
+    let client =
+        Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-density-client")?)
+            .await?;
     let waiters = Waiters::default();
     listen_for_states(&bus, std::slice::from_ref(&user), waiters.clone(), stopping.clone()).await?;
     // Settle, then the host's memory before any session.
@@ -192,7 +194,9 @@ async fn open_into_tier(client: &Bus, waiters: &Waiters, user: &str, index: usiz
     let in_tier = expect_state(waiters, &session, tier.state());
     publish(client, "session.open", &session, user, json!({"user": user, "workspace": format!("density-{index}")})).await?;
     tokio::time::timeout(STEP_TIMEOUT, running).await.map_err(|_| anyhow::anyhow!("{session} not running within {STEP_TIMEOUT:?}"))??;
-    tokio::time::timeout(STEP_TIMEOUT, in_tier).await.map_err(|_| anyhow::anyhow!("{session} not {} within {STEP_TIMEOUT:?}", tier.state()))??;
+    tokio::time::timeout(STEP_TIMEOUT, in_tier)
+        .await
+        .map_err(|_| anyhow::anyhow!("{session} not {} within {STEP_TIMEOUT:?}", tier.state()))??;
     Ok(session)
 }
 
@@ -232,7 +236,9 @@ fn deployment_container_memory(deployment: &str) -> u64 {
     if ids.is_empty() {
         return 0;
     }
-    let Ok(stats) = Command::new("docker").args(["stats", "--no-stream", "--format", "{{.MemUsage}}"]).args(&ids).output() else { return 0 };
+    let Ok(stats) = Command::new("docker").args(["stats", "--no-stream", "--format", "{{.MemUsage}}"]).args(&ids).output() else {
+        return 0;
+    };
     String::from_utf8_lossy(&stats.stdout).lines().filter_map(|line| line.split('/').next()).filter_map(parse_size).sum()
 }
 
@@ -265,7 +271,10 @@ fn print_results(profile: &Profile, results: &[Measured], max_sessions: usize) {
         "berth bench density: sessions of {} ({} MiB limit each) this host holds, up to {max_sessions}, opened {BATCH} at a time",
         profile.container.image, profile.container.memory_mib
     );
-    println!("  {:<28} {:>6}  {:>16} {:>16} {:>14}  {:>8}  stopped because", "tier", "held", "host MiB/session", "cont. MiB/sess.", "disk MiB/sess.", "seconds");
+    println!(
+        "  {:<28} {:>6}  {:>16} {:>16} {:>14}  {:>8}  stopped because",
+        "tier", "held", "host MiB/session", "cont. MiB/sess.", "disk MiB/sess.", "seconds"
+    );
     for result in results {
         println!(
             "  {:<28} {:>6}  {:>16.2} {:>16.2} {:>14.2}  {:>8.0}  {}",

@@ -134,7 +134,8 @@ pub async fn bench(mut profile: Profile, settings: OpenBenchSettings) -> anyhow:
     let (stop, stopping) = watch::channel(false);
     let mut components = spawn_components(&profile, Components::Headless, &stopping);
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-open")).await?;
-    let client = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-open-client")?).await?;
+    let client =
+        Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-open-client")?).await?;
     let waiters: Waiters = Waiters::default();
     // The listener outlives the first components: the warm rows run on components of their own.
     let (stop_listening, listening) = watch::channel(false);
@@ -198,7 +199,13 @@ async fn measure(bench: &Bench<'_>, users: &[String], settings: &OpenBenchSettin
             let baseline = measure_baseline(bench, &prefixes[..level]).await?;
             for kind in [OpenKind::Cold, OpenKind::Cached] {
                 let samples = measure_row(bench, kind, &users[..level], WORKSPACE).await?;
-                rows.push(Row { workload: workload.label.to_owned(), level, label: kind.label().to_owned(), samples, baseline: baseline.clone() });
+                rows.push(Row {
+                    workload: workload.label.to_owned(),
+                    level,
+                    label: kind.label().to_owned(),
+                    samples,
+                    baseline: baseline.clone(),
+                });
             }
         }
         clear_cache(bench.profile).await?;
@@ -238,7 +245,13 @@ async fn measure_warm(bench: &Bench<'_>, users: &[String], settings: &OpenBenchS
                     .find(|row| row.workload == workload.label && row.level == level && row.label == OpenKind::Cold.label())
                     .map(|row| row.baseline.clone())
                     .unwrap_or_default();
-                warm_rows.push(Row { workload: workload.label.to_owned(), level, label: OpenKind::Warm.label().to_owned(), samples, baseline });
+                warm_rows.push(Row {
+                    workload: workload.label.to_owned(),
+                    level,
+                    label: OpenKind::Warm.label().to_owned(),
+                    samples,
+                    baseline,
+                });
             }
         }
         Ok::<_, anyhow::Error>(warm_rows)
@@ -264,14 +277,17 @@ async fn wait_for_pool(profile: &Profile, slots: usize) -> anyhow::Result<()> {
 /// Removes the bench's pool: its containers, its slot folders and its keys.
 async fn remove_pool(profile: &Profile) {
     let deployment = format!("label=berth.deployment={}", profile.deployment());
-    let listed = std::process::Command::new("docker").args(["ps", "-aq", "--filter", &deployment, "--filter", "label=berth.pool.slot"]).output();
+    let listed =
+        std::process::Command::new("docker").args(["ps", "-aq", "--filter", &deployment, "--filter", "label=berth.pool.slot"]).output();
     if let Ok(listed) = listed {
         for id in String::from_utf8_lossy(&listed.stdout).split_whitespace() {
             let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
         }
     }
     let _ = std::fs::remove_dir_all(profile.deployment_root().join(protocol::profile::POOL_DIR));
-    if let Err(error) = engine::service::clear_pool(&profile.services.redis_url, &engine::service::EngineConfig::standard().redis_prefix).await {
+    if let Err(error) =
+        engine::service::clear_pool(&profile.services.redis_url, &engine::service::EngineConfig::standard().redis_prefix).await
+    {
         eprintln!("could not clear the warm pool's keys: {error}");
     }
 }
@@ -291,7 +307,10 @@ async fn prepare(bench: &Bench<'_>, kind: OpenKind, users: &[String], workspace_
                 let profile = bench.profile.clone();
                 tokio::task::spawn_blocking(move || workspace::cached_workspaces(&profile)).await??
             };
-            let missing: Vec<&String> = users.iter().filter(|user| !cached.iter().any(|(cached_user, name)| cached_user == *user && name == workspace_name)).collect();
+            let missing: Vec<&String> = users
+                .iter()
+                .filter(|user| !cached.iter().any(|(cached_user, name)| cached_user == *user && name == workspace_name))
+                .collect();
             let opened = futures::future::try_join_all(missing.iter().map(|user| open_until_running(bench, user, workspace_name))).await?;
             let closes = opened.iter().zip(&missing).map(|((session, _), user)| close_until_closed(bench, session, user));
             futures::future::try_join_all(closes).await?;
@@ -370,7 +389,9 @@ async fn clear_cache(profile: &Profile) -> anyhow::Result<()> {
 async fn close_until_closed(bench: &Bench<'_>, session: &str, user: &str) -> anyhow::Result<()> {
     let closed = expect_state(bench.waiters, session, "closed");
     publish(bench.client, "session.close", session, user, json!({"reason": "bench"})).await?;
-    tokio::time::timeout(STEP_TIMEOUT, closed).await.map_err(|_| anyhow::anyhow!("session {session} not closed within {STEP_TIMEOUT:?}"))??;
+    tokio::time::timeout(STEP_TIMEOUT, closed)
+        .await
+        .map_err(|_| anyhow::anyhow!("session {session} not closed within {STEP_TIMEOUT:?}"))??;
     Ok(())
 }
 
@@ -388,7 +409,10 @@ async fn open_until_running(bench: &Bench<'_>, user: &str, workspace_name: &str)
 
 fn print_rows(rows: &[Row], settings: &OpenBenchSettings) {
     println!("berth bench open: open→ready on this host, levels {:?}, large workspace {} MiB", settings.levels, settings.large_mib);
-    println!("  {:<34} {:>4}  {:<28} {:>9} {:>9} {:>9}   {:>9} {:>9}  {:>6}", "workload", "at", "open", "p50 ms", "p95 ms", "p99 ms", "base p50", "base p99", "×base");
+    println!(
+        "  {:<34} {:>4}  {:<28} {:>9} {:>9} {:>9}   {:>9} {:>9}  {:>6}",
+        "workload", "at", "open", "p50 ms", "p95 ms", "p99 ms", "base p50", "base p99", "×base"
+    );
     for row in rows {
         let p50 = percentile(&row.samples, 0.5);
         let base = percentile(&row.baseline, 0.5);
@@ -414,7 +438,12 @@ fn print_rows(rows: &[Row], settings: &OpenBenchSettings) {
     for row in rows.iter().filter(|row| row.label == OpenKind::Cold.label()) {
         let ratio = percentile(&row.samples, 0.5).as_secs_f64() / percentile(&row.baseline, 0.5).as_secs_f64().max(f64::MIN_POSITIVE);
         let goal = if row.level == 1 { COLD_SEQUENTIAL_GOAL } else { COLD_CONCURRENT_GOAL };
-        println!("  cold open, {}, {} at once: {ratio:.2}× the baseline at p50 (goal ≤ {goal}×): {}", row.workload, row.level, verdict(ratio <= goal));
+        println!(
+            "  cold open, {}, {} at once: {ratio:.2}× the baseline at p50 (goal ≤ {goal}×): {}",
+            row.workload,
+            row.level,
+            verdict(ratio <= goal)
+        );
     }
     for row in rows.iter().filter(|row| row.label == OpenKind::Warm.label()) {
         let (p50, p99) = (percentile(&row.samples, 0.5), percentile(&row.samples, 0.99));
@@ -433,7 +462,13 @@ fn print_rows(rows: &[Row], settings: &OpenBenchSettings) {
     let wake_labels = [WakeTier::Paused.label(), WakeTier::Dormant.label()];
     if let Some(large) = rows.iter().rev().find(|row| row.label != OpenKind::Warm.label() && !wake_labels.contains(&row.label.as_str())) {
         let reopened = percentile(&large.samples, 0.5);
-        println!("  cached reopen of {}: {:.1} ms (goal < {} ms): {}", large.workload, milliseconds(reopened), LARGE_CACHED_GOAL.as_millis(), verdict(reopened < LARGE_CACHED_GOAL));
+        println!(
+            "  cached reopen of {}: {:.1} ms (goal < {} ms): {}",
+            large.workload,
+            milliseconds(reopened),
+            LARGE_CACHED_GOAL.as_millis(),
+            verdict(reopened < LARGE_CACHED_GOAL)
+        );
     }
 }
 

@@ -155,7 +155,8 @@ fn browser_address(session_addr: &str) -> String {
 /// decide the broker, the store and where the token key file is), secrets left out.
 fn berth_command(profile: &Profile) -> String {
     let executable = std::env::current_exe().map_or_else(|_| "berth".to_owned(), |path| path.display().to_string());
-    let profiles_dir = profile.path.parent().and_then(std::path::Path::parent).map(|dir| std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
+    let profiles_dir =
+        profile.path.parent().and_then(std::path::Path::parent).map(|dir| std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
     let here = std::env::current_dir().ok();
     let default_dir = here.as_ref().and_then(|dir| std::fs::canonicalize(dir.join("run-profiles")).ok());
     let mut settings: Vec<String> = std::env::vars()
@@ -165,7 +166,9 @@ fn berth_command(profile: &Profile) -> String {
     settings.sort();
     let mut prefix = String::new();
     match (&profiles_dir, &default_dir, &here) {
-        (Some(used), Some(default), Some(here)) if used == default => prefix.push_str(&format!("cd {} && ", shell_quoted(&here.display().to_string()))),
+        (Some(used), Some(default), Some(here)) if used == default => {
+            prefix.push_str(&format!("cd {} && ", shell_quoted(&here.display().to_string())))
+        }
         (Some(used), _, _) => settings.insert(0, format!("BERTH_PROFILES_DIR={}", shell_quoted(&used.display().to_string()))),
         _ => {}
     }

@@ -114,7 +114,8 @@ pub async fn bootstrap(profile: &Profile, reset: Reset) -> anyhow::Result<Report
     }
     store.ensure_indexes().await?;
 
-    let mut report = Report { profile: profile.name.clone(), reset: reset == Reset::DropRecords, vhost, patterns: Vec::new(), users: Vec::new() };
+    let mut report =
+        Report { profile: profile.name.clone(), reset: reset == Reset::DropRecords, vhost, patterns: Vec::new(), users: Vec::new() };
     for pattern in &patterns {
         let file = protocol::profile::patterns_dir().join(format!("{}.json", pattern.name));
         // Stored as text: pattern files use keys (`$schema`) that document stores reserve.
@@ -143,7 +144,8 @@ async fn put_if_different(
     id: &str,
     document: Map<String, Value>,
 ) -> anyhow::Result<Change> {
-    let existing = store.execute(None, Operation::Get(protocol::store::GetArgs { collection: collection.to_owned(), id: id.to_owned() })).await?;
+    let existing =
+        store.execute(None, Operation::Get(protocol::store::GetArgs { collection: collection.to_owned(), id: id.to_owned() })).await?;
     let change = match &existing {
         Value::Object(stored) if document.iter().all(|(field, value)| stored.get(field) == Some(value)) => return Ok(Change::Unchanged),
         Value::Object(_) => Change::Updated,

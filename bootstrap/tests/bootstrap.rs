@@ -19,10 +19,7 @@ fn profile(store_dir: &std::path::Path) -> Profile {
 
 async fn get(profile: &Profile, collection: &str, id: &str) -> Value {
     let store = persistence::open_store(&profile.services.store_url).await.expect("store");
-    store
-        .execute(None, Operation::Get(GetArgs { collection: collection.to_owned(), id: id.to_owned() }))
-        .await
-        .expect("get")
+    store.execute(None, Operation::Get(GetArgs { collection: collection.to_owned(), id: id.to_owned() })).await.expect("get")
 }
 
 #[tokio::test]
@@ -32,10 +29,7 @@ async fn bootstrap_is_idempotent_keeps_data_and_resets_only_when_asked() {
     let profile = profile(&directory);
 
     let first = bootstrap(&profile, Reset::Keep).await.expect("first bootstrap");
-    assert_eq!(
-        first.patterns,
-        vec![("workspace-session".to_owned(), Change::Created), ("workspace-recovery".to_owned(), Change::Created)]
-    );
+    assert_eq!(first.patterns, vec![("workspace-session".to_owned(), Change::Created), ("workspace-recovery".to_owned(), Change::Created)]);
     assert!(first.users.iter().all(|(_, change)| *change == Change::Created), "{first}");
     assert_eq!(get(&profile, collections::USERS, "admin").await["roles"], json!(["admin"]));
 

@@ -11,8 +11,8 @@
 use serde_json::{json, Value};
 
 use crate::core::Thred;
-use crate::usage::Budget;
 use crate::pattern::AdmissionSpec;
+use crate::usage::Budget;
 use protocol::host::cpu_millis_of;
 use protocol::Profile;
 
@@ -49,7 +49,8 @@ impl Capacity {
 
     /// Whether one more thred fits next to what is committed.
     pub fn fits(&self, committed: Committed) -> bool {
-        committed.memory_mib + self.need_memory_mib <= self.budget_memory_mib && committed.cpu_millis + self.need_cpu_millis <= self.budget_cpu_millis
+        committed.memory_mib + self.need_memory_mib <= self.budget_memory_mib
+            && committed.cpu_millis + self.need_cpu_millis <= self.budget_cpu_millis
     }
 }
 
@@ -77,9 +78,14 @@ pub struct Counts {
 pub enum Verdict {
     Admit,
     /// Waits in the queue at this position (1 = next).
-    Queue { position: u64 },
+    Queue {
+        position: u64,
+    },
     /// Refused: `limit` names the limit, `max` its value.
-    Refuse { limit: Limit, max: f64 },
+    Refuse {
+        limit: Limit,
+        max: f64,
+    },
 }
 
 /// The limits a refusal names (`detail.limit` of the user's notification).

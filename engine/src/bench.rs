@@ -69,7 +69,8 @@ async fn listen(bus: &Bus, exchange: &str, keys: &[&str]) -> anyhow::Result<mpsc
     let queue = bus.declare_private_queue(exchange, &keys).await?;
     let channel = bus.channel().await?;
     channel.basic_qos(1000, BasicQosOptions::default()).await?;
-    let mut consumer = channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+    let mut consumer =
+        channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
     let (sender, receiver) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _channel = channel;
@@ -143,7 +144,8 @@ async fn live_phase(
         };
         match rate {
             None => {
-                let results: Vec<_> = futures::stream::iter(events.into_iter().map(publish_one)).buffered(PUBLISH_PARALLELISM).collect().await;
+                let results: Vec<_> =
+                    futures::stream::iter(events.into_iter().map(publish_one)).buffered(PUBLISH_PARALLELISM).collect().await;
                 results.into_iter().collect::<Result<Vec<()>, _>>()?;
             }
             Some(per_second) => {
@@ -211,7 +213,9 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
     let opens: Vec<CloudEvent> = sessions
         .iter()
         .enumerate()
-        .map(|(index, session)| CloudEvent::new("session.open", "/bench", Some(session), json!({"user": format!("bench{index}"), "workspace": "w"})))
+        .map(|(index, session)| {
+            CloudEvent::new("session.open", "/bench", Some(session), json!({"user": format!("bench{index}"), "workspace": "w"}))
+        })
         .collect();
     let bodies: Vec<Vec<u8>> = opens.iter().map(CloudEvent::to_bytes).collect();
 
@@ -242,9 +246,13 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
         let url = profile.services.amqp_url.clone();
         async move { Bus::connect(BusConfig::for_identity(&url, identity, "berth-bench-sender")?).await }
     };
-    let (as_client, as_workspace, as_container) =
-        (as_identity(protocol::Identity::Client).await?, as_identity(protocol::Identity::Workspace).await?, as_identity(protocol::Identity::Container).await?);
-    publish_all(&as_client, &config.events_exchange, opens.iter().map(|event| (event.event_type.clone(), event.to_bytes())).collect()).await?;
+    let (as_client, as_workspace, as_container) = (
+        as_identity(protocol::Identity::Client).await?,
+        as_identity(protocol::Identity::Workspace).await?,
+        as_identity(protocol::Identity::Container).await?,
+    );
+    publish_all(&as_client, &config.events_exchange, opens.iter().map(|event| (event.event_type.clone(), event.to_bytes())).collect())
+        .await?;
     let engine = Engine::connect(profile.clone(), patterns, config.clone()).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = engine.clone();
@@ -283,7 +291,9 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
     let ready: Vec<CloudEvent> = sessions
         .iter()
         .take(THREDS / 2)
-        .map(|session| CloudEvent::new("container.ready", "/bench", Some(session), json!({"container_id": "c", "host": "127.0.0.1", "port": 1})))
+        .map(|session| {
+            CloudEvent::new("container.ready", "/bench", Some(session), json!({"container_id": "c", "host": "127.0.0.1", "port": 1}))
+        })
         .collect();
     let (_, latencies) = live_phase(&as_container, &config.events_exchange, ready, Some(paced_rate), &mut tasks, "group").await?;
     println!(

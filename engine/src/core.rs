@@ -84,12 +84,32 @@ impl EventInput {
 /// What the core asks the service to do. Indexes in the returned list give stable task ids.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    Task { agent: AgentKind, action: String, args: Value },
+    Task {
+        agent: AgentKind,
+        action: String,
+        args: Value,
+    },
     /// To `user` (from `ctx.user`, absent when the context has none); `state` after the step.
-    Notify { user: Option<String>, state: String, detail: Value },
-    Persist { operation: PersistOperation, collection: String, id: Option<String>, doc: Value },
-    StartTimer { timer: String, generation: u64, deadline_ms: i64 },
-    CancelTimer { timer: String, generation: u64 },
+    Notify {
+        user: Option<String>,
+        state: String,
+        detail: Value,
+    },
+    Persist {
+        operation: PersistOperation,
+        collection: String,
+        id: Option<String>,
+        doc: Value,
+    },
+    StartTimer {
+        timer: String,
+        generation: u64,
+        deadline_ms: i64,
+    },
+    CancelTimer {
+        timer: String,
+        generation: u64,
+    },
 }
 
 /// What became of the event.
@@ -286,7 +306,6 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-
     fn error(&self, message: String) -> StepError {
         StepError::Expression { pattern: self.pattern.name.clone(), message }
     }
@@ -314,7 +333,9 @@ impl Run<'_> {
     fn evaluate_seconds(&mut self, expression: &Expression) -> Result<f64, StepError> {
         match self.evaluate(expression)? {
             Value::Number(number) => Ok(number.as_f64().unwrap_or(0.0)),
-            other => Err(self.error(format!("{}: {:?} must give seconds (a number), gave {other}", expression.location(), expression.source()))),
+            other => {
+                Err(self.error(format!("{}: {:?} must give seconds (a number), gave {other}", expression.location(), expression.source())))
+            }
         }
     }
 
@@ -625,7 +646,12 @@ mod tests {
         check("open", event("container.ready", json!({})), "rejected", &[]);
         // materializing
         check("materializing", event("workspace.materialized", json!({"files": 3})), "-> provisioning", &["container.provision"]);
-        check("materializing", event("workspace.failed", json!({"stage": "download", "error": "store down"})), "-> materialize_backoff", &[]);
+        check(
+            "materializing",
+            event("workspace.failed", json!({"stage": "download", "error": "store down"})),
+            "-> materialize_backoff",
+            &[],
+        );
         check("materializing", event("workspace.failed", json!({"stage": "quota", "error": "too big"})), "-> stopping", FREEZE);
         check("materializing", timer(STATE_TIMEOUT_TIMER, 5), "-> stopping", FREEZE);
         check("materializing", timer(STATE_TIMEOUT_TIMER, 4), "stale", &[]);
@@ -645,7 +671,12 @@ mod tests {
         check("materialize_backoff", event("workspace.materialized", json!({})), "rejected", &[]);
         // provisioning
         // Running takes a first work probe: the baseline the idle rule measures from.
-        check("provisioning", event("container.ready", json!({"container_id": "c-9", "host": "127.0.0.1", "port": 4000})), "-> running", &["container.probe"]);
+        check(
+            "provisioning",
+            event("container.ready", json!({"container_id": "c-9", "host": "127.0.0.1", "port": 4000})),
+            "-> running",
+            &["container.probe"],
+        );
         check("provisioning", event("container.failed", json!({"error": "boom"})), "-> provision_backoff", &[]);
         check("provisioning", timer(STATE_TIMEOUT_TIMER, 5), "-> stopping", FREEZE);
         check("provisioning", event("workspace.synced", json!({})), "ignored", &[]);
@@ -699,7 +730,12 @@ mod tests {
         check("removing_workspace", event("workspace.removed", json!({})), "-> stopped", &[]);
         check("removing_workspace", event("container.removed", json!({})), "ignored", &[]);
         // Refused because something changed after the final sync: save again.
-        check("removing_workspace", event("workspace.sync_failed", json!({"final": true, "action": "remove"})), "-> saving", &["workspace.sync"]);
+        check(
+            "removing_workspace",
+            event("workspace.sync_failed", json!({"final": true, "action": "remove"})),
+            "-> saving",
+            &["workspace.sync"],
+        );
         // terminal states take nothing
         for terminal in ["failed", "stopped", "closed"] {
             check(terminal, event("session.activity", json!({})), "rejected", &[]);
@@ -719,11 +755,18 @@ mod tests {
         thred.state = "removing_workspace".to_owned();
         let removed = step(&pattern, &thred, &event("workspace.removed", json!({"preserved": ["a\\b.txt"]})), NOW).unwrap();
         assert_eq!(removed.disposition, Disposition::Transitioned { from: "removing_workspace".into(), to: "failed".into() });
-        let details: Vec<&Value> = removed.effects.iter().filter_map(|effect| match effect {
-            Effect::Notify { detail, .. } => Some(detail),
-            _ => None,
-        }).collect();
-        assert_eq!(details, vec![&json!({"error": "container exited with code 137 (out of memory)", "reason": "crashed", "preserved": ["a\\b.txt"]})]);
+        let details: Vec<&Value> = removed
+            .effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Notify { detail, .. } => Some(detail),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            details,
+            vec![&json!({"error": "container exited with code 137 (out of memory)", "reason": "crashed", "preserved": ["a\\b.txt"]})]
+        );
     }
 
     #[test]
@@ -753,10 +796,14 @@ mod tests {
         open.subject = Some("s-2".to_owned());
         let joined = step(&pattern, &thred_in("running"), &open, NOW).unwrap();
         assert_eq!(joined.disposition, Disposition::Stayed);
-        let notified: Vec<(&str, &Value)> = joined.effects.iter().filter_map(|effect| match effect {
-            Effect::Notify { state, detail, .. } => Some((state.as_str(), detail)),
-            _ => None,
-        }).collect();
+        let notified: Vec<(&str, &Value)> = joined
+            .effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Notify { state, detail, .. } => Some((state.as_str(), detail)),
+                _ => None,
+            })
+            .collect();
         assert_eq!(notified, vec![("running", &json!({"joined": true, "requested": "s-2", "workspace": "w1"}))]);
     }
 
@@ -822,21 +869,33 @@ mod tests {
         assert_eq!(step.thred.context["provision_attempts"], json!(0));
         assert_eq!(step.thred.timers["max_age"].deadline_ms, NOW + 3_600_000);
         assert_eq!(step.thred.timers[STATE_TIMEOUT_TIMER].deadline_ms, NOW + 600_000);
-        let task_args: Vec<&Value> = step.effects.iter().filter_map(|e| match e {
-            Effect::Task { args, .. } => Some(args),
-            _ => None,
-        }).collect();
+        let task_args: Vec<&Value> = step
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Task { args, .. } => Some(args),
+                _ => None,
+            })
+            .collect();
         // No warm-pool slot in the seed: the open is cold.
         assert_eq!(task_args, vec![&json!({"user": "alice", "workspace": "w1", "slot": ""})]);
-        let notified: Vec<(&Option<String>, &str)> = step.effects.iter().filter_map(|e| match e {
-            Effect::Notify { user, state, .. } => Some((user, state.as_str())),
-            _ => None,
-        }).collect();
+        let notified: Vec<(&Option<String>, &str)> = step
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Notify { user, state, .. } => Some((user, state.as_str())),
+                _ => None,
+            })
+            .collect();
         assert_eq!(notified, vec![(&Some("alice".to_owned()), "materializing")]);
-        let persisted: Vec<(&str, &Option<String>)> = step.effects.iter().filter_map(|e| match e {
-            Effect::Persist { collection, id, .. } => Some((collection.as_str(), id)),
-            _ => None,
-        }).collect();
+        let persisted: Vec<(&str, &Option<String>)> = step
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Persist { collection, id, .. } => Some((collection.as_str(), id)),
+                _ => None,
+            })
+            .collect();
         assert_eq!(persisted, vec![("sessions", &Some("s-1".to_owned())), ("events", &None)]);
     }
 
@@ -937,7 +996,8 @@ mod tests {
                 // Busy: the deadline re-arms from now and the probe becomes the new baseline.
                 assert_eq!(stepped.thred.timers["idle"].deadline_ms, NOW + minute_ms, "{what}");
                 assert_eq!(stepped.thred.context["cpu_at_ms"], json!(NOW), "{what}");
-                let working = stepped.effects.iter().any(|effect| matches!(effect, Effect::Notify { detail, .. } if detail.get("working").is_some()));
+                let working =
+                    stepped.effects.iter().any(|effect| matches!(effect, Effect::Notify { detail, .. } if detail.get("working").is_some()));
                 assert!(working, "{what}: the user is told why the session keeps running");
             } else {
                 assert!(summary(&stepped).1.contains(&"container.pause".to_owned()), "{what}");
@@ -953,7 +1013,9 @@ mod tests {
         let stepped = step(&pattern, &after_input.thred, &probed(0, 2 * minute_ms, 0), NOW + 1).unwrap();
         assert_eq!(summary(&stepped), ("stay".to_owned(), vec![]));
         // A probe that cannot be answered falls back to the input-only rule: pausing loses nothing.
-        let failed = step(&pattern, &probing_thred(0, minute_ms), &event("container.failed", json!({"action": "probe", "error": "x"})), NOW).unwrap();
+        let failed =
+            step(&pattern, &probing_thred(0, minute_ms), &event("container.failed", json!({"action": "probe", "error": "x"})), NOW)
+                .unwrap();
         assert_eq!(summary(&failed).0, "-> idle");
         check("running", event("container.failed", json!({"action": "stats", "error": "x"})), "stay", &[]);
     }
@@ -962,10 +1024,14 @@ mod tests {
     fn the_ladder_pauses_then_stops_then_closes_and_wakes_from_either_tier() {
         let pattern = session_pattern();
         let notifications = |stepped: &Step| -> Vec<Value> {
-            stepped.effects.iter().filter_map(|effect| match effect {
-                Effect::Notify { detail, .. } => Some(detail.clone()),
-                _ => None,
-            }).collect()
+            stepped
+                .effects
+                .iter()
+                .filter_map(|effect| match effect {
+                    Effect::Notify { detail, .. } => Some(detail.clone()),
+                    _ => None,
+                })
+                .collect()
         };
         // The warning before the pause.
         let mut warned = thred_in("running");
@@ -1012,7 +1078,8 @@ mod tests {
         let waking = step(&pattern, &dormant, &event("session.activity", json!({})), NOW).unwrap();
         assert_eq!(summary(&waking), ("-> waking".to_owned(), vec!["container.wake".to_owned()]));
         assert!(!waking.thred.timers.contains_key("stop"));
-        let ready = json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40001, "timings_ms": {"create": 0, "start": 300, "ready": 200}});
+        let ready =
+            json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40001, "timings_ms": {"create": 0, "start": 300, "ready": 200}});
         let running = step(&pattern, &waking.thred, &event("container.ready", ready), NOW).unwrap();
         assert_eq!(running.thred.state, "running");
         assert_eq!(running.thred.context["port"], json!(40001), "the new port is reported");

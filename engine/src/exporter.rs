@@ -82,7 +82,12 @@ impl Collector for EngineCollector {
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
         }
         let lag = ConstGauge::new(snapshot.max_lag_ms);
-        lag.encode(encoder.encode_descriptor("max_lag_ms", "longest delay seen between an event's time and its handling", None, lag.metric_type())?)?;
+        lag.encode(encoder.encode_descriptor(
+            "max_lag_ms",
+            "longest delay seen between an event's time and its handling",
+            None,
+            lag.metric_type(),
+        )?)?;
 
         let usage = self.usage.read().unwrap_or_else(PoisonError::into_inner);
         for field in ["running_secs", "idle_secs", "cpu_secs", "gib_secs", "cost"] {

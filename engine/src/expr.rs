@@ -69,12 +69,7 @@ pub struct CelScope {
 
 impl Scope<'_> {
     pub fn to_cel(&self) -> CelScope {
-        CelScope {
-            ctx: json_object_to_cel(self.ctx),
-            event: json_to_cel(self.event),
-            thred: json_to_cel(self.thred),
-            now_ms: self.now_ms,
-        }
+        CelScope { ctx: json_object_to_cel(self.ctx), event: json_to_cel(self.event), thred: json_to_cel(self.thred), now_ms: self.now_ms }
     }
 }
 
@@ -181,8 +176,7 @@ pub fn json_to_cel(value: &Value) -> CelValue {
 
 /// A JSON object into a CEL map.
 pub fn json_object_to_cel(object: &Map<String, Value>) -> CelValue {
-    let map: HashMap<Key, CelValue> =
-        object.iter().map(|(name, item)| (Key::String(Arc::new(name.clone())), json_to_cel(item))).collect();
+    let map: HashMap<Key, CelValue> = object.iter().map(|(name, item)| (Key::String(Arc::new(name.clone())), json_to_cel(item))).collect();
     CelValue::Map(CelMap { map: Arc::new(map) })
 }
 
@@ -193,9 +187,7 @@ pub fn cel_to_json(value: &CelValue) -> Result<Value, String> {
         CelValue::Bool(flag) => Value::Bool(*flag),
         CelValue::Int(integer) => Value::Number(Number::from(*integer)),
         CelValue::UInt(unsigned) => Value::Number(Number::from(*unsigned)),
-        CelValue::Float(float) => {
-            Number::from_f64(*float).map(Value::Number).ok_or_else(|| format!("a non-finite number ({float})"))?
-        }
+        CelValue::Float(float) => Number::from_f64(*float).map(Value::Number).ok_or_else(|| format!("a non-finite number ({float})"))?,
         CelValue::String(text) => Value::String(text.to_string()),
         CelValue::List(items) => Value::Array(items.iter().map(cel_to_json).collect::<Result<_, _>>()?),
         CelValue::Map(map) => {

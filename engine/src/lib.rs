@@ -7,18 +7,18 @@
 //! - [`timers`]: timers as Redis keys with a TTL plus a swept deadline index.
 
 pub mod admission;
+mod bench;
+mod bench_placement;
 pub mod core;
+pub mod exporter;
 pub mod expr;
 pub mod hosts;
-pub mod exporter;
 pub mod metrics;
 pub mod pattern;
 pub mod placement;
 pub mod service;
 pub mod timers;
 pub mod usage;
-mod bench;
-mod bench_placement;
 
 use std::future::Future;
 use std::path::PathBuf;

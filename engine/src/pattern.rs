@@ -523,22 +523,19 @@ struct Validator {
 }
 
 fn is_name(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 64
-        && text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    !text.is_empty() && text.len() <= 64 && text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 fn is_event_type(text: &str) -> bool {
     text.split('.').count() >= 2
-        && text.split('.').all(|part| {
-            !part.is_empty() && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-        })
+        && text
+            .split('.')
+            .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-'))
 }
 
 fn is_identifier(text: &str) -> bool {
     let mut chars = text.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 impl Validator {
@@ -547,12 +544,7 @@ impl Validator {
     }
 
     fn error(&self, state: Option<&str>, field: &str, reason: impl Into<String>) -> PatternError {
-        PatternError::Invalid {
-            file: self.file.clone(),
-            state: state.map(str::to_owned),
-            field: field.to_owned(),
-            reason: reason.into(),
-        }
+        PatternError::Invalid { file: self.file.clone(), state: state.map(str::to_owned), field: field.to_owned(), reason: reason.into() }
     }
 
     fn expression(&self, state: Option<&str>, field: &str, source: &str) -> Result<Expression, PatternError> {
@@ -623,9 +615,13 @@ impl Validator {
             return Err(self.error(None, "initial", "the initial state cannot be terminal"));
         }
         if let Some(admission) = &spec.start.admission {
-            for (field, state) in std::iter::once(("start.admission.queue_state".to_owned(), &admission.queue_state))
-                .chain(admission.waiting_states.iter().enumerate().map(|(index, state)| (format!("start.admission.waiting_states[{index}]"), state)))
-            {
+            for (field, state) in std::iter::once(("start.admission.queue_state".to_owned(), &admission.queue_state)).chain(
+                admission
+                    .waiting_states
+                    .iter()
+                    .enumerate()
+                    .map(|(index, state)| (format!("start.admission.waiting_states[{index}]"), state)),
+            ) {
                 if !spec.states.contains_key(state) {
                     return Err(self.error(None, &field, format!("no state named `{state}`")));
                 }
@@ -785,9 +781,7 @@ impl Validator {
         self.event_type(state, &format!("{field}.event"), &transition.event)?;
         match (&transition.timer, transition.event == TIMER_FIRED) {
             (None, true) => return Err(self.error(state, &format!("{field}.timer"), "a `timer.fired` transition names its timer")),
-            (Some(_), false) => {
-                return Err(self.error(state, &format!("{field}.timer"), "only `timer.fired` transitions name a timer"))
-            }
+            (Some(_), false) => return Err(self.error(state, &format!("{field}.timer"), "only `timer.fired` transitions name a timer")),
             (Some(timer), true) if !self.started_timers.contains(timer) => {
                 return Err(self.error(state, &format!("{field}.timer"), format!("no effect ever starts timer `{timer}`")))
             }
@@ -914,7 +908,9 @@ impl Validator {
             frontier.extend(targets.into_iter().cloned());
         }
         match spec.states.keys().find(|name| !reached.contains(*name)) {
-            Some(unreached) => Err(self.error(Some(unreached), "(state)", format!("unreachable from the initial state `{}`", spec.initial))),
+            Some(unreached) => {
+                Err(self.error(Some(unreached), "(state)", format!("unreachable from the initial state `{}`", spec.initial)))
+            }
             None => Ok(()),
         }
     }
@@ -1000,15 +996,24 @@ mod tests {
             |p| p["start"]["events"] = json!(["Session.Open"]),
             Err("patterns/p.json: field `start.events[0]`: \"Session.Open\" is not an event type (dotted lowercase words like `session.open`)"),
         );
-        check(|p| p["states"]["idle"]["on"][0]["event"] = json!(5), Err("patterns/p.json: state `idle`: field `on[0].event`: invalid type: integer `5`, expected a string"));
+        check(
+            |p| p["states"]["idle"]["on"][0]["event"] = json!(5),
+            Err("patterns/p.json: state `idle`: field `on[0].event`: invalid type: integer `5`, expected a string"),
+        );
         // Found by tests/pattern_properties.rs: an empty effect was a "syntax error" in valid JSON,
         // and names from the file were printed raw.
         check(
             |p| p["states"]["running"]["on_enter"][0] = json!({}),
             Err("patterns/p.json: state `running`: field `on_enter[0]`: expected an object with exactly one key naming its kind (an effect is `task`, `notify`, `persist`, `start_timer`, `cancel_timer` or `set`)"),
         );
-        check(|p| p["states"]["a.b"] = json!(true), Err("patterns/p.json: state `a.b`: field `(state)`: invalid type: boolean `true`, expected an object"));
-        check(|p| p["states"]["idle"] = json!(true), Err("patterns/p.json: state `idle`: field `(state)`: invalid type: boolean `true`, expected an object"));
+        check(
+            |p| p["states"]["a.b"] = json!(true),
+            Err("patterns/p.json: state `a.b`: field `(state)`: invalid type: boolean `true`, expected an object"),
+        );
+        check(
+            |p| p["states"]["idle"] = json!(true),
+            Err("patterns/p.json: state `idle`: field `(state)`: invalid type: boolean `true`, expected an object"),
+        );
         check(
             |p| p["states"]["idle"] = json!([null]),
             Err("patterns/p.json: state `idle`: field `(state)`: invalid type: null, expected a string"),

@@ -15,9 +15,9 @@ use std::time::Duration;
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, ExchangeKind};
+use protocol::bus::BusError;
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::host::HostReport;
-use protocol::bus::BusError;
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Incoming, Notification, Outcome, Profile, Task};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
@@ -26,12 +26,12 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::admission::{self, Capacity, Committed, Counts, Limit, Verdict};
-use crate::placement::{self, HostView};
-use crate::usage::{self, Budget, Charge, Metered, Rates, Spent};
 use crate::core::{self, Disposition, Effect, EventInput, Step, StepError, Thred};
 use crate::metrics::Metrics;
 use crate::pattern::Pattern;
+use crate::placement::{self, HostView};
 use crate::timers::{self, TimerMember};
+use crate::usage::{self, Budget, Charge, Metered, Rates, Spent};
 use crate::{Error, Result};
 
 mod pool;
@@ -149,9 +149,7 @@ pub async fn declare(bus: &Bus, config: &EngineConfig) -> Result<()> {
     let mut arguments = FieldTable::default();
     arguments.insert("x-expires".into(), lapin::types::AMQPValue::LongInt(ISOLATED_QUEUE_EXPIRY_MS));
     channel.queue_declare(&config.queue, QueueDeclareOptions { durable: true, ..Default::default() }, arguments).await?;
-    channel
-        .queue_bind(&config.queue, &config.events_exchange, "#", QueueBindOptions::default(), FieldTable::default())
-        .await?;
+    channel.queue_bind(&config.queue, &config.events_exchange, "#", QueueBindOptions::default(), FieldTable::default()).await?;
     let _ = channel.close(200, "declared").await;
     Ok(())
 }
@@ -493,7 +491,8 @@ impl Engine {
     pub async fn connect(profile: Profile, patterns: Vec<Pattern>, config: EngineConfig) -> Result<Engine> {
         let amqp_url = &profile.services.amqp_url;
         let bus = Bus::connect(BusConfig::for_identity(amqp_url, Identity::Engine, "berth-engine").map_err(BusError::from)?).await?;
-        let publisher = Bus::connect(BusConfig::for_identity(amqp_url, Identity::Engine, "berth-engine-publisher").map_err(BusError::from)?).await?;
+        let publisher =
+            Bus::connect(BusConfig::for_identity(amqp_url, Identity::Engine, "berth-engine-publisher").map_err(BusError::from)?).await?;
         declare(&bus, &config).await?;
         let redis_client = redis::Client::open(profile.services.redis_url.as_str())?;
         let redis = connect_redis(&redis_client).await?;
@@ -501,12 +500,19 @@ impl Engine {
         if persistence != crate::RedisPersistence::AppendOnly {
             // Files are still safe (host directories outlive it and are recovered), but live
             // sessions end and timers restart when Redis loses its data.
-            tracing::warn!(?persistence, "redis persistence is not append-only: a Redis restart loses thred state; set appendonly yes, appendfsync everysec");
+            tracing::warn!(
+                ?persistence,
+                "redis persistence is not append-only: a Redis restart loses thred state; set appendonly yes, appendfsync everysec"
+            );
         }
         let keys = Keys::new(&config.redis_prefix);
         let capacity = Capacity::of(&profile);
         let profile_for_rates = profile.clone();
-        tracing::info!(budget_memory_mib = capacity.budget_memory_mib, budget_cpu_millis = capacity.budget_cpu_millis, "host capacity for sessions");
+        tracing::info!(
+            budget_memory_mib = capacity.budget_memory_mib,
+            budget_cpu_millis = capacity.budget_cpu_millis,
+            "host capacity for sessions"
+        );
         let (published_outboxes, published_outboxes_receiver) = tokio::sync::mpsc::unbounded_channel();
         tracing::info!(patterns = ?patterns.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), queue = %config.queue, "engine connected");
         Ok(Engine {
@@ -581,7 +587,10 @@ impl Engine {
         // admitted), so the supervisor restarts it.
         let mut background = protocol::supervise::Background::new();
         background.spawn("timer listener", timer_service.clone().listen(stop_receiver.clone()));
-        background.spawn("timer sweeper", timer_service.sweep_forever(Duration::from_millis(inner.config.sweep_interval_ms), stop_receiver.clone()));
+        background.spawn(
+            "timer sweeper",
+            timer_service.sweep_forever(Duration::from_millis(inner.config.sweep_interval_ms), stop_receiver.clone()),
+        );
         background.spawn("metrics reporter", report_metrics(inner.metrics.clone(), stop_receiver.clone()));
         background.spawn("admitter", self.clone().admit_forever(stop_receiver.clone()));
         background.spawn("pool keeper", self.clone().keep_pool_forever(stop_receiver.clone()));
@@ -645,9 +654,8 @@ impl Engine {
     async fn publish_messages(&self, messages: &[OutboxMessage]) -> Result<()> {
         let bus = &self.inner.publisher;
         let publishes = messages.iter().map(|message| {
-            let properties = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_message_id(message.message_id.clone().into());
+            let properties =
+                BasicProperties::default().with_content_type("application/json".into()).with_message_id(message.message_id.clone().into());
             bus.publish(&message.exchange, &message.routing_key, message.body.as_bytes(), properties)
         });
         for published in futures::future::join_all(publishes).await {
@@ -819,7 +827,8 @@ impl Engine {
                 }
                 CommitResult::Duplicate => return self.finish_duplicate(event).await,
                 CommitResult::UserLimit => {
-                    overruled = Some(Verdict::Refuse { limit: Limit::SessionsPerUser, max: self.inner.capacity.max_sessions_per_user as f64 });
+                    overruled =
+                        Some(Verdict::Refuse { limit: Limit::SessionsPerUser, max: self.inner.capacity.max_sessions_per_user as f64 });
                     continue;
                 }
                 CommitResult::Full if previous.is_none() => {
@@ -1058,7 +1067,8 @@ impl Engine {
             id: format!("{user}/{period}"),
             doc: document.as_object().cloned().unwrap_or_default(),
         });
-        let wire = serde_json::to_value(&operation).map_err(|error| Error::Corrupt { key: "usage".to_owned(), reason: error.to_string() })?;
+        let wire =
+            serde_json::to_value(&operation).map_err(|error| Error::Corrupt { key: "usage".to_owned(), reason: error.to_string() })?;
         let task = Task {
             id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-usage/{user}/{period}/{now_ms}").as_bytes()),
             agent: AgentKind::Persistence,
@@ -1086,7 +1096,8 @@ impl Engine {
                     json!({"budget": budget.as_str(), "spent": used, "limit": limit}),
                 )
                 .with_extension("thredid", thred.id.clone());
-                exceeded.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-budget/{}/{}", thred.id, budget.period(now)).as_bytes()).to_string();
+                exceeded.id =
+                    Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-budget/{}/{}", thred.id, budget.period(now)).as_bytes()).to_string();
                 self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &exceeded).await?;
             }
             return Ok(());
@@ -1110,7 +1121,12 @@ impl Engine {
             .iter()
             .filter_map(|thred| {
                 let detail = json!({"budget_warning": {"budget": budget.as_str(), "spent": used, "limit": limit}});
-                let notification = notification_to_owner(thred, &thred.state, detail, &format!("berth-budget-warning/{}/{}", thred.id, budget.period(now)))?;
+                let notification = notification_to_owner(
+                    thred,
+                    &thred.state,
+                    detail,
+                    &format!("berth-budget-warning/{}/{}", thred.id, budget.period(now)),
+                )?;
                 Some(notification_message(&self.inner.config, &notification))
             })
             .collect();
@@ -1135,7 +1151,8 @@ impl Engine {
             if index == 0 && self.has_room(thred, committed).await? {
                 let mut admitted = CloudEvent::new(&spec.admitted_event, "/berth/engine/admission", Some(&thred.key), json!({}))
                     .with_extension("thredid", thred.id.clone());
-                admitted.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-admitted/{}/{}", thred.id, thred.version).as_bytes()).to_string();
+                admitted.id =
+                    Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-admitted/{}/{}", thred.id, thred.version).as_bytes()).to_string();
                 self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &admitted).await?;
                 continue;
             }
@@ -1144,7 +1161,9 @@ impl Engine {
                 continue;
             }
             let detail = json!({"queued": true, "position": position});
-            let Some(notification) = notification_to_owner(thred, &spec.queue_state, detail, &format!("berth-position/{}/{position}", thred.id)) else {
+            let Some(notification) =
+                notification_to_owner(thred, &spec.queue_state, detail, &format!("berth-position/{}/{position}", thred.id))
+            else {
                 continue;
             };
             self.publish_messages(&[notification_message(&self.inner.config, &notification)]).await?;
@@ -1308,11 +1327,17 @@ impl Engine {
     async fn place(&self, pattern: &Pattern, previous: Option<&Thred>, event: &CloudEvent, thred: &mut Thred) -> Result<Placed> {
         let Some(spec) = &pattern.start.admission else {
             if previous.is_none() {
-                thred.host = event.data.get("host").and_then(Value::as_str).filter(|host| protocol::profile::is_deployment_id(host)).map(str::to_owned);
+                thred.host = event
+                    .data
+                    .get("host")
+                    .and_then(Value::as_str)
+                    .filter(|host| protocol::profile::is_deployment_id(host))
+                    .map(str::to_owned);
             }
             return Ok(Placed::Unplaced);
         };
-        let acquires = admission::holds_capacity(spec, thred) && !previous.is_some_and(|previous| admission::holds_capacity(spec, previous));
+        let acquires =
+            admission::holds_capacity(spec, thred) && !previous.is_some_and(|previous| admission::holds_capacity(spec, previous));
         if !acquires {
             return Ok(Placed::Unplaced);
         }
@@ -1361,7 +1386,8 @@ impl Engine {
                     }
                     let mut event = CloudEvent::new(SESSION_MOVE, "/berth/engine/drain", Some(&thred.key), json!({"from": thred.host}))
                         .with_extension("thredid", thred.id.clone());
-                    event.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-move/{}/{}", thred.id, thred.version).as_bytes()).to_string();
+                    event.id =
+                        Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-move/{}/{}", thred.id, thred.version).as_bytes()).to_string();
                     tracing::info!(session = %thred.key, host = ?thred.host, state = %thred.state, "host drained; moving the session");
                     self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &event).await?;
                 }
@@ -1479,9 +1505,7 @@ impl Engine {
             if text.is_empty() {
                 return Ok(None);
             }
-            serde_json::from_str(text)
-                .map(Some)
-                .map_err(|error| Error::Corrupt { key: keys.thred("?"), reason: error.to_string() })
+            serde_json::from_str(text).map(Some).map_err(|error| Error::Corrupt { key: keys.thred("?"), reason: error.to_string() })
         };
         let named = match reply.get(1) {
             Some(text) => parse(text)?,
@@ -1592,8 +1616,14 @@ impl Engine {
                         tracing::warn!(thred = %thred.id, "notification without a user in the thred context; dropped");
                         continue;
                     };
-                    let notification =
-                        Notification { id, user: user.clone(), session: Some(thred.key.clone()), state: state.clone(), detail: detail.clone(), cause: Some(event.id.clone()) };
+                    let notification = Notification {
+                        id,
+                        user: user.clone(),
+                        session: Some(thred.key.clone()),
+                        state: state.clone(),
+                        detail: detail.clone(),
+                        cause: Some(event.id.clone()),
+                    };
                     messages.push(notification_message(config, &notification));
                 }
                 Effect::StartTimer { .. } | Effect::CancelTimer { .. } => {}
@@ -1860,7 +1890,15 @@ impl Inventory {
 /// (the container, or the directory as last modified), so the same finding reported by several
 /// inventories starts one recovery. It names the host whose inventory found it (`data.host`): the
 /// recovery thred is placed there, so its freeze, sync and removal run where the finding is.
-fn recover_event(keys: &Keys, inventory: Inventory, session: &str, user: &str, workspace: &str, entry: &Value, host: Option<&str>) -> CloudEvent {
+fn recover_event(
+    keys: &Keys,
+    inventory: Inventory,
+    session: &str,
+    user: &str,
+    workspace: &str,
+    entry: &Value,
+    host: Option<&str>,
+) -> CloudEvent {
     let finding = match inventory {
         Inventory::Containers => format!("container/{}", entry.get("container_id").and_then(Value::as_str).unwrap_or_default()),
         Inventory::Directories => format!("directory/{}", entry.get("modified").and_then(Value::as_str).unwrap_or_default()),

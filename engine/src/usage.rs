@@ -172,7 +172,8 @@ pub fn usage_document(user: &str, profile: &str, period: &str, totals: &[(String
 mod tests {
     use super::*;
 
-    const RATES: Rates = Rates { running_per_hour: 0.10, idle_per_hour: 0.01, cpus: 2.0, memory_gib: 4.0, daily_budget: 5.0, monthly_budget: 50.0 };
+    const RATES: Rates =
+        Rates { running_per_hour: 0.10, idle_per_hour: 0.01, cpus: 2.0, memory_gib: 4.0, daily_budget: 5.0, monthly_budget: 50.0 };
 
     #[test]
     fn charges_follow_the_state() {

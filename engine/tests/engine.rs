@@ -45,10 +45,7 @@ async fn collect(bus: &Bus, exchange: &str, keys: &[&str]) -> mpsc::UnboundedRec
     let keys: Vec<String> = keys.iter().map(|key| (*key).to_owned()).collect();
     let queue = bus.declare_private_queue(exchange, &keys).await.expect("private queue");
     let channel = bus.channel().await.expect("channel");
-    let mut consumer = channel
-        .basic_consume(&queue, "", BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .expect("consume");
+    let mut consumer = channel.basic_consume(&queue, "", BasicConsumeOptions::default(), FieldTable::default()).await.expect("consume");
     let (sender, receiver) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _channel = channel;
@@ -119,7 +116,18 @@ impl Harness {
         let tasks = collect(&bus, &config.tasks_exchange, &["container", "workspace", "persistence", "session"]).await;
         let notifications = collect(&bus, &config.notify_exchange, &["#"]).await;
         let dead = collect(&bus, &config.dead_exchange, &[""]).await;
-        Harness { profile, config, bus, senders, tasks, notifications, dead, task_backlog: Vec::new(), notification_backlog: Vec::new(), probes: Probes::AnsweredQuiet }
+        Harness {
+            profile,
+            config,
+            bus,
+            senders,
+            tasks,
+            notifications,
+            dead,
+            task_backlog: Vec::new(),
+            notification_backlog: Vec::new(),
+            probes: Probes::AnsweredQuiet,
+        }
     }
 
     async fn start(&self, patterns: Vec<Pattern>) -> Running {
@@ -315,10 +323,20 @@ async fn open_until_running(harness: &mut Harness, session: &str) -> Task {
     // A workspace of its own: a second open of one workspace would join the first session.
     harness.publish(&open_workspace_event(session, "alice", &format!("w-{session}"))).await;
     let materialize = harness.task(session, "workspace", "materialize").await;
-    harness.publish(&answer(&materialize, "workspace.materialized", json!({"files": 1, "bytes": 3, "pending_large_files": 0, "pending_large_bytes": 0}))).await;
+    harness
+        .publish(&answer(
+            &materialize,
+            "workspace.materialized",
+            json!({"files": 1, "bytes": 3, "pending_large_files": 0, "pending_large_bytes": 0}),
+        ))
+        .await;
     let provision = harness.task(session, "container", "provision").await;
     harness
-        .publish(&answer(&provision, "container.ready", json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000, "timings_ms": {}})))
+        .publish(&answer(
+            &provision,
+            "container.ready",
+            json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000, "timings_ms": {}}),
+        ))
         .await;
     harness.notification(session, "running").await;
     provision
@@ -365,7 +383,11 @@ async fn forged_agent_events_are_dead_lettered_with_the_reason_and_the_session_i
     let thred = running.engine.thred(provision.thred.as_deref().expect("thred id")).await.expect("redis").expect("the thred");
     assert_eq!(thred.state, "provisioning");
     harness
-        .publish(&answer(&provision, "container.ready", json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000, "timings_ms": {}})))
+        .publish(&answer(
+            &provision,
+            "container.ready",
+            json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000, "timings_ms": {}}),
+        ))
         .await;
     let started = harness.notification(&session, "running").await;
     assert_eq!((started.detail["host"].clone(), started.detail["port"].clone()), (json!("127.0.0.1"), json!(40000)));
@@ -393,9 +415,7 @@ async fn full_session_lifecycle_driven_by_events() {
     assert_eq!(provision.args, json!({"user": "alice", "workspace": "w1", "slot": ""}));
     assert_eq!(provision.thred.as_deref(), Some(thred_id.as_str()));
 
-    harness
-        .publish(&answer(&provision, "container.ready", json!({"container_id": "c-42", "host": "127.0.0.1", "port": 41234})))
-        .await;
+    harness.publish(&answer(&provision, "container.ready", json!({"container_id": "c-42", "host": "127.0.0.1", "port": 41234}))).await;
     let running_notification = harness.notification(&session, "running").await;
     assert_eq!(running_notification.detail["port"], json!(41234));
     harness.publish(&CloudEvent::new("session.activity", "/test", Some(&session), json!({"source": "websocket"}))).await;
@@ -408,7 +428,13 @@ async fn full_session_lifecycle_driven_by_events() {
     let sync = harness.task(&session, "workspace", "sync").await;
     assert_eq!(sync.args["final"], json!(true));
     harness.notification(&session, "saving").await;
-    harness.publish(&answer(&sync, "workspace.synced", json!({"final": true, "uploaded": 1, "deleted": 0, "unchanged": 1, "bytes_uploaded": 3}))).await;
+    harness
+        .publish(&answer(
+            &sync,
+            "workspace.synced",
+            json!({"final": true, "uploaded": 1, "deleted": 0, "unchanged": 1, "bytes_uploaded": 3}),
+        ))
+        .await;
     let remove_container = harness.task(&session, "container", "remove").await;
     harness.publish(&answer(&remove_container, "container.removed", json!({"container_id": "c-42"}))).await;
     let remove_workspace = harness.task(&session, "workspace", "remove").await;
@@ -428,13 +454,19 @@ async fn full_session_lifecycle_driven_by_events() {
         .filter(|(action, args)| action == "upsert" && args["collection"] == "sessions")
         .map(|(_, args)| args["doc"]["state"].as_str().unwrap_or_default())
         .collect();
-    assert_eq!(states, ["materializing", "provisioning", "running", "stopping", "saving", "removing_container", "removing_workspace", "closed"]);
+    assert_eq!(
+        states,
+        ["materializing", "provisioning", "running", "stopping", "saving", "removing_container", "removing_workspace", "closed"]
+    );
     let audit: Vec<(String, String)> = operations
         .iter()
         .filter(|(action, args)| action == "put" && args["collection"] == "events")
-        .map(|(_, args)| (args["doc"]["from"].as_str().unwrap_or_default().to_owned(), args["doc"]["to"].as_str().unwrap_or_default().to_owned()))
+        .map(|(_, args)| {
+            (args["doc"]["from"].as_str().unwrap_or_default().to_owned(), args["doc"]["to"].as_str().unwrap_or_default().to_owned())
+        })
         .collect();
-    let audit_ids: std::collections::HashSet<&Value> = operations.iter().filter(|(action, _)| action == "put").map(|(_, args)| &args["id"]).collect();
+    let audit_ids: std::collections::HashSet<&Value> =
+        operations.iter().filter(|(action, _)| action == "put").map(|(_, args)| &args["id"]).collect();
     assert_eq!(audit_ids.len(), audit.len(), "every audit record has its own stable id");
     assert_eq!(audit.first(), Some(&("open".to_owned(), "materializing".to_owned())));
     assert_eq!(audit.last(), Some(&("removing_workspace".to_owned(), "closed".to_owned())));
@@ -638,9 +670,8 @@ async fn two_replicas_racing_leave_every_thred_as_one_engine_would() {
     let first = harness.start(vec![counter()]).await;
     let second = harness.start(vec![counter()]).await;
     let keys: Vec<String> = (0..THREDS).map(|index| format!("k-{index}-{}", Uuid::now_v7())).collect();
-    let events: Vec<CloudEvent> = (0..EVENTS_PER_THRED)
-        .flat_map(|_| keys.iter().map(|key| CloudEvent::new("count.inc", "/test", Some(key), json!({}))))
-        .collect();
+    let events: Vec<CloudEvent> =
+        (0..EVENTS_PER_THRED).flat_map(|_| keys.iter().map(|key| CloudEvent::new("count.inc", "/test", Some(key), json!({})))).collect();
     let harness = Arc::new(harness);
     let mut publishers = Vec::new();
     for chunk in events.chunks(100) {
@@ -743,8 +774,12 @@ async fn inventories_recover_what_no_live_session_owns() {
 
     let old = (chrono::Utc::now() - chrono::Duration::minutes(10)).to_rfc3339();
     let young = chrono::Utc::now().to_rfc3339();
-    let (orphan, newborn, stranded, anonymous) =
-        (format!("s-{}", Uuid::now_v7()), format!("s-{}", Uuid::now_v7()), format!("s-{}", Uuid::now_v7()), format!("s-{}", Uuid::now_v7()));
+    let (orphan, newborn, stranded, anonymous) = (
+        format!("s-{}", Uuid::now_v7()),
+        format!("s-{}", Uuid::now_v7()),
+        format!("s-{}", Uuid::now_v7()),
+        format!("s-{}", Uuid::now_v7()),
+    );
     let inventory = CloudEvent::new(
         "container.inventory",
         "/test/container",
@@ -813,7 +848,9 @@ async fn inventories_recover_what_no_live_session_owns() {
         rest.iter().filter(|task| task.agent != protocol::AgentKind::Persistence).filter_map(|task| task.session.as_deref()).collect();
     for untouched in [&live_session, &newborn] {
         assert!(
-            !rest.iter().any(|task| task.session.as_deref() == Some(untouched.as_str()) && task.agent != protocol::AgentKind::Persistence && task.action != "materialize"),
+            !rest.iter().any(|task| task.session.as_deref() == Some(untouched.as_str())
+                && task.agent != protocol::AgentKind::Persistence
+                && task.action != "materialize"),
             "{untouched} must be left alone: {touched:?}"
         );
     }
@@ -894,7 +931,12 @@ async fn a_lost_timer_event_is_fired_again_and_leaves_the_index_once_committed()
     let void = format!("{}.void", config.events_exchange);
     let channel = harness.bus.channel().await.expect("channel");
     channel
-        .exchange_declare(&void, lapin::ExchangeKind::Fanout, lapin::options::ExchangeDeclareOptions { auto_delete: false, ..Default::default() }, FieldTable::default())
+        .exchange_declare(
+            &void,
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions { auto_delete: false, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .expect("void exchange");
     let keys = engine::service::Keys::new(&config.redis_prefix);
@@ -910,7 +952,8 @@ async fn a_lost_timer_event_is_fired_again_and_leaves_the_index_once_committed()
     .refiring_after(Duration::from_millis(500));
     assert_eq!(lossy.sweep().await.expect("sweep"), 1, "the idle timer was due");
     let mut connection = redis.clone();
-    let indexed: Vec<(String, f64)> = redis::cmd("ZRANGE").arg(keys.deadlines()).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut connection).await.expect("zrange");
+    let indexed: Vec<(String, f64)> =
+        redis::cmd("ZRANGE").arg(keys.deadlines()).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut connection).await.expect("zrange");
     let idle: Vec<&(String, f64)> = indexed.iter().filter(|(member, _)| member.contains("|idle|")).collect();
     assert_eq!(idle.len(), 1, "a published but uncommitted timer stays indexed: {indexed:?}");
     assert!(idle[0].1 as i64 > chrono::Utc::now().timestamp_millis(), "and is due again later");
@@ -922,7 +965,8 @@ async fn a_lost_timer_event_is_fired_again_and_leaves_the_index_once_committed()
     harness.notification(&session, "idle").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let indexed: Vec<String> = redis::cmd("ZRANGE").arg(keys.deadlines()).arg(0).arg(-1).query_async(&mut connection).await.expect("zrange");
+        let indexed: Vec<String> =
+            redis::cmd("ZRANGE").arg(keys.deadlines()).arg(0).arg(-1).query_async(&mut connection).await.expect("zrange");
         if !indexed.iter().any(|member| member.contains("|idle|")) {
             break;
         }
@@ -938,8 +982,11 @@ fn patterns_check_cli_reports_bad_files() {
     let directory = std::env::temp_dir().join(format!("berth-patterns-{}", Uuid::now_v7()));
     std::fs::create_dir_all(&directory).expect("temp dir");
     let bad = directory.join("bad.json");
-    std::fs::write(&bad, r#"{"version": 1, "name": "bad", "start": {"events": ["a.b"], "key": "event.subject"}, "initial": "x", "states": {}}"#)
-        .expect("write");
+    std::fs::write(
+        &bad,
+        r#"{"version": 1, "name": "bad", "start": {"events": ["a.b"], "key": "event.subject"}, "initial": "x", "states": {}}"#,
+    )
+    .expect("write");
     let good = repository().join("patterns/workspace-session.json");
     let schema = repository().join("patterns/pattern.schema.json");
     assert_eq!(format!("{:?}", engine::check_files_cli(&[good.clone(), schema])), format!("{:?}", std::process::ExitCode::SUCCESS));
@@ -983,7 +1030,12 @@ async fn limits_refuse_queue_and_admit_first_come_first_served() {
     let carol_queued = harness.notification_caused_by(&carol_open.id).await;
     assert_eq!((carol_queued.state.as_str(), &carol_queued.detail["position"]), ("queued", &json!(2)), "{carol_queued:?}");
     let early = harness.drain_tasks(Duration::from_millis(500)).await;
-    assert!(!early.iter().any(|task| task.action == "materialize" && task.session.as_deref() != Some(&alice_one) && task.session.as_deref() != Some(&alice_two)), "nobody jumps the queue: {early:?}");
+    assert!(
+        !early.iter().any(|task| task.action == "materialize"
+            && task.session.as_deref() != Some(&alice_one)
+            && task.session.as_deref() != Some(&alice_two)),
+        "nobody jumps the queue: {early:?}"
+    );
 
     // Alice closes one: bob (first in line) starts, carol moves up to 1.
     harness.publish(&CloudEvent::new("session.close", "/test", Some(&alice_one), json!({}))).await;
@@ -1003,7 +1055,10 @@ async fn limits_refuse_queue_and_admit_first_come_first_served() {
     // The figure the closing note reports: capacity freed → the first queued session starts.
     eprintln!("queue admission: capacity freed → next session's materialize task in {:.1} ms", freed.elapsed().as_secs_f64() * 1000.0);
     let carol_moved = harness
-        .notification_where(|n| n.session.as_deref() == Some(carol.as_str()) && n.state == "queued" && n.detail["position"] == json!(1), "carol at position 1")
+        .notification_where(
+            |n| n.session.as_deref() == Some(carol.as_str()) && n.state == "queued" && n.detail["position"] == json!(1),
+            "carol at position 1",
+        )
         .await;
     assert_eq!(carol_moved.user, "carol");
 
@@ -1020,7 +1075,11 @@ async fn limits_refuse_queue_and_admit_first_come_first_served() {
     }
     let last = last.expect("five opens");
     let too_often = harness.notification_caused_by(&last.id).await;
-    assert_eq!((&too_often.detail["code"], &too_often.detail["limit"]), (&json!("limit_exceeded"), &json!("opens_per_minute")), "{too_often:?}");
+    assert_eq!(
+        (&too_often.detail["code"], &too_often.detail["limit"]),
+        (&json!("limit_exceeded"), &json!("opens_per_minute")),
+        "{too_often:?}"
+    );
 
     running.stop().await;
     harness.cleanup().await;
@@ -1046,7 +1105,9 @@ async fn usage_is_metered_and_a_spent_budget_warns_stops_and_refuses() {
     harness.publish(&answer(&provision, "container.ready", json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000}))).await;
 
     // Warned once past four fifths, then stopped through the ordinary exit: frozen, saved, removed.
-    let warning = harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && !n.detail["budget_warning"].is_null(), "a budget warning").await;
+    let warning = harness
+        .notification_where(|n| n.session.as_deref() == Some(session.as_str()) && !n.detail["budget_warning"].is_null(), "a budget warning")
+        .await;
     assert_eq!(warning.detail["budget_warning"]["budget"], json!("daily_budget"), "{warning:?}");
     let freeze = harness.task(&session, "container", "pause").await;
     let stopping = harness.notification(&session, "stopping").await;
@@ -1065,7 +1126,11 @@ async fn usage_is_metered_and_a_spent_budget_warns_stops_and_refuses() {
     let tasks = harness.drain_tasks(Duration::from_millis(300)).await;
     let usage: Vec<&Task> = tasks
         .iter()
-        .filter(|task| task.action == "upsert" && task.args["collection"] == json!("usage") && task.args["id"].as_str().is_some_and(|id| id.starts_with(&spender)))
+        .filter(|task| {
+            task.action == "upsert"
+                && task.args["collection"] == json!("usage")
+                && task.args["id"].as_str().is_some_and(|id| id.starts_with(&spender))
+        })
         .collect();
     let last = usage.last().expect("usage recorded in the store");
     assert!(last.args["doc"]["cost"].as_f64().unwrap_or_default() >= 3.0, "{last:?}");
@@ -1159,33 +1224,48 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     harness.publish(&answer(&baseline, "container.probed", quiet_probe(0))).await;
 
     // The warning before the pause comes first (idle_after − idle_warning = 1 s).
-    let warning = harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail["warning"] == "pause", "pause warning").await;
+    let warning = harness
+        .notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail["warning"] == "pause", "pause warning")
+        .await;
     assert_eq!(warning.detail["in_secs"], json!(1));
     // Three kinds of work, one per deadline: each keeps the session running.
     // Two CPU-seconds in a two-second interval: a busy loop on one core.
     let cpu_ns = 2_000_000_000u64;
     let works = [
         ("a busy loop", quiet_probe(cpu_ns)),
-        ("a background writer", json!({"cpu_ns": cpu_ns, "write_age_ms": 300, "terminal_commands": 0, "terminals": 0, "scanned": 3, "truncated": false})),
-        ("a terminal command", json!({"cpu_ns": cpu_ns, "write_age_ms": 1_000_000_000u64, "terminal_commands": 1, "terminals": 1, "scanned": 3, "truncated": false})),
+        (
+            "a background writer",
+            json!({"cpu_ns": cpu_ns, "write_age_ms": 300, "terminal_commands": 0, "terminals": 0, "scanned": 3, "truncated": false}),
+        ),
+        (
+            "a terminal command",
+            json!({"cpu_ns": cpu_ns, "write_age_ms": 1_000_000_000u64, "terminal_commands": 1, "terminals": 1, "scanned": 3, "truncated": false}),
+        ),
     ];
     for (what, data) in works {
         let probe = harness.task(&session, "container", "probe").await;
         harness.publish(&answer(&probe, "container.probed", data)).await;
-        let kept = harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail.get("working").is_some(), what).await;
+        let kept =
+            harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail.get("working").is_some(), what).await;
         assert_eq!(kept.state, "running", "{what}");
         let thred = live_thred(&running.engine, &session).await.expect("live");
         assert_eq!(thred.state, "running", "{what} must not be paused");
     }
     let early = harness.drain_tasks(Duration::from_millis(100)).await;
-    assert!(!early.iter().any(|task| task.session.as_deref() == Some(session.as_str()) && task.action == "pause"), "a working session was paused: {early:?}");
+    assert!(
+        !early.iter().any(|task| task.session.as_deref() == Some(session.as_str()) && task.action == "pause"),
+        "a working session was paused: {early:?}"
+    );
 
     // Quiet now: paused, and the user sees the tier.
     let probe = harness.task(&session, "container", "probe").await;
     harness.publish(&answer(&probe, "container.probed", quiet_probe(cpu_ns))).await;
     let pause = harness.task(&session, "container", "pause").await;
     let idle = harness.notification(&session, "idle").await;
-    assert_eq!((idle.detail["tier"].as_str(), idle.detail["next"].as_str(), idle.detail["next_in_secs"].as_u64()), (Some("paused"), Some("dormant"), Some(3)));
+    assert_eq!(
+        (idle.detail["tier"].as_str(), idle.detail["next"].as_str(), idle.detail["next_in_secs"].as_u64()),
+        (Some("paused"), Some("dormant"), Some(3))
+    );
     harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
 
     // Wake from the paused tier: resume, no new container.
@@ -1203,7 +1283,9 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
 
     // The warning before the stop, then the dormant tier: the container stops, the directory stays.
-    let warning = harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail["warning"] == "dormant", "dormant warning").await;
+    let warning = harness
+        .notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail["warning"] == "dormant", "dormant warning")
+        .await;
     assert_eq!(warning.state, "idle");
     let stop = harness.task(&session, "container", "stop").await;
     let dormant = harness.notification(&session, "dormant").await;
@@ -1211,7 +1293,10 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     harness.publish(&answer(&stop, "container.stopped", json!({"container_id": "c-1"}))).await;
     let tasks = harness.drain_tasks(Duration::from_millis(300)).await;
     assert!(
-        !tasks.iter().any(|task| task.session.as_deref() == Some(session.as_str()) && ["sync", "remove", "materialize"].contains(&task.action.as_str())),
+        !tasks
+            .iter()
+            .any(|task| task.session.as_deref() == Some(session.as_str())
+                && ["sync", "remove", "materialize"].contains(&task.action.as_str())),
         "the dormant tier keeps the directory: {tasks:?}"
     );
 
@@ -1221,11 +1306,18 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     assert_eq!(wake.args, json!({"user": "alice", "workspace": format!("w-{session}")}));
     harness.notification(&session, "waking").await;
     harness
-        .publish(&answer(&wake, "container.ready", json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40002, "timings_ms": {"create": 0, "start": 120, "ready": 80}})))
+        .publish(&answer(
+            &wake,
+            "container.ready",
+            json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40002, "timings_ms": {"create": 0, "start": 120, "ready": 80}}),
+        ))
         .await;
     // The new port is reported: the proxy and the console follow the running notification.
     harness
-        .notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.state == "running" && n.detail["port"] == json!(40002), "running on the new port")
+        .notification_where(
+            |n| n.session.as_deref() == Some(session.as_str()) && n.state == "running" && n.detail["port"] == json!(40002),
+            "running on the new port",
+        )
         .await;
     let tasks = harness.drain_tasks(Duration::from_millis(100)).await;
     assert!(!tasks.iter().any(|task| task.session.as_deref() == Some(session.as_str()) && task.action == "materialize"), "{tasks:?}");
@@ -1239,7 +1331,9 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
     let stop = harness.task(&session, "container", "stop").await;
     harness.publish(&answer(&stop, "container.stopped", json!({"container_id": "c-1"}))).await;
-    let close_warning = harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail["warning"] == "close", "close warning").await;
+    let close_warning = harness
+        .notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail["warning"] == "close", "close warning")
+        .await;
     assert_eq!(close_warning.state, "dormant");
     let freeze = harness.task(&session, "container", "pause").await;
     let stopping = harness.notification(&session, "stopping").await;

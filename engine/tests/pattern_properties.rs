@@ -40,12 +40,83 @@ fn seed_value() -> Value {
 
 /// Pieces of hostile strings, CEL included.
 const FRAGMENTS: &[&str] = &[
-    "", ".", "..", "/", "\\", "\0", "\n", "\t", "\u{7f}", "\u{85}", "\u{200B}", "\u{202E}", "\u{2066}", "\u{FEFF}", "\u{FFFD}",
-    "\u{1F600}", "e\u{301}", "\"", "'", "`", "(", ")", "[", "]", "{", "}", "!", "?", ":", "+", "-", "*", "/", "%", "==", "&&",
-    "||", "<", ">=", "ctx", "event", "thred", "now", "context", "has(", "size(", "int(", "string(", "ctx.user", "event.data.x",
-    "1", "0", "-1", "9223372036854775807", "1e999", "0x", "1.5", "true", "null", "'a'", "\"b\"", "b'\\xff'", "r'x'", "\\u",
-    "\\U0010FFFF", "\\x", "'''", "\"\"\"", "session.open", "timer.fired", "idle", "state_timeout", "stopping", "running",
-    "Session.Open", "a.b", "a..b",
+    "",
+    ".",
+    "..",
+    "/",
+    "\\",
+    "\0",
+    "\n",
+    "\t",
+    "\u{7f}",
+    "\u{85}",
+    "\u{200B}",
+    "\u{202E}",
+    "\u{2066}",
+    "\u{FEFF}",
+    "\u{FFFD}",
+    "\u{1F600}",
+    "e\u{301}",
+    "\"",
+    "'",
+    "`",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    "!",
+    "?",
+    ":",
+    "+",
+    "-",
+    "*",
+    "/",
+    "%",
+    "==",
+    "&&",
+    "||",
+    "<",
+    ">=",
+    "ctx",
+    "event",
+    "thred",
+    "now",
+    "context",
+    "has(",
+    "size(",
+    "int(",
+    "string(",
+    "ctx.user",
+    "event.data.x",
+    "1",
+    "0",
+    "-1",
+    "9223372036854775807",
+    "1e999",
+    "0x",
+    "1.5",
+    "true",
+    "null",
+    "'a'",
+    "\"b\"",
+    "b'\\xff'",
+    "r'x'",
+    "\\u",
+    "\\U0010FFFF",
+    "\\x",
+    "'''",
+    "\"\"\"",
+    "session.open",
+    "timer.fired",
+    "idle",
+    "state_timeout",
+    "stopping",
+    "running",
+    "Session.Open",
+    "a.b",
+    "a..b",
 ];
 
 fn hostile_string() -> BoxedStrategy<String> {
@@ -212,7 +283,18 @@ fn check(text: &str) -> Result<Option<PatternError>, TestCaseError> {
     let message = error.to_string();
     prop_assert!(message.starts_with(&format!("{FILE}: ")), "{} does not start with the file", short(&message));
     prop_assert!(message.len() > FILE.len() + 2, "empty reason: {}", short(&message));
-    for noise in ["called `Option::unwrap()`", "called `Result::unwrap()`", "panicked at", "PatternError", "Invalid {", "Syntax {", "Error(\"", "Value::", "Expression(", "Spec"] {
+    for noise in [
+        "called `Option::unwrap()`",
+        "called `Result::unwrap()`",
+        "panicked at",
+        "PatternError",
+        "Invalid {",
+        "Syntax {",
+        "Error(\"",
+        "Value::",
+        "Expression(",
+        "Spec",
+    ] {
         prop_assert!(!message.contains(noise), "debug noise {:?} in {}", noise, short(&message));
     }
     // Line breaks may structure a reason (a CEL error points at the column on a second line).
@@ -223,8 +305,15 @@ fn check(text: &str) -> Result<Option<PatternError>, TestCaseError> {
 
 /// Errors that are about a reference between two places (a target, a timer, reachability): they
 /// may name the other end rather than the mutated field.
-const CROSS_REFERENCES: &[&str] =
-    &["no state named", "unreachable from the initial state", "no effect ever starts timer", "must name the initial state", "is both handled and ignored", "the initial state cannot be terminal", "a terminal state has no"];
+const CROSS_REFERENCES: &[&str] = &[
+    "no state named",
+    "unreachable from the initial state",
+    "no effect ever starts timer",
+    "must name the initial state",
+    "is both handled and ignored",
+    "the initial state cannot be terminal",
+    "a terminal state has no",
+];
 
 proptest! {
     #![proptest_config(config())]

@@ -19,7 +19,9 @@ use crate::identity::{self, AmqpUrl, Identity, IdentityError};
 pub enum AdminError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    #[error("the broker's management API at {url} is unreachable ({source}); enable `rabbitmq_management` or set BERTH_AMQP_MANAGEMENT_URL")]
+    #[error(
+        "the broker's management API at {url} is unreachable ({source}); enable `rabbitmq_management` or set BERTH_AMQP_MANAGEMENT_URL"
+    )]
     Unreachable { url: String, source: reqwest::Error },
     #[error("the broker's management API refused {what}: HTTP {status}: {body}")]
     Refused { what: String, status: u16, body: String },
@@ -161,6 +163,14 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 fn encode(segment: &str) -> String {
     segment
         .bytes()
-        .map(|byte| if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) { (byte as char).to_string() } else { format!("%{byte:02X}") })
+        .map(
+            |byte| {
+                if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+                    (byte as char).to_string()
+                } else {
+                    format!("%{byte:02X}")
+                }
+            },
+        )
         .collect()
 }

@@ -18,15 +18,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use lapin::message::Delivery;
 use tokio::sync::{oneshot, Mutex, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -97,7 +96,13 @@ impl BusConfig {
     pub fn new(url: &str, connection_name: &str) -> BusConfig {
         let user = crate::identity::AmqpUrl::parse(url).map_or_else(|_| "guest".to_owned(), |parsed| parsed.user);
         let identity = Identity::of_username(&user).unwrap_or(Identity::Admin);
-        BusConfig { url: url.to_owned(), connection_name: connection_name.to_owned(), connect_timeout: Duration::from_secs(60), user, identity }
+        BusConfig {
+            url: url.to_owned(),
+            connection_name: connection_name.to_owned(),
+            connect_timeout: Duration::from_secs(60),
+            user,
+            identity,
+        }
     }
 
     /// As `identity` on the broker and vhost of `amqp_url`, with the identity's password from
@@ -446,25 +451,21 @@ impl Bus {
 
     /// Publishes an event on another topic exchange (tests isolate themselves this way).
     pub async fn publish_event_to(&self, exchange: &str, event: &CloudEvent) -> Result<()> {
-        let properties = BasicProperties::default()
-            .with_content_type(CONTENT_TYPE.into())
-            .with_message_id(event.id.clone().into());
+        let properties = BasicProperties::default().with_content_type(CONTENT_TYPE.into()).with_message_id(event.id.clone().into());
         self.publish(exchange, &event.event_type, &event.to_bytes(), properties).await
     }
 
     /// Publishes a task on `berth.tasks` to its agent's queue.
     pub async fn publish_task(&self, task: &Task) -> Result<()> {
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_message_id(task.id.to_string().into());
+        let properties =
+            BasicProperties::default().with_content_type("application/json".into()).with_message_id(task.id.to_string().into());
         self.publish(topology::TASKS_EXCHANGE, task.agent.as_str(), &task.to_bytes(), properties).await
     }
 
     /// Publishes a notification on `berth.notify` for its user.
     pub async fn publish_notification(&self, notification: &Notification) -> Result<()> {
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_message_id(notification.id.to_string().into());
+        let properties =
+            BasicProperties::default().with_content_type("application/json".into()).with_message_id(notification.id.to_string().into());
         self.publish(topology::NOTIFY_EXCHANGE, &notification.routing_key(), &notification.to_bytes(), properties).await
     }
 
@@ -592,9 +593,7 @@ impl Bus {
         for kind in AgentKind::ALL {
             let queue = topology::agent_queue(kind);
             declare_queue(&channel, &queue, work_queue_arguments()).await?;
-            channel
-                .queue_bind(&queue, topology::TASKS_EXCHANGE, kind.as_str(), QueueBindOptions::default(), FieldTable::default())
-                .await?;
+            channel.queue_bind(&queue, topology::TASKS_EXCHANGE, kind.as_str(), QueueBindOptions::default(), FieldTable::default()).await?;
         }
         // The production ladder, whatever this bus's policy: a test's short ladder must not leave
         // permanent queues behind (its consumers declare their own).
@@ -805,9 +804,7 @@ impl Bus {
         let channel = self.channel().await?;
         channel.basic_qos(spec.prefetch, BasicQosOptions::default()).await?;
         let consumer_tag = format!("berth-{}", Uuid::now_v7());
-        let mut consumer = channel
-            .basic_consume(&spec.queue, &consumer_tag, BasicConsumeOptions::default(), FieldTable::default())
-            .await?;
+        let mut consumer = channel.basic_consume(&spec.queue, &consumer_tag, BasicConsumeOptions::default(), FieldTable::default()).await?;
         tracing::info!(queue = %spec.queue, prefetch = spec.prefetch, "consuming");
         let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
         let mut in_flight = JoinSet::new();
@@ -930,7 +927,14 @@ async fn dead_letter_and_ack(bus: &Bus, queue: &str, acker: &lapin::acker::Acker
 
 /// Parks a copy in the delay queue of the message's rung, then acks the original; requeues it at
 /// once only if the copy could not be parked.
-async fn retry_later(bus: &Bus, retries: &RetryQueues, delivery: &Delivery, incoming: &Incoming, attempts: u32, outages: u32) -> lapin::Result<()> {
+async fn retry_later(
+    bus: &Bus,
+    retries: &RetryQueues,
+    delivery: &Delivery,
+    incoming: &Incoming,
+    attempts: u32,
+    outages: u32,
+) -> lapin::Result<()> {
     let queue = retries.queue.as_str();
     let delay = retries.policy.delay_after(incoming.attempts() + incoming.outages());
     let delay_queue = topology::retry_queue(queue, delay);
@@ -1068,11 +1072,7 @@ impl Incoming {
             .headers()
             .as_ref()
             .map(|table| {
-                table
-                    .inner()
-                    .iter()
-                    .filter_map(|(name, value)| amqp_value_text(value).map(|text| (name.to_string(), text)))
-                    .collect()
+                table.inner().iter().filter_map(|(name, value)| amqp_value_text(value).map(|text| (name.to_string(), text))).collect()
             })
             .unwrap_or_default();
         let user_id = properties.user_id().as_ref().map(ShortString::to_string);

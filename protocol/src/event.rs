@@ -16,8 +16,7 @@ pub const CONTENT_TYPE: &str = "application/cloudevents+json";
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 256 * 1024;
 
 /// Attributes defined by the CloudEvents spec; anything else at the top level is an extension.
-const CONTEXT_ATTRIBUTES: [&str; 9] =
-    ["specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "data"];
+const CONTEXT_ATTRIBUTES: [&str; 9] = ["specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "data"];
 
 /// A validated CloudEvent. Construct with [`CloudEvent::new`] or [`CloudEvent::parse`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,8 +94,7 @@ impl CloudEvent {
         if bytes.len() > max_bytes {
             return Err(EnvelopeError::TooLarge { size: bytes.len(), limit: max_bytes });
         }
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|error| EnvelopeError::NotJson(error.to_string()))?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|error| EnvelopeError::NotJson(error.to_string()))?;
         let Value::Object(object) = value else { return Err(EnvelopeError::NotAnObject) };
         CloudEvent::from_object(object)
     }
@@ -148,17 +146,7 @@ impl CloudEvent {
             }
             extensions.insert(name, value);
         }
-        Ok(CloudEvent {
-            specversion,
-            id,
-            source,
-            event_type,
-            subject,
-            time,
-            datacontenttype,
-            data,
-            extensions,
-        })
+        Ok(CloudEvent { specversion, id, source, event_type, subject, time, datacontenttype, data, extensions })
     }
 
     /// The encoded event (structured mode).
@@ -200,10 +188,9 @@ fn json_kind(value: &Value) -> &'static str {
 fn validate_event_type(event_type: &str) -> Result<(), EnvelopeError> {
     let well_formed = event_type.len() <= 128
         && event_type.split('.').count() >= 2
-        && event_type.split('.').all(|part| {
-            !part.is_empty()
-                && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-        });
+        && event_type
+            .split('.')
+            .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-'));
     if well_formed {
         Ok(())
     } else {
@@ -213,9 +200,7 @@ fn validate_event_type(event_type: &str) -> Result<(), EnvelopeError> {
 
 /// Extension names: lowercase ASCII letters and digits, at most 20 characters (CloudEvents 1.0).
 pub fn validate_extension_name(name: &str) -> Result<(), EnvelopeError> {
-    let spec_compliant = !name.is_empty()
-        && name.len() <= 20
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let spec_compliant = !name.is_empty() && name.len() <= 20 && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if CONTEXT_ATTRIBUTES.contains(&name) || spec_compliant {
         return Ok(());
     }
@@ -247,51 +232,142 @@ mod tests {
     #[test]
     fn envelope_validation_table() {
         check(|_| {}, Ok(()));
-        check(|o| { o.remove("subject"); o.remove("time"); o.remove("data"); }, Ok(()));
-        check(|o| { o.insert("userid".into(), json!("alice")); }, Ok(()));
-        check(|o| { o.insert("dataschema".into(), json!("https://example.org/s")); }, Ok(()));
-        check(|o| { o.remove("specversion"); }, Err("required attribute `specversion` is missing"));
-        check(|o| { o.insert("specversion".into(), json!("0.3")); },
-              Err("attribute `specversion` is invalid: must be \"1.0\", got \"0.3\""));
-        check(|o| { o.remove("id"); }, Err("required attribute `id` is missing"));
-        check(|o| { o.insert("id".into(), json!("42")); },
-              Err("attribute `id` is invalid: must be a UUID, got \"42\""));
-        check(|o| { o.insert("id".into(), json!(42)); },
-              Err("attribute `id` is invalid: must be a string, got a number"));
-        check(|o| { o.remove("source"); }, Err("required attribute `source` is missing"));
-        check(|o| { o.insert("source".into(), json!("")); }, Err("attribute `source` is invalid: must not be empty"));
-        check(|o| { o.remove("type"); }, Err("required attribute `type` is missing"));
-        check(|o| { o.insert("type".into(), json!("Open")); },
-              Err("attribute `type` is invalid: must be dotted lowercase words like `session.open`, got \"Open\""));
-        check(|o| { o.insert("subject".into(), json!("")); },
-              Err("attribute `subject` is invalid: must not be empty when present"));
-        check(|o| { o.insert("time".into(), json!("2026")); },
-              Err("attribute `time` is invalid: must be RFC 3339 (premature end of input)"));
-        check(|o| { o.insert("datacontenttype".into(), json!("text/plain")); },
-              Err("attribute `datacontenttype` is invalid: Berth carries JSON data only"));
-        check(|o| { o.insert("thred_id".into(), json!("x")); },
-              Err("attribute `thred_id` is invalid: extension attribute names must be 1-20 lowercase letters or digits"));
-        check(|o| { o.insert("UserId".into(), json!("x")); },
-              Err("attribute `UserId` is invalid: extension attribute names must be 1-20 lowercase letters or digits"));
-        check(|o| { o.insert("userid".into(), json!({"nested": true})); },
-              Err("attribute `userid` is invalid: extension attributes must be strings, numbers or booleans"));
+        check(
+            |o| {
+                o.remove("subject");
+                o.remove("time");
+                o.remove("data");
+            },
+            Ok(()),
+        );
+        check(
+            |o| {
+                o.insert("userid".into(), json!("alice"));
+            },
+            Ok(()),
+        );
+        check(
+            |o| {
+                o.insert("dataschema".into(), json!("https://example.org/s"));
+            },
+            Ok(()),
+        );
+        check(
+            |o| {
+                o.remove("specversion");
+            },
+            Err("required attribute `specversion` is missing"),
+        );
+        check(
+            |o| {
+                o.insert("specversion".into(), json!("0.3"));
+            },
+            Err("attribute `specversion` is invalid: must be \"1.0\", got \"0.3\""),
+        );
+        check(
+            |o| {
+                o.remove("id");
+            },
+            Err("required attribute `id` is missing"),
+        );
+        check(
+            |o| {
+                o.insert("id".into(), json!("42"));
+            },
+            Err("attribute `id` is invalid: must be a UUID, got \"42\""),
+        );
+        check(
+            |o| {
+                o.insert("id".into(), json!(42));
+            },
+            Err("attribute `id` is invalid: must be a string, got a number"),
+        );
+        check(
+            |o| {
+                o.remove("source");
+            },
+            Err("required attribute `source` is missing"),
+        );
+        check(
+            |o| {
+                o.insert("source".into(), json!(""));
+            },
+            Err("attribute `source` is invalid: must not be empty"),
+        );
+        check(
+            |o| {
+                o.remove("type");
+            },
+            Err("required attribute `type` is missing"),
+        );
+        check(
+            |o| {
+                o.insert("type".into(), json!("Open"));
+            },
+            Err("attribute `type` is invalid: must be dotted lowercase words like `session.open`, got \"Open\""),
+        );
+        check(
+            |o| {
+                o.insert("subject".into(), json!(""));
+            },
+            Err("attribute `subject` is invalid: must not be empty when present"),
+        );
+        check(
+            |o| {
+                o.insert("time".into(), json!("2026"));
+            },
+            Err("attribute `time` is invalid: must be RFC 3339 (premature end of input)"),
+        );
+        check(
+            |o| {
+                o.insert("datacontenttype".into(), json!("text/plain"));
+            },
+            Err("attribute `datacontenttype` is invalid: Berth carries JSON data only"),
+        );
+        check(
+            |o| {
+                o.insert("thred_id".into(), json!("x"));
+            },
+            Err("attribute `thred_id` is invalid: extension attribute names must be 1-20 lowercase letters or digits"),
+        );
+        check(
+            |o| {
+                o.insert("UserId".into(), json!("x"));
+            },
+            Err("attribute `UserId` is invalid: extension attribute names must be 1-20 lowercase letters or digits"),
+        );
+        check(
+            |o| {
+                o.insert("userid".into(), json!({"nested": true}));
+            },
+            Err("attribute `userid` is invalid: extension attributes must be strings, numbers or booleans"),
+        );
         // Found by tests/properties.rs: a name from outside is shown escaped, never raw.
-        check(|o| { o.insert("\0".into(), json!(null)); },
-              Err("attribute `\\0` is invalid: extension attribute names must be 1-20 lowercase letters or digits"));
-        check(|o| { o.insert("a\u{202E}b".into(), json!("x")); },
-              Err("attribute `a\\u{202e}b` is invalid: extension attribute names must be 1-20 lowercase letters or digits"));
-        check(|o| { o.insert("data_base64".into(), json!("AAAA")); },
-              Err("attribute `data_base64` is invalid: binary data is not accepted; send JSON in `data`"));
+        check(
+            |o| {
+                o.insert("\0".into(), json!(null));
+            },
+            Err("attribute `\\0` is invalid: extension attribute names must be 1-20 lowercase letters or digits"),
+        );
+        check(
+            |o| {
+                o.insert("a\u{202E}b".into(), json!("x"));
+            },
+            Err("attribute `a\\u{202e}b` is invalid: extension attribute names must be 1-20 lowercase letters or digits"),
+        );
+        check(
+            |o| {
+                o.insert("data_base64".into(), json!("AAAA"));
+            },
+            Err("attribute `data_base64` is invalid: binary data is not accepted; send JSON in `data`"),
+        );
     }
 
     #[test]
     fn size_limit_and_shape() {
         let big = json!({"specversion": "1.0", "id": ID, "source": "/t", "type": "a.b", "data": "x".repeat(300)});
         let bytes = serde_json::to_vec(&big).unwrap();
-        assert_eq!(
-            CloudEvent::parse(&bytes, 100).unwrap_err(),
-            EnvelopeError::TooLarge { size: bytes.len(), limit: 100 }
-        );
+        assert_eq!(CloudEvent::parse(&bytes, 100).unwrap_err(), EnvelopeError::TooLarge { size: bytes.len(), limit: 100 });
         assert_eq!(CloudEvent::parse(b"[1]", 100).unwrap_err(), EnvelopeError::NotAnObject);
         assert!(matches!(CloudEvent::parse(b"{", 100).unwrap_err(), EnvelopeError::NotJson(_)));
     }

@@ -223,7 +223,8 @@ pub fn permissions(identity: Identity) -> Permissions {
     // A host's container and workspace agents declare their own host queue
     // (`berth.agent.<kind>.<host>`) and bind it: binding needs write on the queue and read on
     // `berth.tasks` (a direct exchange: the broker cannot narrow which routing key is bound).
-    let agent_queues = |kind: &str| in_deployment(&[format!("{}(\\.[0-9a-z-]+)?(\\.retry\\.[0-9a-z]+)?", regex_escape(&format!("agent.{kind}")))]);
+    let agent_queues =
+        |kind: &str| in_deployment(&[format!("{}(\\.[0-9a-z-]+)?(\\.retry\\.[0-9a-z]+)?", regex_escape(&format!("agent.{kind}")))]);
     let agent = |kind: &str, family: &str| Permissions {
         configure: agent_queues(kind),
         write: any_of(&[deployment_names(&["events", "dead"]), default_exchange.clone(), agent_queues(kind)]),
@@ -239,10 +240,7 @@ pub fn permissions(identity: Identity) -> Permissions {
             configure: any_of(&[own_queue("engine"), ISOLATED.to_owned()]),
             write: any_of(&[deployment_names(&["events", "tasks", "notify", "dead"]), default_exchange, ISOLATED.to_owned()]),
             read: any_of(&[own_queue("engine"), reply_to, ISOLATED.to_owned()]),
-            topics: vec![
-                events("^(timer|session)\\..+$".to_owned(), none()),
-                notify("^user\\..+$".to_owned(), none()),
-            ],
+            topics: vec![events("^(timer|session)\\..+$".to_owned(), none()), notify("^user\\..+$".to_owned(), none())],
         },
         Identity::Container => agent("container", "container"),
         Identity::Workspace => agent("workspace", "workspace"),
@@ -360,7 +358,14 @@ impl AmqpUrl {
             },
         };
         let named_user = credentials.is_some();
-        Ok(AmqpUrl { scheme: scheme.to_owned(), user, named_user, password, authority: authority.to_owned(), vhost_path: vhost_path.to_owned() })
+        Ok(AmqpUrl {
+            scheme: scheme.to_owned(),
+            user,
+            named_user,
+            password,
+            authority: authority.to_owned(),
+            vhost_path: vhost_path.to_owned(),
+        })
     }
 
     /// The vhost name (`/` for the default one).
@@ -436,7 +441,15 @@ fn percent_decode(text: &str) -> String {
 
 fn percent_encode(text: &str) -> String {
     text.bytes()
-        .map(|byte| if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) { (byte as char).to_string() } else { format!("%{byte:02X}") })
+        .map(
+            |byte| {
+                if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+                    (byte as char).to_string()
+                } else {
+                    format!("%{byte:02X}")
+                }
+            },
+        )
         .collect()
 }
 
@@ -512,7 +525,10 @@ mod tests {
         assert_eq!((bare.user.as_str(), bare.vhost(), bare.password()), ("guest", "/".to_owned(), "guest".to_owned()));
         assert_eq!(bare.with_credentials("berth-client", "x/y"), "amqp://berth-client:x%2Fy@rabbitmq");
         let test_vhost = AmqpUrl::parse("amqp://a%40b:p%3Aw@h:1/berth-e2e-1?heartbeat=10").unwrap();
-        assert_eq!((test_vhost.user.as_str(), test_vhost.password(), test_vhost.vhost()), ("a@b", "p:w".to_owned(), "berth-e2e-1".to_owned()));
+        assert_eq!(
+            (test_vhost.user.as_str(), test_vhost.password(), test_vhost.vhost()),
+            ("a@b", "p:w".to_owned(), "berth-e2e-1".to_owned())
+        );
         assert!(AmqpUrl::parse("redis://x").is_err());
     }
 

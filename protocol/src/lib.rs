@@ -6,9 +6,9 @@
 pub mod broker_admin;
 pub mod bus;
 pub mod event;
+pub mod host;
 pub mod identity;
 pub mod ids;
-pub mod host;
 pub mod message;
 pub mod metrics;
 pub mod profile;

@@ -18,8 +18,7 @@ pub enum AgentKind {
 }
 
 impl AgentKind {
-    pub const ALL: [AgentKind; 4] =
-        [AgentKind::Container, AgentKind::Workspace, AgentKind::Persistence, AgentKind::Session];
+    pub const ALL: [AgentKind; 4] = [AgentKind::Container, AgentKind::Workspace, AgentKind::Persistence, AgentKind::Session];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -115,7 +115,11 @@ impl BusMetrics {
 
     /// Registers the counters in `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("handled", "messages handled, by queue and outcome (ack, retry, retry_unavailable, dead_letter)", self.handled.clone());
+        registry.register(
+            "handled",
+            "messages handled, by queue and outcome (ack, retry, retry_unavailable, dead_letter)",
+            self.handled.clone(),
+        );
         registry.register("handle_seconds", "time a handler took, by queue", self.handle_seconds.clone());
         registry.register("published", "messages published and confirmed, by exchange", self.published.clone());
         registry.register("publish_failures", "publishes given up after their deadline, by exchange", self.publish_failures.clone());
@@ -207,7 +211,9 @@ async fn scrape(State(state): State<Arc<Served>>, headers: HeaderMap) -> Respons
     match check_bearer(state.token.as_deref(), authorization) {
         Ok(()) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], encode(&state.registry)).into_response(),
         Err(Refusal::Off) => (StatusCode::NOT_FOUND, "metrics are off: no session.metrics_token_env token\n").into_response(),
-        Err(Refusal::Unauthorized) => (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "/metrics wants the metrics bearer token\n").into_response(),
+        Err(Refusal::Unauthorized) => {
+            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "/metrics wants the metrics bearer token\n").into_response()
+        }
     }
 }
 

@@ -471,7 +471,9 @@ impl Profile {
             }
             let parts: Vec<&str> = mount.split(':').collect();
             if parts.len() != 3 || parts[2] != "ro" || !parts[1].starts_with('/') {
-                return Err(self.invalid("container.mounts", format!("expected host:container:ro (extra mounts are read-only), got {mount:?}")));
+                return Err(
+                    self.invalid("container.mounts", format!("expected host:container:ro (extra mounts are read-only), got {mount:?}"))
+                );
             }
             if !is_mountable_host_path(Path::new(parts[0])) {
                 return Err(self.invalid(
@@ -502,10 +504,14 @@ impl Profile {
         }
         let mut in_memory_mib = container.tmpfs_size_mib;
         for (path, size_mib) in &container.writable_paths {
-            let clean = Path::new(path).is_absolute() && Path::new(path).components().skip(1).all(|c| matches!(c, std::path::Component::Normal(_)));
+            let clean =
+                Path::new(path).is_absolute() && Path::new(path).components().skip(1).all(|c| matches!(c, std::path::Component::Normal(_)));
             let system = ["/proc", "/sys", "/dev", "/tmp"].iter().any(|tree| Path::new(path).starts_with(tree));
             if !clean || path == "/" || system || *path == container.workspace_mount {
-                return Err(self.invalid("container.writable_paths", format!("{path:?} must be an absolute path other than /, /tmp, the workspace mount and /proc, /sys, /dev")));
+                return Err(self.invalid(
+                    "container.writable_paths",
+                    format!("{path:?} must be an absolute path other than /, /tmp, the workspace mount and /proc, /sys, /dev"),
+                ));
             }
             if *size_mib == 0 {
                 return Err(self.invalid("container.writable_paths", format!("{path:?}: the size in MiB must be positive")));
@@ -515,7 +521,9 @@ impl Profile {
         if !container.writable_paths.is_empty() && in_memory_mib >= container.memory_mib {
             return Err(self.invalid(
                 "container.writable_paths",
-                format!("tmpfs_size_mib plus writable_paths is {in_memory_mib} MiB, which must stay below memory_mib (tmpfs lives in memory)"),
+                format!(
+                    "tmpfs_size_mib plus writable_paths is {in_memory_mib} MiB, which must stay below memory_mib (tmpfs lives in memory)"
+                ),
             ));
         }
         for (index, allowed) in container.egress_allow.iter().enumerate() {
@@ -591,9 +599,13 @@ impl Profile {
             return Err(self.invalid("session.proxy", "cookie_ttl_secs and start_wait_secs must be positive"));
         }
         if let Some(domain) = &proxy.base_domain {
-            let label_ok = |label: &str| !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            let label_ok = |label: &str| {
+                !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            };
             if !domain.split('.').all(label_ok) {
-                return Err(self.invalid("session.proxy.base_domain", format!("{domain:?} must be a lowercase host name (no port, no scheme)")));
+                return Err(
+                    self.invalid("session.proxy.base_domain", format!("{domain:?} must be a lowercase host name (no port, no scheme)"))
+                );
             }
         }
         if let Some(pattern) = proxy.background_paths.iter().find(|pattern| !pattern.starts_with('/')) {
@@ -610,7 +622,9 @@ impl Profile {
         }
         let limits = &self.limits;
         if limits.max_sessions_per_user == 0 || limits.max_opens_per_user_per_minute == 0 || limits.queue_timeout_secs == 0 {
-            return Err(self.invalid("limits", "max_sessions_per_user, max_opens_per_user_per_minute and queue_timeout_secs must be positive"));
+            return Err(
+                self.invalid("limits", "max_sessions_per_user, max_opens_per_user_per_minute and queue_timeout_secs must be positive")
+            );
         }
         if !(limits.host_cpus >= 0.0 && limits.host_cpus.is_finite()) {
             return Err(self.invalid("limits.host_cpus", "must be 0 (the host's CPUs) or a positive number"));
@@ -642,7 +656,9 @@ impl Profile {
         }
         if let Some(deployment) = &self.services.deployment {
             if !is_deployment_id(deployment) {
-                return Err(self.invalid("services.deployment", "must be 1-40 lowercase letters, digits or `-`, starting with a letter or digit"));
+                return Err(
+                    self.invalid("services.deployment", "must be 1-40 lowercase letters, digits or `-`, starting with a letter or digit")
+                );
             }
         }
         Ok(())
@@ -801,7 +817,10 @@ mod tests {
         check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = []"), Err("`terminal.shell`"));
         // Found by tests/properties.rs: the field at fault is named, not only its table.
         check(|text| text.replace("max_frame_bytes = 65536", "max_frame_bytes = 0"), Err("`session.max_frame_bytes`: must be positive"));
-        check(|text| text.replace("max_connections_per_user = 8", "max_connections_per_user = 0"), Err("`session.max_connections_per_user`"));
+        check(
+            |text| text.replace("max_connections_per_user = 8", "max_connections_per_user = 0"),
+            Err("`session.max_connections_per_user`"),
+        );
         check(|text| text.replace("memory_mib = 128", "memory_mib = \"lots\""), Err("`container.memory_mib`: TOML parse error"));
         check(|text| text.replace("read_only_root = true", "read_only_root = false"), Err("with read_only_root = false"));
         check(|text| text.replace("shell = [\"/bin/sh\"]", "shell = [\"/bin/sh\"]\nworking_dir = \"work\""), Err("`terminal.working_dir`"));
@@ -824,7 +843,9 @@ mod tests {
         assert_eq!(canonical_capability("cap_chown"), Some("CHOWN"));
         let mounts = |list: String| move |text: String| text.replace("[container]", &format!("[container]\nmounts = {list}"));
         check(mounts(r#"["/srv/berth/reference:/reference:ro"]"#.to_owned()), Ok(()));
-        for refused in ["/var:/host-var:ro", "/run/containerd:/c:ro", "/srv/berth:/all:ro", "/srv/berth/../../etc:/e:ro", "/home/alice:/h:ro"] {
+        for refused in
+            ["/var:/host-var:ro", "/run/containerd:/c:ro", "/srv/berth:/all:ro", "/srv/berth/../../etc:/e:ro", "/home/alice:/h:ro"]
+        {
             check(mounts(format!("[{refused:?}]")), Err("`container.mounts`"));
         }
         check(mounts(r#"["/srv/berth/reference:/reference"]"#.to_owned()), Err("read-only"));
@@ -839,7 +860,9 @@ mod tests {
         check(|text| text.replace("runtime = \"runc\"", "runtime = \"runsc\""), Ok(()));
         check(|text| text.replace("runtime = \"runc\"", "runtime = \"kata\""), Err("unknown variant `kata`"));
         check(|text| text.replace("read_only_root = true", "read_only_root = false"), Err("`container.writable_paths`"));
-        let writable = |paths: &'static str| move |text: String| text.replace("read_only_root = true", &format!("read_only_root = false\nwritable_paths = {paths}"));
+        let writable = |paths: &'static str| {
+            move |text: String| text.replace("read_only_root = true", &format!("read_only_root = false\nwritable_paths = {paths}"))
+        };
         check(writable(r#"{ "/home/user" = 32 }"#), Ok(()));
         check(writable(r#"{ "/home/user" = 200 }"#), Err("below memory_mib"));
         check(writable(r#"{ "/proc/x" = 2 }"#), Err("`container.writable_paths`"));

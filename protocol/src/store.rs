@@ -297,9 +297,7 @@ impl Condition {
                 Value::String(pattern) => Condition::Regex(pattern),
                 other => return Err(format!("`{field}`: `regex` takes a string, got {other}")),
             },
-            unknown => {
-                return Err(format!("`{field}`: unknown operator `{unknown}` (expected one of {})", FILTER_OPERATORS.join(", ")))
-            }
+            unknown => return Err(format!("`{field}`: unknown operator `{unknown}` (expected one of {})", FILTER_OPERATORS.join(", "))),
         })
     }
 }
@@ -339,7 +337,9 @@ impl TryFrom<Value> for Filter {
         for (field, matcher) in object {
             validate_field_path(&field)?;
             match matcher {
-                Value::Object(operators) if !operators.is_empty() && operators.keys().all(|key| FILTER_OPERATORS.contains(&key.as_str())) => {
+                Value::Object(operators)
+                    if !operators.is_empty() && operators.keys().all(|key| FILTER_OPERATORS.contains(&key.as_str())) =>
+                {
                     for (operator, operand) in operators {
                         conditions.push(FieldCondition { condition: Condition::parse(&field, &operator, operand)?, field: field.clone() });
                     }
@@ -509,15 +509,7 @@ impl Operation {
             Ok(Value::Object(mut wire)) => wire.remove("args").unwrap_or(Value::Null),
             _ => Value::Null,
         };
-        Task {
-            id,
-            agent: AgentKind::Persistence,
-            action: self.action().to_owned(),
-            session: None,
-            thred: None,
-            cause: None,
-            args,
-        }
+        Task { id, agent: AgentKind::Persistence, action: self.action().to_owned(), session: None, thred: None, cause: None, args }
     }
 
     /// Checks what the types alone cannot.
@@ -802,9 +794,8 @@ impl StoreClient {
 
     /// Publishes the operation as a task (with confirms) without waiting for it to be applied.
     pub async fn send(&self, task_id: Uuid, operation: &Operation) -> Result<(), StoreClientError> {
-        let properties = lapin::BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_message_id(task_id.to_string().into());
+        let properties =
+            lapin::BasicProperties::default().with_content_type("application/json".into()).with_message_id(task_id.to_string().into());
         self.bus.publish(topology::TASKS_EXCHANGE, &self.routing_key, &operation.to_task(task_id).to_bytes(), properties).await?;
         Ok(())
     }

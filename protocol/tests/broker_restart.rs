@@ -74,7 +74,9 @@ async fn broker_restart_during_a_stream_loses_no_confirmed_event() {
     let private_keys = vec![private_type.clone()];
     let private_consumer = tokio::spawn(async move {
         private_bus
-            .consume_private(topology::EVENTS_EXCHANGE, &private_keys, 16, private_handler, async { private_stopped.await.ok(); })
+            .consume_private(topology::EVENTS_EXCHANGE, &private_keys, 16, private_handler, async {
+                private_stopped.await.ok();
+            })
             .await
     });
     let publish_private_until_seen = |bus: Bus, private_type: String, seen: Arc<Mutex<usize>>| async move {
@@ -90,7 +92,11 @@ async fn broker_restart_during_a_stream_loses_no_confirmed_event() {
     let consumer_queue = queue.clone();
     let durable_bus = consumer_bus.clone();
     let consumer = tokio::spawn(async move {
-        durable_bus.consume(ConsumeSpec::new(&consumer_queue, 50), handler, async { stopped.await.ok(); }).await
+        durable_bus
+            .consume(ConsumeSpec::new(&consumer_queue, 50), handler, async {
+                stopped.await.ok();
+            })
+            .await
     });
 
     let publisher_bus = bus.clone();

@@ -139,7 +139,13 @@ async fn outages_wait_longer_each_time_and_never_use_up_the_attempts() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let consumer_bus = bus.clone();
     let spec = ConsumeSpec::new(&queue, 4);
-    let consumer = tokio::spawn(async move { consumer_bus.consume(spec, handler, async { stopped.await.ok(); }).await });
+    let consumer = tokio::spawn(async move {
+        consumer_bus
+            .consume(spec, handler, async {
+                stopped.await.ok();
+            })
+            .await
+    });
     bus.publish("amq.direct", &routing_key, b"outage", Default::default()).await.expect("confirmed");
 
     wait_until(Duration::from_secs(60), || seen.lock().unwrap().len() == 13).await;
@@ -181,7 +187,13 @@ async fn failures_wait_outside_the_work_queue_and_are_dead_lettered_after_the_at
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let consumer_bus = bus.clone();
     let spec = ConsumeSpec::new(&queue, 4);
-    let consumer = tokio::spawn(async move { consumer_bus.consume(spec, handler, async { stopped.await.ok(); }).await });
+    let consumer = tokio::spawn(async move {
+        consumer_bus
+            .consume(spec, handler, async {
+                stopped.await.ok();
+            })
+            .await
+    });
     bus.publish("amq.direct", &routing_key, b"failing", Default::default()).await.expect("confirmed");
 
     // Look while retries wait in the 3 s delay queue (after the 2nd and 3rd deliveries); a look is
@@ -248,7 +260,13 @@ async fn a_panicking_handler_is_a_failed_attempt_and_the_consumer_keeps_going() 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let consumer_bus = bus.clone();
     let spec = ConsumeSpec::new(&queue, 4);
-    let consumer = tokio::spawn(async move { consumer_bus.consume(spec, handler, async { stopped.await.ok(); }).await });
+    let consumer = tokio::spawn(async move {
+        consumer_bus
+            .consume(spec, handler, async {
+                stopped.await.ok();
+            })
+            .await
+    });
     for body in [&b"poison"[..], b"good"] {
         bus.publish("amq.direct", &routing_key, body, Default::default()).await.expect("confirmed");
     }
@@ -279,7 +297,13 @@ async fn delay_queues_are_declared_when_a_retry_finds_them_missing() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let consumer_bus = bus.clone();
     let spec = ConsumeSpec::new(&queue, 4);
-    let consumer = tokio::spawn(async move { consumer_bus.consume(spec, handler, async { stopped.await.ok(); }).await });
+    let consumer = tokio::spawn(async move {
+        consumer_bus
+            .consume(spec, handler, async {
+                stopped.await.ok();
+            })
+            .await
+    });
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ready_messages(&bus, &delay_queue).await, None, "a consumer that has not retried declares no delay queue");
@@ -384,7 +408,11 @@ async fn malformed_messages_are_dead_lettered_with_reason_while_good_ones_flow()
     let consumer_bus = bus.clone();
     let spec = ConsumeSpec::new(&work_queue, 10);
     let consumer = tokio::spawn(async move {
-        consumer_bus.consume(spec, handler, async { stopped.await.ok(); }).await
+        consumer_bus
+            .consume(spec, handler, async {
+                stopped.await.ok();
+            })
+            .await
     });
     wait_until(Duration::from_secs(20), || handled.lock().unwrap().len() == 3).await;
     let dead_letters = common::collect_messages(&bus, &dead_copy, 2, Duration::from_secs(20)).await;
@@ -439,7 +467,11 @@ async fn request_reply_answers_each_caller() {
                 }
             }
         };
-        responder_bus.consume(spec, handler, async { stopped.await.ok(); }).await
+        responder_bus
+            .consume(spec, handler, async {
+                stopped.await.ok();
+            })
+            .await
     });
     let requests = (0..10).map(|index| {
         let bus = bus.clone();
@@ -482,7 +514,11 @@ async fn shutdown_finishes_in_flight_work_before_returning() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let consumer_bus = bus.clone();
     let consumer = tokio::spawn(async move {
-        consumer_bus.consume(ConsumeSpec::new(&queue, 2), handler, async { stopped.await.ok(); }).await
+        consumer_bus
+            .consume(ConsumeSpec::new(&queue, 2), handler, async {
+                stopped.await.ok();
+            })
+            .await
     });
     wait_until(Duration::from_secs(10), || !started.lock().unwrap().is_empty()).await;
     stop.send(()).ok();

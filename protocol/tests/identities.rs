@@ -131,9 +131,8 @@ async fn a_retry_keeps_the_original_sender_and_a_forged_sender_header_is_ignored
     let properties = BasicProperties::default().with_headers(headers);
     container.publish(&exchange, "timer.fired", &forged.to_bytes(), properties).await.expect("container publishes a header");
 
-    let engine = connect_as(Identity::Engine, "identities-engine")
-        .await
-        .with_retry_policy(RetryPolicy::new(&[Duration::from_millis(200)], 5, 5));
+    let engine =
+        connect_as(Identity::Engine, "identities-engine").await.with_retry_policy(RetryPolicy::new(&[Duration::from_millis(200)], 5, 5));
     let seen: Arc<Mutex<Vec<(String, Sender, u32)>>> = Arc::default();
     let recorded = seen.clone();
     let handler = move |incoming: Incoming| {
@@ -188,7 +187,8 @@ async fn first_with_id(bus: &Bus, queue: &str, id: &str) -> Incoming {
         .expect("consume");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let delivery = tokio::time::timeout_at(deadline, consumer.next()).await.expect("the event in time").expect("stream").expect("delivery");
+        let delivery =
+            tokio::time::timeout_at(deadline, consumer.next()).await.expect("the event in time").expect("stream").expect("delivery");
         let incoming = Incoming::from_delivery(&delivery);
         if delivery.properties.message_id().as_ref().map(|m| m.as_str()) == Some(id) {
             return incoming;

@@ -53,7 +53,8 @@ fn every_pattern_a_profile_runs_is_a_pattern_file_of_that_name() {
     for (name, profile) in load_every_profile() {
         for pattern_name in &profile.patterns {
             let path = repository_root().join("patterns").join(format!("{pattern_name}.json"));
-            let text = std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{name}: pattern {pattern_name}: {}: {error}", path.display()));
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|error| panic!("{name}: pattern {pattern_name}: {}: {error}", path.display()));
             let pattern: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
             assert_eq!(pattern["name"], pattern_name.as_str(), "{}: a pattern file is named after its pattern", path.display());
         }
@@ -102,7 +103,9 @@ fn every_profile_keeps_the_shared_invariants() {
         assert!(timers.autosave_secs < timers.max_age_secs, "{name}: an autosave must happen before the age cap");
         // The idle ladder climbs in order, and each warning comes before the step it announces.
         assert!(timers.dormant_after_idle_secs < timers.stop_after_idle_secs, "{name}: the dormant tier must come before the close");
-        for step in [timers.idle_after_secs, timers.dormant_after_idle_secs, timers.stop_after_idle_secs].into_iter().filter(|step| *step > 0) {
+        for step in
+            [timers.idle_after_secs, timers.dormant_after_idle_secs, timers.stop_after_idle_secs].into_iter().filter(|step| *step > 0)
+        {
             assert!(timers.idle_warning_secs < step, "{name}: a warning {} s before a step {step} s away", timers.idle_warning_secs);
         }
         assert!(timers.idle_cpu_percent > 0.0 && timers.idle_cpu_percent < 100.0, "{name}: the CPU threshold is a share of one CPU");
@@ -133,7 +136,8 @@ fn every_profile_keeps_the_shared_invariants() {
 fn check(edit: impl Fn(String) -> String, expected_fragments: &[&str]) {
     let edited = edit(legal_text());
     assert_ne!(edited, legal_text(), "the edit must change the profile");
-    let error = Profile::parse(&edited, Path::new("run-profiles/legal/profile.toml")).expect_err("the edited profile must be refused").to_string();
+    let error =
+        Profile::parse(&edited, Path::new("run-profiles/legal/profile.toml")).expect_err("the edited profile must be refused").to_string();
     for fragment in expected_fragments {
         assert!(error.contains(fragment), "{error:?} does not contain {fragment:?}");
     }
@@ -154,7 +158,10 @@ fn a_broken_profile_is_refused_with_the_file_and_the_field() {
     check(|text| text.replace("[container]\n", "[container]\nprivileged = true\n"), &["`container.privileged`"]);
     check(|text| text.replace("[timers]\n", "[timers]\nidle_after_minutes = 15\n"), &["unknown field `idle_after_minutes`"]);
     // The idle ladder: the dormant tier before the close, warnings before their steps, a real threshold.
-    check(|text| text.replace("dormant_after_idle_secs = 1200", "dormant_after_idle_secs = 3600"), &[path, "`timers.dormant_after_idle_secs`"]);
+    check(
+        |text| text.replace("dormant_after_idle_secs = 1200", "dormant_after_idle_secs = 3600"),
+        &[path, "`timers.dormant_after_idle_secs`"],
+    );
     check(|text| text.replace("idle_warning_secs = 120", "idle_warning_secs = 900"), &[path, "`timers.idle_warning_secs`"]);
     check(|text| text.replace("idle_cpu_percent = 5.0", "idle_cpu_percent = 0.0"), &[path, "`timers.idle_cpu_percent`"]);
     check(|text| text.replace("max_keepalives = 6\n", ""), &[path, "missing field `max_keepalives`"]);

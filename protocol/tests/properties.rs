@@ -34,10 +34,59 @@ fn rand_seed() -> u64 {
 
 /// Pieces hostile strings are made of: path tricks, percent-encodings, controls, bidi marks.
 const FRAGMENTS: &[&str] = &[
-    "", ".", "..", "/", "\\", "../", "..\\", "%2e", "%2E%2E", "%2f", "%5c", "%252e", "%00", "\0", "\n", "\r\n", "\t",
-    "\u{7f}", "\u{85}", "\u{200B}", "\u{200E}", "\u{200F}", "\u{202E}", "\u{2066}", "\u{2028}", "\u{FEFF}", "\u{FFFD}",
-    "\u{FF0E}", "\u{FF0F}", "\u{2025}", "\u{1F600}", "e\u{301}", "\"", "'", "`", "{", "}", "[", "]", "$", "1.0",
-    "session.open", "a", "Z", "-", "_", " ", "null", "true", "0", "-1", "1e999", "01936f0e-7d3a-7c4e-9a51-3d2a1b0c9e8f",
+    "",
+    ".",
+    "..",
+    "/",
+    "\\",
+    "../",
+    "..\\",
+    "%2e",
+    "%2E%2E",
+    "%2f",
+    "%5c",
+    "%252e",
+    "%00",
+    "\0",
+    "\n",
+    "\r\n",
+    "\t",
+    "\u{7f}",
+    "\u{85}",
+    "\u{200B}",
+    "\u{200E}",
+    "\u{200F}",
+    "\u{202E}",
+    "\u{2066}",
+    "\u{2028}",
+    "\u{FEFF}",
+    "\u{FFFD}",
+    "\u{FF0E}",
+    "\u{FF0F}",
+    "\u{2025}",
+    "\u{1F600}",
+    "e\u{301}",
+    "\"",
+    "'",
+    "`",
+    "{",
+    "}",
+    "[",
+    "]",
+    "$",
+    "1.0",
+    "session.open",
+    "a",
+    "Z",
+    "-",
+    "_",
+    " ",
+    "null",
+    "true",
+    "0",
+    "-1",
+    "1e999",
+    "01936f0e-7d3a-7c4e-9a51-3d2a1b0c9e8f",
 ];
 
 /// Strings an attacker would try, short ones mostly, now and then a huge one.
@@ -84,8 +133,19 @@ fn deeply_nested() -> BoxedStrategy<String> {
 
 /// What no error message shown to a client or an operator may contain.
 const NOISE: &[&str] = &[
-    "called `Option::unwrap()`", "called `Result::unwrap()`", "panicked at", "EnvelopeError", "ProfileError", "Value::", "Object {",
-    "String(\"", "Some(\"", "Invalid {", "TooLarge {", "Parse {", "PathBuf",
+    "called `Option::unwrap()`",
+    "called `Result::unwrap()`",
+    "panicked at",
+    "EnvelopeError",
+    "ProfileError",
+    "Value::",
+    "Object {",
+    "String(\"",
+    "Some(\"",
+    "Invalid {",
+    "TooLarge {",
+    "Parse {",
+    "PathBuf",
 ];
 
 /// The start of a value's debug form: enough to see it, never megabytes.
@@ -136,7 +196,10 @@ impl EventMutation {
     /// The attribute an error about this mutation must name.
     fn attribute(&self) -> &str {
         match self {
-            EventMutation::Remove(name) | EventMutation::Replace(name, _) | EventMutation::Duplicate(name, _) | EventMutation::Add(name, _) => name,
+            EventMutation::Remove(name)
+            | EventMutation::Replace(name, _)
+            | EventMutation::Duplicate(name, _)
+            | EventMutation::Add(name, _) => name,
         }
     }
 
@@ -178,7 +241,20 @@ fn attribute_value() -> BoxedStrategy<Value> {
 
 fn event_mutation() -> impl Strategy<Value = EventMutation> {
     let known = prop::sample::select(
-        &["specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "data", "data_base64", "userid", "thredid"][..],
+        &[
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "subject",
+            "time",
+            "datacontenttype",
+            "dataschema",
+            "data",
+            "data_base64",
+            "userid",
+            "thredid",
+        ][..],
     )
     .prop_map(str::to_owned);
     let extension_name = prop_oneof![hostile_string(), "[a-z0-9]{1,24}", "[A-Za-z0-9_]{1,24}"];
@@ -339,11 +415,36 @@ fn toml_value() -> BoxedStrategy<toml::Value> {
         any::<f64>().prop_map(toml::Value::Float),
         prop::sample::select(&[0.0, -0.0, 0.5, 64.0, 64.5, f64::NAN, f64::INFINITY, f64::NEG_INFINITY][..]).prop_map(toml::Value::Float),
         any::<bool>().prop_map(toml::Value::Boolean),
-        prop::sample::select(&[
-            "/", "/srv/berth/x:/x:ro", "/srv/berth:/x:ro", "/srv/berth/../etc:/e:ro", "/var/run/docker.sock:/s", "CHOWN", "SYS_ADMIN",
-            "runc", "runsc", "kata", "10.0.0.0/8", "10.0.0.1/8", "::1", "{user}/{workspace}", "{user}", "tcp", "docker", "Staging",
-            "a..b", "example.org", "Example.org", "/home/user", "/proc/x", "../x", "",
-        ][..]).prop_map(|text| toml::Value::String(text.to_owned())),
+        prop::sample::select(
+            &[
+                "/",
+                "/srv/berth/x:/x:ro",
+                "/srv/berth:/x:ro",
+                "/srv/berth/../etc:/e:ro",
+                "/var/run/docker.sock:/s",
+                "CHOWN",
+                "SYS_ADMIN",
+                "runc",
+                "runsc",
+                "kata",
+                "10.0.0.0/8",
+                "10.0.0.1/8",
+                "::1",
+                "{user}/{workspace}",
+                "{user}",
+                "tcp",
+                "docker",
+                "Staging",
+                "a..b",
+                "example.org",
+                "Example.org",
+                "/home/user",
+                "/proc/x",
+                "../x",
+                "",
+            ][..]
+        )
+        .prop_map(|text| toml::Value::String(text.to_owned())),
     ];
     leaf.prop_recursive(2, 8, 4, |inner| {
         prop_oneof![
@@ -429,7 +530,15 @@ fn named_keys(path: &[PathStep], mutation: &ProfileMutation) -> Vec<String> {
 fn has_long_quote_run(text: &str) -> bool {
     let mut run = (0usize, 0u8);
     for byte in text.bytes() {
-        run = if byte == b'"' || byte == b'\'' { if run.1 == byte { (run.0 + 1, byte) } else { (1, byte) } } else { (0, 0) };
+        run = if byte == b'"' || byte == b'\'' {
+            if run.1 == byte {
+                (run.0 + 1, byte)
+            } else {
+                (1, byte)
+            }
+        } else {
+            (0, 0)
+        };
         if run.0 > 200 {
             return true;
         }
@@ -450,7 +559,9 @@ fn string_values(value: &toml::Value) -> Vec<String> {
     match value {
         toml::Value::String(text) => vec![text.clone()],
         toml::Value::Array(items) => items.iter().flat_map(string_values).collect(),
-        toml::Value::Table(table) => table.iter().flat_map(|(key, child)| std::iter::once(key.clone()).chain(string_values(child))).collect(),
+        toml::Value::Table(table) => {
+            table.iter().flat_map(|(key, child)| std::iter::once(key.clone()).chain(string_values(child))).collect()
+        }
         _ => Vec::new(),
     }
 }
@@ -467,7 +578,12 @@ fn check_profile(text: &str) -> Result<Result<Profile, String>, TestCaseError> {
                 Err(error) => return Err(TestCaseError::fail(format!("an accepted profile does not serialize: {error}"))),
             };
             let again = Profile::parse(&serialized, path).map_err(|error| error.to_string());
-            prop_assert!(again.as_ref() == Ok(&profile), "Profile → TOML → Profile changed it: {} became {}", short(&profile), short(&again));
+            prop_assert!(
+                again.as_ref() == Ok(&profile),
+                "Profile → TOML → Profile changed it: {} became {}",
+                short(&profile),
+                short(&again)
+            );
             Ok(Ok(profile))
         }
         Err(error) => {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::container::{
-    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions, StatsOptions,
-    StopContainerOptions, TopOptions,
+    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions, StatsOptions, StopContainerOptions,
+    TopOptions,
 };
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum};
 use bollard::network::{CreateNetworkOptions, InspectNetworkOptions};
@@ -79,20 +79,33 @@ pub async fn connect_docker() -> Result<Docker> {
 #[derive(Debug, Clone, PartialEq)]
 enum Action {
     /// `slot`: the warm-pool slot the engine bound to the session, if it claimed one.
-    Provision { user: String, workspace: String, slot: Option<String> },
+    Provision {
+        user: String,
+        workspace: String,
+        slot: Option<String>,
+    },
     /// A warm-pool slot: its directory and a container made ready, then paused.
-    PoolCreate { slot: String },
+    PoolCreate {
+        slot: String,
+    },
     /// An unclaimed slot's container and directories go (never a claimed one: it may hold work).
-    PoolRemove { slot: String },
+    PoolRemove {
+        slot: String,
+    },
     Pause,
     Resume,
     Stop,
-    Remove { container_id: Option<String> },
+    Remove {
+        container_id: Option<String>,
+    },
     Stats,
     /// The idle rule's work probe (`container.probed`).
     Probe,
     /// Starts a dormant (stopped) session container again on its directory.
-    Wake { user: String, workspace: String },
+    Wake {
+        user: String,
+        workspace: String,
+    },
 }
 
 /// What provisioning does with a container that exists but has exited.
@@ -367,9 +380,7 @@ impl Agent {
                 ))
             }
             Err(Failure::Unanswered(error)) => Err(Error::from_docker(error)),
-            Err(Failure::NotOurs(Refusal(reason))) => {
-                Ok(answer(task, "container.failed", json!({"action": action, "error": reason})))
-            }
+            Err(Failure::NotOurs(Refusal(reason))) => Ok(answer(task, "container.failed", json!({"action": action, "error": reason}))),
             Err(Failure::Refused(Refusal(reason))) => {
                 self.forget_container(&identity.session);
                 tracing::warn!(session_id = %identity.session, %reason, "provision failed, removing the container");
@@ -417,8 +428,7 @@ impl Agent {
                 }
                 None => {
                     let created_at = Instant::now();
-                    let config =
-                        spec::container_config(&self.inner.profile, identity, &session_dir, &self.inner.settings.extra_labels);
+                    let config = spec::container_config(&self.inner.profile, identity, &session_dir, &self.inner.settings.extra_labels);
                     let options = CreateContainerOptions { name: name.clone(), platform: None };
                     match self.inner.docker.create_container(Some(options), config).await {
                         // Ours and fresh: start it without asking Docker again.
@@ -514,11 +524,14 @@ impl Agent {
         }
         let networks = self.inner.docker.list_networks::<String>(None).await.map_err(Error::from_docker)?;
         let network_ids: Vec<String> = networks.into_iter().filter_map(|network| network.id).collect();
-        let unknown: Vec<String> = chain_ids.into_iter().filter(|id| !network_ids.iter().any(|network| network.starts_with(id.as_str()))).collect();
+        let unknown: Vec<String> =
+            chain_ids.into_iter().filter(|id| !network_ids.iter().any(|network| network.starts_with(id.as_str()))).collect();
         // Another Docker engine on this machine (another host id) may own the network.
-        let stale = tokio::task::spawn_blocking(move || unknown.into_iter().filter(|id| !egress::chain_bridge_exists_blocking(id)).collect::<Vec<_>>())
-            .await
-            .unwrap_or_default();
+        let stale = tokio::task::spawn_blocking(move || {
+            unknown.into_iter().filter(|id| !egress::chain_bridge_exists_blocking(id)).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
         let removed = stale.len();
         for id in stale {
             tokio::task::spawn_blocking(move || egress::remove_for_network_blocking(&id)).await.ok();
@@ -569,7 +582,9 @@ impl Agent {
         let changed = tokio::task::spawn_blocking(move || egress::apply_blocking(&applied))
             .await
             .map_err(|error| Refusal(format!("egress rules: {error}")))?
-            .map_err(|error| Refusal(format!("egress rules for network {network_name} could not be installed, no session starts without them: {error}")))?;
+            .map_err(|error| {
+                Refusal(format!("egress rules for network {network_name} could not be installed, no session starts without them: {error}"))
+            })?;
         tracing::info!(network = %network_name, bridge = %bridge, changed, "egress rules in place");
         if let Err(error) = self.remove_stale_egress_rules().await {
             tracing::warn!(%error, "could not look for stale egress rules");
@@ -995,11 +1010,8 @@ impl Agent {
 
     /// Every labelled session container of this profile and deployment, whatever its state.
     pub async fn inventory(&self) -> Result<Vec<InventoryEntry>> {
-        let options = ListContainersOptions {
-            all: true,
-            filters: HashMap::from([("label".to_owned(), self.label_filters())]),
-            ..Default::default()
-        };
+        let options =
+            ListContainersOptions { all: true, filters: HashMap::from([("label".to_owned(), self.label_filters())]), ..Default::default() };
         let containers = self.inner.docker.list_containers(Some(options)).await.map_err(Error::from_docker)?;
         let service_port = self.inner.profile.container.service_port;
         let mut entries: Vec<InventoryEntry> = containers
@@ -1097,8 +1109,7 @@ fn parse_task(task: &Task) -> Result<(String, Action)> {
     spec::validate_session_id(&session).map_err(bad)?;
     let action = match task.action.as_str() {
         "provision" => {
-            let parsed: ProvisionArgs =
-                serde_json::from_value(args).map_err(|error| bad(format!("provision args: {error}")))?;
+            let parsed: ProvisionArgs = serde_json::from_value(args).map_err(|error| bad(format!("provision args: {error}")))?;
             spec::validate_label_value("user", &parsed.user).map_err(bad)?;
             spec::validate_label_value("workspace", &parsed.workspace).map_err(bad)?;
             let slot = parsed.slot.filter(|slot| !slot.is_empty());

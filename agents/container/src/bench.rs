@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bollard::container::{ListContainersOptions, RemoveContainerOptions};
-use protocol::stats::{milliseconds, percentile};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::profile::HealthCheck;
+use protocol::stats::{milliseconds, percentile};
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Task};
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -60,7 +60,11 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
     let serving_queue = task_queue.clone();
     let mut serve_stopped = stopped.clone();
     let server = tokio::spawn(async move {
-        serving_agent.serve(&serving_queue, async move { let _ = serve_stopped.wait_for(|stop| *stop).await; }).await
+        serving_agent
+            .serve(&serving_queue, async move {
+                let _ = serve_stopped.wait_for(|stop| *stop).await;
+            })
+            .await
     });
 
     let bench = Bench { profile, bus: bus.clone(), agent, bench_id, task_queue, waiters, stages: Mutex::default() };
@@ -102,22 +106,19 @@ impl Bench {
         for index in 0..SEQUENTIAL_SESSIONS {
             docker_sequential.push(self.docker_run_until_healthy(&format!("seq{index}")).await?);
         }
-        let agent_concurrent = futures::future::try_join_all(
-            (0..CONCURRENT_SESSIONS).map(|index| self.provision_via_broker_owned(format!("con{index}"))),
-        )
-        .await?;
-        let docker_concurrent = futures::future::try_join_all(
-            (0..CONCURRENT_SESSIONS).map(|index| self.docker_run_until_healthy_owned(format!("con{index}"))),
-        )
-        .await?;
+        let agent_concurrent =
+            futures::future::try_join_all((0..CONCURRENT_SESSIONS).map(|index| self.provision_via_broker_owned(format!("con{index}"))))
+                .await?;
+        let docker_concurrent =
+            futures::future::try_join_all((0..CONCURRENT_SESSIONS).map(|index| self.docker_run_until_healthy_owned(format!("con{index}"))))
+                .await?;
         let mut api_sequential = Vec::new();
         for index in 0..SEQUENTIAL_SESSIONS {
             api_sequential.push(self.docker_api_until_healthy(format!("apiseq{index}")).await?);
         }
-        let api_concurrent = futures::future::try_join_all(
-            (0..CONCURRENT_SESSIONS).map(|index| self.docker_api_until_healthy(format!("apicon{index}"))),
-        )
-        .await?;
+        let api_concurrent =
+            futures::future::try_join_all((0..CONCURRENT_SESSIONS).map(|index| self.docker_api_until_healthy(format!("apicon{index}"))))
+                .await?;
         let (resume_answer, resume_first_http) = self.resume_rounds().await?;
         Ok(Figures {
             agent_sequential,
@@ -209,22 +210,40 @@ impl Bench {
         let workspace = self.profile.session_dir(&name);
         tokio::fs::create_dir_all(&workspace).await?;
         let mut arguments: Vec<String> = [
-            "run", "-d", "--name", &name,
-            "--label", &format!("{BENCH_LABEL}={}", self.bench_id),
-            "--network", &network,
-            "-p", &format!("{}::{}", spec::PUBLISH_HOST, settings.service_port),
-            "--memory", &format!("{}m", settings.memory_mib),
-            "--memory-swap", &format!("{}m", settings.memory_mib),
-            "--cpus", &settings.cpus.to_string(),
-            "--pids-limit", &spec::docker_pids_limit(settings).to_string(),
-            "--runtime", settings.runtime.docker_name(),
-            "--log-driver", spec::LOG_DRIVER,
-            "--log-opt", &format!("max-size={}m", settings.log_max_size_mib),
-            "--log-opt", &format!("max-file={}", settings.log_max_files),
-            "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges",
-            "--tmpfs", &format!("/tmp:rw,noexec,nosuid,nodev,size={}m,mode=1777", settings.tmpfs_size_mib),
-            "-v", &format!("{}:{}", workspace.display(), settings.workspace_mount),
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--label",
+            &format!("{BENCH_LABEL}={}", self.bench_id),
+            "--network",
+            &network,
+            "-p",
+            &format!("{}::{}", spec::PUBLISH_HOST, settings.service_port),
+            "--memory",
+            &format!("{}m", settings.memory_mib),
+            "--memory-swap",
+            &format!("{}m", settings.memory_mib),
+            "--cpus",
+            &settings.cpus.to_string(),
+            "--pids-limit",
+            &spec::docker_pids_limit(settings).to_string(),
+            "--runtime",
+            settings.runtime.docker_name(),
+            "--log-driver",
+            spec::LOG_DRIVER,
+            "--log-opt",
+            &format!("max-size={}m", settings.log_max_size_mib),
+            "--log-opt",
+            &format!("max-file={}", settings.log_max_files),
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--tmpfs",
+            &format!("/tmp:rw,noexec,nosuid,nodev,size={}m,mode=1777", settings.tmpfs_size_mib),
+            "-v",
+            &format!("{}:{}", workspace.display(), settings.workspace_mount),
         ]
         .iter()
         .map(|argument| argument.to_string())
@@ -382,7 +401,12 @@ async fn route_answers(bus: Bus, queue: String, waiters: Waiters, mut stopped: t
         }
     };
     let spec = ConsumeSpec::new(&queue, 64);
-    if let Err(error) = bus.consume(spec, handler, async move { let _ = stopped.wait_for(|stop| *stop).await; }).await {
+    if let Err(error) = bus
+        .consume(spec, handler, async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .await
+    {
         tracing::warn!(%error, "benchmark answer consumer failed");
     }
 }
@@ -429,9 +453,6 @@ impl Figures {
             overhead(&self.agent_sequential, &self.api_sequential),
             overhead(&self.agent_concurrent, &self.api_concurrent)
         );
-        println!(
-            "resume p50: {:.1} ms to container.resumed (goal: under 50 ms)",
-            milliseconds(percentile(&self.resume_answer, 0.5))
-        );
+        println!("resume p50: {:.1} ms to container.resumed (goal: under 50 ms)", milliseconds(percentile(&self.resume_answer, 0.5)));
     }
 }

@@ -95,7 +95,18 @@ impl EgressPlan {
             match allowed.port {
                 Some(port) => {
                     for protocol in ["tcp", "udp"] {
-                        rules.push(words(&["-d", &destination, "-p", protocol, "-m", protocol, "--dport", &port.to_string(), "-j", "RETURN"]));
+                        rules.push(words(&[
+                            "-d",
+                            &destination,
+                            "-p",
+                            protocol,
+                            "-m",
+                            protocol,
+                            "--dport",
+                            &port.to_string(),
+                            "-j",
+                            "RETURN",
+                        ]));
                     }
                 }
                 None => rules.push(words(&["-d", &destination, "-j", "RETURN"])),
@@ -231,7 +242,9 @@ fn restore(input: &str) -> Result<(), String> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|error| format!("cannot run iptables-restore ({error}): the container agent needs iptables and CAP_NET_ADMIN on the host"))?;
+        .map_err(|error| {
+            format!("cannot run iptables-restore ({error}): the container agent needs iptables and CAP_NET_ADMIN on the host")
+        })?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(input.as_bytes()).map_err(|error| format!("iptables-restore: {error}"))?;
     }

@@ -30,7 +30,8 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     spec::check_container_hardening(&profile)?;
     spec::check_publish_address().map_err(anyhow::Error::msg)?;
     let docker = connect_docker().await?;
-    let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Container, "berth-agent-container")?).await?;
+    let bus =
+        Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Container, "berth-agent-container")?).await?;
     bus.declare_topology().await?;
     let exporter = protocol::metrics::Exporter::start(&profile, bus.metrics_registry("berth_container")).await?;
     let mut settings = AgentSettings::production();

@@ -160,11 +160,7 @@ fn is_unix_socket(_path: &Path) -> bool {
 }
 
 /// The labels put on a session's container.
-pub fn session_labels(
-    profile: &Profile,
-    identity: &SessionIdentity,
-    extra_labels: &BTreeMap<String, String>,
-) -> HashMap<String, String> {
+pub fn session_labels(profile: &Profile, identity: &SessionIdentity, extra_labels: &BTreeMap<String, String>) -> HashMap<String, String> {
     let mut labels: HashMap<String, String> = extra_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     labels.insert(MANAGED_LABEL.to_owned(), "true".to_owned());
     labels.insert(SESSION_LABEL.to_owned(), identity.session.clone());
@@ -293,9 +289,7 @@ fn config_with(
         exposed_ports: Some(HashMap::from([(port_key, HashMap::new())])),
         labels: Some(labels),
         host_config: Some(host_config),
-        networking_config: Some(NetworkingConfig {
-            endpoints_config: HashMap::from([(network, EndpointSettings::default())]),
-        }),
+        networking_config: Some(NetworkingConfig { endpoints_config: HashMap::from([(network, EndpointSettings::default())]) }),
         ..Default::default()
     }
 }
@@ -313,9 +307,7 @@ pub const RUNSC_PIDS_PER_PROCESS: i64 = 10;
 pub fn docker_pids_limit(settings: &ContainerSettings) -> i64 {
     match settings.runtime {
         protocol::profile::Runtime::Runc => settings.pids_limit,
-        protocol::profile::Runtime::Runsc => {
-            RUNSC_SANDBOX_PIDS.saturating_add(settings.pids_limit.saturating_mul(RUNSC_PIDS_PER_PROCESS))
-        }
+        protocol::profile::Runtime::Runsc => RUNSC_SANDBOX_PIDS.saturating_add(settings.pids_limit.saturating_mul(RUNSC_PIDS_PER_PROCESS)),
     }
 }
 

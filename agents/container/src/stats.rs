@@ -20,11 +20,7 @@ pub struct ContainerStats {
 /// 50% on two cores). Memory: usage minus the inactive page cache, like `docker stats`.
 pub fn compute(stats: &Stats) -> ContainerStats {
     let container_delta = stats.cpu_stats.cpu_usage.total_usage.saturating_sub(stats.precpu_stats.cpu_usage.total_usage);
-    let system_delta = stats
-        .cpu_stats
-        .system_cpu_usage
-        .unwrap_or(0)
-        .saturating_sub(stats.precpu_stats.system_cpu_usage.unwrap_or(0));
+    let system_delta = stats.cpu_stats.system_cpu_usage.unwrap_or(0).saturating_sub(stats.precpu_stats.system_cpu_usage.unwrap_or(0));
     let online_cpus = stats
         .cpu_stats
         .online_cpus

@@ -91,7 +91,8 @@ impl Fixture {
     }
 
     fn agent(&self) -> Agent {
-        Agent::with_settings(self.profile.clone(), self.agent_bus.clone(), self.docker.clone(), self.settings.clone()).expect("safe profile")
+        Agent::with_settings(self.profile.clone(), self.agent_bus.clone(), self.docker.clone(), self.settings.clone())
+            .expect("safe profile")
     }
 
     fn session(&self, name: &str) -> String {
@@ -177,7 +178,11 @@ impl EventTap {
                     Outcome::Ack
                 }
             };
-            let _ = consumer_bus.consume(ConsumeSpec::new(&queue, 64), handler, async { stopped.await.ok(); }).await;
+            let _ = consumer_bus
+                .consume(ConsumeSpec::new(&queue, 64), handler, async {
+                    stopped.await.ok();
+                })
+                .await;
         });
         EventTap { events, _stop: stop }
     }
@@ -246,17 +251,28 @@ async fn a_forged_task_from_another_identity_is_dead_lettered_and_creates_nothin
                 Outcome::Ack
             }
         };
-        let _ = tap_bus.consume(ConsumeSpec::new(&tap_queue, 16), handler, async { tap_stopped.await.ok(); }).await;
+        let _ = tap_bus
+            .consume(ConsumeSpec::new(&tap_queue, 16), handler, async {
+                tap_stopped.await.ok();
+            })
+            .await;
     });
     let agent = fixture.agent();
     let (stop, stopped) = oneshot::channel::<()>();
     let serving_queue = queue.clone();
-    let server = tokio::spawn(async move { agent.serve(&serving_queue, async { stopped.await.ok(); }).await });
+    let server = tokio::spawn(async move {
+        agent
+            .serve(&serving_queue, async {
+                stopped.await.ok();
+            })
+            .await
+    });
 
     protocol::broker_admin::ensure_identities(&amqp_url()).await.expect("bus identities");
-    let forger = Bus::connect(BusConfig::for_identity(&amqp_url(), protocol::Identity::Workspace, "container-test-forger").expect("password"))
-        .await
-        .expect("broker as the workspace identity");
+    let forger =
+        Bus::connect(BusConfig::for_identity(&amqp_url(), protocol::Identity::Workspace, "container-test-forger").expect("password"))
+            .await
+            .expect("broker as the workspace identity");
     let session = fixture.session("forged");
     let forged = provision(&session);
     send_task(&forger, &queue, &forged).await;
@@ -389,10 +405,7 @@ async fn lifecycle_tasks_are_idempotent_and_pause_resume_round_trips() {
         let state = fixture.docker.inspect_container(&container_id, None).await.unwrap().state.unwrap();
         assert_eq!(state.paused, Some(true));
     }
-    assert!(
-        !container::probe::http_ready("127.0.0.1", port, "/").await,
-        "a paused container must not answer"
-    );
+    assert!(!container::probe::http_ready("127.0.0.1", port, "/").await, "a paused container must not answer");
     for _ in 0..2 {
         let resumed = answer(&agent, &task(&session, "resume", json!({}))).await;
         expect_type(&resumed, "container.resumed");
@@ -547,7 +560,13 @@ async fn two_deployments_sharing_a_profile_name_and_a_docker_engine_never_touch_
     let (stop, stopped) = oneshot::channel::<()>();
     let serving_agent = agent_a.clone();
     let serving_queue = queue.clone();
-    let server = tokio::spawn(async move { serving_agent.serve(&serving_queue, async { stopped.await.ok(); }).await });
+    let server = tokio::spawn(async move {
+        serving_agent
+            .serve(&serving_queue, async {
+                stopped.await.ok();
+            })
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(Command::new("docker").args(["kill", &id_b]).output().unwrap().status.success());
     let foreign = tap.try_next_matching(Duration::from_secs(3), |event| event.subject.as_deref() == Some(session_b.as_str())).await;
@@ -650,13 +669,20 @@ async fn an_oom_killed_session_container_is_reported_through_the_broker() {
     let (stop, stopped) = oneshot::channel::<()>();
     let serving_agent = agent.clone();
     let serving_queue = queue.clone();
-    let server = tokio::spawn(async move { serving_agent.serve(&serving_queue, async { stopped.await.ok(); }).await });
+    let server = tokio::spawn(async move {
+        serving_agent
+            .serve(&serving_queue, async {
+                stopped.await.ok();
+            })
+            .await
+    });
     // Give the watcher a moment to subscribe to Docker's events.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A session container built by the crate's own spec, whose process eats memory until killed.
     let session = fixture.session("oom");
-    let identity = SessionIdentity { session: session.clone(), user: "alice".into(), workspace: "w1".into(), thred: Some("thred-oom".into()) };
+    let identity =
+        SessionIdentity { session: session.clone(), user: "alice".into(), workspace: "w1".into(), thred: Some("thred-oom".into()) };
     // The network is the agent's; provisioning an ordinary session makes it exist.
     expect_type(&answer(&agent, &provision(&fixture.session("other"))).await, "container.ready");
     let mut config: Config<String> =
@@ -701,7 +727,8 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
 
     // First life: an agent on its own connection takes the task, and dies before answering.
     let first_bus = container_identity("container-test-first-life").await;
-    let first_agent = Agent::with_settings(fixture.profile.clone(), first_bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap();
+    let first_agent =
+        Agent::with_settings(fixture.profile.clone(), first_bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap();
     let first_queue = queue.clone();
     let first_life = tokio::spawn(async move { first_agent.serve(&first_queue, std::future::pending::<()>()).await });
     send_task(&fixture.bus, &queue, &provision(&session)).await;
@@ -717,11 +744,18 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
 
     // Second life: the unacknowledged task comes back and finds the container again.
     let second_bus = container_identity("container-test-second-life").await;
-    let second_agent = Agent::with_settings(fixture.profile.clone(), second_bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap();
+    let second_agent =
+        Agent::with_settings(fixture.profile.clone(), second_bus.clone(), fixture.docker.clone(), fixture.settings.clone()).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let second_queue = queue.clone();
     let serving_agent = second_agent.clone();
-    let second_life = tokio::spawn(async move { serving_agent.serve(&second_queue, async { stopped.await.ok(); }).await });
+    let second_life = tokio::spawn(async move {
+        serving_agent
+            .serve(&second_queue, async {
+                stopped.await.ok();
+            })
+            .await
+    });
     let ready = tap
         .next_matching("container.ready after the restart", Duration::from_secs(60), |event| {
             event.event_type == "container.ready" && event.subject.as_deref() == Some(session.as_str())
@@ -739,7 +773,8 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
     // A careful agent keeps young containers even when told they are orphans.
     let mut careful_settings = fixture.settings.clone();
     careful_settings.orphan_grace = Duration::from_secs(3600);
-    let careful = Agent::with_settings(fixture.profile.clone(), fixture.agent_bus.clone(), fixture.docker.clone(), careful_settings).unwrap();
+    let careful =
+        Agent::with_settings(fixture.profile.clone(), fixture.agent_bus.clone(), fixture.docker.clone(), careful_settings).unwrap();
     let orphan_id = fixture.containers(Some(&orphan)).await[0].id.clone().unwrap();
     let kept = answer(&careful, &task(&orphan, "remove", json!({"container_id": orphan_id}))).await;
     expect_type(&kept, "container.failed");
@@ -770,7 +805,8 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
         event.event_type == "container.removed" && event.subject.as_deref() == Some(orphan.as_str())
     })
     .await;
-    let left: Vec<String> = fixture.containers(None).await.into_iter().filter_map(|summary| summary.labels?.get("berth.session").cloned()).collect();
+    let left: Vec<String> =
+        fixture.containers(None).await.into_iter().filter_map(|summary| summary.labels?.get("berth.session").cloned()).collect();
     assert_eq!(left, vec![session.clone()], "only the living session's container is left");
 
     let _ = stop.send(());
@@ -828,8 +864,9 @@ async fn hostile_profiles_are_refused_before_any_container_exists() {
     let path = std::path::Path::new("hostile/profile.toml");
     let privileged = Profile::parse(&text.replace("[container]", "[container]\nprivileged = true"), path).unwrap_err();
     assert!(privileged.to_string().contains("privileged"), "{privileged}");
-    let socket = Profile::parse(&text.replace("[container]", "[container]\nmounts = [\"/var/run/docker.sock:/var/run/docker.sock\"]"), path)
-        .unwrap_err();
+    let socket =
+        Profile::parse(&text.replace("[container]", "[container]\nmounts = [\"/var/run/docker.sock:/var/run/docker.sock\"]"), path)
+            .unwrap_err();
     assert!(socket.to_string().contains("Docker socket"), "{socket}");
 
     // Profiles built in code skip loading; the agent checks again, and sees through symlinks.
@@ -852,13 +889,7 @@ async fn hostile_profiles_are_refused_before_any_container_exists() {
 }
 
 async fn docker_exec_output(container_id: &str, command: &[&str]) -> std::process::Output {
-    tokio::process::Command::new("docker")
-        .arg("exec")
-        .arg(container_id)
-        .args(command)
-        .output()
-        .await
-        .expect("docker cli runs")
+    tokio::process::Command::new("docker").arg("exec").arg(container_id).args(command).output().await.expect("docker cli runs")
 }
 
 async fn docker_exec(container_id: &str, command: &[&str]) -> String {
@@ -898,7 +929,11 @@ async fn tcp_health_is_not_fooled_by_the_port_proxy() {
 
 /// Starts `script` in the container in the background (`docker exec -d`, no terminal).
 async fn docker_exec_detached(container_id: &str, script: &str) {
-    let output = tokio::process::Command::new("docker").args(["exec", "-d", container_id, "sh", "-c", script]).output().await.expect("docker cli runs");
+    let output = tokio::process::Command::new("docker")
+        .args(["exec", "-d", container_id, "sh", "-c", script])
+        .output()
+        .await
+        .expect("docker cli runs");
     assert!(output.status.success(), "{script}: {}", String::from_utf8_lossy(&output.stderr));
 }
 
@@ -971,7 +1006,8 @@ async fn the_work_probe_sees_a_busy_loop_a_background_writer_and_a_terminal_comm
         ..Default::default()
     };
     let exec = fixture.docker.create_exec(&container_id, options).await.unwrap();
-    let started = fixture.docker.start_exec(&exec.id, Some(StartExecOptions { detach: false, tty: true, output_capacity: None })).await.unwrap();
+    let started =
+        fixture.docker.start_exec(&exec.id, Some(StartExecOptions { detach: false, tty: true, output_capacity: None })).await.unwrap();
     let StartExecResults::Attached { mut input, output: _output } = started else { panic!("an attached exec") };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_shell = probe(&agent, &session).await;

@@ -121,7 +121,11 @@ async fn exec(container_id: &str, script: &str) -> std::process::Output {
         Ok(output) => output.unwrap(),
         Err(_) => {
             use std::os::unix::process::ExitStatusExt;
-            std::process::Output { status: std::process::ExitStatus::from_raw(124 << 8), stdout: Vec::new(), stderr: b"docker exec timed out".to_vec() }
+            std::process::Output {
+                status: std::process::ExitStatus::from_raw(124 << 8),
+                stdout: Vec::new(),
+                stderr: b"docker exec timed out".to_vec(),
+            }
         }
     }
 }
@@ -275,7 +279,11 @@ async fn egress_is_refused_by_rules(runtime: Runtime) {
             let docker_user = Command::new("iptables").args(["-S", egress::DOCKER_USER_CHAIN]).output().unwrap();
             let input = Command::new("iptables").args(["-S", "INPUT"]).output().unwrap();
             let egress_chain = Command::new("iptables").args(["-S", &plan.egress_chain]).output().unwrap();
-            (String::from_utf8_lossy(&docker_user.stdout).into_owned(), String::from_utf8_lossy(&input.stdout).into_owned(), String::from_utf8_lossy(&egress_chain.stdout).into_owned())
+            (
+                String::from_utf8_lossy(&docker_user.stdout).into_owned(),
+                String::from_utf8_lossy(&input.stdout).into_owned(),
+                String::from_utf8_lossy(&egress_chain.stdout).into_owned(),
+            )
         }
     })
     .await;
@@ -304,7 +312,8 @@ async fn egress_is_refused_by_rules(runtime: Runtime) {
     assert!(host_refusals >= 4, "the host chain refused {host_refusals} packets for 4 connections");
 
     // Metadata and a private address: refused in FORWARD, before the packet could leave.
-    for (address, range) in [("169.254.169.254", "169.254.0.0/16"), ("192.168.254.254", "192.168.0.0/16"), ("10.254.254.254", "10.0.0.0/8")] {
+    for (address, range) in [("169.254.169.254", "169.254.0.0/16"), ("192.168.254.254", "192.168.0.0/16"), ("10.254.254.254", "10.0.0.0/8")]
+    {
         let before = packets(&plan.egress_chain, range).await;
         let outcome = connect_from(&container_id, address, 80).await;
         let after = packets(&plan.egress_chain, range).await;
@@ -320,7 +329,10 @@ async fn egress_is_refused_by_rules(runtime: Runtime) {
     assert!(answers_http(port).await, "the published port works with the egress rules in place");
 
     // Removing the network removes its rules.
-    let _ = fixture.docker.remove_container(&container_id, Some(bollard::container::RemoveContainerOptions { force: true, ..Default::default() })).await;
+    let _ = fixture
+        .docker
+        .remove_container(&container_id, Some(bollard::container::RemoveContainerOptions { force: true, ..Default::default() }))
+        .await;
     agent.remove_network().await.unwrap();
     let chain = plan.egress_chain.clone();
     let gone = blocking(move || Command::new("iptables").args(["-S", &chain]).output().unwrap().status.success()).await;
@@ -397,7 +409,8 @@ async fn egress_chains_of_networks_that_are_gone_are_swept() {
     let remaining = blocking(egress::chain_network_ids_blocking).await;
     assert!(!remaining.contains(&ghost_id), "swept");
     assert!(remaining.iter().any(|id| live.egress_chain.ends_with(id.as_str())), "the live network keeps its chains");
-    let input = blocking(|| String::from_utf8_lossy(&Command::new("iptables").args(["-S", "INPUT"]).output().unwrap().stdout).into_owned()).await;
+    let input =
+        blocking(|| String::from_utf8_lossy(&Command::new("iptables").args(["-S", "INPUT"]).output().unwrap().stdout).into_owned()).await;
     assert!(!input.contains("br-ghost"), "the ghost's jump is gone too");
     drop(container_id);
 }

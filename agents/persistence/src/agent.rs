@@ -58,7 +58,8 @@ impl Agent {
         if incoming.reply_to.is_none() {
             let waiting_since = std::time::Instant::now();
             let mut pause = Duration::from_millis(100);
-            while outcome.as_ref().is_err_and(|error| error.kind() == ErrorKind::Unavailable) && waiting_since.elapsed() < WAIT_IN_PLACE_FOR {
+            while outcome.as_ref().is_err_and(|error| error.kind() == ErrorKind::Unavailable) && waiting_since.elapsed() < WAIT_IN_PLACE_FOR
+            {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
                 outcome = self.decode_and_handle(&incoming).await;
@@ -81,15 +82,16 @@ impl Agent {
         }
         match outcome {
             Ok(_) => Outcome::Ack,
-            Err(error) => {
-                error_policy(&error)
-            }
+            Err(error) => error_policy(&error),
         }
     }
 
     async fn decode_and_handle(&self, incoming: &Incoming) -> Result<Value> {
         if incoming.body.len() > MAX_TASK_BYTES {
-            return Err(Error::BadRequest(format!("a task of {} bytes is larger than the {MAX_TASK_BYTES}-byte limit", incoming.body.len())));
+            return Err(Error::BadRequest(format!(
+                "a task of {} bytes is larger than the {MAX_TASK_BYTES}-byte limit",
+                incoming.body.len()
+            )));
         }
         let task = Task::decode(&incoming.body).map_err(|error| Error::BadRequest(format!("not a task: {error}")))?;
         let started = std::time::Instant::now();
@@ -134,7 +136,9 @@ pub fn error_policy(error: &Error) -> Outcome {
 pub async fn run(profile: &Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = Arc::from(open_store(&profile.services.store_url).await?);
     store.ensure_indexes().await?;
-    let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Persistence, "berth-agent-persistence")?).await?;
+    let bus =
+        Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Persistence, "berth-agent-persistence")?)
+            .await?;
     bus.declare_topology().await?;
     let exporter = protocol::metrics::Exporter::start(profile, bus.metrics_registry("berth_persistence")).await?;
     let mut background = protocol::supervise::Background::new();

@@ -192,7 +192,12 @@ async fn fire_and_forget_inserts(store: &dyn Store, client: &StoreClient, collec
     let deadline = Instant::now() + Duration::from_secs(120);
     let stored_by_tasks = Filter::all().and("id", protocol::store::Condition::Regex("^task-".to_owned()));
     loop {
-        let counted = store.execute(None, Operation::Count(protocol::store::CountArgs { collection: collection.to_owned(), filter: stored_by_tasks.clone() })).await?;
+        let counted = store
+            .execute(
+                None,
+                Operation::Count(protocol::store::CountArgs { collection: collection.to_owned(), filter: stored_by_tasks.clone() }),
+            )
+            .await?;
         if counted.as_u64() == Some(count as u64) {
             break;
         }

@@ -102,8 +102,9 @@ pub fn apply_update(stored: &mut Map<String, Value>, update: &UpdateSpec, now: &
         let target = slot(stored, field)?;
         *target = match (&*target, amount) {
             (Value::Null, amount) => amount.clone(),
-            (Value::Number(current), Value::Number(amount)) => add_numbers(current, amount)
-                .ok_or_else(|| format!("`inc` on `{field}` overflows"))?,
+            (Value::Number(current), Value::Number(amount)) => {
+                add_numbers(current, amount).ok_or_else(|| format!("`inc` on `{field}` overflows"))?
+            }
             (current, _) => return Err(format!("`inc` on `{field}`: the field holds {current}, not a number")),
         };
     }

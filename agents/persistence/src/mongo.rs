@@ -139,7 +139,9 @@ impl MongoStore {
                 let stored = stored.map(stored_fields).unwrap_or_default();
                 Ok(presented(&args.id, stored))
             }
-            Operation::Get(args) => Ok(self.load(session, &args.collection, &args.id).await?.map_or(Value::Null, |stored| presented(&args.id, stored))),
+            Operation::Get(args) => {
+                Ok(self.load(session, &args.collection, &args.id).await?.map_or(Value::Null, |stored| presented(&args.id, stored)))
+            }
             Operation::Find(args) => {
                 let collection = self.collection(&args.collection);
                 let mut find = collection.find(filter_to_bson(&args.filter)).skip(args.skip);
@@ -334,7 +336,9 @@ pub fn bson_to_json(value: Bson) -> Value {
         Bson::String(text) => Value::String(text),
         Bson::Array(items) => Value::Array(items.into_iter().map(bson_to_json).collect()),
         Bson::Document(document) => Value::Object(document.into_iter().map(|(key, value)| (key, bson_to_json(value))).collect()),
-        Bson::DateTime(at) => chrono::DateTime::from_timestamp_millis(at.timestamp_millis()).map_or(Value::Null, |at| Value::String(timestamp(at))),
+        Bson::DateTime(at) => {
+            chrono::DateTime::from_timestamp_millis(at.timestamp_millis()).map_or(Value::Null, |at| Value::String(timestamp(at)))
+        }
         Bson::ObjectId(id) => Value::String(id.to_hex()),
         other => other.into_relaxed_extjson(),
     }
@@ -405,7 +409,8 @@ pub fn update_to_bson(update: &UpdateSpec, now: &str) -> Document {
     }
     let mut add = |operator: &str, fields: &Map<String, Value>, wrap: fn(Bson) -> Bson| {
         if !fields.is_empty() {
-            translated.insert(operator, fields.iter().map(|(field, value)| (field.clone(), wrap(json_to_bson(value)))).collect::<Document>());
+            translated
+                .insert(operator, fields.iter().map(|(field, value)| (field.clone(), wrap(json_to_bson(value)))).collect::<Document>());
         }
     };
     add("$inc", &update.inc, |value| value);
@@ -509,7 +514,8 @@ mod tests {
 
     #[test]
     fn groups_that_replay_safely() {
-        let group = |members: Value| -> Operation { serde_json::from_value(json!({"action": "group", "args": {"operations": members}})).unwrap() };
+        let group =
+            |members: Value| -> Operation { serde_json::from_value(json!({"action": "group", "args": {"operations": members}})).unwrap() };
         let upsert = json!({"action": "upsert", "args": {"collection": "sessions", "id": "s", "doc": {"state": "running"}}});
         let put = json!({"action": "put", "args": {"collection": "events", "doc": {"to": "running"}}});
         let set = json!({"action": "update", "args": {"collection": "s", "update": {"set": {"a": 1}, "add_to_set": {"t": 1}}}});

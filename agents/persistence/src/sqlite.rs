@@ -69,7 +69,8 @@ fn configure(connection: &Connection) -> Result<()> {
     connection.pragma_update(None, "synchronous", "NORMAL")?;
     connection.create_scalar_function("regexp", 2, FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC, |context| {
         type BoxedError = Box<dyn std::error::Error + Send + Sync>;
-        let pattern = context.get_or_create_aux(0, |value| -> Result<regex::Regex, BoxedError> { Ok(regex::Regex::new(value.as_str()?)?) })?;
+        let pattern =
+            context.get_or_create_aux(0, |value| -> Result<regex::Regex, BoxedError> { Ok(regex::Regex::new(value.as_str()?)?) })?;
         Ok(match context.get_raw(1) {
             ValueRef::Text(bytes) => std::str::from_utf8(bytes).is_ok_and(|text| pattern.is_match(text)),
             _ => false,
@@ -292,9 +293,8 @@ fn parse_stored(text: &str) -> Result<Map<String, Value>> {
 }
 
 fn load(connection: &Connection, collection: &str, id: &str) -> Result<Option<Map<String, Value>>> {
-    let text: Option<String> = connection
-        .query_row(&format!("SELECT doc FROM {} WHERE id = ?1", table_name(collection)), [id], |row| row.get(0))
-        .optional()?;
+    let text: Option<String> =
+        connection.query_row(&format!("SELECT doc FROM {} WHERE id = ?1", table_name(collection)), [id], |row| row.get(0)).optional()?;
     text.as_deref().map(parse_stored).transpose()
 }
 
@@ -306,7 +306,13 @@ fn store_document(connection: &Connection, collection: &str, id: &str, stored: &
     Ok(())
 }
 
-fn matching(connection: &Connection, collection: &str, filter: &Filter, tail: &str, extra: Vec<SqlValue>) -> Result<Vec<(String, Map<String, Value>)>> {
+fn matching(
+    connection: &Connection,
+    collection: &str,
+    filter: &Filter,
+    tail: &str,
+    extra: Vec<SqlValue>,
+) -> Result<Vec<(String, Map<String, Value>)>> {
     let clause = where_clause(filter);
     let sql = format!("SELECT id, doc FROM {} WHERE {} {tail}", table_name(collection), clause.sql);
     let mut statement = connection.prepare_cached(&sql)?;
@@ -351,7 +357,8 @@ fn apply(connection: &Connection, task_id: Option<Uuid>, operation: &Operation, 
             let skip = i64::try_from(args.skip).unwrap_or(i64::MAX);
             let clause_parameters = where_clause(&args.filter).params.len();
             let tail = format!("{} LIMIT ?{} OFFSET ?{}", order_clause(&args.sort), clause_parameters + 1, clause_parameters + 2);
-            let rows = matching(connection, &args.collection, &args.filter, &tail, vec![SqlValue::Integer(limit), SqlValue::Integer(skip)])?;
+            let rows =
+                matching(connection, &args.collection, &args.filter, &tail, vec![SqlValue::Integer(limit), SqlValue::Integer(skip)])?;
             let documents = rows.into_iter().map(|(id, stored)| {
                 let document = presented(&id, stored);
                 match &args.projection {
@@ -365,7 +372,8 @@ fn apply(connection: &Connection, task_id: Option<Uuid>, operation: &Operation, 
             let rows = matching(connection, &args.collection, &args.filter, "", Vec::new())?;
             let matched = rows.len();
             for (id, mut stored) in rows {
-                apply_update(&mut stored, &args.update, now).map_err(|reason| Error::BadRequest(format!("{}/{id}: {reason}", args.collection)))?;
+                apply_update(&mut stored, &args.update, now)
+                    .map_err(|reason| Error::BadRequest(format!("{}/{id}: {reason}", args.collection)))?;
                 store_document(connection, &args.collection, &id, &stored)?;
             }
             Ok(Value::from(matched))
@@ -402,7 +410,6 @@ fn apply(connection: &Connection, task_id: Option<Uuid>, operation: &Operation, 
         }
     }
 }
-
 
 /// What `SQLITE_*` failures mean to a client.
 pub fn error_kind(error: &rusqlite::Error) -> protocol::store::ErrorKind {

@@ -126,14 +126,24 @@ async fn puts_gets_and_idempotence(store: &dyn Store) {
 
 async fn upsert_and_replace(store: &dyn Store) {
     let collection = unique_collection("upsert");
-    let created = run(store, Some(Uuid::now_v7()), "upsert", json!({"collection": collection, "id": "s1", "doc": {"state": "open", "user": "alice"}}))
-        .await
-        .unwrap();
+    let created = run(
+        store,
+        Some(Uuid::now_v7()),
+        "upsert",
+        json!({"collection": collection, "id": "s1", "doc": {"state": "open", "user": "alice"}}),
+    )
+    .await
+    .unwrap();
     assert_eq!(created["state"], "open");
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let updated = run(store, Some(Uuid::now_v7()), "upsert", json!({"collection": collection, "id": "s1", "doc": {"state": "running", "port": 8080}}))
-        .await
-        .unwrap();
+    let updated = run(
+        store,
+        Some(Uuid::now_v7()),
+        "upsert",
+        json!({"collection": collection, "id": "s1", "doc": {"state": "running", "port": 8080}}),
+    )
+    .await
+    .unwrap();
     assert_eq!(updated["state"], "running");
     assert_eq!(updated["user"], "alice", "upsert sets fields and keeps the others");
     assert_eq!(updated["port"], 8080);
@@ -248,9 +258,10 @@ async fn updates(store: &dyn Store) {
         "set": {"state": "idle", "nested.y": 2}, "unset": ["error"], "inc": {"count": 2}, "push": {"log": "paused"},
         "add_to_set": {"labels": "z"}, "pull": {"tags": "a"}, "current_date": ["paused_at"]
     });
-    let matched = run(store, Some(Uuid::now_v7()), "update", json!({"collection": collection, "filter": {"state": "running"}, "update": update}))
-        .await
-        .unwrap();
+    let matched =
+        run(store, Some(Uuid::now_v7()), "update", json!({"collection": collection, "filter": {"state": "running"}, "update": update}))
+            .await
+            .unwrap();
     assert_eq!(matched, json!(1));
     let after = run(store, None, "get", json!({"collection": collection, "id": "u1"})).await.unwrap();
     assert_eq!(after["state"], "idle");
@@ -277,9 +288,12 @@ async fn updates(store: &dyn Store) {
 async fn delete_and_count(store: &dyn Store) {
     let collection = unique_collection("delete");
     for index in 0..5 {
-        run(store, Some(Uuid::now_v7()), "put", json!({"collection": collection, "id": format!("k{index}"), "doc": {"index": index}})).await.unwrap();
+        run(store, Some(Uuid::now_v7()), "put", json!({"collection": collection, "id": format!("k{index}"), "doc": {"index": index}}))
+            .await
+            .unwrap();
     }
-    let deleted = run(store, Some(Uuid::now_v7()), "delete", json!({"collection": collection, "filter": {"index": {"gte": 3}}})).await.unwrap();
+    let deleted =
+        run(store, Some(Uuid::now_v7()), "delete", json!({"collection": collection, "filter": {"index": {"gte": 3}}})).await.unwrap();
     assert_eq!(deleted, json!(2));
     assert_eq!(run(store, None, "count", json!({"collection": collection})).await.unwrap(), json!(3));
     assert_eq!(run(store, None, "count", json!({"collection": collection, "filter": {"index": {"lt": 1}}})).await.unwrap(), json!(1));
@@ -297,7 +311,11 @@ async fn groups_are_all_or_nothing(store: &dyn Store) {
     ]});
     expect_kind(run(store, Some(Uuid::now_v7()), "group", failing).await, ErrorKind::NotFound, "group operation 2 (replace)");
     if store.groups_are_atomic() {
-        assert_eq!(run(store, None, "count", json!({"collection": collection})).await.unwrap(), json!(0), "nothing of a failed group stays");
+        assert_eq!(
+            run(store, None, "count", json!({"collection": collection})).await.unwrap(),
+            json!(0),
+            "nothing of a failed group stays"
+        );
     } else {
         eprintln!("SKIPPED the all-or-nothing check: this {:?} deployment has no transactions", store.backend());
         store.drop_collection(&collection).await.unwrap();
@@ -378,7 +396,10 @@ async fn mongodb_conformance() {
 #[test]
 fn mongodb_conformance_skipped_no_server() {
     eprintln!("SKIPPED: the MongoDB conformance run; set BERTH_TEST_MONGODB_URL (e.g. mongodb://127.0.0.1:27017/berth_test) to run it");
-    assert!(std::env::var_os("BERTH_TEST_MONGODB_URL").is_none_or(|url| url.is_empty()), "the URL is set now: rebuild to run the MongoDB suite");
+    assert!(
+        std::env::var_os("BERTH_TEST_MONGODB_URL").is_none_or(|url| url.is_empty()),
+        "the URL is set now: rebuild to run the MongoDB suite"
+    );
 }
 
 #[tokio::test]
@@ -483,7 +504,9 @@ async fn request_reply_and_berth_queries_through_the_broker() {
     // The engine's audit trail: fire-and-forget puts, one per transition.
     let transitions = [("open", "materializing"), ("materializing", "provisioning"), ("provisioning", "running")];
     for (index, (from, to)) in transitions.iter().enumerate() {
-        let doc = object(json!({"session": "s1", "thred": "t1", "from": from, "to": to, "event_type": "x", "event_id": format!("e{index}"), "at": format!("2026-01-01T00:00:0{index}Z")}));
+        let doc = object(
+            json!({"session": "s1", "thred": "t1", "from": from, "to": to, "event_type": "x", "event_id": format!("e{index}"), "at": format!("2026-01-01T00:00:0{index}Z")}),
+        );
         client.send(Uuid::now_v7(), &Operation::Put(PutArgs { collection: collections::EVENTS.into(), id: None, doc })).await.unwrap();
     }
     let history = eventually("the audit trail", async || {
@@ -510,7 +533,8 @@ async fn request_reply_and_berth_queries_through_the_broker() {
         cause: None,
         args: json!({}),
     };
-    let reply = agent.bus.request(topology::TASKS_EXCHANGE, &agent.routing_key, &unknown_action.to_bytes(), Duration::from_secs(10)).await.unwrap();
+    let reply =
+        agent.bus.request(topology::TASKS_EXCHANGE, &agent.routing_key, &unknown_action.to_bytes(), Duration::from_secs(10)).await.unwrap();
     match protocol::store::Reply::decode(&reply).unwrap() {
         protocol::store::Reply::Err(error) => {
             assert_eq!(error.kind, ErrorKind::BadRequest);
@@ -529,7 +553,11 @@ async fn redelivered_tasks_are_applied_once_through_the_broker() {
     let agent = RunningAgent::start().await;
     let client = agent.client();
     let put_task = Uuid::now_v7();
-    let audit = Operation::Put(PutArgs { collection: collections::EVENTS.into(), id: None, doc: object(json!({"session": "r1", "to": "running"})) });
+    let audit = Operation::Put(PutArgs {
+        collection: collections::EVENTS.into(),
+        id: None,
+        doc: object(json!({"session": "r1", "to": "running"})),
+    });
     let increment = operation("update", json!({"collection": "sessions", "filter": {"id": "r1"}, "update": {"inc": {"wakes": 1}}}));
     client.upsert(collections::SESSIONS, "r1", object(json!({"wakes": 0}))).await.unwrap();
     let increment_task = Uuid::now_v7();
@@ -544,7 +572,8 @@ async fn redelivered_tasks_are_applied_once_through_the_broker() {
     assert_eq!(client.count(collections::EVENTS, Filter::eq("session", "r1")).await.unwrap(), 1);
     assert_eq!(client.get(collections::SESSIONS, "r1").await.unwrap().unwrap()["wakes"], json!(1));
     // Direct store calls see what the agent wrote.
-    let direct = agent.store.execute(None, Operation::Count(CountArgs { collection: "events".into(), filter: Filter::all() })).await.unwrap();
+    let direct =
+        agent.store.execute(None, Operation::Count(CountArgs { collection: "events".into(), filter: Filter::all() })).await.unwrap();
     assert_eq!(direct, json!(1));
     agent.stop().await;
 }
@@ -611,7 +640,10 @@ async fn bad_fire_and_forget_tasks_reach_the_dead_letter_exchange_through_the_br
                 Outcome::Ack
             }
         };
-        watch_bus.consume(protocol::ConsumeSpec::new(&watched_queue, 8), handler, async { watch_stopped.await.unwrap_or(()) }).await.unwrap();
+        watch_bus
+            .consume(protocol::ConsumeSpec::new(&watched_queue, 8), handler, async { watch_stopped.await.unwrap_or(()) })
+            .await
+            .unwrap();
     });
 
     let bad = operation("update", json!({"collection": "sessions", "filter": {}, "update": {"inc": {"count": 1}}}));
@@ -661,8 +693,16 @@ async fn bad_fire_and_forget_tasks_are_dead_lettered_with_the_reason() {
     let bus = Bus::connect(BusConfig::new(AMQP_URL, "persistence-test")).await.unwrap();
     let agent = Agent::new(store, bus.clone());
     let task = |action: &str, args: Value| {
-        protocol::Task { id: Uuid::now_v7(), agent: protocol::AgentKind::Persistence, action: action.into(), session: None, thred: None, cause: None, args }
-            .to_bytes()
+        protocol::Task {
+            id: Uuid::now_v7(),
+            agent: protocol::AgentKind::Persistence,
+            action: action.into(),
+            session: None,
+            thred: None,
+            cause: None,
+            args,
+        }
+        .to_bytes()
     };
     let cases = [
         (b"not json".to_vec(), "not a task"),

@@ -20,11 +20,8 @@ const CHUNK: usize = 64 * 1024;
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let port = std::env::var("PORT").ok().and_then(|port| port.parse::<u16>().ok()).unwrap_or(8080);
-    let app = Router::new()
-        .route("/large", get(large))
-        .route("/upload", post(upload))
-        .route("/ws", get(echo_socket))
-        .fallback(any(echo_request));
+    let app =
+        Router::new().route("/large", get(large)).route("/upload", post(upload)).route("/ws", get(echo_socket)).fallback(any(echo_request));
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
     axum::serve(listener, app).await
 }

@@ -137,7 +137,9 @@ impl ApiError {
     /// The HTTP form of a WebSocket error reply.
     pub(crate) fn from_frame(frame: ServerFrame) -> ApiError {
         match frame {
-            ServerFrame::Error { code, message, session, limit, .. } => ApiError { code: code.into(), message, session, reason: None, limit },
+            ServerFrame::Error { code, message, session, limit, .. } => {
+                ApiError { code: code.into(), message, session, reason: None, limit }
+            }
             other => ApiError::new(ApiErrorCode::Internal, format!("unexpected reply {}", other.to_text())),
         }
     }
@@ -295,7 +297,12 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn open_session(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(query): RawQuery, body: Bytes) -> Response {
+pub(crate) async fn open_session(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
     let identity = match caller(&state, &headers, query.as_deref(), None) {
         Ok(identity) => identity,
         Err(response) => return response,
@@ -311,7 +318,9 @@ pub(crate) async fn open_session(State(state): State<Arc<AppState>>, headers: He
     let key = match headers.get(IDEMPOTENCY_KEY_HEADER).map(HeaderValue::to_str) {
         None => None,
         Some(Ok(key)) if !key.is_empty() && key.len() <= 255 && key.bytes().all(|byte| byte.is_ascii_graphic()) => Some(key.to_owned()),
-        Some(_) => return ApiError::new(ApiErrorCode::BadRequest, "Idempotency-Key must be 1-255 visible ASCII characters").into_response(),
+        Some(_) => {
+            return ApiError::new(ApiErrorCode::BadRequest, "Idempotency-Key must be 1-255 visible ASCII characters").into_response()
+        }
     };
     let Some(key) = key else {
         return match open_once(&state, &identity, &request.workspace, &profile).await {
@@ -333,7 +342,12 @@ struct StoredAnswer {
 impl IntoResponse for StoredAnswer {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let location = self.body.get("session").and_then(Value::as_str).filter(|_| status.is_success()).map(|session| format!("/api/sessions/{session}"));
+        let location = self
+            .body
+            .get("session")
+            .and_then(Value::as_str)
+            .filter(|_| status.is_success())
+            .map(|session| format!("/api/sessions/{session}"));
         let mut response = (status, Json(self.body)).into_response();
         if let Some(location) = location.and_then(|location| HeaderValue::from_str(&location).ok()) {
             response.headers_mut().insert(header::LOCATION, location);
@@ -354,7 +368,9 @@ async fn open_once(state: &Arc<AppState>, identity: &Identity, workspace: &str, 
     // The engine answers with a notification to the user: their key is bound here while it waits.
     let (connection_id, _status_frames) = match state.hub.attach(&identity.user).await {
         Ok(attached) => attached,
-        Err(error) => return OpenAttempt::NotSent(ApiError::new(ApiErrorCode::Unavailable, format!("cannot receive the engine's answer: {error}"))),
+        Err(error) => {
+            return OpenAttempt::NotSent(ApiError::new(ApiErrorCode::Unavailable, format!("cannot receive the engine's answer: {error}")))
+        }
     };
     let outcome = match request_open(state, &identity.user, None, workspace, profile).await {
         Ok(opened) => Ok(opened.answer.await),
@@ -388,10 +404,18 @@ enum IdempotencyEntry {
     Answered { fingerprint: String, answer: StoredAnswer },
 }
 
-async fn idempotent_open(state: &Arc<AppState>, identity: &Identity, key: &str, fingerprint: &str, workspace: &str, profile: &str) -> Response {
+async fn idempotent_open(
+    state: &Arc<AppState>,
+    identity: &Identity,
+    key: &str,
+    fingerprint: &str,
+    workspace: &str,
+    profile: &str,
+) -> Response {
     let store = &state.api.idempotency;
     let storage_key = format!("berth:session-idempotency:{}:{key}", identity.user);
-    let unavailable = |error: String| ApiError::new(ApiErrorCode::Unavailable, format!("idempotency keys unavailable: {error}")).into_response();
+    let unavailable =
+        |error: String| ApiError::new(ApiErrorCode::Unavailable, format!("idempotency keys unavailable: {error}")).into_response();
     // The claim outlives the longest an open can take, so a crashed instance's claim expires.
     let claim_ttl = state.config.open_answer_timeout + Duration::from_secs(30);
     let running = IdempotencyEntry::Running { fingerprint: fingerprint.to_owned() };
@@ -422,11 +446,14 @@ async fn idempotent_open(state: &Arc<AppState>, identity: &Identity, key: &str, 
                     Err(error) => return unavailable(error),
                 };
                 let entry_fingerprint = match &entry {
-                    Some(IdempotencyEntry::Running { fingerprint } | IdempotencyEntry::Answered { fingerprint, .. }) => Some(fingerprint.as_str()),
+                    Some(IdempotencyEntry::Running { fingerprint } | IdempotencyEntry::Answered { fingerprint, .. }) => {
+                        Some(fingerprint.as_str())
+                    }
                     None => None,
                 };
                 if entry_fingerprint.is_some_and(|found| found != fingerprint) {
-                    return ApiError::new(ApiErrorCode::Conflict, "this Idempotency-Key was used with another request body").into_response();
+                    return ApiError::new(ApiErrorCode::Conflict, "this Idempotency-Key was used with another request body")
+                        .into_response();
                 }
                 match entry {
                     Some(IdempotencyEntry::Answered { answer, .. }) => {
@@ -437,7 +464,8 @@ async fn idempotent_open(state: &Arc<AppState>, identity: &Identity, key: &str, 
                     // Released (the first attempt sent nothing) or expired: try it ourselves.
                     None => return Box::pin(idempotent_open(state, identity, key, fingerprint, workspace, profile)).await,
                     Some(IdempotencyEntry::Running { .. }) if Instant::now() >= deadline => {
-                        return ApiError::new(ApiErrorCode::Conflict, "a request with this Idempotency-Key is still running").into_response();
+                        return ApiError::new(ApiErrorCode::Conflict, "a request with this Idempotency-Key is still running")
+                            .into_response();
                     }
                     Some(IdempotencyEntry::Running { .. }) => tokio::time::sleep(IDEMPOTENCY_POLL).await,
                 }
@@ -556,7 +584,12 @@ fn millis(duration: Duration) -> u64 {
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn get_session(State(state): State<Arc<AppState>>, Path(session): Path<String>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+pub(crate) async fn get_session(
+    State(state): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
         Ok(identity) => identity,
         Err(response) => return response,
@@ -584,7 +617,12 @@ pub(crate) async fn get_session(State(state): State<Arc<AppState>>, Path(session
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn close_session(State(state): State<Arc<AppState>>, Path(session): Path<String>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+pub(crate) async fn close_session(
+    State(state): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
         Ok(identity) => identity,
         Err(response) => return response,
@@ -619,7 +657,12 @@ pub(crate) async fn close_session(State(state): State<Arc<AppState>>, Path(sessi
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn session_activity(State(state): State<Arc<AppState>>, Path(session): Path<String>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+pub(crate) async fn session_activity(
+    State(state): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
         Ok(identity) => identity,
         Err(response) => return response,
@@ -651,7 +694,12 @@ pub struct KeepaliveResponse {
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn session_keepalive(State(state): State<Arc<AppState>>, Path(session): Path<String>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+pub(crate) async fn session_keepalive(
+    State(state): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
         Ok(identity) => identity,
         Err(response) => return response,
@@ -672,7 +720,14 @@ mod tests {
     /// Every WebSocket error code means the same on HTTP and is spelled the same.
     #[test]
     fn websocket_codes_are_http_codes() {
-        for code in [ErrorCode::BadRequest, ErrorCode::FrameTooLarge, ErrorCode::RateLimited, ErrorCode::NotFound, ErrorCode::Unavailable, ErrorCode::Timeout] {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::FrameTooLarge,
+            ErrorCode::RateLimited,
+            ErrorCode::NotFound,
+            ErrorCode::Unavailable,
+            ErrorCode::Timeout,
+        ] {
             assert_eq!(serde_json::to_value(code).unwrap(), serde_json::to_value(ApiErrorCode::from(code)).unwrap());
         }
         let body = serde_json::to_value(ApiError::new(ApiErrorCode::QuotaExceeded, "full")).unwrap();
@@ -681,7 +736,8 @@ mod tests {
 
     #[test]
     fn idempotency_entries_round_trip() {
-        let entry = IdempotencyEntry::Answered { fingerprint: "f".into(), answer: StoredAnswer { status: 201, body: json!({"session": "s"}) } };
+        let entry =
+            IdempotencyEntry::Answered { fingerprint: "f".into(), answer: StoredAnswer { status: 201, body: json!({"session": "s"}) } };
         let text = serde_json::to_string(&entry).unwrap();
         assert_eq!(serde_json::from_str::<IdempotencyEntry>(&text).unwrap(), entry);
     }

@@ -401,7 +401,9 @@ mod tests {
             assert_eq!(authority.verify(&confused), Err(AuthFailure::BadSignature));
             assert!(authority.mint("carol", &[], Duration::from_secs(60)).is_err(), "a public key cannot mint");
         }
-        assert!(TokenAuthority::new(&KeyMaterial::inline("-----BEGIN PUBLIC KEY-----\ngarbage\n-----END PUBLIC KEY-----"), "berth").is_err());
+        assert!(
+            TokenAuthority::new(&KeyMaterial::inline("-----BEGIN PUBLIC KEY-----\ngarbage\n-----END PUBLIC KEY-----"), "berth").is_err()
+        );
     }
 
     #[test]

@@ -78,7 +78,9 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
     let users: Vec<String> = (0..USERS).map(|index| format!("bench-{run_id}-{index}")).collect();
     let connect_started = Instant::now();
     let mut readers = Vec::new();
-    for chunk in users.iter().flat_map(|user| std::iter::repeat_n(user.clone(), SOCKETS_PER_USER)).collect::<Vec<_>>().chunks(CONNECT_CONCURRENCY) {
+    for chunk in
+        users.iter().flat_map(|user| std::iter::repeat_n(user.clone(), SOCKETS_PER_USER)).collect::<Vec<_>>().chunks(CONNECT_CONCURRENCY)
+    {
         let connecting = chunk.iter().map(|user| {
             let token = authority.mint(user, &[], Duration::from_secs(3600));
             async move {
@@ -192,12 +194,18 @@ async fn baseline_latencies(bus: &Bus, run_id: &str) -> anyhow::Result<Vec<Durat
     let user = format!("bench-baseline-{run_id}");
     let queue = bus.declare_private_queue(protocol::topology::NOTIFY_EXCHANGE, &[protocol::topology::user_routing_key(&user)]).await?;
     let channel = bus.channel().await?;
-    let mut consumer = channel
-        .basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
-        .await?;
+    let mut consumer =
+        channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
     let mut latencies = Vec::with_capacity(SEQUENTIAL_ROUNDS);
     for _ in 0..SEQUENTIAL_ROUNDS {
-        let notification = Notification { id: uuid::Uuid::now_v7(), user: user.clone(), session: None, state: "running".to_owned(), detail: json!({}), cause: None };
+        let notification = Notification {
+            id: uuid::Uuid::now_v7(),
+            user: user.clone(),
+            session: None,
+            state: "running".to_owned(),
+            detail: json!({}),
+            cause: None,
+        };
         let sent = Instant::now();
         bus.publish_notification(&notification).await?;
         let delivery = tokio::time::timeout(RECEIPT_TIMEOUT, consumer.next()).await.context("baseline consumer got nothing")?;

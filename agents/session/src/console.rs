@@ -90,7 +90,8 @@ pub struct Console {
 
 /// The console's routes, merged into the agent's router.
 pub fn routes(app: Arc<AppState>) -> Router<Arc<AppState>> {
-    let console = Arc::new(Console { app, used_links: Mutex::new(HashMap::new()), live: OnceCell::new(), last_progress: Mutex::new(HashMap::new()) });
+    let console =
+        Arc::new(Console { app, used_links: Mutex::new(HashMap::new()), live: OnceCell::new(), last_progress: Mutex::new(HashMap::new()) });
     // Listening from the start: a workspace's first progress comes moments after its open.
     tokio::spawn({
         let console = console.clone();
@@ -181,7 +182,9 @@ impl Console {
 
     /// The signed-in identity and token from the cookie, if it is still valid.
     fn signed_in(&self, headers: &HeaderMap) -> Option<(Identity, String)> {
-        cookie_values(headers).into_iter().find_map(|token| self.app.config.authority.verify(token).ok().map(|identity| (identity, token.to_owned())))
+        cookie_values(headers)
+            .into_iter()
+            .find_map(|token| self.app.config.authority.verify(token).ok().map(|identity| (identity, token.to_owned())))
     }
 
     /// The token the cookie keeps for `identity`: a fresh long one when this deployment can
@@ -212,8 +215,14 @@ impl Console {
         let claim = async {
             let client = redis::Client::open(url.as_str())?;
             let mut connection = client.get_multiplexed_async_connection().await?;
-            let claimed: Option<String> =
-                redis::cmd("SET").arg(format!("berth:console-link:{digest}")).arg(1).arg("NX").arg("EX").arg(seconds).query_async(&mut connection).await?;
+            let claimed: Option<String> = redis::cmd("SET")
+                .arg(format!("berth:console-link:{digest}"))
+                .arg(1)
+                .arg("NX")
+                .arg("EX")
+                .arg(seconds)
+                .query_async(&mut connection)
+                .await?;
             Ok::<_, redis::RedisError>(claimed.is_some())
         };
         match tokio::time::timeout(Duration::from_secs(3), claim).await {
@@ -333,7 +342,10 @@ async fn signin_link(State(console): State<Arc<Console>>, Query(query): Query<Li
         Ok(identity) => identity,
         Err(failure) => {
             tracing::info!(reason = failure.label(), "refused a console sign-in link");
-            return error_page(StatusCode::UNAUTHORIZED, "This sign-in link is not valid any more (links last a few minutes). Ask for a new one, or paste a token.");
+            return error_page(
+                StatusCode::UNAUTHORIZED,
+                "This sign-in link is not valid any more (links last a few minutes). Ask for a new one, or paste a token.",
+            );
         }
     };
     if !console.claim_link(&link, identity.expires_at).await {
@@ -574,12 +586,17 @@ async fn admin(State(console): State<Arc<Console>>, headers: HeaderMap) -> Respo
             counts.0 += 1;
         }
     }
-    let mut users: Vec<Value> = per_user.into_iter().map(|(user, (live, total))| json!({"user": user, "live": live, "total": total})).collect();
+    let mut users: Vec<Value> =
+        per_user.into_iter().map(|(user, (live, total))| json!({"user": user, "live": live, "total": total})).collect();
     users.sort_by(|a, b| a["user"].as_str().cmp(&b["user"].as_str()));
     let (committed, queue) = engine_counts(app).await;
     let limits = &app.config.profile.limits;
     let memory_total = if limits.host_memory_mib > 0 { limits.host_memory_mib } else { host_memory_mib() };
-    let cpus_total = if limits.host_cpus > 0.0 { limits.host_cpus } else { std::thread::available_parallelism().map_or(1.0, |count| count.get() as f64) };
+    let cpus_total = if limits.host_cpus > 0.0 {
+        limits.host_cpus
+    } else {
+        std::thread::available_parallelism().map_or(1.0, |count| count.get() as f64)
+    };
     let body = json!({
         "sessions": sessions,
         "users": users,
@@ -605,9 +622,15 @@ async fn engine_counts(app: &AppState) -> (Option<(i64, i64)>, Vec<Value>) {
     let read = async {
         let client = redis::Client::open(url.as_str())?;
         let mut connection = client.get_multiplexed_async_connection().await?;
-        let capacity: HashMap<String, i64> = redis::cmd("HGETALL").arg(format!("{ENGINE_REDIS_PREFIX}:capacity")).query_async(&mut connection).await?;
-        let queued: Vec<(String, f64)> =
-            redis::cmd("ZRANGE").arg(format!("{ENGINE_REDIS_PREFIX}:queue:{SESSION_PATTERN}")).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut connection).await?;
+        let capacity: HashMap<String, i64> =
+            redis::cmd("HGETALL").arg(format!("{ENGINE_REDIS_PREFIX}:capacity")).query_async(&mut connection).await?;
+        let queued: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(format!("{ENGINE_REDIS_PREFIX}:queue:{SESSION_PATTERN}"))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut connection)
+            .await?;
         Ok::<_, redis::RedisError>((capacity, queued))
     };
     match tokio::time::timeout(Duration::from_secs(3), read).await {
@@ -631,7 +654,9 @@ async fn engine_counts(app: &AppState) -> (Option<(i64, i64)>, Vec<Value>) {
 fn host_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|text| text.lines().find(|line| line.starts_with("MemTotal:")).and_then(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|text| {
+            text.lines().find(|line| line.starts_with("MemTotal:")).and_then(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kib| kib / 1024)
 }
 

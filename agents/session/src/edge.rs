@@ -132,11 +132,16 @@ pub(crate) fn metrics_refusal(edge: &EdgeConfig, headers: &HeaderMap) -> Option<
     let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
     match protocol::metrics::check_bearer(edge.metrics_token.as_deref(), authorization) {
         Ok(()) => None,
-        Err(Refusal::Off) => {
-            Some((StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "message": "metrics are off: no session.metrics_token_env token"}))).into_response())
-        }
+        Err(Refusal::Off) => Some(
+            (StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "message": "metrics are off: no session.metrics_token_env token"})))
+                .into_response(),
+        ),
         Err(Refusal::Unauthorized) => Some(
-            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({"error": "unauthorized", "message": "/metrics wants the metrics bearer token"})))
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(json!({"error": "unauthorized", "message": "/metrics wants the metrics bearer token"})),
+            )
                 .into_response(),
         ),
     }
@@ -197,7 +202,13 @@ impl AsyncWrite for Tracked {
 /// Accepts on `listener` until `shutdown`, at most `max_connections` at once; then lets requests
 /// in flight finish (bounded) and returns. Upgraded sockets outlive this and are drained by the
 /// caller.
-pub(crate) async fn serve_http(listener: TcpListener, router: Router, edge: EdgeConfig, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+pub(crate) async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    edge: EdgeConfig,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let permits = Arc::new(Semaphore::new(edge.max_connections));
     let (stop_sender, stop) = watch::channel(false);
     let (alive, mut all_done) = mpsc::channel::<()>(1);
@@ -225,7 +236,11 @@ pub(crate) async fn serve_http(listener: TcpListener, router: Router, edge: Edge
             bump(&metrics.connections_refused_busy);
             busy_since_log += 1;
             if last_busy_log.is_none_or(|logged| logged.elapsed() >= Duration::from_secs(1)) {
-                tracing::warn!(limit = edge.max_connections, refused = busy_since_log, "at the connection cap: refusing new connections with 503 server_busy");
+                tracing::warn!(
+                    limit = edge.max_connections,
+                    refused = busy_since_log,
+                    "at the connection cap: refusing new connections with 503 server_busy"
+                );
                 last_busy_log = Some(Instant::now());
                 busy_since_log = 0;
             }

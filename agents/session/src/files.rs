@@ -118,7 +118,10 @@ fn workspace_path(raw: &str) -> Result<WorkspacePath, ApiError> {
 
 fn refuse_reserved(path: &WorkspacePath) -> Result<(), ApiError> {
     if path.as_str().split('/').next() == Some(RESERVED_TOP_LEVEL) {
-        return Err(ApiError::new(ApiErrorCode::UnsafePath, format!("{RESERVED_TOP_LEVEL} at the top of a workspace is reserved for Berth's tree metadata")));
+        return Err(ApiError::new(
+            ApiErrorCode::UnsafePath,
+            format!("{RESERVED_TOP_LEVEL} at the top of a workspace is reserved for Berth's tree metadata"),
+        ));
     }
     Ok(())
 }
@@ -136,7 +139,9 @@ fn file_error(error: workspace::Error) -> ApiError {
                 (std::io::ErrorKind::NotFound, _) => ApiErrorCode::NotFound,
                 // An image-backed workspace is a file system of exactly its quota.
                 (_, Some(libc_code)) if libc_code == libc::ENOSPC || libc_code == libc::EDQUOT => ApiErrorCode::QuotaExceeded,
-                (_, Some(libc_code)) if [libc::ENOTEMPTY, libc::EISDIR, libc::ENOTDIR, libc::EEXIST].contains(&libc_code) => ApiErrorCode::Conflict,
+                (_, Some(libc_code)) if [libc::ENOTEMPTY, libc::EISDIR, libc::ENOTDIR, libc::EEXIST].contains(&libc_code) => {
+                    ApiErrorCode::Conflict
+                }
                 (_, Some(libc_code)) if libc_code == libc::EINVAL => ApiErrorCode::BadRequest,
                 (_, Some(libc_code)) if libc_code == libc::ELOOP => ApiErrorCode::UnsafePath,
                 _ => ApiErrorCode::Internal,
@@ -173,7 +178,10 @@ impl Workspace {
             // An image whose mount is not in place leaves an empty folder: never serve that.
             if let Some(volume) = &volume {
                 if !workspace::is_attached(volume).map_err(file_error)? {
-                    return Err(ApiError::new(ApiErrorCode::Conflict, format!("session {session}'s workspace file system is not mounted on this host")));
+                    return Err(ApiError::new(
+                        ApiErrorCode::Conflict,
+                        format!("session {session}'s workspace file system is not mounted on this host"),
+                    ));
                 }
             }
             open_confined(&directory, &session)
@@ -190,7 +198,10 @@ impl Workspace {
         if WRITABLE_STATES.contains(&state) {
             return Ok(());
         }
-        Err(ApiError::new(ApiErrorCode::Conflict, format!("session {} is {state}: its files can be changed while it is running or idle", self.session.id)))
+        Err(ApiError::new(
+            ApiErrorCode::Conflict,
+            format!("session {} is {state}: its files can be changed while it is running or idle", self.session.id),
+        ))
     }
 }
 
@@ -220,7 +231,12 @@ fn owner(state: &AppState) -> Option<Ownership> {
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn get_root(State(state): State<Arc<AppState>>, Path(session): Path<String>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+pub(crate) async fn get_root(
+    State(state): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let workspace = match Workspace::open(&state, &headers, query.as_deref(), &session).await {
         Ok(workspace) => workspace,
         Err(response) => return response,
@@ -238,7 +254,9 @@ async fn list(workspace: &Workspace, folder: Option<WorkspacePath>) -> Result<Fo
         let prefix = folder.as_ref().map(|folder| format!("{folder}/")).unwrap_or_default();
         let entries = entries
             .iter()
-            .map(|entry| entry_of(&entry.name, &format!("{prefix}{}", entry.name.to_string_lossy()), &entry.metadata, entry.link_target.as_deref()))
+            .map(|entry| {
+                entry_of(&entry.name, &format!("{prefix}{}", entry.name.to_string_lossy()), &entry.metadata, entry.link_target.as_deref())
+            })
             .collect();
         Ok(FolderListing { path: folder.map(|folder| folder.to_string()).unwrap_or_default(), entries })
     })
@@ -366,7 +384,13 @@ pub(crate) async fn put_file(
     }
 }
 
-async fn upload(state: &AppState, workspace: &Workspace, raw_path: &str, headers: &HeaderMap, body: Body) -> Result<(StatusCode, FileEntry), ApiError> {
+async fn upload(
+    state: &AppState,
+    workspace: &Workspace,
+    raw_path: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, FileEntry), ApiError> {
     let path = workspace_path(raw_path)?;
     refuse_reserved(&path)?;
     workspace.writable()?;
@@ -386,7 +410,10 @@ async fn upload(state: &AppState, workspace: &Workspace, raw_path: &str, headers
                 }
                 Some(metadata) if metadata.is_dir() => return Err(ApiError::new(ApiErrorCode::Conflict, format!("{path} is a folder"))),
                 Some(metadata) if !metadata.is_file() => {
-                    return Err(ApiError::new(ApiErrorCode::UnsafePath, format!("{path} is {}: not a regular file", special_kind(metadata))));
+                    return Err(ApiError::new(
+                        ApiErrorCode::UnsafePath,
+                        format!("{path} is {}: not a regular file", special_kind(metadata)),
+                    ));
                 }
                 Some(metadata) => Some(metadata.permissions().mode() & 0o777),
             };
@@ -470,7 +497,10 @@ async fn upload(state: &AppState, workspace: &Workspace, raw_path: &str, headers
 
 /// What is at `path` now, for the answer of a write.
 fn described(confined: &Confined, path: &WorkspacePath) -> Result<FileEntry, ApiError> {
-    let metadata = confined.entry_metadata(path).map_err(file_error)?.ok_or_else(|| ApiError::new(ApiErrorCode::NotFound, format!("{path} is gone")))?;
+    let metadata = confined
+        .entry_metadata(path)
+        .map_err(file_error)?
+        .ok_or_else(|| ApiError::new(ApiErrorCode::NotFound, format!("{path} is gone")))?;
     Ok(entry_of(std::ffi::OsStr::new(path.file_name()), path.as_str(), &metadata, None))
 }
 
@@ -499,7 +529,8 @@ pub(crate) async fn delete_path(
         Ok(workspace) => workspace,
         Err(response) => return response,
     };
-    let removal = if query_parameter(query.as_deref(), "recursive").as_deref() == Some("true") { Removal::Recursive } else { Removal::EmptyFolder };
+    let removal =
+        if query_parameter(query.as_deref(), "recursive").as_deref() == Some("true") { Removal::Recursive } else { Removal::EmptyFolder };
     let outcome = async {
         let path = workspace_path(&raw_path)?;
         refuse_reserved(&path)?;
@@ -510,9 +541,10 @@ pub(crate) async fn delete_path(
                 return Err(ApiError::new(ApiErrorCode::NotFound, format!("nothing at {path}")));
             }
             confined.remove_entry(&path, removal).map_err(|error| match file_error(error) {
-                refusal if refusal.code == ApiErrorCode::Conflict => {
-                    ApiError::new(ApiErrorCode::Conflict, format!("{path} is a folder that is not empty: add ?recursive=true to remove it with everything in it"))
-                }
+                refusal if refusal.code == ApiErrorCode::Conflict => ApiError::new(
+                    ApiErrorCode::Conflict,
+                    format!("{path} is a folder that is not empty: add ?recursive=true to remove it with everything in it"),
+                ),
                 refusal => refusal,
             })
         })
@@ -589,7 +621,12 @@ async fn make_folder(workspace: &Workspace, raw_path: &str, owner: Option<Owners
     .await
 }
 
-async fn rename(workspace: &Workspace, raw_from: &str, raw_to: &str, owner: Option<Ownership>) -> Result<(StatusCode, FileEntry), ApiError> {
+async fn rename(
+    workspace: &Workspace,
+    raw_from: &str,
+    raw_to: &str,
+    owner: Option<Ownership>,
+) -> Result<(StatusCode, FileEntry), ApiError> {
     let from = workspace_path(raw_from)?;
     let to = workspace_path(raw_to).map_err(|error| ApiError::new(error.code, format!("`to`: {}", error.message)))?;
     refuse_reserved(&from)?;

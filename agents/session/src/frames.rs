@@ -131,7 +131,8 @@ fn parse_request(mut object: Map<String, Value>) -> Result<ClientRequest, String
 fn printable(text: &str) -> String {
     text.chars()
         .map(|c| {
-            let garbling = c.is_control() || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
+            let garbling =
+                c.is_control() || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
             if garbling {
                 c.escape_unicode().to_string()
             } else {
@@ -322,14 +323,26 @@ mod tests {
 
     #[test]
     fn client_frame_table() {
-        check(r#"{"type":"open","id":"r1","workspace":"w1","profile":"dev"}"#, Some("r1"),
-              Ok(ClientRequest::Open { workspace: "w1".into(), profile: "dev".into() }));
-        check(&format!(r#"{{"type":"close","session":"{SESSION}"}}"#), None,
-              Ok(ClientRequest::Close { session: SESSION.into(), reason: None }));
-        check(&format!(r#"{{"type":"activity","id":"a","session":"{SESSION}"}}"#), Some("a"),
-              Ok(ClientRequest::Activity { session: SESSION.into() }));
-        check(&format!(r#"{{"type":"subscribe","id":"s","session":"{SESSION}"}}"#), Some("s"),
-              Ok(ClientRequest::Subscribe { session: SESSION.into() }));
+        check(
+            r#"{"type":"open","id":"r1","workspace":"w1","profile":"dev"}"#,
+            Some("r1"),
+            Ok(ClientRequest::Open { workspace: "w1".into(), profile: "dev".into() }),
+        );
+        check(
+            &format!(r#"{{"type":"close","session":"{SESSION}"}}"#),
+            None,
+            Ok(ClientRequest::Close { session: SESSION.into(), reason: None }),
+        );
+        check(
+            &format!(r#"{{"type":"activity","id":"a","session":"{SESSION}"}}"#),
+            Some("a"),
+            Ok(ClientRequest::Activity { session: SESSION.into() }),
+        );
+        check(
+            &format!(r#"{{"type":"subscribe","id":"s","session":"{SESSION}"}}"#),
+            Some("s"),
+            Ok(ClientRequest::Subscribe { session: SESSION.into() }),
+        );
         check(r#"{"type":"ping","id":"p"}"#, Some("p"), Ok(ClientRequest::Ping));
         check("{", None, Err("not valid JSON"));
         check("[1]", None, Err("must be a JSON object"));
@@ -341,8 +354,11 @@ mod tests {
         check(r#"{"id":"x","type":"close","session":"../nope"}"#, Some("x"), Err("`session`: session id"));
         check(r#"{"id":7,"type":"ping"}"#, None, Err("`id` must be a string"));
         // Found by tests/frame_properties.rs: the member at fault is named, and shown escaped.
-        check(&format!(r#"{{"id":"x","type":"close","session":"{SESSION}","session":null}}"#), Some("x"),
-              Err("`close` frame: `session`: invalid type: null, expected a string"));
+        check(
+            &format!(r#"{{"id":"x","type":"close","session":"{SESSION}","session":null}}"#),
+            Some("x"),
+            Err("`close` frame: `session`: invalid type: null, expected a string"),
+        );
         check(r#"{"id":"x","type":"ping","\u202e":1}"#, Some("x"), Err("`ping` frame: `\\u{202e}`: unknown field `\\u{202e}`"));
     }
 
@@ -352,9 +368,19 @@ mod tests {
         assert_eq!(text, r#"{"type":"error","id":"r1","code":"not_found","message":"no such session"}"#);
         let text = ServerFrame::ok_session(Some("r2".into()), "s").to_text();
         assert_eq!(text, r#"{"type":"ok","id":"r2","session":"s"}"#);
-        let text = ServerFrame::Ok { id: Some("r3".into()), session: Some("s".into()), status: None, debounced: None, joined: Some(true), state: None, position: None }.to_text();
+        let text = ServerFrame::Ok {
+            id: Some("r3".into()),
+            session: Some("s".into()),
+            status: None,
+            debounced: None,
+            joined: Some(true),
+            state: None,
+            position: None,
+        }
+        .to_text();
         assert_eq!(text, r#"{"type":"ok","id":"r3","session":"s","joined":true}"#);
-        let timeout = ServerFrame::Error { id: None, code: ErrorCode::Timeout, message: "late".into(), session: Some("s".into()), limit: None };
+        let timeout =
+            ServerFrame::Error { id: None, code: ErrorCode::Timeout, message: "late".into(), session: Some("s".into()), limit: None };
         assert_eq!(timeout.to_text(), r#"{"type":"error","code":"timeout","message":"late","session":"s"}"#);
     }
 }

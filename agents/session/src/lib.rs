@@ -18,8 +18,8 @@ pub mod hub;
 pub mod loadgen;
 pub mod metrics;
 pub mod notify;
-pub mod proxy;
 pub mod openapi;
+pub mod proxy;
 pub mod server;
 mod socket;
 pub mod store;
@@ -45,9 +45,7 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Session, "berth-session")?).await?;
     bus.declare_topology().await?;
     let address = &profile.services.session_addr;
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .map_err(|source| Error::Listen { address: address.clone(), source })?;
+    let listener = tokio::net::TcpListener::bind(address).await.map_err(|source| Error::Listen { address: address.clone(), source })?;
     // The HTTP server wants a `'static` shutdown future; relay the caller's through a channel.
     let (trigger, triggered) = tokio::sync::oneshot::channel::<()>();
     let serving = serve(config, bus.clone(), listener, async move {

@@ -68,7 +68,11 @@ impl Collector for Collected {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let counters: [(&str, &str, u64); 15] = [
             ("connections", "WebSocket connections accepted", load(&metrics.connections_total)),
-            ("connections_refused", "connections refused because the user already holds the maximum", load(&metrics.connections_refused_limit)),
+            (
+                "connections_refused",
+                "connections refused because the user already holds the maximum",
+                load(&metrics.connections_refused_limit),
+            ),
             ("frames_received", "frames received from clients", load(&metrics.frames_received)),
             ("frames_sent", "frames sent to clients", load(&metrics.frames_sent)),
             ("frames_refused", "client frames answered with an error", load(&metrics.frames_refused)),
@@ -92,9 +96,15 @@ impl Collector for Collected {
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
         }
         let origins = ConstCounter::new(load(&metrics.origins_refused));
-        origins.encode(encoder.encode_descriptor("origins_refused", "WebSocket upgrades refused for a foreign Origin", None, origins.metric_type())?)?;
+        origins.encode(encoder.encode_descriptor(
+            "origins_refused",
+            "WebSocket upgrades refused for a foreign Origin",
+            None,
+            origins.metric_type(),
+        )?)?;
         let by_reason = metrics.auth_failures_by_reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let mut family = encoder.encode_descriptor("auth_failures_by_reason", "requests refused with 401, by reason", None, origins.metric_type())?;
+        let mut family =
+            encoder.encode_descriptor("auth_failures_by_reason", "requests refused with 401, by reason", None, origins.metric_type())?;
         for (reason, count) in by_reason {
             ConstCounter::new(count).encode(family.encode_family(&[("reason", reason)])?)?;
         }

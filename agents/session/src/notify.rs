@@ -39,7 +39,8 @@ impl NotificationConsumer {
         // Notifications are fire-and-forget: a socket that misses one resyncs from the store on
         // reconnect, so there is nothing to gain from acknowledging them one by one.
         let options = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
-        let consumer = channel.basic_consume(&queue, &consumer_tag, options, FieldTable::default()).await.map_err(protocol::bus::BusError::from)?;
+        let consumer =
+            channel.basic_consume(&queue, &consumer_tag, options, FieldTable::default()).await.map_err(protocol::bus::BusError::from)?;
         tracing::info!(queue = %queue, "consuming notifications");
         Ok(NotificationConsumer { queue, channel, consumer, consumer_tag })
     }

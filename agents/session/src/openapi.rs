@@ -93,7 +93,14 @@ mod tests {
     fn every_route_is_documented() {
         let document: serde_json::Value = serde_json::from_str(&super::document()).unwrap();
         let paths = document["paths"].as_object().unwrap();
-        for path in ["/api/sessions", "/api/sessions/{id}", "/api/sessions/{id}/activity", "/api/sessions/{id}/terminal", "/api/sessions/{id}/files", "/api/sessions/{id}/files/{path}"] {
+        for path in [
+            "/api/sessions",
+            "/api/sessions/{id}",
+            "/api/sessions/{id}/activity",
+            "/api/sessions/{id}/terminal",
+            "/api/sessions/{id}/files",
+            "/api/sessions/{id}/files/{path}",
+        ] {
             assert!(paths.contains_key(path), "{path} is missing");
         }
         assert_eq!(document["openapi"].as_str().map(|version| version.starts_with("3.")), Some(true));

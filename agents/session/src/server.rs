@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -60,7 +60,12 @@ pub struct InstanceHandle {
 
 /// Serves users on `listener` until `shutdown` completes: stops accepting, closes every socket
 /// with 1001 (going away), removes the private queue, returns.
-pub async fn serve(config: SessionConfig, bus: Bus, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn serve(
+    config: SessionConfig,
+    bus: Bus,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let (handle, running) = start(config, bus, listener, shutdown).await?;
     drop(handle);
     running.await
@@ -86,7 +91,18 @@ pub async fn start(
     let api = crate::api::ApiResources::connect(config.activity_redis_url.as_deref()).await;
     let address = listener.local_addr().map(|address| address.to_string()).unwrap_or_default();
     let metrics_registry = metrics.registry(&bus);
-    let state = Arc::new(AppState { config, bus, hub: hub.clone(), store, metrics: metrics.clone(), metrics_registry, consumer_ready, stop, activity, api });
+    let state = Arc::new(AppState {
+        config,
+        bus,
+        hub: hub.clone(),
+        store,
+        metrics: metrics.clone(),
+        metrics_registry,
+        consumer_ready,
+        stop,
+        activity,
+        api,
+    });
     let router = router(state.clone());
     let edge = state.config.edge.clone();
     let metrics_for_edge = metrics.clone();
@@ -276,7 +292,8 @@ pub(crate) async fn list_sessions(State(state): State<Arc<AppState>>, headers: H
     let everyone = query_parameter(query.as_deref(), "all").as_deref() == Some("true");
     let asks_for_others = everyone || requested_user.as_ref().is_some_and(|user| *user != identity.user);
     if asks_for_others && !identity.is_admin() {
-        return (StatusCode::FORBIDDEN, Json(json!({"error": "forbidden", "message": "only admins see other users' sessions"}))).into_response();
+        return (StatusCode::FORBIDDEN, Json(json!({"error": "forbidden", "message": "only admins see other users' sessions"})))
+            .into_response();
     }
     let filter_user = if everyone { None } else { Some(requested_user.as_deref().unwrap_or(&identity.user)) };
     match state.store.sessions_of(filter_user).await {
@@ -284,7 +301,9 @@ pub(crate) async fn list_sessions(State(state): State<Arc<AppState>>, headers: H
             let sessions: Vec<SessionStatus> = records.iter().filter_map(SessionStatus::from_record).collect();
             Json(json!({"sessions": sessions})).into_response()
         }
-        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "unavailable", "message": error.to_string()}))).into_response(),
+        Err(error) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "unavailable", "message": error.to_string()}))).into_response()
+        }
     }
 }
 

@@ -213,7 +213,12 @@ impl Connection {
                 for status in &sessions {
                     self.authorized_sessions.insert(status.session.clone(), status.user.clone());
                 }
-                ServerFrame::Snapshot { user: self.identity.user.clone(), roles: self.identity.roles.clone(), sessions: Some(sessions), error: None }
+                ServerFrame::Snapshot {
+                    user: self.identity.user.clone(),
+                    roles: self.identity.roles.clone(),
+                    sessions: Some(sessions),
+                    error: None,
+                }
             }
             Err(error) => {
                 tracing::warn!(user = %self.identity.user, %error, "no snapshot for a new socket");
@@ -301,7 +306,11 @@ impl Connection {
     async fn request(&mut self, text: &str) -> Result<Reply, ServerFrame> {
         let limits = &self.state.config;
         if text.len() > limits.max_frame_bytes {
-            return Err(ServerFrame::error(None, ErrorCode::FrameTooLarge, format!("frame is {} bytes; the limit is {}", text.len(), limits.max_frame_bytes)));
+            return Err(ServerFrame::error(
+                None,
+                ErrorCode::FrameTooLarge,
+                format!("frame is {} bytes; the limit is {}", text.len(), limits.max_frame_bytes),
+            ));
         }
         // Parsing a frame within the size limit costs microseconds; doing it before the rate check
         // lets even a refused request be matched to its reply by id.
@@ -359,7 +368,15 @@ impl Connection {
         match report_activity(&self.state, &self.identity.user, session, "websocket", id.clone()).await {
             Ok(admission) => {
                 let debounced = admission == Admission::Debounced;
-                ServerFrame::Ok { id, session: Some(session.to_owned()), status: None, debounced: Some(debounced), joined: None, state: None, position: None }
+                ServerFrame::Ok {
+                    id,
+                    session: Some(session.to_owned()),
+                    status: None,
+                    debounced: Some(debounced),
+                    joined: None,
+                    state: None,
+                    position: None,
+                }
             }
             Err(frame) => frame,
         }
@@ -432,9 +449,19 @@ impl Connection {
 /// first notification caused by it: the engine binds the open to the workspace's live session if
 /// there is one (at most one per profile, user and workspace), and that notification names it.
 /// The user's notifications must be bound on this instance (a socket of theirs is attached).
-pub(crate) async fn request_open(state: &Arc<AppState>, user: &str, id: Option<String>, workspace: &str, profile: &str) -> Result<RequestedOpen, ServerFrame> {
+pub(crate) async fn request_open(
+    state: &Arc<AppState>,
+    user: &str,
+    id: Option<String>,
+    workspace: &str,
+    profile: &str,
+) -> Result<RequestedOpen, ServerFrame> {
     if profile != state.config.profile_name {
-        return Err(ServerFrame::error(id, ErrorCode::BadRequest, format!("this deployment runs profile {:?}, not {profile:?}", state.config.profile_name)));
+        return Err(ServerFrame::error(
+            id,
+            ErrorCode::BadRequest,
+            format!("this deployment runs profile {:?}, not {profile:?}", state.config.profile_name),
+        ));
     }
     let session = uuid::Uuid::now_v7().to_string();
     let data = json!({"user": user, "workspace": workspace, "profile": profile});
@@ -471,7 +498,13 @@ pub(crate) async fn request_open(state: &Arc<AppState>, user: &str, id: Option<S
 
 /// Turns one piece of user input on `session` (`source`: `websocket`, `terminal`, `api`) into
 /// a `session.activity` event, debounced (see the crate's README); the caller has authorized it.
-pub(crate) async fn report_activity(state: &AppState, user: &str, session: &str, source: &str, id: Option<String>) -> Result<Admission, ServerFrame> {
+pub(crate) async fn report_activity(
+    state: &AppState,
+    user: &str,
+    session: &str,
+    source: &str,
+    id: Option<String>,
+) -> Result<Admission, ServerFrame> {
     if state.activity.admit(session).await == Admission::Debounced {
         bump(&state.metrics.activity_debounced);
         return Ok(Admission::Debounced);
@@ -484,7 +517,14 @@ pub(crate) async fn report_activity(state: &AppState, user: &str, session: &str,
     Ok(Admission::Publish)
 }
 
-pub(crate) async fn publish_for_user(state: &AppState, user: &str, event_type: &str, session: &str, data: Value, id: Option<String>) -> Result<(), ServerFrame> {
+pub(crate) async fn publish_for_user(
+    state: &AppState,
+    user: &str,
+    event_type: &str,
+    session: &str,
+    data: Value,
+    id: Option<String>,
+) -> Result<(), ServerFrame> {
     publish_event(state, &user_event(state, user, event_type, session, data), id).await
 }
 
@@ -529,12 +569,19 @@ fn open_outcome(id: Option<String>, requested: &str, answer: Option<&Notificatio
     };
     if let (Some(code), "closed") = (refusal, notification.state.as_str()) {
         let limit = notification.detail.get("limit").and_then(Value::as_str).map(str::to_owned);
-        let message = notification.detail.get("error").and_then(Value::as_str).filter(|error| !error.is_empty()).map(str::to_owned).unwrap_or_else(|| match (code, &limit) {
-            (ErrorCode::LimitExceeded, Some(limit)) => format!("the open is over your {limit} limit"),
-            (ErrorCode::QueueTimeout, _) => "the open waited too long for capacity and was given up".to_owned(),
-            _ => "the engine refused the open".to_owned(),
-        });
-        return OpenOutcome { reply: ServerFrame::Error { id, code, message, session: Some(session), limit }, session: None, state: Some("closed".to_owned()) };
+        let message =
+            notification.detail.get("error").and_then(Value::as_str).filter(|error| !error.is_empty()).map(str::to_owned).unwrap_or_else(
+                || match (code, &limit) {
+                    (ErrorCode::LimitExceeded, Some(limit)) => format!("the open is over your {limit} limit"),
+                    (ErrorCode::QueueTimeout, _) => "the open waited too long for capacity and was given up".to_owned(),
+                    _ => "the engine refused the open".to_owned(),
+                },
+            );
+        return OpenOutcome {
+            reply: ServerFrame::Error { id, code, message, session: Some(session), limit },
+            session: None,
+            state: Some("closed".to_owned()),
+        };
     }
     let queued = notification.state == "queued";
     let position = notification.detail.get("position").and_then(Value::as_u64).filter(|_| queued);
@@ -591,30 +638,44 @@ mod tests {
         check(Some(answer(Some(LIVE), json!({"joined": true}))), json!({"type": "ok", "id": "o1", "session": LIVE, "joined": true}));
         // Either sign of a join is enough.
         check(Some(answer(Some(LIVE), json!({}))), json!({"type": "ok", "id": "o1", "session": LIVE, "joined": true}));
-        check(Some(answer(Some(REQUESTED), json!({"joined": true}))), json!({"type": "ok", "id": "o1", "session": REQUESTED, "joined": true}));
+        check(
+            Some(answer(Some(REQUESTED), json!({"joined": true}))),
+            json!({"type": "ok", "id": "o1", "session": REQUESTED, "joined": true}),
+        );
         check(Some(answer(None, Value::Null)), json!({"type": "ok", "id": "o1", "session": REQUESTED, "joined": false}));
         let timeout = open_outcome(Some("o1".into()), REQUESTED, None, Duration::from_secs(15));
         assert_eq!(timeout.session, None);
         let reply: Value = serde_json::from_str(&timeout.reply.to_text()).unwrap();
-        assert_eq!((reply["type"].as_str(), reply["code"].as_str(), reply["session"].as_str()), (Some("error"), Some("timeout"), Some(REQUESTED)));
+        assert_eq!(
+            (reply["type"].as_str(), reply["code"].as_str(), reply["session"].as_str()),
+            (Some("error"), Some("timeout"), Some(REQUESTED))
+        );
         let message = reply["message"].as_str().unwrap();
         assert!(message.contains("was sent") && message.contains("15 s") && message.contains("status updates"), "{message}");
     }
 
     #[test]
     fn refusals_and_queueing_are_typed() {
-        let mut refused = answer(Some(REQUESTED), json!({"code": "limit_exceeded", "limit": "sessions_per_user", "error": "at most 1 session", "preserved": []}));
+        let mut refused = answer(
+            Some(REQUESTED),
+            json!({"code": "limit_exceeded", "limit": "sessions_per_user", "error": "at most 1 session", "preserved": []}),
+        );
         refused.state = "closed".into();
         let outcome = open_outcome(Some("o1".into()), REQUESTED, Some(&refused), Duration::from_secs(15));
         let reply: Value = serde_json::from_str(&outcome.reply.to_text()).unwrap();
-        assert_eq!(reply, json!({"type": "error", "id": "o1", "code": "limit_exceeded", "limit": "sessions_per_user", "message": "at most 1 session", "session": REQUESTED}));
+        assert_eq!(
+            reply,
+            json!({"type": "error", "id": "o1", "code": "limit_exceeded", "limit": "sessions_per_user", "message": "at most 1 session", "session": REQUESTED})
+        );
         assert_eq!(outcome.session, None);
         refused.detail = json!({"code": "queue_timeout", "error": ""});
-        let reply: Value = serde_json::from_str(&open_outcome(None, REQUESTED, Some(&refused), Duration::from_secs(15)).reply.to_text()).unwrap();
+        let reply: Value =
+            serde_json::from_str(&open_outcome(None, REQUESTED, Some(&refused), Duration::from_secs(15)).reply.to_text()).unwrap();
         assert_eq!(reply["code"], "queue_timeout");
         // An ordinary close is no refusal.
         refused.detail = json!({"code": ""});
-        let reply: Value = serde_json::from_str(&open_outcome(None, REQUESTED, Some(&refused), Duration::from_secs(15)).reply.to_text()).unwrap();
+        let reply: Value =
+            serde_json::from_str(&open_outcome(None, REQUESTED, Some(&refused), Duration::from_secs(15)).reply.to_text()).unwrap();
         assert_eq!(reply["type"], "ok");
         let mut queued = answer(Some(REQUESTED), json!({"queued": true, "position": 3}));
         queued.state = "queued".into();

@@ -133,7 +133,9 @@ fn close_for_state(state: &str) -> Option<(u16, String)> {
         "running" | "materializing" | "provisioning" => None,
         "idle" => Some((CLOSE_SESSION_PAUSED, "session paused (idle); send activity to wake it, then reconnect".to_owned())),
         // Stopped with its directory kept: a wake starts the container again (seconds, not ms).
-        "dormant" | "waking" => Some((CLOSE_SESSION_PAUSED, format!("session {state} (stopped, files kept); send activity to wake it, then reconnect"))),
+        "dormant" | "waking" => {
+            Some((CLOSE_SESSION_PAUSED, format!("session {state} (stopped, files kept); send activity to wake it, then reconnect")))
+        }
         "stopping" | "stopped" => Some((CLOSE_SESSION_STOPPED, format!("session {state}"))),
         other => Some((CLOSE_SESSION_CLOSED, format!("session {other}"))),
     }
@@ -193,7 +195,8 @@ pub(crate) async fn terminal(
     let inspected = tokio::time::timeout(DOCKER_TIMEOUT, docker.inspect_container(&owned.container(), None)).await;
     if let Ok(Ok(inspected)) = &inspected {
         if inspected.state.as_ref().and_then(|state| state.paused) == Some(true) {
-            return ApiError::new(ApiErrorCode::Conflict, format!("session {session} is paused: send activity to wake it, then connect")).into_response();
+            return ApiError::new(ApiErrorCode::Conflict, format!("session {session} is paused: send activity to wake it, then connect"))
+                .into_response();
         }
     }
     let profile = &state.config.profile;
@@ -229,26 +232,29 @@ pub(crate) async fn terminal(
     let starting = docker.start_exec(&exec, Some(StartExecOptions { detach: false, tty: true, output_capacity: None }));
     // A container paused a moment ago (its record not yet saying so) would hold the attach.
     let Ok(started) = tokio::time::timeout(DOCKER_TIMEOUT, starting).await else {
-        return ApiError::new(ApiErrorCode::Conflict, format!("session {session}'s container did not start a shell in time (paused?)")).into_response();
+        return ApiError::new(ApiErrorCode::Conflict, format!("session {session}'s container did not start a shell in time (paused?)"))
+            .into_response();
     };
     let shell = match started {
         Ok(StartExecResults::Attached { output, input }) => Shell { output, input },
         Ok(StartExecResults::Detached) => return ApiError::new(ApiErrorCode::Internal, "the shell started detached").into_response(),
         Err(error) => {
             let text = error.to_string();
-            let code = if text.contains("is paused") || text.contains("is not running") { ApiErrorCode::Conflict } else { ApiErrorCode::Unavailable };
+            let code = if text.contains("is paused") || text.contains("is not running") {
+                ApiErrorCode::Conflict
+            } else {
+                ApiErrorCode::Unavailable
+            };
             return ApiError::new(code, format!("cannot start a shell in session {session}'s container: {text}")).into_response();
         }
     };
     tracing::info!(user = %identity.user, session_id = %session, exec_id = %exec, "terminal opened");
-    upgrade
-        .protocols([SUBPROTOCOL])
-        .max_message_size(MAX_INPUT_FRAME_BYTES)
-        .max_frame_size(MAX_INPUT_FRAME_BYTES)
-        .on_upgrade(move |socket| async move {
+    upgrade.protocols([SUBPROTOCOL]).max_message_size(MAX_INPUT_FRAME_BYTES).max_frame_size(MAX_INPUT_FRAME_BYTES).on_upgrade(
+        move |socket| async move {
             let terminal = Terminal { state, identity, session, docker, exec, tag, container: owned.container(), socket };
             terminal.run(slot, shell).await;
-        })
+        },
+    )
 }
 
 struct Terminal {
@@ -318,7 +324,9 @@ impl Terminal {
                         Message::Binary(bytes) => Some(bytes),
                         Message::Text(text) => match control_frame(text.as_str()) {
                             Some(Control::Resize { cols, rows }) => {
-                                if let Err(error) = self.docker.resize_exec(&self.exec, ResizeExecOptions { width: cols, height: rows }).await {
+                                if let Err(error) =
+                                    self.docker.resize_exec(&self.exec, ResizeExecOptions { width: cols, height: rows }).await
+                                {
                                     tracing::debug!(session_id = %self.session, %error, "terminal resize refused");
                                 }
                                 None
@@ -357,7 +365,9 @@ impl Terminal {
                         bump(&self.state.metrics.sockets_dropped_heartbeat);
                         Some((CLOSE_GOING_AWAY, "heartbeat timeout".to_owned()))
                     } else {
-                        match tokio::time::timeout(SEND_TIMEOUT, self.socket.send(Message::Ping(axum::body::Bytes::from_static(b"berth")))).await {
+                        match tokio::time::timeout(SEND_TIMEOUT, self.socket.send(Message::Ping(axum::body::Bytes::from_static(b"berth"))))
+                            .await
+                        {
                             Ok(Ok(())) => None,
                             _ => break,
                         }
@@ -402,7 +412,10 @@ impl Terminal {
             for _ in 0..HANG_UP_ATTEMPTS {
                 let attempt = async {
                     let created = docker.create_exec(&container, options.clone()).await?;
-                    docker.start_exec(&created.id, Some(StartExecOptions { detach: true, tty: false, output_capacity: None })).await.map(drop)
+                    docker
+                        .start_exec(&created.id, Some(StartExecOptions { detach: true, tty: false, output_capacity: None }))
+                        .await
+                        .map(drop)
                 };
                 let Ok(started) = tokio::time::timeout(DOCKER_TIMEOUT, attempt).await else {
                     tracing::debug!(session_id = %session, "docker did not run a closed terminal's hang-up in time");

@@ -89,7 +89,9 @@ pub(crate) async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap
     let id = format!("{user}/{period}");
     match state.store.document(protocol::store::collections::USAGE, &id).await {
         Ok(document) => (StatusCode::OK, Json(UsageReport::from_document(&user, &period, document.as_ref()))).into_response(),
-        Err(crate::error::Error::StoreRefused { kind, .. }) if kind == "not_found" => Json(UsageReport::from_document(&user, &period, None)).into_response(),
+        Err(crate::error::Error::StoreRefused { kind, .. }) if kind == "not_found" => {
+            Json(UsageReport::from_document(&user, &period, None)).into_response()
+        }
         Err(error) => ApiError::new(ApiErrorCode::Unavailable, format!("cannot read usage: {error}")).into_response(),
     }
 }

@@ -78,17 +78,23 @@ impl World {
                         Outcome::Ack
                     }
                 };
-                let _ = bus.consume(ConsumeSpec::new(&queue, 16), handler, async move {
-                    let _ = stopped.await;
-                })
-                .await;
+                let _ = bus
+                    .consume(ConsumeSpec::new(&queue, 16), handler, async move {
+                        let _ = stopped.await;
+                    })
+                    .await;
                 bus.close().await;
             });
         }
         let events_exchange = unique("berth.test.door-events");
         let channel = bus.channel().await?;
         channel
-            .exchange_declare(&events_exchange, lapin::ExchangeKind::Topic, lapin::options::ExchangeDeclareOptions::default(), FieldTable::default())
+            .exchange_declare(
+                &events_exchange,
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         let _ = channel.close(200, "declared").await;
         let (engine_queue, opens) = fake_engine(&bus, &events_exchange, table.clone()).await?;
@@ -171,7 +177,8 @@ impl World {
 async fn fake_engine(bus: &Bus, events_exchange: &str, table: Table) -> Result<(String, Arc<Mutex<Vec<CloudEvent>>>)> {
     let queue = bus.declare_private_queue(events_exchange, &["session.open".to_owned()]).await?;
     let channel = bus.channel().await?;
-    let mut consumer = channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+    let mut consumer =
+        channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
     let opens: Arc<Mutex<Vec<CloudEvent>>> = Arc::default();
     let seen = opens.clone();
     let publisher = bus.clone();
@@ -226,7 +233,14 @@ fn answer_store_request(table: &Table, body: &[u8]) -> Value {
 }
 
 fn notification(user: &str, session: &str, state: &str, detail: Value) -> Notification {
-    Notification { id: uuid::Uuid::now_v7(), user: user.to_owned(), session: Some(session.to_owned()), state: state.to_owned(), detail, cause: None }
+    Notification {
+        id: uuid::Uuid::now_v7(),
+        user: user.to_owned(),
+        session: Some(session.to_owned()),
+        state: state.to_owned(),
+        detail,
+        cause: None,
+    }
 }
 
 struct Instance {
@@ -280,7 +294,14 @@ enum Upload<'a> {
     Chunked(&'a [u8], usize),
 }
 
-async fn http(address: SocketAddr, method: &str, path: &str, token: Option<&str>, extra_headers: &[(&str, &str)], upload: Upload<'_>) -> Result<Reply> {
+async fn http(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    extra_headers: &[(&str, &str)],
+    upload: Upload<'_>,
+) -> Result<Reply> {
     let mut stream = TcpStream::connect(address).await?;
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
     if let Some(token) = token {
@@ -319,8 +340,10 @@ async fn http(address: SocketAddr, method: &str, path: &str, token: Option<&str>
     let mut raw_body = response[split + 4..].to_vec();
     let mut lines = head.lines();
     let status: u16 = lines.next().context("no status line")?.split(' ').nth(1).context("no status")?.parse()?;
-    let headers: HashMap<String, String> =
-        lines.filter_map(|line| line.split_once(':')).map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned())).collect();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
     if headers.get("transfer-encoding").is_some_and(|value| value.contains("chunked")) {
         raw_body = dechunk(&raw_body)?;
     }
@@ -346,7 +369,8 @@ async fn tap(world: &World) -> Result<(String, tokio::sync::mpsc::UnboundedRecei
     let keys = ["session.open", "session.close", "session.activity", "session.keepalive"].map(str::to_owned);
     let queue = world.bus.declare_private_queue(&world.events_exchange, &keys).await?;
     let channel = world.bus.channel().await?;
-    let mut consumer = channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+    let mut consumer =
+        channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
     let (sender, events) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _channel = channel;
@@ -361,10 +385,17 @@ async fn tap(world: &World) -> Result<(String, tokio::sync::mpsc::UnboundedRecei
     Ok((queue, events))
 }
 
-async fn expect_event(events: &mut tokio::sync::mpsc::UnboundedReceiver<CloudEvent>, session: &str, event_type: &str) -> Result<CloudEvent> {
+async fn expect_event(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<CloudEvent>,
+    session: &str,
+    event_type: &str,
+) -> Result<CloudEvent> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let event = tokio::time::timeout_at(deadline, events.recv()).await.with_context(|| format!("no {event_type} in time"))?.context("tap ended")?;
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .with_context(|| format!("no {event_type} in time"))?
+            .context("tap ended")?;
         if event.subject.as_deref() == Some(session) && event.event_type == event_type {
             return Ok(event);
         }
@@ -388,7 +419,8 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
     assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("bad_request")), "{}", bad.text());
     let bad = http(address, "POST", "/api/sessions", Some(&alice_token), &[], Upload::Bytes(br#"{"workspace":"w1","user":"bob"}"#)).await?;
     assert_eq!(bad.status, 400, "a body cannot name the user: {}", bad.text());
-    let bad = http(address, "POST", "/api/sessions", Some(&alice_token), &[], Upload::Bytes(br#"{"workspace":"w1","profile":"prod"}"#)).await?;
+    let bad =
+        http(address, "POST", "/api/sessions", Some(&alice_token), &[], Upload::Bytes(br#"{"workspace":"w1","profile":"prod"}"#)).await?;
     assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("bad_request")));
 
     // Open: a new session, then a second open joins it.
@@ -400,7 +432,8 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
     assert_eq!(opened.headers.get("location").map(String::as_str), Some(format!("/api/sessions/{session}").as_str()));
     let open_event = expect_event(&mut events, &session, "session.open").await?;
     assert_eq!(open_event.extension("userid"), Some(alice.as_str()));
-    let joined = http(address, "POST", "/api/sessions", Some(&alice_token), &[], Upload::Bytes(br#"{"workspace":"w1","profile":"dev"}"#)).await?;
+    let joined =
+        http(address, "POST", "/api/sessions", Some(&alice_token), &[], Upload::Bytes(br#"{"workspace":"w1","profile":"dev"}"#)).await?;
     assert_eq!(joined.status, 200, "{}", joined.text());
     assert_eq!(joined.json(), json!({"session": session, "state": "running", "joined": true}));
 
@@ -409,7 +442,10 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
     let sessions = listed.json()["sessions"].as_array().cloned().unwrap_or_default();
     assert!(sessions.iter().any(|status| status["session"] == session.as_str()), "{}", listed.text());
     let read = http(address, "GET", &format!("/api/sessions/{session}"), Some(&alice_token), &[], Upload::None).await?;
-    assert_eq!((read.status, read.json()["state"].as_str(), read.json()["user"].as_str()), (200, Some("materializing"), Some(alice.as_str())));
+    assert_eq!(
+        (read.status, read.json()["state"].as_str(), read.json()["user"].as_str()),
+        (200, Some("materializing"), Some(alice.as_str()))
+    );
     let hidden = http(address, "GET", &format!("/api/sessions/{session}"), Some(&bob_token), &[], Upload::None).await?;
     let missing = http(address, "GET", &format!("/api/sessions/{}", uuid::Uuid::now_v7()), Some(&bob_token), &[], Upload::None).await?;
     assert_eq!((hidden.status, hidden.json()["error"].as_str()), (404, Some("not_found")));
@@ -440,7 +476,9 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
     assert_eq!(foreign.status, 404);
 
     // Close.
-    let closed = http(address, "DELETE", &format!("/api/sessions/{session}?reason=done%20for%20today"), Some(&alice_token), &[], Upload::None).await?;
+    let closed =
+        http(address, "DELETE", &format!("/api/sessions/{session}?reason=done%20for%20today"), Some(&alice_token), &[], Upload::None)
+            .await?;
     assert_eq!((closed.status, closed.json()), (202, json!({"session": session})));
     let close_event = expect_event(&mut events, &session, "session.close").await?;
     assert_eq!((close_event.data["reason"].as_str(), close_event.extension("userid")), (Some("done for today"), Some(alice.as_str())));
@@ -470,7 +508,15 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(world.opens_of("w2"), 2, "alice's w2 once, bob's w2 once");
     assert_eq!(world.opens_of("w4"), 1);
-    let bad_key = http(address, "POST", "/api/sessions", Some(&alice_token), &[("Idempotency-Key", "has space")], Upload::Bytes(br#"{"workspace":"w5"}"#)).await?;
+    let bad_key = http(
+        address,
+        "POST",
+        "/api/sessions",
+        Some(&alice_token),
+        &[("Idempotency-Key", "has space")],
+        Upload::Bytes(br#"{"workspace":"w5"}"#),
+    )
+    .await?;
     assert_eq!(bad_key.status, 400);
 
     // The document is served, and is the committed one.
@@ -522,7 +568,10 @@ async fn the_files_api_reads_writes_and_refuses_what_path_safety_refuses() -> Re
     // Upload (creating folders), read back, replace, list.
     let put = call("PUT", format!("{files}/notes/day%201/a.txt"), Upload::Bytes(b"hello")).await?;
     assert_eq!(put.status, 201, "{}", put.text());
-    assert_eq!((put.json()["path"].as_str(), put.json()["size"].as_u64(), put.json()["mode"].as_str()), (Some("notes/day 1/a.txt"), Some(5), Some("644")));
+    assert_eq!(
+        (put.json()["path"].as_str(), put.json()["size"].as_u64(), put.json()["mode"].as_str()),
+        (Some("notes/day 1/a.txt"), Some(5), Some("644"))
+    );
     assert_eq!(std::fs::read(directory.join("notes/day 1/a.txt"))?, b"hello");
     let got = call("GET", format!("{files}/notes/day%201/a.txt"), Upload::None).await?;
     assert_eq!((got.status, got.body.as_slice()), (200, b"hello".as_slice()));
@@ -540,10 +589,19 @@ async fn the_files_api_reads_writes_and_refuses_what_path_safety_refuses() -> Re
     let entries = listing.json()["entries"].as_array().cloned().unwrap_or_default();
     assert_eq!(entries.len(), 1);
     let entry = &entries[0];
-    assert_eq!((entry["name"].as_str(), entry["kind"].as_str(), entry["size"].as_u64(), entry["mode"].as_str()), (Some("a.txt"), Some("file"), Some(21), Some("644")));
+    assert_eq!(
+        (entry["name"].as_str(), entry["kind"].as_str(), entry["size"].as_u64(), entry["mode"].as_str()),
+        (Some("a.txt"), Some("file"), Some(21), Some("644"))
+    );
     assert!(entry["mtime"].as_str().is_some_and(|mtime| mtime.ends_with('Z')), "{entry}");
     let top = call("GET", files.clone(), Upload::None).await?;
-    assert!(top.json()["entries"].as_array().is_some_and(|entries| entries.iter().any(|entry| entry["name"] == "notes" && entry["kind"] == "directory")), "{}", top.text());
+    assert!(
+        top.json()["entries"]
+            .as_array()
+            .is_some_and(|entries| entries.iter().any(|entry| entry["name"] == "notes" && entry["kind"] == "directory")),
+        "{}",
+        top.text()
+    );
 
     // Folders, renames (never replacing), deletes.
     let made = call("POST", format!("{files}/deep/er?op=mkdir"), Upload::None).await?;
@@ -594,7 +652,10 @@ async fn the_files_api_reads_writes_and_refuses_what_path_safety_refuses() -> Re
     assert!(!outside.join("new").exists() && !outside.join("made").exists());
     assert_eq!(std::fs::read(outside.join("secret"))?, b"host secret");
     let listed = call("GET", files.clone(), Upload::None).await?;
-    let link = listed.json()["entries"].as_array().and_then(|entries| entries.iter().find(|entry| entry["name"] == "out").cloned()).context("link listed")?;
+    let link = listed.json()["entries"]
+        .as_array()
+        .and_then(|entries| entries.iter().find(|entry| entry["name"] == "out").cloned())
+        .context("link listed")?;
     assert_eq!((link["kind"].as_str(), link["target"].as_str()), (Some("symlink"), outside.to_str()));
     // Deleting the link removes the link, not what it points to.
     assert_eq!(call("DELETE", format!("{files}/secret-link"), Upload::None).await?.status, 204);
@@ -657,7 +718,9 @@ async fn start_container(docker: &bollard::Docker, label: &str) -> Result<String
 async fn remove_labelled(docker: &bollard::Docker, label: &str) {
     use bollard::container::{ListContainersOptions, RemoveContainerOptions};
     let filters = HashMap::from([("label".to_owned(), vec![format!("{TEST_LABEL}={label}")])]);
-    let Ok(containers) = docker.list_containers(Some(ListContainersOptions { all: true, filters, ..Default::default() })).await else { return };
+    let Ok(containers) = docker.list_containers(Some(ListContainersOptions { all: true, filters, ..Default::default() })).await else {
+        return;
+    };
     for container in containers {
         if let Some(id) = container.id {
             let _ = docker.unpause_container(&id).await;
@@ -680,7 +743,10 @@ async fn read_until(terminal: &mut Terminal, expected: &str) -> Result<String> {
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut output = String::new();
     while !output.contains(expected) {
-        let message = tokio::time::timeout_at(deadline, terminal.next()).await.with_context(|| format!("no {expected:?} in {output:?}"))?.context("terminal ended")??;
+        let message = tokio::time::timeout_at(deadline, terminal.next())
+            .await
+            .with_context(|| format!("no {expected:?} in {output:?}"))?
+            .context("terminal ended")??;
         match message {
             Message::Binary(bytes) => output.push_str(&String::from_utf8_lossy(&bytes)),
             Message::Ping(_) | Message::Pong(_) => {}
@@ -693,7 +759,8 @@ async fn read_until(terminal: &mut Terminal, expected: &str) -> Result<String> {
 /// The close frame's code, skipping output.
 async fn close_code(terminal: &mut Terminal) -> Result<u16> {
     loop {
-        let message = tokio::time::timeout(WAIT, terminal.next()).await.context("not closed in time")?.context("ended without a close frame")??;
+        let message =
+            tokio::time::timeout(WAIT, terminal.next()).await.context("not closed in time")?.context("ended without a close frame")??;
         if let Message::Close(frame) = message {
             return Ok(frame.map(|frame| u16::from(frame.code)).unwrap_or(0));
         }

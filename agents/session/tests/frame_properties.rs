@@ -33,9 +33,49 @@ fn rand_seed() -> u64 {
 const SESSION: &str = "01936f0e-7d3a-7c4e-9a51-3d2a1b0c9e8f";
 
 const FRAGMENTS: &[&str] = &[
-    "", ".", "..", "../", "/", "\\", "%2e%2e", "%2f", "\0", "\n", "\u{7f}", "\u{85}", "\u{200B}", "\u{202E}", "\u{FEFF}", "\u{FFFD}",
-    "\u{FF0E}", "\u{1F600}", "e\u{301}", "\"", "'", "{", "}", "[", "]", "open", "close", "ping", "activity", "keepalive", "subscribe", "id", "type",
-    "w1", "dev", SESSION, "a", "-", "_", " ", "null", "true", "0",
+    "",
+    ".",
+    "..",
+    "../",
+    "/",
+    "\\",
+    "%2e%2e",
+    "%2f",
+    "\0",
+    "\n",
+    "\u{7f}",
+    "\u{85}",
+    "\u{200B}",
+    "\u{202E}",
+    "\u{FEFF}",
+    "\u{FFFD}",
+    "\u{FF0E}",
+    "\u{1F600}",
+    "e\u{301}",
+    "\"",
+    "'",
+    "{",
+    "}",
+    "[",
+    "]",
+    "open",
+    "close",
+    "ping",
+    "activity",
+    "keepalive",
+    "subscribe",
+    "id",
+    "type",
+    "w1",
+    "dev",
+    SESSION,
+    "a",
+    "-",
+    "_",
+    " ",
+    "null",
+    "true",
+    "0",
 ];
 
 fn hostile_string() -> BoxedStrategy<String> {
@@ -152,7 +192,18 @@ fn check(text: &str) -> Result<Result<ClientRequest, String>, TestCaseError> {
     }
     if let Err(message) = &parsed.request {
         prop_assert!(!message.trim().is_empty(), "empty error");
-        for noise in ["called `Option::unwrap()`", "panicked at", "Error(\"", "Value::", "Object {", "Some(", "OpenBody", "CloseBody", "SessionBody", "EmptyBody"] {
+        for noise in [
+            "called `Option::unwrap()`",
+            "panicked at",
+            "Error(\"",
+            "Value::",
+            "Object {",
+            "Some(",
+            "OpenBody",
+            "CloseBody",
+            "SessionBody",
+            "EmptyBody",
+        ] {
             prop_assert!(!message.contains(noise), "debug noise {:?} in {:?}", noise, message);
         }
         prop_assert!(!message.chars().any(is_garbling), "raw control or bidi character in {:?}", message);
@@ -228,7 +279,11 @@ async fn oversized_frames_are_refused_before_parsing() -> anyhow::Result<()> {
     settings.hard_frame_limit_bytes = 8192;
     settings.max_messages_per_second = 10_000;
     // No store answers: the snapshot on connect says so quickly, and nothing here needs one.
-    settings.store = session::StoreRoute { exchange: String::new(), routing_key: format!("berth.test.nobody-{}", uuid::Uuid::new_v4().simple()), timeout: Duration::from_millis(200) };
+    settings.store = session::StoreRoute {
+        exchange: String::new(),
+        routing_key: format!("berth.test.nobody-{}", uuid::Uuid::new_v4().simple()),
+        timeout: Duration::from_millis(200),
+    };
     settings.events_exchange = format!("berth.test.frame-events-{}", uuid::Uuid::new_v4().simple());
     let bus = protocol::Bus::connect(protocol::BusConfig::new(AMQP_URL, "session-frame-properties")).await?;
     bus.declare_topology().await?;
@@ -295,7 +350,8 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 /// The next frame that is not the snapshot sent on connect.
 async fn read_reply(socket: &mut Socket) -> anyhow::Result<Value> {
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), socket.next()).await?.ok_or_else(|| anyhow::anyhow!("socket closed"))??;
+        let message =
+            tokio::time::timeout(Duration::from_secs(10), socket.next()).await?.ok_or_else(|| anyhow::anyhow!("socket closed"))??;
         if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
             let frame: Value = serde_json::from_str(text.as_str())?;
             if frame["type"] != "snapshot" {

@@ -87,7 +87,12 @@ impl World {
         let events_exchange = format!("berth-test.{}.events", uuid::Uuid::new_v4().simple());
         let channel = bus.channel().await?;
         channel
-            .exchange_declare(&events_exchange, lapin::ExchangeKind::Topic, lapin::options::ExchangeDeclareOptions::default(), FieldTable::default())
+            .exchange_declare(
+                &events_exchange,
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         let _ = channel.close(200, "declared").await;
         Ok(World { bus, agent_bus, events_exchange, table, store_queue, secret, stop_responder: Some(stop_responder) })
@@ -178,10 +183,8 @@ fn answer_store_request(table: &Table, body: &[u8]) -> Value {
         }
         "find" => {
             let user = task.args.pointer("/filter/user/eq").and_then(Value::as_str);
-            let records: Vec<&Value> = table
-                .values()
-                .filter(|record| user.is_none_or(|user| record.get("user").and_then(Value::as_str) == Some(user)))
-                .collect();
+            let records: Vec<&Value> =
+                table.values().filter(|record| user.is_none_or(|user| record.get("user").and_then(Value::as_str) == Some(user))).collect();
             json!({"ok": true, "result": records})
         }
         other => json!({"ok": false, "error": {"kind": "bad_request", "message": format!("unexpected {other}")}}),
@@ -300,9 +303,8 @@ impl EventTap {
         let keys = ["session.open", "session.close", "session.activity", "session.keepalive"].map(str::to_owned);
         let queue = bus.declare_private_queue(&world.events_exchange, &keys).await?;
         let channel = bus.channel().await?;
-        let mut consumer = channel
-            .basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
-            .await?;
+        let mut consumer =
+            channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
         let (sender, events) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let _channel = channel;
@@ -333,7 +335,8 @@ impl EventTap {
     async fn expect(&mut self, session: &str, event_type: &str) -> Result<CloudEvent> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let event = tokio::time::timeout_at(deadline, self.events.recv()).await.context("event not seen in time")?.context("tap ended")?;
+            let event =
+                tokio::time::timeout_at(deadline, self.events.recv()).await.context("event not seen in time")?.context("tap ended")?;
             if event.subject.as_deref() == Some(session) && event.event_type == event_type {
                 return Ok(event);
             }
@@ -417,7 +420,14 @@ async fn http_get(address: SocketAddr, path: &str, token: Option<&str>) -> Resul
 }
 
 fn notification(user: &str, session: &str, state: &str, detail: Value) -> Notification {
-    Notification { id: uuid::Uuid::now_v7(), user: user.to_owned(), session: Some(session.to_owned()), state: state.to_owned(), detail, cause: None }
+    Notification {
+        id: uuid::Uuid::now_v7(),
+        user: user.to_owned(),
+        session: Some(session.to_owned()),
+        state: state.to_owned(),
+        detail,
+        cause: None,
+    }
 }
 
 #[tokio::test]
@@ -429,13 +439,18 @@ async fn unauthenticated_requests_get_401_and_no_upgrade() -> Result<()> {
     let no_token = try_connect(&instance, TokenIn::Nowhere).await.expect_err("no token must be refused");
     assert_eq!(status_of_refused_upgrade(&no_token), Some(401));
 
-    let forged = session::TokenAuthority::new(&KeyMaterial::inline("some-other-secret-0123456789"), "berth")?.mint(&alice, &[], Duration::from_secs(600))?;
+    let forged = session::TokenAuthority::new(&KeyMaterial::inline("some-other-secret-0123456789"), "berth")?.mint(
+        &alice,
+        &[],
+        Duration::from_secs(600),
+    )?;
     let bad_signature = try_connect(&instance, TokenIn::Header(&forged)).await.expect_err("forged token must be refused");
     assert_eq!(status_of_refused_upgrade(&bad_signature), Some(401));
 
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let sign = |claims: Value| {
-        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(world.secret.as_bytes())).expect("sign")
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(world.secret.as_bytes()))
+            .expect("sign")
     };
     let expired = sign(json!({"sub": alice, "aud": "berth", "exp": now - 3600, "iat": now - 7200}));
     let error = try_connect(&instance, TokenIn::Header(&expired)).await.expect_err("expired token must be refused");
@@ -536,7 +551,10 @@ async fn users_see_and_control_only_their_own_sessions() -> Result<()> {
     assert_eq!(reply["status"]["state"], "running");
     world.bus.publish_notification(&notification(&bob, &bobs_session, "idle", json!({}))).await?;
     let pushed = next_frame(&mut admin_socket).await?;
-    assert_eq!((pushed["type"].as_str(), pushed["session"].as_str(), pushed["state"].as_str()), (Some("status"), Some(bobs_session.as_str()), Some("idle")));
+    assert_eq!(
+        (pushed["type"].as_str(), pushed["session"].as_str(), pushed["state"].as_str()),
+        (Some("status"), Some(bobs_session.as_str()), Some("idle"))
+    );
     let reply = request(&mut admin_socket, json!({"type": "close", "id": "c", "session": bobs_session})).await?;
     assert_eq!(reply["type"], "ok", "{reply}");
     let closed = tap.expect(&bobs_session, "session.close").await?;
@@ -567,7 +585,10 @@ async fn open_publishes_with_the_token_user_and_a_new_session_id() -> Result<()>
     assert_eq!(opened.data, json!({"user": alice, "workspace": "thesis", "profile": "dev"}));
     // The answer came first; the notification it waited for is pushed as a status as always.
     let status = next_frame(&mut socket).await?;
-    assert_eq!((status["type"].as_str(), status["session"].as_str(), status["state"].as_str()), (Some("status"), Some(session.as_str()), Some("materializing")));
+    assert_eq!(
+        (status["type"].as_str(), status["session"].as_str(), status["state"].as_str()),
+        (Some("status"), Some(session.as_str()), Some("materializing"))
+    );
 
     // The frame cannot choose the user, nor another deployment's profile.
     let reply = request(&mut socket, json!({"type": "open", "id": "o2", "workspace": "w", "profile": "dev", "user": "bob"})).await?;
@@ -663,7 +684,11 @@ async fn an_open_the_engine_does_not_answer_times_out_and_later_requests_keep_th
 
     let reply = next_frame(&mut socket).await?;
     assert!(began.elapsed() >= Duration::from_millis(700));
-    assert_eq!((reply["type"].as_str(), reply["code"].as_str(), reply["id"].as_str()), (Some("error"), Some("timeout"), Some("o")), "{reply}");
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str(), reply["id"].as_str()),
+        (Some("error"), Some("timeout"), Some("o")),
+        "{reply}"
+    );
     let message = reply["message"].as_str().unwrap_or_default();
     assert!(message.contains("was sent") && message.contains("status updates"), "{message}");
     let requested = reply["session"].as_str().context("the requested session id")?.to_owned();
@@ -716,8 +741,11 @@ async fn tabs_opening_one_workspace_at_once_share_its_session_through_the_real_e
     let (mut tab_two, _) = connect(&second, &token).await?;
     let (mut tab_three, _) = connect(&first, &token).await?;
 
-    let open = |id: &str, workspace: &str| Message::Text(json!({"type": "open", "id": id, "workspace": workspace, "profile": "dev"}).to_string().into());
-    let (sent_one, sent_two, sent_three) = tokio::join!(tab_one.send(open("a", "thesis")), tab_two.send(open("b", "thesis")), tab_three.send(open("c", "thesis")));
+    let open = |id: &str, workspace: &str| {
+        Message::Text(json!({"type": "open", "id": id, "workspace": workspace, "profile": "dev"}).to_string().into())
+    };
+    let (sent_one, sent_two, sent_three) =
+        tokio::join!(tab_one.send(open("a", "thesis")), tab_two.send(open("b", "thesis")), tab_three.send(open("c", "thesis")));
     sent_one?;
     sent_two?;
     sent_three?;
@@ -1219,7 +1247,8 @@ async fn a_socket_is_closed_when_its_token_expires() -> Result<()> {
     let instance = world.instance(world.config()).await?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let claims = json!({"sub": unique("alice"), "aud": "berth", "exp": now + 2});
-    let short_lived = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(world.secret.as_bytes()))?;
+    let short_lived =
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(world.secret.as_bytes()))?;
     let (mut socket, _) = connect(&instance, &short_lived).await?;
     let closed = tokio::time::timeout(WAIT, async {
         loop {
@@ -1419,7 +1448,12 @@ async fn the_connection_cap_holds_under_two_thousand_idle_connections() -> Resul
     // workspace forbids `unsafe`, so setrlimit is out: with a low limit, flood less and say so.
     let soft_limit = std::fs::read_to_string("/proc/self/limits")
         .ok()
-        .and_then(|limits| limits.lines().find(|line| line.starts_with("Max open files")).and_then(|line| line.split_whitespace().nth(3)?.parse::<usize>().ok()))
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|line| line.starts_with("Max open files"))
+                .and_then(|line| line.split_whitespace().nth(3)?.parse::<usize>().ok())
+        })
         .unwrap_or(1024);
     let flood = FLOOD.min(soft_limit.saturating_sub(300) / 2);
     if flood < FLOOD {
@@ -1526,10 +1560,15 @@ async fn an_open_over_the_users_limit_is_a_typed_refusal_through_the_real_engine
     let reply = request_skipping_status(&mut tab, json!({"type": "open", "id": "a", "workspace": "thesis", "profile": "dev"})).await?;
     assert_eq!((reply["type"].as_str(), reply["joined"].as_bool()), (Some("ok"), Some(false)), "{reply}");
     let reply = request_skipping_status(&mut tab, json!({"type": "open", "id": "b", "workspace": "essay", "profile": "dev"})).await?;
-    assert_eq!((reply["type"].as_str(), reply["code"].as_str(), reply["limit"].as_str()), (Some("error"), Some("limit_exceeded"), Some("sessions_per_user")), "{reply}");
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str(), reply["limit"].as_str()),
+        (Some("error"), Some("limit_exceeded"), Some("sessions_per_user")),
+        "{reply}"
+    );
     assert_eq!(reply["id"], "b");
 
-    let (status, body) = http_send(instance.address, "POST", "/api/sessions", &token, &json!({"workspace": "notes", "profile": "dev"})).await?;
+    let (status, body) =
+        http_send(instance.address, "POST", "/api/sessions", &token, &json!({"workspace": "notes", "profile": "dev"})).await?;
     assert_eq!(status, 429, "{body}");
     let body: Value = serde_json::from_str(&body)?;
     assert_eq!((body["error"].as_str(), body["limit"].as_str()), (Some("limit_exceeded"), Some("sessions_per_user")), "{body}");
@@ -1561,7 +1600,11 @@ async fn usage_is_read_from_the_store_for_the_caller_or_by_an_admin() -> Result<
     let (status, body) = http_get(instance.address, "/api/usage?period=day", Some(&token)).await?;
     assert_eq!(status, 200, "{body}");
     let usage: Value = serde_json::from_str(&body)?;
-    assert_eq!((usage["period"].as_str(), usage["cost"].as_f64(), usage["running_secs"].as_f64()), (Some(today.as_str()), Some(0.25), Some(120.0)), "{usage}");
+    assert_eq!(
+        (usage["period"].as_str(), usage["cost"].as_f64(), usage["running_secs"].as_f64()),
+        (Some(today.as_str()), Some(0.25), Some(120.0)),
+        "{usage}"
+    );
     // Nothing metered this month (in the test table): zeros, not an error.
     let (status, body) = http_get(instance.address, "/api/usage?period=month", Some(&token)).await?;
     assert_eq!(status, 200, "{body}");
@@ -1588,7 +1631,9 @@ async fn a_stalled_request_body_is_disconnected_after_the_idle_timeout() -> Resu
 
     let mut stalled = TcpStream::connect(instance.address).await?;
     // The whole head, then 10 of the 100 bytes it announces, then nothing.
-    stalled.write_all(b"POST /api/sessions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"workspac").await?;
+    stalled
+        .write_all(b"POST /api/sessions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"workspac")
+        .await?;
     let started = std::time::Instant::now();
     let mut sink = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(6), stalled.read_to_end(&mut sink)).await;

@@ -359,7 +359,9 @@ impl WorkspaceAgent {
                             _ => "write",
                         };
                         tracing::warn!(session, %error, "materialize failed");
-                        self.events.emit(reply.event("workspace.failed", json!({"stage": stage, "error": event_text(&error.to_string())}))).await
+                        self.events
+                            .emit(reply.event("workspace.failed", json!({"stage": stage, "error": event_text(&error.to_string())})))
+                            .await
                     }
                 }
             }
@@ -476,7 +478,9 @@ impl WorkspaceAgent {
             let attaching = session.clone();
             match blocking(move || volume::attach(&volume, quota, owner, false)).await {
                 Ok(_) => attached += 1,
-                Err(error) => tracing::error!(session = %attaching, %error, "workspace image not mounted; its session's syncs are refused until it is"),
+                Err(error) => {
+                    tracing::error!(session = %attaching, %error, "workspace image not mounted; its session's syncs are refused until it is")
+                }
             }
         }
         Ok(attached)
@@ -593,7 +597,8 @@ impl WorkspaceAgent {
     async fn save_siblings(&self, target: &Target, reply: &Reply) -> Result<()> {
         let root = self.profile.deployment_root();
         let prefix = target.prefix_text.clone();
-        let (user, workspace, profile, session) = (target.user.clone(), target.workspace.clone(), self.profile.name.clone(), target.session.clone());
+        let (user, workspace, profile, session) =
+            (target.user.clone(), target.workspace.clone(), self.profile.name.clone(), target.session.clone());
         let siblings = blocking(move || {
             let mut siblings = Vec::new();
             for sibling in inventory::marked(&root, &prefix)? {
@@ -661,7 +666,8 @@ impl WorkspaceAgent {
                     let manifest_path = manifest::manifest_path(&self.profile.deployment_root(), &entry.session);
                     let unchanged = blocking(move || {
                         let Some(manifest) = manifest::load_blocking(&manifest_path)? else { return Ok(false) };
-                        Ok(manifest.final_sync_confirmed() && plan::changes_since_final_sync(&manifest, &fsops::scan_within(&directory, &limits)?).is_none())
+                        Ok(manifest.final_sync_confirmed()
+                            && plan::changes_since_final_sync(&manifest, &fsops::scan_within(&directory, &limits)?).is_none())
                     });
                     unchanged.await.unwrap_or(false)
                 }
@@ -743,7 +749,8 @@ impl WorkspaceAgent {
             }
             match std::fs::symlink_metadata(&slot_dir) {
                 Ok(metadata) if metadata.is_dir() => {
-                    std::fs::rename(&slot_dir, &session_dir).map_err(|source| Error::io("claiming the pool slot's directory", &slot_dir, source))?;
+                    std::fs::rename(&slot_dir, &session_dir)
+                        .map_err(|source| Error::io("claiming the pool slot's directory", &slot_dir, source))?;
                     Ok(true)
                 }
                 _ => Ok(false),
@@ -776,7 +783,9 @@ impl WorkspaceAgent {
         manifest.final_sync = None;
 
         let listing: Vec<ObjectMeta> = self.store.store.list(Some(&target.prefix)).try_collect().await.map_err(|error| match error {
-            object_store::Error::InvalidPath { source } => Error::UnsafeNames(format!("an object key under {} is not a safe path: {source}", target.prefix)),
+            object_store::Error::InvalidPath { source } => {
+                Error::UnsafeNames(format!("an object key under {} is not a safe path: {source}", target.prefix))
+            }
             other => Error::Store(other),
         })?;
         let mut wanted = Vec::with_capacity(listing.len());
@@ -804,7 +813,11 @@ impl WorkspaceAgent {
             false => (Tree::default(), None),
         };
         if wanted.len() > self.settings.max_files {
-            return Err(Error::OverLimit(format!("the workspace holds {} files in the store, over the cap of {}", wanted.len(), self.settings.max_files)));
+            return Err(Error::OverLimit(format!(
+                "the workspace holds {} files in the store, over the cap of {}",
+                wanted.len(),
+                self.settings.max_files
+            )));
         }
         if let Some(deep) = wanted.iter().find(|(path, _)| path.as_str().split('/').count() > self.settings.max_path_depth) {
             return Err(Error::OverLimit(format!("{} is deeper than {} levels", deep.0, self.settings.max_path_depth)));
@@ -851,8 +864,11 @@ impl WorkspaceAgent {
             .collect();
         let folders: Vec<WorkspacePath> = remote_tree.directories.keys().filter_map(|path| WorkspacePath::parse(path).ok()).collect();
         parents.extend(folders);
-        let links: Vec<(WorkspacePath, String)> =
-            remote_tree.links.iter().filter_map(|(path, link_target)| Some((WorkspacePath::parse(path).ok()?, link_target.clone()))).collect();
+        let links: Vec<(WorkspacePath, String)> = remote_tree
+            .links
+            .iter()
+            .filter_map(|(path, link_target)| Some((WorkspacePath::parse(path).ok()?, link_target.clone())))
+            .collect();
         let link_placement = early_placement;
         let confined = Arc::new(
             blocking(move || {
@@ -956,7 +972,8 @@ impl WorkspaceAgent {
         manifest.tree_version = tree_meta.and_then(|meta| meta.version);
         let manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
         self.events.emit(reply.event("workspace.progress", progress.data())).await?;
-        let cache = adopted.map(|adopted| json!({"kept_files": adopted.files.len(), "kept_bytes": adopted.kept_bytes, "removed": adopted.removed}));
+        let cache =
+            adopted.map(|adopted| json!({"kept_files": adopted.files.len(), "kept_bytes": adopted.kept_bytes, "removed": adopted.removed}));
         let cached = cache.is_some();
         let data = json!({
             "files": manifest.files.len(), "bytes": manifest.total_bytes(),
@@ -999,7 +1016,11 @@ impl WorkspaceAgent {
             let large_running = large_running.clone();
             futures::stream::poll_fn(move |_| {
                 let large_has_room = large_running.load(std::sync::atomic::Ordering::SeqCst) < large_lane_limit;
-                let next = if large_has_room || small_queue.is_empty() { large_queue.pop_front().or_else(|| small_queue.pop_front()) } else { small_queue.pop_front() };
+                let next = if large_has_room || small_queue.is_empty() {
+                    large_queue.pop_front().or_else(|| small_queue.pop_front())
+                } else {
+                    small_queue.pop_front()
+                };
                 if let Some((_, _, FileClass::Large)) = &next {
                     large_running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
@@ -1102,7 +1123,16 @@ impl WorkspaceAgent {
 
     /// Downloads one object; small ones are placed at once, large ones stay staged.
     #[allow(clippy::too_many_arguments)]
-    async fn fetch(&self, staging: &Path, confined: &Arc<Confined>, path: &WorkspacePath, meta: &ObjectMeta, class: FileClass, placement: Placement, mode: u32) -> Result<Fetched> {
+    async fn fetch(
+        &self,
+        staging: &Path,
+        confined: &Arc<Confined>,
+        path: &WorkspacePath,
+        meta: &ObjectMeta,
+        class: FileClass,
+        placement: Placement,
+        mode: u32,
+    ) -> Result<Fetched> {
         let staged = self.fetch_to_staging(staging, path, meta).await?;
         match class {
             FileClass::Small => Ok(Fetched::Placed(self.place(confined, path, staged, placement, mode).await?)),
@@ -1111,7 +1141,14 @@ impl WorkspaceAgent {
     }
 
     /// Links a staged file into place. `None` when the user's own file at that path was kept.
-    async fn place(&self, confined: &Arc<Confined>, path: &WorkspacePath, staged: StagedObject, placement: Placement, mode: u32) -> Result<Option<FileEntry>> {
+    async fn place(
+        &self,
+        confined: &Arc<Confined>,
+        path: &WorkspacePath,
+        staged: StagedObject,
+        placement: Placement,
+        mode: u32,
+    ) -> Result<Option<FileEntry>> {
         let confined = confined.clone();
         let placed_path = path.clone();
         let staged_path = staged.content.path.clone();
@@ -1313,7 +1350,9 @@ impl WorkspaceAgent {
             Some(manifest) => manifest,
             // A directory without a manifest (the agent died before saving the first one): every
             // file in it is new; identical objects are adopted, different ones kept as conflicts.
-            None if directory_exists => Manifest::new(&target.session, &target.user, &target.workspace, &self.profile.name, &target.prefix_text),
+            None if directory_exists => {
+                Manifest::new(&target.session, &target.user, &target.workspace, &self.profile.name, &target.prefix_text)
+            }
             None => return Err(Error::BadTask(format!("session {} was never materialized here", target.session))),
         };
         let directory = target.directory.clone();
@@ -1418,7 +1457,8 @@ impl WorkspaceAgent {
         }
         if first_error.is_none() {
             for path in removed {
-                let relative = WorkspacePath::parse(&path).map_err(|reason| Error::Manifest { path: target.manifest_path.clone(), reason })?;
+                let relative =
+                    WorkspacePath::parse(&path).map_err(|reason| Error::Manifest { path: target.manifest_path.clone(), reason })?;
                 let key = relative.to_key(&target.prefix);
                 let expected = expected_version(manifest.files.get(&path));
                 match conditional::delete(self.store.store.as_ref(), &key, &expected).await {
@@ -1480,7 +1520,13 @@ impl WorkspaceAgent {
     /// The local content goes up under the conflict-copy name before anything moves locally, so
     /// a failure at any point leaves a state the next sync resolves the same way, never a local
     /// file that is in neither place.
-    async fn resolve_conflict(&self, target: &Target, confined: &Arc<Confined>, file: &LocalFile, manifest: &mut Manifest) -> Result<Option<(ConflictRecord, u64)>> {
+    async fn resolve_conflict(
+        &self,
+        target: &Target,
+        confined: &Arc<Confined>,
+        file: &LocalFile,
+        manifest: &mut Manifest,
+    ) -> Result<Option<(ConflictRecord, u64)>> {
         let path = &file.path;
         let key = path.to_key(&target.prefix);
         for _ in 0..3 {
@@ -1522,7 +1568,13 @@ impl WorkspaceAgent {
             };
             if local_hash == staged.content.sha256 {
                 let _ = tokio::fs::remove_file(&staged.content.path).await;
-                let entry = FileEntry { size: local_size, mtime_ns: local_mtime_ns, sha256: local_hash, e_tag: staged.e_tag, version: staged.version };
+                let entry = FileEntry {
+                    size: local_size,
+                    mtime_ns: local_mtime_ns,
+                    sha256: local_hash,
+                    e_tag: staged.e_tag,
+                    version: staged.version,
+                };
                 manifest.files.insert(path.as_str().to_owned(), entry);
                 return Ok(None);
             }
@@ -1552,7 +1604,12 @@ impl WorkspaceAgent {
 
     /// Uploads the local file under a conflict-copy name that is free locally and in the store,
     /// then renames the local file to it. Returns the name and its manifest entry.
-    async fn keep_as_conflict_copy(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath) -> Result<(WorkspacePath, FileEntry)> {
+    async fn keep_as_conflict_copy(
+        &self,
+        target: &Target,
+        confined: &Arc<Confined>,
+        path: &WorkspacePath,
+    ) -> Result<(WorkspacePath, FileEntry)> {
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
         for attempt in 0..20 {
             let copy = conflict_copy_path(path, &target.session, &stamp, attempt).map_err(Error::UnsafeNames)?;
@@ -1578,7 +1635,14 @@ impl WorkspaceAgent {
     }
 
     /// Downloads the store's version of `path` into its place (never over a file the user made).
-    async fn restore(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath, tree: &Tree, files: &mut BTreeMap<String, FileEntry>) -> Result<()> {
+    async fn restore(
+        &self,
+        target: &Target,
+        confined: &Arc<Confined>,
+        path: &WorkspacePath,
+        tree: &Tree,
+        files: &mut BTreeMap<String, FileEntry>,
+    ) -> Result<()> {
         let key = path.to_key(&target.prefix);
         let Some(meta) = conditional::head(self.store.store.as_ref(), &key).await? else { return Ok(()) };
         let staged = self.fetch_to_staging(&target.staging, path, &meta).await?;
@@ -1590,7 +1654,15 @@ impl WorkspaceAgent {
 
     /// Replaces a local file that is still exactly as `entry` recorded it with the store's newer
     /// version `meta`. `None` when the local file changed (or went) meanwhile: nothing replaced.
-    async fn refresh(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath, meta: &ObjectMeta, entry: &FileEntry, mode: u32) -> Result<Option<FileEntry>> {
+    async fn refresh(
+        &self,
+        target: &Target,
+        confined: &Arc<Confined>,
+        path: &WorkspacePath,
+        meta: &ObjectMeta,
+        entry: &FileEntry,
+        mode: u32,
+    ) -> Result<Option<FileEntry>> {
         let staged = self.fetch_to_staging(&target.staging, path, meta).await?;
         let checked = confined.clone();
         let checked_path = path.clone();
@@ -1667,7 +1739,14 @@ impl WorkspaceAgent {
     }
 
     /// Uploads the local file at `path` to the key of `key_path`.
-    async fn upload_as(&self, target: &Target, confined: &Arc<Confined>, path: &WorkspacePath, key_path: &WorkspacePath, expected: &Expected) -> Result<Uploaded> {
+    async fn upload_as(
+        &self,
+        target: &Target,
+        confined: &Arc<Confined>,
+        path: &WorkspacePath,
+        key_path: &WorkspacePath,
+        expected: &Expected,
+    ) -> Result<Uploaded> {
         let key = key_path.to_key(&target.prefix);
         let opener = confined.clone();
         let opened_path = path.clone();
@@ -1707,7 +1786,9 @@ impl WorkspaceAgent {
                 let mut chunk = vec![0u8; MULTIPART_CHUNK_BYTES.min(remaining)];
                 let mut filled = 0;
                 while filled < chunk.len() {
-                    let read = file.read(&mut chunk[filled..]).map_err(|source| Error::io("reading", PathBuf::from("(workspace file)"), source))?;
+                    let read = file
+                        .read(&mut chunk[filled..])
+                        .map_err(|source| Error::io("reading", PathBuf::from("(workspace file)"), source))?;
                     if read == 0 {
                         break;
                     }
@@ -1773,7 +1854,9 @@ impl WorkspaceAgent {
             let Ok(relative) = WorkspacePath::parse(path) else { return false };
             let key = relative.to_key(&target.prefix).to_string();
             match remote.get(&key) {
-                Some(meta) if meta.size == entry.size && (entry.e_tag.is_none() || meta.e_tag.is_none() || meta.e_tag == entry.e_tag) => true,
+                Some(meta) if meta.size == entry.size && (entry.e_tag.is_none() || meta.e_tag.is_none() || meta.e_tag == entry.e_tag) => {
+                    true
+                }
                 Some(meta) => {
                     newer.push((relative, meta.clone(), entry.clone()));
                     true
@@ -1928,7 +2011,11 @@ impl WorkspaceAgent {
         // Only a whole, unchanged workspace of this profile is cached; a resumed remove may have
         // deleted part of the directory already, so it always finishes deleting.
         let cached = match keep {
-            Keep::Cache if !resuming && manifest.phase == Phase::Complete && (manifest.profile.is_empty() || manifest.profile == self.profile.name) => {
+            Keep::Cache
+                if !resuming
+                    && manifest.phase == Phase::Complete
+                    && (manifest.profile.is_empty() || manifest.profile == self.profile.name) =>
+            {
                 let mut record_manifest = manifest.clone();
                 record_manifest.preserved.clear();
                 Some(record_manifest)
@@ -1971,7 +2058,11 @@ impl WorkspaceAgent {
         manifest::save(manifest_path, manifest, Durability::Flushed).await?;
         inventory::unmark(&deployment_root, &prefix, session);
         if cached {
-            tracing::info!(session, preserved = preserved.len(), "workspace directory kept in the host's cache after a confirmed final sync");
+            tracing::info!(
+                session,
+                preserved = preserved.len(),
+                "workspace directory kept in the host's cache after a confirmed final sync"
+            );
             self.evict_cache().await;
         } else {
             tracing::info!(session, preserved = preserved.len(), "workspace directory removed after a confirmed final sync");
@@ -1986,16 +2077,29 @@ impl WorkspaceAgent {
     }
 
     fn cache_owner(&self, user: &str, workspace: &str, prefix: &str) -> cache::Owner {
-        cache::Owner { profile: self.profile.name.clone(), user: user.to_owned(), workspace: workspace.to_owned(), prefix: prefix.to_owned() }
+        cache::Owner {
+            profile: self.profile.name.clone(),
+            user: user.to_owned(),
+            workspace: workspace.to_owned(),
+            prefix: prefix.to_owned(),
+        }
     }
 
     /// Moves a removed session's directory (or image) into the cache. `false` when it does not
     /// fit the budget at all: the caller deletes it as without a cache.
-    async fn cache_directory(&self, session: &str, record_manifest: Manifest, directory: &Path, staging: &Path, volume: Option<&Volume>) -> Result<bool> {
+    async fn cache_directory(
+        &self,
+        session: &str,
+        record_manifest: Manifest,
+        directory: &Path,
+        staging: &Path,
+        volume: Option<&Volume>,
+    ) -> Result<bool> {
         let owner = self.cache_owner(&record_manifest.user, &record_manifest.workspace, &record_manifest.prefix);
         let _cache_guard = self.lock(format!("cache:{}", owner.key())).await;
         let budget = self.cache_budget_bytes();
-        let (root, session, directory, staging, volume) = (self.profile.deployment_root(), session.to_owned(), directory.to_owned(), staging.to_owned(), volume.cloned());
+        let (root, session, directory, staging, volume) =
+            (self.profile.deployment_root(), session.to_owned(), directory.to_owned(), staging.to_owned(), volume.cloned());
         blocking(move || {
             let (holder, bytes, source) = match volume {
                 Some(volume) => (cache::Holder::Image, cache::allocated_bytes(&volume.image)?, cache::Source::Image(volume)),
@@ -2057,8 +2161,12 @@ impl WorkspaceAgent {
         let _cache_guard = self.lock(format!("cache:{}", owner.key())).await;
         let started = Instant::now();
         let root = self.profile.deployment_root();
-        let listed: BTreeMap<String, Listed> =
-            wanted.iter().map(|(path, meta)| (path.as_str().to_owned(), Listed { size: meta.size, e_tag: meta.e_tag.clone(), version: meta.version.clone() })).collect();
+        let listed: BTreeMap<String, Listed> = wanted
+            .iter()
+            .map(|(path, meta)| {
+                (path.as_str().to_owned(), Listed { size: meta.size, e_tag: meta.e_tag.clone(), version: meta.version.clone() })
+            })
+            .collect();
         let placing = Placing {
             session_dir: self.profile.session_dir(&target.session),
             session_volume: Volume::of(&root, &target.session),
@@ -2193,12 +2301,21 @@ fn still_stored(path: &str, entry: &FileEntry, listed: &BTreeMap<String, Listed>
         (Some(listed_version), Some(cached_version)) => listed_version == cached_version,
         _ => true,
     };
-    object.size == entry.size && object.e_tag.is_some() && object.e_tag == entry.e_tag && same_version && remote_tree.file_mode(path) == cached_tree.file_mode(path)
+    object.size == entry.size
+        && object.e_tag.is_some()
+        && object.e_tag == entry.e_tag
+        && same_version
+        && remote_tree.file_mode(path) == cached_tree.file_mode(path)
 }
 
 /// Checks a taken cache entry against its record and prunes it to what the store still has,
 /// then moves it into the session's place. Blocking.
-fn revalidate_cached(taken: cache::Taken, listed: &BTreeMap<String, Listed>, remote_tree: &Tree, placing: &Placing) -> Result<Option<Revalidated>> {
+fn revalidate_cached(
+    taken: cache::Taken,
+    listed: &BTreeMap<String, Listed>,
+    remote_tree: &Tree,
+    placing: &Placing,
+) -> Result<Option<Revalidated>> {
     let holder = taken.record.holder;
     let checked = (|| -> Result<std::result::Result<Revalidated, String>> {
         let directory = match holder {
@@ -2244,7 +2361,8 @@ fn revalidate_cached(taken: cache::Taken, listed: &BTreeMap<String, Listed>, rem
         }
         // Folders the store no longer has, deepest first; one still holding a file stays (the
         // listing's files need it).
-        let mut folders: Vec<&String> = cached.tree.directories.keys().filter(|path| !remote_tree.directories.contains_key(*path)).collect();
+        let mut folders: Vec<&String> =
+            cached.tree.directories.keys().filter(|path| !remote_tree.directories.contains_key(*path)).collect();
         folders.sort_by_key(|path| std::cmp::Reverse(path.matches('/').count()));
         for folder in folders {
             if let Ok(relative) = WorkspacePath::parse(folder) {
@@ -2319,9 +2437,8 @@ fn place_cached(taken: &cache::Taken, placing: &Placing) -> Result<()> {
         Err(source) => return Err(Error::io("making room for the cached workspace at", &placing.session_dir, source)),
     }
     match taken.record.holder {
-        cache::Holder::Directory => {
-            std::fs::rename(taken.directory(), &placing.session_dir).map_err(|source| Error::io("moving the cached workspace to", &placing.session_dir, source))
-        }
+        cache::Holder::Directory => std::fs::rename(taken.directory(), &placing.session_dir)
+            .map_err(|source| Error::io("moving the cached workspace to", &placing.session_dir, source)),
         cache::Holder::Image => {
             let image = &placing.session_volume.image;
             if let Some(folder) = image.parent() {
@@ -2457,7 +2574,9 @@ mod tests {
     /// 100,000 skipped entries (long names, long reasons) still make one event the bus accepts.
     #[test]
     fn a_huge_skipped_list_fits_in_one_event() {
-        let skipped = (0..100_000).map(|index| (format!("{}/{index}\\bad", "deep/".repeat(40)), "name can't be an object key: backslash".to_owned())).collect();
+        let skipped = (0..100_000)
+            .map(|index| (format!("{}/{index}\\bad", "deep/".repeat(40)), "name can't be an object key: backslash".to_owned()))
+            .collect();
         let report = SyncReport { skipped, ..SyncReport::default() };
         let data = synced_data(SyncKind::Final, &report);
         assert_eq!(data["skipped_total"], json!(100_000));

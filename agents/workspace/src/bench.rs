@@ -49,7 +49,10 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
     println!("  raw object_store download   {:>8.1} MB/s", report.raw_mb_per_s);
     println!(
         "  materialize                 {:>8.1} MB/s  {:>8.0} files/s  ({:.0}% of raw, median round {:.0}%, goal >= 80%)",
-        report.materialize_mb_per_s, report.materialize_files_per_s, report.materialize_vs_raw_percent, report.materialize_vs_raw_percent_median_round
+        report.materialize_mb_per_s,
+        report.materialize_files_per_s,
+        report.materialize_vs_raw_percent,
+        report.materialize_vs_raw_percent_median_round
     );
     println!("  time to workspace.materialized {:>6.0} ms", report.time_to_materialized_ms);
     println!(
@@ -84,7 +87,15 @@ pub async fn run_with(mut profile: Profile, settings: &StoreSettings) -> anyhow:
 }
 
 fn task(action: &str, session: &str, args: serde_json::Value) -> Task {
-    Task { id: Uuid::now_v7(), agent: AgentKind::Workspace, action: action.to_owned(), session: Some(session.to_owned()), thred: None, cause: None, args }
+    Task {
+        id: Uuid::now_v7(),
+        agent: AgentKind::Workspace,
+        action: action.to_owned(),
+        session: Some(session.to_owned()),
+        thred: None,
+        cause: None,
+        args,
+    }
 }
 
 async fn measure(profile: &Profile, store: &OpenedStore, user: &str) -> anyhow::Result<BenchReport> {
@@ -120,7 +131,11 @@ async fn measure(profile: &Profile, store: &OpenedStore, user: &str) -> anyhow::
         let started = Instant::now();
         let outcome = timed_agent.handle(&task("materialize", &session, json!({"user": user, "workspace": "throughput"}))).await?;
         let elapsed = started.elapsed();
-        anyhow::ensure!(outcome == Outcome::Ack && timed_events.events().iter().any(|e| e.event_type == "workspace.complete"), "materialize failed: {:?}", timed_events.events());
+        anyhow::ensure!(
+            outcome == Outcome::Ack && timed_events.events().iter().any(|e| e.event_type == "workspace.complete"),
+            "materialize failed: {:?}",
+            timed_events.events()
+        );
         best_materialize = best_materialize.min(elapsed);
         round_ratios.push(100.0 * raw.as_secs_f64() / elapsed.as_secs_f64());
         if let Some(at) = *materialized_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
@@ -146,7 +161,10 @@ async fn measure(profile: &Profile, store: &OpenedStore, user: &str) -> anyhow::
         agent.handle(&task("sync", &session, json!({"user": user, "workspace": "sync", "final": false}))).await?;
         timings.push(started.elapsed());
         let synced = events.events().into_iter().find(|event| event.event_type == "workspace.synced");
-        anyhow::ensure!(synced.as_ref().is_some_and(|event| event.data["uploaded"] == 1), "sync did not upload exactly one file: {synced:?}");
+        anyhow::ensure!(
+            synced.as_ref().is_some_and(|event| event.data["uploaded"] == 1),
+            "sync did not upload exactly one file: {synced:?}"
+        );
     }
     timings.sort();
     round_ratios.sort_by(f64::total_cmp);

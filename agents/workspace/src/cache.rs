@@ -125,9 +125,13 @@ pub fn cache_root(deployment_root: &Path) -> PathBuf {
 fn read_record(folder: &Path) -> Result<Record> {
     let path = folder.join(RECORD_FILE);
     let bytes = std::fs::read(&path).map_err(|source| Error::io("reading cache entry", &path, source))?;
-    let record: Record = serde_json::from_slice(&bytes).map_err(|error| Error::Manifest { path: path.clone(), reason: error.to_string() })?;
+    let record: Record =
+        serde_json::from_slice(&bytes).map_err(|error| Error::Manifest { path: path.clone(), reason: error.to_string() })?;
     if record.version != RECORD_VERSION {
-        return Err(Error::Manifest { path, reason: format!("cache entry version {} is not the {RECORD_VERSION} this build reads", record.version) });
+        return Err(Error::Manifest {
+            path,
+            reason: format!("cache entry version {} is not the {RECORD_VERSION} this build reads", record.version),
+        });
     }
     Ok(record)
 }
@@ -158,8 +162,10 @@ pub fn insert(deployment_root: &Path, session: &str, record: &Record, source: So
     let incoming = root.join(format!("{INCOMING_PREFIX}{session}"));
     discard(&incoming)?;
     std::fs::create_dir(&incoming).map_err(|source| Error::io("creating cache entry", &incoming, source))?;
-    let bytes = serde_json::to_vec(record).map_err(|error| Error::Manifest { path: incoming.join(RECORD_FILE), reason: error.to_string() })?;
-    std::fs::write(incoming.join(RECORD_FILE), bytes).map_err(|source| Error::io("writing cache entry", incoming.join(RECORD_FILE), source))?;
+    let bytes =
+        serde_json::to_vec(record).map_err(|error| Error::Manifest { path: incoming.join(RECORD_FILE), reason: error.to_string() })?;
+    std::fs::write(incoming.join(RECORD_FILE), bytes)
+        .map_err(|source| Error::io("writing cache entry", incoming.join(RECORD_FILE), source))?;
     match source {
         Source::Directory(directory) => rename(&directory, &incoming.join(DIRECTORY_NAME))?,
         Source::Image(volume) => {
@@ -316,13 +322,19 @@ mod tests {
     fn unreadable_entries_and_those_over_the_whole_budget_go() {
         let mut broken = listed("broken", 1, 0);
         broken.record = None;
-        let evicted: Vec<String> = over_budget(vec![broken, listed("huge", 500, 0), listed("small", 10, 5)], 100).into_iter().map(|entry| entry.key).collect();
+        let evicted: Vec<String> =
+            over_budget(vec![broken, listed("huge", 500, 0), listed("small", 10, 5)], 100).into_iter().map(|entry| entry.key).collect();
         assert_eq!(evicted, ["broken", "huge"]);
     }
 
     #[test]
     fn keys_differ_per_user_and_workspace() {
-        let owner = |user: &str, workspace: &str| Owner { profile: "dev".into(), user: user.into(), workspace: workspace.into(), prefix: format!("dev/{user}/{workspace}") };
+        let owner = |user: &str, workspace: &str| Owner {
+            profile: "dev".into(),
+            user: user.into(),
+            workspace: workspace.into(),
+            prefix: format!("dev/{user}/{workspace}"),
+        };
         assert_ne!(owner("alice", "w").key(), owner("bob", "w").key());
         assert_ne!(owner("alice", "w").key(), owner("alice", "v").key());
         assert_eq!(owner("alice", "w").key(), owner("alice", "w").key());

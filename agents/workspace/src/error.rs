@@ -69,7 +69,9 @@ impl Error {
         match self {
             Error::Store(error) => !matches!(
                 error,
-                object_store::Error::InvalidPath { .. } | object_store::Error::NotImplemented | object_store::Error::UnknownConfigurationKey { .. }
+                object_store::Error::InvalidPath { .. }
+                    | object_store::Error::NotImplemented
+                    | object_store::Error::UnknownConfigurationKey { .. }
             ),
             Error::Io { .. } | Error::Unconfirmed(_) | Error::Publish(_) | Error::Join(_) | Error::Filesystem(_) => true,
             Error::BadTask(_)
@@ -91,12 +93,16 @@ fn store_unavailable(error: &object_store::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = source {
         if let Some(http) = current.downcast_ref::<object_store::client::HttpError>() {
-            if matches!(http.kind(), HttpErrorKind::Connect | HttpErrorKind::Timeout | HttpErrorKind::Interrupted | HttpErrorKind::Request) {
+            if matches!(http.kind(), HttpErrorKind::Connect | HttpErrorKind::Timeout | HttpErrorKind::Interrupted | HttpErrorKind::Request)
+            {
                 return true;
             }
         }
         if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            if matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::TimedOut) {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::TimedOut
+            ) {
                 return true;
             }
         }

@@ -88,7 +88,8 @@ impl Reply {
     }
 
     pub fn event(&self, event_type: &str, data: Value) -> CloudEvent {
-        let mut event = CloudEvent::new(event_type, EVENT_SOURCE, self.session.as_deref(), data).with_extension("taskid", self.task_id.clone());
+        let mut event =
+            CloudEvent::new(event_type, EVENT_SOURCE, self.session.as_deref(), data).with_extension("taskid", self.task_id.clone());
         if let Some(thred) = &self.thred {
             event = event.with_extension("thredid", thred.clone());
         }

@@ -11,8 +11,8 @@
 //! opened parent folder, never through a path. A kernel without `openat2` (Linux before 5.6) gets
 //! a clear error, never a weaker fallback.
 
-use std::fs::{File, Metadata, OpenOptions};
 use std::ffi::{OsStr, OsString};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -151,7 +151,8 @@ pub fn scan_within(root: &Path, limits: &ScanLimits) -> Result<Scan> {
                 )));
             }
             let display = format!("{prefix}{}", name.to_string_lossy());
-            let unsyncable = |reason: String| Unsyncable { parent: relative_folder.clone(), name: name.clone(), path: display.clone(), reason };
+            let unsyncable =
+                |reason: String| Unsyncable { parent: relative_folder.clone(), name: name.clone(), path: display.clone(), reason };
             // statx with AT_SYMLINK_NOFOLLOW: a symlink's own type, never its target's.
             let stat = match stat_at(folder.as_ref(), &name) {
                 Ok(stat) => stat,
@@ -367,7 +368,8 @@ impl Confined {
                 Err(Errno::EXIST) => {}
                 Err(error) => return Err(Error::io("creating folder", path.under(&self.root_path), error.into())),
             }
-            folder = open_beneath(&folder, segment, OFlags::DIRECTORY).map_err(|error| self.open_error("opening folder", path, ON_THE_WAY, error))?;
+            folder = open_beneath(&folder, segment, OFlags::DIRECTORY)
+                .map_err(|error| self.open_error("opening folder", path, ON_THE_WAY, error))?;
         }
         Ok(folder)
     }
@@ -381,8 +383,9 @@ impl Confined {
     /// Opens a regular file for reading: never through a symlink, never a FIFO or device.
     pub fn open_file(&self, path: &WorkspacePath) -> Result<(File, Metadata)> {
         // O_NONBLOCK: opening a FIFO someone swapped in must not hang the agent.
-        let file = open_beneath(&self.root, path.as_str(), OFlags::RDONLY | OFlags::NONBLOCK)
-            .map_err(|error| self.open_error("opening", path, "is a symlink, or a folder on the way is a symlink or a file (never followed)", error))?;
+        let file = open_beneath(&self.root, path.as_str(), OFlags::RDONLY | OFlags::NONBLOCK).map_err(|error| {
+            self.open_error("opening", path, "is a symlink, or a folder on the way is a symlink or a file (never followed)", error)
+        })?;
         let metadata = file.metadata().map_err(|source| Error::io("inspecting", path.under(&self.root_path), source))?;
         if !metadata.is_file() {
             return Err(self.refused(path.as_str(), "is not a regular file"));
@@ -423,13 +426,15 @@ impl Confined {
                 }
                 Err(Errno::EXIST) => {
                     let existing = stat_at(&folder, name).map_err(|source| Error::io("inspecting", path.under(&self.root_path), source))?;
-                    if existing.file_type == FileType::Symlink && read_link_at(&folder, name).is_ok_and(|found| found.as_os_str() == target) {
+                    if existing.file_type == FileType::Symlink && read_link_at(&folder, name).is_ok_and(|found| found.as_os_str() == target)
+                    {
                         return Ok(Placed::Placed);
                     }
                     if placement == Placement::KeepExisting || existing.file_type == FileType::Directory {
                         return Ok(Placed::KeptExisting);
                     }
-                    rustix::fs::unlinkat(&folder, name, AtFlags::empty()).map_err(|source| Error::io("replacing", path.under(&self.root_path), source.into()))?;
+                    rustix::fs::unlinkat(&folder, name, AtFlags::empty())
+                        .map_err(|source| Error::io("replacing", path.under(&self.root_path), source.into()))?;
                 }
                 Err(source) => return Err(Error::io("creating link", path.under(&self.root_path), source.into())),
             }
@@ -541,7 +546,8 @@ impl Confined {
             Err(Errno::EXIST) => return Ok(false),
             Err(source) => return Err(Error::io("keeping a conflict copy of", path.under(&self.root_path), source.into())),
         }
-        rustix::fs::unlinkat(&folder, from, AtFlags::empty()).map_err(|source| Error::io("moving aside", path.under(&self.root_path), source.into()))?;
+        rustix::fs::unlinkat(&folder, from, AtFlags::empty())
+            .map_err(|source| Error::io("moving aside", path.under(&self.root_path), source.into()))?;
         Ok(true)
     }
 
@@ -555,7 +561,11 @@ impl Confined {
             Err(Errno::XDEV) => {
                 copy_entry_at(&folder, name, destination)?;
                 let is_folder = stat_at(&folder, name).is_ok_and(|stat| stat.file_type == FileType::Directory);
-                let removed = if is_folder { remove_all_at(&folder, name) } else { rustix::fs::unlinkat(&folder, name, AtFlags::empty()).map_err(std::io::Error::from) };
+                let removed = if is_folder {
+                    remove_all_at(&folder, name)
+                } else {
+                    rustix::fs::unlinkat(&folder, name, AtFlags::empty()).map_err(std::io::Error::from)
+                };
                 removed.map_err(|error| Error::io("removing the preserved original", destination, error))
             }
             Err(source) => Err(Error::io("preserving", destination, source.into())),
@@ -807,7 +817,8 @@ mod tests {
         let mut staged = StagedFile::create(&directory.join("staging")).unwrap();
         staged.write(b"downloaded").unwrap();
         let staged = staged.finish(None).unwrap();
-        let refused = confined.place(&staged.path, &WorkspacePath::parse("a/new").unwrap(), Placement::KeepExisting, None, 0o644).unwrap_err();
+        let refused =
+            confined.place(&staged.path, &WorkspacePath::parse("a/new").unwrap(), Placement::KeepExisting, None, 0o644).unwrap_err();
         assert!(matches!(refused, Error::UnsafeNames(_)), "{refused}");
         assert!(!directory.join("outside/new").exists());
         assert_eq!(std::fs::read(directory.join("outside/file")).unwrap(), b"host secret");
@@ -815,7 +826,11 @@ mod tests {
         let scan = scan(&workspace).unwrap();
         assert!(scan.files.is_empty());
         assert!(scan.unsyncable.is_empty());
-        assert_eq!(scan.tree.links.get("a").map(String::as_str), Some(directory.join("outside").to_str().unwrap()), "kept as a link, never entered");
+        assert_eq!(
+            scan.tree.links.get("a").map(String::as_str),
+            Some(directory.join("outside").to_str().unwrap()),
+            "kept as a link, never entered"
+        );
         std::fs::remove_dir_all(&directory).unwrap();
     }
 

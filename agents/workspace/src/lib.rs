@@ -15,9 +15,9 @@ mod agent;
 mod bench;
 mod cache;
 mod conditional;
-pub mod fixture;
 mod error;
 mod events;
+pub mod fixture;
 mod fsops;
 mod inventory;
 mod keys;
@@ -32,17 +32,22 @@ use std::sync::Arc;
 
 use protocol::{topology, AgentKind, Bus, BusConfig, ConsumeSpec, Profile};
 
-pub use agent::{conflict_copy_path, error_policy, locate, read_manifest, session_directory, Location, AgentSettings, ConflictRecord, SyncKind, SyncReport, WorkspaceAgent};
+pub use agent::{
+    conflict_copy_path, error_policy, locate, read_manifest, session_directory, AgentSettings, ConflictRecord, Location, SyncKind,
+    SyncReport, WorkspaceAgent,
+};
 pub use bench::{run_with as bench_with_settings, BenchReport};
 pub use cache::CACHE_DIR;
 pub use error::{Error, Result};
 pub use events::{BusEvents, CollectedEvents, EventSink, Reply, EVENT_SOURCE};
-pub use fsops::{read_and_hash, scan, scan_within, Confined, ScanLimits, FolderEntry, Ownership, Placed, Placement, Removal, Scan, StagedFile};
+pub use fsops::{
+    read_and_hash, scan, scan_within, Confined, FolderEntry, Ownership, Placed, Placement, Removal, Scan, ScanLimits, StagedFile,
+};
 pub use keys::WorkspacePath;
 pub use manifest::{FileEntry, FinalSync, Manifest, Phase, MANIFESTS_DIR, PRESERVED_DIR, STAGING_DIR};
+pub use store::{open as open_store, OpenedStore, StoreSettings};
 pub use tree::{Mode, Tree, SIDECAR_PATH};
 pub use volume::{image_bytes, is_attached, unmount_all_under, Volume, IMAGES_DIR};
-pub use store::{open as open_store, OpenedStore, StoreSettings};
 
 /// Makes (if needed) and mounts one session's file system, as `materialize` does (tools, figures).
 pub fn attach_volume(volume: &Volume, quota_bytes: u64, owner: Option<Ownership>) -> Result<bool> {
@@ -69,7 +74,11 @@ pub fn clear_cache(profile: &Profile) -> Result<usize> {
 
 /// The (user, workspace) of every entry of this deployment's workspace cache. Blocking.
 pub fn cached_workspaces(profile: &Profile) -> Result<Vec<(String, String)>> {
-    Ok(cache::list(&profile.deployment_root())?.into_iter().filter_map(|entry| entry.record).map(|record| (record.user, record.workspace)).collect())
+    Ok(cache::list(&profile.deployment_root())?
+        .into_iter()
+        .filter_map(|entry| entry.record)
+        .map(|record| (record.user, record.workspace))
+        .collect())
 }
 
 /// Consumes `queue` with `agent` until `shutdown` completes.
@@ -104,7 +113,8 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     }
     let store = store::open(&profile.services.object_store_url, &StoreSettings::from_env())?;
     tokio::fs::create_dir_all(profile.deployment_root()).await?;
-    let bus = Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Workspace, "berth-agent-workspace")?).await?;
+    let bus =
+        Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Workspace, "berth-agent-workspace")?).await?;
     bus.declare_topology().await?;
     let exporter = protocol::metrics::Exporter::start(&profile, bus.metrics_registry("berth_workspace")).await?;
     tracing::info!(store = %store.url, root = %profile.services.workspace_root.display(), "workspace agent starting");
@@ -136,8 +146,10 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     background.spawn("host reporter", report_host_periodically(agent.clone(), bus.clone(), report_interval));
     let shared_queue = topology::agent_queue(AgentKind::Workspace);
     let serve_both = |stop: protocol::supervise::Stop| async {
-        let (served, served_host) =
-            tokio::join!(serve(agent.clone(), &bus, &shared_queue, stop.clone().stopped()), serve(agent.clone(), &bus, &host_queue, stop.stopped()));
+        let (served, served_host) = tokio::join!(
+            serve(agent.clone(), &bus, &shared_queue, stop.clone().stopped()),
+            serve(agent.clone(), &bus, &host_queue, stop.stopped())
+        );
         served.and(served_host)
     };
     let served = background.supervise(shutdown, serve_both).await.map_err(anyhow::Error::new).and_then(|served| served);

@@ -164,7 +164,10 @@ pub fn load_header_blocking(path: &Path) -> Result<Option<ManifestHeader>> {
     let header: ManifestHeader = serde_json::from_reader(std::io::BufReader::new(file))
         .map_err(|error| Error::Manifest { path: path.to_owned(), reason: error.to_string() })?;
     if header.version != MANIFEST_VERSION {
-        return Err(Error::Manifest { path: path.to_owned(), reason: format!("version {} is not the {MANIFEST_VERSION} this build reads", header.version) });
+        return Err(Error::Manifest {
+            path: path.to_owned(),
+            reason: format!("version {} is not the {MANIFEST_VERSION} this build reads", header.version),
+        });
     }
     Ok(Some(header))
 }
@@ -191,8 +194,8 @@ pub fn load_blocking(path: &Path) -> Result<Option<Manifest>> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(Error::io("reading manifest", path, source)),
     };
-    let manifest: Manifest = serde_json::from_slice(&bytes)
-        .map_err(|error| Error::Manifest { path: path.to_owned(), reason: error.to_string() })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|error| Error::Manifest { path: path.to_owned(), reason: error.to_string() })?;
     if manifest.version != MANIFEST_VERSION {
         return Err(Error::Manifest {
             path: path.to_owned(),

@@ -84,7 +84,9 @@ pub fn changes_since_final_sync(manifest: &Manifest, scan: &Scan) -> Option<Stri
     let changed = scan
         .files
         .iter()
-        .filter(|file| !manifest.files.get(file.path.as_str()).is_some_and(|entry| entry.size == file.size && entry.mtime_ns == file.mtime_ns))
+        .filter(|file| {
+            !manifest.files.get(file.path.as_str()).is_some_and(|entry| entry.size == file.size && entry.mtime_ns == file.mtime_ns)
+        })
         .count();
     let local_paths: BTreeSet<&str> = scan.files.iter().map(|file| file.path.as_str()).collect();
     let missing = manifest.files.keys().filter(|path| !local_paths.contains(path.as_str())).count();
@@ -145,7 +147,10 @@ mod tests {
         };
         let plan = plan_sync(&manifest, &scan, Some(1024)).unwrap();
         assert_eq!(plan.unchanged, 1, "same size and mtime");
-        assert_eq!(plan.to_hash.iter().map(|(file, known)| (file.path.as_str(), known.as_str())).collect::<Vec<_>>(), [("touched.txt", "bbbb")]);
+        assert_eq!(
+            plan.to_hash.iter().map(|(file, known)| (file.path.as_str(), known.as_str())).collect::<Vec<_>>(),
+            [("touched.txt", "bbbb")]
+        );
         assert_eq!(paths(&plan.to_upload), ["grown.txt", "new.txt"], "changed size, and unknown to the manifest");
         assert_eq!(plan.to_delete, ["deleted.txt", "dir/deleted-too.txt"], "listed in the manifest, gone locally");
         assert_eq!(plan.skipped, [("fifo".to_owned(), "special file (socket, FIFO or device) can't be stored".to_owned())]);

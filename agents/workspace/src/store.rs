@@ -78,8 +78,7 @@ fn retry_config() -> RetryConfig {
 pub fn open(url: &str, settings: &StoreSettings) -> Result<OpenedStore> {
     let (scheme, rest) = url.split_once("://").ok_or_else(|| Error::StoreConfig(format!("{url:?} is not a URL")))?;
     let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let root = ObjectPath::parse(path.trim_matches('/'))
-        .map_err(|error| Error::StoreConfig(format!("prefix of {url:?}: {error}")))?;
+    let root = ObjectPath::parse(path.trim_matches('/')).map_err(|error| Error::StoreConfig(format!("prefix of {url:?}: {error}")))?;
     let store: Arc<dyn ObjectStore> = match scheme {
         "file" => {
             if !bucket.is_empty() && bucket != "localhost" {

@@ -107,7 +107,11 @@ impl Tree {
     }
 }
 
-fn merge_map<V: Clone + PartialEq>(base: &BTreeMap<String, V>, local: &BTreeMap<String, V>, remote: &BTreeMap<String, V>) -> BTreeMap<String, V> {
+fn merge_map<V: Clone + PartialEq>(
+    base: &BTreeMap<String, V>,
+    local: &BTreeMap<String, V>,
+    remote: &BTreeMap<String, V>,
+) -> BTreeMap<String, V> {
     let mut merged = remote.clone();
     for key in base.keys().chain(local.keys()) {
         let (before, now) = (base.get(key), local.get(key));

@@ -139,7 +139,11 @@ fn mounts() -> Result<Vec<MountEntry>> {
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
-            Some(MountEntry { device: fields.get(2)?.to_string(), root: unescape(fields.get(3)?), mount_point: PathBuf::from(unescape(fields.get(4)?)) })
+            Some(MountEntry {
+                device: fields.get(2)?.to_string(),
+                root: unescape(fields.get(3)?),
+                mount_point: PathBuf::from(unescape(fields.get(4)?)),
+            })
         })
         .collect())
 }

@@ -64,7 +64,15 @@ fn setup(quota_mib: u64, filesystem: WorkspaceFilesystem, settings: AgentSetting
 
 impl Setup {
     fn task(&self, session: &str, action: &str, args: Value) -> Task {
-        Task { id: Uuid::now_v7(), agent: AgentKind::Workspace, action: action.to_owned(), session: Some(session.to_owned()), thred: None, cause: None, args }
+        Task {
+            id: Uuid::now_v7(),
+            agent: AgentKind::Workspace,
+            action: action.to_owned(),
+            session: Some(session.to_owned()),
+            thred: None,
+            cause: None,
+            args,
+        }
     }
 
     async fn run(&self, session: &str, action: &str, workspace: &str, final_sync: bool) -> Outcome {
@@ -218,7 +226,8 @@ async fn the_agent_is_bounded_too() {
     std::fs::write(directory.join("a/b/c/d/e/deep.txt"), b"too deep").unwrap();
     assert_eq!(setup.run(&session, "sync", "case", false).await, Outcome::Ack);
     let synced = setup.last(&session, "workspace.synced");
-    let skipped: Vec<_> = synced.data["skipped"].as_array().unwrap().iter().map(|entry| entry["path"].as_str().unwrap().to_owned()).collect();
+    let skipped: Vec<_> =
+        synced.data["skipped"].as_array().unwrap().iter().map(|entry| entry["path"].as_str().unwrap().to_owned()).collect();
     assert_eq!(skipped, vec!["a/b/c/d".to_owned()], "{}", synced.data);
     assert_eq!(synced.data["uploaded"], json!(1));
 
@@ -233,7 +242,11 @@ async fn the_agent_is_bounded_too() {
     std::fs::write(&grown, vec![1u8; 1000]).unwrap();
     let file = std::fs::File::open(&grown).unwrap();
     let size = file.metadata().unwrap().len();
-    std::fs::OpenOptions::new().append(true).open(&grown).and_then(|mut appended| std::io::Write::write_all(&mut appended, &[2u8; 5000])).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&grown)
+        .and_then(|mut appended| std::io::Write::write_all(&mut appended, &[2u8; 5000]))
+        .unwrap();
     let (content, _) = workspace::read_and_hash(file, size).unwrap();
     assert_eq!(content.len(), 1000, "read to the size seen, not to wherever the file has grown");
 }
@@ -283,7 +296,11 @@ async fn figures() {
             assert_eq!(setup.run(&session, "remove", "case", false).await, Outcome::Ack);
         }
         times.sort_by(f64::total_cmp);
-        println!("materialize 500 files / 5 MB, {filesystem:?}: p50 {:.1} ms p99 {:.1} ms", percentile(&times, 50.0), percentile(&times, 99.0));
+        println!(
+            "materialize 500 files / 5 MB, {filesystem:?}: p50 {:.1} ms p99 {:.1} ms",
+            percentile(&times, 50.0),
+            percentile(&times, 99.0)
+        );
     }
 }
 

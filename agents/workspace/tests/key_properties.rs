@@ -37,12 +37,87 @@ fn rand_seed() -> u64 {
 /// (single, double, mixed case, overlong UTF-8), their fullwidth and compatibility look-alikes,
 /// controls, bidi and zero-width marks, combining characters.
 const FRAGMENTS: &[&str] = &[
-    ".", "..", "...", "/", "\\", "%2e", "%2E", "%2e%2e", "%2f", "%2F", "%5c", "%5C", "%25", "%252e", "%25252e", "%252f", "%c0%ae",
-    "%C0%AF", "%e0%80%ae", "%00", "%0a", "%7f", "%c2%85", "%ef%bc%8e", "%", "%%", "%2", "\0", "\n", "\r", "\t", "\u{7f}", "\u{85}",
-    "\u{2028}", "\u{200B}", "\u{200D}", "\u{200E}", "\u{202E}", "\u{2066}", "\u{FEFF}", "\u{FFFD}", "\u{FF0E}", "\u{FF0F}",
-    "\u{FF3C}", "\u{2024}", "\u{2025}", "\u{2026}", "\u{FE52}", "\u{FE68}", "\u{FE30}", "\u{2044}", "\u{2215}", "\u{FF05}",
-    "\u{FF12}", "\u{FF25}", "\u{2100}", "\u{0307}", "e\u{301}", "\u{1F600}", "a", "b", "Z", "0", " ", "-", "_", "~", "$", "{", "}",
-    "#", "?", "*", "|", "<", ">", ":", "\"", "'", "CON", "nul",
+    ".",
+    "..",
+    "...",
+    "/",
+    "\\",
+    "%2e",
+    "%2E",
+    "%2e%2e",
+    "%2f",
+    "%2F",
+    "%5c",
+    "%5C",
+    "%25",
+    "%252e",
+    "%25252e",
+    "%252f",
+    "%c0%ae",
+    "%C0%AF",
+    "%e0%80%ae",
+    "%00",
+    "%0a",
+    "%7f",
+    "%c2%85",
+    "%ef%bc%8e",
+    "%",
+    "%%",
+    "%2",
+    "\0",
+    "\n",
+    "\r",
+    "\t",
+    "\u{7f}",
+    "\u{85}",
+    "\u{2028}",
+    "\u{200B}",
+    "\u{200D}",
+    "\u{200E}",
+    "\u{202E}",
+    "\u{2066}",
+    "\u{FEFF}",
+    "\u{FFFD}",
+    "\u{FF0E}",
+    "\u{FF0F}",
+    "\u{FF3C}",
+    "\u{2024}",
+    "\u{2025}",
+    "\u{2026}",
+    "\u{FE52}",
+    "\u{FE68}",
+    "\u{FE30}",
+    "\u{2044}",
+    "\u{2215}",
+    "\u{FF05}",
+    "\u{FF12}",
+    "\u{FF25}",
+    "\u{2100}",
+    "\u{0307}",
+    "e\u{301}",
+    "\u{1F600}",
+    "a",
+    "b",
+    "Z",
+    "0",
+    " ",
+    "-",
+    "_",
+    "~",
+    "$",
+    "{",
+    "}",
+    "#",
+    "?",
+    "*",
+    "|",
+    "<",
+    ">",
+    ":",
+    "\"",
+    "'",
+    "CON",
+    "nul",
 ];
 
 fn segment() -> BoxedStrategy<String> {
@@ -74,9 +149,11 @@ fn prefix() -> ObjectPath {
 /// Keys under the prefix, built every way a key reaches the agent: parsed from text (as a store
 /// listing does), percent-encoded part by part by object_store, raw parts, or from a URL path.
 fn key() -> BoxedStrategy<ObjectPath> {
-    let parsed = relative_path().prop_filter_map("object_store refuses the text", |rest| ObjectPath::parse(format!("{PREFIX}/{rest}")).ok());
-    let encoded = prop::collection::vec(segment(), 0..5)
-        .prop_map(|segments| prefix().parts().chain(segments.iter().map(|segment| PathPart::from(segment.as_str()))).collect::<ObjectPath>());
+    let parsed =
+        relative_path().prop_filter_map("object_store refuses the text", |rest| ObjectPath::parse(format!("{PREFIX}/{rest}")).ok());
+    let encoded = prop::collection::vec(segment(), 0..5).prop_map(|segments| {
+        prefix().parts().chain(segments.iter().map(|segment| PathPart::from(segment.as_str()))).collect::<ObjectPath>()
+    });
     let raw_parts = prop::collection::vec(segment(), 1..5).prop_filter_map("a part object_store refuses", |segments| {
         let parts: Option<Vec<PathPart<'static>>> =
             segments.iter().map(|segment| PathPart::parse(segment).ok().map(|part| PathPart::from(part.as_ref().to_owned()))).collect();

@@ -17,8 +17,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
-    PutResult,
+    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 use protocol::{AgentKind, CloudEvent, Outcome, Profile, Task};
 use serde_json::{json, Value};
@@ -61,7 +60,11 @@ impl Backend {
 
     fn file() -> Backend {
         let directory = std::env::temp_dir().join(format!("berth-ws-objects-{}", Uuid::new_v4()));
-        Backend { url: format!("file://{}", directory.display()), settings: StoreSettings::default(), kind: BackendKind::File { directory } }
+        Backend {
+            url: format!("file://{}", directory.display()),
+            settings: StoreSettings::default(),
+            kind: BackendKind::File { directory },
+        }
     }
 
     fn open(&self) -> OpenedStore {
@@ -320,7 +323,8 @@ impl Harness {
         let metas: Vec<ObjectMeta> = self.store.store.list(Some(&prefix)).try_collect().await.expect("list");
         let mut objects = BTreeMap::new();
         for meta in metas {
-            let relative: Vec<_> = meta.location.prefix_match(&prefix).expect("under prefix").map(|part| part.as_ref().to_owned()).collect();
+            let relative: Vec<_> =
+                meta.location.prefix_match(&prefix).expect("under prefix").map(|part| part.as_ref().to_owned()).collect();
             if relative[0] == ".berth" {
                 continue;
             }
@@ -712,7 +716,9 @@ async fn bad_tasks_get_clear_answers(backend: Backend) {
     assert!(matches!(harness.run(&bad_args).await, Outcome::DeadLetter(reason) if reason.contains("workspace")));
     let never = harness.sync_task(false);
     assert!(matches!(harness.run(&never).await, Outcome::DeadLetter(reason) if reason.contains("never materialized")));
-    assert!(matches!(harness.agent.handle_message(b"{not json").await, Outcome::DeadLetter(reason) if reason.starts_with("undecodable task")));
+    assert!(
+        matches!(harness.agent.handle_message(b"{not json").await, Outcome::DeadLetter(reason) if reason.starts_with("undecodable task"))
+    );
     // The workspace quota is enforced before anything is written.
     let mut profile = harness.profile.clone();
     profile.workspace.quota_mib = 0;
@@ -824,7 +830,10 @@ async fn two_sessions_editing_one_file_keep_both(backend: Backend) {
     let remote = second.remote().await;
     assert_eq!(remote["notes.txt"], b"edited in the first session");
     assert_eq!(remote[&copy], b"edited in the second session");
-    assert_eq!(remote["other.md"], b"only the first session touched this", "a newer version the second session never changed is no conflict");
+    assert_eq!(
+        remote["other.md"], b"only the first session touched this",
+        "a newer version the second session never changed is no conflict"
+    );
     assert_eq!(remote.len(), 3);
     assert_eq!(local_files(&second.directory()), remote, "the second session's directory is what the store holds");
     // Confirmed: the directory can go.
@@ -907,7 +916,12 @@ async fn an_outside_writer_is_never_overwritten(backend: Backend) {
 
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
     let synced = harness.last("workspace.synced");
-    assert_eq!((synced.data["final"].clone(), number(&synced, "conflicts"), number(&synced, "deleted")), (json!(true), 3, 0), "{}", synced.data);
+    assert_eq!(
+        (synced.data["final"].clone(), number(&synced, "conflicts"), number(&synced, "deleted")),
+        (json!(true), 3, 0),
+        "{}",
+        synced.data
+    );
     let conflict = harness.last("workspace.conflict");
     let files: BTreeMap<String, Value> =
         conflict.data["files"].as_array().unwrap().iter().map(|file| (file["path"].as_str().unwrap().to_owned(), file.clone())).collect();
@@ -963,7 +977,12 @@ async fn tree_metadata_round_trips(backend: Backend) {
     assert_eq!(next.run(&next.materialize_task()).await, Outcome::Ack);
     assert_eq!(number(&next.last("workspace.complete"), "files"), 3);
     let again = next.directory();
-    for (link, target) in [("latest", "reports/2026.txt"), ("reports/absolute", "/etc/hostname"), ("escaping", "../../../outside"), ("dangling", "does/not/exist")] {
+    for (link, target) in [
+        ("latest", "reports/2026.txt"),
+        ("reports/absolute", "/etc/hostname"),
+        ("escaping", "../../../outside"),
+        ("dangling", "does/not/exist"),
+    ] {
         let metadata = std::fs::symlink_metadata(again.join(link)).unwrap();
         assert!(metadata.file_type().is_symlink(), "{link} is a symlink");
         assert_eq!(std::fs::read_link(again.join(link)).unwrap(), PathBuf::from(target), "{link}");
@@ -1007,9 +1026,16 @@ async fn unsyncable_entries_are_preserved_on_remove(backend: Backend) {
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
     let synced = harness.last("workspace.synced");
     assert_eq!(synced.data["final"], json!(true), "{}", synced.data);
-    let mut skipped: Vec<String> = synced.data["skipped"].as_array().unwrap().iter().map(|entry| entry["path"].as_str().unwrap().to_owned()).collect();
+    let mut skipped: Vec<String> =
+        synced.data["skipped"].as_array().unwrap().iter().map(|entry| entry["path"].as_str().unwrap().to_owned()).collect();
     skipped.sort();
-    let mut expected = vec![".berth".to_owned(), "bad\\folder".to_owned(), "pipe".to_owned(), "pleadings/caf\u{FFFD}.txt".to_owned(), "pleadings/report\\final.docx".to_owned()];
+    let mut expected = vec![
+        ".berth".to_owned(),
+        "bad\\folder".to_owned(),
+        "pipe".to_owned(),
+        "pleadings/caf\u{FFFD}.txt".to_owned(),
+        "pleadings/report\\final.docx".to_owned(),
+    ];
     expected.sort();
     assert_eq!(skipped, expected);
     assert_ne!(harness.sidecar().await.links.get("forged"), Some(&"true".to_owned()));
@@ -1017,7 +1043,8 @@ async fn unsyncable_entries_are_preserved_on_remove(backend: Backend) {
 
     assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
     let removed = harness.last("workspace.removed");
-    let mut preserved: Vec<String> = removed.data["preserved"].as_array().unwrap().iter().map(|path| path.as_str().unwrap().to_owned()).collect();
+    let mut preserved: Vec<String> =
+        removed.data["preserved"].as_array().unwrap().iter().map(|path| path.as_str().unwrap().to_owned()).collect();
     preserved.sort();
     assert_eq!(preserved, expected);
     assert!(!directory.exists());
@@ -1062,7 +1089,12 @@ async fn sync_after_an_interrupted_materialize_deletes_nothing(backend: Backend)
     harness.counting.deletes.store(0, Ordering::SeqCst);
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
     let synced = harness.last("workspace.synced");
-    assert_eq!((synced.data["final"].clone(), number(&synced, "deleted"), number(&synced, "conflicts")), (json!(true), 0, 0), "{}", synced.data);
+    assert_eq!(
+        (synced.data["final"].clone(), number(&synced, "deleted"), number(&synced, "conflicts")),
+        (json!(true), 0, 0),
+        "{}",
+        synced.data
+    );
     assert_eq!(harness.counting.deletes.load(Ordering::SeqCst), 0);
     assert_eq!(harness.remote().await, files, "the store is exactly as seeded");
 
@@ -1070,7 +1102,12 @@ async fn sync_after_an_interrupted_materialize_deletes_nothing(backend: Backend)
     std::fs::remove_file(&manifest_path).unwrap();
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
     let synced = harness.last("workspace.synced");
-    assert_eq!((synced.data["final"].clone(), number(&synced, "deleted"), number(&synced, "conflicts")), (json!(true), 0, 0), "{}", synced.data);
+    assert_eq!(
+        (synced.data["final"].clone(), number(&synced, "deleted"), number(&synced, "conflicts")),
+        (json!(true), 0, 0),
+        "{}",
+        synced.data
+    );
     assert_eq!(harness.remote().await, files);
     harness.cleanup();
     backend.cleanup().await;
@@ -1118,7 +1155,6 @@ async fn materialize_saves_a_stranded_sibling_first(backend: Backend) {
     stranded.cleanup();
     backend.cleanup().await;
 }
-
 
 /// Multipart uploads can't be conditional in `object_store`: the agent checks the version right
 /// before completing, so a large file changed outside is kept and ours becomes the conflict copy.
@@ -1246,7 +1282,8 @@ async fn inventory_lists_only_this_deployments_directories() {
         args: json!({"user": user, "workspace": "w0", "final": final_sync}),
     };
     assert_eq!(agent_a.handle(&sync(true)).await.unwrap(), Outcome::Ack);
-    let confirmed = |directories: Vec<Value>| directories.iter().find(|entry| entry["session"] == json!(session)).unwrap()["confirmed"].clone();
+    let confirmed =
+        |directories: Vec<Value>| directories.iter().find(|entry| entry["session"] == json!(session)).unwrap()["confirmed"].clone();
     assert_eq!(confirmed(agent_a.inventory().await.unwrap()), json!(true));
     std::fs::write(profile_a.session_dir(&session).join("late.txt"), b"late").unwrap();
     assert_eq!(confirmed(agent_a.inventory().await.unwrap()), json!(false));
@@ -1352,7 +1389,8 @@ async fn s3_literal_dot_dot_key_is_refused() {
     let BackendKind::S3 { bucket, .. } = &backend.kind else { unreachable!() };
     let status = raw_http(MOTO, "PUT", &format!("/{bucket}/{}/../../escaped.txt", harness.prefix()), b"evil").await.unwrap();
     assert_eq!(status, 200);
-    let listed: Vec<String> = harness.store.store.list(None).map_ok(|meta| meta.location.to_string()).try_collect().await.unwrap_or_default();
+    let listed: Vec<String> =
+        harness.store.store.list(None).map_ok(|meta| meta.location.to_string()).try_collect().await.unwrap_or_default();
     assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
     let failed = harness.last("workspace.failed");
     assert_eq!(failed.data["stage"], json!("validate"), "{} (store listed {listed:?})", failed.data);
@@ -1495,7 +1533,8 @@ async fn answers_tasks_from_the_broker() {
     let event_queue = bus.declare_private_queue(protocol::topology::EVENTS_EXCHANGE, &["workspace.*".to_owned()]).await.unwrap();
     // The agent connects as the workspace identity, as in a deployment.
     protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await.expect("bus identities");
-    let agent_config = protocol::BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Workspace, "workspace-tests-agent");
+    let agent_config =
+        protocol::BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Workspace, "workspace-tests-agent");
     let agent_bus = protocol::Bus::connect(agent_config.expect("the workspace identity's password")).await.expect("broker");
     let events = Arc::new(workspace::BusEvents { bus: agent_bus.clone() });
     let agent = Arc::new(WorkspaceAgent::new(profile.clone(), backend.open(), events, quick_settings()));
@@ -1503,7 +1542,12 @@ async fn answers_tasks_from_the_broker() {
     let serving = tokio::spawn({
         let bus = agent_bus.clone();
         let task_queue = task_queue.clone();
-        async move { workspace::serve(agent, &bus, &task_queue, async { let _ = agent_stopped.await; }).await }
+        async move {
+            workspace::serve(agent, &bus, &task_queue, async {
+                let _ = agent_stopped.await;
+            })
+            .await
+        }
     });
 
     let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
@@ -1537,7 +1581,9 @@ async fn answers_tasks_from_the_broker() {
                         Outcome::Ack
                     }
                 },
-                async { let _ = events_stopped.await; },
+                async {
+                    let _ = events_stopped.await;
+                },
             )
             .await
         }
@@ -1599,7 +1645,8 @@ async fn bench_workspace_on_file() {
 /// The cache's whole entries (dot-folders are entries being moved).
 fn cache_entries(harness: &Harness) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(harness.profile.deployment_root().join(workspace::CACHE_DIR)) else { return Vec::new() };
-    let mut found: Vec<PathBuf> = entries.flatten().filter(|entry| !entry.file_name().to_string_lossy().starts_with('.')).map(|entry| entry.path()).collect();
+    let mut found: Vec<PathBuf> =
+        entries.flatten().filter(|entry| !entry.file_name().to_string_lossy().starts_with('.')).map(|entry| entry.path()).collect();
     found.sort();
     found
 }
@@ -1664,7 +1711,12 @@ async fn reopen_from_the_cache_fetches_only_what_changed_in_the_store(backend: B
     reopened.counting.gets.store(0, Ordering::SeqCst);
     assert_eq!(reopened.run(&reopened.materialize_task()).await, Outcome::Ack);
     let complete = reopened.last("workspace.complete");
-    assert_eq!(complete.data["cache"], json!({"kept_files": 58, "kept_bytes": complete.data["cache"]["kept_bytes"], "removed": 2}), "{}", complete.data);
+    assert_eq!(
+        complete.data["cache"],
+        json!({"kept_files": 58, "kept_bytes": complete.data["cache"]["kept_bytes"], "removed": 2}),
+        "{}",
+        complete.data
+    );
     assert_eq!(number(&complete, "downloaded_files"), 2, "the changed and the new file, nothing else: {}", complete.data);
     // Two downloads and the sidecar's read.
     assert_eq!(reopened.counting.gets.load(Ordering::SeqCst), 3);
@@ -1766,7 +1818,10 @@ async fn the_least_recently_closed_is_evicted_beyond_the_budget(backend: Backend
 
     // A budget of 0 (a restarted agent with a new profile) empties the cache.
     let without_cache = WorkspaceAgent::new(
-        Profile { workspace: protocol::profile::WorkspaceSettings { cache_mib: 0, ..base.profile.workspace.clone() }, ..base.profile.clone() },
+        Profile {
+            workspace: protocol::profile::WorkspaceSettings { cache_mib: 0, ..base.profile.workspace.clone() },
+            ..base.profile.clone()
+        },
         base.store.clone(),
         base.events.clone(),
         quick_settings(),

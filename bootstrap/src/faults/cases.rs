@@ -152,7 +152,9 @@ pub async fn run_case(deployment: &mut Deployment, case: Case, sessions: usize) 
         Case::DockerKill => container_dies(deployment, &users, ContainerDeath::Killed, &mut tally).await,
         Case::OomKill => container_dies(deployment, &users, ContainerDeath::OutOfMemory, &mut tally).await,
         Case::KillWorkspaceAgent(WorkspacePhase::Materialize) => kill_mid_materialize(deployment, &users, &mut tally).await,
-        Case::KillWorkspaceAgent(WorkspacePhase::IncrementalSync) => kill_mid_sync(deployment, &users, SyncKind::Incremental, &mut tally).await,
+        Case::KillWorkspaceAgent(WorkspacePhase::IncrementalSync) => {
+            kill_mid_sync(deployment, &users, SyncKind::Incremental, &mut tally).await
+        }
         Case::KillWorkspaceAgent(WorkspacePhase::FinalSync) => kill_mid_sync(deployment, &users, SyncKind::Final, &mut tally).await,
         Case::KillWorkspaceAgent(WorkspacePhase::Remove) => kill_mid_remove(deployment, &users, &mut tally).await,
         Case::KillContainerAgentProvisioning => kill_mid_provision(deployment, &users, &mut tally).await,
@@ -256,7 +258,9 @@ async fn check_store(deployment: &Deployment, user: &str, expected: &Expected, t
         let key = Deployment::object_key(user, WORKSPACE, path);
         match deployment.get_object(&key).await? {
             Some(stored) if &stored == bytes => {}
-            Some(stored) => tally.lost.push(format!("{key}: the store holds {} other bytes, not the {} written", stored.len(), bytes.len())),
+            Some(stored) => {
+                tally.lost.push(format!("{key}: the store holds {} other bytes, not the {} written", stored.len(), bytes.len()))
+            }
             None => tally.lost.push(format!("{key}: not in the store")),
         }
     }
@@ -265,7 +269,12 @@ async fn check_store(deployment: &Deployment, user: &str, expected: &Expected, t
 
 /// Waits for the session's end, checks it is one of `terminals`, that its exit went through the
 /// freeze and a confirmed final sync before anything was removed, and that nothing is left of it.
-async fn check_ended(deployment: &Deployment, session: &str, terminals: &[&str], tally: &mut Tally) -> anyhow::Result<protocol::Notification> {
+async fn check_ended(
+    deployment: &Deployment,
+    session: &str,
+    terminals: &[&str],
+    tally: &mut Tally,
+) -> anyhow::Result<protocol::Notification> {
     let end = deployment.inbox.wait_terminal(session, STEP_TIMEOUT).await?;
     if !terminals.contains(&end.state.as_str()) {
         bail!("session {session} ended {} ({}), expected one of {terminals:?}", end.state, end.detail);
@@ -302,7 +311,8 @@ async fn check_exit_path(deployment: &Deployment, session: &str, terminal: &str,
         bail!("session {session} never went through stopping: {targets:?}");
     };
     let saving = position("saving", stopping).ok_or_else(|| anyhow!("session {session}: no saving after stopping: {targets:?}"))?;
-    let removing = position("removing_container", saving).ok_or_else(|| anyhow!("session {session}: no removing_container: {targets:?}"))?;
+    let removing =
+        position("removing_container", saving).ok_or_else(|| anyhow!("session {session}: no removing_container: {targets:?}"))?;
     position("removing_workspace", removing).ok_or_else(|| anyhow!("session {session}: no removing_workspace: {targets:?}"))?;
     for entry in &history {
         if entry["to"] == "removing_container" && entry["event_type"] != "workspace.synced" {
@@ -325,7 +335,10 @@ async fn check_deployment_clean(deployment: &mut Deployment, tally: &mut Tally) 
             break;
         }
         if Instant::now() > deadline {
-            let leftovers = containers.into_iter().map(|name| format!("container {name}")).chain(directories.into_iter().map(|name| format!("directory {name}")));
+            let leftovers = containers
+                .into_iter()
+                .map(|name| format!("container {name}"))
+                .chain(directories.into_iter().map(|name| format!("directory {name}")));
             for leftover in leftovers {
                 if deployment.reported_leftovers.insert(leftover.clone()) {
                     tally.stranded.push(leftover);
@@ -391,9 +404,8 @@ async fn two_opens(deployment: &mut Deployment, users: &[String], tally: &mut Ta
         .context("the WebSocket client sees the session running")?;
         let user_filter = format!("label=berth.user={user}");
         let deployment_filter = format!("label=berth.deployment={}", deployment.id);
-        let listed = std::process::Command::new("docker")
-            .args(["ps", "-aq", "--filter", &user_filter, "--filter", &deployment_filter])
-            .output()?;
+        let listed =
+            std::process::Command::new("docker").args(["ps", "-aq", "--filter", &user_filter, "--filter", &deployment_filter]).output()?;
         let containers = String::from_utf8_lossy(&listed.stdout).split_whitespace().count();
         if containers != 1 {
             bail!("{containers} containers for one workspace of {user}");
@@ -420,7 +432,8 @@ where
 {
     let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
     loop {
-        let message = tokio::time::timeout_at(deadline, socket.next()).await.map_err(|_| anyhow!("no matching frame within {STEP_TIMEOUT:?}"))?;
+        let message =
+            tokio::time::timeout_at(deadline, socket.next()).await.map_err(|_| anyhow!("no matching frame within {STEP_TIMEOUT:?}"))?;
         let text = match message {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(_)) => continue,
@@ -459,17 +472,23 @@ async fn outside_writer(deployment: &mut Deployment, users: &[String], tally: &m
         tally.files_checked += 2;
         let key = Deployment::object_key(user, WORKSPACE, "notes.txt");
         if !versions.iter().any(|(_, bytes)| *bytes == theirs) {
-            tally.overwritten.push(format!("{key}: the outside writer's version is gone (store has {:?})", versions.iter().map(|v| &v.0).collect::<Vec<_>>()));
+            tally.overwritten.push(format!(
+                "{key}: the outside writer's version is gone (store has {:?})",
+                versions.iter().map(|v| &v.0).collect::<Vec<_>>()
+            ));
         }
         if !versions.iter().any(|(_, bytes)| *bytes == ours) {
-            tally.lost.push(format!("{key}: the session's version is gone (store has {:?})", versions.iter().map(|v| &v.0).collect::<Vec<_>>()));
+            tally
+                .lost
+                .push(format!("{key}: the session's version is gone (store has {:?})", versions.iter().map(|v| &v.0).collect::<Vec<_>>()));
         }
         let copy_prefix = format!("{}notes.conflict-{}-", prefix, &session[..8]);
         if !keys.iter().any(|key| key.starts_with(&copy_prefix) && key.ends_with(".txt")) {
             bail!("no conflict copy named {copy_prefix}<UTC>.txt among {keys:?}");
         }
         let reported = deployment.inbox.find(|n| {
-            n.session.as_deref() == Some(session.as_str()) && n.detail["conflicts"].as_array().is_some_and(|conflicts| !conflicts.is_empty())
+            n.session.as_deref() == Some(session.as_str())
+                && n.detail["conflicts"].as_array().is_some_and(|conflicts| !conflicts.is_empty())
         });
         if reported.is_none() {
             bail!("the conflict was not reported to the user (states {:?})", deployment.inbox.states(&session));
@@ -550,7 +569,8 @@ async fn kill_mid_materialize(deployment: &mut Deployment, users: &[String], tal
     let mut expectations = Vec::new();
     for user in users {
         let mut expected = Expected::default();
-        let mut files: Vec<(String, Vec<u8>)> = (0..300).map(|index| (format!("small/f{index:03}.txt"), payload(&format!("{user} {index}"), 40 * 1024))).collect();
+        let mut files: Vec<(String, Vec<u8>)> =
+            (0..300).map(|index| (format!("small/f{index:03}.txt"), payload(&format!("{user} {index}"), 40 * 1024))).collect();
         files.push(("large/one.bin".to_owned(), payload(&format!("{user} large one"), 3 * 1024 * 1024)));
         files.push(("large/two.bin".to_owned(), payload(&format!("{user} large two"), 3 * 1024 * 1024)));
         seed(deployment, user, &files, &mut expected).await?;
@@ -581,13 +601,21 @@ async fn kill_mid_materialize(deployment: &mut Deployment, users: &[String], tal
         let directory = deployment.session_dir(session);
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
-            let wrong: Vec<&String> =
-                expected.files.iter().filter(|(path, bytes)| std::fs::read(directory.join(path)).ok().as_ref() != Some(*bytes)).map(|(path, _)| path).collect();
+            let wrong: Vec<&String> = expected
+                .files
+                .iter()
+                .filter(|(path, bytes)| std::fs::read(directory.join(path)).ok().as_ref() != Some(*bytes))
+                .map(|(path, _)| path)
+                .collect();
             if wrong.is_empty() {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("{} files of {session} not materialized correctly after the restart, e.g. {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+                bail!(
+                    "{} files of {session} not materialized correctly after the restart, e.g. {:?}",
+                    wrong.len(),
+                    &wrong[..wrong.len().min(5)]
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -661,7 +689,12 @@ const REMOVE_FILES: usize = 2000;
 async fn kill_mid_remove(deployment: &mut Deployment, users: &[String], tally: &mut Tally) -> anyhow::Result<()> {
     let (sessions, expectations) = open_running_with(deployment, users, |deployment, session, user, expected| {
         let line = format!("{user} many");
-        deployment.exec(session, &format!("mkdir -p /workspace/many && cd /workspace/many && for i in $(seq 1 {REMOVE_FILES}); do echo \"{line} $i\" > f$i.txt; done"))?;
+        deployment.exec(
+            session,
+            &format!(
+                "mkdir -p /workspace/many && cd /workspace/many && for i in $(seq 1 {REMOVE_FILES}); do echo \"{line} $i\" > f$i.txt; done"
+            ),
+        )?;
         for index in 1..=REMOVE_FILES {
             expected.add(&format!("many/f{index}.txt"), format!("{line} {index}\n").into_bytes());
         }

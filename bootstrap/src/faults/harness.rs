@@ -73,7 +73,8 @@ pub enum Component {
 }
 
 impl Component {
-    pub const ALL: [Component; 5] = [Component::Persistence, Component::Engine, Component::Container, Component::Workspace, Component::Session];
+    pub const ALL: [Component; 5] =
+        [Component::Persistence, Component::Engine, Component::Container, Component::Workspace, Component::Session];
 
     fn arguments(self) -> &'static [&'static str] {
         match self {
@@ -260,7 +261,11 @@ impl Inbox {
 
     /// The states `session` went through, in order.
     pub fn states(&self, session: &str) -> Vec<String> {
-        self.lock().iter().filter(|seen| seen.notification.session.as_deref() == Some(session)).map(|seen| seen.notification.state.clone()).collect()
+        self.lock()
+            .iter()
+            .filter(|seen| seen.notification.session.as_deref() == Some(session))
+            .map(|seen| seen.notification.state.clone())
+            .collect()
     }
 
     pub fn find(&self, matches: impl Fn(&Notification) -> bool) -> Option<Seen> {
@@ -292,7 +297,9 @@ impl Inbox {
     pub async fn wait_terminal(&self, session: &str, timeout: Duration) -> anyhow::Result<Notification> {
         let terminal = ["closed", "stopped", "failed", "recovered"];
         let found = self
-            .wait(&format!("session {session} ending"), timeout, |n| n.session.as_deref() == Some(session) && terminal.contains(&n.state.as_str()))
+            .wait(&format!("session {session} ending"), timeout, |n| {
+                n.session.as_deref() == Some(session) && terminal.contains(&n.state.as_str())
+            })
             .await
             .map_err(|error| anyhow!("{error}; it went through {:?}", self.states(session)))?;
         Ok(found.notification)
@@ -608,7 +615,10 @@ impl Deployment {
         let event = CloudEvent::new("session.open", "/berth/faults", Some(&requested), json!({"user": user, "workspace": workspace}))
             .with_extension("userid", user);
         self.publish_as_client(&event).await?;
-        let answer = self.inbox.wait(&format!("an answer to the open of {requested}"), STEP_TIMEOUT, |n| n.cause.as_deref() == Some(event.id.as_str())).await?;
+        let answer = self
+            .inbox
+            .wait(&format!("an answer to the open of {requested}"), STEP_TIMEOUT, |n| n.cause.as_deref() == Some(event.id.as_str()))
+            .await?;
         answer.notification.session.ok_or_else(|| anyhow!("the answer to an open names no session"))
     }
 
@@ -711,7 +721,9 @@ impl Deployment {
     }
 
     pub fn container_state(&self, session: &str) -> Option<String> {
-        run_quietly("docker", &["inspect", "-f", "{{.State.Status}}", &Deployment::container_name(session)]).ok().map(|s| s.trim().to_owned())
+        run_quietly("docker", &["inspect", "-f", "{{.State.Status}}", &Deployment::container_name(session)])
+            .ok()
+            .map(|s| s.trim().to_owned())
     }
 
     /// Session directories and staging leftovers in the deployment root.

@@ -136,7 +136,9 @@ pub(crate) fn plan(view: &PoolView<'_>) -> KeeperPlan {
         match state {
             SlotState::Pending { since_ms } if view.now_ms - since_ms > view.pending_timeout_ms => plan.abandon.push(slot.clone()),
             SlotState::Pending { .. } => pending += 1,
-            SlotState::Free { since_ms } if view.max_idle_ms > 0 && view.now_ms - since_ms > view.max_idle_ms => plan.retire.push(slot.clone()),
+            SlotState::Free { since_ms } if view.max_idle_ms > 0 && view.now_ms - since_ms > view.max_idle_ms => {
+                plan.retire.push(slot.clone())
+            }
             SlotState::Free { since_ms } => free.push((slot, *since_ms)),
             SlotState::Claimed { .. } => {}
         }
@@ -279,7 +281,8 @@ impl Engine {
         let mut redis = self.inner.redis.clone();
         let (stored, memory): (Vec<(String, String)>, Option<u64>) =
             redis::pipe().hgetall(keys.pool_slots()).hget(keys.capacity(), "memory").query_async(&mut redis).await?;
-        let slots: Vec<(String, SlotState)> = stored.iter().filter_map(|(slot, text)| Some((slot.clone(), SlotState::parse(text)?))).collect();
+        let slots: Vec<(String, SlotState)> =
+            stored.iter().filter_map(|(slot, text)| Some((slot.clone(), SlotState::parse(text)?))).collect();
         // Claims of threds that ended (or are gone): their containers went with their sessions.
         let claims: Vec<(String, String)> = slots
             .iter()

@@ -21,10 +21,7 @@ pub async fn private_queue_on(bus: &Bus, exchange: &str, routing_key: &str) -> S
 /// Reads `count` messages (body and text headers) from `queue`, acking each, or panics after `timeout`.
 pub async fn collect_messages(bus: &Bus, queue: &str, count: usize, timeout: Duration) -> Vec<(Vec<u8>, HashMap<String, String>)> {
     let channel = bus.channel().await.expect("channel");
-    let mut consumer = channel
-        .basic_consume(queue, "", BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .expect("consume");
+    let mut consumer = channel.basic_consume(queue, "", BasicConsumeOptions::default(), FieldTable::default()).await.expect("consume");
     let mut messages = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while messages.len() < count {

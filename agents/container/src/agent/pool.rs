@@ -138,7 +138,12 @@ impl Agent {
                 }
             }
             Err(error) if docker_status(&error) == Some(404) => {
-                return Err(Refusal(format!("image {} is not available on this Docker engine ({})", profile.container.image, docker_message(&error))).into())
+                return Err(Refusal(format!(
+                    "image {} is not available on this Docker engine ({})",
+                    profile.container.image,
+                    docker_message(&error)
+                ))
+                .into())
             }
             Err(error) => return Err(error.into()),
         }
@@ -182,7 +187,9 @@ impl Agent {
             Err(error) => return Err(error),
         };
         let labels = container_labels(&inspected);
-        if !spec::is_deployment_container(&labels, &self.inner.profile) || labels.get(spec::POOL_SLOT_LABEL).map(String::as_str) != Some(slot) {
+        if !spec::is_deployment_container(&labels, &self.inner.profile)
+            || labels.get(spec::POOL_SLOT_LABEL).map(String::as_str) != Some(slot)
+        {
             tracing::warn!(container = %name, "not removing a container that is not this slot's");
             return Ok(());
         }

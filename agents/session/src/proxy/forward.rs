@@ -107,7 +107,8 @@ pub struct Forwarding {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade"];
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade"];
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.get(header::UPGRADE).is_some()
@@ -150,7 +151,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// Turns the client's request into the one the app receives.
 pub fn upstream_request(mut request: Request<Body>, forwarding: &Forwarding) -> Result<Request<Body>, String> {
     let upgrade = wants_upgrade(&request);
-    let host = if forwarding.upstream.host.contains(':') { format!("[{}]", forwarding.upstream.host) } else { forwarding.upstream.host.clone() };
+    let host =
+        if forwarding.upstream.host.contains(':') { format!("[{}]", forwarding.upstream.host) } else { forwarding.upstream.host.clone() };
     let uri = format!("http://{host}:{}{}", forwarding.upstream.port, forwarding.path_and_query);
     let original_host = request
         .headers()
@@ -165,7 +167,8 @@ pub fn upstream_request(mut request: Request<Body>, forwarding: &Forwarding) -> 
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     // The app keeps its own cookies, never Berth's.
-    let cookies: Vec<String> = headers.get_all(header::COOKIE).iter().filter_map(|value| value.to_str().ok()).filter_map(without_berth_cookie).collect();
+    let cookies: Vec<String> =
+        headers.get_all(header::COOKIE).iter().filter_map(|value| value.to_str().ok()).filter_map(without_berth_cookie).collect();
     headers.remove(header::COOKIE);
     if !cookies.is_empty() {
         if let Ok(value) = HeaderValue::from_str(&cookies.join("; ")) {
@@ -222,7 +225,11 @@ where
 pub struct Unreachable(pub String);
 
 /// Forwards a plain HTTP request; with a ticker, both bodies report activity while they flow.
-pub async fn http(client: &HttpClient, request: Request<Body>, ticker: Option<std::sync::Arc<Ticker>>) -> Result<Response<Body>, Unreachable> {
+pub async fn http(
+    client: &HttpClient,
+    request: Request<Body>,
+    ticker: Option<std::sync::Arc<Ticker>>,
+) -> Result<Response<Body>, Unreachable> {
     let request = match &ticker {
         Some(ticker) => request.map(|body| Body::new(Counted { inner: body, ticker: ticker.clone() })),
         None => request,
@@ -247,7 +254,11 @@ fn describe(error: &dyn std::error::Error) -> String {
 /// Forwards an upgrade request on a connection of its own; on `101` the two upgraded connections
 /// are joined, and the ticker told whenever the client sends data frames (pings, pongs and
 /// silence tell it nothing; neither does what the app sends).
-pub async fn tunnel(mut request: Request<Body>, upstream: &Upstream, ticker: Option<std::sync::Arc<Ticker>>) -> Result<Response<Body>, Unreachable> {
+pub async fn tunnel(
+    mut request: Request<Body>,
+    upstream: &Upstream,
+    ticker: Option<std::sync::Arc<Ticker>>,
+) -> Result<Response<Body>, Unreachable> {
     let client_upgrade = hyper::upgrade::on(&mut request);
     // The request line in origin form, as an HTTP/1.1 server expects it.
     *request.uri_mut() = upstream::origin_form(request.uri()).map_err(|upstream::Failed(reason)| Unreachable(reason))?;
@@ -258,7 +269,8 @@ pub async fn tunnel(mut request: Request<Body>, upstream: &Upstream, ticker: Opt
         Err(_) => return Err(Unreachable(format!("no connection within {CONNECT_TIMEOUT:?}"))),
     };
     let _ = stream.set_nodelay(true);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|error| Unreachable(describe(&error)))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|error| Unreachable(describe(&error)))?;
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });

@@ -24,8 +24,8 @@ use protocol::profile::ProxySettings;
 use protocol::CloudEvent;
 use serde_json::{json, Value};
 
-pub use cookie::{CookieKey, COOKIE_NAME, COOKIE_SECRET_ENV};
 use cookie::{cookie_values, set_cookie_header, CookieGrant, CookieScope};
+pub use cookie::{CookieKey, COOKIE_NAME, COOKIE_SECRET_ENV};
 use directory::{is_ended, Directory, Entry, Upstream};
 use paths::{is_background, query_without, session_of_host, split_session_path, upstream_path_and_query, PathPattern};
 
@@ -165,7 +165,13 @@ impl Proxy {
         let state_changing = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) || forward::wants_upgrade(&request);
         if matches!(credential, Credential::Cookie(_)) && state_changing && !same_origin(request.headers()) {
             tracing::info!(session_id = %session, "refused a cookie request from another origin");
-            return answer(StatusCode::FORBIDDEN, "forbidden", "a request with the session cookie must come from the session's own origin (Origin header)", browser, json!({}));
+            return answer(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "a request with the session cookie must come from the session's own origin (Origin header)",
+                browser,
+                json!({}),
+            );
         }
         let identity = credential.identity().clone();
         let entry = match self.authorize(&identity, &session, browser).await {
@@ -191,7 +197,14 @@ impl Proxy {
             Credential::Bearer(_) => true,
             Credential::Cookie(_) => self.bearer_is_berths(request.headers()),
         };
-        let forwarding = forward::Forwarding { upstream: upstream.clone(), path_and_query, prefix, user: identity.user.clone(), session: session.clone(), strip_authorization };
+        let forwarding = forward::Forwarding {
+            upstream: upstream.clone(),
+            path_and_query,
+            prefix,
+            user: identity.user.clone(),
+            session: session.clone(),
+            strip_authorization,
+        };
         let upgrade = forward::wants_upgrade(&request);
         let outgoing = match forward::upstream_request(request, &forwarding) {
             Ok(outgoing) => outgoing,
@@ -202,7 +215,8 @@ impl Proxy {
             let (session, user) = (session.clone(), identity.user.clone());
             forward::Ticker::new(move || proxy.note_activity(&entry, &session, &user))
         });
-        let forwarded = if upgrade { forward::tunnel(outgoing, &upstream, ticker).await } else { forward::http(&self.client, outgoing, ticker).await };
+        let forwarded =
+            if upgrade { forward::tunnel(outgoing, &upstream, ticker).await } else { forward::http(&self.client, outgoing, ticker).await };
         let mut response = match forwarded {
             Ok(response) => response,
             Err(forward::Unreachable(reason)) => {
@@ -335,7 +349,14 @@ impl Proxy {
     }
 
     /// Waits until the session runs (waking it if paused), within `start_wait_secs`.
-    async fn ready(&self, entry: &Entry, session: &str, identity: &Identity, background: bool, browser: bool) -> Result<Upstream, Response> {
+    async fn ready(
+        &self,
+        entry: &Entry,
+        session: &str,
+        identity: &Identity,
+        background: bool,
+        browser: bool,
+    ) -> Result<Upstream, Response> {
         let wait = Duration::from_secs(self.settings().start_wait_secs);
         let deadline = tokio::time::Instant::now() + wait;
         let mut views = entry.subscribe();
@@ -350,7 +371,8 @@ impl Proxy {
                 // Paused, or dormant (stopped with its directory kept): a wake is the user's call.
                 state @ ("idle" | "dormant") if background => {
                     let message = "the session is paused; background requests do not wake it";
-                    let mut response = answer(StatusCode::SERVICE_UNAVAILABLE, "idle", message, browser, json!({"session": session, "state": state}));
+                    let mut response =
+                        answer(StatusCode::SERVICE_UNAVAILABLE, "idle", message, browser, json!({"session": session, "state": state}));
                     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
                     return Err(response);
                 }
@@ -358,7 +380,13 @@ impl Proxy {
                     if entry.claim_wake(WAKE_REPEAT) {
                         tracing::debug!(session_id = %session, "waking a paused session for a request");
                         if let Err(message) = self.publish(session, &identity.user, "session.activity", json!({"source": "proxy"})).await {
-                            return Err(answer(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &message, browser, json!({"session": session})));
+                            return Err(answer(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "unavailable",
+                                &message,
+                                browser,
+                                json!({"session": session}),
+                            ));
                         }
                     }
                 }
@@ -368,7 +396,13 @@ impl Proxy {
                 }
                 state @ ("stopping" | "saving" | "sync_backoff" | "removing_container" | "removing_workspace") => {
                     let message = format!("session {session} is closing ({state}); open the workspace again");
-                    return Err(answer(StatusCode::GONE, "session_closing", &message, browser, json!({"session": session, "state": state})));
+                    return Err(answer(
+                        StatusCode::GONE,
+                        "session_closing",
+                        &message,
+                        browser,
+                        json!({"session": session, "state": state}),
+                    ));
                 }
                 // Queued, materializing, provisioning, their backoffs: wait for it to run.
                 _ => {}
@@ -383,7 +417,13 @@ impl Proxy {
                 Ok(Err(_)) | Err(_) => {
                     let state = views.borrow().state.clone();
                     let message = format!("session {session} did not start running within {} s (it is {state}); try again", wait.as_secs());
-                    let mut response = answer(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &message, browser, json!({"session": session, "state": state}));
+                    let mut response = answer(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not_ready",
+                        &message,
+                        browser,
+                        json!({"session": session, "state": state}),
+                    );
                     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
                     return Err(response);
                 }
@@ -471,7 +511,11 @@ async fn by_path(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
 
 /// `POST /api/sessions/{id}/cookie` with `Authorization: Bearer`: sets the path cookie for that
 /// session and says where to go (the console's way in without a token in any address).
-async fn exchange(State(proxy): State<Arc<Proxy>>, axum::extract::Path(session): axum::extract::Path<String>, headers: HeaderMap) -> Response {
+async fn exchange(
+    State(proxy): State<Arc<Proxy>>,
+    axum::extract::Path(session): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
     let identity = match token_from_request(authorization, None, None).map(|token| proxy.verify_token(token)) {
         Some(Ok(identity)) => identity,
@@ -506,7 +550,10 @@ fn insert_text(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
 
 /// A raw query's parameter (tokens need no percent-decoding).
 fn query_parameter(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| pair.split_once('=').filter(|(key, _)| *key == name).map(|(_, value)| value.to_owned())).filter(|value| !value.is_empty())
+    query?
+        .split('&')
+        .find_map(|pair| pair.split_once('=').filter(|(key, _)| *key == name).map(|(_, value)| value.to_owned()))
+        .filter(|value| !value.is_empty())
 }
 
 /// `Origin`'s host and port are the request's `Host`: a page of this very origin sent it.
@@ -528,7 +575,8 @@ fn not_found(session: &str, browser: bool) -> Response {
 fn unauthorized(failure: &AuthFailure, browser: bool) -> Response {
     let message = match failure {
         AuthFailure::MissingToken => {
-            "sign in: open the session from the Berth console, add ?berth_token=<token> once, or send Authorization: Bearer <token>".to_owned()
+            "sign in: open the session from the Berth console, add ?berth_token=<token> once, or send Authorization: Bearer <token>"
+                .to_owned()
         }
         AuthFailure::Expired => "the session cookie or token expired (or belongs to another session): open the session again".to_owned(),
         other => other.to_string(),
