@@ -186,6 +186,8 @@ impl ApiResources {
 /// it is scoped to `/s/{session}` or to the session's own host, so a browser never sends it to
 /// `/api/…`, and a cookie here would also need the proxy's Origin check on every write. Should the
 /// API ever take one, this is the one place: accept it for `session`, and only that one.
+// The error is the HTTP answer itself, built once per refused request.
+#[allow(clippy::result_large_err)]
 pub(crate) fn caller(state: &AppState, headers: &HeaderMap, query: Option<&str>, _session: Option<&str>) -> Result<Identity, Response> {
     authenticate(state, headers, query).map_err(|failure| unauthorized(&failure))
 }

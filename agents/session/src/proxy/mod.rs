@@ -376,20 +376,14 @@ impl Proxy {
                     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
                     return Err(response);
                 }
-                "idle" | "dormant" => {
-                    if entry.claim_wake(WAKE_REPEAT) {
-                        tracing::debug!(session_id = %session, "waking a paused session for a request");
-                        if let Err(message) = self.publish(session, &identity.user, "session.activity", json!({"source": "proxy"})).await {
-                            return Err(answer(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "unavailable",
-                                &message,
-                                browser,
-                                json!({"session": session}),
-                            ));
-                        }
+                "idle" | "dormant" if entry.claim_wake(WAKE_REPEAT) => {
+                    tracing::debug!(session_id = %session, "waking a paused session for a request");
+                    if let Err(message) = self.publish(session, &identity.user, "session.activity", json!({"source": "proxy"})).await {
+                        return Err(answer(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &message, browser, json!({"session": session})));
                     }
                 }
+                // A wake was asked for moments ago: wait for it like everyone else.
+                "idle" | "dormant" => {}
                 state if is_ended(state) => {
                     let message = format!("session {session} is closed ({state}); open the workspace again");
                     return Err(answer(StatusCode::GONE, "session_closed", &message, browser, json!({"session": session, "state": state})));
