@@ -35,13 +35,16 @@ else
   compose_failed=0
 fi
 
+# Formatting, lints and the dependency policy (scripts/tidy.sh): a failure fails the run.
+if "$here/scripts/tidy.sh"; then tidy_failed=0; else tidy_failed=1; status=1; fi
+
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 ignored=$(grep -Eo '([0-9]+) ignored' "$log" | awk '{s+=$1} END {print s+0}')
 # The compose test (tests/compose.rs) passes when it cannot run here and says `compose: SKIPPED`.
 compose_skipped=$(grep -c '^compose: SKIPPED' "$log" || true)
 passed=$((passed - compose_skipped)); ignored=$((ignored + compose_skipped))
-failed=$((failed + compose_failed))
+failed=$((failed + compose_failed + tidy_failed))
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi  # a build failure counts
 rm -f "$log"
 echo "tests: $passed passed, $failed failed, $ignored skipped"
