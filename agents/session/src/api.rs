@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -188,8 +189,20 @@ impl ApiResources {
 /// API ever take one, this is the one place: accept it for `session`, and only that one.
 // The error is the HTTP answer itself, built once per refused request.
 #[allow(clippy::result_large_err)]
-pub(crate) fn caller(state: &AppState, headers: &HeaderMap, query: Option<&str>, _session: Option<&str>) -> Result<Identity, Response> {
+pub(crate) fn caller(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Result<Identity, Response> {
     authenticate(state, headers, query).map_err(|failure| unauthorized(&failure))
+}
+
+/// The authenticated caller as a handler's argument: [`caller`] runs before the handler, and a
+/// request without a valid token gets its 401 without reaching it.
+pub(crate) struct Caller(pub Identity);
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Caller, Response> {
+        caller(state, &parts.headers, parts.uri.query()).map(Caller)
+    }
 }
 
 /// A session the caller may see and control, from its record in the store.
@@ -218,8 +231,8 @@ impl OwnedSession {
 /// answered exactly like a missing one, so ids cannot be probed.
 pub(crate) async fn owned_session(state: &AppState, identity: &Identity, session: &str) -> Result<OwnedSession, ApiError> {
     let not_found = || ApiError::new(ApiErrorCode::NotFound, format!("no session {session} among yours"));
-    if uuid::Uuid::parse_str(session).is_err() {
-        return Err(ApiError::new(ApiErrorCode::BadRequest, format!("{session:?} is not a session id (a UUID)")));
+    if let Err(error) = protocol::ids::SessionId::parse(session) {
+        return Err(ApiError::new(ApiErrorCode::BadRequest, error.to_string()));
     }
     let record = match state.store.session(session).await {
         Ok(Some(record)) => record,
@@ -301,14 +314,10 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 )]
 pub(crate) async fn open_session(
     State(state): State<Arc<AppState>>,
+    Caller(identity): Caller,
     headers: HeaderMap,
-    RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let identity = match caller(&state, &headers, query.as_deref(), None) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
     let request: OpenRequest = match json_body(&body) {
         Ok(request) => request,
         Err(error) => return error.into_response(),
@@ -577,7 +586,7 @@ fn millis(duration: Duration) -> u64 {
 /// `GET /api/sessions/{id}`: one session's current state.
 #[utoipa::path(
     get, path = "/api/sessions/{id}", tag = "sessions",
-    params(("id" = String, Path, description = "The session id (a UUID)")),
+    params(("id" = String, Path, description = "The session id")),
     responses(
         (status = 200, description = "The session's current state, from the store", body = SessionStatus),
         (status = 401, description = "No valid token", body = ApiError),
@@ -586,16 +595,7 @@ fn millis(duration: Duration) -> u64 {
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn get_session(
-    State(state): State<Arc<AppState>>,
-    Path(session): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
+pub(crate) async fn get_session(State(state): State<Arc<AppState>>, Path(session): Path<String>, Caller(identity): Caller) -> Response {
     match owned_session(&state, &identity, &session).await {
         Ok(owned) => match SessionStatus::from_record(&owned.record) {
             Some(status) => Json(status).into_response(),
@@ -608,7 +608,7 @@ pub(crate) async fn get_session(
 /// `DELETE /api/sessions/{id}`: the HTTP form of the `close` frame.
 #[utoipa::path(
     delete, path = "/api/sessions/{id}", tag = "sessions",
-    params(("id" = String, Path, description = "The session id (a UUID)"),
+    params(("id" = String, Path, description = "The session id"),
            ("reason" = Option<String>, Query, description = "Why, at most 256 characters (goes into `session.close`)")),
     responses(
         (status = 202, description = "`session.close` was published; the session goes stopping → closed (watch it)", body = CloseResponse),
@@ -622,13 +622,9 @@ pub(crate) async fn get_session(
 pub(crate) async fn close_session(
     State(state): State<Arc<AppState>>,
     Path(session): Path<String>,
-    headers: HeaderMap,
+    Caller(identity): Caller,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
     let reason = query_parameter(query.as_deref(), "reason");
     if reason.as_ref().is_some_and(|reason| reason.len() > 256) {
         return ApiError::new(ApiErrorCode::BadRequest, "`reason` is longer than 256 characters").into_response();
@@ -650,7 +646,7 @@ pub(crate) async fn close_session(
 /// `POST /api/sessions/{id}/activity`: the HTTP form of the `activity` frame (debounced alike).
 #[utoipa::path(
     post, path = "/api/sessions/{id}/activity", tag = "sessions",
-    params(("id" = String, Path, description = "The session id (a UUID)")),
+    params(("id" = String, Path, description = "The session id")),
     responses(
         (status = 200, description = "Counted (`session.activity` published, source `api`) or folded into the interval's event", body = ActivityResponse),
         (status = 401, description = "No valid token", body = ApiError),
@@ -662,13 +658,8 @@ pub(crate) async fn close_session(
 pub(crate) async fn session_activity(
     State(state): State<Arc<AppState>>,
     Path(session): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    Caller(identity): Caller,
 ) -> Response {
-    let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
     if let Err(error) = owned_session(&state, &identity, &session).await {
         return error.into_response();
     }
@@ -687,7 +678,7 @@ pub struct KeepaliveResponse {
 /// `POST /api/sessions/{id}/keepalive`: the HTTP form of the `keepalive` frame ("keep working").
 #[utoipa::path(
     post, path = "/api/sessions/{id}/keepalive", tag = "sessions",
-    params(("id" = String, Path, description = "The session id (a UUID)")),
+    params(("id" = String, Path, description = "The session id")),
     responses(
         (status = 202, description = "`session.keepalive` published (source `api`): the engine postpones the pause by the profile's idle interval, at most `max_keepalives` times in a row without input, and wakes a paused or dormant session; the answer arrives as a notification", body = KeepaliveResponse),
         (status = 401, description = "No valid token", body = ApiError),
@@ -699,13 +690,8 @@ pub struct KeepaliveResponse {
 pub(crate) async fn session_keepalive(
     State(state): State<Arc<AppState>>,
     Path(session): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    Caller(identity): Caller,
 ) -> Response {
-    let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
     if let Err(error) = owned_session(&state, &identity, &session).await {
         return error.into_response();
     }

@@ -591,12 +591,7 @@ async fn admin(State(console): State<Arc<Console>>, headers: HeaderMap) -> Respo
     users.sort_by(|a, b| a["user"].as_str().cmp(&b["user"].as_str()));
     let (committed, queue) = engine_counts(app).await;
     let limits = &app.config.profile.limits;
-    let memory_total = if limits.host_memory_mib > 0 { limits.host_memory_mib } else { host_memory_mib() };
-    let cpus_total = if limits.host_cpus > 0.0 {
-        limits.host_cpus
-    } else {
-        std::thread::available_parallelism().map_or(1.0, |count| count.get() as f64)
-    };
+    let (memory_total, cpu_millis_total) = protocol::host::budget(&app.config.profile);
     let body = json!({
         "sessions": sessions,
         "users": users,
@@ -604,7 +599,7 @@ async fn admin(State(console): State<Arc<Console>>, headers: HeaderMap) -> Respo
             "memory_mib_used": committed.as_ref().map(|(memory, _)| *memory),
             "memory_mib_total": memory_total,
             "cpu_millis_used": committed.as_ref().map(|(_, cpu)| *cpu),
-            "cpu_millis_total": (cpus_total * 1000.0).round() as u64,
+            "cpu_millis_total": cpu_millis_total,
             "per_session": {"memory_mib": app.config.profile.container.memory_mib, "cpus": app.config.profile.container.cpus},
         },
         "queue": queue,
@@ -622,8 +617,22 @@ async fn engine_counts(app: &AppState) -> (Option<(i64, i64)>, Vec<Value>) {
     let read = async {
         let client = redis::Client::open(url.as_str())?;
         let mut connection = client.get_multiplexed_async_connection().await?;
-        let capacity: HashMap<String, i64> =
-            redis::cmd("HGETALL").arg(format!("{ENGINE_REDIS_PREFIX}:capacity")).query_async(&mut connection).await?;
+        // Committed per host (`capacity:<host>`) once hosts report, in `capacity` before: the sum.
+        let mut keys = vec![format!("{ENGINE_REDIS_PREFIX}:capacity")];
+        {
+            let pattern = format!("{ENGINE_REDIS_PREFIX}:capacity:*");
+            let mut per_host = redis::AsyncCommands::scan_match::<_, String>(&mut connection, pattern).await?;
+            while let Some(key) = per_host.next_item().await {
+                keys.push(key);
+            }
+        }
+        let mut capacity: HashMap<String, i64> = HashMap::new();
+        for key in keys {
+            let held: HashMap<String, i64> = redis::cmd("HGETALL").arg(&key).query_async(&mut connection).await?;
+            for (field, value) in held {
+                *capacity.entry(field).or_insert(0) += value;
+            }
+        }
         let queued: Vec<(String, f64)> = redis::cmd("ZRANGE")
             .arg(format!("{ENGINE_REDIS_PREFIX}:queue:{SESSION_PATTERN}"))
             .arg(0)
@@ -649,15 +658,6 @@ async fn engine_counts(app: &AppState) -> (Option<(i64, i64)>, Vec<Value>) {
         }
         Err(_) => (None, Vec::new()),
     }
-}
-
-fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines().find(|line| line.starts_with("MemTotal:")).and_then(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
 }
 
 #[cfg(test)]

@@ -164,7 +164,7 @@ struct Workspace {
 
 impl Workspace {
     async fn open(state: &AppState, headers: &HeaderMap, query: Option<&str>, session: &str) -> Result<Workspace, Response> {
-        let identity = caller(state, headers, query, Some(session))?;
+        let identity = caller(state, headers, query)?;
         let session = owned_session(state, &identity, session).await.map_err(IntoResponse::into_response)?;
         let location = workspace::locate(&state.config.profile, &session.id);
         Ok(Workspace { session, location })

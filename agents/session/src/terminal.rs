@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{rejection::WebSocketUpgradeRejection, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
@@ -18,7 +18,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use crate::api::{caller, owned_session, ApiError, ApiErrorCode};
+use crate::api::{owned_session, ApiError, ApiErrorCode, Caller};
 use crate::auth::Identity;
 use crate::hub::ConnectionSlot;
 use crate::metrics::bump;
@@ -159,14 +159,9 @@ fn close_for_state(state: &str) -> Option<(u16, String)> {
 pub(crate) async fn terminal(
     State(state): State<Arc<AppState>>,
     Path(session): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    Caller(identity): Caller,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let identity = match caller(&state, &headers, query.as_deref(), Some(&session)) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
     let owned = match owned_session(&state, &identity, &session).await {
         Ok(owned) => owned,
         Err(error) => return error.into_response(),

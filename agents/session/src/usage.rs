@@ -4,14 +4,14 @@
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::api::{caller, ApiError, ApiErrorCode};
+use crate::api::{ApiError, ApiErrorCode, Caller};
 use crate::server::{query_parameter, AppState};
 
 /// One user's usage in one UTC period. A period nothing was metered in reads as zeros.
@@ -73,11 +73,7 @@ pub fn period_key(kind: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Stri
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
-    let identity = match caller(&state, &headers, query.as_deref(), None) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
+pub(crate) async fn usage(State(state): State<Arc<AppState>>, Caller(identity): Caller, RawQuery(query): RawQuery) -> Response {
     let kind = query_parameter(query.as_deref(), "period").unwrap_or_else(|| "day".to_owned());
     let Some(period) = period_key(&kind, chrono::Utc::now()) else {
         return ApiError::new(ApiErrorCode::BadRequest, format!("period must be `day` or `month`, not {kind:?}")).into_response();

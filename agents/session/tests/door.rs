@@ -451,7 +451,7 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
     assert_eq!((hidden.status, hidden.json()["error"].as_str()), (404, Some("not_found")));
     assert_eq!(missing.status, 404);
     assert_eq!(hidden.json()["message"], format!("no session {session} among yours"), "another user's session looks missing");
-    let not_an_id = http(address, "GET", "/api/sessions/nope", Some(&alice_token), &[], Upload::None).await?;
+    let not_an_id = http(address, "GET", "/api/sessions/.nope", Some(&alice_token), &[], Upload::None).await?;
     assert_eq!(not_an_id.status, 400);
 
     // Activity, debounced like the socket's; bob's is refused and publishes nothing.

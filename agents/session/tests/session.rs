@@ -890,7 +890,7 @@ async fn malformed_and_oversized_frames_get_errors() -> Result<()> {
         (Message::Text("{".into()), "bad_request"),
         (Message::Text("[1,2]".into()), "bad_request"),
         (Message::Text(r#"{"type":"dance","id":"d"}"#.into()), "bad_request"),
-        (Message::Text(r#"{"type":"close","id":"c","session":"not-a-uuid"}"#.into()), "bad_request"),
+        (Message::Text(r#"{"type":"close","id":"c","session":"../not-a-session-id"}"#.into()), "bad_request"),
         (Message::Binary(vec![1, 2, 3].into()), "bad_request"),
         (Message::Text(format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(2000)).into()), "frame_too_large"),
     ];
@@ -1630,10 +1630,13 @@ async fn a_stalled_request_body_is_disconnected_after_the_idle_timeout() -> Resu
     let instance = world.instance(config).await?;
 
     let mut stalled = TcpStream::connect(instance.address).await?;
-    // The whole head, then 10 of the 100 bytes it announces, then nothing.
-    stalled
-        .write_all(b"POST /api/sessions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"workspac")
-        .await?;
+    // The whole head of an authenticated request (an unauthenticated one is refused before its
+    // body is read), then 10 of the 100 bytes it announces, then nothing.
+    let token = world.token(&unique("alice"), &[]);
+    let head = format!(
+        "POST /api/sessions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"workspac"
+    );
+    stalled.write_all(head.as_bytes()).await?;
     let started = std::time::Instant::now();
     let mut sink = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(6), stalled.read_to_end(&mut sink)).await;
