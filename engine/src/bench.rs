@@ -104,7 +104,7 @@ async fn raw_broker_rate(bus: &Bus, bodies: &[Vec<u8>], prefetch: u16) -> anyhow
     Ok(bodies.len() as f64 / elapsed)
 }
 
-async fn wait_handled(engine: &Engine, target: u64, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_handled(engine: &Engine, target: u64, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let metrics = engine.metrics();
     while metrics.events_handled.load(Ordering::Relaxed) < target {

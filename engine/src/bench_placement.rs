@@ -135,12 +135,7 @@ async fn backlog_rate(engine: &Engine, bus: &Bus, config: &EngineConfig, label: 
     for result in published {
         result?;
     }
-    let target = handled_before + OPENS as u64;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while engine.metrics().events_handled.load(Ordering::Relaxed) < target {
-        anyhow::ensure!(Instant::now() < deadline, "the engine did not handle {OPENS} opens in 10 minutes");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    crate::bench::wait_handled(engine, handled_before + OPENS as u64, Duration::from_secs(600)).await?;
     Ok(OPENS as f64 / began.elapsed().as_secs_f64())
 }
 

@@ -947,6 +947,17 @@ impl Agent {
 
     /// Force-removes this deployment's container of that name; gone already is fine, and a
     /// container that is not this deployment's is left alone.
+    /// Removes the container `id` (its exit expected, so no `container.exited` is reported); gone
+    /// already is done.
+    pub(super) async fn force_remove(&self, id: &str) -> Result<(), bollard::errors::Error> {
+        self.expect_exit(id);
+        match self.inner.docker.remove_container(id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
+            Ok(()) => Ok(()),
+            Err(error) if docker_status(&error) == Some(404) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
     async fn remove_by_name(&self, name: &str) -> Result<(), bollard::errors::Error> {
         let inspected = match self.inner.docker.inspect_container(name, None).await {
             Ok(inspected) => inspected,
@@ -957,13 +968,7 @@ impl Agent {
             tracing::warn!(container = name, "not removing a container that is not this deployment's");
             return Ok(());
         }
-        let id = inspected.id.unwrap_or_default();
-        self.expect_exit(&id);
-        match self.inner.docker.remove_container(&id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
-            Ok(()) => Ok(()),
-            Err(error) if docker_status(&error) == Some(404) => Ok(()),
-            Err(error) => Err(error),
-        }
+        self.force_remove(&inspected.id.unwrap_or_default()).await
     }
 
     fn known_container(&self, session: &str) -> Option<String> {

@@ -18,7 +18,7 @@
 
 use std::path::Path;
 
-use bollard::container::{CreateContainerOptions, RemoveContainerOptions, RenameContainerOptions, StartContainerOptions};
+use bollard::container::{CreateContainerOptions, RenameContainerOptions, StartContainerOptions};
 use bollard::models::ContainerStateStatusEnum;
 use protocol::{CloudEvent, Profile, Task};
 use serde::{Deserialize, Serialize};
@@ -193,13 +193,7 @@ impl Agent {
             tracing::warn!(container = %name, "not removing a container that is not this slot's");
             return Ok(());
         }
-        let id = inspected.id.unwrap_or_default();
-        self.expect_exit(&id);
-        match self.inner.docker.remove_container(&id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
-            Ok(()) => Ok(()),
-            Err(error) if docker_status(&error) == Some(404) => Ok(()),
-            Err(error) => Err(error),
-        }
+        self.force_remove(&inspected.id.unwrap_or_default()).await
     }
 
     /// The claim of `slot` for `identity`'s session, before `provision` finds the container by the
