@@ -21,6 +21,12 @@ if [ -z "${BERTH_TEST_MONGODB_URL:-}" ]; then
   echo "note: BERTH_TEST_MONGODB_URL is not set: the MongoDB backend's conformance run is SKIPPED (SQLite runs)"
 fi
 
+# One full build of the workspace: incremental state would only double the target directory (~8 GB
+# of 13 GB), and a full disk takes the broker and every test down with it.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+disk_report() { echo "disk ($1): $(df -h --output=avail "$here" | tail -n 1 | tr -d ' ') free"; }
+disk_report start
+
 log=$(mktemp)
 # The engine's crash test runs a separate engine process built from an example.
 cargo build --workspace --examples 2>&1 | tail -n 3
@@ -37,6 +43,8 @@ fi
 
 # Formatting, lints and the dependency policy (scripts/tidy.sh): a failure fails the run.
 if "$here/scripts/tidy.sh"; then tidy_failed=0; else tidy_failed=1; status=1; fi
+
+disk_report end
 
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
