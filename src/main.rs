@@ -191,12 +191,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Benchmark::Workspace => workspace::bench(load_profile()?).await?,
             Benchmark::Store => persistence::bench(load_profile()?).await?,
             Benchmark::Session => session::bench(load_profile()?).await?,
-            Benchmark::E2e => bootstrap::bench(load_profile()?).await?,
-            Benchmark::Open => {
-                bootstrap::bench_open(load_profile()?, bootstrap::OpenBenchSettings { levels, large_mib, wake_rounds }).await?
-            }
-            Benchmark::Density => bootstrap::bench_density(load_profile()?, bootstrap::DensitySettings { max_sessions }).await?,
-            Benchmark::Proxy => bootstrap::bench_proxy(load_profile()?).await?,
+            Benchmark::E2e => bench::e2e(load_profile()?).await?,
+            Benchmark::Open => bench::open(load_profile()?, bench::OpenBenchSettings { levels, large_mib, wake_rounds }).await?,
+            Benchmark::Density => bench::density(load_profile()?, bench::DensitySettings { max_sessions }).await?,
+            Benchmark::Proxy => bench::proxy(load_profile()?).await?,
         },
     }
     Ok(ExitCode::SUCCESS)

@@ -3,10 +3,6 @@
 //! Bootstrap is idempotent: it declares, validates, creates what is missing and compares what exists,
 //! so a second run reports every item unchanged and destroys nothing. Only `--reset` drops records.
 
-mod bench;
-mod bench_density;
-mod bench_open;
-mod bench_proxy;
 mod dev;
 pub mod faults;
 
@@ -16,10 +12,6 @@ use protocol::store::{collections, Operation, UpsertArgs};
 use protocol::{Bus, BusConfig, Profile};
 use serde_json::{Map, Value};
 
-pub use crate::bench::bench;
-pub use crate::bench_density::{bench as bench_density, DensitySettings};
-pub use crate::bench_open::{bench as bench_open, OpenBenchSettings};
-pub use crate::bench_proxy::bench as bench_proxy;
 pub use crate::dev::{dev, spawn_components, Components};
 
 /// Whether bootstrap may destroy stored records.

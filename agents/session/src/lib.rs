@@ -15,7 +15,6 @@ pub mod error;
 pub mod files;
 pub mod frames;
 pub mod hub;
-pub mod loadgen;
 pub mod metrics;
 pub mod notify;
 pub mod openapi;

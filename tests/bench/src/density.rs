@@ -14,9 +14,9 @@ use protocol::{Bus, BusConfig, Profile};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::bench::{expect_state, listen_for_states, publish, Waiters};
-use crate::dev::{spawn_components, Components};
-use crate::{bootstrap, Reset};
+use crate::e2e::{expect_state, listen_for_states, publish, Waiters};
+use bootstrap::{spawn_components, Components};
+use bootstrap::{bootstrap, Reset};
 
 /// Sessions opened at once.
 const BATCH: usize = 10;

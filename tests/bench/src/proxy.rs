@@ -10,14 +10,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use protocol::profile::HealthCheck;
-use protocol::stats::{milliseconds, percentile};
+use crate::stats::{milliseconds, percentile};
 use protocol::{Bus, BusConfig, CloudEvent, Profile};
 use serde_json::json;
-use session::loadgen::{self, LoadResult, Target};
+use crate::loadgen::{self, LoadResult, Target};
 use tokio::sync::watch;
 
-use crate::dev::{spawn_components, Components};
-use crate::{bootstrap, Reset};
+use bootstrap::{spawn_components, Components};
+use bootstrap::{bootstrap, Reset};
 
 const BENCH_IMAGE: &str = "berth-test/proxy-app:latest";
 const LOAD_DURATION: Duration = Duration::from_secs(5);

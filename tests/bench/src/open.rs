@@ -22,14 +22,14 @@
 
 use std::time::{Duration, Instant};
 
-use protocol::stats::{milliseconds, percentile};
+use crate::stats::{milliseconds, percentile};
 use protocol::{Bus, BusConfig, Profile};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::bench::{docker_run_to_health, expect_state, listen_for_states, publish, Waiters};
-use crate::dev::{spawn_components, Components};
-use crate::{bootstrap, Reset};
+use crate::e2e::{docker_run_to_health, expect_state, listen_for_states, publish, Waiters};
+use bootstrap::{spawn_components, Components};
+use bootstrap::{bootstrap, Reset};
 
 const WORKSPACE: &str = "open-bench";
 const LARGE_WORKSPACE: &str = "open-bench-large";

@@ -7,13 +7,13 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::stats::{milliseconds, percentile};
+use crate::stats::{milliseconds, percentile};
 use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, Outcome, Profile};
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
 
-use crate::dev::{spawn_components, Components};
-use crate::{bootstrap, Reset};
+use bootstrap::{spawn_components, Components};
+use bootstrap::{bootstrap, Reset};
 
 const SEQUENTIAL_SESSIONS: usize = 20;
 const CONCURRENT_SESSIONS: usize = 10;

@@ -1,0 +1,20 @@
+//! `berth bench …`: every benchmark of Berth and the fixtures they need, outside the product
+//! crates, which they drive through their public API only. Each bench prints its figures next to a
+//! baseline measured in the same run; latencies go through the one [`stats`] module.
+//!
+//! Map: [`e2e`] (whole sessions, and the session-event helpers the other whole-deployment benches
+//! share), [`open`], [`density`], [`proxy`] (with its [`loadgen`]).
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod density;
+pub mod e2e;
+pub mod loadgen;
+pub mod open;
+pub mod proxy;
+pub mod stats;
+
+pub use density::{bench as density, DensitySettings};
+pub use e2e::bench as e2e;
+pub use open::{bench as open, OpenBenchSettings};
+pub use proxy::bench as proxy;
