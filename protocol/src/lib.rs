@@ -6,6 +6,7 @@
 pub mod broker_admin;
 pub mod bus;
 pub mod event;
+pub mod events;
 pub mod host;
 pub mod identity;
 pub mod ids;
