@@ -30,12 +30,16 @@ use crate::core::{self, Disposition, Effect, EventInput, Step, StepError, Thred}
 use crate::metrics::Metrics;
 use crate::pattern::Pattern;
 use crate::placement::{self, HostView};
-use crate::timers::{self, TimerMember};
+use crate::timers;
 use crate::usage::{self, Budget, Charge, Metered, Rates, Spent};
 use crate::{Error, Result};
+use binding::Binding;
+use store::{connect_redis, CommitResult, BIND_READ_SCRIPT, COMMIT_SCRIPT};
 
+mod binding;
 mod keys;
 mod pool;
+mod store;
 pub use keys::Keys;
 use keys::SEEN_BUCKET_TTL_SECS;
 pub use pool::{clear_pool, free_pool_slots};
@@ -180,105 +184,6 @@ pub struct OutboxMessage {
     pub body: String,
 }
 
-/// The commit: new thred state, dedupe marker, live-key index, timers and outbox in one step.
-const COMMIT_SCRIPT: &str = r#"
--- KEYS: 1 thred, 2 seen today, 3 seen yesterday, 4 outbox, 5 outbox index, 6 live index, 7 deadlines,
---       8 ended index, 9 exclusive owner (when ARGV[12] is '1'), 10 the user's live threds,
---       11 committed capacity (hash), 12 the admission queue (when ARGV[14] is '1'),
---       13 the warm pool's free slots (zset), 14 the pool's slots (hash)
--- ARGV: 1 expected version, 2 thred json, 3 new version, 4 ended, 5 thred id, 6 max live (0 = not new),
---       7 event id, 8 seen set ttl, 9 outbox json, 10 timer key prefix, 11 now ms, 12 owns an
---       exclusive key, 13 the fired timer this event is ('' = none), 14 admitted pattern, 15 live
---       threds a user may have, 16 memory and 17 cpu (millis) a thred holds, 18 memory and 19 cpu
---       budget, 20 held capacity before, 21 holds it after, 22 queued after, 23 the pool slot a
---       new thred claims ('' = none), then the timers to start (count, then member, deadline ms,
---       ttl ms each) and to cancel (count, then members)
--- Every check comes before the first write, so a refused commit changes nothing.
-if redis.call('SISMEMBER', KEYS[2], ARGV[7]) == 1 or redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 1 then
-  return 'duplicate'
-end
-local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if version ~= tonumber(ARGV[1]) then return 'conflict' end
-local max_live = tonumber(ARGV[6])
-local is_new = max_live > 0
-if is_new and redis.call('SCARD', KEYS[6]) >= max_live then return 'conflict' end
--- The owner key exists exactly while its owner is live, so a new thred may take it only if unset.
-if ARGV[12] == '1' and is_new and redis.call('EXISTS', KEYS[9]) == 1 then return 'conflict' end
-local admitted = ARGV[14] == '1'
-local held_before, holds_after = ARGV[20] == '1', ARGV[21] == '1'
-if admitted then
-  if is_new and ARGV[4] ~= '1' and redis.call('SCARD', KEYS[10]) >= tonumber(ARGV[15]) then return 'limit' end
-  if holds_after and not held_before then
-    -- First come, first served: only the oldest waiting thred (or anyone, if none waits) takes capacity.
-    local head = redis.call('ZRANGE', KEYS[12], 0, 0)
-    if head[1] and head[1] ~= ARGV[5] then return 'full' end
-    local memory = tonumber(redis.call('HGET', KEYS[11], 'memory') or '0')
-    local cpu = tonumber(redis.call('HGET', KEYS[11], 'cpu') or '0')
-    if memory + tonumber(ARGV[16]) > tonumber(ARGV[18]) or cpu + tonumber(ARGV[17]) > tonumber(ARGV[19]) then return 'full' end
-  end
-end
--- A slot is claimed by exactly one thred: the one whose commit takes it out of the free set.
-if ARGV[23] ~= '' and not redis.call('ZSCORE', KEYS[13], ARGV[23]) then return 'slot_taken' end
-if ARGV[12] == '1' and is_new then redis.call('SET', KEYS[9], ARGV[5]) end
-if ARGV[23] ~= '' then
-  redis.call('ZREM', KEYS[13], ARGV[23])
-  redis.call('HSET', KEYS[14], ARGV[23], 'claimed:' .. ARGV[5])
-end
-redis.call('HSET', KEYS[1], 'v', ARGV[3], 'json', ARGV[2])
-if ARGV[4] == '1' then
-  redis.call('SREM', KEYS[6], ARGV[5])
-  redis.call('ZADD', KEYS[8], ARGV[11], ARGV[5])
-  if ARGV[12] == '1' and redis.call('GET', KEYS[9]) == ARGV[5] then redis.call('DEL', KEYS[9]) end
-else
-  redis.call('SADD', KEYS[6], ARGV[5])
-end
-if admitted then
-  if ARGV[4] == '1' then redis.call('SREM', KEYS[10], ARGV[5]) else redis.call('SADD', KEYS[10], ARGV[5]) end
-  if holds_after and not held_before then
-    redis.call('HINCRBY', KEYS[11], 'memory', ARGV[16])
-    redis.call('HINCRBY', KEYS[11], 'cpu', ARGV[17])
-  elseif held_before and not holds_after then
-    redis.call('HINCRBY', KEYS[11], 'memory', -tonumber(ARGV[16]))
-    redis.call('HINCRBY', KEYS[11], 'cpu', -tonumber(ARGV[17]))
-  end
-  if ARGV[22] == '1' then redis.call('ZADD', KEYS[12], 'NX', ARGV[11], ARGV[5]) else redis.call('ZREM', KEYS[12], ARGV[5]) end
-end
--- A timer leaves the deadline index only with the commit of the event it fired.
-if ARGV[13] ~= '' then redis.call('ZREM', KEYS[7], ARGV[13]) end
-redis.call('SADD', KEYS[2], ARGV[7])
-redis.call('EXPIRE', KEYS[2], ARGV[8])
-if ARGV[9] ~= '' then
-  redis.call('SET', KEYS[4], ARGV[9])
-  redis.call('SADD', KEYS[5], KEYS[4])
-end
-local i = 24
-local starts = tonumber(ARGV[i]); i = i + 1
-for _ = 1, starts do
-  redis.call('SET', ARGV[10] .. ARGV[i], '1', 'PX', ARGV[i + 2])
-  redis.call('ZADD', KEYS[7], ARGV[i + 1], ARGV[i])
-  i = i + 3
-end
-local cancels = tonumber(ARGV[i]); i = i + 1
-for _ = 1, cancels do
-  redis.call('DEL', ARGV[10] .. ARGV[i])
-  redis.call('ZREM', KEYS[7], ARGV[i])
-  i = i + 1
-end
-return 'ok'
-"#;
-
-enum CommitResult {
-    Committed,
-    Duplicate,
-    Conflict,
-    /// The user already has as many live threds as the limits allow.
-    UserLimit,
-    /// The capacity is taken, or an older thred waits for it.
-    Full,
-    /// The warm-pool slot this new thred was to claim went to another one first.
-    SlotTaken,
-}
-
 /// Where placement put a thred about to take capacity.
 enum Placed {
     Here(HostView),
@@ -292,54 +197,6 @@ enum Placed {
 fn thred_workspace(thred: &Thred) -> Option<String> {
     let text = |field: &str| thred.context.get(field).and_then(Value::as_str).filter(|value| !value.is_empty());
     Some(format!("{}/{}", text("user")?, text("workspace")?))
-}
-
-/// What binding read from Redis.
-struct BindingRead {
-    /// The thred the event's `thredid` names, if it exists.
-    named: Option<Thred>,
-    /// The live threds of the event's subject, newest first.
-    live: Vec<Thred>,
-}
-
-/// Reads what binding needs in one round trip.
-const BIND_READ_SCRIPT: &str = r#"
--- KEYS: 1 seen today, 2 seen yesterday, 3 live index of the subject
--- ARGV: 1 event id, 2 thred key prefix, 3 thred id from the event ('' = none)
--- Reply: '1' if seen; else '0', the named thred's json (or ''), the live threds' json.
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 or redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
-  return {'1'}
-end
-local reply = {'0', ''}
-if ARGV[3] ~= '' then
-  reply[2] = redis.call('HGET', ARGV[2] .. ARGV[3], 'json') or ''
-end
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  local json = redis.call('HGET', ARGV[2] .. id, 'json')
-  if json then table.insert(reply, json) end
-end
-return reply
-"#;
-
-/// How an event was bound.
-enum Binding<'a> {
-    /// Boxed: a thred is large next to the other variants.
-    Existing(&'a Pattern, Box<Thred>),
-    Start(&'a Pattern),
-    Orphan,
-}
-
-/// The `timer.fired` event's entry in the deadline index, which stays there until the event is
-/// committed (or found to need nothing), so a lost `timer.fired` is fired again by the sweep.
-fn fired_timer_member(event: &CloudEvent) -> Option<String> {
-    if event.event_type != crate::pattern::TIMER_FIRED {
-        return None;
-    }
-    let thred_id = event.extension("thredid")?;
-    let key = event.subject.as_deref()?;
-    let timer = event.data.get("timer")?.as_str()?;
-    let generation = event.data.get("generation")?.as_u64()?;
-    Some(TimerMember::new(thred_id, generation, timer, key).encode())
 }
 
 struct Inner {
@@ -645,7 +502,7 @@ impl Engine {
                 return self.finish_duplicate(event).await;
             };
             let now_ms = chrono::Utc::now().timestamp_millis();
-            let binding = self.bind(event, read)?;
+            let binding = binding::bind(&self.inner.patterns, &event.event_type, read);
             let (pattern, previous, stepped) = match binding {
                 Binding::Orphan => {
                     Metrics::count(&self.inner.metrics.orphans);
@@ -790,16 +647,6 @@ impl Engine {
         Ok(EventFate::Done)
     }
 
-    /// A `timer.fired` that needed no commit (stale, ignored, already applied) leaves the deadline
-    /// index now; one that was committed left it in the commit.
-    async fn forget_fired_timer(&self, event: &CloudEvent) -> Result<()> {
-        if let Some(member) = fired_timer_member(event) {
-            let mut redis = self.inner.redis.clone();
-            let _: () = redis.zrem(self.inner.keys.deadlines(), member).await?;
-        }
-        Ok(())
-    }
-
     /// The verdict for a new thred of an admitted pattern, from one read of the counts. Opens are
     /// counted over the last 60 s (a sliding window, not the clock's minute); recording this one is
     /// idempotent by event id, so a redelivery counts once.
@@ -858,11 +705,6 @@ impl Engine {
             tracing::info!(user, ?verdict, "open not admitted at once");
         }
         Ok(verdict)
-    }
-
-    async fn queue_length(&self, pattern: &Pattern) -> Result<u64> {
-        let mut redis = self.inner.redis.clone();
-        Ok(redis.zcard(self.inner.keys.queue(&pattern.name)).await?)
     }
 
     /// Lets waiting threds go when capacity frees, oldest first, and tells each waiting user their
@@ -1339,120 +1181,6 @@ impl Engine {
         }
     }
 
-    async fn load_thred(&self, thred_id: &str) -> Result<Option<Thred>> {
-        let mut redis = self.inner.redis.clone();
-        let key = self.inner.keys.thred(thred_id);
-        let stored: Option<String> = redis.hget(&key, "json").await?;
-        let Some(text) = stored else { return Ok(None) };
-        let thred: Thred = serde_json::from_str(&text).map_err(|error| Error::Corrupt { key, reason: error.to_string() })?;
-        Ok(Some(thred))
-    }
-
-    /// Live threds of a key, newest first.
-    pub async fn live_threds(&self, key: &str) -> Result<Vec<Thred>> {
-        let mut redis = self.inner.redis.clone();
-        let ids: Vec<String> = redis.smembers(self.inner.keys.live(key)).await?;
-        self.load_threds(&ids).await
-    }
-
-    /// Threds by id in one round trip, newest first; ids without a record are skipped.
-    async fn load_threds(&self, ids: &[String]) -> Result<Vec<Thred>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipeline = redis::pipe();
-        for id in ids {
-            pipeline.hget(self.inner.keys.thred(id), "json");
-        }
-        let mut redis = self.inner.redis.clone();
-        let stored: Vec<Option<String>> = pipeline.query_async(&mut redis).await?;
-        let mut threds = Vec::new();
-        for (id, text) in ids.iter().zip(stored) {
-            let Some(text) = text else { continue };
-            let thred: Thred = serde_json::from_str(&text)
-                .map_err(|error| Error::Corrupt { key: self.inner.keys.thred(id), reason: error.to_string() })?;
-            threds.push(thred);
-        }
-        threds.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| b.id.cmp(&a.id)));
-        Ok(threds)
-    }
-
-    /// Reads one thred (tests and tools).
-    pub async fn thred(&self, thred_id: &str) -> Result<Option<Thred>> {
-        self.load_thred(thred_id).await
-    }
-
-    fn pattern_named(&self, name: &str) -> Option<&Pattern> {
-        self.inner.patterns.iter().find(|pattern| pattern.name == name)
-    }
-
-    /// One round trip (a read-only script) for everything binding needs: whether the event was
-    /// seen, the thred its `thredid` names, and the live threds of its subject. `None` = seen.
-    async fn read_for_binding(&self, event: &CloudEvent) -> Result<Option<BindingRead>> {
-        let keys = &self.inner.keys;
-        let (seen_today, seen_yesterday) = keys.seen(chrono::Utc::now().timestamp_millis());
-        let mut invocation = self.inner.bind_read.prepare_invoke();
-        invocation
-            .key(&seen_today)
-            .key(&seen_yesterday)
-            .key(keys.live(event.subject.as_deref().unwrap_or_default()))
-            .arg(&event.id)
-            .arg(keys.thred(""))
-            .arg(event.extension("thredid").unwrap_or_default());
-        let mut redis = self.inner.redis.clone();
-        let reply: Vec<String> = invocation.invoke_async(&mut redis).await?;
-        if reply.first().map(String::as_str) != Some("0") {
-            return Ok(None);
-        }
-        let parse = |text: &String| -> Result<Option<Thred>> {
-            if text.is_empty() {
-                return Ok(None);
-            }
-            serde_json::from_str(text).map(Some).map_err(|error| Error::Corrupt { key: keys.thred("?"), reason: error.to_string() })
-        };
-        let named = match reply.get(1) {
-            Some(text) => parse(text)?,
-            None => None,
-        };
-        let mut live = Vec::new();
-        for text in reply.iter().skip(2) {
-            if let Some(thred) = parse(text)? {
-                live.push(thred);
-            }
-        }
-        live.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| b.id.cmp(&a.id)));
-        Ok(Some(BindingRead { named, live }))
-    }
-
-    fn bind(&self, event: &CloudEvent, read: BindingRead) -> Result<Binding<'_>> {
-        if let Some(thred) = read.named {
-            if let Some(pattern) = self.pattern_named(&thred.pattern) {
-                return Ok(Binding::Existing(pattern, Box::new(thred)));
-            }
-        }
-        let live = read.live;
-        for pattern in &self.inner.patterns {
-            if !pattern.start.events.contains(&event.event_type) {
-                continue;
-            }
-            if pattern.start.only_when_key_idle && !live.is_empty() {
-                continue;
-            }
-            let live_of_pattern = live.iter().filter(|thred| thred.pattern == pattern.name).count();
-            if live_of_pattern < pattern.start.max_live_per_key as usize {
-                return Ok(Binding::Start(pattern));
-            }
-        }
-        for thred in live {
-            if let Some(pattern) = self.pattern_named(&thred.pattern) {
-                if pattern.knows(&event.event_type) {
-                    return Ok(Binding::Existing(pattern, Box::new(thred)));
-                }
-            }
-        }
-        Ok(Binding::Orphan)
-    }
-
     /// The context a new thred starts with: the event's data, the session, user, workspace and
     /// profile, and the profile's timers (seconds), from which the pattern computes durations.
     fn seed_context(&self, event: &CloudEvent) -> Map<String, Value> {
@@ -1554,116 +1282,6 @@ impl Engine {
             messages.push(task_message(config, &task));
         }
         messages
-    }
-
-    async fn commit(
-        &self,
-        previous: Option<&Thred>,
-        step: &Step,
-        pattern: &Pattern,
-        event: &CloudEvent,
-        messages: &[OutboxMessage],
-        placed: Option<&HostView>,
-    ) -> Result<CommitResult> {
-        let keys = &self.inner.keys;
-        let mut thred = step.thred.clone();
-        let expected_version = previous.map(|thred| thred.version);
-        let expected = expected_version.unwrap_or(0);
-        thred.version = expected + 1;
-        let thred_json = serde_json::to_string(&thred).unwrap_or_default();
-        let outbox_json = if messages.is_empty() { String::new() } else { serde_json::to_string(messages).unwrap_or_default() };
-        let max_live = if expected_version.is_none() { pattern.start.max_live_per_key } else { 0 };
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let (seen_today, seen_yesterday) = keys.seen(now_ms);
-        let mut invocation = self.inner.commit.prepare_invoke();
-        invocation
-            .key(keys.thred(&thred.id))
-            .key(&seen_today)
-            .key(&seen_yesterday)
-            .key(keys.outbox(&event.id))
-            .key(keys.outboxes())
-            .key(keys.live(&thred.key))
-            .key(keys.deadlines())
-            .key(keys.ended())
-            .key(keys.exclusive(&pattern.name, thred.exclusive.as_deref().unwrap_or_default()))
-            .key(keys.user_live(&pattern.name, thred.context.get("user").and_then(Value::as_str).unwrap_or_default()))
-            .key(keys.capacity_of(thred.host.as_deref()))
-            .key(keys.queue(&pattern.name))
-            .key(keys.pool_free())
-            .key(keys.pool_slots())
-            .arg(expected)
-            .arg(&thred_json)
-            .arg(thred.version)
-            .arg(if thred.ended { "1" } else { "0" })
-            .arg(&thred.id)
-            .arg(max_live)
-            .arg(&event.id)
-            .arg(SEEN_BUCKET_TTL_SECS)
-            .arg(&outbox_json)
-            .arg(keys.timer_prefix())
-            .arg(now_ms)
-            .arg(if thred.exclusive.is_some() { "1" } else { "0" })
-            .arg(fired_timer_member(event).unwrap_or_default());
-        let capacity = &self.inner.capacity;
-        let flag = |on: bool| if on { "1" } else { "0" };
-        match &pattern.start.admission {
-            Some(spec) => {
-                let held_before = previous.is_some_and(|previous| admission::holds_capacity(spec, previous));
-                invocation
-                    .arg("1")
-                    .arg(capacity.max_sessions_per_user)
-                    .arg(capacity.need_memory_mib)
-                    .arg(capacity.need_cpu_millis)
-                    .arg(placed.map_or(capacity.budget_memory_mib, |host| host.budget_memory_mib))
-                    .arg(placed.map_or(capacity.budget_cpu_millis, |host| host.budget_cpu_millis))
-                    .arg(flag(held_before))
-                    .arg(flag(admission::holds_capacity(spec, &thred)))
-                    .arg(flag(admission::is_queued(spec, &thred)));
-            }
-            None => {
-                invocation.arg("0").arg(0).arg(0).arg(0).arg(0).arg(0).arg("0").arg("0").arg("0");
-            }
-        }
-        invocation.arg(pool::claimed_slot(pattern, previous, &thred).unwrap_or_default());
-        let starts: Vec<(String, i64)> = step
-            .effects
-            .iter()
-            .filter_map(|effect| match effect {
-                Effect::StartTimer { timer, generation, deadline_ms } => {
-                    Some((TimerMember::new(&thred.id, *generation, timer, &thred.key).encode(), *deadline_ms))
-                }
-                _ => None,
-            })
-            .collect();
-        let cancels: Vec<String> = step
-            .effects
-            .iter()
-            .filter_map(|effect| match effect {
-                Effect::CancelTimer { timer, generation } => Some(TimerMember::new(&thred.id, *generation, timer, &thred.key).encode()),
-                _ => None,
-            })
-            .collect();
-        invocation.arg(starts.len());
-        for (member, deadline_ms) in &starts {
-            invocation.arg(member).arg(deadline_ms).arg((deadline_ms - now_ms).max(1));
-        }
-        invocation.arg(cancels.len());
-        for member in &cancels {
-            invocation.arg(member);
-        }
-        let mut redis = self.inner.redis.clone();
-        let result: String = invocation.invoke_async(&mut redis).await?;
-        if result == "ok" && !starts.is_empty() {
-            self.inner.timer_wake.notify_one();
-        }
-        Ok(match result.as_str() {
-            "ok" => CommitResult::Committed,
-            "duplicate" => CommitResult::Duplicate,
-            "limit" => CommitResult::UserLimit,
-            "full" => CommitResult::Full,
-            "slot_taken" => CommitResult::SlotTaken,
-            _ => CommitResult::Conflict,
-        })
     }
 
     /// An inventory (`container.inventory`, `workspace.inventory`): every listed container or host
@@ -1888,37 +1506,6 @@ pub fn event_input(event: &CloudEvent) -> EventInput {
         subject: event.subject.clone(),
         data: event.data.clone(),
         extensions: event.extensions.iter().map(|(name, value)| (name.clone(), value.clone())).collect::<BTreeMap<_, _>>(),
-    }
-}
-
-/// How the Redis connection comes back after Redis restarts. redis-rs 0.27 hands `factor` to its
-/// backoff as the growth factor (default 100, on a 1 s minimum): the second reconnect attempt
-/// waited 60-120 s, and every event waited with it (found by the faults matrix: a 3 s Redis
-/// restart stalled the engine for two minutes). A factor of 2 capped at 1 s retries every second;
-/// the timeouts keep a command on a dead connection from hanging.
-fn redis_reconnect_config() -> redis::aio::ConnectionManagerConfig {
-    redis::aio::ConnectionManagerConfig::new()
-        .set_factor(2)
-        .set_max_delay(1000)
-        .set_number_of_retries(10)
-        .set_connection_timeout(Duration::from_secs(2))
-        .set_response_timeout(Duration::from_secs(10))
-}
-
-/// Connects to Redis, retrying with backoff for a minute: in a compose stack Redis may start later.
-async fn connect_redis(client: &redis::Client) -> Result<ConnectionManager> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match client.get_connection_manager_with_config(redis_reconnect_config()).await {
-            Ok(connection) => return Ok(connection),
-            Err(error) if tokio::time::Instant::now() >= deadline => return Err(error.into()),
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "redis not reachable");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
     }
 }
 
