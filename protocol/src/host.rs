@@ -133,6 +133,43 @@ pub fn report_interval_from_env() -> Result<std::time::Duration, String> {
 /// The variable that sets the report interval in seconds.
 pub const REPORT_INTERVAL_ENV: &str = "BERTH_HOST_REPORT_INTERVAL_SECS";
 
+/// A session container's own address on its session network (`container.ready`'s `network`),
+/// with the machine it is on: only a process on that machine can use it (the same private
+/// address on another machine may be another tenant's container), so the session proxy takes it
+/// only when `host` and `boot_id` are its own, and the published port otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkAddress {
+    pub ip: std::net::IpAddr,
+    pub port: u16,
+    /// The container agent's host id ([`Profile::host`]).
+    pub host: String,
+    /// The machine's kernel boot id ([`boot_id`]): two machines left on the default host id
+    /// (`local`) still differ here.
+    pub boot_id: String,
+}
+
+impl NetworkAddress {
+    /// Whether a process on host `host`, under the kernel booted as `boot_id`, is on this
+    /// address's machine.
+    pub fn is_on(&self, host: &str, boot_id: Option<&str>) -> bool {
+        self.host == host && !self.boot_id.is_empty() && boot_id == Some(self.boot_id.as_str())
+    }
+}
+
+/// This machine's kernel boot id (`/proc/sys/kernel/random/boot_id`, read once): the same for
+/// every process and container on one running kernel, different on any other machine or boot.
+/// `None` where the kernel does not say.
+pub fn boot_id() -> Option<&'static str> {
+    static BOOT_ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+            Some(text.trim().to_owned()).filter(|id| !id.is_empty())
+        })
+        .as_deref()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +210,19 @@ mod tests {
         let mut event = report().to_event("/test");
         event.data["bogus"] = serde_json::json!(1);
         assert!(HostReport::from_event(&event).unwrap_err().contains("unknown field `bogus`"));
+    }
+
+    #[test]
+    fn a_network_address_is_usable_only_on_its_own_machine() {
+        let boot = boot_id().expect("Linux says its boot id");
+        let address = NetworkAddress { ip: "172.18.0.5".parse().unwrap(), port: 8080, host: "h1".to_owned(), boot_id: boot.to_owned() };
+        assert!(address.is_on("h1", Some(boot)));
+        assert!(!address.is_on("h2", Some(boot)), "another host id");
+        assert!(!address.is_on("h1", Some("another-boot")), "another machine left on the same host id");
+        assert!(!address.is_on("h1", None), "a machine that does not say");
+        let unknown = NetworkAddress { boot_id: String::new(), ..address.clone() };
+        assert!(!unknown.is_on("h1", Some("")), "an agent that could not read it");
+        let text = serde_json::json!({"ip": "172.18.0.5", "port": 8080, "host": "h1", "boot_id": boot});
+        assert_eq!(serde_json::from_value::<NetworkAddress>(text).unwrap(), address);
     }
 }
