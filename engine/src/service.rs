@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, ExchangeKind};
+use lapin::ExchangeKind;
 use protocol::bus::BusError;
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::host::HostReport;
-use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Incoming, Notification, Outcome, Profile, Task};
+use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Incoming, Outcome, Profile, Task};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::admission::{self, Capacity, Committed, Counts, Limit, Verdict};
-use crate::core::{self, Disposition, Effect, EventInput, Step, StepError, Thred};
+use crate::core::{self, Disposition, EventInput, Step, StepError, Thred};
 use crate::metrics::Metrics;
 use crate::pattern::Pattern;
 use crate::placement::{self, HostView};
@@ -34,10 +34,13 @@ use crate::timers;
 use crate::usage::{self, Budget, Charge, Metered, Rates, Spent};
 use crate::{Error, Result};
 use binding::Binding;
+use outbox::{delete_published_outboxes, notification_message, notification_to_owner, task_message, task_message_on};
+pub use outbox::OutboxMessage;
 use store::{connect_redis, CommitResult, BIND_READ_SCRIPT, COMMIT_SCRIPT};
 
 mod binding;
 mod keys;
+mod outbox;
 mod pool;
 mod store;
 pub use keys::Keys;
@@ -173,15 +176,6 @@ pub async fn teardown(bus: &Bus, redis_url: &str, config: &EngineConfig) -> Resu
         let _: () = connection.del(chunk).await?;
     }
     Ok(())
-}
-
-/// One message waiting in an outbox.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutboxMessage {
-    pub exchange: String,
-    pub routing_key: String,
-    pub message_id: String,
-    pub body: String,
 }
 
 /// Where placement put a thred about to take capacity.
@@ -384,44 +378,6 @@ impl Engine {
                 Err(Error::Stopped(ended))
             }
         }
-    }
-
-    /// Publishes every outbox a crash left behind.
-    pub async fn replay_outboxes(&self) -> Result<usize> {
-        let mut redis = self.inner.redis.clone();
-        let outboxes: Vec<String> = redis.smembers(self.inner.keys.outboxes()).await?;
-        for outbox_key in &outboxes {
-            self.publish_outbox_at(outbox_key).await?;
-            Metrics::count(&self.inner.metrics.outboxes_replayed);
-        }
-        Ok(outboxes.len())
-    }
-
-    async fn publish_outbox_at(&self, outbox_key: &str) -> Result<()> {
-        let mut redis = self.inner.redis.clone();
-        let stored: Option<String> = redis.get(outbox_key).await?;
-        if let Some(text) = stored {
-            let messages: Vec<OutboxMessage> =
-                serde_json::from_str(&text).map_err(|error| Error::Corrupt { key: outbox_key.to_owned(), reason: error.to_string() })?;
-            self.publish_messages(&messages).await?;
-        }
-        let mut pipeline = redis::pipe();
-        pipeline.del(outbox_key).ignore().srem(self.inner.keys.outboxes(), outbox_key).ignore();
-        let _: () = pipeline.query_async(&mut redis).await?;
-        Ok(())
-    }
-
-    async fn publish_messages(&self, messages: &[OutboxMessage]) -> Result<()> {
-        let bus = &self.inner.publisher;
-        let publishes = messages.iter().map(|message| {
-            let properties =
-                BasicProperties::default().with_content_type("application/json".into()).with_message_id(message.message_id.clone().into());
-            bus.publish(&message.exchange, &message.routing_key, message.body.as_bytes(), properties)
-        });
-        for published in futures::future::join_all(publishes).await {
-            published?;
-        }
-        Ok(())
     }
 
     /// Handles one delivery and decides its fate.
@@ -636,15 +592,6 @@ impl Engine {
             return Ok(EventFate::Done);
         }
         Err(Error::Conflict { thred: lock_key })
-    }
-
-    /// A redelivered event: its commit happened, but its outbox may not have been published.
-    async fn finish_duplicate(&self, event: &CloudEvent) -> Result<EventFate> {
-        Metrics::count(&self.inner.metrics.duplicates);
-        tracing::debug!(event_id = %event.id, "duplicate event");
-        self.publish_outbox_at(&self.inner.keys.outbox(&event.id)).await?;
-        self.forget_fired_timer(event).await?;
-        Ok(EventFate::Done)
     }
 
     /// The verdict for a new thred of an admitted pattern, from one read of the counts. Opens are
@@ -1214,76 +1161,6 @@ impl Engine {
         context
     }
 
-    /// Turns effects into wire messages; timers are handled by the commit itself.
-    fn outbox_messages(&self, event: &CloudEvent, step: &Step) -> Vec<OutboxMessage> {
-        let config = &self.inner.config;
-        let thred = &step.thred;
-        let mut messages = Vec::new();
-        let mut persist_operations: Vec<(usize, Value)> = Vec::new();
-        for (index, effect) in step.effects.iter().enumerate() {
-            let id = Task::stable_id(&event.id, index);
-            match effect {
-                Effect::Task { agent, action, args } => {
-                    let task = Task {
-                        id,
-                        agent: *agent,
-                        action: action.clone(),
-                        session: Some(thred.key.clone()),
-                        thred: Some(thred.id.clone()),
-                        cause: Some(event.id.clone()),
-                        args: args.clone(),
-                    };
-                    messages.push(task_message_on(config, &task, thred.host.as_deref()));
-                }
-                Effect::Persist { operation, collection, id: record_id, doc } => {
-                    let record_id = record_id.clone().unwrap_or_else(|| id.to_string());
-                    persist_operations.push((
-                        index,
-                        json!({"action": operation.as_str(), "args": {"collection": collection, "id": record_id, "doc": doc}}),
-                    ));
-                }
-                Effect::Notify { user, state, detail } => {
-                    let Some(user) = user else {
-                        tracing::warn!(thred = %thred.id, "notification without a user in the thred context; dropped");
-                        continue;
-                    };
-                    let notification = Notification {
-                        id,
-                        user: user.clone(),
-                        session: Some(thred.key.clone()),
-                        state: state.clone(),
-                        detail: detail.clone(),
-                        cause: Some(event.id.clone()),
-                    };
-                    messages.push(notification_message(config, &notification));
-                }
-                Effect::StartTimer { .. } | Effect::CancelTimer { .. } => {}
-            }
-        }
-        // A step's records (typically the session upsert and the audit put) travel as one
-        // all-or-nothing `group`: one message instead of several, and never half applied.
-        if let Some((first_index, _)) = persist_operations.first() {
-            let (action, args) = if persist_operations.len() == 1 {
-                let operation = &persist_operations[0].1;
-                (operation["action"].as_str().unwrap_or_default().to_owned(), operation["args"].clone())
-            } else {
-                let operations: Vec<Value> = persist_operations.iter().map(|(_, operation)| operation.clone()).collect();
-                ("group".to_owned(), json!({"operations": operations}))
-            };
-            let task = Task {
-                id: Task::stable_id(&event.id, *first_index),
-                agent: AgentKind::Persistence,
-                action,
-                session: Some(thred.key.clone()),
-                thred: Some(thred.id.clone()),
-                cause: Some(event.id.clone()),
-                args,
-            };
-            messages.push(task_message(config, &task));
-        }
-        messages
-    }
-
     /// An inventory (`container.inventory`, `workspace.inventory`): every listed container or host
     /// directory whose session has no live thred and that is older than the grace period gets a
     /// `session.recover` event, so the recovery pattern saves it before anything is removed.
@@ -1448,48 +1325,6 @@ fn created_time(value: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
     }
 }
 
-fn notification_message(config: &EngineConfig, notification: &Notification) -> OutboxMessage {
-    OutboxMessage {
-        exchange: config.notify_exchange.clone(),
-        routing_key: notification.routing_key(),
-        message_id: notification.id.to_string(),
-        body: String::from_utf8_lossy(&notification.to_bytes()).into_owned(),
-    }
-}
-
-/// A notification the engine sends on its own (not a pattern's effect) to a thred's user; its id
-/// is derived from `id_name`, so sending it twice is one notification. `None` without a user.
-fn notification_to_owner(thred: &Thred, state: &str, detail: Value, id_name: &str) -> Option<Notification> {
-    let user = thred.context.get("user").and_then(Value::as_str)?;
-    Some(Notification {
-        id: Uuid::new_v5(&Uuid::NAMESPACE_OID, id_name.as_bytes()),
-        user: user.to_owned(),
-        session: Some(thred.key.clone()),
-        state: state.to_owned(),
-        detail,
-        cause: None,
-    })
-}
-
-fn task_message(config: &EngineConfig, task: &Task) -> OutboxMessage {
-    task_message_on(config, task, None)
-}
-
-/// A task for the agents of `host`, when its agent kind is host-affine and there is a host; for
-/// any agent of its kind (the shared queue) otherwise.
-fn task_message_on(config: &EngineConfig, task: &Task, host: Option<&str>) -> OutboxMessage {
-    let routing_key = match host {
-        Some(host) if topology::is_host_affine(task.agent) => topology::host_routing_key(task.agent, host),
-        _ => task.agent.as_str().to_owned(),
-    };
-    OutboxMessage {
-        exchange: config.tasks_exchange.clone(),
-        routing_key,
-        message_id: task.id.to_string(),
-        body: String::from_utf8_lossy(&task.to_bytes()).into_owned(),
-    }
-}
-
 /// What became of an event the engine could read.
 enum EventFate {
     Done,
@@ -1506,47 +1341,6 @@ pub fn event_input(event: &CloudEvent) -> EventInput {
         subject: event.subject.clone(),
         data: event.data.clone(),
         extensions: event.extensions.iter().map(|(name, value)| (name.clone(), value.clone())).collect::<BTreeMap<_, _>>(),
-    }
-}
-
-/// Deletes published outboxes in batches until stopped, then deletes the rest.
-async fn delete_published_outboxes(
-    mut redis: ConnectionManager,
-    keys: Keys,
-    mut published: tokio::sync::mpsc::UnboundedReceiver<String>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut stopping = false;
-    loop {
-        let first = if stopping {
-            match published.try_recv() {
-                Ok(key) => key,
-                Err(_) => return,
-            }
-        } else {
-            tokio::select! {
-                key = published.recv() => match key {
-                    Some(key) => key,
-                    None => return,
-                },
-                _ = stop.changed() => {
-                    stopping = true;
-                    continue;
-                }
-            }
-        };
-        let mut batch = vec![first];
-        while batch.len() < 500 {
-            match published.try_recv() {
-                Ok(key) => batch.push(key),
-                Err(_) => break,
-            }
-        }
-        let mut pipeline = redis::pipe();
-        pipeline.del(&batch).ignore().srem(keys.outboxes(), &batch).ignore();
-        if let Err(error) = pipeline.query_async::<()>(&mut redis).await {
-            tracing::warn!(%error, outboxes = batch.len(), "could not delete published outboxes; a restart will publish them again");
-        }
     }
 }
 
