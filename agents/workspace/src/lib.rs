@@ -177,7 +177,7 @@ async fn report_host_periodically(agent: Arc<WorkspaceAgent>, bus: Bus, interval
         };
         let mut workspaces: Vec<String> = directories
             .iter()
-            .filter_map(|entry| Some(format!("{}/{}", entry.get("user")?.as_str()?, entry.get("workspace")?.as_str()?)))
+            .filter_map(|entry| Some(format!("{}/{}", entry.user.as_ref()?, entry.workspace.as_ref()?)))
             .collect();
         // And the closed workspaces the host's cache keeps for a reopen (this profile's).
         let root = agent.profile().deployment_root();
