@@ -1622,7 +1622,7 @@ async fn bench_on(backend: Backend) {
     let scratch = std::env::temp_dir().join(format!("berth-ws-test-{}", Uuid::new_v4()));
     let mut profile = test_profile(&backend.url, &scratch);
     profile.workspace.large_file_threshold_kib = 1024;
-    let report = workspace::bench_with_settings(profile, &backend.settings).await.expect("benchmark runs");
+    let report = bench::workspace_io::run_with(profile, &backend.settings).await.expect("benchmark runs");
     println!("{} {}", backend.url, serde_json::to_string_pretty(&report).unwrap());
     assert!(report.materialize_mb_per_s > 0.0 && report.sync_one_change_ms_best > 0.0);
     remove_scratch(&scratch);
