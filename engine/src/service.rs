@@ -42,22 +42,17 @@ mod binding;
 mod keys;
 mod outbox;
 mod pool;
+mod reconcile;
 mod store;
 pub use keys::Keys;
-use keys::SEEN_BUCKET_TTL_SECS;
 pub use pool::{clear_pool, free_pool_slots};
+use reconcile::{created_time, Inventory};
+pub use reconcile::{CONTAINER_INVENTORY, SESSION_RECOVER, WORKSPACE_INVENTORY};
 
-/// The event type of the container agent's periodic inventory (reconciliation).
-pub const CONTAINER_INVENTORY: &str = "container.inventory";
-/// The event type of the workspace agent's periodic inventory of host directories.
-pub const WORKSPACE_INVENTORY: &str = "workspace.inventory";
 /// What the engine sends a session whose user has spent a budget: the pattern stops it, saved first.
 pub const BUDGET_EXCEEDED: &str = "session.budget_exceeded";
 /// What the engine sends each session on a drained host (`berth host drain`): the pattern moves it.
 pub const SESSION_MOVE: &str = "session.move";
-/// What the reconciler publishes for a workspace no live thred owns: the recovery pattern
-/// freezes, final-syncs and then removes it.
-pub const SESSION_RECOVER: &str = "session.recover";
 /// How long an ended thred stays readable, so late answers are recognised as late.
 pub const ENDED_THRED_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Optimistic-commit attempts before the event is requeued.
@@ -1159,169 +1154,6 @@ impl Engine {
             }),
         );
         context
-    }
-
-    /// An inventory (`container.inventory`, `workspace.inventory`): every listed container or host
-    /// directory whose session has no live thred and that is older than the grace period gets a
-    /// `session.recover` event, so the recovery pattern saves it before anything is removed.
-    /// Living ones are kept. Inventories of another deployment are ignored.
-    async fn reconcile(&self, inventory: Inventory, event: &CloudEvent) -> Result<EventFate> {
-        let Some(entries) = event.data.get(inventory.list_field()).and_then(Value::as_array) else {
-            return Ok(EventFate::Refused(format!("{} without a `{}` list", event.event_type, inventory.list_field())));
-        };
-        let deployment = self.inner.profile.deployment();
-        if let Some(other) = event.data.get("deployment").and_then(Value::as_str).filter(|other| *other != deployment) {
-            tracing::debug!(deployment = other, "inventory of another deployment ignored");
-            return Ok(EventFate::Done);
-        }
-        // Which host found what it lists (none from agents older than hosts): its recovery and its
-        // removals go to that host's queues.
-        let inventory_host = event.data.get("host").and_then(Value::as_str).filter(|host| protocol::profile::is_deployment_id(host));
-        let mut redis = self.inner.redis.clone();
-        let (seen_today, seen_yesterday) = self.inner.keys.seen(chrono::Utc::now().timestamp_millis());
-        let (seen_recently, seen_before): (bool, bool) =
-            redis::pipe().sismember(&seen_today, &event.id).sismember(&seen_yesterday, &event.id).query_async(&mut redis).await?;
-        if seen_recently || seen_before {
-            return self.finish_duplicate(event).await;
-        }
-        let now = chrono::Utc::now();
-        let grace = chrono::Duration::seconds(self.inner.config.orphan_grace_secs as i64);
-        if inventory == Inventory::Containers {
-            self.reconcile_pool(entries, event).await?;
-        }
-        let mut removals = Vec::new();
-        for (index, entry) in entries.iter().enumerate() {
-            let Some(session) = entry.get("session").and_then(Value::as_str).filter(|session| !session.is_empty()) else {
-                continue;
-            };
-            let since = entry.get(inventory.time_field()).and_then(created_time);
-            if since.is_some_and(|since| now - since < grace) {
-                continue;
-            }
-            let live: usize = redis.scard(self.inner.keys.live(session)).await?;
-            if live > 0 {
-                continue;
-            }
-            let text = |field: &str| entry.get(field).and_then(Value::as_str).filter(|value| !value.is_empty());
-            match (text("user"), text("workspace")) {
-                (Some(user), Some(workspace)) => {
-                    let recover = recover_event(&self.inner.keys, inventory, session, user, workspace, entry, inventory_host);
-                    tracing::info!(session, user, workspace, what = inventory.what(), "no live session owns it; recovering");
-                    self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &recover).await?;
-                    Metrics::count(&self.inner.metrics.recoveries);
-                }
-                // An inventory from an agent that does not report whose it is: a container can still
-                // go (its directory stays, and the workspace inventory recovers it); a directory
-                // cannot be saved without knowing its prefix, so it is left alone.
-                _ => {
-                    let Some(container_id) = text("container_id").filter(|_| inventory == Inventory::Containers) else {
-                        tracing::warn!(session, "stranded directory without user and workspace; left alone");
-                        continue;
-                    };
-                    tracing::info!(session, container_id, "orphan container without user and workspace; removing it, its directory stays");
-                    let task = Task {
-                        id: Task::stable_id(&event.id, index),
-                        agent: AgentKind::Container,
-                        action: "remove".to_owned(),
-                        session: Some(session.to_owned()),
-                        thred: None,
-                        cause: Some(event.id.clone()),
-                        args: json!({"container_id": container_id}),
-                    };
-                    // To the host whose inventory found it: another host's agent would not see it.
-                    removals.push(task_message_on(&self.inner.config, &task, inventory_host));
-                }
-            }
-        }
-        self.publish_messages(&removals).await?;
-        let _: () = redis::pipe()
-            .sadd(&seen_today, &event.id)
-            .ignore()
-            .expire(&seen_today, SEEN_BUCKET_TTL_SECS as i64)
-            .ignore()
-            .query_async(&mut redis)
-            .await?;
-        Ok(EventFate::Done)
-    }
-}
-
-/// Which agent's inventory an event is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Inventory {
-    Containers,
-    Directories,
-}
-
-impl Inventory {
-    fn of(event_type: &str) -> Option<Inventory> {
-        match event_type {
-            CONTAINER_INVENTORY => Some(Inventory::Containers),
-            WORKSPACE_INVENTORY => Some(Inventory::Directories),
-            _ => None,
-        }
-    }
-
-    fn list_field(self) -> &'static str {
-        match self {
-            Inventory::Containers => "containers",
-            Inventory::Directories => "directories",
-        }
-    }
-
-    /// The entry's age is measured from this field: a young one may belong to a starting session.
-    fn time_field(self) -> &'static str {
-        match self {
-            Inventory::Containers => "created",
-            Inventory::Directories => "modified",
-        }
-    }
-
-    fn what(self) -> &'static str {
-        match self {
-            Inventory::Containers => "orphan container",
-            Inventory::Directories => "stranded directory",
-        }
-    }
-}
-
-/// The `session.recover` event for one inventory entry. Its id is derived from what was found
-/// (the container, or the directory as last modified), so the same finding reported by several
-/// inventories starts one recovery. It names the host whose inventory found it (`data.host`): the
-/// recovery thred is placed there, so its freeze, sync and removal run where the finding is.
-fn recover_event(
-    keys: &Keys,
-    inventory: Inventory,
-    session: &str,
-    user: &str,
-    workspace: &str,
-    entry: &Value,
-    host: Option<&str>,
-) -> CloudEvent {
-    let finding = match inventory {
-        Inventory::Containers => format!("container/{}", entry.get("container_id").and_then(Value::as_str).unwrap_or_default()),
-        Inventory::Directories => format!("directory/{}", entry.get("modified").and_then(Value::as_str).unwrap_or_default()),
-    };
-    let mut data = json!({"user": user, "workspace": workspace, "reason": inventory.what()});
-    if let Some(container_id) = entry.get("container_id").and_then(Value::as_str) {
-        data["container_id"] = json!(container_id);
-    }
-    let finding = match host {
-        Some(host) => {
-            data["host"] = json!(host);
-            format!("{host}/{finding}")
-        }
-        None => finding,
-    };
-    let mut event = CloudEvent::new(SESSION_RECOVER, "/berth/engine/reconciler", Some(session), data);
-    event.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-recover/{}/{session}/{finding}", keys.prefix).as_bytes()).to_string();
-    event
-}
-
-fn created_time(value: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
-    match value {
-        Value::String(text) => chrono::DateTime::parse_from_rfc3339(text).ok().map(|time| time.with_timezone(&chrono::Utc)),
-        Value::Number(number) => chrono::DateTime::from_timestamp(number.as_i64()?, 0),
-        _ => None,
     }
 }
 

@@ -14,9 +14,7 @@ use protocol::{topology, Bus, BusConfig, Profile};
 use serde_json::json;
 use uuid::Uuid;
 
-use persistence::{open_store, Agent, Store};
-
-use crate::stats::{milliseconds, Latencies};
+use crate::{open_store, Agent, Store};
 
 /// Operations per measured row unless `BERTH_BENCH_STORE_OPERATIONS` says otherwise.
 const DEFAULT_OPERATIONS: usize = 2000;
@@ -29,8 +27,8 @@ struct Row {
     path: &'static str,
     count: usize,
     elapsed: Duration,
-    /// Per-operation latencies (empty where completion is observed only in bulk).
-    latencies: Latencies,
+    /// Per-operation latencies, sorted (empty where completion is observed only in bulk).
+    latencies: Vec<Duration>,
 }
 
 impl Row {
@@ -42,7 +40,8 @@ impl Row {
         if self.latencies.is_empty() {
             return "-".to_owned();
         }
-        format!("{:.2}", milliseconds(self.latencies.percentile(fraction)))
+        let index = ((self.latencies.len() as f64 - 1.0) * fraction).round() as usize;
+        format!("{:.2}", self.latencies[index].as_secs_f64() * 1000.0)
     }
 }
 
@@ -61,11 +60,12 @@ where
             }
         })
         .buffer_unordered(IN_FLIGHT);
-    let mut latencies = Latencies::new();
+    let mut latencies = Vec::with_capacity(count);
     while let Some(latency) = timed.next().await {
-        latencies.record(latency?);
+        latencies.push(latency?);
     }
     let elapsed = started.elapsed();
+    latencies.sort();
     Ok(Row { operation, path, count, elapsed, latencies })
 }
 
@@ -86,9 +86,7 @@ fn find_by_user(collection: &str, index: usize) -> Operation {
     Operation::Find(args)
 }
 
-/// `berth bench store`.
-pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    let profile = &profile;
+pub async fn run(profile: &Profile) -> anyhow::Result<()> {
     let count = match std::env::var("BERTH_BENCH_STORE_OPERATIONS") {
         Ok(text) => text.parse::<usize>().map_err(|error| anyhow::anyhow!("BERTH_BENCH_STORE_OPERATIONS={text:?}: {error}"))?.max(1),
         Err(_) => DEFAULT_OPERATIONS,
@@ -206,5 +204,5 @@ async fn fire_and_forget_inserts(store: &dyn Store, client: &StoreClient, collec
         anyhow::ensure!(Instant::now() < deadline, "only {counted} of {count} fire-and-forget inserts were stored in time");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Ok(Row { operation: "insert", path: "agent, fire-and-forget", count, elapsed: started.elapsed(), latencies: Latencies::new() })
+    Ok(Row { operation: "insert", path: "agent, fire-and-forget", count, elapsed: started.elapsed(), latencies: Vec::new() })
 }
