@@ -5,7 +5,6 @@
 //! (fire-and-forget tasks and request/reply queries) and maps errors to ack, retry or dead-letter.
 
 pub mod agent;
-mod bench;
 pub mod document;
 pub mod mongo;
 pub mod sqlite;
@@ -178,10 +177,4 @@ pub(crate) fn in_group(index: usize, member: &Operation, error: Error) -> Error 
 /// Runs `berth agent persistence` until `shutdown` completes.
 pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     agent::run(&profile, shutdown).await
-}
-
-/// `berth bench store`: inserts/s and indexed lookups/s through the agent (broker included) next
-/// to direct calls on the same backend, in the same run.
-pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    bench::run(&profile).await
 }

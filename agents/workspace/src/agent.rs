@@ -14,10 +14,13 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{GetResultPayload, ObjectMeta, PutPayload, WriteMultipart};
+use protocol::events::{
+    CacheReuse, DirectoryEntry, Skipped, WorkspaceComplete, WorkspaceConflict, WorkspaceFailed, WorkspaceInventory, WorkspaceMaterialized,
+    WorkspaceProgress, WorkspaceQuotaExceeded, WorkspaceRemoved, WorkspaceSyncFailed, WorkspaceSynced,
+};
 use protocol::ids::{SessionId, UserId, WorkspaceId};
 use protocol::{AgentKind, Outcome, Profile, Task};
 use serde::Deserialize;
-use serde_json::json;
 
 use uuid::Uuid;
 
@@ -258,8 +261,13 @@ struct Progress {
 }
 
 impl Progress {
-    fn data(&self) -> serde_json::Value {
-        json!({"files_done": self.files_done, "files_total": self.files_total, "bytes_done": self.bytes_done, "bytes_total": self.bytes_total})
+    fn data(&self) -> WorkspaceProgress {
+        WorkspaceProgress {
+            files_done: self.files_done as u64,
+            files_total: self.files_total as u64,
+            bytes_done: self.bytes_done,
+            bytes_total: self.bytes_total,
+        }
     }
 }
 
@@ -316,10 +324,10 @@ impl WorkspaceAgent {
                     let failure = match task.action.as_str() {
                         "sync" => {
                             let final_sync = task.args.get("final").and_then(serde_json::Value::as_bool).unwrap_or(false);
-                            reply.event("workspace.sync_failed", json!({"final": final_sync, "error": error}))
+                            reply.event(&WorkspaceSyncFailed { final_sync, error, action: None })
                         }
-                        "remove" => reply.event("workspace.sync_failed", json!({"final": true, "action": "remove", "error": error})),
-                        _ => reply.event("workspace.failed", json!({"stage": "task", "error": error})),
+                        "remove" => reply.event(&WorkspaceSyncFailed { final_sync: true, error, action: Some("remove".to_owned()) }),
+                        _ => reply.event(&WorkspaceFailed { stage: "task".to_owned(), error }),
                     };
                     self.events.emit(failure).await?;
                 }
@@ -360,7 +368,7 @@ impl WorkspaceAgent {
                         };
                         tracing::warn!(session, %error, "materialize failed");
                         self.events
-                            .emit(reply.event("workspace.failed", json!({"stage": stage, "error": event_text(&error.to_string())})))
+                            .emit(reply.event(&WorkspaceFailed { stage: stage.to_owned(), error: event_text(&error.to_string()) }))
                             .await
                     }
                 }
@@ -377,13 +385,18 @@ impl WorkspaceAgent {
                 match outcome {
                     Ok(report) => {
                         self.report_conflicts(reply, &report.conflicts, None).await?;
-                        self.events.emit(reply.event("workspace.synced", synced_data(kind, &report))).await
+                        self.events.emit(reply.event(&synced_data(kind, &report))).await
                     }
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
+                    Err(error @ Error::Superseded(_)) => {
+                        tracing::info!(session, %error, "stale sync refused: the session lives on another host now");
+                        let data = WorkspaceSyncFailed { final_sync: kind == SyncKind::Final, error: event_text(&error.to_string()), action: None };
+                        self.events.emit(reply.event(&data)).await
+                    }
                     Err(error) => {
                         tracing::warn!(session, final_sync = kind == SyncKind::Final, %error, "sync failed; nothing removed");
-                        let data = json!({"final": kind == SyncKind::Final, "error": event_text(&error.to_string())});
-                        self.events.emit(reply.event("workspace.sync_failed", data)).await
+                        let data = WorkspaceSyncFailed { final_sync: kind == SyncKind::Final, error: event_text(&error.to_string()), action: None };
+                        self.events.emit(reply.event(&data)).await
                     }
                 }
             }
@@ -394,21 +407,26 @@ impl WorkspaceAgent {
                 match self.remove(session, keep).await {
                     Ok(preserved) => {
                         let (shown, total) = bounded_list(&preserved);
-                        let mut data = json!({"preserved": shown});
-                        if total > shown.len() {
-                            data["preserved_total"] = json!(total);
-                        }
-                        self.events.emit(reply.event("workspace.removed", data)).await
+                        let preserved_total = (total > shown.len()).then_some(total as u64);
+                        self.events.emit(reply.event(&WorkspaceRemoved { preserved: shown, preserved_total })).await
                     }
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
                     Err(error) => {
                         tracing::warn!(session, %error, "remove refused");
-                        let data = json!({"final": true, "action": "remove", "error": event_text(&error.to_string())});
-                        self.events.emit(reply.event("workspace.sync_failed", data)).await
+                        let data = WorkspaceSyncFailed {
+                            final_sync: true,
+                            error: event_text(&error.to_string()),
+                            action: Some("remove".to_owned()),
+                        };
+                        self.events.emit(reply.event(&data)).await
                     }
                 }
             }
-            other => Err(Error::BadTask(format!("unknown action {other:?} (expected materialize, sync or remove)"))),
+            "recover" => {
+                let args: recover::RecoverArgs = parse_args(task)?;
+                self.recover(session, args, reply).await
+            }
+            other => Err(Error::BadTask(format!("unknown action {other:?} (expected materialize, sync, remove or recover)"))),
         }
     }
 
@@ -523,8 +541,7 @@ impl WorkspaceAgent {
             }
             let used_mib = usage.used_bytes / (1024 * 1024);
             tracing::warn!(session, used_mib, quota_mib, "workspace full: writes inside the container get ENOSPC");
-            let data = json!({"used_mib": used_mib, "quota_mib": quota_mib});
-            let event = protocol::CloudEvent::new("workspace.quota_exceeded", crate::events::EVENT_SOURCE, Some(&session), data);
+            let event = protocol::CloudEvent::of(crate::events::EVENT_SOURCE, Some(&session), &WorkspaceQuotaExceeded { used_mib, quota_mib });
             if let Err(error) = self.events.emit(event).await {
                 // Not sent: try again at the next check.
                 self.full.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&session);
@@ -582,11 +599,8 @@ impl WorkspaceAgent {
     /// Many conflicts go in several events, each well below the bus's event size limit.
     async fn report_conflicts(&self, reply: &Reply, conflicts: &[ConflictRecord], from_session: Option<&str>) -> Result<()> {
         for chunk in chunks_within(conflicts, usize::MAX, EVENT_LIST_BYTES) {
-            let mut data = json!({"files": chunk});
-            if let Some(session) = from_session {
-                data["from_session"] = json!(session);
-            }
-            self.events.emit(reply.event("workspace.conflict", data)).await?;
+            let data = WorkspaceConflict { files: chunk.to_vec(), from_session: from_session.map(str::to_owned) };
+            self.events.emit(reply.event(&data)).await?;
         }
         Ok(())
     }
@@ -651,7 +665,7 @@ impl WorkspaceAgent {
     }
 
     /// This deployment's session directories, as `workspace.inventory` lists them.
-    pub async fn inventory(&self) -> Result<Vec<serde_json::Value>> {
+    pub async fn inventory(&self) -> Result<Vec<DirectoryEntry>> {
         if let Err(error) = self.attach_images().await {
             tracing::warn!(%error, "workspace images not listed");
         }
@@ -674,14 +688,14 @@ impl WorkspaceAgent {
                 _ => false,
             };
             let manifest = entry.manifest.as_ref();
-            directories.push(json!({
-                "session": entry.session,
-                "user": manifest.map(|manifest| manifest.user.clone()),
-                "workspace": manifest.map(|manifest| manifest.workspace.clone()),
-                "profile": manifest.map(|manifest| manifest.profile.clone()).filter(|profile| !profile.is_empty()),
-                "modified": entry.modified.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                "confirmed": confirmed,
-            }));
+            directories.push(DirectoryEntry {
+                session: entry.session,
+                user: manifest.map(|manifest| manifest.user.clone()),
+                workspace: manifest.map(|manifest| manifest.workspace.clone()),
+                profile: manifest.map(|manifest| manifest.profile.clone()).filter(|profile| !profile.is_empty()),
+                modified: entry.modified.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                confirmed,
+            });
         }
         Ok(directories)
     }
@@ -695,8 +709,12 @@ impl WorkspaceAgent {
             chunks.push(&[]);
         }
         for chunk in chunks {
-            let data = json!({"deployment": self.profile.deployment(), "host": self.profile.host(), "directories": chunk});
-            let event = protocol::CloudEvent::new("workspace.inventory", crate::events::EVENT_SOURCE, None, data);
+            let data = WorkspaceInventory {
+                deployment: self.profile.deployment().to_owned(),
+                host: self.profile.host().to_owned(),
+                directories: chunk.to_vec(),
+            };
+            let event = protocol::CloudEvent::of(crate::events::EVENT_SOURCE, None, &data);
             self.events.emit(event).await?;
         }
         Ok(directories.len())
@@ -765,11 +783,11 @@ impl WorkspaceAgent {
         let (mut manifest, fresh) = match self.load_manifest(target).await? {
             Some(existing) if existing.phase == Phase::Complete => {
                 // Already done (a redelivery): announce again, touch nothing the user may have changed.
-                let (files, bytes) = (existing.files.len(), existing.total_bytes());
-                let data = json!({"files": files, "bytes": bytes, "pending_large_files": 0, "pending_large_bytes": 0});
-                self.events.emit(reply.event("workspace.materialized", data)).await?;
-                let data = json!({"files": files, "bytes": bytes, "downloaded_files": 0, "downloaded_bytes": 0, "cache": null});
-                return self.events.emit(reply.event("workspace.complete", data)).await;
+                let (files, bytes) = (existing.files.len() as u64, existing.total_bytes());
+                let data = WorkspaceMaterialized { files, bytes, pending_large_files: 0, pending_large_bytes: 0 };
+                self.events.emit(reply.event(&data)).await?;
+                let data = WorkspaceComplete { files, bytes, downloaded_files: 0, downloaded_bytes: 0, cache: None };
+                return self.events.emit(reply.event(&data)).await;
             }
             Some(existing) if existing.phase != Phase::Removed => (existing, false),
             _ => (Manifest::new(&target.session, &target.user, &target.workspace, &self.profile.name, &target.prefix_text), true),
@@ -971,16 +989,22 @@ impl WorkspaceAgent {
         manifest.tree_e_tag = tree_meta.as_ref().and_then(|meta| meta.e_tag.clone());
         manifest.tree_version = tree_meta.and_then(|meta| meta.version);
         let manifest = manifest::save(target.manifest_path.clone(), manifest, Durability::Ordered).await?;
-        self.events.emit(reply.event("workspace.progress", progress.data())).await?;
-        let cache =
-            adopted.map(|adopted| json!({"kept_files": adopted.files.len(), "kept_bytes": adopted.kept_bytes, "removed": adopted.removed}));
-        let cached = cache.is_some();
-        let data = json!({
-            "files": manifest.files.len(), "bytes": manifest.total_bytes(),
-            "downloaded_files": downloaded_files, "downloaded_bytes": downloaded_bytes, "cache": cache,
+        self.events.emit(reply.event(&progress.data())).await?;
+        let cache = adopted.map(|adopted| CacheReuse {
+            kept_files: adopted.files.len() as u64,
+            kept_bytes: adopted.kept_bytes,
+            removed: adopted.removed as u64,
         });
+        let cached = cache.is_some();
+        let data = WorkspaceComplete {
+            files: manifest.files.len() as u64,
+            bytes: manifest.total_bytes(),
+            downloaded_files: downloaded_files as u64,
+            downloaded_bytes,
+            cache,
+        };
         tracing::info!(session = %target.session, files = manifest.files.len(), bytes = manifest.total_bytes(), downloaded_files, cached, "workspace complete");
-        self.events.emit(reply.event("workspace.complete", data)).await
+        self.events.emit(reply.event(&data)).await
     }
 
     /// Saves what was done so far; then passes on the error, if any.
@@ -1061,7 +1085,7 @@ impl WorkspaceAgent {
                     self.record(pipeline, &path, meta.size, entry);
                     if pipeline.progress.last_sent.elapsed() >= PROGRESS_INTERVAL {
                         pipeline.progress.last_sent = Instant::now();
-                        self.events.emit(pipeline.reply.event("workspace.progress", pipeline.progress.data())).await?;
+                        self.events.emit(pipeline.reply.event(&pipeline.progress.data())).await?;
                     }
                 }
                 Ok(Fetched::Staged(staged)) if !pipeline.announced => held.push((path, staged)),
@@ -1101,12 +1125,14 @@ impl WorkspaceAgent {
         // gone too, so a resumed materialize can't overwrite a running user's files.
         pipeline.manifest = manifest::save(pipeline.target.manifest_path.clone(), pipeline.manifest.clone(), Durability::Ordered).await?;
         pipeline.announced = true;
-        let data = json!({
-            "files": pipeline.progress.files_done, "bytes": pipeline.progress.bytes_done,
-            "pending_large_files": pipeline.pending_large_files, "pending_large_bytes": pipeline.pending_large_bytes,
-        });
+        let data = WorkspaceMaterialized {
+            files: pipeline.progress.files_done as u64,
+            bytes: pipeline.progress.bytes_done,
+            pending_large_files: pipeline.pending_large_files as u64,
+            pending_large_bytes: pipeline.pending_large_bytes,
+        };
         tracing::info!(session = %pipeline.target.session, files = pipeline.progress.files_done, pending_large_files = pipeline.pending_large_files, "workspace materialized");
-        self.events.emit(pipeline.reply.event("workspace.materialized", data)).await
+        self.events.emit(pipeline.reply.event(&data)).await
     }
 
     /// Links a downloaded large file into the (possibly running) workspace, never over a user's file.
@@ -1118,7 +1144,7 @@ impl WorkspaceAgent {
         pipeline.progress.last_sent = Instant::now();
         // Each large file is worth remembering at once: a restart won't fetch it again.
         pipeline.manifest = manifest::save(pipeline.target.manifest_path.clone(), pipeline.manifest.clone(), Durability::Ordered).await?;
-        self.events.emit(pipeline.reply.event("workspace.progress", pipeline.progress.data())).await
+        self.events.emit(pipeline.reply.event(&pipeline.progress.data())).await
     }
 
     /// Downloads one object; small ones are placed at once, large ones stay staged.
@@ -2250,21 +2276,20 @@ fn bounded_list<T: serde::Serialize + Clone>(items: &[T]) -> (Vec<T>, usize) {
 }
 
 /// `workspace.synced`'s data: `skipped` cut to fit the event, `skipped_total` when it was.
-fn synced_data(kind: SyncKind, report: &SyncReport) -> serde_json::Value {
-    let skipped: Vec<_> = report.skipped.iter().map(|(path, reason)| json!({"path": path, "reason": reason})).collect();
+fn synced_data(kind: SyncKind, report: &SyncReport) -> WorkspaceSynced {
+    let skipped: Vec<_> = report.skipped.iter().map(|(path, reason)| Skipped { path: path.clone(), reason: reason.clone() }).collect();
     let (skipped, skipped_total) = bounded_list(&skipped);
-    let mut data = json!({
-        "final": kind == SyncKind::Final, "uploaded": report.uploaded, "deleted": report.deleted,
-        "unchanged": report.unchanged, "bytes_uploaded": report.bytes_uploaded, "skipped": skipped,
-        "conflicts": report.conflicts.len(),
-    });
-    if report.missing {
-        data["missing"] = json!(true);
+    WorkspaceSynced {
+        final_sync: kind == SyncKind::Final,
+        uploaded: report.uploaded as u64,
+        deleted: report.deleted as u64,
+        unchanged: report.unchanged as u64,
+        bytes_uploaded: report.bytes_uploaded,
+        skipped_total: (skipped_total > skipped.len()).then_some(skipped_total as u64),
+        skipped,
+        conflicts: report.conflicts.len() as u64,
+        missing: report.missing,
     }
-    if skipped_total > skipped.len() {
-        data["skipped_total"] = json!(skipped_total);
-    }
-    data
 }
 
 /// One object of the store's listing, as revalidation compares it.
@@ -2477,13 +2502,7 @@ pub fn conflict_copy_path(path: &WorkspacePath, session: &str, stamp: &str, atte
 }
 
 /// One conflict, as `workspace.conflict` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ConflictRecord {
-    pub path: String,
-    /// Where this session's version went; `None` when nothing needed a second name.
-    pub conflict_copy: Option<String>,
-    pub reason: String,
-}
+pub type ConflictRecord = protocol::events::ConflictFile;
 
 /// What a conditional upload did.
 enum Uploaded {
@@ -2579,8 +2598,8 @@ mod tests {
             .collect();
         let report = SyncReport { skipped, ..SyncReport::default() };
         let data = synced_data(SyncKind::Final, &report);
-        assert_eq!(data["skipped_total"], json!(100_000));
-        let event = protocol::CloudEvent::new("workspace.synced", crate::events::EVENT_SOURCE, Some("s-1"), data);
+        assert_eq!(data.skipped_total, Some(100_000));
+        let event = protocol::CloudEvent::of(crate::events::EVENT_SOURCE, Some("s-1"), &data);
         let bytes = event.to_bytes();
         assert!(bytes.len() < protocol::event::DEFAULT_MAX_EVENT_BYTES, "{} bytes", bytes.len());
         protocol::CloudEvent::parse(&bytes, protocol::event::DEFAULT_MAX_EVENT_BYTES).unwrap();

@@ -3,8 +3,8 @@
 
 use std::sync::Mutex;
 
+use protocol::events::EventData;
 use protocol::{Bus, CloudEvent, Task};
-use serde_json::Value;
 
 use crate::error::{Error, Result};
 
@@ -87,9 +87,9 @@ impl Reply {
         Reply { session: task.session.clone(), thred: task.thred.clone(), task_id: task.id.to_string() }
     }
 
-    pub fn event(&self, event_type: &str, data: Value) -> CloudEvent {
-        let mut event =
-            CloudEvent::new(event_type, EVENT_SOURCE, self.session.as_deref(), data).with_extension("taskid", self.task_id.clone());
+    /// The answer carrying `data` (its type says the event's).
+    pub fn event<T: EventData>(&self, data: &T) -> CloudEvent {
+        let mut event = CloudEvent::of(EVENT_SOURCE, self.session.as_deref(), data).with_extension("taskid", self.task_id.clone());
         if let Some(thred) = &self.thred {
             event = event.with_extension("thredid", thred.clone());
         }

@@ -2,7 +2,7 @@
 //! directory and syncs them back, verified, so that no file is ever lost.
 //!
 //! `berth agent workspace` consumes `berth.agent.workspace` ([`run`]); [`WorkspaceAgent`] is the
-//! handler (tests call it directly); [`bench`] is `berth bench workspace`.
+//! handler (tests and `berth bench workspace` call it directly).
 //!
 //! Where things live: everything of a deployment is under `Profile::deployment_root()`. The
 //! workspace is `Profile::session_dir(session)` (bind-mounted into the container); its manifest is
@@ -12,12 +12,10 @@
 //! workspaces the host keeps for a reopen are in `<deployment_root>/.berth-cache/` (`cache.rs`).
 
 mod agent;
-mod bench;
 mod cache;
 mod conditional;
 mod error;
 mod events;
-pub mod fixture;
 mod fsops;
 mod inventory;
 mod keys;
@@ -36,7 +34,6 @@ pub use agent::{
     conflict_copy_path, error_policy, locate, read_manifest, session_directory, AgentSettings, ConflictRecord, Location, SyncKind,
     SyncReport, WorkspaceAgent,
 };
-pub use bench::{run_with as bench_with_settings, BenchReport};
 pub use cache::CACHE_DIR;
 pub use error::{Error, Result};
 pub use events::{BusEvents, CollectedEvents, EventSink, Reply, EVENT_SOURCE};
@@ -177,7 +174,7 @@ async fn report_host_periodically(agent: Arc<WorkspaceAgent>, bus: Bus, interval
         };
         let mut workspaces: Vec<String> = directories
             .iter()
-            .filter_map(|entry| Some(format!("{}/{}", entry.get("user")?.as_str()?, entry.get("workspace")?.as_str()?)))
+            .filter_map(|entry| Some(format!("{}/{}", entry.user.as_ref()?, entry.workspace.as_ref()?)))
             .collect();
         // And the closed workspaces the host's cache keeps for a reopen (this profile's).
         let root = agent.profile().deployment_root();
@@ -209,9 +206,4 @@ async fn report_host_periodically(agent: Arc<WorkspaceAgent>, bus: Bus, interval
             tracing::warn!(%error, "could not publish the host report");
         }
     }
-}
-
-/// `berth bench workspace`.
-pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    bench::run(profile).await
 }

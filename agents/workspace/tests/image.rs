@@ -202,7 +202,7 @@ async fn an_unmounted_workspace_is_mounted_again_or_refused() {
     assert_eq!(setup.run(&session, "remove", "case", false).await, Outcome::Ack);
     assert!(setup.events.events().iter().all(|event| event.event_type != "workspace.removed"), "nothing removed without its image");
     let listed = setup.agent.inventory().await.unwrap();
-    assert!(listed.iter().any(|entry| entry["session"] == json!(session)), "still listed: {listed:?}");
+    assert!(listed.iter().any(|entry| entry.session == session), "still listed: {listed:?}");
 
     std::fs::rename(&aside, &volume.image).unwrap();
     assert_eq!(setup.run(&session, "sync", "case", true).await, Outcome::Ack);

@@ -19,6 +19,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{
     GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
+use protocol::events::{DirectoryEntry, WorkspaceInventory};
 use protocol::{AgentKind, CloudEvent, Outcome, Profile, Task};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1259,16 +1260,17 @@ async fn inventory_lists_only_this_deployments_directories() {
     let inventories: Vec<CloudEvent> = events_a.take().into_iter().filter(|event| event.event_type == "workspace.inventory").collect();
     assert_eq!(inventories.len(), 2, "one directory per event with inventory_batch = 1");
     assert!(inventories.iter().all(|event| event.subject.is_none()));
-    assert!(inventories.iter().all(|event| event.data["deployment"] == json!(profile_a.deployment())));
-    let listed: Vec<Value> = inventories.iter().flat_map(|event| event.data["directories"].as_array().unwrap().clone()).collect();
-    let names: Vec<&str> = listed.iter().map(|entry| entry["session"].as_str().unwrap()).collect();
+    let inventories: Vec<WorkspaceInventory> = inventories.iter().map(|event| event.data_as().unwrap()).collect();
+    assert!(inventories.iter().all(|inventory| inventory.deployment == profile_a.deployment()));
+    let listed: Vec<DirectoryEntry> = inventories.into_iter().flat_map(|inventory| inventory.directories).collect();
+    let names: Vec<&str> = listed.iter().map(|entry| entry.session.as_str()).collect();
     let ours: Vec<&str> = sessions.iter().filter(|(index, _)| *index == 0).map(|(_, session)| session.as_str()).collect();
     assert_eq!(names, ours, "only deployment a's directories");
     for entry in &listed {
-        assert_eq!(entry["user"], json!(user));
-        assert_eq!(entry["profile"], json!(profile_a.name));
-        assert_eq!(entry["confirmed"], json!(false));
-        assert!(chrono::DateTime::parse_from_rfc3339(entry["modified"].as_str().unwrap()).is_ok(), "{entry}");
+        assert_eq!(entry.user.as_deref(), Some(user.as_str()));
+        assert_eq!(entry.profile.as_ref(), Some(&profile_a.name));
+        assert!(!entry.confirmed);
+        assert!(chrono::DateTime::parse_from_rfc3339(&entry.modified).is_ok(), "{entry:?}");
     }
     // After a confirmed final sync the directory is listed as confirmed; a change clears that.
     let session = ours[0].to_owned();
@@ -1282,11 +1284,10 @@ async fn inventory_lists_only_this_deployments_directories() {
         args: json!({"user": user, "workspace": "w0", "final": final_sync}),
     };
     assert_eq!(agent_a.handle(&sync(true)).await.unwrap(), Outcome::Ack);
-    let confirmed =
-        |directories: Vec<Value>| directories.iter().find(|entry| entry["session"] == json!(session)).unwrap()["confirmed"].clone();
-    assert_eq!(confirmed(agent_a.inventory().await.unwrap()), json!(true));
+    let confirmed = |directories: Vec<DirectoryEntry>| directories.iter().find(|entry| entry.session == session).unwrap().confirmed;
+    assert!(confirmed(agent_a.inventory().await.unwrap()));
     std::fs::write(profile_a.session_dir(&session).join("late.txt"), b"late").unwrap();
-    assert_eq!(confirmed(agent_a.inventory().await.unwrap()), json!(false));
+    assert!(!confirmed(agent_a.inventory().await.unwrap()));
     let (_, events_b, agent_b) = &agents[1];
     assert_eq!(agent_b.publish_inventory().await.unwrap(), 1);
     assert_eq!(events_b.events().iter().filter(|event| event.event_type == "workspace.inventory").count(), 1);
@@ -1621,7 +1622,7 @@ async fn bench_on(backend: Backend) {
     let scratch = std::env::temp_dir().join(format!("berth-ws-test-{}", Uuid::new_v4()));
     let mut profile = test_profile(&backend.url, &scratch);
     profile.workspace.large_file_threshold_kib = 1024;
-    let report = workspace::bench_with_settings(profile, &backend.settings).await.expect("benchmark runs");
+    let report = bench::workspace_io::run_with(profile, &backend.settings).await.expect("benchmark runs");
     println!("{} {}", backend.url, serde_json::to_string_pretty(&report).unwrap());
     assert!(report.materialize_mb_per_s > 0.0 && report.sync_one_change_ms_best > 0.0);
     remove_scratch(&scratch);

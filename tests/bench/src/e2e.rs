@@ -39,9 +39,9 @@ pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
     let store = workspace::open_store(&profile.services.object_store_url, &workspace::StoreSettings::from_env())?;
     let mut prefixes = Vec::new();
     for user in &users {
-        let prefix = workspace::fixture::object_prefix(&profile, &store, user, BENCH_WORKSPACE)?;
+        let prefix = crate::fixture::object_prefix(&profile, &store, user, BENCH_WORKSPACE)?;
         eprintln!("seeding {FIXTURE_FILES} objects ({} MB) under {prefix} ...", FIXTURE_BYTES / 1_000_000);
-        workspace::fixture::seed(&store, &prefix, workspace::fixture::layout(&profile, FIXTURE_FILES, LARGE_FILES, FIXTURE_BYTES)).await?;
+        crate::fixture::seed(&store, &prefix, crate::fixture::layout(&profile, FIXTURE_FILES, LARGE_FILES, FIXTURE_BYTES)).await?;
         prefixes.push(prefix);
     }
 
@@ -58,7 +58,7 @@ pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
     let _ = stop.send(true);
     while components.join_next().await.is_some() {}
     for prefix in &prefixes {
-        workspace::fixture::delete_prefix(&store, prefix).await;
+        crate::fixture::delete_prefix(&store, prefix).await;
     }
     bus.close().await;
     client.close().await;
@@ -79,7 +79,7 @@ async fn measure(
     let mut download_times = Vec::new();
     for _ in 0..5 {
         docker_times.push(docker_run_to_health(profile).await?);
-        download_times.push(workspace::fixture::raw_download(store, prefix, profile.workspace.parallelism).await?.0);
+        download_times.push(crate::fixture::raw_download(store, prefix, profile.workspace.parallelism).await?.0);
     }
     let baseline = percentile(&docker_times, 0.5) + percentile(&download_times, 0.5);
 

@@ -165,8 +165,8 @@ pub async fn bench(mut profile: Profile, settings: OpenBenchSettings) -> anyhow:
     let _ = stop_listening.send(true);
     for user in &users {
         for workspace_name in [WORKSPACE, LARGE_WORKSPACE] {
-            if let Ok(prefix) = workspace::fixture::object_prefix(&profile, &store, user, workspace_name) {
-                workspace::fixture::delete_prefix(&store, &prefix).await;
+            if let Ok(prefix) = crate::fixture::object_prefix(&profile, &store, user, workspace_name) {
+                crate::fixture::delete_prefix(&store, &prefix).await;
             }
         }
     }
@@ -188,10 +188,10 @@ async fn measure(bench: &Bench<'_>, users: &[String], settings: &OpenBenchSettin
         let mut prefixes = Vec::new();
         eprintln!("seeding {} users with {} ...", users.len(), workload.label);
         for user in users {
-            let prefix = workspace::fixture::object_prefix(bench.profile, bench.store, user, WORKSPACE)?;
-            workspace::fixture::delete_prefix(bench.store, &prefix).await;
-            let layout = workspace::fixture::layout(bench.profile, workload.files, workload.large_files, workload.bytes);
-            workspace::fixture::seed(bench.store, &prefix, layout).await?;
+            let prefix = crate::fixture::object_prefix(bench.profile, bench.store, user, WORKSPACE)?;
+            crate::fixture::delete_prefix(bench.store, &prefix).await;
+            let layout = crate::fixture::layout(bench.profile, workload.files, workload.large_files, workload.bytes);
+            crate::fixture::seed(bench.store, &prefix, layout).await?;
             prefixes.push(prefix);
         }
         for &level in &settings.levels {
@@ -232,10 +232,10 @@ async fn measure_warm(bench: &Bench<'_>, users: &[String], settings: &OpenBenchS
         for workload in WORKLOADS {
             eprintln!("warm pool: seeding {} users with {} ...", users.len(), workload.label);
             for user in users {
-                let prefix = workspace::fixture::object_prefix(&profile, bench.store, user, WORKSPACE)?;
-                workspace::fixture::delete_prefix(bench.store, &prefix).await;
-                let layout = workspace::fixture::layout(&profile, workload.files, workload.large_files, workload.bytes);
-                workspace::fixture::seed(bench.store, &prefix, layout).await?;
+                let prefix = crate::fixture::object_prefix(&profile, bench.store, user, WORKSPACE)?;
+                crate::fixture::delete_prefix(bench.store, &prefix).await;
+                let layout = crate::fixture::layout(&profile, workload.files, workload.large_files, workload.bytes);
+                crate::fixture::seed(bench.store, &prefix, layout).await?;
             }
             for &level in &settings.levels {
                 eprintln!("{}: {level} warm claims at once ...", workload.label);
@@ -345,7 +345,7 @@ async fn measure_baseline(bench: &Bench<'_>, prefixes: &[object_store::path::Pat
     for _ in 0..rounds {
         let round = prefixes.iter().map(|prefix| async move {
             let started = Instant::now();
-            workspace::fixture::raw_download(bench.store, prefix, bench.profile.workspace.parallelism).await?;
+            crate::fixture::raw_download(bench.store, prefix, bench.profile.workspace.parallelism).await?;
             docker_run_to_health(bench.profile).await?;
             Ok::<_, anyhow::Error>(started.elapsed())
         });
@@ -357,10 +357,10 @@ async fn measure_baseline(bench: &Bench<'_>, prefixes: &[object_store::path::Pat
 /// The large workspace: opened cold once (its baseline beside it), closed into the cache, one
 /// file changed in the store, reopened.
 async fn measure_large(bench: &Bench<'_>, user: &str, large_bytes: usize, large_mib: u64) -> anyhow::Result<Row> {
-    let prefix = workspace::fixture::object_prefix(bench.profile, bench.store, user, LARGE_WORKSPACE)?;
+    let prefix = crate::fixture::object_prefix(bench.profile, bench.store, user, LARGE_WORKSPACE)?;
     let files = (large_bytes / (1024 * 1024)).clamp(100, 2000);
     eprintln!("seeding the large workspace: {large_mib} MiB in {files} files ...");
-    workspace::fixture::seed(bench.store, &prefix, workspace::fixture::layout(bench.profile, files, 10, large_bytes)).await?;
+    crate::fixture::seed(bench.store, &prefix, crate::fixture::layout(bench.profile, files, 10, large_bytes)).await?;
     let baseline = measure_baseline(bench, std::slice::from_ref(&prefix)).await?;
     clear_cache(bench.profile).await?;
     let (session, cold) = open_until_running(bench, user, LARGE_WORKSPACE).await?;
@@ -370,7 +370,7 @@ async fn measure_large(bench: &Bench<'_>, user: &str, large_bytes: usize, large_
     bench.store.store.put(&changed, object_store::PutPayload::from(b"one file changed since the close".to_vec())).await?;
     let (session, reopened) = open_until_running(bench, user, LARGE_WORKSPACE).await?;
     close_until_closed(bench, &session, user).await?;
-    workspace::fixture::delete_prefix(bench.store, &prefix).await;
+    crate::fixture::delete_prefix(bench.store, &prefix).await;
     Ok(Row {
         workload: format!("{large_mib} MiB in {files} files, one change"),
         level: 1,
@@ -539,10 +539,10 @@ fn wake_profile(profile: &Profile) -> Profile {
 async fn measure_wake(bench: &Bench<'_>, user: &str, rounds: usize) -> anyhow::Result<Vec<Row>> {
     anyhow::ensure!(rounds > 0, "--wake-rounds must be positive");
     let profile = wake_profile(bench.profile);
-    let prefix = workspace::fixture::object_prefix(&profile, bench.store, user, WAKE_WORKSPACE)?;
-    workspace::fixture::delete_prefix(bench.store, &prefix).await;
+    let prefix = crate::fixture::object_prefix(&profile, bench.store, user, WAKE_WORKSPACE)?;
+    crate::fixture::delete_prefix(bench.store, &prefix).await;
     let small = WORKLOADS[0];
-    workspace::fixture::seed(bench.store, &prefix, workspace::fixture::layout(&profile, small.files, small.large_files, small.bytes))
+    crate::fixture::seed(bench.store, &prefix, crate::fixture::layout(&profile, small.files, small.large_files, small.bytes))
         .await?;
     let mut baselines = Vec::new();
     for tier in [WakeTier::Paused, WakeTier::Dormant] {
@@ -582,7 +582,7 @@ async fn measure_wake(bench: &Bench<'_>, user: &str, rounds: usize) -> anyhow::R
     .await;
     let _ = stop.send(true);
     while components.join_next().await.is_some() {}
-    workspace::fixture::delete_prefix(bench.store, &prefix).await;
+    crate::fixture::delete_prefix(bench.store, &prefix).await;
     clear_cache(&profile).await?;
     measured
 }

@@ -26,8 +26,11 @@ impl Latencies {
     /// Adds one sample (saturating at `u64::MAX` nanoseconds, some 584 years).
     pub fn record(&mut self, sample: Duration) {
         let nanos = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX);
-        // An auto-resizing histogram takes every value: `saturating_record` never drops one.
-        self.histogram.saturating_record(nanos.max(1));
+        // The histogram grows to fit (`record` resizes it); only a value past what it can ever
+        // track is clamped (`saturating_record` alone would clamp at the initial range).
+        if self.histogram.record(nanos.max(1)).is_err() {
+            self.histogram.saturating_record(nanos.max(1));
+        }
     }
 
     /// How many samples were recorded.

@@ -13,10 +13,9 @@ use protocol::{AgentKind, Outcome, Profile, Task};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::agent::{AgentSettings, WorkspaceAgent};
-use crate::events::CollectedEvents;
+use workspace::{AgentSettings, CollectedEvents, OpenedStore, StoreSettings, WorkspaceAgent};
+
 use crate::fixture;
-use crate::store::{self, OpenedStore, StoreSettings};
 
 const THROUGHPUT_FILES: usize = 500;
 const THROUGHPUT_LARGE_FILES: usize = 5;
@@ -43,7 +42,8 @@ pub struct BenchReport {
     pub sync_one_change_ms_best: f64,
 }
 
-pub async fn run(profile: Profile) -> anyhow::Result<()> {
+/// `berth bench workspace`.
+pub async fn bench(profile: Profile) -> anyhow::Result<()> {
     let report = run_with(profile, &StoreSettings::from_env()).await?;
     println!("workspace benchmark ({} files, {:.1} MB):", report.files, report.bytes as f64 / 1e6);
     println!("  raw object_store download   {:>8.1} MB/s", report.raw_mb_per_s);
@@ -71,7 +71,7 @@ pub async fn run_with(mut profile: Profile, settings: &StoreSettings) -> anyhow:
     // Owner changes are not what is measured here.
     profile.container.user = None;
     profile.workspace.quota_mib = profile.workspace.quota_mib.max(1024);
-    let store = store::open(&profile.services.object_store_url, settings)?;
+    let store = workspace::open_store(&profile.services.object_store_url, settings)?;
     let user = format!("bench-{}", &run_id[..12]);
     let outcome = measure(&profile, &store, &user).await;
     // Clean up whatever happened.

@@ -9,7 +9,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, PutPayload};
 use protocol::Profile;
 
-use crate::store::OpenedStore;
+use workspace::OpenedStore;
 
 /// `count` files totalling about `total_bytes`: `large_count` of them above the profile's large-file
 /// threshold, the rest equal small files below it.

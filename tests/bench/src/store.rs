@@ -14,7 +14,9 @@ use protocol::{topology, Bus, BusConfig, Profile};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::{open_store, Agent, Store};
+use persistence::{open_store, Agent, Store};
+
+use crate::stats::{milliseconds, Latencies};
 
 /// Operations per measured row unless `BERTH_BENCH_STORE_OPERATIONS` says otherwise.
 const DEFAULT_OPERATIONS: usize = 2000;
@@ -27,8 +29,8 @@ struct Row {
     path: &'static str,
     count: usize,
     elapsed: Duration,
-    /// Per-operation latencies, sorted (empty where completion is observed only in bulk).
-    latencies: Vec<Duration>,
+    /// Per-operation latencies (empty where completion is observed only in bulk).
+    latencies: Latencies,
 }
 
 impl Row {
@@ -40,8 +42,7 @@ impl Row {
         if self.latencies.is_empty() {
             return "-".to_owned();
         }
-        let index = ((self.latencies.len() as f64 - 1.0) * fraction).round() as usize;
-        format!("{:.2}", self.latencies[index].as_secs_f64() * 1000.0)
+        format!("{:.2}", milliseconds(self.latencies.percentile(fraction)))
     }
 }
 
@@ -60,12 +61,11 @@ where
             }
         })
         .buffer_unordered(IN_FLIGHT);
-    let mut latencies = Vec::with_capacity(count);
+    let mut latencies = Latencies::new();
     while let Some(latency) = timed.next().await {
-        latencies.push(latency?);
+        latencies.record(latency?);
     }
     let elapsed = started.elapsed();
-    latencies.sort();
     Ok(Row { operation, path, count, elapsed, latencies })
 }
 
@@ -86,7 +86,9 @@ fn find_by_user(collection: &str, index: usize) -> Operation {
     Operation::Find(args)
 }
 
-pub async fn run(profile: &Profile) -> anyhow::Result<()> {
+/// `berth bench store`.
+pub async fn bench(profile: Profile) -> anyhow::Result<()> {
+    let profile = &profile;
     let count = match std::env::var("BERTH_BENCH_STORE_OPERATIONS") {
         Ok(text) => text.parse::<usize>().map_err(|error| anyhow::anyhow!("BERTH_BENCH_STORE_OPERATIONS={text:?}: {error}"))?.max(1),
         Err(_) => DEFAULT_OPERATIONS,
@@ -204,5 +206,5 @@ async fn fire_and_forget_inserts(store: &dyn Store, client: &StoreClient, collec
         anyhow::ensure!(Instant::now() < deadline, "only {counted} of {count} fire-and-forget inserts were stored in time");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Ok(Row { operation: "insert", path: "agent, fire-and-forget", count, elapsed: started.elapsed(), latencies: Vec::new() })
+    Ok(Row { operation: "insert", path: "agent, fire-and-forget", count, elapsed: started.elapsed(), latencies: Latencies::new() })
 }
