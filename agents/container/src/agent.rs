@@ -186,6 +186,10 @@ pub struct ReadyContainer {
     pub container_id: String,
     pub host: String,
     pub port: u16,
+    /// The container's own address on the session network, when Docker gave it one: what the
+    /// session proxy on this machine uses instead of the published port (no Docker port proxy
+    /// in between).
+    pub network: Option<protocol::host::NetworkAddress>,
     pub create_ms: u64,
     pub start_ms: u64,
     pub ready_ms: u64,
@@ -374,6 +378,7 @@ impl Agent {
                         "container_id": ready.container_id,
                         "host": ready.host,
                         "port": ready.port,
+                        "network": ready.network,
                         "adopted": ready.adopted,
                         "timings_ms": {"create": ready.create_ms, "start": ready.start_ms, "ready": ready.ready_ms},
                     }),
@@ -479,11 +484,12 @@ impl Agent {
             }
             let start_ms = elapsed_ms(started_at);
             let ready_began = Instant::now();
-            let (container_id, port) = self.wait_until_ready(&name, deadline).await?;
+            let ready = self.wait_until_answering(&name, deadline).await?;
             return Ok(ReadyContainer {
-                container_id,
+                container_id: ready.container_id,
                 host: spec::publish_host().to_owned(),
-                port,
+                port: ready.port,
+                network: ready.network,
                 create_ms,
                 start_ms,
                 ready_ms: elapsed_ms(ready_began),
@@ -661,6 +667,12 @@ impl Agent {
 
     /// Polls until the container answers its health check; returns its id and host port.
     async fn wait_until_ready(&self, name: &str, deadline: Instant) -> Result<(String, u16), Failure> {
+        let ready = self.wait_until_answering(name, deadline).await?;
+        Ok((ready.container_id, ready.port))
+    }
+
+    /// [`Agent::wait_until_ready`], with the container's address on the session network.
+    async fn wait_until_answering(&self, name: &str, deadline: Instant) -> Result<Answering, Failure> {
         let settings = &self.inner.profile.container;
         let port_key = spec::service_port_key(settings);
         let mut inspected = self.inner.docker.inspect_container(name, None).await?;
@@ -684,7 +696,9 @@ impl Agent {
                 HealthCheck::Docker => docker_health(&inspected)?,
             };
             if answered {
-                return Ok((container_id, port));
+                let network =
+                    network_address(&inspected, &spec::network_name(&self.inner.profile), settings.service_port, &self.inner.profile);
+                return Ok(Answering { container_id, port, network });
             }
             // Asking Docker every round would load it while many sessions start at once; a dead
             // container is noticed within the interval anyway.
@@ -1259,6 +1273,30 @@ fn check_ownership(inspected: &ContainerInspectResponse, identity: &SessionIdent
         return Err(Refusal(format!("the container of session {} belongs to another user", identity.session)));
     }
     Ok(())
+}
+
+/// A container that answers its health check.
+struct Answering {
+    container_id: String,
+    port: u16,
+    network: Option<protocol::host::NetworkAddress>,
+}
+
+/// The container's address on `network` (its IP there and the service port), on this machine.
+fn network_address(
+    inspected: &ContainerInspectResponse,
+    network: &str,
+    service_port: u16,
+    profile: &Profile,
+) -> Option<protocol::host::NetworkAddress> {
+    let endpoint = inspected.network_settings.as_ref()?.networks.as_ref()?.get(network)?;
+    let ip = endpoint.ip_address.as_deref()?.parse().ok()?;
+    Some(protocol::host::NetworkAddress {
+        ip,
+        port: service_port,
+        host: profile.host(),
+        boot_id: protocol::host::boot_id().unwrap_or_default().to_owned(),
+    })
 }
 
 fn published_port(inspected: &ContainerInspectResponse, port_key: &str) -> Option<u16> {

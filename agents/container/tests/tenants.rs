@@ -270,7 +270,10 @@ async fn connect_from(container_id: &str, address: &str, port: u16) -> String {
 async fn egress_is_refused_by_rules(runtime: Runtime) {
     let fixture = Fixture::new(runtime, |_| {}).await;
     let agent = fixture.agent();
-    let (container_id, port) = provision(&agent, &fixture.session("egress")).await;
+    let ready = answer(&agent, &task(&fixture.session("egress"), "provision", json!({"user": "alice", "workspace": "w1"}))).await;
+    assert_eq!(ready.event_type, "container.ready", "{}", ready.data);
+    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+    let port = u16::try_from(ready.data["port"].as_u64().unwrap()).unwrap();
     let plan = agent.egress_plan().expect("the network was checked");
     // The rules are in place before any packet is sent: nothing can leave the machine.
     let listed = blocking({
@@ -327,6 +330,20 @@ async fn egress_is_refused_by_rules(runtime: Runtime) {
     }
     // The published port still answers from the host, and keeps answering.
     assert!(answers_http(port).await, "the published port works with the egress rules in place");
+    // So does the container's own address on the session network, which `container.ready`
+    // reports for a session proxy on this machine: the host's connection and its replies pass.
+    let own: protocol::host::NetworkAddress = serde_json::from_value(ready.data["network"].clone()).expect("network in container.ready");
+    assert_eq!((own.port, own.host.clone(), Some(own.boot_id.as_str())), (8080, fixture.profile.host(), protocol::host::boot_id()));
+    assert!(container::probe::http_ready(&own.ip.to_string(), own.port, "/").await, "{} answers the host", own.ip);
+    // Another session's container on the same network cannot reach it.
+    let (other_id, _) = provision(&agent, &fixture.session("egress-other")).await;
+    let outcome = connect_from(&other_id, &own.ip.to_string(), own.port).await;
+    println!("{runtime:?}: another session -> {}:{} -> {}", own.ip, own.port, outcome.trim().replace('\n', " | "));
+    assert!(!outcome.contains("exit=0"), "another session reached {}: {outcome}", own.ip);
+    let _ = fixture
+        .docker
+        .remove_container(&other_id, Some(bollard::container::RemoveContainerOptions { force: true, ..Default::default() }))
+        .await;
 
     // Removing the network removes its rules.
     let _ = fixture
