@@ -39,11 +39,13 @@ pub use outbox::OutboxMessage;
 use store::{connect_redis, CommitResult, BIND_READ_SCRIPT, COMMIT_SCRIPT};
 
 mod binding;
+mod clock;
 mod keys;
 mod outbox;
 mod pool;
 mod reconcile;
 mod store;
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use keys::Keys;
 pub use pool::{clear_pool, free_pool_slots};
 use reconcile::{created_time, Inventory};
@@ -216,6 +218,8 @@ struct Inner {
     admission_wake: Arc<tokio::sync::Notify>,
     /// Prices, held resources and budgets (from the profile's `[limits]`).
     rates: Rates,
+    /// Every wall-clock reading of the service (a test may set and step it).
+    clock: Arc<dyn Clock>,
 }
 
 /// A running engine (cheap to clone).
@@ -238,6 +242,16 @@ pub async fn run_engine(
 impl Engine {
     /// Connects to the broker and Redis and declares the topology; does not consume yet.
     pub async fn connect(profile: Profile, patterns: Vec<Pattern>, config: EngineConfig) -> Result<Engine> {
+        Engine::connect_with_clock(profile, patterns, config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Engine::connect`] with the clock the engine reads the time from.
+    pub async fn connect_with_clock(
+        profile: Profile,
+        patterns: Vec<Pattern>,
+        config: EngineConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Engine> {
         let amqp_url = &profile.services.amqp_url;
         let bus = Bus::connect(BusConfig::for_identity(amqp_url, Identity::Engine, "berth-engine").map_err(BusError::from)?).await?;
         let publisher =
@@ -284,6 +298,7 @@ impl Engine {
                 capacity,
                 admission_wake: Arc::new(tokio::sync::Notify::new()),
                 rates: Rates::of(&profile_for_rates),
+                clock,
             }),
         })
     }
@@ -392,7 +407,7 @@ impl Engine {
         }
         Metrics::count(&metrics.events_handled);
         if let Some(time) = event.time {
-            metrics.observe_lag((chrono::Utc::now() - time).num_milliseconds());
+            metrics.observe_lag((self.inner.clock.now() - time).num_milliseconds());
         }
         let outcome = if topology::HOST_REPORTS.contains(&event.event_type.as_str()) {
             self.record_host_report(&event).await
@@ -452,7 +467,7 @@ impl Engine {
             let Some(read) = self.read_for_binding(event).await? else {
                 return self.finish_duplicate(event).await;
             };
-            let now_ms = chrono::Utc::now().timestamp_millis();
+            let now_ms = self.inner.clock.now_ms();
             let binding = binding::bind(&self.inner.patterns, &event.event_type, read);
             let (pattern, previous, stepped) = match binding {
                 Binding::Orphan => {
@@ -595,7 +610,7 @@ impl Engine {
     async fn admission_verdict(&self, pattern: &Pattern, event: &CloudEvent, candidate: &Thred) -> Result<Verdict> {
         let keys = &self.inner.keys;
         let user = candidate.context.get("user").and_then(Value::as_str).unwrap_or_default();
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = self.inner.clock.now_ms();
         let opens = keys.user_opens(&pattern.name, user);
         let mut redis = self.inner.redis.clone();
         let (opens_this_minute, user_live, memory, cpu, queued): (u64, u64, Option<u64>, Option<u64>, u64) = redis::pipe()
@@ -631,7 +646,7 @@ impl Engine {
         }
         let mut verdict = admission::decide(&capacity, Counts { opens_this_minute, user_live, queued, committed });
         if !matches!(verdict, Verdict::Refuse { .. }) && self.inner.rates.has_budgets() {
-            let now = chrono::Utc::now();
+            let now = self.inner.clock.now();
             let (day, month): (Option<f64>, Option<f64>) = redis::pipe()
                 .hget(keys.usage(user, &Budget::Daily.period(now)), "cost")
                 .hget(keys.usage(user, &Budget::Monthly.period(now)), "cost")
@@ -701,7 +716,7 @@ impl Engine {
                 user_keys.push(key);
             }
         }
-        let now = chrono::Utc::now();
+        let now = self.inner.clock.now();
         let now_ms = now.timestamp_millis();
         for user_key in user_keys {
             let Some(user) = user_key.strip_prefix(&user_prefix).map(str::to_owned) else { continue };
@@ -880,7 +895,7 @@ impl Engine {
             tracing::debug!(deployment = %report.deployment, "host report of another deployment ignored");
             return Ok(EventFate::Done);
         }
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = self.inner.clock.now_ms();
         let age_ms = event.time.map_or(0, |time| now_ms - time.timestamp_millis()).max(0) as u64;
         if age_ms >= report.gone_after_ms() {
             tracing::debug!(host = %report.host, age_ms, "stale host report dropped");
@@ -1097,7 +1112,7 @@ impl Engine {
             // Only the replica whose ZREM takes it out logs it.
             let removed: u64 = redis::cmd("ZREM").arg(keys.hosts()).arg(&id).query_async(&mut redis).await?;
             if removed > 0 {
-                let silent_ms = chrono::Utc::now().timestamp_millis() - last_ms;
+                let silent_ms = self.inner.clock.now_ms() - last_ms;
                 tracing::warn!(host = %id, silent_ms, "host gone: no report within its gone interval; no session is placed on it");
             }
         }

@@ -211,7 +211,7 @@ impl Engine {
         let mut redis = self.inner.redis.clone();
         match kind {
             PoolEvent::Ready => {
-                let now_ms = chrono::Utc::now().timestamp_millis();
+                let now_ms = self.inner.clock.now_ms();
                 let outcome: String = redis::Script::new(SLOT_READY_SCRIPT)
                     .key(keys.pool_slots())
                     .key(keys.pool_free())
@@ -313,7 +313,7 @@ impl Engine {
             size: self.pool_size(),
             max_idle_ms: settings.map_or(0, |pool| pool.max_idle_secs as i64 * 1000),
             pending_timeout_ms: (self.inner.profile.container.ready_timeout_secs as i64 * 3 + 30) * 1000,
-            now_ms: chrono::Utc::now().timestamp_millis(),
+            now_ms: self.inner.clock.now_ms(),
             slots: &slots,
             committed: Committed { memory_mib: memory.unwrap_or(0), cpu_millis: 0 },
             need_memory_mib: capacity.need_memory_mib,
@@ -356,7 +356,7 @@ impl Engine {
     pub(super) async fn reconcile_pool(&self, entries: &[Value], event: &CloudEvent) -> Result<()> {
         let keys = &self.inner.keys;
         let mut redis = self.inner.redis.clone();
-        let now = chrono::Utc::now();
+        let now = self.inner.clock.now();
         let grace = chrono::Duration::seconds(self.inner.config.orphan_grace_secs as i64);
         for entry in entries {
             let Some(slot) = entry.get("pool_slot").and_then(Value::as_str) else { continue };

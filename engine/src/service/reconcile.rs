@@ -40,13 +40,13 @@ impl Engine {
         // removals go to that host's queues.
         let inventory_host = event.data.get("host").and_then(Value::as_str).filter(|host| protocol::profile::is_deployment_id(host));
         let mut redis = self.inner.redis.clone();
-        let (seen_today, seen_yesterday) = self.inner.keys.seen(chrono::Utc::now().timestamp_millis());
+        let (seen_today, seen_yesterday) = self.inner.keys.seen(self.inner.clock.now_ms());
         let (seen_recently, seen_before): (bool, bool) =
             redis::pipe().sismember(&seen_today, &event.id).sismember(&seen_yesterday, &event.id).query_async(&mut redis).await?;
         if seen_recently || seen_before {
             return self.finish_duplicate(event).await;
         }
-        let now = chrono::Utc::now();
+        let now = self.inner.clock.now();
         let grace = chrono::Duration::seconds(self.inner.config.orphan_grace_secs as i64);
         if inventory == Inventory::Containers {
             self.reconcile_pool(entries, event).await?;

@@ -244,7 +244,7 @@ impl Engine {
     /// seen, the thred its `thredid` names, and the live threds of its subject. `None` = seen.
     pub(super) async fn read_for_binding(&self, event: &CloudEvent) -> Result<Option<BindingRead>> {
         let keys = &self.inner.keys;
-        let (seen_today, seen_yesterday) = keys.seen(chrono::Utc::now().timestamp_millis());
+        let (seen_today, seen_yesterday) = keys.seen(self.inner.clock.now_ms());
         let mut invocation = self.inner.bind_read.prepare_invoke();
         invocation
             .key(&seen_today)
@@ -295,7 +295,7 @@ impl Engine {
         let thred_json = serde_json::to_string(&thred).unwrap_or_default();
         let outbox_json = if messages.is_empty() { String::new() } else { serde_json::to_string(messages).unwrap_or_default() };
         let max_live = if expected_version.is_none() { pattern.start.max_live_per_key } else { 0 };
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = self.inner.clock.now_ms();
         let (seen_today, seen_yesterday) = keys.seen(now_ms);
         let mut invocation = self.inner.commit.prepare_invoke();
         invocation
