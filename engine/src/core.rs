@@ -1085,6 +1085,13 @@ mod tests {
         assert_eq!(running.thred.context["port"], json!(40001), "the new port is reported");
         assert_eq!(running.thred.context["ready_ms"], json!(500));
         assert_eq!(notifications(&running)[0]["port"], json!(40001));
+        assert_eq!(notifications(&running)[0]["network"], json!({}), "no network address reported: an empty one");
+        let network = json!({"ip": "172.18.0.5", "port": 8080, "host": "local", "boot_id": "b"});
+        let ready = json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40002, "network": network,
+                           "timings_ms": {"create": 0, "start": 300, "ready": 200}});
+        let running = step(&pattern, &waking.thred, &event("container.ready", ready), NOW).unwrap();
+        assert_eq!(running.thred.context["network"], network, "the network address is kept (and so recorded)");
+        assert_eq!(notifications(&running)[0]["network"], network, "and told with the running notification");
         // A container that cannot start again is replaced on the same directory.
         let replaced = step(&pattern, &waking.thred, &event("container.failed", json!({"action": "wake", "error": "gone"})), NOW).unwrap();
         assert_eq!(summary(&replaced), ("-> provisioning".to_owned(), vec!["container.provision".to_owned()]));
