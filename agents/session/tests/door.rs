@@ -859,3 +859,154 @@ async fn terminal_checks(world: &World, docker: &bollard::Docker, label: &str) -
     instance.shutdown().await?;
     Ok(())
 }
+
+/// The proxy-test app in a container of its own on Docker's default bridge, its 8080 published on
+/// loopback: its address on the bridge and its published address.
+async fn start_app(docker: &bollard::Docker, label: &str) -> Result<(std::net::IpAddr, u16)> {
+    use bollard::container::{Config, CreateContainerOptions, StartContainerOptions};
+    use bollard::models::{HostConfig, PortBinding};
+    let name = unique("berth-door-app");
+    let config = Config {
+        image: Some("berth-test/proxy-app:latest".to_owned()),
+        labels: Some(HashMap::from([(TEST_LABEL.to_owned(), label.to_owned())])),
+        exposed_ports: Some(HashMap::from([("8080/tcp".to_owned(), HashMap::new())])),
+        host_config: Some(HostConfig {
+            port_bindings: Some(HashMap::from([(
+                "8080/tcp".to_owned(),
+                Some(vec![PortBinding { host_ip: Some("127.0.0.1".to_owned()), host_port: None }]),
+            )])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let created = docker.create_container(Some(CreateContainerOptions { name, platform: None }), config).await?;
+    docker.start_container(&created.id, None::<StartContainerOptions<String>>).await?;
+    let inspected = docker.inspect_container(&created.id, None).await?;
+    let settings = inspected.network_settings.context("no network settings")?;
+    let ip = settings
+        .networks
+        .as_ref()
+        .and_then(|networks| networks.get("bridge"))
+        .and_then(|bridge| bridge.ip_address.as_deref())
+        .context("no address on the default bridge")?
+        .parse()?;
+    let port = settings
+        .ports
+        .as_ref()
+        .and_then(|ports| ports.get("8080/tcp").cloned().flatten())
+        .and_then(|bindings| bindings.into_iter().find_map(|binding| binding.host_port?.parse().ok()))
+        .context("8080 not published")?;
+    // Up once it answers on both addresses.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while TcpStream::connect((ip, 8080)).await.is_err()
+        || http(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "/", None, &[], Upload::None).await.is_err()
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the app never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((ip, port))
+}
+
+/// A server that is not the app: answers every connection `decoy`.
+async fn decoy() -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\ndecoy").await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// A loopback port nobody listens on.
+fn closed_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[tokio::test]
+async fn the_proxy_reaches_a_container_on_its_machine_by_its_network_address_and_others_by_the_published_port() -> Result<()> {
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let label = unique("door-upstream");
+    let world = World::new().await?;
+    let outcome = upstream_checks(&world, &docker, &label).await;
+    remove_labelled(&docker, &label).await;
+    world.finish().await;
+    outcome
+}
+
+async fn upstream_checks(world: &World, docker: &bollard::Docker, label: &str) -> Result<()> {
+    let (ip, published) = start_app(docker, label).await?;
+    let config = world.config();
+    let here = config.profile.host();
+    let boot_id = protocol::host::boot_id().context("no boot id")?.to_owned();
+    let instance = world.instance(config).await?;
+    let alice = unique("alice");
+    let token = world.token(&alice);
+    let network = |ip: String, port: u16, host: &str, boot_id: &str| json!({"ip": ip, "port": port, "host": host, "boot_id": boot_id});
+    let echoed_path = |reply: &Reply| reply.json()["path"].as_str().map(str::to_owned);
+
+    // On this machine: the container's own address, even with nothing at the published port.
+    let direct = uuid::Uuid::now_v7().to_string();
+    let dead = closed_port()?;
+    world.put_session(
+        &direct,
+        &alice,
+        "running",
+        json!({"host": "127.0.0.1", "port": dead, "network": network(ip.to_string(), 8080, &here, &boot_id)}),
+    );
+    let reply = http(instance.address, "GET", &format!("/s/{direct}/through-the-network"), Some(&token), &[], Upload::None).await?;
+    assert_eq!((reply.status, echoed_path(&reply)), (200, Some("/through-the-network".to_owned())), "{}", reply.text());
+    // A WebSocket too.
+    let mut request = format!("ws://{}/s/{direct}/ws", instance.address).into_client_request()?;
+    request.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}"))?);
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+    socket.send(Message::Text("over the network".into())).await?;
+    let echoed = tokio::time::timeout(WAIT, socket.next()).await?.context("socket ended")??;
+    assert_eq!(echoed.into_text()?.as_str(), "over the network");
+
+    // Another machine's address (another host id, or the same default id on another kernel) is
+    // never used: a decoy answering there must not be reached; the published port is.
+    let decoy = decoy().await?;
+    for (case, foreign) in [
+        ("another host id", network("127.0.0.1".to_owned(), decoy.port(), "elsewhere", &boot_id)),
+        ("another machine's kernel", network("127.0.0.1".to_owned(), decoy.port(), &here, "another-boot")),
+    ] {
+        let session = uuid::Uuid::now_v7().to_string();
+        world.put_session(&session, &alice, "running", json!({"host": "127.0.0.1", "port": published, "network": foreign}));
+        let reply = http(instance.address, "GET", &format!("/s/{session}/by-the-published-port"), Some(&token), &[], Upload::None).await?;
+        assert_eq!((reply.status, echoed_path(&reply)), (200, Some("/by-the-published-port".to_owned())), "{case}: {}", reply.text());
+    }
+
+    // On this machine but not reachable (nothing listens there): the published port answers.
+    let unreachable = uuid::Uuid::now_v7().to_string();
+    world.put_session(
+        &unreachable,
+        &alice,
+        "running",
+        json!({"host": "127.0.0.1", "port": published, "network": network("127.0.0.1".to_owned(), dead, &here, &boot_id)}),
+    );
+    for _ in 0..2 {
+        let reply = http(instance.address, "GET", &format!("/s/{unreachable}/fallback"), Some(&token), &[], Upload::None).await?;
+        assert_eq!((reply.status, echoed_path(&reply)), (200, Some("/fallback".to_owned())), "{}", reply.text());
+    }
+    let mut request = format!("ws://{}/s/{unreachable}/ws", instance.address).into_client_request()?;
+    request.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}"))?);
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+    socket.send(Message::Text("by the published port".into())).await?;
+    let echoed = tokio::time::timeout(WAIT, socket.next()).await?.context("socket ended")??;
+    assert_eq!(echoed.into_text()?.as_str(), "by the published port");
+
+    // An older agent's record (no network address) goes to the published port as before.
+    let older = uuid::Uuid::now_v7().to_string();
+    world.put_session(&older, &alice, "running", json!({"host": "127.0.0.1", "port": published}));
+    let reply = http(instance.address, "GET", &format!("/s/{older}/"), Some(&token), &[], Upload::None).await?;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    instance.shutdown().await?;
+    Ok(())
+}

@@ -19,18 +19,56 @@ use crate::store::SessionStore;
 /// back); the next request reads the store again.
 pub const FORGET_AFTER: Duration = Duration::from_secs(600);
 
-/// Where a session's service answers, as the container agent reported it.
+/// A service's address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub host: String,
     pub port: u16,
 }
 
+/// Where a session's service answers, as the container agent reported it: the container's own
+/// address on the session network when this instance runs on the container's machine (no Docker
+/// port proxy in between), else the published port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub upstream: Upstream,
+    /// The published port when `upstream` is the network address: where a request goes when
+    /// the network address cannot be connected to (an instance on the machine but in a network
+    /// namespace without a route to the session network).
+    pub fallback: Option<Upstream>,
+}
+
+impl Route {
+    /// Which of the two addresses `upstream` is, for the log.
+    pub fn via(&self) -> &'static str {
+        if self.fallback.is_some() {
+            "network"
+        } else {
+            "published"
+        }
+    }
+}
+
+/// The machine this instance runs on: its host id ([`protocol::Profile::host`]) and kernel boot
+/// id. A container's network address is used only when both are the container agent's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Here {
+    pub host: String,
+    pub boot_id: Option<String>,
+}
+
+impl Here {
+    /// This process's machine, `host` being its host id.
+    pub fn this_machine(host: String) -> Here {
+        Here { host, boot_id: protocol::host::boot_id().map(str::to_owned) }
+    }
+}
+
 /// A session's state and, while it runs, its upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct View {
     pub state: String,
-    pub upstream: Option<Upstream>,
+    pub upstream: Option<Route>,
 }
 
 /// One session the proxy serves.
@@ -88,8 +126,8 @@ impl Entry {
         *self.last_used.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
     }
 
-    fn apply(&self, notification: &Notification) {
-        let upstream = upstream_of(&notification.detail);
+    fn apply(&self, notification: &Notification, here: &Here) {
+        let upstream = upstream_of(&notification.detail, here);
         self.view.send_modify(|view| {
             view.state = notification.state.clone();
             if notification.state == "running" {
@@ -111,23 +149,41 @@ pub fn is_ended(state: &str) -> bool {
     matches!(state, "closed" | "stopped" | "failed" | "recovered")
 }
 
-fn upstream_of(record: &Value) -> Option<Upstream> {
+/// The upstream a record or a `running` notification names: `network` (a
+/// [`protocol::host::NetworkAddress`]) when it is on `here`'s machine, else `host`/`port`.
+fn upstream_of(record: &Value, here: &Here) -> Option<Route> {
     let host = record.get("host").and_then(Value::as_str).filter(|host| !host.is_empty())?;
     let port = record.get("port").and_then(Value::as_u64).and_then(|port| u16::try_from(port).ok()).filter(|port| *port > 0)?;
-    Some(Upstream { host: host.to_owned(), port })
+    let published = Upstream { host: host.to_owned(), port };
+    let network = record
+        .get("network")
+        .filter(|network| network.as_object().is_some_and(|fields| !fields.is_empty()))
+        .and_then(|network| serde_json::from_value::<protocol::host::NetworkAddress>(network.clone()).ok())
+        .filter(|network| network.port > 0 && network.is_on(&here.host, here.boot_id.as_deref()));
+    Some(match network {
+        Some(network) => Route { upstream: Upstream { host: network.ip.to_string(), port: network.port }, fallback: Some(published) },
+        None => Route { upstream: published, fallback: None },
+    })
+}
+
+fn log_choice(session: &str, before: Option<&Route>, after: Option<&Route>) {
+    if let Some(route) = after.filter(|after| before != Some(*after)) {
+        tracing::info!(session_id = %session, via = route.via(), host = %route.upstream.host, port = route.upstream.port, "proxy upstream");
+    }
 }
 
 /// The sessions this instance proxies.
 pub struct Directory {
     hub: Arc<Hub>,
     store: SessionStore,
+    here: Here,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
 }
 
 impl Directory {
-    /// A directory kept current by `hub`'s notifications.
-    pub fn new(hub: Arc<Hub>, store: SessionStore) -> Arc<Directory> {
-        let directory = Arc::new(Directory { hub: hub.clone(), store, entries: Mutex::new(HashMap::new()) });
+    /// A directory kept current by `hub`'s notifications, for an instance on `here`'s machine.
+    pub fn new(hub: Arc<Hub>, store: SessionStore, here: Here) -> Arc<Directory> {
+        let directory = Arc::new(Directory { hub: hub.clone(), store, here, entries: Mutex::new(HashMap::new()) });
         let weak = Arc::downgrade(&directory);
         hub.observe(Arc::new(move |notification: &Notification| {
             if let Some(directory) = weak.upgrade() {
@@ -146,7 +202,9 @@ impl Directory {
         let entry = self.entries().get(session).cloned();
         if let Some(entry) = entry {
             if entry.owner == notification.user {
-                entry.apply(notification);
+                let before = entry.view().upstream;
+                entry.apply(notification, &self.here);
+                log_choice(session, before.as_ref(), entry.view().upstream.as_ref());
             }
         }
     }
@@ -171,7 +229,8 @@ impl Directory {
             }
         };
         let state = record.get("state").and_then(Value::as_str).unwrap_or("unknown").to_owned();
-        let upstream = if state == "running" || state == "idle" { upstream_of(&record) } else { None };
+        let upstream = if state == "running" || state == "idle" { upstream_of(&record, &self.here) } else { None };
+        log_choice(session, None, upstream.as_ref());
         let entry = Arc::new(Entry::new(owner.clone(), View { state, upstream }));
         let (kept, duplicate) = {
             let mut entries = self.entries();
@@ -199,7 +258,7 @@ impl Directory {
             return;
         }
         tracing::debug!(session_id = %session, state, "the store knows a newer state than the notifications told");
-        let upstream = upstream_of(&record);
+        let upstream = upstream_of(&record, &self.here);
         entry.view.send_modify(|view| {
             view.state = state.to_owned();
             view.upstream = if state == "running" || state == "idle" { upstream.or(view.upstream.take()) } else { None };
@@ -244,15 +303,48 @@ mod tests {
             detail,
             cause: None,
         };
-        entry.apply(&notify("running", json!({"host": "127.0.0.1", "port": 49153, "container_id": "c"})));
-        assert_eq!(entry.view().upstream, Some(Upstream { host: "127.0.0.1".into(), port: 49153 }));
-        entry.apply(&notify("idle", json!({})));
+        let here = Here { host: "local".into(), boot_id: Some("boot".into()) };
+        entry.apply(&notify("running", json!({"host": "127.0.0.1", "port": 49153, "container_id": "c"})), &here);
+        assert_eq!(entry.view().upstream, Some(Route { upstream: Upstream { host: "127.0.0.1".into(), port: 49153 }, fallback: None }));
+        entry.apply(&notify("idle", json!({})), &here);
         assert_eq!((entry.view().state.as_str(), entry.view().upstream.is_some()), ("idle", true));
         assert!(entry.claim_wake(Duration::from_secs(5)));
         assert!(!entry.claim_wake(Duration::from_secs(5)));
-        entry.apply(&notify("running", json!({"host": "127.0.0.1", "port": 49153})));
+        entry.apply(&notify("running", json!({"host": "127.0.0.1", "port": 49153})), &here);
         assert!(entry.claim_wake(Duration::from_secs(5)), "a running notification ends the wake");
-        entry.apply(&notify("closed", json!({})));
+        entry.apply(&notify("closed", json!({})), &here);
         assert_eq!(entry.view(), View { state: "closed".into(), upstream: None });
+    }
+
+    #[test]
+    fn the_network_address_is_taken_on_its_own_machine_only() {
+        let here = Here { host: "h1".into(), boot_id: Some("boot-1".into()) };
+        let record = |network: Value| json!({"host": "127.0.0.1", "port": 49153, "network": network});
+        let published_port = Upstream { host: "127.0.0.1".into(), port: 49153 };
+        let published = Some(Route { upstream: published_port.clone(), fallback: None });
+        let network = json!({"ip": "172.18.0.5", "port": 8080, "host": "h1", "boot_id": "boot-1"});
+        assert_eq!(
+            upstream_of(&record(network.clone()), &here),
+            Some(Route { upstream: Upstream { host: "172.18.0.5".into(), port: 8080 }, fallback: Some(published_port) })
+        );
+        let mut other_host = network.clone();
+        other_host["host"] = json!("h2");
+        let mut other_boot = network.clone();
+        other_boot["boot_id"] = json!("boot-2");
+        let mut no_port = network.clone();
+        no_port["port"] = json!(0);
+        for (case, network) in [
+            ("another host", other_host),
+            ("another machine on the same host id", other_boot),
+            ("no port", no_port),
+            ("none reported (an older agent, the pattern's empty default)", json!({})),
+            ("null", Value::Null),
+            ("not an address", json!({"ip": "nowhere", "port": 8080, "host": "h1", "boot_id": "boot-1"})),
+        ] {
+            assert_eq!(upstream_of(&record(network), &here), published, "{case}");
+        }
+        let unknown_machine = Here { host: "h1".into(), boot_id: None };
+        assert_eq!(upstream_of(&record(network), &unknown_machine), published, "an instance that cannot tell its machine");
+        assert_eq!(upstream_of(&json!({"network": {"ip": "172.18.0.5"}}), &here), None, "nothing published: not running");
     }
 }

@@ -83,7 +83,6 @@ where
 /// The kept HTTP/1.1 connections to the sessions' services.
 pub type HttpClient = std::sync::Arc<upstream::Upstreams>;
 
-use upstream::CONNECT_TIMEOUT;
 /// Client bytes are read in chunks of this size in a WebSocket tunnel.
 const TUNNEL_BUFFER_BYTES: usize = 16 * 1024;
 /// Streams report activity at most this often (the activity gate debounces further).
@@ -230,11 +229,21 @@ pub async fn http(
     request: Request<Body>,
     ticker: Option<std::sync::Arc<Ticker>>,
 ) -> Result<Response<Body>, Unreachable> {
+    http_or(client, request, None, ticker).await
+}
+
+/// [`http`], sent to `fallback` instead when the request's upstream cannot be connected to.
+pub async fn http_or(
+    client: &HttpClient,
+    request: Request<Body>,
+    fallback: Option<&Upstream>,
+    ticker: Option<std::sync::Arc<Ticker>>,
+) -> Result<Response<Body>, Unreachable> {
     let request = match &ticker {
         Some(ticker) => request.map(|body| Body::new(Counted { inner: body, ticker: ticker.clone() })),
         None => request,
     };
-    match client.send(request).await {
+    match client.send(request, fallback.map(|fallback| (fallback.host.clone(), fallback.port))).await {
         Ok(response) => Ok(downstream_response(response, ticker)),
         Err(upstream::Failed(reason)) => Err(Unreachable(reason)),
     }
@@ -255,20 +264,34 @@ fn describe(error: &dyn std::error::Error) -> String {
 /// are joined, and the ticker told whenever the client sends data frames (pings, pongs and
 /// silence tell it nothing; neither does what the app sends).
 pub async fn tunnel(
+    request: Request<Body>,
+    upstream: &Upstream,
+    ticker: Option<std::sync::Arc<Ticker>>,
+) -> Result<Response<Body>, Unreachable> {
+    tunnel_or(request, upstream, None, ticker).await
+}
+
+/// [`tunnel`], to `fallback` instead when `upstream` cannot be connected to.
+pub async fn tunnel_or(
     mut request: Request<Body>,
     upstream: &Upstream,
+    fallback: Option<&Upstream>,
     ticker: Option<std::sync::Arc<Ticker>>,
 ) -> Result<Response<Body>, Unreachable> {
     let client_upgrade = hyper::upgrade::on(&mut request);
     // The request line in origin form, as an HTTP/1.1 server expects it.
     *request.uri_mut() = upstream::origin_form(request.uri()).map_err(|upstream::Failed(reason)| Unreachable(reason))?;
-    let connect = tokio::net::TcpStream::connect((upstream.host.as_str(), upstream.port));
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return Err(Unreachable(error.to_string())),
-        Err(_) => return Err(Unreachable(format!("no connection within {CONNECT_TIMEOUT:?}"))),
+    let first_timeout = if fallback.is_some() { upstream::CONNECT_BEFORE_FALLBACK } else { upstream::CONNECT_TIMEOUT };
+    let stream = match upstream::connect_stream(&(upstream.host.clone(), upstream.port), first_timeout).await {
+        Ok(stream) => stream,
+        Err(upstream::Failed(reason)) => match fallback {
+            // The network address is not reachable from here: the published port is.
+            Some(published) => upstream::connect_stream(&(published.host.clone(), published.port), upstream::CONNECT_TIMEOUT)
+                .await
+                .map_err(|upstream::Failed(fallback)| Unreachable(format!("{reason}; {fallback}")))?,
+            None => return Err(Unreachable(reason)),
+        },
     };
-    let _ = stream.set_nodelay(true);
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|error| Unreachable(describe(&error)))?;
     tokio::spawn(async move {

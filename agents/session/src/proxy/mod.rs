@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 
 use cookie::{cookie_values, set_cookie_header, CookieGrant, CookieScope};
 pub use cookie::{CookieKey, COOKIE_NAME, COOKIE_SECRET_ENV};
-use directory::{is_ended, Directory, Entry, Upstream};
+use directory::{is_ended, Directory, Entry, Here, Route};
 use paths::{is_background, query_without, session_of_host, split_session_path, upstream_path_and_query, PathPattern};
 
 use crate::activity::Admission;
@@ -115,7 +115,7 @@ impl Proxy {
     pub fn new(state: Arc<AppState>) -> Arc<Proxy> {
         let settings = &state.config.proxy.settings;
         let background = settings.background_paths.iter().map(|pattern| PathPattern::new(pattern)).collect();
-        let directory = Directory::new(state.hub.clone(), state.store.clone());
+        let directory = Directory::new(state.hub.clone(), state.store.clone(), Here::this_machine(state.config.profile.host()));
         let proxy = Arc::new(Proxy {
             state: state.clone(),
             background,
@@ -186,8 +186,8 @@ impl Proxy {
         let strip = self.settings().strip_prefix && matches!(routing, Routing::Path { .. });
         let path_and_query = upstream_path_and_query(&original_path, rest.or(Some(&original_path)), query.as_deref(), strip);
         let background = is_background(&self.background, &path_and_query);
-        let upstream = match self.ready(&entry, &session, &identity, background, browser).await {
-            Ok(upstream) => upstream,
+        let route = match self.ready(&entry, &session, &identity, background, browser).await {
+            Ok(route) => route,
             Err(response) => return response,
         };
         if !background {
@@ -198,7 +198,7 @@ impl Proxy {
             Credential::Cookie(_) => self.bearer_is_berths(request.headers()),
         };
         let forwarding = forward::Forwarding {
-            upstream: upstream.clone(),
+            upstream: route.upstream.clone(),
             path_and_query,
             prefix,
             user: identity.user.clone(),
@@ -215,8 +215,11 @@ impl Proxy {
             let (session, user) = (session.clone(), identity.user.clone());
             forward::Ticker::new(move || proxy.note_activity(&entry, &session, &user))
         });
-        let forwarded =
-            if upgrade { forward::tunnel(outgoing, &upstream, ticker).await } else { forward::http(&self.client, outgoing, ticker).await };
+        let forwarded = if upgrade {
+            forward::tunnel_or(outgoing, &route.upstream, route.fallback.as_ref(), ticker).await
+        } else {
+            forward::http_or(&self.client, outgoing, route.fallback.as_ref(), ticker).await
+        };
         let mut response = match forwarded {
             Ok(response) => response,
             Err(forward::Unreachable(reason)) => {
@@ -349,14 +352,7 @@ impl Proxy {
     }
 
     /// Waits until the session runs (waking it if paused), within `start_wait_secs`.
-    async fn ready(
-        &self,
-        entry: &Entry,
-        session: &str,
-        identity: &Identity,
-        background: bool,
-        browser: bool,
-    ) -> Result<Upstream, Response> {
+    async fn ready(&self, entry: &Entry, session: &str, identity: &Identity, background: bool, browser: bool) -> Result<Route, Response> {
         let wait = Duration::from_secs(self.settings().start_wait_secs);
         let deadline = tokio::time::Instant::now() + wait;
         let mut views = entry.subscribe();

@@ -30,6 +30,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
 /// How long connecting to a session's service may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connecting to an address with a fallback (a container's network address, the
+/// published port behind it) may take before the fallback is tried.
+pub const CONNECT_BEFORE_FALLBACK: Duration = Duration::from_secs(1);
+/// An address with a fallback that could not be connected to is not tried again for this long:
+/// its requests go straight to the fallback.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(60);
 
 type Connection = http1::Connection<TokioIo<TcpStream>, Body>;
 
@@ -51,6 +57,8 @@ type Key = (String, u16);
 pub struct Upstreams {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
     last_purge: Mutex<Instant>,
+    /// Addresses with a fallback that could not be connected to, and when.
+    unreachable: Mutex<HashMap<Key, Instant>>,
 }
 
 /// Why a request got no response from the upstream.
@@ -59,15 +67,25 @@ pub struct Failed(pub String);
 
 impl Upstreams {
     pub fn new() -> Arc<Upstreams> {
-        Arc::new(Upstreams { idle: Mutex::new(HashMap::new()), last_purge: Mutex::new(Instant::now()) })
+        Arc::new(Upstreams {
+            idle: Mutex::new(HashMap::new()),
+            last_purge: Mutex::new(Instant::now()),
+            unreachable: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Sends `request` (absolute URI `http://host:port/…`, written upstream in origin form) on a
     /// kept connection or a new one, and answers with the response, whose body drives the
     /// connection until it ends. A request that a kept connection could not take (it was closed
-    /// meanwhile) goes once more on a new connection.
-    pub async fn send(self: &Arc<Self>, mut request: Request<Body>) -> Result<Response<DrivenBody>, Failed> {
-        let key = key_of(request.uri())?;
+    /// meanwhile) goes once more on a new connection. With a `fallback`, a request whose
+    /// upstream cannot be connected to goes there instead (and so do the next ones for
+    /// [`UNREACHABLE_FOR`]).
+    pub async fn send(self: &Arc<Self>, mut request: Request<Body>, fallback: Option<Key>) -> Result<Response<DrivenBody>, Failed> {
+        let mut key = key_of(request.uri())?;
+        let mut fallback = fallback;
+        if let Some(published) = fallback.take_if(|_| self.unreachable_recently(&key)) {
+            key = published;
+        }
         if !request.headers().contains_key(header::HOST) {
             if let Some(authority) = request.uri().authority().and_then(|authority| HeaderValue::from_str(authority.as_str()).ok()) {
                 request.headers_mut().insert(header::HOST, authority);
@@ -82,7 +100,16 @@ impl Upstreams {
                 Err(Attempt::Failed(error)) => return Err(error),
             }
         }
-        let conn = connect(&key).await?;
+        let conn = match (connect(&key, if fallback.is_some() { CONNECT_BEFORE_FALLBACK } else { CONNECT_TIMEOUT }).await, fallback) {
+            (Ok(conn), _) => conn,
+            (Err(Failed(reason)), Some(published)) => {
+                tracing::info!(upstream = %format!("{}:{}", key.0, key.1), %reason, "unreachable from here; using the published port");
+                self.unreachable.lock().unwrap_or_else(PoisonError::into_inner).insert(key, Instant::now());
+                key = published;
+                connect(&key, CONNECT_TIMEOUT).await?
+            }
+            (Err(failed), None) => return Err(failed),
+        };
         match drive(conn, request).await {
             Ok((response, conn)) => Ok(self.driven(response, conn, key)),
             Err(Attempt::Unsent(_, error)) | Err(Attempt::Failed(error)) => Err(error),
@@ -92,6 +119,13 @@ impl Upstreams {
     fn driven(self: &Arc<Self>, response: Response<Incoming>, conn: Option<Conn>, key: Key) -> Response<DrivenBody> {
         let pool = conn.is_some().then(|| (self.clone(), key));
         response.map(|body| DrivenBody { body, conn, pool, ended: false })
+    }
+
+    /// Whether `key` could not be connected to within [`UNREACHABLE_FOR`].
+    fn unreachable_recently(&self, key: &Key) -> bool {
+        let mut unreachable = self.unreachable.lock().unwrap_or_else(PoisonError::into_inner);
+        unreachable.retain(|_, since| since.elapsed() < UNREACHABLE_FOR);
+        unreachable.contains_key(key)
     }
 
     /// The most recently used live connection to `key`, if any.
@@ -150,16 +184,26 @@ pub fn origin_form(uri: &Uri) -> Result<Uri, Failed> {
     path.parse().map_err(|error| Failed(format!("bad upstream path {path:?}: {error}")))
 }
 
-async fn connect((host, port): &Key) -> Result<Conn, Failed> {
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), *port))).await {
+async fn connect(key: &Key, timeout: Duration) -> Result<Conn, Failed> {
+    let stream = connect_within(key, timeout).await?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.map_err(|error| Failed(super::describe(&error)))?;
+    Ok(Conn { sender, connection })
+}
+
+/// A TCP connection to `key` within `timeout`, for a tunnel.
+pub async fn connect_stream(key: &Key, timeout: Duration) -> Result<TcpStream, Failed> {
+    connect_within(key, timeout).await
+}
+
+async fn connect_within((host, port): &Key, timeout: Duration) -> Result<TcpStream, Failed> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), *port))).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return Err(Failed(format!("cannot connect to {host}:{port}: {error}"))),
-        Err(_) => return Err(Failed(format!("no connection to {host}:{port} within {CONNECT_TIMEOUT:?}"))),
+        Err(_) => return Err(Failed(format!("no connection to {host}:{port} within {timeout:?}"))),
     };
     // Requests and answers are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
-    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.map_err(|error| Failed(super::describe(&error)))?;
-    Ok(Conn { sender, connection })
+    Ok(stream)
 }
 
 /// How sending on one connection went wrong.
@@ -343,7 +387,7 @@ mod tests {
         let (address, accepted) = server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", usize::MAX).await;
         let upstreams = Upstreams::new();
         for _ in 0..3 {
-            let response = upstreams.send(get(address)).await.unwrap();
+            let response = upstreams.send(get(address), None).await.unwrap();
             assert_eq!(text(response).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -355,7 +399,7 @@ mod tests {
         let (address, accepted) = server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", usize::MAX).await;
         let upstreams = Upstreams::new();
         for _ in 0..3 {
-            let mut response = upstreams.send(get(address)).await.unwrap();
+            let mut response = upstreams.send(get(address), None).await.unwrap();
             let mut read = Vec::new();
             while !response.body().is_end_stream() {
                 let frame = response.body_mut().frame().await.unwrap().unwrap();
@@ -372,7 +416,7 @@ mod tests {
         let (address, accepted) = server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", 1).await;
         let upstreams = Upstreams::new();
         for _ in 0..3 {
-            let response = upstreams.send(get(address)).await.unwrap();
+            let response = upstreams.send(get(address), None).await.unwrap();
             assert_eq!(text(response).await, "ok");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -383,11 +427,11 @@ mod tests {
     async fn a_response_dropped_halfway_closes_its_connection() {
         let (address, accepted) = server(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\npartial", usize::MAX).await;
         let upstreams = Upstreams::new();
-        let mut response = upstreams.send(get(address)).await.unwrap();
+        let mut response = upstreams.send(get(address), None).await.unwrap();
         let first = response.body_mut().frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "partial");
         drop(response);
-        let response = upstreams.send(get(address)).await.unwrap();
+        let response = upstreams.send(get(address), None).await.unwrap();
         drop(response);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -397,7 +441,24 @@ mod tests {
         assert_eq!(origin_form(&"http://10.0.0.1:8080/a/b?c=d".parse().unwrap()).unwrap(), "/a/b?c=d");
         assert_eq!(origin_form(&"http://10.0.0.1:8080".parse().unwrap()).unwrap(), "/");
         assert_eq!(key_of(&"http://[::1]:9/".parse().unwrap()).unwrap(), ("::1".to_owned(), 9));
-        let unreachable = Upstreams::new().send(Request::builder().uri("/relative").body(Body::empty()).unwrap()).await;
+        let unreachable = Upstreams::new().send(Request::builder().uri("/relative").body(Body::empty()).unwrap(), None).await;
         assert!(unreachable.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_address_that_cannot_be_connected_to_falls_back_and_is_skipped_afterwards() {
+        let (published, accepted) = server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", usize::MAX).await;
+        // A port nobody listens on: bound, then given back.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let fallback = Some(("127.0.0.1".to_owned(), published.port()));
+        let upstreams = Upstreams::new();
+        let response = upstreams.send(get(closed), fallback.clone()).await.unwrap();
+        assert_eq!(text(response).await, "ok", "answered through the fallback");
+        assert!(upstreams.unreachable_recently(&("127.0.0.1".to_owned(), closed.port())));
+        let response = upstreams.send(get(closed), fallback).await.unwrap();
+        assert_eq!(text(response).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the second request took the kept connection to the fallback");
+        let failed = upstreams.send(get(closed), None).await.err().expect("no fallback: refused");
+        assert!(failed.0.contains("cannot connect"), "{}", failed.0);
     }
 }
