@@ -20,12 +20,12 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{oneshot, Mutex, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -42,12 +42,17 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
+/// An error of the AMQP client library, kept opaque: no lapin type is part of this crate's API.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct AmqpError(lapin::Error);
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("broker unreachable at {url}: {source}")]
-    Unreachable { url: String, source: lapin::Error },
+    Unreachable { url: String, source: AmqpError },
     #[error("amqp error: {0}")]
-    Amqp(#[from] lapin::Error),
+    Amqp(AmqpError),
     #[error("broker refused (nacked) the message published to {exchange}/{routing_key}")]
     Nacked { exchange: String, routing_key: String },
     #[error("no reply to the request on {routing_key} within {timeout:?}")]
@@ -63,7 +68,13 @@ pub enum BusError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("the topology is not declared ({missing}): run `berth bootstrap` first ({source})")]
-    TopologyMissing { missing: String, source: lapin::Error },
+    TopologyMissing { missing: String, source: AmqpError },
+}
+
+impl From<lapin::Error> for BusError {
+    fn from(error: lapin::Error) -> BusError {
+        BusError::Amqp(AmqpError(error))
+    }
 }
 
 /// The broker's reason when `error` is a refusal of this user's rights (403 ACCESS_REFUSED) or of
@@ -228,6 +239,231 @@ impl ConsumeSpec {
     }
 }
 
+/// What a published message carries besides its body and routing: the few AMQP properties
+/// Berth sets. Every publish is persistent and carries the bus's user as `user_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Properties {
+    content_type: Option<String>,
+    message_id: Option<String>,
+    headers: Vec<(String, String)>,
+}
+
+impl Properties {
+    /// No content type, no id, no headers.
+    pub fn bare() -> Properties {
+        Properties { content_type: None, message_id: None, headers: Vec::new() }
+    }
+
+    /// A JSON body (tasks, notifications, store operations).
+    pub fn json() -> Properties {
+        Properties { content_type: Some("application/json".to_owned()), ..Properties::bare() }
+    }
+
+    /// A CloudEvent body ([`CONTENT_TYPE`]).
+    pub fn cloud_event() -> Properties {
+        Properties { content_type: Some(CONTENT_TYPE.to_owned()), ..Properties::bare() }
+    }
+
+    /// Names the message (the broker and consumers see it as `message_id`).
+    pub fn with_message_id(mut self, message_id: &str) -> Properties {
+        self.message_id = Some(message_id.to_owned());
+        self
+    }
+
+    /// Adds a text header (consumers read it in [`Incoming::headers`]).
+    pub fn with_header(mut self, name: &str, value: &str) -> Properties {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn to_amqp(&self) -> BasicProperties {
+        let mut properties = BasicProperties::default();
+        if let Some(content_type) = &self.content_type {
+            properties = properties.with_content_type(content_type.clone().into());
+        }
+        if let Some(message_id) = &self.message_id {
+            properties = properties.with_message_id(message_id.clone().into());
+        }
+        if !self.headers.is_empty() {
+            let mut headers = FieldTable::default();
+            for (name, value) in &self.headers {
+                headers.insert(name.clone().into(), AMQPValue::LongString(LongString::from(value.clone())));
+            }
+            properties = properties.with_headers(headers);
+        }
+        properties
+    }
+}
+
+// TRANSITION: until every caller outside this crate uses `Properties`.
+impl From<BasicProperties> for Properties {
+    fn from(properties: BasicProperties) -> Properties {
+        Properties {
+            content_type: properties.content_type().as_ref().map(ToString::to_string),
+            message_id: properties.message_id().as_ref().map(ToString::to_string),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// How an exchange routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    Topic,
+    Direct,
+    Fanout,
+}
+
+impl ExchangeKind {
+    fn amqp(self) -> lapin::ExchangeKind {
+        match self {
+            ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+            ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+            ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+        }
+    }
+}
+
+/// Whether an exchange or queue survives a broker restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Durable,
+    Transient,
+}
+
+/// Whether the broker deletes an exchange once its last binding goes, or a queue once its last
+/// consumer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoDelete {
+    /// It stays until deleted (or, transient, until the broker restarts).
+    Never,
+    WhenUnused,
+}
+
+/// A queue to declare with [`Bus::declare_queue`]: a classic queue unless [`QueueSpec::quorum`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    name: String,
+    durability: Durability,
+    auto_delete: AutoDelete,
+    quorum: bool,
+    delivery_limit: Option<i64>,
+    expires_after: Option<Duration>,
+}
+
+impl QueueSpec {
+    /// A classic queue that stays until deleted.
+    pub fn classic(name: &str, durability: Durability) -> QueueSpec {
+        QueueSpec {
+            name: name.to_owned(),
+            durability,
+            auto_delete: AutoDelete::Never,
+            quorum: false,
+            delivery_limit: None,
+            expires_after: None,
+        }
+    }
+
+    /// A quorum queue (always durable), like every work queue of Berth.
+    pub fn quorum(name: &str) -> QueueSpec {
+        QueueSpec { quorum: true, ..QueueSpec::classic(name, Durability::Durable) }
+    }
+
+    /// The broker deletes the queue once its last consumer is gone.
+    pub fn deleted_when_unused(mut self) -> QueueSpec {
+        self.auto_delete = AutoDelete::WhenUnused;
+        self
+    }
+
+    /// A message delivered this many times is dead-lettered (quorum queues, `x-delivery-limit`).
+    pub fn with_delivery_limit(mut self, limit: i64) -> QueueSpec {
+        self.delivery_limit = Some(limit);
+        self
+    }
+
+    /// The broker deletes the queue once it has been unused (no consumer, no declaration) this
+    /// long (`x-expires`): what a test or benchmark that dies before its teardown leaves goes away.
+    pub fn expiring_after(mut self, unused: Duration) -> QueueSpec {
+        self.expires_after = Some(unused);
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn arguments(&self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self.quorum {
+            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        if let Some(limit) = self.delivery_limit {
+            arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+        }
+        if let Some(unused) = self.expires_after {
+            // A 32-bit integer when it fits, as every declaration of these queues has sent so far.
+            let value = i32::try_from(millis(unused)).map_or_else(|_| AMQPValue::LongLongInt(millis(unused)), AMQPValue::LongInt);
+            arguments.insert("x-expires".into(), value);
+        }
+        arguments
+    }
+}
+
+/// How a [`Subscription`] settles what it receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// The broker forgets each message as it hands it out (fire-and-forget streams, test taps).
+    Automatic,
+    /// Each message is acknowledged as it is received, with at most `prefetch` unacknowledged at
+    /// once; what was delivered but not yet received goes back to the queue when the subscription
+    /// closes.
+    OnReceipt { prefetch: u16 },
+}
+
+/// The only consumer of one queue, read message by message with [`Subscription::next`]: for
+/// streams that need no handler and no retries (the session agent's notifications, test taps,
+/// benchmarks). [`Bus::consume`] is the consumer for work.
+pub struct Subscription {
+    queue: String,
+    channel: Channel,
+    consumer: lapin::Consumer,
+    consumer_tag: String,
+    acks: Acks,
+    own_user: String,
+}
+
+impl Subscription {
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The next message; `None` once the broker ended the subscription (its queue or connection is
+    /// gone). With [`Acks::Automatic`] it is cancel-safe.
+    pub async fn next(&mut self) -> Option<Result<Incoming>> {
+        let delivery = match self.consumer.next().await? {
+            Ok(delivery) => delivery,
+            Err(error) => return Some(Err(error.into())),
+        };
+        if let Acks::OnReceipt { .. } = self.acks {
+            if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+                return Some(Err(error.into()));
+            }
+        }
+        Some(Ok(Incoming::received(&delivery, Some(&self.own_user))))
+    }
+
+    /// The messages as a stream, ending with the subscription.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Incoming>> + Send {
+        futures::stream::unfold(self, |mut subscription| async move { subscription.next().await.map(|next| (next, subscription)) })
+    }
+
+    /// Cancels the consumer and closes its channel.
+    pub async fn close(self) {
+        let _ = self.channel.basic_cancel(&self.consumer_tag, BasicCancelOptions::default()).await;
+        let _ = self.channel.close(200, "subscription closed").await;
+    }
+}
+
 struct Link {
     connection: Connection,
     publisher: Channel,
@@ -329,7 +565,7 @@ impl Bus {
                     return Ok(connection);
                 }
                 Err(source) if tokio::time::Instant::now() >= deadline => {
-                    return Err(BusError::Unreachable { url: redact(&self.config.url), source })
+                    return Err(BusError::Unreachable { url: redact(&self.config.url), source: AmqpError(source) })
                 }
                 Err(error) => {
                     tracing::warn!(url = %redact(&self.config.url), %error, retry_in = ?backoff, "broker not reachable");
@@ -370,12 +606,13 @@ impl Bus {
     }
 
     /// A fresh channel on the shared connection (for consumers and declarations).
+    // TRANSITION: public until every caller outside this crate uses the bus's own methods.
     pub async fn channel(&self) -> Result<Channel> {
         self.publisher().await?;
         let link = self.link.lock().await;
         match link.as_ref() {
             Some(link) => Ok(link.connection.create_channel().await?),
-            None => Err(BusError::Amqp(lapin::Error::InvalidConnectionState(lapin::ConnectionState::Closed))),
+            None => Err(BusError::from(lapin::Error::InvalidConnectionState(lapin::ConnectionState::Closed))),
         }
     }
 
@@ -394,7 +631,11 @@ impl Bus {
 
     /// Publishes one persistent message and waits for the broker's confirm, retrying through
     /// connection loss until [`PUBLISH_DEADLINE`].
-    pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
+    pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], properties: impl Into<Properties>) -> Result<()> {
+        self.publish_amqp(exchange, routing_key, body, properties.into().to_amqp()).await
+    }
+
+    async fn publish_amqp(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
         let deadline = tokio::time::Instant::now() + PUBLISH_DEADLINE;
         let mut backoff = BACKOFF_START;
         let mut attempts = 0;
@@ -406,7 +647,7 @@ impl Bus {
                     return Ok(());
                 }
                 Err(error @ BusError::Nacked { .. }) => error,
-                Err(BusError::Amqp(error)) if refusal(&error).is_some() => {
+                Err(BusError::Amqp(AmqpError(error))) if refusal(&error).is_some() => {
                     return Err(BusError::Refused {
                         operation: format!("publishing to {exchange}/{routing_key}"),
                         user: self.config.user.clone(),
@@ -451,21 +692,19 @@ impl Bus {
 
     /// Publishes an event on another topic exchange (tests isolate themselves this way).
     pub async fn publish_event_to(&self, exchange: &str, event: &CloudEvent) -> Result<()> {
-        let properties = BasicProperties::default().with_content_type(CONTENT_TYPE.into()).with_message_id(event.id.clone().into());
+        let properties = Properties::cloud_event().with_message_id(&event.id);
         self.publish(exchange, &event.event_type, &event.to_bytes(), properties).await
     }
 
     /// Publishes a task on `berth.tasks` to its agent's queue.
     pub async fn publish_task(&self, task: &Task) -> Result<()> {
-        let properties =
-            BasicProperties::default().with_content_type("application/json".into()).with_message_id(task.id.to_string().into());
+        let properties = Properties::json().with_message_id(&task.id.to_string());
         self.publish(topology::TASKS_EXCHANGE, task.agent.as_str(), &task.to_bytes(), properties).await
     }
 
     /// Publishes a notification on `berth.notify` for its user.
     pub async fn publish_notification(&self, notification: &Notification) -> Result<()> {
-        let properties =
-            BasicProperties::default().with_content_type("application/json".into()).with_message_id(notification.id.to_string().into());
+        let properties = Properties::json().with_message_id(&notification.id.to_string());
         self.publish(topology::NOTIFY_EXCHANGE, &notification.routing_key(), &notification.to_bytes(), properties).await
     }
 
@@ -490,7 +729,7 @@ impl Bus {
             }
         }
         let properties = BasicProperties::default().with_headers(headers);
-        self.publish(dead_exchange, &message.routing_key, &message.body, properties).await
+        self.publish_amqp(dead_exchange, &message.routing_key, &message.body, properties).await
     }
 
     /// Answers a request received with `reply_to` and `correlation_id`.
@@ -578,7 +817,7 @@ impl Bus {
             (topology::NOTIFY_EXCHANGE, ExchangeKind::Topic),
             (topology::DEAD_EXCHANGE, ExchangeKind::Fanout),
         ] {
-            channel.exchange_declare(name, kind, durable, FieldTable::default()).await?;
+            channel.exchange_declare(name, kind.amqp(), durable, FieldTable::default()).await?;
         }
         let mut dead_letter_arguments = FieldTable::default();
         dead_letter_arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
@@ -632,8 +871,8 @@ impl Bus {
         for (name, kind) in exchanges {
             // A failed passive declaration closes the channel: one channel per check.
             let channel = self.channel().await?;
-            if let Err(source) = channel.exchange_declare(name, kind, passive_exchange, FieldTable::default()).await {
-                return Err(BusError::TopologyMissing { missing: format!("exchange {name}"), source });
+            if let Err(source) = channel.exchange_declare(name, kind.amqp(), passive_exchange, FieldTable::default()).await {
+                return Err(BusError::TopologyMissing { missing: format!("exchange {name}"), source: AmqpError(source) });
             }
             let _ = channel.close(200, "checked").await;
         }
@@ -642,7 +881,7 @@ impl Bus {
         let channel = self.channel().await?;
         for queue in queues {
             if let Err(source) = channel.queue_declare(&queue, passive_queue, FieldTable::default()).await {
-                return Err(BusError::TopologyMissing { missing: format!("queue {queue}"), source });
+                return Err(BusError::TopologyMissing { missing: format!("queue {queue}"), source: AmqpError(source) });
             }
         }
         let _ = channel.close(200, "checked").await;
@@ -706,6 +945,104 @@ impl Bus {
         channel.queue_delete(queue, QueueDeleteOptions::default()).await?;
         let _ = channel.close(200, "queue deleted").await;
         Ok(())
+    }
+
+    /// Declares an exchange (idempotent while its kind and settings are the same).
+    pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind, durability: Durability, auto_delete: AutoDelete) -> Result<()> {
+        let channel = self.channel().await?;
+        let options = ExchangeDeclareOptions {
+            durable: durability == Durability::Durable,
+            auto_delete: auto_delete == AutoDelete::WhenUnused,
+            ..Default::default()
+        };
+        channel.exchange_declare(name, kind.amqp(), options, FieldTable::default()).await?;
+        let _ = channel.close(200, "exchange declared").await;
+        Ok(())
+    }
+
+    /// Deletes an exchange (tests' and benchmarks' isolated ones).
+    pub async fn delete_exchange(&self, name: &str) -> Result<()> {
+        let channel = self.channel().await?;
+        channel.exchange_delete(name, ExchangeDeleteOptions::default()).await?;
+        let _ = channel.close(200, "exchange deleted").await;
+        Ok(())
+    }
+
+    /// Declares a queue (idempotent while its settings are the same); bind it with
+    /// [`Bus::set_binding`].
+    pub async fn declare_queue(&self, spec: &QueueSpec) -> Result<()> {
+        let channel = self.channel().await?;
+        let options = QueueDeclareOptions {
+            durable: spec.durability == Durability::Durable,
+            auto_delete: spec.auto_delete == AutoDelete::WhenUnused,
+            ..Default::default()
+        };
+        channel.queue_declare(&spec.name, options, spec.arguments()).await?;
+        let _ = channel.close(200, "queue declared").await;
+        Ok(())
+    }
+
+    /// The messages ready in `queue` (a passive declaration: no rights needed); an error when the
+    /// queue does not exist.
+    pub async fn ready_messages(&self, queue: &str) -> Result<u32> {
+        let channel = self.channel().await?;
+        let declared =
+            channel.queue_declare(queue, QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await;
+        let _ = channel.close(200, "counted").await;
+        Ok(declared?.message_count())
+    }
+
+    /// Subscribes to `queue` as its only consumer; see [`Subscription`].
+    pub async fn subscribe(&self, queue: &str, acks: Acks) -> Result<Subscription> {
+        let channel = self.channel().await?;
+        let no_ack = match acks {
+            Acks::Automatic => true,
+            Acks::OnReceipt { prefetch } => {
+                channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+                false
+            }
+        };
+        let consumer_tag = format!("berth-{}", Uuid::now_v7());
+        let options = BasicConsumeOptions { no_ack, exclusive: true, ..Default::default() };
+        let consumer = channel.basic_consume(queue, &consumer_tag, options, FieldTable::default()).await?;
+        Ok(Subscription { queue: queue.to_owned(), channel, consumer, consumer_tag, acks, own_user: self.config.user.clone() })
+    }
+
+    /// Up to `limit` messages from the head of `queue`, left in it (read unacknowledged on a channel
+    /// that then closes, so the broker puts them back; they count as redelivered).
+    pub async fn peek_messages(&self, queue: &str, limit: usize) -> Result<Vec<Incoming>> {
+        let channel = self.channel().await?;
+        let mut messages = Vec::new();
+        while messages.len() < limit {
+            let Some(message) = channel.basic_get(queue, BasicGetOptions { no_ack: false }).await? else { break };
+            messages.push(Incoming::received(&message.delivery, None));
+        }
+        let _ = channel.close(200, "peeked").await;
+        Ok(messages)
+    }
+
+    /// Removes from `queue` up to `count` messages that `selected` picks and puts every other one
+    /// back (a test tidying the shared dead-letter queue of its own messages); returns how many it
+    /// removed.
+    pub async fn remove_messages(&self, queue: &str, count: usize, selected: impl Fn(&Incoming) -> bool) -> Result<usize> {
+        let channel = self.channel().await?;
+        let mut others = Vec::new();
+        let mut removed = 0;
+        // Messages read and not yet settled are not handed out again: the loop ends with the queue.
+        while removed < count {
+            let Some(message) = channel.basic_get(queue, BasicGetOptions { no_ack: false }).await? else { break };
+            if selected(&Incoming::received(&message.delivery, None)) {
+                message.delivery.acker.ack(BasicAckOptions::default()).await?;
+                removed += 1;
+            } else {
+                others.push(message.delivery.acker);
+            }
+        }
+        for acker in others {
+            acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+        }
+        let _ = channel.close(200, "messages removed").await;
+        Ok(removed)
     }
 
     /// Consumes `spec.queue` until `shutdown` completes, handing each message to `handler`.
@@ -810,7 +1147,7 @@ impl Bus {
         let mut in_flight = JoinSet::new();
         let end = loop {
             let permit = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.map_err(|_| BusError::Amqp(lapin::Error::ChannelsLimitReached))?,
+                permit = slots.clone().acquire_owned() => permit.map_err(|_| BusError::from(lapin::Error::ChannelsLimitReached))?,
                 () = shutdown.as_mut() => break ConsumerEnd::Shutdown,
             };
             let delivery = tokio::select! {
@@ -1057,15 +1394,14 @@ impl RetryQueues {
 }
 
 impl Incoming {
-    /// The message of a raw lapin delivery (for code that consumes with lapin directly); its
-    /// sender is the delivery's `user_id` as it is.
+    // TRANSITION: until every caller outside this crate subscribes through the bus.
     pub fn from_delivery(delivery: &lapin::message::Delivery) -> Incoming {
         Incoming::received(delivery, None)
     }
 
     /// The message of a delivery consumed by a bus connected as `own_user`: a retry copy that user
     /// published keeps naming the original sender ([`topology::SENDER_HEADER`]); on anyone else's
-    /// message that header means nothing.
+    /// message that header means nothing. Without `own_user` the sender is the `user_id` as it is.
     fn received(delivery: &lapin::message::Delivery, own_user: Option<&str>) -> Incoming {
         let properties = &delivery.properties;
         let headers: HashMap<String, String> = properties

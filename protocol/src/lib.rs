@@ -19,7 +19,7 @@ pub mod supervise;
 pub mod telemetry;
 pub mod topology;
 
-pub use bus::{Bus, BusConfig, ConsumeSpec, Incoming, Outcome};
+pub use bus::{Bus, BusConfig, ConsumeSpec, Incoming, Outcome, Properties};
 pub use event::{CloudEvent, EnvelopeError};
 pub use identity::{Identity, Sender};
 pub use message::{AgentKind, Notification, Task};

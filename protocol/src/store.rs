@@ -757,12 +757,24 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct StoreClient {
     bus: Bus,
     timeout: Duration,
+    exchange: String,
     routing_key: String,
 }
 
 impl StoreClient {
     pub fn new(bus: Bus) -> StoreClient {
-        StoreClient { bus, timeout: DEFAULT_REQUEST_TIMEOUT, routing_key: AgentKind::Persistence.as_str().to_owned() }
+        StoreClient {
+            bus,
+            timeout: DEFAULT_REQUEST_TIMEOUT,
+            exchange: topology::TASKS_EXCHANGE.to_owned(),
+            routing_key: AgentKind::Persistence.as_str().to_owned(),
+        }
+    }
+
+    /// Sends through another exchange: `""` (the default exchange) with a queue's name as the
+    /// routing key reaches a responder that is bound nowhere (tests).
+    pub fn with_exchange(self, exchange: &str) -> StoreClient {
+        StoreClient { exchange: exchange.to_owned(), ..self }
     }
 
     /// Sends to another routing key on `berth.tasks` (tests run their own agent on a private queue).
@@ -784,7 +796,7 @@ impl StoreClient {
     pub async fn request_with_id(&self, task_id: Uuid, operation: &Operation) -> Result<Value, StoreClientError> {
         let action = operation.action();
         let task = operation.to_task(task_id);
-        let bytes = self.bus.request(topology::TASKS_EXCHANGE, &self.routing_key, &task.to_bytes(), self.timeout).await?;
+        let bytes = self.bus.request(&self.exchange, &self.routing_key, &task.to_bytes(), self.timeout).await?;
         match Reply::decode(&bytes) {
             Ok(Reply::Ok(result)) => Ok(result),
             Ok(Reply::Err(ReplyError { kind, message })) => Err(StoreClientError::Refused { action, kind, message }),
@@ -794,9 +806,8 @@ impl StoreClient {
 
     /// Publishes the operation as a task (with confirms) without waiting for it to be applied.
     pub async fn send(&self, task_id: Uuid, operation: &Operation) -> Result<(), StoreClientError> {
-        let properties =
-            lapin::BasicProperties::default().with_content_type("application/json".into()).with_message_id(task_id.to_string().into());
-        self.bus.publish(topology::TASKS_EXCHANGE, &self.routing_key, &operation.to_task(task_id).to_bytes(), properties).await?;
+        let properties = crate::bus::Properties::json().with_message_id(&task_id.to_string());
+        self.bus.publish(&self.exchange, &self.routing_key, &operation.to_task(task_id).to_bytes(), properties).await?;
         Ok(())
     }
 

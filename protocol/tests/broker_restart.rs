@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{amqp_url, wait_until};
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use protocol::bus::{Binding, QueueSpec};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome};
 use serde_json::json;
@@ -31,15 +30,8 @@ async fn broker_restart_during_a_stream_loses_no_confirmed_event() {
     // A durable quorum queue: a queue that survives the restart, like every work queue of Berth.
     let event_type = format!("test.restart{}", uuid::Uuid::new_v4().simple());
     let queue = format!("test.restart.{}", uuid::Uuid::new_v4());
-    let channel = bus.channel().await.expect("channel");
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    channel.queue_declare(&queue, QueueDeclareOptions { durable: true, ..Default::default() }, arguments).await.expect("declare");
-    channel
-        .queue_bind(&queue, topology::EVENTS_EXCHANGE, &event_type, QueueBindOptions::default(), FieldTable::default())
-        .await
-        .expect("bind");
-    let _ = channel.close(200, "declared").await;
+    bus.declare_queue(&QueueSpec::quorum(&queue)).await.expect("declare");
+    bus.set_binding(&queue, topology::EVENTS_EXCHANGE, &event_type, Binding::Bind).await.expect("bind");
 
     let received = Arc::new(Mutex::new(HashSet::new()));
     let recorder = received.clone();

@@ -10,12 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{amqp_url, collect_from, private_queue_on, wait_until};
-use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::ExchangeKind;
-use protocol::bus::RetryPolicy;
+use protocol::bus::{AutoDelete, Durability, ExchangeKind, QueueSpec, RetryPolicy};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
-use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Incoming, Outcome};
+use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Incoming, Outcome, Properties};
 use serde_json::json;
 
 async fn bus(name: &str) -> Bus {
@@ -34,19 +31,14 @@ struct DeadLetters {
 impl DeadLetters {
     async fn new(bus: &Bus) -> DeadLetters {
         let exchange = format!("berth-test.bus.{}.dead", uuid::Uuid::new_v4().simple());
-        let channel = bus.channel().await.expect("channel");
-        let options = ExchangeDeclareOptions { auto_delete: true, ..Default::default() };
-        channel.exchange_declare(&exchange, ExchangeKind::Fanout, options, FieldTable::default()).await.expect("exchange");
-        let _ = channel.close(200, "declared").await;
+        bus.declare_exchange(&exchange, ExchangeKind::Fanout, Durability::Transient, AutoDelete::WhenUnused).await.expect("exchange");
         let queue = private_queue_on(bus, &exchange, "").await;
         DeadLetters { exchange, queue }
     }
 
     async fn delete(&self, bus: &Bus) {
         bus.delete_queue(&self.queue).await.ok();
-        let channel = bus.channel().await.expect("channel");
-        let _ = channel.exchange_delete(&self.exchange, ExchangeDeleteOptions::default()).await;
-        let _ = channel.close(200, "deleted").await;
+        let _ = bus.delete_exchange(&self.exchange).await;
     }
 }
 
@@ -55,24 +47,15 @@ impl DeadLetters {
 async fn work_queue(bus: &Bus) -> (String, String) {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let (queue, routing_key) = (format!("berth-test.bus.{id}.work"), format!("rk-{id}"));
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(topology::DELIVERY_LIMIT));
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    let channel = bus.channel().await.expect("channel");
-    channel.queue_declare(&queue, QueueDeclareOptions { durable: true, ..Default::default() }, arguments).await.expect("queue");
-    let _ = channel.close(200, "declared").await;
+    let spec = QueueSpec::quorum(&queue).with_delivery_limit(topology::DELIVERY_LIMIT).expiring_after(Duration::from_secs(600));
+    bus.declare_queue(&spec).await.expect("queue");
     bus.set_binding(&queue, "amq.direct", &routing_key, protocol::bus::Binding::Bind).await.expect("bound");
     (queue, routing_key)
 }
 
 /// Ready messages in a queue (passive declare); `None` when it does not exist.
 async fn ready_messages(bus: &Bus, queue: &str) -> Option<u32> {
-    let channel = bus.channel().await.expect("channel");
-    let options = QueueDeclareOptions { passive: true, ..Default::default() };
-    let declared = channel.queue_declare(queue, options, FieldTable::default()).await;
-    let _ = channel.close(200, "checked").await;
-    declared.ok().map(|queue| queue.message_count())
+    bus.ready_messages(queue).await.ok()
 }
 
 /// Ready and unacknowledged messages of a queue, as the broker counts them.
@@ -146,7 +129,7 @@ async fn outages_wait_longer_each_time_and_never_use_up_the_attempts() {
             })
             .await
     });
-    bus.publish("amq.direct", &routing_key, b"outage", Default::default()).await.expect("confirmed");
+    bus.publish("amq.direct", &routing_key, b"outage", Properties::bare()).await.expect("confirmed");
 
     wait_until(Duration::from_secs(60), || seen.lock().unwrap().len() == 13).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -194,7 +177,7 @@ async fn failures_wait_outside_the_work_queue_and_are_dead_lettered_after_the_at
             })
             .await
     });
-    bus.publish("amq.direct", &routing_key, b"failing", Default::default()).await.expect("confirmed");
+    bus.publish("amq.direct", &routing_key, b"failing", Properties::bare()).await.expect("confirmed");
 
     // Look while retries wait in the 3 s delay queue (after the 2nd and 3rd deliveries); a look is
     // conclusive only if no delivery happened meanwhile.
@@ -268,7 +251,7 @@ async fn a_panicking_handler_is_a_failed_attempt_and_the_consumer_keeps_going() 
             .await
     });
     for body in [&b"poison"[..], b"good"] {
-        bus.publish("amq.direct", &routing_key, body, Default::default()).await.expect("confirmed");
+        bus.publish("amq.direct", &routing_key, body, Properties::bare()).await.expect("confirmed");
     }
 
     let dead_letters = common::collect_messages(&bus, &dead.queue, 1, Duration::from_secs(30)).await;
@@ -307,7 +290,7 @@ async fn delay_queues_are_declared_when_a_retry_finds_them_missing() {
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ready_messages(&bus, &delay_queue).await, None, "a consumer that has not retried declares no delay queue");
-    bus.publish("amq.direct", &routing_key, b"first", Default::default()).await.expect("confirmed");
+    bus.publish("amq.direct", &routing_key, b"first", Properties::bare()).await.expect("confirmed");
     wait_until(Duration::from_secs(20), || seen.lock().unwrap().len() == 2).await;
     assert_eq!(ready_messages(&bus, &delay_queue).await, Some(0), "the first retry declared its delay queue");
     let arguments = {
@@ -317,7 +300,7 @@ async fn delay_queues_are_declared_when_a_retry_finds_them_missing() {
     assert!(arguments.contains("x-expires"), "a test queue's delay queue expires: {arguments}");
     // Gone under a running consumer (deleted, or expired): the next retry declares it again.
     bus.delete_retry_queues(&queue).await.expect("deleted");
-    bus.publish("amq.direct", &routing_key, b"second", Default::default()).await.expect("confirmed");
+    bus.publish("amq.direct", &routing_key, b"second", Properties::bare()).await.expect("confirmed");
     wait_until(Duration::from_secs(20), || seen.lock().unwrap().len() == 4).await;
     stop.send(()).ok();
     consumer.await.expect("consumer task").expect("consumer ends cleanly");
@@ -383,7 +366,7 @@ async fn malformed_messages_are_dead_lettered_with_reason_while_good_ones_flow()
         CloudEvent { id: good_ids[2].clone(), ..CloudEvent::new(&event_type, "/t", None, json!({})) }.to_bytes(),
     ];
     for body in &bodies {
-        bus.publish(topology::EVENTS_EXCHANGE, &event_type, body, Default::default()).await.expect("confirmed");
+        bus.publish(topology::EVENTS_EXCHANGE, &event_type, body, Properties::bare()).await.expect("confirmed");
     }
 
     let handled = Arc::new(Mutex::new(Vec::new()));

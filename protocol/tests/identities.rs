@@ -9,11 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::amqp_url;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, ExchangeKind};
-use protocol::bus::{BusError, RetryPolicy};
-use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Incoming, Outcome, Sender};
+use protocol::bus::{Acks, AutoDelete, Binding, BusError, Durability, ExchangeKind, QueueSpec, RetryPolicy};
+use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Incoming, Outcome, Properties, Sender};
 use serde_json::json;
 
 async fn connect_as(identity: Identity, name: &str) -> Bus {
@@ -67,20 +64,16 @@ async fn the_broker_refuses_a_client_publishing_anything_but_its_session_events(
     let message = refused.unwrap_err().to_string();
     assert!(message.contains("berth-client") && message.contains("ACCESS_REFUSED"), "{message}");
     // Not on the tasks or notify exchanges either.
-    let task = client.publish(topology::TASKS_EXCHANGE, "container", b"{}", BasicProperties::default()).await;
+    let task = client.publish(topology::TASKS_EXCHANGE, "container", b"{}", Properties::bare()).await;
     assert!(matches!(task, Err(BusError::Refused { .. })), "{task:?}");
-    let notification = client.publish(topology::NOTIFY_EXCHANGE, "user.alice", b"{}", BasicProperties::default()).await;
+    let notification = client.publish(topology::NOTIFY_EXCHANGE, "user.alice", b"{}", Properties::bare()).await;
     assert!(matches!(notification, Err(BusError::Refused { .. })), "{notification:?}");
     // The refusal cost the channel, not the bus: the client's own events still go out.
     let open = CloudEvent::new("session.stats", "/test/identities", Some("s-after"), json!({}));
     client.publish_event(&open).await.expect("the bus heals after a refusal");
     // And the forged event reached nobody.
-    let channel = admin.channel().await.expect("channel");
-    let declared = channel
-        .queue_declare(&queue, QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("tap exists");
-    assert_eq!(declared.message_count(), 0, "the refused container.ready was not routed");
+    let ready = admin.ready_messages(&queue).await.expect("tap exists");
+    assert_eq!(ready, 0, "the refused container.ready was not routed");
     admin.delete_queue(&queue).await.ok();
     client.close().await;
     admin.close().await;
@@ -112,23 +105,17 @@ async fn a_retry_keeps_the_original_sender_and_a_forged_sender_header_is_ignored
     let exchange = format!("berth-test.{tag}.events");
     let queue = format!("berth-test.{tag}.engine");
     let admin = admin().await;
-    let channel = admin.channel().await.expect("channel");
-    let temporary = ExchangeDeclareOptions { durable: true, auto_delete: true, ..Default::default() };
-    channel.exchange_declare(&exchange, ExchangeKind::Topic, temporary, FieldTable::default()).await.expect("exchange");
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    channel.queue_declare(&queue, QueueDeclareOptions { durable: true, ..Default::default() }, arguments).await.expect("queue");
-    channel.queue_bind(&queue, &exchange, "#", QueueBindOptions::default(), FieldTable::default()).await.expect("bind");
-    let _ = channel.close(200, "declared").await;
+    admin.declare_exchange(&exchange, ExchangeKind::Topic, Durability::Durable, AutoDelete::WhenUnused).await.expect("exchange");
+    let spec = QueueSpec::classic(&queue, Durability::Durable).expiring_after(Duration::from_secs(600));
+    admin.declare_queue(&spec).await.expect("queue");
+    admin.set_binding(&queue, &exchange, "#", Binding::Bind).await.expect("bind");
 
     let container = connect_as(Identity::Container, "identities-container").await;
     let genuine = CloudEvent::new("container.ready", "/test/identities", Some("s-retry"), json!({}));
     container.publish_event_to(&exchange, &genuine).await.expect("container publishes");
     // A header claiming the engine sent it: the broker vouches for the container, not for this.
-    let mut headers = FieldTable::default();
-    headers.insert(topology::SENDER_HEADER.into(), AMQPValue::LongString(LongString::from("berth-engine")));
     let forged = CloudEvent::new("timer.fired", "/test/identities", Some("s-retry"), json!({}));
-    let properties = BasicProperties::default().with_headers(headers);
+    let properties = Properties::bare().with_header(topology::SENDER_HEADER, "berth-engine");
     container.publish(&exchange, "timer.fired", &forged.to_bytes(), properties).await.expect("container publishes a header");
 
     let engine =
@@ -177,20 +164,16 @@ async fn a_retry_keeps_the_original_sender_and_a_forged_sender_header_is_ignored
     admin.close().await;
 }
 
-/// The first delivery on `queue` whose message id is `id` (others are acked and skipped).
+/// The first delivery on `queue` whose event id is `id` (others are skipped).
 async fn first_with_id(bus: &Bus, queue: &str, id: &str) -> Incoming {
-    use futures::StreamExt;
-    let channel = bus.channel().await.expect("channel");
-    let mut consumer = channel
-        .basic_consume(queue, "", lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("consume");
+    let mut subscription = bus.subscribe(queue, Acks::Automatic).await.expect("subscribe");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let delivery =
-            tokio::time::timeout_at(deadline, consumer.next()).await.expect("the event in time").expect("stream").expect("delivery");
-        let incoming = Incoming::from_delivery(&delivery);
-        if delivery.properties.message_id().as_ref().map(|m| m.as_str()) == Some(id) {
+        let incoming =
+            tokio::time::timeout_at(deadline, subscription.next()).await.expect("the event in time").expect("stream").expect("delivery");
+        // `publish_event` names each message after its event.
+        let event = CloudEvent::parse(&incoming.body, protocol::event::DEFAULT_MAX_EVENT_BYTES).expect("an event");
+        if event.id == id {
             return incoming;
         }
     }

@@ -4,9 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
+use protocol::bus::Acks;
 use protocol::Bus;
 
 pub fn amqp_url() -> String {
@@ -20,20 +18,17 @@ pub async fn private_queue_on(bus: &Bus, exchange: &str, routing_key: &str) -> S
 
 /// Reads `count` messages (body and text headers) from `queue`, acking each, or panics after `timeout`.
 pub async fn collect_messages(bus: &Bus, queue: &str, count: usize, timeout: Duration) -> Vec<(Vec<u8>, HashMap<String, String>)> {
-    let channel = bus.channel().await.expect("channel");
-    let mut consumer = channel.basic_consume(queue, "", BasicConsumeOptions::default(), FieldTable::default()).await.expect("consume");
+    let mut subscription = bus.subscribe(queue, Acks::OnReceipt { prefetch: 100 }).await.expect("subscribe");
     let mut messages = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while messages.len() < count {
-        let next = tokio::time::timeout_at(deadline, consumer.next()).await;
-        let Ok(Some(Ok(delivery))) = next else {
+        let next = tokio::time::timeout_at(deadline, subscription.next()).await;
+        let Ok(Some(Ok(incoming))) = next else {
             panic!("got {} of {count} messages from {queue} before the timeout", messages.len());
         };
-        delivery.ack(BasicAckOptions::default()).await.expect("ack");
-        let headers = protocol::Incoming::from_delivery(&delivery).headers;
-        messages.push((delivery.data, headers));
+        messages.push((incoming.body, incoming.headers));
     }
-    let _ = channel.close(200, "done").await;
+    subscription.close().await;
     messages
 }
 
