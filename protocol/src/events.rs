@@ -28,6 +28,7 @@ pub mod kind {
     pub const SESSION_STATS: &str = "session.stats";
 
     pub const SESSION_MOVE: &str = "session.move";
+    pub const SESSION_FAILOVER: &str = "session.failover";
     pub const SESSION_RECOVER: &str = "session.recover";
     pub const SESSION_BUDGET_EXCEEDED: &str = "session.budget_exceeded";
     pub const SESSION_ADMITTED: &str = "session.admitted";
@@ -41,6 +42,7 @@ pub mod kind {
     pub const WORKSPACE_SYNC_FAILED: &str = "workspace.sync_failed";
     pub const WORKSPACE_FAILED: &str = "workspace.failed";
     pub const WORKSPACE_REMOVED: &str = "workspace.removed";
+    pub const WORKSPACE_RECOVERED: &str = "workspace.recovered";
     pub const WORKSPACE_QUOTA_EXCEEDED: &str = "workspace.quota_exceeded";
     pub const WORKSPACE_INVENTORY: &str = "workspace.inventory";
     pub const WORKSPACE_HOST_REPORT: &str = "workspace.host_report";
@@ -62,13 +64,14 @@ pub mod kind {
     pub const CONTAINER_HOST_REPORT: &str = "container.host_report";
 
     /// All of them, in the catalogue's order.
-    pub const ALL: [&str; 36] = [
+    pub const ALL: [&str; 38] = [
         SESSION_OPEN,
         SESSION_CLOSE,
         SESSION_ACTIVITY,
         SESSION_KEEPALIVE,
         SESSION_STATS,
         SESSION_MOVE,
+        SESSION_FAILOVER,
         SESSION_RECOVER,
         SESSION_BUDGET_EXCEEDED,
         SESSION_ADMITTED,
@@ -81,6 +84,7 @@ pub mod kind {
         WORKSPACE_SYNC_FAILED,
         WORKSPACE_FAILED,
         WORKSPACE_REMOVED,
+        WORKSPACE_RECOVERED,
         WORKSPACE_QUOTA_EXCEEDED,
         WORKSPACE_INVENTORY,
         WORKSPACE_HOST_REPORT,
@@ -174,6 +178,7 @@ event_data! {
     SessionKeepalive => SESSION_KEEPALIVE,
     SessionStats => SESSION_STATS,
     SessionMove => SESSION_MOVE,
+    SessionFailover => SESSION_FAILOVER,
     SessionRecover => SESSION_RECOVER,
     SessionBudgetExceeded => SESSION_BUDGET_EXCEEDED,
     SessionAdmitted => SESSION_ADMITTED,
@@ -186,6 +191,7 @@ event_data! {
     WorkspaceSyncFailed => WORKSPACE_SYNC_FAILED,
     WorkspaceFailed => WORKSPACE_FAILED,
     WorkspaceRemoved => WORKSPACE_REMOVED,
+    WorkspaceRecovered => WORKSPACE_RECOVERED,
     WorkspaceQuotaExceeded => WORKSPACE_QUOTA_EXCEEDED,
     WorkspaceInventory => WORKSPACE_INVENTORY,
     ContainerReady => CONTAINER_READY,
@@ -253,6 +259,23 @@ pub struct SessionStats {}
 pub struct SessionMove {
     /// The drained host.
     pub from: Option<String>,
+}
+
+/// A session's host has been gone for `hosts.failover_after`: it reopens on another host from the
+/// object store's last synced state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionFailover {
+    /// The gone host.
+    pub from: String,
+    /// When the engine first saw it gone (RFC 3339).
+    pub gone_since: Option<String>,
+    pub failover_after_secs: u64,
+    /// The session's last sync (or materialize) the engine saw answered (RFC 3339); `null` when none.
+    pub last_synced_at: Option<String>,
+    /// Where the gone host's copy will be saved when it returns (under the store's root).
+    pub recovered_prefix: String,
+    /// What the user is told.
+    pub message: String,
 }
 
 /// The reconciler's finding: stranded work of a session without a live thred.
@@ -382,6 +405,20 @@ pub struct WorkspaceSyncFailed {
 pub struct WorkspaceFailed {
     pub stage: String,
     pub error: String,
+}
+
+/// A returning host's copy of a session that lives elsewhere (or ended) is stored under `prefix`
+/// (`recovered/<host>/<session>`, under the store's root) and its directory is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceRecovered {
+    pub host: String,
+    pub user: String,
+    pub workspace: String,
+    pub prefix: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// What could not be stored and was moved aside on that host.
+    pub preserved: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -39,6 +39,9 @@ pub struct Profile {
     /// The warm pool (absent = none: every open is cold).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolSettings>,
+    /// Many hosts (absent = the defaults of [`HostsSettings`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<HostsSettings>,
     #[serde(default)]
     pub users: Vec<SeedUser>,
     /// Where the file was read from (not part of the file).
@@ -306,6 +309,20 @@ pub struct PoolSettings {
     pub max_idle_secs: u64,
 }
 
+/// What the engine does about hosts (`[hosts]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostsSettings {
+    /// A humantime duration (`"5m"`, `"90s"`): a session on a host gone this long is reopened on
+    /// another host from the object store's last synced state.
+    pub failover_after: String,
+}
+
+/// [`HostsSettings::failover_after`] when the profile has no `[hosts]`: long enough that an agent
+/// restart or a short network cut never moves a session, short enough that a dead machine's users
+/// are back within minutes.
+pub const DEFAULT_FAILOVER_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The folder of the warm pool's slots, under the deployment root (outside every session's).
 pub const POOL_DIR: &str = ".berth-pool";
 /// Where a pool container finds its session's identity once claimed (read-only inside it).
@@ -453,8 +470,20 @@ impl Profile {
         ProfileError::Invalid { path: self.path.clone(), field: field.to_owned(), reason: reason.into() }
     }
 
+    /// How long a host stays gone before its sessions are reopened elsewhere (`hosts.failover_after`).
+    pub fn failover_after(&self) -> std::time::Duration {
+        self.hosts.as_ref().and_then(|hosts| humantime::parse_duration(&hosts.failover_after).ok()).unwrap_or(DEFAULT_FAILOVER_AFTER)
+    }
+
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ProfileError> {
+        if let Some(hosts) = &self.hosts {
+            match humantime::parse_duration(&hosts.failover_after) {
+                Ok(after) if after >= std::time::Duration::from_secs(1) => {}
+                Ok(_) => return Err(self.invalid("hosts.failover_after", "must be at least 1s")),
+                Err(error) => return Err(self.invalid("hosts.failover_after", format!("not a duration ({error}), e.g. \"5m\""))),
+            }
+        }
         if self.version != PROFILE_VERSION {
             return Err(self.invalid("version", format!("this build reads version {PROFILE_VERSION}, got {}", self.version)));
         }
@@ -798,6 +827,20 @@ mod tests {
             (Err(actual), Err(fragment)) => assert!(actual.contains(fragment), "{actual:?} does not contain {fragment:?}"),
             (actual, expected) => panic!("got {actual:?}, expected {expected:?}"),
         }
+    }
+
+    #[test]
+    fn failover_after_is_a_duration_of_at_least_a_second() {
+        fn with(value: &'static str) -> impl Fn(String) -> String {
+            move |text: String| format!("{text}\n[hosts]\nfailover_after = \"{value}\"\n")
+        }
+        check(with("90s"), Ok(()));
+        check(with("soon"), Err("`hosts.failover_after`: not a duration"));
+        check(with("200ms"), Err("`hosts.failover_after`: must be at least 1s"));
+        check(|text| format!("{text}\n[hosts]\nfailover_afterr = \"1m\"\n"), Err("unknown field `failover_afterr`"));
+        let parsed = Profile::parse(&with("90s")(dev_text()), Path::new("p.toml")).unwrap();
+        assert_eq!(parsed.failover_after(), std::time::Duration::from_secs(90));
+        assert_eq!(Profile::parse(&dev_text(), Path::new("p.toml")).unwrap().failover_after(), DEFAULT_FAILOVER_AFTER);
     }
 
     #[test]
