@@ -463,6 +463,9 @@ pub struct ContainerReady {
     pub container_id: String,
     pub host: String,
     pub port: u16,
+    /// The container's own address on the session network (with the machine it is on), `null`
+    /// when Docker gave none: a proxy on that machine can skip Docker's port proxy.
+    pub network: Option<crate::host::NetworkAddress>,
     /// An existing container of the session was taken over instead of created.
     pub adopted: bool,
     pub timings_ms: ReadyTimings,

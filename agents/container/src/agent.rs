@@ -16,6 +16,10 @@ use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, Health
 use bollard::network::{CreateNetworkOptions, InspectNetworkOptions};
 use bollard::Docker;
 use futures::StreamExt;
+use protocol::events::{
+    ContainerFailed, ContainerInventory, ContainerPaused, ContainerProbed, ContainerReady, ContainerRemoved, ContainerResumed, ContainerStopped,
+    EventData, ReadyTimings,
+};
 use protocol::profile::HealthCheck;
 use protocol::{Bus, CloudEvent, Outcome, Profile, Task};
 use serde::Deserialize;
@@ -198,22 +202,7 @@ pub struct ReadyContainer {
 }
 
 /// One labelled container, as `container.inventory` reports it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct InventoryEntry {
-    /// The session's id ('' for a warm-pool container nobody claimed yet).
-    pub session: String,
-    /// From the container's labels, so the engine can recover an orphan's workspace.
-    pub user: String,
-    pub workspace: String,
-    pub container_id: String,
-    pub state: String,
-    pub host_port: Option<u16>,
-    /// RFC 3339.
-    pub created: String,
-    /// The warm-pool slot the container was made for (claimed when `session` is set).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pool_slot: Option<String>,
-}
+pub type InventoryEntry = protocol::events::ContainerEntry;
 
 /// The container agent. Cheap to clone.
 #[derive(Clone)]
@@ -373,26 +362,25 @@ impl Agent {
                     adopted = ready.adopted, ready_ms = ready.ready_ms, "container ready");
                 Ok(answer(
                     task,
-                    "container.ready",
-                    json!({
-                        "container_id": ready.container_id,
-                        "host": ready.host,
-                        "port": ready.port,
-                        "network": ready.network,
-                        "adopted": ready.adopted,
-                        "timings_ms": {"create": ready.create_ms, "start": ready.start_ms, "ready": ready.ready_ms},
-                    }),
+                    &ContainerReady {
+                        container_id: ready.container_id,
+                        host: ready.host,
+                        port: ready.port,
+                        network: ready.network,
+                        adopted: ready.adopted,
+                        timings_ms: ReadyTimings { create: ready.create_ms, start: ready.start_ms, ready: ready.ready_ms },
+                    },
                 ))
             }
             Err(Failure::Unanswered(error)) => Err(Error::from_docker(error)),
-            Err(Failure::NotOurs(Refusal(reason))) => Ok(answer(task, "container.failed", json!({"action": action, "error": reason}))),
+            Err(Failure::NotOurs(Refusal(reason))) => Ok(answer(task, &ContainerFailed { action: action.to_owned(), error: reason })),
             Err(Failure::Refused(Refusal(reason))) => {
                 self.forget_container(&identity.session);
                 tracing::warn!(session_id = %identity.session, %reason, "provision failed, removing the container");
                 if let Err(error) = self.remove_by_name(&name).await {
                     tracing::warn!(session_id = %identity.session, %error, "could not remove the failed container");
                 }
-                Ok(answer(task, "container.failed", json!({"action": action, "error": reason})))
+                Ok(answer(task, &ContainerFailed { action: action.to_owned(), error: reason }))
             }
         }
     }
@@ -758,7 +746,7 @@ impl Agent {
         // Waking is on the user's critical path: skip the inspect when the container is known.
         if let Some(id) = self.known_container(session) {
             if self.inner.docker.unpause_container(&id).await.is_ok() {
-                return Ok(answer(task, "container.resumed", json!({"container_id": id})));
+                return Ok(answer(task, &ContainerResumed { container_id: Some(id) }));
             }
         }
         let name = spec::container_name(session);
@@ -775,14 +763,14 @@ impl Agent {
             }
             other => return Ok(failed(task, "resume", format!("container is {other}, only a paused container can be resumed"))),
         }
-        Ok(answer(task, "container.resumed", json!({"container_id": id})))
+        Ok(answer(task, &ContainerResumed { container_id: Some(id) }))
     }
 
     async fn stop_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
         let name = spec::container_name(session);
         let Some(inspected) = self.inspect_owned(&name).await? else {
             // Nothing left to stop is what `stop` wants.
-            return Ok(answer(task, "container.stopped", json!({"container_id": Value::Null})));
+            return Ok(answer(task, &ContainerStopped { container_id: None }));
         };
         let id = inspected.id.clone().unwrap_or_default();
         self.expect_exit(&id);
@@ -800,7 +788,7 @@ impl Agent {
             Err(error) if matches!(docker_status(&error), Some(304) | Some(404)) => {}
             Err(error) => return self.docker_failure(task, "stop", error),
         }
-        Ok(answer(task, "container.stopped", json!({"container_id": id})))
+        Ok(answer(task, &ContainerStopped { container_id: Some(id) }))
     }
 
     async fn remove_answer(&self, task: &Task, session: &str, container_id: Option<&str>) -> Result<CloudEvent> {
@@ -809,7 +797,7 @@ impl Agent {
             Ok(inspected) => inspected,
             Err(error) if docker_status(&error) == Some(404) => {
                 self.forget_container(session);
-                return Ok(answer(task, "container.removed", json!({"container_id": container_id})));
+                return Ok(answer(task, &ContainerRemoved { container_id: container_id.map(str::to_owned) }));
             }
             Err(error) if is_docker_answer(&error) => return self.docker_failure(task, "remove", error),
             Err(error) => return Err(Error::from_docker(error)),
@@ -831,7 +819,7 @@ impl Agent {
             // deployment's does not exist, and that is what `remove` wants.
             tracing::warn!(session_id = %session, %refusal, "remove by name found a foreign container");
             self.forget_container(session);
-            return Ok(answer(task, "container.removed", json!({"container_id": Value::Null})));
+            return Ok(answer(task, &ContainerRemoved { container_id: None }));
         }
         if labels.get(spec::SESSION_LABEL).is_some_and(|owner| owner != session) {
             return Ok(failed(task, "remove", format!("container {target} belongs to another session, not {session}")));
@@ -857,7 +845,7 @@ impl Agent {
         if let Some(slot) = labels.get(spec::POOL_SLOT_LABEL) {
             pool::remove_slot_folders(&self.inner.profile, slot);
         }
-        Ok(answer(task, "container.removed", json!({"container_id": id})))
+        Ok(answer(task, &ContainerRemoved { container_id: Some(id) }))
     }
 
     async fn stats_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
@@ -868,7 +856,7 @@ impl Agent {
         let options = StatsOptions { stream: false, one_shot: false };
         let sample = self.inner.docker.stats(&name, Some(options)).next().await;
         match sample {
-            Some(Ok(sample)) => Ok(answer(task, "container.stats", serde_json::to_value(stats::compute(&sample)).unwrap_or_default())),
+            Some(Ok(sample)) => Ok(answer(task, &stats::compute(&sample))),
             Some(Err(error)) if is_docker_answer(&error) => self.docker_failure(task, "stats", error),
             Some(Err(error)) => Err(Error::from_docker(error)),
             None => Ok(failed(task, "stats", "docker returned no statistics".to_owned())),
@@ -913,7 +901,7 @@ impl Agent {
             Ok(scan) => scan,
             Err(error) => return Ok(failed(task, "probe", format!("workspace scan failed: {error}"))),
         };
-        let probe = work::WorkProbe {
+        let probe = ContainerProbed {
             cpu_ns,
             write_age_ms: u64::try_from(scan.newest_change_age.as_millis()).unwrap_or(u64::MAX),
             terminal_commands,
@@ -922,7 +910,7 @@ impl Agent {
             truncated: scan.truncated,
         };
         tracing::debug!(session_id = %session, ?probe, "work probe");
-        Ok(answer(task, "container.probed", serde_json::to_value(&probe).unwrap_or_default()))
+        Ok(answer(task, &probe))
     }
 
     /// Inspects a session container; `None` when it does not exist. A container that carries the
@@ -1075,10 +1063,11 @@ impl Agent {
     /// deployment so an engine of another deployment on the same broker ignores it.
     pub async fn publish_inventory(&self) -> Result<CloudEvent> {
         let entries = self.inventory().await?;
-        let data = json!({"deployment": self.inner.profile.deployment(), "host": self.inner.profile.host(), "containers": entries});
-        let event = CloudEvent::new(EVENT_SOURCE_INVENTORY, EVENT_SOURCE, None, data);
+        let containers = entries.len();
+        let data = ContainerInventory { deployment: self.inner.profile.deployment(), host: self.inner.profile.host(), containers: entries };
+        let event = CloudEvent::of(EVENT_SOURCE, None, &data);
         self.inner.bus.publish_event(&event).await?;
-        tracing::debug!(containers = entries.len(), "inventory published");
+        tracing::debug!(containers, "inventory published");
         Ok(event)
     }
 
@@ -1102,8 +1091,6 @@ impl Agent {
         Ok(event)
     }
 }
-
-const EVENT_SOURCE_INVENTORY: &str = "container.inventory";
 
 fn parse_task(task: &Task) -> Result<(String, Action)> {
     let bad = |reason: String| Error::BadTask { task_id: task.id.to_string(), reason };
@@ -1168,25 +1155,21 @@ fn parse_task(task: &Task) -> Result<(String, Action)> {
         }
         other => {
             return Err(bad(format!(
-                "unknown action {other:?} (expected provision, wake, pause, resume, stop, remove, stats, probe, pool_create or pool_remove)"
+                "unknown action {other:?} (expected provision, claim, wake, pause, resume, stop, remove, stats, probe, pool_create or pool_remove)"
             )))
         }
     };
     Ok((session, action))
 }
 
-/// An answer event bound to the task's session, thred and id.
-fn answer(task: &Task, event_type: &str, data: Value) -> CloudEvent {
-    let mut event = CloudEvent::new(event_type, EVENT_SOURCE, task.session.as_deref(), data).with_extension("taskid", task.id.to_string());
-    if let Some(thred) = &task.thred {
-        event = event.with_extension("thredid", thred.clone());
-    }
-    event
+/// An answer event bound to the task's session, thred and id; `data`'s type names the event.
+fn answer<T: EventData>(task: &Task, data: &T) -> CloudEvent {
+    CloudEvent::answering(task, EVENT_SOURCE, data)
 }
 
 fn failed(task: &Task, action: &str, error: String) -> CloudEvent {
     tracing::warn!(task_id = %task.id, action, %error, "container action failed");
-    answer(task, "container.failed", json!({"action": action, "error": error}))
+    answer(task, &ContainerFailed { action: action.to_owned(), error })
 }
 
 /// What `pause` found: frozen now, or nothing left running to freeze.
@@ -1222,7 +1205,7 @@ fn frozen_state(status: ContainerStateStatusEnum) -> Option<FrozenState> {
 }
 
 fn paused(task: &Task, container_id: Option<&str>, state: FrozenState) -> CloudEvent {
-    answer(task, "container.paused", json!({"container_id": container_id, "state": state.as_str()}))
+    answer(task, &ContainerPaused { container_id: container_id.map(str::to_owned), state: state.as_str().to_owned() })
 }
 
 fn elapsed_ms(since: Instant) -> u64 {

@@ -1,17 +1,8 @@
 //! Container statistics computed from Docker's stats document the way `docker stats` does it.
 
 use bollard::container::{MemoryStatsStats, Stats};
-use serde::Serialize;
-
 /// The data of a `container.stats` event.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ContainerStats {
-    pub cpu_percent: f64,
-    pub memory_used: u64,
-    pub memory_limit: u64,
-    pub network_rx: u64,
-    pub network_tx: u64,
-}
+pub use protocol::events::ContainerStats;
 
 /// Computes the figures from one stats sample (which carries the previous sample as `precpu`).
 ///

@@ -7,8 +7,8 @@ use std::time::Duration;
 use bollard::models::{EventMessage, EventMessageTypeEnum};
 use bollard::system::EventsOptions;
 use futures::StreamExt;
+use protocol::events::ContainerExited;
 use protocol::CloudEvent;
-use serde_json::json;
 
 use crate::agent::{Agent, EVENT_SOURCE};
 use crate::error::docker_status;
@@ -93,15 +93,12 @@ async fn exit_event(agent: &Agent, message: &EventMessage, out_of_memory: &mut H
                 attributes.get(spec::POOL_SLOT_LABEL).and(attributes.get("name")).and_then(|name| spec::claimed_pool_session(name))
             });
             tracing::info!(container_id = %container_id, session_id = ?session, exit_code, oom_killed, "session container exited");
-            let mut event = CloudEvent::new(
-                "container.exited",
-                EVENT_SOURCE,
-                session.as_deref(),
-                json!({"container_id": container_id, "exit_code": exit_code, "oom_killed": oom_killed}),
-            );
+            let mut event = CloudEvent::of(EVENT_SOURCE, session.as_deref(), &ContainerExited { container_id, exit_code, oom_killed });
             if let Some(thred) = attributes.get(spec::THRED_LABEL) {
                 event = event.with_extension("thredid", thred.clone());
             }
+            // Its host: an exit on a host the session has left is not the session's.
+            event = event.with_extension("host", agent.profile().host());
             Some(event)
         }
         _ => None,

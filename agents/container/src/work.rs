@@ -17,26 +17,9 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-
 /// At most this many entries are looked at per probe; a larger workspace reports `truncated`.
 pub const SCAN_LIMIT: u64 = 200_000;
 
-/// The data of a `container.probed` event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct WorkProbe {
-    /// Cumulative CPU time the container used since it started, in nanoseconds.
-    pub cpu_ns: u64,
-    /// Milliseconds since the newest change in the workspace directory.
-    pub write_age_ms: u64,
-    /// Processes started from a terminal shell that still run.
-    pub terminal_commands: u64,
-    /// Running terminal shells seen.
-    pub terminals: u64,
-    /// Directory entries looked at, and whether the walk stopped at [`SCAN_LIMIT`].
-    pub scanned: u64,
-    pub truncated: bool,
-}
 
 /// What a walk of the workspace directory found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,9 +20,9 @@ use std::path::Path;
 
 use bollard::container::{CreateContainerOptions, RenameContainerOptions, StartContainerOptions};
 use bollard::models::ContainerStateStatusEnum;
+use protocol::events::{PoolSlotFailed, PoolSlotReady, PoolSlotRemoved};
 use protocol::{CloudEvent, Profile, Task};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::{answer, container_labels, container_status, docker_message, elapsed_ms, failed, Agent, Failure, Refusal};
 use crate::error::{docker_status, Error, Result};
@@ -94,7 +94,7 @@ impl Agent {
         match self.pool_create(slot).await {
             Ok((container_id, port)) => {
                 tracing::info!(slot, container_id = %container_id, ms = elapsed_ms(began), "pool slot ready (paused)");
-                Ok(answer(task, "container.pool_slot_ready", json!({"slot": slot, "container_id": container_id, "port": port})))
+                Ok(answer(task, &PoolSlotReady { slot: slot.to_owned(), container_id, port }))
             }
             Err(Failure::Unanswered(error)) => Err(Error::from_docker(error)),
             Err(Failure::Refused(Refusal(reason)) | Failure::NotOurs(Refusal(reason))) => {
@@ -103,7 +103,7 @@ impl Agent {
                     tracing::warn!(slot, %error, "could not remove the failed pool container");
                 }
                 remove_slot_folders(&self.inner.profile, slot);
-                Ok(answer(task, "container.pool_slot_failed", json!({"slot": slot, "error": reason})))
+                Ok(answer(task, &PoolSlotFailed { slot: slot.to_owned(), error: reason }))
             }
         }
     }
@@ -176,7 +176,7 @@ impl Agent {
         if !claimed {
             remove_slot_folders(&self.inner.profile, slot);
         }
-        Ok(answer(task, "container.pool_slot_removed", json!({"slot": slot, "claimed": claimed})))
+        Ok(answer(task, &PoolSlotRemoved { slot: slot.to_owned(), claimed }))
     }
 
     async fn remove_pool_container(&self, slot: &str) -> Result<(), bollard::errors::Error> {
