@@ -185,12 +185,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
             }
-            Benchmark::Engine => engine::bench(load_profile()?).await?,
-            Benchmark::Placement => engine::bench_placement(load_profile()?).await?,
-            Benchmark::Provision => container::bench(load_profile()?).await?,
+            Benchmark::Engine => bench::engine(load_profile()?).await?,
+            Benchmark::Placement => bench::placement(load_profile()?).await?,
+            Benchmark::Provision => bench::provision(load_profile()?).await?,
             Benchmark::Workspace => bench::workspace(load_profile()?).await?,
             Benchmark::Store => bench::store(load_profile()?).await?,
-            Benchmark::Session => session::bench(load_profile()?).await?,
+            Benchmark::Session => bench::session(load_profile()?).await?,
             Benchmark::E2e => bench::e2e(load_profile()?).await?,
             Benchmark::Open => bench::open(load_profile()?, bench::OpenBenchSettings { levels, large_mib, wake_rounds }).await?,
             Benchmark::Density => bench::density(load_profile()?, bench::DensitySettings { max_sessions }).await?,

@@ -7,8 +7,6 @@
 //! - [`timers`]: timers as Redis keys with a TTL plus a swept deadline index.
 
 pub mod admission;
-mod bench;
-mod bench_placement;
 pub mod core;
 pub mod exporter;
 pub mod expr;
@@ -145,16 +143,6 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
         exporter.await??;
     }
     Ok(served?)
-}
-
-/// `berth bench engine`.
-pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    bench::run(profile).await
-}
-
-/// `berth bench placement`.
-pub async fn bench_placement(profile: Profile) -> anyhow::Result<()> {
-    bench_placement::run(profile).await
 }
 
 /// `berth patterns check`: validates files, prints every error, returns the exit code.

@@ -8,7 +8,6 @@
 //! by name and label, and their ports are read back from Docker.
 
 mod agent;
-mod bench;
 pub mod egress;
 pub mod error;
 pub mod probe;
@@ -127,9 +126,4 @@ async fn publish_inventory_periodically(agent: Agent) {
             tracing::warn!(%error, "could not look for stale egress rules");
         }
     }
-}
-
-/// `berth bench provision`.
-pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    bench::run(profile).await
 }

@@ -898,17 +898,6 @@ async fn docker_exec(container_id: &str, command: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// `berth bench provision` from the test binary, for when the `berth` binary is not at hand:
-/// `cargo test -p container --test docker -- --ignored --nocapture bench_provision`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a benchmark: takes about a minute"]
-async fn bench_provision() {
-    protocol::telemetry::init(protocol::telemetry::LogFormat::Pretty);
-    let mut profile = Profile::parse(&dev_profile_text(), std::path::Path::new("dev/profile.toml")).expect("dev profile");
-    profile.apply_overrides(|name| std::env::var(name).ok());
-    container::bench(profile).await.expect("benchmark runs");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_health_is_not_fooled_by_the_port_proxy() {
     // Docker's port proxy accepts on the host port even when nothing listens in the container.

@@ -7,7 +7,6 @@
 pub mod activity;
 pub mod api;
 pub mod auth;
-mod bench;
 pub mod config;
 pub mod console;
 pub mod edge;
@@ -65,11 +64,6 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     };
     bus.close().await;
     Ok(served?)
-}
-
-/// `berth bench session`: notification fan-out latency and connections held per GiB.
-pub async fn bench(profile: Profile) -> anyhow::Result<()> {
-    bench::run(profile).await
 }
 
 /// `berth token`: mints a development token for `user` with the profile's key and audience.

@@ -1318,14 +1318,6 @@ async fn the_hub_routes_by_user_and_evicts_a_socket_that_falls_behind() -> Resul
     Ok(())
 }
 
-/// `berth bench session` without building the whole binary:
-/// `cargo test -p session --test session -- --ignored --nocapture bench`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark; run explicitly"]
-async fn bench_session_fan_out() -> Result<()> {
-    session::bench(dev_profile()).await
-}
-
 #[tokio::test]
 async fn a_store_outage_is_reported_and_the_socket_keeps_working() -> Result<()> {
     let world = World::new().await?;

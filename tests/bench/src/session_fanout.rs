@@ -18,8 +18,10 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::auth::KeyMaterial;
-use crate::config::{SessionConfig, StoreRoute};
+use session::auth::KeyMaterial;
+use session::config::{SessionConfig, StoreRoute};
+
+use crate::stats::{milliseconds, percentile};
 
 const USERS: usize = 100;
 const SOCKETS_PER_USER: usize = 10;
@@ -30,7 +32,8 @@ const RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 type SentAt = Arc<Mutex<HashMap<u64, Instant>>>;
 
-pub async fn run(profile: Profile) -> anyhow::Result<()> {
+/// `berth bench session`.
+pub async fn bench(profile: Profile) -> anyhow::Result<()> {
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-session")).await?;
     bus.declare_topology().await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string();
@@ -63,7 +66,7 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (stop_instance, instance_stopped) = tokio::sync::oneshot::channel::<()>();
-    let (_handle, running) = crate::server::start(config, bus.clone(), listener, async move {
+    let (_handle, running) = session::server::start(config, bus.clone(), listener, async move {
         let _ = instance_stopped.await;
     })
     .await?;
@@ -220,20 +223,10 @@ async fn baseline_latencies(bus: &Bus, run_id: &str) -> anyhow::Result<Vec<Durat
 fn print_row(label: &str, samples: &[Duration]) {
     println!(
         "{label:<44} {:>10.2} {:>10.2} {:>8}",
-        percentile(samples, 50.0).as_secs_f64() * 1000.0,
-        percentile(samples, 99.0).as_secs_f64() * 1000.0,
+        milliseconds(percentile(samples, 0.5)),
+        milliseconds(percentile(samples, 0.99)),
         samples.len()
     );
-}
-
-fn percentile(samples: &[Duration], percent: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable();
-    let rank = ((percent / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 /// This process's resident memory (Linux `/proc/self/status`).
@@ -242,17 +235,4 @@ fn resident_bytes() -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles() {
-        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&samples, 50.0), Duration::from_millis(51));
-        assert_eq!(percentile(&samples, 99.0), Duration::from_millis(99));
-        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
-    }
 }

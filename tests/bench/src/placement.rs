@@ -18,22 +18,23 @@ use protocol::{AgentKind, Bus, BusConfig, CloudEvent, Profile};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::admission::Committed;
-use crate::placement::{self, HostView};
-use crate::service::{self, Engine, Keys};
-use crate::EngineConfig;
+use engine::admission::Committed;
+use engine::placement::{self, HostView};
+use engine::service::{self, Keys};
+use engine::{Engine, EngineConfig};
 
 const OPENS: usize = 2_000;
 const DECISIONS: usize = 2_000;
 
-pub async fn run(mut profile: Profile) -> anyhow::Result<()> {
+/// `berth bench placement`.
+pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
     // Room for every session on every host, and a user each: this measures placement, not limits.
     profile.limits.host_memory_mib = u64::MAX / 4;
     profile.limits.host_cpus = 1e9;
     profile.limits.max_opens_per_user_per_minute = u32::MAX;
     println!("berth bench placement");
     pure_decisions();
-    let patterns = crate::load_profile_patterns(&profile)?;
+    let patterns = engine::load_profile_patterns(&profile)?;
     let tag = format!("bench-placement-{}", Uuid::now_v7().simple());
     let config = EngineConfig::isolated(&tag);
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-placement")).await?;
@@ -135,11 +136,11 @@ async fn backlog_rate(engine: &Engine, bus: &Bus, config: &EngineConfig, label: 
     for result in published {
         result?;
     }
-    crate::bench::wait_handled(engine, handled_before + OPENS as u64, Duration::from_secs(600)).await?;
+    crate::engine_rate::wait_handled(engine, handled_before + OPENS as u64, Duration::from_secs(600)).await?;
     Ok(OPENS as f64 / began.elapsed().as_secs_f64())
 }
 
-async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &EngineConfig, bus: &Bus) -> anyhow::Result<()> {
+async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &EngineConfig, bus: &Bus) -> anyhow::Result<()> {
     let engine = Engine::connect(profile.clone(), patterns, config.clone()).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = engine.clone();
@@ -170,7 +171,7 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
             cached_hits += usize::from(host.as_deref() == Some(&format!("bench-h{}", index % 3)));
         }
     }
-    let at = |fraction: f64| protocol::stats::percentile(&decisions, fraction).as_secs_f64() * 1e6;
+    let at = |fraction: f64| crate::stats::percentile(&decisions, fraction).as_secs_f64() * 1e6;
     println!(
         "  whole decision, 3 hosts in Redis:         p50 {:.0} µs, p99 {:.0} µs ({DECISIONS} decisions; {cached_hits} of {} with a cached copy went to its host)",
         at(0.50),

@@ -15,20 +15,21 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::service::{self, Engine, Keys};
-use crate::timers::TimerMember;
-use crate::EngineConfig;
+use engine::service::{self, Keys};
+use engine::timers::TimerMember;
+use engine::{Engine, EngineConfig};
 
 const THREDS: usize = 10_000;
 const TIMERS: usize = 1_000;
 const PUBLISH_PARALLELISM: usize = 64;
 
-pub async fn run(mut profile: Profile) -> anyhow::Result<()> {
+/// `berth bench engine`.
+pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
     // The bench measures the engine, not admission: room for every thred, and a user each.
     profile.limits.host_memory_mib = u64::MAX / 4;
     profile.limits.host_cpus = 1e9;
     profile.limits.max_opens_per_user_per_minute = u32::MAX;
-    let patterns = crate::load_profile_patterns(&profile)?;
+    let patterns = engine::load_profile_patterns(&profile)?;
     let tag = format!("bench-{}", Uuid::now_v7().simple());
     let config = EngineConfig::isolated(&tag);
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench")).await?;
@@ -104,7 +105,7 @@ async fn raw_broker_rate(bus: &Bus, bodies: &[Vec<u8>], prefetch: u16) -> anyhow
     Ok(bodies.len() as f64 / elapsed)
 }
 
-pub(crate) async fn wait_handled(engine: &Engine, target: u64, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait_handled(engine: &Engine, target: u64, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let metrics = engine.metrics();
     while metrics.events_handled.load(Ordering::Relaxed) < target {
@@ -208,7 +209,7 @@ async fn live_phase(
     Ok((latencies.len() as f64 / elapsed, latencies))
 }
 
-async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &EngineConfig, bus: &Bus) -> anyhow::Result<()> {
+async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &EngineConfig, bus: &Bus) -> anyhow::Result<()> {
     let sessions: Vec<String> = (0..THREDS).map(|index| format!("bench-{index}-{}", Uuid::now_v7())).collect();
     let opens: Vec<CloudEvent> = sessions
         .iter()
@@ -228,9 +229,9 @@ async fn measure(profile: &Profile, patterns: Vec<crate::Pattern>, config: &Engi
             let seed = json!({"session": event.subject, "user": "bench", "workspace": "w", "profile": profile.name,
                               "timers": {"idle_after_secs": 60, "stop_after_idle_secs": 60, "max_age_secs": 60, "autosave_secs": 60, "ready_timeout_secs": 20}});
             let seed = seed.as_object().cloned().unwrap_or_default();
-            let step = crate::core::start(pattern, &event.id, seed, &input, 0)?;
+            let step = engine::start(pattern, &event.id, seed, &input, 0)?;
             let next = CloudEvent::new("workspace.materialized", "/bench", event.subject.as_deref(), json!({}));
-            crate::core::step(pattern, &step.thred, &service::event_input(&next), 1)?;
+            engine::step(pattern, &step.thred, &service::event_input(&next), 1)?;
         }
         let rate = (2 * THREDS) as f64 / started.elapsed().as_secs_f64();
         println!("  pure core (start + step):          {rate:>9.0} steps/s");

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use bollard::container::{ListContainersOptions, RemoveContainerOptions};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::profile::HealthCheck;
-use protocol::stats::{milliseconds, percentile};
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Task};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::agent::{connect_docker, Agent, AgentSettings};
-use crate::{probe, spec};
+use container::{connect_docker, probe, spec, Agent, AgentSettings};
+
+use crate::stats::{milliseconds, percentile};
 
 const BENCH_LABEL: &str = "berth.bench";
 const SEQUENTIAL_SESSIONS: usize = 20;
@@ -37,7 +37,8 @@ struct Bench {
     stages: Mutex<Vec<[Duration; 4]>>,
 }
 
-pub async fn run(profile: Profile) -> anyhow::Result<()> {
+/// `berth bench provision`.
+pub async fn bench(profile: Profile) -> anyhow::Result<()> {
     spec::check_container_hardening(&profile)?;
     let docker = connect_docker().await?;
     let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-provision")).await?;
