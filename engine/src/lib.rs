@@ -40,8 +40,6 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("bus: {0}")]
     Bus(#[from] protocol::bus::BusError),
-    #[error("amqp: {0}")]
-    Amqp(#[from] lapin::Error),
     #[error("corrupt record in redis at {key}: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("thred {thred} changed under us (another engine committed first)")]
@@ -60,7 +58,7 @@ impl Error {
     /// retries without using up the attempt limit; a conflict retries; corrupt state never heals.
     pub fn outcome(&self) -> protocol::Outcome {
         match self {
-            Error::Redis(_) | Error::Bus(_) | Error::Amqp(_) => protocol::Outcome::RetryUnavailable,
+            Error::Redis(_) | Error::Bus(_) => protocol::Outcome::RetryUnavailable,
             Error::Conflict { .. } => protocol::Outcome::Retry,
             Error::Corrupt { .. } | Error::Pattern(_) | Error::PatternName { .. } | Error::NotAHost(_) | Error::Stopped(_) => {
                 protocol::Outcome::DeadLetter(self.to_string())

@@ -12,10 +12,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::ExchangeKind;
-use protocol::bus::BusError;
+use protocol::bus::{AutoDelete, BusError, Durability, ExchangeKind, QueueSpec};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::host::HostReport;
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Incoming, Outcome, Profile, Task};
@@ -60,7 +57,7 @@ pub const ENDED_THRED_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Optimistic-commit attempts before the event is requeued.
 const COMMIT_ATTEMPTS: usize = 50;
 /// An isolated queue left behind by a crashed test disappears after this long unused.
-const ISOLATED_QUEUE_EXPIRY_MS: i32 = 15 * 60 * 1000;
+const ISOLATED_QUEUE_EXPIRY: Duration = Duration::from_secs(15 * 60);
 /// Per-key locks inside one engine (striped: no map to grow or clean).
 const LOCK_STRIPES: usize = 1024;
 
@@ -135,23 +132,18 @@ pub async fn declare(bus: &Bus, config: &EngineConfig) -> Result<()> {
         bus.declare_topology().await?;
         return Ok(());
     }
-    let channel = bus.channel().await?;
     // Isolated names belong to tests and benchmarks: if one dies before `teardown`, the queue
     // expires once unused and the exchanges go with their last binding.
-    let temporary = ExchangeDeclareOptions { durable: true, auto_delete: true, ..Default::default() };
     for (name, kind) in [
         (&config.events_exchange, ExchangeKind::Topic),
         (&config.tasks_exchange, ExchangeKind::Direct),
         (&config.notify_exchange, ExchangeKind::Topic),
         (&config.dead_exchange, ExchangeKind::Fanout),
     ] {
-        channel.exchange_declare(name, kind, temporary, FieldTable::default()).await?;
+        bus.declare_exchange(name, kind, Durability::Durable, AutoDelete::WhenUnused).await?;
     }
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-expires".into(), lapin::types::AMQPValue::LongInt(ISOLATED_QUEUE_EXPIRY_MS));
-    channel.queue_declare(&config.queue, QueueDeclareOptions { durable: true, ..Default::default() }, arguments).await?;
-    channel.queue_bind(&config.queue, &config.events_exchange, "#", QueueBindOptions::default(), FieldTable::default()).await?;
-    let _ = channel.close(200, "declared").await;
+    bus.declare_queue(&QueueSpec::classic(&config.queue, Durability::Durable).expiring_after(ISOLATED_QUEUE_EXPIRY)).await?;
+    bus.set_binding(&config.queue, &config.events_exchange, "#", protocol::bus::Binding::Bind).await?;
     Ok(())
 }
 
@@ -161,11 +153,9 @@ pub async fn teardown(bus: &Bus, redis_url: &str, config: &EngineConfig) -> Resu
         return Ok(());
     }
     bus.delete_queue(&config.queue).await?;
-    let channel = bus.channel().await?;
     for exchange in [&config.events_exchange, &config.tasks_exchange, &config.notify_exchange, &config.dead_exchange] {
-        channel.exchange_delete(exchange, ExchangeDeleteOptions::default()).await?;
+        bus.delete_exchange(exchange).await?;
     }
-    let _ = channel.close(200, "deleted").await;
     let client = redis::Client::open(redis_url)?;
     let mut connection = client.get_multiplexed_async_connection().await?;
     let keys: Vec<String> = connection.keys(format!("{}:*", config.redis_prefix)).await?;

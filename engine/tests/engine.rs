@@ -9,11 +9,8 @@ use std::time::Duration;
 use engine::pattern::{load_pattern_file, parse_pattern};
 use engine::service::{self, Engine};
 use engine::{EngineConfig, Pattern};
-use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
-use lapin::BasicProperties;
-use protocol::{Bus, BusConfig, CloudEvent, Identity, Notification, Profile, Task};
+use protocol::bus::{Acks, AutoDelete, Durability, ExchangeKind};
+use protocol::{Bus, BusConfig, CloudEvent, Identity, Notification, Profile, Properties, Task};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -44,15 +41,11 @@ struct Seen {
 async fn collect(bus: &Bus, exchange: &str, keys: &[&str]) -> mpsc::UnboundedReceiver<Seen> {
     let keys: Vec<String> = keys.iter().map(|key| (*key).to_owned()).collect();
     let queue = bus.declare_private_queue(exchange, &keys).await.expect("private queue");
-    let channel = bus.channel().await.expect("channel");
-    let mut consumer = channel.basic_consume(&queue, "", BasicConsumeOptions::default(), FieldTable::default()).await.expect("consume");
+    let mut subscription = bus.subscribe(&queue, Acks::Automatic).await.expect("subscribe");
     let (sender, receiver) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let _channel = channel;
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let headers = protocol::Incoming::from_delivery(&delivery).headers.into_iter().collect();
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-            let seen = Seen { routing_key: delivery.routing_key.to_string(), body: delivery.data, headers };
+        while let Some(Ok(incoming)) = subscription.next().await {
+            let seen = Seen { routing_key: incoming.routing_key, body: incoming.body, headers: incoming.headers.into_iter().collect() };
             if sender.send(seen).is_err() {
                 return;
             }
@@ -154,13 +147,13 @@ impl Harness {
     }
 
     async fn publish_as(&self, sender: Identity, event: &CloudEvent) {
-        let properties = BasicProperties::default().with_content_type("application/cloudevents+json".into());
+        let properties = Properties::cloud_event();
         let bus = self.senders.get(&sender).unwrap_or(&self.bus);
         bus.publish(&self.config.events_exchange, &event.event_type, &event.to_bytes(), properties).await.expect("publish");
     }
 
     async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
-        self.bus.publish(&self.config.events_exchange, routing_key, body, BasicProperties::default()).await.expect("publish");
+        self.bus.publish(&self.config.events_exchange, routing_key, body, Properties::bare()).await.expect("publish");
     }
 
     /// Waits for the next task of `session` for `agent`.`action`, keeping others for later.
@@ -929,16 +922,7 @@ async fn a_lost_timer_event_is_fired_again_and_leaves_the_index_once_committed()
     let client = redis::Client::open(harness.profile.services.redis_url.as_str()).expect("redis url");
     let redis = client.get_connection_manager().await.expect("redis");
     let void = format!("{}.void", config.events_exchange);
-    let channel = harness.bus.channel().await.expect("channel");
-    channel
-        .exchange_declare(
-            &void,
-            lapin::ExchangeKind::Fanout,
-            lapin::options::ExchangeDeclareOptions { auto_delete: false, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("void exchange");
+    harness.bus.declare_exchange(&void, ExchangeKind::Fanout, Durability::Transient, AutoDelete::Never).await.expect("void exchange");
     let keys = engine::service::Keys::new(&config.redis_prefix);
     let lossy = engine::timers::TimerService::new(
         client.clone(),
@@ -957,7 +941,7 @@ async fn a_lost_timer_event_is_fired_again_and_leaves_the_index_once_committed()
     let idle: Vec<&(String, f64)> = indexed.iter().filter(|(member, _)| member.contains("|idle|")).collect();
     assert_eq!(idle.len(), 1, "a published but uncommitted timer stays indexed: {indexed:?}");
     assert!(idle[0].1 as i64 > chrono::Utc::now().timestamp_millis(), "and is due again later");
-    channel.exchange_delete(&void, lapin::options::ExchangeDeleteOptions::default()).await.expect("delete void");
+    harness.bus.delete_exchange(&void).await.expect("delete void");
 
     // The engine comes back: the sweep fires it again, the session idles, the entry is gone.
     let running = harness.start_with(vec![session_pattern()], config).await;

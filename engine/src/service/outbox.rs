@@ -4,8 +4,7 @@
 //! start-up (or the event's redelivery, as a duplicate) publishes again; agents absorb the repeat
 //! by message id.
 
-use lapin::BasicProperties;
-use protocol::{topology, AgentKind, CloudEvent, Notification, Task};
+use protocol::{topology, AgentKind, CloudEvent, Notification, Properties, Task};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -138,8 +137,7 @@ impl Engine {
     pub(super) async fn publish_messages(&self, messages: &[OutboxMessage]) -> Result<()> {
         let bus = &self.inner.publisher;
         let publishes = messages.iter().map(|message| {
-            let properties =
-                BasicProperties::default().with_content_type("application/json".into()).with_message_id(message.message_id.clone().into());
+            let properties = Properties::json().with_message_id(&message.message_id);
             bus.publish(&message.exchange, &message.routing_key, message.body.as_bytes(), properties)
         });
         for published in futures::future::join_all(publishes).await {
