@@ -40,7 +40,9 @@ pub struct Thred {
     #[serde(default)]
     pub ended: bool,
     /// The host the service placed this thred on (`placement.rs`): its tasks for host-affine
-    /// agents go to that host's queues. The core never reads or changes it.
+    /// agents go to that host's queues. The core never changes it; it shows it to expressions
+    /// (`thred.host`) and writes it to the pattern's record as `host_id` (the session agent's
+    /// door finds the host of a session's terminal and files there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
 }
@@ -462,6 +464,9 @@ impl Run<'_> {
             doc.insert("state".to_owned(), json!(self.thred.state));
             doc.insert("thred".to_owned(), json!(self.thred.id));
             doc.insert("pattern".to_owned(), json!(self.thred.pattern));
+            if let Some(host) = &self.thred.host {
+                doc.insert("host_id".to_owned(), json!(host));
+            }
             for field in &record.fields {
                 if let Some(value) = self.thred.context.get(field) {
                     doc.insert(field.clone(), value.clone());
