@@ -76,6 +76,9 @@ pub enum ApiErrorCode {
     LimitExceeded,
     /// The open waited in the capacity queue too long and was given up. 503.
     QueueTimeout,
+    /// The session runs on another host whose door (session agent) announces no address or does
+    /// not answer, so its terminal and files cannot be reached from here; retry later. 503.
+    HostUnreachable,
 }
 
 impl From<ErrorCode> for ApiErrorCode {
@@ -100,7 +103,7 @@ impl ApiErrorCode {
             ApiErrorCode::FrameTooLarge | ApiErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiErrorCode::RateLimited | ApiErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ApiErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ApiErrorCode::Unavailable | ApiErrorCode::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            ApiErrorCode::Unavailable | ApiErrorCode::QueueTimeout | ApiErrorCode::HostUnreachable => StatusCode::SERVICE_UNAVAILABLE,
             ApiErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiErrorCode::Forbidden | ApiErrorCode::UnsafePath => StatusCode::FORBIDDEN,
@@ -215,6 +218,12 @@ pub(crate) struct OwnedSession {
 impl OwnedSession {
     pub(crate) fn state(&self) -> &str {
         self.record.get("state").and_then(Value::as_str).unwrap_or("unknown")
+    }
+
+    /// The host the engine placed the session on (`None`: one-host deployments, where no host
+    /// reports, and records written before hosts existed).
+    pub(crate) fn host_id(&self) -> Option<&str> {
+        self.record.get("host_id").and_then(Value::as_str).filter(|host| !host.is_empty())
     }
 
     /// The session's container: its recorded id, else the name the container agent gives it.

@@ -7,7 +7,8 @@
 //! The directory is the session's on this machine, found as the workspace agent finds it
 //! (`workspace::locate`: `Profile::session_dir(session)`, or inside the session's own mounted
 //! image): the session agent serving files runs on the host of the workspace agent (as `berth dev`
-//! and the compose stack do).
+//! and the compose stack do); a session placed on another host is that host's door's to serve
+//! (`crate::proxy::doors` forwards it there before these handlers run).
 //! Changes land in the directory the container sees and are synced like any other change.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -24,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use workspace::{Confined, Ownership, Placement, Removal, WorkspacePath};
 
-use crate::api::{caller, owned_session, ApiError, ApiErrorCode, OwnedSession};
+use crate::api::{ApiError, ApiErrorCode, OwnedSession};
+use crate::proxy::doors::Checked;
 use crate::server::{query_parameter, AppState};
 
 /// The name at the top of a workspace that Berth keeps for its tree metadata (never synced).
@@ -163,11 +165,10 @@ struct Workspace {
 }
 
 impl Workspace {
-    async fn open(state: &AppState, headers: &HeaderMap, query: Option<&str>, session: &str) -> Result<Workspace, Response> {
-        let identity = caller(state, headers, query)?;
-        let session = owned_session(state, &identity, session).await.map_err(IntoResponse::into_response)?;
-        let location = workspace::locate(&state.config.profile, &session.id);
-        Ok(Workspace { session, location })
+    /// The directory of the session the doors' middleware checked (`crate::proxy::doors`).
+    fn open(state: &AppState, checked: Checked) -> Workspace {
+        let location = workspace::locate(&state.config.profile, &checked.session.id);
+        Workspace { session: checked.session, location }
     }
 
     async fn confined(&self) -> Result<Arc<Confined>, ApiError> {
@@ -228,19 +229,12 @@ fn owner(state: &AppState) -> Option<Ownership> {
         (status = 200, description = "The workspace's top folder", body = FolderListing),
         (status = 404, description = "No such session among yours", body = ApiError),
         (status = 409, description = "The session has no workspace on this host", body = ApiError),
+        (status = 503, description = "`host_unreachable`: the session runs on another host whose door does not answer", body = ApiError),
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn get_root(
-    State(state): State<Arc<AppState>>,
-    Path(session): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    let workspace = match Workspace::open(&state, &headers, query.as_deref(), &session).await {
-        Ok(workspace) => workspace,
-        Err(response) => return response,
-    };
+pub(crate) async fn get_root(State(state): State<Arc<AppState>>, checked: Checked) -> Response {
+    let workspace = Workspace::open(&state, checked);
     match list(&workspace, None).await {
         Ok(listing) => Json(listing).into_response(),
         Err(error) => error.into_response(),
@@ -274,19 +268,16 @@ async fn list(workspace: &Workspace, folder: Option<WorkspacePath>) -> Result<Fo
         (status = 403, description = "A symlink (never followed), a FIFO, socket or device", body = ApiError),
         (status = 404, description = "No such session among yours, or nothing at that path", body = ApiError),
         (status = 409, description = "The session has no workspace on this host", body = ApiError),
+        (status = 503, description = "`host_unreachable`: the session runs on another host whose door does not answer", body = ApiError),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn get_path(
     State(state): State<Arc<AppState>>,
-    Path((session, raw_path)): Path<(String, String)>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    Path((_, raw_path)): Path<(String, String)>,
+    checked: Checked,
 ) -> Response {
-    let workspace = match Workspace::open(&state, &headers, query.as_deref(), &session).await {
-        Ok(workspace) => workspace,
-        Err(response) => return response,
-    };
+    let workspace = Workspace::open(&state, checked);
     match read(&workspace, &raw_path).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
@@ -364,20 +355,18 @@ async fn read(workspace: &Workspace, raw_path: &str) -> Result<Response, ApiErro
         (status = 409, description = "A folder is at that path, or the session is not running or idle", body = ApiError),
         (status = 413, description = "Larger than the largest upload", body = ApiError),
         (status = 507, description = "Would take the workspace over its quota", body = ApiError),
+        (status = 503, description = "`host_unreachable`: the session runs on another host whose door does not answer", body = ApiError),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn put_file(
     State(state): State<Arc<AppState>>,
-    Path((session, raw_path)): Path<(String, String)>,
+    Path((_, raw_path)): Path<(String, String)>,
     headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    checked: Checked,
     body: Body,
 ) -> Response {
-    let workspace = match Workspace::open(&state, &headers, query.as_deref(), &session).await {
-        Ok(workspace) => workspace,
-        Err(response) => return response,
-    };
+    let workspace = Workspace::open(&state, checked);
     match upload(&state, &workspace, &raw_path, &headers, body).await {
         Ok((status, entry)) => (status, Json(entry)).into_response(),
         Err(error) => error.into_response(),
@@ -516,19 +505,17 @@ fn described(confined: &Confined, path: &WorkspacePath) -> Result<FileEntry, Api
         (status = 403, description = "A folder on the way is a symlink, or the path is the reserved `.berth`", body = ApiError),
         (status = 404, description = "No such session among yours, or nothing at that path", body = ApiError),
         (status = 409, description = "A folder that is not empty (without `recursive=true`), or the session is not running or idle", body = ApiError),
+        (status = 503, description = "`host_unreachable`: the session runs on another host whose door does not answer", body = ApiError),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn delete_path(
     State(state): State<Arc<AppState>>,
     Path((session, raw_path)): Path<(String, String)>,
-    headers: HeaderMap,
     RawQuery(query): RawQuery,
+    checked: Checked,
 ) -> Response {
-    let workspace = match Workspace::open(&state, &headers, query.as_deref(), &session).await {
-        Ok(workspace) => workspace,
-        Err(response) => return response,
-    };
+    let workspace = Workspace::open(&state, checked);
     let removal =
         if query_parameter(query.as_deref(), "recursive").as_deref() == Some("true") { Removal::Recursive } else { Removal::EmptyFolder };
     let outcome = async {
@@ -573,19 +560,17 @@ pub(crate) async fn delete_path(
         (status = 403, description = "A symlink on the way, or the reserved `.berth`", body = ApiError),
         (status = 404, description = "No such session among yours, or nothing to rename", body = ApiError),
         (status = 409, description = "The target name is taken, a file is in the folder's place, or the session is not running or idle", body = ApiError),
+        (status = 503, description = "`host_unreachable`: the session runs on another host whose door does not answer", body = ApiError),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn post_path(
     State(state): State<Arc<AppState>>,
-    Path((session, raw_path)): Path<(String, String)>,
-    headers: HeaderMap,
+    Path((_, raw_path)): Path<(String, String)>,
     RawQuery(query): RawQuery,
+    checked: Checked,
 ) -> Response {
-    let workspace = match Workspace::open(&state, &headers, query.as_deref(), &session).await {
-        Ok(workspace) => workspace,
-        Err(response) => return response,
-    };
+    let workspace = Workspace::open(&state, checked);
     let owner = owner(&state);
     let outcome = match query_parameter(query.as_deref(), "op").as_deref() {
         Some("mkdir") => make_folder(&workspace, &raw_path, owner).await,

@@ -103,7 +103,7 @@ pub async fn start(
         activity,
         api,
     });
-    let router = router(state.clone());
+    let router = router(state.clone(), listener.local_addr().ok());
     let edge = state.config.edge.clone();
     let metrics_for_edge = metrics.clone();
     let handle = InstanceHandle { metrics: metrics.clone(), hub: hub.clone() };
@@ -128,8 +128,20 @@ pub async fn start(
     Ok((handle, running))
 }
 
-fn router(state: Arc<AppState>) -> Router {
+fn router(state: Arc<AppState>, listening: Option<std::net::SocketAddr>) -> Router {
     let proxy = crate::proxy::Proxy::new(state.clone());
+    let doors = crate::proxy::doors::Doors::new(state.clone(), listening);
+    // The terminal and the files of a session on another host are that host's door's to serve.
+    let on_the_sessions_host = || axum::middleware::from_fn_with_state(doors.clone(), crate::proxy::doors::route);
+    let terminal_and_files = Router::new()
+        .route("/api/sessions/{id}/terminal", get(crate::terminal::terminal))
+        .route("/api/sessions/{id}/files", get(crate::files::get_root))
+        .route("/api/sessions/{id}/files/", get(crate::files::get_root))
+        .route(
+            "/api/sessions/{id}/files/{*path}",
+            get(crate::files::get_path).put(crate::files::put_file).delete(crate::files::delete_path).post(crate::files::post_path),
+        )
+        .route_layer(on_the_sessions_host());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -138,13 +150,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/sessions/{id}", get(crate::api::get_session).delete(crate::api::close_session))
         .route("/api/sessions/{id}/activity", post(crate::api::session_activity))
         .route("/api/sessions/{id}/keepalive", post(crate::api::session_keepalive))
-        .route("/api/sessions/{id}/terminal", get(crate::terminal::terminal))
-        .route("/api/sessions/{id}/files", get(crate::files::get_root))
-        .route("/api/sessions/{id}/files/", get(crate::files::get_root))
-        .route(
-            "/api/sessions/{id}/files/{*path}",
-            get(crate::files::get_path).put(crate::files::put_file).delete(crate::files::delete_path).post(crate::files::post_path),
-        )
+        .merge(terminal_and_files)
         .route("/api/usage", get(crate::usage::usage))
         .route("/api/openapi.json", get(crate::openapi::serve_document))
         .route("/ws", get(websocket))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{rejection::WebSocketUpgradeRejection, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -18,10 +18,11 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use crate::api::{owned_session, ApiError, ApiErrorCode, Caller};
+use crate::api::{ApiError, ApiErrorCode};
 use crate::auth::Identity;
 use crate::hub::ConnectionSlot;
 use crate::metrics::bump;
+use crate::proxy::doors::Checked;
 use crate::server::{AppState, SUBPROTOCOL};
 use crate::socket::report_activity;
 
@@ -152,20 +153,16 @@ fn close_for_state(state: &str) -> Option<(u16, String)> {
         (status = 404, description = "No such session among yours", body = ApiError),
         (status = 409, description = "The session is not running (paused, stopping, …)", body = ApiError),
         (status = 429, description = "Too many sockets for this user", body = ApiError),
-        (status = 503, description = "Docker or the store did not answer", body = ApiError),
+        (status = 503, description = "Docker or the store did not answer, or (`host_unreachable`) the session runs on another host whose door does not answer", body = ApiError),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn terminal(
     State(state): State<Arc<AppState>>,
-    Path(session): Path<String>,
-    Caller(identity): Caller,
+    Checked { identity, session: owned }: Checked,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let owned = match owned_session(&state, &identity, &session).await {
-        Ok(owned) => owned,
-        Err(error) => return error.into_response(),
-    };
+    let session = owned.id.clone();
     if owned.state() != "running" {
         let message = format!("session {session} is {}: a terminal needs it running (an idle session wakes on activity)", owned.state());
         return ApiError::new(ApiErrorCode::Conflict, message).into_response();

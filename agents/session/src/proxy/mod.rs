@@ -2,10 +2,12 @@
 //! domain, `{session}.{base_domain}`. Only the owner (or an admin) passes; a browser exchanges its
 //! token once for a cookie scoped to that session; a paused session is woken by the request and the
 //! request held until it runs; requests and client WebSocket frames count as activity, except on
-//! the profile's background paths. See the crate's README ("Proxy").
+//! the profile's background paths. See the crate's README ("Proxy"). `doors` forwards the
+//! terminal and files of a session on another host to that host's door with the same forwarding.
 
 mod cookie;
 mod directory;
+pub mod doors;
 mod forward;
 mod paths;
 mod verified;
