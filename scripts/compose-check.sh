@@ -437,18 +437,20 @@ PYTHON
   fi
 fi
 
-# The second-host stack: it renders with its three required variables, refuses to render without
-# them, and runs a host's agents only (no broker, no Redis, no store, no engine, no session agent).
+# The second-host stack: it renders with its four required variables, refuses to render without
+# them, and runs a host's agents and its door only (no broker, no Redis, no store, no engine).
 host_file="$here/compose/docker-compose.host.yml"
-host_env=(BERTH_HOST=h2 BERTH_CONTROL_PLANE=10.0.0.1 BERTH_PUBLISH_ADDRESS=10.0.0.2)
+host_env=(BERTH_HOST=h2 BERTH_CONTROL_PLANE=10.0.0.1 BERTH_PUBLISH_ADDRESS=10.0.0.2 BERTH_JWT_SECRET=$placeholder_secret)
 if ! host_errors=$(env "${host_env[@]}" "${compose[@]}" -f "$host_file" config -q 2>&1); then
   fail "docker-compose config refuses $host_file: $host_errors"
 elif env -u BERTH_HOST "${compose[@]}" -f "$host_file" config -q >/dev/null 2>&1; then
   fail "$host_file renders without BERTH_HOST: a host must name itself"
+elif env "${host_env[@]}" -u BERTH_JWT_SECRET "${compose[@]}" -f "$host_file" config -q >/dev/null 2>&1; then
+  fail "$host_file renders without BERTH_JWT_SECRET: its door must never start without one"
 else
   host_services=$(env "${host_env[@]}" "${compose[@]}" -f "$host_file" config --services | sort | tr '\n' ' ')
-  [ "$host_services" = "container-agent workspace-agent workspace-root " ] \
-    || fail "$host_file runs $host_services; a second host runs its container and workspace agents only"
+  [ "$host_services" = "container-agent session-agent workspace-agent workspace-root " ] \
+    || fail "$host_file runs $host_services; a second host runs its container and workspace agents and its door only"
 fi
 
 if [ "$problems" -gt 0 ]; then
