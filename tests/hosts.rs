@@ -446,3 +446,325 @@ async fn a_reopen_goes_to_the_host_that_caches_the_workspace_even_with_more_room
     drop(h2);
     deployment.teardown().await;
 }
+
+/// A session agent (the door) of an extra host: its terminals exec on that host's Docker engine,
+/// its files API serves that host's workspace root, and it announces itself in Redis.
+struct Door {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Door {
+    fn start(deployment: &Deployment, host: &Host) -> anyhow::Result<Door> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(deployment.root.join("logs").join(format!("{}-session.log", host.id)))?;
+        let child = deployment
+            .command()
+            .args(["agent", "session"])
+            .env("BERTH_HOST", &host.id)
+            .env("DOCKER_HOST", &host.docker)
+            .env("BERTH_WORKSPACE_ROOT", &host.root)
+            .env("BERTH_SESSION_ADDR", format!("127.0.0.1:{port}"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        Ok(Door { port, child: Some(child) })
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Door {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One HTTP/1.1 request with a bearer token on a fresh connection: `(status, body)`.
+fn http_call(port: u16, method: &str, path: &str, token: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let split = response.windows(4).position(|window| window == b"\r\n\r\n").context("no header end")?;
+    let status = String::from_utf8_lossy(&response[..split]).split_whitespace().nth(1).and_then(|status| status.parse().ok());
+    Ok((status.context("no status")?, response[split + 4..].to_vec()))
+}
+
+fn error_code(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|value| value["error"].as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+/// Opens the session's terminal through the door on `port`, types `echo hello` and waits for the
+/// shell's `hello` line: the time from the connection to that line.
+async fn echo_hello(port: u16, session: &str, token: &str) -> anyhow::Result<Duration> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let began = Instant::now();
+    let mut request = format!("ws://127.0.0.1:{port}/api/sessions/{session}/terminal").into_client_request()?;
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    let (mut terminal, _) = tokio_tungstenite::connect_async(request).await?;
+    terminal.send(Message::Binary(b"echo hello\n".to_vec().into())).await?;
+    let mut output = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // The PTY echoes the typed line (`echo hello`); the shell's answer is a line of its own.
+    while !output.split('\n').any(|line| line.trim_end_matches('\r') == "hello") {
+        match tokio::time::timeout_at(deadline, terminal.next()).await {
+            Ok(Some(Ok(Message::Binary(bytes)))) => output.push_str(&String::from_utf8_lossy(&bytes)),
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => bail!("the terminal ended: {other:?} after {output:?}"),
+            Err(_) => bail!("no `hello` from the terminal in time: {output:?}"),
+        }
+    }
+    let took = began.elapsed();
+    let _ = terminal.close(None).await;
+    Ok(took)
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// The terminal and the files of a session placed on h2, through the door of host `local`: with
+/// no door on h2, a `503 host_unreachable` at once; with h2's door announced, the request is
+/// forwarded there (the terminal answers `echo hello`, files are put, read, listed and deleted in
+/// h2's workspace root) and the far door checks the caller again; another user gets the answer of
+/// a missing session from both doors; h2's door gone, `503 host_unreachable` again, never a hang.
+/// Prints the forwarded requests' time next to the same requests made to h2's door directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_terminal_and_files_of_a_session_on_another_host_pass_through_any_door() {
+    let deployment = Deployment::start(&config(0)).await.expect("deployment");
+    let h2 = Host::start(&deployment, "h2").expect("host h2");
+    wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
+    let session = open_running(&deployment, "ann").await.expect("a session");
+    assert_eq!(h2.containers(), vec![Deployment::container_name(&session)], "the tie goes to h2");
+    let deadline = Instant::now() + STEP;
+    loop {
+        let record = deployment.record(&session).await.expect("store").unwrap_or_default();
+        if record["state"] == "running" && record["host_id"] == "h2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the session's record names its host: {record}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ann, bob) = (deployment.mint_token("ann").expect("token"), deployment.mint_token("bob").expect("token"));
+    let first = deployment.session_port();
+    let files = format!("/api/sessions/{session}/files");
+
+    // No door on h2 yet: a clear answer at once.
+    let began = Instant::now();
+    let (status, body) = http_call(first, "GET", &files, &ann, b"").expect("the first door answers");
+    assert_eq!((status, error_code(&body)), (503, "host_unreachable".to_owned()), "{}", String::from_utf8_lossy(&body));
+    assert!(began.elapsed() < Duration::from_secs(10), "answered without waiting: {:?}", began.elapsed());
+
+    let mut door = Door::start(&deployment, &h2).expect("h2's door");
+    let key = format!("berth:door:{}:h2", deployment.id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while deployment.redis_cli(&["get", &key]).unwrap_or_default().trim() != format!("127.0.0.1:{}", door.port) {
+        assert!(Instant::now() < deadline, "h2's door announces itself in {key}:\n{}", deployment.logs_tail(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let local_key = format!("berth:door:{}:local", deployment.id);
+    assert_eq!(deployment.redis_cli(&["get", &local_key]).unwrap_or_default().trim(), format!("127.0.0.1:{first}"));
+
+    // Files through the first door land in h2's workspace root.
+    let text = b"written through the first door\n";
+    let (status, body) = http_call(first, "PUT", &format!("{files}/notes/remote.txt"), &ann, text).expect("put");
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let on_h2 = h2.session_dir(&session).join("notes").join("remote.txt");
+    assert_eq!(std::fs::read(&on_h2).expect("the file is on h2"), text);
+    assert!(!deployment.session_dir(&session).exists(), "nothing of the session on local");
+    let (status, body) = http_call(first, "GET", &format!("{files}/notes/remote.txt"), &ann, b"").expect("get");
+    assert_eq!((status, body.as_slice()), (200, &text[..]));
+    let (status, body) = http_call(first, "GET", &format!("{files}/notes"), &ann, b"").expect("list");
+    let listing: serde_json::Value = serde_json::from_slice(&body).expect("a listing");
+    assert_eq!((status, listing["entries"][0]["name"].as_str()), (200, Some("remote.txt")), "{listing}");
+
+    // The terminal through the first door is a shell on h2.
+    echo_hello(first, &session, &ann).await.expect("the terminal through the first door");
+
+    // Another user: the same answer as a missing session, from either door.
+    for port in [first, door.port] {
+        let (status, body) = http_call(port, "GET", &format!("{files}/notes/remote.txt"), &bob, b"").expect("get");
+        assert_eq!((status, error_code(&body)), (404, "not_found".to_owned()));
+        let (status, _) = http_call(port, "DELETE", &format!("{files}/notes/remote.txt"), &bob, b"").expect("delete");
+        assert_eq!(status, 404);
+        let refused = echo_hello(port, &session, &bob).await.expect_err("no terminal for bob");
+        assert!(refused.to_string().contains("404"), "{refused}");
+    }
+    assert!(on_h2.exists(), "bob removed nothing");
+
+    // Figures: the forwarded requests next to the same made to h2's door directly, by turns.
+    let (mut forwarded_get, mut direct_get) = (Vec::new(), Vec::new());
+    for round in 0..40 {
+        for (port, samples) in [(first, &mut forwarded_get), (door.port, &mut direct_get)] {
+            let began = Instant::now();
+            let (status, _) = http_call(port, "GET", &format!("{files}/notes/remote.txt"), &ann, b"").expect("get");
+            assert_eq!(status, 200, "round {round}");
+            samples.push(began.elapsed());
+        }
+    }
+    let (mut forwarded_terminal, mut direct_terminal) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        forwarded_terminal.push(echo_hello(first, &session, &ann).await.expect("forwarded terminal"));
+        direct_terminal.push(echo_hello(door.port, &session, &ann).await.expect("direct terminal"));
+    }
+    let (forwarded_get, direct_get) = (median(forwarded_get), median(direct_get));
+    let (forwarded_terminal, direct_terminal) = (median(forwarded_terminal), median(direct_terminal));
+    println!(
+        "doors: file GET p50 {:.2} ms through local's door, {:.2} ms at h2's door (+{:.2} ms); terminal connect to `hello` p50 {:.1} ms through local's door, {:.1} ms at h2's door (+{:.1} ms)",
+        forwarded_get.as_secs_f64() * 1e3,
+        direct_get.as_secs_f64() * 1e3,
+        (forwarded_get.as_secs_f64() - direct_get.as_secs_f64()) * 1e3,
+        forwarded_terminal.as_secs_f64() * 1e3,
+        direct_terminal.as_secs_f64() * 1e3,
+        (forwarded_terminal.as_secs_f64() - direct_terminal.as_secs_f64()) * 1e3,
+    );
+
+    let (status, _) = http_call(first, "DELETE", &format!("{files}/notes/remote.txt"), &ann, b"").expect("delete");
+    assert_eq!(status, 204);
+    assert!(!on_h2.exists(), "removed on h2");
+
+    // h2's door gone (its announcement not expired yet): still a clear answer at once.
+    door.stop();
+    let began = Instant::now();
+    let (status, body) = http_call(first, "GET", &files, &ann, b"").expect("the first door answers");
+    assert_eq!((status, error_code(&body)), (503, "host_unreachable".to_owned()), "{}", String::from_utf8_lossy(&body));
+    assert!(began.elapsed() < Duration::from_secs(10), "answered without waiting: {:?}", began.elapsed());
+
+    deployment.close(&session, "ann").await.expect("close");
+    deployment.inbox.wait_terminal(&session, STEP).await.expect("closed");
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    drop(h2);
+    deployment.teardown().await;
+}
+
+/// Waits until `check` holds, polling every 200 ms, or fails with `what` and the logs' tails.
+async fn wait_until(deployment: &Deployment, what: &str, mut check: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STEP;
+    while !check().await {
+        if Instant::now() > deadline {
+            bail!("{what}:\n{}", deployment.logs_tail(40));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// The profile of these tests with `hosts.failover_after` short: a host gone for 3 s fails over.
+fn failover_config() -> HarnessConfig {
+    let mut config = config(0);
+    config.profile_text.push_str("\n[hosts]\nfailover_after = \"3s\"\n");
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_gone_past_failover_after_moves_its_session_and_saves_its_copy_apart_when_it_returns() {
+    let deployment = Deployment::start(&failover_config()).await.expect("deployment");
+    let mut h2 = Host::start(&deployment, "h2").expect("host h2");
+    wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
+    let session = open_running(&deployment, "ann").await.expect("a session");
+    let name = Deployment::container_name(&session);
+    assert_eq!(h2.containers(), vec![name.clone()], "the tie goes to h2");
+    // Work that reaches the store before h2 goes (autosave every 4 s).
+    h2.write_inside(&session, "kept.txt", "synced from h2").expect("write on h2");
+    let kept = Deployment::object_key("ann", "thesis", "kept.txt");
+    wait_until(&deployment, "kept.txt autosaved from h2", async || {
+        deployment.get_object(&kept).await.ok().flatten().as_deref() == Some(&b"synced from h2"[..])
+    })
+    .await
+    .expect("autosaved");
+
+    // h2's agents die; its Docker engine and the session's container live on, and the user keeps
+    // writing there: that file can reach the store only when h2 returns.
+    h2.kill();
+    let gone_at = Instant::now();
+    h2.write_inside(&session, "unsynced.txt", "written on h2 after its agents died").expect("write on h2 without agents");
+    deployment.inbox.wait_state(&session, "moving", STEP).await.expect("the user sees moving");
+    let deadline = Instant::now() + STEP;
+    while !states_after(&deployment, &session, "moving").contains(&"running".to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "not running elsewhere: {:?}\n{}",
+            deployment.inbox.states(&session),
+            deployment.logs_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = gone_at.elapsed();
+    println!(
+        "failover: h2's agents killed → the session running on local in {:.1} s (gone after 3 report intervals of {REPORT_SECS} s, then hosts.failover_after = 3s)",
+        took.as_secs_f64()
+    );
+    // The user was told honestly what stayed behind.
+    let moving = deployment
+        .inbox
+        .all()
+        .into_iter()
+        .find(|seen| seen.notification.session.as_deref() == Some(session.as_str()) && seen.notification.state == "moving")
+        .expect("moving");
+    let failover = &moving.notification.detail["failover"];
+    assert_eq!(failover["from"], "h2", "{:?}", moving.notification.detail);
+    assert_eq!(failover["recovered_prefix"], format!("recovered/h2/{session}"));
+    let message = failover["message"].as_str().unwrap_or_default();
+    assert!(message.contains("last sync at") && message.contains("stayed there") && message.contains("recovered copy"), "{message}");
+    // It runs on local from the last synced state: what h2 saved is there, what it could not is not.
+    assert_eq!(deployment.containers(), vec![name.clone()], "it runs on local now");
+    assert_eq!(deployment.exec(&session, "cat /workspace/kept.txt").expect("read on local"), "synced from h2");
+    assert!(deployment.exec(&session, "cat /workspace/unsynced.txt").is_err(), "unsynced.txt stayed on h2");
+    // The moved session's own newer work, saved from local.
+    deployment.write_inside(&session, "kept.txt", b"newer on local").expect("write on local");
+    wait_until(&deployment, "kept.txt autosaved from local", async || {
+        deployment.get_object(&kept).await.ok().flatten().as_deref() == Some(&b"newer on local"[..])
+    })
+    .await
+    .expect("autosaved from local");
+
+    // h2 comes back: its autosaves that waited on its queue are refused (the fence), its copy is
+    // saved apart, then its directory and container go.
+    h2.spawn(&deployment).expect("h2 comes back");
+    let recovered = format!("recovered/h2/{session}/unsynced.txt");
+    wait_until(&deployment, "h2's copy saved apart, its directory and container removed", async || {
+        deployment.get_object(&recovered).await.ok().flatten().as_deref() == Some(&b"written on h2 after its agents died"[..])
+            && !h2.session_dir(&session).exists()
+            && h2.containers().is_empty()
+    })
+    .await
+    .expect("recovered");
+    assert_eq!(
+        deployment.get_object(&format!("recovered/h2/{session}/kept.txt")).await.expect("store").as_deref(),
+        Some(&b"synced from h2"[..]),
+        "the copy is h2's whole directory"
+    );
+    deployment.inbox.wait_state(&session, "recovered", STEP).await.expect("the user is told where the copy is");
+    // The moved session's files are untouched by anything h2 held or had queued.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(deployment.get_object(&kept).await.expect("store").as_deref(), Some(&b"newer on local"[..]));
+    assert_eq!(deployment.get_object(&Deployment::object_key("ann", "thesis", "unsynced.txt")).await.expect("store"), None);
+    assert_eq!(deployment.container_state(&session).as_deref(), Some("running"), "the moved session runs on");
+    let h2_log = std::fs::read_to_string(deployment.root.join("logs").join("h2-workspace.log")).unwrap_or_default();
+    assert!(h2_log.contains("stale sync refused"), "h2's waiting autosaves were refused:\n{h2_log}");
+
+    deployment.close(&session, "ann").await.expect("close");
+    assert_eq!(deployment.inbox.wait_terminal(&session, STEP).await.expect("closed").state, "closed");
+    assert_eq!(deployment.get_object(&kept).await.expect("store").as_deref(), Some(&b"newer on local"[..]));
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    drop(h2);
+    deployment.teardown().await;
+}

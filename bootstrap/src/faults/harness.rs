@@ -650,6 +650,11 @@ impl Deployment {
         Ok(text.lines().last().unwrap_or_default().trim().to_owned())
     }
 
+    /// The port the deployment's session agent (the door of host `local`) listens on, on 127.0.0.1.
+    pub fn session_port(&self) -> u16 {
+        self.session_port
+    }
+
     pub fn websocket_url(&self, token: &str) -> String {
         format!("ws://127.0.0.1:{}/ws?access_token={token}", self.session_port)
     }
