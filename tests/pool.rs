@@ -2,9 +2,11 @@
 //! its own vhost, redis-server, bucket, workspace root and deployment id) with `[pool]` set:
 //!
 //! - slots are made ahead of demand, paused, with an empty slot directory and no session identity;
-//! - an open claims one: ready on the pool's own container, with the workspace's files and the
-//!   session's identity in `/run/berth/session.json`; the pool refills; closing runs the normal
-//!   exit (final sync first) and removes the container: it never returns to the pool;
+//! - an open claims one (the claim and the materialize side by side): ready on the pool's own
+//!   container, with the workspace's files and the session's identity in `/run/berth/session.json`;
+//!   the pool refills; closing runs the normal exit (final sync first) and removes the container:
+//!   it never returns to the pool;
+//! - a warm open whose materialize fails ends failed, and its slot leaks nowhere;
 //! - twenty opens racing for five slots: each of the five goes to exactly one session, the others
 //!   open cold, all twenty run;
 //! - the engine killed while opens are claiming: after its restart every slot is free or claimed
@@ -167,6 +169,41 @@ async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_re
     deployment.close(&reopened, user).await.expect("close");
     deployment.inbox.wait_terminal(&reopened, STEP).await.expect("closed");
     assert_eq!(deployment.get_object(&Deployment::object_key(user, "w1", "again.txt")).await.expect("get"), Some(b"again\n".to_vec()));
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    deployment.teardown().await;
+}
+
+/// A warm open claims its slot and materializes side by side (`claiming`); when the materialize
+/// fails (the workspace is over the quota), the session fails through the usual exit and the
+/// slot does not leak: its container (claimed or not by then) and folders are gone, Redis
+/// forgets the claim, and the pool refills with a new slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_open_whose_materialize_fails_ends_without_leaking_its_slot() {
+    let mut config = config(1);
+    config.profile_text = config.profile_text.replace("quota_mib = 512\n", "quota_mib = 1\n");
+    let deployment = Deployment::start(&config).await.expect("deployment");
+    let slots = wait_for_full_pool(&deployment, 1).await;
+    let slot = slots.first().cloned().expect("one slot");
+    let user = "over";
+    deployment.put_object(&Deployment::object_key(user, "big", "big.bin"), vec![7u8; 2 * 1024 * 1024]).await.expect("put");
+    let session = uuid::Uuid::now_v7().to_string();
+    open(&deployment, &session, user, "big").await;
+    let ended = deployment.inbox.wait_terminal(&session, STEP).await.expect("the session ends");
+    assert_eq!(ended.state, "failed", "{ended:?}");
+    let states = deployment.inbox.states(&session);
+    assert!(states.iter().any(|state| state == "claiming"), "a warm open: {states:?}");
+    assert!(!states.iter().any(|state| state == "running" || state == "provisioning"), "nothing was unpaused: {states:?}");
+    wait_until("the failed claim forgotten", &deployment, || !slot_states(&deployment).contains_key(&slot)).await;
+    wait_until("the slot's container gone", &deployment, || {
+        let listed = containers(&deployment);
+        !listed.contains_key(&format!("berth-pool-{slot}")) && !listed.contains_key(&Deployment::container_name(&session))
+    })
+    .await;
+    let pool = deployment.deployment_root().join(".berth-pool");
+    wait_until("the slot's folders gone", &deployment, || !pool.join(&slot).exists() && !pool.join(format!("{slot}.identity")).exists()).await;
+    assert!(!deployment.directories().contains(&session), "{:?}", deployment.directories());
+    let refilled = wait_for_full_pool(&deployment, 1).await;
+    assert!(!refilled.contains(&slot), "a claimed slot never returns to the pool");
     assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
     deployment.teardown().await;
 }

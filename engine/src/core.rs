@@ -904,6 +904,79 @@ mod tests {
         assert_eq!(persisted, vec![("sessions", &Some("s-1".to_owned())), ("events", &None)]);
     }
 
+    /// A warm open runs the materialize and the container's claim side by side; the unpause
+    /// (provisioning) waits for both answers, whichever comes first, and a refused claim counts
+    /// as answered (provisioning then claims again). Provisioning carries the slot only while
+    /// the claim is not known done.
+    #[test]
+    fn a_warm_open_waits_for_the_materialize_and_the_claim_in_either_order() {
+        let pattern = session_pattern();
+        let open = event("session.open", json!({"user": "alice", "workspace": "w1"}));
+        let warm_start = || {
+            let mut seed = seed();
+            seed.insert("pool_slot".to_owned(), json!("p-7"));
+            let step = start(&pattern, "t-9", seed, &open, NOW).unwrap();
+            assert_eq!(step.thred.state, "claiming");
+            let tasks: Vec<(String, &Value)> = step
+                .effects
+                .iter()
+                .filter_map(|effect| match effect {
+                    Effect::Task { agent, action, args } => Some((format!("{agent}.{action}"), args)),
+                    _ => None,
+                })
+                .collect();
+            let args = json!({"user": "alice", "workspace": "w1", "slot": "p-7"});
+            assert_eq!(tasks, vec![("workspace.materialize".to_owned(), &args), ("container.claim".to_owned(), &args)]);
+            step.thred
+        };
+        let provision_slot = |step: &Step| -> Value {
+            step.effects
+                .iter()
+                .find_map(|effect| match effect {
+                    Effect::Task { action, args, .. } if action == "provision" => Some(args["slot"].clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("no provision task in {:?}", step.effects))
+        };
+        let materialized = event("workspace.materialized", json!({"files": 10}));
+        let claimed = event("container.claimed", json!({"slot": "p-7"}));
+        let refused = event("container.failed", json!({"action": "claim", "error": "slot p-7 is claimed by session s-2 already"}));
+
+        // The files first, then the claim.
+        let first = step(&pattern, &warm_start(), &materialized, NOW).unwrap();
+        assert_eq!(summary(&first), ("stay".to_owned(), vec![]));
+        let second = step(&pattern, &first.thred, &claimed, NOW).unwrap();
+        assert_eq!(summary(&second), ("-> provisioning".to_owned(), vec!["container.provision".to_owned()]));
+        assert_eq!(provision_slot(&second), json!(""), "the claim is done: provision only unpauses");
+
+        // The claim first, then the files.
+        let first = step(&pattern, &warm_start(), &claimed, NOW).unwrap();
+        assert_eq!(summary(&first), ("stay".to_owned(), vec![]));
+        let second = step(&pattern, &first.thred, &materialized, NOW).unwrap();
+        assert_eq!(summary(&second), ("-> provisioning".to_owned(), vec!["container.provision".to_owned()]));
+        assert_eq!(provision_slot(&second), json!(""));
+
+        // A refused claim: provisioning tries the claim again and fails the usual way.
+        let first = step(&pattern, &warm_start(), &refused, NOW).unwrap();
+        assert_eq!(summary(&first), ("stay".to_owned(), vec![]));
+        let second = step(&pattern, &first.thred, &materialized, NOW).unwrap();
+        assert_eq!(provision_slot(&second), json!("p-7"));
+
+        // A failed materialize backs off as a cold one does; a claim answered meanwhile is kept.
+        let failed = step(&pattern, &warm_start(), &event("workspace.failed", json!({"stage": "download", "error": "store down"})), NOW).unwrap();
+        assert_eq!(summary(&failed), ("-> materialize_backoff".to_owned(), vec![]));
+        let waiting = step(&pattern, &failed.thred, &claimed, NOW).unwrap();
+        assert_eq!(summary(&waiting), ("stay".to_owned(), vec![]));
+        let again = step(&pattern, &waiting.thred, &timer(STATE_TIMEOUT_TIMER, waiting.thred.timers[STATE_TIMEOUT_TIMER].generation), NOW).unwrap();
+        assert_eq!(summary(&again), ("-> materializing".to_owned(), vec!["workspace.materialize".to_owned()]));
+        let provisioning = step(&pattern, &again.thred, &materialized, NOW).unwrap();
+        assert_eq!(provision_slot(&provisioning), json!(""));
+
+        // A late claim answer anywhere else is ignored, not refused.
+        let late = step(&pattern, &thred_in("running"), &claimed, NOW).unwrap();
+        assert_eq!(summary(&late).0, "ignored");
+    }
+
     #[test]
     fn starting_events_are_validated() {
         let pattern = session_pattern();

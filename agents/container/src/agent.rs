@@ -88,6 +88,12 @@ enum Action {
         workspace: String,
         slot: Option<String>,
     },
+    /// A warm claim's hand-off on its own (identity file, rename), the container left paused.
+    Claim {
+        user: String,
+        workspace: String,
+        slot: String,
+    },
     /// A warm-pool slot: its directory and a container made ready, then paused.
     PoolCreate {
         slot: String,
@@ -320,6 +326,10 @@ impl Agent {
                     }
                 }
                 self.provision_answer(task, &identity, ExitedContainer::Replace).await?
+            }
+            Action::Claim { user, workspace, slot } => {
+                let identity = SessionIdentity { session: session.to_owned(), user, workspace, thred: task.thred.clone() };
+                self.claim_answer(task, &identity, &slot).await?
             }
             Action::Wake { user, workspace } => {
                 let identity = SessionIdentity { session: session.to_owned(), user, workspace, thred: task.thred.clone() };
@@ -1124,6 +1134,14 @@ fn parse_task(task: &Task) -> Result<(String, Action)> {
             }
             Action::Provision { user: parsed.user, workspace: parsed.workspace, slot }
         }
+        "claim" => {
+            let parsed: ProvisionArgs = serde_json::from_value(args).map_err(|error| bad(format!("claim args: {error}")))?;
+            spec::validate_label_value("user", &parsed.user).map_err(bad)?;
+            spec::validate_label_value("workspace", &parsed.workspace).map_err(bad)?;
+            let slot = parsed.slot.filter(|slot| !slot.is_empty()).ok_or_else(|| bad("claim args: a `slot` is needed".to_owned()))?;
+            spec::validate_session_id(&slot).map_err(|reason| bad(format!("slot: {reason}")))?;
+            Action::Claim { user: parsed.user, workspace: parsed.workspace, slot }
+        }
         "pool_create" | "pool_remove" => {
             let parsed: PoolArgs = serde_json::from_value(args).map_err(|error| bad(format!("{} args: {error}", task.action)))?;
             spec::validate_session_id(&parsed.slot).map_err(|reason| bad(format!("slot: {reason}")))?;
@@ -1366,6 +1384,12 @@ mod tests {
             Ok(Action::Provision { user: "alice".into(), workspace: "w".into(), slot: None }),
         );
         check(task("provision", Some("s-1"), json!({"user": "a", "workspace": "w", "slot": "../x"})), Err("slot"));
+        check(
+            task("claim", Some("s-1"), json!({"user": "alice", "workspace": "w", "slot": "p1"})),
+            Ok(Action::Claim { user: "alice".into(), workspace: "w".into(), slot: "p1".into() }),
+        );
+        check(task("claim", Some("s-1"), json!({"user": "alice", "workspace": "w", "slot": ""})), Err("a `slot` is needed"));
+        check(task("claim", Some("s-1"), json!({"user": "alice", "workspace": "w", "slot": "../x"})), Err("slot"));
         check(task("pool_create", None, json!({"slot": "p1"})), Ok(Action::PoolCreate { slot: "p1".into() }));
         check(task("pool_remove", None, json!({"slot": "p1"})), Ok(Action::PoolRemove { slot: "p1".into() }));
         check(task("pool_create", None, json!({"slot": "../p"})), Err("slot"));

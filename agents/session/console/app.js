@@ -6,13 +6,13 @@ import { FitAddon } from "/console/vendor/addon-fit/addon-fit.mjs";
 
 const main = document.getElementById("main");
 const LABELS = {
-  open: "opening", queued: "queued", materializing: "materializing", materialize_backoff: "materializing (retrying)",
+  open: "opening", queued: "queued", claiming: "materializing (warm)", materializing: "materializing", materialize_backoff: "materializing (retrying)",
   provisioning: "provisioning", provision_backoff: "provisioning (retrying)", running: "running", idle: "idle", dormant: "dormant", waking: "waking",
   stopping: "stopping", saving: "saving", sync_backoff: "saving (retrying)", removing_container: "stopping",
   removing_workspace: "stopping", stopped: "stopped", closed: "closed", failed: "failed", recovered: "recovered",
 };
 const OVER = new Set(["closed", "stopped", "failed", "recovered"]);
-const BUSY = new Set(["open", "queued", "materializing", "materialize_backoff", "provisioning", "provision_backoff", "waking"]);
+const BUSY = new Set(["open", "queued", "claiming", "materializing", "materialize_backoff", "provisioning", "provision_backoff", "waking"]);
 // The idle ladder's tiers: paused (idle) wakes in milliseconds, dormant restarts its container.
 const ASLEEP = new Set(["idle", "dormant"]);
 
@@ -308,7 +308,8 @@ function timings(s) {
   if (!start || !running) return null;
   const parts = [];
   if (at("queued") && at("materializing")) parts.push(`queued ${seconds(at("materializing") - at("queued"))}`);
-  if (at("materializing") && provisioning) parts.push(`files ${seconds(provisioning - at("materializing"))}`);
+  const files = at("claiming") || at("materializing");
+  if (files && provisioning) parts.push(`files ${seconds(provisioning - files)}`);
   if (provisioning) parts.push(`container ${seconds(running - provisioning)}`);
   parts.push(`ready in ${seconds(running - start)}`);
   return el("div", { class: "timings" }, parts.join(" · "));
@@ -316,7 +317,7 @@ function timings(s) {
 function sessionDetails(s) {
   const parts = [];
   if (s.state === "queued") parts.push(el("div", { class: "queue" }, s.position ? `Waiting for room on the host: number ${s.position} in the queue.` : "Waiting for room on the host."));
-  if (s.state === "materializing" || s.state === "materialize_backoff" || (s.progress && BUSY.has(s.state))) {
+  if (s.state === "claiming" || s.state === "materializing" || s.state === "materialize_backoff" || (s.progress && BUSY.has(s.state))) {
     const box = el("div", { class: "progress", "data-progress": s.session },
       el("progress", { "aria-label": "Files copied into the workspace" }), el("div", { class: "progress-text muted" }));
     drawProgress(box, s);

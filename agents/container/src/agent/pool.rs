@@ -196,6 +196,18 @@ impl Agent {
         self.force_remove(&inspected.id.unwrap_or_default()).await
     }
 
+    /// `claim`: the claim of `slot` for `identity`'s session on its own, while the workspace agent
+    /// materializes into the slot's directory (the container stays paused: nothing runs before
+    /// the files are in place). Answered `container.claimed` (the container is under the
+    /// session's name, or gone: `provision` then opens cold on the session directory), or
+    /// `container.failed` with `action: "claim"` when the slot is another session's.
+    pub(super) async fn claim_answer(&self, task: &Task, identity: &SessionIdentity, slot: &str) -> Result<CloudEvent> {
+        if let Some(refused) = self.claim_pool_container(task, identity, slot).await? {
+            return Ok(refused);
+        }
+        Ok(answer(task, &protocol::events::ContainerClaimed { slot: slot.to_owned() }))
+    }
+
     /// The claim of `slot` for `identity`'s session, before `provision` finds the container by the
     /// session's name. `Ok(None)`: go on provisioning (claimed now or earlier, or the slot's
     /// container is gone and the open goes cold on the session directory); `Some(event)`: refused.
@@ -205,7 +217,7 @@ impl Agent {
     pub(super) async fn claim_pool_container(&self, task: &Task, identity: &SessionIdentity, slot: &str) -> Result<Option<CloudEvent>> {
         let profile = &self.inner.profile;
         if let Some(other) = read_claim(profile, slot).filter(|claim| claim.session != identity.session) {
-            return Ok(Some(failed(task, "provision", format!("slot {slot} is claimed by session {} already", other.session))));
+            return Ok(Some(failed(task, &task.action, format!("slot {slot} is claimed by session {} already", other.session))));
         }
         let claim = Claim {
             session: identity.session.clone(),
@@ -218,7 +230,7 @@ impl Agent {
             let (profile, claim) = (profile.clone(), claim.clone());
             tokio::task::spawn_blocking(move || write_claim(&profile, &claim)).await
         };
-        let refusal = |error: String| Ok(Some(failed(task, "provision", format!("cannot write the slot's identity file: {error}"))));
+        let refusal = |error: String| Ok(Some(failed(task, &task.action, format!("cannot write the slot's identity file: {error}"))));
         match written {
             Ok(Ok(())) => {}
             Ok(Err(error)) => return refusal(error.to_string()),
