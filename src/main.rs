@@ -78,6 +78,9 @@ enum Command {
         /// `open`: wakes measured from each idle tier (paused, stopped with disk), and baseline rounds.
         #[arg(long, default_value_t = 20)]
         wake_rounds: usize,
+        /// `open`: only the warm-pool rows, each next to a baseline of its own.
+        #[arg(long)]
+        warm_only: bool,
         /// `density`: the most sessions opened per idle tier.
         #[arg(long, default_value_t = 200)]
         max_sessions: usize,
@@ -178,7 +181,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bootstrap::run(&load_profile()?, reset).await?;
         }
         Command::Dev => bootstrap::dev(load_profile()?, shutdown_signal()).await?,
-        Command::Bench { what, rounds, sessions, levels, large_mib, wake_rounds, max_sessions } => match what {
+        Command::Bench { what, rounds, sessions, levels, large_mib, wake_rounds, warm_only, max_sessions } => match what {
             Benchmark::Faults => {
                 // Runs its own deployment of separate processes with its own profile (tests/profiles/faults).
                 if !bootstrap::faults::bench(rounds, sessions).await? {
@@ -192,7 +195,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Benchmark::Store => bench::store(load_profile()?).await?,
             Benchmark::Session => bench::session(load_profile()?).await?,
             Benchmark::E2e => bench::e2e(load_profile()?).await?,
-            Benchmark::Open => bench::open(load_profile()?, bench::OpenBenchSettings { levels, large_mib, wake_rounds }).await?,
+            Benchmark::Open => {
+                let rows = if warm_only { bench::OpenRows::Warm } else { bench::OpenRows::All };
+                bench::open(load_profile()?, bench::OpenBenchSettings { levels, large_mib, wake_rounds, rows }).await?
+            }
             Benchmark::Density => bench::density(load_profile()?, bench::DensitySettings { max_sessions }).await?,
             Benchmark::Proxy => bench::proxy(load_profile()?).await?,
         },

@@ -27,7 +27,7 @@ pub mod workspace_io;
 pub use density::{bench as density, DensitySettings};
 pub use e2e::bench as e2e;
 pub use engine_rate::bench as engine;
-pub use open::{bench as open, OpenBenchSettings};
+pub use open::{bench as open, OpenBenchSettings, OpenRows};
 pub use placement::bench as placement;
 pub use provision::bench as provision;
 pub use proxy::bench as proxy;

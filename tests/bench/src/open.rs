@@ -9,7 +9,8 @@
 //! default, `--large-mib`) with one file changed in the store since it was closed; then, with the
 //! components started again on the same profile plus a warm pool as large as the highest level
 //! (and plain-directory workspaces, which a pool needs), a warm-pool claim at each level and
-//! workload, next to the cold row's baseline; last, with the components started again on the
+//! workload, next to the cold row's baseline (a new, empty workspace too, and with
+//! `--warm-only` every warm row, next to a baseline measured for it); last, with the components started again on the
 //! profile with short idle-ladder timers, a wake from each tier ([`WakeTier`]: paused, and stopped
 //! with the directory kept) of one session, `--wake-rounds` times, from `session.activity` to the
 //! app's first HTTP answer, next to `docker unpause` (or `docker start`) plus the first answer of
@@ -57,6 +58,18 @@ pub struct OpenBenchSettings {
     pub large_mib: u64,
     /// Wakes measured from each idle tier (and baseline rounds of each).
     pub wake_rounds: usize,
+    /// Which rows run.
+    pub rows: OpenRows,
+}
+
+/// The rows `berth bench open` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenRows {
+    /// Cold, cached, large, warm and wake rows.
+    All,
+    /// Only the warm-pool claims, each next to a baseline measured for it in the same run (for
+    /// working on the claim path without the minutes the other rows take).
+    Warm,
 }
 
 /// A workspace every user of a round holds a copy of.
@@ -72,6 +85,10 @@ const WORKLOADS: [Workload; 2] = [
     Workload { label: "10 files", files: 10, large_files: 0, bytes: 100 * 1000 },
     Workload { label: "500 files / 50 MB", files: 500, large_files: 5, bytes: 50 * 1000 * 1000 },
 ];
+
+/// The warm rows' workloads: a new (empty) workspace too, whose materialize is one listing, so
+/// the row shows what the claim itself costs apart from the store's downloads.
+const WARM_WORKLOADS: [Workload; 3] = [Workload { label: "empty", files: 0, large_files: 0, bytes: 0 }, WORKLOADS[0], WORKLOADS[1]];
 
 /// The kind of open a row measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +159,10 @@ pub async fn bench(mut profile: Profile, settings: OpenBenchSettings) -> anyhow:
     listen_for_states(&bus, &users, waiters.clone(), listening).await?;
     let bench = Bench { profile: &profile, client: &client, store: &store, waiters: &waiters };
 
-    let outcome = measure(&bench, &users, &settings, large_bytes).await;
+    let outcome = match settings.rows {
+        OpenRows::All => measure(&bench, &users, &settings, large_bytes).await,
+        OpenRows::Warm => Ok(Vec::new()),
+    };
     let _ = stop.send(true);
     while components.join_next().await.is_some() {}
     let outcome = match outcome {
@@ -156,6 +176,7 @@ pub async fn bench(mut profile: Profile, settings: OpenBenchSettings) -> anyhow:
         Err(error) => Err(error),
     };
     let outcome = match outcome {
+        Ok(rows) if settings.rows == OpenRows::Warm => Ok(rows),
         Ok(mut rows) => measure_wake(&bench, &users[0], settings.wake_rounds).await.map(|wake_rows| {
             rows.extend(wake_rows);
             rows
@@ -229,7 +250,7 @@ async fn measure_warm(bench: &Bench<'_>, users: &[String], settings: &OpenBenchS
     let warm_bench = Bench { profile: &profile, ..*bench };
     let measured = async {
         let mut warm_rows = Vec::new();
-        for workload in WORKLOADS {
+        for workload in WARM_WORKLOADS {
             eprintln!("warm pool: seeding {} users with {} ...", users.len(), workload.label);
             for user in users {
                 let prefix = crate::fixture::object_prefix(&profile, bench.store, user, WORKSPACE)?;
@@ -240,11 +261,21 @@ async fn measure_warm(bench: &Bench<'_>, users: &[String], settings: &OpenBenchS
             for &level in &settings.levels {
                 eprintln!("{}: {level} warm claims at once ...", workload.label);
                 let samples = measure_row(&warm_bench, OpenKind::Warm, &users[..level], WORKSPACE).await?;
-                let baseline = rows
+                let cold_baseline = rows
                     .iter()
                     .find(|row| row.workload == workload.label && row.level == level && row.label == OpenKind::Cold.label())
-                    .map(|row| row.baseline.clone())
-                    .unwrap_or_default();
+                    .map(|row| row.baseline.clone());
+                let baseline = match cold_baseline {
+                    Some(baseline) => baseline,
+                    // No cold rows in this run: the warm row's own, measured now.
+                    None => {
+                        let prefixes = users[..level]
+                            .iter()
+                            .map(|user| crate::fixture::object_prefix(&profile, bench.store, user, WORKSPACE))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        measure_baseline(&warm_bench, &prefixes).await?
+                    }
+                };
                 warm_rows.push(Row {
                     workload: workload.label.to_owned(),
                     level,
