@@ -1063,9 +1063,8 @@ async fn limits_refuse_queue_and_admit_first_come_first_served() {
     for open in &opens {
         answers.push(harness.notification_caused_by(&open.id).await);
     }
-    let refused_by = |limit: &str| {
-        answers.iter().filter(|n| n.detail["code"] == json!("limit_exceeded") && n.detail["limit"] == json!(limit)).count()
-    };
+    let refused_by =
+        |limit: &str| answers.iter().filter(|n| n.detail["code"] == json!("limit_exceeded") && n.detail["limit"] == json!(limit)).count();
     assert!(refused_by("opens_per_minute") >= 1, "one open past four a minute is refused by that limit: {answers:?}");
     assert!(answers.iter().filter(|n| n.state == "queued").count() <= 2, "at most two of dave's sessions live: {answers:?}");
     assert_eq!(
