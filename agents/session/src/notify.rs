@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
+use protocol::bus::{Acks, Subscription};
 use protocol::Bus;
 use tokio::sync::watch;
 
@@ -20,10 +18,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A consumer whose queue is declared, bound and consuming.
 pub struct NotificationConsumer {
-    queue: String,
-    channel: lapin::Channel,
-    consumer: lapin::Consumer,
-    consumer_tag: String,
+    subscription: Subscription,
 }
 
 /// Whether the notification consumer is currently consuming (for `/readyz`).
@@ -34,19 +29,15 @@ impl NotificationConsumer {
     pub async fn start(bus: &Bus, hub: &Hub) -> Result<NotificationConsumer> {
         let queue = bus.declare_private_queue(hub.notify_exchange(), &[]).await?;
         hub.install_queue(&queue).await?;
-        let channel = bus.channel().await?;
-        let consumer_tag = format!("berth-session-{}", uuid::Uuid::now_v7());
         // Notifications are fire-and-forget: a socket that misses one resyncs from the store on
         // reconnect, so there is nothing to gain from acknowledging them one by one.
-        let options = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
-        let consumer =
-            channel.basic_consume(&queue, &consumer_tag, options, FieldTable::default()).await.map_err(protocol::bus::BusError::from)?;
+        let subscription = bus.subscribe(&queue, Acks::Automatic).await?;
         tracing::info!(queue = %queue, "consuming notifications");
-        Ok(NotificationConsumer { queue, channel, consumer, consumer_tag })
+        Ok(NotificationConsumer { subscription })
     }
 
     pub fn queue(&self) -> &str {
-        &self.queue
+        self.subscription.queue()
     }
 
     /// Runs until `stop` turns true, restarting on a fresh queue whenever the broker drops it.
@@ -60,12 +51,12 @@ impl NotificationConsumer {
                 let stopped = consumer.pump(&hub, &mut stop).await;
                 ready.store(false, Ordering::Relaxed);
                 if stopped {
-                    let _ = consumer.channel.basic_cancel(&consumer.consumer_tag, BasicCancelOptions::default()).await;
-                    let _ = consumer.channel.close(200, "shutting down").await;
-                    let _ = bus.delete_queue(&consumer.queue).await;
+                    let queue = consumer.queue().to_owned();
+                    consumer.subscription.close().await;
+                    let _ = bus.delete_queue(&queue).await;
                     return;
                 }
-                tracing::warn!(queue = %consumer.queue, "notification consumer interrupted; starting a new queue");
+                tracing::warn!(queue = %consumer.queue(), "notification consumer interrupted; starting a new queue");
                 hub.forget_queue().await;
             }
             tokio::select! {
@@ -83,13 +74,14 @@ impl NotificationConsumer {
     /// Delivers until the stream ends (false) or `stop` turns true (true).
     async fn pump(&mut self, hub: &Hub, stop: &mut watch::Receiver<bool>) -> bool {
         loop {
-            let delivery = tokio::select! {
-                delivery = self.consumer.next() => delivery,
+            // Cancel-safe: with automatic acks a message is either handed out or still queued.
+            let next = tokio::select! {
+                next = self.subscription.next() => next,
                 _ = stop.wait_for(|stopped| *stopped) => return true,
             };
-            match delivery {
-                Some(Ok(delivery)) => {
-                    hub.deliver(delivery.routing_key.as_str(), &delivery.data);
+            match next {
+                Some(Ok(notification)) => {
+                    hub.deliver(&notification.routing_key, &notification.body);
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "notification delivery error");

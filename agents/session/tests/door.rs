@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures::{SinkExt, StreamExt};
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
+use protocol::bus::{Acks, AutoDelete, Durability, ExchangeKind};
 use protocol::{Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, Outcome, Profile, Task};
 use serde_json::{json, Value};
 use session::{KeyMaterial, SessionConfig, StoreRoute};
@@ -87,16 +86,7 @@ impl World {
             });
         }
         let events_exchange = unique("berth.test.door-events");
-        let channel = bus.channel().await?;
-        channel
-            .exchange_declare(
-                &events_exchange,
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = channel.close(200, "declared").await;
+        bus.declare_exchange(&events_exchange, ExchangeKind::Topic, Durability::Transient, AutoDelete::Never).await?;
         let (engine_queue, opens) = fake_engine(&bus, &events_exchange, table.clone()).await?;
         let root = std::env::temp_dir().join(unique("berth-door"));
         std::fs::create_dir_all(&root)?;
@@ -163,10 +153,7 @@ impl World {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let _ = self.bus.delete_queue(&self.store_queue).await;
         let _ = self.bus.delete_queue(&self.engine_queue).await;
-        if let Ok(channel) = self.bus.channel().await {
-            let _ = channel.exchange_delete(&self.events_exchange, lapin::options::ExchangeDeleteOptions::default()).await;
-            let _ = channel.close(200, "deleted").await;
-        }
+        let _ = self.bus.delete_exchange(&self.events_exchange).await;
         self.bus.close().await;
         let _ = std::fs::remove_dir_all(&self.root);
     }
@@ -176,17 +163,14 @@ impl World {
 /// session (`materializing`, recorded in the table), later ones join it (`running`).
 async fn fake_engine(bus: &Bus, events_exchange: &str, table: Table) -> Result<(String, Arc<Mutex<Vec<CloudEvent>>>)> {
     let queue = bus.declare_private_queue(events_exchange, &["session.open".to_owned()]).await?;
-    let channel = bus.channel().await?;
-    let mut consumer =
-        channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+    let mut subscription = bus.subscribe(&queue, Acks::Automatic).await?;
     let opens: Arc<Mutex<Vec<CloudEvent>>> = Arc::default();
     let seen = opens.clone();
     let publisher = bus.clone();
     tokio::spawn(async move {
-        let _channel = channel;
         let mut live: HashMap<(String, String), String> = HashMap::new();
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let Ok(event) = CloudEvent::parse(&delivery.data, 1 << 20) else { continue };
+        while let Some(Ok(delivery)) = subscription.next().await {
+            let Ok(event) = CloudEvent::parse(&delivery.body, 1 << 20) else { continue };
             seen.lock().expect("opens").push(event.clone());
             let user = event.extension("userid").unwrap_or_default().to_owned();
             let workspace = event.data["workspace"].as_str().unwrap_or_default().to_owned();
@@ -368,14 +352,11 @@ fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
 async fn tap(world: &World) -> Result<(String, tokio::sync::mpsc::UnboundedReceiver<CloudEvent>)> {
     let keys = ["session.open", "session.close", "session.activity", "session.keepalive"].map(str::to_owned);
     let queue = world.bus.declare_private_queue(&world.events_exchange, &keys).await?;
-    let channel = world.bus.channel().await?;
-    let mut consumer =
-        channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+    let mut subscription = world.bus.subscribe(&queue, Acks::Automatic).await?;
     let (sender, events) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let _channel = channel;
-        while let Some(Ok(delivery)) = consumer.next().await {
-            if let Ok(event) = CloudEvent::parse(&delivery.data, 1 << 20) {
+        while let Some(Ok(delivery)) = subscription.next().await {
+            if let Ok(event) = CloudEvent::parse(&delivery.body, 1 << 20) {
                 if sender.send(event).is_err() {
                     return;
                 }

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures::{SinkExt, StreamExt};
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
+use protocol::bus::{Acks, AutoDelete, Durability, ExchangeKind};
 use protocol::{Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, Outcome, Profile, Task};
 use serde_json::{json, Value};
 use session::{InstanceHandle, KeyMaterial, SessionConfig, StoreRoute};
@@ -85,16 +84,7 @@ impl World {
         let secret = format!("test-secret-{}", uuid::Uuid::new_v4().simple());
         // An isolated world's name (`berth-test.<tag>.events`): the session identity may publish there.
         let events_exchange = format!("berth-test.{}.events", uuid::Uuid::new_v4().simple());
-        let channel = bus.channel().await?;
-        channel
-            .exchange_declare(
-                &events_exchange,
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = channel.close(200, "declared").await;
+        bus.declare_exchange(&events_exchange, ExchangeKind::Topic, Durability::Transient, AutoDelete::Never).await?;
         Ok(World { bus, agent_bus, events_exchange, table, store_queue, secret, stop_responder: Some(stop_responder) })
     }
 
@@ -143,10 +133,7 @@ impl World {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         let _ = self.bus.delete_queue(&self.store_queue).await;
-        if let Ok(channel) = self.bus.channel().await {
-            let _ = channel.exchange_delete(&self.events_exchange, lapin::options::ExchangeDeleteOptions::default()).await;
-            let _ = channel.close(200, "deleted").await;
-        }
+        let _ = self.bus.delete_exchange(&self.events_exchange).await;
         self.agent_bus.close().await;
         self.bus.close().await;
     }
@@ -302,14 +289,11 @@ impl EventTap {
         let bus = &world.bus;
         let keys = ["session.open", "session.close", "session.activity", "session.keepalive"].map(str::to_owned);
         let queue = bus.declare_private_queue(&world.events_exchange, &keys).await?;
-        let channel = bus.channel().await?;
-        let mut consumer =
-            channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+        let mut subscription = bus.subscribe(&queue, Acks::Automatic).await?;
         let (sender, events) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            let _channel = channel;
-            while let Some(Ok(delivery)) = consumer.next().await {
-                if let Ok(event) = CloudEvent::parse(&delivery.data, 1 << 20) {
+            while let Some(Ok(delivery)) = subscription.next().await {
+                if let Ok(event) = CloudEvent::parse(&delivery.body, 1 << 20) {
                     if sender.send(event).is_err() {
                         return;
                     }
@@ -363,17 +347,14 @@ impl FakeEngine {
     async fn start(world: &World, silent: bool) -> Result<FakeEngine> {
         let bus = world.bus.clone();
         let queue = bus.declare_private_queue(&world.events_exchange, &["session.open".to_owned()]).await?;
-        let channel = bus.channel().await?;
-        let mut consumer =
-            channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+        let mut subscription = bus.subscribe(&queue, Acks::Automatic).await?;
         let opens: Arc<Mutex<Vec<CloudEvent>>> = Arc::default();
         let seen = opens.clone();
         let publisher = bus.clone();
         tokio::spawn(async move {
-            let _channel = channel;
             let mut live: HashMap<(String, String), String> = HashMap::new();
-            while let Some(Ok(delivery)) = consumer.next().await {
-                let Ok(event) = CloudEvent::parse(&delivery.data, 1 << 20) else { continue };
+            while let Some(Ok(delivery)) = subscription.next().await {
+                let Ok(event) = CloudEvent::parse(&delivery.body, 1 << 20) else { continue };
                 seen.lock().expect("opens").push(event.clone());
                 if silent {
                     continue;
