@@ -25,6 +25,7 @@ use crate::auth::Identity;
 use crate::frames::{validate_workspace_id, ErrorCode, ServerFrame, SessionStatus};
 use crate::server::{authenticate, query_parameter, unauthorized, AppState};
 use crate::socket::{publish_for_user, report_activity, request_open};
+use protocol::events::{InputSource, SessionClose, SessionKeepalive};
 
 /// The header that makes `POST /api/sessions` idempotent.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
@@ -641,11 +642,7 @@ pub(crate) async fn close_session(
     if let Err(error) = owned_session(&state, &identity, &session).await {
         return error.into_response();
     }
-    let data = match reason {
-        Some(reason) => json!({"reason": reason}),
-        None => json!({}),
-    };
-    if let Err(refusal) = publish_for_user(&state, &identity.user, "session.close", &session, data, None).await {
+    if let Err(refusal) = publish_for_user(&state, &identity.user, &session, &SessionClose { reason }, None).await {
         return ApiError::from_frame(refusal).into_response();
     }
     tracing::info!(user = %identity.user, session_id = %session, "session close requested over http");
@@ -672,7 +669,7 @@ pub(crate) async fn session_activity(
     if let Err(error) = owned_session(&state, &identity, &session).await {
         return error.into_response();
     }
-    match report_activity(&state, &identity.user, &session, "api", None).await {
+    match report_activity(&state, &identity.user, &session, InputSource::Api, None).await {
         Ok(admission) => Json(ActivityResponse { session, debounced: admission == Admission::Debounced }).into_response(),
         Err(refusal) => ApiError::from_frame(refusal).into_response(),
     }
@@ -704,7 +701,7 @@ pub(crate) async fn session_keepalive(
     if let Err(error) = owned_session(&state, &identity, &session).await {
         return error.into_response();
     }
-    if let Err(refusal) = publish_for_user(&state, &identity.user, "session.keepalive", &session, json!({"source": "api"}), None).await {
+    if let Err(refusal) = publish_for_user(&state, &identity.user, &session, &SessionKeepalive { source: InputSource::Api }, None).await {
         return ApiError::from_frame(refusal).into_response();
     }
     (StatusCode::ACCEPTED, Json(KeepaliveResponse { session })).into_response()

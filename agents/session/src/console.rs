@@ -41,7 +41,7 @@ const STATS_INTERVAL: Duration = Duration::from_secs(2);
 const CONSOLE_HEADER: &str = "x-berth-console";
 /// The event the console publishes while a workspace view is open; the `workspace-session`
 /// pattern turns it into a `stats` task while the session runs.
-pub const STATS_REQUEST_EVENT: &str = "session.stats";
+pub const STATS_REQUEST_EVENT: &str = protocol::events::kind::SESSION_STATS;
 /// How long the latest progress of a session is kept for views that open later.
 const PROGRESS_KEPT_FOR: Duration = Duration::from_secs(600);
 /// How often, and how far apart, a live socket looks for a session record not stored yet.
@@ -550,7 +550,7 @@ async fn run_live(
 /// Publishes `session.stats`; the engine asks the container agent while the session runs and
 /// the answer (`container.stats`) comes back on the live events.
 async fn request_stats(app: &AppState, user: &str, session: &str) {
-    let event = CloudEvent::new(STATS_REQUEST_EVENT, &app.config.event_source, Some(session), json!({})).with_extension("userid", user);
+    let event = crate::socket::user_event(app, user, session, &protocol::events::SessionStats {});
     match tokio::time::timeout(Duration::from_secs(5), app.bus.publish_event_to(&app.config.events_exchange, &event)).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::debug!(session_id = %session, %error, "could not ask for stats"),

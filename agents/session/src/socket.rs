@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use protocol::events::{EventData, InputSource, SessionActivity, SessionClose, SessionKeepalive, SessionOpen};
 use protocol::{CloudEvent, Notification};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::activity::Admission;
@@ -350,11 +351,7 @@ impl Connection {
         if let Err(frame) = self.authorize(id.clone(), session).await {
             return frame;
         }
-        let data = match reason {
-            Some(reason) => json!({"reason": reason}),
-            None => json!({}),
-        };
-        if let Err(frame) = self.publish("session.close", session, data, id.clone()).await {
+        if let Err(frame) = self.publish(session, &SessionClose { reason }, id.clone()).await {
             return frame;
         }
         tracing::info!(user = %self.identity.user, session_id = %session, "session close requested");
@@ -365,7 +362,7 @@ impl Connection {
         if let Err(frame) = self.authorize(id.clone(), session).await {
             return frame;
         }
-        match report_activity(&self.state, &self.identity.user, session, "websocket", id.clone()).await {
+        match report_activity(&self.state, &self.identity.user, session, InputSource::Websocket, id.clone()).await {
             Ok(admission) => {
                 let debounced = admission == Admission::Debounced;
                 ServerFrame::Ok {
@@ -387,7 +384,7 @@ impl Connection {
         if let Err(frame) = self.authorize(id.clone(), session).await {
             return frame;
         }
-        if let Err(frame) = self.publish("session.keepalive", session, json!({"source": "websocket"}), id.clone()).await {
+        if let Err(frame) = self.publish(session, &SessionKeepalive { source: InputSource::Websocket }, id.clone()).await {
             return frame;
         }
         ServerFrame::ok_session(id, session)
@@ -440,8 +437,8 @@ impl Connection {
     }
 
     /// Publishes an event about `session` carrying the token's user, never the frame's.
-    async fn publish(&mut self, event_type: &str, session: &str, data: Value, id: Option<String>) -> Result<(), ServerFrame> {
-        publish_for_user(&self.state, &self.identity.user, event_type, session, data, id).await
+    async fn publish<T: EventData>(&mut self, session: &str, data: &T, id: Option<String>) -> Result<(), ServerFrame> {
+        publish_for_user(&self.state, &self.identity.user, session, data, id).await
     }
 }
 
@@ -464,8 +461,8 @@ pub(crate) async fn request_open(
         ));
     }
     let session = uuid::Uuid::now_v7().to_string();
-    let data = json!({"user": user, "workspace": workspace, "profile": profile});
-    let event = user_event(state, user, "session.open", &session, data);
+    let data = SessionOpen { user: user.to_owned(), workspace: workspace.to_owned(), profile: Some(profile.to_owned()) };
+    let event = user_event(state, user, &session, &data);
     // Registered before publishing: the engine's answer can beat the broker's confirm.
     let awaited = state.hub.await_notification(user, &event.id);
     publish_event(state, &event, id.clone()).await?;
@@ -496,20 +493,20 @@ pub(crate) async fn request_open(
     Ok(RequestedOpen { requested, answer })
 }
 
-/// Turns one piece of user input on `session` (`source`: `websocket`, `terminal`, `api`) into
+/// Turns one piece of user input on `session` into
 /// a `session.activity` event, debounced (see the crate's README); the caller has authorized it.
 pub(crate) async fn report_activity(
     state: &AppState,
     user: &str,
     session: &str,
-    source: &str,
+    source: InputSource,
     id: Option<String>,
 ) -> Result<Admission, ServerFrame> {
     if state.activity.admit(session).await == Admission::Debounced {
         bump(&state.metrics.activity_debounced);
         return Ok(Admission::Debounced);
     }
-    if let Err(frame) = publish_for_user(state, user, "session.activity", session, json!({"source": source}), id).await {
+    if let Err(frame) = publish_for_user(state, user, session, &SessionActivity { source }, id).await {
         state.activity.forget(session).await;
         return Err(frame);
     }
@@ -517,20 +514,19 @@ pub(crate) async fn report_activity(
     Ok(Admission::Publish)
 }
 
-pub(crate) async fn publish_for_user(
+pub(crate) async fn publish_for_user<T: EventData>(
     state: &AppState,
     user: &str,
-    event_type: &str,
     session: &str,
-    data: Value,
+    data: &T,
     id: Option<String>,
 ) -> Result<(), ServerFrame> {
-    publish_event(state, &user_event(state, user, event_type, session, data), id).await
+    publish_event(state, &user_event(state, user, session, data), id).await
 }
 
 /// An event about `session` carrying the token's user.
-fn user_event(state: &AppState, user: &str, event_type: &str, session: &str, data: Value) -> CloudEvent {
-    CloudEvent::new(event_type, &state.config.event_source, Some(session), data).with_extension("userid", user)
+pub(crate) fn user_event<T: EventData>(state: &AppState, user: &str, session: &str, data: &T) -> CloudEvent {
+    CloudEvent::of(&state.config.event_source, Some(session), data).with_extension("userid", user)
 }
 
 async fn publish_event(state: &AppState, event: &CloudEvent, id: Option<String>) -> Result<(), ServerFrame> {
@@ -607,6 +603,8 @@ fn not_found(id: Option<String>, session: &str) -> ServerFrame {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     const REQUESTED: &str = "01936f0e-7d3a-7c4e-9a51-3d2a1b0c9e8f";

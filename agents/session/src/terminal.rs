@@ -441,7 +441,7 @@ impl Terminal {
         let user = self.identity.user.clone();
         let session = self.session.clone();
         tokio::spawn(async move {
-            if let Err(refusal) = report_activity(&state, &user, &session, "terminal", None).await {
+            if let Err(refusal) = report_activity(&state, &user, &session, protocol::events::InputSource::Terminal, None).await {
                 tracing::debug!(session_id = %session, reply = %refusal.to_text(), "terminal activity not published");
             }
         });

@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
 use axum::Router;
 use protocol::profile::ProxySettings;
+use protocol::events::{EventData, InputSource, SessionActivity};
 use protocol::CloudEvent;
 use serde_json::{json, Value};
 
@@ -43,6 +44,8 @@ pub const TOKEN_PARAMETER: &str = "berth_token";
 const WAKE_REPEAT: Duration = Duration::from_secs(5);
 /// How long publishing an event may wait for the broker's confirm.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// What a request through the proxy tells the engine.
+const PROXY_ACTIVITY: SessionActivity = SessionActivity { source: InputSource::Proxy };
 /// A held request reads the store again after this long without news (a lost notification).
 const RECHECK_AFTER: Duration = Duration::from_secs(2);
 /// How often unused sessions are forgotten.
@@ -376,7 +379,7 @@ impl Proxy {
                 }
                 "idle" | "dormant" if entry.claim_wake(WAKE_REPEAT) => {
                     tracing::debug!(session_id = %session, "waking a paused session for a request");
-                    if let Err(message) = self.publish(session, &identity.user, "session.activity", json!({"source": "proxy"})).await {
+                    if let Err(message) = self.publish(session, &identity.user, &PROXY_ACTIVITY).await {
                         return Err(answer(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &message, browser, json!({"session": session})));
                     }
                 }
@@ -440,7 +443,7 @@ impl Proxy {
                 bump(&proxy.state.metrics.activity_debounced);
                 return;
             }
-            match proxy.publish(&session, &user, "session.activity", json!({"source": "proxy"})).await {
+            match proxy.publish(&session, &user, &PROXY_ACTIVITY).await {
                 Ok(()) => {
                     entry.activity_published_at(asked_at);
                     bump(&proxy.state.metrics.activity_events_published)
@@ -453,9 +456,10 @@ impl Proxy {
         });
     }
 
-    async fn publish(&self, session: &str, user: &str, event_type: &str, data: Value) -> Result<(), String> {
+    async fn publish<T: EventData>(&self, session: &str, user: &str, data: &T) -> Result<(), String> {
         let config = &self.state.config;
-        let event = CloudEvent::new(event_type, &config.event_source, Some(session), data).with_extension("userid", user);
+        let event_type = T::KIND;
+        let event = CloudEvent::of(&config.event_source, Some(session), data).with_extension("userid", user);
         match tokio::time::timeout(PUBLISH_TIMEOUT, self.state.bus.publish_event_to(&config.events_exchange, &event)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(format!("could not publish {event_type}: {error}")),
