@@ -83,8 +83,10 @@ pub struct EngineConfig {
     pub refire_after_ms: u64,
     /// Live sessions are metered (usage, budgets) this often.
     pub meter_interval_ms: u64,
-    /// Fault injection for crash tests: after committing, stop before publishing and wait
-    /// forever (the test then kills the process). Never set in production.
+    /// Fault injection for the crash test: after committing, stop before publishing and wait
+    /// forever (the test then kills the process). Only with the `crash-hook` feature, which no
+    /// product build turns on.
+    #[cfg(feature = "crash-hook")]
     #[serde(default)]
     pub halt_after_commit: bool,
 }
@@ -104,6 +106,7 @@ impl EngineConfig {
             sweep_interval_ms: 1000,
             refire_after_ms: timers::REFIRE_AFTER.as_millis() as u64,
             meter_interval_ms: 60_000,
+            #[cfg(feature = "crash-hook")]
             halt_after_commit: false,
         }
     }
@@ -576,6 +579,7 @@ impl Engine {
             if let Disposition::Transitioned { .. } = step.disposition {
                 Metrics::count(&self.inner.metrics.transitions);
             }
+            #[cfg(feature = "crash-hook")]
             if self.inner.config.halt_after_commit {
                 tracing::warn!(event_id = %event.id, "halting after commit (fault injection)");
                 println!("halted-after-commit {}", event.id);
