@@ -29,11 +29,7 @@ fn berth(arguments: &[&str], stdin: Option<&str>) -> Output {
 }
 
 async fn message_count(bus: &Bus, queue: &str) -> u32 {
-    let channel = bus.channel().await.expect("channel");
-    let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-    let declared = channel.queue_declare(queue, options, Default::default()).await.expect("queue exists");
-    let _ = channel.close(200, "counted").await;
-    declared.message_count()
+    bus.ready_messages(queue).await.expect("queue exists")
 }
 
 #[tokio::test]

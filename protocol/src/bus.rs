@@ -440,7 +440,7 @@ impl Subscription {
     /// The next message; `None` once the broker ended the subscription (its queue or connection is
     /// gone). With [`Acks::Automatic`] it is cancel-safe.
     pub async fn next(&mut self) -> Option<Result<Incoming>> {
-        let delivery = match self.consumer.next().await? {
+        let mut delivery = match self.consumer.next().await? {
             Ok(delivery) => delivery,
             Err(error) => return Some(Err(error.into())),
         };
@@ -449,7 +449,11 @@ impl Subscription {
                 return Some(Err(error.into()));
             }
         }
-        Some(Ok(Incoming::received(&delivery, Some(&self.own_user))))
+        // The body moves instead of being copied: benchmarks read the broker's own rate this way.
+        let body = std::mem::take(&mut delivery.data);
+        let mut incoming = Incoming::received(&delivery, Some(&self.own_user));
+        incoming.body = body;
+        Some(Ok(incoming))
     }
 
     /// The messages as a stream, ending with the subscription.
@@ -1564,6 +1568,34 @@ mod tests {
     #[should_panic(expected = "at least one delay")]
     fn a_ladder_without_rungs_is_refused() {
         RetryPolicy::new(&[], 3, 3);
+    }
+
+    #[test]
+    fn queue_specs_become_the_broker_arguments_they_name() {
+        use lapin::types::AMQPValue;
+        let plain = super::QueueSpec::classic("q", super::Durability::Transient).arguments();
+        assert!(plain.inner().is_empty(), "{plain:?}");
+        let work = super::QueueSpec::quorum("q").with_delivery_limit(topology::DELIVERY_LIMIT).expiring_after(Duration::from_secs(600));
+        let arguments = work.arguments();
+        let arguments = arguments.inner();
+        assert_eq!(arguments.get("x-queue-type"), Some(&AMQPValue::LongString("quorum".into())));
+        assert_eq!(arguments.get("x-delivery-limit"), Some(&AMQPValue::LongLongInt(topology::DELIVERY_LIMIT)));
+        assert_eq!(arguments.get("x-expires"), Some(&AMQPValue::LongInt(600_000)), "a 32-bit expiry, as declared before");
+        let long = super::QueueSpec::classic("q", super::Durability::Durable).expiring_after(Duration::from_secs(30 * 86_400)).arguments();
+        assert_eq!(long.inner().get("x-expires"), Some(&AMQPValue::LongLongInt(30 * 86_400_000)));
+    }
+
+    #[test]
+    fn properties_carry_what_they_name_and_nothing_else() {
+        let bare = super::Properties::bare().to_amqp();
+        assert_eq!((bare.content_type(), bare.message_id(), bare.headers()), (&None, &None, &None));
+        let event = super::Properties::cloud_event().with_message_id("e-1").with_header("x-test", "yes").to_amqp();
+        assert_eq!(event.content_type().as_ref().map(|text| text.as_str()), Some(crate::event::CONTENT_TYPE));
+        assert_eq!(event.message_id().as_ref().map(|text| text.as_str()), Some("e-1"));
+        let headers = event.headers().clone().unwrap_or_default();
+        assert_eq!(headers.inner().get("x-test"), Some(&lapin::types::AMQPValue::LongString("yes".into())));
+        let json = super::Properties::json().to_amqp();
+        assert_eq!(json.content_type().as_ref().map(|text| text.as_str()), Some("application/json"));
     }
 
     #[test]

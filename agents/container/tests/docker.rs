@@ -13,11 +13,9 @@ use std::time::{Duration, Instant};
 use bollard::container::{Config, CreateContainerOptions, ListContainersOptions, StartContainerOptions};
 use bollard::Docker;
 use container::{connect_docker, spec, Agent, AgentSettings, SessionIdentity};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
-use lapin::BasicProperties;
+use protocol::bus::{Durability, QueueSpec};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
-use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Task};
+use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Properties, Task};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -221,14 +219,12 @@ async fn container_identity(name: &str) -> Bus {
 /// container identity may consume (and park retries of).
 async fn task_queue(bus: &Bus, test_id: &str) -> String {
     let queue = format!("berth-test.{test_id}.agent.container");
-    let channel = bus.channel().await.expect("channel");
-    channel.queue_declare(&queue, QueueDeclareOptions::default(), FieldTable::default()).await.expect("declare task queue");
-    let _ = channel.close(200, "declared").await;
+    bus.declare_queue(&QueueSpec::classic(&queue, Durability::Transient)).await.expect("declare task queue");
     queue
 }
 
 async fn send_task(bus: &Bus, queue: &str, task: &Task) {
-    bus.publish("", queue, &task.to_bytes(), BasicProperties::default()).await.expect("task published");
+    bus.publish("", queue, &task.to_bytes(), Properties::bare()).await.expect("task published");
 }
 
 /// A task dropped straight into the agent's queue through the default exchange by another

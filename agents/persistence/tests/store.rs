@@ -600,26 +600,7 @@ async fn session_records_are_applied_in_queue_order() {
 
 /// Removes this test's copies from the shared `berth.dead-letter` queue, putting back anyone else's.
 async fn remove_own_dead_letters(bus: &Bus, own_bodies: &[Vec<u8>]) {
-    use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
-    let channel = bus.channel().await.unwrap();
-    let mut others = Vec::new();
-    let mut removed = 0;
-    for _ in 0..10_000 {
-        let Some(message) = channel.basic_get(topology::DEAD_LETTER_QUEUE, BasicGetOptions::default()).await.unwrap() else { break };
-        if own_bodies.contains(&message.delivery.data) {
-            message.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
-            removed += 1;
-            if removed == own_bodies.len() {
-                break;
-            }
-        } else {
-            others.push(message.delivery.acker);
-        }
-    }
-    for acker in others {
-        acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
-    }
-    let _ = channel.close(200, "dead letters tidied").await;
+    bus.remove_messages(topology::DEAD_LETTER_QUEUE, own_bodies.len(), |message| own_bodies.contains(&message.body)).await.unwrap();
 }
 
 #[tokio::test]
@@ -650,7 +631,7 @@ async fn bad_fire_and_forget_tasks_reach_the_dead_letter_exchange_through_the_br
     let mut bad_task = bad.to_task(Uuid::now_v7());
     bad_task.args["update"]["inc"]["count"] = json!("one");
     let bad_body = bad_task.to_bytes();
-    agent.bus.publish(topology::TASKS_EXCHANGE, &agent.routing_key, &bad_body, lapin::BasicProperties::default()).await.unwrap();
+    agent.bus.publish(topology::TASKS_EXCHANGE, &agent.routing_key, &bad_body, protocol::Properties::bare()).await.unwrap();
 
     let dead = tokio::time::timeout(Duration::from_secs(15), async {
         loop {

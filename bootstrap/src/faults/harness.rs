@@ -768,28 +768,16 @@ impl Deployment {
 
     /// Messages in the deployment's dead-letter queue, with their reasons (they stay there).
     pub async fn dead_letters(&self) -> anyhow::Result<Vec<String>> {
-        let channel = self.bus.channel().await?;
-        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-        let queue = channel.queue_declare(topology::DEAD_LETTER_QUEUE, passive, Default::default()).await?;
+        let count = self.bus.ready_messages(topology::DEAD_LETTER_QUEUE).await?;
         let mut reasons = Vec::new();
-        // Unacknowledged gets go back to the queue when the channel closes.
-        for _ in 0..queue.message_count().min(10) {
-            let message = channel.basic_get(topology::DEAD_LETTER_QUEUE, lapin::options::BasicGetOptions { no_ack: false }).await?;
-            let Some(message) = message else { break };
-            let reason = message
-                .delivery
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|headers| headers.inner().get(topology::REASON_HEADER).map(|value| format!("{value:?}")))
-                .unwrap_or_default();
-            let body: String = String::from_utf8_lossy(&message.delivery.data).chars().take(300).collect();
+        for message in self.bus.peek_messages(topology::DEAD_LETTER_QUEUE, 10).await? {
+            let reason = message.headers.get(topology::REASON_HEADER).cloned().unwrap_or_default();
+            let body: String = String::from_utf8_lossy(&message.body).chars().take(300).collect();
             reasons.push(format!("{reason}: {body}"));
         }
-        for _ in reasons.len()..queue.message_count() as usize {
+        for _ in reasons.len()..count as usize {
             reasons.push("(more)".to_owned());
         }
-        let _ = channel.close(200, "dead letters read").await;
         Ok(reasons)
     }
 

@@ -7,10 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::BasicProperties;
-use protocol::{Bus, BusConfig, CloudEvent, Profile, Task};
+use protocol::bus::Acks;
+use protocol::{Bus, BusConfig, CloudEvent, Profile, Properties, Task};
 use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -53,7 +51,7 @@ async fn publish_all(bus: &Bus, exchange: &str, messages: Vec<(String, Vec<u8>)>
         let bus = bus.clone();
         let exchange = exchange.to_owned();
         async move {
-            let properties = BasicProperties::default().with_content_type(protocol::event::CONTENT_TYPE.into());
+            let properties = Properties::cloud_event();
             bus.publish(&exchange, &routing_key, &body, properties).await
         }
     }));
@@ -68,15 +66,11 @@ async fn publish_all(bus: &Bus, exchange: &str, messages: Vec<(String, Vec<u8>)>
 async fn listen(bus: &Bus, exchange: &str, keys: &[&str]) -> anyhow::Result<mpsc::UnboundedReceiver<(Instant, Vec<u8>)>> {
     let keys: Vec<String> = keys.iter().map(|key| (*key).to_owned()).collect();
     let queue = bus.declare_private_queue(exchange, &keys).await?;
-    let channel = bus.channel().await?;
-    channel.basic_qos(1000, BasicQosOptions::default()).await?;
-    let mut consumer =
-        channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+    let mut subscription = bus.subscribe(&queue, Acks::Automatic).await?;
     let (sender, receiver) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let _channel = channel;
-        while let Some(Ok(delivery)) = consumer.next().await {
-            if sender.send((Instant::now(), delivery.data)).is_err() {
+        while let Some(Ok(delivery)) = subscription.next().await {
+            if sender.send((Instant::now(), delivery.body)).is_err() {
                 return;
             }
         }
@@ -88,19 +82,17 @@ async fn listen(bus: &Bus, exchange: &str, keys: &[&str]) -> anyhow::Result<mpsc
 async fn raw_broker_rate(bus: &Bus, bodies: &[Vec<u8>], prefetch: u16) -> anyhow::Result<f64> {
     let queue = bus.declare_private_queue("amq.direct", &[]).await?;
     publish_all(bus, "", bodies.iter().map(|body| (queue.clone(), body.clone())).collect()).await?;
-    let channel = bus.channel().await?;
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = channel.basic_consume(&queue, "", BasicConsumeOptions::default(), FieldTable::default()).await?;
+    // Each message acked as it arrives, one by one, at most `prefetch` unacknowledged.
+    let mut subscription = bus.subscribe(&queue, Acks::OnReceipt { prefetch }).await?;
     let started = Instant::now();
     let mut received = 0;
     while received < bodies.len() {
-        let Some(delivery) = consumer.next().await else { anyhow::bail!("raw consumer ended") };
-        let delivery = delivery?;
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        let Some(delivery) = subscription.next().await else { anyhow::bail!("raw consumer ended") };
+        delivery?;
         received += 1;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let _ = channel.close(200, "bench done").await;
+    subscription.close().await;
     bus.delete_queue(&queue).await?;
     Ok(bodies.len() as f64 / elapsed)
 }
@@ -139,7 +131,7 @@ async fn live_phase(
             let sender = sender.clone();
             async move {
                 let _ = sender.send((event.id.clone(), Instant::now()));
-                let properties = BasicProperties::default().with_content_type(protocol::event::CONTENT_TYPE.into());
+                let properties = Properties::cloud_event();
                 bus.publish(&exchange, &event.event_type, &event.to_bytes(), properties).await
             }
         };

@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::BasicProperties;
 use protocol::host::{HostCapacity, HostReport};
 use protocol::{AgentKind, Bus, BusConfig, CloudEvent, Profile};
 use serde_json::json;
@@ -128,7 +127,7 @@ async fn backlog_rate(engine: &Engine, bus: &Bus, config: &EngineConfig, label: 
         let bus = bus.clone();
         let exchange = config.events_exchange.clone();
         async move {
-            let properties = BasicProperties::default().with_content_type(protocol::event::CONTENT_TYPE.into());
+            let properties = protocol::Properties::cloud_event();
             bus.publish(&exchange, &event.event_type, &event.to_bytes(), properties).await
         }
     }));

@@ -382,8 +382,8 @@ impl Bench {
     }
 }
 
-fn task_properties() -> lapin::BasicProperties {
-    lapin::BasicProperties::default().with_content_type("application/json".into())
+fn task_properties() -> protocol::Properties {
+    protocol::Properties::json()
 }
 
 /// Routes answer events to the waiter registered for (session, type).

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
+use protocol::bus::Acks;
 use protocol::{Bus, BusConfig, ConsumeSpec, Notification, Outcome, Profile};
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -196,9 +195,7 @@ pub async fn bench(profile: Profile) -> anyhow::Result<()> {
 async fn baseline_latencies(bus: &Bus, run_id: &str) -> anyhow::Result<Vec<Duration>> {
     let user = format!("bench-baseline-{run_id}");
     let queue = bus.declare_private_queue(protocol::topology::NOTIFY_EXCHANGE, &[protocol::topology::user_routing_key(&user)]).await?;
-    let channel = bus.channel().await?;
-    let mut consumer =
-        channel.basic_consume(&queue, "", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await?;
+    let mut subscription = bus.subscribe(&queue, Acks::Automatic).await?;
     let mut latencies = Vec::with_capacity(SEQUENTIAL_ROUNDS);
     for _ in 0..SEQUENTIAL_ROUNDS {
         let notification = Notification {
@@ -211,11 +208,11 @@ async fn baseline_latencies(bus: &Bus, run_id: &str) -> anyhow::Result<Vec<Durat
         };
         let sent = Instant::now();
         bus.publish_notification(&notification).await?;
-        let delivery = tokio::time::timeout(RECEIPT_TIMEOUT, consumer.next()).await.context("baseline consumer got nothing")?;
+        let delivery = tokio::time::timeout(RECEIPT_TIMEOUT, subscription.next()).await.context("baseline consumer got nothing")?;
         anyhow::ensure!(matches!(delivery, Some(Ok(_))), "baseline consumer ended");
         latencies.push(sent.elapsed());
     }
-    let _ = channel.close(200, "baseline done").await;
+    subscription.close().await;
     let _ = bus.delete_queue(&queue).await;
     Ok(latencies)
 }
