@@ -184,7 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench { what, rounds, sessions, levels, large_mib, wake_rounds, warm_only, max_sessions } => match what {
             Benchmark::Faults => {
                 // Runs its own deployment of separate processes with its own profile (tests/profiles/faults).
-                if !bootstrap::faults::bench(rounds, sessions).await? {
+                if !bench::faults::bench(rounds, sessions).await? {
                     return Ok(ExitCode::FAILURE);
                 }
             }

@@ -375,7 +375,7 @@ async fn timed_opens(
 }
 
 fn summary(samples: &[Duration]) -> String {
-    let ms = |fraction| protocol::stats::milliseconds(protocol::stats::percentile(samples, fraction));
+    let ms = |fraction| bench::stats::milliseconds(bench::stats::percentile(samples, fraction));
     format!("n={:>3}  p50 {:>7.1} ms  p95 {:>7.1} ms  p99 {:>7.1} ms", samples.len(), ms(0.50), ms(0.95), ms(0.99))
 }
 

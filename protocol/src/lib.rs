@@ -13,7 +13,6 @@ pub mod ids;
 pub mod message;
 pub mod metrics;
 pub mod profile;
-pub mod stats;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;

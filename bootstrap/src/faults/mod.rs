@@ -1,6 +1,6 @@
-//! The fault matrix, shared by `tests/faults.rs` and `berth bench faults`: a deployment run as
-//! separate `berth` processes on services of its own ([`harness`]), and the cases that break it
-//! and count what reached the object store ([`cases`]).
+//! The fault matrix, shared by `tests/faults.rs` and `berth bench faults` (`bench::faults`): a
+//! deployment run as separate `berth` processes on services of its own ([`harness`]), and the
+//! cases that break it and count what reached the object store ([`cases`]).
 //!
 //! Counts: *lost* = a file whose bytes are not in the store after its session ended; *overwritten*
 //! = a version someone else wrote that was replaced without a conflict copy; *stranded* = a
@@ -10,70 +10,5 @@
 pub mod cases;
 pub mod harness;
 
-use std::time::Duration;
-
-use protocol::stats::{milliseconds, percentile};
-
 pub use cases::{run_case, Case, Tally, WorkspacePhase};
 pub use harness::{Component, Deployment, HarnessConfig};
-
-/// `berth bench faults`: the whole matrix `rounds` times over `sessions` concurrent sessions on one
-/// deployment. Prints the counts and the freeze cost; `Ok(false)` when anything was lost,
-/// overwritten or stranded, or a case went wrong.
-pub async fn bench(rounds: usize, sessions: usize) -> anyhow::Result<bool> {
-    let binary = std::env::current_exe()?;
-    let patterns_dir = std::fs::canonicalize(protocol::profile::patterns_dir())?;
-    let config = HarnessConfig::local(binary, patterns_dir);
-    let mut deployment = Deployment::start(&config).await?;
-    eprintln!("deployment {} up (root {})", deployment.id, deployment.root.display());
-    let mut total = Tally::default();
-    // The freeze of sessions that closed while Docker was away includes the outage.
-    let mut freeze_without_docker_outage = Vec::new();
-    let mut failures = Vec::new();
-    for round in 1..=rounds.max(1) {
-        for case in Case::ALL {
-            let started = std::time::Instant::now();
-            match run_case(&mut deployment, case, sessions).await {
-                Ok(tally) => {
-                    eprintln!("round {round} {:<32} {:>6.1} s  {}", case.name(), started.elapsed().as_secs_f64(), tally.summary());
-                    eprint!("{}", tally.findings());
-                    if case != Case::RedisRestartAndDockerOutage {
-                        freeze_without_docker_outage.extend(tally.freeze.iter().copied());
-                    }
-                    total.merge(tally);
-                }
-                Err(error) => {
-                    eprintln!("round {round} {:<32} FAILED: {error:#}", case.name());
-                    failures.push(format!("round {round} {}: {error:#}", case.name()));
-                    // Bring back whatever the case left down, so the next one starts whole.
-                    let _ = deployment.restore_store();
-                    let _ = deployment.restore_docker();
-                    for component in Component::ALL {
-                        let _ = deployment.start_component(component);
-                    }
-                }
-            }
-        }
-    }
-    deployment.teardown().await;
-    println!("{}", total.summary());
-    println!("{}", freeze_line(&total.freeze));
-    println!("{} (all but the sessions closed during the Docker outage)", freeze_line(&freeze_without_docker_outage));
-    for failure in &failures {
-        println!("case failed: {failure}");
-    }
-    Ok(total.is_clean() && failures.is_empty())
-}
-
-/// `freeze (stopping → saving): p50 … ms, p99 … ms over N sessions`
-pub fn freeze_line(samples: &[Duration]) -> String {
-    if samples.is_empty() {
-        return "freeze (stopping → saving): no ended sessions".to_owned();
-    }
-    format!(
-        "freeze (stopping → saving): p50 {:.1} ms, p99 {:.1} ms over {} sessions",
-        milliseconds(percentile(samples, 0.5)),
-        milliseconds(percentile(samples, 0.99)),
-        samples.len()
-    )
-}

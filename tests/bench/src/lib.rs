@@ -5,14 +5,16 @@
 //! Map, by `berth bench` target: `engine` [`engine_rate`], `placement` [`placement`], `provision`
 //! [`provision`], `workspace` [`workspace_io`], `store` [`store`], `session` [`session_fanout`],
 //! `e2e` [`e2e`] (with the session-event helpers the whole-deployment benches share), `open`
-//! [`open`], `density` [`density`], `proxy` [`proxy`] (with its [`loadgen`]). [`fixture`] seeds
-//! the object store for them.
+//! [`open`], `density` [`density`], `proxy` [`proxy`] (with its [`loadgen`]), `faults` [`faults`]
+//! (on `bootstrap::faults`, the matrix `tests/faults.rs` shares). [`fixture`] seeds the object
+//! store for them.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod density;
 pub mod e2e;
 pub mod engine_rate;
+pub mod faults;
 pub mod fixture;
 pub mod loadgen;
 pub mod open;
