@@ -38,6 +38,8 @@ use crate::tree::{self, Tree};
 use crate::volume::{self, Volume};
 use protocol::profile::WorkspaceFilesystem;
 
+mod recover;
+
 /// Objects up to this size are fetched in one response and written in one blocking call.
 const WHOLE_OBJECT_BYTES: u64 = 4 * 1024 * 1024;
 /// Reads and writes of downloaded content happen in pieces of this size.
@@ -92,6 +94,10 @@ struct MaterializeArgs {
     /// directory, already mounted in the slot's container, becomes the session directory.
     #[serde(default)]
     slot: Option<String>,
+    /// The session was moved here from another host: record in the store that this host writes
+    /// the workspace now, so the old host's waiting tasks can't (`recover.rs`).
+    #[serde(default)]
+    fence: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -352,6 +358,10 @@ impl WorkspaceAgent {
                 if let Some(slot) = slot {
                     self.take_pool_slot(session, slot).await?;
                 }
+                if args.fence {
+                    // Before the listing: a sync the old host managed before this is in what is read.
+                    self.write_fence(session, &target.prefix).await?;
+                }
                 match self.materialize(&target, reply).await {
                     Ok(()) => Ok(()),
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
@@ -390,7 +400,11 @@ impl WorkspaceAgent {
                     Err(error @ (Error::Publish(_) | Error::BadTask(_))) => Err(error),
                     Err(error @ Error::Superseded(_)) => {
                         tracing::info!(session, %error, "stale sync refused: the session lives on another host now");
-                        let data = WorkspaceSyncFailed { final_sync: kind == SyncKind::Final, error: event_text(&error.to_string()), action: None };
+                        let data = WorkspaceSyncFailed {
+                            final_sync: kind == SyncKind::Final,
+                            error: event_text(&error.to_string()),
+                            action: None,
+                        };
                         self.events.emit(reply.event(&data)).await
                     }
                     Err(error) => {
@@ -1314,7 +1328,8 @@ impl WorkspaceAgent {
         }
         let mut deleted_keys = BTreeSet::new();
         let mut total = SyncReport::default();
-        let mut backoff = self.settings.final_sync_backoff_start;
+        let backoff_max = self.settings.final_sync_backoff_max;
+        let mut delays = protocol::backoff::doubling(self.settings.final_sync_backoff_start, backoff_max);
         let mut attempt = 0;
         let last_error = loop {
             attempt += 1;
@@ -1341,9 +1356,9 @@ impl WorkspaceAgent {
             if !error.is_transient() || attempt >= self.settings.final_sync_attempts {
                 break error;
             }
-            tracing::warn!(session = %target.session, attempt, %error, retry_in = ?backoff, "final sync not confirmed yet; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.settings.final_sync_backoff_max);
+            let delay = protocol::backoff::next_delay(&mut delays, backoff_max);
+            tracing::warn!(session = %target.session, attempt, %error, retry_in = ?delay, "final sync not confirmed yet; retrying");
+            tokio::time::sleep(delay).await;
         };
         // Can't even record the failure? The manifest keeps the previous state, which is not confirmed either.
         if let Err(error) = self.record_final_sync(target, task_id, false).await {
@@ -1396,6 +1411,8 @@ impl WorkspaceAgent {
             Some(_) => None,
         };
         let SyncPlan { mut unchanged, to_hash, mut to_upload, to_delete: removed, skipped } = plan::plan_sync(&manifest, &scan, quota)?;
+        // A session moved to another host is written only from there (its fence in the store).
+        self.check_fence(&target.session, &target.prefix).await?;
         let Scan { tree: local_tree, .. } = scan;
         let mut refreshed_entries = 0;
         let parallelism = self.profile.workspace.parallelism.max(1);

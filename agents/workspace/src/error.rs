@@ -32,6 +32,10 @@ pub enum Error {
     /// `remove` was asked for before a confirmed final sync covered the directory.
     #[error("refusing to remove the workspace: {0}")]
     RemoveRefused(String),
+    /// The session lives on another host now (its fence in the store says so): this host's task
+    /// for it waited while the host was gone and must not write the moved session's workspace.
+    #[error("superseded: {0}")]
+    Superseded(String),
     /// The session's own file system (`workspace.filesystem = "image"`) could not be made,
     /// mounted or found mounted; nothing was read or written through it.
     #[error("workspace file system: {0}")]
@@ -80,7 +84,8 @@ impl Error {
             | Error::QuotaExceeded { .. }
             | Error::OverLimit(_)
             | Error::Manifest { .. }
-            | Error::RemoveRefused(_) => false,
+            | Error::RemoveRefused(_)
+            | Error::Superseded(_) => false,
         }
     }
 }

@@ -17,14 +17,17 @@ pub trait EventSink: Send + Sync {
     async fn emit(&self, event: CloudEvent) -> Result<()>;
 }
 
-/// Publishes on `berth.events` with confirms.
+/// Publishes on `berth.events` with confirms. Every event names this agent's host (extension
+/// `host`), so the engine can tell an answer from a host a session has left.
 pub struct BusEvents {
     pub bus: Bus,
+    pub host: String,
 }
 
 #[async_trait::async_trait]
 impl EventSink for BusEvents {
     async fn emit(&self, event: CloudEvent) -> Result<()> {
+        let event = event.with_extension("host", self.host.clone());
         self.bus.publish_event(&event).await.map_err(|error| Error::Publish(error.to_string()))
     }
 }

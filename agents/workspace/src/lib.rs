@@ -115,7 +115,7 @@ pub async fn run(profile: Profile, shutdown: impl Future<Output = ()> + Send) ->
     bus.declare_topology().await?;
     let exporter = protocol::metrics::Exporter::start(&profile, bus.metrics_registry("berth_workspace")).await?;
     tracing::info!(store = %store.url, root = %profile.services.workspace_root.display(), "workspace agent starting");
-    let events = Arc::new(BusEvents { bus: bus.clone() });
+    let events = Arc::new(BusEvents { bus: bus.clone(), host: profile.host() });
     let mut settings = AgentSettings::standard();
     if let Some(interval) = protocol::profile::seconds_from_env(protocol::profile::INVENTORY_INTERVAL_ENV).map_err(anyhow::Error::msg)? {
         settings.inventory_interval = interval;

@@ -1527,17 +1527,15 @@ async fn answers_tasks_from_the_broker() {
     // as an isolated world's agent queue, which the workspace identity may consume) and a private
     // queue that sees every workspace event.
     let task_queue = format!("berth-test.{}.agent.workspace", Uuid::now_v7().simple());
-    let channel = bus.channel().await.expect("channel");
-    let temporary = lapin::options::QueueDeclareOptions { auto_delete: true, ..Default::default() };
-    channel.queue_declare(&task_queue, temporary, Default::default()).await.expect("task queue");
-    let _ = channel.close(200, "declared").await;
+    let temporary = protocol::bus::QueueSpec::classic(&task_queue, protocol::bus::Durability::Transient).deleted_when_unused();
+    bus.declare_queue(&temporary).await.expect("task queue");
     let event_queue = bus.declare_private_queue(protocol::topology::EVENTS_EXCHANGE, &["workspace.*".to_owned()]).await.unwrap();
     // The agent connects as the workspace identity, as in a deployment.
     protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await.expect("bus identities");
     let agent_config =
         protocol::BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Workspace, "workspace-tests-agent");
     let agent_bus = protocol::Bus::connect(agent_config.expect("the workspace identity's password")).await.expect("broker");
-    let events = Arc::new(workspace::BusEvents { bus: agent_bus.clone() });
+    let events = Arc::new(workspace::BusEvents { bus: agent_bus.clone(), host: "local".to_owned() });
     let agent = Arc::new(WorkspaceAgent::new(profile.clone(), backend.open(), events, quick_settings()));
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn({
@@ -1563,7 +1561,7 @@ async fn answers_tasks_from_the_broker() {
         cause: None,
         args: json!({"user": harness.user, "workspace": harness.workspace}),
     };
-    bus.publish("", &task_queue, &task.to_bytes(), Default::default()).await.expect("task published");
+    bus.publish("", &task_queue, &task.to_bytes(), protocol::Properties::bare()).await.expect("task published");
 
     let (seen, mut received) = tokio::sync::mpsc::unbounded_channel::<CloudEvent>();
     let (stop_events, events_stopped) = tokio::sync::oneshot::channel::<()>();
