@@ -699,7 +699,14 @@ mod tests {
         check("running", event("container.exited", json!({"exit_code": 137, "oom_killed": true})), "-> stopping", FREEZE);
         check("running", event("session.close", json!({})), "-> stopping", FREEZE);
         check("running", event("container.stats", json!({})), "ignored", &[]);
-        check("running", event("workspace.synced", json!({"final": false})), "ignored", &[]);
+        // An autosave's answer records when the store last matched (the failover message says so).
+        check("running", event("workspace.synced", json!({"final": false})), "stay", &[]);
+        // A drained host's session freezes first; a gone host's is asked nothing, then queued.
+        check("running", event("session.move", json!({"from": "h2"})), "-> moving", FREEZE);
+        check("running", event("session.failover", json!({"from": "h2", "message": "m"})), "-> moving", &[]);
+        check("idle", event("session.failover", json!({"from": "h2", "message": "m"})), "-> moving", &[]);
+        // A session on its way out waits for its host.
+        check("saving", event("session.failover", json!({"from": "h2", "message": "m"})), "ignored", &[]);
         check("running", event("workspace.materialized", json!({})), "rejected", &[]);
         // idle
         check("idle", event("session.activity", json!({"source": "terminal"})), "-> running", &["container.resume", "container.probe"]);
@@ -883,7 +890,7 @@ mod tests {
             })
             .collect();
         // No warm-pool slot in the seed: the open is cold.
-        assert_eq!(task_args, vec![&json!({"user": "alice", "workspace": "w1", "slot": ""})]);
+        assert_eq!(task_args, vec![&json!({"user": "alice", "workspace": "w1", "slot": "", "fence": false})]);
         let notified: Vec<(&Option<String>, &str)> = step
             .effects
             .iter()

@@ -37,6 +37,7 @@ use store::{connect_redis, CommitResult, BIND_READ_SCRIPT, COMMIT_SCRIPT};
 
 mod binding;
 mod clock;
+mod failover;
 mod keys;
 mod outbox;
 mod pool;
@@ -449,6 +450,9 @@ impl Engine {
     async fn handle_event(&self, event: &CloudEvent) -> Result<EventFate> {
         let lock_key = event.subject.clone().or_else(|| event.extension("thredid").map(str::to_owned)).unwrap_or_default();
         let _guard = self.lock_for(&lock_key).lock().await;
+        if event.event_type == failover::WORKSPACE_RECOVERED {
+            self.after_recovered(event).await?;
+        }
         let input = event_input(event);
         let keys = &self.inner.keys;
         // What the commit script found the admission read had missed: the user reached the limit,
@@ -467,6 +471,11 @@ impl Engine {
                     Metrics::count(&self.inner.metrics.orphans);
                     tracing::info!(event_id = %event.id, event_type = %event.event_type, subject = ?event.subject, "orphan event: no thred and starts none");
                     self.forget_fired_timer(event).await?;
+                    return Ok(EventFate::Done);
+                }
+                Binding::Existing(_, thred) if failover::is_stale_answer(event, &thred) => {
+                    tracing::info!(event_id = %event.id, event_type = %event.event_type, session = %thred.key, from = ?event.extension("host"),
+                        placed = ?thred.host, "stale answer from a host the session left; dropped");
                     return Ok(EventFate::Done);
                 }
                 Binding::Existing(pattern, thred) => {
@@ -673,6 +682,9 @@ impl Engine {
             }
             if let Err(error) = self.move_off_draining_hosts().await {
                 tracing::warn!(%error, "could not move the sessions of drained hosts");
+            }
+            if let Err(error) = self.fail_over_gone_hosts().await {
+                tracing::warn!(%error, "could not fail over the sessions of gone hosts");
             }
             for pattern in self.inner.patterns.iter().filter(|pattern| pattern.start.admission.is_some()) {
                 if let Err(error) = self.admit_waiting(pattern, &mut told_positions).await {

@@ -305,7 +305,9 @@ impl Agent {
             self.release_session_lock(&session, lock).await;
             answered
         };
-        let events = answered?;
+        // Every answer names this host, so the engine drops one from a host its session has left.
+        let host = self.inner.profile.host();
+        let events: Vec<CloudEvent> = answered?.into_iter().map(|event| event.with_extension("host", host.clone())).collect();
         let worked_ms = elapsed_ms(began);
         for event in &events {
             self.inner.bus.publish_event(event).await?;

@@ -56,6 +56,18 @@ impl Engine {
             let Some(session) = entry.get("session").and_then(Value::as_str).filter(|session| !session.is_empty()) else {
                 continue;
             };
+            // A session failed over from this host: its copy here is saved apart, then removed (no
+            // grace: it is not starting here, and its container may still be writing).
+            if let Some(host) = inventory_host {
+                if self.failed_over_from(host, session).await? {
+                    let text = |field: &str| entry.get(field).and_then(Value::as_str).filter(|value| !value.is_empty());
+                    if let (Inventory::Directories, Some(user), Some(workspace)) = (inventory, text("user"), text("workspace")) {
+                        tracing::info!(session, host, "a session moved off this host by failover left its directory; recovering it apart");
+                        removals.push(self.recover_task(event, index, host, session, user, workspace));
+                    }
+                    continue;
+                }
+            }
             let since = entry.get(inventory.time_field()).and_then(created_time);
             if since.is_some_and(|since| now - since < grace) {
                 continue;
