@@ -654,3 +654,120 @@ async fn the_terminal_and_files_of_a_session_on_another_host_pass_through_any_do
     drop(h2);
     deployment.teardown().await;
 }
+
+/// Waits until `check` holds, polling every 200 ms, or fails with `what` and the logs' tails.
+async fn wait_until(deployment: &Deployment, what: &str, mut check: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STEP;
+    while !check().await {
+        if Instant::now() > deadline {
+            bail!("{what}:\n{}", deployment.logs_tail(40));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// The profile of these tests with `hosts.failover_after` short: a host gone for 3 s fails over.
+fn failover_config() -> HarnessConfig {
+    let mut config = config(0);
+    config.profile_text.push_str("\n[hosts]\nfailover_after = \"3s\"\n");
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_gone_past_failover_after_moves_its_session_and_saves_its_copy_apart_when_it_returns() {
+    let deployment = Deployment::start(&failover_config()).await.expect("deployment");
+    let mut h2 = Host::start(&deployment, "h2").expect("host h2");
+    wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
+    let session = open_running(&deployment, "ann").await.expect("a session");
+    let name = Deployment::container_name(&session);
+    assert_eq!(h2.containers(), vec![name.clone()], "the tie goes to h2");
+    // Work that reaches the store before h2 goes (autosave every 4 s).
+    h2.write_inside(&session, "kept.txt", "synced from h2").expect("write on h2");
+    let kept = Deployment::object_key("ann", "thesis", "kept.txt");
+    wait_until(&deployment, "kept.txt autosaved from h2", async || {
+        deployment.get_object(&kept).await.ok().flatten().as_deref() == Some(&b"synced from h2"[..])
+    })
+    .await
+    .expect("autosaved");
+
+    // h2's agents die; its Docker engine and the session's container live on, and the user keeps
+    // writing there: that file can reach the store only when h2 returns.
+    h2.kill();
+    let gone_at = Instant::now();
+    h2.write_inside(&session, "unsynced.txt", "written on h2 after its agents died").expect("write on h2 without agents");
+    deployment.inbox.wait_state(&session, "moving", STEP).await.expect("the user sees moving");
+    let deadline = Instant::now() + STEP;
+    while !states_after(&deployment, &session, "moving").contains(&"running".to_owned()) {
+        assert!(Instant::now() < deadline, "not running elsewhere: {:?}\n{}", deployment.inbox.states(&session), deployment.logs_tail(40));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = gone_at.elapsed();
+    println!(
+        "failover: h2's agents killed → the session running on local in {:.1} s (gone after 3 report intervals of {REPORT_SECS} s, then hosts.failover_after = 3s)",
+        took.as_secs_f64()
+    );
+    // The user was told honestly what stayed behind.
+    let moving = deployment
+        .inbox
+        .all()
+        .into_iter()
+        .find(|seen| seen.notification.session.as_deref() == Some(session.as_str()) && seen.notification.state == "moving")
+        .expect("moving");
+    let failover = &moving.notification.detail["failover"];
+    assert_eq!(failover["from"], "h2", "{:?}", moving.notification.detail);
+    assert_eq!(failover["recovered_prefix"], format!("recovered/h2/{session}"));
+    let message = failover["message"].as_str().unwrap_or_default();
+    assert!(message.contains("last sync at") && message.contains("stayed there") && message.contains("recovered copy"), "{message}");
+    // It runs on local from the last synced state: what h2 saved is there, what it could not is not.
+    assert_eq!(deployment.containers(), vec![name.clone()], "it runs on local now");
+    assert_eq!(deployment.exec(&session, "cat /workspace/kept.txt").expect("read on local"), "synced from h2");
+    assert!(deployment.exec(&session, "cat /workspace/unsynced.txt").is_err(), "unsynced.txt stayed on h2");
+    // The moved session's own newer work, saved from local.
+    deployment.write_inside(&session, "kept.txt", b"newer on local").expect("write on local");
+    wait_until(&deployment, "kept.txt autosaved from local", async || {
+        deployment.get_object(&kept).await.ok().flatten().as_deref() == Some(&b"newer on local"[..])
+    })
+    .await
+    .expect("autosaved from local");
+
+    // h2 comes back: its autosaves that waited on its queue are refused (the fence), its copy is
+    // saved apart, then its directory and container go.
+    h2.spawn(&deployment).expect("h2 comes back");
+    let recovered = format!("recovered/h2/{session}/unsynced.txt");
+    wait_until(&deployment, "h2's copy saved apart, its directory and container removed", async || {
+        deployment.get_object(&recovered).await.ok().flatten().as_deref() == Some(&b"written on h2 after its agents died"[..])
+            && !h2.session_dir(&session).exists()
+            && h2.containers().is_empty()
+    })
+    .await
+    .expect("recovered");
+    assert_eq!(
+        deployment.get_object(&format!("recovered/h2/{session}/kept.txt")).await.expect("store").as_deref(),
+        Some(&b"synced from h2"[..]),
+        "the copy is h2's whole directory"
+    );
+    let told = deployment
+        .inbox
+        .wait("the user told where the copy is", STEP, |n| {
+            n.session.as_deref() == Some(session.as_str()) && !n.detail["recovered"].is_null()
+        })
+        .await
+        .expect("told");
+    assert_eq!(told.notification.detail["recovered"]["prefix"], format!("recovered/h2/{session}"));
+    assert_eq!(told.notification.state, "running", "the session itself runs on, on local");
+    // The moved session's files are untouched by anything h2 held or had queued.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(deployment.get_object(&kept).await.expect("store").as_deref(), Some(&b"newer on local"[..]));
+    assert_eq!(deployment.get_object(&Deployment::object_key("ann", "thesis", "unsynced.txt")).await.expect("store"), None);
+    assert_eq!(deployment.container_state(&session).as_deref(), Some("running"), "the moved session runs on");
+    let h2_log = std::fs::read_to_string(deployment.root.join("logs").join("h2-workspace.log")).unwrap_or_default();
+    assert!(h2_log.contains("stale sync refused"), "h2's waiting autosaves were refused:\n{h2_log}");
+
+    deployment.close(&session, "ann").await.expect("close");
+    assert_eq!(deployment.inbox.wait_terminal(&session, STEP).await.expect("closed").state, "closed");
+    assert_eq!(deployment.get_object(&kept).await.expect("store").as_deref(), Some(&b"newer on local"[..]));
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    drop(h2);
+    deployment.teardown().await;
+}
