@@ -19,7 +19,7 @@ pub const PATTERN_VERSION: u32 = 1;
 /// The timer a state's `timeout` runs on; pattern timers may not use this name.
 pub const STATE_TIMEOUT_TIMER: &str = "state_timeout";
 /// The event type the engine publishes when a timer fires.
-pub const TIMER_FIRED: &str = "timer.fired";
+pub const TIMER_FIRED: &str = protocol::events::kind::TIMER_FIRED;
 /// Variables an expression may read.
 const EXPRESSION_VARIABLES: [&str; 4] = ["ctx", "event", "thred", "now"];
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use protocol::bus::{AutoDelete, BusError, Durability, ExchangeKind, QueueSpec};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::host::HostReport;
-use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Incoming, Outcome, Profile, Task};
+use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Incoming, Outcome, Profile};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -50,9 +50,9 @@ use reconcile::{created_time, Inventory};
 pub use reconcile::{CONTAINER_INVENTORY, SESSION_RECOVER, WORKSPACE_INVENTORY};
 
 /// What the engine sends a session whose user has spent a budget: the pattern stops it, saved first.
-pub const BUDGET_EXCEEDED: &str = "session.budget_exceeded";
+pub const BUDGET_EXCEEDED: &str = protocol::events::kind::SESSION_BUDGET_EXCEEDED;
 /// What the engine sends each session on a drained host (`berth host drain`): the pattern moves it.
-pub const SESSION_MOVE: &str = "session.move";
+pub const SESSION_MOVE: &str = protocol::events::kind::SESSION_MOVE;
 /// How long an ended thred stays readable, so late answers are recognised as late.
 pub const ENDED_THRED_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Optimistic-commit attempts before the event is requeued.
@@ -775,17 +775,7 @@ impl Engine {
             id: format!("{user}/{period}"),
             doc: document.as_object().cloned().unwrap_or_default(),
         });
-        let wire =
-            serde_json::to_value(&operation).map_err(|error| Error::Corrupt { key: "usage".to_owned(), reason: error.to_string() })?;
-        let task = Task {
-            id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-usage/{user}/{period}/{now_ms}").as_bytes()),
-            agent: AgentKind::Persistence,
-            action: wire["action"].as_str().unwrap_or("upsert").to_owned(),
-            session: None,
-            thred: None,
-            cause: None,
-            args: wire["args"].clone(),
-        };
+        let task = operation.to_task(Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-usage/{user}/{period}/{now_ms}").as_bytes()));
         self.publish_messages(&[task_message(&self.inner.config, &task)]).await
     }
 
@@ -797,13 +787,9 @@ impl Engine {
             let (limit, used) = rates.of_budget(budget, spent);
             for thred in holding {
                 tracing::info!(user, session = %thred.key, budget = budget.as_str(), used, limit, "budget spent; stopping the session");
-                let mut exceeded = CloudEvent::new(
-                    BUDGET_EXCEEDED,
-                    "/berth/engine/usage",
-                    Some(&thred.key),
-                    json!({"budget": budget.as_str(), "spent": used, "limit": limit}),
-                )
-                .with_extension("thredid", thred.id.clone());
+                let data = protocol::events::SessionBudgetExceeded { budget: budget.as_str().to_owned(), spent: used, limit };
+                let mut exceeded =
+                    CloudEvent::of("/berth/engine/usage", Some(&thred.key), &data).with_extension("thredid", thred.id.clone());
                 exceeded.id =
                     Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-budget/{}/{}", thred.id, budget.period(now)).as_bytes()).to_string();
                 self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &exceeded).await?;
@@ -857,7 +843,9 @@ impl Engine {
         for (index, thred_id) in waiting.iter().enumerate() {
             let Some(thred) = threds.iter().find(|thred| &thred.id == thred_id) else { continue };
             if index == 0 && self.has_room(thred, committed).await? {
-                let mut admitted = CloudEvent::new(&spec.admitted_event, "/berth/engine/admission", Some(&thred.key), json!({}))
+                // The pattern names the type; the data is session.admitted's.
+                let data = protocol::events::to_data(&protocol::events::SessionAdmitted {});
+                let mut admitted = CloudEvent::new(&spec.admitted_event, "/berth/engine/admission", Some(&thred.key), data)
                     .with_extension("thredid", thred.id.clone());
                 admitted.id =
                     Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-admitted/{}/{}", thred.id, thred.version).as_bytes()).to_string();
@@ -1092,8 +1080,9 @@ impl Engine {
                     if thred.ended || !on_drained || moving {
                         continue;
                     }
-                    let mut event = CloudEvent::new(SESSION_MOVE, "/berth/engine/drain", Some(&thred.key), json!({"from": thred.host}))
-                        .with_extension("thredid", thred.id.clone());
+                    let data = protocol::events::SessionMove { from: thred.host.clone() };
+                    let mut event =
+                        CloudEvent::of("/berth/engine/drain", Some(&thred.key), &data).with_extension("thredid", thred.id.clone());
                     event.id =
                         Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-move/{}/{}", thred.id, thred.version).as_bytes()).to_string();
                     tracing::info!(session = %thred.key, host = ?thred.host, state = %thred.state, "host drained; moving the session");

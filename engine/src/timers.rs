@@ -16,10 +16,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::BasicProperties;
 use protocol::event::CONTENT_TYPE;
+use protocol::events::TimerFired;
 use protocol::{Bus, CloudEvent};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
@@ -67,13 +67,9 @@ impl TimerMember {
 
     /// The `timer.fired` event; its id depends only on the timer, so firing twice is one event.
     pub fn fired_event(&self, key_prefix: &str, deadline_ms: i64) -> CloudEvent {
-        let mut event = CloudEvent::new(
-            TIMER_FIRED,
-            "/berth/engine/timers",
-            Some(&self.thred_key),
-            json!({"timer": self.timer, "generation": self.generation, "deadline_ms": deadline_ms}),
-        )
-        .with_extension("thredid", self.thred_id.clone());
+        let fired = TimerFired { timer: self.timer.clone(), generation: self.generation, deadline_ms };
+        let mut event =
+            CloudEvent::of("/berth/engine/timers", Some(&self.thred_key), &fired).with_extension("thredid", self.thred_id.clone());
         event.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-timer/{key_prefix}/{}", self.encode()).as_bytes()).to_string();
         event
     }

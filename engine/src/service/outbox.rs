@@ -4,16 +4,18 @@
 //! start-up (or the event's redelivery, as a duplicate) publishes again; agents absorb the repeat
 //! by message id.
 
-use protocol::{topology, AgentKind, CloudEvent, Notification, Properties, Task};
+use protocol::store::{GroupArgs, Operation, PutArgs, UpsertArgs};
+use protocol::{topology, CloudEvent, Notification, Properties, Task};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::{Engine, EngineConfig, EventFate, Keys};
 use crate::core::{Effect, Step, Thred};
 use crate::metrics::Metrics;
+use crate::pattern::PersistOperation;
 use crate::{Error, Result};
 
 /// One message waiting in an outbox.
@@ -160,7 +162,7 @@ impl Engine {
         let config = &self.inner.config;
         let thred = &step.thred;
         let mut messages = Vec::new();
-        let mut persist_operations: Vec<(usize, Value)> = Vec::new();
+        let mut persist_operations: Vec<(usize, Operation)> = Vec::new();
         for (index, effect) in step.effects.iter().enumerate() {
             let id = Task::stable_id(&event.id, index);
             match effect {
@@ -178,10 +180,14 @@ impl Engine {
                 }
                 Effect::Persist { operation, collection, id: record_id, doc } => {
                     let record_id = record_id.clone().unwrap_or_else(|| id.to_string());
-                    persist_operations.push((
-                        index,
-                        json!({"action": operation.as_str(), "args": {"collection": collection, "id": record_id, "doc": doc}}),
-                    ));
+                    // Always a map: the core refuses a persisted document that is not one.
+                    let doc = doc.as_object().cloned().unwrap_or_default();
+                    let collection = collection.clone();
+                    let operation = match operation {
+                        PersistOperation::Put => Operation::Put(PutArgs { collection, id: Some(record_id), doc }),
+                        PersistOperation::Upsert => Operation::Upsert(UpsertArgs { collection, id: record_id, doc }),
+                    };
+                    persist_operations.push((index, operation));
                 }
                 Effect::Notify { user, state, detail } => {
                     let Some(user) = user else {
@@ -203,22 +209,14 @@ impl Engine {
         }
         // A step's records (typically the session upsert and the audit put) travel as one
         // all-or-nothing `group`: one message instead of several, and never half applied.
-        if let Some((first_index, _)) = persist_operations.first() {
-            let (action, args) = if persist_operations.len() == 1 {
-                let operation = &persist_operations[0].1;
-                (operation["action"].as_str().unwrap_or_default().to_owned(), operation["args"].clone())
-            } else {
-                let operations: Vec<Value> = persist_operations.iter().map(|(_, operation)| operation.clone()).collect();
-                ("group".to_owned(), json!({"operations": operations}))
-            };
+        if let Some(&(first_index, _)) = persist_operations.first() {
+            let mut operations: Vec<Operation> = persist_operations.into_iter().map(|(_, operation)| operation).collect();
+            let operation = if operations.len() == 1 { operations.remove(0) } else { Operation::Group(GroupArgs { operations }) };
             let task = Task {
-                id: Task::stable_id(&event.id, *first_index),
-                agent: AgentKind::Persistence,
-                action,
                 session: Some(thred.key.clone()),
                 thred: Some(thred.id.clone()),
                 cause: Some(event.id.clone()),
-                args,
+                ..operation.to_task(Task::stable_id(&event.id, first_index))
             };
             messages.push(task_message(config, &task));
         }

@@ -3,6 +3,7 @@
 //! (`session.recover`: the recovery pattern saves it before anything is removed); a container
 //! whose owner is unknown is removed, its directory left for the workspace inventory.
 
+use protocol::events::{kind, SessionRecover};
 use protocol::{AgentKind, CloudEvent, Task};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
@@ -15,12 +16,12 @@ use crate::metrics::Metrics;
 use crate::Result;
 
 /// The event type of the container agent's periodic inventory (reconciliation).
-pub const CONTAINER_INVENTORY: &str = "container.inventory";
+pub const CONTAINER_INVENTORY: &str = kind::CONTAINER_INVENTORY;
 /// The event type of the workspace agent's periodic inventory of host directories.
-pub const WORKSPACE_INVENTORY: &str = "workspace.inventory";
+pub const WORKSPACE_INVENTORY: &str = kind::WORKSPACE_INVENTORY;
 /// What the reconciler publishes for a workspace no live thred owns: the recovery pattern
 /// freezes, final-syncs and then removes it.
-pub const SESSION_RECOVER: &str = "session.recover";
+pub const SESSION_RECOVER: &str = kind::SESSION_RECOVER;
 
 impl Engine {
     /// An inventory (`container.inventory`, `workspace.inventory`): every listed container or host
@@ -175,18 +176,18 @@ fn recover_event(
         Inventory::Containers => format!("container/{}", entry.get("container_id").and_then(Value::as_str).unwrap_or_default()),
         Inventory::Directories => format!("directory/{}", entry.get("modified").and_then(Value::as_str).unwrap_or_default()),
     };
-    let mut data = json!({"user": user, "workspace": workspace, "reason": inventory.what()});
-    if let Some(container_id) = entry.get("container_id").and_then(Value::as_str) {
-        data["container_id"] = json!(container_id);
-    }
+    let data = SessionRecover {
+        user: user.to_owned(),
+        workspace: workspace.to_owned(),
+        reason: inventory.what().to_owned(),
+        container_id: entry.get("container_id").and_then(Value::as_str).map(str::to_owned),
+        host: host.map(str::to_owned),
+    };
     let finding = match host {
-        Some(host) => {
-            data["host"] = json!(host);
-            format!("{host}/{finding}")
-        }
+        Some(host) => format!("{host}/{finding}"),
         None => finding,
     };
-    let mut event = CloudEvent::new(SESSION_RECOVER, "/berth/engine/reconciler", Some(session), data);
+    let mut event = CloudEvent::of("/berth/engine/reconciler", Some(session), &data);
     event.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-recover/{}/{session}/{finding}", keys.prefix).as_bytes()).to_string();
     event
 }
