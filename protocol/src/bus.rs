@@ -30,6 +30,7 @@ use tokio::sync::{oneshot, Mutex, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
+use crate::backoff;
 use crate::event::{CloudEvent, CONTENT_TYPE};
 use crate::identity::{Identity, IdentityError, Sender};
 use crate::message::{AgentKind, Notification, Task};
@@ -560,7 +561,7 @@ impl Bus {
 
     async fn open_connection(&self) -> Result<Connection> {
         let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
-        let mut backoff = BACKOFF_START;
+        let mut delays = backoff::doubling(BACKOFF_START, BACKOFF_MAX);
         loop {
             let properties = ConnectionProperties::default().with_connection_name(self.config.connection_name.clone().into());
             match Connection::connect(&self.config.url, properties).await {
@@ -572,9 +573,9 @@ impl Bus {
                     return Err(BusError::Unreachable { url: redact(&self.config.url), source: AmqpError(source) })
                 }
                 Err(error) => {
-                    tracing::warn!(url = %redact(&self.config.url), %error, retry_in = ?backoff, "broker not reachable");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    let delay = backoff::next_delay(&mut delays, BACKOFF_MAX);
+                    tracing::warn!(url = %redact(&self.config.url), %error, retry_in = ?delay, "broker not reachable");
+                    tokio::time::sleep(delay).await;
                 }
             }
         }
@@ -641,7 +642,7 @@ impl Bus {
 
     async fn publish_amqp(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
         let deadline = tokio::time::Instant::now() + PUBLISH_DEADLINE;
-        let mut backoff = BACKOFF_START;
+        let mut delays = backoff::doubling(BACKOFF_START, BACKOFF_MAX);
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -672,9 +673,9 @@ impl Bus {
                     last_error: error.to_string(),
                 });
             }
-            tracing::warn!(exchange, routing_key, %error, retry_in = ?backoff, "publish failed, retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            let delay = backoff::next_delay(&mut delays, BACKOFF_MAX);
+            tracing::warn!(exchange, routing_key, %error, retry_in = ?delay, "publish failed, retrying");
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -1065,21 +1066,21 @@ impl Bus {
         F: Future<Output = Outcome> + Send + 'static,
     {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut backoff = BACKOFF_START;
+        let mut delays = backoff::doubling(BACKOFF_START, BACKOFF_MAX);
         let retries = Arc::new(RetryQueues::new(&spec.queue, self.retry.clone()));
         loop {
             let session = self.consume_session(&spec, &retries, handler.clone(), shutdown.as_mut()).await;
+            let delay = backoff::next_delay(&mut delays, BACKOFF_MAX);
             match session {
                 Ok(ConsumerEnd::Shutdown) => return Ok(()),
                 Ok(ConsumerEnd::Interrupted) => tracing::warn!(queue = %spec.queue, "consumer interrupted, reconnecting"),
-                Err(error) => tracing::warn!(queue = %spec.queue, %error, retry_in = ?backoff, "consumer failed, reconnecting"),
+                Err(error) => tracing::warn!(queue = %spec.queue, %error, retry_in = ?delay, "consumer failed, reconnecting"),
             }
             self.forget_link_if_broken().await;
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(delay) => {}
                 () = shutdown.as_mut() => return Ok(()),
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -1101,7 +1102,7 @@ impl Bus {
         F: Future<Output = Outcome> + Send + 'static,
     {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut backoff = BACKOFF_START;
+        let mut delays = backoff::doubling(BACKOFF_START, BACKOFF_MAX);
         loop {
             let queue = tokio::select! {
                 declared = self.declare_private_queue(exchange, binding_keys) => declared,
@@ -1121,13 +1122,13 @@ impl Bus {
                 }
                 Err(error) => error.to_string(),
             };
-            tracing::warn!(exchange, reason = %ended, retry_in = ?backoff, "private consumer lost its queue; declaring a new one");
+            let delay = backoff::next_delay(&mut delays, BACKOFF_MAX);
+            tracing::warn!(exchange, reason = %ended, retry_in = ?delay, "private consumer lost its queue; declaring a new one");
             self.forget_link_if_broken().await;
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(delay) => {}
                 () = shutdown.as_mut() => return Ok(()),
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 

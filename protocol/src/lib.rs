@@ -3,6 +3,7 @@
 //!
 //! Only this crate knows the wire format; components convert at this edge.
 
+pub mod backoff;
 pub mod broker_admin;
 pub mod bus;
 pub mod event;

@@ -8,7 +8,7 @@ use bollard::models::{EventMessage, EventMessageTypeEnum};
 use bollard::system::EventsOptions;
 use futures::StreamExt;
 use protocol::events::ContainerExited;
-use protocol::CloudEvent;
+use protocol::{backoff, CloudEvent};
 
 use crate::agent::{Agent, EVENT_SOURCE};
 use crate::error::docker_status;
@@ -23,18 +23,20 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// `container.inventory` goes out after every reconnection, so the engine sees the exited
 /// containers' states from Docker itself rather than from a guess.
 pub async fn watch_docker_events(agent: Agent) {
-    let mut backoff = RECONNECT_START;
+    let mut delays = backoff::doubling(RECONNECT_START, RECONNECT_MAX);
     loop {
         let began = tokio::time::Instant::now();
-        match watch_once(&agent).await {
-            Ok(()) => tracing::warn!("docker event stream ended, reconnecting"),
-            Err(error) => tracing::warn!(%error, retry_in = ?backoff, "docker event stream failed, reconnecting"),
-        }
+        let outcome = watch_once(&agent).await;
+        // A stream that ran for a while was healthy: its end starts the backoff again.
         if began.elapsed() > RECONNECT_MAX {
-            backoff = RECONNECT_START;
+            delays = backoff::doubling(RECONNECT_START, RECONNECT_MAX);
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(RECONNECT_MAX);
+        let delay = backoff::next_delay(&mut delays, RECONNECT_MAX);
+        match outcome {
+            Ok(()) => tracing::warn!("docker event stream ended, reconnecting"),
+            Err(error) => tracing::warn!(%error, retry_in = ?delay, "docker event stream failed, reconnecting"),
+        }
+        tokio::time::sleep(delay).await;
         if let Err(error) = agent.publish_inventory().await {
             tracing::warn!(%error, "could not publish the inventory after reconnecting to docker");
         }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::store::{ErrorKind, Operation, Reply, MAX_DOCUMENT_BYTES};
-use protocol::{topology, AgentKind, Bus, BusConfig, ConsumeSpec, Incoming, Outcome, Profile, Task};
+use protocol::{backoff, topology, AgentKind, Bus, BusConfig, ConsumeSpec, Incoming, Outcome, Profile, Task};
 use serde_json::Value;
 
 use crate::{open_store, Error, Result, Store, APPLIED_TASK_RETENTION};
@@ -57,11 +57,11 @@ impl Agent {
         let mut outcome = self.decode_and_handle(&incoming).await;
         if incoming.reply_to.is_none() {
             let waiting_since = std::time::Instant::now();
-            let mut pause = Duration::from_millis(100);
+            let cap = Duration::from_secs(5);
+            let mut pauses = backoff::doubling(Duration::from_millis(100), cap);
             while outcome.as_ref().is_err_and(|error| error.kind() == ErrorKind::Unavailable) && waiting_since.elapsed() < WAIT_IN_PLACE_FOR
             {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff::next_delay(&mut pauses, cap)).await;
                 outcome = self.decode_and_handle(&incoming).await;
             }
         }

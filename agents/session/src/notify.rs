@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::bus::{Acks, Subscription};
-use protocol::Bus;
+use protocol::{backoff, Bus};
 use tokio::sync::watch;
 
 use crate::error::Result;
@@ -43,11 +43,12 @@ impl NotificationConsumer {
     /// Runs until `stop` turns true, restarting on a fresh queue whenever the broker drops it.
     pub async fn run(self, bus: Bus, hub: Arc<Hub>, ready: ConsumerReady, mut stop: watch::Receiver<bool>) {
         let mut current = Some(self);
-        let mut backoff = BACKOFF_START;
+        let mut delays = backoff::doubling(BACKOFF_START, BACKOFF_MAX);
         loop {
             if let Some(mut consumer) = current.take() {
                 ready.store(true, Ordering::Relaxed);
-                backoff = BACKOFF_START;
+                // A consumer that ran starts the backoff again.
+                delays = backoff::doubling(BACKOFF_START, BACKOFF_MAX);
                 let stopped = consumer.pump(&hub, &mut stop).await;
                 ready.store(false, Ordering::Relaxed);
                 if stopped {
@@ -59,14 +60,14 @@ impl NotificationConsumer {
                 tracing::warn!(queue = %consumer.queue(), "notification consumer interrupted; starting a new queue");
                 hub.forget_queue().await;
             }
+            let delay = backoff::next_delay(&mut delays, BACKOFF_MAX);
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(delay) => {}
                 _ = stop.wait_for(|stopped| *stopped) => return,
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
             match NotificationConsumer::start(&bus, &hub).await {
                 Ok(consumer) => current = Some(consumer),
-                Err(error) => tracing::warn!(%error, retry_in = ?backoff, "cannot restart the notification consumer"),
+                Err(error) => tracing::warn!(%error, waited = ?delay, "cannot restart the notification consumer; retrying with a longer wait"),
             }
         }
     }

@@ -1328,7 +1328,8 @@ impl WorkspaceAgent {
         }
         let mut deleted_keys = BTreeSet::new();
         let mut total = SyncReport::default();
-        let mut backoff = self.settings.final_sync_backoff_start;
+        let backoff_max = self.settings.final_sync_backoff_max;
+        let mut delays = protocol::backoff::doubling(self.settings.final_sync_backoff_start, backoff_max);
         let mut attempt = 0;
         let last_error = loop {
             attempt += 1;
@@ -1355,9 +1356,9 @@ impl WorkspaceAgent {
             if !error.is_transient() || attempt >= self.settings.final_sync_attempts {
                 break error;
             }
-            tracing::warn!(session = %target.session, attempt, %error, retry_in = ?backoff, "final sync not confirmed yet; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.settings.final_sync_backoff_max);
+            let delay = protocol::backoff::next_delay(&mut delays, backoff_max);
+            tracing::warn!(session = %target.session, attempt, %error, retry_in = ?delay, "final sync not confirmed yet; retrying");
+            tokio::time::sleep(delay).await;
         };
         // Can't even record the failure? The manifest keeps the previous state, which is not confirmed either.
         if let Err(error) = self.record_final_sync(target, task_id, false).await {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use protocol::CloudEvent;
+use protocol::{backoff, CloudEvent};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde_json::Value;
@@ -167,15 +167,16 @@ fn redis_reconnect_config() -> redis::aio::ConnectionManagerConfig {
 /// Connects to Redis, retrying with backoff for a minute: in a compose stack Redis may start later.
 pub(super) async fn connect_redis(client: &redis::Client) -> Result<ConnectionManager> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut backoff = Duration::from_millis(100);
+    let cap = Duration::from_secs(5);
+    let mut delays = backoff::doubling(Duration::from_millis(100), cap);
     loop {
         match client.get_connection_manager_with_config(redis_reconnect_config()).await {
             Ok(connection) => return Ok(connection),
             Err(error) if tokio::time::Instant::now() >= deadline => return Err(error.into()),
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "redis not reachable");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let delay = backoff::next_delay(&mut delays, cap);
+                tracing::warn!(%error, retry_in = ?delay, "redis not reachable");
+                tokio::time::sleep(delay).await;
             }
         }
     }
