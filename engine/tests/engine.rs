@@ -10,6 +10,10 @@ use engine::pattern::{load_pattern_file, parse_pattern};
 use engine::service::{self, Engine};
 use engine::{EngineConfig, Pattern};
 use protocol::bus::{Acks, AutoDelete, Durability, ExchangeKind};
+use protocol::events::{
+    ContainerPaused, ContainerProbed, ContainerReady, ContainerRemoved, ContainerResumed, ContainerStopped, EventData, ReadyTimings,
+    WorkspaceMaterialized, WorkspaceProgress, WorkspaceRemoved, WorkspaceSyncFailed, WorkspaceSynced,
+};
 use protocol::{Bus, BusConfig, CloudEvent, Identity, Notification, Profile, Properties, Task};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -184,7 +188,7 @@ impl Harness {
         if self.probes != Probes::AnsweredQuiet || task.agent.as_str() != "container" || task.action != "probe" {
             return false;
         }
-        self.publish(&answer(task, "container.probed", quiet_probe(0))).await;
+        self.publish(&answer(task, &quiet_probe(0))).await;
         true
     }
 
@@ -269,12 +273,57 @@ fn open_workspace_event(session: &str, user: &str, workspace: &str) -> CloudEven
 }
 
 /// A work probe's answer for a container that used `cpu_ns` in all and did nothing else.
-fn quiet_probe(cpu_ns: u64) -> Value {
-    json!({"cpu_ns": cpu_ns, "write_age_ms": 1_000_000_000u64, "terminal_commands": 0, "terminals": 0, "scanned": 3, "truncated": false})
+fn quiet_probe(cpu_ns: u64) -> ContainerProbed {
+    ContainerProbed { cpu_ns, write_age_ms: 1_000_000_000, terminal_commands: 0, terminals: 0, scanned: 3, truncated: false }
+}
+
+/// `workspace.materialized` of `files` files and `bytes` bytes, none of them large.
+fn materialized(files: u64, bytes: u64) -> WorkspaceMaterialized {
+    WorkspaceMaterialized { files, bytes, pending_large_files: 0, pending_large_bytes: 0 }
+}
+
+/// `container.ready` on the published port `port` of 127.0.0.1, without a network address.
+fn ready(container_id: &str, port: u16) -> ContainerReady {
+    ContainerReady {
+        container_id: container_id.to_owned(),
+        host: "127.0.0.1".to_owned(),
+        port,
+        network: None,
+        adopted: false,
+        timings_ms: ReadyTimings { create: 0, start: 0, ready: 0 },
+    }
+}
+
+fn paused(container_id: Option<&str>, state: &str) -> ContainerPaused {
+    ContainerPaused { container_id: container_id.map(str::to_owned), state: state.to_owned() }
+}
+
+/// A confirmed final sync that had nothing to do.
+fn synced_final() -> WorkspaceSynced {
+    WorkspaceSynced {
+        final_sync: true,
+        uploaded: 0,
+        deleted: 0,
+        unchanged: 0,
+        bytes_uploaded: 0,
+        skipped: Vec::new(),
+        conflicts: 0,
+        missing: false,
+        skipped_total: None,
+    }
+}
+
+fn workspace_removed() -> WorkspaceRemoved {
+    WorkspaceRemoved { preserved: Vec::new(), preserved_total: None }
 }
 
 /// An agent's answer to `task`, bound the way agents bind it.
-fn answer(task: &Task, event_type: &str, data: Value) -> CloudEvent {
+fn answer<T: EventData>(task: &Task, data: &T) -> CloudEvent {
+    CloudEvent::answering(task, "/test/agent", data)
+}
+
+/// An answer with any data, as a forger would send it.
+fn raw_answer(task: &Task, event_type: &str, data: Value) -> CloudEvent {
     CloudEvent::new(event_type, "/test/agent", task.session.as_deref(), data)
         .with_extension("thredid", task.thred.clone().unwrap_or_default())
         .with_extension("taskid", task.id.to_string())
@@ -316,21 +365,9 @@ async fn open_until_running(harness: &mut Harness, session: &str) -> Task {
     // A workspace of its own: a second open of one workspace would join the first session.
     harness.publish(&open_workspace_event(session, "alice", &format!("w-{session}"))).await;
     let materialize = harness.task(session, "workspace", "materialize").await;
-    harness
-        .publish(&answer(
-            &materialize,
-            "workspace.materialized",
-            json!({"files": 1, "bytes": 3, "pending_large_files": 0, "pending_large_bytes": 0}),
-        ))
-        .await;
+    harness.publish(&answer(&materialize, &materialized(1, 3))).await;
     let provision = harness.task(session, "container", "provision").await;
-    harness
-        .publish(&answer(
-            &provision,
-            "container.ready",
-            json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000, "timings_ms": {}}),
-        ))
-        .await;
+    harness.publish(&answer(&provision, &ready("c-1", 40000))).await;
     harness.notification(session, "running").await;
     provision
 }
@@ -346,7 +383,7 @@ async fn forged_agent_events_are_dead_lettered_with_the_reason_and_the_session_i
     harness.publish(&open_workspace_event(&session, "alice", &format!("w-{session}"))).await;
     let materialize = harness.task(&session, "workspace", "materialize").await;
     // The container agent may not answer for the workspace agent either.
-    let forged_materialized = answer(&materialize, "workspace.materialized", json!({"files": 1, "bytes": 3}));
+    let forged_materialized = answer(&materialize, &materialized(1, 3));
     harness.publish_as(Identity::Container, &forged_materialized).await;
     let refused = harness.dead_letter().await;
     assert_eq!(
@@ -354,17 +391,17 @@ async fn forged_agent_events_are_dead_lettered_with_the_reason_and_the_session_i
         "`workspace.materialized` refused from the container identity (berth-container): only berth-workspace may send it"
     );
     assert_eq!(refused.headers["x-berth-sender"], "berth-container");
-    harness.publish(&answer(&materialize, "workspace.materialized", json!({"files": 1, "bytes": 3}))).await;
+    harness.publish(&answer(&materialize, &materialized(1, 3))).await;
     let provision = harness.task(&session, "container", "provision").await;
 
     let forged = json!({"container_id": "c-evil", "host": "203.0.113.9", "port": 6666, "timings_ms": {}});
-    harness.publish_as(Identity::Workspace, &answer(&provision, "container.ready", forged.clone())).await;
+    harness.publish_as(Identity::Workspace, &raw_answer(&provision, "container.ready", forged.clone())).await;
     let from_workspace = harness.dead_letter().await;
     assert_eq!(
         from_workspace.headers["x-berth-reason"],
         "`container.ready` refused from the workspace identity (berth-workspace): only berth-container may send it"
     );
-    harness.publish_as(Identity::Admin, &answer(&provision, "container.ready", forged)).await;
+    harness.publish_as(Identity::Admin, &raw_answer(&provision, "container.ready", forged)).await;
     let from_admin = harness.dead_letter().await;
     assert!(from_admin.headers["x-berth-reason"].contains("(not a Berth identity)"), "{from_admin:?}");
     let timer = CloudEvent::new("timer.fired", "/test", Some(&session), json!({"timer": "ready", "generation": 1, "deadline_ms": 0}));
@@ -375,13 +412,7 @@ async fn forged_agent_events_are_dead_lettered_with_the_reason_and_the_session_i
     // Nothing moved: still provisioning, no notification went out for the forgeries.
     let thred = running.engine.thred(provision.thred.as_deref().expect("thred id")).await.expect("redis").expect("the thred");
     assert_eq!(thred.state, "provisioning");
-    harness
-        .publish(&answer(
-            &provision,
-            "container.ready",
-            json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000, "timings_ms": {}}),
-        ))
-        .await;
+    harness.publish(&answer(&provision, &ready("c-1", 40000))).await;
     let started = harness.notification(&session, "running").await;
     assert_eq!((started.detail["host"].clone(), started.detail["port"].clone()), (json!("127.0.0.1"), json!(40000)));
     assert_eq!(running.engine.metrics().snapshot().dead_lettered, 4);
@@ -402,13 +433,13 @@ async fn full_session_lifecycle_driven_by_events() {
     let thred_id = materialize.thred.clone().expect("task names its thred");
     assert_eq!(harness.notification(&session, "materializing").await.user, "alice");
 
-    harness.publish(&answer(&materialize, "workspace.progress", json!({"files_done": 1, "files_total": 2}))).await;
-    harness.publish(&answer(&materialize, "workspace.materialized", json!({"files": 2, "bytes": 10}))).await;
+    harness.publish(&answer(&materialize, &WorkspaceProgress { files_done: 1, files_total: 2, bytes_done: 0, bytes_total: 0 })).await;
+    harness.publish(&answer(&materialize, &materialized(2, 10))).await;
     let provision = harness.task(&session, "container", "provision").await;
     assert_eq!(provision.args, json!({"user": "alice", "workspace": "w1", "slot": ""}));
     assert_eq!(provision.thred.as_deref(), Some(thred_id.as_str()));
 
-    harness.publish(&answer(&provision, "container.ready", json!({"container_id": "c-42", "host": "127.0.0.1", "port": 41234}))).await;
+    harness.publish(&answer(&provision, &ready("c-42", 41234))).await;
     let running_notification = harness.notification(&session, "running").await;
     assert_eq!(running_notification.detail["port"], json!(41234));
     harness.publish(&CloudEvent::new("session.activity", "/test", Some(&session), json!({"source": "websocket"}))).await;
@@ -417,21 +448,15 @@ async fn full_session_lifecycle_driven_by_events() {
     // Frozen first, so the final sync copies a snapshot.
     let freeze = harness.task(&session, "container", "pause").await;
     harness.notification(&session, "stopping").await;
-    harness.publish(&answer(&freeze, "container.paused", json!({"container_id": "c-42", "state": "paused"}))).await;
+    harness.publish(&answer(&freeze, &paused(Some("c-42"), "paused"))).await;
     let sync = harness.task(&session, "workspace", "sync").await;
     assert_eq!(sync.args["final"], json!(true));
     harness.notification(&session, "saving").await;
-    harness
-        .publish(&answer(
-            &sync,
-            "workspace.synced",
-            json!({"final": true, "uploaded": 1, "deleted": 0, "unchanged": 1, "bytes_uploaded": 3}),
-        ))
-        .await;
+    harness.publish(&answer(&sync, &WorkspaceSynced { uploaded: 1, unchanged: 1, bytes_uploaded: 3, ..synced_final() })).await;
     let remove_container = harness.task(&session, "container", "remove").await;
-    harness.publish(&answer(&remove_container, "container.removed", json!({"container_id": "c-42"}))).await;
+    harness.publish(&answer(&remove_container, &ContainerRemoved { container_id: Some("c-42".into()) })).await;
     let remove_workspace = harness.task(&session, "workspace", "remove").await;
-    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    harness.publish(&answer(&remove_workspace, &workspace_removed())).await;
     harness.notification(&session, "closed").await;
 
     let thred = wait_for_state(&running.engine, &thred_id, "closed").await;
@@ -468,7 +493,7 @@ async fn full_session_lifecycle_driven_by_events() {
     assert_eq!(record["doc"]["container_id"], json!("c-42"));
 
     // A late answer to an ended thred changes nothing and is not an orphan.
-    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    harness.publish(&answer(&remove_workspace, &workspace_removed())).await;
     let snapshot_before = running.engine.metrics().snapshot();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let snapshot = running.engine.metrics().snapshot();
@@ -500,12 +525,12 @@ async fn idle_and_stop_timers_fire_through_keyspace_notifications() {
     open_until_running(&mut harness, &session).await;
     let pause = harness.task(&session, "container", "pause").await;
     harness.notification(&session, "idle").await;
-    harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1"}))).await;
+    harness.publish(&answer(&pause, &paused(Some("c-1"), "paused"))).await;
     // The stop timer: freeze again (already paused: answered at once), then the final sync.
     let freeze = harness.task(&session, "container", "pause").await;
     let stopping = harness.notification(&session, "stopping").await;
     assert_eq!(stopping.detail["reason"], json!("idle"));
-    harness.publish(&answer(&freeze, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
+    harness.publish(&answer(&freeze, &paused(Some("c-1"), "paused"))).await;
     let sync = harness.task(&session, "workspace", "sync").await;
     assert_eq!(sync.args["final"], json!(true));
     // The counter moves just after the timer.fired event is out, so it may trail the transition.
@@ -789,20 +814,20 @@ async fn inventories_recover_what_no_live_session_owns() {
     let freeze = harness.task(&orphan, "container", "pause").await;
     let recovering = harness.notification(&orphan, "stopping").await;
     assert_eq!((recovering.user.as_str(), &recovering.detail["reason"]), ("bob", &json!("orphan container")));
-    harness.publish(&answer(&freeze, "container.paused", json!({"container_id": "c0ffee", "state": "paused"}))).await;
+    harness.publish(&answer(&freeze, &paused(Some("c0ffee"), "paused"))).await;
     let sync = harness.task(&orphan, "workspace", "sync").await;
     assert_eq!(sync.args, json!({"user": "bob", "workspace": "thesis", "final": true}));
     // Nothing is removed while the final sync fails.
-    harness.publish(&answer(&sync, "workspace.sync_failed", json!({"final": true, "error": "store down"}))).await;
+    harness.publish(&answer(&sync, &WorkspaceSyncFailed { final_sync: true, error: "store down".into(), action: None })).await;
     let retried = harness.task(&orphan, "workspace", "sync").await;
     assert_ne!(retried.id, sync.id);
     let early = harness.drain_tasks(Duration::from_millis(300)).await;
     assert!(!early.iter().any(|task| task.session.as_deref() == Some(orphan.as_str()) && task.action == "remove"), "{early:?}");
-    harness.publish(&answer(&retried, "workspace.synced", json!({"final": true}))).await;
+    harness.publish(&answer(&retried, &synced_final())).await;
     let remove_container = harness.task(&orphan, "container", "remove").await;
-    harness.publish(&answer(&remove_container, "container.removed", json!({}))).await;
+    harness.publish(&answer(&remove_container, &ContainerRemoved { container_id: None })).await;
     let remove_workspace = harness.task(&orphan, "workspace", "remove").await;
-    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({"preserved": []}))).await;
+    harness.publish(&answer(&remove_workspace, &workspace_removed())).await;
     assert_eq!(harness.notification(&orphan, "recovered").await.detail["recovered"], json!(true));
     // A container that does not say whose it is still goes; its directory is left to the
     // workspace inventory.
@@ -832,7 +857,7 @@ async fn inventories_recover_what_no_live_session_owns() {
     );
     harness.publish(&foreign).await;
     let freeze = harness.task(&stranded, "container", "pause").await;
-    harness.publish(&answer(&freeze, "container.paused", json!({"state": "missing"}))).await;
+    harness.publish(&answer(&freeze, &paused(None, "missing"))).await;
     let sync = harness.task(&stranded, "workspace", "sync").await;
     assert_eq!(sync.args, json!({"user": "carol", "workspace": "notes", "final": true}));
 
@@ -885,13 +910,13 @@ async fn opening_a_workspace_twice_joins_its_live_session() {
     // Once the owner has ended, the workspace can be opened again.
     harness.publish(&CloudEvent::new("session.close", "/test", Some(&owner), json!({}))).await;
     let freeze = harness.task(&owner, "container", "pause").await;
-    harness.publish(&answer(&freeze, "container.paused", json!({"state": "missing"}))).await;
+    harness.publish(&answer(&freeze, &paused(None, "missing"))).await;
     let sync = harness.task(&owner, "workspace", "sync").await;
-    harness.publish(&answer(&sync, "workspace.synced", json!({"final": true}))).await;
+    harness.publish(&answer(&sync, &synced_final())).await;
     let remove_container = harness.task(&owner, "container", "remove").await;
-    harness.publish(&answer(&remove_container, "container.removed", json!({}))).await;
+    harness.publish(&answer(&remove_container, &ContainerRemoved { container_id: None })).await;
     let remove_workspace = harness.task(&owner, "workspace", "remove").await;
-    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    harness.publish(&answer(&remove_workspace, &workspace_removed())).await;
     harness.notification(&owner, "closed").await;
     let reopen = format!("s-{}", Uuid::now_v7());
     let reopen_event = open_workspace_event(&reopen, "alice", "thesis");
@@ -1024,17 +1049,17 @@ async fn limits_refuse_queue_and_admit_first_come_first_served() {
     // Alice closes one: bob (first in line) starts, carol moves up to 1.
     harness.publish(&CloudEvent::new("session.close", "/test", Some(&alice_one), json!({}))).await;
     let freeze = harness.task(&alice_one, "container", "pause").await;
-    harness.publish(&answer(&freeze, "container.paused", json!({"state": "missing"}))).await;
+    harness.publish(&answer(&freeze, &paused(None, "missing"))).await;
     let sync = harness.task(&alice_one, "workspace", "sync").await;
-    harness.publish(&answer(&sync, "workspace.synced", json!({"final": true}))).await;
+    harness.publish(&answer(&sync, &synced_final())).await;
     let remove_container = harness.task(&alice_one, "container", "remove").await;
-    harness.publish(&answer(&remove_container, "container.removed", json!({}))).await;
+    harness.publish(&answer(&remove_container, &ContainerRemoved { container_id: None })).await;
     // Capacity is held until the session has ended: bob still waits while alice's directory goes.
     let remove_workspace = harness.task(&alice_one, "workspace", "remove").await;
     let still_waiting = harness.drain_tasks(Duration::from_millis(300)).await;
     assert!(!still_waiting.iter().any(|task| task.session.as_deref() == Some(bob.as_str()) && task.action == "materialize"));
     let freed = std::time::Instant::now();
-    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    harness.publish(&answer(&remove_workspace, &workspace_removed())).await;
     harness.task(&bob, "workspace", "materialize").await;
     // The figure the closing note reports: capacity freed → the first queued session starts.
     eprintln!("queue admission: capacity freed → next session's materialize task in {:.1} ms", freed.elapsed().as_secs_f64() * 1000.0);
@@ -1092,9 +1117,9 @@ async fn usage_is_metered_and_a_spent_budget_warns_stops_and_refuses() {
     let session = format!("s-{}", Uuid::now_v7());
     harness.publish(&open_workspace_event(&session, &spender, "thesis")).await;
     let materialize = harness.task(&session, "workspace", "materialize").await;
-    harness.publish(&answer(&materialize, "workspace.materialized", json!({"files": 0}))).await;
+    harness.publish(&answer(&materialize, &materialized(0, 0))).await;
     let provision = harness.task(&session, "container", "provision").await;
-    harness.publish(&answer(&provision, "container.ready", json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40000}))).await;
+    harness.publish(&answer(&provision, &ready("c-1", 40000))).await;
 
     // Warned once past four fifths, then stopped through the ordinary exit: frozen, saved, removed.
     let warning = harness
@@ -1104,14 +1129,14 @@ async fn usage_is_metered_and_a_spent_budget_warns_stops_and_refuses() {
     let freeze = harness.task(&session, "container", "pause").await;
     let stopping = harness.notification(&session, "stopping").await;
     assert_eq!(stopping.detail["reason"], json!("budget"), "{stopping:?}");
-    harness.publish(&answer(&freeze, "container.paused", json!({"state": "paused"}))).await;
+    harness.publish(&answer(&freeze, &paused(None, "paused"))).await;
     let sync = harness.task(&session, "workspace", "sync").await;
     assert_eq!(sync.args["final"], json!(true), "the work is saved before the budget stop removes anything");
-    harness.publish(&answer(&sync, "workspace.synced", json!({"final": true}))).await;
+    harness.publish(&answer(&sync, &synced_final())).await;
     let remove_container = harness.task(&session, "container", "remove").await;
-    harness.publish(&answer(&remove_container, "container.removed", json!({}))).await;
+    harness.publish(&answer(&remove_container, &ContainerRemoved { container_id: None })).await;
     let remove_workspace = harness.task(&session, "workspace", "remove").await;
-    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    harness.publish(&answer(&remove_workspace, &workspace_removed())).await;
     assert_eq!(harness.notification(&session, "stopped").await.detail["reason"], json!("budget"));
 
     // The usage went to the store, and the next open is refused, naming the budget.
@@ -1213,7 +1238,7 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     let session = format!("s-{}", Uuid::now_v7());
     open_until_running(&mut harness, &session).await;
     let baseline = harness.task(&session, "container", "probe").await;
-    harness.publish(&answer(&baseline, "container.probed", quiet_probe(0))).await;
+    harness.publish(&answer(&baseline, &quiet_probe(0))).await;
 
     // The warning before the pause comes first (idle_after − idle_warning = 1 s).
     let warning = harness
@@ -1225,18 +1250,12 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     let cpu_ns = 2_000_000_000u64;
     let works = [
         ("a busy loop", quiet_probe(cpu_ns)),
-        (
-            "a background writer",
-            json!({"cpu_ns": cpu_ns, "write_age_ms": 300, "terminal_commands": 0, "terminals": 0, "scanned": 3, "truncated": false}),
-        ),
-        (
-            "a terminal command",
-            json!({"cpu_ns": cpu_ns, "write_age_ms": 1_000_000_000u64, "terminal_commands": 1, "terminals": 1, "scanned": 3, "truncated": false}),
-        ),
+        ("a background writer", ContainerProbed { write_age_ms: 300, ..quiet_probe(cpu_ns) }),
+        ("a terminal command", ContainerProbed { terminal_commands: 1, terminals: 1, ..quiet_probe(cpu_ns) }),
     ];
     for (what, data) in works {
         let probe = harness.task(&session, "container", "probe").await;
-        harness.publish(&answer(&probe, "container.probed", data)).await;
+        harness.publish(&answer(&probe, &data)).await;
         let kept =
             harness.notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail.get("working").is_some(), what).await;
         assert_eq!(kept.state, "running", "{what}");
@@ -1251,28 +1270,28 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
 
     // Quiet now: paused, and the user sees the tier.
     let probe = harness.task(&session, "container", "probe").await;
-    harness.publish(&answer(&probe, "container.probed", quiet_probe(cpu_ns))).await;
+    harness.publish(&answer(&probe, &quiet_probe(cpu_ns))).await;
     let pause = harness.task(&session, "container", "pause").await;
     let idle = harness.notification(&session, "idle").await;
     assert_eq!(
         (idle.detail["tier"].as_str(), idle.detail["next"].as_str(), idle.detail["next_in_secs"].as_u64()),
         (Some("paused"), Some("dormant"), Some(3))
     );
-    harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
+    harness.publish(&answer(&pause, &paused(Some("c-1"), "paused"))).await;
 
     // Wake from the paused tier: resume, no new container.
     harness.publish(&CloudEvent::new("session.activity", "/test", Some(&session), json!({"source": "terminal"}))).await;
     let resume = harness.task(&session, "container", "resume").await;
-    harness.publish(&answer(&resume, "container.resumed", json!({"container_id": "c-1"}))).await;
+    harness.publish(&answer(&resume, &ContainerResumed { container_id: Some("c-1".into()) })).await;
     harness.notification(&session, "running").await;
     let baseline = harness.task(&session, "container", "probe").await;
-    harness.publish(&answer(&baseline, "container.probed", quiet_probe(cpu_ns))).await;
+    harness.publish(&answer(&baseline, &quiet_probe(cpu_ns))).await;
     let probe = harness.task(&session, "container", "probe").await;
-    harness.publish(&answer(&probe, "container.probed", quiet_probe(cpu_ns))).await;
+    harness.publish(&answer(&probe, &quiet_probe(cpu_ns))).await;
     let pause = harness.task(&session, "container", "pause").await;
     let idle = harness.notification(&session, "idle").await;
     assert!(idle.detail["wake_estimate_ms"].as_u64().is_some(), "the measured resume is the estimate: {}", idle.detail);
-    harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
+    harness.publish(&answer(&pause, &paused(Some("c-1"), "paused"))).await;
 
     // The warning before the stop, then the dormant tier: the container stops, the directory stays.
     let warning = harness
@@ -1282,7 +1301,7 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     let stop = harness.task(&session, "container", "stop").await;
     let dormant = harness.notification(&session, "dormant").await;
     assert_eq!(dormant.detail["tier"], json!("dormant"));
-    harness.publish(&answer(&stop, "container.stopped", json!({"container_id": "c-1"}))).await;
+    harness.publish(&answer(&stop, &ContainerStopped { container_id: Some("c-1".into()) })).await;
     let tasks = harness.drain_tasks(Duration::from_millis(300)).await;
     assert!(
         !tasks
@@ -1298,11 +1317,7 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     assert_eq!(wake.args, json!({"user": "alice", "workspace": format!("w-{session}")}));
     harness.notification(&session, "waking").await;
     harness
-        .publish(&answer(
-            &wake,
-            "container.ready",
-            json!({"container_id": "c-1", "host": "127.0.0.1", "port": 40002, "timings_ms": {"create": 0, "start": 120, "ready": 80}}),
-        ))
+        .publish(&answer(&wake, &ContainerReady { timings_ms: ReadyTimings { create: 0, start: 120, ready: 80 }, ..ready("c-1", 40002) }))
         .await;
     // The new port is reported: the proxy and the console follow the running notification.
     harness
@@ -1317,12 +1332,12 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     // Quiet for the whole ladder: paused, dormant, then closed with the final sync first.
     for _ in 0..2 {
         let probe = harness.task(&session, "container", "probe").await;
-        harness.publish(&answer(&probe, "container.probed", quiet_probe(0))).await;
+        harness.publish(&answer(&probe, &quiet_probe(0))).await;
     }
     let pause = harness.task(&session, "container", "pause").await;
-    harness.publish(&answer(&pause, "container.paused", json!({"container_id": "c-1", "state": "paused"}))).await;
+    harness.publish(&answer(&pause, &paused(Some("c-1"), "paused"))).await;
     let stop = harness.task(&session, "container", "stop").await;
-    harness.publish(&answer(&stop, "container.stopped", json!({"container_id": "c-1"}))).await;
+    harness.publish(&answer(&stop, &ContainerStopped { container_id: Some("c-1".into()) })).await;
     let close_warning = harness
         .notification_where(|n| n.session.as_deref() == Some(session.as_str()) && n.detail["warning"] == "close", "close warning")
         .await;
@@ -1330,14 +1345,14 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     let freeze = harness.task(&session, "container", "pause").await;
     let stopping = harness.notification(&session, "stopping").await;
     assert_eq!(stopping.detail["reason"], json!("idle"));
-    harness.publish(&answer(&freeze, "container.paused", json!({"container_id": "c-1", "state": "exited"}))).await;
+    harness.publish(&answer(&freeze, &paused(Some("c-1"), "exited"))).await;
     let sync = harness.task(&session, "workspace", "sync").await;
     assert_eq!(sync.args["final"], json!(true));
-    harness.publish(&answer(&sync, "workspace.synced", json!({"final": true, "uploaded": 0}))).await;
+    harness.publish(&answer(&sync, &synced_final())).await;
     let remove = harness.task(&session, "container", "remove").await;
-    harness.publish(&answer(&remove, "container.removed", json!({"container_id": "c-1"}))).await;
+    harness.publish(&answer(&remove, &ContainerRemoved { container_id: Some("c-1".into()) })).await;
     let remove_workspace = harness.task(&session, "workspace", "remove").await;
-    harness.publish(&answer(&remove_workspace, "workspace.removed", json!({}))).await;
+    harness.publish(&answer(&remove_workspace, &workspace_removed())).await;
     harness.notification(&session, "stopped").await;
 
     running.stop().await;
