@@ -200,7 +200,8 @@ async fn a_warm_open_whose_materialize_fails_ends_without_leaking_its_slot() {
     })
     .await;
     let pool = deployment.deployment_root().join(".berth-pool");
-    wait_until("the slot's folders gone", &deployment, || !pool.join(&slot).exists() && !pool.join(format!("{slot}.identity")).exists()).await;
+    wait_until("the slot's folders gone", &deployment, || !pool.join(&slot).exists() && !pool.join(format!("{slot}.identity")).exists())
+        .await;
     assert!(!deployment.directories().contains(&session), "{:?}", deployment.directories());
     let refilled = wait_for_full_pool(&deployment, 1).await;
     assert!(!refilled.contains(&slot), "a claimed slot never returns to the pool");

@@ -67,7 +67,9 @@ impl AgentSettings {
             inventory_interval: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(60),
             stop_timeout_secs: 5,
-            concurrency: 16,
+            // Fifty warm claims at once are a hundred short tasks (claim, then unpause): with 16
+            // at a time they waited in waves behind each other (`berth bench open`).
+            concurrency: 64,
         }
     }
 }
@@ -371,7 +373,7 @@ impl Agent {
             Ok(ready) => {
                 self.remember_container(&identity.session, &ready.container_id);
                 tracing::info!(session_id = %identity.session, container_id = %ready.container_id, port = ready.port,
-                    adopted = ready.adopted, ready_ms = ready.ready_ms, "container ready");
+                    adopted = ready.adopted, start_ms = ready.start_ms, ready_ms = ready.ready_ms, "container ready");
                 Ok(answer(
                     task,
                     &ContainerReady {
@@ -425,11 +427,19 @@ impl Agent {
             // into the session's: started again, Docker would mount the old, empty path. A wake
             // replaces it with a container on the session directory instead.
             let mut mounts_session_dir = true;
+            // A paused container (a warm claim's) runs already with its port published: this
+            // inspection is what readiness needs, so nothing but the unpause goes to Docker
+            // before the health check.
+            let mut paused_inspection = None;
             let status = match existing {
                 Some(existing) => {
                     check_ownership(&existing, identity, &self.inner.profile).map_err(Failure::NotOurs)?;
                     mounts_session_dir = !container_labels(&existing).contains_key(spec::POOL_SLOT_LABEL);
-                    existing.state.as_ref().and_then(|state| state.status).unwrap_or(ContainerStateStatusEnum::EMPTY)
+                    let status = existing.state.as_ref().and_then(|state| state.status).unwrap_or(ContainerStateStatusEnum::EMPTY);
+                    if status == ContainerStateStatusEnum::PAUSED {
+                        paused_inspection = Some(existing);
+                    }
+                    status
                 }
                 None => {
                     let created_at = Instant::now();
@@ -484,7 +494,7 @@ impl Agent {
             }
             let start_ms = elapsed_ms(started_at);
             let ready_began = Instant::now();
-            let ready = self.wait_until_answering(&name, deadline).await?;
+            let ready = self.wait_until_answering(&name, paused_inspection, deadline).await?;
             return Ok(ReadyContainer {
                 container_id: ready.container_id,
                 host: spec::publish_host().to_owned(),
@@ -667,15 +677,26 @@ impl Agent {
 
     /// Polls until the container answers its health check; returns its id and host port.
     async fn wait_until_ready(&self, name: &str, deadline: Instant) -> Result<(String, u16), Failure> {
-        let ready = self.wait_until_answering(name, deadline).await?;
+        let ready = self.wait_until_answering(name, None, deadline).await?;
         Ok((ready.container_id, ready.port))
     }
 
     /// [`Agent::wait_until_ready`], with the container's address on the session network.
-    async fn wait_until_answering(&self, name: &str, deadline: Instant) -> Result<Answering, Failure> {
+    /// `known`: an inspection taken just before (of a container that was paused, so its port and
+    /// address stand), used instead of asking Docker again; not for Docker's own health check,
+    /// whose status it would show from before the pause.
+    async fn wait_until_answering(
+        &self,
+        name: &str,
+        known: Option<ContainerInspectResponse>,
+        deadline: Instant,
+    ) -> Result<Answering, Failure> {
         let settings = &self.inner.profile.container;
         let port_key = spec::service_port_key(settings);
-        let mut inspected = self.inner.docker.inspect_container(name, None).await?;
+        let mut inspected = match known.filter(|_| settings.health != HealthCheck::Docker) {
+            Some(inspected) => inspected,
+            None => self.inner.docker.inspect_container(name, None).await?,
+        };
         let container_id = inspected.id.clone().unwrap_or_default();
         let port = loop {
             if let Some(port) = published_port(&inspected, &port_key) {
