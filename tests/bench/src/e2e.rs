@@ -204,7 +204,10 @@ pub(crate) async fn docker_run_to_health(profile: &Profile) -> anyhow::Result<Du
         protocol::profile::HealthCheck::Http(path) => path.clone(),
         _ => "/".to_owned(),
     };
-    let deadline = Instant::now() + Duration::from_secs(container.ready_timeout_secs);
+    // As long as the session pattern gives a provisioning (3 × ready_timeout + 30 s): fifty
+    // `docker run`s at once on a small machine take longer than one container's ready timeout,
+    // and the opens they are compared with get that long too.
+    let deadline = Instant::now() + Duration::from_secs(container.ready_timeout_secs * 3 + 30);
     let elapsed = loop {
         // The same readiness rule the container agent applies.
         if container::probe::http_ready("127.0.0.1", port, &path).await {
