@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::BasicProperties;
-use protocol::event::CONTENT_TYPE;
 use protocol::events::TimerFired;
 use protocol::{Bus, CloudEvent};
 use redis::aio::ConnectionManager;
@@ -305,7 +303,7 @@ impl TimerService {
             return Ok(false);
         };
         let event = member.fired_event(&self.keys.timer_prefix(), deadline as i64);
-        let properties = BasicProperties::default().with_content_type(CONTENT_TYPE.into()).with_message_id(event.id.clone().into());
+        let properties = protocol::Properties::cloud_event().with_message_id(&event.id);
         self.bus.publish(&self.events_exchange, TIMER_FIRED, &event.to_bytes(), properties).await?;
         let refire_at = chrono::Utc::now().timestamp_millis() + self.refire_after.as_millis() as i64;
         // XX: only while still indexed, since the engine may have committed the event already.

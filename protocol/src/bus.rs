@@ -296,17 +296,6 @@ impl Properties {
     }
 }
 
-// TRANSITION: until every caller outside this crate uses `Properties`.
-impl From<BasicProperties> for Properties {
-    fn from(properties: BasicProperties) -> Properties {
-        Properties {
-            content_type: properties.content_type().as_ref().map(ToString::to_string),
-            message_id: properties.message_id().as_ref().map(ToString::to_string),
-            headers: Vec::new(),
-        }
-    }
-}
-
 /// How an exchange routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExchangeKind {
@@ -611,8 +600,7 @@ impl Bus {
     }
 
     /// A fresh channel on the shared connection (for consumers and declarations).
-    // TRANSITION: public until every caller outside this crate uses the bus's own methods.
-    pub async fn channel(&self) -> Result<Channel> {
+    async fn channel(&self) -> Result<Channel> {
         self.publisher().await?;
         let link = self.link.lock().await;
         match link.as_ref() {
@@ -636,8 +624,8 @@ impl Bus {
 
     /// Publishes one persistent message and waits for the broker's confirm, retrying through
     /// connection loss until [`PUBLISH_DEADLINE`].
-    pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], properties: impl Into<Properties>) -> Result<()> {
-        self.publish_amqp(exchange, routing_key, body, properties.into().to_amqp()).await
+    pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], properties: Properties) -> Result<()> {
+        self.publish_amqp(exchange, routing_key, body, properties.to_amqp()).await
     }
 
     async fn publish_amqp(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
@@ -1399,11 +1387,6 @@ impl RetryQueues {
 }
 
 impl Incoming {
-    // TRANSITION: until every caller outside this crate subscribes through the bus.
-    pub fn from_delivery(delivery: &lapin::message::Delivery) -> Incoming {
-        Incoming::received(delivery, None)
-    }
-
     /// The message of a delivery consumed by a bus connected as `own_user`: a retry copy that user
     /// published keeps naming the original sender ([`topology::SENDER_HEADER`]); on anyone else's
     /// message that header means nothing. Without `own_user` the sender is the `user_id` as it is.
