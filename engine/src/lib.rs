@@ -46,6 +46,9 @@ pub enum Error {
     Conflict { thred: String },
     #[error("{0:?} is not a host id (1-40 lowercase letters, digits or `-`)")]
     NotAHost(String),
+    /// A record that does not serialize is never written as an empty one.
+    #[error("cannot encode the {what}: {source}")]
+    Encode { what: &'static str, source: serde_json::Error },
     /// A background task (timers, admitter, …) ended while the engine was running.
     #[error("engine stopped: {0}")]
     Stopped(protocol::supervise::Ended),
@@ -60,7 +63,12 @@ impl Error {
         match self {
             Error::Redis(_) | Error::Bus(_) => protocol::Outcome::RetryUnavailable,
             Error::Conflict { .. } => protocol::Outcome::Retry,
-            Error::Corrupt { .. } | Error::Pattern(_) | Error::PatternName { .. } | Error::NotAHost(_) | Error::Stopped(_) => {
+            Error::Corrupt { .. }
+            | Error::Encode { .. }
+            | Error::Pattern(_)
+            | Error::PatternName { .. }
+            | Error::NotAHost(_)
+            | Error::Stopped(_) => {
                 protocol::Outcome::DeadLetter(self.to_string())
             }
         }

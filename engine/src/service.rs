@@ -895,7 +895,7 @@ impl Engine {
             tracing::debug!(host = %report.host, age_ms, "stale host report dropped");
             return Ok(EventFate::Done);
         }
-        let text = serde_json::to_string(&report).unwrap_or_default();
+        let text = serde_json::to_string(&report).map_err(|source| Error::Encode { what: "host report", source })?;
         let keys = &self.inner.keys;
         let mut redis = self.inner.redis.clone();
         let _: () = redis::pipe()
@@ -1104,6 +1104,8 @@ impl Engine {
             if reporting {
                 continue;
             }
+            // Noted first (idempotent), so failover counts from here whichever replica logs it.
+            self.note_gone(&id).await?;
             // Only the replica whose ZREM takes it out logs it.
             let removed: u64 = redis::cmd("ZREM").arg(keys.hosts()).arg(&id).query_async(&mut redis).await?;
             if removed > 0 {

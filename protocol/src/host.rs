@@ -4,7 +4,6 @@
 //! stops reporting is gone when its report expires: Redis key expiry is the membership protocol.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::event::CloudEvent;
 use crate::message::AgentKind;
@@ -65,9 +64,10 @@ impl HostCapacity {
 }
 
 impl HostReport {
-    /// The event that carries it (no subject: it is about a host, not a session).
+    /// The event that carries it (no subject: it is about a host, not a session). Its data goes
+    /// through `events::to_data`, which logs a failed encoding (a `null` every reader refuses).
     pub fn to_event(&self, source: &str) -> CloudEvent {
-        CloudEvent::new(&topology::host_report_type(self.agent), source, None, serde_json::to_value(self).unwrap_or(Value::Null))
+        CloudEvent::new(&topology::host_report_type(self.agent), source, None, crate::events::to_data(self))
     }
 
     /// Reads and checks a host report's data; the error names what is wrong.

@@ -407,14 +407,26 @@ async fn open_once(state: &Arc<AppState>, identity: &Identity, workspace: &str, 
             let joined = joined.unwrap_or(false);
             let body = OpenResponse { session, state: outcome.state.unwrap_or_else(|| "unknown".to_owned()), joined, position };
             let status = if joined { StatusCode::OK } else { StatusCode::CREATED };
-            StoredAnswer { status: status.as_u16(), body: serde_json::to_value(body).unwrap_or(Value::Null) }
+            stored_answer(status, &body)
         }
         (reply, _) => {
             let error = ApiError::from_frame(reply);
-            StoredAnswer { status: error.code.status().as_u16(), body: serde_json::to_value(error).unwrap_or(Value::Null) }
+            stored_answer(error.code.status(), &error)
         }
     };
     OpenAttempt::Answered(answer)
+}
+
+/// `body` as a stored answer; one that does not serialize is a 500 saying so, never an empty body.
+fn stored_answer(status: StatusCode, body: &impl Serialize) -> StoredAnswer {
+    match serde_json::to_value(body) {
+        Ok(body) => StoredAnswer { status: status.as_u16(), body },
+        Err(error) => {
+            tracing::error!(%error, "an open's answer did not serialize");
+            let message = format!("the answer could not be encoded: {error}");
+            StoredAnswer { status: StatusCode::INTERNAL_SERVER_ERROR.as_u16(), body: json!({"error": "internal", "message": message}) }
+        }
+    }
 }
 
 /// An entry of the idempotency store: the first request is still running, or its answer.
@@ -440,7 +452,11 @@ async fn idempotent_open(
     // The claim outlives the longest an open can take, so a crashed instance's claim expires.
     let claim_ttl = state.config.open_answer_timeout + Duration::from_secs(30);
     let running = IdempotencyEntry::Running { fingerprint: fingerprint.to_owned() };
-    match store.claim(&storage_key, &serde_json::to_string(&running).unwrap_or_default(), claim_ttl).await {
+    let claim = match serde_json::to_string(&running) {
+        Ok(claim) => claim,
+        Err(error) => return unavailable(format!("cannot encode the claim: {error}")),
+    };
+    match store.claim(&storage_key, &claim, claim_ttl).await {
         Ok(true) => {
             match open_once(state, identity, workspace, profile).await {
                 OpenAttempt::NotSent(error) => {
@@ -450,8 +466,17 @@ async fn idempotent_open(
                 }
                 OpenAttempt::Answered(answer) => {
                     let entry = IdempotencyEntry::Answered { fingerprint: fingerprint.to_owned(), answer: answer.clone() };
-                    if let Err(error) = store.put(&storage_key, &serde_json::to_string(&entry).unwrap_or_default(), IDEMPOTENCY_TTL).await {
-                        tracing::warn!(user = %identity.user, %error, "could not record an idempotent open's answer");
+                    match serde_json::to_string(&entry) {
+                        Ok(text) => {
+                            if let Err(error) = store.put(&storage_key, &text, IDEMPOTENCY_TTL).await {
+                                tracing::warn!(user = %identity.user, %error, "could not record an idempotent open's answer");
+                            }
+                        }
+                        // Never an empty record: the claim goes, and a retry opens (and joins) again.
+                        Err(error) => {
+                            tracing::error!(user = %identity.user, %error, "an idempotent open's answer did not serialize");
+                            store.release(&storage_key).await;
+                        }
                     }
                     answer.into_response()
                 }

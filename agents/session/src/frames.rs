@@ -284,6 +284,9 @@ pub enum ServerFrame {
     },
 }
 
+/// What a socket gets instead of a frame that did not serialize.
+const UNENCODABLE_FRAME: &str = r#"{"type":"error","code":"unavailable","message":"the server could not encode its answer"}"#;
+
 impl ServerFrame {
     pub fn ok(id: Option<String>) -> ServerFrame {
         ServerFrame::Ok { id, session: None, status: None, debounced: None, joined: None, state: None, position: None }
@@ -298,9 +301,13 @@ impl ServerFrame {
         ServerFrame::Error { id, code, message: message.into(), session: None, limit: None }
     }
 
+    /// The frame as sent. A frame is strings and JSON values, which always serialize; were one
+    /// not to, the socket gets an `unavailable` error frame, never an empty one.
     pub fn to_text(&self) -> String {
-        // A tree of strings and JSON values always serializes.
-        serde_json::to_string(self).unwrap_or_default()
+        serde_json::to_string(self).unwrap_or_else(|error| {
+            tracing::error!(%error, "a server frame did not serialize; sending an error frame instead");
+            UNENCODABLE_FRAME.to_owned()
+        })
     }
 }
 

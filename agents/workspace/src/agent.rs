@@ -1732,7 +1732,8 @@ impl WorkspaceAgent {
         };
         let mut wanted = local.clone();
         for _ in 0..5 {
-            let payload = PutPayload::from(wanted.to_sidecar_bytes());
+            let bytes = wanted.to_sidecar_bytes().map_err(|reason| Error::Manifest { path: target.manifest_path.clone(), reason })?;
+            let payload = PutPayload::from(bytes);
             match conditional::put(self.store.store.as_ref(), &key, payload, &expected).await? {
                 Written::Done(result) => {
                     // The base for the next merge is this session's own view, not the merge.

@@ -78,8 +78,10 @@ impl Tree {
         self.modes.get(path).map_or(DEFAULT_FILE_MODE, |mode| mode.0)
     }
 
-    pub fn to_sidecar_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(&Sidecar { version: TREE_VERSION, tree: self.clone() }).unwrap_or_default()
+    /// The sidecar object's bytes; an error instead of an empty sidecar, which would read as a
+    /// corrupt tree.
+    pub fn to_sidecar_bytes(&self) -> Result<Vec<u8>, String> {
+        serde_json::to_vec_pretty(&Sidecar { version: TREE_VERSION, tree: self.clone() }).map_err(|error| format!("{SIDECAR_PATH}: {error}"))
     }
 
     pub fn from_sidecar_bytes(bytes: &[u8]) -> Result<Tree, String> {
@@ -148,7 +150,7 @@ mod tests {
     fn sidecar_round_trips_with_octal_modes() {
         let mut original = tree(&[("latest", "reports/2026"), ("abs", "/etc/passwd")], &[("empty", 0o755), ("private", 0o700)]);
         original.modes.insert("run.sh".into(), Mode(0o755));
-        let bytes = original.to_sidecar_bytes();
+        let bytes = original.to_sidecar_bytes().unwrap();
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(text.contains("\"run.sh\": \"755\"") && text.contains("\"version\": 1"), "{text}");
         assert_eq!(Tree::from_sidecar_bytes(&bytes).unwrap(), original);

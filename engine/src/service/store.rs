@@ -293,8 +293,13 @@ impl Engine {
         let expected_version = previous.map(|thred| thred.version);
         let expected = expected_version.unwrap_or(0);
         thred.version = expected + 1;
-        let thred_json = serde_json::to_string(&thred).unwrap_or_default();
-        let outbox_json = if messages.is_empty() { String::new() } else { serde_json::to_string(messages).unwrap_or_default() };
+        let thred_json = serde_json::to_string(&thred).map_err(|source| Error::Encode { what: "thred", source })?;
+        // An empty outbox is stored as no outbox (the commit script skips it), never a failed encoding.
+        let outbox_json = if messages.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(messages).map_err(|source| Error::Encode { what: "outbox", source })?
+        };
         let max_live = if expected_version.is_none() { pattern.start.max_live_per_key } else { 0 };
         let now_ms = self.inner.clock.now_ms();
         let (seen_today, seen_yesterday) = keys.seen(now_ms);
