@@ -696,7 +696,7 @@ async fn a_host_gone_past_failover_after_moves_its_session_and_saves_its_copy_ap
     h2.kill();
     let gone_at = Instant::now();
     h2.write_inside(&session, "unsynced.txt", "written on h2 after its agents died").expect("write on h2 without agents");
-    deployment.inbox.wait_state(&session, "moving", STEP).await.expect("the user sees moving");
+    let moving_seen = deployment.inbox.wait_state(&session, "moving", STEP).await.expect("the user sees moving");
     let deadline = Instant::now() + STEP;
     while !states_after(&deployment, &session, "moving").contains(&"running".to_owned()) {
         assert!(Instant::now() < deadline, "not running elsewhere: {:?}\n{}", deployment.inbox.states(&session), deployment.logs_tail(40));
@@ -704,8 +704,10 @@ async fn a_host_gone_past_failover_after_moves_its_session_and_saves_its_copy_ap
     }
     let took = gone_at.elapsed();
     println!(
-        "failover: h2's agents killed → the session running on local in {:.1} s (gone after 3 report intervals of {REPORT_SECS} s, then hosts.failover_after = 3s)",
-        took.as_secs_f64()
+        "failover: h2's agents killed → the session running on local in {:.1} s (gone after 3 report intervals of {REPORT_SECS} s, then \
+         hosts.failover_after = 3s); moving → running {:.1} s",
+        took.as_secs_f64(),
+        moving_seen.at.elapsed().as_secs_f64()
     );
     // The user was told honestly what stayed behind.
     let moving = deployment

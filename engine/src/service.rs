@@ -1104,6 +1104,8 @@ impl Engine {
             if reporting {
                 continue;
             }
+            // Noted first (idempotent), so failover counts from here whichever replica logs it.
+            self.note_gone(&id).await?;
             // Only the replica whose ZREM takes it out logs it.
             let removed: u64 = redis::cmd("ZREM").arg(keys.hosts()).arg(&id).query_async(&mut redis).await?;
             if removed > 0 {

@@ -1,8 +1,8 @@
 //! Failover: the sessions of a host that stays gone reopen on another host, and what the host held
 //! is saved as a recovered copy when it returns.
 //!
-//! A host is gone when its container report expired (`notice_gone_hosts`); this module remembers
-//! since when (`<prefix>:gone`, host → ms). Once a host has been gone for the profile's
+//! A host is gone when its container report expired (`notice_gone_hosts`, which notes it here:
+//! `<prefix>:gone`, host → ms; the failover round does nothing while that is empty). Once a host has been gone for the profile's
 //! `hosts.failover_after`, every live session placed there gets `session.failover` (its id derived
 //! from the thred's version, like `session.move`): the session pattern goes to `moving` (the user
 //! is told that changes since the last sync stayed on that host), then, at the next round, to the
@@ -86,6 +86,10 @@ impl Engine {
         let gone_key = gone_key(self);
         let mut gone: std::collections::HashMap<String, i64> =
             redis.zrange_withscores::<_, Vec<(String, i64)>>(&gone_key, 0, -1).await?.into_iter().collect();
+        if gone.is_empty() {
+            // The usual case: no live thred is looked at.
+            return Ok(());
+        }
         // A host that reports again is back: the next time it goes, it is gone from then on.
         for host in gone.keys().cloned().collect::<Vec<_>>() {
             let reporting: bool = redis.exists(keys.host_report(&host, AgentKind::Container)).await?;
@@ -95,7 +99,10 @@ impl Engine {
                 tracing::info!(host = %host, "host reports again");
             }
         }
-        let mut reporting_cache: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+        // Only hosts gone long enough matter; none yet is the common case while one is away.
+        if !gone.values().any(|since| now_ms - since >= after_ms) {
+            return Ok(());
+        }
         for pattern in self.inner.patterns.iter().filter(|pattern| pattern.start.admission.is_some() && pattern.knows(SESSION_FAILOVER)) {
             let waiting: &[String] = pattern.start.admission.as_ref().map(|spec| spec.waiting_states.as_slice()).unwrap_or_default();
             let user_prefix = keys.user_live(&pattern.name, "");
@@ -113,28 +120,9 @@ impl Engine {
                     if thred.ended || waiting.contains(&thred.state) {
                         continue;
                     }
-                    let reporting = match reporting_cache.get(&host) {
-                        Some(reporting) => *reporting,
-                        None => {
-                            let reporting: bool = redis.exists(keys.host_report(&host, AgentKind::Container)).await?;
-                            reporting_cache.insert(host.clone(), reporting);
-                            reporting
-                        }
-                    };
-                    if reporting {
-                        continue;
-                    }
-                    let gone_since = match gone.get(&host) {
-                        Some(since) => *since,
-                        None => {
-                            // First seen gone by this round (or gone before the engine kept the time).
-                            let _: () = redis::cmd("ZADD").arg(&gone_key).arg("NX").arg(now_ms).arg(&host).query_async(&mut redis).await?;
-                            let since: Option<i64> = redis.zscore(&gone_key, &host).await?;
-                            let since = since.unwrap_or(now_ms);
-                            gone.insert(host.clone(), since);
-                            since
-                        }
-                    };
+                    // A host not noted gone reports (or `notice_gone_hosts`, earlier in the same round,
+                    // notes it the moment its report expires).
+                    let Some(gone_since) = gone.get(&host).copied() else { continue };
                     if now_ms - gone_since < after_ms {
                         continue;
                     }
@@ -165,6 +153,14 @@ impl Engine {
         tracing::warn!(session = %thred.key, host, state = %thred.state, gone_ms = chrono::Utc::now().timestamp_millis() - gone_since_ms,
             "host gone past hosts.failover_after; moving the session to another host from its last sync");
         self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &event).await?;
+        Ok(())
+    }
+
+    /// Notes that `host` is gone from now (kept if it was already noted): failover counts from here.
+    pub(super) async fn note_gone(&self, host: &str) -> Result<()> {
+        let mut redis = self.inner.redis.clone();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let _: () = redis::cmd("ZADD").arg(gone_key(self)).arg("NX").arg(now_ms).arg(host).query_async(&mut redis).await?;
         Ok(())
     }
 
