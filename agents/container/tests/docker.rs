@@ -15,6 +15,9 @@ use bollard::Docker;
 use container::{connect_docker, spec, Agent, AgentSettings, SessionIdentity};
 use protocol::bus::{Durability, QueueSpec};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
+use protocol::events::{
+    ContainerExited, ContainerFailed, ContainerInventory, ContainerPaused, ContainerReady, ContainerRemoved, ContainerStats, EventData,
+};
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Properties, Task};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -141,7 +144,13 @@ fn expect_type(event: &CloudEvent, event_type: &str) {
 }
 
 fn port_of(event: &CloudEvent) -> u16 {
-    event.data["port"].as_u64().and_then(|port| u16::try_from(port).ok()).expect("port in container.ready")
+    data::<ContainerReady>(event).port
+}
+
+/// The event's data read as its catalogue type (the event must be of that type).
+#[track_caller]
+fn data<T: EventData>(event: &CloudEvent) -> T {
+    event.data_as().unwrap_or_else(|error| panic!("{error}: {}", event.data))
 }
 
 async fn http_get(port: u16, path: &str) -> Option<String> {
@@ -369,9 +378,10 @@ async fn provision_sets_every_limit_and_hardening_option_and_is_idempotent() {
     // Provisioning again (a repeated or redelivered task) finds the same container and port.
     let again = answer(&agent, &provision(&session)).await;
     expect_type(&again, "container.ready");
-    assert_eq!(again.data["container_id"], ready.data["container_id"]);
-    assert_eq!(port_of(&again), port);
-    assert_eq!(again.data["adopted"], true);
+    let (again, first) = (data::<ContainerReady>(&again), data::<ContainerReady>(&ready));
+    assert_eq!(again.container_id, first.container_id);
+    assert_eq!(again.port, port);
+    assert!(again.adopted);
     assert_eq!(fixture.containers(Some(&session)).await.len(), 1);
 
     // Another user asking for the same session id gets nothing of it.
@@ -381,9 +391,10 @@ async fn provision_sets_every_limit_and_hardening_option_and_is_idempotent() {
 
     let stats = answer(&agent, &task(&session, "stats", json!({}))).await;
     expect_type(&stats, "container.stats");
-    assert_eq!(stats.data["memory_limit"], 128 * 1024 * 1024);
-    assert!(stats.data["memory_used"].as_u64().unwrap() > 0, "{}", stats.data);
-    assert!(stats.data["cpu_percent"].as_f64().is_some());
+    let stats = data::<ContainerStats>(&stats);
+    assert_eq!(stats.memory_limit, 128 * 1024 * 1024);
+    assert!(stats.memory_used > 0, "{stats:?}");
+    assert!(stats.cpu_percent.is_finite(), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,11 +532,12 @@ async fn two_deployments_sharing_a_profile_name_and_a_docker_engine_never_touch_
         assert_eq!((inventory[0].user.as_str(), inventory[0].workspace.as_str()), ("alice", "w1"));
     }
     let published = agent_a.publish_inventory().await.unwrap();
-    assert_eq!(published.data["deployment"], profile_a.deployment().as_str());
-    let entries = published.data["containers"].as_array().unwrap();
+    let published = data::<ContainerInventory>(&published);
+    assert_eq!(published.deployment, profile_a.deployment());
+    let entries = &published.containers;
     assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0]["session"], session_a.as_str());
-    assert_eq!((entries[0]["user"].as_str(), entries[0]["workspace"].as_str()), (Some("alice"), Some("w1")));
+    assert_eq!(entries[0].session, session_a);
+    assert_eq!((entries[0].user.as_str(), entries[0].workspace.as_str()), ("alice", "w1"));
 
     let still_running = |id: String| {
         let docker = fixture.docker.clone();
@@ -534,15 +546,15 @@ async fn two_deployments_sharing_a_profile_name_and_a_docker_engine_never_touch_
     // A's orphan removal naming B's container is refused and not executed (no grace period here).
     let refused = answer(&agent_a, &task(&session_b, "remove", json!({"container_id": id_b}))).await;
     expect_type(&refused, "container.failed");
-    let reason = refused.data["error"].as_str().unwrap();
+    let reason = data::<ContainerFailed>(&refused).error;
     assert!(reason.contains(&profile_a.deployment()) && reason.contains(&profile_b.deployment()), "{reason}");
     // By the session's name, A finds no container of its own: removed, stopped, paused as missing.
     let by_name = answer(&agent_a, &task(&session_b, "remove", json!({}))).await;
     expect_type(&by_name, "container.removed");
-    assert_eq!(by_name.data["container_id"], Value::Null);
+    assert_eq!(data::<ContainerRemoved>(&by_name).container_id, None);
     expect_type(&answer(&agent_a, &task(&session_b, "stop", json!({}))).await, "container.stopped");
     let paused = answer(&agent_a, &task(&session_b, "pause", json!({}))).await;
-    assert_eq!(paused.data["state"], "missing", "{}", paused.data);
+    assert_eq!(data::<ContainerPaused>(&paused), ContainerPaused { container_id: None, state: "missing".into() });
     expect_type(&answer(&agent_a, &task(&session_b, "stats", json!({}))).await, "container.failed");
     // Provisioning B's session id in A cannot adopt or replace B's container.
     let hijack = answer(&agent_a, &provision(&session_b)).await;
@@ -632,8 +644,9 @@ async fn readiness_timeout_fails_and_removes_the_container() {
     let began = Instant::now();
     let failed = answer(&agent, &provision(&session)).await;
     expect_type(&failed, "container.failed");
-    assert_eq!(failed.data["action"], "provision");
-    assert!(failed.data["error"].as_str().unwrap().contains("not ready within 2 s"), "{}", failed.data);
+    let failed = data::<ContainerFailed>(&failed);
+    assert_eq!(failed.action, "provision");
+    assert!(failed.error.contains("not ready within 2 s"), "{failed:?}");
     assert!(began.elapsed() >= Duration::from_secs(2));
     assert!(fixture.containers(Some(&session)).await.is_empty(), "the failed container was removed");
 }
@@ -696,9 +709,7 @@ async fn an_oom_killed_session_container_is_reported_through_the_broker() {
             event.subject.as_deref() == Some(session.as_str())
         })
         .await;
-    assert_eq!(exited.data["oom_killed"], true, "{}", exited.data);
-    assert_eq!(exited.data["container_id"], created.id.as_str());
-    assert_eq!(exited.data["exit_code"], 137);
+    assert_eq!(data::<ContainerExited>(&exited), ContainerExited { container_id: created.id.clone(), exit_code: 137, oom_killed: true });
     assert_eq!(exited.extension("thredid"), Some("thred-oom"));
 
     // A stop the agent was asked for is not reported as an unexpected exit.
