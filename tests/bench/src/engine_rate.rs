@@ -17,6 +17,8 @@ use engine::service::{self, Keys};
 use engine::timers::TimerMember;
 use engine::{Engine, EngineConfig};
 
+use crate::stats::{milliseconds, Latencies};
+
 const THREDS: usize = 10_000;
 const TIMERS: usize = 1_000;
 const PUBLISH_PARALLELISM: usize = 64;
@@ -36,14 +38,6 @@ pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
     service::teardown(&bus, &profile.services.redis_url, &config).await?;
     bus.close().await;
     outcome
-}
-
-fn percentile(sorted: &[f64], fraction: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 async fn publish_all(bus: &Bus, exchange: &str, messages: Vec<(String, Vec<u8>)>) -> anyhow::Result<()> {
@@ -110,7 +104,7 @@ pub async fn wait_handled(engine: &Engine, target: u64, timeout: Duration) -> an
 }
 
 /// Publishes `events` (at `rate` per second, or flat out) while collecting the tasks they cause
-/// (`action`); returns the achieved rate and the sorted publish→task latencies in ms.
+/// (`action`); returns the achieved rate and the publish→task latencies.
 async fn live_phase(
     bus: &Bus,
     exchange: &str,
@@ -118,7 +112,7 @@ async fn live_phase(
     rate: Option<f64>,
     tasks: &mut mpsc::UnboundedReceiver<(Instant, Vec<u8>)>,
     action: &str,
-) -> anyhow::Result<(f64, Vec<f64>)> {
+) -> anyhow::Result<(f64, Latencies)> {
     let expected = events.len();
     let (sender, mut published) = mpsc::unbounded_channel::<(String, Instant)>();
     let bus = bus.clone();
@@ -174,9 +168,9 @@ async fn live_phase(
         Ok::<_, anyhow::Error>(())
     });
     let mut published_at: HashMap<String, Instant> = HashMap::with_capacity(expected);
-    let mut latencies = Vec::with_capacity(expected);
+    let mut latencies = Latencies::new();
     let mut pending: Vec<(Instant, String)> = Vec::new();
-    while latencies.len() < expected {
+    while latencies.len() < expected as u64 {
         let Ok(Some((received_at, body))) = tokio::time::timeout(Duration::from_secs(30), tasks.recv()).await else { break };
         while let Ok((id, at)) = published.try_recv() {
             published_at.insert(id, at);
@@ -189,7 +183,7 @@ async fn live_phase(
         pending.push((received_at, cause));
         pending.retain(|(received_at, cause)| match published_at.get(cause) {
             Some(at) => {
-                latencies.push(received_at.duration_since(*at).as_secs_f64() * 1000.0);
+                latencies.record(received_at.duration_since(*at));
                 false
             }
             None => true,
@@ -197,7 +191,6 @@ async fn live_phase(
     }
     let elapsed = started.elapsed().as_secs_f64();
     publisher.await??;
-    latencies.sort_by(f64::total_cmp);
     Ok((latencies.len() as f64 / elapsed, latencies))
 }
 
@@ -272,8 +265,8 @@ async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &Eng
     println!(
         "  engine, live, publisher flat out:  {live_rate:>9.0} events/s  ({:.0}% of raw); publish→task p50 {:.1} ms, p99 {:.1} ms ({} tasks; queueing included)",
         100.0 * live_rate / raw_rate,
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.99),
+        milliseconds(latencies.percentile(0.50)),
+        milliseconds(latencies.percentile(0.99)),
         latencies.len()
     );
 
@@ -291,8 +284,8 @@ async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &Eng
     let (_, latencies) = live_phase(&as_container, &config.events_exchange, ready, Some(paced_rate), &mut tasks, "group").await?;
     println!(
         "  engine, paced at {paced_rate:.0} events/s:      publish→task p50 {:.1} ms, p99 {:.1} ms ({} tasks)",
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.99),
+        milliseconds(latencies.percentile(0.50)),
+        milliseconds(latencies.percentile(0.99)),
         latencies.len()
     );
 
@@ -310,22 +303,22 @@ async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &Eng
         pipeline.zadd(keys.deadlines(), &member, now_ms + delay_ms).ignore();
     }
     let _: () = pipeline.query_async(&mut redis).await?;
-    let mut lateness = Vec::with_capacity(TIMERS);
-    while lateness.len() < TIMERS {
+    // Fired − deadline; a fire a millisecond early (the two clocks' rounding) counts as on time.
+    let mut lateness = Latencies::new();
+    while lateness.len() < TIMERS as u64 {
         let Ok(Some((_, body))) = tokio::time::timeout(Duration::from_secs(10), fired.recv()).await else { break };
         let received_ms = chrono::Utc::now().timestamp_millis();
         let Ok(event) = CloudEvent::parse(&body, protocol::event::DEFAULT_MAX_EVENT_BYTES) else { continue };
         if let Some(deadline) = event.data.get("deadline_ms").and_then(serde_json::Value::as_i64) {
-            lateness.push((received_ms - deadline) as f64);
+            lateness.record(Duration::from_millis(u64::try_from(received_ms - deadline).unwrap_or(0)));
         }
     }
-    lateness.sort_by(f64::total_cmp);
     println!(
         "  timers: {} of {TIMERS} fired; fired − deadline p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         lateness.len(),
-        percentile(&lateness, 0.50),
-        percentile(&lateness, 0.99),
-        lateness.last().copied().unwrap_or(f64::NAN)
+        milliseconds(lateness.percentile(0.50)),
+        milliseconds(lateness.percentile(0.99)),
+        milliseconds(lateness.max())
     );
 
     let snapshot = engine.metrics().snapshot();
