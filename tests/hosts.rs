@@ -773,3 +773,46 @@ async fn a_host_gone_past_failover_after_moves_its_session_and_saves_its_copy_ap
     drop(h2);
     deployment.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_over_session_that_ended_before_its_old_host_returned_still_gets_that_hosts_copy_saved_apart() {
+    let deployment = Deployment::start(&failover_config()).await.expect("deployment");
+    let mut h2 = Host::start(&deployment, "h2").expect("host h2");
+    wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
+    let session = open_running(&deployment, "ann").await.expect("a session");
+    assert_eq!(h2.containers(), vec![Deployment::container_name(&session)], "the tie goes to h2");
+    h2.kill();
+    h2.write_inside(&session, "late.txt", "only ever on h2").expect("write on h2 without agents");
+    deployment.inbox.wait_state(&session, "moving", STEP).await.expect("moving");
+    let deadline = Instant::now() + STEP;
+    while !states_after(&deployment, &session, "moving").contains(&"running".to_owned()) {
+        assert!(Instant::now() < deadline, "not running elsewhere: {:?}\n{}", deployment.inbox.states(&session), deployment.logs_tail(40));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The moved session ends on local before h2 is back.
+    deployment.close(&session, "ann").await.expect("close");
+    assert_eq!(deployment.inbox.wait_terminal(&session, STEP).await.expect("closed").state, "closed");
+
+    h2.spawn(&deployment).expect("h2 comes back");
+    let recovered = format!("recovered/h2/{session}/late.txt");
+    wait_until(&deployment, "h2's copy of the ended session saved apart and removed there", async || {
+        deployment.get_object(&recovered).await.ok().flatten().as_deref() == Some(&b"only ever on h2"[..])
+            && !h2.session_dir(&session).exists()
+            && h2.containers().is_empty()
+    })
+    .await
+    .expect("recovered");
+    let told = deployment
+        .inbox
+        .wait("the user told where the copy is", STEP, |n| {
+            n.session.as_deref() == Some(session.as_str()) && !n.detail["recovered"].is_null()
+        })
+        .await
+        .expect("told");
+    assert_eq!(told.notification.state, "recovered", "the session itself has ended");
+    // Not synced into the workspace: the ended session's store copy is what it left.
+    assert_eq!(deployment.get_object(&Deployment::object_key("ann", "thesis", "late.txt")).await.expect("store"), None);
+    assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
+    drop(h2);
+    deployment.teardown().await;
+}
