@@ -7,7 +7,10 @@
 //! is gone after its interval, new sessions go elsewhere and the other host's sessions are not
 //! touched; its tasks wait on its queue until it comes back; `berth host drain` moves a session of
 //! 50 MB in 500 files to the other host byte for byte; a reopen goes to the host caching its
-//! workspace; what a host held when the engine lost its state is recovered on that host.
+//! workspace; what a host held when the engine lost its state is recovered on that host; a host
+//! gone past `hosts.failover_after` has its session reopened elsewhere from the last sync, and
+//! when it returns its copy is saved apart (`recovered/<host>/<session>/`) before its directory and
+//! container go, whether the moved session still runs or has ended.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
