@@ -465,6 +465,8 @@ impl Engine {
                 return self.finish_duplicate(event).await;
             };
             let now_ms = self.inner.clock.now_ms();
+            // The hosts admission read in this attempt, for placement to reuse.
+            let mut hosts_read: Option<Vec<HostView>> = None;
             let binding = binding::bind(&self.inner.patterns, &event.event_type, read);
             let (pattern, previous, stepped) = match binding {
                 Binding::Orphan => {
@@ -497,7 +499,11 @@ impl Engine {
                             None if pattern.start.admission.is_some() => {
                                 let verdict = match overruled.take() {
                                     Some(verdict) => verdict,
-                                    None => self.admission_verdict(pattern, event, &step.thred).await?,
+                                    None => {
+                                        let (verdict, hosts) = self.admission_verdict(pattern, event, &step.thred).await?;
+                                        hosts_read = Some(hosts);
+                                        verdict
+                                    }
                                 };
                                 let mut seed = self.seed_context(event);
                                 seed.insert("admission".to_owned(), verdict.to_value());
@@ -525,7 +531,7 @@ impl Engine {
                 }
             };
             let mut step = step;
-            let placed = match self.place(pattern, previous.as_ref(), event, &mut step.thred).await? {
+            let placed = match self.place(pattern, previous.as_ref(), event, &mut step.thred, hosts_read.take()).await? {
                 Placed::Here(host) => Some(host),
                 Placed::Unplaced => None,
                 // Hosts report, and none has room: a new thred waits in the queue; a waiting one
@@ -610,7 +616,8 @@ impl Engine {
     /// The verdict for a new thred of an admitted pattern, from one read of the counts. Opens are
     /// counted over the last 60 s (a sliding window, not the clock's minute); recording this one is
     /// idempotent by event id, so a redelivery counts once.
-    async fn admission_verdict(&self, pattern: &Pattern, event: &CloudEvent, candidate: &Thred) -> Result<Verdict> {
+    /// Also returns the hosts it read, which placement reuses in the same attempt.
+    async fn admission_verdict(&self, pattern: &Pattern, event: &CloudEvent, candidate: &Thred) -> Result<(Verdict, Vec<HostView>)> {
         let keys = &self.inner.keys;
         let user = candidate.context.get("user").and_then(Value::as_str).unwrap_or_default();
         let now_ms = self.inner.clock.now_ms();
@@ -664,7 +671,7 @@ impl Engine {
         if verdict != Verdict::Admit {
             tracing::info!(user, ?verdict, "open not admitted at once");
         }
-        Ok(verdict)
+        Ok((verdict, hosts))
     }
 
     /// Lets waiting threds go when capacity frees, oldest first, and tells each waiting user their
@@ -1020,7 +1027,17 @@ impl Engine {
     /// go) on a host and records it on the thred; its tasks for host-affine agents follow it there.
     /// A thred of a pattern without admission takes the host its starting event names (the
     /// reconciler's `session.recover` names the host whose inventory found the directory).
-    async fn place(&self, pattern: &Pattern, previous: Option<&Thred>, event: &CloudEvent, thred: &mut Thred) -> Result<Placed> {
+    /// `hosts_read`: the hosts admission just read for this thred, if it did. Reusing them saves a
+    /// round trip per open; the commit checks the chosen host's capacity again, atomically, so a
+    /// view that went stale meanwhile costs a retry, never an overcommitted host.
+    async fn place(
+        &self,
+        pattern: &Pattern,
+        previous: Option<&Thred>,
+        event: &CloudEvent,
+        thred: &mut Thred,
+        hosts_read: Option<Vec<HostView>>,
+    ) -> Result<Placed> {
         let Some(spec) = &pattern.start.admission else {
             if previous.is_none() {
                 thred.host = event
@@ -1038,7 +1055,10 @@ impl Engine {
             return Ok(Placed::Unplaced);
         }
         let began = std::time::Instant::now();
-        let hosts = self.live_hosts(thred).await?;
+        let hosts = match hosts_read {
+            Some(hosts) => hosts,
+            None => self.live_hosts(thred).await?,
+        };
         if hosts.is_empty() {
             thred.host = None;
             return Ok(Placed::Unplaced);
