@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bench::stats::{milliseconds, Latencies};
 use object_store::path::Path as ObjectPath;
 use object_store::PutPayload;
 use protocol::profile::WorkspaceFilesystem;
@@ -251,11 +252,6 @@ async fn the_agent_is_bounded_too() {
     assert_eq!(content.len(), 1000, "read to the size seen, not to wherever the file has grown");
 }
 
-fn percentile(sorted: &[f64], percent: f64) -> f64 {
-    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// Figures: making and mounting a session's file system, and unmounting and deleting it, for the
 /// dev profile's 512 MiB quota; and a materialize of 500 files / 5 MB with and without it.
 /// `cargo test -p workspace --release --test image figures -- --ignored --nocapture`
@@ -265,41 +261,38 @@ async fn figures() {
     let rounds = 40;
     let setup = setup(512, WorkspaceFilesystem::Image, settings());
     let root = setup.profile.deployment_root();
-    let (mut made, mut released) = (Vec::new(), Vec::new());
+    let (mut made, mut released) = (Latencies::new(), Latencies::new());
     for _ in 0..rounds {
         let volume = Volume::of(&root, &format!("s-{}", Uuid::now_v7()));
         let started = Instant::now();
         workspace::attach_volume(&volume, 512 * 1024 * 1024, None).unwrap();
-        made.push(started.elapsed().as_secs_f64() * 1000.0);
+        made.record(started.elapsed());
         let started = Instant::now();
         workspace::release_volume(&volume).unwrap();
-        released.push(started.elapsed().as_secs_f64() * 1000.0);
+        released.record(started.elapsed());
     }
-    made.sort_by(f64::total_cmp);
-    released.sort_by(f64::total_cmp);
     println!(
         "image 512 MiB, {rounds} rounds: set-up (sparse file + mkfs.ext4 + 2 mounts) p50 {:.1} ms p99 {:.1} ms; tear-down (2 umounts + delete) p50 {:.1} ms p99 {:.1} ms",
-        percentile(&made, 50.0),
-        percentile(&made, 99.0),
-        percentile(&released, 50.0),
-        percentile(&released, 99.0)
+        milliseconds(made.percentile(0.5)),
+        milliseconds(made.percentile(0.99)),
+        milliseconds(released.percentile(0.5)),
+        milliseconds(released.percentile(0.99))
     );
     for filesystem in [WorkspaceFilesystem::Directory, WorkspaceFilesystem::Image] {
         let setup = setup_with_fixture(filesystem).await;
-        let mut times = Vec::new();
+        let mut times = Latencies::new();
         for _ in 0..10 {
             let session = format!("s-{}", Uuid::now_v7());
             let started = Instant::now();
             assert_eq!(setup.run(&session, "materialize", "case", false).await, Outcome::Ack);
-            times.push(started.elapsed().as_secs_f64() * 1000.0);
+            times.record(started.elapsed());
             assert_eq!(setup.run(&session, "sync", "case", true).await, Outcome::Ack);
             assert_eq!(setup.run(&session, "remove", "case", false).await, Outcome::Ack);
         }
-        times.sort_by(f64::total_cmp);
         println!(
             "materialize 500 files / 5 MB, {filesystem:?}: p50 {:.1} ms p99 {:.1} ms",
-            percentile(&times, 50.0),
-            percentile(&times, 99.0)
+            milliseconds(times.percentile(0.5)),
+            milliseconds(times.percentile(0.99))
         );
     }
 }
