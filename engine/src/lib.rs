@@ -68,9 +68,7 @@ impl Error {
             | Error::Pattern(_)
             | Error::PatternName { .. }
             | Error::NotAHost(_)
-            | Error::Stopped(_) => {
-                protocol::Outcome::DeadLetter(self.to_string())
-            }
+            | Error::Stopped(_) => protocol::Outcome::DeadLetter(self.to_string()),
         }
     }
 }

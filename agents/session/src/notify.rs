@@ -67,7 +67,9 @@ impl NotificationConsumer {
             }
             match NotificationConsumer::start(&bus, &hub).await {
                 Ok(consumer) => current = Some(consumer),
-                Err(error) => tracing::warn!(%error, waited = ?delay, "cannot restart the notification consumer; retrying with a longer wait"),
+                Err(error) => {
+                    tracing::warn!(%error, waited = ?delay, "cannot restart the notification consumer; retrying with a longer wait")
+                }
             }
         }
     }

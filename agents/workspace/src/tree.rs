@@ -81,7 +81,8 @@ impl Tree {
     /// The sidecar object's bytes; an error instead of an empty sidecar, which would read as a
     /// corrupt tree.
     pub fn to_sidecar_bytes(&self) -> Result<Vec<u8>, String> {
-        serde_json::to_vec_pretty(&Sidecar { version: TREE_VERSION, tree: self.clone() }).map_err(|error| format!("{SIDECAR_PATH}: {error}"))
+        serde_json::to_vec_pretty(&Sidecar { version: TREE_VERSION, tree: self.clone() })
+            .map_err(|error| format!("{SIDECAR_PATH}: {error}"))
     }
 
     pub fn from_sidecar_bytes(bytes: &[u8]) -> Result<Tree, String> {

@@ -15,8 +15,8 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::e2e::{expect_state, listen_for_states, publish, Waiters};
-use bootstrap::{spawn_components, Components};
 use bootstrap::{bootstrap, Reset};
+use bootstrap::{spawn_components, Components};
 
 /// Sessions opened at once.
 const BATCH: usize = 10;

@@ -12,8 +12,8 @@ use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, 
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
 
-use bootstrap::{spawn_components, Components};
 use bootstrap::{bootstrap, Reset};
+use bootstrap::{spawn_components, Components};
 
 const SEQUENTIAL_SESSIONS: usize = 20;
 const CONCURRENT_SESSIONS: usize = 10;

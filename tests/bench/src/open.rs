@@ -29,8 +29,8 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::e2e::{docker_run_to_health, expect_state, listen_for_states, publish, Waiters};
-use bootstrap::{spawn_components, Components};
 use bootstrap::{bootstrap, Reset};
+use bootstrap::{spawn_components, Components};
 
 const WORKSPACE: &str = "open-bench";
 const LARGE_WORKSPACE: &str = "open-bench-large";
@@ -573,8 +573,7 @@ async fn measure_wake(bench: &Bench<'_>, user: &str, rounds: usize) -> anyhow::R
     let prefix = crate::fixture::object_prefix(&profile, bench.store, user, WAKE_WORKSPACE)?;
     crate::fixture::delete_prefix(bench.store, &prefix).await;
     let small = WORKLOADS[0];
-    crate::fixture::seed(bench.store, &prefix, crate::fixture::layout(&profile, small.files, small.large_files, small.bytes))
-        .await?;
+    crate::fixture::seed(bench.store, &prefix, crate::fixture::layout(&profile, small.files, small.large_files, small.bytes)).await?;
     let mut baselines = Vec::new();
     for tier in [WakeTier::Paused, WakeTier::Dormant] {
         eprintln!("baseline of the {}: {rounds} rounds ...", tier.label());

@@ -9,15 +9,15 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use protocol::profile::HealthCheck;
+use crate::loadgen::{self, LoadResult, Target};
 use crate::stats::{milliseconds, percentile};
+use protocol::profile::HealthCheck;
 use protocol::{Bus, BusConfig, CloudEvent, Profile};
 use serde_json::json;
-use crate::loadgen::{self, LoadResult, Target};
 use tokio::sync::watch;
 
-use bootstrap::{spawn_components, Components};
 use bootstrap::{bootstrap, Reset};
+use bootstrap::{spawn_components, Components};
 
 const BENCH_IMAGE: &str = "berth-test/proxy-app:latest";
 const LOAD_DURATION: Duration = Duration::from_secs(5);
