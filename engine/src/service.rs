@@ -31,8 +31,8 @@ use crate::timers;
 use crate::usage::{self, Budget, Charge, Metered, Rates, Spent};
 use crate::{Error, Result};
 use binding::Binding;
-use outbox::{delete_published_outboxes, notification_message, notification_to_owner, task_message, task_message_on};
 pub use outbox::OutboxMessage;
+use outbox::{delete_published_outboxes, notification_message, notification_to_owner, task_message, task_message_on};
 use store::{connect_redis, CommitResult, BIND_READ_SCRIPT, COMMIT_SCRIPT};
 
 mod binding;
