@@ -224,6 +224,9 @@ where
 pub struct Unreachable(pub String);
 
 /// Forwards a plain HTTP request; with a ticker, both bodies report activity while they flow.
+// For forwarding without a fallback (the per-host doors, which land separately); the proxy's
+// own requests go through `http_or`.
+#[allow(dead_code)]
 pub async fn http(
     client: &HttpClient,
     request: Request<Body>,
@@ -263,6 +266,9 @@ fn describe(error: &dyn std::error::Error) -> String {
 /// Forwards an upgrade request on a connection of its own; on `101` the two upgraded connections
 /// are joined, and the ticker told whenever the client sends data frames (pings, pongs and
 /// silence tell it nothing; neither does what the app sends).
+// For tunnels without a fallback (the per-host doors, which land separately); the proxy's own
+// go through `tunnel_or`.
+#[allow(dead_code)]
 pub async fn tunnel(
     request: Request<Body>,
     upstream: &Upstream,
