@@ -50,6 +50,9 @@ pub struct AmqpError(lapin::Error);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// A message that does not serialize is never published as an empty body.
+    #[error("cannot encode the {what}: {source}")]
+    Encode { what: &'static str, source: serde_json::Error },
     #[error("broker unreachable at {url}: {source}")]
     Unreachable { url: String, source: AmqpError },
     #[error("amqp error: {0}")]
@@ -686,19 +689,22 @@ impl Bus {
     /// Publishes an event on another topic exchange (tests isolate themselves this way).
     pub async fn publish_event_to(&self, exchange: &str, event: &CloudEvent) -> Result<()> {
         let properties = Properties::cloud_event().with_message_id(&event.id);
-        self.publish(exchange, &event.event_type, &event.to_bytes(), properties).await
+        let body = event.encode().map_err(|source| BusError::Encode { what: "event", source })?;
+        self.publish(exchange, &event.event_type, &body, properties).await
     }
 
     /// Publishes a task on `berth.tasks` to its agent's queue.
     pub async fn publish_task(&self, task: &Task) -> Result<()> {
         let properties = Properties::json().with_message_id(&task.id.to_string());
-        self.publish(topology::TASKS_EXCHANGE, task.agent.as_str(), &task.to_bytes(), properties).await
+        let body = task.encode().map_err(|source| BusError::Encode { what: "task", source })?;
+        self.publish(topology::TASKS_EXCHANGE, task.agent.as_str(), &body, properties).await
     }
 
     /// Publishes a notification on `berth.notify` for its user.
     pub async fn publish_notification(&self, notification: &Notification) -> Result<()> {
         let properties = Properties::json().with_message_id(&notification.id.to_string());
-        self.publish(topology::NOTIFY_EXCHANGE, &notification.routing_key(), &notification.to_bytes(), properties).await
+        let body = notification.encode().map_err(|source| BusError::Encode { what: "notification", source })?;
+        self.publish(topology::NOTIFY_EXCHANGE, &notification.routing_key(), &body, properties).await
     }
 
     /// Moves a message to the dead-letter queue with the reason it can never succeed (through
@@ -1361,12 +1367,15 @@ impl RetryQueues {
     }
 
     /// Publishes the copy to `delay_queue` (mandatory, confirmed); a missing delay queue is
-    /// declared and the publish tried once more.
+    /// declared and the publish tried once more. A quorum queue declared a moment ago nacks
+    /// publishes until its replicas have elected a leader (seen here within milliseconds), so a
+    /// nack is tried again a few times, backing off, before the message is requeued.
     async fn park(&self, bus: &Bus, delay_queue: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
         if self.may_expire_soon() {
             self.declare(bus).await;
         }
         let mut declared_again = false;
+        let mut after_nack = crate::backoff::doubling_times(Duration::from_millis(10), Duration::from_millis(200), 5);
         loop {
             let channel = bus.publisher().await?;
             let options = BasicPublishOptions { mandatory: true, ..Default::default() };
@@ -1380,7 +1389,10 @@ impl RetryQueues {
                 Confirmation::Ack(Some(_returned)) => {
                     return Err(BusError::Unroutable { exchange: String::new(), routing_key: delay_queue.to_owned() })
                 }
-                Confirmation::Nack(_) => return Err(BusError::Nacked { exchange: String::new(), routing_key: delay_queue.to_owned() }),
+                Confirmation::Nack(_) => match after_nack.next() {
+                    Some(delay) => tokio::time::sleep(delay).await,
+                    None => return Err(BusError::Nacked { exchange: String::new(), routing_key: delay_queue.to_owned() }),
+                },
             }
         }
     }
