@@ -304,7 +304,8 @@ impl TimerService {
         };
         let event = member.fired_event(&self.keys.timer_prefix(), deadline as i64);
         let properties = protocol::Properties::cloud_event().with_message_id(&event.id);
-        self.bus.publish(&self.events_exchange, TIMER_FIRED, &event.to_bytes(), properties).await?;
+        let body = event.encode().map_err(|source| crate::Error::Encode { what: "timer.fired event", source })?;
+        self.bus.publish(&self.events_exchange, TIMER_FIRED, &body, properties).await?;
         let refire_at = chrono::Utc::now().timestamp_millis() + self.refire_after.as_millis() as i64;
         // XX: only while still indexed, since the engine may have committed the event already.
         let _: usize =

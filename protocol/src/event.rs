@@ -149,10 +149,18 @@ impl CloudEvent {
         Ok(CloudEvent { specversion, id, source, event_type, subject, time, datacontenttype, data, extensions })
     }
 
-    /// The encoded event (structured mode).
+    /// The encoded event (structured mode); the bus publishes this, so an event that does not
+    /// encode is an error, never an empty body.
+    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    /// [`CloudEvent::encode`] for tests, sizes and logs: a failure is logged and gives no bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        // Serializing a struct of strings and JSON values cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        self.encode().unwrap_or_else(|error| {
+            tracing::error!(event_id = %self.id, %error, "an event did not encode");
+            Vec::new()
+        })
     }
 }
 

@@ -78,8 +78,17 @@ impl Task {
         serde_json::from_slice(bytes)
     }
 
+    /// The encoded task; the bus publishes this, so a task that does not encode is an error.
+    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    /// [`Task::encode`] for tests and logs: a failure is logged and gives no bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        self.encode().unwrap_or_else(|error| {
+            tracing::error!(task_id = %self.id, %error, "a task did not encode");
+            Vec::new()
+        })
     }
 }
 
@@ -112,8 +121,17 @@ impl Notification {
         serde_json::from_slice(bytes)
     }
 
+    /// The encoded notification; the bus publishes this.
+    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    /// [`Notification::encode`] for tests and logs: a failure is logged and gives no bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        self.encode().unwrap_or_else(|error| {
+            tracing::error!(notification_id = %self.id, %error, "a notification did not encode");
+            Vec::new()
+        })
     }
 }
 

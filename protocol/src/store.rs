@@ -710,12 +710,21 @@ impl Reply {
         Reply::Err(ReplyError { kind, message: message.into() })
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// The encoded reply; the persistence agent sends this.
+    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
         let wire = match self {
             Reply::Ok(result) => WireReply { ok: true, result: Some(result.clone()), error: None },
             Reply::Err(error) => WireReply { ok: false, result: None, error: Some(error.clone()) },
         };
-        serde_json::to_vec(&wire).unwrap_or_default()
+        serde_json::to_vec(&wire)
+    }
+
+    /// [`Reply::encode`] for tests: a failure is logged and gives no bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.encode().unwrap_or_else(|error| {
+            tracing::error!(%error, "a store reply did not encode");
+            Vec::new()
+        })
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Reply, serde_json::Error> {
@@ -796,7 +805,8 @@ impl StoreClient {
     pub async fn request_with_id(&self, task_id: Uuid, operation: &Operation) -> Result<Value, StoreClientError> {
         let action = operation.action();
         let task = operation.to_task(task_id);
-        let bytes = self.bus.request(&self.exchange, &self.routing_key, &task.to_bytes(), self.timeout).await?;
+        let body = task.encode().map_err(|source| BusError::Encode { what: "store task", source })?;
+        let bytes = self.bus.request(&self.exchange, &self.routing_key, &body, self.timeout).await?;
         match Reply::decode(&bytes) {
             Ok(Reply::Ok(result)) => Ok(result),
             Ok(Reply::Err(ReplyError { kind, message })) => Err(StoreClientError::Refused { action, kind, message }),
@@ -807,7 +817,8 @@ impl StoreClient {
     /// Publishes the operation as a task (with confirms) without waiting for it to be applied.
     pub async fn send(&self, task_id: Uuid, operation: &Operation) -> Result<(), StoreClientError> {
         let properties = crate::bus::Properties::json().with_message_id(&task_id.to_string());
-        self.bus.publish(&self.exchange, &self.routing_key, &operation.to_task(task_id).to_bytes(), properties).await?;
+        let body = operation.to_task(task_id).encode().map_err(|source| BusError::Encode { what: "store task", source })?;
+        self.bus.publish(&self.exchange, &self.routing_key, &body, properties).await?;
         Ok(())
     }
 

@@ -70,7 +70,16 @@ impl Agent {
                 Ok(result) => Reply::Ok(result.clone()),
                 Err(error) => Reply::error(error.kind(), error.to_string()),
             };
-            return match self.bus.reply(&incoming, &reply.to_bytes()).await {
+            // A result that does not encode is answered as an error, never as an empty reply.
+            let body = reply.encode().or_else(|error| {
+                tracing::error!(%error, "a reply did not encode; answering with the error");
+                Reply::error(ErrorKind::Unavailable, format!("the result could not be encoded: {error}")).encode()
+            });
+            let body = match body {
+                Ok(body) => body,
+                Err(error) => return Outcome::DeadLetter(format!("no reply could be encoded: {error}")),
+            };
+            return match self.bus.reply(&incoming, &body).await {
                 Ok(()) => Outcome::Ack,
                 Err(error) => {
                     // Applied writes are deduplicated: the redelivery answers from the record.
