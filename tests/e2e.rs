@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
+use protocol::events::{EventData, InputSource, SessionActivity, SessionClose, SessionOpen};
 use protocol::store::StoreClient;
 use protocol::{topology, Bus, BusConfig, CloudEvent, Notification};
 use serde_json::{json, Value};
@@ -289,10 +290,15 @@ fn port_of(notification: &Notification) -> u16 {
     port.as_u64().or_else(|| port.as_str().and_then(|text| text.parse().ok())).expect("running carries the port") as u16
 }
 
+/// A client's `session.open` of `workspace`.
+fn open(user: &str, workspace: &str) -> SessionOpen {
+    SessionOpen { user: user.to_owned(), workspace: workspace.to_owned(), profile: None }
+}
+
 /// Publishes a client's event as a client does: as the client identity `berth dev`'s bootstrap
 /// created in this run's vhost (the engine dead-letters session events from anyone else).
-async fn publish(bus: &Bus, event_type: &str, session: &str, user: &str, data: Value) {
-    let event = CloudEvent::new(event_type, "/tests/e2e", Some(session), data).with_extension("userid", user);
+async fn publish<T: EventData>(bus: &Bus, session: &str, user: &str, data: &T) {
+    let event = CloudEvent::of("/tests/e2e", Some(session), data).with_extension("userid", user);
     let config =
         BusConfig::for_identity(bus.url(), protocol::Identity::Client, "e2e-client-identity").expect("the client identity's password");
     let client = Bus::connect(config).await.expect("broker as the client identity");
@@ -323,7 +329,7 @@ async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
 
     // --- open over AMQP ---
     let session = uuid::Uuid::now_v7().to_string();
-    publish(&bus, "session.open", &session, &user, json!({"user": user, "workspace": "w1"})).await;
+    publish(&bus, &session, &user, &open(&user, "w1")).await;
     let running = inbox.wait_for(&session, "running", &berth).await;
     let port = port_of(&running);
     let container = format!("berth-{session}");
@@ -348,13 +354,13 @@ async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
     inbox.wait_for(&session, "idle", &berth).await;
     // Entering `idle` sends the pause task; the container agent pauses right after.
     wait_for_condition("pause after idle", &berth, || docker_inspect(&container, "{{.State.Paused}}").as_deref() == Some("true")).await;
-    publish(&bus, "session.activity", &session, &user, json!({"source": "api"})).await;
+    publish(&bus, &session, &user, &SessionActivity { source: InputSource::Api }).await;
     wait_for_condition("resume after activity", &berth, || docker_inspect(&container, "{{.State.Paused}}").as_deref() == Some("false"))
         .await;
     inbox.wait_for_next(&session, "running", &berth).await;
 
     // Close: final sync, then container and directory removed, record closed with its history.
-    publish(&bus, "session.close", &session, &user, json!({"reason": "done"})).await;
+    publish(&bus, &session, &user, &SessionClose { reason: Some("done".to_owned()) }).await;
     inbox.wait_for(&session, "closed", &berth).await;
     assert_eq!(
         environment.get_object(&format!("e2e/{user}/w1/new.txt")).as_deref(),
@@ -409,7 +415,7 @@ async fn whole_lifecycle_over_amqp_and_websocket_and_the_failure_path() {
     let mut broken = environment.start_berth("e2e-broken");
     broken.wait_ready().await;
     let failing = uuid::Uuid::now_v7().to_string();
-    publish(&bus, "session.open", &failing, &user, json!({"user": user, "workspace": "w1"})).await;
+    publish(&bus, &failing, &user, &open(&user, "w1")).await;
     let failed = inbox.wait_for(&failing, "failed", &broken).await;
     let reason = failed.detail["error"].as_str().unwrap_or_default().to_owned();
     assert!(!reason.is_empty(), "the user is told why: {failed:?}");
@@ -584,10 +590,10 @@ async fn a_reopen_on_the_same_host_starts_from_the_cached_workspace() {
     let mut inbox = Inbox::open(&bus, &user).await;
 
     let first = uuid::Uuid::now_v7().to_string();
-    publish(&bus, "session.open", &first, &user, json!({"user": user, "workspace": "w3"})).await;
+    publish(&bus, &first, &user, &open(&user, "w3")).await;
     inbox.wait_for(&first, "running", &berth).await;
     run_ok("docker", &["exec", &format!("berth-{first}"), "sh", "-c", "echo made in the first session > /workspace/made.txt"]);
-    publish(&bus, "session.close", &first, &user, json!({"reason": "done"})).await;
+    publish(&bus, &first, &user, &SessionClose { reason: Some("done".to_owned()) }).await;
     inbox.wait_for(&first, "closed", &berth).await;
     assert!(!environment.session_dir(&first).exists(), "the session's directory is gone");
     assert_eq!(environment.get_object(&format!("e2e/{user}/w3/made.txt")).as_deref(), Some(&b"made in the first session\n"[..]));
@@ -595,7 +601,7 @@ async fn a_reopen_on_the_same_host_starts_from_the_cached_workspace() {
 
     environment.put_object(&format!("e2e/{user}/w3/hello.txt"), b"second version, written elsewhere\n");
     let second = uuid::Uuid::now_v7().to_string();
-    publish(&bus, "session.open", &second, &user, json!({"user": user, "workspace": "w3"})).await;
+    publish(&bus, &second, &user, &open(&user, "w3")).await;
     let running = inbox.wait_for(&second, "running", &berth).await;
     let directory = environment.session_dir(&second);
     assert_eq!(std::fs::read(directory.join("made.txt")).expect("the file is there"), b"made in the first session\n");
@@ -611,7 +617,7 @@ async fn a_reopen_on_the_same_host_starts_from_the_cached_workspace() {
         log.lines().any(|line| line.contains("reopened from the host's workspace cache") && line.contains(&second)),
         "the reopen used the cache\n--- berth log ---\n{log}"
     );
-    publish(&bus, "session.close", &second, &user, json!({"reason": "done"})).await;
+    publish(&bus, &second, &user, &SessionClose { reason: Some("done".to_owned()) }).await;
     inbox.wait_for(&second, "closed", &berth).await;
     bus.close().await;
 }
@@ -660,14 +666,14 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_idle_ladder() {
     let mut inbox = Inbox::open(&bus, &user).await;
     let session = uuid::Uuid::now_v7().to_string();
     let container = format!("berth-{session}");
-    publish(&bus, "session.open", &session, &user, json!({"user": user, "workspace": "wl"})).await;
+    publish(&bus, &session, &user, &open(&user, "wl")).await;
     inbox.wait_for(&session, "running", &berth).await;
     // One client connection, made before any wake is timed.
     let client = Bus::connect(BusConfig::for_identity(bus.url(), protocol::Identity::Client, "e2e-ladder").expect("client identity"))
         .await
         .expect("broker");
     let activity =
-        || CloudEvent::new("session.activity", "/tests/e2e", Some(&session), json!({"source": "api"})).with_extension("userid", &user);
+        || CloudEvent::of("/tests/e2e", Some(&session), &SessionActivity { source: InputSource::Api }).with_extension("userid", &user);
 
     // Work: a busy loop, then a background writer, each for several idle intervals.
     let busy_loop = "while :; do :; done";

@@ -781,7 +781,7 @@ async fn redis_and_docker_outage(deployment: &mut Deployment, users: &[String], 
     deployment.stop_redis();
     tally.injected += 1;
     for (user, session) in users.iter().zip(&sessions) {
-        deployment.publish("session.activity", session, user, json!({"source": "api"})).await?;
+        deployment.publish(session, user, &protocol::events::SessionActivity { source: protocol::events::InputSource::Api }).await?;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     deployment.start_redis()?;

@@ -20,6 +20,7 @@ use anyhow::{anyhow, bail, Context};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
+use protocol::events::{EventData, SessionClose, SessionOpen};
 use protocol::store::{collections, FindArgs, StoreClient};
 use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, Outcome};
 use serde_json::{json, Value};
@@ -612,8 +613,8 @@ impl Deployment {
     /// live session of the workspace it joined).
     pub async fn open_amqp(&self, user: &str, workspace: &str) -> anyhow::Result<String> {
         let requested = uuid::Uuid::now_v7().to_string();
-        let event = CloudEvent::new("session.open", "/berth/faults", Some(&requested), json!({"user": user, "workspace": workspace}))
-            .with_extension("userid", user);
+        let open = SessionOpen { user: user.to_owned(), workspace: workspace.to_owned(), profile: None };
+        let event = CloudEvent::of("/berth/faults", Some(&requested), &open).with_extension("userid", user);
         self.publish_as_client(&event).await?;
         let answer = self
             .inbox
@@ -622,8 +623,8 @@ impl Deployment {
         answer.notification.session.ok_or_else(|| anyhow!("the answer to an open names no session"))
     }
 
-    pub async fn publish(&self, event_type: &str, session: &str, user: &str, data: Value) -> anyhow::Result<()> {
-        let event = CloudEvent::new(event_type, "/berth/faults", Some(session), data).with_extension("userid", user);
+    pub async fn publish<T: EventData>(&self, session: &str, user: &str, data: &T) -> anyhow::Result<()> {
+        let event = CloudEvent::of("/berth/faults", Some(session), data).with_extension("userid", user);
         self.publish_as_client(&event).await
     }
 
@@ -637,7 +638,7 @@ impl Deployment {
     }
 
     pub async fn close(&self, session: &str, user: &str) -> anyhow::Result<()> {
-        self.publish("session.close", session, user, json!({"reason": "faults"})).await
+        self.publish(session, user, &SessionClose { reason: Some("faults".to_owned()) }).await
     }
 
     /// A user token from `berth token`.
