@@ -429,7 +429,8 @@ async fn full_session_lifecycle_driven_by_events() {
     harness.publish(&open_event(&session, "alice")).await;
     let materialize = harness.task(&session, "workspace", "materialize").await;
     // `slot` is the warm-pool slot the engine claimed; `""`: none (this profile has no pool).
-    assert_eq!(materialize.args, json!({"user": "alice", "workspace": "w1", "slot": ""}));
+    // `fence`: only a session reopened elsewhere after a failover fences its workspace.
+    assert_eq!(materialize.args, json!({"user": "alice", "workspace": "w1", "slot": "", "fence": false}));
     let thred_id = materialize.thred.clone().expect("task names its thred");
     assert_eq!(harness.notification(&session, "materializing").await.user, "alice");
 
