@@ -970,11 +970,13 @@ mod tests {
         assert_eq!(provision_slot(&second), json!("p-7"));
 
         // A failed materialize backs off as a cold one does; a claim answered meanwhile is kept.
-        let failed = step(&pattern, &warm_start(), &event("workspace.failed", json!({"stage": "download", "error": "store down"})), NOW).unwrap();
+        let failed =
+            step(&pattern, &warm_start(), &event("workspace.failed", json!({"stage": "download", "error": "store down"})), NOW).unwrap();
         assert_eq!(summary(&failed), ("-> materialize_backoff".to_owned(), vec![]));
         let waiting = step(&pattern, &failed.thred, &claimed, NOW).unwrap();
         assert_eq!(summary(&waiting), ("stay".to_owned(), vec![]));
-        let again = step(&pattern, &waiting.thred, &timer(STATE_TIMEOUT_TIMER, waiting.thred.timers[STATE_TIMEOUT_TIMER].generation), NOW).unwrap();
+        let again =
+            step(&pattern, &waiting.thred, &timer(STATE_TIMEOUT_TIMER, waiting.thred.timers[STATE_TIMEOUT_TIMER].generation), NOW).unwrap();
         assert_eq!(summary(&again), ("-> materializing".to_owned(), vec!["workspace.materialize".to_owned()]));
         let provisioning = step(&pattern, &again.thred, &materialized, NOW).unwrap();
         assert_eq!(provision_slot(&provisioning), json!(""));

@@ -17,8 +17,8 @@ use bollard::network::{CreateNetworkOptions, InspectNetworkOptions};
 use bollard::Docker;
 use futures::StreamExt;
 use protocol::events::{
-    ContainerFailed, ContainerInventory, ContainerPaused, ContainerProbed, ContainerReady, ContainerRemoved, ContainerResumed, ContainerStopped,
-    EventData, ReadyTimings,
+    ContainerFailed, ContainerInventory, ContainerPaused, ContainerProbed, ContainerReady, ContainerRemoved, ContainerResumed,
+    ContainerStopped, EventData, ReadyTimings,
 };
 use protocol::profile::HealthCheck;
 use protocol::{Bus, CloudEvent, Outcome, Profile, Task};

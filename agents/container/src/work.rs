@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// At most this many entries are looked at per probe; a larger workspace reports `truncated`.
 pub const SCAN_LIMIT: u64 = 200_000;
 
-
 /// What a walk of the workspace directory found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteScan {

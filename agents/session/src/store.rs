@@ -2,7 +2,7 @@
 //! the current state of a user's sessions (for the snapshot on connect) and a session's owner (for
 //! authorization).
 
-use protocol::store::{collections, ErrorKind, FindArgs, Filter, SortKey, SortOrder, StoreClient, StoreClientError, CREATED_FIELD};
+use protocol::store::{collections, ErrorKind, Filter, FindArgs, SortKey, SortOrder, StoreClient, StoreClientError, CREATED_FIELD};
 use protocol::Bus;
 use serde_json::Value;
 

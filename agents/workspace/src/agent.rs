@@ -409,7 +409,11 @@ impl WorkspaceAgent {
                     }
                     Err(error) => {
                         tracing::warn!(session, final_sync = kind == SyncKind::Final, %error, "sync failed; nothing removed");
-                        let data = WorkspaceSyncFailed { final_sync: kind == SyncKind::Final, error: event_text(&error.to_string()), action: None };
+                        let data = WorkspaceSyncFailed {
+                            final_sync: kind == SyncKind::Final,
+                            error: event_text(&error.to_string()),
+                            action: None,
+                        };
                         self.events.emit(reply.event(&data)).await
                     }
                 }
@@ -555,7 +559,8 @@ impl WorkspaceAgent {
             }
             let used_mib = usage.used_bytes / (1024 * 1024);
             tracing::warn!(session, used_mib, quota_mib, "workspace full: writes inside the container get ENOSPC");
-            let event = protocol::CloudEvent::of(crate::events::EVENT_SOURCE, Some(&session), &WorkspaceQuotaExceeded { used_mib, quota_mib });
+            let event =
+                protocol::CloudEvent::of(crate::events::EVENT_SOURCE, Some(&session), &WorkspaceQuotaExceeded { used_mib, quota_mib });
             if let Err(error) = self.events.emit(event).await {
                 // Not sent: try again at the next check.
                 self.full.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&session);

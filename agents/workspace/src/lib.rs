@@ -172,10 +172,8 @@ async fn report_host_periodically(agent: Arc<WorkspaceAgent>, bus: Bus, interval
                 continue;
             }
         };
-        let mut workspaces: Vec<String> = directories
-            .iter()
-            .filter_map(|entry| Some(format!("{}/{}", entry.user.as_ref()?, entry.workspace.as_ref()?)))
-            .collect();
+        let mut workspaces: Vec<String> =
+            directories.iter().filter_map(|entry| Some(format!("{}/{}", entry.user.as_ref()?, entry.workspace.as_ref()?))).collect();
         // And the closed workspaces the host's cache keeps for a reopen (this profile's).
         let root = agent.profile().deployment_root();
         let profile_name = agent.profile().name.clone();

@@ -22,8 +22,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
 use axum::Router;
-use protocol::profile::ProxySettings;
 use protocol::events::{EventData, InputSource, SessionActivity};
+use protocol::profile::ProxySettings;
 use protocol::CloudEvent;
 use serde_json::{json, Value};
 
