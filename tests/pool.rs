@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use bootstrap::faults::harness::http_get;
 use bootstrap::faults::{Component, Deployment, HarnessConfig};
+use protocol::events::SessionOpen;
 use serde_json::{json, Value};
 
 const STEP: Duration = Duration::from_secs(120);
@@ -94,7 +95,8 @@ fn port_of(detail: &Value) -> u16 {
 }
 
 async fn open(deployment: &Deployment, session: &str, user: &str, workspace: &str) {
-    deployment.publish("session.open", session, user, json!({"user": user, "workspace": workspace})).await.expect("open published");
+    let open = SessionOpen { user: user.to_owned(), workspace: workspace.to_owned(), profile: None };
+    deployment.publish(session, user, &open).await.expect("open published");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
