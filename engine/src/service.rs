@@ -61,6 +61,8 @@ const COMMIT_ATTEMPTS: usize = 50;
 const ISOLATED_QUEUE_EXPIRY: Duration = Duration::from_secs(15 * 60);
 /// Per-key locks inside one engine (striped: no map to grow or clean).
 const LOCK_STRIPES: usize = 1024;
+/// Published outboxes waiting for their batched deletion (about two batches of the flusher).
+const OUTBOX_DELETIONS_BUFFER: usize = 1024;
 
 /// Where the engine reads and writes. `standard()` is production; `isolated()` gives unique names
 /// so tests and the bench never touch the real queues or keys.
@@ -202,8 +204,8 @@ struct Inner {
     commit: redis::Script,
     bind_read: redis::Script,
     /// Outboxes published and waiting to be deleted, in batches, by the flusher.
-    published_outboxes: tokio::sync::mpsc::UnboundedSender<String>,
-    published_outboxes_receiver: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    published_outboxes: tokio::sync::mpsc::Sender<String>,
+    published_outboxes_receiver: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
     /// Wakes the timer sweeper after a commit started a timer.
     timer_wake: Arc<tokio::sync::Notify>,
     /// What admitted threds hold and what the host commits (from the profile's `[limits]`).
@@ -270,7 +272,9 @@ impl Engine {
             budget_cpu_millis = capacity.budget_cpu_millis,
             "host capacity for sessions"
         );
-        let (published_outboxes, published_outboxes_receiver) = tokio::sync::mpsc::unbounded_channel();
+        // Bounded: should the deletions fall behind (Redis slow), events wait for them rather
+        // than the keys piling up in memory.
+        let (published_outboxes, published_outboxes_receiver) = tokio::sync::mpsc::channel(OUTBOX_DELETIONS_BUFFER);
         tracing::info!(patterns = ?patterns.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), queue = %config.queue, "engine connected");
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -552,7 +556,7 @@ impl Engine {
                 self.forget_fired_timer(event).await?;
                 return Ok(EventFate::Done);
             }
-            let messages = self.outbox_messages(event, &step);
+            let messages = self.outbox_messages(event, &step)?;
             match self.commit(previous.as_ref(), &step, pattern, event, &messages, placed.as_ref()).await? {
                 CommitResult::Conflict => {
                     Metrics::count(&self.inner.metrics.conflicts);
@@ -606,7 +610,7 @@ impl Engine {
                 self.inner.metrics.tasks_published.fetch_add(tasks as u64, std::sync::atomic::Ordering::Relaxed);
                 // Deleted in batches: should the engine die first, start-up publishes the same
                 // messages again, which agents absorb by task id.
-                let _ = self.inner.published_outboxes.send(keys.outbox(&event.id));
+                let _ = self.inner.published_outboxes.send(keys.outbox(&event.id)).await;
             }
             return Ok(EventFate::Done);
         }
@@ -783,7 +787,7 @@ impl Engine {
             doc: document.as_object().cloned().unwrap_or_default(),
         });
         let task = operation.to_task(Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-usage/{user}/{period}/{now_ms}").as_bytes()));
-        self.publish_messages(&[task_message(&self.inner.config, &task)]).await
+        self.publish_messages(&[task_message(&self.inner.config, &task)?]).await
     }
 
     /// Stops a user's sessions once a budget is spent (the pattern saves them first) and warns
@@ -818,7 +822,7 @@ impl Engine {
             return Ok(());
         }
         let (limit, used) = rates.of_budget(budget, spent);
-        let messages: Vec<OutboxMessage> = holding
+        let messages = holding
             .iter()
             .filter_map(|thred| {
                 let detail = json!({"budget_warning": {"budget": budget.as_str(), "spent": used, "limit": limit}});
@@ -830,7 +834,7 @@ impl Engine {
                 )?;
                 Some(notification_message(&self.inner.config, &notification))
             })
-            .collect();
+            .collect::<Result<Vec<OutboxMessage>>>()?;
         self.publish_messages(&messages).await
     }
 
@@ -869,7 +873,7 @@ impl Engine {
             else {
                 continue;
             };
-            self.publish_messages(&[notification_message(&self.inner.config, &notification)]).await?;
+            self.publish_messages(&[notification_message(&self.inner.config, &notification)?]).await?;
             told_positions.insert(thred_id.clone(), position);
         }
         Ok(())
@@ -1084,30 +1088,17 @@ impl Engine {
             return Ok(());
         }
         for pattern in self.inner.patterns.iter().filter(|pattern| pattern.start.admission.is_some() && pattern.knows(SESSION_MOVE)) {
-            let user_prefix = keys.user_live(&pattern.name, "");
-            let mut user_keys: Vec<String> = Vec::new();
-            {
-                let mut scan: redis::AsyncIter<String> = redis.scan_match(format!("{user_prefix}*")).await?;
-                while let Some(key) = futures::StreamExt::next(&mut scan).await {
-                    user_keys.push(key);
+            for thred in self.live_threds_of(pattern).await? {
+                let on_drained = thred.host.as_ref().is_some_and(|host| draining.contains(host));
+                let moving = thred.context.get("moving").and_then(Value::as_bool).unwrap_or(false);
+                if thred.ended || !on_drained || moving {
+                    continue;
                 }
-            }
-            for user_key in user_keys {
-                let ids: Vec<String> = redis.smembers(&user_key).await?;
-                for thred in self.load_threds(&ids).await? {
-                    let on_drained = thred.host.as_ref().is_some_and(|host| draining.contains(host));
-                    let moving = thred.context.get("moving").and_then(Value::as_bool).unwrap_or(false);
-                    if thred.ended || !on_drained || moving {
-                        continue;
-                    }
-                    let data = protocol::events::SessionMove { from: thred.host.clone() };
-                    let mut event =
-                        CloudEvent::of("/berth/engine/drain", Some(&thred.key), &data).with_extension("thredid", thred.id.clone());
-                    event.id =
-                        Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-move/{}/{}", thred.id, thred.version).as_bytes()).to_string();
-                    tracing::info!(session = %thred.key, host = ?thred.host, state = %thred.state, "host drained; moving the session");
-                    self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &event).await?;
-                }
+                let data = protocol::events::SessionMove { from: thred.host.clone() };
+                let mut event = CloudEvent::of("/berth/engine/drain", Some(&thred.key), &data).with_extension("thredid", thred.id.clone());
+                event.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-move/{}/{}", thred.id, thred.version).as_bytes()).to_string();
+                tracing::info!(session = %thred.key, host = ?thred.host, state = %thred.state, "host drained; moving the session");
+                self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &event).await?;
             }
         }
         Ok(())

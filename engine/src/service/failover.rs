@@ -105,29 +105,18 @@ impl Engine {
         }
         for pattern in self.inner.patterns.iter().filter(|pattern| pattern.start.admission.is_some() && pattern.knows(SESSION_FAILOVER)) {
             let waiting: &[String] = pattern.start.admission.as_ref().map(|spec| spec.waiting_states.as_slice()).unwrap_or_default();
-            let user_prefix = keys.user_live(&pattern.name, "");
-            let mut user_keys: Vec<String> = Vec::new();
-            {
-                let mut scan: redis::AsyncIter<String> = redis.scan_match(format!("{user_prefix}*")).await?;
-                while let Some(key) = futures::StreamExt::next(&mut scan).await {
-                    user_keys.push(key);
+            for thred in self.live_threds_of(pattern).await? {
+                let Some(host) = thred.host.clone() else { continue };
+                if thred.ended || waiting.contains(&thred.state) {
+                    continue;
                 }
-            }
-            for user_key in user_keys {
-                let ids: Vec<String> = redis.smembers(&user_key).await?;
-                for thred in self.load_threds(&ids).await? {
-                    let Some(host) = thred.host.clone() else { continue };
-                    if thred.ended || waiting.contains(&thred.state) {
-                        continue;
-                    }
-                    // A host not noted gone reports (or `notice_gone_hosts`, earlier in the same round,
-                    // notes it the moment its report expires).
-                    let Some(gone_since) = gone.get(&host).copied() else { continue };
-                    if now_ms - gone_since < after_ms {
-                        continue;
-                    }
-                    self.send_failover(&thred, &host, gone_since, after_ms).await?;
+                // A host not noted gone reports (or `notice_gone_hosts`, earlier in the same round,
+                // notes it the moment its report expires).
+                let Some(gone_since) = gone.get(&host).copied() else { continue };
+                if now_ms - gone_since < after_ms {
+                    continue;
                 }
+                self.send_failover(&thred, &host, gone_since, after_ms).await?;
             }
         }
         Ok(())
@@ -181,7 +170,7 @@ impl Engine {
         session: &str,
         user: &str,
         workspace: &str,
-    ) -> super::OutboxMessage {
+    ) -> Result<super::OutboxMessage> {
         let task = Task {
             id: Task::stable_id(&cause.id, index),
             agent: AgentKind::Workspace,
@@ -213,7 +202,7 @@ impl Engine {
             cause: Some(event.id.clone()),
             args: json!({}),
         };
-        let mut messages = vec![task_message_on(&self.inner.config, &task, Some(host))];
+        let mut messages = vec![task_message_on(&self.inner.config, &task, Some(host))?];
         if let Some(user) = event.data.get("user").and_then(Value::as_str) {
             // The session itself is where it is (running elsewhere, typically): the notification
             // carries its state, so no client takes the copy for the session's end. Only a session
@@ -230,7 +219,7 @@ impl Engine {
                 detail: json!({"recovered": event.data}),
                 cause: Some(event.id.clone()),
             };
-            messages.push(notification_message(&self.inner.config, &notification));
+            messages.push(notification_message(&self.inner.config, &notification)?);
         }
         self.publish_messages(&messages).await?;
         let mut redis = self.inner.redis.clone();

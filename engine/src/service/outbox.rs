@@ -27,13 +27,20 @@ pub struct OutboxMessage {
     pub body: String,
 }
 
-pub(super) fn notification_message(config: &EngineConfig, notification: &Notification) -> OutboxMessage {
-    OutboxMessage {
+/// The wire body of a message: one that does not encode fails the event (dead-lettered with the
+/// reason) rather than going out empty.
+fn body_of(encoded: std::result::Result<Vec<u8>, serde_json::Error>, what: &'static str) -> Result<String> {
+    let bytes = encoded.map_err(|source| Error::Encode { what, source })?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+pub(super) fn notification_message(config: &EngineConfig, notification: &Notification) -> Result<OutboxMessage> {
+    Ok(OutboxMessage {
         exchange: config.notify_exchange.clone(),
         routing_key: notification.routing_key(),
         message_id: notification.id.to_string(),
-        body: String::from_utf8_lossy(&notification.to_bytes()).into_owned(),
-    }
+        body: body_of(notification.encode(), "notification")?,
+    })
 }
 
 /// A notification the engine sends on its own (not a pattern's effect) to a thred's user; its id
@@ -50,30 +57,30 @@ pub(super) fn notification_to_owner(thred: &Thred, state: &str, detail: Value, i
     })
 }
 
-pub(super) fn task_message(config: &EngineConfig, task: &Task) -> OutboxMessage {
+pub(super) fn task_message(config: &EngineConfig, task: &Task) -> Result<OutboxMessage> {
     task_message_on(config, task, None)
 }
 
 /// A task for the agents of `host`, when its agent kind is host-affine and there is a host; for
 /// any agent of its kind (the shared queue) otherwise.
-pub(super) fn task_message_on(config: &EngineConfig, task: &Task, host: Option<&str>) -> OutboxMessage {
+pub(super) fn task_message_on(config: &EngineConfig, task: &Task, host: Option<&str>) -> Result<OutboxMessage> {
     let routing_key = match host {
         Some(host) if topology::is_host_affine(task.agent) => topology::host_routing_key(task.agent, host),
         _ => task.agent.as_str().to_owned(),
     };
-    OutboxMessage {
+    Ok(OutboxMessage {
         exchange: config.tasks_exchange.clone(),
         routing_key,
         message_id: task.id.to_string(),
-        body: String::from_utf8_lossy(&task.to_bytes()).into_owned(),
-    }
+        body: body_of(task.encode(), "task")?,
+    })
 }
 
 /// Deletes published outboxes in batches until stopped, then deletes the rest.
 pub(super) async fn delete_published_outboxes(
     mut redis: ConnectionManager,
     keys: Keys,
-    mut published: tokio::sync::mpsc::UnboundedReceiver<String>,
+    mut published: tokio::sync::mpsc::Receiver<String>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut stopping = false;
@@ -158,7 +165,7 @@ impl Engine {
     }
 
     /// Turns effects into wire messages; timers are handled by the commit itself.
-    pub(super) fn outbox_messages(&self, event: &CloudEvent, step: &Step) -> Vec<OutboxMessage> {
+    pub(super) fn outbox_messages(&self, event: &CloudEvent, step: &Step) -> Result<Vec<OutboxMessage>> {
         let config = &self.inner.config;
         let thred = &step.thred;
         let mut messages = Vec::new();
@@ -176,7 +183,7 @@ impl Engine {
                         cause: Some(event.id.clone()),
                         args: args.clone(),
                     };
-                    messages.push(task_message_on(config, &task, thred.host.as_deref()));
+                    messages.push(task_message_on(config, &task, thred.host.as_deref())?);
                 }
                 Effect::Persist { operation, collection, id: record_id, doc } => {
                     let record_id = record_id.clone().unwrap_or_else(|| id.to_string());
@@ -202,7 +209,7 @@ impl Engine {
                         detail: detail.clone(),
                         cause: Some(event.id.clone()),
                     };
-                    messages.push(notification_message(config, &notification));
+                    messages.push(notification_message(config, &notification)?);
                 }
                 Effect::StartTimer { .. } | Effect::CancelTimer { .. } => {}
             }
@@ -218,8 +225,8 @@ impl Engine {
                 cause: Some(event.id.clone()),
                 ..operation.to_task(Task::stable_id(&event.id, first_index))
             };
-            messages.push(task_message(config, &task));
+            messages.push(task_message(config, &task)?);
         }
-        messages
+        Ok(messages)
     }
 }

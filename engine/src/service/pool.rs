@@ -250,7 +250,7 @@ impl Engine {
             cause: None,
             args: json!({"slot": slot}),
         };
-        self.publish_messages(&[task_message(&self.inner.config, &task)]).await
+        self.publish_messages(&[task_message(&self.inner.config, &task)?]).await
     }
 
     /// Runs the keeper until stopped (every `KEEPER_INTERVAL`); a failed round is logged and

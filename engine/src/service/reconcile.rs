@@ -64,7 +64,7 @@ impl Engine {
                     let text = |field: &str| entry.get(field).and_then(Value::as_str).filter(|value| !value.is_empty());
                     if let (Inventory::Directories, Some(user), Some(workspace)) = (inventory, text("user"), text("workspace")) {
                         tracing::info!(session, host, "a session moved off this host by failover left its directory; recovering it apart");
-                        removals.push(self.recover_task(event, index, host, session, user, workspace));
+                        removals.push(self.recover_task(event, index, host, session, user, workspace)?);
                     }
                     continue;
                 }
@@ -104,7 +104,7 @@ impl Engine {
                         args: json!({"container_id": container_id}),
                     };
                     // To the host whose inventory found it: another host's agent would not see it.
-                    removals.push(task_message_on(&self.inner.config, &task, inventory_host));
+                    removals.push(task_message_on(&self.inner.config, &task, inventory_host)?);
                 }
             }
         }

@@ -214,6 +214,26 @@ impl Engine {
         self.load_threds(&ids).await
     }
 
+    /// Every live thred of `pattern`, found through its per-user live sets (what the drain and the
+    /// failover walk).
+    pub(super) async fn live_threds_of(&self, pattern: &Pattern) -> Result<Vec<Thred>> {
+        let mut redis = self.inner.redis.clone();
+        let user_prefix = self.inner.keys.user_live(&pattern.name, "");
+        let mut user_keys: Vec<String> = Vec::new();
+        {
+            let mut scan: redis::AsyncIter<String> = redis.scan_match(format!("{user_prefix}*")).await?;
+            while let Some(key) = futures::StreamExt::next(&mut scan).await {
+                user_keys.push(key);
+            }
+        }
+        let mut threds = Vec::new();
+        for user_key in user_keys {
+            let ids: Vec<String> = redis.smembers(&user_key).await?;
+            threds.extend(self.load_threds(&ids).await?);
+        }
+        Ok(threds)
+    }
+
     /// Threds by id in one round trip, newest first; ids without a record are skipped.
     pub(super) async fn load_threds(&self, ids: &[String]) -> Result<Vec<Thred>> {
         if ids.is_empty() {
