@@ -23,20 +23,43 @@ const THREDS: usize = 10_000;
 const TIMERS: usize = 1_000;
 const PUBLISH_PARALLELISM: usize = 64;
 
-/// `berth bench engine`.
-pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
-    // The bench measures the engine, not admission: room for every thred, and a user each.
+/// Room for every session and no per-user rate: the engine benches measure the engine, not
+/// admission.
+pub(crate) fn without_limits(profile: &mut Profile) {
     profile.limits.host_memory_mib = u64::MAX / 4;
     profile.limits.host_cpus = 1e9;
     profile.limits.max_opens_per_user_per_minute = u32::MAX;
+}
+
+/// An engine bench's own exchanges, queue and Redis prefix (`tag`), declared on the operator's
+/// bus and torn down by [`IsolatedEngine::close`].
+pub(crate) struct IsolatedEngine {
+    pub config: EngineConfig,
+    pub bus: Bus,
+}
+
+impl IsolatedEngine {
+    pub(crate) async fn declare(profile: &Profile, tag: &str, connection_name: &str) -> anyhow::Result<IsolatedEngine> {
+        let config = EngineConfig::isolated(tag);
+        let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, connection_name)).await?;
+        service::declare(&bus, &config).await?;
+        Ok(IsolatedEngine { config, bus })
+    }
+
+    pub(crate) async fn close(self, profile: &Profile) -> anyhow::Result<()> {
+        service::teardown(&self.bus, &profile.services.redis_url, &self.config).await?;
+        self.bus.close().await;
+        Ok(())
+    }
+}
+
+/// `berth bench engine`.
+pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
+    without_limits(&mut profile);
     let patterns = engine::load_profile_patterns(&profile)?;
-    let tag = format!("bench-{}", Uuid::now_v7().simple());
-    let config = EngineConfig::isolated(&tag);
-    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench")).await?;
-    service::declare(&bus, &config).await?;
-    let outcome = measure(&profile, patterns, &config, &bus).await;
-    service::teardown(&bus, &profile.services.redis_url, &config).await?;
-    bus.close().await;
+    let world = IsolatedEngine::declare(&profile, &format!("bench-{}", Uuid::now_v7().simple()), "berth-bench").await?;
+    let outcome = measure(&profile, patterns, &world.config, &world.bus).await;
+    world.close(&profile).await?;
     outcome
 }
 

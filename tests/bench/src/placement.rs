@@ -19,35 +19,32 @@ use uuid::Uuid;
 
 use engine::admission::Committed;
 use engine::placement::{self, HostView};
-use engine::service::{self, Keys};
+use engine::service::Keys;
 use engine::{Engine, EngineConfig};
+
+use crate::engine_rate::{without_limits, IsolatedEngine};
 
 const OPENS: usize = 2_000;
 const DECISIONS: usize = 2_000;
 
 /// `berth bench placement`.
 pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
-    // Room for every session on every host, and a user each: this measures placement, not limits.
-    profile.limits.host_memory_mib = u64::MAX / 4;
-    profile.limits.host_cpus = 1e9;
-    profile.limits.max_opens_per_user_per_minute = u32::MAX;
+    // Room for every session on every host: this measures placement, not limits.
+    without_limits(&mut profile);
     println!("berth bench placement");
     pure_decisions();
     let patterns = engine::load_profile_patterns(&profile)?;
     let tag = format!("bench-placement-{}", Uuid::now_v7().simple());
-    let config = EngineConfig::isolated(&tag);
-    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "berth-bench-placement")).await?;
-    service::declare(&bus, &config).await?;
+    let world = IsolatedEngine::declare(&profile, &tag, "berth-bench-placement").await?;
     // Opens come from the client identity, the only one (with the session agent's) that may send
     // them.
     protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await?;
     let client =
         Bus::connect(BusConfig::for_identity(&profile.services.amqp_url, protocol::Identity::Client, "berth-bench-placement-client")?)
             .await?;
-    let measured = measure(&profile, patterns, &config, &client).await;
+    let measured = measure(&profile, patterns, &world.config, &client).await;
     client.close().await;
-    service::teardown(&bus, &profile.services.redis_url, &config).await?;
-    bus.close().await;
+    world.close(&profile).await?;
     measured
 }
 
