@@ -153,6 +153,24 @@ async fn open_running(deployment: &Deployment, user: &str) -> anyhow::Result<Str
     Ok(session)
 }
 
+/// A session opened on h2: host `local` is drained for the open, then undrained. Placement's tie
+/// between two equal hosts would pick h2 too, but only while h2's report is fresh; drained, a
+/// report h2 misses under load makes the open wait in the queue instead of landing on `local`.
+async fn open_running_on_h2(deployment: &Deployment, user: &str) -> anyhow::Result<String> {
+    host_command(deployment, "drain", "local")?;
+    let opened = open_running(deployment, user).await;
+    host_command(deployment, "undrain", "local")?;
+    opened
+}
+
+fn host_command(deployment: &Deployment, verb: &str, host: &str) -> anyhow::Result<()> {
+    let output = deployment.command().args(["host", verb, host]).output().with_context(|| format!("berth host {verb} runs"))?;
+    if !output.status.success() {
+        bail!("berth host {verb} {host}: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_spread_by_capacity_queue_when_full_and_every_task_stays_on_its_host() {
     // Two sessions of 48 MiB fit on each host.
@@ -271,9 +289,9 @@ async fn a_drained_host_moves_its_sessions_to_another_host_with_their_files_inta
     let deployment = Deployment::start(&config(0)).await.expect("deployment");
     let h2 = Host::start(&deployment, "h2").expect("host h2");
     wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
-    let session = open_running(&deployment, "ann").await.expect("a session");
+    let session = open_running_on_h2(&deployment, "ann").await.expect("a session");
     let name = Deployment::container_name(&session);
-    assert_eq!(h2.containers(), vec![name.clone()], "the tie goes to h2");
+    assert_eq!(h2.containers(), vec![name.clone()], "placed on h2");
     // 50 MB in 500 files, written inside the container on h2 and never synced by hand.
     let write =
         "mkdir -p /workspace/data && i=0; while [ $i -lt 500 ]; do head -c 104858 /dev/urandom > /workspace/data/f$i; i=$((i+1)); done";
@@ -383,8 +401,8 @@ async fn what_a_second_host_holds_after_the_engine_lost_its_state_is_recovered_o
     let deployment = Deployment::start(&config(0)).await.expect("deployment");
     let h2 = Host::start(&deployment, "h2").expect("host h2");
     wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
-    let session = open_running(&deployment, "ann").await.expect("a session");
-    assert_eq!(h2.containers(), vec![Deployment::container_name(&session)], "the tie goes to h2");
+    let session = open_running_on_h2(&deployment, "ann").await.expect("a session");
+    assert_eq!(h2.containers(), vec![Deployment::container_name(&session)], "placed on h2");
     h2.write_inside(&session, "unsaved.txt", "only on h2").expect("write on h2");
     // The engine forgets every session: h2's inventories now list an orphan container and a
     // stranded directory, which only h2's agents can save and remove.
@@ -555,8 +573,8 @@ async fn the_terminal_and_files_of_a_session_on_another_host_pass_through_any_do
     let deployment = Deployment::start(&config(0)).await.expect("deployment");
     let h2 = Host::start(&deployment, "h2").expect("host h2");
     wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
-    let session = open_running(&deployment, "ann").await.expect("a session");
-    assert_eq!(h2.containers(), vec![Deployment::container_name(&session)], "the tie goes to h2");
+    let session = open_running_on_h2(&deployment, "ann").await.expect("a session");
+    assert_eq!(h2.containers(), vec![Deployment::container_name(&session)], "placed on h2");
     let deadline = Instant::now() + STEP;
     loop {
         let record = deployment.record(&session).await.expect("store").unwrap_or_default();
@@ -706,9 +724,9 @@ async fn a_host_gone_past_failover_after_moves_its_session_and_saves_its_copy_ap
     let deployment = Deployment::start(&failover_config()).await.expect("deployment");
     let mut h2 = Host::start(&deployment, "h2").expect("host h2");
     wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
-    let session = open_running(&deployment, "ann").await.expect("a session");
+    let session = open_running_on_h2(&deployment, "ann").await.expect("a session");
     let name = Deployment::container_name(&session);
-    assert_eq!(h2.containers(), vec![name.clone()], "the tie goes to h2");
+    assert_eq!(h2.containers(), vec![name.clone()], "placed on h2");
     // Work that reaches the store before h2 goes (autosave every 4 s).
     h2.write_inside(&session, "kept.txt", "synced from h2").expect("write on h2");
     let kept = Deployment::object_key("ann", "thesis", "kept.txt");
@@ -806,8 +824,8 @@ async fn a_failed_over_session_that_ended_before_its_old_host_returned_still_get
     let deployment = Deployment::start(&failover_config()).await.expect("deployment");
     let mut h2 = Host::start(&deployment, "h2").expect("host h2");
     wait_hosts(&deployment, &["h2", "local"]).await.expect("both hosts report");
-    let session = open_running(&deployment, "ann").await.expect("a session");
-    assert_eq!(h2.containers(), vec![Deployment::container_name(&session)], "the tie goes to h2");
+    let session = open_running_on_h2(&deployment, "ann").await.expect("a session");
+    assert_eq!(h2.containers(), vec![Deployment::container_name(&session)], "placed on h2");
     h2.kill();
     h2.write_inside(&session, "late.txt", "only ever on h2").expect("write on h2 without agents");
     deployment.inbox.wait_state(&session, "moving", STEP).await.expect("moving");
