@@ -53,6 +53,33 @@ impl IsolatedEngine {
     }
 }
 
+/// An engine serving in the background until [`Serving::stop`].
+pub(crate) struct Serving {
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<engine::Result<()>>,
+}
+
+impl Serving {
+    pub(crate) fn start(engine: &Engine) -> Serving {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = engine.clone();
+        let served = tokio::spawn(async move {
+            serving
+                .serve(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Serving { stop, served }
+    }
+
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.served.await??;
+        Ok(())
+    }
+}
+
 /// `berth bench engine`.
 pub async fn bench(mut profile: Profile) -> anyhow::Result<()> {
     without_limits(&mut profile);
@@ -263,15 +290,7 @@ async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &Eng
     publish_all(&as_client, &config.events_exchange, opens.iter().map(|event| (event.event_type.clone(), event.to_bytes())).collect())
         .await?;
     let engine = Engine::connect(profile.clone(), patterns, config.clone()).await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = engine.clone();
-    let served = tokio::spawn(async move {
-        serving
-            .serve(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let serving = Serving::start(&engine);
     let started = Instant::now();
     wait_handled(&engine, THREDS as u64, Duration::from_secs(600)).await?;
     let open_rate = THREDS as f64 / started.elapsed().as_secs_f64();
@@ -346,8 +365,7 @@ async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &Eng
 
     let snapshot = engine.metrics().snapshot();
     println!("  engine metrics: {}", serde_json::to_string(&snapshot)?);
-    let _ = stop.send(());
-    served.await??;
+    serving.stop().await?;
     for sender in [as_client, as_workspace, as_container] {
         sender.close().await;
     }

@@ -22,7 +22,7 @@ use engine::placement::{self, HostView};
 use engine::service::Keys;
 use engine::{Engine, EngineConfig};
 
-use crate::engine_rate::{without_limits, IsolatedEngine};
+use crate::engine_rate::{without_limits, IsolatedEngine, Serving};
 
 const OPENS: usize = 2_000;
 const DECISIONS: usize = 2_000;
@@ -138,15 +138,7 @@ async fn backlog_rate(engine: &Engine, bus: &Bus, config: &EngineConfig, label: 
 
 async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &EngineConfig, bus: &Bus) -> anyhow::Result<()> {
     let engine = Engine::connect(profile.clone(), patterns, config.clone()).await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = engine.clone();
-    let served = tokio::spawn(async move {
-        serving
-            .serve(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let serving = Serving::start(&engine);
     let client = redis::Client::open(profile.services.redis_url.as_str())?;
     let mut redis = client.get_multiplexed_async_connection().await?;
     let keys = Keys::new(&config.redis_prefix);
@@ -182,7 +174,6 @@ async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &Eng
         "  engine, backlog of session.open, 3 hosts:      {placed:>7.0} events/s ({:.0}% of the baseline: each open is placed)",
         100.0 * placed / unplaced
     );
-    let _ = stop.send(());
-    served.await??;
+    serving.stop().await?;
     Ok(())
 }
