@@ -10,9 +10,11 @@ use crate::message::AgentKind;
 use crate::profile::{is_deployment_id, Profile};
 use crate::topology;
 
-/// The body of one host report.
+/// The body of one host report. Like every event's data (see [`crate::events`]), it accepts and
+/// ignores a field it does not know: agents and the engine are upgraded one at a time, and an
+/// older engine refusing a newer agent's reports would mark a live host gone. A missing field or
+/// a wrong type is still refused, by name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HostReport {
     /// The host id ([`Profile::host`]).
     pub host: String,
@@ -32,9 +34,9 @@ pub struct HostReport {
 
 /// A host's capacity as its container agent sees it. `memory_mib` and `cpu_millis` are the
 /// budget (the profile's `limits.host_memory_mib`/`host_cpus`, or the machine's size); committed
-/// is what its session containers hold by the profile's per-session limits.
+/// is what its session containers hold by the profile's per-session limits. Unknown fields are
+/// ignored, as in [`HostReport`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HostCapacity {
     pub memory_mib: u64,
     pub cpu_millis: u64,
@@ -136,9 +138,10 @@ pub const REPORT_INTERVAL_ENV: &str = "BERTH_HOST_REPORT_INTERVAL_SECS";
 /// A session container's own address on its session network (`container.ready`'s `network`),
 /// with the machine it is on: only a process on that machine can use it (the same private
 /// address on another machine may be another tenant's container), so the session proxy takes it
-/// only when `host` and `boot_id` are its own, and the published port otherwise.
+/// only when `host` and `boot_id` are its own, and the published port otherwise. It is event data
+/// (`container.ready`), so unknown fields are ignored: a proxy refusing a newer agent's address
+/// would silently fall back to the published port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NetworkAddress {
     pub ip: std::net::IpAddr,
     pub port: u16,
@@ -207,9 +210,24 @@ mod tests {
         let mut claimed = report().to_event("/test");
         claimed.event_type = "workspace.host_report".to_owned();
         assert!(HostReport::from_event(&claimed).unwrap_err().contains("reports the container agent"));
+    }
+
+    #[test]
+    fn a_newer_agents_fields_are_ignored_and_missing_or_mistyped_ones_refused() {
+        // A newer agent's report, with a field this engine does not know at the top and in the
+        // capacity, is read as the fields it does know.
         let mut event = report().to_event("/test");
-        event.data["bogus"] = serde_json::json!(1);
-        assert!(HostReport::from_event(&event).unwrap_err().contains("unknown field `bogus`"));
+        event.data["gpus"] = serde_json::json!(2);
+        event.data["capacity"]["free_disk_mib"] = serde_json::json!(1024);
+        assert_eq!(HostReport::from_event(&event), Ok(report()));
+        let mut missing = report().to_event("/test");
+        missing.data.as_object_mut().unwrap().remove("interval_secs");
+        let error = HostReport::from_event(&missing).unwrap_err();
+        assert!(error.starts_with("container.host_report: ") && error.contains("missing field `interval_secs`"), "{error}");
+        let mut mistyped = report().to_event("/test");
+        mistyped.data["capacity"]["sessions"] = serde_json::json!("one");
+        let error = HostReport::from_event(&mistyped).unwrap_err();
+        assert!(error.starts_with("container.host_report: ") && error.contains("invalid type: string \"one\", expected u64"), "{error}");
     }
 
     #[test]
@@ -224,5 +242,7 @@ mod tests {
         assert!(!unknown.is_on("h1", Some("")), "an agent that could not read it");
         let text = serde_json::json!({"ip": "172.18.0.5", "port": 8080, "host": "h1", "boot_id": boot});
         assert_eq!(serde_json::from_value::<NetworkAddress>(text).unwrap(), address);
+        let newer = serde_json::json!({"ip": "172.18.0.5", "port": 8080, "host": "h1", "boot_id": boot, "ipv6": "fd00::5"});
+        assert_eq!(serde_json::from_value::<NetworkAddress>(newer).unwrap(), address, "a newer agent's field is ignored");
     }
 }
