@@ -316,12 +316,22 @@ pub struct HostsSettings {
     /// A humantime duration (`"5m"`, `"90s"`): a session on a host gone this long is reopened on
     /// another host from the object store's last synced state.
     pub failover_after: String,
+    /// A humantime duration (`"7d"`): how long after its last failover the engine remembers which
+    /// sessions it moved off a host, so that copies the host returns with are saved apart. Absent =
+    /// [`DEFAULT_FORGET_AFTER`]. Longer than `failover_after`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forget_after: Option<String>,
 }
 
 /// [`HostsSettings::failover_after`] when the profile has no `[hosts]`: long enough that an agent
 /// restart or a short network cut never moves a session, short enough that a dead machine's users
 /// are back within minutes.
 pub const DEFAULT_FAILOVER_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// [`HostsSettings::forget_after`] when not set: a week, as long as the engine keeps ended threds.
+/// A host back later than that still cannot write over a moved session (the fence in the store
+/// refuses its syncs); its copies are then left on it for an operator instead of saved apart.
+pub const DEFAULT_FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// The folder of the warm pool's slots, under the deployment root (outside every session's).
 pub const POOL_DIR: &str = ".berth-pool";
@@ -475,6 +485,16 @@ impl Profile {
         self.hosts.as_ref().and_then(|hosts| humantime::parse_duration(&hosts.failover_after).ok()).unwrap_or(DEFAULT_FAILOVER_AFTER)
     }
 
+    /// How long after a host's last failover the engine remembers the sessions it moved off it
+    /// (`hosts.forget_after`).
+    pub fn forget_after(&self) -> std::time::Duration {
+        self.hosts
+            .as_ref()
+            .and_then(|hosts| hosts.forget_after.as_deref())
+            .and_then(|text| humantime::parse_duration(text).ok())
+            .unwrap_or(DEFAULT_FORGET_AFTER)
+    }
+
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ProfileError> {
         if let Some(hosts) = &self.hosts {
@@ -482,6 +502,13 @@ impl Profile {
                 Ok(after) if after >= std::time::Duration::from_secs(1) => {}
                 Ok(_) => return Err(self.invalid("hosts.failover_after", "must be at least 1s")),
                 Err(error) => return Err(self.invalid("hosts.failover_after", format!("not a duration ({error}), e.g. \"5m\""))),
+            }
+            if let Some(text) = &hosts.forget_after {
+                match humantime::parse_duration(text) {
+                    Ok(forget) if forget > self.failover_after() => {}
+                    Ok(_) => return Err(self.invalid("hosts.forget_after", "must be longer than hosts.failover_after")),
+                    Err(error) => return Err(self.invalid("hosts.forget_after", format!("not a duration ({error}), e.g. \"7d\""))),
+                }
             }
         }
         if self.version != PROFILE_VERSION {
@@ -841,6 +868,19 @@ mod tests {
         let parsed = Profile::parse(&with("90s")(dev_text()), Path::new("p.toml")).unwrap();
         assert_eq!(parsed.failover_after(), std::time::Duration::from_secs(90));
         assert_eq!(Profile::parse(&dev_text(), Path::new("p.toml")).unwrap().failover_after(), DEFAULT_FAILOVER_AFTER);
+    }
+
+    #[test]
+    fn forget_after_is_a_duration_longer_than_failover_after() {
+        fn with(value: &'static str) -> impl Fn(String) -> String {
+            move |text: String| format!("{text}\n[hosts]\nfailover_after = \"90s\"\nforget_after = \"{value}\"\n")
+        }
+        check(with("2d"), Ok(()));
+        check(with("later"), Err("`hosts.forget_after`: not a duration"));
+        check(with("90s"), Err("`hosts.forget_after`: must be longer than hosts.failover_after"));
+        let parsed = Profile::parse(&with("2d")(dev_text()), Path::new("p.toml")).unwrap();
+        assert_eq!(parsed.forget_after(), std::time::Duration::from_secs(2 * 24 * 3600));
+        assert_eq!(Profile::parse(&dev_text(), Path::new("p.toml")).unwrap().forget_after(), DEFAULT_FORGET_AFTER);
     }
 
     #[test]
