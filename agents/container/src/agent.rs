@@ -1,7 +1,9 @@
 //! The container agent's handler: one task in, Docker work done, answer events out.
 //!
-//! Every action is idempotent: the container of a session is found by its name `berth-<session>`,
-//! so a redelivered or repeated task finds the work already done and answers the same way.
+//! Every action is idempotent: the container of a session is found by its name `berth-<session>`
+//! (or, for a session that claimed a warm-pool slot, by the slot's `berth-pool-<slot>` through the
+//! claim recorded on the host: [`Agent::session_container_name`]), so a redelivered or repeated
+//! task finds the work already done and answers the same way.
 //!
 //! This file holds the agent itself (settings, per-session serialisation, what it remembers), the
 //! task's decoding at the edge ([`parse_task`]) and its dispatch, the failure types every action
@@ -65,7 +67,7 @@ impl AgentSettings {
             inventory_interval: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(60),
             stop_timeout_secs: 5,
-            // Fifty warm claims at once are a hundred short tasks (claim, then unpause): with 16
+            // Fifty warm claims at once are a hundred short tasks (claim, then readiness): with 16
             // at a time they waited in waves behind each other (`berth bench open`).
             concurrency: 64,
         }
@@ -88,13 +90,13 @@ enum Action {
         workspace: String,
         slot: Option<String>,
     },
-    /// A warm claim's hand-off on its own (identity file, rename), the container left paused.
+    /// A warm claim's hand-off on its own (identity file and claim index; no Docker call).
     Claim {
         user: String,
         workspace: String,
         slot: String,
     },
-    /// A warm-pool slot: its directory and a container made ready, then paused.
+    /// A warm-pool slot: its directory and a container made ready, left running.
     PoolCreate {
         slot: String,
     },

@@ -23,7 +23,7 @@ pub const THRED_LABEL: &str = "berth.thred";
 /// the same profile name may share one Docker engine, and each acts only on what carries its own.
 pub const DEPLOYMENT_LABEL: &str = "berth.deployment";
 /// The warm-pool slot a container was created for (`berth.pool.slot`); such a container never
-/// carries a session label: its claim lives in the engine's state and its name.
+/// carries a session label: its claim lives in the engine's state and the slot's identity file.
 pub const POOL_SLOT_LABEL: &str = "berth.pool.slot";
 
 /// Host address the service port is published on unless `BERTH_PUBLISH_ADDRESS` says otherwise:
@@ -196,20 +196,15 @@ pub fn container_config(
     config_with(profile, environment, binds, session_labels(profile, identity, extra_labels))
 }
 
-/// The Docker name of a warm-pool slot's container until a claim renames it `berth-<session>`.
+/// The Docker name of a warm-pool slot's container, before and after a claim (a claim renames
+/// nothing: the claim index leads a session's tasks to it).
 pub fn pool_container_name(slot: &str) -> String {
     format!("berth-pool-{slot}")
 }
 
-/// The session a warm-pool container was claimed for, from its name (`berth-<session>` after the
-/// claim's rename; Docker may list names with a leading `/`). `None` while unclaimed.
-pub fn claimed_pool_session(name: &str) -> Option<String> {
-    let session = name.trim_start_matches('/').strip_prefix("berth-")?;
-    (!session.starts_with("pool-") && !session.is_empty()).then(|| session.to_owned())
-}
-
 /// The labels of a warm-pool container: this deployment's, the slot's, and no session, user or
-/// workspace (labels can't change after creation; the claim lives in the engine's state).
+/// workspace (labels can't change after creation; the claim lives in the engine's state and in
+/// the slot's identity file on the host).
 pub fn pool_labels(profile: &Profile, slot: &str, extra_labels: &BTreeMap<String, String>) -> HashMap<String, String> {
     let mut labels: HashMap<String, String> = extra_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     labels.insert(MANAGED_LABEL.to_owned(), "true".to_owned());
@@ -361,9 +356,6 @@ mod tests {
         assert_eq!(host.memory, Some(128 * 1024 * 1024));
         assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
         assert_eq!(host.readonly_rootfs, Some(true));
-        assert_eq!(claimed_pool_session("/berth-s-1"), Some("s-1".to_owned()));
-        assert_eq!(claimed_pool_session("/berth-pool-slot-1"), None);
-        assert_eq!(claimed_pool_session("other"), None);
     }
 
     fn identity() -> SessionIdentity {

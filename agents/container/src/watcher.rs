@@ -90,14 +90,17 @@ async fn exit_event(agent: &Agent, message: &EventMessage, out_of_memory: &mut H
             }
             let exit_code: i64 = attributes.get("exitCode").and_then(|code| code.parse().ok()).unwrap_or(-1);
             let oom_killed = oom_reported || inspected_oom_killed(agent, &container_id).await;
-            // A claimed warm-pool container has no session label: its name is the session's.
-            let session = attributes.get(spec::SESSION_LABEL).cloned().or_else(|| {
-                attributes.get(spec::POOL_SLOT_LABEL).and(attributes.get("name")).and_then(|name| spec::claimed_pool_session(name))
-            });
+            // A claimed warm-pool container has no session or thred label: its claim names both.
+            let claimant = attributes.get(spec::POOL_SLOT_LABEL).and_then(|slot| agent.pool_claimant(slot));
+            let (session, thred) = match (attributes.get(spec::SESSION_LABEL), claimant) {
+                (Some(session), _) => (Some(session.clone()), attributes.get(spec::THRED_LABEL).cloned()),
+                (None, Some((session, thred))) => (Some(session), thred),
+                (None, None) => (None, None),
+            };
             tracing::info!(container_id = %container_id, session_id = ?session, exit_code, oom_killed, "session container exited");
             let mut event = CloudEvent::of(EVENT_SOURCE, session.as_deref(), &ContainerExited { container_id, exit_code, oom_killed });
-            if let Some(thred) = attributes.get(spec::THRED_LABEL) {
-                event = event.with_extension("thredid", thred.clone());
+            if let Some(thred) = thred {
+                event = event.with_extension("thredid", thred);
             }
             // Its host: an exit on a host the session has left is not the session's.
             event = event.with_extension("host", agent.profile().host());

@@ -11,7 +11,7 @@ use bollard::container::ListContainersOptions;
 use protocol::events::ContainerInventory;
 use protocol::CloudEvent;
 
-use super::{Agent, InventoryEntry, EVENT_SOURCE};
+use super::{pool, Agent, InventoryEntry, EVENT_SOURCE};
 use crate::error::{Error, Result};
 use crate::spec;
 
@@ -48,14 +48,21 @@ impl Agent {
                     .find(|port| port.private_port == service_port && port.public_port.is_some())
                     .and_then(|port| port.public_port);
                 let pool_slot = labels.get(spec::POOL_SLOT_LABEL).cloned();
-                // A claimed pool container carries no session label: its name is the session's.
-                let claimed = pool_slot
-                    .as_ref()
-                    .and_then(|_| summary.names.as_deref().unwrap_or_default().iter().find_map(|name| spec::claimed_pool_session(name)));
+                // A claimed pool container carries no session labels: its identity file names the
+                // session, its user and workspace (so reconciliation can save it like any other).
+                let claim = pool_slot.as_deref().and_then(|slot| pool::read_claim(&self.inner.profile, slot));
+                let (session, user, workspace) = match claim {
+                    Some(claim) => (claim.session, claim.user, claim.workspace),
+                    None => (
+                        labels.get(spec::SESSION_LABEL).cloned().unwrap_or_default(),
+                        labels.get(spec::USER_LABEL).cloned().unwrap_or_default(),
+                        labels.get(spec::WORKSPACE_LABEL).cloned().unwrap_or_default(),
+                    ),
+                };
                 InventoryEntry {
-                    session: labels.get(spec::SESSION_LABEL).cloned().or(claimed).unwrap_or_default(),
-                    user: labels.get(spec::USER_LABEL).cloned().unwrap_or_default(),
-                    workspace: labels.get(spec::WORKSPACE_LABEL).cloned().unwrap_or_default(),
+                    session,
+                    user,
+                    workspace,
                     container_id: summary.id.unwrap_or_default(),
                     state: summary.state.unwrap_or_default(),
                     host_port,

@@ -1,9 +1,10 @@
 //! Lifecycle: the answers to `pause`, `resume`, `stop`, `remove`, `stats` and `probe` on a
 //! session's existing container, and the removals provisioning and the pool share.
 //!
-//! None of these creates a container. Each finds it by the session's name and acts only on one
-//! labelled as this deployment's ([`Agent::inspect_owned`]); a missing container is an answer
-//! (`pause` says `missing`, `stop` and `remove` say done), never a retry.
+//! None of these creates a container. Each finds it by the session's name, or by its claimed pool
+//! slot's ([`Agent::session_container_name`]: a claimed pool container keeps its pool name), and
+//! acts only on one labelled as this deployment's ([`Agent::inspect_owned`]); a missing container
+//! is an answer (`pause` says `missing`, `stop` and `remove` say done), never a retry.
 
 use std::time::Duration;
 
@@ -27,8 +28,8 @@ impl Agent {
                 return Ok(paused(task, Some(&id), FrozenState::Paused));
             }
         }
-        let name = spec::container_name(session);
-        let Some(inspected) = self.inspect_owned(&name).await? else {
+        let name = self.session_container_name(session);
+        let Some(inspected) = self.inspect_owned(session, &name).await? else {
             return Ok(paused(task, None, FrozenState::Missing));
         };
         let id = inspected.id.clone().unwrap_or_default();
@@ -43,7 +44,7 @@ impl Agent {
             return Err(Error::from_docker(pause_error));
         }
         // Docker refused: the container may have exited or gone in between. Look once more.
-        let Some(inspected) = self.inspect_owned(&name).await? else {
+        let Some(inspected) = self.inspect_owned(session, &name).await? else {
             return Ok(paused(task, None, FrozenState::Missing));
         };
         match frozen_state(container_status(&inspected)) {
@@ -59,8 +60,8 @@ impl Agent {
                 return Ok(answer(task, &ContainerResumed { container_id: Some(id) }));
             }
         }
-        let name = spec::container_name(session);
-        let Some(inspected) = self.inspect_owned(&name).await? else {
+        let name = self.session_container_name(session);
+        let Some(inspected) = self.inspect_owned(session, &name).await? else {
             return Ok(failed(task, "resume", format!("no container for session {session}")));
         };
         let id = inspected.id.clone().unwrap_or_default();
@@ -77,8 +78,8 @@ impl Agent {
     }
 
     pub(super) async fn stop_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
-        let name = spec::container_name(session);
-        let Some(inspected) = self.inspect_owned(&name).await? else {
+        let name = self.session_container_name(session);
+        let Some(inspected) = self.inspect_owned(session, &name).await? else {
             // Nothing left to stop is what `stop` wants.
             return Ok(answer(task, &ContainerStopped { container_id: None }));
         };
@@ -102,7 +103,7 @@ impl Agent {
     }
 
     pub(super) async fn remove_answer(&self, task: &Task, session: &str, container_id: Option<&str>) -> Result<CloudEvent> {
-        let target = container_id.map_or_else(|| spec::container_name(session), str::to_owned);
+        let target = container_id.map_or_else(|| self.session_container_name(session), str::to_owned);
         let inspected = match self.inner.docker.inspect_container(&target, None).await {
             Ok(inspected) => inspected,
             Err(error) if docker_status(&error) == Some(404) => {
@@ -131,7 +132,8 @@ impl Agent {
             self.forget_container(session);
             return Ok(answer(task, &ContainerRemoved { container_id: None }));
         }
-        if labels.get(spec::SESSION_LABEL).is_some_and(|owner| owner != session) {
+        let pool_claimant = labels.get(spec::POOL_SLOT_LABEL).and_then(|slot| pool::read_claim(&self.inner.profile, slot)).map(|claim| claim.session);
+        if labels.get(spec::SESSION_LABEL).or(pool_claimant.as_ref()).is_some_and(|owner| owner != session) {
             return Ok(failed(task, "remove", format!("container {target} belongs to another session, not {session}")));
         }
         if container_id.is_some() {
@@ -159,8 +161,8 @@ impl Agent {
     }
 
     pub(super) async fn stats_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
-        let name = spec::container_name(session);
-        if self.inspect_owned(&name).await?.is_none() {
+        let name = self.session_container_name(session);
+        if self.inspect_owned(session, &name).await?.is_none() {
             return Ok(failed(task, "stats", format!("no container for session {session}")));
         }
         let options = StatsOptions { stream: false, one_shot: false };
@@ -176,8 +178,8 @@ impl Agent {
     /// The idle rule's work probe (see [`work`]): cumulative CPU, the age of the newest change in
     /// the workspace directory, and the commands running under terminal shells.
     pub(super) async fn probe_answer(&self, task: &Task, session: &str) -> Result<CloudEvent> {
-        let name = spec::container_name(session);
-        let Some(inspected) = self.inspect_owned(&name).await? else {
+        let name = self.session_container_name(session);
+        let Some(inspected) = self.inspect_owned(session, &name).await? else {
             return Ok(failed(task, "probe", format!("no container for session {session}")));
         };
         let options = StatsOptions { stream: false, one_shot: true };
@@ -223,9 +225,10 @@ impl Agent {
         Ok(answer(task, &probe))
     }
 
-    /// Inspects a session container; `None` when it does not exist. A container that carries the
-    /// name but not this deployment's labels counts as missing, and is never acted on.
-    async fn inspect_owned(&self, name: &str) -> Result<Option<ContainerInspectResponse>> {
+    /// Inspects `session`'s container under `name` (what [`Agent::session_container_name`] gave);
+    /// `None` when it does not exist. A container that carries the name but not this deployment's
+    /// labels counts as missing, and is never acted on.
+    async fn inspect_owned(&self, session: &str, name: &str) -> Result<Option<ContainerInspectResponse>> {
         match self.inner.docker.inspect_container(name, None).await {
             Ok(inspected) => {
                 let labels = container_labels(&inspected);
@@ -233,15 +236,13 @@ impl Agent {
                     // Someone else's container under the session's name: ours does not exist.
                     return Ok(None);
                 }
-                if let (Some(session), Some(id)) = (labels.get(spec::SESSION_LABEL), inspected.id.as_ref()) {
+                if let Some(id) = inspected.id.as_ref() {
                     self.remember_container(session, id);
                 }
                 Ok(Some(inspected))
             }
             Err(error) if docker_status(&error) == Some(404) => {
-                if let Some(session) = name.strip_prefix("berth-") {
-                    self.forget_container(session);
-                }
+                self.forget_container(session);
                 Ok(None)
             }
             Err(error) if is_docker_answer(&error) => Ok(None),

@@ -38,7 +38,6 @@ pub(super) enum ExitedContainer {
 
 impl Agent {
     pub(super) async fn provision_answer(&self, task: &Task, identity: &SessionIdentity, exited: ExitedContainer) -> Result<CloudEvent> {
-        let name = spec::container_name(&identity.session);
         let action = task.action.as_str();
         match self.provision(identity, exited).await {
             Ok(ready) => {
@@ -62,7 +61,7 @@ impl Agent {
             Err(Failure::Refused(Refusal(reason))) => {
                 self.forget_container(&identity.session);
                 tracing::warn!(session_id = %identity.session, %reason, "provision failed, removing the container");
-                if let Err(error) = self.remove_by_name(&name).await {
+                if let Err(error) = self.remove_failed_session_container(&identity.session).await {
                     tracing::warn!(session_id = %identity.session, %error, "could not remove the failed container");
                 }
                 Ok(answer(task, &ContainerFailed { action: action.to_owned(), error: reason }))
@@ -84,31 +83,41 @@ impl Agent {
         self.ensure_network().await?;
         let session_dir = self.inner.profile.session_dir(&identity.session);
         ensure_session_dir(&session_dir).await?;
-        let name = spec::container_name(&identity.session);
         let mut create_ms = 0;
         let mut adopted = true;
         // A few rounds at most: another replica may create or remove the container between our calls.
         for _round in 0..4 {
+            // A claimed pool slot's container keeps its pool name. Asked again each round: once
+            // that container is found gone or is replaced, the session's is `berth-<session>`.
+            let claimed_slot = pool::claimed_slot(&self.inner.profile, &identity.session);
+            let name = claimed_slot.as_deref().map_or_else(|| spec::container_name(&identity.session), spec::pool_container_name);
             let existing = match self.inner.docker.inspect_container(&name, None).await {
                 Ok(existing) => Some(existing),
                 Err(error) if docker_status(&error) == Some(404) => None,
                 Err(error) => return Err(error.into()),
             };
+            if let (None, Some(slot)) = (&existing, &claimed_slot) {
+                // Removed meanwhile (reconciliation, or by hand): a cold open on the session directory.
+                tracing::info!(session_id = %identity.session, slot, "the claimed pool container is gone; opening cold");
+                pool::forget_claim_index(&self.inner.profile, &identity.session);
+                continue;
+            }
+            let existing_id = existing.as_ref().and_then(|existing| existing.id.clone()).unwrap_or_default();
             // A claimed warm-pool container mounts its slot's directory, which the claim renamed
             // into the session's: started again, Docker would mount the old, empty path. A wake
             // replaces it with a container on the session directory instead.
             let mut mounts_session_dir = true;
-            // A paused container (a warm claim's) runs already with its port published: this
-            // inspection is what readiness needs, so nothing but the unpause goes to Docker
+            // A running or paused container (a warm claim's) has its port published already: this
+            // inspection is what readiness needs, so nothing (or only the unpause) goes to Docker
             // before the health check.
-            let mut paused_inspection = None;
+            let mut known_inspection = None;
             let status = match existing {
                 Some(existing) => {
                     check_ownership(&existing, identity, &self.inner.profile).map_err(Failure::NotOurs)?;
                     mounts_session_dir = !container_labels(&existing).contains_key(spec::POOL_SLOT_LABEL);
                     let status = existing.state.as_ref().and_then(|state| state.status).unwrap_or(ContainerStateStatusEnum::EMPTY);
-                    if status == ContainerStateStatusEnum::PAUSED {
-                        paused_inspection = Some(existing);
+                    if matches!(status, ContainerStateStatusEnum::PAUSED | ContainerStateStatusEnum::RUNNING) {
+                        known_inspection = Some(existing);
                     }
                     status
                 }
@@ -159,13 +168,16 @@ impl Agent {
                 | ContainerStateStatusEnum::REMOVING
                 | ContainerStateStatusEnum::EMPTY => {
                     // A dead container is no use to a new session start: replace it.
-                    self.remove_by_name(&name).await?;
+                    match &claimed_slot {
+                        Some(slot) => self.retire_claimed_pool_container(&identity.session, slot, &existing_id).await?,
+                        None => self.remove_by_name(&name).await?,
+                    }
                     continue;
                 }
             }
             let start_ms = elapsed_ms(started_at);
             let ready_began = Instant::now();
-            let ready = self.wait_until_answering(&name, paused_inspection, deadline).await?;
+            let ready = self.wait_until_answering(&name, known_inspection, deadline).await?;
             return Ok(ReadyContainer {
                 container_id: ready.container_id,
                 host: spec::publish_host().to_owned(),
@@ -177,7 +189,7 @@ impl Agent {
                 adopted,
             });
         }
-        Err(Refusal(format!("container {name} kept changing under us; giving up")).into())
+        Err(Refusal(format!("the container of session {} kept changing under us; giving up", identity.session)).into())
     }
 
     /// Makes sure the session network exists with inter-container traffic disabled. Checked once
@@ -353,9 +365,9 @@ impl Agent {
     }
 
     /// [`Agent::wait_until_ready`], with the container's address on the session network.
-    /// `known`: an inspection taken just before (of a container that was paused, so its port and
-    /// address stand), used instead of asking Docker again; not for Docker's own health check,
-    /// whose status it would show from before the pause.
+    /// `known`: an inspection taken just before (of a container that was running or paused, so its
+    /// port and address stand), used instead of asking Docker again; not for Docker's own health
+    /// check, whose status it may show from before a pause.
     async fn wait_until_answering(
         &self,
         name: &str,
