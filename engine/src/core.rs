@@ -911,8 +911,8 @@ mod tests {
         assert_eq!(persisted, vec![("sessions", &Some("s-1".to_owned())), ("events", &None)]);
     }
 
-    /// A warm open runs the materialize and the container's claim side by side; the unpause
-    /// (provisioning) waits for both answers, whichever comes first, and a refused claim counts
+    /// A warm open runs the materialize and the container's claim side by side; provisioning
+    /// (the readiness check) waits for both answers, whichever comes first, and a refused claim counts
     /// as answered (provisioning then claims again). Provisioning carries the slot only while
     /// the claim is not known done.
     #[test]
@@ -954,7 +954,7 @@ mod tests {
         assert_eq!(summary(&first), ("stay".to_owned(), vec![]));
         let second = step(&pattern, &first.thred, &claimed, NOW).unwrap();
         assert_eq!(summary(&second), ("-> provisioning".to_owned(), vec!["container.provision".to_owned()]));
-        assert_eq!(provision_slot(&second), json!(""), "the claim is done: provision only unpauses");
+        assert_eq!(provision_slot(&second), json!(""), "the claim is done: provision only checks readiness");
 
         // The claim first, then the files.
         let first = step(&pattern, &warm_start(), &claimed, NOW).unwrap();

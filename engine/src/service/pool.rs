@@ -1,7 +1,7 @@
 //! The warm pool, engine side: which slots exist, which are free, and who claimed which.
 //!
 //! Redis holds the pool of this deployment: `pool:slots` (hash slot → `pending:<ms>` while the
-//! container agent makes it, `free:<ms>` once ready and paused, `claimed:<thred id>` once a
+//! container agent makes it, `free:<ms>` once ready (running), `claimed:<thred id>` once a
 //! session took it) and `pool:free` (zset of the free slots by the time they became free).
 //!
 //! A claim is part of the commit of the new thred that makes it (the commit script checks the
@@ -11,7 +11,7 @@
 //! half-claimed.
 //!
 //! The keeper (`keep_pool_forever`) refills the pool in the background within the host's memory
-//! budget (a paused slot holds its container's memory; sessions come first, so a pool that no
+//! budget (a slot holds its container's memory; sessions come first, so a pool that no
 //! longer fits shrinks), replaces free slots older than `pool.max_idle_secs`, gives up on slots
 //! whose creation never finished, and forgets the claims of threds that ended (their sessions'
 //! own exits removed the containers: a claimed container held user data and never returns to
@@ -30,7 +30,7 @@ use crate::pattern::Pattern;
 use crate::Result;
 use protocol::{AgentKind, CloudEvent, Task};
 
-/// A slot the container agent made ready and paused.
+/// A slot the container agent made ready (left running: a claim asks nothing of Docker).
 pub(super) const SLOT_READY: &str = "container.pool_slot_ready";
 /// A slot the container agent could not make (it removed what there was).
 pub(super) const SLOT_FAILED: &str = "container.pool_slot_failed";
@@ -301,8 +301,9 @@ impl Engine {
                 let forgotten: u64 = redis::cmd("HDEL").arg(keys.pool_slots()).arg(slot).query_async(&mut redis).await?;
                 if forgotten > 0 {
                     tracing::info!(slot, thred, "claim of an ended session forgotten");
-                    // Its container went with the session (renamed, it is removed by name); this
-                    // removes a container still under the pool's name, if the claim never reached it.
+                    // Its container went with the session (whose tasks find it through the claim);
+                    // this removes the slot's container if the claim never reached it (a claimed
+                    // one is left to its session's exit, or to reconciliation if that is gone).
                     self.send_pool_task("pool_remove", slot, &format!("ended/{thred}")).await?;
                 }
             }
