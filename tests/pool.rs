@@ -1,11 +1,12 @@
 //! The warm pool end to end, on a deployment of separate `berth` processes (the fault harness:
 //! its own vhost, redis-server, bucket, workspace root and deployment id) with `[pool]` set:
 //!
-//! - slots are made ahead of demand, paused, with an empty slot directory and no session identity;
+//! - slots are made ahead of demand, running, with an empty slot directory and no session identity;
 //! - an open claims one (the claim and the materialize side by side): ready on the pool's own
-//!   container, with the workspace's files and the session's identity in `/run/berth/session.json`;
-//!   the pool refills; closing runs the normal exit (final sync first) and removes the container:
-//!   it never returns to the pool;
+//!   container, which keeps its pool name (a claim renames and unpauses nothing), with the
+//!   workspace's files and the session's identity in `/run/berth/session.json`; the pool refills;
+//!   closing runs the normal exit (final sync first) and removes the container, found through the
+//!   claim: it never returns to the pool;
 //! - a warm open whose materialize fails ends failed, and its slot leaks nowhere;
 //! - twenty opens racing for five slots: each of the five goes to exactly one session, the others
 //!   open cold, all twenty run;
@@ -77,16 +78,42 @@ async fn wait_until(what: &str, deployment: &Deployment, mut condition: impl FnM
     }
 }
 
-/// Waits until `size` slots are free and every one of them is a paused pool container.
+/// Waits until `size` slots are free and every one of them is a running pool container.
 async fn wait_for_full_pool(deployment: &Deployment, size: usize) -> BTreeSet<String> {
     wait_until(&format!("{size} free pool slots"), deployment, || free_slots(deployment).len() == size).await;
     let slots = free_slots(deployment);
     let listed = containers(deployment);
     for slot in &slots {
         let name = format!("berth-pool-{slot}");
-        assert_eq!(listed.get(&name).map(|(state, label)| (state.as_str(), label.as_str())), Some(("paused", slot.as_str())), "{listed:?}");
+        assert_eq!(listed.get(&name).map(|(state, label)| (state.as_str(), label.as_str())), Some(("running", slot.as_str())), "{listed:?}");
     }
     slots
+}
+
+/// The container a `running` notification names: (its name, its state, its pool slot label or '').
+fn container_of(running: &Value) -> (String, String, String) {
+    let id = running["container_id"].as_str().expect("running names the container");
+    let text = docker(&["inspect", "-f", "{{.Name}} {{.State.Status}} {{index .Config.Labels \"berth.pool.slot\"}}", id]);
+    let mut parts = text.split_whitespace().map(str::to_owned);
+    let name = parts.next().unwrap_or_default().trim_start_matches('/').to_owned();
+    (name, parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
+}
+
+/// Runs a shell command inside a container.
+fn exec_in(container: &str, script: &str) -> Result<String, String> {
+    let output = Command::new("docker").args(["exec", container, "sh", "-c", script]).output().expect("docker runs");
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// The session a claimed slot's identity file names, if any.
+fn claimant(deployment: &Deployment, slot: &str) -> Option<String> {
+    let file = deployment.deployment_root().join(".berth-pool").join(format!("{slot}.identity")).join("session.json");
+    let claim: Value = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+    claim["session"].as_str().map(str::to_owned)
 }
 
 fn port_of(detail: &Value) -> u16 {
@@ -118,21 +145,22 @@ async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_re
     let session = uuid::Uuid::now_v7().to_string();
     open(&deployment, &session, user, "w1").await;
     let running = deployment.inbox.wait_state(&session, "running", STEP).await.expect("running");
-    let name = Deployment::container_name(&session);
-    let listed = containers(&deployment);
-    let (state, slot) = listed.get(&name).cloned().expect("the session's container");
+    let (name, state, slot) = container_of(&running.notification.detail);
     assert_eq!(state, "running");
     assert!(slots.contains(&slot), "the session runs on a pool container ({slot:?} of {slots:?})");
-    assert!(!listed.contains_key(&format!("berth-pool-{slot}")), "the claimed slot's container was renamed");
+    assert_eq!(name, format!("berth-pool-{slot}"), "a claim renames nothing");
+    assert!(!containers(&deployment).contains_key(&Deployment::container_name(&session)), "no container of the session's own name");
+    let index = deployment.deployment_root().join(".berth-pool").join(".sessions").join(&session);
+    assert_eq!(std::fs::read_to_string(&index).expect("the claim's index entry"), slot);
     // The files, through the container's own mount, and the identity the claim handed it.
     let (status, body) = http_get(port_of(&running.notification.detail), "/hello.txt").expect("the workspace answers");
     assert_eq!((status, body.as_slice()), (200, b"hello from the store\n".as_slice()));
-    let identity: Value = serde_json::from_str(&deployment.exec(&session, "cat /run/berth/session.json").expect("identity")).expect("json");
+    let identity: Value = serde_json::from_str(&exec_in(&name, "cat /run/berth/session.json").expect("identity")).expect("json");
     assert_eq!(
         (identity["session"].as_str(), identity["user"].as_str(), identity["slot"].as_str()),
         (Some(session.as_str()), Some(user), Some(slot.as_str()))
     );
-    assert!(deployment.exec(&session, "echo forged > /run/berth/session.json").is_err(), "the identity is read-only inside");
+    assert!(exec_in(&name, "echo forged > /run/berth/session.json").is_err(), "the identity is read-only inside");
     let states = slot_states(&deployment);
     assert!(states.get(&slot).is_some_and(|state| state.starts_with("claimed:")), "{states:?}");
 
@@ -140,8 +168,9 @@ async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_re
     let refilled = wait_for_full_pool(&deployment, 2).await;
     assert!(!refilled.contains(&slot));
 
-    // Close: final sync first, then the container goes, and never back into the pool.
-    deployment.write_inside(&session, "made-inside.txt", b"work\n").expect("write inside");
+    // Close: final sync first (the pause before it and the removal after it find the pool
+    // container through the claim), then the container goes, and never back into the pool.
+    exec_in(&name, "echo work > /workspace/made-inside.txt").expect("write inside");
     deployment.close(&session, user).await.expect("close");
     let closed = deployment.inbox.wait_terminal(&session, STEP).await.expect("closed");
     assert_eq!(closed.state, "closed", "{closed:?}");
@@ -150,6 +179,7 @@ async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_re
     assert!(states.iter().any(|state| state == "saving"), "the exit saved first: {states:?}");
     let listed = containers(&deployment);
     assert!(!listed.contains_key(&name), "{listed:?}");
+    assert!(!index.exists(), "the claim's index entry went with the container");
     wait_until("the ended claim forgotten", &deployment, || !slot_states(&deployment).contains_key(&slot)).await;
     assert!(!free_slots(&deployment).contains(&slot));
     assert!(!deployment.directories().contains(&session), "{:?}", deployment.directories());
@@ -159,7 +189,7 @@ async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_re
     let reopened = uuid::Uuid::now_v7().to_string();
     open(&deployment, &reopened, user, "w1").await;
     let running = deployment.inbox.wait_state(&reopened, "running", STEP).await.expect("running again");
-    let (_, slot) = containers(&deployment).get(&Deployment::container_name(&reopened)).cloned().expect("the reopened session's container");
+    let (reopened_name, _, slot) = container_of(&running.notification.detail);
     assert!(!slot.is_empty(), "reopened on a pool container");
     assert!(deployment.log(Component::Workspace).contains("reopened from the host's workspace cache"), "the cache was used");
     let port = port_of(&running.notification.detail);
@@ -167,7 +197,7 @@ async fn a_warm_claim_runs_on_the_pool_container_with_the_files_and_its_close_re
         let (status, body) = http_get(port, path).expect("the workspace answers");
         assert_eq!((status, body.as_slice()), (200, content), "{path}");
     }
-    deployment.write_inside(&reopened, "again.txt", b"again\n").expect("the container writes in its workspace");
+    exec_in(&reopened_name, "echo again > /workspace/again.txt").expect("the container writes in its workspace");
     deployment.close(&reopened, user).await.expect("close");
     deployment.inbox.wait_terminal(&reopened, STEP).await.expect("closed");
     assert_eq!(deployment.get_object(&Deployment::object_key(user, "w1", "again.txt")).await.expect("get"), Some(b"again\n".to_vec()));
@@ -194,7 +224,7 @@ async fn a_warm_open_whose_materialize_fails_ends_without_leaking_its_slot() {
     assert_eq!(ended.state, "failed", "{ended:?}");
     let states = deployment.inbox.states(&session);
     assert!(states.iter().any(|state| state == "claiming"), "a warm open: {states:?}");
-    assert!(!states.iter().any(|state| state == "running" || state == "provisioning"), "nothing was unpaused: {states:?}");
+    assert!(!states.iter().any(|state| state == "running" || state == "provisioning"), "never provisioned: {states:?}");
     wait_until("the failed claim forgotten", &deployment, || !slot_states(&deployment).contains_key(&slot)).await;
     wait_until("the slot's container gone", &deployment, || {
         let listed = containers(&deployment);
@@ -218,18 +248,19 @@ async fn twenty_racing_opens_on_a_pool_of_five_claim_each_slot_exactly_once() {
     let sessions: Vec<(String, String)> = (0..20).map(|index| (uuid::Uuid::now_v7().to_string(), format!("racer-{index}"))).collect();
     let opens = sessions.iter().map(|(session, user)| open(&deployment, session, user, "w"));
     futures::future::join_all(opens).await;
-    for (session, _) in &sessions {
-        deployment.inbox.wait_state(session, "running", STEP).await.expect("every open runs");
-    }
-    let listed = containers(&deployment);
     let mut claimed_by: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut cold = 0;
     for (session, _) in &sessions {
-        let (state, slot) = listed.get(&Deployment::container_name(session)).cloned().expect("a container per session");
+        let running = deployment.inbox.wait_state(session, "running", STEP).await.expect("every open runs");
+        let (name, state, slot) = container_of(&running.notification.detail);
         assert_eq!(state, "running");
         if slot.is_empty() {
+            assert_eq!(name, Deployment::container_name(session));
             cold += 1;
         } else {
+            // The slot's own container, claimed by this session and no other.
+            assert_eq!(name, format!("berth-pool-{slot}"));
+            assert_eq!(claimant(&deployment, &slot).as_deref(), Some(session.as_str()), "slot {slot}");
             claimed_by.entry(slot).or_default().push(session.clone());
         }
     }
@@ -257,9 +288,10 @@ async fn twenty_racing_opens_on_a_pool_of_five_claim_each_slot_exactly_once() {
         let ended = deployment.inbox.wait_terminal(session, STEP).await.expect("closed");
         assert_eq!(ended.state, "closed");
     }
-    // Only the refilled pool is left: paused pool containers, none of a session.
-    wait_for_full_pool(&deployment, 5).await;
-    let leftovers: Vec<String> = containers(&deployment).into_keys().filter(|name| !name.starts_with("berth-pool-")).collect();
+    // Only the refilled pool is left: running pool containers of free slots, none of a session.
+    let free = wait_for_full_pool(&deployment, 5).await;
+    let leftovers: Vec<String> =
+        containers(&deployment).into_keys().filter(|name| !free.iter().any(|slot| *name == format!("berth-pool-{slot}"))).collect();
     assert_eq!(leftovers, Vec::<String>::new());
     assert_eq!(deployment.dead_letters().await.expect("dead letters"), Vec::<String>::new());
     deployment.teardown().await;
@@ -270,7 +302,7 @@ async fn an_engine_or_container_agent_killed_mid_claim_leaves_every_slot_claimed
     let mut deployment = Deployment::start(&config(3)).await.expect("deployment");
     // The engine dies at a different moment of the claims each round: before it consumed the
     // opens, between the commits and their tasks, and after; then the container agent, between a
-    // claim's identity file, its rename and its unpause.
+    // claim's identity file, its index entry and provision's readiness check.
     let kills = [
         (Component::Engine, 0u64),
         (Component::Engine, 10),
@@ -304,13 +336,9 @@ async fn an_engine_or_container_agent_killed_mid_claim_leaves_every_slot_claimed
         for slot in &initial {
             let state = states.get(slot).cloned().unwrap_or_default();
             if state.starts_with("claimed:") {
-                let owner = listed
-                    .iter()
-                    .find(|(_, (_, label))| label == slot)
-                    .map(|(name, _)| name.clone())
-                    .expect("the claimed slot's container");
-                let session = owner.strip_prefix("berth-").unwrap_or_default();
-                assert!(sessions.iter().any(|(candidate, _)| candidate == session), "slot {slot} is {owner}, not one of the sessions");
+                assert!(listed.contains_key(&format!("berth-pool-{slot}")), "the claimed slot's container: {listed:?}");
+                let owner = claimant(&deployment, slot).unwrap_or_default();
+                assert!(sessions.iter().any(|(candidate, _)| *candidate == owner), "slot {slot} is {owner:?}'s, not one of the sessions'");
                 assert!(!free.contains(slot));
             } else {
                 assert!(state.starts_with("free:") && free.contains(slot), "slot {slot} is {state:?}: leaked");
@@ -433,7 +461,6 @@ async fn reconciliation_removes_pool_containers_nobody_knows_and_replaces_dead_o
     deployment.redis_cli(&["zrem", POOL_FREE, &unknown]).expect("zrem");
     deployment.redis_cli(&["hdel", POOL_SLOTS, &unknown]).expect("hdel");
     let dead_name = format!("berth-pool-{dead}");
-    docker(&["unpause", &dead_name]);
     docker(&["kill", &dead_name]);
     let unknown_name = format!("berth-pool-{unknown}");
     wait_until("both pool containers gone", &deployment, || {
