@@ -193,6 +193,9 @@ pub(crate) async fn listen_for_states(
 pub(crate) async fn docker_run_to_health(profile: &Profile) -> anyhow::Result<Duration> {
     let container = &profile.container;
     let name = format!("berth-bench-baseline-{}", uuid::Uuid::new_v4().simple());
+    // However this ends: answered, failed, or dropped mid-way because another baseline of the
+    // same round failed first (the round's join then drops the rest).
+    let _removal = RemovedOnDrop(name.clone());
     let started = Instant::now();
     let publish = format!("127.0.0.1::{}", container.service_port);
     let run = Command::new("docker").args(["run", "-d", "--rm", "--name", &name, "-p", &publish, &container.image]).output()?;
@@ -214,13 +217,20 @@ pub(crate) async fn docker_run_to_health(profile: &Profile) -> anyhow::Result<Du
             break started.elapsed();
         }
         if Instant::now() > deadline {
-            let _ = Command::new("docker").args(["rm", "-f", &name]).output();
             anyhow::bail!("baseline container never answered on {path}");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let _ = Command::new("docker").args(["rm", "-f", &name]).output();
     Ok(elapsed)
+}
+
+/// A baseline container, force-removed when its measurement is over or dropped.
+struct RemovedOnDrop(String);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
 }
 
 fn lock(waiters: &Waiters) -> std::sync::MutexGuard<'_, HashMap<(String, String), oneshot::Sender<Instant>>> {

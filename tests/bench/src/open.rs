@@ -97,7 +97,7 @@ enum OpenKind {
     Cold,
     /// The host's cache holds the closed workspace; nothing changed in the store.
     Cached,
-    /// A free warm-pool slot for every open (and no cached copy): the container exists, paused.
+    /// A free warm-pool slot for every open (and no cached copy): the container exists, running.
     Warm,
 }
 
@@ -140,6 +140,8 @@ pub async fn bench(mut profile: Profile, settings: OpenBenchSettings) -> anyhow:
     profile.workspace.cache_mib = profile.workspace.cache_mib.max(max_level as u64 * medium_mib + large_quota_mib);
     // The sequential rows open one user's workspace dozens of times a minute.
     profile.limits.max_opens_per_user_per_minute = profile.limits.max_opens_per_user_per_minute.max(1000);
+    // Cold, cached and wake rows never claim: only the warm rows run with a pool (their own).
+    profile.pool = None;
     bootstrap(&profile, Reset::Keep).await?;
 
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
