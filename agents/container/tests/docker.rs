@@ -1100,7 +1100,81 @@ async fn a_dormant_pool_claimed_session_wakes_on_its_own_directory() {
     expect_type(&answer(&agent, &task(&session, "stop", json!({}))).await, "container.stopped");
     let woken = answer(&agent, &task(&session, "wake", json!({"user": "alice", "workspace": "w1"}))).await;
     expect_type(&woken, "container.ready");
-    assert_ne!(woken.data["container_id"], claimed.data["container_id"], "the pool container is replaced");
+    assert_ne!(data::<ContainerReady>(&woken).container_id, data::<ContainerReady>(&claimed).container_id, "the pool container is replaced");
     let served = http_get(port_of(&woken), "/notes.txt").await.unwrap_or_default();
     assert!(served.contains("kept"), "the woken session serves its own directory: {served}");
+}
+
+/// Docker's state of a container by name or id (`running`, `paused`, `exited`), if it exists.
+fn docker_state(container: &str) -> Option<String> {
+    let output = Command::new("docker").args(["inspect", "-f", "{{.State.Status}}", container]).output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// A claim renames and unpauses nothing: the slot's container keeps running under its pool name,
+/// and every later task of the session finds it through the claim recorded on the host, also from
+/// an agent started again (it has only the host's files); another session can't claim it, the
+/// inventory names its session, and its removal takes the slot's folders and index entry along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_pool_container_is_found_by_every_task_of_its_session() {
+    let fixture = Fixture::new(|_| {}).await;
+    let agent = fixture.agent();
+    let (session, other) = (fixture.session("claimer"), fixture.session("other"));
+    let slot = fixture.session("slot");
+    let mut create = task(&session, "pool_create", json!({"slot": slot}));
+    create.session = None;
+    let events = agent.handle(&create).await.expect("pool slot made");
+    assert_eq!(events[0].event_type, "container.pool_slot_ready", "{:?}", events[0].data);
+    let pool_name = spec::pool_container_name(&slot);
+    assert_eq!(docker_state(&pool_name).as_deref(), Some("running"), "a free slot is left running");
+
+    let claimed = answer(&agent, &task(&session, "claim", json!({"user": "alice", "workspace": "w1", "slot": slot}))).await;
+    expect_type(&claimed, "container.claimed");
+    let refused = answer(&agent, &task(&other, "claim", json!({"user": "bob", "workspace": "w2", "slot": slot}))).await;
+    expect_type(&refused, "container.failed");
+    assert!(data::<ContainerFailed>(&refused).error.contains("claimed by session"), "{}", refused.data);
+    assert_eq!(docker_state(&pool_name).as_deref(), Some("running"), "the claim renamed and paused nothing");
+    assert_eq!(docker_state(&spec::container_name(&session)), None);
+    let index = fixture.profile.deployment_root().join(".berth-pool").join(".sessions").join(&session);
+    assert_eq!(std::fs::read_to_string(&index).expect("the claim's index entry"), slot);
+
+    // What the workspace agent does beside the claim: the slot's directory becomes the session's.
+    std::fs::rename(fixture.profile.pool_slot_dir(&slot), fixture.profile.session_dir(&session)).unwrap();
+    std::fs::write(fixture.profile.session_dir(&session).join("notes.txt"), "materialized\n").unwrap();
+    // From here on, an agent started again: nothing in memory, only the host's files.
+    let agent = fixture.agent();
+    let ready = answer(&agent, &task(&session, "provision", json!({"user": "alice", "workspace": "w1"}))).await;
+    expect_type(&ready, "container.ready");
+    let container_id = data::<ContainerReady>(&ready).container_id;
+    let pool_id = Command::new("docker").args(["inspect", "-f", "{{.Id}}", &pool_name]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&pool_id.stdout).trim(), container_id, "ready on the slot's own container");
+    assert!(http_get(port_of(&ready), "/notes.txt").await.unwrap_or_default().contains("materialized"));
+    // The other session's provision never adopts it: it gets a container of its own.
+    let others = answer(&agent, &task(&other, "provision", json!({"user": "bob", "workspace": "w2"}))).await;
+    expect_type(&others, "container.ready");
+    assert_ne!(data::<ContainerReady>(&others).container_id, container_id);
+
+    let agent = fixture.agent();
+    let paused = answer(&agent, &task(&session, "pause", json!({}))).await;
+    assert_eq!(data::<ContainerPaused>(&paused), ContainerPaused { container_id: Some(container_id.clone()), state: "paused".to_owned() });
+    assert_eq!(docker_state(&pool_name).as_deref(), Some("paused"));
+    let agent = fixture.agent();
+    let resumed = answer(&agent, &task(&session, "resume", json!({}))).await;
+    assert_eq!(data::<protocol::events::ContainerResumed>(&resumed).container_id.as_deref(), Some(container_id.as_str()));
+    assert_eq!(docker_state(&pool_name).as_deref(), Some("running"));
+    expect_type(&answer(&agent, &task(&session, "stats", json!({}))).await, "container.stats");
+    expect_type(&answer(&agent, &task(&session, "probe", json!({}))).await, "container.probed");
+    let entry = agent.inventory().await.expect("inventory").into_iter().find(|entry| entry.container_id == container_id).expect("listed");
+    assert_eq!(
+        (entry.session.as_str(), entry.user.as_str(), entry.workspace.as_str(), entry.pool_slot.as_deref()),
+        (session.as_str(), "alice", "w1", Some(slot.as_str()))
+    );
+
+    let agent = fixture.agent();
+    let removed = answer(&agent, &task(&session, "remove", json!({}))).await;
+    assert_eq!(data::<ContainerRemoved>(&removed).container_id.as_deref(), Some(container_id.as_str()));
+    assert_eq!(docker_state(&pool_name), None);
+    assert!(!index.exists(), "the index entry went with the container");
+    assert!(!fixture.profile.pool_identity_dir(&slot).exists(), "the slot's identity folder went too");
+    assert!(fixture.profile.session_dir(&session).join("notes.txt").exists(), "the session directory is the workspace agent's to remove");
 }
