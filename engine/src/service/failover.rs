@@ -18,6 +18,15 @@
 //! from a host the thred no longer lives on are stale and dropped (`is_stale_answer`), and the
 //! moved session's fence in the store (`.berth/owner.json`, written by its materialize) makes the
 //! workspace agent refuse a stale sync there.
+//!
+//! **Both records are bounded for a host that never returns.** `gone` matters only while a live
+//! thred is still placed on the host: once the host has been gone for `failover_after` and none is
+//! (all its sessions reopened elsewhere or ended), the round drops it, so a dead host does not keep
+//! the round walking every live thred each second forever. Its `failed-over:<host>` is what a
+//! return needs, so it stays, indexed in `<prefix>:failed-over` (host → its latest failover, ms),
+//! until the profile's `hosts.forget_after` has passed since that failover; then both go (one
+//! script, so a failover recorded meanwhile is kept). A host back later still cannot write over a
+//! moved session (the fence refuses its syncs); its copies then stay on it for an operator.
 
 use redis::AsyncCommands;
 use serde_json::{json, Value};
@@ -46,6 +55,24 @@ fn gone_key(engine: &Engine) -> String {
 fn failed_over_key(engine: &Engine, host: &str) -> String {
     format!("{}:failed-over:{host}", engine.inner.keys.prefix)
 }
+
+/// The hosts with a `failed-over:<host>` record, each scored by its latest failover (ms).
+fn failed_over_index_key(engine: &Engine) -> String {
+    format!("{}:failed-over", engine.inner.keys.prefix)
+}
+
+/// Drops a host's failed-over record (KEYS[2]) and its index entry (KEYS[1], member ARGV[1]) if
+/// its latest failover is still at or before ARGV[2]: a failover another replica recorded since
+/// the index was read keeps the record.
+const FORGET_FAILED_OVER: &str = r"
+local latest = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if latest and tonumber(latest) <= tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+";
 
 fn rfc3339(ms: i64) -> Option<String> {
     chrono::DateTime::from_timestamp_millis(ms).map(|time| time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -76,13 +103,15 @@ fn failover_message(from: &str, gone_since: Option<&str>, last_synced: Option<&s
 }
 
 impl Engine {
-    /// One failover round (the admitter runs it every second): notes when hosts went and came
-    /// back, and sends `session.failover` to the live sessions of hosts gone long enough.
+    /// One failover round (the admitter runs it every second): forgets failovers older than
+    /// `hosts.forget_after`, notes when hosts went and came back, sends `session.failover` to the
+    /// live sessions of hosts gone long enough, and drops a gone host none of them is placed on.
     pub(super) async fn fail_over_gone_hosts(&self) -> Result<()> {
         let keys = &self.inner.keys;
         let mut redis = self.inner.redis.clone();
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = self.inner.clock.now_ms();
         let after_ms = self.inner.profile.failover_after().as_millis() as i64;
+        self.forget_old_failovers(now_ms).await?;
         let gone_key = gone_key(self);
         let mut gone: std::collections::HashMap<String, i64> =
             redis.zrange_withscores::<_, Vec<(String, i64)>>(&gone_key, 0, -1).await?.into_iter().collect();
@@ -103,11 +132,20 @@ impl Engine {
         if !gone.values().any(|since| now_ms - since >= after_ms) {
             return Ok(());
         }
+        // The gone hosts some live thred is still placed on (in any state: one waiting for its
+        // host, or queued before it is placed again, may still need the host noted).
+        let mut occupied = std::collections::HashSet::new();
         for pattern in self.inner.patterns.iter().filter(|pattern| pattern.start.admission.is_some() && pattern.knows(SESSION_FAILOVER)) {
             let waiting: &[String] = pattern.start.admission.as_ref().map(|spec| spec.waiting_states.as_slice()).unwrap_or_default();
             for thred in self.live_threds_of(pattern).await? {
                 let Some(host) = thred.host.clone() else { continue };
-                if thred.ended || waiting.contains(&thred.state) {
+                if thred.ended {
+                    continue;
+                }
+                if gone.contains_key(&host) {
+                    occupied.insert(host.clone());
+                }
+                if waiting.contains(&thred.state) {
                     continue;
                 }
                 // A host not noted gone reports (or `notice_gone_hosts`, earlier in the same round,
@@ -117,6 +155,41 @@ impl Engine {
                     continue;
                 }
                 self.send_failover(&thred, &host, gone_since, after_ms).await?;
+            }
+        }
+        // A host gone past failover_after that no live thred is placed on has nothing left to
+        // fail over: dropped, so the round is back to doing nothing. No thred is placed on it
+        // meanwhile (placement takes only reporting hosts); if it reports again, it is a host
+        // like any other, noted gone afresh should it go again. Its failed-over record stays.
+        for (host, since) in &gone {
+            if now_ms - since >= after_ms && !occupied.contains(host) {
+                let removed: u64 = redis.zrem(&gone_key, host).await?;
+                if removed > 0 {
+                    tracing::info!(host = %host, "gone host has no live session left on it; no longer watched for failover");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the failed-over record of every host whose latest failover is older than
+    /// `hosts.forget_after`: a host that never returns is not remembered forever.
+    async fn forget_old_failovers(&self, now_ms: i64) -> Result<()> {
+        let mut redis = self.inner.redis.clone();
+        let index = failed_over_index_key(self);
+        let cutoff_ms = now_ms - self.inner.profile.forget_after().as_millis() as i64;
+        let old: Vec<(String, i64)> = redis.zrangebyscore_withscores(&index, "-inf", cutoff_ms).await?;
+        for (host, latest_ms) in old {
+            let forgotten: u64 = redis::Script::new(FORGET_FAILED_OVER)
+                .key(&index)
+                .key(failed_over_key(self, &host))
+                .arg(&host)
+                .arg(cutoff_ms)
+                .invoke_async(&mut redis)
+                .await?;
+            if forgotten > 0 {
+                tracing::info!(host = %host, last_failover = ?rfc3339(latest_ms),
+                    "host not back within hosts.forget_after of its last failover; forgot which sessions moved off it");
             }
         }
         Ok(())
@@ -135,11 +208,20 @@ impl Engine {
             recovered_prefix: recovered_prefix(host, &thred.key),
         };
         // Recorded before the event goes: when the host returns, its copy of this session is
-        // saved apart (never synced over the moved session's work).
-        let _: () = redis.hset(failed_over_key(self, host), &thred.key, chrono::Utc::now().timestamp_millis()).await?;
+        // saved apart (never synced over the moved session's work). The index entry, in the same
+        // transaction, is what lets the record be forgotten if the host never returns.
+        let now_ms = self.inner.clock.now_ms();
+        let _: () = redis::pipe()
+            .atomic()
+            .hset(failed_over_key(self, host), &thred.key, now_ms)
+            .ignore()
+            .zadd(failed_over_index_key(self), host, now_ms)
+            .ignore()
+            .query_async(&mut redis)
+            .await?;
         let mut event = CloudEvent::of("/berth/engine/failover", Some(&thred.key), &data).with_extension("thredid", thred.id.clone());
         event.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-failover/{}/{}", thred.id, thred.version).as_bytes()).to_string();
-        tracing::warn!(session = %thred.key, host, state = %thred.state, gone_ms = chrono::Utc::now().timestamp_millis() - gone_since_ms,
+        tracing::warn!(session = %thred.key, host, state = %thred.state, gone_ms = now_ms - gone_since_ms,
             "host gone past hosts.failover_after; moving the session to another host from its last sync");
         self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &event).await?;
         Ok(())
@@ -148,7 +230,7 @@ impl Engine {
     /// Notes that `host` is gone from now (kept if it was already noted): failover counts from here.
     pub(super) async fn note_gone(&self, host: &str) -> Result<()> {
         let mut redis = self.inner.redis.clone();
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = self.inner.clock.now_ms();
         let _: () = redis::cmd("ZADD").arg(gone_key(self)).arg("NX").arg(now_ms).arg(host).query_async(&mut redis).await?;
         Ok(())
     }
