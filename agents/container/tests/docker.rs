@@ -16,7 +16,8 @@ use container::{connect_docker, spec, Agent, AgentSettings, SessionIdentity};
 use protocol::bus::{Durability, QueueSpec};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::events::{
-    ContainerExited, ContainerFailed, ContainerInventory, ContainerPaused, ContainerReady, ContainerRemoved, ContainerStats, EventData,
+    ContainerExited, ContainerFailed, ContainerInventory, ContainerPaused, ContainerProbed, ContainerReady, ContainerRemoved,
+    ContainerResumed, ContainerStats, EventData,
 };
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Properties, Task};
 use serde_json::{json, Value};
@@ -314,12 +315,12 @@ async fn provision_sets_every_limit_and_hardening_option_and_is_idempotent() {
 
     let ready = answer(&agent, &provision(&session)).await;
     expect_type(&ready, "container.ready");
-    assert_eq!(ready.data["host"], "127.0.0.1");
+    assert_eq!(data::<ContainerReady>(&ready).host, "127.0.0.1");
     let port = port_of(&ready);
     let body = http_get(port, "/hello.txt").await.expect("published port answers");
     assert!(body.contains("hello from the workspace"), "{body}");
 
-    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+    let container_id = data::<ContainerReady>(&ready).container_id;
     let inspected = fixture.docker.inspect_container(&container_id, None).await.unwrap();
     assert_eq!(inspected.name.as_deref(), Some(format!("/berth-{session}").as_str()));
     let host = inspected.host_config.clone().unwrap();
@@ -404,7 +405,7 @@ async fn lifecycle_tasks_are_idempotent_and_pause_resume_round_trips() {
     let session = fixture.session("life");
     let ready = answer(&agent, &provision(&session)).await;
     expect_type(&ready, "container.ready");
-    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+    let container_id = data::<ContainerReady>(&ready).container_id;
     let port = port_of(&ready);
 
     for _ in 0..2 {
@@ -416,7 +417,7 @@ async fn lifecycle_tasks_are_idempotent_and_pause_resume_round_trips() {
     for _ in 0..2 {
         let resumed = answer(&agent, &task(&session, "resume", json!({}))).await;
         expect_type(&resumed, "container.resumed");
-        assert_eq!(resumed.data["container_id"], container_id.as_str());
+        assert_eq!(data::<ContainerResumed>(&resumed).container_id.as_ref(), Some(&container_id));
     }
     assert!(container::probe::http_ready("127.0.0.1", port, "/").await, "resumed container answers");
 
@@ -429,8 +430,8 @@ async fn lifecycle_tasks_are_idempotent_and_pause_resume_round_trips() {
     for _ in 0..2 {
         let paused_exited = answer(&agent, &task(&session, "pause", json!({}))).await;
         expect_type(&paused_exited, "container.paused");
-        assert_eq!(paused_exited.data["state"], "exited", "{}", paused_exited.data);
-        assert_eq!(paused_exited.data["container_id"], container_id.as_str());
+        let paused: ContainerPaused = data(&paused_exited);
+        assert_eq!((paused.state.as_str(), paused.container_id.as_ref()), ("exited", Some(&container_id)), "{paused:?}");
     }
     expect_type(&answer(&agent, &task(&session, "resume", json!({}))).await, "container.failed");
 
@@ -445,7 +446,7 @@ async fn lifecycle_tasks_are_idempotent_and_pause_resume_round_trips() {
     // Pausing what is gone does not block the final sync that follows a pause.
     let paused_missing = answer(&agent, &task(&session, "pause", json!({}))).await;
     expect_type(&paused_missing, "container.paused");
-    assert_eq!(paused_missing.data["state"], "missing");
+    assert_eq!(data::<ContainerPaused>(&paused_missing), ContainerPaused { container_id: None, state: "missing".to_owned() });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,29 +456,29 @@ async fn pause_answers_paused_with_the_state_whatever_the_container_is() {
     let session = fixture.session("freeze");
     let ready = answer(&agent, &provision(&session)).await;
     expect_type(&ready, "container.ready");
-    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+    let container_id = data::<ContainerReady>(&ready).container_id;
 
-    let check_pause = |agent: Agent, expected_state: &'static str, expected_id: Value| {
+    let check_pause = |agent: Agent, expected_state: &'static str, expected_id: Option<String>| {
         let task = task(&session, "pause", json!({}));
         async move {
             let event = answer(&agent, &task).await;
             expect_type(&event, "container.paused");
-            assert_eq!(event.data, json!({"container_id": expected_id, "state": expected_state}));
+            assert_eq!(data::<ContainerPaused>(&event), ContainerPaused { container_id: expected_id, state: expected_state.to_owned() });
         }
     };
     // Running, then already paused.
-    check_pause(agent.clone(), "paused", json!(container_id)).await;
-    check_pause(agent.clone(), "paused", json!(container_id)).await;
+    check_pause(agent.clone(), "paused", Some(container_id.clone())).await;
+    check_pause(agent.clone(), "paused", Some(container_id.clone())).await;
     // Exited behind the agent's back (a crash): a fresh agent, which knows nothing, answers too.
     let killed = Command::new("docker").args(["kill", &container_id]).output().unwrap();
     assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
-    check_pause(agent.clone(), "exited", json!(container_id)).await;
-    check_pause(fixture.agent(), "exited", json!(container_id)).await;
+    check_pause(agent.clone(), "exited", Some(container_id.clone())).await;
+    check_pause(fixture.agent(), "exited", Some(container_id.clone())).await;
     // Gone.
     let removed = Command::new("docker").args(["rm", "-f", &container_id]).output().unwrap();
     assert!(removed.status.success());
-    check_pause(agent.clone(), "missing", Value::Null).await;
-    check_pause(fixture.agent(), "missing", Value::Null).await;
+    check_pause(agent.clone(), "missing", None).await;
+    check_pause(fixture.agent(), "missing", None).await;
     // Stop and remove of a missing container succeed too.
     expect_type(&answer(&agent, &task(&session, "stop", json!({}))).await, "container.stopped");
     expect_type(&answer(&agent, &task(&session, "remove", json!({}))).await, "container.removed");
@@ -506,8 +507,8 @@ async fn two_deployments_sharing_a_profile_name_and_a_docker_engine_never_touch_
     let ready_b = answer(&agent_b, &provision(&session_b)).await;
     expect_type(&ready_a, "container.ready");
     expect_type(&ready_b, "container.ready");
-    let id_a = ready_a.data["container_id"].as_str().unwrap().to_owned();
-    let id_b = ready_b.data["container_id"].as_str().unwrap().to_owned();
+    let id_a = data::<ContainerReady>(&ready_a).container_id;
+    let id_b = data::<ContainerReady>(&ready_b).container_id;
 
     // Labels, networks and host directories are per deployment.
     let (network_a, network_b) = (spec::network_name(&profile_a), spec::network_name(&profile_b));
@@ -613,9 +614,9 @@ async fn session_containers_cannot_reach_each_other_while_both_ports_answer() {
     assert!(body_a.contains(&format!("this is {session_a}")), "{body_a}");
     assert!(body_b.contains(&format!("this is {session_b}")), "{body_b}");
 
-    let id_a = ready_a.data["container_id"].as_str().unwrap();
-    let id_b = ready_b.data["container_id"].as_str().unwrap();
-    let inspected_b = fixture.docker.inspect_container(id_b, None).await.unwrap();
+    let id_a = data::<ContainerReady>(&ready_a).container_id;
+    let id_b = data::<ContainerReady>(&ready_b).container_id;
+    let inspected_b = fixture.docker.inspect_container(&id_b, None).await.unwrap();
     let address_b = inspected_b.network_settings.unwrap().networks.unwrap()[&spec::network_name(&fixture.profile)]
         .ip_address
         .clone()
@@ -623,9 +624,9 @@ async fn session_containers_cannot_reach_each_other_while_both_ports_answer() {
     // busybox-static's wget crashes on this image, so a raw request goes through nc.
     let fetch = |address: &str| format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {address} 8080");
     // The control: the same request works inside a, against a itself.
-    let own = docker_exec(id_a, &["sh", "-c", &fetch("127.0.0.1")]).await;
+    let own = docker_exec(&id_a, &["sh", "-c", &fetch("127.0.0.1")]).await;
     assert!(own.contains(&format!("this is {session_a}")), "{own}");
-    let attempt = docker_exec_output(id_a, &["sh", "-c", &fetch(&address_b)]).await;
+    let attempt = docker_exec_output(&id_a, &["sh", "-c", &fetch(&address_b)]).await;
     let answered = String::from_utf8_lossy(&attempt.stdout).into_owned();
     assert!(!attempt.status.success() && answered.is_empty(), "container a reached container b at {address_b}: {answered}");
     // And from the host, b still answers.
@@ -663,7 +664,7 @@ async fn a_missing_image_fails_fast_and_clearly() {
     let began = Instant::now();
     let failed = answer(&agent, &provision(&session)).await;
     expect_type(&failed, "container.failed");
-    let error = failed.data["error"].as_str().unwrap();
+    let error = data::<ContainerFailed>(&failed).error;
     assert!(error.contains("berth-test/no-such-image:latest") && error.contains("not available"), "{error}");
     assert!(began.elapsed() < Duration::from_secs(30), "no hang on a missing image");
     assert!(fixture.containers(Some(&session)).await.is_empty());
@@ -770,7 +771,7 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
         .await;
     let containers = fixture.containers(Some(&session)).await;
     assert_eq!(containers.len(), 1, "no duplicate container");
-    assert_eq!(ready.data["container_id"], containers[0].id.as_deref().unwrap());
+    assert_eq!(Some(data::<ContainerReady>(&ready).container_id), containers[0].id);
     assert!(http_get(port_of(&ready), "/").await.is_some(), "the adopted container answers on its port");
 
     // An orphan: a container whose session the engine no longer knows.
@@ -785,7 +786,8 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
     let orphan_id = fixture.containers(Some(&orphan)).await[0].id.clone().unwrap();
     let kept = answer(&careful, &task(&orphan, "remove", json!({"container_id": orphan_id}))).await;
     expect_type(&kept, "container.failed");
-    assert!(kept.data["error"].as_str().unwrap().contains("grace"), "{}", kept.data);
+    let refusal = data::<ContainerFailed>(&kept);
+    assert!(refusal.error.contains("grace"), "{refusal:?}");
     assert_eq!(fixture.containers(Some(&orphan)).await.len(), 1);
 
     // The test plays the engine: it reads an inventory listing both, and answers with removals
@@ -793,20 +795,18 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
     let alive = [session.clone()];
     let inventory = tap
         .next_matching("an inventory listing both sessions", Duration::from_secs(30), |event| {
-            let listed = |wanted: &str| {
-                event.data["containers"].as_array().is_some_and(|entries| entries.iter().any(|entry| entry["session"] == wanted))
-            };
-            event.event_type == "container.inventory" && listed(&session) && listed(&orphan)
+            let Ok(inventory) = event.data_as::<ContainerInventory>() else { return false };
+            let listed = |wanted: &str| inventory.containers.iter().any(|entry| entry.session == wanted);
+            listed(&session) && listed(&orphan)
         })
         .await;
-    let entries = inventory.data["containers"].as_array().unwrap();
+    let entries = data::<ContainerInventory>(&inventory).containers;
     assert_eq!(entries.len(), 2, "{entries:?}");
-    let survivor_entry = entries.iter().find(|entry| entry["session"] == session.as_str()).unwrap();
-    assert_eq!(survivor_entry["host_port"], ready.data["port"], "inventory carries the port read back from Docker");
-    assert_eq!(survivor_entry["state"], "running");
-    for entry in entries.iter().filter(|entry| !alive.iter().any(|session| entry["session"] == session.as_str())) {
-        let session_of_orphan = entry["session"].as_str().unwrap();
-        send_task(&fixture.bus, &queue, &task(session_of_orphan, "remove", json!({"container_id": entry["container_id"]}))).await;
+    let survivor_entry = entries.iter().find(|entry| entry.session == session).unwrap();
+    assert_eq!(survivor_entry.host_port, Some(port_of(&ready)), "inventory carries the port read back from Docker");
+    assert_eq!(survivor_entry.state, "running");
+    for entry in entries.iter().filter(|entry| !alive.contains(&entry.session)) {
+        send_task(&fixture.bus, &queue, &task(&entry.session, "remove", json!({"container_id": entry.container_id}))).await;
     }
     tap.next_matching("container.removed for the orphan", Duration::from_secs(30), |event| {
         event.event_type == "container.removed" && event.subject.as_deref() == Some(orphan.as_str())
@@ -934,15 +934,15 @@ async fn docker_exec_detached(container_id: &str, script: &str) {
 }
 
 /// Probes `session` and checks the answer is a `container.probed`.
-async fn probe(agent: &Agent, session: &str) -> Value {
+async fn probe(agent: &Agent, session: &str) -> ContainerProbed {
     let probed = answer(agent, &task(session, "probe", json!({}))).await;
     expect_type(&probed, "container.probed");
-    probed.data
+    data(&probed)
 }
 
 /// The CPU share of one CPU, in percent, between two probes `elapsed` apart.
-fn cpu_percent(before: &Value, after: &Value, elapsed: Duration) -> f64 {
-    let used = after["cpu_ns"].as_u64().unwrap().saturating_sub(before["cpu_ns"].as_u64().unwrap());
+fn cpu_percent(before: &ContainerProbed, after: &ContainerProbed, elapsed: Duration) -> f64 {
+    let used = after.cpu_ns.saturating_sub(before.cpu_ns);
     used as f64 / elapsed.as_nanos() as f64 * 100.0
 }
 
@@ -958,7 +958,7 @@ async fn the_work_probe_sees_a_busy_loop_a_background_writer_and_a_terminal_comm
     let session = fixture.session("work");
     let ready = answer(&agent, &provision(&session)).await;
     expect_type(&ready, "container.ready");
-    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+    let container_id = data::<ContainerReady>(&ready).container_id;
     let window = Duration::from_secs(3);
 
     // Quiet: a little CPU for the probe's own stats call at most, nothing written, no terminal.
@@ -967,9 +967,9 @@ async fn the_work_probe_sees_a_busy_loop_a_background_writer_and_a_terminal_comm
     tokio::time::sleep(window).await;
     let quiet = probe(&agent, &session).await;
     let quiet_cpu = cpu_percent(&before, &quiet, began.elapsed());
-    assert!(quiet_cpu < 5.0, "a quiet container used {quiet_cpu:.2} % of a CPU: {quiet}");
-    assert!(quiet["write_age_ms"].as_u64().unwrap() >= window.as_millis() as u64, "{quiet}");
-    assert_eq!((quiet["terminals"].as_u64(), quiet["terminal_commands"].as_u64()), (Some(0), Some(0)), "{quiet}");
+    assert!(quiet_cpu < 5.0, "a quiet container used {quiet_cpu:.2} % of a CPU: {quiet:?}");
+    assert!(quiet.write_age_ms >= window.as_millis() as u64, "{quiet:?}");
+    assert_eq!((quiet.terminals, quiet.terminal_commands), (0, 0), "{quiet:?}");
 
     // A busy loop (not started from a terminal): CPU only.
     docker_exec_detached(&container_id, "while :; do :; done").await;
@@ -978,8 +978,8 @@ async fn the_work_probe_sees_a_busy_loop_a_background_writer_and_a_terminal_comm
     let busy = probe(&agent, &session).await;
     let busy_cpu = cpu_percent(&quiet, &busy, began.elapsed());
     // The profile caps the container at half a CPU; a busy loop takes most of it.
-    assert!(busy_cpu > 20.0, "a busy loop used only {busy_cpu:.2} % of a CPU: {busy}");
-    assert_eq!(busy["terminal_commands"].as_u64(), Some(0), "{busy}");
+    assert!(busy_cpu > 20.0, "a busy loop used only {busy_cpu:.2} % of a CPU: {busy:?}");
+    assert_eq!(busy.terminal_commands, 0, "{busy:?}");
     docker_exec(&container_id, &["sh", "-c", "kill $(pgrep -f 'while :') 2>/dev/null; true"]).await;
 
     // A background writer: a change in the workspace directory a moment ago.
@@ -988,8 +988,8 @@ async fn the_work_probe_sees_a_busy_loop_a_background_writer_and_a_terminal_comm
     docker_exec_detached(&container_id, "while :; do date > /workspace/log.txt; sleep 0.5; done").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let writing = probe(&agent, &session).await;
-    assert!(writing["write_age_ms"].as_u64().unwrap() < 2_000, "{writing}");
-    assert!(writing["scanned"].as_u64().unwrap() >= 1, "{writing}");
+    assert!(writing.write_age_ms < 2_000, "{writing:?}");
+    assert!(writing.scanned >= 1, "{writing:?}");
     docker_exec(&container_id, &["sh", "-c", "kill $(pgrep -f 'date >') 2>/dev/null; true"]).await;
 
     // A terminal: an idle shell is no command; a command typed into it is.
@@ -1007,23 +1007,23 @@ async fn the_work_probe_sees_a_busy_loop_a_background_writer_and_a_terminal_comm
     let StartExecResults::Attached { mut input, output: _output } = started else { panic!("an attached exec") };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_shell = probe(&agent, &session).await;
-    assert_eq!((idle_shell["terminals"].as_u64(), idle_shell["terminal_commands"].as_u64()), (Some(1), Some(0)), "{idle_shell}");
+    assert_eq!((idle_shell.terminals, idle_shell.terminal_commands), (1, 0), "{idle_shell:?}");
     input.write_all(b"sleep 60\n").await.unwrap();
     input.flush().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let commanded = loop {
         let probed = probe(&agent, &session).await;
-        if probed["terminal_commands"].as_u64() == Some(1) || Instant::now() > deadline {
+        if probed.terminal_commands == 1 || Instant::now() > deadline {
             break probed;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!((commanded["terminals"].as_u64(), commanded["terminal_commands"].as_u64()), (Some(1), Some(1)), "{commanded}");
+    assert_eq!((commanded.terminals, commanded.terminal_commands), (1, 1), "{commanded:?}");
 
     // A probe of a session without a container is answered, not retried.
     let missing = answer(&agent, &task(&fixture.session("none"), "probe", json!({}))).await;
     expect_type(&missing, "container.failed");
-    assert_eq!(missing.data["action"], "probe");
+    assert_eq!(data::<ContainerFailed>(&missing).action, "probe");
 }
 
 /// The dormant tier: a stopped container keeps its directory; a wake starts that same container
@@ -1036,7 +1036,7 @@ async fn a_dormant_container_wakes_on_its_directory_and_reports_its_port() {
     let session = fixture.session("dormant");
     let ready = answer(&agent, &provision(&session)).await;
     expect_type(&ready, "container.ready");
-    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
+    let container_id = data::<ContainerReady>(&ready).container_id;
     std::fs::write(fixture.profile.session_dir(&session).join("notes.txt"), "kept\n").unwrap();
 
     // The ladder: paused, then stopped (a paused container is thawed so it can stop gracefully).
@@ -1053,8 +1053,9 @@ async fn a_dormant_container_wakes_on_its_directory_and_reports_its_port() {
     for _ in 0..2 {
         let woken = answer(&agent, &task(&session, "wake", json!({"user": "alice", "workspace": "w1"}))).await;
         expect_type(&woken, "container.ready");
-        assert_eq!(woken.data["container_id"], container_id.as_str(), "the same container, started again");
-        assert_eq!(woken.data["adopted"], true);
+        let woken_ready: ContainerReady = data(&woken);
+        assert_eq!(woken_ready.container_id, container_id, "the same container, started again");
+        assert!(woken_ready.adopted);
         let port = port_of(&woken);
         let served = http_get(port, "/notes.txt").await.unwrap_or_default();
         assert!(served.contains("kept"), "the woken container serves the kept file on port {port}: {served}");
@@ -1065,15 +1066,15 @@ async fn a_dormant_container_wakes_on_its_directory_and_reports_its_port() {
     fixture.docker.remove_container(&container_id, None).await.unwrap();
     let rebuilt = answer(&agent, &task(&session, "wake", json!({"user": "alice", "workspace": "w1"}))).await;
     expect_type(&rebuilt, "container.ready");
-    assert_ne!(rebuilt.data["container_id"], container_id.as_str());
+    assert_ne!(data::<ContainerReady>(&rebuilt).container_id, container_id);
     let served = http_get(port_of(&rebuilt), "/notes.txt").await.unwrap_or_default();
     assert!(served.contains("kept"), "{served}");
     // A new start (provision) still replaces an exited container rather than reusing it.
-    let rebuilt_id = rebuilt.data["container_id"].as_str().unwrap().to_owned();
+    let rebuilt_id = data::<ContainerReady>(&rebuilt).container_id;
     expect_type(&answer(&agent, &task(&session, "stop", json!({}))).await, "container.stopped");
     let fresh = answer(&agent, &provision(&session)).await;
     expect_type(&fresh, "container.ready");
-    assert_ne!(fresh.data["container_id"], rebuilt_id.as_str());
+    assert_ne!(data::<ContainerReady>(&fresh).container_id, rebuilt_id);
 }
 
 /// A session that claimed a warm-pool container mounts the slot's directory, which the claim
@@ -1100,7 +1101,11 @@ async fn a_dormant_pool_claimed_session_wakes_on_its_own_directory() {
     expect_type(&answer(&agent, &task(&session, "stop", json!({}))).await, "container.stopped");
     let woken = answer(&agent, &task(&session, "wake", json!({"user": "alice", "workspace": "w1"}))).await;
     expect_type(&woken, "container.ready");
-    assert_ne!(data::<ContainerReady>(&woken).container_id, data::<ContainerReady>(&claimed).container_id, "the pool container is replaced");
+    assert_ne!(
+        data::<ContainerReady>(&woken).container_id,
+        data::<ContainerReady>(&claimed).container_id,
+        "the pool container is replaced"
+    );
     let served = http_get(port_of(&woken), "/notes.txt").await.unwrap_or_default();
     assert!(served.contains("kept"), "the woken session serves its own directory: {served}");
 }
@@ -1134,6 +1139,11 @@ async fn a_claimed_pool_container_is_found_by_every_task_of_its_session() {
     expect_type(&refused, "container.failed");
     assert!(data::<ContainerFailed>(&refused).error.contains("claimed by session"), "{}", refused.data);
     assert_eq!(docker_state(&pool_name).as_deref(), Some("running"), "the claim renamed and paused nothing");
+    // A redelivered pool_create of the claimed slot makes and removes nothing: it is the session's.
+    let again = agent.handle(&create).await.expect("handled");
+    assert_eq!(again[0].event_type, "container.pool_slot_failed", "{:?}", again[0].data);
+    assert_eq!(docker_state(&pool_name).as_deref(), Some("running"));
+    assert!(fixture.profile.pool_identity_dir(&slot).join("session.json").exists(), "the claim stays");
     assert_eq!(docker_state(&spec::container_name(&session)), None);
     let index = fixture.profile.deployment_root().join(".berth-pool").join(".sessions").join(&session);
     assert_eq!(std::fs::read_to_string(&index).expect("the claim's index entry"), slot);

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use container::{connect_docker, egress, spec, Agent, AgentSettings};
+use protocol::events::ContainerReady;
 use protocol::profile::Runtime;
 use protocol::{AgentKind, Bus, BusConfig, CloudEvent, Profile, Task};
 use serde_json::{json, Value};
@@ -108,8 +109,8 @@ async fn answer(agent: &Agent, task: &Task) -> CloudEvent {
 /// Provisions a session and returns (container id, host port).
 async fn provision(agent: &Agent, session: &str) -> (String, u16) {
     let ready = answer(agent, &task(session, "provision", json!({"user": "alice", "workspace": "w1"}))).await;
-    assert_eq!(ready.event_type, "container.ready", "{}", ready.data);
-    (ready.data["container_id"].as_str().unwrap().to_owned(), u16::try_from(ready.data["port"].as_u64().unwrap()).unwrap())
+    let ready: ContainerReady = ready.data_as().unwrap_or_else(|error| panic!("{error}: {}", ready.data));
+    (ready.container_id, ready.port)
 }
 
 /// Runs a script in the container; a sandbox that dies meanwhile can leave `docker exec` hanging,
@@ -283,9 +284,8 @@ async fn egress_is_refused_by_rules(runtime: Runtime) {
     let fixture = Fixture::new(runtime, |_| {}).await;
     let agent = fixture.agent();
     let ready = answer(&agent, &task(&fixture.session("egress"), "provision", json!({"user": "alice", "workspace": "w1"}))).await;
-    assert_eq!(ready.event_type, "container.ready", "{}", ready.data);
-    let container_id = ready.data["container_id"].as_str().unwrap().to_owned();
-    let port = u16::try_from(ready.data["port"].as_u64().unwrap()).unwrap();
+    let ready: ContainerReady = ready.data_as().unwrap_or_else(|error| panic!("{error}: {}", ready.data));
+    let (container_id, port) = (ready.container_id.clone(), ready.port);
     let plan = agent.egress_plan().expect("the network was checked");
     // The rules are in place before any packet is sent: nothing can leave the machine.
     let listed = blocking({
@@ -344,7 +344,7 @@ async fn egress_is_refused_by_rules(runtime: Runtime) {
     assert!(answers_http(port).await, "the published port works with the egress rules in place");
     // So does the container's own address on the session network, which `container.ready`
     // reports for a session proxy on this machine: the host's connection and its replies pass.
-    let own: protocol::host::NetworkAddress = serde_json::from_value(ready.data["network"].clone()).expect("network in container.ready");
+    let own = ready.network.clone().expect("network in container.ready");
     assert_eq!((own.port, own.host.clone(), Some(own.boot_id.as_str())), (8080, fixture.profile.host(), protocol::host::boot_id()));
     assert!(container::probe::http_ready(&own.ip.to_string(), own.port, "/").await, "{} answers the host", own.ip);
     // Another session's container on the same network cannot reach it.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use futures::{SinkExt, StreamExt};
 use protocol::bus::{Acks, AutoDelete, Durability, ExchangeKind};
+use protocol::events::{InputSource, SessionActivity, SessionClose, SessionKeepalive, SessionOpen};
 use protocol::{Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, Outcome, Profile, Task};
 use serde_json::{json, Value};
 use session::{KeyMaterial, SessionConfig, StoreRoute};
@@ -131,7 +132,12 @@ impl World {
     }
 
     fn opens_of(&self, workspace: &str) -> usize {
-        self.opens.lock().expect("opens").iter().filter(|event| event.data["workspace"] == workspace).count()
+        self.opens
+            .lock()
+            .expect("opens")
+            .iter()
+            .filter(|event| event.data_as::<SessionOpen>().is_ok_and(|open| open.workspace == workspace))
+            .count()
     }
 
     async fn instance(&self, config: SessionConfig) -> Result<Instance> {
@@ -173,7 +179,7 @@ async fn fake_engine(bus: &Bus, events_exchange: &str, table: Table) -> Result<(
             let Ok(event) = CloudEvent::parse(&delivery.body, 1 << 20) else { continue };
             seen.lock().expect("opens").push(event.clone());
             let user = event.extension("userid").unwrap_or_default().to_owned();
-            let workspace = event.data["workspace"].as_str().unwrap_or_default().to_owned();
+            let workspace = event.data_as::<SessionOpen>().map(|open| open.workspace).unwrap_or_default();
             let requested = event.subject.clone().unwrap_or_default();
             let (session, state, detail) = match live.get(&(user.clone(), workspace.clone())) {
                 Some(live_session) => (live_session.clone(), "running", json!({"joined": true})),
@@ -439,7 +445,7 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
     let activity = http(address, "POST", &format!("/api/sessions/{session}/activity"), Some(&alice_token), &[], Upload::None).await?;
     assert_eq!(activity.json(), json!({"session": session, "debounced": false}));
     let event = expect_event(&mut events, &session, "session.activity").await?;
-    assert_eq!(event.data["source"], "api");
+    assert_eq!(event.data_as::<SessionActivity>()?.source, InputSource::Api);
     let again = http(address, "POST", &format!("/api/sessions/{session}/activity"), Some(&alice_token), &[], Upload::None).await?;
     assert_eq!(again.json()["debounced"], true);
     let foreign = http(address, "POST", &format!("/api/sessions/{session}/activity"), Some(&bob_token), &[], Upload::None).await?;
@@ -449,7 +455,7 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
         let kept = http(address, "POST", &format!("/api/sessions/{session}/keepalive"), Some(&alice_token), &[], Upload::None).await?;
         assert_eq!((kept.status, kept.json()), (202, json!({"session": session})));
         let event = expect_event(&mut events, &session, "session.keepalive").await?;
-        assert_eq!((event.data["source"].as_str(), event.extension("userid")), (Some("api"), Some(alice.as_str())));
+        assert_eq!((event.data_as::<SessionKeepalive>()?.source, event.extension("userid")), (InputSource::Api, Some(alice.as_str())));
     }
     let foreign = http(address, "POST", &format!("/api/sessions/{session}/keepalive"), Some(&bob_token), &[], Upload::None).await?;
     assert_eq!(foreign.status, 404);
@@ -462,7 +468,10 @@ async fn the_http_api_runs_a_session_life_cycle_and_honours_idempotency_keys() -
             .await?;
     assert_eq!((closed.status, closed.json()), (202, json!({"session": session})));
     let close_event = expect_event(&mut events, &session, "session.close").await?;
-    assert_eq!((close_event.data["reason"].as_str(), close_event.extension("userid")), (Some("done for today"), Some(alice.as_str())));
+    assert_eq!(
+        (close_event.data_as::<SessionClose>()?.reason.as_deref(), close_event.extension("userid")),
+        (Some("done for today"), Some(alice.as_str()))
+    );
 
     // Idempotency-Key: the repeat answers the same and sends nothing; another body is refused.
     let key = [("Idempotency-Key", "open-w2-0001")];
@@ -787,7 +796,10 @@ async fn terminal_checks(world: &World, docker: &bollard::Docker, label: &str) -
     let output = read_until(&mut first, "hello").await?;
     assert!(output.contains("hel''lo"), "the PTY echoes what was typed: {output:?}");
     let activity = expect_event(&mut events, &session, "session.activity").await?;
-    assert_eq!((activity.data["source"].as_str(), activity.extension("userid")), (Some("terminal"), Some(alice.as_str())));
+    assert_eq!(
+        (activity.data_as::<SessionActivity>()?.source, activity.extension("userid")),
+        (InputSource::Terminal, Some(alice.as_str()))
+    );
 
     // The shell runs as the profile says (container user 1000, in the workspace mount).
     first.send(Message::Text("id -u; pwd\n".into())).await?;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use futures::{SinkExt, StreamExt};
 use protocol::bus::{Acks, AutoDelete, Durability, ExchangeKind};
+use protocol::events::{InputSource, SessionActivity, SessionClose, SessionOpen};
 use protocol::{Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, Outcome, Profile, Task};
 use serde_json::{json, Value};
 use session::{InstanceHandle, KeyMaterial, SessionConfig, StoreRoute};
@@ -360,7 +361,7 @@ impl FakeEngine {
                     continue;
                 }
                 let user = event.extension("userid").unwrap_or_default().to_owned();
-                let workspace = event.data["workspace"].as_str().unwrap_or_default().to_owned();
+                let workspace = event.data_as::<SessionOpen>().map(|open| open.workspace).unwrap_or_default();
                 let requested = event.subject.clone().unwrap_or_default();
                 let (session, state, detail) = match live.get(&(user.clone(), workspace.clone())) {
                     Some(live_session) => (live_session.clone(), "running", json!({"joined": true, "host": "127.0.0.1", "port": 40123})),
@@ -509,7 +510,7 @@ async fn users_see_and_control_only_their_own_sessions() -> Result<()> {
     assert_eq!(reply["type"], "ok", "{reply}");
     let closed = tap.expect(&alices_session, "session.close").await?;
     assert_eq!(closed.extension("userid"), Some(alice.as_str()));
-    assert_eq!(closed.data, json!({"reason": "done"}));
+    assert_eq!(closed.data_as::<SessionClose>()?, SessionClose { reason: Some("done".to_owned()) });
 
     // The HTTP API agrees.
     let alice_token = world.token(&alice, &[]);
@@ -563,7 +564,10 @@ async fn open_publishes_with_the_token_user_and_a_new_session_id() -> Result<()>
     assert_eq!(uuid::Uuid::parse_str(&session)?.get_version_num(), 7);
     let opened = tap.expect(&session, "session.open").await?;
     assert_eq!(opened.extension("userid"), Some(alice.as_str()));
-    assert_eq!(opened.data, json!({"user": alice, "workspace": "thesis", "profile": "dev"}));
+    assert_eq!(
+        opened.data_as::<SessionOpen>()?,
+        SessionOpen { user: alice.clone(), workspace: "thesis".to_owned(), profile: Some("dev".to_owned()) }
+    );
     // The answer came first; the notification it waited for is pushed as a status as always.
     let status = next_frame(&mut socket).await?;
     assert_eq!(
@@ -582,7 +586,7 @@ async fn open_publishes_with_the_token_user_and_a_new_session_id() -> Result<()>
     assert_eq!(reply["type"], "ok", "{reply}");
     let activity = tap.expect(&session, "session.activity").await?;
     assert_eq!(activity.extension("userid"), Some(alice.as_str()));
-    assert_eq!(activity.data, json!({"source": "websocket"}));
+    assert_eq!(activity.data_as::<SessionActivity>()?, SessionActivity { source: InputSource::Websocket });
 
     engine.finish().await;
     tap.finish().await;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bench::stats::{milliseconds, Latencies};
 use object_store::path::Path as ObjectPath;
 use object_store::PutPayload;
+use protocol::events::{EventData, WorkspaceQuotaExceeded, WorkspaceRemoved, WorkspaceSyncFailed, WorkspaceSynced};
 use protocol::profile::WorkspaceFilesystem;
 use protocol::{AgentKind, CloudEvent, Outcome, Profile, Task};
 use serde_json::{json, Value};
@@ -85,7 +86,13 @@ impl Setup {
         self.agent.handle(&self.task(session, action, args)).await.expect("answered")
     }
 
-    fn last(&self, session: &str, event_type: &str) -> CloudEvent {
+    /// The data of `session`'s last event of `T`'s type.
+    fn last<T: EventData>(&self, session: &str) -> T {
+        let event = self.last_event(session, T::KIND);
+        event.data_as().unwrap_or_else(|error| panic!("{error}: {}", event.data))
+    }
+
+    fn last_event(&self, session: &str, event_type: &str) -> CloudEvent {
         let events = self.events.events();
         let types: Vec<_> = events.iter().map(|event| event.event_type.clone()).collect();
         events
@@ -153,16 +160,16 @@ async fn dd_past_the_quota_gets_enospc_and_nothing_else() {
     std::fs::write(other_directory.join("mine.txt"), vec![7u8; 4 * 1024 * 1024]).expect("another session writes as before");
 
     assert_eq!(setup.agent.check_quotas().await.unwrap(), vec![full.clone()]);
-    let exceeded = setup.last(&full, "workspace.quota_exceeded");
-    assert_eq!(exceeded.data["quota_mib"], json!(32));
-    assert!(exceeded.data["used_mib"].as_u64().unwrap() >= 32, "{}", exceeded.data);
+    let exceeded: WorkspaceQuotaExceeded = setup.last(&full);
+    assert_eq!(exceeded.quota_mib, 32);
+    assert!(exceeded.used_mib >= 32, "{exceeded:?}");
     assert!(setup.agent.check_quotas().await.unwrap().is_empty(), "once per filling");
 
     assert_eq!(setup.run(&full, "sync", "case", true).await, Outcome::Ack);
-    let synced = setup.last(&full, "workspace.synced");
-    assert_eq!((synced.data["final"].clone(), synced.data["uploaded"].clone()), (json!(true), json!(1)), "{}", synced.data);
+    let synced: WorkspaceSynced = setup.last(&full);
+    assert_eq!((synced.final_sync, synced.uploaded), (true, 1), "{synced:?}");
     assert_eq!(setup.run(&full, "remove", "case", false).await, Outcome::Ack);
-    setup.last(&full, "workspace.removed");
+    setup.last::<WorkspaceRemoved>(&full);
     let volume = setup.volume(&full);
     assert!(!volume.image.exists() && !volume.mount_point.exists() && !directory.exists(), "image, mount point and directory gone");
     assert!(!mounted(&directory));
@@ -190,16 +197,16 @@ async fn an_unmounted_workspace_is_mounted_again_or_refused() {
     umount(&volume.session_dir);
     umount(&volume.mount_point);
     assert_eq!(setup.run(&session, "sync", "case", false).await, Outcome::Ack);
-    let synced = setup.last(&session, "workspace.synced");
-    assert_eq!((synced.data["deleted"].clone(), synced.data["unchanged"].clone()), (json!(0), json!(5)), "{}", synced.data);
+    let synced: WorkspaceSynced = setup.last(&session);
+    assert_eq!((synced.deleted, synced.unchanged), (0, 5), "{synced:?}");
 
     umount(&volume.session_dir);
     umount(&volume.mount_point);
     let aside = volume.image.with_extension("aside");
     std::fs::rename(&volume.image, &aside).unwrap();
     assert_eq!(setup.run(&session, "sync", "case", true).await, Outcome::Ack);
-    let failed = setup.last(&session, "workspace.sync_failed");
-    assert!(failed.data["error"].as_str().unwrap().contains("image"), "{}", failed.data);
+    let failed: WorkspaceSyncFailed = setup.last(&session);
+    assert!(failed.error.contains("image"), "{failed:?}");
     assert_eq!(setup.run(&session, "remove", "case", false).await, Outcome::Ack);
     assert!(setup.events.events().iter().all(|event| event.event_type != "workspace.removed"), "nothing removed without its image");
     let listed = setup.agent.inventory().await.unwrap();
@@ -207,10 +214,10 @@ async fn an_unmounted_workspace_is_mounted_again_or_refused() {
 
     std::fs::rename(&aside, &volume.image).unwrap();
     assert_eq!(setup.run(&session, "sync", "case", true).await, Outcome::Ack);
-    let synced = setup.last(&session, "workspace.synced");
-    assert_eq!((synced.data["final"].clone(), synced.data["deleted"].clone()), (json!(true), json!(0)), "{}", synced.data);
+    let synced: WorkspaceSynced = setup.last(&session);
+    assert_eq!((synced.final_sync, synced.deleted), (true, 0), "{synced:?}");
     assert_eq!(setup.run(&session, "remove", "case", false).await, Outcome::Ack);
-    setup.last(&session, "workspace.removed");
+    setup.last::<WorkspaceRemoved>(&session);
 }
 
 /// Over the cap on entries a sync is refused by name; folders past the depth cap are kept and
@@ -226,18 +233,17 @@ async fn the_agent_is_bounded_too() {
     std::fs::write(directory.join("a/b/c/shallow.txt"), b"kept").unwrap();
     std::fs::write(directory.join("a/b/c/d/e/deep.txt"), b"too deep").unwrap();
     assert_eq!(setup.run(&session, "sync", "case", false).await, Outcome::Ack);
-    let synced = setup.last(&session, "workspace.synced");
-    let skipped: Vec<_> =
-        synced.data["skipped"].as_array().unwrap().iter().map(|entry| entry["path"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(skipped, vec!["a/b/c/d".to_owned()], "{}", synced.data);
-    assert_eq!(synced.data["uploaded"], json!(1));
+    let synced: WorkspaceSynced = setup.last(&session);
+    let skipped: Vec<_> = synced.skipped.iter().map(|entry| entry.path.clone()).collect();
+    assert_eq!(skipped, vec!["a/b/c/d".to_owned()], "{synced:?}");
+    assert_eq!(synced.uploaded, 1);
 
     for index in 0..60 {
         std::fs::write(directory.join(format!("many-{index}")), b"x").unwrap();
     }
     assert_eq!(setup.run(&session, "sync", "case", false).await, Outcome::Ack);
-    let failed = setup.last(&session, "workspace.sync_failed");
-    assert!(failed.data["error"].as_str().unwrap().contains("more than 50 entries"), "{}", failed.data);
+    let failed: WorkspaceSyncFailed = setup.last(&session);
+    assert!(failed.error.contains("more than 50 entries"), "{failed:?}");
 
     let grown = directory.join("growing.log");
     std::fs::write(&grown, vec![1u8; 1000]).unwrap();

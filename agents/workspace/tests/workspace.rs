@@ -19,7 +19,11 @@ use object_store::path::Path as ObjectPath;
 use object_store::{
     GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
-use protocol::events::{DirectoryEntry, WorkspaceInventory};
+use protocol::events::kind::{WORKSPACE_CONFLICT, WORKSPACE_MATERIALIZED};
+use protocol::events::{
+    ConflictFile, DirectoryEntry, EventData, WorkspaceComplete, WorkspaceConflict, WorkspaceFailed, WorkspaceInventory,
+    WorkspaceMaterialized, WorkspaceRemoved, WorkspaceSyncFailed, WorkspaceSynced,
+};
 use protocol::{AgentKind, CloudEvent, Outcome, Profile, Task};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -382,6 +386,12 @@ impl Harness {
         self.events_of(event_type).pop().unwrap_or_else(|| panic!("no {event_type} among {:?}", self.event_types()))
     }
 
+    /// The data of this session's last event of `T`'s type.
+    fn last_of<T: EventData>(&self) -> T {
+        let event = self.last(T::KIND);
+        event.data_as().unwrap_or_else(|error| panic!("{error}: {}", event.data))
+    }
+
     fn event_types(&self) -> Vec<String> {
         self.events.events().into_iter().map(|event| event.event_type).collect()
     }
@@ -439,10 +449,6 @@ fn local_files(directory: &Path) -> BTreeMap<String, Vec<u8>> {
     files
 }
 
-fn number(event: &CloudEvent, field: &str) -> u64 {
-    event.data[field].as_u64().unwrap_or_else(|| panic!("{field} missing in {}", event.data))
-}
-
 /// Sets a file's mtime to the Unix epoch + `seconds` (touching the content stays the same).
 fn set_mtime(path: &Path, seconds: i64) {
     let time = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).expect("positive"));
@@ -489,18 +495,19 @@ async fn materializes_byte_for_byte_small_first(backend: Backend) {
     let complete_at = types.iter().position(|t| t == "workspace.complete").expect("complete");
     assert!(materialized_at < complete_at, "{types:?}");
     assert!(types[materialized_at..complete_at].iter().filter(|t| *t == "workspace.progress").count() >= large.len(), "{types:?}");
-    let materialized = harness.last("workspace.materialized");
-    assert_eq!(number(&materialized, "files"), small.len() as u64);
-    assert_eq!(number(&materialized, "pending_large_files"), 5);
+    let materialized_event = harness.last(WORKSPACE_MATERIALIZED);
+    let materialized: WorkspaceMaterialized = materialized_event.data_as().unwrap();
+    assert_eq!(materialized.files, small.len() as u64);
+    assert_eq!(materialized.pending_large_files, 5);
     let large_bytes: usize = large.iter().map(|path| files[path].len()).sum();
-    assert_eq!(number(&materialized, "pending_large_bytes"), large_bytes as u64);
-    let complete = harness.last("workspace.complete");
-    assert_eq!(number(&complete, "files"), 500);
+    assert_eq!(materialized.pending_large_bytes, large_bytes as u64);
+    let complete = harness.last_of::<WorkspaceComplete>();
+    assert_eq!(complete.files, 500);
     let total: usize = files.values().map(Vec::len).sum();
-    assert_eq!(number(&complete, "bytes"), total as u64);
-    assert_eq!(materialized.subject.as_deref(), Some(harness.session.as_str()));
-    assert_eq!(materialized.extension("taskid"), Some(task.id.to_string().as_str()));
-    assert_eq!(materialized.extension("thredid"), Some(format!("thred-{}", harness.session).as_str()));
+    assert_eq!(complete.bytes, total as u64);
+    assert_eq!(materialized_event.subject.as_deref(), Some(harness.session.as_str()));
+    assert_eq!(materialized_event.extension("taskid"), Some(task.id.to_string().as_str()));
+    assert_eq!(materialized_event.extension("thredid"), Some(format!("thred-{}", harness.session).as_str()));
 
     // Byte for byte, nothing more, nothing less; the skeleton is there; the user owns it all.
     assert_eq!(local_files(&harness.directory()), files);
@@ -548,8 +555,8 @@ async fn incremental_sync_uploads_exactly_the_changes(backend: Backend) {
     // No file changed: the first sync writes only the tree metadata (the folders the store
     // didn't know), the second nothing at all.
     assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!((number(&synced, "uploaded"), number(&synced, "deleted"), number(&synced, "unchanged")), (0, 0, 40));
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert_eq!((synced.uploaded, synced.deleted, synced.unchanged), (0, 0, 40));
     assert_eq!(harness.counting.puts.load(Ordering::SeqCst), 1, "the sidecar");
     assert!(harness.sidecar().await.directories.contains_key("correspondence/outgoing"));
     harness.counting.puts.store(0, Ordering::SeqCst);
@@ -565,12 +572,12 @@ async fn incremental_sync_uploads_exactly_the_changes(backend: Backend) {
     set_mtime(&directory.join(&paths[3]), 1_000_000_000);
     assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
 
-    let synced = harness.last("workspace.synced");
-    assert_eq!(synced.data["final"], json!(false));
-    assert_eq!(number(&synced, "uploaded"), 3, "{}", synced.data);
-    assert_eq!(number(&synced, "deleted"), 1);
-    assert_eq!(number(&synced, "unchanged"), 37);
-    assert_eq!(number(&synced, "bytes_uploaded"), (19 + same_size_edit.len() + 3) as u64);
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert!(!synced.final_sync);
+    assert_eq!(synced.uploaded, 3, "{synced:?}");
+    assert_eq!(synced.deleted, 1);
+    assert_eq!(synced.unchanged, 37);
+    assert_eq!(synced.bytes_uploaded, (19 + same_size_edit.len() + 3) as u64);
     assert_eq!(harness.counting.puts.load(Ordering::SeqCst), 3, "exactly the changed files are PUT");
     assert_eq!(harness.counting.deletes.load(Ordering::SeqCst), 1);
     let remote = harness.remote().await;
@@ -580,7 +587,7 @@ async fn incremental_sync_uploads_exactly_the_changes(backend: Backend) {
     // And a sync right after does nothing again.
     harness.counting.puts.store(0, Ordering::SeqCst);
     assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
-    assert_eq!(number(&harness.last("workspace.synced"), "uploaded"), 0);
+    assert_eq!(harness.last_of::<WorkspaceSynced>().uploaded, 0);
     assert_eq!(harness.counting.puts.load(Ordering::SeqCst), 0);
 
     harness.cleanup();
@@ -596,9 +603,9 @@ async fn hostile_keys_are_refused_and_nothing_is_written(backend: Backend) {
         harness.store.store.put(&key, PutPayload::from_static(b"evil")).await.expect("hostile object written");
     }
     assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
-    let failed = harness.last("workspace.failed");
-    assert_eq!(failed.data["stage"], json!("validate"), "{}", failed.data);
-    let error = failed.data["error"].as_str().unwrap();
+    let failed = harness.last_of::<WorkspaceFailed>();
+    assert_eq!(failed.stage, "validate", "{failed:?}");
+    let error = failed.error;
     assert!(error.contains("escaped.txt") && error.contains("x%2Fy"), "{error}");
     assert!(harness.events_of("workspace.materialized").is_empty());
     assert!(!harness.directory().exists(), "nothing was written");
@@ -626,9 +633,9 @@ async fn symlinks_are_stored_as_links_and_never_followed(backend: Backend) {
     std::fs::write(directory.join("motions/real.txt"), b"real").unwrap();
 
     assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!(number(&synced, "uploaded"), 1, "{}", synced.data);
-    let skipped: Vec<String> = synced.data["skipped"].as_array().unwrap().iter().map(|s| s["path"].as_str().unwrap().to_owned()).collect();
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert_eq!(synced.uploaded, 1, "{synced:?}");
+    let skipped: Vec<String> = synced.skipped.iter().map(|skipped| skipped.path.clone()).collect();
     assert_eq!(skipped, vec!["pipe".to_owned()], "only the FIFO can't be stored");
     // The links are data: their target text, never what they point at.
     let links = harness.sidecar().await.links;
@@ -652,16 +659,16 @@ async fn remove_only_after_a_confirmed_final_sync(backend: Backend) {
 
     // No final sync yet: refused, everything kept.
     assert_eq!(harness.run(&remove).await, Outcome::Ack);
-    let refused = harness.last("workspace.sync_failed");
-    assert_eq!(refused.data["action"], json!("remove"));
+    let refused = harness.last_of::<WorkspaceSyncFailed>();
+    assert_eq!(refused.action.as_deref(), Some("remove"));
     assert!(directory.is_dir());
 
     // A confirmed final sync, then a change: refused again.
     std::fs::write(directory.join("discovery/late.txt"), b"late").unwrap();
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!(synced.data["final"], json!(true));
-    assert_eq!(number(&synced, "uploaded"), 1);
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert!(synced.final_sync);
+    assert_eq!(synced.uploaded, 1);
     assert!(workspace::read_manifest(&harness.profile, &harness.session).unwrap().unwrap().final_sync.unwrap().confirmed);
     std::fs::write(directory.join("discovery/later.txt"), b"later").unwrap();
     harness.events.take();
@@ -672,7 +679,7 @@ async fn remove_only_after_a_confirmed_final_sync(backend: Backend) {
     // Final sync again: now the directory goes, and a repeated remove says so again.
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
     assert_eq!(harness.run(&remove).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.removed").data, json!({"preserved": []}));
+    assert_eq!(harness.last_of::<WorkspaceRemoved>(), WorkspaceRemoved { preserved: Vec::new(), preserved_total: None });
     assert!(!directory.exists());
     assert!(harness.remote().await.contains_key("discovery/later.txt"));
     harness.events.take();
@@ -697,7 +704,7 @@ async fn tasks_for_one_workspace_never_overlap(backend: Backend) {
     let complete_at = types.iter().position(|t| t == "workspace.complete").expect("complete");
     let synced_at = types.iter().position(|t| t == "workspace.synced").expect("synced");
     assert!(complete_at < synced_at, "the sync waited for the materialize: {types:?}");
-    assert_eq!(number(&harness.last("workspace.synced"), "uploaded"), 0);
+    assert_eq!(harness.last_of::<WorkspaceSynced>().uploaded, 0);
     harness.cleanup();
     backend.cleanup().await;
 }
@@ -711,8 +718,8 @@ async fn bad_tasks_get_clear_answers(backend: Backend) {
     assert!(matches!(harness.run(&unknown).await, Outcome::DeadLetter(reason) if reason.contains("unknown action")));
     let traversal = harness.task("materialize", json!({"user": "../../etc", "workspace": "w"}));
     assert!(matches!(harness.run(&traversal).await, Outcome::DeadLetter(_)));
-    let failed = harness.last("workspace.failed");
-    assert!(failed.data["error"].as_str().unwrap().contains("user"), "{}", failed.data);
+    let failed = harness.last_of::<WorkspaceFailed>();
+    assert!(failed.error.contains("user"), "{failed:?}");
     let bad_args = harness.task("sync", json!({"user": "a"}));
     assert!(matches!(harness.run(&bad_args).await, Outcome::DeadLetter(reason) if reason.contains("workspace")));
     let never = harness.sync_task(false);
@@ -726,7 +733,7 @@ async fn bad_tasks_get_clear_answers(backend: Backend) {
     let tight = WorkspaceAgent::new(profile, harness.store.clone(), harness.events.clone(), quick_settings());
     harness.seed(&fixture(3, 0)).await;
     assert_eq!(tight.handle(&harness.materialize_task()).await.unwrap(), Outcome::Ack);
-    assert_eq!(harness.last("workspace.failed").data["stage"], json!("quota"));
+    assert_eq!(harness.last_of::<WorkspaceFailed>().stage, "quota");
     assert!(!harness.directory().exists());
     harness.cleanup();
     backend.cleanup().await;
@@ -741,8 +748,8 @@ async fn large_files_go_up_in_parts_and_come_back_streamed(backend: Backend) {
     let big = content(77, 17 * 1024 * 1024 + 333);
     std::fs::write(harness.directory().join("discovery/recording.wav"), &big).unwrap();
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!((synced.data["final"].clone(), number(&synced, "uploaded")), (json!(true), 1), "{}", synced.data);
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert_eq!((synced.final_sync, synced.uploaded), (true, 1), "{synced:?}");
     assert_eq!(harness.remote().await["discovery/recording.wav"], big);
     let manifest = workspace::read_manifest(&harness.profile, &harness.session).unwrap().unwrap();
     let expected_hash: String = {
@@ -754,7 +761,7 @@ async fn large_files_go_up_in_parts_and_come_back_streamed(backend: Backend) {
     // A new session of the same workspace streams it back in.
     let second = Harness { session: format!("{}-again", harness.session), ..harness };
     assert_eq!(second.run(&second.materialize_task()).await, Outcome::Ack);
-    assert_eq!(number(&second.last("workspace.materialized"), "pending_large_files"), 1);
+    assert_eq!(second.last_of::<WorkspaceMaterialized>().pending_large_files, 1);
     assert_eq!(std::fs::read(second.directory().join("discovery/recording.wav")).unwrap(), big);
     second.cleanup();
     backend.cleanup().await;
@@ -769,20 +776,20 @@ async fn an_interrupted_materialize_resumes(backend: Backend) {
     harness.seed(&files).await;
     *harness.counting.failing_reads.lock().unwrap() = Some("huge-video".into());
     assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
-    assert_eq!(number(&harness.last("workspace.materialized"), "pending_large_files"), 1);
-    let failed = harness.last("workspace.failed");
-    assert_eq!(failed.data["stage"], json!("download"), "{}", failed.data);
+    assert_eq!(harness.last_of::<WorkspaceMaterialized>().pending_large_files, 1);
+    let failed = harness.last_of::<WorkspaceFailed>();
+    assert_eq!(failed.stage, "download", "{failed:?}");
     assert!(harness.events_of("workspace.complete").is_empty());
     assert!(!harness.directory().join("discovery/huge-video.bin").exists(), "no stub for the missing file");
     // A sync meanwhile must not delete the object that never arrived.
     assert_eq!(harness.run(&harness.sync_task(false)).await, Outcome::Ack);
-    assert_eq!(number(&harness.last("workspace.synced"), "deleted"), 0);
+    assert_eq!(harness.last_of::<WorkspaceSynced>().deleted, 0);
 
     *harness.counting.failing_reads.lock().unwrap() = None;
     harness.counting.gets.store(0, Ordering::SeqCst);
     harness.events.take();
     assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
-    assert_eq!(number(&harness.last("workspace.complete"), "files"), 31);
+    assert_eq!(harness.last_of::<WorkspaceComplete>().files, 31);
     assert_eq!(harness.counting.gets.load(Ordering::SeqCst), 2, "only the missing file (and the sidecar the sync wrote) is fetched again");
     assert_eq!(local_files(&harness.directory()), files);
     harness.cleanup();
@@ -811,21 +818,22 @@ async fn two_sessions_editing_one_file_keep_both(backend: Backend) {
     std::fs::write(first.directory().join("notes.txt"), b"edited in the first session").unwrap();
     std::fs::write(first.directory().join("other.md"), b"only the first session touched this").unwrap();
     assert_eq!(first.run(&first.sync_task(false)).await, Outcome::Ack);
-    assert_eq!(number(&first.last("workspace.synced"), "conflicts"), 0);
+    assert_eq!(first.last_of::<WorkspaceSynced>().conflicts, 0);
     assert!(first.events_of("workspace.conflict").is_empty());
 
     std::fs::write(second.directory().join("notes.txt"), b"edited in the second session").unwrap();
     assert_eq!(second.run(&second.sync_task(true)).await, Outcome::Ack);
-    let synced = second.last("workspace.synced");
-    assert_eq!((synced.data["final"].clone(), number(&synced, "conflicts")), (json!(true), 1), "{}", synced.data);
-    let conflict = second.last("workspace.conflict");
-    assert_eq!(conflict.extension("thredid"), Some(format!("thred-{}", second.session).as_str()));
-    let files = conflict.data["files"].as_array().unwrap();
-    assert_eq!(files.len(), 1, "{}", conflict.data);
-    assert_eq!(files[0]["path"], json!("notes.txt"));
-    let copy = files[0]["conflict_copy"].as_str().unwrap().to_owned();
+    let synced = second.last_of::<WorkspaceSynced>();
+    assert_eq!((synced.final_sync, synced.conflicts), (true, 1), "{synced:?}");
+    let conflict_event = second.last(WORKSPACE_CONFLICT);
+    assert_eq!(conflict_event.extension("thredid"), Some(format!("thred-{}", second.session).as_str()));
+    let conflict: WorkspaceConflict = conflict_event.data_as().unwrap();
+    let files = &conflict.files;
+    assert_eq!(files.len(), 1, "{conflict:?}");
+    assert_eq!(files[0].path, "notes.txt");
+    let copy = files[0].conflict_copy.clone().expect("a conflict copy");
     assert_conflict_copy_name(&copy, "notes", ".txt", &second.session);
-    assert!(!files[0]["reason"].as_str().unwrap().is_empty());
+    assert!(!files[0].reason.is_empty());
 
     // Both versions in the store; the store's at the path, locally too.
     let remote = second.remote().await;
@@ -851,7 +859,7 @@ async fn hostile_or_broken_tree_metadata(backend: Backend) {
     harness.seed(&fixture(2, 0)).await;
     harness.put(workspace::SIDECAR_PATH, br#"{"version": 1, "links": {"../../escape": "/etc"}}"#).await;
     assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.failed").data["stage"], json!("validate"));
+    assert_eq!(harness.last_of::<WorkspaceFailed>().stage, "validate");
     assert!(!harness.directory().exists());
     assert!(!harness.scratch.join("escape").exists());
 
@@ -860,7 +868,7 @@ async fn hostile_or_broken_tree_metadata(backend: Backend) {
     harness.put(workspace::SIDECAR_PATH, b"not json").await;
     std::os::unix::fs::symlink("pleadings", harness.directory().join("shortcut")).unwrap();
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.synced").data["final"], json!(true));
+    assert!(harness.last_of::<WorkspaceSynced>().final_sync);
     assert_eq!(harness.sidecar().await.links.get("shortcut").map(String::as_str), Some("pleadings"));
     harness.cleanup();
     backend.cleanup().await;
@@ -876,16 +884,16 @@ async fn a_failed_conflict_copy_upload_changes_nothing(backend: Backend) {
     std::fs::write(harness.directory().join("notes.txt"), b"v2 from the user").unwrap();
     *harness.counting.failing_writes.lock().unwrap() = Some(".conflict-".into());
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.sync_failed").data["final"], json!(true));
+    assert!(harness.last_of::<WorkspaceSyncFailed>().final_sync);
     assert_eq!(local_files(&harness.directory()), BTreeMap::from([("notes.txt".to_owned(), b"v2 from the user".to_vec())]));
     assert_eq!(harness.remote().await, BTreeMap::from([("notes.txt".to_owned(), b"v2 from outside".to_vec())]));
     assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.sync_failed").data["action"], json!("remove"), "nothing is removed");
+    assert_eq!(harness.last_of::<WorkspaceSyncFailed>().action.as_deref(), Some("remove"), "nothing is removed");
 
     *harness.counting.failing_writes.lock().unwrap() = None;
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    assert_eq!(number(&harness.last("workspace.synced"), "conflicts"), 1);
-    let copy = harness.last("workspace.conflict").data["files"][0]["conflict_copy"].as_str().unwrap().to_owned();
+    assert_eq!(harness.last_of::<WorkspaceSynced>().conflicts, 1);
+    let copy = harness.last_of::<WorkspaceConflict>().files[0].conflict_copy.clone().expect("a conflict copy");
     let remote = harness.remote().await;
     assert_eq!(remote["notes.txt"], b"v2 from outside");
     assert_eq!(remote[&copy], b"v2 from the user");
@@ -916,20 +924,14 @@ async fn an_outside_writer_is_never_overwritten(backend: Backend) {
     std::fs::remove_file(directory.join("deleted-here.txt")).unwrap();
 
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!(
-        (synced.data["final"].clone(), number(&synced, "conflicts"), number(&synced, "deleted")),
-        (json!(true), 3, 0),
-        "{}",
-        synced.data
-    );
-    let conflict = harness.last("workspace.conflict");
-    let files: BTreeMap<String, Value> =
-        conflict.data["files"].as_array().unwrap().iter().map(|file| (file["path"].as_str().unwrap().to_owned(), file.clone())).collect();
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert_eq!((synced.final_sync, synced.conflicts, synced.deleted), (true, 3, 0), "{synced:?}");
+    let conflict = harness.last_of::<WorkspaceConflict>();
+    let files: BTreeMap<String, ConflictFile> = conflict.files.into_iter().map(|file| (file.path.clone(), file)).collect();
     assert_eq!(files.keys().cloned().collect::<Vec<_>>(), vec!["deleted-here.txt", "deleted-outside.txt", "report.txt"]);
-    assert_eq!(files["deleted-outside.txt"]["conflict_copy"], Value::Null);
-    assert_eq!(files["deleted-here.txt"]["conflict_copy"], Value::Null);
-    let copy = files["report.txt"]["conflict_copy"].as_str().unwrap().to_owned();
+    assert_eq!(files["deleted-outside.txt"].conflict_copy, None);
+    assert_eq!(files["deleted-here.txt"].conflict_copy, None);
+    let copy = files["report.txt"].conflict_copy.clone().expect("a conflict copy");
     assert_conflict_copy_name(&copy, "report", ".txt", &harness.session);
 
     let remote = harness.remote().await;
@@ -965,9 +967,9 @@ async fn tree_metadata_round_trips(backend: Backend) {
     std::fs::write(directory.join("bin/secret.key"), b"k").unwrap();
     std::fs::set_permissions(directory.join("bin/secret.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!(synced.data["final"], json!(true), "{}", synced.data);
-    assert_eq!(synced.data["skipped"], json!([]));
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert!(synced.final_sync, "{synced:?}");
+    assert_eq!(synced.skipped, Vec::new());
     assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
     assert!(!directory.exists());
     let sidecar = harness.sidecar().await;
@@ -976,7 +978,7 @@ async fn tree_metadata_round_trips(backend: Backend) {
 
     let next = harness.other_session();
     assert_eq!(next.run(&next.materialize_task()).await, Outcome::Ack);
-    assert_eq!(number(&next.last("workspace.complete"), "files"), 3);
+    assert_eq!(next.last_of::<WorkspaceComplete>().files, 3);
     let again = next.directory();
     for (link, target) in [
         ("latest", "reports/2026.txt"),
@@ -1000,7 +1002,7 @@ async fn tree_metadata_round_trips(backend: Backend) {
     // Nothing changed: a sync writes nothing.
     next.counting.puts.store(0, Ordering::SeqCst);
     assert_eq!(next.run(&next.sync_task(false)).await, Outcome::Ack);
-    assert_eq!(next.counting.puts.load(Ordering::SeqCst), 0, "{}", next.last("workspace.synced").data);
+    assert_eq!(next.counting.puts.load(Ordering::SeqCst), 0, "{:?}", next.last_of::<WorkspaceSynced>());
     harness.cleanup();
     backend.cleanup().await;
 }
@@ -1025,10 +1027,9 @@ async fn unsyncable_entries_are_preserved_on_remove(backend: Backend) {
     std::fs::write(directory.join("motions/fine.txt"), b"fine").unwrap();
 
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!(synced.data["final"], json!(true), "{}", synced.data);
-    let mut skipped: Vec<String> =
-        synced.data["skipped"].as_array().unwrap().iter().map(|entry| entry["path"].as_str().unwrap().to_owned()).collect();
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert!(synced.final_sync, "{synced:?}");
+    let mut skipped: Vec<String> = synced.skipped.iter().map(|entry| entry.path.clone()).collect();
     skipped.sort();
     let mut expected = vec![
         ".berth".to_owned(),
@@ -1043,15 +1044,14 @@ async fn unsyncable_entries_are_preserved_on_remove(backend: Backend) {
     assert!(harness.remote().await.contains_key("motions/fine.txt"));
 
     assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
-    let removed = harness.last("workspace.removed");
-    let mut preserved: Vec<String> =
-        removed.data["preserved"].as_array().unwrap().iter().map(|path| path.as_str().unwrap().to_owned()).collect();
+    let removed = harness.last_of::<WorkspaceRemoved>();
+    let mut preserved = removed.preserved.clone();
     preserved.sort();
     assert_eq!(preserved, expected);
     assert!(!directory.exists());
     // A redelivered remove answers the same.
     assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.removed").data, removed.data);
+    assert_eq!(harness.last_of::<WorkspaceRemoved>(), removed);
     let kept = harness.preserved();
     assert_eq!(std::fs::read(kept.join("pleadings/report\\final.docx")).unwrap(), b"backslash");
     assert_eq!(std::fs::read(kept.join("pleadings").join(latin1)).unwrap(), b"latin-1", "the name byte for byte");
@@ -1073,7 +1073,7 @@ async fn sync_after_an_interrupted_materialize_deletes_nothing(backend: Backend)
     let failing = files.keys().nth(25).unwrap().clone();
     *harness.counting.failing_reads.lock().unwrap() = Some(failing.clone());
     assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.failed").data["stage"], json!("download"));
+    assert_eq!(harness.last_of::<WorkspaceFailed>().stage, "download");
     *harness.counting.failing_reads.lock().unwrap() = None;
     let present = local_files(&harness.directory());
     assert!(present.len() < files.len(), "the materialize stopped part-way ({} of {})", present.len(), files.len());
@@ -1089,26 +1089,16 @@ async fn sync_after_an_interrupted_materialize_deletes_nothing(backend: Backend)
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
     harness.counting.deletes.store(0, Ordering::SeqCst);
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!(
-        (synced.data["final"].clone(), number(&synced, "deleted"), number(&synced, "conflicts")),
-        (json!(true), 0, 0),
-        "{}",
-        synced.data
-    );
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert_eq!((synced.final_sync, synced.deleted, synced.conflicts), (true, 0, 0), "{synced:?}");
     assert_eq!(harness.counting.deletes.load(Ordering::SeqCst), 0);
     assert_eq!(harness.remote().await, files, "the store is exactly as seeded");
 
     // And with no manifest at all (killed before the first save).
     std::fs::remove_file(&manifest_path).unwrap();
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!(
-        (synced.data["final"].clone(), number(&synced, "deleted"), number(&synced, "conflicts")),
-        (json!(true), 0, 0),
-        "{}",
-        synced.data
-    );
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert_eq!((synced.final_sync, synced.deleted, synced.conflicts), (true, 0, 0), "{synced:?}");
     assert_eq!(harness.remote().await, files);
     harness.cleanup();
     backend.cleanup().await;
@@ -1119,13 +1109,23 @@ async fn a_missing_directory_syncs_and_removes_as_nothing(backend: Backend) {
     let harness = Harness::new(&backend, CollectedEvents::new(), quick_settings());
     harness.seed(&fixture(3, 0)).await;
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
+    let synced = harness.last_of::<WorkspaceSynced>();
     assert_eq!(
-        synced.data,
-        json!({"final": true, "missing": true, "uploaded": 0, "deleted": 0, "unchanged": 0, "bytes_uploaded": 0, "skipped": [], "conflicts": 0})
+        synced,
+        WorkspaceSynced {
+            final_sync: true,
+            missing: true,
+            uploaded: 0,
+            deleted: 0,
+            unchanged: 0,
+            bytes_uploaded: 0,
+            skipped: Vec::new(),
+            conflicts: 0,
+            skipped_total: None,
+        }
     );
     assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.removed").data, json!({"preserved": []}));
+    assert_eq!(harness.last_of::<WorkspaceRemoved>(), WorkspaceRemoved { preserved: Vec::new(), preserved_total: None });
     assert_eq!(harness.remote().await, fixture(3, 0), "the store is untouched");
     harness.cleanup();
     backend.cleanup().await;
@@ -1169,9 +1169,9 @@ async fn a_large_file_changed_outside_is_kept(backend: Backend) {
     let ours = content(3, 17 * 1024 * 1024 + 9);
     std::fs::write(harness.directory().join("media/take.wav"), &ours).unwrap();
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!((synced.data["final"].clone(), number(&synced, "conflicts")), (json!(true), 1), "{}", synced.data);
-    let copy = harness.last("workspace.conflict").data["files"][0]["conflict_copy"].as_str().unwrap().to_owned();
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert_eq!((synced.final_sync, synced.conflicts), (true, 1), "{synced:?}");
+    let copy = harness.last_of::<WorkspaceConflict>().files[0].conflict_copy.clone().expect("a conflict copy");
     assert_conflict_copy_name(&copy, "media/take", ".wav", &harness.session);
     let remote = harness.remote().await;
     assert!(remote["media/take.wav"] == outside, "the outside version stays");
@@ -1393,8 +1393,8 @@ async fn s3_literal_dot_dot_key_is_refused() {
     let listed: Vec<String> =
         harness.store.store.list(None).map_ok(|meta| meta.location.to_string()).try_collect().await.unwrap_or_default();
     assert_eq!(harness.run(&harness.materialize_task()).await, Outcome::Ack);
-    let failed = harness.last("workspace.failed");
-    assert_eq!(failed.data["stage"], json!("validate"), "{} (store listed {listed:?})", failed.data);
+    let failed = harness.last_of::<WorkspaceFailed>();
+    assert_eq!(failed.stage, "validate", "{failed:?} (store listed {listed:?})");
     assert!(!harness.directory().exists());
     assert!(!harness.scratch.join("escaped.txt").exists());
     harness.cleanup();
@@ -1481,8 +1481,8 @@ async fn final_sync_rides_out_a_store_outage() {
     let BackendKind::S3 { bucket, .. } = &backend.kind else { unreachable!() };
     assert_eq!(raw_http(&moto.address(), "PUT", &format!("/{bucket}"), b"").await.unwrap(), 200);
     assert_eq!(tokio::time::timeout(Duration::from_secs(60), syncing).await.expect("final sync ends").unwrap(), Outcome::Ack);
-    let synced = harness.last("workspace.synced");
-    assert_eq!(synced.data["final"], json!(true), "{}", synced.data);
+    let synced = harness.last_of::<WorkspaceSynced>();
+    assert!(synced.final_sync, "{synced:?}");
     assert_eq!(harness.remote().await, local_files(&harness.directory()), "every object written again and confirmed");
     assert_eq!(harness.remote().await.len(), 21);
 
@@ -1505,11 +1505,11 @@ async fn failed_final_sync_keeps_everything() {
     std::fs::write(harness.directory().join("unsaved.txt"), b"unsaved").unwrap();
     moto.stop();
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    let failed = harness.last("workspace.sync_failed");
-    assert_eq!(failed.data["final"], json!(true));
-    assert!(!failed.data["error"].as_str().unwrap().is_empty());
+    let failed = harness.last_of::<WorkspaceSyncFailed>();
+    assert!(failed.final_sync);
+    assert!(!failed.error.is_empty());
     assert_eq!(harness.run(&harness.task("remove", json!({}))).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.sync_failed").data["action"], json!("remove"));
+    assert_eq!(harness.last_of::<WorkspaceSyncFailed>().action.as_deref(), Some("remove"));
     assert!(harness.directory().join("unsaved.txt").is_file());
     harness.cleanup();
 }
@@ -1653,9 +1653,9 @@ fn cache_entries(harness: &Harness) -> Vec<PathBuf> {
 /// Final sync, then `remove {cache: true}`, as the session pattern closes a session.
 async fn close_into_cache(harness: &Harness) {
     assert_eq!(harness.run(&harness.sync_task(true)).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.synced").data["final"], json!(true));
+    assert!(harness.last_of::<WorkspaceSynced>().final_sync);
     assert_eq!(harness.run(&harness.task("remove", json!({"cache": true}))).await, Outcome::Ack);
-    assert_eq!(harness.last("workspace.removed").data, json!({"preserved": []}));
+    assert_eq!(harness.last_of::<WorkspaceRemoved>(), WorkspaceRemoved { preserved: Vec::new(), preserved_total: None });
     assert!(!harness.directory().exists(), "the session's directory is gone from where sessions live");
 }
 
@@ -1709,14 +1709,10 @@ async fn reopen_from_the_cache_fetches_only_what_changed_in_the_store(backend: B
     let reopened = first.other_session();
     reopened.counting.gets.store(0, Ordering::SeqCst);
     assert_eq!(reopened.run(&reopened.materialize_task()).await, Outcome::Ack);
-    let complete = reopened.last("workspace.complete");
-    assert_eq!(
-        complete.data["cache"],
-        json!({"kept_files": 58, "kept_bytes": complete.data["cache"]["kept_bytes"], "removed": 2}),
-        "{}",
-        complete.data
-    );
-    assert_eq!(number(&complete, "downloaded_files"), 2, "the changed and the new file, nothing else: {}", complete.data);
+    let complete = reopened.last_of::<WorkspaceComplete>();
+    let cache = complete.cache.clone().unwrap_or_else(|| panic!("served from the cache: {complete:?}"));
+    assert_eq!((cache.kept_files, cache.removed), (58, 2), "{complete:?}");
+    assert_eq!(complete.downloaded_files, 2, "the changed and the new file, nothing else: {complete:?}");
     // Two downloads and the sidecar's read.
     assert_eq!(reopened.counting.gets.load(Ordering::SeqCst), 3);
     assert!(cache_entries(&first).is_empty(), "the entry became the session's directory");
@@ -1739,13 +1735,13 @@ async fn reopen_from_the_cache_fetches_only_what_changed_in_the_store(backend: B
     // Nothing changed locally: nothing goes up. A local edit goes up as a plain, conditional
     // write on the version the listing gave (no conflict).
     assert_eq!(reopened.run(&reopened.sync_task(false)).await, Outcome::Ack);
-    let synced = reopened.last("workspace.synced");
-    assert_eq!((number(&synced, "uploaded"), number(&synced, "deleted")), (0, 0), "{}", synced.data);
+    let synced = reopened.last_of::<WorkspaceSynced>();
+    assert_eq!((synced.uploaded, synced.deleted), (0, 0), "{synced:?}");
     std::fs::write(reopened.directory().join(&untouched), b"edited after the reopen").unwrap();
     assert_eq!(reopened.run(&reopened.sync_task(false)).await, Outcome::Ack);
-    let synced = reopened.last("workspace.synced");
-    assert_eq!(number(&synced, "uploaded"), 1);
-    assert_eq!(synced.data["conflicts"], json!(0), "{}", synced.data);
+    let synced = reopened.last_of::<WorkspaceSynced>();
+    assert_eq!(synced.uploaded, 1);
+    assert_eq!(synced.conflicts, 0, "{synced:?}");
     assert_eq!(reopened.remote().await[&untouched], b"edited after the reopen");
     assert!(reopened.events_of("workspace.conflict").is_empty());
     reopened.cleanup();
@@ -1762,18 +1758,18 @@ async fn another_user_or_workspace_never_gets_the_cache(backend: Backend) {
 
     let bob = Harness { user: format!("{}-bob", alice.user), ..alice.other_session() };
     assert_eq!(bob.run(&bob.materialize_task()).await, Outcome::Ack);
-    let complete = bob.last("workspace.complete");
-    assert_eq!(complete.data["cache"], Value::Null);
+    let complete = bob.last_of::<WorkspaceComplete>();
+    assert_eq!(complete.cache, None);
     assert!(!bob.directory().join("secret.txt").exists(), "bob never sees alice's files");
     let other_workspace = Harness { workspace: "case-2".into(), ..alice.other_session() };
     assert_eq!(other_workspace.run(&other_workspace.materialize_task()).await, Outcome::Ack);
-    assert_eq!(other_workspace.last("workspace.complete").data["cache"], Value::Null);
+    assert_eq!(other_workspace.last_of::<WorkspaceComplete>().cache, None);
     assert!(!other_workspace.directory().join("secret.txt").exists());
     assert_eq!(cache_entries(&alice).len(), 1, "alice's entry is still there");
 
     let alice_again = alice.other_session();
     assert_eq!(alice_again.run(&alice_again.materialize_task()).await, Outcome::Ack);
-    assert_eq!(alice_again.last("workspace.complete").data["cache"]["kept_files"], json!(1));
+    assert_eq!(alice_again.last_of::<WorkspaceComplete>().cache.map(|cache| cache.kept_files), Some(1));
     assert_eq!(std::fs::read(alice_again.directory().join("secret.txt")).unwrap(), b"alice's");
     alice.cleanup();
     backend.cleanup().await;
@@ -1795,15 +1791,15 @@ async fn the_least_recently_closed_is_evicted_beyond_the_budget(backend: Backend
     assert_eq!(cache_entries(&base).len(), 2);
     let reopen_a = Harness { workspace: "case-a".into(), ..base.other_session() };
     assert_eq!(reopen_a.run(&reopen_a.materialize_task()).await, Outcome::Ack);
-    let complete = reopen_a.last("workspace.complete");
-    assert_eq!(complete.data["cache"], Value::Null, "evicted: cold");
-    assert_eq!(number(&complete, "downloaded_files"), 1);
+    let complete = reopen_a.last_of::<WorkspaceComplete>();
+    assert_eq!(complete.cache, None, "evicted: cold");
+    assert_eq!(complete.downloaded_files, 1);
     assert_eq!(std::fs::read(reopen_a.directory().join("big.bin")).unwrap(), content(7, 400 * 1024));
     let reopen_c = Harness { workspace: "case-c".into(), ..base.other_session() };
     assert_eq!(reopen_c.run(&reopen_c.materialize_task()).await, Outcome::Ack);
-    let complete = reopen_c.last("workspace.complete");
-    assert_eq!(complete.data["cache"]["kept_files"], json!(1));
-    assert_eq!(number(&complete, "downloaded_files"), 0);
+    let complete = reopen_c.last_of::<WorkspaceComplete>();
+    assert_eq!(complete.cache.as_ref().map(|cache| cache.kept_files), Some(1));
+    assert_eq!(complete.downloaded_files, 0);
 
     // What an interrupted move into or out of the cache leaves is deleted at start; whole
     // entries within the budget stay.
@@ -1845,7 +1841,7 @@ async fn the_cache_is_served_only_after_a_good_listing_and_a_clean_check(backend
     let blind = first.other_session();
     assert_eq!(blind.run(&blind.materialize_task()).await, Outcome::Ack);
     assert!(blind.events_of("workspace.complete").is_empty(), "{:?}", blind.event_types());
-    assert_eq!(blind.last("workspace.failed").data["stage"], json!("download"));
+    assert_eq!(blind.last_of::<WorkspaceFailed>().stage, "download");
     assert!(!blind.directory().join("a.txt").exists(), "nothing served without a listing");
     assert_eq!(cache_entries(&first).len(), 1, "the entry waits for a reopen that can list");
     first.counting.failing_lists.store(false, Ordering::SeqCst);
@@ -1856,9 +1852,9 @@ async fn the_cache_is_served_only_after_a_good_listing_and_a_clean_check(backend
     first.put("b.txt", b"changed elsewhere").await;
     let reopened = first.other_session();
     assert_eq!(reopened.run(&reopened.materialize_task()).await, Outcome::Ack);
-    let complete = reopened.last("workspace.complete");
-    assert_eq!(complete.data["cache"], Value::Null, "not served: {}", complete.data);
-    assert_eq!(number(&complete, "downloaded_files"), 2);
+    let complete = reopened.last_of::<WorkspaceComplete>();
+    assert_eq!(complete.cache, None, "not served: {complete:?}");
+    assert_eq!(complete.downloaded_files, 2);
     assert_eq!(
         local_files(&reopened.directory()),
         BTreeMap::from([("a.txt".to_owned(), b"one".to_vec()), ("b.txt".to_owned(), b"changed elsewhere".to_vec())])
