@@ -166,6 +166,13 @@ impl Agent {
     /// removed again).
     pub(super) async fn pool_create_answer(&self, task: &Task, slot: &str) -> Result<CloudEvent> {
         let began = std::time::Instant::now();
+        if read_claim(&self.inner.profile, slot).is_some() {
+            // A redelivered `pool_create` of a slot claimed since: its container (under the pool's
+            // name) and folders are its session's now, so nothing of it is made or removed.
+            let error = format!("slot {slot} was claimed already; a claimed slot is never made again");
+            tracing::warn!(slot, "pool_create of a claimed slot; left to its session");
+            return Ok(answer(task, &PoolSlotFailed { slot: slot.to_owned(), error }));
+        }
         match self.pool_create(slot).await {
             Ok((container_id, port)) => {
                 tracing::info!(slot, container_id = %container_id, ms = elapsed_ms(began), "pool slot ready");
@@ -187,9 +194,6 @@ impl Agent {
         let profile = &self.inner.profile;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(profile.container.ready_timeout_secs);
         self.ensure_network().await?;
-        if read_claim(profile, slot).is_some() {
-            return Err(Refusal(format!("slot {slot} was claimed already; a claimed slot is never made again")).into());
-        }
         for folder in [profile.pool_slot_dir(slot), profile.pool_identity_dir(slot)] {
             std::fs::create_dir_all(&folder)
                 .and_then(|()| set_mode(&folder, 0o755))
