@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
-use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Outcome, Profile};
+use protocol::{events, topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Identity, Outcome, Profile};
 
 /// Exit code for input that was refused before anything was published.
 const EXIT_BAD_INPUT: u8 = 2;
@@ -70,7 +70,8 @@ fn event_from_args(args: &PublishArgs) -> Result<CloudEvent, String> {
             std::fs::read(path).map(|content| bytes = content)
         };
         read.map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-        return CloudEvent::parse(&bytes, DEFAULT_MAX_EVENT_BYTES).map_err(|error| error.to_string());
+        let event = CloudEvent::parse(&bytes, DEFAULT_MAX_EVENT_BYTES).map_err(|error| error.to_string())?;
+        return events::check(&event).map(|()| event).map_err(|error| error.to_string());
     }
     let Some(event_type) = &args.event_type else {
         return Err("give --type (with --subject, --data) or --file".to_owned());
@@ -84,8 +85,10 @@ fn event_from_args(args: &PublishArgs) -> Result<CloudEvent, String> {
         let (name, value) = extension.split_once('=').ok_or_else(|| format!("--ext {extension:?} must be name=value"))?;
         event.extensions.insert(name.to_owned(), serde_json::Value::String(value.to_owned()));
     }
-    // Run the same validation a consumer would, so that nothing invalid is ever published.
-    CloudEvent::parse(&event.to_bytes(), DEFAULT_MAX_EVENT_BYTES).map_err(|error| error.to_string())
+    // Run the same validation a consumer would, so that nothing invalid is ever published: the
+    // envelope's, then the catalogue type's for the data of a catalogue event.
+    let event = CloudEvent::parse(&event.to_bytes(), DEFAULT_MAX_EVENT_BYTES).map_err(|error| error.to_string())?;
+    events::check(&event).map(|()| event).map_err(|error| error.to_string())
 }
 
 pub async fn publish(args: PublishArgs, profile: &str) -> anyhow::Result<ExitCode> {

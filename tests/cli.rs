@@ -51,6 +51,17 @@ async fn publish_refuses_bad_input_with_exit_2_and_publishes_nothing() {
         ),
         (vec!["--file".into(), "-".into()], Some("[]".into()), "event must be a JSON object"),
         (vec![], None, "give --type"),
+        // A catalogue event's data is checked against its type, from the arguments or a file.
+        (
+            vec!["--type".into(), "session.open".into(), "--subject".into(), "s-1".into(), "--data".into(), r#"{"user":"alice"}"#.into()],
+            None,
+            "`session.open` data: missing field `workspace`",
+        ),
+        (
+            vec!["--file".into(), "-".into()],
+            Some(r#"{"specversion":"1.0","id":"01936f0e-7d3a-7c4e-9a51-3d2a1b0c9e8f","type":"session.activity","source":"/t","subject":"s-1","data":{"source":"pigeon"}}"#.into()),
+            "`session.activity` data: unknown variant `pigeon`",
+        ),
     ];
     for (arguments, stdin, expected) in &bad_cases {
         let mut full = vec!["publish"];

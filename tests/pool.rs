@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bootstrap::faults::harness::http_get;
 use bootstrap::faults::{Component, Deployment, HarnessConfig};
 use protocol::events::SessionOpen;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const STEP: Duration = Duration::from_secs(120);
 /// The engine's Redis keys (the standard prefix: `berth engine` runs with production names).
@@ -385,8 +385,8 @@ async fn timed_opens(
         }
         let began = Instant::now();
         let publishes = sessions.iter().map(|(session, user)| {
-            let event = protocol::CloudEvent::new("session.open", "/tests/pool", Some(session), json!({"user": user, "workspace": "w"}))
-                .with_extension("userid", user.clone());
+            let open = SessionOpen { user: user.clone(), workspace: "w".to_owned(), profile: None };
+            let event = protocol::CloudEvent::of("/tests/pool", Some(session), &open).with_extension("userid", user.clone());
             async move { client.publish_event(&event).await.expect("published") }
         });
         futures::future::join_all(publishes).await;

@@ -11,8 +11,9 @@ use engine::service::{self, Engine};
 use engine::{EngineConfig, Pattern};
 use protocol::bus::{Acks, AutoDelete, Durability, ExchangeKind};
 use protocol::events::{
-    ContainerPaused, ContainerProbed, ContainerReady, ContainerRemoved, ContainerResumed, ContainerStopped, EventData, ReadyTimings,
-    WorkspaceMaterialized, WorkspaceProgress, WorkspaceRemoved, WorkspaceSyncFailed, WorkspaceSynced,
+    ContainerPaused, ContainerProbed, ContainerReady, ContainerRemoved, ContainerResumed, ContainerStopped, EventData, InputSource,
+    ReadyTimings, SessionActivity, SessionClose, SessionOpen, TimerFired, WorkspaceMaterialized, WorkspaceProgress, WorkspaceRemoved,
+    WorkspaceSyncFailed, WorkspaceSynced,
 };
 use protocol::{Bus, BusConfig, CloudEvent, Identity, Notification, Profile, Properties, Task};
 use serde_json::{json, Value};
@@ -269,7 +270,7 @@ fn open_event(session: &str, user: &str) -> CloudEvent {
 }
 
 fn open_workspace_event(session: &str, user: &str, workspace: &str) -> CloudEvent {
-    CloudEvent::new("session.open", "/test", Some(session), json!({"user": user, "workspace": workspace}))
+    CloudEvent::of("/test", Some(session), &SessionOpen { user: user.to_owned(), workspace: workspace.to_owned(), profile: None })
 }
 
 /// A work probe's answer for a container that used `cpu_ns` in all and did nothing else.
@@ -404,7 +405,7 @@ async fn forged_agent_events_are_dead_lettered_with_the_reason_and_the_session_i
     harness.publish_as(Identity::Admin, &raw_answer(&provision, "container.ready", forged)).await;
     let from_admin = harness.dead_letter().await;
     assert!(from_admin.headers["x-berth-reason"].contains("(not a Berth identity)"), "{from_admin:?}");
-    let timer = CloudEvent::new("timer.fired", "/test", Some(&session), json!({"timer": "ready", "generation": 1, "deadline_ms": 0}));
+    let timer = CloudEvent::of("/test", Some(&session), &TimerFired { timer: "ready".to_owned(), generation: 1, deadline_ms: 0 });
     harness.publish_as(Identity::Client, &timer).await;
     let forged_timer = harness.dead_letter().await;
     assert!(forged_timer.headers["x-berth-reason"].starts_with("`timer.fired` refused from the client identity"), "{forged_timer:?}");
@@ -443,9 +444,9 @@ async fn full_session_lifecycle_driven_by_events() {
     harness.publish(&answer(&provision, &ready("c-42", 41234))).await;
     let running_notification = harness.notification(&session, "running").await;
     assert_eq!(running_notification.detail["port"], json!(41234));
-    harness.publish(&CloudEvent::new("session.activity", "/test", Some(&session), json!({"source": "websocket"}))).await;
+    harness.publish(&CloudEvent::of("/test", Some(&session), &SessionActivity { source: InputSource::Websocket })).await;
 
-    harness.publish(&CloudEvent::new("session.close", "/test", Some(&session), json!({"reason": "done"}))).await;
+    harness.publish(&CloudEvent::of("/test", Some(&session), &SessionClose { reason: Some("done".to_owned()) })).await;
     // Frozen first, so the final sync copies a snapshot.
     let freeze = harness.task(&session, "container", "pause").await;
     harness.notification(&session, "stopping").await;
@@ -546,12 +547,12 @@ async fn idle_and_stop_timers_fire_through_keyspace_notifications() {
     let other = format!("s-{}", Uuid::now_v7());
     open_until_running(&mut harness, &other).await;
     harness.task(&other, "container", "pause").await;
-    harness.publish(&CloudEvent::new("session.activity", "/test", Some(&other), json!({"source": "terminal"}))).await;
+    harness.publish(&CloudEvent::of("/test", Some(&other), &SessionActivity { source: InputSource::Terminal })).await;
     harness.task(&other, "container", "resume").await;
     // Keep it busy for longer than idle + stop: it must never stop.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        harness.publish(&CloudEvent::new("session.activity", "/test", Some(&other), json!({"source": "api"}))).await;
+        harness.publish(&CloudEvent::of("/test", Some(&other), &SessionActivity { source: InputSource::Api })).await;
     }
     let tasks = harness.drain_tasks(Duration::from_millis(300)).await;
     assert!(
@@ -909,7 +910,7 @@ async fn opening_a_workspace_twice_joins_its_live_session() {
     harness.task(&other_user, "workspace", "materialize").await;
 
     // Once the owner has ended, the workspace can be opened again.
-    harness.publish(&CloudEvent::new("session.close", "/test", Some(&owner), json!({}))).await;
+    harness.publish(&CloudEvent::of("/test", Some(&owner), &SessionClose { reason: None })).await;
     let freeze = harness.task(&owner, "container", "pause").await;
     harness.publish(&answer(&freeze, &paused(None, "missing"))).await;
     let sync = harness.task(&owner, "workspace", "sync").await;
@@ -1048,7 +1049,7 @@ async fn limits_refuse_queue_and_admit_first_come_first_served() {
     );
 
     // Alice closes one: bob (first in line) starts, carol moves up to 1.
-    harness.publish(&CloudEvent::new("session.close", "/test", Some(&alice_one), json!({}))).await;
+    harness.publish(&CloudEvent::of("/test", Some(&alice_one), &SessionClose { reason: None })).await;
     let freeze = harness.task(&alice_one, "container", "pause").await;
     harness.publish(&answer(&freeze, &paused(None, "missing"))).await;
     let sync = harness.task(&alice_one, "workspace", "sync").await;
@@ -1195,8 +1196,7 @@ async fn the_token_user_wins_and_a_foreign_profile_is_refused() {
     let running = harness.start(vec![session_pattern()]).await;
 
     let session = format!("s-{}", Uuid::now_v7());
-    let open = CloudEvent::new("session.open", "/test", Some(&session), json!({"user": "mallory", "workspace": "w1"}))
-        .with_extension("userid", "bob");
+    let open = open_event(&session, "mallory").with_extension("userid", "bob");
     harness.publish(&open).await;
     let materialize = harness.task(&session, "workspace", "materialize").await;
     assert_eq!(materialize.args["user"], json!("bob"));
@@ -1204,7 +1204,11 @@ async fn the_token_user_wins_and_a_foreign_profile_is_refused() {
 
     let foreign = format!("s-{}", Uuid::now_v7());
     harness
-        .publish(&CloudEvent::new("session.open", "/test", Some(&foreign), json!({"user": "alice", "workspace": "w1", "profile": "prod"})))
+        .publish(&CloudEvent::of(
+            "/test",
+            Some(&foreign),
+            &SessionOpen { user: "alice".to_owned(), workspace: "w1".to_owned(), profile: Some("prod".to_owned()) },
+        ))
         .await;
     let closed = harness.notification(&foreign, "closed").await;
     assert_eq!(closed.detail["error"], json!("profile prod is not this deployment (dev)"));
@@ -1281,7 +1285,7 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     harness.publish(&answer(&pause, &paused(Some("c-1"), "paused"))).await;
 
     // Wake from the paused tier: resume, no new container.
-    harness.publish(&CloudEvent::new("session.activity", "/test", Some(&session), json!({"source": "terminal"}))).await;
+    harness.publish(&CloudEvent::of("/test", Some(&session), &SessionActivity { source: InputSource::Terminal })).await;
     let resume = harness.task(&session, "container", "resume").await;
     harness.publish(&answer(&resume, &ContainerResumed { container_id: Some("c-1".into()) })).await;
     harness.notification(&session, "running").await;
@@ -1313,7 +1317,7 @@ async fn work_keeps_a_session_running_and_a_quiet_one_climbs_the_ladder_and_wake
     );
 
     // Wake from the dormant tier: the same container starts again (no materialize), on a new port.
-    harness.publish(&CloudEvent::new("session.activity", "/test", Some(&session), json!({"source": "api"}))).await;
+    harness.publish(&CloudEvent::of("/test", Some(&session), &SessionActivity { source: InputSource::Api })).await;
     let wake = harness.task(&session, "container", "wake").await;
     assert_eq!(wake.args, json!({"user": "alice", "workspace": format!("w-{session}")}));
     harness.notification(&session, "waking").await;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::event::CloudEvent;
+use crate::host::HostReport;
 use crate::message::Task;
 
 /// Every event type of the catalogue.
@@ -148,12 +149,14 @@ impl CloudEvent {
     }
 
     /// The event's data as `T`, refused when the event is of another type or the data does not fit.
+    /// An event without data reads as `{}` (CloudEvents lets a producer leave it out), which fits
+    /// the types whose fields are all optional.
     pub fn data_as<T: EventData>(&self) -> Result<T, DataError> {
         if self.event_type != T::KIND {
             return Err(DataError::WrongType { expected: T::KIND, got: self.event_type.clone() });
         }
-        serde_json::from_value(self.data.clone())
-            .map_err(|error| DataError::Invalid { event_type: self.event_type.clone(), reason: error.to_string() })
+        let data = if self.data.is_null() { Value::Object(serde_json::Map::new()) } else { self.data.clone() };
+        serde_json::from_value(data).map_err(|error| DataError::Invalid { event_type: self.event_type.clone(), reason: error.to_string() })
     }
 }
 
@@ -167,6 +170,19 @@ macro_rules! event_data {
         #[cfg(test)]
         fn registered() -> Vec<(&'static str, &'static [&'static str])> {
             vec![$((kind::$kind, introspect::fields::<$type>())),*]
+        }
+
+        /// Checks a catalogue event's data against its type, so that a producer without a typed
+        /// payload at hand (`berth publish`) refuses what a reader would refuse. An event type
+        /// outside the catalogue (a pattern's own) is not checked here.
+        pub fn check(event: &CloudEvent) -> Result<(), DataError> {
+            match event.event_type.as_str() {
+                $(kind::$kind => event.data_as::<$type>().map(drop),)*
+                kind::CONTAINER_HOST_REPORT | kind::WORKSPACE_HOST_REPORT => serde_json::from_value::<HostReport>(event.data.clone())
+                    .map(drop)
+                    .map_err(|error| DataError::Invalid { event_type: event.event_type.clone(), reason: error.to_string() }),
+                _ => Ok(()),
+            }
         }
     };
 }
@@ -636,7 +652,6 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::host::HostReport;
 
     const CATALOGUE: &str = include_str!("../CATALOGUE.md");
     const EVENT_SECTIONS: [&str; 3] = ["## Events from clients and users", "## Events from the engine to itself", "## Events from agents"];
@@ -789,6 +804,20 @@ mod tests {
         );
         let bad = CloudEvent::new("session.activity", "/t", Some("s-1"), json!({"source": "carrier pigeon"}));
         assert!(matches!(bad.data_as::<SessionActivity>(), Err(DataError::Invalid { .. })));
+    }
+
+    #[test]
+    fn check_refuses_what_a_reader_would_and_leaves_other_types_alone() {
+        let open = |data| CloudEvent::new(kind::SESSION_OPEN, "/t", Some("s-1"), data);
+        assert_eq!(check(&open(json!({"user": "alice", "workspace": "w1"}))), Ok(()));
+        let missing = check(&open(json!({"user": "alice"}))).unwrap_err();
+        assert_eq!(missing.to_string(), "`session.open` data: missing field `workspace`");
+        let report = CloudEvent::new(kind::CONTAINER_HOST_REPORT, "/t", None, json!({"host": "h1"}));
+        assert!(matches!(check(&report), Err(DataError::Invalid { .. })));
+        assert_eq!(check(&CloudEvent::new("count.inc", "/t", Some("k"), json!({"anything": 1}))), Ok(()));
+        let without_data = CloudEvent::new(kind::SESSION_CLOSE, "/t", Some("s-1"), Value::Null);
+        assert_eq!(without_data.data_as::<SessionClose>(), Ok(SessionClose { reason: None }));
+        assert!(check(&CloudEvent::new(kind::SESSION_OPEN, "/t", Some("s-1"), Value::Null)).is_err());
     }
 
     #[test]
