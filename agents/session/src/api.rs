@@ -227,7 +227,9 @@ impl OwnedSession {
         self.record.get("host_id").and_then(Value::as_str).filter(|host| !host.is_empty())
     }
 
-    /// The session's container: its recorded id, else the name the container agent gives it.
+    /// The session's container: its recorded id (set from `container.ready`; a claimed warm-pool
+    /// container keeps its pool name, so only the id finds it), else the name the container agent
+    /// gives a session's own container.
     pub(crate) fn container(&self) -> String {
         self.record
             .get("container_id")
