@@ -148,11 +148,20 @@ pub enum StepError {
     UnknownState { pattern: String, state: String },
 }
 
-/// Creates a thred for a starting event and applies the event to it.
+/// Creates a thred for a starting event and applies the event to it: [`new_thred`], then [`step`].
 ///
 /// `seed` is the service's initial context (event data, profile timers, …); the pattern's
 /// `start.context` values are evaluated over it, then the key.
 pub fn start(pattern: &Pattern, thred_id: &str, seed: Map<String, Value>, event: &EventInput, now_ms: i64) -> Result<Step, StepError> {
+    let thred = new_thred(pattern, thred_id, seed, event, now_ms)?;
+    step(pattern, &thred, event, now_ms)
+}
+
+/// The thred a starting event creates, before the event is applied to it: validated, its
+/// `start.context` values evaluated over `seed`, its key and exclusive string computed. The
+/// service reads what the thred needs (its exclusive owner, admission's counts) between this and
+/// [`step`].
+pub fn new_thred(pattern: &Pattern, thred_id: &str, seed: Map<String, Value>, event: &EventInput, now_ms: i64) -> Result<Thred, StepError> {
     let expression_error = |message: String| StepError::Expression { pattern: pattern.name.clone(), message };
     let event_value = event.as_value();
     let mut thred = Thred {
@@ -207,7 +216,7 @@ pub fn start(pattern: &Pattern, thred_id: &str, seed: Map<String, Value>, event:
             }
         };
     }
-    step(pattern, &thred, event, now_ms)
+    Ok(thred)
 }
 
 /// Applies one event to a thred.

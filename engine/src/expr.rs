@@ -41,6 +41,11 @@ pub struct Expression {
     /// Where the expression sits in its pattern (`state "running", on[0].guard`), for errors.
     location: String,
     program: Program,
+    /// The value of an expression that reads no variable (`'0'`, `false`, `{}`: most of a
+    /// pattern's `start.context`), computed once at compile time: CEL has no side effects and
+    /// its functions are pure, so it is what every evaluation would give.
+    /// Boxed: an expression sits in every effect template, and most have none.
+    constant: Option<Box<Value>>,
 }
 
 impl fmt::Debug for Expression {
@@ -94,7 +99,15 @@ impl Expression {
         // outside input, so a panic is turned into an error instead of taking the process down.
         let compiled = std::panic::catch_unwind(|| Program::compile(source));
         match compiled {
-            Ok(Ok(program)) => Ok(Expression { source: source.to_owned(), location: location.to_owned(), program }),
+            Ok(Ok(program)) => {
+                let mut expression = Expression { source: source.to_owned(), location: location.to_owned(), program, constant: None };
+                if expression.variables().is_empty() {
+                    // One that fails keeps failing at each evaluation, with its error there.
+                    let empty = CelScope { ctx: CelValue::Null, event: CelValue::Null, thred: CelValue::Null, now_ms: 0 };
+                    expression.constant = expression.execute(&empty).ok().map(Box::new);
+                }
+                Ok(expression)
+            }
             Ok(Err(errors)) => Err(format!("CEL syntax error in {source:?}: {errors}")),
             Err(_) => Err(format!("CEL syntax error in {source:?}")),
         }
@@ -120,6 +133,13 @@ impl Expression {
 
     /// Evaluates over already-converted variables.
     pub fn evaluate_cel(&self, scope: &CelScope) -> Result<Value, String> {
+        if let Some(constant) = &self.constant {
+            return Ok(Value::clone(constant));
+        }
+        self.execute(scope)
+    }
+
+    fn execute(&self, scope: &CelScope) -> Result<Value, String> {
         let mut context = base_context().new_inner_scope();
         context.add_variable_from_value("ctx", scope.ctx.clone());
         context.add_variable_from_value("event", scope.event.clone());
@@ -246,5 +266,21 @@ mod tests {
         check(&"true ? 1 : ".repeat(3200), Err("over the limit of 1024"));
         check(&format!("ctx.a {}", "<".repeat(3000)), Err("over the limit of 1024"));
         check(&format!("{}1{}", "(".repeat(32), ")".repeat(32)), Ok(json!(1)));
+    }
+
+    #[test]
+    fn expressions_without_variables_are_computed_once_and_failing_ones_still_fail() {
+        for (source, expected) in [("'0'", json!("0")), ("false", json!(false)), ("{}", json!({})), ("[]", json!([])), ("1 + 2", json!(3))]
+        {
+            let expression = Expression::compile(source).unwrap();
+            assert_eq!(expression.constant.as_deref(), Some(&expected), "{source}");
+            check(source, Ok(expected));
+        }
+        // Reads a variable: evaluated each time.
+        assert!(Expression::compile("ctx.user").unwrap().constant.is_none());
+        assert!(Expression::compile("now + 1").unwrap().constant.is_none());
+        // A constant that fails is not folded: each evaluation reports its error.
+        assert!(Expression::compile("1 / 0").unwrap().constant.is_none());
+        check("1 / 0", Err("failed"));
     }
 }

@@ -33,7 +33,7 @@ use binding::Binding;
 use hosts::Placed;
 pub use outbox::OutboxMessage;
 use outbox::{delete_published_outboxes, notification_message, notification_to_owner, task_message, task_message_on};
-use store::{connect_redis, CommitResult, BIND_READ_SCRIPT, COMMIT_SCRIPT};
+use store::{connect_redis, CommitResult, COMMIT_SCRIPT};
 
 mod admission;
 mod binding;
@@ -55,6 +55,8 @@ pub use reconcile::{CONTAINER_INVENTORY, SESSION_RECOVER, WORKSPACE_INVENTORY};
 pub const BUDGET_EXCEEDED: &str = protocol::events::kind::SESSION_BUDGET_EXCEEDED;
 /// What the engine sends each session on a drained host (`berth host drain`): the pattern moves it.
 pub const SESSION_MOVE: &str = protocol::events::kind::SESSION_MOVE;
+/// Where a new thred of a pattern with admission finds its verdict (`ctx.admission`).
+const ADMISSION_CONTEXT: &str = "admission";
 /// How long an ended thred stays readable, so late answers are recognised as late.
 pub const ENDED_THRED_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Optimistic-commit attempts before the event is requeued.
@@ -190,6 +192,7 @@ struct Inner {
     locks: Vec<tokio::sync::Mutex<()>>,
     commit: redis::Script,
     bind_read: redis::Script,
+    hosts_read: redis::Script,
     /// Outboxes published and waiting to be deleted, in batches, by the flusher.
     published_outboxes: tokio::sync::mpsc::Sender<String>,
     published_outboxes_receiver: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
@@ -276,7 +279,8 @@ impl Engine {
                 metrics: Arc::new(Metrics::default()),
                 locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
                 commit: redis::Script::new(COMMIT_SCRIPT),
-                bind_read: redis::Script::new(BIND_READ_SCRIPT),
+                bind_read: redis::Script::new(&store::bind_read_script()),
+                hosts_read: redis::Script::new(&hosts::hosts_read_script()),
                 published_outboxes,
                 published_outboxes_receiver: std::sync::Mutex::new(Some(published_outboxes_receiver)),
                 timer_wake: Arc::new(tokio::sync::Notify::new()),
@@ -451,11 +455,28 @@ impl Engine {
         let mut overruled: Option<Verdict> = None;
         // Warm-pool slots another thred claimed while this one tried: the next attempt picks another.
         let mut taken_slots: Vec<String> = Vec::new();
+        // The pattern this event starts a thred of, if it starts one (binding may pick another
+        // when the first cannot start on this subject: the next attempt reads for that one).
+        let mut starting: Option<&Pattern> = self.inner.patterns.iter().find(|pattern| pattern.start.events.contains(&event.event_type));
         for _ in 0..COMMIT_ATTEMPTS {
-            let Some(read) = self.read_for_binding(event).await? else {
+            let now_ms = self.inner.clock.now_ms();
+            // The thred the event would start is created (not yet stepped) before the read, so the
+            // same round trip reads what it needs: its exclusive owner, admission's counts, the hosts.
+            let candidate = starting.map(|pattern| {
+                let mut seed = self.seed_context(event);
+                // Only the engine decides these (after the read): an opener's own values are dropped.
+                if pattern.start.admission.is_some() {
+                    seed.remove(ADMISSION_CONTEXT);
+                }
+                if let Some(spec) = &pattern.start.pool {
+                    seed.remove(&spec.context);
+                }
+                (pattern, core::new_thred(pattern, &Uuid::now_v7().to_string(), seed, &input, now_ms))
+            });
+            let read_for = candidate.as_ref().and_then(|(pattern, created)| created.as_ref().ok().map(|thred| (*pattern, thred)));
+            let Some((read, start_read)) = self.read_for_binding(event, read_for).await? else {
                 return self.finish_duplicate(event).await;
             };
-            let now_ms = self.inner.clock.now_ms();
             // The hosts admission read in this attempt, for placement to reuse.
             let mut hosts_read: Option<Vec<HostView>> = None;
             let binding = binding::bind(&self.inner.patterns, &event.event_type, read);
@@ -476,40 +497,48 @@ impl Engine {
                     (pattern, Some(*thred), stepped)
                 }
                 Binding::Start(pattern) => {
-                    let thred_id = Uuid::now_v7().to_string();
-                    match core::start(pattern, &thred_id, self.seed_context(event), &input, now_ms) {
+                    let Some((_, created)) = candidate.filter(|(read_for, _)| read_for.name == pattern.name) else {
+                        starting = Some(pattern);
+                        continue;
+                    };
+                    match created {
                         // What the new thred would own exclusively already has a live owner:
                         // the event joins the owner instead.
-                        Ok(step) => match self.exclusive_owner(pattern, &step.thred).await? {
+                        Ok(thred) => match start_read.owner {
                             Some(owner) => {
                                 Metrics::count(&self.inner.metrics.joins);
                                 let stepped = core::step(pattern, &owner, &input, now_ms);
                                 (pattern, Some(owner), stepped)
                             }
-                            // A new thred: admitted, queued or refused by the profile's limits.
+                            // A new thred: admitted, queued or refused by the profile's limits,
+                            // which the pattern reads in `ctx.admission` as the event is applied.
                             None if pattern.start.admission.is_some() => {
+                                let Some(admission_read) = start_read.admission else {
+                                    return Err(Error::Corrupt {
+                                        key: keys.queue(&pattern.name),
+                                        reason: "the bind read returned no admission counts".to_owned(),
+                                    });
+                                };
                                 let verdict = match overruled.take() {
                                     Some(verdict) => verdict,
                                     None => {
-                                        let (verdict, hosts) = self.admission_verdict(pattern, event, &step.thred).await?;
-                                        hosts_read = Some(hosts);
-                                        verdict
+                                        let user = thred.context.get("user").and_then(Value::as_str).unwrap_or_default();
+                                        self.admission_verdict(user, &admission_read)
                                     }
                                 };
-                                let mut seed = self.seed_context(event);
-                                seed.insert("admission".to_owned(), verdict.to_value());
+                                hosts_read = Some(admission_read.hosts);
+                                let mut thred = thred;
+                                thred.context.insert(ADMISSION_CONTEXT.to_owned(), verdict.to_value());
                                 if let Some(spec) = &pattern.start.pool {
-                                    // Only the engine names a slot: an opener's own value is dropped.
-                                    seed.remove(&spec.context);
                                     if verdict == Verdict::Admit {
                                         if let Some(slot) = self.free_pool_slot(&taken_slots).await? {
-                                            seed.insert(spec.context.clone(), Value::String(slot));
+                                            thred.context.insert(spec.context.clone(), Value::String(slot));
                                         }
                                     }
                                 }
-                                (pattern, None, core::start(pattern, &thred_id, seed, &input, now_ms))
+                                (pattern, None, core::step(pattern, &thred, &input, now_ms))
                             }
-                            None => (pattern, None, Ok(step)),
+                            None => (pattern, None, core::step(pattern, &thred, &input, now_ms)),
                         },
                         Err(error) => (pattern, None, Err(error)),
                     }
@@ -566,6 +595,11 @@ impl Engine {
                 CommitResult::Full => {
                     tracing::debug!(event_id = %event.id, "admission came too late: capacity taken; still queued");
                     return Ok(EventFate::Done);
+                }
+                CommitResult::RateLimit => {
+                    overruled =
+                        Some(Verdict::Refuse { limit: Limit::OpensPerMinute, max: self.inner.capacity.max_opens_per_minute as f64 });
+                    continue;
                 }
                 CommitResult::SlotTaken => {
                     taken_slots.extend(pool::claimed_slot(pattern, previous.as_ref(), &step.thred));

@@ -8,9 +8,10 @@
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use serde_json::{json, Value};
+use serde_json::json;
 use uuid::Uuid;
 
+use super::hosts::hosts_of;
 use super::{notification_message, notification_to_owner, task_message, Engine, OutboxMessage};
 use crate::admission::{self, Committed, Counts, Limit, Verdict};
 use crate::core::Thred;
@@ -20,46 +21,58 @@ use crate::usage::{self, Budget, Charge, Metered, Spent};
 use crate::Result;
 use protocol::CloudEvent;
 
+/// The sliding window `max_opens_per_user_per_minute` counts over.
+pub(super) const OPENS_WINDOW_MS: i64 = 60_000;
+
+/// What the bind read found for a new thred of an admitted pattern, in the same round trip as the
+/// binding (`store::BIND_READ_SCRIPT`): nothing is written for the verdict; the commit records the
+/// open in the user's window and checks every count again, atomically.
+pub(super) struct AdmissionRead {
+    /// New threds of the user over the last 60 s (a sliding window, not the clock's minute), this
+    /// one included once: it is recorded by event id, so a redelivery counts once.
+    pub(super) opens_this_minute: u64,
+    pub(super) user_live: u64,
+    /// What threds placed on no host hold.
+    pub(super) committed: Committed,
+    pub(super) queued: u64,
+    /// The reporting hosts; placement reuses them in the same attempt.
+    pub(super) hosts: Vec<HostView>,
+    /// What the user spent today and this month (read only when the profile has budgets).
+    pub(super) spent: Option<Spent>,
+}
+
+impl AdmissionRead {
+    /// From the bind read's reply: `counts` = {opens, user live, memory, cpu, queued}, `hosts` as
+    /// `read_hosts` replies, `spent` = {today's cost, this month's} or nil.
+    pub(super) fn of(counts: &redis::Value, hosts: &[redis::Value], spent: &redis::Value, candidate: &Thred) -> Result<AdmissionRead> {
+        let (opens_this_minute, user_live, memory, cpu, queued): (u64, u64, Option<u64>, Option<u64>, u64) =
+            redis::from_redis_value(counts)?;
+        let spent = match spent {
+            redis::Value::Nil => None,
+            spent => {
+                let (day, month): (Option<f64>, Option<f64>) = redis::from_redis_value(spent)?;
+                Some(Spent { day: day.unwrap_or(0.0), month: month.unwrap_or(0.0) })
+            }
+        };
+        Ok(AdmissionRead {
+            opens_this_minute,
+            user_live,
+            committed: Committed { memory_mib: memory.unwrap_or(0), cpu_millis: cpu.unwrap_or(0) },
+            queued,
+            hosts: hosts_of(hosts, candidate),
+            spent,
+        })
+    }
+}
+
 impl Engine {
-    /// The verdict for a new thred of an admitted pattern, from one read of the counts. Opens are
-    /// counted over the last 60 s (a sliding window, not the clock's minute); recording this one is
-    /// idempotent by event id, so a redelivery counts once.
-    /// Also returns the hosts it read, which placement reuses in the same attempt.
-    pub(super) async fn admission_verdict(
-        &self,
-        pattern: &Pattern,
-        event: &CloudEvent,
-        candidate: &Thred,
-    ) -> Result<(Verdict, Vec<HostView>)> {
-        let keys = &self.inner.keys;
-        let user = candidate.context.get("user").and_then(Value::as_str).unwrap_or_default();
-        let now_ms = self.inner.clock.now_ms();
-        let opens = keys.user_opens(&pattern.name, user);
-        let mut redis = self.inner.redis.clone();
-        let (opens_this_minute, user_live, memory, cpu, queued): (u64, u64, Option<u64>, Option<u64>, u64) = redis::pipe()
-            .cmd("ZADD")
-            .arg(&opens)
-            .arg("NX")
-            .arg(now_ms)
-            .arg(&event.id)
-            .ignore()
-            .zrembyscore(&opens, "-inf", now_ms - 60_000)
-            .ignore()
-            .expire(&opens, 120)
-            .ignore()
-            .zcard(&opens)
-            .scard(keys.user_live(&pattern.name, user))
-            .hget(keys.capacity(), "memory")
-            .hget(keys.capacity(), "cpu")
-            .zcard(keys.queue(&pattern.name))
-            .query_async(&mut redis)
-            .await?;
-        let mut committed = Committed { memory_mib: memory.unwrap_or(0), cpu_millis: cpu.unwrap_or(0) };
+    /// The verdict for a new thred of `user` from what the bind read found.
+    pub(super) fn admission_verdict(&self, user: &str, read: &AdmissionRead) -> Verdict {
+        let mut committed = read.committed;
         let mut capacity = self.inner.capacity;
         // Hosts report: the session fits if one of them has room (the one placement would pick).
-        let hosts = self.live_hosts(candidate).await?;
-        if !hosts.is_empty() {
-            match placement::place(self.need(), &hosts) {
+        if !read.hosts.is_empty() {
+            match placement::place(self.need(), &read.hosts) {
                 Some(host) => {
                     capacity = capacity.with_budget(host.budget_memory_mib, host.budget_cpu_millis);
                     committed = host.committed;
@@ -67,15 +80,10 @@ impl Engine {
                 None => committed = Committed { memory_mib: u64::MAX / 2, cpu_millis: u64::MAX / 2 },
             }
         }
-        let mut verdict = admission::decide(&capacity, Counts { opens_this_minute, user_live, queued, committed });
+        let counts = Counts { opens_this_minute: read.opens_this_minute, user_live: read.user_live, queued: read.queued, committed };
+        let mut verdict = admission::decide(&capacity, counts);
         if !matches!(verdict, Verdict::Refuse { .. }) && self.inner.rates.has_budgets() {
-            let now = self.inner.clock.now();
-            let (day, month): (Option<f64>, Option<f64>) = redis::pipe()
-                .hget(keys.usage(user, &Budget::Daily.period(now)), "cost")
-                .hget(keys.usage(user, &Budget::Monthly.period(now)), "cost")
-                .query_async(&mut redis)
-                .await?;
-            let spent = Spent { day: day.unwrap_or(0.0), month: month.unwrap_or(0.0) };
+            let spent = read.spent.unwrap_or_default();
             if let Some(budget) = self.inner.rates.exhausted(spent) {
                 let (limit, _) = self.inner.rates.of_budget(budget, spent);
                 verdict = Verdict::Refuse { limit: Limit::Budget(budget), max: limit };
@@ -84,7 +92,7 @@ impl Engine {
         if verdict != Verdict::Admit {
             tracing::info!(user, ?verdict, "open not admitted at once");
         }
-        Ok((verdict, hosts))
+        verdict
     }
 
     /// Lets waiting threds go when capacity frees, oldest first, and tells each waiting user their
@@ -286,14 +294,5 @@ impl Engine {
             told_positions.insert(thred_id.clone(), position);
         }
         Ok(())
-    }
-
-    /// The live thred that owns what `candidate` would own exclusively, if another one does.
-    pub(super) async fn exclusive_owner(&self, pattern: &Pattern, candidate: &Thred) -> Result<Option<Thred>> {
-        let Some(exclusive) = &candidate.exclusive else { return Ok(None) };
-        let mut redis = self.inner.redis.clone();
-        let owner: Option<String> = redis.get(self.inner.keys.exclusive(&pattern.name, exclusive)).await?;
-        let Some(owner_id) = owner.filter(|owner_id| owner_id != &candidate.id) else { return Ok(None) };
-        Ok(self.load_thred(&owner_id).await?.filter(|owner| !owner.ended))
     }
 }

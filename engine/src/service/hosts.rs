@@ -33,6 +33,81 @@ fn thred_workspace(thred: &Thred) -> Option<String> {
     Some(format!("{}/{}", text("user")?, text("workspace")?))
 }
 
+/// Lua `read_hosts(hosts, draining, host key prefix, capacity key prefix)`: what placement needs of
+/// every reporting host in one step, read by [`hosts_read_script`] and inside the bind read (see
+/// `store`). Reply: the number of reporting hosts, then for each one not drained its id, container
+/// report, workspace report and committed memory and CPU (`false` = none).
+pub(super) const READ_HOSTS_LUA: &str = r#"
+local function read_hosts(hosts_key, draining_key, host_prefix, capacity_prefix)
+  local reporting = redis.call('ZRANGE', hosts_key, 0, -1)
+  local reply = {#reporting}
+  if #reporting == 0 then return reply end
+  local drained = {}
+  for _, id in ipairs(redis.call('ZRANGE', draining_key, 0, -1)) do drained[id] = true end
+  for _, id in ipairs(reporting) do
+    if not drained[id] then
+      table.insert(reply, id)
+      table.insert(reply, redis.call('GET', host_prefix .. id .. ':container'))
+      table.insert(reply, redis.call('GET', host_prefix .. id .. ':workspace'))
+      table.insert(reply, redis.call('HGET', capacity_prefix .. id, 'memory'))
+      table.insert(reply, redis.call('HGET', capacity_prefix .. id, 'cpu'))
+    end
+  end
+  return reply
+end
+"#;
+
+/// The live-host view alone (the admitter, a waiting thred let go, tools).
+/// KEYS: 1 hosts, 2 draining; ARGV: 1 host report key prefix, 2 per-host capacity key prefix.
+pub(super) fn hosts_read_script() -> String {
+    format!("{READ_HOSTS_LUA}\nreturn read_hosts(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\n")
+}
+
+/// The hosts `read_hosts` replied, each with whether it reported `thred`'s workspace; empty while no
+/// host reports; one host without room when every reporting host is drained (that is no room
+/// anywhere, not "no host reports"). A host without a readable container report is skipped.
+pub(super) fn hosts_of(reply: &[redis::Value], thred: &Thred) -> Vec<HostView> {
+    let reporting = reply.first().and_then(|count| redis::from_redis_value::<u64>(count).ok()).unwrap_or(0);
+    if reporting == 0 {
+        return Vec::new();
+    }
+    let entries = &reply[1..];
+    if entries.is_empty() {
+        return vec![HostView {
+            id: String::new(),
+            budget_memory_mib: 0,
+            budget_cpu_millis: 0,
+            committed: Committed::default(),
+            sessions: 0,
+            has_workspace: false,
+        }];
+    }
+    let text = |value: &redis::Value| redis::from_redis_value::<Option<String>>(value).ok().flatten();
+    let number = |value: &redis::Value| redis::from_redis_value::<Option<u64>>(value).ok().flatten().unwrap_or(0);
+    let workspace = thred_workspace(thred);
+    let mut hosts = Vec::new();
+    for entry in entries.chunks(5) {
+        let [id, container, workspace_report, memory, cpu] = entry else { continue };
+        let Some(id) = text(id) else { continue };
+        let Some(container) = text(container) else { continue };
+        let Ok(container) = serde_json::from_str::<HostReport>(&container) else { continue };
+        let Some(capacity) = container.capacity else { continue };
+        let cached: Vec<String> = text(workspace_report)
+            .and_then(|text| serde_json::from_str::<HostReport>(&text).ok())
+            .and_then(|report| report.workspaces)
+            .unwrap_or_default();
+        hosts.push(HostView {
+            id,
+            budget_memory_mib: capacity.memory_mib,
+            budget_cpu_millis: capacity.cpu_millis,
+            committed: Committed { memory_mib: number(memory), cpu_millis: number(cpu) },
+            sessions: capacity.sessions,
+            has_workspace: workspace.as_ref().is_some_and(|workspace| cached.contains(workspace)),
+        });
+    }
+    hosts
+}
+
 impl Engine {
     /// Keeps a host's report (`container.host_report`, `workspace.host_report`) for
     /// [`topology::HOST_GONE_AFTER_REPORTS`] of its intervals: the host is gone when it expires. A
@@ -74,62 +149,11 @@ impl Engine {
     /// no host, as before hosts existed).
     pub(super) async fn live_hosts(&self, thred: &Thred) -> Result<Vec<HostView>> {
         let keys = &self.inner.keys;
+        let mut invocation = self.inner.hosts_read.prepare_invoke();
+        invocation.key(keys.hosts()).key(keys.draining()).arg(keys.host_report_prefix()).arg(keys.capacity_of(Some("")));
         let mut redis = self.inner.redis.clone();
-        let (reporting, draining): (Vec<String>, Vec<String>) =
-            redis::pipe().zrange(keys.hosts(), 0, -1).zrange(keys.draining(), 0, -1).query_async(&mut redis).await?;
-        if reporting.is_empty() {
-            return Ok(Vec::new());
-        }
-        // A drained host reports on, but takes no session.
-        let ids: Vec<String> = reporting.into_iter().filter(|id| !draining.contains(id)).collect();
-        if ids.is_empty() {
-            // Every reporting host is drained: that is no room anywhere, not "no host reports".
-            return Ok(vec![HostView {
-                id: String::new(),
-                budget_memory_mib: 0,
-                budget_cpu_millis: 0,
-                committed: Committed::default(),
-                sessions: 0,
-                has_workspace: false,
-            }]);
-        }
-        let mut pipeline = redis::pipe();
-        for id in &ids {
-            let capacity = keys.capacity_of(Some(id));
-            pipeline
-                .get(keys.host_report(id, AgentKind::Container))
-                .get(keys.host_report(id, AgentKind::Workspace))
-                .hget(&capacity, "memory")
-                .hget(&capacity, "cpu");
-        }
-        let replies: Vec<redis::Value> = pipeline.query_async(&mut redis).await?;
-        let workspace = thred_workspace(thred);
-        let mut hosts = Vec::new();
-        for (id, reply) in ids.iter().zip(replies.chunks(4)) {
-            let [container, workspace_report, memory, cpu] = reply else { continue };
-            let Some(container) = redis::from_redis_value::<Option<String>>(container).ok().flatten() else { continue };
-            let Ok(container) = serde_json::from_str::<HostReport>(&container) else { continue };
-            let Some(capacity) = container.capacity else { continue };
-            let cached: Vec<String> = redis::from_redis_value::<Option<String>>(workspace_report)
-                .ok()
-                .flatten()
-                .and_then(|text| serde_json::from_str::<HostReport>(&text).ok())
-                .and_then(|report| report.workspaces)
-                .unwrap_or_default();
-            let committed = Committed {
-                memory_mib: redis::from_redis_value::<Option<u64>>(memory).ok().flatten().unwrap_or(0),
-                cpu_millis: redis::from_redis_value::<Option<u64>>(cpu).ok().flatten().unwrap_or(0),
-            };
-            hosts.push(HostView {
-                id: id.clone(),
-                budget_memory_mib: capacity.memory_mib,
-                budget_cpu_millis: capacity.cpu_millis,
-                committed,
-                sessions: capacity.sessions,
-                has_workspace: workspace.as_ref().is_some_and(|workspace| cached.contains(workspace)),
-            });
-        }
-        Ok(hosts)
+        let reply: Vec<redis::Value> = invocation.invoke_async(&mut redis).await?;
+        Ok(hosts_of(&reply, thred))
     }
 
     /// The host placement would pick now for a new session of `user`'s `workspace`, with the same

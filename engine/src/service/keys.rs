@@ -71,7 +71,11 @@ impl Keys {
     /// The latest report of one host's agent (`container`, `workspace`), kept with a TTL: the host
     /// is gone once its container report has expired.
     pub fn host_report(&self, host: &str, agent: AgentKind) -> String {
-        format!("{}:host:{host}:{}", self.prefix, agent.as_str())
+        format!("{}{host}:{}", self.host_report_prefix(), agent.as_str())
+    }
+    /// What every host report key starts with (the scripts append `<host>:<agent>`).
+    pub(super) fn host_report_prefix(&self) -> String {
+        format!("{}:host:", self.prefix)
     }
     /// Every host that reported (host id → last report, ms), so the engine can list them.
     pub fn hosts(&self) -> String {
@@ -101,5 +105,23 @@ impl Keys {
     /// Which live thred of `pattern` owns `exclusive` (a string: the thred id).
     pub fn exclusive(&self, pattern: &str, exclusive: &str) -> String {
         format!("{}:exclusive:{pattern}:{exclusive}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Lua scripts build these keys from prefixes (`read_hosts`, the bind read's thred keys).
+    #[test]
+    fn the_scripts_prefixes_build_the_same_keys() {
+        let keys = Keys::new("p");
+        for agent in [AgentKind::Container, AgentKind::Workspace] {
+            assert_eq!(format!("{}h1:{}", keys.host_report_prefix(), agent.as_str()), keys.host_report("h1", agent));
+        }
+        assert_eq!(keys.host_report("h1", AgentKind::Container), "p:host:h1:container");
+        assert_eq!(keys.host_report("h1", AgentKind::Workspace), "p:host:h1:workspace");
+        assert_eq!(format!("{}h1", keys.capacity_of(Some(""))), keys.capacity_of(Some("h1")));
+        assert_eq!(format!("{}t1", keys.thred("")), keys.thred("t1"));
     }
 }

@@ -9,7 +9,9 @@ use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde_json::Value;
 
+use super::admission::{AdmissionRead, OPENS_WINDOW_MS};
 use super::binding::BindingRead;
+use super::hosts::READ_HOSTS_LUA;
 use super::keys::SEEN_BUCKET_TTL_SECS;
 use super::{pool, Engine, OutboxMessage};
 use crate::admission;
@@ -17,6 +19,7 @@ use crate::core::{Effect, Step, Thred};
 use crate::pattern::Pattern;
 use crate::placement::HostView;
 use crate::timers::TimerMember;
+use crate::usage::Budget;
 use crate::{Error, Result};
 
 /// The commit: new thred state, dedupe marker, live-key index, timers and outbox in one step.
@@ -24,14 +27,15 @@ pub(super) const COMMIT_SCRIPT: &str = r#"
 -- KEYS: 1 thred, 2 seen today, 3 seen yesterday, 4 outbox, 5 outbox index, 6 live index, 7 deadlines,
 --       8 ended index, 9 exclusive owner (when ARGV[12] is '1'), 10 the user's live threds,
 --       11 committed capacity (hash), 12 the admission queue (when ARGV[14] is '1'),
---       13 the warm pool's free slots (zset), 14 the pool's slots (hash)
+--       13 the warm pool's free slots (zset), 14 the pool's slots (hash), 15 the user's opens (zset)
 -- ARGV: 1 expected version, 2 thred json, 3 new version, 4 ended, 5 thred id, 6 max live (0 = not new),
 --       7 event id, 8 seen set ttl, 9 outbox json, 10 timer key prefix, 11 now ms, 12 owns an
 --       exclusive key, 13 the fired timer this event is ('' = none), 14 admitted pattern, 15 live
 --       threds a user may have, 16 memory and 17 cpu (millis) a thred holds, 18 memory and 19 cpu
 --       budget, 20 held capacity before, 21 holds it after, 22 queued after, 23 the pool slot a
---       new thred claims ('' = none), then the timers to start (count, then member, deadline ms,
---       ttl ms each) and to cancel (count, then members)
+--       new thred claims ('' = none), 24 opens a user may make in the window, 25 the window's start
+--       (ms, exclusive), then the timers to start (count, then member, deadline ms, ttl ms each) and
+--       to cancel (count, then members)
 -- Every check comes before the first write, so a refused commit changes nothing.
 if redis.call('SISMEMBER', KEYS[2], ARGV[7]) == 1 or redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 1 then
   return 'duplicate'
@@ -47,6 +51,13 @@ local admitted = ARGV[14] == '1'
 local held_before, holds_after = ARGV[20] == '1', ARGV[21] == '1'
 if admitted then
   if is_new and ARGV[4] ~= '1' and redis.call('SCARD', KEYS[10]) >= tonumber(ARGV[15]) then return 'limit' end
+  -- A new thred that takes or waits for capacity counts against the user's opens in the window
+  -- (this one once, by event id), as the verdict read them.
+  if is_new and (ARGV[21] == '1' or ARGV[22] == '1') then
+    local opens = redis.call('ZCOUNT', KEYS[15], '(' .. ARGV[25], '+inf')
+    if not redis.call('ZSCORE', KEYS[15], ARGV[7]) then opens = opens + 1 end
+    if opens > tonumber(ARGV[24]) then return 'rate' end
+  end
   if holds_after and not held_before then
     -- First come, first served: only the oldest waiting thred (or anyone, if none waits) takes capacity.
     local head = redis.call('ZRANGE', KEYS[12], 0, 0)
@@ -81,6 +92,12 @@ if admitted then
     redis.call('HINCRBY', KEYS[11], 'cpu', -tonumber(ARGV[17]))
   end
   if ARGV[22] == '1' then redis.call('ZADD', KEYS[12], 'NX', ARGV[11], ARGV[5]) else redis.call('ZREM', KEYS[12], ARGV[5]) end
+  -- Every new thred admission decided on is an open of its user, refused ones included.
+  if is_new then
+    redis.call('ZADD', KEYS[15], 'NX', ARGV[11], ARGV[7])
+    redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', ARGV[25])
+    redis.call('EXPIRE', KEYS[15], 120)
+  end
 end
 -- A timer leaves the deadline index only with the commit of the event it fired.
 if ARGV[13] ~= '' then redis.call('ZREM', KEYS[7], ARGV[13]) end
@@ -90,7 +107,7 @@ if ARGV[9] ~= '' then
   redis.call('SET', KEYS[4], ARGV[9])
   redis.call('SADD', KEYS[5], KEYS[4])
 end
-local i = 24
+local i = 26
 local starts = tonumber(ARGV[i]); i = i + 1
 for _ = 1, starts do
   redis.call('SET', ARGV[10] .. ARGV[i], '1', 'PX', ARGV[i + 2])
@@ -116,26 +133,69 @@ pub(super) enum CommitResult {
     Full,
     /// The warm-pool slot this new thred was to claim went to another one first.
     SlotTaken,
+    /// The user opened as many sessions in the window as the limits allow.
+    RateLimit,
 }
 
-/// Reads what binding needs in one round trip.
+/// Reads what binding needs in one round trip, and with it what a new thred needs (its exclusive
+/// owner, admission's counts, the hosts, the budgets spent) when the event starts a pattern: the
+/// engine starts the would-be thred before reading, so one round trip serves the whole attempt.
+/// Nothing is written: the commit checks all of it again, atomically.
 pub(super) const BIND_READ_SCRIPT: &str = r#"
--- KEYS: 1 seen today, 2 seen yesterday, 3 live index of the subject
--- ARGV: 1 event id, 2 thred key prefix, 3 thred id from the event ('' = none)
--- Reply: '1' if seen; else '0', the named thred's json (or ''), the live threds' json.
+-- KEYS: 1 seen today, 2 seen yesterday, 3 live index of the subject; for a would-be thred: 4 its
+--       exclusive owner key, 5 the user's opens, 6 the user's live threds, 7 capacity of no host,
+--       8 the queue, 9 hosts, 10 draining, 11 the user's usage today, 12 this month
+-- ARGV: 1 event id, 2 thred key prefix, 3 thred id from the event ('' = none), 4 what to read for
+--       the would-be thred ('' = nothing; 'e' its owner, 'a' admission, 'b' budgets), 5 its thred id,
+--       6 the opens window's start (ms, exclusive), 7 host report key prefix, 8 host capacity key prefix
+-- Reply: {1} if seen; else {0, the named thred's json (or ''), {the live threds' json}, the
+--        owner's json (or nil), admission {opens, user live, memory, cpu, queued} (or nil),
+--        read_hosts' reply (or nil), {cost today, cost this month} (or nil)}.
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 or redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
-  return {'1'}
+  return {1}
 end
-local reply = {'0', ''}
+local named = ''
 if ARGV[3] ~= '' then
-  reply[2] = redis.call('HGET', ARGV[2] .. ARGV[3], 'json') or ''
+  named = redis.call('HGET', ARGV[2] .. ARGV[3], 'json') or ''
 end
+local live = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   local json = redis.call('HGET', ARGV[2] .. id, 'json')
-  if json then table.insert(reply, json) end
+  if json then table.insert(live, json) end
+end
+local reply = {0, named, live, false, false, false, false}
+local wants = ARGV[4]
+if string.find(wants, 'e', 1, true) then
+  local owner = redis.call('GET', KEYS[4])
+  if owner and owner ~= ARGV[5] then reply[4] = redis.call('HGET', ARGV[2] .. owner, 'json') end
+end
+if string.find(wants, 'a', 1, true) then
+  -- The window as the commit will leave it: this open counts once whether or not it is recorded yet.
+  local opens = redis.call('ZCOUNT', KEYS[5], '(' .. ARGV[6], '+inf')
+  if not redis.call('ZSCORE', KEYS[5], ARGV[1]) then opens = opens + 1 end
+  reply[5] = {opens, redis.call('SCARD', KEYS[6]), redis.call('HGET', KEYS[7], 'memory'), redis.call('HGET', KEYS[7], 'cpu'),
+    redis.call('ZCARD', KEYS[8])}
+  reply[6] = read_hosts(KEYS[9], KEYS[10], ARGV[7], ARGV[8])
+end
+if string.find(wants, 'b', 1, true) then
+  reply[7] = {redis.call('HGET', KEYS[11], 'cost'), redis.call('HGET', KEYS[12], 'cost')}
 end
 return reply
 "#;
+
+/// The bind read with the `read_hosts` function it calls.
+pub(super) fn bind_read_script() -> String {
+    format!("{READ_HOSTS_LUA}\n{BIND_READ_SCRIPT}")
+}
+
+/// What the bind read found beyond binding, for a would-be thred (see [`BIND_READ_SCRIPT`]).
+#[derive(Default)]
+pub(super) struct StartRead {
+    /// The live thred that owns what the would-be thred would own exclusively, if another one does.
+    pub(super) owner: Option<Thred>,
+    /// Admission's counts and the hosts, for a pattern with admission.
+    pub(super) admission: Option<AdmissionRead>,
+}
 
 /// The `timer.fired` event's entry in the deadline index, which stays there until the event is
 /// committed (or found to need nothing), so a lost `timer.fired` is fired again by the sweep.
@@ -262,10 +322,18 @@ impl Engine {
     }
 
     /// One round trip (a read-only script) for everything binding needs: whether the event was
-    /// seen, the thred its `thredid` names, and the live threds of its subject. `None` = seen.
-    pub(super) async fn read_for_binding(&self, event: &CloudEvent) -> Result<Option<BindingRead>> {
+    /// seen, the thred its `thredid` names, and the live threds of its subject; and, for
+    /// `candidate` (the thred the event would start, already started), its exclusive owner and
+    /// what admission decides on. `None` = seen.
+    pub(super) async fn read_for_binding(
+        &self,
+        event: &CloudEvent,
+        candidate: Option<(&Pattern, &Thred)>,
+    ) -> Result<Option<(BindingRead, StartRead)>> {
         let keys = &self.inner.keys;
-        let (seen_today, seen_yesterday) = keys.seen(self.inner.clock.now_ms());
+        let now = self.inner.clock.now();
+        let now_ms = now.timestamp_millis();
+        let (seen_today, seen_yesterday) = keys.seen(now_ms);
         let mut invocation = self.inner.bind_read.prepare_invoke();
         invocation
             .key(&seen_today)
@@ -274,29 +342,80 @@ impl Engine {
             .arg(&event.id)
             .arg(keys.thred(""))
             .arg(event.extension("thredid").unwrap_or_default());
+        match candidate {
+            None => {
+                invocation.arg("");
+            }
+            Some((pattern, thred)) => {
+                let user = thred.context.get("user").and_then(Value::as_str).unwrap_or_default();
+                let mut wants = String::new();
+                if thred.exclusive.is_some() {
+                    wants.push('e');
+                }
+                if pattern.start.admission.is_some() {
+                    wants.push('a');
+                    if self.inner.rates.has_budgets() {
+                        wants.push('b');
+                    }
+                }
+                invocation
+                    .key(keys.exclusive(&pattern.name, thred.exclusive.as_deref().unwrap_or_default()))
+                    .key(keys.user_opens(&pattern.name, user))
+                    .key(keys.user_live(&pattern.name, user))
+                    .key(keys.capacity())
+                    .key(keys.queue(&pattern.name))
+                    .key(keys.hosts())
+                    .key(keys.draining())
+                    .key(keys.usage(user, &Budget::Daily.period(now)))
+                    .key(keys.usage(user, &Budget::Monthly.period(now)))
+                    .arg(wants)
+                    .arg(&thred.id)
+                    .arg(now_ms - OPENS_WINDOW_MS)
+                    .arg(keys.host_report_prefix())
+                    .arg(keys.capacity_of(Some("")));
+            }
+        }
         let mut redis = self.inner.redis.clone();
-        let reply: Vec<String> = invocation.invoke_async(&mut redis).await?;
-        if reply.first().map(String::as_str) != Some("0") {
+        let reply: Vec<redis::Value> = invocation.invoke_async(&mut redis).await?;
+        if reply.first().and_then(|seen| redis::from_redis_value::<i64>(seen).ok()) != Some(0) {
             return Ok(None);
         }
-        let parse = |text: &String| -> Result<Option<Thred>> {
+        let parse = |text: &str| -> Result<Option<Thred>> {
             if text.is_empty() {
                 return Ok(None);
             }
             serde_json::from_str(text).map(Some).map_err(|error| Error::Corrupt { key: keys.thred("?"), reason: error.to_string() })
         };
-        let named = match reply.get(1) {
-            Some(text) => parse(text)?,
-            None => None,
+        let text = |value: Option<&redis::Value>| -> Result<String> {
+            Ok(match value {
+                None | Some(redis::Value::Nil) => String::new(),
+                Some(value) => redis::from_redis_value(value)?,
+            })
+        };
+        let named = parse(&text(reply.get(1))?)?;
+        let live_texts: Vec<String> = match reply.get(2) {
+            Some(value) => redis::from_redis_value(value)?,
+            None => Vec::new(),
         };
         let mut live = Vec::new();
-        for text in reply.iter().skip(2) {
+        for text in &live_texts {
             if let Some(thred) = parse(text)? {
                 live.push(thred);
             }
         }
         live.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| b.id.cmp(&a.id)));
-        Ok(Some(BindingRead { named, live }))
+        let mut start = StartRead::default();
+        if let Some((_, thred)) = candidate {
+            start.owner = parse(&text(reply.get(3))?)?.filter(|owner| !owner.ended);
+            if let Some(counts @ redis::Value::Array(_)) = reply.get(4) {
+                let hosts: Vec<redis::Value> = match reply.get(5) {
+                    Some(value @ redis::Value::Array(_)) => redis::from_redis_value(value)?,
+                    _ => Vec::new(),
+                };
+                start.admission = Some(AdmissionRead::of(counts, &hosts, reply.get(6).unwrap_or(&redis::Value::Nil), thred)?);
+            }
+        }
+        Ok(Some((BindingRead { named, live }, start)))
     }
 
     pub(super) async fn commit(
@@ -339,6 +458,7 @@ impl Engine {
             .key(keys.queue(&pattern.name))
             .key(keys.pool_free())
             .key(keys.pool_slots())
+            .key(keys.user_opens(&pattern.name, thred.context.get("user").and_then(Value::as_str).unwrap_or_default()))
             .arg(expected)
             .arg(&thred_json)
             .arg(thred.version)
@@ -373,6 +493,7 @@ impl Engine {
             }
         }
         invocation.arg(pool::claimed_slot(pattern, previous, &thred).unwrap_or_default());
+        invocation.arg(capacity.max_opens_per_minute).arg(now_ms - OPENS_WINDOW_MS);
         let starts: Vec<(String, i64)> = step
             .effects
             .iter()
@@ -410,6 +531,7 @@ impl Engine {
             "limit" => CommitResult::UserLimit,
             "full" => CommitResult::Full,
             "slot_taken" => CommitResult::SlotTaken,
+            "rate" => CommitResult::RateLimit,
             _ => CommitResult::Conflict,
         })
     }
