@@ -48,69 +48,102 @@ const TERM: &str = "TERM=xterm-256color";
 /// processes can be found and ended when the socket closes: Docker has no way to end an exec, and
 /// a shell left behind would hold one of the container's few pids for good.
 const TAG_VARIABLE: &str = "BERTH_TERMINAL";
-/// How often, and how long apart, ending a closed terminal's processes is tried while the
-/// container is paused (an hour in all: a paused session stops long before).
-const HANG_UP_ATTEMPTS: u32 = 720;
-const HANG_UP_RETRY: Duration = Duration::from_secs(5);
-/// Checks (`HANG_UP_RETRY` apart) a paused session's container gets to show it is paused.
-const PAUSE_GRACE_ATTEMPTS: u32 = 6;
 
-/// The shell script that ends one terminal's processes: SIGHUP, as a closing terminal sends, then
-/// SIGKILL a second later for what ignored it. Needs `/bin/sh`, `tr`, `grep` and `kill` in the
-/// image (busybox has them).
-fn hangup_script(tag: &str) -> String {
+/// The script of a terminal's hang-up watch (see [`HangUpWatch`]): it reads its standard input
+/// until end of file, then ends the terminal's processes: SIGHUP, as a closing terminal sends,
+/// then SIGKILL a second later for what ignored it. It does not carry the tag itself. Needs
+/// `/bin/sh`, `tr`, `grep`, `sleep` and `kill` in the image (busybox has them).
+fn hang_up_watch_script(tag: &str) -> String {
     format!(
-        "mark='{TAG_VARIABLE}={tag}'; pids=''; for p in /proc/[0-9]*; do \
+        "while read -r _; do :; done; \
+         mark='{TAG_VARIABLE}={tag}'; pids=''; for p in /proc/[0-9]*; do \
          if tr '\\000' '\\n' < \"$p/environ\" 2>/dev/null | grep -qx \"$mark\"; then pids=\"$pids ${{p#/proc/}}\"; fi; done; \
          [ -z \"$pids\" ] && exit 0; kill -HUP $pids 2>/dev/null; sleep 1; kill -KILL $pids 2>/dev/null; exit 0"
     )
 }
 
-/// When a closed terminal's processes are ended. An exec started while Docker freezes the
-/// container joins the frozen cgroup half made (`runc init`) and wedges every Docker call on that
-/// container until it is thawed by hand, so nothing is started while the session pauses or stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HangUp {
-    /// The client left (or the shell ended) while the session runs.
-    Now,
-    /// The session paused: once it is resumed (the processes are frozen meanwhile).
-    AfterResume,
-    /// The session stops or closed: the container is frozen and removed, its processes with it.
-    Never,
-}
-
-impl HangUp {
-    fn after_close(code: u16) -> HangUp {
-        match code {
-            CLOSE_SESSION_PAUSED => HangUp::AfterResume,
-            CLOSE_SESSION_STOPPED | CLOSE_SESSION_CLOSED => HangUp::Never,
-            _ => HangUp::Now,
+/// Waits until Docker reports `exec`'s process by its pid (or its exit), which it learns only
+/// once `runc exec` has finished joining the container's cgroup: the start call returns earlier
+/// (at the attach), and a pause while `runc init` is still half made wedges the container.
+/// `false` if Docker does not say so within [`DOCKER_TIMEOUT`].
+async fn wait_until_started(docker: &Docker, exec: &str) -> bool {
+    let deadline = Instant::now() + DOCKER_TIMEOUT;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(DOCKER_TIMEOUT, docker.inspect_exec(exec)).await {
+            Ok(Ok(inspected)) if inspected.pid.is_some_and(|pid| pid > 0) || inspected.exit_code.is_some() => return true,
+            Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => return false,
         }
-    }
-}
-
-/// Waits until the container has been paused and then runs again: `false` when it stopped or
-/// went away instead (its processes with it), or never came back within the retry budget.
-async fn wait_for_resume(docker: &Docker, container: &str) -> bool {
-    let mut seen_paused = false;
-    for attempt in 0..HANG_UP_ATTEMPTS {
-        let inspected = tokio::time::timeout(DOCKER_TIMEOUT, docker.inspect_container(container, None)).await;
-        let Ok(Ok(inspected)) = inspected else { return false };
-        let state = inspected.state.unwrap_or_default();
-        if state.running != Some(true) {
-            return false;
-        }
-        let paused = state.paused == Some(true);
-        seen_paused |= paused;
-        // The pause may still be on its way (the engine notifies, then the container agent
-        // pauses): give it half a minute to happen before taking "running" for "resumed".
-        let resumed = !paused && (seen_paused || attempt >= PAUSE_GRACE_ATTEMPTS);
-        if resumed {
-            return true;
-        }
-        tokio::time::sleep(HANG_UP_RETRY).await;
     }
     false
+}
+
+/// A process started in the container beside the shell, while the terminal opens, whose only
+/// input is a pipe from this agent: when the terminal ends, the agent closes that pipe and the
+/// watch, at end of file, ends the terminal's processes.
+///
+/// Why not start something when the terminal closes: an exec started while Docker freezes the
+/// container joins the cgroup half made (`runc init`) and wedges the container until it is thawed
+/// by hand, and a close can race a pause at any moment (the client leaves just as the session
+/// idles), so no check of the container's state beforehand can rule it out. Closing a pipe starts
+/// nothing: a frozen watch reads its end of file once thawed, so a terminal closed as its session
+/// pauses is hung up on resume, and one whose session stops goes with the container. Why not
+/// signal the exec's pid (exec inspect) from here: that needs this agent in Docker's pid namespace
+/// with the right to signal the container's user, which a session agent in a container, or one
+/// reaching Docker through `DOCKER_HOST`, does not have. The watch also hangs up the terminals of
+/// an agent that crashed or restarted: Docker closes the pipe when the connection drops.
+struct HangUpWatch {
+    input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    /// Held so the attach connection stays open; the watch writes nothing.
+    _output: std::pin::Pin<Box<dyn futures::Stream<Item = Result<bollard::container::LogOutput, bollard::errors::Error>> + Send>>,
+}
+
+impl HangUpWatch {
+    /// Starts the watch of the terminal tagged `tag`, as the terminal's user (so it may signal its
+    /// processes). `None` (logged) when Docker refuses: that terminal's processes then stay until
+    /// the container goes.
+    async fn start(docker: &Docker, container: &str, tag: &str, user: Option<String>, session: &str) -> Option<HangUpWatch> {
+        let options = CreateExecOptions::<String> {
+            attach_stdin: Some(true),
+            attach_stdout: Some(false),
+            attach_stderr: Some(false),
+            tty: Some(false),
+            cmd: Some(vec!["/bin/sh".to_owned(), "-c".to_owned(), hang_up_watch_script(tag)]),
+            user,
+            ..Default::default()
+        };
+        let started = async {
+            let created = docker.create_exec(container, options).await?;
+            let started = docker.start_exec(&created.id, Some(StartExecOptions { detach: false, tty: false, output_capacity: None })).await;
+            started.map(|started| (created.id, started))
+        };
+        match tokio::time::timeout(DOCKER_TIMEOUT, started).await {
+            Ok(Ok((exec, StartExecResults::Attached { output, input }))) => {
+                if !wait_until_started(docker, &exec).await {
+                    tracing::warn!(session_id = %session, exec_id = %exec, "Docker did not report the terminal's hang-up watch running in time");
+                }
+                Some(HangUpWatch { input, _output: output })
+            }
+            Ok(Ok((_, StartExecResults::Detached))) => {
+                tracing::warn!(session_id = %session, "the terminal's hang-up watch started detached; its processes will outlive it");
+                None
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(session_id = %session, %error, "no hang-up watch for the terminal; its processes will outlive it");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(session_id = %session, "the terminal's hang-up watch did not start in time; its processes will outlive it");
+                None
+            }
+        }
+    }
+
+    /// Closes the watch's input (end of file; dropping the connection closes it too, should the
+    /// shutdown not go through).
+    async fn hang_up(mut self) {
+        let _ = tokio::time::timeout(SEND_TIMEOUT, self.input.shutdown()).await;
+    }
 }
 
 /// The one control frame: `{"type":"resize","cols":120,"rows":40}`.
@@ -240,11 +273,19 @@ pub(crate) async fn terminal(
             return ApiError::new(code, format!("cannot start a shell in session {session}'s container: {text}")).into_response();
         }
     };
+    // Both processes exist before the terminal is handed over, so a pause from then on finds no
+    // `runc exec` of this terminal in progress; the watch is started with the shell, while the
+    // container is known to run, and nothing is started in it later.
+    if !wait_until_started(&docker, &exec).await {
+        return ApiError::new(ApiErrorCode::Conflict, format!("session {session}'s container did not start a shell in time (paused?)"))
+            .into_response();
+    }
+    let watch = HangUpWatch::start(&docker, &owned.container(), &tag, profile.terminal_user().map(str::to_owned), &session).await;
     tracing::info!(user = %identity.user, session_id = %session, exec_id = %exec, "terminal opened");
     upgrade.protocols([SUBPROTOCOL]).max_message_size(MAX_INPUT_FRAME_BYTES).max_frame_size(MAX_INPUT_FRAME_BYTES).on_upgrade(
         move |socket| async move {
-            let terminal = Terminal { state, identity, session, docker, exec, tag, container: owned.container(), socket };
-            terminal.run(slot, shell).await;
+            let terminal = Terminal { state, identity, session, docker, exec, socket };
+            terminal.run(slot, shell, watch).await;
         },
     )
 }
@@ -255,9 +296,6 @@ struct Terminal {
     session: String,
     docker: Docker,
     exec: String,
-    /// `BERTH_TERMINAL` of this terminal's processes.
-    tag: String,
-    container: String,
     socket: WebSocket,
 }
 
@@ -278,7 +316,7 @@ enum Input {
 }
 
 impl Terminal {
-    async fn run(mut self, slot: ConnectionSlot, shell: Shell) {
+    async fn run(mut self, slot: ConnectionSlot, shell: Shell, watch: Option<HangUpWatch>) {
         let Shell { mut output, mut input } = shell;
         // The session's status pushes reach this instance through the user's binding, like a socket's.
         let (connection_id, mut statuses) = match self.state.hub.attach(&self.identity.user).await {
@@ -287,7 +325,9 @@ impl Terminal {
                 tracing::warn!(session_id = %self.session, %error, "cannot watch a terminal's session");
                 self.close(CLOSE_INTERNAL_ERROR, "cannot watch the session's status").await;
                 drop(input);
-                self.hang_up(HangUp::Now);
+                if let Some(watch) = watch {
+                    watch.hang_up().await;
+                }
                 return;
             }
         };
@@ -298,7 +338,6 @@ impl Terminal {
         let token_expiry = tokio::time::sleep(self.identity.remaining_validity());
         tokio::pin!(token_expiry);
         let mut last_heard = Instant::now();
-        let mut hang_up = HangUp::Now;
         loop {
             let event = tokio::select! {
                 message = self.socket.recv() => Input::FromClient(message),
@@ -369,60 +408,20 @@ impl Terminal {
                 Input::Shutdown => Some((CLOSE_GOING_AWAY, "server shutting down".to_owned())),
             };
             if let Some((code, reason)) = ending {
-                hang_up = HangUp::after_close(code);
                 tracing::info!(user = %self.identity.user, session_id = %self.session, code, reason = %reason, "terminal closing");
                 self.close(code, &reason).await;
                 break;
             }
         }
         drop(input);
-        self.hang_up(hang_up);
+        // However the terminal ended (the client left, the shell exited, the session paused or
+        // stopped): the watch ends what is left once the container runs, or goes with it.
+        if let Some(watch) = watch {
+            watch.hang_up().await;
+        }
         self.state.hub.detach(connection_id).await;
         drop(slot);
         tracing::debug!(session_id = %self.session, exec_id = %self.exec, "terminal closed");
-    }
-
-    /// Ends the terminal's processes (in the background: the container may be paused, and the
-    /// script waits a second before its SIGKILL).
-    fn hang_up(&self, when: HangUp) {
-        if when == HangUp::Never {
-            return;
-        }
-        let docker = self.docker.clone();
-        let container = self.container.clone();
-        let session = self.session.clone();
-        let options = CreateExecOptions::<String> {
-            cmd: Some(vec!["/bin/sh".to_owned(), "-c".to_owned(), hangup_script(&self.tag)]),
-            user: self.state.config.profile.terminal_user().map(str::to_owned),
-            ..Default::default()
-        };
-        tokio::spawn(async move {
-            if when == HangUp::AfterResume && !wait_for_resume(&docker, &container).await {
-                return;
-            }
-            // A paused container can't run it: try again until it is resumed, or gone.
-            for _ in 0..HANG_UP_ATTEMPTS {
-                let attempt = async {
-                    let created = docker.create_exec(&container, options.clone()).await?;
-                    docker
-                        .start_exec(&created.id, Some(StartExecOptions { detach: true, tty: false, output_capacity: None }))
-                        .await
-                        .map(drop)
-                };
-                let Ok(started) = tokio::time::timeout(DOCKER_TIMEOUT, attempt).await else {
-                    tracing::debug!(session_id = %session, "docker did not run a closed terminal's hang-up in time");
-                    return;
-                };
-                match started {
-                    Ok(()) => return,
-                    Err(error) if error.to_string().contains("is paused") => tokio::time::sleep(HANG_UP_RETRY).await,
-                    Err(error) => {
-                        tracing::debug!(session_id = %session, %error, "could not end a closed terminal's processes");
-                        return;
-                    }
-                }
-            }
-        });
     }
 
     /// Whether a status push says this terminal's session stopped running.
@@ -485,12 +484,24 @@ mod tests {
         assert_eq!(close_for_state("failed").map(|(code, _)| code), Some(CLOSE_SESSION_CLOSED));
     }
 
+    /// The watch's script, run here by `/bin/sh` (Linux, like the container): it waits while its
+    /// input is open, and at end of file ends the tagged processes and no other.
     #[test]
-    fn nothing_is_started_in_a_container_being_frozen() {
-        assert_eq!(HangUp::after_close(CLOSE_SESSION_PAUSED), HangUp::AfterResume);
-        assert_eq!(HangUp::after_close(CLOSE_SESSION_STOPPED), HangUp::Never);
-        assert_eq!(HangUp::after_close(CLOSE_SESSION_CLOSED), HangUp::Never);
-        assert_eq!(HangUp::after_close(CLOSE_NORMAL), HangUp::Now);
-        assert_eq!(HangUp::after_close(CLOSE_POLICY_VIOLATION), HangUp::Now);
+    fn the_hang_up_watch_ends_the_tagged_processes_at_end_of_input() {
+        use std::process::{Command, Stdio};
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let spawn_sleep = |tag: &str| Command::new("sleep").arg("600").env(TAG_VARIABLE, tag).spawn().expect("sleep runs");
+        let (mut tagged, mut other) = (spawn_sleep(&tag), spawn_sleep("another-terminal"));
+        let mut watch =
+            Command::new("/bin/sh").arg("-c").arg(hang_up_watch_script(&tag)).stdin(Stdio::piped()).spawn().expect("the watch runs");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(watch.try_wait().expect("watch").is_none() && tagged.try_wait().expect("sleep").is_none(), "waits while input is open");
+        drop(watch.stdin.take());
+        assert!(watch.wait().expect("the watch ends").success());
+        let status = tagged.wait().expect("the tagged sleep ends");
+        assert!(!status.success(), "ended by a signal: {status:?}");
+        assert!(other.try_wait().expect("other").is_none(), "another terminal's process is left alone");
+        let _ = other.kill();
+        let _ = other.wait();
     }
 }

@@ -1003,3 +1003,96 @@ async fn upstream_checks(world: &World, docker: &bollard::Docker, label: &str) -
     instance.shutdown().await?;
     Ok(())
 }
+
+/// What a command run in `container` (not through a terminal) prints, or `None` when Docker did
+/// not run it within [`WAIT`] (a wedged container).
+async fn exec_output(docker: &bollard::Docker, container: &str, command: &str) -> Option<String> {
+    use bollard::exec::{CreateExecOptions, StartExecResults};
+    let run = async {
+        let options = CreateExecOptions::<String> {
+            attach_stdout: Some(true),
+            cmd: Some(vec!["/bin/sh".to_owned(), "-c".to_owned(), command.to_owned()]),
+            ..Default::default()
+        };
+        let created = docker.create_exec(container, options).await.ok()?;
+        let StartExecResults::Attached { mut output, .. } = docker.start_exec(&created.id, None).await.ok()? else { return None };
+        let mut text = String::new();
+        while let Some(Ok(chunk)) = output.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        }
+        Some(text)
+    };
+    tokio::time::timeout(WAIT, run).await.ok().flatten()
+}
+
+/// Thaws `container`'s freezer cgroup by hand (cgroup v1 as on this machine, then v2), as an
+/// operator would a wedged container, so a failing run still cleans up.
+fn thaw_by_hand(container: &str) {
+    let _ = std::fs::write(format!("/sys/fs/cgroup/freezer/docker/{container}/freezer.state"), "THAWED");
+    let _ = std::fs::write(format!("/sys/fs/cgroup/system.slice/docker-{container}.scope/cgroup.freeze"), "0");
+}
+
+/// A terminal closed by its client at the moment Docker pauses the session's container, again and
+/// again with the pause a little later each time: the container always pauses and resumes within
+/// the timeout (a process started in it while it froze would wedge it until thawed by hand), and
+/// the closed terminal's processes are gone once it runs again.
+#[tokio::test]
+async fn a_terminal_closed_as_its_session_pauses_leaves_the_container_able_to_pause_and_resume() -> Result<()> {
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let label = unique("door-race");
+    let world = World::new().await?;
+    let container = start_container(&docker, &label).await?;
+    let outcome = close_while_pausing(&world, &docker, &container).await;
+    if outcome.is_err() {
+        thaw_by_hand(&container);
+    }
+    remove_labelled(&docker, &label).await;
+    world.finish().await;
+    outcome
+}
+
+async fn close_while_pausing(world: &World, docker: &bollard::Docker, container: &str) -> Result<()> {
+    let instance = world.instance(world.config()).await?;
+    let alice = unique("alice");
+    let token = world.token(&alice);
+    let session = uuid::Uuid::now_v7().to_string();
+    world.put_session(&session, &alice, "running", json!({"container_id": container}));
+    for round in 0..10u64 {
+        let mut terminal = open_terminal(instance.address, &session, &token).await?;
+        // A job of the shell's, so "gone" covers what the shell started, not only the shell.
+        let marker = format!("31415{round}");
+        terminal.send(Message::Binary(format!("sleep {marker} & echo star''ted\n").into_bytes().into())).await?;
+        read_until(&mut terminal, "started").await?;
+        // The close goes first; the pause follows a few milliseconds later each round, so some
+        // round's pause lands while the agent reacts to the close.
+        let pause = async {
+            tokio::time::sleep(Duration::from_millis(round * 4)).await;
+            tokio::time::timeout(WAIT, docker.pause_container(container)).await
+        };
+        let (closed, paused) = tokio::join!(terminal.close(None), pause);
+        closed?;
+        paused.with_context(|| format!("round {round}: the pause did not return within {WAIT:?}"))??;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::timeout(WAIT, docker.unpause_container(container))
+            .await
+            .with_context(|| format!("round {round}: the unpause did not return within {WAIT:?}"))??;
+        let state = docker.inspect_container(container, None).await?.state.unwrap_or_default();
+        assert_eq!((state.running, state.paused), (Some(true), Some(false)), "round {round}: running again");
+        // Once it runs, the closed terminal's shell and its job end (SIGHUP, SIGKILL a second later).
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let ps =
+                exec_output(docker, container, "ps -o pid,args").await.with_context(|| format!("round {round}: Docker ran nothing"))?;
+            let left: Vec<&str> = ps.lines().filter(|line| line.contains(&marker) || line.trim_end().ends_with(" /bin/sh")).collect();
+            if left.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("round {round}: the closed terminal's processes are still there: {left:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    instance.shutdown().await?;
+    Ok(())
+}
