@@ -672,9 +672,8 @@ async fn the_terminal_and_files_of_a_session_on_another_host_pass_through_any_do
     assert_eq!(status, 204);
     assert!(!on_h2.exists(), "removed on h2");
 
-    // The closed terminals' shells are hung up by h2's door with an exec each: let those finish
-    // before the session is frozen (an exec starting while Docker freezes the container wedges
-    // the container, `agents/session/src/terminal.rs`).
+    // The closed terminals' shells are hung up on h2 by each terminal's hang-up watch (the door
+    // closes its input, `agents/session/src/terminal.rs`): they are gone before the session ends.
     let count = "n=0; for p in /proc/[0-9]*; do tr '\\000' '\\n' < $p/environ 2>/dev/null | grep -q '^BERTH_TERMINAL=' && n=$((n+1)); done; echo $n";
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -91,7 +91,8 @@ async fn wait_until_started(docker: &Docker, exec: &str) -> bool {
 /// signal the exec's pid (exec inspect) from here: that needs this agent in Docker's pid namespace
 /// with the right to signal the container's user, which a session agent in a container, or one
 /// reaching Docker through `DOCKER_HOST`, does not have. The watch also hangs up the terminals of
-/// an agent that crashed or restarted: Docker closes the pipe when the connection drops.
+/// an agent that crashed or restarted: Docker closes the pipe when the connection drops. It has no
+/// TTY, so the container agent's work probe (which counts TTY execs) takes it for no terminal.
 struct HangUpWatch {
     input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
     /// Held so the attach connection stays open; the watch writes nothing.
