@@ -292,7 +292,7 @@ fn port_of(notification: &Notification) -> u16 {
 
 /// A client's `session.open` of `workspace`.
 fn open(user: &str, workspace: &str) -> SessionOpen {
-    SessionOpen { user: user.to_owned(), workspace: workspace.to_owned(), profile: None }
+    SessionOpen { user: user.parse().expect("a user id"), workspace: workspace.parse().expect("a workspace id"), profile: None }
 }
 
 /// Publishes a client's event as a client does: as the client identity `berth dev`'s bootstrap

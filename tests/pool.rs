@@ -122,7 +122,7 @@ fn port_of(detail: &Value) -> u16 {
 }
 
 async fn open(deployment: &Deployment, session: &str, user: &str, workspace: &str) {
-    let open = SessionOpen { user: user.to_owned(), workspace: workspace.to_owned(), profile: None };
+    let open = SessionOpen { user: user.parse().expect("a user id"), workspace: workspace.parse().expect("a workspace id"), profile: None };
     deployment.publish(session, user, &open).await.expect("open published");
 }
 
@@ -385,7 +385,8 @@ async fn timed_opens(
         }
         let began = Instant::now();
         let publishes = sessions.iter().map(|(session, user)| {
-            let open = SessionOpen { user: user.clone(), workspace: "w".to_owned(), profile: None };
+            let open =
+                SessionOpen { user: user.parse().expect("a user id"), workspace: "w".parse().expect("a workspace id"), profile: None };
             let event = protocol::CloudEvent::of("/tests/pool", Some(session), &open).with_extension("userid", user.clone());
             async move { client.publish_event(&event).await.expect("published") }
         });

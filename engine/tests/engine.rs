@@ -270,7 +270,8 @@ fn open_event(session: &str, user: &str) -> CloudEvent {
 }
 
 fn open_workspace_event(session: &str, user: &str, workspace: &str) -> CloudEvent {
-    CloudEvent::of("/test", Some(session), &SessionOpen { user: user.to_owned(), workspace: workspace.to_owned(), profile: None })
+    let open = SessionOpen { user: user.parse().expect("a user id"), workspace: workspace.parse().expect("a workspace id"), profile: None };
+    CloudEvent::of("/test", Some(session), &open)
 }
 
 /// A work probe's answer for a container that used `cpu_ns` in all and did nothing else.
@@ -1207,7 +1208,11 @@ async fn the_token_user_wins_and_a_foreign_profile_is_refused() {
         .publish(&CloudEvent::of(
             "/test",
             Some(&foreign),
-            &SessionOpen { user: "alice".to_owned(), workspace: "w1".to_owned(), profile: Some("prod".to_owned()) },
+            &SessionOpen {
+                user: "alice".parse().expect("a user id"),
+                workspace: "w1".parse().expect("a workspace id"),
+                profile: Some("prod".to_owned()),
+            },
         ))
         .await;
     let closed = harness.notification(&foreign, "closed").await;

@@ -11,6 +11,11 @@
 //! patterns (`patterns/*.json`) read event data by these names.
 //!
 //! The host reports (`container.host_report`, `workspace.host_report`) are [`crate::host::HostReport`].
+//!
+//! **Identifiers.** A field that names a session, a user or a workspace is a [`SessionId`],
+//! [`UserId`] or [`WorkspaceId`]: the same string on the wire, checked by its one rule when the
+//! data is read, so [`CloudEvent::data_as`] refuses a malformed id by name instead of handing it
+//! on. (A container inventory's entries stay text: they are Docker labels, `""` when absent.)
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -18,6 +23,7 @@ use serde_json::Value;
 
 use crate::event::CloudEvent;
 use crate::host::HostReport;
+use crate::ids::{SessionId, UserId, WorkspaceId};
 use crate::message::Task;
 
 /// Every event type of the catalogue.
@@ -231,8 +237,8 @@ event_data! {
 /// `session.open`: starts (or joins) the session `subject` of `user`'s `workspace`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionOpen {
-    pub user: String,
-    pub workspace: String,
+    pub user: UserId,
+    pub workspace: WorkspaceId,
     /// Must be the deployment's when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
@@ -297,8 +303,8 @@ pub struct SessionFailover {
 /// The reconciler's finding: stranded work of a session without a live thred.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecover {
-    pub user: String,
-    pub workspace: String,
+    pub user: UserId,
+    pub workspace: WorkspaceId,
     /// What was found: an orphan container or a stranded directory.
     pub reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -395,7 +401,7 @@ pub struct WorkspaceConflict {
     pub files: Vec<ConflictFile>,
     /// The stranded sibling directory being saved when it happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from_session: Option<String>,
+    pub from_session: Option<SessionId>,
 }
 
 /// One file whose object changed in the store since this session saw it; both versions were kept.
@@ -428,8 +434,8 @@ pub struct WorkspaceFailed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkspaceRecovered {
     pub host: String,
-    pub user: String,
-    pub workspace: String,
+    pub user: UserId,
+    pub workspace: WorkspaceId,
     pub prefix: String,
     pub files: u64,
     pub bytes: u64,
@@ -462,9 +468,9 @@ pub struct WorkspaceInventory {
 /// One session directory on a host; `user`, `workspace` and `profile` are `null` without a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirectoryEntry {
-    pub session: String,
-    pub user: Option<String>,
-    pub workspace: Option<String>,
+    pub session: SessionId,
+    pub user: Option<UserId>,
+    pub workspace: Option<WorkspaceId>,
     pub profile: Option<String>,
     /// RFC 3339.
     pub modified: String,
@@ -818,6 +824,25 @@ mod tests {
         let without_data = CloudEvent::new(kind::SESSION_CLOSE, "/t", Some("s-1"), Value::Null);
         assert_eq!(without_data.data_as::<SessionClose>(), Ok(SessionClose { reason: None }));
         assert!(check(&CloudEvent::new(kind::SESSION_OPEN, "/t", Some("s-1"), Value::Null)).is_err());
+    }
+
+    #[test]
+    fn ids_keep_their_wire_form_and_a_malformed_one_is_refused_by_name() {
+        let open = SessionOpen { user: UserId::parse("alice").unwrap(), workspace: WorkspaceId::parse("w1").unwrap(), profile: None };
+        let event = CloudEvent::of("/t", Some("s-1"), &open);
+        assert_eq!(event.data, json!({"user": "alice", "workspace": "w1"}));
+        assert_eq!(event.data_as::<SessionOpen>().unwrap(), open);
+        let wildcard = CloudEvent::new(kind::SESSION_OPEN, "/t", Some("s-1"), json!({"user": "#", "workspace": "w1"}));
+        assert_eq!(
+            wildcard.data_as::<SessionOpen>().unwrap_err(),
+            DataError::Invalid { event_type: "session.open".into(), reason: format!("user id \"#\": {}", UserId::RULE) }
+        );
+        let listed = json!({"deployment": "d", "host": "h", "directories": [
+            {"session": "../up", "user": null, "workspace": null, "profile": null, "modified": "2026-01-01T00:00:00Z", "confirmed": false}
+        ]});
+        let inventory = CloudEvent::new(kind::WORKSPACE_INVENTORY, "/t", None, listed);
+        let refused = inventory.data_as::<WorkspaceInventory>().unwrap_err().to_string();
+        assert!(refused.starts_with("`workspace.inventory` data: session id \"../up\""), "{refused}");
     }
 
     #[test]

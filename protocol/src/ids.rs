@@ -80,6 +80,25 @@ macro_rules! identifier {
                 formatter.write_str(&self.0)
             }
         }
+
+        // Compared with text as it is (a test's expectation, a path segment), without parsing it.
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
     };
 }
 
@@ -166,6 +185,14 @@ mod tests {
     fn errors_name_the_kind_the_value_and_the_rule() {
         let error = UserId::parse("#").unwrap_err();
         assert_eq!(error.to_string(), format!("user id \"#\": {}", UserId::RULE));
+    }
+
+    #[test]
+    fn ids_compare_with_text() {
+        let user = UserId::parse("alice").unwrap();
+        let text = String::from("alice");
+        assert!(user == "alice" && user == *"alice" && user == text);
+        assert!(user != "bob");
     }
 
     #[test]

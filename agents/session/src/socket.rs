@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use protocol::events::{EventData, InputSource, SessionActivity, SessionClose, SessionKeepalive, SessionOpen};
+use protocol::ids::{UserId, WorkspaceId};
 use protocol::{CloudEvent, Notification};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -460,8 +461,15 @@ pub(crate) async fn request_open(
             format!("this deployment runs profile {:?}, not {profile:?}", state.config.profile_name),
         ));
     }
+    // Both were checked already (the token's subject, the frame's workspace); parsed again here,
+    // where the event is built, so the event can only carry ids that its readers accept.
+    let bad_request = |error: protocol::ids::IdError| ServerFrame::error(id.clone(), ErrorCode::BadRequest, error.to_string());
+    let data = SessionOpen {
+        user: UserId::parse(user).map_err(bad_request)?,
+        workspace: WorkspaceId::parse(workspace).map_err(bad_request)?,
+        profile: Some(profile.to_owned()),
+    };
     let session = uuid::Uuid::now_v7().to_string();
-    let data = SessionOpen { user: user.to_owned(), workspace: workspace.to_owned(), profile: Some(profile.to_owned()) };
     let event = user_event(state, user, &session, &data);
     // Registered before publishing: the engine's answer can beat the broker's confirm.
     let awaited = state.hub.await_notification(user, &event.id);

@@ -179,7 +179,7 @@ async fn fake_engine(bus: &Bus, events_exchange: &str, table: Table) -> Result<(
             let Ok(event) = CloudEvent::parse(&delivery.body, 1 << 20) else { continue };
             seen.lock().expect("opens").push(event.clone());
             let user = event.extension("userid").unwrap_or_default().to_owned();
-            let workspace = event.data_as::<SessionOpen>().map(|open| open.workspace).unwrap_or_default();
+            let workspace = event.data_as::<SessionOpen>().map(|open| String::from(open.workspace)).unwrap_or_default();
             let requested = event.subject.clone().unwrap_or_default();
             let (session, state, detail) = match live.get(&(user.clone(), workspace.clone())) {
                 Some(live_session) => (live_session.clone(), "running", json!({"joined": true})),

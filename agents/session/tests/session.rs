@@ -361,7 +361,7 @@ impl FakeEngine {
                     continue;
                 }
                 let user = event.extension("userid").unwrap_or_default().to_owned();
-                let workspace = event.data_as::<SessionOpen>().map(|open| open.workspace).unwrap_or_default();
+                let workspace = event.data_as::<SessionOpen>().map(|open| String::from(open.workspace)).unwrap_or_default();
                 let requested = event.subject.clone().unwrap_or_default();
                 let (session, state, detail) = match live.get(&(user.clone(), workspace.clone())) {
                     Some(live_session) => (live_session.clone(), "running", json!({"joined": true, "host": "127.0.0.1", "port": 40123})),
@@ -566,7 +566,7 @@ async fn open_publishes_with_the_token_user_and_a_new_session_id() -> Result<()>
     assert_eq!(opened.extension("userid"), Some(alice.as_str()));
     assert_eq!(
         opened.data_as::<SessionOpen>()?,
-        SessionOpen { user: alice.clone(), workspace: "thesis".to_owned(), profile: Some("dev".to_owned()) }
+        SessionOpen { user: alice.parse()?, workspace: "thesis".parse()?, profile: Some("dev".to_owned()) }
     );
     // The answer came first; the notification it waited for is pushed as a status as always.
     let status = next_frame(&mut socket).await?;

@@ -616,9 +616,9 @@ impl WorkspaceAgent {
 
     /// Tells the session's thred about conflicts (both versions were kept).
     /// Many conflicts go in several events, each well below the bus's event size limit.
-    async fn report_conflicts(&self, reply: &Reply, conflicts: &[ConflictRecord], from_session: Option<&str>) -> Result<()> {
+    async fn report_conflicts(&self, reply: &Reply, conflicts: &[ConflictRecord], from_session: Option<&SessionId>) -> Result<()> {
         for chunk in chunks_within(conflicts, usize::MAX, EVENT_LIST_BYTES) {
-            let data = WorkspaceConflict { files: chunk.to_vec(), from_session: from_session.map(str::to_owned) };
+            let data = WorkspaceConflict { files: chunk.to_vec(), from_session: from_session.cloned() };
             self.events.emit(reply.event(&data)).await?;
         }
         Ok(())
@@ -638,8 +638,13 @@ impl WorkspaceAgent {
                 if sibling == session {
                     continue;
                 }
-                let header = manifest::load_header_blocking(&manifest::manifest_path(&root, &sibling)).ok().flatten();
-                let directory_exists = std::fs::symlink_metadata(root.join(&sibling)).is_ok();
+                // Markers are written for sessions of valid tasks: any other name is not ours.
+                let Ok(sibling) = SessionId::parse(&sibling) else {
+                    tracing::warn!(sibling, prefix, "workspace index entry that is no session id; ignored");
+                    continue;
+                };
+                let header = manifest::load_header_blocking(&manifest::manifest_path(&root, sibling.as_str())).ok().flatten();
+                let directory_exists = std::fs::symlink_metadata(root.join(sibling.as_str())).is_ok();
                 match header {
                     Some(header) if header.phase != Phase::Removed && directory_exists => {
                         let same_workspace = header.prefix == prefix
@@ -651,7 +656,7 @@ impl WorkspaceAgent {
                         }
                     }
                     // Removed, or gone without a remove: nothing to save any more.
-                    _ if !directory_exists => inventory::unmark(&root, &prefix, &sibling),
+                    _ if !directory_exists => inventory::unmark(&root, &prefix, sibling.as_str()),
                     _ => {}
                 }
             }
@@ -663,7 +668,7 @@ impl WorkspaceAgent {
                 tracing::info!(session = %target.session, sibling = %sibling, "sibling directory busy with its own task; not saved here");
                 continue;
             };
-            let sibling_target = target.for_session(&sibling, &self.profile);
+            let sibling_target = target.for_session(sibling.as_str(), &self.profile);
             match self.final_sync(&sibling_target, Uuid::now_v7()).await {
                 Ok(report) => {
                     tracing::info!(
@@ -692,6 +697,11 @@ impl WorkspaceAgent {
         let found = blocking(move || inventory::list(&root)).await?;
         let mut directories = Vec::with_capacity(found.len());
         for entry in found {
+            // Only a session id names a session's directory; any other folder is not one of ours.
+            let Ok(session) = SessionId::parse(&entry.session) else {
+                tracing::warn!(directory = entry.session, "folder that is no session id; not listed");
+                continue;
+            };
             let confirmed = match &entry.manifest {
                 Some(header) if header.final_sync_confirmed() => {
                     let directory = locate(&self.profile, &entry.session).directory;
@@ -707,10 +717,18 @@ impl WorkspaceAgent {
                 _ => false,
             };
             let manifest = entry.manifest.as_ref();
+            // A manifest's owner that is no valid id (not written by this agent) is listed as
+            // unknown, like a directory without a manifest: the engine then leaves it alone.
+            let owner =
+                manifest.and_then(|manifest| Some((UserId::parse(&manifest.user).ok()?, WorkspaceId::parse(&manifest.workspace).ok()?)));
+            if manifest.is_some() && owner.is_none() {
+                tracing::warn!(session = %session, "manifest names no valid user and workspace id; listed without an owner");
+            }
+            let (user, workspace) = owner.unzip();
             directories.push(DirectoryEntry {
-                session: entry.session,
-                user: manifest.map(|manifest| manifest.user.clone()),
-                workspace: manifest.map(|manifest| manifest.workspace.clone()),
+                session,
+                user,
+                workspace,
                 profile: manifest.map(|manifest| manifest.profile.clone()).filter(|profile| !profile.is_empty()),
                 modified: entry.modified.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 confirmed,

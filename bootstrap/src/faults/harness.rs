@@ -21,6 +21,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
 use protocol::events::{EventData, SessionClose, SessionOpen};
+use protocol::ids::{UserId, WorkspaceId};
 use protocol::store::{collections, FindArgs, StoreClient};
 use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Notification, Outcome};
 use serde_json::{json, Value};
@@ -613,7 +614,7 @@ impl Deployment {
     /// live session of the workspace it joined).
     pub async fn open_amqp(&self, user: &str, workspace: &str) -> anyhow::Result<String> {
         let requested = uuid::Uuid::now_v7().to_string();
-        let open = SessionOpen { user: user.to_owned(), workspace: workspace.to_owned(), profile: None };
+        let open = SessionOpen { user: UserId::parse(user)?, workspace: WorkspaceId::parse(workspace)?, profile: None };
         let event = CloudEvent::of("/berth/faults", Some(&requested), &open).with_extension("userid", user);
         self.publish_as_client(&event).await?;
         let answer = self

@@ -4,6 +4,7 @@
 //! whose owner is unknown is removed, its directory left for the workspace inventory.
 
 use protocol::events::{kind, SessionRecover};
+use protocol::ids::{UserId, WorkspaceId};
 use protocol::{AgentKind, CloudEvent, Task};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
@@ -80,7 +81,18 @@ impl Engine {
             let text = |field: &str| entry.get(field).and_then(Value::as_str).filter(|value| !value.is_empty());
             match (text("user"), text("workspace")) {
                 (Some(user), Some(workspace)) => {
-                    let recover = recover_event(&self.inner.keys, inventory, session, user, workspace, entry, inventory_host);
+                    // Ids no reader would accept (a label or a manifest Berth did not write): left alone.
+                    let (Ok(user_id), Ok(workspace_id)) = (UserId::parse(user), WorkspaceId::parse(workspace)) else {
+                        tracing::warn!(
+                            session,
+                            user,
+                            workspace,
+                            what = inventory.what(),
+                            "owner is no valid user and workspace id; left alone"
+                        );
+                        continue;
+                    };
+                    let recover = recover_event(&self.inner.keys, inventory, session, &user_id, &workspace_id, entry, inventory_host);
                     tracing::info!(session, user, workspace, what = inventory.what(), "no live session owns it; recovering");
                     self.inner.publisher.publish_event_to(&self.inner.config.events_exchange, &recover).await?;
                     Metrics::count(&self.inner.metrics.recoveries);
@@ -167,8 +179,8 @@ fn recover_event(
     keys: &Keys,
     inventory: Inventory,
     session: &str,
-    user: &str,
-    workspace: &str,
+    user: &UserId,
+    workspace: &WorkspaceId,
     entry: &Value,
     host: Option<&str>,
 ) -> CloudEvent {
@@ -177,8 +189,8 @@ fn recover_event(
         Inventory::Directories => format!("directory/{}", entry.get("modified").and_then(Value::as_str).unwrap_or_default()),
     };
     let data = SessionRecover {
-        user: user.to_owned(),
-        workspace: workspace.to_owned(),
+        user: user.clone(),
+        workspace: workspace.clone(),
         reason: inventory.what().to_owned(),
         container_id: entry.get("container_id").and_then(Value::as_str).map(str::to_owned),
         host: host.map(str::to_owned),

@@ -18,6 +18,7 @@
 //! preserved}`; only then does the engine remove the container there and tell the user.
 
 use protocol::events::{WorkspaceRecovered, WorkspaceSyncFailed};
+use protocol::ids::{UserId, WorkspaceId};
 use serde::{Deserialize, Serialize};
 
 use super::{Create, Keep, WorkspaceAgent};
@@ -41,8 +42,8 @@ struct Fence {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RecoverArgs {
-    user: String,
-    workspace: String,
+    user: UserId,
+    workspace: WorkspaceId,
     /// The host whose copy this is: this agent's own.
     host: String,
     /// Where the copy goes: exactly `recovered/<host>/<session>`.
@@ -99,7 +100,7 @@ impl WorkspaceAgent {
         if args.prefix != expected {
             return Err(Error::BadTask(format!("recover prefix {:?}: only {expected:?} is accepted", args.prefix)));
         }
-        let base = self.target(session, &args.user, &args.workspace)?;
+        let base = self.target(session, args.user.as_str(), args.workspace.as_str())?;
         let _guards = self.lock_workspace(&base).await;
         let relative = ObjectPath::parse(&expected).map_err(|error| Error::BadTask(format!("prefix {expected:?}: {error}")))?;
         let mut target = base.clone();
@@ -129,7 +130,7 @@ impl WorkspaceAgent {
             // new copy, every file uploaded afresh (an object a cut-short attempt already stored
             // identically is adopted). The manifest keeps the workspace's prefix text, so removing
             // the directory clears its sibling marker.
-            let mut fresh = Manifest::new(session, &args.user, &args.workspace, &self.profile.name, &base.prefix_text);
+            let mut fresh = Manifest::new(session, args.user.as_str(), args.workspace.as_str(), &self.profile.name, &base.prefix_text);
             fresh.phase = Phase::Complete;
             manifest::save(target.manifest_path.clone(), fresh, Durability::Flushed).await?;
         }
