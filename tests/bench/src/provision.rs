@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bollard::container::{ListContainersOptions, RemoveContainerOptions};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
+use protocol::events::ContainerReady;
 use protocol::profile::HealthCheck;
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Task};
 use serde_json::json;
@@ -148,13 +149,14 @@ impl Bench {
         let session = self.session(name);
         let task = self.task(&session, "provision", json!({"user": "bench", "workspace": name}));
         let (event, elapsed) = self.send_and_wait(&task, "container.ready").await?;
-        anyhow::ensure!(event.event_type == "container.ready", "provision of {session} failed: {}", event.data);
-        let stage = |name: &str| Duration::from_millis(event.data["timings_ms"][name].as_u64().unwrap_or(0));
-        let docker_part = stage("create") + stage("start") + stage("ready");
+        let ready: ContainerReady =
+            event.data_as().map_err(|error| anyhow::anyhow!("provision of {session} failed: {error}: {}", event.data))?;
+        let [create, start, ready] = [ready.timings_ms.create, ready.timings_ms.start, ready.timings_ms.ready].map(Duration::from_millis);
+        let docker_part = create + start + ready;
         self.stages.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push([
-            stage("create"),
-            stage("start"),
-            stage("ready"),
+            create,
+            start,
+            ready,
             elapsed.saturating_sub(docker_part),
         ]);
         Ok(elapsed)

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use object_store::path::Path as ObjectPath;
+use protocol::events::WorkspaceSynced;
 use protocol::{AgentKind, Outcome, Profile, Task};
 use serde_json::json;
 use uuid::Uuid;
@@ -160,11 +161,8 @@ async fn measure(profile: &Profile, store: &OpenedStore, user: &str) -> anyhow::
         let started = Instant::now();
         agent.handle(&task("sync", &session, json!({"user": user, "workspace": "sync", "final": false}))).await?;
         timings.push(started.elapsed());
-        let synced = events.events().into_iter().find(|event| event.event_type == "workspace.synced");
-        anyhow::ensure!(
-            synced.as_ref().is_some_and(|event| event.data["uploaded"] == 1),
-            "sync did not upload exactly one file: {synced:?}"
-        );
+        let synced = events.events().into_iter().find_map(|event| event.data_as::<WorkspaceSynced>().ok());
+        anyhow::ensure!(synced.as_ref().is_some_and(|synced| synced.uploaded == 1), "sync did not upload exactly one file: {synced:?}");
     }
     timings.sort();
     round_ratios.sort_by(f64::total_cmp);
