@@ -616,7 +616,7 @@ pub struct PoolSlotRemoved {
 
 /// The wire field names of a payload type, as serde's derive declares them to a deserializer.
 #[cfg(test)]
-mod introspect {
+pub(crate) mod introspect {
     use serde::de::{self, Deserialize, Deserializer, Visitor};
 
     struct Fields<'a>(&'a mut &'static [&'static str]);

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod profile;
 pub mod store;
 pub mod supervise;
+pub mod tasks;
 pub mod telemetry;
 pub mod topology;
 
