@@ -19,8 +19,8 @@ use protocol::events::{
     WorkspaceProgress, WorkspaceQuotaExceeded, WorkspaceRemoved, WorkspaceSyncFailed, WorkspaceSynced,
 };
 use protocol::ids::{SessionId, UserId, WorkspaceId};
+use protocol::tasks::{TaskArgs, WorkspaceMaterialize, WorkspaceRecover, WorkspaceRemove, WorkspaceSync};
 use protocol::{AgentKind, Outcome, Profile, Task};
-use serde::Deserialize;
 
 use uuid::Uuid;
 
@@ -83,40 +83,6 @@ impl AgentSettings {
             max_path_depth: 64,
         }
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MaterializeArgs {
-    user: String,
-    workspace: String,
-    /// The warm-pool slot the engine bound to this session ('' or absent = a cold open): its empty
-    /// directory, already mounted in the slot's container, becomes the session directory.
-    #[serde(default)]
-    slot: Option<String>,
-    /// The session was moved here from another host: record in the store that this host writes
-    /// the workspace now, so the old host's waiting tasks can't (`recover.rs`).
-    #[serde(default)]
-    fence: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SyncArgs {
-    user: String,
-    workspace: String,
-    #[serde(rename = "final", default)]
-    final_sync: bool,
-}
-
-/// `remove`'s arguments. `{}` (recovery, older patterns) deletes.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RemoveArgs {
-    /// Keep the directory in this host's workspace cache instead of deleting it, when the
-    /// profile gives the cache a budget (`workspace.cache_mib`).
-    #[serde(default)]
-    cache: bool,
 }
 
 /// What `remove` does with a directory the confirmed final sync covers.
@@ -250,8 +216,9 @@ fn check_identifier<Id>(parse: fn(&str) -> std::result::Result<Id, protocol::ids
     parse(value).map(drop).map_err(|error| Error::BadTask(error.to_string()))
 }
 
-fn parse_args<T: serde::de::DeserializeOwned>(task: &Task) -> Result<T> {
-    serde_json::from_value(task.args.clone()).map_err(|error| Error::BadTask(format!("args of `{}`: {error}", task.action)))
+/// The task's args as their `protocol::tasks` type; args that do not fit are a bad task.
+fn parse_args<T: TaskArgs>(task: &Task) -> Result<T> {
+    task.args_as::<T>().map_err(|error| Error::BadTask(error.to_string()))
 }
 
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -348,12 +315,9 @@ impl WorkspaceAgent {
         check_identifier(SessionId::parse, session)?;
         match task.action.as_str() {
             "materialize" => {
-                let args: MaterializeArgs = parse_args(task)?;
-                let slot = args.slot.as_deref().filter(|slot| !slot.is_empty());
-                if let Some(slot) = slot {
-                    check_identifier(SessionId::parse, slot)?;
-                }
-                let target = self.target(session, &args.user, &args.workspace)?;
+                let args: WorkspaceMaterialize = parse_args(task)?;
+                let slot = args.slot.as_ref().map(SessionId::as_str);
+                let target = self.target(session, args.user.as_str(), args.workspace.as_str())?;
                 let _guards = self.lock_workspace(&target).await;
                 if let Some(slot) = slot {
                     self.take_pool_slot(session, slot).await?;
@@ -384,8 +348,8 @@ impl WorkspaceAgent {
                 }
             }
             "sync" => {
-                let args: SyncArgs = parse_args(task)?;
-                let target = self.target(session, &args.user, &args.workspace)?;
+                let args: WorkspaceSync = parse_args(task)?;
+                let target = self.target(session, args.user.as_str(), args.workspace.as_str())?;
                 let kind = if args.final_sync { SyncKind::Final } else { SyncKind::Routine };
                 let _guards = self.lock_workspace(&target).await;
                 let outcome = match kind {
@@ -419,7 +383,7 @@ impl WorkspaceAgent {
                 }
             }
             "remove" => {
-                let args: RemoveArgs = parse_args(task)?;
+                let args: WorkspaceRemove = parse_args(task)?;
                 let keep = if args.cache && self.profile.workspace.cache_mib > 0 { Keep::Cache } else { Keep::Delete };
                 let _guard = self.lock(format!("session:{session}")).await;
                 match self.remove(session, keep).await {
@@ -441,7 +405,7 @@ impl WorkspaceAgent {
                 }
             }
             "recover" => {
-                let args: recover::RecoverArgs = parse_args(task)?;
+                let args: WorkspaceRecover = parse_args(task)?;
                 self.recover(session, args, reply).await
             }
             other => Err(Error::BadTask(format!("unknown action {other:?} (expected materialize, sync, remove or recover)"))),

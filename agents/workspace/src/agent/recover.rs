@@ -18,7 +18,7 @@
 //! preserved}`; only then does the engine remove the container there and tell the user.
 
 use protocol::events::{WorkspaceRecovered, WorkspaceSyncFailed};
-use protocol::ids::{UserId, WorkspaceId};
+use protocol::tasks::WorkspaceRecover;
 use serde::{Deserialize, Serialize};
 
 use super::{Create, Keep, WorkspaceAgent};
@@ -37,17 +37,6 @@ struct Fence {
     session: String,
     host: String,
     at: chrono::DateTime<chrono::Utc>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RecoverArgs {
-    user: UserId,
-    workspace: WorkspaceId,
-    /// The host whose copy this is: this agent's own.
-    host: String,
-    /// Where the copy goes: exactly `recovered/<host>/<session>`.
-    prefix: String,
 }
 
 /// How often a recover syncs again when the directory changed under it (its container may still
@@ -91,7 +80,7 @@ impl WorkspaceAgent {
         Ok(())
     }
 
-    pub(super) async fn recover(&self, session: &str, args: RecoverArgs, reply: &Reply) -> Result<()> {
+    pub(super) async fn recover(&self, session: &str, args: WorkspaceRecover, reply: &Reply) -> Result<()> {
         let here = self.profile.host();
         if args.host != here {
             return Err(Error::BadTask(format!("recover for host {} sent to host {here}", args.host)));
