@@ -36,6 +36,8 @@ use super::{notification_message, task_message_on, Engine};
 use crate::core::Thred;
 use crate::Result;
 use protocol::events::{kind, SessionFailover};
+use protocol::ids::{UserId, WorkspaceId};
+use protocol::tasks::{ContainerRemove, WorkspaceRecover};
 use protocol::{AgentKind, CloudEvent, Notification, Task};
 
 /// What the engine sends a live session placed on a host gone for `hosts.failover_after`.
@@ -250,18 +252,16 @@ impl Engine {
         index: usize,
         host: &str,
         session: &str,
-        user: &str,
-        workspace: &str,
+        user: &UserId,
+        workspace: &WorkspaceId,
     ) -> Result<super::OutboxMessage> {
-        let task = Task {
-            id: Task::stable_id(&cause.id, index),
-            agent: AgentKind::Workspace,
-            action: "recover".to_owned(),
-            session: Some(session.to_owned()),
-            thred: None,
-            cause: Some(cause.id.clone()),
-            args: json!({"user": user, "workspace": workspace, "host": host, "prefix": recovered_prefix(host, session)}),
+        let args = WorkspaceRecover {
+            user: user.clone(),
+            workspace: workspace.clone(),
+            host: host.to_owned(),
+            prefix: recovered_prefix(host, session),
         };
+        let task = Task { cause: Some(cause.id.clone()), ..Task::of(Task::stable_id(&cause.id, index), Some(session), &args) };
         task_message_on(&self.inner.config, &task, Some(host))
     }
 
@@ -275,15 +275,8 @@ impl Engine {
         if !protocol::profile::is_deployment_id(host) {
             return Ok(());
         }
-        let task = Task {
-            id: Task::stable_id(&event.id, 0),
-            agent: AgentKind::Container,
-            action: "remove".to_owned(),
-            session: Some(session.to_owned()),
-            thred: None,
-            cause: Some(event.id.clone()),
-            args: json!({}),
-        };
+        let remove = ContainerRemove { container_id: None };
+        let task = Task { cause: Some(event.id.clone()), ..Task::of(Task::stable_id(&event.id, 0), Some(session), &remove) };
         let mut messages = vec![task_message_on(&self.inner.config, &task, Some(host))?];
         if let Some(user) = event.data.get("user").and_then(Value::as_str) {
             // The session itself is where it is (running elsewhere, typically): the notification

@@ -5,9 +5,10 @@
 
 use protocol::events::{kind, SessionRecover};
 use protocol::ids::{UserId, WorkspaceId};
-use protocol::{AgentKind, CloudEvent, Task};
+use protocol::tasks::ContainerRemove;
+use protocol::{CloudEvent, Task};
 use redis::AsyncCommands;
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::keys::SEEN_BUCKET_TTL_SECS;
@@ -64,8 +65,19 @@ impl Engine {
                 if self.failed_over_from(host, session).await? {
                     let text = |field: &str| entry.get(field).and_then(Value::as_str).filter(|value| !value.is_empty());
                     if let (Inventory::Directories, Some(user), Some(workspace)) = (inventory, text("user"), text("workspace")) {
+                        // Ids the workspace agent would refuse (a manifest Berth did not write): left alone.
+                        let (Ok(user), Ok(workspace)) = (UserId::parse(user), WorkspaceId::parse(workspace)) else {
+                            tracing::warn!(
+                                session,
+                                host,
+                                user,
+                                workspace,
+                                "failed-over directory's owner is no valid user and workspace id; left alone"
+                            );
+                            continue;
+                        };
                         tracing::info!(session, host, "a session moved off this host by failover left its directory; recovering it apart");
-                        removals.push(self.recover_task(event, index, host, session, user, workspace)?);
+                        removals.push(self.recover_task(event, index, host, session, &user, &workspace)?);
                     }
                     continue;
                 }
@@ -106,15 +118,9 @@ impl Engine {
                         continue;
                     };
                     tracing::info!(session, container_id, "orphan container without user and workspace; removing it, its directory stays");
-                    let task = Task {
-                        id: Task::stable_id(&event.id, index),
-                        agent: AgentKind::Container,
-                        action: "remove".to_owned(),
-                        session: Some(session.to_owned()),
-                        thred: None,
-                        cause: Some(event.id.clone()),
-                        args: json!({"container_id": container_id}),
-                    };
+                    let remove = ContainerRemove { container_id: Some(container_id.to_owned()) };
+                    let task =
+                        Task { cause: Some(event.id.clone()), ..Task::of(Task::stable_id(&event.id, index), Some(session), &remove) };
                     // To the host whose inventory found it: another host's agent would not see it.
                     removals.push(task_message_on(&self.inner.config, &task, inventory_host)?);
                 }
