@@ -250,8 +250,8 @@ async fn measure_warm(bench: &Bench<'_>, users: &[String], settings: &OpenBenchS
     let (stop, stopping) = watch::channel(false);
     let mut components = spawn_components(&profile, Components::Headless, &stopping);
     let warm_bench = Bench { profile: &profile, ..*bench };
+    let mut warm_rows = Vec::new();
     let measured = async {
-        let mut warm_rows = Vec::new();
         for workload in WARM_WORKLOADS {
             eprintln!("warm pool: seeding {} users with {} ...", users.len(), workload.label);
             for user in users {
@@ -287,13 +287,21 @@ async fn measure_warm(bench: &Bench<'_>, users: &[String], settings: &OpenBenchS
                 });
             }
         }
-        Ok::<_, anyhow::Error>(warm_rows)
+        Ok::<_, anyhow::Error>(())
     }
     .await;
     let _ = stop.send(true);
     while components.join_next().await.is_some() {}
     remove_pool(&profile).await;
-    measured
+    // A row that fails (the store timing out under the largest round, say) loses only itself:
+    // the rows measured before it are printed with the error.
+    if let Err(error) = &measured {
+        if !warm_rows.is_empty() {
+            eprintln!("a warm row failed ({error}); the rows measured before it:");
+            print_rows(&warm_rows, settings);
+        }
+    }
+    measured.map(|()| warm_rows)
 }
 
 /// Waits until the warm pool holds `slots` free slots.
