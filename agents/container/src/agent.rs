@@ -20,9 +20,11 @@ use std::time::{Duration, Instant};
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum};
 use bollard::Docker;
 use protocol::events::{ContainerFailed, EventData};
+use protocol::tasks::{
+    ArgsError, ContainerClaim, ContainerPause, ContainerPoolCreate, ContainerPoolRemove, ContainerProbe, ContainerProvision,
+    ContainerRemove, ContainerResume, ContainerStats, ContainerStop, ContainerWake,
+};
 use protocol::{Bus, CloudEvent, Outcome, Profile, Task};
-use serde::Deserialize;
-use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use crate::egress;
@@ -118,26 +120,6 @@ enum Action {
         user: String,
         workspace: String,
     },
-}
-
-#[derive(Debug, Deserialize)]
-struct ProvisionArgs {
-    user: String,
-    workspace: String,
-    #[serde(default)]
-    slot: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PoolArgs {
-    slot: String,
-}
-
-#[derive(Debug, Deserialize, Default)]
-struct RemoveArgs {
-    #[serde(default)]
-    container_id: Option<String>,
 }
 
 /// A failure of the container work itself: answered with `container.failed`, not retried.
@@ -384,60 +366,50 @@ impl Agent {
     }
 }
 
+/// A pool task is about a slot, not a session: the slot and the action, `None` for other tasks.
+fn pool_task(task: &Task) -> std::result::Result<Option<(String, Action)>, ArgsError> {
+    Ok(match task.action.as_str() {
+        "pool_create" => {
+            let slot = String::from(task.args_as::<ContainerPoolCreate>()?.slot);
+            Some((slot.clone(), Action::PoolCreate { slot }))
+        }
+        "pool_remove" => {
+            let slot = String::from(task.args_as::<ContainerPoolRemove>()?.slot);
+            Some((slot.clone(), Action::PoolRemove { slot }))
+        }
+        _ => None,
+    })
+}
+
+/// The task's session (or `pool-<slot>`) and action, its args read through `protocol::tasks`.
 fn parse_task(task: &Task) -> Result<(String, Action)> {
     let bad = |reason: String| Error::BadTask { task_id: task.id.to_string(), reason };
+    let args = |error: ArgsError| bad(error.to_string());
     if task.agent != protocol::AgentKind::Container {
         return Err(bad(format!("task for the {} agent reached the container agent", task.agent)));
     }
-    let args = if task.args.is_null() { json!({}) } else { task.args.clone() };
-    // A pool task is about a slot, not a session: its work is serialised on the slot's container
-    // name instead (`pool-<slot>`).
-    let pool_slot = matches!(task.action.as_str(), "pool_create" | "pool_remove")
-        .then(|| args.get("slot").and_then(Value::as_str).unwrap_or_default().to_owned());
-    let session = match (task.session.clone(), pool_slot) {
-        (_, Some(slot)) => {
-            if !slot.is_empty() {
-                spec::validate_session_id(&slot).map_err(|reason| bad(format!("slot: {reason}")))?;
-            }
-            format!("pool-{slot}")
-        }
-        (Some(session), None) => session,
-        (None, None) => return Err(bad("container tasks need a `session`".to_owned())),
-    };
+    // A pool task's work is serialised on the slot's container name instead (`pool-<slot>`).
+    if let Some((slot, action)) = pool_task(task).map_err(args)? {
+        let session = format!("pool-{slot}");
+        spec::validate_session_id(&session).map_err(bad)?;
+        return Ok((session, action));
+    }
+    let session = task.session.clone().ok_or_else(|| bad("container tasks need a `session`".to_owned()))?;
     spec::validate_session_id(&session).map_err(bad)?;
     let action = match task.action.as_str() {
         "provision" => {
-            let parsed: ProvisionArgs = serde_json::from_value(args).map_err(|error| bad(format!("provision args: {error}")))?;
-            spec::validate_label_value("user", &parsed.user).map_err(bad)?;
-            spec::validate_label_value("workspace", &parsed.workspace).map_err(bad)?;
-            let slot = parsed.slot.filter(|slot| !slot.is_empty());
-            if let Some(slot) = &slot {
-                spec::validate_session_id(slot).map_err(|reason| bad(format!("slot: {reason}")))?;
-            }
-            Action::Provision { user: parsed.user, workspace: parsed.workspace, slot }
+            let parsed: ContainerProvision = task.args_as().map_err(args)?;
+            Action::Provision { user: parsed.user.into(), workspace: parsed.workspace.into(), slot: parsed.slot.map(String::from) }
         }
         "claim" => {
-            let parsed: ProvisionArgs = serde_json::from_value(args).map_err(|error| bad(format!("claim args: {error}")))?;
-            spec::validate_label_value("user", &parsed.user).map_err(bad)?;
-            spec::validate_label_value("workspace", &parsed.workspace).map_err(bad)?;
-            let slot = parsed.slot.filter(|slot| !slot.is_empty()).ok_or_else(|| bad("claim args: a `slot` is needed".to_owned()))?;
-            spec::validate_session_id(&slot).map_err(|reason| bad(format!("slot: {reason}")))?;
-            Action::Claim { user: parsed.user, workspace: parsed.workspace, slot }
+            let parsed: ContainerClaim = task.args_as().map_err(args)?;
+            Action::Claim { user: parsed.user.into(), workspace: parsed.workspace.into(), slot: parsed.slot.into() }
         }
-        "pool_create" | "pool_remove" => {
-            let parsed: PoolArgs = serde_json::from_value(args).map_err(|error| bad(format!("{} args: {error}", task.action)))?;
-            spec::validate_session_id(&parsed.slot).map_err(|reason| bad(format!("slot: {reason}")))?;
-            if task.action == "pool_create" {
-                Action::PoolCreate { slot: parsed.slot }
-            } else {
-                Action::PoolRemove { slot: parsed.slot }
-            }
-        }
-        "pause" => Action::Pause,
-        "resume" => Action::Resume,
-        "stop" => Action::Stop,
+        "pause" => task.args_as::<ContainerPause>().map(|_| Action::Pause).map_err(args)?,
+        "resume" => task.args_as::<ContainerResume>().map(|_| Action::Resume).map_err(args)?,
+        "stop" => task.args_as::<ContainerStop>().map(|_| Action::Stop).map_err(args)?,
         "remove" => {
-            let parsed: RemoveArgs = serde_json::from_value(args).map_err(|error| bad(format!("remove args: {error}")))?;
+            let parsed: ContainerRemove = task.args_as().map_err(args)?;
             if let Some(id) = &parsed.container_id {
                 if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
                     return Err(bad(format!("remove args: container_id {id:?} is not a container id")));
@@ -445,13 +417,11 @@ fn parse_task(task: &Task) -> Result<(String, Action)> {
             }
             Action::Remove { container_id: parsed.container_id }
         }
-        "stats" => Action::Stats,
-        "probe" => Action::Probe,
+        "stats" => task.args_as::<ContainerStats>().map(|_| Action::Stats).map_err(args)?,
+        "probe" => task.args_as::<ContainerProbe>().map(|_| Action::Probe).map_err(args)?,
         "wake" => {
-            let parsed: ProvisionArgs = serde_json::from_value(args).map_err(|error| bad(format!("wake args: {error}")))?;
-            spec::validate_label_value("user", &parsed.user).map_err(bad)?;
-            spec::validate_label_value("workspace", &parsed.workspace).map_err(bad)?;
-            Action::Wake { user: parsed.user, workspace: parsed.workspace }
+            let parsed: ContainerWake = task.args_as().map_err(args)?;
+            Action::Wake { user: parsed.user.into(), workspace: parsed.workspace.into() }
         }
         other => {
             return Err(bad(format!(
@@ -502,6 +472,8 @@ fn published_port(inspected: &ContainerInspectResponse, port_key: &str) -> Optio
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap is a clear test failure
 mod tests {
+    use serde_json::{json, Value};
+
     use super::*;
 
     fn task(action: &str, session: Option<&str>, args: Value) -> Task {
@@ -553,7 +525,9 @@ mod tests {
         check(task("provision", Some("s-1"), json!({"user": "alice"})), Err("missing field `workspace`"));
         check(task("provision", None, json!({"user": "a", "workspace": "w"})), Err("need a `session`"));
         check(task("provision", Some("../x"), json!({"user": "a", "workspace": "w"})), Err("session id"));
-        check(task("provision", Some("s"), json!({"user": "a\n", "workspace": "w"})), Err("`user`"));
+        check(task("provision", Some("s"), json!({"user": "a\n", "workspace": "w"})), Err("user id"));
+        check(task("wake", Some("s"), json!({"user": "a", "workspace": "../w"})), Err("workspace id"));
+        check(task("pool_remove", None, json!({"slot": "p1", "session": "s"})), Err("unknown field `session`"));
         check(task("pause", Some("s"), Value::Null), Ok(Action::Pause));
         check(task("remove", Some("s"), json!({})), Ok(Action::Remove { container_id: None }));
         check(task("remove", Some("s"), json!({"container_id": "abc123"})), Ok(Action::Remove { container_id: Some("abc123".into()) }));
