@@ -15,7 +15,8 @@
 //! **Identifiers.** A field that names a session, a user or a workspace is a [`SessionId`],
 //! [`UserId`] or [`WorkspaceId`]: the same string on the wire, checked by its one rule when the
 //! data is read, so [`CloudEvent::data_as`] refuses a malformed id by name instead of handing it
-//! on. (A container inventory's entries stay text: they are Docker labels, `""` when absent.)
+//! on. (A container inventory's entries are Docker labels: `""` is none, and so, with a warning, is
+//! a label that is no valid id, so one foreign container cannot make the inventory unreadable.)
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -570,14 +571,20 @@ pub struct ContainerInventory {
     pub containers: Vec<ContainerEntry>,
 }
 
-/// One labelled container of the deployment.
+/// One labelled container of the deployment. Its session, user and workspace come from Docker
+/// labels (or a claimed pool slot's identity file), which anything may have set: none is `""` on
+/// the wire, and one that is no valid id reads as none with a warning ([`label`]), so one foreign
+/// container never makes the whole inventory unreadable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerEntry {
-    /// The session's id (`""` for a warm-pool container nobody claimed yet).
-    pub session: String,
+    /// The session's id (none for a warm-pool container nobody claimed yet).
+    #[serde(default, with = "label")]
+    pub session: Option<SessionId>,
     /// From the container's labels, so the engine can recover an orphan's workspace.
-    pub user: String,
-    pub workspace: String,
+    #[serde(default, with = "label")]
+    pub user: Option<UserId>,
+    #[serde(default, with = "label")]
+    pub workspace: Option<WorkspaceId>,
     pub container_id: String,
     pub state: String,
     pub host_port: Option<u16>,
@@ -586,6 +593,32 @@ pub struct ContainerEntry {
     /// The warm-pool slot the container was made for (claimed when `session` is set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_slot: Option<String>,
+}
+
+/// An identifier read from a label: `""` (or `null`) is none, and so, with a warning, is text
+/// that is no valid id of its kind; none is written as `""`.
+pub mod label {
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::ids::IdError;
+
+    /// `text` as an id of type `T`, or none (with a warning when `text` is not empty).
+    pub fn parse<T: FromStr<Err = IdError>>(text: &str) -> Option<T> {
+        if text.is_empty() {
+            return None;
+        }
+        text.parse().map_err(|error: IdError| tracing::warn!(%error, "a container label that is no valid id is read as none")).ok()
+    }
+
+    pub fn serialize<T: AsRef<str>, S: Serializer>(id: &Option<T>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(id.as_ref().map_or("", AsRef::as_ref))
+    }
+
+    pub fn deserialize<'de, T: FromStr<Err = IdError>, D: Deserializer<'de>>(deserializer: D) -> Result<Option<T>, D::Error> {
+        Ok(Option::<String>::deserialize(deserializer)?.as_deref().and_then(parse))
+    }
 }
 
 /// A `claim` is done: the slot's container is the session's now (still paused).
@@ -843,6 +876,33 @@ mod tests {
         let inventory = CloudEvent::new(kind::WORKSPACE_INVENTORY, "/t", None, listed);
         let refused = inventory.data_as::<WorkspaceInventory>().unwrap_err().to_string();
         assert!(refused.starts_with("`workspace.inventory` data: session id \"../up\""), "{refused}");
+    }
+
+    #[test]
+    fn a_container_label_that_is_no_valid_id_reads_as_none_and_the_rest_of_the_inventory_reads() {
+        let entry = |session: &str, user: &str, workspace: &str| {
+            json!({"session": session, "user": user, "workspace": workspace, "container_id": "c", "state": "running",
+                   "host_port": null, "created": "2026-01-01T00:00:00Z"})
+        };
+        let listed = json!({"deployment": "d", "host": "h", "containers": [
+            entry("s-1", "alice", "w1"),
+            entry("../up", "a b", "#"),
+            entry("", "", ""),
+        ]});
+        let inventory = CloudEvent::new(kind::CONTAINER_INVENTORY, "/t", None, listed).data_as::<ContainerInventory>().unwrap();
+        fn ids(entry: &ContainerEntry) -> (Option<&str>, Option<&str>, Option<&str>) {
+            (
+                entry.session.as_ref().map(SessionId::as_str),
+                entry.user.as_ref().map(UserId::as_str),
+                entry.workspace.as_ref().map(WorkspaceId::as_str),
+            )
+        }
+        let read: Vec<_> = inventory.containers.iter().map(ids).collect();
+        assert_eq!(read, vec![(Some("s-1"), Some("alice"), Some("w1")), (None, None, None), (None, None, None)]);
+        // None goes on the wire as "", as the labels always did.
+        assert_eq!(to_data(&inventory.containers[1])["user"], json!(""));
+        assert_eq!(to_data(&inventory.containers[0])["session"], json!("s-1"));
+        assert_eq!(label::parse::<UserId>("alice").map(String::from).as_deref(), Some("alice"));
     }
 
     #[test]

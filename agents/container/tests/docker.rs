@@ -16,8 +16,8 @@ use container::{connect_docker, spec, Agent, AgentSettings, SessionIdentity};
 use protocol::bus::{Durability, QueueSpec};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::events::{
-    ContainerExited, ContainerFailed, ContainerInventory, ContainerPaused, ContainerProbed, ContainerReady, ContainerRemoved,
-    ContainerResumed, ContainerStats, EventData,
+    ContainerEntry, ContainerExited, ContainerFailed, ContainerInventory, ContainerPaused, ContainerProbed, ContainerReady,
+    ContainerRemoved, ContainerResumed, ContainerStats, EventData,
 };
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Properties, Task};
 use serde_json::{json, Value};
@@ -152,6 +152,15 @@ fn port_of(event: &CloudEvent) -> u16 {
 #[track_caller]
 fn data<T: EventData>(event: &CloudEvent) -> T {
     event.data_as().unwrap_or_else(|error| panic!("{error}: {}", event.data))
+}
+
+/// An inventory entry's session, user and workspace as text (none when its label was empty).
+fn ids(entry: &ContainerEntry) -> (Option<&str>, Option<&str>, Option<&str>) {
+    (
+        entry.session.as_ref().map(|id| id.as_str()),
+        entry.user.as_ref().map(|id| id.as_str()),
+        entry.workspace.as_ref().map(|id| id.as_str()),
+    )
 }
 
 async fn http_get(port: u16, path: &str) -> Option<String> {
@@ -528,17 +537,15 @@ async fn two_deployments_sharing_a_profile_name_and_a_docker_engine_never_touch_
     for (agent, own_session, own_id) in [(&agent_a, &session_a, &id_a), (&agent_b, &session_b, &id_b)] {
         let inventory = agent.inventory().await.unwrap();
         assert_eq!(inventory.len(), 1, "{inventory:?}");
-        assert_eq!(&inventory[0].session, own_session);
+        assert_eq!(ids(&inventory[0]), (Some(own_session.as_str()), Some("alice"), Some("w1")));
         assert_eq!(&inventory[0].container_id, own_id);
-        assert_eq!((inventory[0].user.as_str(), inventory[0].workspace.as_str()), ("alice", "w1"));
     }
     let published = agent_a.publish_inventory().await.unwrap();
     let published = data::<ContainerInventory>(&published);
     assert_eq!(published.deployment, profile_a.deployment());
     let entries = &published.containers;
     assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0].session, session_a);
-    assert_eq!((entries[0].user.as_str(), entries[0].workspace.as_str()), ("alice", "w1"));
+    assert_eq!(ids(&entries[0]), (Some(session_a.as_str()), Some("alice"), Some("w1")));
 
     let still_running = |id: String| {
         let docker = fixture.docker.clone();
@@ -796,17 +803,18 @@ async fn agent_killed_mid_provision_leaves_one_container_and_reconciliation_remo
     let inventory = tap
         .next_matching("an inventory listing both sessions", Duration::from_secs(30), |event| {
             let Ok(inventory) = event.data_as::<ContainerInventory>() else { return false };
-            let listed = |wanted: &str| inventory.containers.iter().any(|entry| entry.session == wanted);
+            let listed = |wanted: &str| inventory.containers.iter().any(|entry| ids(entry).0 == Some(wanted));
             listed(&session) && listed(&orphan)
         })
         .await;
     let entries = data::<ContainerInventory>(&inventory).containers;
     assert_eq!(entries.len(), 2, "{entries:?}");
-    let survivor_entry = entries.iter().find(|entry| entry.session == session).unwrap();
+    let survivor_entry = entries.iter().find(|entry| ids(entry).0 == Some(session.as_str())).unwrap();
     assert_eq!(survivor_entry.host_port, Some(port_of(&ready)), "inventory carries the port read back from Docker");
     assert_eq!(survivor_entry.state, "running");
-    for entry in entries.iter().filter(|entry| !alive.contains(&entry.session)) {
-        send_task(&fixture.bus, &queue, &task(&entry.session, "remove", json!({"container_id": entry.container_id}))).await;
+    for entry in entries.iter().filter(|entry| !alive.iter().any(|alive| ids(entry).0 == Some(alive.as_str()))) {
+        let session = ids(entry).0.expect("every listed container names its session");
+        send_task(&fixture.bus, &queue, &task(session, "remove", json!({"container_id": entry.container_id}))).await;
     }
     tap.next_matching("container.removed for the orphan", Duration::from_secs(30), |event| {
         event.event_type == "container.removed" && event.subject.as_deref() == Some(orphan.as_str())
@@ -1048,7 +1056,7 @@ async fn a_dormant_container_wakes_on_its_directory_and_reports_its_port() {
     assert_eq!(std::fs::read_to_string(&on_disk).unwrap(), "kept\n", "the directory outlives the stop");
     // A stopped session container is still in the inventory, for the engine to match with its thred.
     let inventory = agent.inventory().await.unwrap();
-    assert!(inventory.iter().any(|entry| entry.session == session), "{inventory:?}");
+    assert!(inventory.iter().any(|entry| ids(entry).0 == Some(session.as_str())), "{inventory:?}");
 
     for _ in 0..2 {
         let woken = answer(&agent, &task(&session, "wake", json!({"user": "alice", "workspace": "w1"}))).await;
@@ -1175,10 +1183,7 @@ async fn a_claimed_pool_container_is_found_by_every_task_of_its_session() {
     expect_type(&answer(&agent, &task(&session, "stats", json!({}))).await, "container.stats");
     expect_type(&answer(&agent, &task(&session, "probe", json!({}))).await, "container.probed");
     let entry = agent.inventory().await.expect("inventory").into_iter().find(|entry| entry.container_id == container_id).expect("listed");
-    assert_eq!(
-        (entry.session.as_str(), entry.user.as_str(), entry.workspace.as_str(), entry.pool_slot.as_deref()),
-        (session.as_str(), "alice", "w1", Some(slot.as_str()))
-    );
+    assert_eq!((ids(&entry), entry.pool_slot.as_deref()), ((Some(session.as_str()), Some("alice"), Some("w1")), Some(slot.as_str())));
 
     let agent = fixture.agent();
     let removed = answer(&agent, &task(&session, "remove", json!({}))).await;

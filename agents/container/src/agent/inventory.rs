@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::container::ListContainersOptions;
-use protocol::events::ContainerInventory;
+use protocol::events::{label, ContainerInventory};
 use protocol::CloudEvent;
 
 use super::{pool, Agent, InventoryEntry, EVENT_SOURCE};
@@ -60,9 +60,9 @@ impl Agent {
                     ),
                 };
                 InventoryEntry {
-                    session,
-                    user,
-                    workspace,
+                    session: label::parse(&session),
+                    user: label::parse(&user),
+                    workspace: label::parse(&workspace),
                     container_id: summary.id.unwrap_or_default(),
                     state: summary.state.unwrap_or_default(),
                     host_port,
