@@ -206,6 +206,8 @@ struct Inner {
     rates: Rates,
     /// Every wall-clock reading of the service (a test may set and step it).
     clock: Arc<dyn Clock>,
+    /// `ctx.timers` of every new thred (the profile's timers, seconds), built once.
+    timers_seed: Value,
 }
 
 /// A running engine (cheap to clone).
@@ -288,6 +290,7 @@ impl Engine {
                 admission_wake: Arc::new(tokio::sync::Notify::new()),
                 rates: Rates::of(&profile_for_rates),
                 clock,
+                timers_seed: timers_seed(&profile_for_rates),
             }),
         })
     }
@@ -670,25 +673,26 @@ impl Engine {
         if let Some(user) = event.extension("userid") {
             context.insert("user".to_owned(), json!(user));
         }
-        let profile = &self.inner.profile;
-        context.insert("profile".to_owned(), json!(profile.name));
-        context.insert(
-            "timers".to_owned(),
-            json!({
-                "idle_after_secs": profile.timers.idle_after_secs,
-                "stop_after_idle_secs": profile.timers.stop_after_idle_secs,
-                "max_age_secs": profile.timers.max_age_secs,
-                "autosave_secs": profile.timers.autosave_secs,
-                "dormant_after_idle_secs": profile.timers.dormant_after_idle_secs,
-                "idle_cpu_percent": profile.timers.idle_cpu_percent,
-                "idle_warning_secs": profile.timers.idle_warning_secs,
-                "max_keepalives": profile.timers.max_keepalives,
-                "ready_timeout_secs": profile.container.ready_timeout_secs,
-                "queue_timeout_secs": profile.limits.queue_timeout_secs,
-            }),
-        );
+        context.insert("profile".to_owned(), json!(self.inner.profile.name));
+        context.insert("timers".to_owned(), self.inner.timers_seed.clone());
         context
     }
+}
+
+/// The profile's timers (seconds), from which a pattern computes durations (`ctx.timers`).
+fn timers_seed(profile: &Profile) -> Value {
+    json!({
+        "idle_after_secs": profile.timers.idle_after_secs,
+        "stop_after_idle_secs": profile.timers.stop_after_idle_secs,
+        "max_age_secs": profile.timers.max_age_secs,
+        "autosave_secs": profile.timers.autosave_secs,
+        "dormant_after_idle_secs": profile.timers.dormant_after_idle_secs,
+        "idle_cpu_percent": profile.timers.idle_cpu_percent,
+        "idle_warning_secs": profile.timers.idle_warning_secs,
+        "max_keepalives": profile.timers.max_keepalives,
+        "ready_timeout_secs": profile.container.ready_timeout_secs,
+        "queue_timeout_secs": profile.limits.queue_timeout_secs,
+    })
 }
 
 /// What became of an event the engine could read.

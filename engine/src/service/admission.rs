@@ -1,9 +1,9 @@
-//! Admission, engine side: the Redis reads behind a new session's verdict (opens this minute,
-//! the user's live threds, committed capacity, the queue, budgets spent), the admitter that lets
-//! waiting threds go oldest first and tells users their place, and metering (usage charged to
-//! users, totals recorded in the store, budgets warned at 80 % and enforced at 100 %). The
-//! decisions themselves are pure, in `crate::admission` and `crate::usage`; the commit script
-//! checks the capacity again atomically, so a verdict read here never overcommits.
+//! Admission, engine side: a new session's verdict from what the bind read brought (opens this
+//! minute, the user's live threds, committed capacity, the queue, the hosts, budgets spent), the
+//! admitter that lets waiting threds go oldest first and tells users their place, and metering
+//! (usage charged to users, totals recorded in the store, budgets warned at 80 % and enforced at
+//! 100 %). The decisions themselves are pure, in `crate::admission` and `crate::usage`; the
+//! commit script checks every limit again atomically, so a stale read never overcommits.
 
 use std::time::Duration;
 

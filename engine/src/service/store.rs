@@ -62,8 +62,8 @@ if admitted then
     -- First come, first served: only the oldest waiting thred (or anyone, if none waits) takes capacity.
     local head = redis.call('ZRANGE', KEYS[12], 0, 0)
     if head[1] and head[1] ~= ARGV[5] then return 'full' end
-    local memory = tonumber(redis.call('HGET', KEYS[11], 'memory') or '0')
-    local cpu = tonumber(redis.call('HGET', KEYS[11], 'cpu') or '0')
+    local held = redis.call('HMGET', KEYS[11], 'memory', 'cpu')
+    local memory, cpu = tonumber(held[1] or '0'), tonumber(held[2] or '0')
     if memory + tonumber(ARGV[16]) > tonumber(ARGV[18]) or cpu + tonumber(ARGV[17]) > tonumber(ARGV[19]) then return 'full' end
   end
 end
@@ -173,8 +173,8 @@ if string.find(wants, 'a', 1, true) then
   -- The window as the commit will leave it: this open counts once whether or not it is recorded yet.
   local opens = redis.call('ZCOUNT', KEYS[5], '(' .. ARGV[6], '+inf')
   if not redis.call('ZSCORE', KEYS[5], ARGV[1]) then opens = opens + 1 end
-  reply[5] = {opens, redis.call('SCARD', KEYS[6]), redis.call('HGET', KEYS[7], 'memory'), redis.call('HGET', KEYS[7], 'cpu'),
-    redis.call('ZCARD', KEYS[8])}
+  local held = redis.call('HMGET', KEYS[7], 'memory', 'cpu')
+  reply[5] = {opens, redis.call('SCARD', KEYS[6]), held[1], held[2], redis.call('ZCARD', KEYS[8])}
   reply[6] = read_hosts(KEYS[9], KEYS[10], ARGV[7], ARGV[8])
 end
 if string.find(wants, 'b', 1, true) then
