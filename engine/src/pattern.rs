@@ -824,17 +824,52 @@ impl Validator {
         Ok(())
     }
 
+    /// A container or workspace task must be one of `protocol::tasks` (CATALOGUE.md's Tasks table)
+    /// and name only arguments its type has: the agent would dead-let anything else at run time,
+    /// or ignore the argument a misspelling was meant to set. (Persistence work goes through
+    /// `persist`; the session agent takes no tasks.)
+    fn task_contract<'a>(
+        &self,
+        state: Option<&str>,
+        at: &str,
+        agent: AgentKind,
+        action: &str,
+        args: impl Iterator<Item = &'a String>,
+    ) -> Result<(), PatternError> {
+        if !matches!(agent, AgentKind::Container | AgentKind::Workspace) {
+            return Ok(());
+        }
+        let Some(known) = protocol::tasks::arguments(agent, action) else {
+            let actions = protocol::tasks::actions(agent).join(", ");
+            return Err(self.error(
+                state,
+                &format!("{at}.task.action"),
+                format!("the {agent} agent has no `{action}` task (it takes {actions})"),
+            ));
+        };
+        if let Some(name) = args.into_iter().find(|name| !known.contains(&name.as_str())) {
+            return Err(self.error(
+                state,
+                &format!("{at}.task.args.{name}"),
+                format!("{agent} `{action}` takes no argument `{name}` (its arguments: {})", known.join(", ")),
+            ));
+        }
+        Ok(())
+    }
+
     fn compile_effect(&self, state: Option<&str>, at: &str, effect: &EffectSpec) -> Result<EffectTemplate, PatternError> {
         Ok(match effect {
             EffectSpec::Task(task) => {
                 if !is_name(&task.action) {
                     return Err(self.error(state, &format!("{at}.task.action"), "actions are lowercase words"));
                 }
+                let agent = task.agent.kind();
+                self.task_contract(state, at, agent, &task.action, task.args.keys())?;
                 let mut args = Vec::new();
                 for (name, source) in &task.args {
                     args.push((name.clone(), self.expression(state, &format!("{at}.task.args.{name}"), source)?));
                 }
-                EffectTemplate::Task { agent: task.agent.kind(), action: task.action.clone(), args }
+                EffectTemplate::Task { agent, action: task.action.clone(), args }
             }
             EffectSpec::Notify(notify) => EffectTemplate::Notify {
                 detail: match &notify.detail {
@@ -970,6 +1005,14 @@ mod tests {
         check(
             |p| p["states"]["running"]["on_enter"][0] = json!({"task": {"agent": "docker", "action": "x"}}),
             Err("patterns/p.json: state `running`: field `on_enter[0].task.agent`: unknown variant `docker`, expected one of `container`, `workspace`, `persistence`, `session`"),
+        );
+        check(
+            |p| p["states"]["running"]["on_enter"][0] = json!({"task": {"agent": "container", "action": "reboot"}}),
+            Err("patterns/p.json: state `running`: field `on_enter[0].task.action`: the container agent has no `reboot` task (it takes provision, claim, wake, probe, pause, resume, stop, remove, stats, pool_create, pool_remove)"),
+        );
+        check(
+            |p| p["states"]["running"]["on_enter"][0] = json!({"task": {"agent": "workspace", "action": "sync", "args": {"user": "ctx.user", "workspace": "ctx.workspace", "finale": "true"}}}),
+            Err("patterns/p.json: state `running`: field `on_enter[0].task.args.finale`: workspace `sync` takes no argument `finale` (its arguments: user, workspace, final)"),
         );
         check(
             |p| p["states"]["running"]["on_enter"][0] = json!({"launch": {}}),

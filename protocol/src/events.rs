@@ -648,7 +648,6 @@ pub struct PoolSlotRemoved {
 }
 
 /// The wire field names of a payload type, as serde's derive declares them to a deserializer.
-#[cfg(test)]
 pub(crate) mod introspect {
     use serde::de::{self, Deserialize, Deserializer, Visitor};
 

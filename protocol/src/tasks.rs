@@ -77,8 +77,7 @@ macro_rules! task_args {
             const ACTION: &'static str = $action;
         })*
 
-        /// Each args type's agent, action and wire field names (the catalogue check's input).
-        #[cfg(test)]
+        /// Each args type's agent, action and wire field names.
         fn registered() -> Vec<(AgentKind, &'static str, &'static [&'static str])> {
             vec![$((AgentKind::$agent, $action, crate::events::introspect::fields::<$type>())),*]
         }
@@ -101,6 +100,18 @@ task_args! {
     ContainerStats => Container "stats",
     ContainerPoolCreate => Container "pool_create",
     ContainerPoolRemove => Container "pool_remove",
+}
+
+/// The wire names of the arguments `agent`'s `action` takes, `None` when the catalogue has no such
+/// task (so a pattern can be checked at load against what the agent will accept).
+pub fn arguments(agent: AgentKind, action: &str) -> Option<&'static [&'static str]> {
+    registered().into_iter().find(|(kind, name, _)| *kind == agent && *name == action).map(|(_, _, fields)| fields)
+}
+
+/// The actions `agent` takes, in the catalogue's order (none for the persistence agent, whose
+/// tasks are `protocol::store` operations, and the session agent, which takes none).
+pub fn actions(agent: AgentKind) -> Vec<&'static str> {
+    registered().into_iter().filter(|(kind, _, _)| *kind == agent).map(|(_, action, _)| action).collect()
 }
 
 /// Reads a `slot`: `""` or `null` is none, anything else a [`SessionId`] (a slot names a
@@ -359,6 +370,9 @@ mod tests {
     fn the_tasks_table_is_read_per_agent_and_action() {
         assert_eq!(top_level_fields("`{user, slot?}` (notes {not, these})"), ["user", "slot?"].into_iter().map(str::to_owned).collect());
         assert_eq!(top_level_fields("`{}`"), BTreeSet::new());
+        assert_eq!(arguments(AgentKind::Workspace, "sync"), Some(&["user", "workspace", "final"][..]));
+        assert_eq!(arguments(AgentKind::Container, "materialize"), None);
+        assert_eq!(actions(AgentKind::Workspace), ["materialize", "sync", "recover", "remove"]);
         let catalogue = catalogue_tasks();
         let of = |agent: &str, action: &str| catalogue.get(&(agent.to_owned(), action.to_owned())).cloned().flatten();
         assert_eq!(of("workspace", "remove"), Some(["cache?".to_owned()].into()));
