@@ -338,7 +338,7 @@ impl Bench {
             .inventory()
             .await?
             .into_iter()
-            .find(|entry| entry.session == session)
+            .find(|entry| entry.session.as_ref().is_some_and(|id| *id == session))
             .and_then(|entry| entry.host_port)
             .ok_or_else(|| anyhow::anyhow!("the benchmark session {session} has no port"))?;
         let mut answers = Vec::new();
