@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use bollard::container::{ListContainersOptions, RemoveContainerOptions};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::events::ContainerReady;
+use protocol::ids::{UserId, WorkspaceId};
 use protocol::profile::HealthCheck;
-use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Task};
-use serde_json::json;
+use protocol::tasks::{ContainerPause, ContainerProvision, ContainerResume, TaskArgs};
+use protocol::{topology, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Task};
 use tokio::sync::oneshot;
 
 use container::{connect_docker, probe, spec, Agent, AgentSettings};
@@ -147,7 +148,8 @@ impl Bench {
     /// Publish → `container.ready`, through the broker.
     async fn provision_via_broker(&self, name: &str) -> anyhow::Result<Duration> {
         let session = self.session(name);
-        let task = self.task(&session, "provision", json!({"user": "bench", "workspace": name}));
+        let task =
+            self.task(&session, &ContainerProvision { user: UserId::parse("bench")?, workspace: WorkspaceId::parse(name)?, slot: None });
         let (event, elapsed) = self.send_and_wait(&task, "container.ready").await?;
         let ready: ContainerReady =
             event.data_as().map_err(|error| anyhow::anyhow!("provision of {session} failed: {error}: {}", event.data))?;
@@ -162,16 +164,8 @@ impl Bench {
         Ok(elapsed)
     }
 
-    fn task(&self, session: &str, action: &str, args: serde_json::Value) -> Task {
-        Task {
-            id: uuid::Uuid::now_v7(),
-            agent: AgentKind::Container,
-            action: action.to_owned(),
-            session: Some(session.to_owned()),
-            thred: None,
-            cause: None,
-            args,
-        }
+    fn task<T: TaskArgs>(&self, session: &str, args: &T) -> Task {
+        Task::of(uuid::Uuid::now_v7(), Some(session), args)
     }
 
     /// Publishes a task and waits for its answer of `expected_type` (or `container.failed`).
@@ -344,10 +338,10 @@ impl Bench {
         let mut answers = Vec::new();
         let mut first_answers = Vec::new();
         for _round in 0..RESUME_ROUNDS {
-            let (paused, _) = self.send_and_wait(&self.task(&session, "pause", json!({})), "container.paused").await?;
+            let (paused, _) = self.send_and_wait(&self.task(&session, &ContainerPause {}), "container.paused").await?;
             anyhow::ensure!(paused.event_type == "container.paused", "pause failed: {}", paused.data);
             let began = Instant::now();
-            let (resumed, answer_time) = self.send_and_wait(&self.task(&session, "resume", json!({})), "container.resumed").await?;
+            let (resumed, answer_time) = self.send_and_wait(&self.task(&session, &ContainerResume {}), "container.resumed").await?;
             anyhow::ensure!(resumed.event_type == "container.resumed", "resume failed: {}", resumed.data);
             while !probe::http_ready(spec::PUBLISH_HOST, port, "/").await {
                 anyhow::ensure!(began.elapsed() < Duration::from_secs(10), "no HTTP answer after resume");

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use object_store::path::Path as ObjectPath;
 use protocol::events::WorkspaceSynced;
-use protocol::{AgentKind, Outcome, Profile, Task};
-use serde_json::json;
+use protocol::ids::{UserId, WorkspaceId};
+use protocol::tasks::{TaskArgs, WorkspaceMaterialize, WorkspaceSync};
+use protocol::{Outcome, Profile, Task};
 use uuid::Uuid;
 
 use workspace::{AgentSettings, CollectedEvents, OpenedStore, StoreSettings, WorkspaceAgent};
@@ -87,16 +88,13 @@ pub async fn run_with(mut profile: Profile, settings: &StoreSettings) -> anyhow:
     outcome
 }
 
-fn task(action: &str, session: &str, args: serde_json::Value) -> Task {
-    Task {
-        id: Uuid::now_v7(),
-        agent: AgentKind::Workspace,
-        action: action.to_owned(),
-        session: Some(session.to_owned()),
-        thred: None,
-        cause: None,
-        args,
-    }
+fn task<T: TaskArgs>(session: &str, args: &T) -> Task {
+    Task::of(Uuid::now_v7(), Some(session), args)
+}
+
+/// A materialize of `user`'s `workspace`, cold (no pool slot, no fence).
+fn materialize(user: &str, workspace: &str) -> anyhow::Result<WorkspaceMaterialize> {
+    Ok(WorkspaceMaterialize { user: UserId::parse(user)?, workspace: WorkspaceId::parse(workspace)?, slot: None, fence: false })
 }
 
 async fn measure(profile: &Profile, store: &OpenedStore, user: &str) -> anyhow::Result<BenchReport> {
@@ -130,7 +128,7 @@ async fn measure(profile: &Profile, store: &OpenedStore, user: &str) -> anyhow::
         };
         let timed_agent = WorkspaceAgent::new(profile.clone(), store.clone(), timed_events.clone(), AgentSettings::standard());
         let started = Instant::now();
-        let outcome = timed_agent.handle(&task("materialize", &session, json!({"user": user, "workspace": "throughput"}))).await?;
+        let outcome = timed_agent.handle(&task(&session, &materialize(user, "throughput")?)).await?;
         let elapsed = started.elapsed();
         anyhow::ensure!(
             outcome == Outcome::Ack && timed_events.events().iter().any(|e| e.event_type == "workspace.complete"),
@@ -151,15 +149,16 @@ async fn measure(profile: &Profile, store: &OpenedStore, user: &str) -> anyhow::
     eprintln!("seeding {SYNC_FILES} objects ...");
     fixture::seed(store, &sync_prefix, (0..SYNC_FILES).map(|index| (format!("d{:02}/f{index:05}.txt", index % 50), 512)).collect()).await?;
     let session = format!("bench-sync-{}", Uuid::new_v4().simple());
-    let outcome = agent.handle(&task("materialize", &session, json!({"user": user, "workspace": "sync"}))).await?;
+    let outcome = agent.handle(&task(&session, &materialize(user, "sync")?)).await?;
     anyhow::ensure!(outcome == Outcome::Ack, "materialize of the sync workspace failed");
     let changed = profile.session_dir(&session).join("d07/f00007.txt");
+    let sync = WorkspaceSync { user: UserId::parse(user)?, workspace: WorkspaceId::parse("sync")?, final_sync: false };
     let mut timings = Vec::new();
     for round in 0..SYNC_ROUNDS {
         tokio::fs::write(&changed, format!("change {round}")).await?;
         events.take();
         let started = Instant::now();
-        agent.handle(&task("sync", &session, json!({"user": user, "workspace": "sync", "final": false}))).await?;
+        agent.handle(&task(&session, &sync)).await?;
         timings.push(started.elapsed());
         let synced = events.events().into_iter().find_map(|event| event.data_as::<WorkspaceSynced>().ok());
         anyhow::ensure!(synced.as_ref().is_some_and(|synced| synced.uploaded == 1), "sync did not upload exactly one file: {synced:?}");
