@@ -89,14 +89,6 @@ pub fn validate_session_id(session: &str) -> Result<(), String> {
     protocol::ids::SessionId::parse(session).map(drop).map_err(|error| error.to_string())
 }
 
-/// User and workspace names travel as labels and environment values: printable, bounded.
-pub fn validate_label_value(field: &str, value: &str) -> Result<(), String> {
-    if value.is_empty() || value.len() > 200 || value.chars().any(char::is_control) {
-        return Err(format!("`{field}` must be 1-200 printable characters, got {value:?}"));
-    }
-    Ok(())
-}
-
 /// Checks a profile's container settings beyond `Profile::validate` (which already refuses
 /// privileged containers and the Docker socket by name): a profile built in code skips loading, and
 /// a socket can hide behind another name.
