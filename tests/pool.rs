@@ -85,7 +85,11 @@ async fn wait_for_full_pool(deployment: &Deployment, size: usize) -> BTreeSet<St
     let listed = containers(deployment);
     for slot in &slots {
         let name = format!("berth-pool-{slot}");
-        assert_eq!(listed.get(&name).map(|(state, label)| (state.as_str(), label.as_str())), Some(("running", slot.as_str())), "{listed:?}");
+        assert_eq!(
+            listed.get(&name).map(|(state, label)| (state.as_str(), label.as_str())),
+            Some(("running", slot.as_str())),
+            "{listed:?}"
+        );
     }
     slots
 }

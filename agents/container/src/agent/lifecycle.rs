@@ -132,7 +132,8 @@ impl Agent {
             self.forget_container(session);
             return Ok(answer(task, &ContainerRemoved { container_id: None }));
         }
-        let pool_claimant = labels.get(spec::POOL_SLOT_LABEL).and_then(|slot| pool::read_claim(&self.inner.profile, slot)).map(|claim| claim.session);
+        let pool_claimant =
+            labels.get(spec::POOL_SLOT_LABEL).and_then(|slot| pool::read_claim(&self.inner.profile, slot)).map(|claim| claim.session);
         if labels.get(spec::SESSION_LABEL).or(pool_claimant.as_ref()).is_some_and(|owner| owner != session) {
             return Ok(failed(task, "remove", format!("container {target} belongs to another session, not {session}")));
         }

@@ -278,7 +278,12 @@ impl Agent {
     /// Docker would mount the slot's old, empty path, which the claim renamed into the session
     /// directory) goes with its slot's folders and index entry, so the session's next container
     /// is an ordinary `berth-<session>` on the session directory.
-    pub(super) async fn retire_claimed_pool_container(&self, session: &str, slot: &str, container_id: &str) -> Result<(), bollard::errors::Error> {
+    pub(super) async fn retire_claimed_pool_container(
+        &self,
+        session: &str,
+        slot: &str,
+        container_id: &str,
+    ) -> Result<(), bollard::errors::Error> {
         self.force_remove(container_id).await?;
         self.forget_container(session);
         remove_slot_folders(&self.inner.profile, slot);
