@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::{task_message, Engine, EventFate, Keys};
@@ -28,14 +28,11 @@ use crate::admission::Committed;
 use crate::core::Thred;
 use crate::pattern::Pattern;
 use crate::Result;
-use protocol::{AgentKind, CloudEvent, Task};
+use protocol::events::{kind, PoolSlotFailed, PoolSlotReady, PoolSlotRemoved};
+use protocol::ids::SessionId;
+use protocol::tasks::{ContainerPoolCreate, ContainerPoolRemove, TaskArgs};
+use protocol::{CloudEvent, Task};
 
-/// A slot the container agent made ready (left running: a claim asks nothing of Docker).
-pub(super) const SLOT_READY: &str = "container.pool_slot_ready";
-/// A slot the container agent could not make (it removed what there was).
-pub(super) const SLOT_FAILED: &str = "container.pool_slot_failed";
-/// A slot's container and folders are gone.
-pub(super) const SLOT_REMOVED: &str = "container.pool_slot_removed";
 /// How often the keeper looks at the pool.
 const KEEPER_INTERVAL: Duration = Duration::from_millis(500);
 /// Slots asked for at once, so a large pool fills without a burst of container creations.
@@ -55,20 +52,30 @@ impl Keys {
 /// The pool events the engine handles itself (they belong to no pattern).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum PoolEvent {
+    /// The container agent made the slot (left running: a claim asks nothing of Docker).
     Ready,
+    /// It could not make it (it removed what there was).
     Failed,
+    /// The slot's container and folders are gone.
     Removed,
 }
 
 impl PoolEvent {
     pub(super) fn of(event_type: &str) -> Option<PoolEvent> {
         match event_type {
-            SLOT_READY => Some(PoolEvent::Ready),
-            SLOT_FAILED => Some(PoolEvent::Failed),
-            SLOT_REMOVED => Some(PoolEvent::Removed),
+            kind::CONTAINER_POOL_SLOT_READY => Some(PoolEvent::Ready),
+            kind::CONTAINER_POOL_SLOT_FAILED => Some(PoolEvent::Failed),
+            kind::CONTAINER_POOL_SLOT_REMOVED => Some(PoolEvent::Removed),
             _ => None,
         }
     }
+}
+
+/// What the keeper asks the container agent to do with one slot.
+#[derive(Debug, Clone, Copy)]
+enum SlotTask {
+    Create,
+    Remove,
 }
 
 /// What one slot of `pool:slots` is.
@@ -204,9 +211,17 @@ impl Engine {
 
     /// `container.pool_slot_ready`, `container.pool_slot_failed`, `container.pool_slot_removed` from the container agent.
     pub(super) async fn pool_event(&self, kind: PoolEvent, event: &CloudEvent) -> Result<EventFate> {
-        let Some(slot) = event.data.get("slot").and_then(Value::as_str).filter(|slot| !slot.is_empty()) else {
-            return Ok(EventFate::Refused(format!("{} without a `slot`", event.event_type)));
+        let read = match kind {
+            PoolEvent::Ready => event.data_as::<PoolSlotReady>().map(|data| (data.slot, String::new())),
+            PoolEvent::Failed => event.data_as::<PoolSlotFailed>().map(|data| (data.slot, data.error)),
+            PoolEvent::Removed => event.data_as::<PoolSlotRemoved>().map(|data| (data.slot, String::new())),
         };
+        let (slot, error) = match read {
+            Ok((slot, _)) if slot.is_empty() => return Ok(EventFate::Refused(format!("{} with an empty `slot`", event.event_type))),
+            Ok(read) => read,
+            Err(error) => return Ok(EventFate::Refused(error.to_string())),
+        };
+        let slot = slot.as_str();
         let keys = &self.inner.keys;
         let mut redis = self.inner.redis.clone();
         match kind {
@@ -224,7 +239,7 @@ impl Engine {
                 } else {
                     // Given up while it was being made (or Redis lost it): nobody will claim it.
                     tracing::info!(slot, "a pool slot nobody waits for became ready; removing it");
-                    self.send_pool_task("pool_remove", slot, &format!("late/{}", event.id)).await?;
+                    self.send_pool_task(SlotTask::Remove, slot, &format!("late/{}", event.id)).await?;
                 }
             }
             PoolEvent::Failed => {
@@ -232,7 +247,6 @@ impl Engine {
                 if state.as_deref().and_then(SlotState::parse).is_some_and(|state| matches!(state, SlotState::Pending { .. })) {
                     let _: () = redis.hdel(keys.pool_slots(), slot).await?;
                 }
-                let error = event.data.get("error").and_then(Value::as_str).unwrap_or_default();
                 tracing::warn!(slot, error, "pool slot could not be made");
             }
             PoolEvent::Removed => tracing::debug!(slot, "pool slot removed"),
@@ -240,15 +254,22 @@ impl Engine {
         Ok(EventFate::Done)
     }
 
-    async fn send_pool_task(&self, action: &str, slot: &str, cause: &str) -> Result<()> {
-        let task = Task {
-            id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-pool/{}/{action}/{slot}/{cause}", self.inner.keys.prefix).as_bytes()),
-            agent: AgentKind::Container,
-            action: action.to_owned(),
-            session: None,
-            thred: None,
-            cause: None,
-            args: json!({"slot": slot}),
+    /// Asks the container agent to make or remove `slot`'s container. The task id is derived from
+    /// the slot and `cause`, so a keeper round that repeats itself sends the same task again.
+    async fn send_pool_task(&self, what: SlotTask, slot: &str, cause: &str) -> Result<()> {
+        let slot_id = match SessionId::parse(slot) {
+            Ok(slot_id) => slot_id,
+            Err(error) => {
+                tracing::warn!(slot, %error, "pool slot's name is not an id; no task sent");
+                return Ok(());
+            }
+        };
+        let stable_id = |action: &str| {
+            Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("berth-pool/{}/{action}/{slot}/{cause}", self.inner.keys.prefix).as_bytes())
+        };
+        let task = match what {
+            SlotTask::Create => Task::of(stable_id(ContainerPoolCreate::ACTION), None, &ContainerPoolCreate { slot: slot_id }),
+            SlotTask::Remove => Task::of(stable_id(ContainerPoolRemove::ACTION), None, &ContainerPoolRemove { slot: slot_id }),
         };
         self.publish_messages(&[task_message(&self.inner.config, &task)?]).await
     }
@@ -304,7 +325,7 @@ impl Engine {
                     // Its container went with the session (whose tasks find it through the claim);
                     // this removes the slot's container if the claim never reached it (a claimed
                     // one is left to its session's exit, or to reconciliation if that is gone).
-                    self.send_pool_task("pool_remove", slot, &format!("ended/{thred}")).await?;
+                    self.send_pool_task(SlotTask::Remove, slot, &format!("ended/{thred}")).await?;
                 }
             }
         }
@@ -332,18 +353,18 @@ impl Engine {
             if taken > 0 {
                 let _: () = redis.hdel(keys.pool_slots(), slot).await?;
                 tracing::info!(slot, "pool slot retired");
-                self.send_pool_task("pool_remove", slot, "retired").await?;
+                self.send_pool_task(SlotTask::Remove, slot, "retired").await?;
             }
         }
         for slot in &plan.abandon {
             let _: () = redis.hdel(keys.pool_slots(), slot).await?;
             tracing::warn!(slot, "pool slot never became ready; given up");
-            self.send_pool_task("pool_remove", slot, "abandoned").await?;
+            self.send_pool_task(SlotTask::Remove, slot, "abandoned").await?;
         }
         for _ in 0..plan.create {
             let slot = Uuid::now_v7().simple().to_string();
             let _: () = redis.hset(keys.pool_slots(), &slot, format!("pending:{}", view.now_ms)).await?;
-            self.send_pool_task("pool_create", &slot, "create").await?;
+            self.send_pool_task(SlotTask::Create, &slot, "create").await?;
         }
         if plan.create > 0 {
             tracing::debug!(created = plan.create, "pool slots asked for");
@@ -373,14 +394,14 @@ impl Engine {
                         continue;
                     }
                     tracing::info!(slot, "pool container the pool does not know; removing it");
-                    self.send_pool_task("pool_remove", slot, &format!("unknown/{}", event.id)).await?;
+                    self.send_pool_task(SlotTask::Remove, slot, &format!("unknown/{}", event.id)).await?;
                 }
                 Some(SlotState::Free { .. }) if !alive => {
                     let taken: u64 = redis.zrem(keys.pool_free(), slot).await?;
                     if taken > 0 {
                         let _: () = redis.hdel(keys.pool_slots(), slot).await?;
                         tracing::warn!(slot, "free pool container died; replacing it");
-                        self.send_pool_task("pool_remove", slot, &format!("dead/{}", event.id)).await?;
+                        self.send_pool_task(SlotTask::Remove, slot, &format!("dead/{}", event.id)).await?;
                     }
                 }
                 Some(_) => {}
