@@ -684,7 +684,7 @@ pub(crate) mod introspect {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use serde_json::json;
@@ -714,8 +714,9 @@ mod tests {
         events
     }
 
-    /// `{a, b?, c: {x, y}, d: [{z}]}…` → {a, b?, c, d}.
-    fn top_level_fields(data: &str) -> Option<BTreeSet<String>> {
+    /// `{a, b?, c: {x, y}, d: [{z}]}…` → {a, b?, c, d}; `None` where there are no braces (a table
+    /// cell described in words). The events and the tasks tables are both read with it.
+    pub(crate) fn top_level_fields(data: &str) -> Option<BTreeSet<String>> {
         let body = data.trim_start_matches('`').strip_prefix('{')?;
         let (mut depth, mut current, mut fields) = (0usize, String::new(), BTreeSet::new());
         for c in body.chars() {

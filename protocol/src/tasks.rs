@@ -254,6 +254,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::events::tests::top_level_fields;
     use crate::store::Operation;
 
     const CATALOGUE: &str = include_str!("../CATALOGUE.md");
@@ -274,40 +275,13 @@ mod tests {
             if agent == "agent" || agent.starts_with("---") {
                 continue;
             }
-            let fields = args.starts_with("`{").then(|| top_level_fields(args));
+            let fields = top_level_fields(args);
             for action in actions.split('`').skip_while(|part| part.is_empty()).step_by(2) {
                 let key = (agent.to_owned(), action.to_owned());
                 assert!(tasks.insert(key, fields.clone()).is_none(), "CATALOGUE.md lists {agent} `{action}` twice");
             }
         }
         tasks
-    }
-
-    /// `` `{a, b?, c: {x}}` (notes {not, these}) `` → {a, b?, c}.
-    fn top_level_fields(args: &str) -> BTreeSet<String> {
-        let body = args.trim_start_matches('`').trim_start_matches('{');
-        let (mut depth, mut current, mut fields) = (0usize, String::new(), BTreeSet::new());
-        for c in body.chars() {
-            match c {
-                '{' | '[' => depth += 1,
-                '}' | ']' if depth > 0 => depth -= 1,
-                '}' => break,
-                ',' if depth == 0 => {
-                    fields.insert(std::mem::take(&mut current));
-                    continue;
-                }
-                _ => {}
-            }
-            if depth == 0 {
-                current.push(c);
-            }
-        }
-        fields.insert(current);
-        fields
-            .into_iter()
-            .map(|field| field.split(':').next().unwrap_or_default().trim().to_owned())
-            .filter(|field| !field.is_empty())
-            .collect()
     }
 
     /// The persistence operations' names, as serde lists them when refusing an unknown one.
@@ -368,8 +342,12 @@ mod tests {
     /// the row's args, and the same action of two agents is two tasks.
     #[test]
     fn the_tasks_table_is_read_per_agent_and_action() {
-        assert_eq!(top_level_fields("`{user, slot?}` (notes {not, these})"), ["user", "slot?"].into_iter().map(str::to_owned).collect());
-        assert_eq!(top_level_fields("`{}`"), BTreeSet::new());
+        assert_eq!(
+            top_level_fields("`{user, slot?}` (notes {not, these})"),
+            Some(["user", "slot?"].into_iter().map(str::to_owned).collect())
+        );
+        assert_eq!(top_level_fields("`{}`"), Some(BTreeSet::new()));
+        assert_eq!(top_level_fields("described in words"), None);
         assert_eq!(arguments(AgentKind::Workspace, "sync"), Some(&["user", "workspace", "final"][..]));
         assert_eq!(arguments(AgentKind::Container, "materialize"), None);
         assert_eq!(actions(AgentKind::Workspace), ["materialize", "sync", "recover", "remove"]);
