@@ -97,7 +97,8 @@ async fn a_host_that_never_returns_is_forgotten_after_forget_after() {
         let url = profile.services.amqp_url.clone();
         async move { Bus::connect(BusConfig::for_identity(&url, identity, "failover-test-sender").expect("identity")).await.expect("broker") }
     };
-    let (container, client) = (sender(Identity::Container).await, sender(Identity::Client).await);
+    let (container, workspace, client) =
+        (sender(Identity::Container).await, sender(Identity::Workspace).await, sender(Identity::Client).await);
     let publish = |bus: &Bus, event: CloudEvent| {
         let bus = bus.clone();
         let exchange = config.events_exchange.clone();
@@ -129,14 +130,39 @@ async fn a_host_that_never_returns_is_forgotten_after_forget_after() {
         workspaces: None,
     };
     publish(&container, report.to_event("/test/container")).await;
-    let session = format!("s-{tag}");
+    // Not placeable while only its container agent reports: its workspace agent may not have
+    // declared the host's queue yet, where the broker would drop the materialize. Such an open
+    // goes unplaced, to the shared queues.
     let redis_client = redis::Client::open(profile.services.redis_url.as_str()).expect("redis url");
     let redis = redis_client.get_multiplexed_async_connection().await.expect("redis");
-    let hosts_key = format!("{}:hosts", config.redis_prefix);
-    eventually("the host's report is recorded", || {
+    let container_report_key = format!("{}:host:{host}:container", config.redis_prefix);
+    eventually("the host's container report is recorded", || {
         let mut redis = redis.clone();
-        let (hosts_key, host) = (hosts_key.clone(), host.clone());
-        async move { redis.zscore::<_, _, Option<i64>>(&hosts_key, &host).await.expect("redis").is_some() }
+        let key = container_report_key.clone();
+        async move { redis.exists::<_, bool>(&key).await.expect("redis") }
+    })
+    .await;
+    let early = format!("s-early-{tag}");
+    publish(
+        &client,
+        CloudEvent::new("session.open", "/test", Some(&early), json!({"user": "alice", "workspace": format!("w-early-{tag}")})),
+    )
+    .await;
+    let (key, _) = next_task(&mut tasks, &early, "materialize").await;
+    assert_eq!(key, "workspace", "a host whose workspace agent has not reported is not placed on");
+    // Placeable once its workspace agent reports too (its host queue exists then).
+    let workspace_report = HostReport { agent: AgentKind::Workspace, capacity: None, workspaces: Some(Vec::new()), ..report.clone() };
+    publish(&workspace, workspace_report.to_event("/test/workspace")).await;
+    let session = format!("s-{tag}");
+    let hosts_key = format!("{}:hosts", config.redis_prefix);
+    let workspace_report_key = format!("{}:host:{host}:workspace", config.redis_prefix);
+    eventually("the host's reports are recorded", || {
+        let mut redis = redis.clone();
+        let (hosts_key, host, workspace_report_key) = (hosts_key.clone(), host.clone(), workspace_report_key.clone());
+        async move {
+            redis.zscore::<_, _, Option<i64>>(&hosts_key, &host).await.expect("redis").is_some()
+                && redis.exists::<_, bool>(&workspace_report_key).await.expect("redis")
+        }
     })
     .await;
     let open = CloudEvent::new("session.open", "/test", Some(&session), json!({"user": "alice", "workspace": format!("w-{tag}")}));

@@ -65,7 +65,11 @@ pub(super) fn hosts_read_script() -> String {
 
 /// The hosts `read_hosts` replied, each with whether it reported `thred`'s workspace; empty while no
 /// host reports; one host without room when every reporting host is drained (that is no room
-/// anywhere, not "no host reports"). A host without a readable container report is skipped.
+/// anywhere, not "no host reports"). A host is skipped until both its agents report: each declares
+/// its host queue before its first report, and a task sent to a host queue not declared yet would
+/// be dropped by the broker (seen when a container agent reported before its host's workspace agent
+/// had started: the session's materialize was lost). A host without a readable container report
+/// is skipped too.
 pub(super) fn hosts_of(reply: &[redis::Value], thred: &Thred) -> Vec<HostView> {
     let reporting = reply.first().and_then(|count| redis::from_redis_value::<u64>(count).ok()).unwrap_or(0);
     if reporting == 0 {
@@ -92,10 +96,9 @@ pub(super) fn hosts_of(reply: &[redis::Value], thred: &Thred) -> Vec<HostView> {
         let Some(container) = text(container) else { continue };
         let Ok(container) = serde_json::from_str::<HostReport>(&container) else { continue };
         let Some(capacity) = container.capacity else { continue };
-        let cached: Vec<String> = text(workspace_report)
-            .and_then(|text| serde_json::from_str::<HostReport>(&text).ok())
-            .and_then(|report| report.workspaces)
-            .unwrap_or_default();
+        let Some(workspace_report) = text(workspace_report) else { continue };
+        let cached: Vec<String> =
+            serde_json::from_str::<HostReport>(&workspace_report).ok().and_then(|report| report.workspaces).unwrap_or_default();
         hosts.push(HostView {
             id,
             budget_memory_mib: capacity.memory_mib,
