@@ -208,6 +208,10 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// `ctx.timers` of every new thred (the profile's timers, seconds), built once.
     timers_seed: Value,
+    /// Warm-pool slots an event in flight on this engine is about to claim: the other opens skip
+    /// them, so racing opens of one replica pick different slots (the commit script still decides
+    /// between replicas).
+    slots_in_flight: pool::SlotsInFlight,
 }
 
 /// A running engine (cheap to clone).
@@ -291,6 +295,7 @@ impl Engine {
                 rates: Rates::of(&profile_for_rates),
                 clock,
                 timers_seed: timers_seed(&profile_for_rates),
+                slots_in_flight: pool::SlotsInFlight::default(),
             }),
         })
     }
@@ -458,6 +463,8 @@ impl Engine {
         let mut overruled: Option<Verdict> = None;
         // Warm-pool slots another thred claimed while this one tried: the next attempt picks another.
         let mut taken_slots: Vec<String> = Vec::new();
+        // The slot this attempt tries, kept from the other opens until the attempt is over.
+        let mut trying_slot: Option<pool::TryingSlot> = None;
         // The pattern this event starts a thred of, if it starts one (binding may pick another
         // when the first cannot start on this subject: the next attempt reads for that one).
         let mut starting: Option<&Pattern> = self.inner.patterns.iter().find(|pattern| pattern.start.events.contains(&event.event_type));
@@ -534,8 +541,10 @@ impl Engine {
                                 thred.context.insert(ADMISSION_CONTEXT.to_owned(), verdict.to_value());
                                 if let Some(spec) = &pattern.start.pool {
                                     if verdict == Verdict::Admit {
+                                        trying_slot = None;
                                         if let Some(slot) = self.free_pool_slot(&taken_slots).await? {
-                                            thred.context.insert(spec.context.clone(), Value::String(slot));
+                                            thred.context.insert(spec.context.clone(), Value::String(slot.name().to_owned()));
+                                            trying_slot = Some(slot);
                                         }
                                     }
                                 }
@@ -611,6 +620,8 @@ impl Engine {
                 }
                 CommitResult::Committed => {}
             }
+            // Claimed (out of the free set) or never tried: the other opens need not skip it now.
+            drop(trying_slot.take());
             if let Some(spec) = &pattern.start.admission {
                 let held_before = previous.as_ref().is_some_and(|thred| holds_capacity(spec, thred));
                 if held_before != holds_capacity(spec, &step.thred) || is_queued(spec, &step.thred) {

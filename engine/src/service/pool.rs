@@ -37,6 +37,46 @@ use protocol::{CloudEvent, Task};
 const KEEPER_INTERVAL: Duration = Duration::from_millis(500);
 /// Slots asked for at once, so a large pool fills without a burst of container creations.
 const MAX_CREATING: usize = 4;
+/// Free slots an open reads beyond those it must skip.
+const CANDIDATES: usize = 16;
+
+/// The slots events in flight on this engine are trying to claim (see [`TryingSlot`]).
+#[derive(Debug, Clone, Default)]
+pub(super) struct SlotsInFlight(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl SlotsInFlight {
+    fn len(&self) -> usize {
+        self.0.lock().map_or(0, |slots| slots.len())
+    }
+
+    /// `slot`, kept from the others until the returned guard is dropped; `None` if another has it.
+    fn try_take(&self, slot: String) -> Option<TryingSlot> {
+        let mut slots = self.0.lock().ok()?;
+        slots.insert(slot.clone()).then(|| TryingSlot { slot, in_flight: self.clone() })
+    }
+}
+
+/// A slot one event is trying to claim. Only this engine's other events skip it, and only until
+/// the attempt is over (the guard dropped); whether the claim holds is the commit script's to say.
+#[derive(Debug)]
+pub(super) struct TryingSlot {
+    slot: String,
+    in_flight: SlotsInFlight,
+}
+
+impl TryingSlot {
+    pub(super) fn name(&self) -> &str {
+        &self.slot
+    }
+}
+
+impl Drop for TryingSlot {
+    fn drop(&mut self) {
+        if let Ok(mut slots) = self.in_flight.0.lock() {
+            slots.remove(&self.slot);
+        }
+    }
+}
 
 impl Keys {
     /// The warm pool's free slots: zset slot → ms it became free.
@@ -198,15 +238,19 @@ impl Engine {
         self.inner.profile.pool_size()
     }
 
-    /// A free slot for a new thred, other than those it already lost to another; `None`: cold.
-    /// A random one among the free, so racing opens mostly pick different slots.
-    pub(super) async fn free_pool_slot(&self, taken: &[String]) -> Result<Option<String>> {
+    /// A free slot for a new thred, other than those it already lost to another and those
+    /// other events of this engine are trying; `None`: cold. A random one among the free, so
+    /// racing replicas mostly pick different slots too.
+    pub(super) async fn free_pool_slot(&self, taken: &[String]) -> Result<Option<TryingSlot>> {
         if self.pool_size() == 0 {
             return Ok(None);
         }
+        let in_flight = &self.inner.slots_in_flight;
+        let wanted = CANDIDATES + taken.len() + in_flight.len();
         let mut redis = self.inner.redis.clone();
-        let candidates: Vec<String> = redis::cmd("ZRANDMEMBER").arg(self.inner.keys.pool_free()).arg(16).query_async(&mut redis).await?;
-        Ok(candidates.into_iter().find(|slot| !taken.contains(slot)))
+        let candidates: Vec<String> =
+            redis::cmd("ZRANDMEMBER").arg(self.inner.keys.pool_free()).arg(wanted).query_async(&mut redis).await?;
+        Ok(candidates.into_iter().filter(|slot| !taken.contains(slot)).find_map(|slot| in_flight.try_take(slot)))
     }
 
     /// `container.pool_slot_ready`, `container.pool_slot_failed`, `container.pool_slot_removed` from the container agent.
@@ -474,5 +518,17 @@ mod tests {
         for garbage in ["", "free", "free:x", "claimed:", "other:1"] {
             assert_eq!(SlotState::parse(garbage), None, "{garbage}");
         }
+    }
+
+    #[test]
+    fn a_slot_in_flight_is_skipped_until_its_attempt_is_over() {
+        let in_flight = SlotsInFlight::default();
+        let first = in_flight.try_take("a".to_owned()).expect("a free slot is taken");
+        assert!(in_flight.try_take("a".to_owned()).is_none(), "a slot another open tries is skipped");
+        let other = in_flight.try_take("b".to_owned()).expect("another slot is taken");
+        assert_eq!((first.name(), other.name(), in_flight.len()), ("a", "b", 2));
+        drop(first);
+        assert_eq!(in_flight.len(), 1);
+        assert!(in_flight.try_take("a".to_owned()).is_some(), "free again once its attempt is over");
     }
 }
