@@ -132,12 +132,19 @@ fn known_hosts(deployment: &Deployment) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Whether both of `host`'s agents' reports are kept: placement skips a host until its workspace
+/// agent has reported too.
+fn placeable(deployment: &Deployment, host: &str) -> bool {
+    let (container, workspace) = (format!("berth:engine:host:{host}:container"), format!("berth:engine:host:{host}:workspace"));
+    deployment.redis_cli(&["exists", &container, &workspace]).is_ok_and(|count| count.trim() == "2")
+}
+
 async fn wait_hosts(deployment: &Deployment, expected: &[&str]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut known = known_hosts(deployment);
         known.sort();
-        if known == expected {
+        if known == expected && expected.iter().all(|host| placeable(deployment, host)) {
             return Ok(());
         }
         if Instant::now() > deadline {
