@@ -25,7 +25,6 @@ use crate::admission::{holds_capacity, is_queued, Capacity, Limit, Verdict};
 use crate::core::{self, Disposition, EventInput, Step, StepError};
 use crate::metrics::Metrics;
 use crate::pattern::Pattern;
-use crate::placement::HostView;
 use crate::timers;
 use crate::usage::Rates;
 use crate::{Error, Result};
@@ -488,7 +487,7 @@ impl Engine {
                 return self.finish_duplicate(event).await;
             };
             // The hosts admission read in this attempt, for placement to reuse.
-            let mut hosts_read: Option<Vec<HostView>> = None;
+            let mut hosts_read: Option<hosts::LiveHosts> = None;
             let binding = binding::bind(&self.inner.patterns, &event.event_type, read);
             let (pattern, previous, stepped) = match binding {
                 Binding::Orphan => {

@@ -39,7 +39,12 @@ fn profile() -> Profile {
 /// their routing keys (`workspace.<host>` for a session placed on `host`).
 async fn collect_tasks(bus: &Bus, exchange: &str, host: &str) -> mpsc::UnboundedReceiver<(String, Task)> {
     let keys = ["workspace".to_owned(), "container".to_owned(), format!("workspace.{host}"), format!("container.{host}")];
-    let queue = bus.declare_private_queue(exchange, &keys).await.expect("private queue");
+    collect_tasks_on(bus, exchange, &keys).await
+}
+
+/// The tasks the engine sends with these routing keys.
+async fn collect_tasks_on(bus: &Bus, exchange: &str, keys: &[String]) -> mpsc::UnboundedReceiver<(String, Task)> {
+    let queue = bus.declare_private_queue(exchange, keys).await.expect("private queue");
     let mut subscription = bus.subscribe(&queue, Acks::Automatic).await.expect("subscribe");
     let (sender, receiver) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -132,7 +137,8 @@ async fn a_host_that_never_returns_is_forgotten_after_forget_after() {
     publish(&container, report.to_event("/test/container")).await;
     // Not placeable while only its container agent reports: its workspace agent may not have
     // declared the host's queue yet, where the broker would drop the materialize. Such an open
-    // goes unplaced, to the shared queues.
+    // waits in the queue (not sent unplaced to the shared queues, where a drained host's agents
+    // could take it) until the host is placeable.
     let redis_client = redis::Client::open(profile.services.redis_url.as_str()).expect("redis url");
     let redis = redis_client.get_multiplexed_async_connection().await.expect("redis");
     let container_report_key = format!("{}:host:{host}:container", config.redis_prefix);
@@ -148,11 +154,22 @@ async fn a_host_that_never_returns_is_forgotten_after_forget_after() {
         CloudEvent::new("session.open", "/test", Some(&early), json!({"user": "alice", "workspace": format!("w-early-{tag}")})),
     )
     .await;
-    let (key, _) = next_task(&mut tasks, &early, "materialize").await;
-    assert_eq!(key, "workspace", "a host whose workspace agent has not reported is not placed on");
-    // Placeable once its workspace agent reports too (its host queue exists then).
+    let queue_key = format!("{}:queue:workspace-session", config.redis_prefix);
+    eventually("the early open waits in the queue", || {
+        let mut redis = redis.clone();
+        let queue_key = queue_key.clone();
+        async move { redis.zcard::<_, u64>(&queue_key).await.expect("redis") == 1 }
+    })
+    .await;
+    // Placeable once its workspace agent reports too (its host queue exists then): the waiting
+    // open goes there.
     let workspace_report = HostReport { agent: AgentKind::Workspace, capacity: None, workspaces: Some(Vec::new()), ..report.clone() };
     publish(&workspace, workspace_report.to_event("/test/workspace")).await;
+    // Its container report again, so the host stays live (three 1 s intervals) until the admitter,
+    // which looks every second, has let the waiting open go.
+    publish(&container, report.to_event("/test/container")).await;
+    let (key, _) = next_task(&mut tasks, &early, "materialize").await;
+    assert_eq!(key, format!("workspace.{host}"), "the waiting open is placed once the host is placeable");
     let session = format!("s-{tag}");
     let hosts_key = format!("{}:hosts", config.redis_prefix);
     let workspace_report_key = format!("{}:host:{host}:workspace", config.redis_prefix);
@@ -218,6 +235,110 @@ async fn a_host_that_never_returns_is_forgotten_after_forget_after() {
     handle.await.expect("engine task").expect("engine ran");
     service::teardown(&bus, &profile.services.redis_url, &config).await.expect("teardown");
     for bus in [container, client, bus] {
+        bus.close().await;
+    }
+}
+
+/// A task for a host whose queue does not exist (its agent has not declared it yet, or it was
+/// deleted) is not dropped by the broker without a word: it is published `mandatory`, the event
+/// fails and is retried with its outbox kept, and the task arrives once the queue is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_for_a_missing_host_queue_waits_for_the_queue() {
+    protocol::telemetry::init(protocol::telemetry::LogFormat::Pretty);
+    let profile = profile();
+    let tag = Uuid::now_v7().simple().to_string();
+    let config = EngineConfig::isolated(&tag);
+    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "failover-test")).await.expect("broker");
+    service::declare(&bus, &config).await.expect("declare");
+    protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await.expect("bus identities");
+    let sender = |identity| {
+        let url = profile.services.amqp_url.clone();
+        async move { Bus::connect(BusConfig::for_identity(&url, identity, "failover-test-sender").expect("identity")).await.expect("broker") }
+    };
+    let (container, workspace, client) =
+        (sender(Identity::Container).await, sender(Identity::Workspace).await, sender(Identity::Client).await);
+    let publish = |bus: &Bus, event: CloudEvent| {
+        let bus = bus.clone();
+        let exchange = config.events_exchange.clone();
+        async move { bus.publish(&exchange, &event.event_type, &event.to_bytes(), Properties::cloud_event()).await.expect("publish") }
+    };
+    let host = format!("h-{}", &tag[tag.len() - 8..]);
+    // The shared queues and the host's container queue exist; its workspace queue does not.
+    let mut tasks = collect_tasks_on(&bus, &config.tasks_exchange, &["workspace".to_owned(), format!("container.{host}")]).await;
+    let pattern = load_pattern_file(&repository().join("patterns/workspace-session.json")).expect("workspace-session pattern");
+    let engine = Engine::connect(profile.clone(), vec![pattern], config.clone()).await.expect("engine connects");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = engine.clone();
+    let handle = tokio::spawn(async move {
+        serving
+            .serve(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    // Both agents report (every 10 s: the host stays placeable throughout).
+    let report = HostReport {
+        host: host.clone(),
+        deployment: profile.deployment(),
+        agent: AgentKind::Container,
+        interval_secs: 10,
+        capacity: Some(HostCapacity::of(&profile, 0)),
+        workspaces: None,
+    };
+    publish(&container, report.to_event("/test/container")).await;
+    let workspace_report = HostReport { agent: AgentKind::Workspace, capacity: None, workspaces: Some(Vec::new()), ..report.clone() };
+    publish(&workspace, workspace_report.to_event("/test/workspace")).await;
+    let redis_client = redis::Client::open(profile.services.redis_url.as_str()).expect("redis url");
+    let redis = redis_client.get_multiplexed_async_connection().await.expect("redis");
+    let report_keys: Vec<String> =
+        ["container", "workspace"].iter().map(|agent| format!("{}:host:{host}:{agent}", config.redis_prefix)).collect();
+    eventually("both of the host's reports are recorded", || {
+        let mut redis = redis.clone();
+        let keys = report_keys.clone();
+        async move { redis.exists::<_, u64>(&keys).await.expect("redis") == 2 }
+    })
+    .await;
+
+    let session = format!("s-{tag}");
+    publish(&client, CloudEvent::new("session.open", "/test", Some(&session), json!({"user": "alice", "workspace": format!("w-{tag}")})))
+        .await;
+    // Committed (the thred is live) and its outbox kept: the materialize could not be routed.
+    let (live_key, outboxes_key) = (format!("{}:live:{session}", config.redis_prefix), format!("{}:outboxes", config.redis_prefix));
+    eventually("the open is committed and its outbox kept", || {
+        let mut redis = redis.clone();
+        let (live_key, outboxes_key) = (live_key.clone(), outboxes_key.clone());
+        async move {
+            redis.scard::<_, u64>(&live_key).await.expect("redis") == 1 && redis.scard::<_, u64>(&outboxes_key).await.expect("redis") >= 1
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    while let Ok((key, task)) = tasks.try_recv() {
+        assert_ne!(
+            (key.as_str(), task.action.as_str()),
+            ("workspace", "materialize"),
+            "the materialize did not go to the shared queue instead"
+        );
+    }
+    assert_eq!(redis.clone().scard::<_, u64>(&outboxes_key).await.expect("redis"), 1, "the outbox is still kept after a retry");
+
+    // The host's workspace agent declares its queue: the retried event publishes the task there.
+    let mut on_host = collect_tasks_on(&bus, &config.tasks_exchange, &[format!("workspace.{host}")]).await;
+    let (key, _) = tokio::time::timeout(Duration::from_secs(60), next_task(&mut on_host, &session, "materialize"))
+        .await
+        .expect("the materialize arrives once the queue exists");
+    assert_eq!(key, format!("workspace.{host}"));
+    eventually("the published outbox is deleted", || {
+        let mut redis = redis.clone();
+        let outboxes_key = outboxes_key.clone();
+        async move { redis.scard::<_, u64>(&outboxes_key).await.expect("redis") == 0 }
+    })
+    .await;
+
+    let _ = stop.send(());
+    handle.await.expect("engine task").expect("engine ran");
+    service::teardown(&bus, &profile.services.redis_url, &config).await.expect("teardown");
+    for bus in [container, workspace, client, bus] {
         bus.close().await;
     }
 }

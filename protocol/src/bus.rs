@@ -250,12 +250,14 @@ pub struct Properties {
     content_type: Option<String>,
     message_id: Option<String>,
     headers: Vec<(String, String)>,
+    /// Published `mandatory`: one no queue takes is an error, not dropped.
+    must_be_routed: bool,
 }
 
 impl Properties {
     /// No content type, no id, no headers.
     pub fn bare() -> Properties {
-        Properties { content_type: None, message_id: None, headers: Vec::new() }
+        Properties { content_type: None, message_id: None, headers: Vec::new(), must_be_routed: false }
     }
 
     /// A JSON body (tasks, notifications, store operations).
@@ -271,6 +273,15 @@ impl Properties {
     /// Names the message (the broker and consumers see it as `message_id`).
     pub fn with_message_id(mut self, message_id: &str) -> Properties {
         self.message_id = Some(message_id.to_owned());
+        self
+    }
+
+    /// The message must reach a queue: publishing it where no queue is bound (a host queue not
+    /// declared yet, or deleted) fails with [`BusError::Unroutable`] instead of the broker
+    /// dropping it without a word. Not retried: the caller decides (the engine retries the event,
+    /// its outbox kept).
+    pub fn must_be_routed(mut self) -> Properties {
+        self.must_be_routed = true;
         self
     }
 
@@ -628,19 +639,31 @@ impl Bus {
     /// Publishes one persistent message and waits for the broker's confirm, retrying through
     /// connection loss until [`PUBLISH_DEADLINE`].
     pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], properties: Properties) -> Result<()> {
-        self.publish_amqp(exchange, routing_key, body, properties.to_amqp()).await
+        let options = BasicPublishOptions { mandatory: properties.must_be_routed, ..BasicPublishOptions::default() };
+        self.publish_amqp(exchange, routing_key, body, properties.to_amqp(), options).await
     }
 
-    async fn publish_amqp(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
+    async fn publish_amqp(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        options: BasicPublishOptions,
+    ) -> Result<()> {
         let deadline = tokio::time::Instant::now() + PUBLISH_DEADLINE;
         let mut delays = backoff::doubling(BACKOFF_START, BACKOFF_MAX);
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let error = match self.publish_once(exchange, routing_key, body, properties.clone()).await {
+            let error = match self.publish_once(exchange, routing_key, body, properties.clone(), options).await {
                 Ok(()) => {
                     self.metrics.published(exchange);
                     return Ok(());
+                }
+                Err(error @ BusError::Unroutable { .. }) => {
+                    self.metrics.publish_failed(exchange);
+                    return Err(error);
                 }
                 Err(error @ BusError::Nacked { .. }) => error,
                 Err(BusError::Amqp(AmqpError(error))) if refusal(&error).is_some() => {
@@ -670,12 +693,23 @@ impl Bus {
         }
     }
 
-    async fn publish_once(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<()> {
+    async fn publish_once(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        options: BasicPublishOptions,
+    ) -> Result<()> {
         let channel = self.publisher().await?;
         let properties = self.stamped(properties).with_delivery_mode(2);
         // A refused publish closes the channel; the broker's reason comes back as the error.
-        let confirmation = channel.basic_publish(exchange, routing_key, BasicPublishOptions::default(), body, properties).await?.await?;
+        let confirmation = channel.basic_publish(exchange, routing_key, options, body, properties).await?.await?;
         match confirmation {
+            // Returned (only a mandatory publish is): no queue took it.
+            Confirmation::Ack(Some(_returned)) if options.mandatory => {
+                Err(BusError::Unroutable { exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
+            }
             Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
             Confirmation::Nack(_) => Err(BusError::Nacked { exchange: exchange.to_owned(), routing_key: routing_key.to_owned() }),
         }
@@ -728,7 +762,7 @@ impl Bus {
             }
         }
         let properties = BasicProperties::default().with_headers(headers);
-        self.publish_amqp(dead_exchange, &message.routing_key, &message.body, properties).await
+        self.publish_amqp(dead_exchange, &message.routing_key, &message.body, properties, BasicPublishOptions::default()).await
     }
 
     /// Answers a request received with `reply_to` and `correlation_id`.

@@ -22,6 +22,12 @@ impl LogFormat {
 /// Installs the global subscriber. Logs go to stderr so that stdout stays for command output.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
+    // lapin logs every returned (unroutable mandatory) message with its whole body; the bus
+    // reports it as `BusError::Unroutable`, naming exchange and routing key, without the body.
+    let filter = match "lapin::returned_messages=off".parse() {
+        Ok(quiet_returns) => filter.add_directive(quiet_returns),
+        Err(_) => filter,
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let installed = match format {
         LogFormat::Json => builder.json().try_init(),

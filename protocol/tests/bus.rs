@@ -347,6 +347,30 @@ async fn published_events_round_trip_with_confirms() {
     bus.close().await;
 }
 
+/// A message that must be routed fails loudly where no queue takes it (a host queue not declared
+/// yet, or deleted) instead of being dropped; bound, it arrives; a plain publish to nowhere is
+/// still confirmed (notifications nobody listens to).
+#[tokio::test]
+async fn a_message_that_must_be_routed_fails_where_no_queue_takes_it() {
+    let bus = bus("test-must-be-routed").await;
+    let routing_key = format!("test.must-be-routed.{}", uuid::Uuid::new_v4().simple());
+    let body = b"{}";
+    let unrouted = bus.publish("amq.direct", &routing_key, body, Properties::json().must_be_routed()).await;
+    assert!(
+        matches!(&unrouted, Err(protocol::bus::BusError::Unroutable { routing_key: key, .. }) if key == &routing_key),
+        "no queue bound: {unrouted:?}"
+    );
+    bus.publish("amq.direct", &routing_key, body, Properties::json()).await.expect("a plain publish to nowhere is confirmed");
+    let queue = private_queue_on(&bus, "amq.direct", &routing_key).await;
+    bus.publish("amq.direct", &routing_key, body, Properties::json().must_be_routed()).await.expect("routed once a queue is bound");
+    let received = collect_from(&bus, &queue, 1, Duration::from_secs(20)).await;
+    assert_eq!(received, vec![body.to_vec()], "the routed message arrives");
+    // The publishing channel survives a returned message: the bus keeps publishing.
+    bus.publish("amq.direct", &routing_key, body, Properties::json()).await.expect("publishing goes on");
+    bus.delete_queue(&queue).await.ok();
+    bus.close().await;
+}
+
 #[tokio::test]
 async fn malformed_messages_are_dead_lettered_with_reason_while_good_ones_flow() {
     let dead = DeadLetters::new(&bus("test-dead-letter").await).await;

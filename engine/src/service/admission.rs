@@ -11,12 +11,12 @@ use redis::AsyncCommands;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::hosts::hosts_of;
+use super::hosts::{hosts_of, LiveHosts};
 use super::{notification_message, notification_to_owner, task_message, Engine, OutboxMessage};
 use crate::admission::{self, Committed, Counts, Limit, Verdict};
 use crate::core::Thred;
 use crate::pattern::Pattern;
-use crate::placement::{self, HostView};
+use crate::placement;
 use crate::usage::{self, Budget, Charge, Metered, Spent};
 use crate::Result;
 use protocol::CloudEvent;
@@ -36,7 +36,7 @@ pub(super) struct AdmissionRead {
     pub(super) committed: Committed,
     pub(super) queued: u64,
     /// The reporting hosts; placement reuses them in the same attempt.
-    pub(super) hosts: Vec<HostView>,
+    pub(super) hosts: LiveHosts,
     /// What the user spent today and this month (read only when the profile has budgets).
     pub(super) spent: Option<Spent>,
 }
@@ -71,8 +71,8 @@ impl Engine {
         let mut committed = read.committed;
         let mut capacity = self.inner.capacity;
         // Hosts report: the session fits if one of them has room (the one placement would pick).
-        if !read.hosts.is_empty() {
-            match placement::place(self.need(), &read.hosts) {
+        if let LiveHosts::Reporting(hosts) = &read.hosts {
+            match placement::place(self.need(), hosts) {
                 Some(host) => {
                     capacity = capacity.with_budget(host.budget_memory_mib, host.budget_cpu_millis);
                     committed = host.committed;

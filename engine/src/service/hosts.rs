@@ -23,7 +23,7 @@ pub(super) enum Placed {
     Here(HostView),
     /// Not placed: it takes no capacity now, or no host reports (the one-host budget applies).
     Unplaced,
-    /// Hosts report and none has room.
+    /// Hosts report and none can take it: no room, drained, or not placeable yet.
     NoRoom,
 }
 
@@ -63,34 +63,33 @@ pub(super) fn hosts_read_script() -> String {
     format!("{READ_HOSTS_LUA}\nreturn read_hosts(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\n")
 }
 
-/// The hosts `read_hosts` replied, each with whether it reported `thred`'s workspace; empty while no
-/// host reports; one host without room when every reporting host is drained (that is no room
-/// anywhere, not "no host reports"). A host is skipped until both its agents report: each declares
-/// its host queue before its first report, and a task sent to a host queue not declared yet would
-/// be dropped by the broker (seen when a container agent reported before its host's workspace agent
-/// had started: the session's materialize was lost). A host without a readable container report
-/// is skipped too.
-pub(super) fn hosts_of(reply: &[redis::Value], thred: &Thred) -> Vec<HostView> {
+/// What the hosts' reports allow placing on.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum LiveHosts {
+    /// No host reports: a one-host deployment, placed on no host (the profile's own budget applies).
+    NoneReporting,
+    /// Hosts report, and these may be placed on, each with whether it reported the thred's
+    /// workspace. Empty = no room anywhere: every reporting host is drained or not placeable yet,
+    /// and an open waits in the queue rather than going to the shared queues, where a drained
+    /// host's agents could take it.
+    Reporting(Vec<HostView>),
+}
+
+/// The hosts `read_hosts` replied. A host is placeable only once both its agents report: each
+/// declares its host queue before its first report, and a task sent to a host queue not declared
+/// yet would be dropped by the broker (seen when a container agent reported before its host's
+/// workspace agent had started: the session's materialize was lost). A host without a readable
+/// container report is not placeable either.
+pub(super) fn hosts_of(reply: &[redis::Value], thred: &Thred) -> LiveHosts {
     let reporting = reply.first().and_then(|count| redis::from_redis_value::<u64>(count).ok()).unwrap_or(0);
     if reporting == 0 {
-        return Vec::new();
-    }
-    let entries = &reply[1..];
-    if entries.is_empty() {
-        return vec![HostView {
-            id: String::new(),
-            budget_memory_mib: 0,
-            budget_cpu_millis: 0,
-            committed: Committed::default(),
-            sessions: 0,
-            has_workspace: false,
-        }];
+        return LiveHosts::NoneReporting;
     }
     let text = |value: &redis::Value| redis::from_redis_value::<Option<String>>(value).ok().flatten();
     let number = |value: &redis::Value| redis::from_redis_value::<Option<u64>>(value).ok().flatten().unwrap_or(0);
     let workspace = thred_workspace(thred);
     let mut hosts = Vec::new();
-    for entry in entries.chunks(5) {
+    for entry in reply[1..].chunks(5) {
         let [id, container, workspace_report, memory, cpu] = entry else { continue };
         let Some(id) = text(id) else { continue };
         let Some(container) = text(container) else { continue };
@@ -108,7 +107,7 @@ pub(super) fn hosts_of(reply: &[redis::Value], thred: &Thred) -> Vec<HostView> {
             has_workspace: workspace.as_ref().is_some_and(|workspace| cached.contains(workspace)),
         });
     }
-    hosts
+    LiveHosts::Reporting(hosts)
 }
 
 impl Engine {
@@ -148,9 +147,8 @@ impl Engine {
     }
 
     /// The hosts that are not gone, each with what this engine's threds hold there and whether it
-    /// reported `thred`'s workspace; empty while no host reports (one-host deployments placed on
-    /// no host, as before hosts existed).
-    pub(super) async fn live_hosts(&self, thred: &Thred) -> Result<Vec<HostView>> {
+    /// reported `thred`'s workspace.
+    pub(super) async fn live_hosts(&self, thred: &Thred) -> Result<LiveHosts> {
         let keys = &self.inner.keys;
         let mut invocation = self.inner.hosts_read.prepare_invoke();
         invocation.key(keys.hosts()).key(keys.draining()).arg(keys.host_report_prefix()).arg(keys.capacity_of(Some("")));
@@ -181,8 +179,10 @@ impl Engine {
             ended: false,
             host: None,
         };
-        let hosts = self.live_hosts(&probe).await?;
-        Ok(placement::place(self.need(), &hosts).map(|host| host.id.clone()))
+        match self.live_hosts(&probe).await? {
+            LiveHosts::NoneReporting => Ok(None),
+            LiveHosts::Reporting(hosts) => Ok(placement::place(self.need(), &hosts).map(|host| host.id.clone())),
+        }
     }
 
     /// What one session of an admitted pattern holds.
@@ -193,11 +193,10 @@ impl Engine {
     /// Whether the next waiting thred would fit now: on a host that reports, or (no host reports)
     /// in the profile's one-host budget next to `committed`.
     pub(super) async fn has_room(&self, thred: &Thred, committed: Committed) -> Result<bool> {
-        let hosts = self.live_hosts(thred).await?;
-        if hosts.is_empty() {
-            return Ok(self.inner.capacity.fits(committed));
+        match self.live_hosts(thred).await? {
+            LiveHosts::NoneReporting => Ok(self.inner.capacity.fits(committed)),
+            LiveHosts::Reporting(hosts) => Ok(placement::place(self.need(), &hosts).is_some()),
         }
-        Ok(placement::place(self.need(), &hosts).is_some())
     }
 
     /// Places a thred that is about to take capacity (a new session admitted, or a waiting one let
@@ -213,7 +212,7 @@ impl Engine {
         previous: Option<&Thred>,
         event: &CloudEvent,
         thred: &mut Thred,
-        hosts_read: Option<Vec<HostView>>,
+        hosts_read: Option<LiveHosts>,
     ) -> Result<Placed> {
         let Some(spec) = &pattern.start.admission else {
             if previous.is_none() {
@@ -236,10 +235,10 @@ impl Engine {
             Some(hosts) => hosts,
             None => self.live_hosts(thred).await?,
         };
-        if hosts.is_empty() {
+        let LiveHosts::Reporting(hosts) = hosts else {
             thred.host = None;
             return Ok(Placed::Unplaced);
-        }
+        };
         let Some(host) = placement::place(self.need(), &hosts) else { return Ok(Placed::NoRoom) };
         tracing::info!(thred = %thred.id, session = %thred.key, host = %host.id, cached = host.has_workspace,
             free_memory_mib = host.budget_memory_mib.saturating_sub(host.committed.memory_mib), hosts = hosts.len(),
@@ -298,5 +297,81 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thred() -> Thred {
+        let mut context = Map::new();
+        context.insert("user".to_owned(), json!("alice"));
+        context.insert("workspace".to_owned(), json!("w"));
+        Thred {
+            id: "t".to_owned(),
+            pattern: "p".to_owned(),
+            key: "s".to_owned(),
+            exclusive: None,
+            state: "new".to_owned(),
+            context,
+            timers: BTreeMap::new(),
+            last_timer_generation: 0,
+            version: 0,
+            created_ms: 0,
+            updated_ms: 0,
+            ended: false,
+            host: None,
+        }
+    }
+
+    fn report(agent: AgentKind, workspaces: Option<Vec<String>>) -> redis::Value {
+        let capacity = (agent == AgentKind::Container).then_some(protocol::host::HostCapacity {
+            memory_mib: 8192,
+            cpu_millis: 4000,
+            committed_memory_mib: 0,
+            committed_cpu_millis: 0,
+            free_memory_mib: 8192,
+            free_cpu_millis: 4000,
+            sessions: 0,
+        });
+        let report = HostReport { host: "h1".to_owned(), deployment: "d".to_owned(), agent, interval_secs: 1, capacity, workspaces };
+        redis::Value::BulkString(serde_json::to_vec(&report).expect("report encodes"))
+    }
+
+    fn text(value: &str) -> redis::Value {
+        redis::Value::BulkString(value.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn no_report_at_all_is_a_one_host_deployment() {
+        assert_eq!(hosts_of(&[redis::Value::Int(0)], &thred()), LiveHosts::NoneReporting);
+    }
+
+    #[test]
+    fn a_host_is_placeable_once_both_its_agents_report() {
+        let both = [
+            redis::Value::Int(1),
+            text("h1"),
+            report(AgentKind::Container, None),
+            report(AgentKind::Workspace, Some(vec!["alice/w".to_owned()])),
+            text("4096"),
+            redis::Value::Nil,
+        ];
+        let LiveHosts::Reporting(hosts) = hosts_of(&both, &thred()) else { panic!("hosts report") };
+        assert_eq!(hosts.len(), 1);
+        assert!(hosts[0].has_workspace, "the workspace agent reported alice/w");
+        assert_eq!(hosts[0].committed, Committed { memory_mib: 4096, cpu_millis: 0 });
+    }
+
+    #[test]
+    fn reporting_hosts_none_placeable_is_no_room_not_no_hosts() {
+        // Only its container agent reports: not placeable, and not a one-host deployment either
+        // (an open sent to the shared queues could be taken by a drained host's agents).
+        let container_only =
+            [redis::Value::Int(1), text("h1"), report(AgentKind::Container, None), redis::Value::Nil, redis::Value::Nil, redis::Value::Nil];
+        assert_eq!(hosts_of(&container_only, &thred()), LiveHosts::Reporting(Vec::new()));
+        // Every reporting host drained: `read_hosts` lists none of them.
+        assert_eq!(hosts_of(&[redis::Value::Int(2)], &thred()), LiveHosts::Reporting(Vec::new()));
     }
 }

@@ -25,6 +25,11 @@ pub struct OutboxMessage {
     pub routing_key: String,
     pub message_id: String,
     pub body: String,
+    /// A task for one host's queue: published `mandatory`, so a queue that is missing (its agent
+    /// not started yet, or the queue deleted) fails the event, which is retried with its outbox
+    /// kept, instead of the broker dropping the task. Shared queues are declared by the topology.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub must_be_routed: bool,
 }
 
 /// The wire body of a message: one that does not encode fails the event (dead-lettered with the
@@ -40,6 +45,7 @@ pub(super) fn notification_message(config: &EngineConfig, notification: &Notific
         routing_key: notification.routing_key(),
         message_id: notification.id.to_string(),
         body: body_of(notification.encode(), "notification")?,
+        must_be_routed: false,
     })
 }
 
@@ -64,15 +70,16 @@ pub(super) fn task_message(config: &EngineConfig, task: &Task) -> Result<OutboxM
 /// A task for the agents of `host`, when its agent kind is host-affine and there is a host; for
 /// any agent of its kind (the shared queue) otherwise.
 pub(super) fn task_message_on(config: &EngineConfig, task: &Task, host: Option<&str>) -> Result<OutboxMessage> {
-    let routing_key = match host {
-        Some(host) if topology::is_host_affine(task.agent) => topology::host_routing_key(task.agent, host),
-        _ => task.agent.as_str().to_owned(),
+    let (routing_key, must_be_routed) = match host {
+        Some(host) if topology::is_host_affine(task.agent) => (topology::host_routing_key(task.agent, host), true),
+        _ => (task.agent.as_str().to_owned(), false),
     };
     Ok(OutboxMessage {
         exchange: config.tasks_exchange.clone(),
         routing_key,
         message_id: task.id.to_string(),
         body: body_of(task.encode(), "task")?,
+        must_be_routed,
     })
 }
 
@@ -118,15 +125,25 @@ pub(super) async fn delete_published_outboxes(
 }
 
 impl Engine {
-    /// Publishes every outbox a crash left behind.
+    /// Publishes every outbox a crash left behind. One that cannot be published now (a host queue
+    /// gone) is kept for its event's redelivery or the next start, and the others still go.
     pub async fn replay_outboxes(&self) -> Result<usize> {
         let mut redis = self.inner.redis.clone();
         let outboxes: Vec<String> = redis.smembers(self.inner.keys.outboxes()).await?;
+        let mut replayed = 0;
         for outbox_key in &outboxes {
-            self.publish_outbox_at(outbox_key).await?;
-            Metrics::count(&self.inner.metrics.outboxes_replayed);
+            match self.publish_outbox_at(outbox_key).await {
+                Ok(()) => {
+                    replayed += 1;
+                    Metrics::count(&self.inner.metrics.outboxes_replayed);
+                }
+                Err(Error::Bus(error @ protocol::bus::BusError::Unroutable { .. })) => {
+                    tracing::warn!(outbox = %outbox_key, %error, "outbox not published: kept for a later attempt");
+                }
+                Err(error) => return Err(error),
+            }
         }
-        Ok(outboxes.len())
+        Ok(replayed)
     }
 
     pub(super) async fn publish_outbox_at(&self, outbox_key: &str) -> Result<()> {
@@ -147,6 +164,7 @@ impl Engine {
         let bus = &self.inner.publisher;
         let publishes = messages.iter().map(|message| {
             let properties = Properties::json().with_message_id(&message.message_id);
+            let properties = if message.must_be_routed { properties.must_be_routed() } else { properties };
             bus.publish(&message.exchange, &message.routing_key, message.body.as_bytes(), properties)
         });
         for published in futures::future::join_all(publishes).await {

@@ -143,6 +143,14 @@ async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &Eng
     let mut redis = client.get_multiplexed_async_connection().await?;
     let keys = Keys::new(&config.redis_prefix);
 
+    // The tasks' queues, shared and per host, as in a deployment: a task for a host goes out
+    // `mandatory` and would fail its event where no queue takes it. One queue for both phases.
+    let mut task_keys = vec!["workspace".to_owned(), "container".to_owned()];
+    for index in 0..3 {
+        task_keys.extend(["workspace", "container"].map(|agent| format!("{agent}.bench-h{index}")));
+    }
+    let tasks_queue = bus.declare_private_queue(&config.tasks_exchange, &task_keys).await?;
+
     // The baseline first: no host reports, every session placed on no host.
     let unplaced = backlog_rate(&engine, bus, config, "unplaced").await?;
     seed_hosts(&mut redis, &keys, profile, 3).await?;
@@ -175,5 +183,6 @@ async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &Eng
         100.0 * placed / unplaced
     );
     serving.stop().await?;
+    bus.delete_queue(&tasks_queue).await?;
     Ok(())
 }
