@@ -331,6 +331,15 @@ impl Run<'_> {
         })
     }
 
+    /// Sets a context value, updating the converted context in place rather than converting it
+    /// all again at the next evaluation.
+    fn set_context(&mut self, name: &str, value: Value) {
+        if self.scope.as_mut().is_some_and(|scope| !scope.set_ctx(name, &value)) {
+            self.scope = None;
+        }
+        self.thred.context.insert(name.to_owned(), value);
+    }
+
     fn evaluate(&mut self, expression: &Expression) -> Result<Value, StepError> {
         let outcome = expression.evaluate_cel(self.scope());
         outcome.map_err(|message| self.error(message))
@@ -396,8 +405,7 @@ impl Run<'_> {
             EffectTemplate::Set(values) => {
                 for (name, expression) in values {
                     let value = self.evaluate(expression)?;
-                    self.thred.context.insert(name.clone(), value);
-                    self.scope = None;
+                    self.set_context(name, value);
                 }
             }
         }
@@ -427,7 +435,10 @@ impl Run<'_> {
     fn enter(&mut self, target: &str) -> Result<(), StepError> {
         self.cancel_timer(STATE_TIMEOUT_TIMER);
         self.thred.state = target.to_owned();
-        self.scope = None;
+        // Only `thred` changed: the converted context is kept (converting it dominates a step).
+        if let Some(scope) = &mut self.scope {
+            scope.thred = json_to_cel(&thred_value(&self.thred));
+        }
         let pattern = self.pattern;
         let Some(state) = pattern.state(target) else {
             return Err(StepError::UnknownState { pattern: pattern.name.clone(), state: target.to_owned() });

@@ -72,6 +72,16 @@ pub struct CelScope {
     pub now_ms: i64,
 }
 
+impl CelScope {
+    /// `ctx.<name> = value`, in place: the rest of the converted context is kept. False (nothing
+    /// changed) when `ctx` is not a map.
+    pub fn set_ctx(&mut self, name: &str, value: &Value) -> bool {
+        let CelValue::Map(map) = &mut self.ctx else { return false };
+        Arc::make_mut(&mut map.map).insert(Key::String(Arc::new(name.to_owned())), json_to_cel(value));
+        true
+    }
+}
+
 impl Scope<'_> {
     pub fn to_cel(&self) -> CelScope {
         CelScope { ctx: json_object_to_cel(self.ctx), event: json_to_cel(self.event), thred: json_to_cel(self.thred), now_ms: self.now_ms }
@@ -233,6 +243,22 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_context_value_set_in_place_reads_like_a_fresh_conversion() {
+        let ctx = json!({"user": "alice", "attempts": 2}).as_object().cloned().unwrap();
+        let (event, thred) = (json!({}), json!({}));
+        let mut scope = Scope { ctx: &ctx, event: &event, thred: &thred, now_ms: 0 }.to_cel();
+        let shared = scope.clone();
+        assert!(scope.set_ctx("attempts", &json!(3)));
+        assert!(scope.set_ctx("host", &json!("h1")));
+        let read = Expression::compile("[ctx.user, ctx.attempts, ctx.host]").unwrap();
+        assert_eq!(read.evaluate_cel(&scope).unwrap(), json!(["alice", 3, "h1"]));
+        // A clone taken before (an expression's variables) keeps what it saw.
+        assert_eq!(Expression::compile("ctx.attempts").unwrap().evaluate_cel(&shared).unwrap(), json!(2));
+        scope.ctx = CelValue::Null;
+        assert!(!scope.set_ctx("attempts", &json!(4)), "no map to set in");
+    }
 
     #[track_caller]
     fn check(source: &str, expected: Result<Value, &str>) {
