@@ -35,6 +35,47 @@ fn profile() -> Profile {
     profile
 }
 
+/// One test's isolated engine names, the operator's bus, a bus for each identity the events come
+/// from, and a host id of its own.
+struct World {
+    profile: Profile,
+    tag: String,
+    config: EngineConfig,
+    bus: Bus,
+    container: Bus,
+    workspace: Bus,
+    client: Bus,
+    host: String,
+}
+
+impl World {
+    async fn new() -> World {
+        protocol::telemetry::init(protocol::telemetry::LogFormat::Pretty);
+        let profile = profile();
+        let tag = Uuid::now_v7().simple().to_string();
+        let config = EngineConfig::isolated(&tag);
+        let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "failover-test")).await.expect("broker");
+        service::declare(&bus, &config).await.expect("declare");
+        protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await.expect("bus identities");
+        let url = profile.services.amqp_url.clone();
+        let sender = |identity| {
+            let url = url.clone();
+            async move {
+                Bus::connect(BusConfig::for_identity(&url, identity, "failover-test-sender").expect("identity")).await.expect("broker")
+            }
+        };
+        let (container, workspace, client) =
+            (sender(Identity::Container).await, sender(Identity::Workspace).await, sender(Identity::Client).await);
+        let host = format!("h-{}", &tag[tag.len() - 8..]);
+        World { profile, tag, config, bus, container, workspace, client, host }
+    }
+}
+
+/// Publishes `event` on the engine's events exchange as `sender`'s identity.
+async fn publish_event(sender: Bus, exchange: String, event: CloudEvent) {
+    sender.publish(&exchange, &event.event_type, &event.to_bytes(), Properties::cloud_event()).await.expect("publish")
+}
+
 /// The workspace and container tasks the engine sends, on the shared queues and on `host`'s, with
 /// their routing keys (`workspace.<host>` for a session placed on `host`).
 async fn collect_tasks(bus: &Bus, exchange: &str, host: &str) -> mpsc::UnboundedReceiver<(String, Task)> {
@@ -91,25 +132,8 @@ where
 /// last failover, and not a round longer. Before these bounds both stayed forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_never_returns_is_forgotten_after_forget_after() {
-    protocol::telemetry::init(protocol::telemetry::LogFormat::Pretty);
-    let profile = profile();
-    let tag = Uuid::now_v7().simple().to_string();
-    let config = EngineConfig::isolated(&tag);
-    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "failover-test")).await.expect("broker");
-    service::declare(&bus, &config).await.expect("declare");
-    protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await.expect("bus identities");
-    let sender = |identity| {
-        let url = profile.services.amqp_url.clone();
-        async move { Bus::connect(BusConfig::for_identity(&url, identity, "failover-test-sender").expect("identity")).await.expect("broker") }
-    };
-    let (container, workspace, client) =
-        (sender(Identity::Container).await, sender(Identity::Workspace).await, sender(Identity::Client).await);
-    let publish = |bus: &Bus, event: CloudEvent| {
-        let bus = bus.clone();
-        let exchange = config.events_exchange.clone();
-        async move { bus.publish(&exchange, &event.event_type, &event.to_bytes(), Properties::cloud_event()).await.expect("publish") }
-    };
-    let host = format!("h-{}", &tag[tag.len() - 8..]);
+    let World { profile, tag, config, bus, container, workspace, client, host } = World::new().await;
+    let publish = |sender: &Bus, event: CloudEvent| publish_event(sender.clone(), config.events_exchange.clone(), event);
     let mut tasks = collect_tasks(&bus, &config.tasks_exchange, &host).await;
 
     let clock = Arc::new(ManualClock::at(chrono::Utc::now()));
@@ -244,25 +268,8 @@ async fn a_host_that_never_returns_is_forgotten_after_forget_after() {
 /// fails and is retried with its outbox kept, and the task arrives once the queue is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_for_a_missing_host_queue_waits_for_the_queue() {
-    protocol::telemetry::init(protocol::telemetry::LogFormat::Pretty);
-    let profile = profile();
-    let tag = Uuid::now_v7().simple().to_string();
-    let config = EngineConfig::isolated(&tag);
-    let bus = Bus::connect(BusConfig::new(&profile.services.amqp_url, "failover-test")).await.expect("broker");
-    service::declare(&bus, &config).await.expect("declare");
-    protocol::broker_admin::ensure_identities(&profile.services.amqp_url).await.expect("bus identities");
-    let sender = |identity| {
-        let url = profile.services.amqp_url.clone();
-        async move { Bus::connect(BusConfig::for_identity(&url, identity, "failover-test-sender").expect("identity")).await.expect("broker") }
-    };
-    let (container, workspace, client) =
-        (sender(Identity::Container).await, sender(Identity::Workspace).await, sender(Identity::Client).await);
-    let publish = |bus: &Bus, event: CloudEvent| {
-        let bus = bus.clone();
-        let exchange = config.events_exchange.clone();
-        async move { bus.publish(&exchange, &event.event_type, &event.to_bytes(), Properties::cloud_event()).await.expect("publish") }
-    };
-    let host = format!("h-{}", &tag[tag.len() - 8..]);
+    let World { profile, tag, config, bus, container, workspace, client, host } = World::new().await;
+    let publish = |sender: &Bus, event: CloudEvent| publish_event(sender.clone(), config.events_exchange.clone(), event);
     // The shared queues and the host's container queue exist; its workspace queue does not.
     let mut tasks = collect_tasks_on(&bus, &config.tasks_exchange, &["workspace".to_owned(), format!("container.{host}")]).await;
     let pattern = load_pattern_file(&repository().join("patterns/workspace-session.json")).expect("workspace-session pattern");
