@@ -33,6 +33,28 @@ fn thred_workspace(thred: &Thred) -> Option<String> {
     Some(format!("{}/{}", text("user")?, text("workspace")?))
 }
 
+/// A thred of `user`'s `workspace` and nothing else: what placement reads of a session.
+fn probe_thred(user: &str, workspace: &str) -> Thred {
+    let mut context = Map::new();
+    context.insert("user".to_owned(), json!(user));
+    context.insert("workspace".to_owned(), json!(workspace));
+    Thred {
+        id: String::new(),
+        pattern: String::new(),
+        key: String::new(),
+        exclusive: None,
+        state: String::new(),
+        context,
+        timers: BTreeMap::new(),
+        last_timer_generation: 0,
+        version: 0,
+        created_ms: 0,
+        updated_ms: 0,
+        ended: false,
+        host: None,
+    }
+}
+
 /// Lua `read_hosts(hosts, draining, host key prefix, capacity key prefix)`: what placement needs of
 /// every reporting host in one step, read by [`hosts_read_script`] and inside the bind read (see
 /// `store`). Reply: the number of reporting hosts, then for each one not drained its id, container
@@ -161,24 +183,7 @@ impl Engine {
     /// reads and decision as a real open, committing nothing (benchmarks and tools). `None` when no
     /// host reports or none has room.
     pub async fn placement_decision(&self, user: &str, workspace: &str) -> Result<Option<String>> {
-        let mut context = Map::new();
-        context.insert("user".to_owned(), json!(user));
-        context.insert("workspace".to_owned(), json!(workspace));
-        let probe = Thred {
-            id: String::new(),
-            pattern: String::new(),
-            key: String::new(),
-            exclusive: None,
-            state: String::new(),
-            context,
-            timers: BTreeMap::new(),
-            last_timer_generation: 0,
-            version: 0,
-            created_ms: 0,
-            updated_ms: 0,
-            ended: false,
-            host: None,
-        };
+        let probe = probe_thred(user, workspace);
         match self.live_hosts(&probe).await? {
             LiveHosts::NoneReporting => Ok(None),
             LiveHosts::Reporting(hosts) => Ok(placement::place(self.need(), &hosts).map(|host| host.id.clone())),
@@ -305,24 +310,7 @@ mod tests {
     use super::*;
 
     fn thred() -> Thred {
-        let mut context = Map::new();
-        context.insert("user".to_owned(), json!("alice"));
-        context.insert("workspace".to_owned(), json!("w"));
-        Thred {
-            id: "t".to_owned(),
-            pattern: "p".to_owned(),
-            key: "s".to_owned(),
-            exclusive: None,
-            state: "new".to_owned(),
-            context,
-            timers: BTreeMap::new(),
-            last_timer_generation: 0,
-            version: 0,
-            created_ms: 0,
-            updated_ms: 0,
-            ended: false,
-            host: None,
-        }
+        probe_thred("alice", "w")
     }
 
     fn report(agent: AgentKind, workspaces: Option<Vec<String>>) -> redis::Value {
