@@ -191,15 +191,11 @@ pub fn new_thred(pattern: &Pattern, thred_id: &str, seed: Map<String, Value>, ev
             });
         }
     }
-    let mut key_scope = seed_scope.clone();
     for (name, expression) in &pattern.start.context {
         let value = expression.evaluate_cel(&seed_scope).map_err(expression_error)?;
-        let set_in_place = key_scope.set_ctx(name, &value);
         thred.context.insert(name.clone(), value);
-        if !set_in_place {
-            key_scope.ctx = json_object_to_cel(&thred.context);
-        }
     }
+    let key_scope = CelScope { ctx: json_object_to_cel(&thred.context), ..seed_scope };
     thred.key = match pattern.start.key.evaluate_cel(&key_scope).map_err(expression_error)? {
         Value::String(key) if !key.is_empty() => key,
         other => {
