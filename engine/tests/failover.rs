@@ -71,6 +71,32 @@ impl World {
     }
 }
 
+/// Serves `engine` until the returned sender is used (or dropped).
+fn serve_in_background(engine: &Engine) -> (oneshot::Sender<()>, tokio::task::JoinHandle<engine::Result<()>>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = engine.clone();
+    let handle = tokio::spawn(async move {
+        serving
+            .serve(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (stop, handle)
+}
+
+/// `host`'s container agent's report, every `interval_secs`, with the profile's capacity.
+fn container_report(profile: &Profile, host: &str, interval_secs: u64) -> HostReport {
+    HostReport {
+        host: host.to_owned(),
+        deployment: profile.deployment(),
+        agent: AgentKind::Container,
+        interval_secs,
+        capacity: Some(HostCapacity::of(profile, 0)),
+        workspaces: None,
+    }
+}
+
 /// Publishes `event` on the engine's events exchange as `sender`'s identity.
 async fn publish_event(sender: Bus, exchange: String, event: CloudEvent) {
     sender.publish(&exchange, &event.event_type, &event.to_bytes(), Properties::cloud_event()).await.expect("publish")
@@ -139,25 +165,10 @@ async fn a_host_that_never_returns_is_forgotten_after_forget_after() {
     let clock = Arc::new(ManualClock::at(chrono::Utc::now()));
     let pattern = load_pattern_file(&repository().join("patterns/workspace-session.json")).expect("workspace-session pattern");
     let engine = Engine::connect_with_clock(profile.clone(), vec![pattern], config.clone(), clock.clone()).await.expect("engine connects");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let serving = engine.clone();
-    let handle = tokio::spawn(async move {
-        serving
-            .serve(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let (stop, handle) = serve_in_background(&engine);
 
     // One host reports once (its report lives three 1 s intervals), and a session is placed on it.
-    let report = HostReport {
-        host: host.clone(),
-        deployment: profile.deployment(),
-        agent: AgentKind::Container,
-        interval_secs: 1,
-        capacity: Some(HostCapacity::of(&profile, 0)),
-        workspaces: None,
-    };
+    let report = container_report(&profile, &host, 1);
     publish(&container, report.to_event("/test/container")).await;
     // Not placeable while only its container agent reports: its workspace agent may not have
     // declared the host's queue yet, where the broker would drop the materialize. Such an open
@@ -274,24 +285,9 @@ async fn a_task_for_a_missing_host_queue_waits_for_the_queue() {
     let mut tasks = collect_tasks_on(&bus, &config.tasks_exchange, &["workspace".to_owned(), format!("container.{host}")]).await;
     let pattern = load_pattern_file(&repository().join("patterns/workspace-session.json")).expect("workspace-session pattern");
     let engine = Engine::connect(profile.clone(), vec![pattern], config.clone()).await.expect("engine connects");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let serving = engine.clone();
-    let handle = tokio::spawn(async move {
-        serving
-            .serve(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let (stop, handle) = serve_in_background(&engine);
     // Both agents report (every 10 s: the host stays placeable throughout).
-    let report = HostReport {
-        host: host.clone(),
-        deployment: profile.deployment(),
-        agent: AgentKind::Container,
-        interval_secs: 10,
-        capacity: Some(HostCapacity::of(&profile, 0)),
-        workspaces: None,
-    };
+    let report = container_report(&profile, &host, 10);
     publish(&container, report.to_event("/test/container")).await;
     let workspace_report = HostReport { agent: AgentKind::Workspace, capacity: None, workspaces: Some(Vec::new()), ..report.clone() };
     publish(&workspace, workspace_report.to_event("/test/workspace")).await;
