@@ -145,7 +145,10 @@ async fn outages_wait_longer_each_time_and_never_use_up_the_attempts() {
     for (earlier_retries, pair) in seen.windows(2).enumerate() {
         let gap = pair[1].at - pair[0].at;
         let delay = policy.delay_after(u32::try_from(earlier_retries).unwrap());
-        assert!(gap >= delay, "retry {earlier_retries} came after {gap:?}, before its delay {delay:?}");
+        // The broker's message TTL counts in whole milliseconds on its own clock: a retry seen
+        // 599.8 ms after the last one waited its 600 ms there (a fresh-clone run failed so).
+        let tolerance = Duration::from_millis(5);
+        assert!(gap + tolerance >= delay, "retry {earlier_retries} came after {gap:?}, before its delay {delay:?}");
     }
     assert_eq!(ready_messages(&bus, &dead.queue).await, Some(0), "nothing was dead-lettered");
     assert_eq!(ready_messages(&bus, &queue).await, Some(0));
