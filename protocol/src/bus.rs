@@ -566,7 +566,10 @@ impl Bus {
         let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
         let mut delays = backoff::doubling(BACKOFF_START, BACKOFF_MAX);
         loop {
-            let properties = ConnectionProperties::default().with_connection_name(self.config.connection_name.clone().into());
+            let properties = ConnectionProperties::default()
+                .with_connection_name(self.config.connection_name.clone().into())
+                .with_executor(tokio_executor_trait::Tokio::current())
+                .with_reactor(tokio_reactor_trait::Tokio);
             match Connection::connect(&self.config.url, properties).await {
                 Ok(connection) => {
                     self.metrics.connected();

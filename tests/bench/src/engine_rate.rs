@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use protocol::bus::Acks;
+use protocol::bus::{Acks, Durability, QueueSpec};
 use protocol::{Bus, BusConfig, CloudEvent, Profile, Properties, Task};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -122,9 +122,12 @@ async fn listen(bus: &Bus, exchange: &str, keys: &[&str]) -> anyhow::Result<mpsc
     Ok(receiver)
 }
 
-/// The raw broker: the same bodies through a plain queue, consumed and acked one by one.
-async fn raw_broker_rate(bus: &Bus, bodies: &[Vec<u8>], prefetch: u16) -> anyhow::Result<f64> {
-    let queue = bus.declare_private_queue("amq.direct", &[]).await?;
+/// The raw broker: the same bodies through a queue, consumed and acked one by one. `Durable` is
+/// a queue like the engine's own (durable, its persistent messages written by the broker);
+/// `Transient` a queue the broker keeps in memory only.
+async fn raw_broker_rate(bus: &Bus, bodies: &[Vec<u8>], prefetch: u16, durability: Durability) -> anyhow::Result<f64> {
+    let queue = format!("berth-bench.raw.{}", Uuid::now_v7().simple());
+    bus.declare_queue(&QueueSpec::classic(&queue, durability).expiring_after(Duration::from_secs(600))).await?;
     publish_all(bus, "", bodies.iter().map(|body| (queue.clone(), body.clone())).collect()).await?;
     // Each message acked as it arrives, one by one, at most `prefetch` unacknowledged.
     let mut subscription = bus.subscribe(&queue, Acks::OnReceipt { prefetch }).await?;
@@ -271,8 +274,10 @@ async fn measure(profile: &Profile, patterns: Vec<engine::Pattern>, config: &Eng
         let rate = (2 * THREDS) as f64 / started.elapsed().as_secs_f64();
         println!("  pure core (start + step):          {rate:>9.0} steps/s");
     }
-    let raw_rate = raw_broker_rate(bus, &bodies, config.prefetch).await?;
-    println!("  raw broker consume+ack:            {raw_rate:>9.0} msg/s");
+    let raw_transient = raw_broker_rate(bus, &bodies, config.prefetch, Durability::Transient).await?;
+    println!("  raw broker consume+ack, transient: {raw_transient:>9.0} msg/s");
+    let raw_rate = raw_broker_rate(bus, &bodies, config.prefetch, Durability::Durable).await?;
+    println!("  raw broker consume+ack, durable:   {raw_rate:>9.0} msg/s");
 
     // Phase 1: a backlog of 10,000 session.open, drained by the engine (each creates a thred and
     // emits a task, a notification and two persistence records).
