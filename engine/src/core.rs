@@ -931,10 +931,11 @@ mod tests {
         assert_eq!(persisted, vec![("sessions", &Some("s-1".to_owned())), ("events", &None)]);
     }
 
-    /// A warm open runs the materialize and the container's claim side by side; provisioning
-    /// (the readiness check) waits for both answers, whichever comes first, and a refused claim counts
-    /// as answered (provisioning then claims again). Provisioning carries the slot only while
-    /// the claim is not known done.
+    /// A warm open runs the materialize and the container's claim side by side; what follows waits
+    /// for both answers, whichever comes first: `running` at once when the claim found the
+    /// container answering (its answer carries `container.ready`'s data), else provisioning (the
+    /// readiness check). A refused claim counts as answered (provisioning then claims again).
+    /// Provisioning carries the slot only while the claim is not known done.
     #[test]
     fn a_warm_open_waits_for_the_materialize_and_the_claim_in_either_order() {
         let pattern = session_pattern();
@@ -983,6 +984,33 @@ mod tests {
         assert_eq!(summary(&second), ("-> provisioning".to_owned(), vec!["container.provision".to_owned()]));
         assert_eq!(provision_slot(&second), json!(""));
 
+        // A claim that found the container answering: running once the files are in, either
+        // order, on the container the claim checked (no provision task).
+        let ready = json!({"container_id": "c-7", "host": "127.0.0.1", "port": 4100, "network": {"ip": "10.0.0.7", "port": 8080,
+                           "host": "local", "boot_id": "b"}, "adopted": true, "timings_ms": {"create": 0, "start": 0, "ready": 3}});
+        let claimed_ready = event("container.claimed", json!({"slot": "p-7", "ready": ready}));
+        let runs = |step: &Step| {
+            assert_eq!(step.thred.state, "running", "{:?}", step.effects);
+            assert!(!step.effects.iter().any(|effect| matches!(effect, Effect::Task { action, .. } if action == "provision")));
+            let context = &step.thred.context;
+            assert_eq!((&context["container_id"], &context["port"], &context["ready_ms"]), (&json!("c-7"), &json!(4100), &json!(3)));
+            assert_eq!(context["network"]["ip"], json!("10.0.0.7"));
+            assert_eq!(context["slot_claimed"], json!(true));
+        };
+        let first = step(&pattern, &warm_start(), &materialized, NOW).unwrap();
+        runs(&step(&pattern, &first.thred, &claimed_ready, NOW).unwrap());
+        let first = step(&pattern, &warm_start(), &claimed_ready, NOW).unwrap();
+        assert_eq!(summary(&first), ("stay".to_owned(), vec![]));
+        runs(&step(&pattern, &first.thred, &materialized, NOW).unwrap());
+        // An answer whose `ready` is null is a claim without the check: provisioning does it.
+        let claimed_unchecked = event("container.claimed", json!({"slot": "p-7", "ready": null}));
+        let first = step(&pattern, &warm_start(), &claimed_unchecked, NOW).unwrap();
+        let second = step(&pattern, &first.thred, &materialized, NOW).unwrap();
+        assert_eq!(summary(&second), ("-> provisioning".to_owned(), vec!["container.provision".to_owned()]));
+        let first = step(&pattern, &warm_start(), &materialized, NOW).unwrap();
+        let second = step(&pattern, &first.thred, &claimed_unchecked, NOW).unwrap();
+        assert_eq!(summary(&second), ("-> provisioning".to_owned(), vec!["container.provision".to_owned()]));
+
         // A refused claim: provisioning tries the claim again and fails the usual way.
         let first = step(&pattern, &warm_start(), &refused, NOW).unwrap();
         assert_eq!(summary(&first), ("stay".to_owned(), vec![]));
@@ -1004,6 +1032,29 @@ mod tests {
         // A late claim answer anywhere else is ignored, not refused.
         let late = step(&pattern, &thred_in("running"), &claimed, NOW).unwrap();
         assert_eq!(summary(&late).0, "ignored");
+    }
+
+    /// A state waiting for one container task's answer moves on only on that task's failure: a
+    /// late failure of another (a probe sent while running fails once the container is paused)
+    /// must not start the final sync before the freeze, or remove the directory before the
+    /// container.
+    #[test]
+    fn a_late_failure_of_another_task_is_no_answer_to_the_one_awaited() {
+        let pattern = session_pattern();
+        let probe_failed = event("container.failed", json!({"action": "probe", "error": "docker returned no statistics"}));
+        for (state, awaited, next) in [
+            ("stopping", "pause", "saving"),
+            ("removing_container", "remove", "removing_workspace"),
+            ("moving", "pause", "moving_saving"),
+            ("moving_removing_container", "remove", "moving_removing_workspace"),
+            ("provisioning", "provision", "provision_backoff"),
+        ] {
+            let stayed = step(&pattern, &thred_in(state), &probe_failed, NOW).unwrap();
+            assert_eq!(summary(&stayed), ("stay".to_owned(), vec![]), "{state}");
+            let own = event("container.failed", json!({"action": awaited, "error": "refused"}));
+            let moved = step(&pattern, &thred_in(state), &own, NOW).unwrap();
+            assert_eq!(moved.thred.state, next, "{state} on its own {awaited} failing");
+        }
     }
 
     #[test]

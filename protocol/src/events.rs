@@ -621,10 +621,16 @@ pub mod label {
     }
 }
 
-/// A `claim` is done: the slot's container is the session's now (still paused).
+/// A `claim` is done: the slot's container is the session's now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerClaimed {
     pub slot: String,
+    /// The slot's container was running and answered its health check at the claim: what a
+    /// `provision` would have answered (`container.ready`'s data), so the session runs as soon as
+    /// its workspace is materialized. `null` (or absent, from an older agent) when it did not:
+    /// `provision` then checks, or opens cold, after the materialize.
+    #[serde(default)]
+    pub ready: Option<ContainerReady>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

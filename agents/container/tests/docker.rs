@@ -16,8 +16,8 @@ use container::{connect_docker, spec, Agent, AgentSettings, SessionIdentity};
 use protocol::bus::{Durability, QueueSpec};
 use protocol::event::DEFAULT_MAX_EVENT_BYTES;
 use protocol::events::{
-    ContainerEntry, ContainerExited, ContainerFailed, ContainerInventory, ContainerPaused, ContainerProbed, ContainerReady,
-    ContainerRemoved, ContainerResumed, ContainerStats, EventData,
+    ContainerClaimed, ContainerEntry, ContainerExited, ContainerFailed, ContainerInventory, ContainerPaused, ContainerProbed,
+    ContainerReady, ContainerRemoved, ContainerResumed, ContainerStats, EventData,
 };
 use protocol::{topology, AgentKind, Bus, BusConfig, CloudEvent, ConsumeSpec, Outcome, Profile, Properties, Task};
 use serde_json::{json, Value};
@@ -1124,6 +1124,35 @@ fn docker_state(container: &str) -> Option<String> {
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
+/// A claim whose slot container is not running (gone here) is still a claim, without the readiness
+/// its answer would carry: the `provision` after the materialize opens cold on the session
+/// directory, which the claim must not do before that directory is filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_of_a_slot_whose_container_is_gone_leaves_the_readiness_to_provision() {
+    let fixture = Fixture::new(|_| {}).await;
+    let agent = fixture.agent();
+    let session = fixture.session("late-claimer");
+    let slot = fixture.session("gone-slot");
+    let mut create = task(&session, "pool_create", json!({"slot": slot}));
+    create.session = None;
+    assert_eq!(agent.handle(&create).await.expect("pool slot made")[0].event_type, "container.pool_slot_ready");
+    let pool_name = spec::pool_container_name(&slot);
+    let removed = Command::new("docker").args(["rm", "-f", &pool_name]).output().expect("docker rm");
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+
+    let claimed = answer(&agent, &task(&session, "claim", json!({"user": "alice", "workspace": "w1", "slot": slot}))).await;
+    expect_type(&claimed, "container.claimed");
+    assert_eq!(data::<ContainerClaimed>(&claimed).ready, None, "{}", claimed.data);
+    assert_eq!(docker_state(&spec::container_name(&session)), None, "the claim made no container");
+
+    std::fs::rename(fixture.profile.pool_slot_dir(&slot), fixture.profile.session_dir(&session)).unwrap();
+    std::fs::write(fixture.profile.session_dir(&session).join("notes.txt"), "materialized\n").unwrap();
+    let ready = answer(&agent, &task(&session, "provision", json!({"user": "alice", "workspace": "w1"}))).await;
+    expect_type(&ready, "container.ready");
+    assert!(http_get(port_of(&ready), "/notes.txt").await.unwrap_or_default().contains("materialized"), "cold on the session directory");
+    expect_type(&answer(&agent, &task(&session, "remove", json!({}))).await, "container.removed");
+}
+
 /// A claim renames and unpauses nothing: the slot's container keeps running under its pool name,
 /// and every later task of the session finds it through the claim recorded on the host, also from
 /// an agent started again (it has only the host's files); another session can't claim it, the
@@ -1143,6 +1172,8 @@ async fn a_claimed_pool_container_is_found_by_every_task_of_its_session() {
 
     let claimed = answer(&agent, &task(&session, "claim", json!({"user": "alice", "workspace": "w1", "slot": slot}))).await;
     expect_type(&claimed, "container.claimed");
+    // The claim checked the running container: its answer is what a provision would say.
+    let checked = data::<ContainerClaimed>(&claimed).ready.expect("the claim found the slot's container answering");
     let refused = answer(&agent, &task(&other, "claim", json!({"user": "bob", "workspace": "w2", "slot": slot}))).await;
     expect_type(&refused, "container.failed");
     assert!(data::<ContainerFailed>(&refused).error.contains("claimed by session"), "{}", refused.data);
@@ -1166,6 +1197,11 @@ async fn a_claimed_pool_container_is_found_by_every_task_of_its_session() {
     let container_id = data::<ContainerReady>(&ready).container_id;
     let pool_id = Command::new("docker").args(["inspect", "-f", "{{.Id}}", &pool_name]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&pool_id.stdout).trim(), container_id, "ready on the slot's own container");
+    assert_eq!(
+        (&checked.container_id, checked.port, checked.adopted),
+        (&container_id, port_of(&ready), true),
+        "the claim's check saw the same"
+    );
     assert!(http_get(port_of(&ready), "/notes.txt").await.unwrap_or_default().contains("materialized"));
     // The other session's provision never adopts it: it gets a container of its own.
     let others = answer(&agent, &task(&other, "provision", json!({"user": "bob", "workspace": "w2"}))).await;

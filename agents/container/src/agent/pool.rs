@@ -6,10 +6,13 @@
 //! `POOL_IDENTITY_MOUNT`. It is made ready (its health check answers) and left running.
 //!
 //! The engine decides which session gets which slot, atomically with the session's thred, and says
-//! so in the `claim` (or `provision`) task. The claim here asks nothing of Docker: it writes the
+//! so in the `claim` (or `provision`) task. The claim here changes nothing in Docker: it writes the
 //! session's identity into the slot's identity folder (the container reads it there; its
 //! environment was fixed before the session existed), then the session's entry in the claim index
-//! (`.berth-pool/.sessions/<session>`, naming the slot). The container keeps its pool name and
+//! (`.berth-pool/.sessions/<session>`, naming the slot), then checks the container as `provision`
+//! would (one inspection and its health check): one that runs and answers is in the claim's
+//! answer, and the session runs once its files are in, with no `provision` round after the
+//! materialize (one that does not is left to that round). The container keeps its pool name and
 //! keeps running: every later task of the session finds it through the index
 //! ([`Agent::session_container_name`]), and the inventory and the exit watcher name its session
 //! from its identity file. The workspace agent renames the slot directory into the session
@@ -34,6 +37,10 @@ use serde::{Deserialize, Serialize};
 use super::{answer, container_labels, container_status, docker_message, elapsed_ms, failed, Agent, Failure, Refusal};
 use crate::error::{docker_status, Error, Result};
 use crate::spec::{self, SessionIdentity};
+
+/// How long a claim waits for the slot's running container to answer its health check before it
+/// leaves that to `provision` (it answered when the slot was made, so normally at once).
+const CLAIM_READY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a claimed slot's identity file says (`/run/berth/session.json` inside the container).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,7 +330,10 @@ impl Agent {
         if let Some(refused) = self.claim_pool_container(task, identity, slot).await? {
             return Ok(refused);
         }
-        Ok(answer(task, &protocol::events::ContainerClaimed { slot: slot.to_owned() }))
+        // The slot's container runs and answered when it was made: checked again now, the session
+        // can run as soon as its files are in, with no `provision` round after the materialize.
+        let ready = self.ready_if_running(identity, slot, CLAIM_READY_PATIENCE).await.map(|ready| self.ready_answer(identity, ready));
+        Ok(answer(task, &protocol::events::ContainerClaimed { slot: slot.to_owned(), ready }))
     }
 
     /// The claim of `slot` for `identity`'s session, before `provision` looks for its container.

@@ -17,7 +17,9 @@ use protocol::events::{ContainerFailed, ContainerReady, ReadyTimings};
 use protocol::profile::HealthCheck;
 use protocol::{CloudEvent, Profile, Task};
 
-use super::{answer, container_labels, docker_message, elapsed_ms, pool, published_port, Agent, Failure, ReadyContainer, Refusal};
+use super::{
+    answer, container_labels, container_status, docker_message, elapsed_ms, pool, published_port, Agent, Failure, ReadyContainer, Refusal,
+};
 use crate::error::{docker_status, Error, Result};
 use crate::spec::{self, SessionIdentity};
 use crate::{egress, probe};
@@ -40,22 +42,7 @@ impl Agent {
     pub(super) async fn provision_answer(&self, task: &Task, identity: &SessionIdentity, exited: ExitedContainer) -> Result<CloudEvent> {
         let action = task.action.as_str();
         match self.provision(identity, exited).await {
-            Ok(ready) => {
-                self.remember_container(&identity.session, &ready.container_id);
-                tracing::info!(session_id = %identity.session, container_id = %ready.container_id, port = ready.port,
-                    adopted = ready.adopted, start_ms = ready.start_ms, ready_ms = ready.ready_ms, "container ready");
-                Ok(answer(
-                    task,
-                    &ContainerReady {
-                        container_id: ready.container_id,
-                        host: ready.host,
-                        port: ready.port,
-                        network: ready.network,
-                        adopted: ready.adopted,
-                        timings_ms: ReadyTimings { create: ready.create_ms, start: ready.start_ms, ready: ready.ready_ms },
-                    },
-                ))
-            }
+            Ok(ready) => Ok(answer(task, &self.ready_answer(identity, ready))),
             Err(Failure::Unanswered(error)) => Err(Error::from_docker(error)),
             Err(Failure::NotOurs(Refusal(reason))) => Ok(answer(task, &ContainerFailed { action: action.to_owned(), error: reason })),
             Err(Failure::Refused(Refusal(reason))) => {
@@ -67,6 +54,46 @@ impl Agent {
                 Ok(answer(task, &ContainerFailed { action: action.to_owned(), error: reason }))
             }
         }
+    }
+
+    /// `container.ready`'s data for a container found ready, remembered as the session's.
+    pub(super) fn ready_answer(&self, identity: &SessionIdentity, ready: ReadyContainer) -> ContainerReady {
+        self.remember_container(&identity.session, &ready.container_id);
+        tracing::info!(session_id = %identity.session, container_id = %ready.container_id, port = ready.port,
+            adopted = ready.adopted, start_ms = ready.start_ms, ready_ms = ready.ready_ms, "container ready");
+        ContainerReady {
+            container_id: ready.container_id,
+            host: ready.host,
+            port: ready.port,
+            network: ready.network,
+            adopted: ready.adopted,
+            timings_ms: ReadyTimings { create: ready.create_ms, start: ready.start_ms, ready: ready.ready_ms },
+        }
+    }
+
+    /// A claimed warm-pool slot's container, if it runs and answers its health check within
+    /// `patience`: what `provision` would find for it. `None` otherwise, and nothing is changed:
+    /// `provision`, after the materialize, finds out why and does the rest (opening cold on the
+    /// session directory if need be, which must wait until that directory is filled).
+    pub(super) async fn ready_if_running(&self, identity: &SessionIdentity, slot: &str, patience: Duration) -> Option<ReadyContainer> {
+        let began = Instant::now();
+        let name = spec::pool_container_name(slot);
+        let inspected = self.inner.docker.inspect_container(&name, None).await.ok()?;
+        check_ownership(&inspected, identity, &self.inner.profile).ok()?;
+        if container_status(&inspected) != ContainerStateStatusEnum::RUNNING {
+            return None;
+        }
+        let ready = self.wait_until_answering(&name, Some(inspected), began + patience).await.ok()?;
+        Some(ReadyContainer {
+            container_id: ready.container_id,
+            host: spec::publish_host().to_owned(),
+            port: ready.port,
+            network: ready.network,
+            create_ms: 0,
+            start_ms: 0,
+            ready_ms: elapsed_ms(began),
+            adopted: true,
+        })
     }
 
     /// Creates (or finds again) the session's container, starts it and waits until it is ready.
