@@ -304,8 +304,11 @@ async fn measure_warm(bench: &Bench<'_>, users: &[String], settings: &OpenBenchS
     measured.map(|()| warm_rows)
 }
 
-/// Waits until the warm pool holds `slots` free slots.
-async fn wait_for_pool(profile: &Profile, slots: usize) -> anyhow::Result<()> {
+/// Waits until the warm pool is full: every slot free, so no refill is making containers on the
+/// same cores while the claims are measured (a row of 10 from a pool of 50 would otherwise run
+/// beside the refill of the rounds before it).
+async fn wait_for_full_pool(profile: &Profile) -> anyhow::Result<()> {
+    let slots = profile.pool.as_ref().map_or(0, |pool| pool.size) as usize;
     let prefix = engine::service::EngineConfig::standard().redis_prefix;
     let deadline = Instant::now() + STEP_TIMEOUT;
     while engine::service::free_pool_slots(&profile.services.redis_url, &prefix).await? < slots as u64 {
@@ -339,7 +342,12 @@ async fn prepare(bench: &Bench<'_>, kind: OpenKind, users: &[String], workspace_
         OpenKind::Cold => clear_cache(bench.profile).await,
         OpenKind::Warm => {
             clear_cache(bench.profile).await?;
-            wait_for_pool(bench.profile, users.len()).await
+            anyhow::ensure!(
+                bench.profile.pool.as_ref().is_some_and(|pool| pool.size as usize >= users.len()),
+                "a warm row of {} opens needs a pool at least that large",
+                users.len()
+            );
+            wait_for_full_pool(bench.profile).await
         }
         OpenKind::Cached => {
             // A cold open and close leaves a workspace in the cache (the cold row's closes did so
@@ -472,7 +480,7 @@ fn print_rows(rows: &[Row], settings: &OpenBenchSettings) {
         );
     }
     println!("  baseline: a raw download of the same objects, then `docker run`→health, as many at once as the opens");
-    println!("  warm-pool claims run on plain-directory workspaces (a pool needs them), with a pool as large as the highest level");
+    println!("  warm-pool claims run on plain-directory workspaces (a pool needs them), with a pool as large as the highest level, full (no refill running) at the start of each round");
     println!("  wakes: from `session.activity` to the app's first HTTP answer on the port of the `running` notification, one session, one wake after another;");
     println!("    baseline: `docker unpause` (from paused) or `docker start` + its port (from stopped-with-disk), then the first answer, on a container of the image run directly");
     println!("goals (issue 16):");
