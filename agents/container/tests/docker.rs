@@ -139,6 +139,16 @@ async fn answer(agent: &Agent, task: &Task) -> CloudEvent {
     event
 }
 
+/// A free warm-pool slot made by `agent` (its container running, claimed by nobody); returns the
+/// `pool_create` task, for a test that delivers it again.
+async fn make_pool_slot(agent: &Agent, slot: &str) -> Task {
+    let mut create = task(slot, "pool_create", json!({"slot": slot}));
+    create.session = None;
+    let events = agent.handle(&create).await.expect("pool slot made");
+    assert_eq!(events[0].event_type, "container.pool_slot_ready", "{:?}", events[0].data);
+    create
+}
+
 #[track_caller]
 fn expect_type(event: &CloudEvent, event_type: &str) {
     assert_eq!(event.event_type, event_type, "unexpected answer: {}", event.data);
@@ -1094,10 +1104,7 @@ async fn a_dormant_pool_claimed_session_wakes_on_its_own_directory() {
     let agent = fixture.agent();
     let session = fixture.session("pooled");
     let slot = fixture.session("slot");
-    let mut create = task(&session, "pool_create", json!({"slot": slot}));
-    create.session = None;
-    let events = agent.handle(&create).await.expect("pool slot made");
-    assert_eq!(events[0].event_type, "container.pool_slot_ready", "{:?}", events[0].data);
+    make_pool_slot(&agent, &slot).await;
     // What the workspace agent does at a claim: the slot's directory becomes the session's.
     std::fs::create_dir_all(fixture.profile.session_dir(&session).parent().unwrap()).unwrap();
     std::fs::rename(fixture.profile.pool_slot_dir(&slot), fixture.profile.session_dir(&session)).unwrap();
@@ -1133,9 +1140,7 @@ async fn a_claim_of_a_slot_whose_container_is_gone_leaves_the_readiness_to_provi
     let agent = fixture.agent();
     let session = fixture.session("late-claimer");
     let slot = fixture.session("gone-slot");
-    let mut create = task(&session, "pool_create", json!({"slot": slot}));
-    create.session = None;
-    assert_eq!(agent.handle(&create).await.expect("pool slot made")[0].event_type, "container.pool_slot_ready");
+    make_pool_slot(&agent, &slot).await;
     let pool_name = spec::pool_container_name(&slot);
     let removed = Command::new("docker").args(["rm", "-f", &pool_name]).output().expect("docker rm");
     assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
@@ -1163,10 +1168,7 @@ async fn a_claimed_pool_container_is_found_by_every_task_of_its_session() {
     let agent = fixture.agent();
     let (session, other) = (fixture.session("claimer"), fixture.session("other"));
     let slot = fixture.session("slot");
-    let mut create = task(&session, "pool_create", json!({"slot": slot}));
-    create.session = None;
-    let events = agent.handle(&create).await.expect("pool slot made");
-    assert_eq!(events[0].event_type, "container.pool_slot_ready", "{:?}", events[0].data);
+    let create = make_pool_slot(&agent, &slot).await;
     let pool_name = spec::pool_container_name(&slot);
     assert_eq!(docker_state(&pool_name).as_deref(), Some("running"), "a free slot is left running");
 
