@@ -508,7 +508,10 @@ async fn the_http_api_files_and_terminal_on_berth_dev() {
     assert_eq!(status, 201, "{}\n{}", String::from_utf8_lossy(&body), berth.log());
     let opened: Value = serde_json::from_slice(&body).expect("json");
     let session = opened["session"].as_str().expect("session").to_owned();
-    assert_eq!((opened["state"].as_str(), opened["joined"].as_bool()), (Some("materializing"), Some(false)));
+    // `queued` when the open came before both of the host's agents had reported (the engine then
+    // admits it once the host can take it); either way a new session, not a joined one.
+    assert!(matches!(opened["state"].as_str(), Some("materializing" | "queued")), "{opened}");
+    assert_eq!(opened["joined"].as_bool(), Some(false), "{opened}");
     let (status, again) = http_call(port, "POST", "/api/sessions", &token, &key, br#"{"workspace":"wd"}"#);
     assert_eq!((status, serde_json::from_slice::<Value>(&again).expect("json")), (201, opened.clone()));
     inbox.wait_for(&session, "running", &berth).await;
