@@ -219,6 +219,36 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// An engine serving in a task of its own until [`Serving::stop`] (tests, benchmarks).
+pub struct Serving {
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Serving {
+    pub fn start(engine: &Engine) -> Serving {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = engine.clone();
+        let served = tokio::spawn(async move {
+            serving
+                .serve(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Serving { stop, served }
+    }
+
+    /// Stops serving and returns how serving ended; a panic in it is raised again here.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        match self.served.await {
+            Ok(served) => served,
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
+    }
+}
+
 /// Runs an engine until `shutdown` completes.
 pub async fn run_engine(
     profile: Profile,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine::pattern::{load_pattern_file, parse_pattern};
-use engine::service::{self, Engine};
+use engine::service::{self, Engine, Serving};
 use engine::{EngineConfig, Pattern};
 use protocol::bus::{Acks, AutoDelete, Durability, ExchangeKind};
 use protocol::events::{
@@ -86,14 +86,12 @@ enum Probes {
 
 struct Running {
     engine: Engine,
-    stop: oneshot::Sender<()>,
-    handle: tokio::task::JoinHandle<engine::Result<()>>,
+    serving: Serving,
 }
 
 impl Running {
     async fn stop(self) {
-        let _ = self.stop.send(());
-        self.handle.await.expect("engine task").expect("engine ran");
+        self.serving.stop().await.expect("engine ran");
     }
 }
 
@@ -134,16 +132,8 @@ impl Harness {
 
     async fn start_with(&self, patterns: Vec<Pattern>, config: EngineConfig) -> Running {
         let engine = Engine::connect(self.profile.clone(), patterns, config).await.expect("engine connects");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let serving = engine.clone();
-        let handle = tokio::spawn(async move {
-            serving
-                .serve(async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        Running { engine, stop, handle }
+        let serving = Serving::start(&engine);
+        Running { engine, serving }
     }
 
     async fn publish(&self, event: &CloudEvent) {

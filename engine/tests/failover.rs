@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine::pattern::load_pattern_file;
-use engine::service::{self, Engine, ManualClock};
+use engine::service::{self, Engine, ManualClock, Serving};
 use engine::EngineConfig;
 use protocol::bus::Acks;
 use protocol::host::{HostCapacity, HostReport};
@@ -15,7 +15,7 @@ use protocol::profile::HostsSettings;
 use protocol::{AgentKind, Bus, BusConfig, CloudEvent, Identity, Profile, Properties, Task};
 use redis::AsyncCommands;
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -69,20 +69,6 @@ impl World {
         let host = format!("h-{}", &tag[tag.len() - 8..]);
         World { profile, tag, config, bus, container, workspace, client, host }
     }
-}
-
-/// Serves `engine` until the returned sender is used (or dropped).
-fn serve_in_background(engine: &Engine) -> (oneshot::Sender<()>, tokio::task::JoinHandle<engine::Result<()>>) {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let serving = engine.clone();
-    let handle = tokio::spawn(async move {
-        serving
-            .serve(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
-    (stop, handle)
 }
 
 /// `host`'s container agent's report, every `interval_secs`, with the profile's capacity.
@@ -165,7 +151,7 @@ async fn a_host_that_never_returns_is_forgotten_after_forget_after() {
     let clock = Arc::new(ManualClock::at(chrono::Utc::now()));
     let pattern = load_pattern_file(&repository().join("patterns/workspace-session.json")).expect("workspace-session pattern");
     let engine = Engine::connect_with_clock(profile.clone(), vec![pattern], config.clone(), clock.clone()).await.expect("engine connects");
-    let (stop, handle) = serve_in_background(&engine);
+    let serving = Serving::start(&engine);
 
     // One host reports once (its report lives three 1 s intervals), and a session is placed on it.
     let report = container_report(&profile, &host, 1);
@@ -266,8 +252,7 @@ async fn a_host_that_never_returns_is_forgotten_after_forget_after() {
     })
     .await;
 
-    let _ = stop.send(());
-    handle.await.expect("engine task").expect("engine ran");
+    serving.stop().await.expect("engine ran");
     service::teardown(&bus, &profile.services.redis_url, &config).await.expect("teardown");
     for bus in [container, client, bus] {
         bus.close().await;
@@ -285,7 +270,7 @@ async fn a_task_for_a_missing_host_queue_waits_for_the_queue() {
     let mut tasks = collect_tasks_on(&bus, &config.tasks_exchange, &["workspace".to_owned(), format!("container.{host}")]).await;
     let pattern = load_pattern_file(&repository().join("patterns/workspace-session.json")).expect("workspace-session pattern");
     let engine = Engine::connect(profile.clone(), vec![pattern], config.clone()).await.expect("engine connects");
-    let (stop, handle) = serve_in_background(&engine);
+    let serving = Serving::start(&engine);
     // Both agents report (every 10 s: the host stays placeable throughout).
     let report = container_report(&profile, &host, 10);
     publish(&container, report.to_event("/test/container")).await;
@@ -338,8 +323,7 @@ async fn a_task_for_a_missing_host_queue_waits_for_the_queue() {
     })
     .await;
 
-    let _ = stop.send(());
-    handle.await.expect("engine task").expect("engine ran");
+    serving.stop().await.expect("engine ran");
     service::teardown(&bus, &profile.services.redis_url, &config).await.expect("teardown");
     for bus in [container, workspace, client, bus] {
         bus.close().await;

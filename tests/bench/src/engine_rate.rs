@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use engine::service::{self, Keys};
+use engine::service::{self, Keys, Serving};
 use engine::timers::TimerMember;
 use engine::{Engine, EngineConfig};
 
@@ -49,33 +49,6 @@ impl IsolatedEngine {
     pub(crate) async fn close(self, profile: &Profile) -> anyhow::Result<()> {
         service::teardown(&self.bus, &profile.services.redis_url, &self.config).await?;
         self.bus.close().await;
-        Ok(())
-    }
-}
-
-/// An engine serving in the background until [`Serving::stop`].
-pub(crate) struct Serving {
-    stop: tokio::sync::oneshot::Sender<()>,
-    served: tokio::task::JoinHandle<engine::Result<()>>,
-}
-
-impl Serving {
-    pub(crate) fn start(engine: &Engine) -> Serving {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = engine.clone();
-        let served = tokio::spawn(async move {
-            serving
-                .serve(async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        Serving { stop, served }
-    }
-
-    pub(crate) async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.served.await??;
         Ok(())
     }
 }

@@ -22,7 +22,8 @@ use engine::placement::{self, HostView};
 use engine::service::Keys;
 use engine::{Engine, EngineConfig};
 
-use crate::engine_rate::{without_limits, IsolatedEngine, Serving};
+use crate::engine_rate::{without_limits, IsolatedEngine};
+use engine::service::Serving;
 
 const OPENS: usize = 2_000;
 const DECISIONS: usize = 2_000;
